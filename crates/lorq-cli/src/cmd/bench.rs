@@ -1,0 +1,126 @@
+use std::time::Instant;
+
+use anyhow::Result;
+use clap::{Args, Subcommand};
+use lorq_model::{BatchItem, LogitsWanted};
+use serde_json::json;
+
+use crate::common::ModelArgs;
+
+/// Benchmarks (speed is measured here, never asserted in tests).
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub what: BenchWhat,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchWhat {
+    /// Prefill and decode throughput on the CPU.
+    Generate(BenchGenerateArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "Example:
+  lorq bench generate --dtype f32 --batch-sizes 1,8 --prompt-tokens 128 --new-tokens 64 --json")]
+pub struct BenchGenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[arg(long, value_delimiter = ',', default_value = "1,8")]
+    pub batch_sizes: Vec<usize>,
+    /// Prompt length in tokens (taken from a fixed English text, repeated as needed).
+    #[arg(long, default_value_t = 128)]
+    pub prompt_tokens: usize,
+    #[arg(long, default_value_t = 64)]
+    pub new_tokens: usize,
+    /// Timed repetitions (the best is reported); one untimed warm-up runs first.
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+const TEXT: &str = "The history of the city begins with a small settlement on the river. Over the \
+centuries merchants, farmers and craftsmen arrived, built bridges and markets, and the town grew \
+into a busy centre of trade. ";
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    match a.what {
+        BenchWhat::Generate(g) => generate(g),
+    }
+}
+
+fn generate(a: BenchGenerateArgs) -> Result<()> {
+    let (m, adapter) = a.model.load()?;
+    let mut ids = Vec::new();
+    while ids.len() < a.prompt_tokens {
+        ids.extend(m.tokenizer.encode(TEXT)?);
+    }
+    ids.truncate(a.prompt_tokens);
+    let model = &m.model;
+    // Prefill: one sequence of `prompt_tokens`.
+    let mut prefill_best = f64::INFINITY;
+    for rep in 0..=a.repeats {
+        let mut cache = model.new_cache();
+        let t = Instant::now();
+        model.forward(&mut [BatchItem { tokens: &ids, cache: &mut cache, adapter: adapter.clone(), logits: LogitsWanted::Last }])?;
+        if rep > 0 {
+            prefill_best = prefill_best.min(t.elapsed().as_secs_f64());
+        }
+    }
+    let mut rows = vec![json!({
+        "phase": "prefill", "batch": 1, "tokens": ids.len(),
+        "seconds": prefill_best, "tokens_per_s": ids.len() as f64 / prefill_best,
+    })];
+    // Decode: `batch` sequences after the same prompt, `new_tokens` greedy steps each.
+    for &batch in &a.batch_sizes {
+        let mut best = f64::INFINITY;
+        for rep in 0..=a.repeats {
+            let mut caches: Vec<_> = (0..batch).map(|_| model.new_cache()).collect();
+            let mut items: Vec<BatchItem> = caches
+                .iter_mut()
+                .map(|c| BatchItem { tokens: &ids, cache: c, adapter: adapter.clone(), logits: LogitsWanted::Last })
+                .collect();
+            let logits = model.forward(&mut items)?;
+            let mut next: Vec<u32> = logits.iter().map(|l| argmax_row(l)).collect::<Result<_>>()?;
+            let t = Instant::now();
+            for _ in 0..a.new_tokens {
+                let tokens: Vec<[u32; 1]> = next.iter().map(|&n| [n]).collect();
+                let mut items: Vec<BatchItem> = caches
+                    .iter_mut()
+                    .zip(&tokens)
+                    .map(|(c, t)| BatchItem { tokens: t, cache: c, adapter: adapter.clone(), logits: LogitsWanted::Last })
+                    .collect();
+                let logits = model.forward(&mut items)?;
+                next = logits.iter().map(|l| argmax_row(l)).collect::<Result<_>>()?;
+            }
+            if rep > 0 {
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+        }
+        let n = batch * a.new_tokens;
+        rows.push(json!({
+            "phase": "decode", "batch": batch, "tokens": n, "context": ids.len(),
+            "seconds": best, "tokens_per_s": n as f64 / best,
+            "ms_per_step": best * 1e3 / a.new_tokens as f64,
+        }));
+    }
+    let report = json!({
+        "engine": "lorq",
+        "model": m.dir,
+        "dtype": format!("{:?}", model.dtype()).to_lowercase(),
+        "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "rows": rows,
+    });
+    if a.json {
+        println!("{report}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    }
+    Ok(())
+}
+
+fn argmax_row(l: &candle_core::Tensor) -> Result<u32> {
+    let v: Vec<f32> = l.squeeze(0)?.to_vec1()?;
+    Ok(lorq_model::sampling::argmax(&v) as u32)
+}

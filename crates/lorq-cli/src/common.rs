@@ -1,0 +1,65 @@
+//! Flags shared by the commands that load a model.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use clap::{Args, ValueEnum};
+use lorq_lora::LoraAdapter;
+use lorq_model::LoadedModel;
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum ComputeDtype {
+    F32,
+    Bf16,
+}
+
+impl ComputeDtype {
+    pub fn dtype(self) -> DType {
+        match self {
+            Self::F32 => DType::F32,
+            Self::Bf16 => DType::BF16,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// A Hugging Face model folder, or `default` (SmolLM2-135M-Instruct, fetched on first use).
+    #[arg(long, default_value = "default", env = "LORQ_MODEL")]
+    pub model: String,
+    /// A PEFT LoRA adapter folder applied on top of the base model.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Compute dtype.
+    #[arg(long, value_enum, default_value_t = ComputeDtype::F32)]
+    pub dtype: ComputeDtype,
+}
+
+impl ModelArgs {
+    pub fn load(&self) -> Result<(LoadedModel, Option<Arc<LoraAdapter>>)> {
+        let dir = lorq_model::pull::resolve_model(&self.model)?;
+        let loaded = LoadedModel::load(&dir, self.dtype.dtype(), &Device::Cpu)
+            .with_context(|| format!("loading model {}", dir.display()))?;
+        let adapter = match &self.adapter {
+            Some(a) => Some(loaded.load_adapter(a)?),
+            None => None,
+        };
+        Ok((loaded, adapter))
+    }
+}
+
+/// Parses `1,2,3` into token ids.
+pub fn parse_token_ids(s: &str) -> Result<Vec<u32>> {
+    let ids = s
+        .split(',')
+        .map(|x| x.trim())
+        .filter(|x| !x.is_empty())
+        .map(|x| x.parse::<u32>().with_context(|| format!("token id {x:?} is not a non-negative integer")))
+        .collect::<Result<Vec<_>>>()?;
+    if ids.is_empty() {
+        bail!("--token-ids is empty");
+    }
+    Ok(ids)
+}

@@ -1,0 +1,47 @@
+//! `lorq`: serve many LoRA adapters on one quantized LLM, fine-tune adapters with QLoRA,
+//! merge and re-quantize them.
+
+use clap::{Parser, Subcommand};
+
+mod cmd;
+mod common;
+
+#[derive(Parser)]
+#[command(name = "lorq", version, about = "Many LoRA adapters on one (quantized) LLM: generate, score, import, inspect", long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    Generate(cmd::generate::GenerateArgs),
+    Score(cmd::score::ScoreArgs),
+    ImportGguf(cmd::import_gguf::ImportGgufArgs),
+    Pull(cmd::pull::PullArgs),
+    Inspect(cmd::inspect::InspectArgs),
+    Bench(cmd::bench::BenchArgs),
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("LORQ_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(a) => cmd::generate::run(a),
+        Command::Score(a) => cmd::score::run(a),
+        Command::ImportGguf(a) => cmd::import_gguf::run(a),
+        Command::Pull(a) => cmd::pull::run(a),
+        Command::Inspect(a) => cmd::inspect::run(a),
+        Command::Bench(a) => cmd::bench::run(a),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

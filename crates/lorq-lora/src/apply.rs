@@ -1,0 +1,96 @@
+use std::sync::Arc;
+
+use candle_core::{DType, Tensor};
+
+use crate::LoraAdapter;
+
+/// A run of consecutive batch rows that share one adapter (or none).
+#[derive(Debug, Clone)]
+pub struct AdapterSegment {
+    pub rows: usize,
+    pub adapter: Option<Arc<LoraAdapter>>,
+}
+
+/// Which adapter applies to each row of a flattened batch `[rows, features]`.
+///
+/// Rows are grouped into segments so that each adapter costs two small matmuls per segment,
+/// not per row; neighbouring segments with the same adapter are coalesced.
+#[derive(Debug, Clone, Default)]
+pub struct BatchAdapters {
+    segments: Vec<AdapterSegment>,
+}
+
+impl BatchAdapters {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends `rows` rows that use `adapter` (`None`: the base model alone).
+    pub fn push(&mut self, rows: usize, adapter: Option<Arc<LoraAdapter>>) {
+        if rows == 0 {
+            return;
+        }
+        if let Some(last) = self.segments.last_mut() {
+            let same = match (&last.adapter, &adapter) {
+                (None, None) => true,
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                _ => false,
+            };
+            if same {
+                last.rows += rows;
+                return;
+            }
+        }
+        self.segments.push(AdapterSegment { rows, adapter });
+    }
+
+    pub fn rows(&self) -> usize {
+        self.segments.iter().map(|s| s.rows).sum()
+    }
+
+    pub fn segments(&self) -> &[AdapterSegment] {
+        &self.segments
+    }
+
+    pub fn has_adapters(&self) -> bool {
+        self.segments.iter().any(|s| s.adapter.is_some())
+    }
+
+    /// `base_out + delta` where each row's delta comes from its own adapter's module at
+    /// `module_path` (zero for rows without an adapter or whose adapter leaves that module alone).
+    /// `x`: `[rows, in]`, `base_out`: `[rows, out]`.
+    pub fn apply(
+        &self,
+        module_path: &str,
+        x: &Tensor,
+        base_out: Tensor,
+    ) -> Result<Tensor, candle_core::Error> {
+        let modules: Vec<_> = self
+            .segments
+            .iter()
+            .map(|s| s.adapter.as_ref().and_then(|a| a.module(module_path)))
+            .collect();
+        if modules.iter().all(Option::is_none) {
+            return Ok(base_out);
+        }
+        let out_dtype = base_out.dtype();
+        // Sum in f32 then round once, as PEFT adds the float32 LoRA output to the base output.
+        let base_out = base_out.to_dtype(DType::F32)?;
+        if self.segments.len() == 1 {
+            let delta = modules[0].expect("checked above").delta(&x.to_dtype(DType::F32)?)?;
+            return (base_out + delta)?.to_dtype(out_dtype);
+        }
+        let out_features = base_out.dim(1)?;
+        let mut pieces = Vec::with_capacity(self.segments.len());
+        let mut start = 0;
+        for (seg, module) in self.segments.iter().zip(&modules) {
+            let piece = match module {
+                Some(m) => m.delta(&x.narrow(0, start, seg.rows)?.to_dtype(DType::F32)?)?,
+                None => Tensor::zeros((seg.rows, out_features), DType::F32, x.device())?,
+            };
+            pieces.push(piece);
+            start += seg.rows;
+        }
+        (base_out + Tensor::cat(&pieces, 0)?)?.to_dtype(out_dtype)
+    }
+}

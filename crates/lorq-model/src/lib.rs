@@ -1,0 +1,29 @@
+//! The Llama family for lorq: config, loading, batched forward with a KV cache per sequence,
+//! sampling, tokenizer and chat template, GGUF import, and the embedded default model.
+
+mod attention;
+pub mod chat_template;
+pub mod config;
+pub mod error;
+pub mod generation;
+pub mod gguf;
+mod kv_cache;
+mod linear;
+pub mod llama;
+mod loaded;
+pub mod pull;
+mod rope;
+pub mod sampling;
+pub mod tokenizer;
+pub mod weights;
+
+pub use chat_template::{ChatMessage, ChatTemplate};
+pub use config::{Architecture, ModelConfig};
+pub use error::{ModelError, Result};
+pub use generation::{run_to_completion, FinishReason, GenerationRequest, Sequence};
+pub use kv_cache::KvCache;
+pub use linear::Linear;
+pub use llama::{BatchItem, LlamaModel, LogitsWanted};
+pub use loaded::LoadedModel;
+pub use sampling::{Sampled, Sampler, SamplingParams};
+pub use tokenizer::{StreamDecoder, Tokenizer};

@@ -1,0 +1,265 @@
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use lorq_lora::{BatchAdapters, LoraAdapter};
+use lorq_quant::{DenseTensor, QuantTensor};
+
+use crate::attention::{attend, merge_heads, split_heads};
+use crate::config::ModelConfig;
+use crate::error::{ModelError, Result};
+use crate::kv_cache::KvCache;
+use crate::linear::Linear;
+use crate::rope::Rope;
+use crate::weights::WeightFiles;
+
+struct DecoderLayer {
+    input_norm: Tensor,
+    post_attention_norm: Tensor,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+    window: Option<usize>,
+}
+
+/// Which logits a sequence of the batch wants back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsWanted {
+    /// Only the last new token's (generation).
+    Last,
+    /// Every new token's (scoring, teacher forcing).
+    All,
+}
+
+/// One sequence's share of a batched step: its new tokens (a prefill chunk or one decode token),
+/// its KV cache (the new tokens sit at positions `cache.len()..`), and its adapter.
+pub struct BatchItem<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
+    pub adapter: Option<Arc<LoraAdapter>>,
+    pub logits: LogitsWanted,
+}
+
+/// A Llama-family decoder (Llama, Mistral, Qwen2, SmolLM2), written once with flags.
+pub struct LlamaModel {
+    pub config: ModelConfig,
+    dtype: DType,
+    device: Device,
+    embed_tokens: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: Tensor,
+    lm_head: Linear,
+    rope: Rope,
+}
+
+impl LlamaModel {
+    /// Loads every tensor from `weights`, checking names and shapes against `config`, converting
+    /// to the compute `dtype`.
+    pub fn load(config: ModelConfig, weights: &WeightFiles, dtype: DType, device: &Device) -> Result<Self> {
+        let c = &config;
+        let h = c.hidden_size;
+        let q_out = c.num_attention_heads * c.head_dim;
+        let kv_out = c.num_key_value_heads * c.head_dim;
+        let load = |name: &str, shape: &[usize]| weights.load(name, shape, dtype, device);
+        let linear = |path: String, out: usize, inp: usize, bias: bool| -> Result<Linear> {
+            let w = load(&format!("{path}.weight"), &[out, inp])?;
+            let bias = if bias { Some(load(&format!("{path}.bias"), &[out])?) } else { None };
+            let base: Arc<dyn QuantTensor> = Arc::new(DenseTensor::new(w)?);
+            Ok(Linear { path, base, bias })
+        };
+        let embed_tokens = load("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            layers.push(DecoderLayer {
+                input_norm: load(&format!("{p}.input_layernorm.weight"), &[h])?,
+                post_attention_norm: load(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                q: linear(format!("{p}.self_attn.q_proj"), q_out, h, c.qkv_bias)?,
+                k: linear(format!("{p}.self_attn.k_proj"), kv_out, h, c.qkv_bias)?,
+                v: linear(format!("{p}.self_attn.v_proj"), kv_out, h, c.qkv_bias)?,
+                o: linear(format!("{p}.self_attn.o_proj"), h, q_out, c.o_bias)?,
+                gate: linear(format!("{p}.mlp.gate_proj"), c.intermediate_size, h, c.mlp_bias)?,
+                up: linear(format!("{p}.mlp.up_proj"), c.intermediate_size, h, c.mlp_bias)?,
+                down: linear(format!("{p}.mlp.down_proj"), h, c.intermediate_size, c.mlp_bias)?,
+                window: c.sliding_window[i],
+            });
+        }
+        let norm = load("model.norm.weight", &[h])?;
+        let lm_head = if c.tie_word_embeddings || !weights.contains("lm_head.weight") {
+            if !c.tie_word_embeddings {
+                tracing::warn!("no lm_head.weight in the checkpoint: using the tied input embeddings");
+            }
+            Linear {
+                path: "lm_head".into(),
+                base: Arc::new(DenseTensor::new(embed_tokens.clone())?),
+                bias: None,
+            }
+        } else {
+            linear("lm_head".into(), c.vocab_size, h, false)?
+        };
+        let rope = Rope::new(c, dtype, device)?;
+        Ok(Self {
+            config,
+            dtype,
+            device: device.clone(),
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope,
+        })
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.layers.len())
+    }
+
+    /// Every linear of the model, in order, with its module path.
+    pub fn linears(&self) -> impl Iterator<Item = &Linear> {
+        self.layers
+            .iter()
+            .flat_map(|l| [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down])
+            .chain(std::iter::once(&self.lm_head))
+    }
+
+    /// Bytes of all weights (embedding counted once when tied).
+    pub fn weight_bytes(&self) -> usize {
+        let t = |x: &Tensor| x.elem_count() * x.dtype().size_in_bytes();
+        let mut total = t(&self.embed_tokens) + t(&self.norm);
+        for l in &self.layers {
+            total += t(&l.input_norm) + t(&l.post_attention_norm);
+        }
+        for lin in self.linears() {
+            if lin.path == "lm_head" && self.config.tie_word_embeddings {
+                continue;
+            }
+            total += lin.base.bytes() + lin.bias.as_ref().map_or(0, t);
+        }
+        total
+    }
+
+    /// Checks that every module of `adapter` exists in this model with fitting shapes.
+    pub fn check_adapter(&self, adapter: &LoraAdapter) -> Result<()> {
+        let err = |message: String| ModelError::AdapterMismatch {
+            adapter: adapter.path.clone(),
+            message,
+        };
+        for (path, m) in adapter.modules() {
+            let lin = self.linears().find(|l| &l.path == path).ok_or_else(|| {
+                err(format!("targets module {path:?}, which this model ({}) does not have", self.config.architecture.name()))
+            })?;
+            if m.in_features() != lin.in_features() || m.out_features() != lin.out_features() {
+                return Err(err(format!(
+                    "module {path}: lora_A {:?} / lora_B {:?} do not fit the base weight [out {}, in {}]",
+                    m.a.dims(),
+                    m.b.dims(),
+                    lin.out_features(),
+                    lin.in_features()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// One batched step over sequences of different lengths (prefill and decode mixed).
+    /// Returns, per item, f32 logits `[n, vocab]` (n = 1 for `Last`, the new-token count for `All`).
+    pub fn forward(&self, items: &mut [BatchItem<'_>]) -> Result<Vec<Tensor>> {
+        if items.is_empty() {
+            return Ok(vec![]);
+        }
+        let c = &self.config;
+        let mut ids = Vec::new();
+        let mut adapters = BatchAdapters::new();
+        let mut spans = Vec::with_capacity(items.len()); // (row start, new tokens, cache offset)
+        for it in items.iter() {
+            if it.tokens.is_empty() {
+                return Err(ModelError::Request("a batch item has no tokens".into()));
+            }
+            if let Some(&bad) = it.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+                return Err(ModelError::Request(format!(
+                    "token id {bad} is outside the vocabulary (size {})",
+                    c.vocab_size
+                )));
+            }
+            spans.push((ids.len(), it.tokens.len(), it.cache.len()));
+            ids.extend_from_slice(it.tokens);
+            adapters.push(it.tokens.len(), it.adapter.clone());
+        }
+        let rows = ids.len();
+        let ids = Tensor::from_vec(ids, rows, &self.device)?;
+        let mut x = self.embed_tokens.index_select(&ids, 0)?;
+        let ropes = spans
+            .iter()
+            .map(|&(_, n, off)| self.rope.tables(off, n))
+            .collect::<Result<Vec<_>>>()?;
+        let eps = c.rms_norm_eps as f32;
+        let (heads, kv_heads, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        for (li, layer) in self.layers.iter().enumerate() {
+            let h = candle_nn::ops::rms_norm(&x, &layer.input_norm, eps)?;
+            let q = layer.q.forward(&h, &adapters)?;
+            let k = layer.k.forward(&h, &adapters)?;
+            let v = layer.v.forward(&h, &adapters)?;
+            let mut outs = Vec::with_capacity(items.len());
+            for (i, it) in items.iter_mut().enumerate() {
+                let (start, n, _) = spans[i];
+                let (cos, sin) = &ropes[i];
+                let qi = split_heads(&q.narrow(0, start, n)?, heads, hd)?;
+                let ki = split_heads(&k.narrow(0, start, n)?, kv_heads, hd)?;
+                let vi = split_heads(&v.narrow(0, start, n)?, kv_heads, hd)?;
+                let qi = candle_nn::rotary_emb::rope(&qi.unsqueeze(0)?, cos, sin)?.squeeze(0)?;
+                let ki = candle_nn::rotary_emb::rope(&ki.unsqueeze(0)?, cos, sin)?.squeeze(0)?;
+                let (k_all, v_all) = it.cache.append(li, &ki, &vi)?;
+                outs.push(merge_heads(&attend(&qi, &k_all, &v_all, layer.window)?)?);
+            }
+            let attn = if outs.len() == 1 { outs.pop().expect("one") } else { Tensor::cat(&outs, 0)? };
+            x = (x + layer.o.forward(&attn, &adapters)?)?;
+            let h = candle_nn::ops::rms_norm(&x, &layer.post_attention_norm, eps)?;
+            let gate = layer.gate.forward(&h, &adapters)?;
+            let up = layer.up.forward(&h, &adapters)?;
+            let act = (gate.silu()? * up)?;
+            x = (x + layer.down.forward(&act, &adapters)?)?;
+        }
+        for (it, &(_, n, _)) in items.iter_mut().zip(&spans) {
+            it.cache.advance(n);
+        }
+        // Only the rows whose logits are wanted go through the norm and the LM head.
+        let mut pick = Vec::new();
+        let mut head_adapters = BatchAdapters::new();
+        let mut counts = Vec::with_capacity(items.len());
+        for (it, &(start, n, _)) in items.iter().zip(&spans) {
+            let range = match it.logits {
+                LogitsWanted::Last => start + n - 1..start + n,
+                LogitsWanted::All => start..start + n,
+            };
+            counts.push(range.len());
+            head_adapters.push(range.len(), it.adapter.clone());
+            pick.extend(range.map(|r| r as u32));
+        }
+        let x = if pick.len() == rows {
+            x
+        } else {
+            let n = pick.len();
+            x.index_select(&Tensor::from_vec(pick, n, &self.device)?, 0)?
+        };
+        let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
+        let logits = self.lm_head.forward(&x, &head_adapters)?.to_dtype(DType::F32)?;
+        let mut out = Vec::with_capacity(items.len());
+        let mut at = 0;
+        for n in counts {
+            out.push(logits.narrow(0, at, n)?);
+            at += n;
+        }
+        Ok(out)
+    }
+}

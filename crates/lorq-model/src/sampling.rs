@@ -1,0 +1,297 @@
+use rand::{Rng, SeedableRng};
+
+use crate::error::{ModelError, Result};
+
+/// How the next token is chosen. Greedy unless `do_sample` is set or a warper (temperature ≠ 1,
+/// top-k, top-p < 1, typical-p < 1) is given, as TGI/LoRAX decide; temperature 0 means greedy.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SamplingParams {
+    pub do_sample: bool,
+    pub temperature: Option<f32>,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f32>,
+    pub typical_p: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    pub seed: Option<u64>,
+}
+
+impl SamplingParams {
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(ModelError::Request(m));
+        if let Some(t) = self.temperature {
+            if !(t >= 0.0 && t.is_finite()) {
+                return bad(format!("temperature must be >= 0, got {t}"));
+            }
+        }
+        if let Some(p) = self.top_p {
+            if !(p > 0.0 && p <= 1.0) {
+                return bad(format!("top_p must be in (0, 1], got {p}"));
+            }
+        }
+        if let Some(p) = self.typical_p {
+            if !(p > 0.0 && p <= 1.0) {
+                return bad(format!("typical_p must be in (0, 1], got {p}"));
+            }
+        }
+        if self.top_k == Some(0) {
+            return bad("top_k must be > 0".into());
+        }
+        if let Some(r) = self.repetition_penalty {
+            if !(r > 0.0 && r.is_finite()) {
+                return bad(format!("repetition_penalty must be > 0, got {r}"));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn is_greedy(&self) -> bool {
+        if self.temperature == Some(0.0) {
+            return true;
+        }
+        let warpers = self.temperature.is_some_and(|t| t != 1.0)
+            || self.top_k.is_some()
+            || self.top_p.is_some_and(|p| p < 1.0)
+            || self.typical_p.is_some_and(|p| p < 1.0);
+        !(self.do_sample || warpers)
+    }
+}
+
+/// A sampled token with its log-probability under the final (processed) distribution.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sampled {
+    pub id: u32,
+    pub logprob: f32,
+}
+
+/// Applies the logits processors (repetition penalty, then temperature, top-k, top-p, typical-p,
+/// in transformers' order) and picks a token; seeded and reproducible.
+pub struct Sampler {
+    params: SamplingParams,
+    seed: u64,
+    rng: rand::rngs::StdRng,
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams) -> Self {
+        let seed = params.seed.unwrap_or_else(rand::random);
+        Self {
+            params,
+            seed,
+            rng: rand::rngs::StdRng::seed_from_u64(seed),
+        }
+    }
+
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// `context`: every token so far (prompt and generated), for the repetition penalty.
+    pub fn sample(&mut self, logits: &[f32], context: &[u32]) -> Sampled {
+        let mut scores = logits.to_vec();
+        if let Some(p) = self.params.repetition_penalty.filter(|&p| p != 1.0) {
+            let mut seen = vec![false; scores.len()];
+            for &t in context {
+                let t = t as usize;
+                if t < scores.len() && !seen[t] {
+                    seen[t] = true;
+                    let s = scores[t];
+                    scores[t] = if s < 0.0 { s * p } else { s / p };
+                }
+            }
+        }
+        if self.params.is_greedy() {
+            let id = argmax(&scores);
+            return Sampled {
+                id: id as u32,
+                logprob: log_softmax_at(&scores, id),
+            };
+        }
+        if let Some(t) = self.params.temperature.filter(|&t| t != 1.0) {
+            scores.iter_mut().for_each(|s| *s /= t);
+        }
+        if let Some(k) = self.params.top_k {
+            top_k(&mut scores, k);
+        }
+        if let Some(p) = self.params.top_p.filter(|&p| p < 1.0) {
+            top_p(&mut scores, p);
+        }
+        if let Some(p) = self.params.typical_p.filter(|&p| p < 1.0) {
+            typical_p(&mut scores, p);
+        }
+        let probs = softmax(&scores);
+        let u: f32 = self.rng.random();
+        let mut acc = 0.0;
+        let mut id = argmax(&scores);
+        for (i, &p) in probs.iter().enumerate() {
+            acc += p;
+            if u < acc && p > 0.0 {
+                id = i;
+                break;
+            }
+        }
+        Sampled {
+            id: id as u32,
+            logprob: probs[id].ln(),
+        }
+    }
+}
+
+/// Index of the largest value; the first one on ties (as torch.argmax).
+pub fn argmax(v: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+pub fn softmax(v: &[f32]) -> Vec<f32> {
+    let m = v.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let e: Vec<f32> = v.iter().map(|&x| (x - m).exp()).collect();
+    let s: f32 = e.iter().sum();
+    e.into_iter().map(|x| x / s).collect()
+}
+
+/// `log_softmax(v)[i]`, computed stably in f64.
+pub fn log_softmax_at(v: &[f32], i: usize) -> f32 {
+    let m = v.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let lse = v.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln() + m;
+    (v[i] as f64 - lse) as f32
+}
+
+fn sorted_desc(v: &[f32]) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..v.len()).collect();
+    idx.sort_by(|&a, &b| v[b].total_cmp(&v[a]).then(a.cmp(&b)));
+    idx
+}
+
+fn top_k(scores: &mut [f32], k: usize) {
+    if k >= scores.len() {
+        return;
+    }
+    let idx = sorted_desc(scores);
+    let kth = scores[idx[k - 1]];
+    // transformers keeps every token whose score ties the k-th.
+    scores.iter_mut().for_each(|s| {
+        if *s < kth {
+            *s = f32::NEG_INFINITY
+        }
+    });
+}
+
+/// Keeps the smallest set of most likely tokens whose probability reaches `p` (at least one).
+fn top_p(scores: &mut [f32], p: f32) {
+    let probs = softmax(scores);
+    let idx = sorted_desc(scores);
+    let mut acc = 0.0;
+    let mut keep = idx.len();
+    for (n, &i) in idx.iter().enumerate() {
+        acc += probs[i];
+        if acc >= p {
+            keep = n + 1;
+            break;
+        }
+    }
+    for &i in &idx[keep..] {
+        scores[i] = f32::NEG_INFINITY;
+    }
+}
+
+/// Typical decoding (Meister et al.): keep tokens whose surprisal is closest to the entropy,
+/// until their mass reaches `p`, as transformers' TypicalLogitsWarper.
+fn typical_p(scores: &mut [f32], p: f32) {
+    let probs = softmax(scores);
+    let logp: Vec<f32> = probs.iter().map(|&q| q.ln()).collect();
+    let ent: f32 = -probs.iter().zip(&logp).filter(|(q, _)| **q > 0.0).map(|(q, l)| q * l).sum::<f32>();
+    let mut idx: Vec<usize> = (0..scores.len()).collect();
+    let shifted = |i: usize| (-logp[i] - ent).abs();
+    idx.sort_by(|&a, &b| shifted(a).total_cmp(&shifted(b)).then(a.cmp(&b)));
+    let mut acc = 0.0;
+    let mut last = idx.len() - 1;
+    for (n, &i) in idx.iter().enumerate() {
+        acc += probs[i];
+        if acc >= p {
+            last = n;
+            break;
+        }
+    }
+    for &i in &idx[last + 1..] {
+        scores[i] = f32::NEG_INFINITY;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_by_default_and_first_max_on_ties() {
+        let mut s = Sampler::new(SamplingParams::default());
+        assert_eq!(s.sample(&[1.0, 3.0, 3.0, 0.0], &[]).id, 1);
+    }
+
+    #[test]
+    fn repetition_penalty_follows_transformers() {
+        let mut s = Sampler::new(SamplingParams {
+            repetition_penalty: Some(2.0),
+            ..Default::default()
+        });
+        // token 0 (score 4 -> 2) loses to token 1 (3); token 2 negative gets more negative.
+        assert_eq!(s.sample(&[4.0, 3.0, -1.0], &[0, 2]).id, 1);
+    }
+
+    #[test]
+    fn seeded_sampling_is_reproducible_and_seed_dependent() {
+        let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
+        let run = |seed| {
+            let mut s = Sampler::new(SamplingParams {
+                temperature: Some(1.5),
+                seed: Some(seed),
+                ..Default::default()
+            });
+            (0..20).map(|_| s.sample(&logits, &[]).id).collect::<Vec<_>>()
+        };
+        assert_eq!(run(7), run(7));
+        assert_ne!(run(7), run(8));
+    }
+
+    #[test]
+    fn top_k_and_top_p_restrict_support() {
+        let logits = [0.0, 5.0, 4.9, -3.0, 1.0];
+        for seed in 0..30 {
+            let mut s = Sampler::new(SamplingParams {
+                top_k: Some(2),
+                seed: Some(seed),
+                ..Default::default()
+            });
+            assert!([1, 2].contains(&s.sample(&logits, &[]).id));
+            let mut s = Sampler::new(SamplingParams {
+                top_p: Some(0.3),
+                seed: Some(seed),
+                ..Default::default()
+            });
+            assert_eq!(s.sample(&logits, &[]).id, 1);
+        }
+    }
+
+    #[test]
+    fn typical_p_keeps_tokens_near_entropy() {
+        // One dominant token: the distribution's entropy is low, so it is the typical one.
+        let mut scores = vec![10.0, 0.0, 0.0, 0.0];
+        typical_p(&mut scores, 0.5);
+        assert_eq!(scores[0], 10.0);
+        assert!(scores[1..].iter().all(|s| *s == f32::NEG_INFINITY));
+    }
+
+    #[test]
+    fn validation_names_the_parameter() {
+        let e = SamplingParams { top_p: Some(1.5), ..Default::default() }.validate().unwrap_err();
+        assert!(e.to_string().contains("top_p"));
+    }
+}

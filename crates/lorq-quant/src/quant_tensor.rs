@@ -1,0 +1,26 @@
+use candle_core::{DType, Tensor};
+
+#[derive(Debug, thiserror::Error)]
+pub enum QuantError {
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// A weight matrix `[out_features, in_features]` stored in some format.
+///
+/// `matmul` is the only operation on the hot path: `y = x · Wᵀ` for `x` of shape `[.., in]`.
+/// Its gradient with respect to `x` (`dy · W`) is all training needs: base weights are frozen.
+pub trait QuantTensor: Send + Sync + std::fmt::Debug {
+    /// `[out_features, in_features]`.
+    fn shape(&self) -> (usize, usize);
+    /// `x · Wᵀ`, with `x` of shape `[.., in_features]`, in `x`'s dtype.
+    fn matmul(&self, x: &Tensor) -> Result<Tensor, QuantError>;
+    /// The full-precision weight `[out, in]` in `dtype`.
+    fn dequantize(&self, dtype: DType) -> Result<Tensor, QuantError>;
+    /// Bytes held by the weight and its quantization constants.
+    fn bytes(&self) -> usize;
+    /// Short name of the format, as `lorq inspect` shows it (`f32`, `bf16`, `nf4`, ...).
+    fn format_name(&self) -> String;
+}
