@@ -56,7 +56,10 @@ pub fn parse_token_ids(s: &str) -> Result<Vec<u32>> {
         .split(',')
         .map(|x| x.trim())
         .filter(|x| !x.is_empty())
-        .map(|x| x.parse::<u32>().with_context(|| format!("token id {x:?} is not a non-negative integer")))
+        .map(|x| {
+            x.parse::<u32>()
+                .with_context(|| format!("token id {x:?} is not a non-negative integer"))
+        })
         .collect::<Result<Vec<_>>>()?;
     if ids.is_empty() {
         bail!("--token-ids is empty");

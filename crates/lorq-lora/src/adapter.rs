@@ -238,10 +238,22 @@ mod tests {
             d.path(),
             r#"{"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"]}"#,
             &[
-                ("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", a.clone()),
-                ("base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight", b.clone()),
-                ("base_model.model.model.layers.0.self_attn.v_proj.lora_A.default.weight", a),
-                ("base_model.model.model.layers.0.self_attn.v_proj.lora_B.default.weight", b),
+                (
+                    "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+                    a.clone(),
+                ),
+                (
+                    "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight",
+                    b.clone(),
+                ),
+                (
+                    "base_model.model.model.layers.0.self_attn.v_proj.lora_A.default.weight",
+                    a,
+                ),
+                (
+                    "base_model.model.model.layers.0.self_attn.v_proj.lora_B.default.weight",
+                    b,
+                ),
             ],
         );
         let ad = LoraAdapter::load(d.path(), &dev).unwrap();
@@ -263,8 +275,13 @@ mod tests {
         )
         .unwrap();
         std::fs::write(d.path().join(LEGACY_FILE), b"PK").unwrap();
-        let e = LoraAdapter::load(d.path(), &Device::Cpu).unwrap_err().to_string();
-        assert!(e.contains("adapter_model.bin") && e.contains("save_file"), "{e}");
+        let e = LoraAdapter::load(d.path(), &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("adapter_model.bin") && e.contains("save_file"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -275,10 +292,14 @@ mod tests {
             d.path(),
             r#"{"r": 4, "target_modules": ["q_proj"]}"#,
             &[
-                ("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
-                 Tensor::ones((2, 4), DType::F32, &dev).unwrap()),
-                ("base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight",
-                 Tensor::ones((3, 2), DType::F32, &dev).unwrap()),
+                (
+                    "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+                    Tensor::ones((2, 4), DType::F32, &dev).unwrap(),
+                ),
+                (
+                    "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight",
+                    Tensor::ones((3, 2), DType::F32, &dev).unwrap(),
+                ),
             ],
         );
         let e = LoraAdapter::load(d.path(), &dev).unwrap_err().to_string();
@@ -293,8 +314,14 @@ mod tests {
             r#"{"r": 2, "target_modules": ["q_proj"]}"#,
         )
         .unwrap();
-        std::fs::write(d.path().join(WEIGHTS_FILE), [8u8, 0, 0, 0, 0, 0, 0, 0, b'{']).unwrap();
-        let e = LoraAdapter::load(d.path(), &Device::Cpu).unwrap_err().to_string();
+        std::fs::write(
+            d.path().join(WEIGHTS_FILE),
+            [8u8, 0, 0, 0, 0, 0, 0, 0, b'{'],
+        )
+        .unwrap();
+        let e = LoraAdapter::load(d.path(), &Device::Cpu)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains(WEIGHTS_FILE), "{e}");
     }
 }

@@ -77,7 +77,9 @@ impl BatchAdapters {
         // Sum in f32 then round once, as PEFT adds the float32 LoRA output to the base output.
         let base_out = base_out.to_dtype(DType::F32)?;
         if self.segments.len() == 1 {
-            let delta = modules[0].expect("checked above").delta(&x.to_dtype(DType::F32)?)?;
+            let delta = modules[0]
+                .expect("checked above")
+                .delta(&x.to_dtype(DType::F32)?)?;
             return (base_out + delta)?.to_dtype(out_dtype);
         }
         let out_features = base_out.dim(1)?;

@@ -191,7 +191,11 @@ impl LoraConfig {
         let rank_pattern = pattern_map(&raw.rank_pattern, |v| {
             v.as_u64().filter(|&r| r > 0).map(|r| r as usize)
         })
-        .map_err(|k| invalid(format!("`rank_pattern` entry {k:?} is not a positive integer")))?;
+        .map_err(|k| {
+            invalid(format!(
+                "`rank_pattern` entry {k:?} is not a positive integer"
+            ))
+        })?;
         let alpha_pattern = pattern_map(&raw.alpha_pattern, |v| v.as_f64())
             .map_err(|k| invalid(format!("`alpha_pattern` entry {k:?} is not a number")))?;
         for (key, _) in rank_pattern.iter().map(|(k, v)| (k, v)) {
@@ -326,14 +330,18 @@ mod tests {
 
     #[test]
     fn scaling_plain_rslora_and_patterns() {
-        let c = parse(r#"{"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"],
-            "rank_pattern": {"v_proj": 4}, "alpha_pattern": {"layers.1.self_attn.q_proj": 32}}"#)
+        let c = parse(
+            r#"{"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"],
+            "rank_pattern": {"v_proj": 4}, "alpha_pattern": {"layers.1.self_attn.q_proj": 32}}"#,
+        )
         .unwrap();
         assert_eq!(c.scaling("model.layers.0.self_attn.q_proj"), 2.0);
         assert_eq!(c.scaling("model.layers.0.self_attn.v_proj"), 4.0);
         assert_eq!(c.scaling("model.layers.1.self_attn.q_proj"), 4.0);
-        let c = parse(r#"{"r": 16, "lora_alpha": 8, "use_rslora": true, "target_modules": "all-linear"}"#)
-            .unwrap();
+        let c = parse(
+            r#"{"r": 16, "lora_alpha": 8, "use_rslora": true, "target_modules": "all-linear"}"#,
+        )
+        .unwrap();
         assert_eq!(c.scaling("model.layers.0.mlp.up_proj"), 2.0);
     }
 
@@ -359,8 +367,8 @@ mod tests {
 
     #[test]
     fn layers_to_transform_limits_targets() {
-        let c = parse(r#"{"r": 8, "target_modules": ["q_proj"], "layers_to_transform": [1]}"#)
-            .unwrap();
+        let c =
+            parse(r#"{"r": 8, "target_modules": ["q_proj"], "layers_to_transform": [1]}"#).unwrap();
         assert!(!c.targets("model.layers.0.self_attn.q_proj", false));
         assert!(c.targets("model.layers.1.self_attn.q_proj", false));
         assert!(!c.targets("model.layers.1.self_attn.k_proj", false));

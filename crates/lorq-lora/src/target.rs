@@ -27,7 +27,9 @@ impl TargetModules {
                 names.sort();
                 Ok(Self::Names(names))
             }
-            other => Err(format!("expected a list, a regex string or \"all-linear\", got {other}")),
+            other => Err(format!(
+                "expected a list, a regex string or \"all-linear\", got {other}"
+            )),
         }
     }
 

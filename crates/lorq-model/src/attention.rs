@@ -32,7 +32,13 @@ pub(crate) fn attend(q: &Tensor, k: &Tensor, v: &Tensor, window: Option<usize>) 
 
 /// Additive mask `[new, total]`: query `i` (position `offset+i`) sees key `j` when `j <= offset+i`
 /// and, with a window `w`, `offset+i - j < w` (transformers' sliding-window semantics).
-fn causal_mask(new: usize, total: usize, offset: usize, window: Option<usize>, device: &Device) -> Result<Tensor> {
+fn causal_mask(
+    new: usize,
+    total: usize,
+    offset: usize,
+    window: Option<usize>,
+    device: &Device,
+) -> Result<Tensor> {
     let mut m = vec![0f32; new * total];
     for i in 0..new {
         let pos = offset + i;
@@ -49,12 +55,15 @@ fn causal_mask(new: usize, total: usize, offset: usize, window: Option<usize>, d
 /// `[rows, heads*hd]` -> `[heads, rows, hd]`, contiguous.
 pub(crate) fn split_heads(x: &Tensor, heads: usize, hd: usize) -> Result<Tensor> {
     let rows = x.dim(0)?;
-    Ok(x.reshape((rows, heads, hd))?.transpose(0, 1)?.contiguous()?)
+    Ok(x.reshape((rows, heads, hd))?
+        .transpose(0, 1)?
+        .contiguous()?)
 }
 
 /// `[heads, rows, hd]` -> `[rows, heads*hd]`.
 pub(crate) fn merge_heads(x: &Tensor) -> Result<Tensor> {
     let (heads, rows, hd) = x.dims3()?;
-    Ok(x.transpose(0, 1)?.contiguous()?.reshape((rows, heads * hd))?)
+    Ok(x.transpose(0, 1)?
+        .contiguous()?
+        .reshape((rows, heads * hd))?)
 }
-

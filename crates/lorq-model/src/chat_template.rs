@@ -22,7 +22,11 @@ pub struct ChatTemplate {
 
 impl ChatTemplate {
     /// `None` when the model has no template.
-    pub fn load(dir: &Path, bos_token: Option<&str>, eos_token: Option<&str>) -> Result<Option<Self>> {
+    pub fn load(
+        dir: &Path,
+        bos_token: Option<&str>,
+        eos_token: Option<&str>,
+    ) -> Result<Option<Self>> {
         let file = dir.join("chat_template.jinja");
         let source = if file.exists() {
             Some(std::fs::read_to_string(&file).map_err(io_err(&file))?)
@@ -38,7 +42,9 @@ impl ChatTemplate {
                 _ => None,
             }
         };
-        let Some(source) = source else { return Ok(None) };
+        let Some(source) = source else {
+            return Ok(None);
+        };
         let t = Self {
             source,
             bos_token: bos_token.unwrap_or_default().to_string(),
@@ -54,9 +60,15 @@ impl ChatTemplate {
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
         env.add_template("chat", &self.source)
             .map_err(|e| ModelError::ChatTemplate(format!("does not parse: {e}")))?;
         Ok(env)
@@ -64,7 +76,9 @@ impl ChatTemplate {
 
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
         let env = self.environment()?;
-        let tmpl = env.get_template("chat").map_err(|e| ModelError::ChatTemplate(e.to_string()))?;
+        let tmpl = env
+            .get_template("chat")
+            .map_err(|e| ModelError::ChatTemplate(e.to_string()))?;
         tmpl.render(minijinja::context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,

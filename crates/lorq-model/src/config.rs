@@ -77,7 +77,8 @@ impl ModelConfig {
             path: path.to_path_buf(),
             message,
         };
-        let v: Value = serde_json::from_str(text).map_err(|e| err(format!("not valid JSON: {e}")))?;
+        let v: Value =
+            serde_json::from_str(text).map_err(|e| err(format!("not valid JSON: {e}")))?;
         let arch_name = v["architectures"]
             .get(0)
             .and_then(Value::as_str)
@@ -104,7 +105,10 @@ impl ModelConfig {
         let hidden_size = usize_field("hidden_size")?;
         let num_attention_heads = usize_field("num_attention_heads")?;
         let num_key_value_heads = opt_usize("num_key_value_heads").unwrap_or(num_attention_heads);
-        if num_attention_heads == 0 || num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
+        if num_attention_heads == 0
+            || num_key_value_heads == 0
+            || num_attention_heads % num_key_value_heads != 0
+        {
             return Err(err(format!(
                 "num_attention_heads {num_attention_heads} is not a multiple of num_key_value_heads {num_key_value_heads}"
             )));
@@ -116,7 +120,9 @@ impl ModelConfig {
         let num_hidden_layers = usize_field("num_hidden_layers")?;
         if let Some(act) = v["hidden_act"].as_str() {
             if act != "silu" {
-                return Err(err(format!("hidden_act {act:?} is not supported (only \"silu\")")));
+                return Err(err(format!(
+                    "hidden_act {act:?} is not supported (only \"silu\")"
+                )));
             }
         }
         let rope_params = &v["rope_parameters"];
@@ -184,7 +190,9 @@ impl ModelConfig {
         let h = self.hidden_size;
         let q = self.num_attention_heads * self.head_dim;
         let kv = self.num_key_value_heads * self.head_dim;
-        let attn = h * q + 2 * h * kv + q * h
+        let attn = h * q
+            + 2 * h * kv
+            + q * h
             + if self.qkv_bias { q + 2 * kv } else { 0 }
             + if self.o_bias { h } else { 0 };
         let mlp = 3 * h * self.intermediate_size;
@@ -199,7 +207,10 @@ impl ModelConfig {
 pub(crate) fn token_id_list(v: &Value) -> Vec<u32> {
     match v {
         Value::Number(n) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Value::Array(a) => a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)).collect(),
+        Value::Array(a) => a
+            .iter()
+            .filter_map(|x| x.as_u64().map(|x| x as u32))
+            .collect(),
         _ => vec![],
     }
 }
@@ -208,7 +219,10 @@ fn parse_rope_scaling(v: &Value) -> std::result::Result<Option<RopeScaling>, Str
     if !v.is_object() {
         return Ok(None);
     }
-    let kind = v["rope_type"].as_str().or_else(|| v["type"].as_str()).unwrap_or("default");
+    let kind = v["rope_type"]
+        .as_str()
+        .or_else(|| v["type"].as_str())
+        .unwrap_or("default");
     let num = |k: &str| {
         v[k].as_f64()
             .ok_or_else(|| format!("rope scaling of type {kind:?} needs a numeric `{k}`"))
@@ -262,8 +276,13 @@ mod tests {
 
     #[test]
     fn unknown_architecture_is_named() {
-        let e = parse(r#""architectures": ["GPT2LMHeadModel"]"#).unwrap_err().to_string();
-        assert!(e.contains("GPT2LMHeadModel") && e.contains("config.json"), "{e}");
+        let e = parse(r#""architectures": ["GPT2LMHeadModel"]"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("GPT2LMHeadModel") && e.contains("config.json"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -58,7 +58,11 @@ impl Sequence {
             decoder: StreamDecoder::new(true),
             generated: Vec::new(),
             text: String::new(),
-            finish: if request.max_new_tokens == 0 { Some(FinishReason::Length) } else { None },
+            finish: if request.max_new_tokens == 0 {
+                Some(FinishReason::Length)
+            } else {
+                None
+            },
             context,
             request,
         })
@@ -70,7 +74,12 @@ impl Sequence {
 
     /// Samples from `logits` (`[1, vocab]`), records the token and updates the finish state.
     /// Returns the token and the text it completed.
-    pub fn accept(&mut self, logits: &Tensor, tok: &Tokenizer, eos: &[u32]) -> Result<(Sampled, String)> {
+    pub fn accept(
+        &mut self,
+        logits: &Tensor,
+        tok: &Tokenizer,
+        eos: &[u32],
+    ) -> Result<(Sampled, String)> {
         let row: Vec<f32> = logits.squeeze(0)?.to_vec1()?;
         let s = self.sampler.sample(&row, &self.context);
         self.context.push(s.id);
@@ -115,7 +124,9 @@ pub fn run_to_completion(
     mut on_token: impl FnMut(usize, Sampled, &str),
 ) -> Result<()> {
     loop {
-        let active: Vec<usize> = (0..seqs.len()).filter(|&i| seqs[i].finish.is_none()).collect();
+        let active: Vec<usize> = (0..seqs.len())
+            .filter(|&i| seqs[i].finish.is_none())
+            .collect();
         if active.is_empty() {
             return Ok(());
         }

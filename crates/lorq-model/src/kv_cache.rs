@@ -47,7 +47,12 @@ impl KvCache {
     /// Appends `k`, `v` (`[kv_heads, new, head_dim]`) to `layer` and returns all keys and values
     /// `[kv_heads, len + new, head_dim]`. The sequence length advances once every layer is done,
     /// through [`KvCache::advance`].
-    pub(crate) fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+    pub(crate) fn append(
+        &mut self,
+        layer: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
         let new = k.dim(1)?;
         let total = self.len + new;
         let entry = &mut self.layers[layer];
@@ -61,7 +66,12 @@ impl KvCache {
     }
 }
 
-fn grow_and_set(slot: &mut Option<Tensor>, new: &Tensor, len: usize, total: usize) -> Result<Tensor> {
+fn grow_and_set(
+    slot: &mut Option<Tensor>,
+    new: &Tensor,
+    len: usize,
+    total: usize,
+) -> Result<Tensor> {
     let (heads, _, hd) = new.dims3()?;
     let cap = slot.as_ref().map_or(0, |t| t.dim(1).unwrap_or(0));
     if cap < total {

@@ -58,7 +58,12 @@ pub struct LlamaModel {
 impl LlamaModel {
     /// Loads every tensor from `weights`, checking names and shapes against `config`, converting
     /// to the compute `dtype`.
-    pub fn load(config: ModelConfig, weights: &WeightFiles, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn load(
+        config: ModelConfig,
+        weights: &WeightFiles,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         let c = &config;
         let h = c.hidden_size;
         let q_out = c.num_attention_heads * c.head_dim;
@@ -66,7 +71,11 @@ impl LlamaModel {
         let load = |name: &str, shape: &[usize]| weights.load(name, shape, dtype, device);
         let linear = |path: String, out: usize, inp: usize, bias: bool| -> Result<Linear> {
             let w = load(&format!("{path}.weight"), &[out, inp])?;
-            let bias = if bias { Some(load(&format!("{path}.bias"), &[out])?) } else { None };
+            let bias = if bias {
+                Some(load(&format!("{path}.bias"), &[out])?)
+            } else {
+                None
+            };
             let base: Arc<dyn QuantTensor> = Arc::new(DenseTensor::new(w)?);
             Ok(Linear { path, base, bias })
         };
@@ -81,16 +90,33 @@ impl LlamaModel {
                 k: linear(format!("{p}.self_attn.k_proj"), kv_out, h, c.qkv_bias)?,
                 v: linear(format!("{p}.self_attn.v_proj"), kv_out, h, c.qkv_bias)?,
                 o: linear(format!("{p}.self_attn.o_proj"), h, q_out, c.o_bias)?,
-                gate: linear(format!("{p}.mlp.gate_proj"), c.intermediate_size, h, c.mlp_bias)?,
-                up: linear(format!("{p}.mlp.up_proj"), c.intermediate_size, h, c.mlp_bias)?,
-                down: linear(format!("{p}.mlp.down_proj"), h, c.intermediate_size, c.mlp_bias)?,
+                gate: linear(
+                    format!("{p}.mlp.gate_proj"),
+                    c.intermediate_size,
+                    h,
+                    c.mlp_bias,
+                )?,
+                up: linear(
+                    format!("{p}.mlp.up_proj"),
+                    c.intermediate_size,
+                    h,
+                    c.mlp_bias,
+                )?,
+                down: linear(
+                    format!("{p}.mlp.down_proj"),
+                    h,
+                    c.intermediate_size,
+                    c.mlp_bias,
+                )?,
                 window: c.sliding_window[i],
             });
         }
         let norm = load("model.norm.weight", &[h])?;
         let lm_head = if c.tie_word_embeddings || !weights.contains("lm_head.weight") {
             if !c.tie_word_embeddings {
-                tracing::warn!("no lm_head.weight in the checkpoint: using the tied input embeddings");
+                tracing::warn!(
+                    "no lm_head.weight in the checkpoint: using the tied input embeddings"
+                );
             }
             Linear {
                 path: "lm_head".into(),
@@ -157,7 +183,10 @@ impl LlamaModel {
         };
         for (path, m) in adapter.modules() {
             let lin = self.linears().find(|l| &l.path == path).ok_or_else(|| {
-                err(format!("targets module {path:?}, which this model ({}) does not have", self.config.architecture.name()))
+                err(format!(
+                    "targets module {path:?}, which this model ({}) does not have",
+                    self.config.architecture.name()
+                ))
             })?;
             if m.in_features() != lin.in_features() || m.out_features() != lin.out_features() {
                 return Err(err(format!(
@@ -222,7 +251,11 @@ impl LlamaModel {
                 let (k_all, v_all) = it.cache.append(li, &ki, &vi)?;
                 outs.push(merge_heads(&attend(&qi, &k_all, &v_all, layer.window)?)?);
             }
-            let attn = if outs.len() == 1 { outs.pop().expect("one") } else { Tensor::cat(&outs, 0)? };
+            let attn = if outs.len() == 1 {
+                outs.pop().expect("one")
+            } else {
+                Tensor::cat(&outs, 0)?
+            };
             x = (x + layer.o.forward(&attn, &adapters)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.post_attention_norm, eps)?;
             let gate = layer.gate.forward(&h, &adapters)?;
@@ -253,7 +286,10 @@ impl LlamaModel {
             x.index_select(&Tensor::from_vec(pick, n, &self.device)?, 0)?
         };
         let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
-        let logits = self.lm_head.forward(&x, &head_adapters)?.to_dtype(DType::F32)?;
+        let logits = self
+            .lm_head
+            .forward(&x, &head_adapters)?
+            .to_dtype(DType::F32)?;
         let mut out = Vec::with_capacity(items.len());
         let mut at = 0;
         for n in counts {

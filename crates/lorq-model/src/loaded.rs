@@ -30,7 +30,11 @@ impl LoadedModel {
             ids if !ids.is_empty() => ids,
             _ => config.eos_token_ids.clone(),
         };
-        let chat_template = ChatTemplate::load(dir, tokenizer.bos_token.as_deref(), tokenizer.eos_token.as_deref())?;
+        let chat_template = ChatTemplate::load(
+            dir,
+            tokenizer.bos_token.as_deref(),
+            tokenizer.eos_token.as_deref(),
+        )?;
         tracing::info!(
             "loading {} ({} layers, hidden {}) from {} as {:?}",
             config.architecture.name(),

@@ -38,13 +38,23 @@ impl Rope {
         let mut t = self.tables.write().expect("rope lock poisoned");
         let have = t.0.dim(0)?;
         if have < start + len {
-            *t = build_tables(&self.inv_freq, (start + len).next_power_of_two(), self.dtype, &self.device)?;
+            *t = build_tables(
+                &self.inv_freq,
+                (start + len).next_power_of_two(),
+                self.dtype,
+                &self.device,
+            )?;
         }
         Ok((t.0.narrow(0, start, len)?, t.1.narrow(0, start, len)?))
     }
 }
 
-fn build_tables(inv_freq: &[f32], positions: usize, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
+fn build_tables(
+    inv_freq: &[f32],
+    positions: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
     let half = inv_freq.len();
     let mut cos = Vec::with_capacity(positions * half);
     let mut sin = Vec::with_capacity(positions * half);
@@ -89,7 +99,11 @@ pub(crate) fn inverse_frequencies(cfg: &ModelConfig) -> Vec<f32> {
             inv.iter()
                 .map(|&f| {
                     let wavelen = 2.0 * std::f32::consts::PI / f;
-                    let scaled = if wavelen > low_freq_wavelen { f / factor } else { f };
+                    let scaled = if wavelen > low_freq_wavelen {
+                        f / factor
+                    } else {
+                        f
+                    };
                     let medium = !(wavelen < high_freq_wavelen) && !(wavelen > low_freq_wavelen);
                     if medium {
                         let smooth = (old / wavelen - lo) / (hi - lo);

@@ -208,7 +208,12 @@ fn top_p(scores: &mut [f32], p: f32) {
 fn typical_p(scores: &mut [f32], p: f32) {
     let probs = softmax(scores);
     let logp: Vec<f32> = probs.iter().map(|&q| q.ln()).collect();
-    let ent: f32 = -probs.iter().zip(&logp).filter(|(q, _)| **q > 0.0).map(|(q, l)| q * l).sum::<f32>();
+    let ent: f32 = -probs
+        .iter()
+        .zip(&logp)
+        .filter(|(q, _)| **q > 0.0)
+        .map(|(q, l)| q * l)
+        .sum::<f32>();
     let mut idx: Vec<usize> = (0..scores.len()).collect();
     let shifted = |i: usize| (-logp[i] - ent).abs();
     idx.sort_by(|&a, &b| shifted(a).total_cmp(&shifted(b)).then(a.cmp(&b)));
@@ -255,7 +260,9 @@ mod tests {
                 seed: Some(seed),
                 ..Default::default()
             });
-            (0..20).map(|_| s.sample(&logits, &[]).id).collect::<Vec<_>>()
+            (0..20)
+                .map(|_| s.sample(&logits, &[]).id)
+                .collect::<Vec<_>>()
         };
         assert_eq!(run(7), run(7));
         assert_ne!(run(7), run(8));
@@ -291,7 +298,12 @@ mod tests {
 
     #[test]
     fn validation_names_the_parameter() {
-        let e = SamplingParams { top_p: Some(1.5), ..Default::default() }.validate().unwrap_err();
+        let e = SamplingParams {
+            top_p: Some(1.5),
+            ..Default::default()
+        }
+        .validate()
+        .unwrap_err();
         assert!(e.to_string().contains("top_p"));
     }
 }

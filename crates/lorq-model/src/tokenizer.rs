@@ -14,14 +14,20 @@ impl Tokenizer {
     pub fn load(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
         if !path.exists() {
-            return Err(ModelError::Tokenizer(format!("{} is missing", path.display())));
+            return Err(ModelError::Tokenizer(format!(
+                "{} is missing",
+                path.display()
+            )));
         }
         let inner = tokenizers::Tokenizer::from_file(&path)
             .map_err(|e| ModelError::Tokenizer(format!("{}: {e}", path.display())))?;
         let cfg = read_tokenizer_config(dir)?;
         let token_name = |k: &str| match &cfg[k] {
             serde_json::Value::String(s) => Some(s.clone()),
-            serde_json::Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(str::to_string),
+            serde_json::Value::Object(o) => o
+                .get("content")
+                .and_then(|c| c.as_str())
+                .map(str::to_string),
             _ => None,
         };
         Ok(Self {
@@ -100,9 +106,15 @@ impl StreamDecoder {
     /// Adds one token; returns the new text it completes (possibly empty).
     pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<String> {
         self.ids.push(id);
-        let prefix = tok.decode(&self.ids[self.prefix_offset..self.read_offset], self.skip_special)?;
+        let prefix = tok.decode(
+            &self.ids[self.prefix_offset..self.read_offset],
+            self.skip_special,
+        )?;
         let full = tok.decode(&self.ids[self.prefix_offset..], self.skip_special)?;
-        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.is_char_boundary(prefix.len()) {
+        if full.len() > prefix.len()
+            && !full.ends_with('\u{FFFD}')
+            && full.is_char_boundary(prefix.len())
+        {
             let piece = full[prefix.len()..].to_string();
             self.prefix_offset = self.read_offset;
             self.read_offset = self.ids.len();

@@ -22,14 +22,17 @@ impl WeightFiles {
         let single = dir.join("model.safetensors");
         let paths: Vec<PathBuf> = if index.exists() {
             let text = std::fs::read_to_string(&index).map_err(io_err(&index))?;
-            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| ModelError::Config {
-                path: index.clone(),
-                message: format!("not valid JSON: {e}"),
-            })?;
-            let map = v["weight_map"].as_object().ok_or_else(|| ModelError::Config {
-                path: index.clone(),
-                message: "missing `weight_map` object".into(),
-            })?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| ModelError::Config {
+                    path: index.clone(),
+                    message: format!("not valid JSON: {e}"),
+                })?;
+            let map = v["weight_map"]
+                .as_object()
+                .ok_or_else(|| ModelError::Config {
+                    path: index.clone(),
+                    message: "missing `weight_map` object".into(),
+                })?;
             let mut shards: Vec<String> = map
                 .values()
                 .filter_map(|f| f.as_str().map(str::to_string))
@@ -39,11 +42,15 @@ impl WeightFiles {
             let mut paths = Vec::new();
             for s in shards {
                 if s.contains('/') || s.contains("..") {
-                    return Err(weights_err(format!("shard name {s:?} in the index is not a plain file name")));
+                    return Err(weights_err(format!(
+                        "shard name {s:?} in the index is not a plain file name"
+                    )));
                 }
                 let p = dir.join(&s);
                 if !p.exists() {
-                    return Err(weights_err(format!("shard {s} named in model.safetensors.index.json is missing")));
+                    return Err(weights_err(format!(
+                        "shard {s} named in model.safetensors.index.json is missing"
+                    )));
                 }
                 paths.push(p);
             }
@@ -60,7 +67,9 @@ impl WeightFiles {
         };
         // SAFETY: the files are mapped read-only; lorq never writes to a model folder it serves.
         let files = unsafe { MmapedSafetensors::multi(&paths) }.map_err(|e| {
-            weights_err(format!("cannot read safetensors (truncated or corrupt file?): {e}"))
+            weights_err(format!(
+                "cannot read safetensors (truncated or corrupt file?): {e}"
+            ))
         })?;
         Ok(Self {
             dir: dir.to_path_buf(),
@@ -77,7 +86,13 @@ impl WeightFiles {
     }
 
     /// Tensor `name`, checked against `shape`, converted to `dtype`.
-    pub fn load(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+    pub fn load(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
         let view = self.files.get(name).map_err(|_| ModelError::Tensor {
             name: name.to_string(),
             message: format!("missing from the weights in {}", self.dir.display()),
@@ -92,10 +107,13 @@ impl WeightFiles {
                 ),
             });
         }
-        let t = self.files.load(name, device).map_err(|e| ModelError::Tensor {
-            name: name.to_string(),
-            message: e.to_string(),
-        })?;
+        let t = self
+            .files
+            .load(name, device)
+            .map_err(|e| ModelError::Tensor {
+                name: name.to_string(),
+                message: e.to_string(),
+            })?;
         if !matches!(t.dtype(), DType::F32 | DType::F16 | DType::BF16) {
             return Err(ModelError::Tensor {
                 name: name.to_string(),

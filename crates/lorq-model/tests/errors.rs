@@ -29,7 +29,10 @@ fn folder_without_weights() {
     copy_dir(&fixtures().join("llama/base"), d.path());
     std::fs::remove_file(d.path().join("model.safetensors")).unwrap();
     let e = load_err(d.path());
-    assert!(e.contains("no weights") && e.contains("model.safetensors"), "{e}");
+    assert!(
+        e.contains("no weights") && e.contains("model.safetensors"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -40,7 +43,10 @@ fn truncated_safetensors() {
     let bytes = std::fs::read(&f).unwrap();
     std::fs::write(&f, &bytes[..bytes.len() / 2]).unwrap();
     let e = load_err(d.path());
-    assert!(e.contains("truncated or corrupt") && e.contains("model.safetensors"), "{e}");
+    assert!(
+        e.contains("truncated or corrupt") && e.contains("model.safetensors"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -50,11 +56,15 @@ fn unknown_architecture() {
     let cfg = std::fs::read_to_string(d.path().join("config.json")).unwrap();
     std::fs::write(
         d.path().join("config.json"),
-        cfg.replace("LlamaForCausalLM", "FalconForCausalLM").replace("\"llama\"", "\"falcon\""),
+        cfg.replace("LlamaForCausalLM", "FalconForCausalLM")
+            .replace("\"llama\"", "\"falcon\""),
     )
     .unwrap();
     let e = load_err(d.path());
-    assert!(e.contains("FalconForCausalLM") && e.contains("config.json"), "{e}");
+    assert!(
+        e.contains("FalconForCausalLM") && e.contains("config.json"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -68,14 +78,20 @@ fn missing_tensor_and_shape_mismatch_are_named() {
     )
     .unwrap();
     let e = load_err(d.path());
-    assert!(e.contains("model.layers.2.") && e.contains("missing"), "{e}");
+    assert!(
+        e.contains("model.layers.2.") && e.contains("missing"),
+        "{e}"
+    );
     std::fs::write(
         d.path().join("config.json"),
         cfg.replace("\"intermediate_size\": 128", "\"intermediate_size\": 96"),
     )
     .unwrap();
     let e = load_err(d.path());
-    assert!(e.contains("mlp.gate_proj.weight") && e.contains("[128, 64]"), "{e}");
+    assert!(
+        e.contains("mlp.gate_proj.weight") && e.contains("[128, 64]"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -86,7 +102,10 @@ fn adapter_whose_shapes_do_not_fit_the_base() {
         .load_adapter(&fixtures().join("llama/adapters/r8-all"))
         .unwrap_err()
         .to_string();
-    assert!(e.contains("r8-all") && e.contains("do not fit the base weight"), "{e}");
+    assert!(
+        e.contains("r8-all") && e.contains("do not fit the base weight"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -101,7 +120,10 @@ fn adapter_with_dora() {
     .unwrap();
     let m = load("llama");
     let e = m.load_adapter(d.path()).unwrap_err().to_string();
-    assert!(e.contains("use_dora") && e.contains("adapter_config.json"), "{e}");
+    assert!(
+        e.contains("use_dora") && e.contains("adapter_config.json"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -119,5 +141,8 @@ fn token_outside_vocabulary_is_refused() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("99999") && e.contains("vocabulary"), "{e}");
-    assert!(cache.is_empty(), "a refused batch must leave the cache untouched");
+    assert!(
+        cache.is_empty(),
+        "a refused batch must leave the cache untouched"
+    );
 }

@@ -22,7 +22,12 @@ fn adapter_for(m: &LoadedModel, model: &str, run: &Value) -> Option<Arc<lorq_lor
         .map(|d| m.load_adapter(&fixtures().join(model).join(d)).unwrap())
 }
 
-fn greedy(m: &LoadedModel, prompt: Vec<u32>, adapter: Option<Arc<lorq_lora::LoraAdapter>>, n: usize) -> Vec<u32> {
+fn greedy(
+    m: &LoadedModel,
+    prompt: Vec<u32>,
+    adapter: Option<Arc<lorq_lora::LoraAdapter>>,
+    n: usize,
+) -> Vec<u32> {
     let req = GenerationRequest {
         prompt_ids: prompt,
         params: SamplingParams::default(),
@@ -32,7 +37,14 @@ fn greedy(m: &LoadedModel, prompt: Vec<u32>, adapter: Option<Arc<lorq_lora::Lora
         adapter,
     };
     let mut seqs = vec![Sequence::new(&m.model, req).unwrap()];
-    run_to_completion(&m.model, &m.tokenizer, &m.eos_token_ids, &mut seqs, |_, _, _| {}).unwrap();
+    run_to_completion(
+        &m.model,
+        &m.tokenizer,
+        &m.eos_token_ids,
+        &mut seqs,
+        |_, _, _| {},
+    )
+    .unwrap();
     seqs[0].token_ids()
 }
 
@@ -46,7 +58,11 @@ fn check_model(model: &str) {
         for p in run["prompts"].as_array().unwrap() {
             let prompt = p["prompt"].as_str().unwrap();
             let input_ids = ids(&p["input_ids"]);
-            assert_eq!(m.tokenizer.encode(prompt).unwrap(), input_ids, "{model}: tokens of {prompt:?}");
+            assert_eq!(
+                m.tokenizer.encode(prompt).unwrap(),
+                input_ids,
+                "{model}: tokens of {prompt:?}"
+            );
             let mut cache = m.model.new_cache();
             let logits = m
                 .model
@@ -64,11 +80,21 @@ fn check_model(model: &str) {
                 .map(|(&t, row)| log_softmax_at(row, t as usize))
                 .collect();
             let d = rel_max_diff(&logprobs, &floats(&p["logprobs"]));
-            assert!(d < LOGIT_TOL, "{model}/{label}: logprobs differ by {d} (rel) on {prompt:?}");
+            assert!(
+                d < LOGIT_TOL,
+                "{model}/{label}: logprobs differ by {d} (rel) on {prompt:?}"
+            );
             let d = rel_max_diff(rows.last().unwrap(), &floats(&p["last_logits"]));
-            assert!(d < LOGIT_TOL, "{model}/{label}: last logits differ by {d} (rel) on {prompt:?}");
+            assert!(
+                d < LOGIT_TOL,
+                "{model}/{label}: last logits differ by {d} (rel) on {prompt:?}"
+            );
             let g = greedy(&m, input_ids, adapter.clone(), ids(&p["greedy_ids"]).len());
-            assert_eq!(g, ids(&p["greedy_ids"]), "{model}/{label}: greedy tokens on {prompt:?}");
+            assert_eq!(
+                g,
+                ids(&p["greedy_ids"]),
+                "{model}/{label}: greedy tokens on {prompt:?}"
+            );
             checked += 1;
         }
     }
@@ -95,19 +121,35 @@ fn chat_templates_and_tokenizers_match_transformers() {
     for model in ["llama", "mistral", "qwen2"] {
         let m = load(model);
         let r = reference(model);
-        let messages: Vec<ChatMessage> = serde_json::from_value(r["chat"]["messages"].clone()).unwrap();
+        let messages: Vec<ChatMessage> =
+            serde_json::from_value(r["chat"]["messages"].clone()).unwrap();
         let text = m.render_chat(&messages).unwrap();
-        assert_eq!(text, r["chat"]["text"].as_str().unwrap(), "{model}: chat text");
-        assert_eq!(m.tokenizer.encode(&text).unwrap(), ids(&r["chat"]["ids"]), "{model}: chat ids");
+        assert_eq!(
+            text,
+            r["chat"]["text"].as_str().unwrap(),
+            "{model}: chat text"
+        );
+        assert_eq!(
+            m.tokenizer.encode(&text).unwrap(),
+            ids(&r["chat"]["ids"]),
+            "{model}: chat ids"
+        );
         for t in r["tokenize"].as_array().unwrap() {
             let s = t["text"].as_str().unwrap();
             // `ids_tokenizer_json`: the `tokenizers` library on tokenizer.json. transformers 5 agrees
             // except where a model class re-derives the pre-tokenizer (qwen2 splits digits).
-            assert_eq!(m.tokenizer.encode(s).unwrap(), ids(&t["ids_tokenizer_json"]), "{model}: ids of {s:?}");
+            assert_eq!(
+                m.tokenizer.encode(s).unwrap(),
+                ids(&t["ids_tokenizer_json"]),
+                "{model}: ids of {s:?}"
+            );
             if model != "qwen2" {
                 assert_eq!(ids(&t["ids"]), ids(&t["ids_tokenizer_json"]));
             }
-            assert_eq!(m.tokenizer.decode(&ids(&t["ids"]), false).unwrap(), t["decoded"].as_str().unwrap());
+            assert_eq!(
+                m.tokenizer.decode(&ids(&t["ids"]), false).unwrap(),
+                t["decoded"].as_str().unwrap()
+            );
         }
     }
 }
@@ -142,13 +184,21 @@ fn mixed_batch_of_base_and_two_adapters_equals_single_runs() {
         .iter_mut()
         .zip(&cases)
         .zip(&prompts)
-        .map(|((c, (a, _)), p)| BatchItem { tokens: p, cache: c, adapter: a.clone(), logits: LogitsWanted::Last })
+        .map(|((c, (a, _)), p)| BatchItem {
+            tokens: p,
+            cache: c,
+            adapter: a.clone(),
+            logits: LogitsWanted::Last,
+        })
         .collect();
     let logits = m.model.forward(&mut items).unwrap();
     for ((l, (_, p)), name) in logits.iter().zip(&cases).zip(["base", "r8-all", "rslora"]) {
         let row: Vec<f32> = l.squeeze(0).unwrap().to_vec1().unwrap();
         let d = rel_max_diff(&row, &floats(&p["last_logits"]));
-        assert!(d < LOGIT_TOL, "mixed batch row {name}: logits differ by {d}");
+        assert!(
+            d < LOGIT_TOL,
+            "mixed batch row {name}: logits differ by {d}"
+        );
     }
     // Greedy generation of all three together (prefill, then mixed decode steps).
     let mut seqs: Vec<Sequence> = cases
@@ -169,7 +219,14 @@ fn mixed_batch_of_base_and_two_adapters_equals_single_runs() {
             .unwrap()
         })
         .collect();
-    run_to_completion(&m.model, &m.tokenizer, &m.eos_token_ids, &mut seqs, |_, _, _| {}).unwrap();
+    run_to_completion(
+        &m.model,
+        &m.tokenizer,
+        &m.eos_token_ids,
+        &mut seqs,
+        |_, _, _| {},
+    )
+    .unwrap();
     for (s, (_, p)) in seqs.iter().zip(&cases) {
         assert_eq!(s.token_ids(), ids(&p["greedy_ids"]));
     }

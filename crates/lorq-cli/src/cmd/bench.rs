@@ -63,7 +63,12 @@ fn generate(a: BenchGenerateArgs) -> Result<()> {
     for rep in 0..=a.repeats {
         let mut cache = model.new_cache();
         let t = Instant::now();
-        model.forward(&mut [BatchItem { tokens: &ids, cache: &mut cache, adapter: adapter.clone(), logits: LogitsWanted::Last }])?;
+        model.forward(&mut [BatchItem {
+            tokens: &ids,
+            cache: &mut cache,
+            adapter: adapter.clone(),
+            logits: LogitsWanted::Last,
+        }])?;
         if rep > 0 {
             prefill_best = prefill_best.min(t.elapsed().as_secs_f64());
         }
@@ -79,20 +84,36 @@ fn generate(a: BenchGenerateArgs) -> Result<()> {
             let mut caches: Vec<_> = (0..batch).map(|_| model.new_cache()).collect();
             let mut items: Vec<BatchItem> = caches
                 .iter_mut()
-                .map(|c| BatchItem { tokens: &ids, cache: c, adapter: adapter.clone(), logits: LogitsWanted::Last })
+                .map(|c| BatchItem {
+                    tokens: &ids,
+                    cache: c,
+                    adapter: adapter.clone(),
+                    logits: LogitsWanted::Last,
+                })
                 .collect();
             let logits = model.forward(&mut items)?;
-            let mut next: Vec<u32> = logits.iter().map(|l| argmax_row(l)).collect::<Result<_>>()?;
+            let mut next: Vec<u32> = logits
+                .iter()
+                .map(|l| argmax_row(l))
+                .collect::<Result<_>>()?;
             let t = Instant::now();
             for _ in 0..a.new_tokens {
                 let tokens: Vec<[u32; 1]> = next.iter().map(|&n| [n]).collect();
                 let mut items: Vec<BatchItem> = caches
                     .iter_mut()
                     .zip(&tokens)
-                    .map(|(c, t)| BatchItem { tokens: t, cache: c, adapter: adapter.clone(), logits: LogitsWanted::Last })
+                    .map(|(c, t)| BatchItem {
+                        tokens: t,
+                        cache: c,
+                        adapter: adapter.clone(),
+                        logits: LogitsWanted::Last,
+                    })
                     .collect();
                 let logits = model.forward(&mut items)?;
-                next = logits.iter().map(|l| argmax_row(l)).collect::<Result<_>>()?;
+                next = logits
+                    .iter()
+                    .map(|l| argmax_row(l))
+                    .collect::<Result<_>>()?;
             }
             if rep > 0 {
                 best = best.min(t.elapsed().as_secs_f64());

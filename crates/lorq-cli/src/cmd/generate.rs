@@ -17,7 +17,11 @@ pub struct GenerateArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     /// The prompt text.
-    #[arg(long, conflicts_with = "token_ids", required_unless_present = "token_ids")]
+    #[arg(
+        long,
+        conflicts_with = "token_ids",
+        required_unless_present = "token_ids"
+    )]
     pub prompt: Option<String>,
     /// Render the prompt as one user turn through the model's chat template.
     #[arg(long, requires = "prompt")]
@@ -80,12 +84,18 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let mut seqs = vec![Sequence::new(&m.model, request)?];
     let stream = !a.json;
     let mut out = std::io::stdout().lock();
-    run_to_completion(&m.model, &m.tokenizer, &m.eos_token_ids, &mut seqs, |_, _, piece| {
-        if stream {
-            let _ = out.write_all(piece.as_bytes());
-            let _ = out.flush();
-        }
-    })?;
+    run_to_completion(
+        &m.model,
+        &m.tokenizer,
+        &m.eos_token_ids,
+        &mut seqs,
+        |_, _, piece| {
+            if stream {
+                let _ = out.write_all(piece.as_bytes());
+                let _ = out.flush();
+            }
+        },
+    )?;
     let seq = &seqs[0];
     if a.json {
         let v = json!({

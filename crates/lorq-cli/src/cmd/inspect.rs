@@ -78,16 +78,25 @@ pub fn run(a: InspectArgs) -> Result<()> {
         );
         println!("parameters   {} ({:.1} M)", params, params as f64 / 1e6);
         for (d, (n, b)) in &by_dtype {
-            println!("dtype {d:<6} {n} tensors, {:.1} MiB", *b as f64 / (1 << 20) as f64);
+            println!(
+                "dtype {d:<6} {n} tensors, {:.1} MiB",
+                *b as f64 / (1 << 20) as f64
+            );
         }
-        println!("tied embeddings {}, rope theta {}, rope scaling {:?}", cfg.tie_word_embeddings, cfg.rope_theta, cfg.rope_scaling);
+        println!(
+            "tied embeddings {}, rope theta {}, rope scaling {:?}",
+            cfg.tie_word_embeddings, cfg.rope_theta, cfg.rope_scaling
+        );
     }
     Ok(())
 }
 
 fn inspect_adapter(dir: &std::path::Path, as_json: bool) -> Result<()> {
     let ad = lorq_lora::LoraAdapter::load(dir, &candle_core::Device::Cpu)?;
-    let mut modules: Vec<_> = ad.modules().map(|(p, m)| (p.clone(), m.rank(), m.scale)).collect();
+    let mut modules: Vec<_> = ad
+        .modules()
+        .map(|(p, m)| (p.clone(), m.rank(), m.scale))
+        .collect();
     modules.sort_by(|a, b| a.0.cmp(&b.0));
     let mut targets: Vec<String> = modules
         .iter()
@@ -111,8 +120,15 @@ fn inspect_adapter(dir: &std::path::Path, as_json: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!("adapter      {}", dir.display());
-        println!("r {} alpha {} rslora {}", ad.config.r, ad.config.lora_alpha, ad.config.use_rslora);
-        println!("targets      {} ({} modules)", targets.join(","), modules.len());
+        println!(
+            "r {} alpha {} rslora {}",
+            ad.config.r, ad.config.lora_alpha, ad.config.use_rslora
+        );
+        println!(
+            "targets      {} ({} modules)",
+            targets.join(","),
+            modules.len()
+        );
         println!("dtype        {:?}, {} bytes", ad.dtype(), ad.bytes());
         for (p, r, s) in modules {
             println!("  {p:<50} r={r:<3} scale={s}");

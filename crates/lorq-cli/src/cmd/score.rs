@@ -14,7 +14,11 @@ use crate::common::{parse_token_ids, ModelArgs};
 pub struct ScoreArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    #[arg(long, conflicts_with = "token_ids", required_unless_present = "token_ids")]
+    #[arg(
+        long,
+        conflicts_with = "token_ids",
+        required_unless_present = "token_ids"
+    )]
     pub text: Option<String>,
     #[arg(long)]
     pub token_ids: Option<String>,
@@ -65,14 +69,20 @@ pub fn run(a: ScoreArgs) -> Result<()> {
     } else {
         let total: f32 = logprobs.iter().sum();
         println!("tokens: {}", ids.len());
-        println!("sum logprob: {total:.4}  mean: {:.4}", total / logprobs.len().max(1) as f32);
+        println!(
+            "sum logprob: {total:.4}  mean: {:.4}",
+            total / logprobs.len().max(1) as f32
+        );
         for (i, (id, lp)) in ids[1..].iter().zip(&logprobs).enumerate() {
             let piece = m.tokenizer.decode(&[*id], false)?;
             println!("{:>5} {:>7} {:>10.4}  {piece:?}", i + 1, id, lp);
         }
         println!("top logits at the last position:");
         for (i, l) in &top {
-            println!("  {i:>7} {l:>10.4}  {:?}", m.tokenizer.decode(&[*i as u32], false)?);
+            println!(
+                "  {i:>7} {l:>10.4}  {:?}",
+                m.tokenizer.decode(&[*i as u32], false)?
+            );
         }
     }
     Ok(())
