@@ -104,7 +104,7 @@ pub(crate) fn inverse_frequencies(cfg: &ModelConfig) -> Vec<f32> {
                     } else {
                         f
                     };
-                    let medium = !(wavelen < high_freq_wavelen) && !(wavelen > low_freq_wavelen);
+                    let medium = (high_freq_wavelen..=low_freq_wavelen).contains(&wavelen);
                     if medium {
                         let smooth = (old / wavelen - lo) / (hi - lo);
                         (1.0 - smooth) * scaled / factor + smooth * scaled

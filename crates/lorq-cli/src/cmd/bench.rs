@@ -94,7 +94,7 @@ fn generate(a: BenchGenerateArgs) -> Result<()> {
             let logits = model.forward(&mut items)?;
             let mut next: Vec<u32> = logits
                 .iter()
-                .map(|l| argmax_row(l))
+                .map(argmax_row)
                 .collect::<Result<_>>()?;
             let t = Instant::now();
             for _ in 0..a.new_tokens {
@@ -112,7 +112,7 @@ fn generate(a: BenchGenerateArgs) -> Result<()> {
                 let logits = model.forward(&mut items)?;
                 next = logits
                     .iter()
-                    .map(|l| argmax_row(l))
+                    .map(argmax_row)
                     .collect::<Result<_>>()?;
             }
             if rep > 0 {

@@ -102,7 +102,7 @@ pub(crate) fn map_name(name: &str, params: &LlamaParams) -> Option<Mapped> {
 /// Reverses llama.cpp's Q/K row permutation: numpy's
 /// `w.reshape(heads, dim, 2, cols).swapaxes(1, 2).reshape(rows, cols)` with `dim = rows / heads / 2`.
 pub(crate) fn unpermute(w: &[f32], rows: usize, cols: usize, heads: usize) -> Option<Vec<f32>> {
-    if heads == 0 || rows % (heads * 2) != 0 || w.len() != rows * cols {
+    if heads == 0 || !rows.is_multiple_of(heads * 2) || w.len() != rows * cols {
         return None;
     }
     let dim = rows / heads / 2;
