@@ -3,6 +3,7 @@
 //! A model never knows which format its linears use: each holds an `Arc<dyn QuantTensor>`.
 //! Formats differ only inside this crate (one module per family).
 
+pub mod cpu;
 mod dense;
 mod quant_tensor;
 
