@@ -8,6 +8,7 @@ use candle_core::{DType, Device};
 use clap::{Args, ValueEnum};
 use lorq_lora::LoraAdapter;
 use lorq_model::LoadedModel;
+use lorq_quant::method::QuantMethod;
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
 pub enum ComputeDtype {
@@ -35,12 +36,21 @@ pub struct ModelArgs {
     /// Compute dtype.
     #[arg(long, value_enum, default_value_t = ComputeDtype::F32)]
     pub dtype: ComputeDtype,
+    /// Quantize the decoder linears at load (LoRAX's names): none, auto, bitsandbytes,
+    /// bitsandbytes-nf4, bitsandbytes-fp4, eetq, hqq-4bit, hqq-3bit, hqq-2bit, fp8
+    /// (awq, gptq: pre-quantized checkpoints). `auto`: no quantization for a full-precision folder.
+    #[arg(long, default_value = "auto", env = "LORQ_QUANTIZE")]
+    pub quantize: String,
 }
 
 impl ModelArgs {
     pub fn load(&self) -> Result<(LoadedModel, Option<Arc<LoraAdapter>>)> {
         let dir = lorq_model::pull::resolve_model(&self.model)?;
-        let loaded = LoadedModel::load(&dir, self.dtype.dtype(), &Device::Cpu)
+        let quantize = match self.quantize.as_str() {
+            "auto" => None,
+            name => QuantMethod::parse(name)?,
+        };
+        let loaded = LoadedModel::load_quantized(&dir, self.dtype.dtype(), &Device::Cpu, quantize)
             .with_context(|| format!("loading model {}", dir.display()))?;
         let adapter = match &self.adapter {
             Some(a) => Some(loaded.load_adapter(a)?),

@@ -2,7 +2,8 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use lorq_lora::{BatchAdapters, LoraAdapter};
-use lorq_quant::{DenseTensor, QuantTensor};
+use lorq_quant::method::QuantMethod;
+use lorq_quant::DenseTensor;
 
 use crate::attention::{attend, merge_heads, split_heads};
 use crate::config::ModelConfig;
@@ -58,25 +59,52 @@ pub struct LlamaModel {
 impl LlamaModel {
     /// Loads every tensor from `weights`, checking names and shapes against `config`, converting
     /// to the compute `dtype`.
+    /// With `quantize`, every decoder-layer linear is quantized as it is read (one full-precision
+    /// tensor in memory at a time); embeddings, norms and the LM head stay in `dtype`.
     pub fn load(
         config: ModelConfig,
         weights: &WeightFiles,
         dtype: DType,
         device: &Device,
+        quantize: Option<QuantMethod>,
     ) -> Result<Self> {
         let c = &config;
         let h = c.hidden_size;
         let q_out = c.num_attention_heads * c.head_dim;
         let kv_out = c.num_key_value_heads * c.head_dim;
         let load = |name: &str, shape: &[usize]| weights.load(name, shape, dtype, device);
+        let progress = indicatif::ProgressBar::new(c.num_hidden_layers as u64 * 7);
+        match quantize {
+            Some(q) => {
+                progress.set_style(
+                    indicatif::ProgressStyle::with_template(
+                        "quantizing ({msg}) [{bar:30}] {pos}/{len} linears, {eta} left",
+                    )
+                    .expect("valid template"),
+                );
+                progress.set_message(q.name());
+            }
+            None => progress.set_draw_target(indicatif::ProgressDrawTarget::hidden()),
+        }
         let linear = |path: String, out: usize, inp: usize, bias: bool| -> Result<Linear> {
-            let w = load(&format!("{path}.weight"), &[out, inp])?;
+            let name = format!("{path}.weight");
+            let base = match quantize {
+                Some(q) => {
+                    let w = weights.load_as_stored(&name, &[out, inp], device)?;
+                    let t = q.quantize(&w).map_err(|e| ModelError::Tensor {
+                        name: name.clone(),
+                        message: format!("{} quantization failed: {e}", q.name()),
+                    })?;
+                    progress.inc(1);
+                    t
+                }
+                None => lorq_quant::method::dense(load(&name, &[out, inp])?)?,
+            };
             let bias = if bias {
                 Some(load(&format!("{path}.bias"), &[out])?)
             } else {
                 None
             };
-            let base: Arc<dyn QuantTensor> = Arc::new(DenseTensor::new(w)?);
             Ok(Linear { path, base, bias })
         };
         let embed_tokens = load("model.embed_tokens.weight", &[c.vocab_size, h])?;
@@ -111,6 +139,7 @@ impl LlamaModel {
                 window: c.sliding_window[i],
             });
         }
+        progress.finish_and_clear();
         let norm = load("model.norm.weight", &[h])?;
         let lm_head = if c.tie_word_embeddings || !weights.contains("lm_head.weight") {
             if !c.tie_word_embeddings {

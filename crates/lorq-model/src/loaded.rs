@@ -3,6 +3,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device};
 use lorq_lora::LoraAdapter;
+use lorq_quant::method::QuantMethod;
 
 use crate::chat_template::{ChatMessage, ChatTemplate};
 use crate::config::{token_id_list, ModelConfig};
@@ -23,6 +24,16 @@ pub struct LoadedModel {
 
 impl LoadedModel {
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        Self::load_quantized(dir, dtype, device, None)
+    }
+
+    /// Loads with every decoder linear quantized just in time by `quantize`.
+    pub fn load_quantized(
+        dir: &Path,
+        dtype: DType,
+        device: &Device,
+        quantize: Option<QuantMethod>,
+    ) -> Result<Self> {
         let config = ModelConfig::load(dir)?;
         let weights = WeightFiles::open(dir)?;
         let tokenizer = Tokenizer::load(dir)?;
@@ -43,7 +54,15 @@ impl LoadedModel {
             dir.display(),
             dtype
         );
-        let model = LlamaModel::load(config, &weights, dtype, device)?;
+        if let Some(q) = quantize {
+            if q == QuantMethod::Bitsandbytes {
+                tracing::warn!("bitsandbytes (LLM.int8) is slow at inference; eetq is the recommended 8-bit method (--quantize eetq)");
+            }
+            if q == QuantMethod::Fp8 && device.is_cpu() {
+                eprintln!("lorq: fp8 runs emulated on the CPU (e4m3 weights dequantized in the matmul kernel)");
+            }
+        }
+        let model = LlamaModel::load(config, &weights, dtype, device, quantize)?;
         Ok(Self {
             dir: dir.to_path_buf(),
             model,

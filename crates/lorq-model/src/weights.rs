@@ -93,6 +93,12 @@ impl WeightFiles {
         dtype: DType,
         device: &Device,
     ) -> Result<Tensor> {
+        Ok(self.load_as_stored(name, shape, device)?.to_dtype(dtype)?)
+    }
+
+    /// Tensor `name`, checked against `shape`, in the float dtype the checkpoint stores it in
+    /// (what quantizers start from, as the peer libraries do).
+    pub fn load_as_stored(&self, name: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
         let view = self.files.get(name).map_err(|_| ModelError::Tensor {
             name: name.to_string(),
             message: format!("missing from the weights in {}", self.dir.display()),
@@ -120,7 +126,7 @@ impl WeightFiles {
                 message: format!("dtype {:?} is not a float type lorq can load", t.dtype()),
             });
         }
-        Ok(t.to_dtype(dtype)?)
+        Ok(t)
     }
 
     /// All tensor names with their dtype and shape.

@@ -1,11 +1,14 @@
 use candle_core::{DType, Device, Storage, Tensor};
 
-use crate::cpu::{dot_bf16, dot_f32, rows_matmul, RowDot};
+use crate::cpu::dense_matmul;
 use crate::{QuantError, QuantTensor};
 
 /// Activation rows up to which the row-streaming kernel beats a blocked GEMM (the weight is read
 /// once either way; past this the GEMM's register tiling wins).
-const SMALL_M: usize = 16;
+const SMALL_M: usize = match option_env!("LORQ_SMALL_M") {
+    Some(_) => 4096,
+    None => 16,
+};
 
 /// An unquantized weight (f32, f16 or bf16), `[out, in]` row-major.
 #[derive(Debug, Clone)]
@@ -32,7 +35,9 @@ impl DenseTensor {
 
     /// The row-streaming CPU kernel for few activation rows; `None` where it does not apply.
     fn small_m_matmul(&self, x: &Tensor) -> Result<Option<Tensor>, QuantError> {
-        let Device::Cpu = self.weight.device() else { return Ok(None) };
+        let Device::Cpu = self.weight.device() else {
+            return Ok(None);
+        };
         let k = self.weight.dim(1)?;
         let m = x.elem_count() / k;
         if m > SMALL_M || !matches!(self.weight.dtype(), DType::F32 | DType::BF16) {
@@ -42,36 +47,18 @@ impl DenseTensor {
         *out_shape.last_mut().expect("rank >= 1") = self.weight.dim(0)?;
         let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
         let (storage, layout) = self.weight.storage_and_layout();
-        let Storage::Cpu(cpu) = &*storage else { return Ok(None) };
+        let Storage::Cpu(cpu) = &*storage else {
+            return Ok(None);
+        };
         let start = layout.start_offset();
         let (n, k) = (self.weight.dim(0)?, k);
         let y = match self.weight.dtype() {
-            DType::F32 => rows_matmul(&Rows { data: &cpu.as_slice::<f32>()?[start..], n, k, dot: dot_f32 }, &xs, m),
-            _ => rows_matmul(&Rows { data: &cpu.as_slice::<half::bf16>()?[start..], n, k, dot: dot_bf16 }, &xs, m),
+            DType::F32 => dense_matmul(&cpu.as_slice::<f32>()?[start..], n, k, &xs, m),
+            _ => dense_matmul(&cpu.as_slice::<half::bf16>()?[start..], n, k, &xs, m),
         };
-        Ok(Some(Tensor::from_vec(y, out_shape, x.device())?.to_dtype(x.dtype())?))
-    }
-}
-
-struct Rows<'a, T> {
-    data: &'a [T],
-    n: usize,
-    k: usize,
-    dot: fn(&[f32], &[T]) -> f32,
-}
-
-impl<T: Sync> RowDot for Rows<'_, T> {
-    fn rows(&self) -> usize {
-        self.n
-    }
-    fn cols(&self) -> usize {
-        self.k
-    }
-    fn dot_row(&self, j: usize, x: &[f32], out: &mut [f32]) {
-        let row = &self.data[j * self.k..(j + 1) * self.k];
-        for (o, xr) in out.iter_mut().zip(x.chunks_exact(self.k)) {
-            *o = (self.dot)(xr, row);
-        }
+        Ok(Some(
+            Tensor::from_vec(y, out_shape, x.device())?.to_dtype(x.dtype())?,
+        ))
     }
 }
 
@@ -132,11 +119,24 @@ mod tests {
             let t = DenseTensor::new(wd.clone()).unwrap();
             for m in [1, 3, 16, 17, 40] {
                 let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
-                let want = x.matmul(&wd.to_dtype(DType::F32).unwrap().t().unwrap()).unwrap();
+                let want = x
+                    .matmul(&wd.to_dtype(DType::F32).unwrap().t().unwrap())
+                    .unwrap();
                 let got = t.matmul(&x).unwrap();
-                let d: f32 = (got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+                let d: f32 = (got - &want)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar()
+                    .unwrap();
                 let scale: f32 = want.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
-                let tol = if dtype == DType::F32 || m <= SMALL_M { 1e-5 } else { 2e-2 };
+                let tol = if dtype == DType::F32 || m <= SMALL_M {
+                    1e-5
+                } else {
+                    2e-2
+                };
                 assert!(d / scale < tol, "{dtype:?} m={m}: rel diff {}", d / scale);
             }
         }

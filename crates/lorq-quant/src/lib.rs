@@ -3,8 +3,14 @@
 //! A model never knows which format its linears use: each holds an `Arc<dyn QuantTensor>`.
 //! Formats differ only inside this crate (one module per family).
 
+pub mod bnb4;
 pub mod cpu;
 mod dense;
+pub mod eetq;
+pub mod fp8;
+pub mod hqq;
+pub mod int8;
+pub mod method;
 mod quant_tensor;
 
 pub use dense::DenseTensor;

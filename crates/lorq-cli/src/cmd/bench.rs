@@ -92,10 +92,7 @@ fn generate(a: BenchGenerateArgs) -> Result<()> {
                 })
                 .collect();
             let logits = model.forward(&mut items)?;
-            let mut next: Vec<u32> = logits
-                .iter()
-                .map(argmax_row)
-                .collect::<Result<_>>()?;
+            let mut next: Vec<u32> = logits.iter().map(argmax_row).collect::<Result<_>>()?;
             let t = Instant::now();
             for _ in 0..a.new_tokens {
                 let tokens: Vec<[u32; 1]> = next.iter().map(|&n| [n]).collect();
@@ -110,10 +107,7 @@ fn generate(a: BenchGenerateArgs) -> Result<()> {
                     })
                     .collect();
                 let logits = model.forward(&mut items)?;
-                next = logits
-                    .iter()
-                    .map(argmax_row)
-                    .collect::<Result<_>>()?;
+                next = logits.iter().map(argmax_row).collect::<Result<_>>()?;
             }
             if rep > 0 {
                 best = best.min(t.elapsed().as_secs_f64());

@@ -101,11 +101,7 @@ mod tests {
             let want: f64 = x.iter().zip(&w).map(|(a, b)| *a as f64 * *b as f64).sum();
             assert!((dot_f32(&x, &w) as f64 - want).abs() < 1e-4, "n={n}");
             let wb: Vec<half::bf16> = w.iter().map(|v| half::bf16::from_f32(*v)).collect();
-            let want_b: f64 = x
-                .iter()
-                .zip(&wb)
-                .map(|(a, b)| *a as f64 * b.to_f64())
-                .sum();
+            let want_b: f64 = x.iter().zip(&wb).map(|(a, b)| *a as f64 * b.to_f64()).sum();
             assert!((dot_bf16(&x, &wb) as f64 - want_b).abs() < 1e-4, "n={n}");
         }
     }

@@ -1,7 +1,9 @@
 //! CPU kernels: multithreaded (rayon), vectorised through runtime-dispatched target features.
 
+mod dense_gemm;
 mod dot;
 mod rows_matmul;
 
+pub use dense_gemm::{dense_matmul, WeightElem};
 pub use dot::{dot_bf16, dot_f32};
 pub use rows_matmul::{rows_matmul, RowDot};

@@ -1,0 +1,103 @@
+//! The [`QuantTensor`] impl of [`Bnb4Tensor`]: a fused row kernel straight from the packed
+//! nibbles for few activation rows, dequantize-then-GEMM past that.
+
+use candle_core::{DType, Device, Tensor};
+
+use super::{quantize::dequantize_range, Bnb4Tensor};
+use crate::cpu::{dot_f32, rows_matmul, RowDot};
+use crate::{QuantError, QuantTensor};
+
+/// Activation rows up to which the fused row kernel is used (as for dense weights).
+const SMALL_M: usize = 16;
+
+/// Weight elements dequantized at a time into a stack buffer by the row kernel.
+const CHUNK: usize = 256;
+
+impl RowDot for Bnb4Tensor {
+    fn rows(&self) -> usize {
+        self.shape.0
+    }
+    fn cols(&self) -> usize {
+        self.shape.1
+    }
+    fn dot_row(&self, j: usize, x: &[f32], out: &mut [f32]) {
+        let k = self.shape.1;
+        let code = self.quant_type.code();
+        let mut buf = [0f32; CHUNK];
+        out.fill(0.0);
+        let mut c0 = 0;
+        while c0 < k {
+            let len = CHUNK.min(k - c0);
+            let w = &mut buf[..len];
+            dequantize_range(
+                &self.packed,
+                &self.scales,
+                self.blocksize,
+                code,
+                j * k + c0,
+                w,
+            );
+            for (o, xr) in out.iter_mut().zip(x.chunks_exact(k)) {
+                *o += dot_f32(&xr[c0..c0 + len], w);
+            }
+            c0 += len;
+        }
+    }
+}
+
+/// `x · Wᵀ` through the fused row kernel for `m <= 16` activation rows, else through candle's
+/// matmul against the dequantized f32 weight; the result is in `x`'s dtype.
+pub(crate) fn matmul_rows<W: RowDot + QuantTensor>(
+    w: &W,
+    x: &Tensor,
+) -> Result<Tensor, QuantError> {
+    let (n, k) = QuantTensor::shape(w);
+    let dims = x.dims();
+    if dims.last() != Some(&k) {
+        return Err(QuantError::Invalid(format!(
+            "{}: activation shape {dims:?} does not end in in_features {k}",
+            w.format_name()
+        )));
+    }
+    let m = x.elem_count() / k.max(1);
+    let mut out_shape = dims.to_vec();
+    *out_shape.last_mut().expect("rank >= 1") = n;
+    if m <= SMALL_M && matches!(x.device(), Device::Cpu) {
+        let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let y = rows_matmul(w, &xs, m);
+        return Ok(Tensor::from_vec(y, out_shape, x.device())?.to_dtype(x.dtype())?);
+    }
+    let wf = w.dequantize(DType::F32)?.to_device(x.device())?;
+    let y = x.to_dtype(DType::F32)?.broadcast_matmul(&wf.t()?)?;
+    Ok(y.to_dtype(x.dtype())?)
+}
+
+impl QuantTensor for Bnb4Tensor {
+    fn shape(&self) -> (usize, usize) {
+        self.shape
+    }
+
+    fn matmul(&self, x: &Tensor) -> Result<Tensor, QuantError> {
+        matmul_rows(self, x)
+    }
+
+    fn dequantize(&self, dtype: DType) -> Result<Tensor, QuantError> {
+        let w = Tensor::from_vec(self.dequantize_f32(), self.shape, &Device::Cpu)?;
+        Ok(w.to_dtype(dtype)?)
+    }
+
+    fn bytes(&self) -> usize {
+        let absmax = match &self.absmax {
+            super::Absmax::F32(a) => 4 * a.len(),
+            super::Absmax::Nested(n) => {
+                n.codes.len() + 4 * n.nested_absmax.len() + 4 * n.code.len() + 4
+            }
+        };
+        self.packed.len() + absmax + 4 * 16
+    }
+
+    fn format_name(&self) -> String {
+        let dq = if self.double_quant() { "+dq" } else { "" };
+        format!("{}{dq}", self.quant_type.name())
+    }
+}
