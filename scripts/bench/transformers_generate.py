@@ -61,5 +61,5 @@ with torch.inference_mode():
                      "tokens_per_s": n / best, "ms_per_step": best * 1e3 / a.new_tokens})
 
 import transformers
-print(json.dumps({"engine": f"transformers {transformers.__version__} (torch {torch.__version__})",
+print(json.dumps({"engine": f"transformers {transformers.__version__} (torch {torch.__version__})", "model": os.path.basename(os.path.normpath(a.model)),
                   "dtype": a.dtype, "threads": torch.get_num_threads(), "rows": rows}))

@@ -122,7 +122,8 @@ fn generate(a: BenchGenerateArgs) -> Result<()> {
     }
     let report = json!({
         "engine": "lorq",
-        "model": m.dir,
+        // The folder name only: reports are committed, machine paths are not.
+        "model": m.dir.file_name().map(|n| n.to_string_lossy().into_owned()),
         "dtype": format!("{:?}", model.dtype()).to_lowercase(),
         "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         "rows": rows,
