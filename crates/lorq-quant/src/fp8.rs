@@ -333,14 +333,14 @@ impl Fp8Tensor {
             s
         };
         let mut v = vec![
-            (format!("{prefix}weight"), w),
+            (format!("{prefix}.weight"), w),
             (
-                format!("{prefix}weight_scale"),
+                format!("{prefix}.weight_scale"),
                 s.to_dtype(self.scale_dtype)?,
             ),
         ];
         if let Some(i) = &self.input_scale {
-            v.push((format!("{prefix}input_scale"), i.clone()));
+            v.push((format!("{prefix}.input_scale"), i.clone()));
         }
         Ok(v)
     }
@@ -351,8 +351,8 @@ impl Fp8Tensor {
         prefix: &str,
         get: &dyn Fn(&str) -> Option<Tensor>,
     ) -> Result<Self, QuantError> {
-        let wn = format!("{prefix}weight");
-        let sn = format!("{prefix}weight_scale");
+        let wn = format!("{prefix}.weight");
+        let sn = format!("{prefix}.weight_scale");
         let w = get(&wn).ok_or_else(|| err(format!("missing tensor `{wn}`")))?;
         if w.dtype() != DType::F8E4M3 || w.rank() != 2 {
             return Err(err(format!(
@@ -379,7 +379,7 @@ impl Fp8Tensor {
             )));
         }
         let scale: Vec<f32> = s.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        let input_scale = get(&format!("{prefix}input_scale"));
+        let input_scale = get(&format!("{prefix}.input_scale"));
         Self::from_parts((out, inp), f8_bytes(&w)?, scale, s.dtype(), input_scale)
     }
 

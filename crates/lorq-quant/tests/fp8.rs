@@ -72,7 +72,7 @@ fn check_checkpoint(sub: &str, strategy: Fp8Strategy, acts: Fp8Activations) {
     let get = |k: &str| st.get(k).cloned();
     let mut n = 0;
     for (name, want) in &dec {
-        let prefix = name.strip_suffix("weight").unwrap();
+        let prefix = name.strip_suffix(".weight").unwrap();
         let q = Fp8Tensor::from_state_dict(prefix, &get).unwrap();
         assert_eq!(q.strategy(), strategy, "{name}");
         assert_eq!(
@@ -106,7 +106,7 @@ fn check_checkpoint(sub: &str, strategy: Fp8Strategy, acts: Fp8Activations) {
     assert_eq!(n, 7, "one Llama layer has 7 quantized linears");
     // quantizing the original bf16 weights ourselves gives compressed-tensors' codes and scales
     for (name, w) in load(&format!("{sub}/original.safetensors")) {
-        let prefix = name.strip_suffix("weight").unwrap();
+        let prefix = name.strip_suffix(".weight").unwrap();
         let mine = Fp8Tensor::quantize(&w, strategy, DType::BF16).unwrap();
         let theirs = Fp8Tensor::from_state_dict(prefix, &get).unwrap();
         assert_eq!(mine.scale(), theirs.scale(), "{name}: scales");
@@ -197,9 +197,9 @@ fn quantize_then_fused_matmul() {
                 diff / scale
             );
         }
-        let map: HashMap<String, Tensor> = q.to_state_dict("l.").unwrap().into_iter().collect();
+        let map: HashMap<String, Tensor> = q.to_state_dict("l").unwrap().into_iter().collect();
         assert_eq!(map["l.weight_scale"].dtype(), sd);
-        let q2 = Fp8Tensor::from_state_dict("l.", &|k| map.get(k).cloned()).unwrap();
+        let q2 = Fp8Tensor::from_state_dict("l", &|k| map.get(k).cloned()).unwrap();
         assert_eq!(q2.dequantize_f32(), d);
         assert_eq!(q.bytes(), n * k + q.scale().len() * sd.size_in_bytes());
     }
@@ -208,7 +208,7 @@ fn quantize_then_fused_matmul() {
 #[test]
 fn bad_checkpoints_name_the_tensor() {
     let st = load("ct_channel/model.safetensors");
-    let p = "model.layers.0.mlp.up_proj.";
+    let p = "model.layers.0.mlp.up_proj";
     let check = |edit: &dyn Fn(&mut HashMap<String, Tensor>), needle: String| {
         let mut m = st.clone();
         edit(&mut m);
@@ -221,29 +221,29 @@ fn bad_checkpoints_name_the_tensor() {
         );
     };
     check(
-        &|m| drop(m.remove(&format!("{p}weight"))),
-        format!("{p}weight"),
+        &|m| drop(m.remove(&format!("{p}.weight"))),
+        format!("{p}.weight"),
     );
     check(
-        &|m| drop(m.remove(&format!("{p}weight_scale"))),
-        format!("{p}weight_scale"),
+        &|m| drop(m.remove(&format!("{p}.weight_scale"))),
+        format!("{p}.weight_scale"),
     );
     check(
         &|m| {
             drop(m.insert(
-                format!("{p}weight"),
+                format!("{p}.weight"),
                 Tensor::zeros((64, 32), DType::F32, &Device::Cpu).unwrap(),
             ))
         },
-        format!("{p}weight"),
+        format!("{p}.weight"),
     );
     check(
         &|m| {
             drop(m.insert(
-                format!("{p}weight_scale"),
+                format!("{p}.weight_scale"),
                 Tensor::zeros((3, 1), DType::BF16, &Device::Cpu).unwrap(),
             ))
         },
-        format!("{p}weight_scale"),
+        format!("{p}.weight_scale"),
     );
 }

@@ -231,7 +231,7 @@ fn load_linear(nbits: u32) -> (HashMap<String, Tensor>, HqqTensor) {
     (sd, q)
 }
 
-const PREFIX: &str = "model.layers.0.mlp.down_proj.";
+const PREFIX: &str = "model.layers.0.mlp.down_proj";
 
 #[test]
 fn reads_hqq_linear_state_dict_and_matches_its_forward() {
@@ -241,7 +241,7 @@ fn reads_hqq_linear_state_dict_and_matches_its_forward() {
         assert_eq!(q.format_name(), format!("hqq-{nbits}bit"));
         assert_eq!(*q.config(), HqqConfig::new(nbits, 64));
         let x = &sd["x"];
-        let bias = &sd[&format!("{PREFIX}bias")];
+        let bias = &sd[&format!("{PREFIX}.bias")];
         let y = q.matmul(x).unwrap().broadcast_add(bias).unwrap();
         let (got, want) = (f32s(&y), f32s(&sd["y"]));
         let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
@@ -308,8 +308,8 @@ fn jit_quantized_state_dict_round_trips_all_widths() {
     let t = fixture("hqq_cases.safetensors");
     for m in ["hqq-4bit", "hqq-3bit", "hqq-2bit"] {
         let q = HqqTensor::quantize(&t["W_64x128"], &HqqConfig::lorax(m).unwrap()).unwrap();
-        let map: HashMap<String, Tensor> = q.to_state_dict("p.").unwrap().into_iter().collect();
-        let q2 = HqqTensor::from_state_dict("p.", &|k| map.get(k).cloned()).unwrap();
+        let map: HashMap<String, Tensor> = q.to_state_dict("p").unwrap().into_iter().collect();
+        let q2 = HqqTensor::from_state_dict("p", &|k| map.get(k).cloned()).unwrap();
         assert_eq!(q2.codes(), q.codes(), "{m}");
         assert_eq!(q2.dequantize_f32(), q.dequantize_f32(), "{m}");
         assert_eq!(q.format_name(), m);
@@ -330,7 +330,7 @@ fn bad_state_dicts_name_the_tensor() {
             "error {e:?} does not mention {needle:?}"
         );
     };
-    let key = |k: &str| format!("{PREFIX}{k}");
+    let key = |k: &str| format!("{PREFIX}.{k}");
     check(&|m| drop(m.remove(&key("W_q"))), &key("W_q"));
     check(&|m| drop(m.remove(&key("scale"))), &key("scale"));
     check(

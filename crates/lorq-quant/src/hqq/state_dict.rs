@@ -1,6 +1,6 @@
 //! `HQQLinear.state_dict()` of hqq 0.2.8 (safetensors-encoded): read and write.
 //!
-//! Under a module prefix `P.`: `W_q` (packed, U8 or I32 for 3-bit), `scale` and `zero` (compute
+//! Under a module path `P`, keys `P.<key>`: `W_q` (packed, U8 or I32 for 3-bit), `scale` and `zero` (compute
 //! dtype; `[groups, 1]` for axis 1, `[1, groups]` for axis 0), and hqq's metadata encoded as
 //! tensors (`encode_safetensor_type`): ints as I32 scalars, `shape` as I64 `[2]`, strings as U8 ASCII
 //! vectors, bools as U8 scalars. `bias` belongs to the linear layer and is not handled here.
@@ -101,7 +101,7 @@ fn raw_bytes(t: &Tensor, name: &str) -> Result<Vec<u8>, QuantError> {
 }
 
 impl HqqTensor {
-    /// The tensors `HQQLinear.state_dict()` holds for this weight, named `prefix + key`, in hqq's
+    /// The tensors `HQQLinear.state_dict()` holds for this weight, named `prefix.key` (prefix = the module path), in hqq's
     /// order (bias excluded).
     pub fn to_state_dict(&self, prefix: &str) -> Result<Vec<(String, Tensor)>, QuantError> {
         let dev = Device::Cpu;
@@ -139,17 +139,17 @@ impl HqqTensor {
         ];
         Ok(entries
             .into_iter()
-            .map(|(k, t)| (format!("{prefix}{k}"), t))
+            .map(|(k, t)| (format!("{prefix}.{k}"), t))
             .collect())
     }
 
-    /// Reads an `HQQLinear` state dict (as hqq 0.2.8 saves it) from `get(prefix + key)`.
+    /// Reads an `HQQLinear` state dict (as hqq 0.2.8 saves it) from `get("{prefix}.{key}")` (prefix = the module path).
     /// Errors name the offending tensor.
     pub fn from_state_dict(
         prefix: &str,
         get: &dyn Fn(&str) -> Option<Tensor>,
     ) -> Result<Self, QuantError> {
-        let name = |k: &str| format!("{prefix}{k}");
+        let name = |k: &str| format!("{prefix}.{k}");
         let need =
             |k: &str| get(&name(k)).ok_or_else(|| err(format!("missing tensor `{}`", name(k))));
         let flag = |k: &str| -> Result<bool, QuantError> {
