@@ -21,6 +21,8 @@ enum Command {
     Pull(cmd::pull::PullArgs),
     Inspect(cmd::inspect::InspectArgs),
     Bench(cmd::bench::BenchArgs),
+    Eval(cmd::eval::EvalArgs),
+    QuantReport(cmd::quant_report::QuantReportArgs),
 }
 
 fn main() {
@@ -39,6 +41,8 @@ fn main() {
         Command::Pull(a) => cmd::pull::run(a),
         Command::Inspect(a) => cmd::inspect::run(a),
         Command::Bench(a) => cmd::bench::run(a),
+        Command::Eval(a) => cmd::eval::run(a),
+        Command::QuantReport(a) => cmd::quant_report::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -63,6 +63,8 @@ pub struct ModelConfig {
     pub torch_dtype: Option<String>,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
+    /// `quantization_config` of a pre-quantized checkpoint, as written.
+    pub quantization_config: Option<Value>,
 }
 
 impl ModelConfig {
@@ -182,6 +184,10 @@ impl ModelConfig {
                 .map(str::to_string),
             bos_token_id: v["bos_token_id"].as_u64().map(|x| x as u32),
             eos_token_ids: token_id_list(&v["eos_token_id"]),
+            quantization_config: v
+                .get("quantization_config")
+                .filter(|q| q.is_object())
+                .cloned(),
         })
     }
 

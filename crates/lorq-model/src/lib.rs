@@ -11,6 +11,8 @@ mod kv_cache;
 mod linear;
 pub mod llama;
 mod loaded;
+pub mod perplexity;
+pub mod prequantized;
 pub mod pull;
 mod rope;
 pub mod sampling;
@@ -25,5 +27,9 @@ pub use kv_cache::KvCache;
 pub use linear::Linear;
 pub use llama::{BatchItem, LlamaModel, LogitsWanted};
 pub use loaded::LoadedModel;
+pub use perplexity::{sliding_window_nll, PplResult};
 pub use sampling::{Sampled, Sampler, SamplingParams};
 pub use tokenizer::{StreamDecoder, Tokenizer};
+
+/// The progress-bar crate lorq's loaders draw with, for the binary's own bars (one version).
+pub use indicatif;

@@ -10,6 +10,7 @@ use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
 use crate::linear::Linear;
+use crate::prequantized::CheckpointFormat;
 use crate::rope::Rope;
 use crate::weights::WeightFiles;
 
@@ -73,6 +74,16 @@ impl LlamaModel {
         let q_out = c.num_attention_heads * c.head_dim;
         let kv_out = c.num_key_value_heads * c.head_dim;
         let load = |name: &str, shape: &[usize]| weights.load(name, shape, dtype, device);
+        let prequantized = CheckpointFormat::detect(c, weights, weights.dir())?;
+        if let Some(f) = &prequantized {
+            f.check_requested(quantize)?;
+            tracing::info!("pre-quantized checkpoint: {}", f.method_name());
+        }
+        let quantize = if prequantized.is_some() {
+            None
+        } else {
+            quantize
+        };
         let progress = indicatif::ProgressBar::new(c.num_hidden_layers as u64 * 7);
         match quantize {
             Some(q) => {
@@ -88,8 +99,9 @@ impl LlamaModel {
         }
         let linear = |path: String, out: usize, inp: usize, bias: bool| -> Result<Linear> {
             let name = format!("{path}.weight");
-            let base = match quantize {
-                Some(q) => {
+            let base = match (&prequantized, quantize) {
+                (Some(f), _) => f.load_linear(weights, &path, (out, inp), device)?,
+                (None, Some(q)) => {
                     let w = weights.load_as_stored(&name, &[out, inp], device)?;
                     let t = q.quantize(&w).map_err(|e| ModelError::Tensor {
                         name: name.clone(),
@@ -98,7 +110,7 @@ impl LlamaModel {
                     progress.inc(1);
                     t
                 }
-                None => lorq_quant::method::dense(load(&name, &[out, inp])?)?,
+                (None, None) => lorq_quant::method::dense(load(&name, &[out, inp])?)?,
             };
             let bias = if bias {
                 Some(load(&format!("{path}.bias"), &[out])?)
@@ -153,7 +165,12 @@ impl LlamaModel {
                 bias: None,
             }
         } else {
-            linear("lm_head".into(), c.vocab_size, h, false)?
+            // Kept in full precision, as bitsandbytes, GPTQ and AWQ leave the LM head.
+            Linear {
+                path: "lm_head".into(),
+                base: lorq_quant::method::dense(load("lm_head.weight", &[c.vocab_size, h])?)?,
+                bias: None,
+            }
         };
         let rope = Rope::new(c, dtype, device)?;
         Ok(Self {

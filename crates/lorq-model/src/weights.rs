@@ -129,6 +129,19 @@ impl WeightFiles {
         Ok(t)
     }
 
+    /// Tensor `name` exactly as stored (any dtype candle knows), for quantized formats.
+    pub fn get_tensor(&self, name: &str, device: &Device) -> Option<Tensor> {
+        self.files.load(name, device).ok()
+    }
+
+    /// Tensor `name` as raw bytes with its safetensors dtype (I8/I32 and other dtypes candle lacks).
+    pub fn get_raw(&self, name: &str) -> Option<lorq_quant::int8::RawTensor> {
+        self.files
+            .get(name)
+            .ok()
+            .map(|v| lorq_quant::int8::RawTensor::from_view(&v))
+    }
+
     /// All tensor names with their dtype and shape.
     pub fn inventory(&self) -> Vec<(String, String, Vec<usize>)> {
         let mut v: Vec<_> = self

@@ -62,3 +62,56 @@ fn every_jit_method_stays_close_to_full_precision() {
     assert!(errors["eetq"] < errors["bitsandbytes-nf4"]);
     assert!(errors["hqq-4bit"] < errors["hqq-2bit"]);
 }
+
+/// Whole checkpoints quantized and saved by transformers + bitsandbytes and by GPTQModel load in their own format
+/// and give the logits the quantized transformers model gives (`fixtures/prequantized/`).
+#[test]
+fn transformers_bitsandbytes_checkpoints_load_with_their_logits() {
+    let root = fixtures().join("prequantized");
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("reference.json")).unwrap())
+            .unwrap();
+    // GPTQ/AWQ: against an fp32 Llama holding the library's own dequantized weights (the same math);
+    // the library's fp16 forward is checked more loosely below.
+    for (case, tol) in [
+        ("bnb-nf4-dq", 1e-5),
+        ("bnb-fp4", 1e-5),
+        ("bnb-int8", 1e-4),
+        ("gptq-4bit-g32", 1e-4),
+        ("awq-4bit-g32", 1e-4),
+    ] {
+        let m = LoadedModel::load(&root.join(case), DType::F32, &Device::Cpu).unwrap();
+        let r = &reference[case];
+        let d = rel_max_diff(
+            &last_logits(&m, &ids(&r["input_ids"])),
+            &floats(&r["last_logits"]),
+        );
+        assert!(
+            d < tol,
+            "{case}: logits differ from transformers by {d} (rel)"
+        );
+        let fmt = m.model.linears().next().unwrap().base.format_name();
+        assert_ne!(fmt, "f32", "{case} was not loaded in its quantized format");
+        if let Some(lib) = r.get("library_last_logits") {
+            let d = rel_max_diff(&last_logits(&m, &ids(&r["input_ids"])), &floats(lib));
+            assert!(
+                d < 3e-3,
+                "{case}: logits differ from the library's fp16 forward by {d} (rel)"
+            );
+        }
+    }
+    // A --quantize that contradicts the checkpoint is refused.
+    let e = LoadedModel::load_quantized(
+        &root.join("bnb-nf4-dq"),
+        DType::F32,
+        &Device::Cpu,
+        Some(QuantMethod::Hqq4),
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        e.contains("bitsandbytes-nf4") && e.contains("hqq-4bit"),
+        "{e}"
+    );
+}

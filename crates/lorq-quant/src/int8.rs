@@ -393,7 +393,9 @@ fn quantize_row(row: &[f32], out: &mut [i8]) -> f32 {
         out.fill(0);
         return s;
     }
-    let r = 127.0 / s;
+    // torch evaluates `127.0 / row_stats` (a Python scalar over a tensor) as
+    // `reciprocal(row_stats) * 127`, which rounds differently from a true division.
+    let r = (1.0 / s) * 127.0;
     for (o, &v) in out.iter_mut().zip(row) {
         *o = round_i8(v * r);
     }

@@ -3,11 +3,14 @@
 //! A model never knows which format its linears use: each holds an `Arc<dyn QuantTensor>`.
 //! Formats differ only inside this crate (one module per family).
 
+pub mod awq;
 pub mod bnb4;
+pub mod compressed_int;
 pub mod cpu;
 mod dense;
 pub mod eetq;
 pub mod fp8;
+pub mod gptq;
 pub mod hqq;
 pub mod int8;
 pub mod method;
