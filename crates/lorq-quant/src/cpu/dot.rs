@@ -1,10 +1,9 @@
 //! Dot products of an f32 activation row with one weight row, in each stored element type.
 //!
 //! Each kernel is written once as plain Rust over 16-wide chunks (16 independent accumulators, so
-//! the compiler keeps one vector register of partial sums) and compiled three times: AVX-512,
-//! AVX2+FMA and baseline; the best the CPU supports is picked once at run time.
+//! the compiler keeps one vector register of partial sums) and dispatched by `simd_dispatch!`.
 
-use std::sync::OnceLock;
+use super::dispatch::simd_dispatch;
 
 const LANES: usize = 16;
 
@@ -50,44 +49,8 @@ fn dot_bf16_generic(x: &[f32], w: &[half::bf16]) -> f32 {
     s
 }
 
-/// Defines `$name(x, w) -> f32` dispatching to AVX-512 / AVX2+FMA / baseline builds of `$generic`.
-macro_rules! dispatched_dot {
-    ($name:ident, $generic:ident, $wty:ty) => {
-        pub fn $name(x: &[f32], w: &[$wty]) -> f32 {
-            debug_assert_eq!(x.len(), w.len());
-            type Kernel = fn(&[f32], &[$wty]) -> f32;
-            static KERNEL: OnceLock<Kernel> = OnceLock::new();
-            let k = KERNEL.get_or_init(|| {
-                #[cfg(target_arch = "x86_64")]
-                {
-                    #[target_feature(enable = "avx512f")]
-                    unsafe fn avx512(x: &[f32], w: &[$wty]) -> f32 {
-                        $generic(x, w)
-                    }
-                    #[target_feature(enable = "avx2,fma")]
-                    unsafe fn avx2(x: &[f32], w: &[$wty]) -> f32 {
-                        $generic(x, w)
-                    }
-                    if std::arch::is_x86_feature_detected!("avx512f") {
-                        // SAFETY: the feature was detected on this CPU.
-                        return |x, w| unsafe { avx512(x, w) };
-                    }
-                    if std::arch::is_x86_feature_detected!("avx2")
-                        && std::arch::is_x86_feature_detected!("fma")
-                    {
-                        // SAFETY: the features were detected on this CPU.
-                        return |x, w| unsafe { avx2(x, w) };
-                    }
-                }
-                |x, w| $generic(x, w)
-            });
-            k(x, w)
-        }
-    };
-}
-
-dispatched_dot!(dot_f32, dot_f32_generic, f32);
-dispatched_dot!(dot_bf16, dot_bf16_generic, half::bf16);
+simd_dispatch!(pub fn dot_f32(x: &[f32], w: &[f32]) -> f32 => dot_f32_generic);
+simd_dispatch!(pub fn dot_bf16(x: &[f32], w: &[half::bf16]) -> f32 => dot_bf16_generic);
 
 #[cfg(test)]
 mod tests {

@@ -1,6 +1,8 @@
 //! CPU kernels: multithreaded (rayon), vectorised through runtime-dispatched target features.
 
 mod dense_gemm;
+#[macro_use]
+pub(crate) mod dispatch;
 mod dot;
 mod rows_matmul;
 

@@ -5,9 +5,8 @@
 //! scale/zero per element (axis 0). Runs are decoded into a small stack buffer; no full-weight
 //! dequantization happens on the matmul path.
 
-use std::sync::OnceLock;
-
 use super::{ComputeDtype, HqqTensor, PackedCodes};
+use crate::cpu::dispatch::simd_dispatch;
 use crate::cpu::{dot_f32, RowDot};
 
 /// Weight elements decoded at a time by the row kernel.
@@ -186,36 +185,7 @@ fn dot_row_generic(t: &HqqTensor, j: usize, x: &[f32], out: &mut [f32]) {
     }
 }
 
-type RowKernel = fn(&HqqTensor, usize, &[f32], &mut [f32]);
-
-/// [`dot_row_generic`] compiled for AVX-512 / AVX2+FMA / baseline, picked once at run time.
-fn row_kernel() -> RowKernel {
-    static K: OnceLock<RowKernel> = OnceLock::new();
-    *K.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            #[target_feature(enable = "avx512f")]
-            unsafe fn avx512(t: &HqqTensor, j: usize, x: &[f32], out: &mut [f32]) {
-                dot_row_generic(t, j, x, out)
-            }
-            #[target_feature(enable = "avx2,fma")]
-            unsafe fn avx2(t: &HqqTensor, j: usize, x: &[f32], out: &mut [f32]) {
-                dot_row_generic(t, j, x, out)
-            }
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                // SAFETY: the feature was detected on this CPU.
-                return |t, j, x, out| unsafe { avx512(t, j, x, out) };
-            }
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                // SAFETY: the features were detected on this CPU.
-                return |t, j, x, out| unsafe { avx2(t, j, x, out) };
-            }
-        }
-        dot_row_generic
-    })
-}
+simd_dispatch!(fn dot_row(t: &HqqTensor, j: usize, x: &[f32], out: &mut [f32]) => dot_row_generic);
 
 /// The row-kernel view of an [`HqqTensor`].
 pub(super) struct HqqRows<'a>(pub &'a HqqTensor);
@@ -228,6 +198,6 @@ impl RowDot for HqqRows<'_> {
         self.0.shape.1
     }
     fn dot_row(&self, j: usize, x: &[f32], out: &mut [f32]) {
-        row_kernel()(self.0, j, x, out)
+        dot_row(self.0, j, x, out)
     }
 }
