@@ -1,7 +1,6 @@
 //! CPU kernels: multithreaded (rayon), vectorised through runtime-dispatched target features.
 
 mod dense_gemm;
-#[macro_use]
 pub(crate) mod dispatch;
 mod dot;
 mod rows_matmul;
