@@ -130,29 +130,23 @@ pub fn run_to_completion(
         if active.is_empty() {
             return Ok(());
         }
-        let logits = {
-            let mut items: Vec<BatchItem<'_>> = Vec::with_capacity(active.len());
-            let mut rest: &mut [Sequence] = seqs;
-            let mut base = 0;
-            for &i in &active {
-                let (_, tail) = rest.split_at_mut(i - base);
-                let (seq, after) = tail.split_first_mut().expect("index in range");
-                let tokens: &[u32] = if seq.cache.is_empty() {
+        let mut items: Vec<BatchItem<'_>> = seqs
+            .iter_mut()
+            .filter(|s| s.finish.is_none())
+            .map(|seq| BatchItem {
+                // The whole prompt first, then the last generated token.
+                tokens: if seq.cache.is_empty() {
                     &seq.request.prompt_ids
                 } else {
                     &seq.context[seq.context.len() - 1..]
-                };
-                items.push(BatchItem {
-                    tokens,
-                    cache: &mut seq.cache,
-                    adapter: seq.request.adapter.clone(),
-                    logits: LogitsWanted::Last,
-                });
-                rest = after;
-                base = i + 1;
-            }
-            model.forward(&mut items)?
-        };
+                },
+                cache: &mut seq.cache,
+                adapter: seq.request.adapter.clone(),
+                logits: LogitsWanted::Last,
+            })
+            .collect();
+        let logits = model.forward(&mut items)?;
+        drop(items);
         for (&i, l) in active.iter().zip(&logits) {
             let (s, piece) = seqs[i].accept(l, tok, eos)?;
             on_token(i, s, &piece);
