@@ -38,17 +38,42 @@ pub struct ModelArgs {
     pub dtype: ComputeDtype,
     /// Quantize the decoder linears at load (LoRAX's names): none, auto, bitsandbytes,
     /// bitsandbytes-nf4, bitsandbytes-fp4, eetq, hqq-4bit, hqq-3bit, hqq-2bit, fp8
-    /// (awq, gptq: pre-quantized checkpoints). `auto`: no quantization for a full-precision folder.
+    /// (awq, gptq: pre-quantized checkpoints). `auto`: the checkpoint's own format if it is
+    /// pre-quantized; otherwise none, or with --memory-budget the highest-quality method that
+    /// fits (the decision `lorq plan` shows).
     #[arg(long, default_value = "auto", env = "LORQ_QUANTIZE")]
     pub quantize: String,
+    /// Memory for weights plus the KV-cache/activation reserve, e.g. 24GiB, 512MiB, 8GB, 1.5GiB:
+    /// with `--quantize auto`, picks the highest-quality method that fits (see `lorq plan`).
+    #[arg(long, env = "LORQ_MEMORY_BUDGET")]
+    pub memory_budget: Option<String>,
 }
 
 impl ModelArgs {
     pub fn load(&self) -> Result<(LoadedModel, Option<Arc<LoraAdapter>>)> {
         let dir = lorq_model::pull::resolve_model(&self.model)?;
-        let quantize = match self.quantize.as_str() {
-            "auto" => None,
-            name => QuantMethod::parse(name)?,
+        let quantize = match (self.quantize.as_str(), &self.memory_budget) {
+            ("auto", None) => None,
+            ("auto", Some(b)) => {
+                let budget = crate::cmd::plan::parse_size_arg("--memory-budget", b)?;
+                let (plan, _, pre, _) = crate::cmd::plan::plan_model(
+                    &dir,
+                    self.dtype,
+                    lorq_quant::select::DeviceCaps::Cpu,
+                    Some(budget),
+                    None,
+                )?;
+                if pre.is_none() {
+                    eprintln!("lorq: {}", plan.summary);
+                }
+                // A pre-quantized checkpoint loads in its own format (the loader detects it).
+                if pre.is_some() {
+                    None
+                } else {
+                    plan.choice
+                }
+            }
+            (name, _) => QuantMethod::parse(name)?,
         };
         let loaded = LoadedModel::load_quantized(&dir, self.dtype.dtype(), &Device::Cpu, quantize)
             .with_context(|| format!("loading model {}", dir.display()))?;

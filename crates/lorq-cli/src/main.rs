@@ -23,6 +23,8 @@ enum Command {
     Bench(cmd::bench::BenchArgs),
     Eval(cmd::eval::EvalArgs),
     QuantReport(cmd::quant_report::QuantReportArgs),
+    Plan(cmd::plan::PlanArgs),
+    Quantize(cmd::quantize::QuantizeArgs),
 }
 
 fn main() {
@@ -43,6 +45,8 @@ fn main() {
         Command::Bench(a) => cmd::bench::run(a),
         Command::Eval(a) => cmd::eval::run(a),
         Command::QuantReport(a) => cmd::quant_report::run(a),
+        Command::Plan(a) => cmd::plan::run(a),
+        Command::Quantize(a) => cmd::quantize::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -231,8 +231,8 @@ fn quant_report_covers_every_linear_with_expected_bits_and_error_order() {
             let want = match m {
                 // int8 codes + one f32 scale per output row.
                 "bitsandbytes" | "eetq" => 8.0 + 32.0 / inp,
-                // e4m3 codes + one bf16 scale per output channel.
-                "fp8" => 8.0 + 16.0 / inp,
+                // e4m3 codes + one scale per output channel in the weight's dtype (f32 here).
+                "fp8" => 8.0 + 32.0 / inp,
                 // 4-bit codes + f32 absmax per block of 64 + the 16-entry f32 code map.
                 "bitsandbytes-fp4" => 4.0 + 32.0 / 64.0 + 16.0 * 32.0 / numel,
                 // 4-bit codes + 8-bit absmax code per block of 64 + f32 absmax per 256 blocks +

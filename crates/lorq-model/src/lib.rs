@@ -3,6 +3,7 @@
 
 mod attention;
 pub mod chat_template;
+pub mod checkpoint_writer;
 pub mod config;
 pub mod error;
 pub mod generation;

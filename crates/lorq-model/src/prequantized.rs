@@ -7,6 +7,7 @@ use candle_core::Device;
 use lorq_quant::awq::{AwqConfig, AwqTensor};
 use lorq_quant::bnb4::Bnb4Tensor;
 use lorq_quant::compressed_int::{CompressedIntConfig, CompressedIntTensor};
+use lorq_quant::eetq::EetqTensor;
 use lorq_quant::fp8::Fp8Tensor;
 use lorq_quant::gptq::{GptqConfig, GptqTensor};
 use lorq_quant::hqq::HqqTensor;
@@ -32,6 +33,8 @@ pub enum CheckpointFormat {
     Hqq { nbits: u32 },
     /// compressed-tensors `float-quantized` FP8.
     Fp8,
+    /// lorq's own EETQ int8 layout (`P.weight` I8, `P.weight_scale` F32; see `lorq_quant::eetq`).
+    Eetq,
     /// GPTQ (`gptq` v1 or `gptq_v2`), as GPTQModel/AutoGPTQ write it.
     Gptq(GptqConfig),
     /// AutoAWQ GEMM 4-bit.
@@ -51,7 +54,7 @@ impl CheckpointFormat {
             path: dir.join("config.json"),
             message,
         };
-        let Some(q) = &cfg.quantization_config else {
+        let hqq_nbits = || -> Result<Option<Self>> {
             if weights.contains("model.layers.0.self_attn.q_proj.W_q") {
                 let nbits = weights
                     .get_tensor("model.layers.0.self_attn.q_proj.nbits", &Device::Cpu)
@@ -63,7 +66,10 @@ impl CheckpointFormat {
                     nbits: nbits as u32,
                 }));
             }
-            return Ok(None);
+            Ok(None)
+        };
+        let Some(q) = &cfg.quantization_config else {
+            return hqq_nbits();
         };
         let method = q["quant_method"].as_str().unwrap_or_default();
         match method {
@@ -92,6 +98,13 @@ impl CheckpointFormat {
                      (float-quantized and pack-quantized are)"
                 ))),
             },
+            "eetq" => Ok(Some(Self::Eetq)),
+            "hqq" => match hqq_nbits()? {
+                Some(f) => Ok(Some(f)),
+                None => Err(err("quantization_config: hqq, but the weights hold no \
+                     `model.layers.0.self_attn.q_proj.W_q`"
+                    .into())),
+            },
             "gptq" => Ok(Some(Self::Gptq(
                 GptqConfig::from_json(q).map_err(|e| err(e.to_string()))?,
             ))),
@@ -111,6 +124,7 @@ impl CheckpointFormat {
             Self::Bnb8 => "bitsandbytes".into(),
             Self::Hqq { nbits } => format!("hqq-{nbits}bit"),
             Self::Fp8 => "fp8".into(),
+            Self::Eetq => "eetq".into(),
             Self::Gptq(_) => "gptq".into(),
             Self::Awq(_) => "awq".into(),
             Self::CompressedInt(_) => "compressed-tensors".into(),
@@ -147,6 +161,7 @@ impl CheckpointFormat {
             Self::Bnb8 => Arc::new(Int8Tensor::from_state_dict(path, &raw)?),
             Self::Hqq { .. } => Arc::new(HqqTensor::from_state_dict(path, &get)?),
             Self::Fp8 => Arc::new(Fp8Tensor::from_state_dict(path, &get)?),
+            Self::Eetq => Arc::new(EetqTensor::from_state_dict(path, &raw)?),
             Self::Gptq(cfg) => Arc::new(GptqTensor::from_state_dict(path, &raw, cfg)?),
             Self::Awq(cfg) => Arc::new(AwqTensor::from_state_dict(path, &raw, cfg)?),
             Self::CompressedInt(cfg) => {

@@ -142,6 +142,14 @@ impl WeightFiles {
             .map(|v| lorq_quant::int8::RawTensor::from_view(&v))
     }
 
+    /// The stored dtype and shape of tensor `name`, without reading its data.
+    pub fn raw_info(&self, name: &str) -> Option<(safetensors::Dtype, Vec<usize>)> {
+        self.files
+            .get(name)
+            .ok()
+            .map(|v| (v.dtype(), v.shape().to_vec()))
+    }
+
     /// All tensor names with their dtype and shape.
     pub fn inventory(&self) -> Vec<(String, String, Vec<usize>)> {
         let mut v: Vec<_> = self

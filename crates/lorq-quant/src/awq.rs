@@ -251,6 +251,10 @@ impl QuantTensor for AwqTensor {
     fn format_name(&self) -> String {
         "awq-4bit".into()
     }
+
+    fn state_dict(&self, prefix: &str) -> Result<Vec<(String, RawTensor)>, QuantError> {
+        Ok(self.to_state_dict(prefix))
+    }
 }
 
 #[cfg(test)]

@@ -315,4 +315,8 @@ impl QuantTensor for CompressedIntTensor {
     fn format_name(&self) -> String {
         format!("w{}a16", self.cfg.num_bits)
     }
+
+    fn state_dict(&self, prefix: &str) -> Result<Vec<(String, RawTensor)>, QuantError> {
+        Ok(self.to_state_dict(prefix))
+    }
 }

@@ -89,6 +89,16 @@ impl QuantTensor for DenseTensor {
     fn format_name(&self) -> String {
         format!("{:?}", self.weight.dtype()).to_lowercase()
     }
+
+    fn state_dict(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<(String, crate::int8::RawTensor)>, QuantError> {
+        Ok(vec![(
+            format!("{prefix}.weight"),
+            crate::int8::RawTensor::from_tensor(&self.weight)?,
+        )])
+    }
 }
 
 #[cfg(test)]

@@ -170,6 +170,10 @@ impl QuantTensor for EetqTensor {
     fn format_name(&self) -> String {
         "eetq".into()
     }
+
+    fn state_dict(&self, prefix: &str) -> Result<Vec<(String, RawTensor)>, QuantError> {
+        Ok(self.to_state_dict(prefix))
+    }
 }
 
 /// The `quantization_config` lorq writes for its EETQ layout (transformers' `EetqConfig` keys).

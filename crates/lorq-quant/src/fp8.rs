@@ -554,6 +554,13 @@ impl QuantTensor for Fp8Tensor {
     fn format_name(&self) -> String {
         "fp8".to_string()
     }
+
+    fn state_dict(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<(String, crate::int8::RawTensor)>, QuantError> {
+        crate::quant_tensor::raw_state_dict(self.to_state_dict(prefix)?)
+    }
 }
 
 #[cfg(test)]

@@ -491,6 +491,10 @@ impl QuantTensor for Int8Tensor {
     fn format_name(&self) -> String {
         "int8".into()
     }
+
+    fn state_dict(&self, prefix: &str) -> Result<Vec<(String, RawTensor)>, QuantError> {
+        Ok(self.to_state_dict(prefix))
+    }
 }
 
 /// The `quantization_config` object transformers writes for a bitsandbytes 8-bit checkpoint.

@@ -15,6 +15,7 @@ pub mod hqq;
 pub mod int8;
 pub mod method;
 mod quant_tensor;
+pub mod select;
 
 pub use dense::DenseTensor;
 pub use quant_tensor::{QuantError, QuantTensor};

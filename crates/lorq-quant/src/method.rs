@@ -100,7 +100,8 @@ impl QuantMethod {
                 let cfg = HqqConfig::lorax(self.name()).expect("an hqq method");
                 Arc::new(HqqTensor::quantize(&weight.to_dtype(DType::F32)?, &cfg)?)
             }
-            Self::Fp8 => Arc::new(Fp8Tensor::quantize(weight, Fp8Strategy::Channel, DType::BF16)?),
+            // Scales in the weight's own dtype, as compressed-tensors writes them.
+            Self::Fp8 => Arc::new(Fp8Tensor::quantize(weight, Fp8Strategy::Channel, weight.dtype())?),
             Self::Awq | Self::Gptq => {
                 return Err(QuantError::Invalid(format!(
                     "{} is calibration-based: it loads a pre-quantized checkpoint (quantization_config in config.json) \
@@ -110,6 +111,55 @@ impl QuantMethod {
                 )))
             }
         })
+    }
+}
+
+impl QuantMethod {
+    /// The `quantization_config` object a checkpoint quantized with this method carries in
+    /// `config.json`, as the peer writes it: transformers' bitsandbytes 4-bit (compute dtype
+    /// float32) and 8-bit objects, compressed-tensors' float-quantized FP8 (per-channel weights,
+    /// weight-only), lorq's own EETQ object, and for HQQ (transformers has no HQQ serialization)
+    /// `{"quant_method": "hqq", "quant_config": {weight_quant_params...}, "skip_modules": ["lm_head"]}`
+    /// with hqq's `BaseQuantizeConfig` parameters. `Null` for the calibration-based methods.
+    pub fn quantization_config(self) -> serde_json::Value {
+        use crate::bnb4::quantization_config_4bit;
+        use crate::fp8::Fp8Activations;
+        use serde_json::json;
+        match self {
+            Self::Bitsandbytes => crate::int8::quantization_config_8bit(),
+            Self::BitsandbytesNf4 { double_quant } => {
+                quantization_config_4bit(Bnb4Type::Nf4, double_quant, DType::F32)
+            }
+            Self::BitsandbytesFp4 => quantization_config_4bit(Bnb4Type::Fp4, false, DType::F32),
+            Self::Eetq => crate::eetq::quantization_config_eetq(),
+            Self::Hqq4 | Self::Hqq3 | Self::Hqq2 => {
+                let c = HqqConfig::lorax(self.name()).expect("an hqq method");
+                json!({
+                    "quant_method": "hqq",
+                    "quant_config": {
+                        "weight_quant_params": {
+                            "nbits": c.nbits,
+                            "channel_wise": true,
+                            "group_size": c.group_size,
+                            "optimize": c.optimize,
+                            "round_zero": c.round_zero,
+                            "axis": c.axis,
+                            "view_as_float": false
+                        },
+                        "scale_quant_params": null,
+                        "zero_quant_params": null,
+                        "offload_meta": false
+                    },
+                    "skip_modules": ["lm_head"]
+                })
+            }
+            Self::Fp8 => Fp8Tensor::quantization_config(
+                Fp8Strategy::Channel,
+                Fp8Activations::None,
+                &["lm_head"],
+            ),
+            Self::Awq | Self::Gptq => serde_json::Value::Null,
+        }
     }
 }
 

@@ -1,5 +1,7 @@
 use candle_core::{DType, Tensor};
 
+use crate::int8::RawTensor;
+
 #[derive(Debug, thiserror::Error)]
 pub enum QuantError {
     #[error(transparent)]
@@ -23,4 +25,17 @@ pub trait QuantTensor: Send + Sync + std::fmt::Debug {
     fn bytes(&self) -> usize;
     /// Short name of the format, as `lorq inspect` shows it (`f32`, `bf16`, `nf4`, ...).
     fn format_name(&self) -> String;
+    /// The tensors this weight is stored as in its peer's checkpoint layout, named
+    /// `prefix.<key>` (`prefix` = the module path, e.g. `model.layers.0.self_attn.q_proj`); a
+    /// dense weight is `prefix.weight`. Bias tensors are not included.
+    fn state_dict(&self, prefix: &str) -> Result<Vec<(String, RawTensor)>, QuantError>;
+}
+
+/// Converts a candle state dict into raw safetensors tensors.
+pub(crate) fn raw_state_dict(
+    v: Vec<(String, Tensor)>,
+) -> Result<Vec<(String, RawTensor)>, QuantError> {
+    v.into_iter()
+        .map(|(n, t)| Ok((n, RawTensor::from_tensor(&t)?)))
+        .collect()
 }

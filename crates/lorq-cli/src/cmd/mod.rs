@@ -3,6 +3,8 @@ pub mod eval;
 pub mod generate;
 pub mod import_gguf;
 pub mod inspect;
+pub mod plan;
 pub mod pull;
 pub mod quant_report;
+pub mod quantize;
 pub mod score;

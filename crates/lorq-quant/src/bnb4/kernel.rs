@@ -100,4 +100,11 @@ impl QuantTensor for Bnb4Tensor {
         let dq = if self.double_quant() { "+dq" } else { "" };
         format!("{}{dq}", self.quant_type.name())
     }
+
+    fn state_dict(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<(String, crate::int8::RawTensor)>, QuantError> {
+        crate::quant_tensor::raw_state_dict(self.to_state_dict(prefix)?)
+    }
 }

@@ -223,4 +223,11 @@ impl QuantTensor for GptqTensor {
     fn format_name(&self) -> String {
         format!("gptq-{}bit", self.cfg.bits)
     }
+
+    fn state_dict(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<(String, crate::int8::RawTensor)>, QuantError> {
+        Ok(self.to_state_dict(prefix))
+    }
 }

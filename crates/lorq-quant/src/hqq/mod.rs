@@ -331,4 +331,11 @@ impl QuantTensor for HqqTensor {
     fn format_name(&self) -> String {
         format!("hqq-{}bit", self.cfg.nbits)
     }
+
+    fn state_dict(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<(String, crate::int8::RawTensor)>, QuantError> {
+        crate::quant_tensor::raw_state_dict(self.to_state_dict(prefix)?)
+    }
 }
