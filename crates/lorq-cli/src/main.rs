@@ -7,7 +7,7 @@ mod cmd;
 mod common;
 
 #[derive(Parser)]
-#[command(name = "lorq", version, about = "Many LoRA adapters on one (quantized) LLM: generate, score, import, inspect", long_about = None)]
+#[command(name = "lorq", version, about = "Many LoRA adapters on one (quantized) LLM: generate, score, quantize, evaluate, plan", long_about = None)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -13,6 +13,8 @@ use serde_json::{json, Value};
 
 use crate::common::ComputeDtype;
 
+/// Which quantization to use for a model on a device and memory budget: every method's memory,
+/// bits per weight, measured quality rank, availability, and what `--quantize auto` picks.
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:
   lorq plan --memory-budget 200MiB
