@@ -7,6 +7,9 @@ use serde_json::json;
 
 use crate::common::ModelArgs;
 
+#[path = "bench_kernels.rs"]
+pub mod bench_kernels;
+
 /// Benchmarks (speed is measured here, never asserted in tests).
 #[derive(Debug, Args)]
 pub struct BenchArgs {
@@ -18,6 +21,9 @@ pub struct BenchArgs {
 pub enum BenchWhat {
     /// Prefill and decode throughput on the CPU.
     Generate(BenchGenerateArgs),
+    /// Linear-layer kernels on the CPU: dense f32/bf16, every JIT format fused, and
+    /// dequantize-then-matmul, checked then timed.
+    Kernels(bench_kernels::BenchKernelsArgs),
 }
 
 #[derive(Debug, Args)]
@@ -47,6 +53,7 @@ into a busy centre of trade. ";
 pub fn run(a: BenchArgs) -> Result<()> {
     match a.what {
         BenchWhat::Generate(g) => generate(g),
+        BenchWhat::Kernels(k) => bench_kernels::run(k),
     }
 }
 
