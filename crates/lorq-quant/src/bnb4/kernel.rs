@@ -25,8 +25,8 @@ impl RowDot for Bnb4Tensor {
         let code = self.quant_type.code();
         #[cfg(target_arch = "x86_64")]
         if out.len() <= avx512::MAX_ROWS
-            && k % self.blocksize == 0
-            && self.blocksize % 16 == 0
+            && k.is_multiple_of(self.blocksize)
+            && self.blocksize.is_multiple_of(16)
             && avx512::available()
         {
             // SAFETY: AVX-512F was detected; rows start on block boundaries (k % blocksize == 0),
