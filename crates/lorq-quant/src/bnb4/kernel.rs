@@ -24,8 +24,7 @@ impl RowDot for Bnb4Tensor {
         let k = self.shape.1;
         let code = self.quant_type.code();
         #[cfg(target_arch = "x86_64")]
-        if out.len() <= avx512::MAX_ROWS
-            && k.is_multiple_of(self.blocksize)
+        if k.is_multiple_of(self.blocksize)
             && self.blocksize.is_multiple_of(16)
             && avx512::available()
         {
@@ -74,15 +73,13 @@ impl RowDot for Bnb4Tensor {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    /// Activation rows held in registers at once.
-    pub const MAX_ROWS: usize = 16;
-
     pub fn available() -> bool {
         static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         *AVAILABLE.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f"))
     }
 
-    /// `out[r] = x[r] · W[j]` for `out.len() <= MAX_ROWS` rows.
+    /// `out[r] = x[r] · W[j]` for every activation row, four rows at a time so that the
+    /// accumulators stay in registers (the nibble decode is repeated per group of four rows).
     ///
     /// # Safety
     /// AVX-512F must be available, `k % blocksize == 0`, `blocksize % 16 == 0`, and `packed`,
@@ -99,12 +96,37 @@ mod avx512 {
         x: &[f32],
         out: &mut [f32],
     ) {
-        let m = out.len();
+        let mut r0 = 0;
+        while r0 < out.len() {
+            let xs = &x[r0 * k..];
+            let o = &mut out[r0..];
+            match o.len() {
+                1 => rows::<1>(packed, scales, blocksize, code, j, k, xs, o),
+                2 => rows::<2>(packed, scales, blocksize, code, j, k, xs, o),
+                3 => rows::<3>(packed, scales, blocksize, code, j, k, xs, o),
+                _ => rows::<4>(packed, scales, blocksize, code, j, k, xs, o),
+            }
+            r0 += 4;
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn rows<const R: usize>(
+        packed: &[u8],
+        scales: &[f32],
+        blocksize: usize,
+        code: &[f32; 16],
+        j: usize,
+        k: usize,
+        x: &[f32],
+        out: &mut [f32],
+    ) {
         let codev = _mm512_loadu_ps(code.as_ptr());
         // Element 2i is the high nibble of byte i, element 2i+1 the low one: after duplicating
         // each byte into two lanes, even lanes shift right by 4 (vpermps reads the low 4 bits).
         let shifts = _mm512_set_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4);
-        let mut acc = [_mm512_setzero_ps(); MAX_ROWS];
+        let mut acc = [_mm512_setzero_ps(); R];
         let row0 = j * k;
         for blk in 0..k / blocksize {
             let scale = *scales.get_unchecked(row0 / blocksize + blk);
@@ -118,7 +140,7 @@ mod avx512 {
                     shifts,
                 );
                 let w = _mm512_permutexvar_ps(idx, lut);
-                for (r, a) in acc.iter_mut().enumerate().take(m) {
+                for (r, a) in acc.iter_mut().enumerate() {
                     *a = _mm512_fmadd_ps(_mm512_loadu_ps(x.as_ptr().add(r * k + col)), w, *a);
                 }
             }
