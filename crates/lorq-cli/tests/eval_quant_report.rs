@@ -1,8 +1,10 @@
 //! `lorq eval ppl` and `lorq quant-report` end to end on the tiny transformers fixture.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
 
+use std::path::Path;
+
+use common::*;
 use serde_json::Value;
 
 const TEXT: &str =
@@ -10,39 +12,8 @@ const TEXT: &str =
 Whenever she went out, the little girl wore a red riding cloak, so everyone in the village called \
 her Little Red Riding Hood.\n";
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
-}
-
 fn base() -> String {
     fixtures().join("llama/base").to_str().unwrap().to_string()
-}
-
-fn lorq(args: &[&str]) -> Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_lorq"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "lorq {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "lorq {args:?} printed no JSON ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
-}
-
-fn lorq_fails(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_lorq"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(!out.status.success(), "lorq {args:?} should fail");
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 fn write_text(dir: &Path) -> String {
@@ -317,10 +288,7 @@ fn quant_report_methods_and_layers_flags() {
     let e = lorq_fails(&["quant-report", "--model", &b, "--methods", "int3"]);
     assert!(e.contains("int3"), "{e}");
     // Text output: a table with one row per method.
-    let out = Command::new(env!("CARGO_BIN_EXE_lorq"))
-        .args(["quant-report", "--model", &b, "--layers", "1"])
-        .output()
-        .unwrap();
+    let out = run(&["quant-report", "--model", &b, "--layers", "1"]);
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     for m in ["bitsandbytes-nf4", "hqq-2bit", "eetq", "fp8"] {

@@ -1,40 +1,9 @@
 //! `lorq plan` and `--quantize auto --memory-budget` end to end on the tiny fixtures.
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
+mod common;
 
+use common::*;
 use serde_json::Value;
-
-fn fixture(p: &str) -> String {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures")
-        .join(p)
-        .to_str()
-        .unwrap()
-        .to_string()
-}
-
-fn run(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lorq"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn json(args: &[&str]) -> Value {
-    let out = run(args);
-    assert!(
-        out.status.success(),
-        "lorq {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "lorq {args:?} printed no JSON ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
-}
 
 fn row<'a>(v: &'a Value, m: &str) -> &'a Value {
     v["methods"]
@@ -54,7 +23,7 @@ fn bytes(v: &Value, key: &str) -> u64 {
 #[test]
 fn plan_estimates_equal_quant_report_bytes_and_auto_is_none() {
     let base = fixture("llama/base");
-    let plan = json(&["plan", "--model", &base, "--json"]);
+    let plan = lorq(&["plan", "--model", &base, "--json"]);
     assert_eq!(plan["chosen"], "none");
     assert_eq!(plan["prequantized"], Value::Null);
     let names: Vec<&str> = plan["methods"]
@@ -66,7 +35,7 @@ fn plan_estimates_equal_quant_report_bytes_and_auto_is_none() {
     assert_eq!(names.len(), 12);
     assert!(names.contains(&"none") && names.contains(&"bf16") && names.contains(&"gptq"));
 
-    let report = json(&["quant-report", "--model", &base, "--json"]);
+    let report = lorq(&["quant-report", "--model", &base, "--json"]);
     for m in report["methods"].as_array().unwrap() {
         let name = m["method"].as_str().unwrap();
         assert_eq!(
@@ -91,14 +60,14 @@ fn plan_estimates_equal_quant_report_bytes_and_auto_is_none() {
 #[test]
 fn plan_with_budget_picks_fp8_on_hopper_and_eetq_on_cpu() {
     let base = fixture("llama/base");
-    let full = json(&["plan", "--model", &base, "--json"]);
+    let full = lorq(&["plan", "--model", &base, "--json"]);
     let reserve = bytes(&full, "reserve_bytes");
     // Fits the 8-bit formats, not f32.
     let budget = bytes(row(&full, "eetq"), "weight_bytes") + reserve;
     assert!(budget < bytes(row(&full, "none"), "weight_bytes") + reserve);
     let budget = budget.to_string();
 
-    let v = json(&[
+    let v = lorq(&[
         "plan",
         "--model",
         &base,
@@ -112,7 +81,7 @@ fn plan_with_budget_picks_fp8_on_hopper_and_eetq_on_cpu() {
     assert_eq!(row(&v, "none")["fits"], false);
     assert_eq!(row(&v, "fp8")["chosen"], true);
 
-    let v = json(&[
+    let v = lorq(&[
         "plan",
         "--model",
         &base,
@@ -151,7 +120,7 @@ fn plan_with_budget_picks_fp8_on_hopper_and_eetq_on_cpu() {
 #[test]
 fn prequantized_checkpoint_plans_its_own_format() {
     let awq = fixture("prequantized/awq-4bit-g32");
-    let v = json(&["plan", "--model", &awq, "--memory-budget", "1KiB", "--json"]);
+    let v = lorq(&["plan", "--model", &awq, "--memory-budget", "1KiB", "--json"]);
     assert_eq!(v["prequantized"], "awq");
     assert_eq!(v["chosen"], "awq");
     assert_eq!(row(&v, "eetq")["available"], false);
@@ -161,7 +130,7 @@ fn prequantized_checkpoint_plans_its_own_format() {
 #[test]
 fn quantize_auto_with_budget_uses_the_plan() {
     let base = fixture("llama/base");
-    let full = json(&["plan", "--model", &base, "--json"]);
+    let full = lorq(&["plan", "--model", &base, "--json"]);
     let budget =
         (bytes(row(&full, "eetq"), "weight_bytes") + bytes(&full, "reserve_bytes")).to_string();
     let tmp = tempfile::tempdir().unwrap();
