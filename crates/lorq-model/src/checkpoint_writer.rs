@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::Device;
-use lorq_quant::int8::RawTensor;
 use lorq_quant::method::QuantMethod;
+use lorq_quant::RawTensor;
 
 use crate::config::ModelConfig;
 use crate::error::{io_err, ModelError, Result};

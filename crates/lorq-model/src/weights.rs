@@ -135,11 +135,11 @@ impl WeightFiles {
     }
 
     /// Tensor `name` as raw bytes with its safetensors dtype (I8/I32 and other dtypes candle lacks).
-    pub fn get_raw(&self, name: &str) -> Option<lorq_quant::int8::RawTensor> {
+    pub fn get_raw(&self, name: &str) -> Option<lorq_quant::RawTensor> {
         self.files
             .get(name)
             .ok()
-            .map(|v| lorq_quant::int8::RawTensor::from_view(&v))
+            .map(|v| lorq_quant::RawTensor::from_view(&v))
     }
 
     /// The stored dtype and shape of tensor `name`, without reading its data.

@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 
 use crate::gptq::kernel::{stream_get, stream_set, stream_words, Groups, IntWeight, Rounding};
 use crate::gptq::state_dict::{float_raw, float_values, i32_raw, shape_of, transpose, u32_values};
-use crate::int8::{need_raw, RawTensor};
+use crate::raw_tensor::{need_raw, RawTensor};
 use crate::{QuantError, QuantTensor};
 
 /// Logical column (within a word's 8) held by nibble `i`.

@@ -15,7 +15,7 @@ use serde_json::Value;
 
 use crate::gptq::kernel::{stream_get, stream_words, Groups, IntWeight, Rounding};
 use crate::gptq::state_dict::{float_raw, float_values, i32_raw, i64_values, shape_of, u32_values};
-use crate::int8::{need_raw, RawTensor};
+use crate::raw_tensor::{need_raw, RawTensor};
 use crate::{QuantError, QuantTensor};
 
 /// The weight scheme of a compressed-tensors `pack-quantized` checkpoint.

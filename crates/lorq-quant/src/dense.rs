@@ -93,10 +93,10 @@ impl QuantTensor for DenseTensor {
     fn state_dict(
         &self,
         prefix: &str,
-    ) -> Result<Vec<(String, crate::int8::RawTensor)>, QuantError> {
+    ) -> Result<Vec<(String, crate::raw_tensor::RawTensor)>, QuantError> {
         Ok(vec![(
             format!("{prefix}.weight"),
-            crate::int8::RawTensor::from_tensor(&self.weight)?,
+            crate::raw_tensor::RawTensor::from_tensor(&self.weight)?,
         )])
     }
 }

@@ -17,7 +17,8 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
 
 use crate::cpu::{dot_f32, RowDot};
-use crate::int8::{need_raw, round_i8, RawTensor};
+use crate::int8::round_i8;
+use crate::raw_tensor::{need_raw, RawTensor};
 use crate::{QuantError, QuantTensor};
 
 /// A per-output-channel symmetric int8 weight `[out, in]`.

@@ -15,7 +15,9 @@ pub mod hqq;
 pub mod int8;
 pub mod method;
 mod quant_tensor;
+pub mod raw_tensor;
 pub mod select;
 
 pub use dense::DenseTensor;
 pub use quant_tensor::{QuantError, QuantTensor};
+pub use raw_tensor::RawTensor;

@@ -1,6 +1,6 @@
 use candle_core::{DType, Tensor};
 
-use crate::int8::RawTensor;
+use crate::raw_tensor::RawTensor;
 
 #[derive(Debug, thiserror::Error)]
 pub enum QuantError {

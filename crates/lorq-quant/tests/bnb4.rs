@@ -5,8 +5,8 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 use lorq_quant::bnb4::{quantization_config_4bit, Absmax, Bnb4Tensor, Bnb4Type, NestedAbsmax};
-use lorq_quant::int8::RawTensor;
 use lorq_quant::QuantTensor;
+use lorq_quant::RawTensor;
 use serde_json::Value;
 
 fn fixture_dir() -> String {

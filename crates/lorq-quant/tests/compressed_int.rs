@@ -6,8 +6,8 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 use lorq_quant::compressed_int::{CompressedIntConfig, CompressedIntTensor};
-use lorq_quant::int8::RawTensor;
 use lorq_quant::QuantTensor;
+use lorq_quant::RawTensor;
 use serde_json::json;
 
 const CASE: &str = "w4a16_sym_g32";

@@ -7,8 +7,8 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 use lorq_quant::gptq::{GptqConfig, GptqFormat, GptqTensor};
-use lorq_quant::int8::RawTensor;
 use lorq_quant::QuantTensor;
+use lorq_quant::RawTensor;
 use serde_json::json;
 
 const CASES: &[&str] = &[

@@ -5,8 +5,9 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 use lorq_quant::eetq::EetqTensor;
-use lorq_quant::int8::{quantization_config_8bit, Int8Tensor, RawTensor};
+use lorq_quant::int8::{quantization_config_8bit, Int8Tensor};
 use lorq_quant::QuantTensor;
+use lorq_quant::RawTensor;
 use serde_json::Value;
 
 fn fixture_dir() -> String {

@@ -227,7 +227,7 @@ impl QuantTensor for GptqTensor {
     fn state_dict(
         &self,
         prefix: &str,
-    ) -> Result<Vec<(String, crate::int8::RawTensor)>, QuantError> {
+    ) -> Result<Vec<(String, crate::raw_tensor::RawTensor)>, QuantError> {
         Ok(self.to_state_dict(prefix))
     }
 }

@@ -9,7 +9,7 @@ use safetensors::Dtype;
 
 use super::kernel::{stream_get, stream_words, Groups, IntWeight, Rounding};
 use super::{GptqConfig, GptqFormat, GptqTensor};
-use crate::int8::{need_raw, RawTensor};
+use crate::raw_tensor::{need_raw, RawTensor};
 use crate::QuantError;
 
 fn check(t: &RawTensor, name: &str, dtypes: &[Dtype], shape: &[usize]) -> Result<(), QuantError> {

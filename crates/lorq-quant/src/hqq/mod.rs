@@ -335,7 +335,7 @@ impl QuantTensor for HqqTensor {
     fn state_dict(
         &self,
         prefix: &str,
-    ) -> Result<Vec<(String, crate::int8::RawTensor)>, QuantError> {
+    ) -> Result<Vec<(String, crate::raw_tensor::RawTensor)>, QuantError> {
         crate::quant_tensor::raw_state_dict(self.to_state_dict(prefix)?)
     }
 }
