@@ -16,6 +16,7 @@ pub mod int8;
 pub mod method;
 mod quant_tensor;
 pub mod raw_tensor;
+pub mod rtn;
 pub mod select;
 
 pub use dense::DenseTensor;

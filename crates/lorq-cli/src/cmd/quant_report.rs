@@ -7,6 +7,7 @@ use lorq_model::indicatif::{ProgressBar, ProgressStyle};
 use lorq_model::weights::WeightFiles;
 use lorq_model::ModelConfig;
 use lorq_quant::method::QuantMethod;
+use lorq_quant::rtn::{rtn_int4_round_trip, RTN_INT4_BLOCK};
 use serde_json::{json, Value};
 
 /// What every just-in-time quantization method does to a model's weights: for each decoder linear,
@@ -20,7 +21,8 @@ pub struct QuantReportArgs {
     /// A Hugging Face model folder (full-precision weights), or `default`.
     #[arg(long, default_value = "default", env = "LORQ_MODEL")]
     pub model: String,
-    /// Comma-separated methods (LoRAX's names); default: every just-in-time method.
+    /// Comma-separated methods (LoRAX's names, plus `rtn-int4`: QLoRA's INT4 reference, absmax per
+    /// block of 64); default: every just-in-time method and `rtn-int4`.
     #[arg(long, value_delimiter = ',')]
     pub methods: Vec<String>,
     /// Only the first N decoder layers (for speed).
@@ -49,17 +51,55 @@ const LINEARS: [&str; 7] = [
     "mlp.down_proj",
 ];
 
+/// QLoRA's INT4 baseline (round-to-nearest, absmax per block of 64): a report-only row.
+const RTN_INT4: &str = "rtn-int4";
+
+/// A row of the report: a `--quantize` method, or the INT4 reference of the QLoRA comparison.
+#[derive(Debug, Clone, Copy)]
+enum Reported {
+    Method(QuantMethod),
+    RtnInt4,
+}
+
+impl Reported {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Method(m) => m.name(),
+            Self::RtnInt4 => RTN_INT4,
+        }
+    }
+
+    /// The dequantized weight `[out, in]` (f32) and the bytes the format holds.
+    fn round_trip(self, w: &Tensor, orig: &[f32]) -> Result<(Tensor, usize)> {
+        match self {
+            Self::Method(m) => {
+                let q = m.quantize(w)?;
+                Ok((q.dequantize(DType::F32)?, q.bytes()))
+            }
+            Self::RtnInt4 => {
+                let (d, bytes) = rtn_int4_round_trip(orig, RTN_INT4_BLOCK);
+                Ok((Tensor::from_vec(d, w.dims(), &Device::Cpu)?, bytes))
+            }
+        }
+    }
+}
+
 pub fn run(a: QuantReportArgs) -> Result<()> {
-    let methods: Vec<QuantMethod> = if a.methods.is_empty() {
+    let methods: Vec<Reported> = if a.methods.is_empty() {
         QuantMethod::NAMES
             .iter()
             .filter_map(|n| QuantMethod::parse(n).ok().flatten())
             .filter(|m| m.is_jit())
+            .map(Reported::Method)
+            .chain(std::iter::once(Reported::RtnInt4))
             .collect()
     } else {
         a.methods
             .iter()
             .map(|n| {
+                if n.trim() == RTN_INT4 {
+                    return Ok(Reported::RtnInt4);
+                }
                 let m = QuantMethod::parse(n.trim())?
                     .with_context(|| format!("--methods: {n:?} is not a quantization method"))?;
                 if !m.is_jit() {
@@ -68,7 +108,7 @@ pub fn run(a: QuantReportArgs) -> Result<()> {
                          quant-report measures the just-in-time methods"
                     );
                 }
-                Ok(m)
+                Ok(Reported::Method(m))
             })
             .collect::<Result<_>>()?
     };
@@ -110,12 +150,11 @@ pub fn run(a: QuantReportArgs) -> Result<()> {
             for &m in &methods {
                 bar.set_message(format!("{} {name}", m.name()));
                 let t = Instant::now();
-                let q = m
-                    .quantize(&w)
+                let (deq, bytes) = m
+                    .round_trip(&w, &orig)
                     .with_context(|| format!("{} quantization of {name}", m.name()))?;
                 let seconds = t.elapsed().as_secs_f64();
-                let deq = q.dequantize(DType::F32)?;
-                per.push(measure(&orig, &deq, q.bytes(), seconds)?);
+                per.push(measure(&orig, &deq, bytes, seconds)?);
                 bar.inc(1);
             }
             rows.push((name, shp, per));
