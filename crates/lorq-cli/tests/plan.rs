@@ -38,6 +38,9 @@ fn plan_estimates_equal_quant_report_bytes_and_auto_is_none() {
     let report = lorq(&["quant-report", "--model", &base, "--json"]);
     for m in report["methods"].as_array().unwrap() {
         let name = m["method"].as_str().unwrap();
+        if name == "rtn-int4" {
+            continue; // quant-report's INT4 reference row, not a --quantize method
+        }
         assert_eq!(
             bytes(row(&plan, name), "linear_bytes"),
             bytes(m, "bytes"),
