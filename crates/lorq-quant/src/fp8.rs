@@ -5,10 +5,9 @@
 //! On CPU the weight is emulated: the row kernel decodes e4m3 codes through a 256-entry table,
 //! activations stay in full precision (weight-only).
 
-use std::sync::OnceLock;
-
 use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 
+use crate::cpu::dispatch::simd_dispatch;
 use crate::cpu::{dot_f32, rows_matmul, RowDot};
 use crate::{QuantError, QuantTensor};
 
@@ -472,36 +471,7 @@ fn dot_row_generic(t: &Fp8Tensor, j: usize, x: &[f32], out: &mut [f32]) {
     }
 }
 
-type RowKernel = fn(&Fp8Tensor, usize, &[f32], &mut [f32]);
-
-/// [`dot_row_generic`] compiled for AVX-512 / AVX2+FMA / baseline, picked once at run time.
-fn row_kernel() -> RowKernel {
-    static K: OnceLock<RowKernel> = OnceLock::new();
-    *K.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            #[target_feature(enable = "avx512f")]
-            unsafe fn avx512(t: &Fp8Tensor, j: usize, x: &[f32], out: &mut [f32]) {
-                dot_row_generic(t, j, x, out)
-            }
-            #[target_feature(enable = "avx2,fma")]
-            unsafe fn avx2(t: &Fp8Tensor, j: usize, x: &[f32], out: &mut [f32]) {
-                dot_row_generic(t, j, x, out)
-            }
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                // SAFETY: the feature was detected on this CPU.
-                return |t, j, x, out| unsafe { avx512(t, j, x, out) };
-            }
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                // SAFETY: the features were detected on this CPU.
-                return |t, j, x, out| unsafe { avx2(t, j, x, out) };
-            }
-        }
-        dot_row_generic
-    })
-}
+simd_dispatch!(fn dot_row(t: &Fp8Tensor, j: usize, x: &[f32], out: &mut [f32]) => dot_row_generic);
 
 struct Fp8Rows<'a>(&'a Fp8Tensor);
 
@@ -513,7 +483,7 @@ impl RowDot for Fp8Rows<'_> {
         self.0.shape.1
     }
     fn dot_row(&self, j: usize, x: &[f32], out: &mut [f32]) {
-        row_kernel()(self.0, j, x, out)
+        dot_row(self.0, j, x, out)
     }
 }
 
