@@ -17,8 +17,8 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
 
 use crate::cpu::{dot_f32, RowDot};
-use crate::int8::round_i8;
-use crate::raw_tensor::{need_raw, RawTensor};
+use crate::int8::{read_row_scaled_i8, round_i8};
+use crate::raw_tensor::RawTensor;
 use crate::{QuantError, QuantTensor};
 
 /// A per-output-channel symmetric int8 weight `[out, in]`.
@@ -98,19 +98,8 @@ impl EetqTensor {
         prefix: &str,
         get: &dyn Fn(&str) -> Option<RawTensor>,
     ) -> Result<Self, QuantError> {
-        let w_name = format!("{prefix}.weight");
-        let w = need_raw(get, &w_name)?;
-        if w.shape.len() != 2 {
-            return Err(QuantError::Invalid(format!(
-                "{w_name}: expected a 2-D [out, in] I8 tensor, got shape {:?}",
-                w.shape
-            )));
-        }
-        let (n, k) = (w.shape[0], w.shape[1]);
-        let q = w.i8_values(&w_name, &[n, k])?;
-        let s_name = format!("{prefix}.weight_scale");
-        let scale = need_raw(get, &s_name)?.f32_values(&s_name, &[n])?;
-        Self::from_parts(q, scale, (n, k))
+        let (q, scale, shape) = read_row_scaled_i8(prefix, "weight_scale", get)?;
+        Self::from_parts(q, scale, shape)
     }
 }
 

@@ -35,6 +35,28 @@ const INV_127_SQ: f32 = 6.200_124e-5;
 /// (bitsandbytes' portable path: exact while partial sums stay below 2^24).
 const SMALL_M: usize = 16;
 
+/// Reads `prefix.weight` (I8 `[out, in]`) and its per-row f32 scale `prefix.<scale_key>` (`[out]`),
+/// the layout LLM.int8 (`SCB`) and EETQ (`weight_scale`) share.
+pub(crate) fn read_row_scaled_i8(
+    prefix: &str,
+    scale_key: &str,
+    get: &dyn Fn(&str) -> Option<RawTensor>,
+) -> Result<(Vec<i8>, Vec<f32>, (usize, usize)), QuantError> {
+    let w_name = format!("{prefix}.weight");
+    let w = need_raw(get, &w_name)?;
+    if w.shape.len() != 2 {
+        return Err(QuantError::Invalid(format!(
+            "{w_name}: expected a 2-D [out, in] I8 tensor, got shape {:?}",
+            w.shape
+        )));
+    }
+    let (n, k) = (w.shape[0], w.shape[1]);
+    let codes = w.i8_values(&w_name, &[n, k])?;
+    let s_name = format!("{prefix}.{scale_key}");
+    let scale = need_raw(get, &s_name)?.f32_values(&s_name, &[n])?;
+    Ok((codes, scale, (n, k)))
+}
+
 /// Round half to even (torch.round / numpy.rint) of an f32 into i8 range.
 #[inline]
 pub(crate) fn round_i8(v: f32) -> i8 {
@@ -143,18 +165,7 @@ impl Int8Tensor {
         prefix: &str,
         get: &dyn Fn(&str) -> Option<RawTensor>,
     ) -> Result<Self, QuantError> {
-        let w_name = format!("{prefix}.weight");
-        let w = need_raw(get, &w_name)?;
-        if w.shape.len() != 2 {
-            return Err(QuantError::Invalid(format!(
-                "{w_name}: expected a 2-D [out, in] I8 tensor, got shape {:?}",
-                w.shape
-            )));
-        }
-        let (n, k) = (w.shape[0], w.shape[1]);
-        let cb = w.i8_values(&w_name, &[n, k])?;
-        let s_name = format!("{prefix}.SCB");
-        let scb = need_raw(get, &s_name)?.f32_values(&s_name, &[n])?;
+        let (cb, scb, (n, k)) = read_row_scaled_i8(prefix, "SCB", get)?;
         let f_name = format!("{prefix}.weight_format");
         if let Some(f) = get(&f_name) {
             if f.dtype != safetensors::Dtype::U8 || f.data != [0] {
