@@ -98,8 +98,8 @@ impl EetqTensor {
         prefix: &str,
         get: &dyn Fn(&str) -> Option<RawTensor>,
     ) -> Result<Self, QuantError> {
-        let (q, scale, shape) = read_row_scaled_i8(prefix, "weight_scale", get)?;
-        Self::from_parts(q, scale, shape)
+        let w = read_row_scaled_i8(prefix, "weight_scale", get)?;
+        Self::from_parts(w.codes, w.scale, w.shape)
     }
 }
 

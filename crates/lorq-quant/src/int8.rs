@@ -35,13 +35,20 @@ const INV_127_SQ: f32 = 6.200_124e-5;
 /// (bitsandbytes' portable path: exact while partial sums stay below 2^24).
 const SMALL_M: usize = 16;
 
+/// Row-wise int8 codes `[out, in]` with one f32 scale per row.
+pub(crate) struct RowScaledI8 {
+    pub codes: Vec<i8>,
+    pub scale: Vec<f32>,
+    pub shape: (usize, usize),
+}
+
 /// Reads `prefix.weight` (I8 `[out, in]`) and its per-row f32 scale `prefix.<scale_key>` (`[out]`),
 /// the layout LLM.int8 (`SCB`) and EETQ (`weight_scale`) share.
 pub(crate) fn read_row_scaled_i8(
     prefix: &str,
     scale_key: &str,
     get: &dyn Fn(&str) -> Option<RawTensor>,
-) -> Result<(Vec<i8>, Vec<f32>, (usize, usize)), QuantError> {
+) -> Result<RowScaledI8, QuantError> {
     let w_name = format!("{prefix}.weight");
     let w = need_raw(get, &w_name)?;
     if w.shape.len() != 2 {
@@ -54,7 +61,11 @@ pub(crate) fn read_row_scaled_i8(
     let codes = w.i8_values(&w_name, &[n, k])?;
     let s_name = format!("{prefix}.{scale_key}");
     let scale = need_raw(get, &s_name)?.f32_values(&s_name, &[n])?;
-    Ok((codes, scale, (n, k)))
+    Ok(RowScaledI8 {
+        codes,
+        scale,
+        shape: (n, k),
+    })
 }
 
 /// Round half to even (torch.round / numpy.rint) of an f32 into i8 range.
@@ -165,7 +176,7 @@ impl Int8Tensor {
         prefix: &str,
         get: &dyn Fn(&str) -> Option<RawTensor>,
     ) -> Result<Self, QuantError> {
-        let (cb, scb, (n, k)) = read_row_scaled_i8(prefix, "SCB", get)?;
+        let w = read_row_scaled_i8(prefix, "SCB", get)?;
         let f_name = format!("{prefix}.weight_format");
         if let Some(f) = get(&f_name) {
             if f.dtype != safetensors::Dtype::U8 || f.data != [0] {
@@ -175,7 +186,7 @@ impl Int8Tensor {
                 )));
             }
         }
-        Self::from_parts(cb, scb, (n, k))
+        Self::from_parts(w.codes, w.scale, w.shape)
     }
 
     /// `y = x · Wᵀ` (bitsandbytes' mixed int8 decomposition) on `m` f32 activation rows holding
