@@ -3,9 +3,12 @@
 //! the library's `dequantize_gemm` (fp16, what `AwqTorchLinear.forward` multiplies by) and the
 //! module's forward (fp16) on a seeded input.
 
+mod common;
+
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
+use common::*;
 use lorq_quant::awq::{AwqConfig, AwqTensor, AWQ_ORDER};
 use lorq_quant::QuantTensor;
 use lorq_quant::RawTensor;
@@ -18,50 +21,16 @@ const MODULES: &[&str] = &[
     "model.layers.0.mlp.down_proj",
 ];
 
-fn dir() -> String {
-    format!("{}/../../fixtures/quant/awq", env!("CARGO_MANIFEST_DIR"))
-}
-
 fn load() -> HashMap<String, RawTensor> {
-    let p = format!("{}/{CASE}.safetensors", dir());
-    let bytes = std::fs::read(&p).unwrap_or_else(|e| panic!("{p}: {e}"));
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
-        .into_iter()
-        .map(|(k, v)| (k, RawTensor::from_view(&v)))
-        .collect()
+    load_raw("awq", CASE)
 }
 
 fn config_json() -> serde_json::Value {
-    let p = format!("{}/{CASE}.quantization_config.json", dir());
-    serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
+    quantization_config("awq", CASE)
 }
 
 fn config() -> AwqConfig {
     AwqConfig::from_json(&config_json()).unwrap()
-}
-
-fn tensor(f: &HashMap<String, RawTensor>, k: &str) -> Tensor {
-    f[k].to_tensor().unwrap()
-}
-
-fn f32s(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
-
-fn rel(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    let d = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max);
-    d / b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30)
 }
 
 fn module(f: &HashMap<String, RawTensor>, p: &str) -> AwqTensor {

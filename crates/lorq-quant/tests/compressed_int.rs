@@ -2,9 +2,12 @@
 //! compressed-tensors 0.20.0 and decompressed by transformers 5.24
 //! (`fixtures/quant/compressed/make_compressed_fixtures.py`).
 
+mod common;
+
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
+use common::*;
 use lorq_quant::compressed_int::{CompressedIntConfig, CompressedIntTensor};
 use lorq_quant::QuantTensor;
 use lorq_quant::RawTensor;
@@ -17,53 +20,16 @@ const MODULES: &[&str] = &[
     "model.layers.0.mlp.down_proj",
 ];
 
-fn dir() -> String {
-    format!(
-        "{}/../../fixtures/quant/compressed",
-        env!("CARGO_MANIFEST_DIR")
-    )
-}
-
 fn load() -> HashMap<String, RawTensor> {
-    let p = format!("{}/{CASE}.safetensors", dir());
-    let bytes = std::fs::read(&p).unwrap_or_else(|e| panic!("{p}: {e}"));
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
-        .into_iter()
-        .map(|(k, v)| (k, RawTensor::from_view(&v)))
-        .collect()
+    load_raw("compressed", CASE)
 }
 
 fn config_json() -> serde_json::Value {
-    let p = format!("{}/{CASE}.quantization_config.json", dir());
-    serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
+    quantization_config("compressed", CASE)
 }
 
 fn config() -> CompressedIntConfig {
     CompressedIntConfig::from_json(&config_json()).unwrap()
-}
-
-fn tensor(f: &HashMap<String, RawTensor>, k: &str) -> Tensor {
-    f[k].to_tensor().unwrap()
-}
-
-fn f32s(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
-
-fn rel(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    let d = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max);
-    d / b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30)
 }
 
 fn module(f: &HashMap<String, RawTensor>, p: &str) -> CompressedIntTensor {

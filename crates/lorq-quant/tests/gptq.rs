@@ -3,9 +3,12 @@
 //! Each fixture keeps three modules' tensors as GPTQModel saved them, the library's
 //! `dequantize_weight()` (computed in fp16) and its module forward (fp16) on a seeded input.
 
+mod common;
+
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
+use common::*;
 use lorq_quant::gptq::{GptqConfig, GptqFormat, GptqTensor};
 use lorq_quant::QuantTensor;
 use lorq_quant::RawTensor;
@@ -24,48 +27,12 @@ const MODULES: &[&str] = &[
     "model.layers.0.mlp.down_proj",
 ];
 
-fn dir() -> String {
-    format!("{}/../../fixtures/quant/gptq", env!("CARGO_MANIFEST_DIR"))
-}
-
 fn load(case: &str) -> HashMap<String, RawTensor> {
-    let p = format!("{}/{case}.safetensors", dir());
-    let bytes = std::fs::read(&p).unwrap_or_else(|e| panic!("{p}: {e}"));
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
-        .into_iter()
-        .map(|(k, v)| (k, RawTensor::from_view(&v)))
-        .collect()
+    load_raw("gptq", case)
 }
 
 fn config(case: &str) -> GptqConfig {
-    let p = format!("{}/{case}.quantization_config.json", dir());
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
-    GptqConfig::from_json(&v).unwrap()
-}
-
-fn tensor(f: &HashMap<String, RawTensor>, k: &str) -> Tensor {
-    f[k].to_tensor().unwrap()
-}
-
-fn f32s(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
-
-/// max |a − b| / max |b|.
-fn rel(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    let d = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max);
-    d / b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30)
+    GptqConfig::from_json(&quantization_config("gptq", case)).unwrap()
 }
 
 fn module(f: &HashMap<String, RawTensor>, p: &str, cfg: &GptqConfig) -> GptqTensor {
@@ -92,10 +59,11 @@ fn configs_parse() {
     assert_eq!(config("gptq_b3_g32_sym").bits, 3);
     // to_json gives back what GPTQModel wrote.
     for case in CASES {
-        let p = format!("{}/{case}.quantization_config.json", dir());
-        let v: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
-        assert_eq!(config(case).to_json(), v, "{case}");
+        assert_eq!(
+            config(case).to_json(),
+            quantization_config("gptq", case),
+            "{case}"
+        );
     }
 }
 
