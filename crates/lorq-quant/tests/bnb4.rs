@@ -1,30 +1,26 @@
 //! bitsandbytes 4-bit (NF4/FP4, double quant) against fixtures made by bitsandbytes 0.50.2
 //! (`fixtures/quant/bnb/make_bnb_fixtures.py`).
 
+mod common;
+
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
+use common::{fixture_dir, load_raw};
 use lorq_quant::bnb4::{quantization_config_4bit, Absmax, Bnb4Tensor, Bnb4Type, NestedAbsmax};
 use lorq_quant::QuantTensor;
 use lorq_quant::RawTensor;
 use serde_json::Value;
 
-fn fixture_dir() -> String {
-    format!("{}/../../fixtures/quant/bnb", env!("CARGO_MANIFEST_DIR"))
-}
-
-fn load(file: &str) -> HashMap<String, RawTensor> {
-    let bytes = std::fs::read(format!("{}/{file}", fixture_dir())).expect("fixture file");
-    let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
-    st.tensors()
-        .into_iter()
-        .map(|(k, v)| (k, RawTensor::from_view(&v)))
-        .collect()
+fn load(stem: &str) -> HashMap<String, RawTensor> {
+    load_raw("bnb", stem)
 }
 
 fn meta() -> Value {
-    serde_json::from_str(&std::fs::read_to_string(format!("{}/meta.json", fixture_dir())).unwrap())
-        .unwrap()
+    serde_json::from_str(
+        &std::fs::read_to_string(format!("{}/meta.json", fixture_dir("bnb"))).unwrap(),
+    )
+    .unwrap()
 }
 
 fn t(map: &HashMap<String, RawTensor>, k: &str) -> Tensor {
@@ -84,7 +80,7 @@ fn bnb_tensor(f: &HashMap<String, RawTensor>, c: &Case) -> Bnb4Tensor {
 
 #[test]
 fn packed_bytes_and_absmax_equal_bitsandbytes() {
-    let f = load("bnb4.safetensors");
+    let f = load("bnb4");
     let (mut differ, mut total, mut max_diff) = (0usize, 0usize, 0i32);
     for c in cases() {
         let input = t(&f, &format!("{}.input", c.input));
@@ -152,7 +148,7 @@ fn packed_bytes_and_absmax_equal_bitsandbytes() {
 
 #[test]
 fn dequantizing_bitsandbytes_bytes_is_bit_exact() {
-    let f = load("bnb4.safetensors");
+    let f = load("bnb4");
     for c in cases() {
         let q = bnb_tensor(&f, &c);
         let want = f.get(&format!("{}.dequant", c.name)).unwrap();
@@ -271,7 +267,7 @@ fn hf_getter<'a>(
 
 #[test]
 fn loads_and_rewrites_transformers_checkpoints_exactly() {
-    let f = load("hf_modules.safetensors");
+    let f = load("hf_modules");
     let m = meta();
     for (set, qt, dq) in [
         ("nf4_dq", Bnb4Type::Nf4, true),

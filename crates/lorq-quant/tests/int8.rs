@@ -1,26 +1,20 @@
 //! LLM.int8 (`Linear8bitLt`) and the EETQ layout against fixtures made by bitsandbytes 0.50.2 and
 //! numpy (`fixtures/quant/bnb/make_bnb_fixtures.py`).
 
+mod common;
+
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
+use common::{fixture_dir, load_raw};
 use lorq_quant::eetq::EetqTensor;
 use lorq_quant::int8::{quantization_config_8bit, Int8Tensor};
 use lorq_quant::QuantTensor;
 use lorq_quant::RawTensor;
 use serde_json::Value;
 
-fn fixture_dir() -> String {
-    format!("{}/../../fixtures/quant/bnb", env!("CARGO_MANIFEST_DIR"))
-}
-
-fn load(file: &str) -> HashMap<String, RawTensor> {
-    let bytes = std::fs::read(format!("{}/{file}", fixture_dir())).expect("fixture file");
-    let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
-    st.tensors()
-        .into_iter()
-        .map(|(k, v)| (k, RawTensor::from_view(&v)))
-        .collect()
+fn load(stem: &str) -> HashMap<String, RawTensor> {
+    load_raw("bnb", stem)
 }
 
 fn t(map: &HashMap<String, RawTensor>, k: &str) -> Tensor {
@@ -46,7 +40,7 @@ fn i8s(map: &HashMap<String, RawTensor>, k: &str) -> Vec<i8> {
 
 #[test]
 fn quantization_equals_linear8bitlt() {
-    let f = load("int8.safetensors");
+    let f = load("int8");
     let q = Int8Tensor::quantize(&t(&f, "W")).unwrap();
     assert_eq!(q.cb(), &i8s(&f, "CB")[..]);
     let scb = f32s(&t(&f, "SCB"));
@@ -68,7 +62,7 @@ fn quantization_equals_linear8bitlt() {
 /// of the output scale.
 #[test]
 fn forward_matches_linear8bitlt() {
-    let f = load("int8.safetensors");
+    let f = load("int8");
     let q = Int8Tensor::quantize(&t(&f, "W")).unwrap();
     for name in [
         "plain_m1",
@@ -116,9 +110,9 @@ fn forward_matches_linear8bitlt() {
 
 #[test]
 fn transformers_8bit_checkpoint_round_trips() {
-    let f = load("hf_modules.safetensors");
+    let f = load("hf_modules");
     let meta: Value = serde_json::from_str(
-        &std::fs::read_to_string(format!("{}/meta.json", fixture_dir())).unwrap(),
+        &std::fs::read_to_string(format!("{}/meta.json", fixture_dir("bnb"))).unwrap(),
     )
     .unwrap();
     for p in meta["hf_modules"].as_array().unwrap() {
@@ -210,7 +204,7 @@ fn int8_bad_checkpoints_name_the_tensor() {
 
 #[test]
 fn eetq_matches_numpy_reference() {
-    let f = load("eetq.safetensors");
+    let f = load("eetq");
     let q = EetqTensor::quantize(&t(&f, "W")).unwrap();
     assert_eq!(q.codes(), &i8s(&f, "Q")[..]);
     let s = f32s(&t(&f, "S"));
