@@ -5,10 +5,7 @@ use crate::{QuantError, QuantTensor};
 
 /// Activation rows up to which the row-streaming kernel beats a blocked GEMM (the weight is read
 /// once either way; past this the GEMM's register tiling wins).
-const SMALL_M: usize = match option_env!("LORQ_SMALL_M") {
-    Some(_) => 4096,
-    None => 16,
-};
+const SMALL_M: usize = 16;
 
 /// An unquantized weight (f32, f16 or bf16), `[out, in]` row-major.
 #[derive(Debug, Clone)]

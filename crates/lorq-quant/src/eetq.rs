@@ -139,7 +139,7 @@ impl QuantTensor for EetqTensor {
     }
 
     fn matmul(&self, x: &Tensor) -> Result<Tensor, QuantError> {
-        crate::bnb4::matmul_rows(self, x)
+        crate::cpu::fused_or_dequantized_matmul(self, x, "eetq", || self.dequantize(DType::F32))
     }
 
     fn dequantize(&self, dtype: DType) -> Result<Tensor, QuantError> {

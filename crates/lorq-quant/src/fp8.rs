@@ -8,12 +8,11 @@
 use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 
 use crate::cpu::dispatch::simd_dispatch;
-use crate::cpu::{dot_f32, rows_matmul, RowDot};
+use crate::cpu::{dot_f32, fused_or_dequantized_matmul, RowDot};
 use crate::{QuantError, QuantTensor};
 
 /// Largest finite e4m3fn value.
 pub const E4M3_MAX: f32 = 448.0;
-const SMALL_M: usize = 16;
 const CHUNK: usize = 512;
 
 /// `x.to(torch.float8_e4m3fn)` as torch 2.15 does it on CPU: round to nearest even, saturating
@@ -493,24 +492,7 @@ impl QuantTensor for Fp8Tensor {
     }
 
     fn matmul(&self, x: &Tensor) -> Result<Tensor, QuantError> {
-        let k = self.shape.1;
-        if x.dim(x.rank() - 1)? != k {
-            return Err(err(format!(
-                "activation {:?} does not match in_features {k}",
-                x.dims()
-            )));
-        }
-        let m = x.elem_count() / k;
-        if m <= SMALL_M && matches!(x.device(), Device::Cpu) {
-            let mut out_shape = x.dims().to_vec();
-            *out_shape.last_mut().expect("rank >= 1") = self.shape.0;
-            let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-            let y = rows_matmul(&Fp8Rows(self), &xs, m);
-            return Ok(Tensor::from_vec(y, out_shape, x.device())?.to_dtype(x.dtype())?);
-        }
-        let w = self.dequantize(DType::F32)?.to_device(x.device())?;
-        let y = x.to_dtype(DType::F32)?.broadcast_matmul(&w.t()?)?;
-        Ok(y.to_dtype(x.dtype())?)
+        fused_or_dequantized_matmul(&Fp8Rows(self), x, "fp8", || self.dequantize(DType::F32))
     }
 
     fn dequantize(&self, dtype: DType) -> Result<Tensor, QuantError> {

@@ -31,9 +31,6 @@ pub const DEFAULT_THRESHOLD: f32 = 6.0;
 const INV_127: f32 = 0.007_874_016; // the f32 of 7.874015718698502e-3
 /// `1/127²` as bitsandbytes writes it.
 const INV_127_SQ: f32 = 6.200_124e-5;
-/// Activation rows up to which the i8 dot kernel is used; past this, an f32 GEMM of the i8 values
-/// (bitsandbytes' portable path: exact while partial sums stay below 2^24).
-const SMALL_M: usize = 16;
 
 /// Row-wise int8 codes `[out, in]` with one f32 scale per row.
 pub(crate) struct RowScaledI8 {
@@ -234,7 +231,7 @@ impl Int8Tensor {
             y
         };
         let mut y = vec![0f32; m * n];
-        if m <= SMALL_M {
+        if m <= crate::cpu::FUSED_MAX_ROWS {
             // Fused: each weight row read once for all m activation rows.
             let mut yt = vec![0f32; n * m];
             yt.par_chunks_mut(64 * m)

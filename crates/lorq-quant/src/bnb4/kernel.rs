@@ -4,11 +4,8 @@
 use candle_core::{DType, Device, Tensor};
 
 use super::{quantize::dequantize_range, Bnb4Tensor};
-use crate::cpu::{dot_f32, rows_matmul, RowDot};
+use crate::cpu::{dot_f32, fused_or_dequantized_matmul, RowDot};
 use crate::{QuantError, QuantTensor};
-
-/// Activation rows up to which the fused row kernel is used (as for dense weights).
-const SMALL_M: usize = 16;
 
 /// Weight elements dequantized at a time into a stack buffer by the row kernel.
 const CHUNK: usize = 256;
@@ -151,40 +148,13 @@ mod avx512 {
     }
 }
 
-/// `x · Wᵀ` through the fused row kernel for `m <= 16` activation rows, else through candle's
-/// matmul against the dequantized f32 weight; the result is in `x`'s dtype.
-pub(crate) fn matmul_rows<W: RowDot + QuantTensor>(
-    w: &W,
-    x: &Tensor,
-) -> Result<Tensor, QuantError> {
-    let (n, k) = QuantTensor::shape(w);
-    let dims = x.dims();
-    if dims.last() != Some(&k) {
-        return Err(QuantError::Invalid(format!(
-            "{}: activation shape {dims:?} does not end in in_features {k}",
-            w.format_name()
-        )));
-    }
-    let m = x.elem_count() / k.max(1);
-    let mut out_shape = dims.to_vec();
-    *out_shape.last_mut().expect("rank >= 1") = n;
-    if m <= SMALL_M && matches!(x.device(), Device::Cpu) {
-        let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        let y = rows_matmul(w, &xs, m);
-        return Ok(Tensor::from_vec(y, out_shape, x.device())?.to_dtype(x.dtype())?);
-    }
-    let wf = w.dequantize(DType::F32)?.to_device(x.device())?;
-    let y = x.to_dtype(DType::F32)?.broadcast_matmul(&wf.t()?)?;
-    Ok(y.to_dtype(x.dtype())?)
-}
-
 impl QuantTensor for Bnb4Tensor {
     fn shape(&self) -> (usize, usize) {
         self.shape
     }
 
     fn matmul(&self, x: &Tensor) -> Result<Tensor, QuantError> {
-        matmul_rows(self, x)
+        fused_or_dequantized_matmul(self, x, &self.format_name(), || self.dequantize(DType::F32))
     }
 
     fn dequantize(&self, dtype: DType) -> Result<Tensor, QuantError> {

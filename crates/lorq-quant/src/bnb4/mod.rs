@@ -18,8 +18,6 @@ mod kernel;
 pub mod quantize;
 mod state_dict;
 
-pub(crate) use kernel::matmul_rows;
-
 use candle_core::{DType, Tensor};
 
 pub use double_quant::NestedAbsmax;

@@ -38,3 +38,36 @@ pub fn rows_matmul<W: RowDot>(w: &W, x: &[f32], m: usize) -> Vec<f32> {
     }
     y
 }
+
+/// Activation rows up to which a packed format runs its fused row kernel; past this it
+/// dequantizes once per call and uses the GEMM.
+pub const FUSED_MAX_ROWS: usize = 16;
+
+/// `x · Wᵀ` (x `[.., k]`, result in x's dtype) for a packed format `what`: the fused row kernel
+/// `rows` for up to [`FUSED_MAX_ROWS`] rows on the CPU, else `dequantize()` (f32) and candle's matmul.
+pub(crate) fn fused_or_dequantized_matmul(
+    rows: &impl RowDot,
+    x: &candle_core::Tensor,
+    what: &str,
+    dequantize: impl FnOnce() -> Result<candle_core::Tensor, crate::QuantError>,
+) -> Result<candle_core::Tensor, crate::QuantError> {
+    use candle_core::{DType, Device, Tensor};
+    let (n, k) = (rows.rows(), rows.cols());
+    let dims = x.dims();
+    if dims.last() != Some(&k) {
+        return Err(crate::QuantError::Invalid(format!(
+            "{what}: activation shape {dims:?} does not end in in_features {k}"
+        )));
+    }
+    let m = x.elem_count() / k.max(1);
+    if m <= FUSED_MAX_ROWS && matches!(x.device(), Device::Cpu) {
+        let mut out_shape = dims.to_vec();
+        *out_shape.last_mut().expect("rank >= 1") = n;
+        let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let y = rows_matmul(rows, &xs, m);
+        return Ok(Tensor::from_vec(y, out_shape, x.device())?.to_dtype(x.dtype())?);
+    }
+    let w = dequantize()?.to_dtype(DType::F32)?.to_device(x.device())?;
+    let y = x.to_dtype(DType::F32)?.broadcast_matmul(&w.t()?)?;
+    Ok(y.to_dtype(x.dtype())?)
+}

@@ -13,14 +13,12 @@
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
-use crate::cpu::{dot_f32, rows_matmul, RowDot};
+use crate::cpu::{dot_f32, RowDot};
 use crate::QuantError;
 
 /// Weight elements decoded at a time by the row kernel (a multiple of 32: chunks start word-aligned
 /// for every bit width).
 const CHUNK: usize = 512;
-/// Activation rows up to which the fused row kernel is used (past this: dequantize + GEMM).
-pub(crate) const SMALL_M: usize = 16;
 
 /// Which group each input channel belongs to.
 #[derive(Debug, Clone, PartialEq)]
@@ -243,27 +241,12 @@ impl IntWeight {
         )
     }
 
-    /// `x · Wᵀ` for `x` `[.., k]`, in x's dtype: the fused row kernel for up to [`SMALL_M`] rows on
+    /// `x · Wᵀ` for `x` `[.., k]`, in x's dtype: the fused row kernel for up to [`crate::cpu::FUSED_MAX_ROWS`] rows on
     /// CPU, dequantize + f32 GEMM otherwise.
     pub(crate) fn matmul(&self, x: &Tensor, what: &str) -> Result<Tensor, QuantError> {
-        let k = self.k;
-        if x.rank() == 0 || x.dim(x.rank() - 1)? != k {
-            return Err(QuantError::Invalid(format!(
-                "{what} matmul: activation {:?} does not match in_features {k}",
-                x.dims()
-            )));
-        }
-        let m = x.elem_count() / k.max(1);
-        if m <= SMALL_M && matches!(x.device(), Device::Cpu) {
-            let mut out_shape = x.dims().to_vec();
-            *out_shape.last_mut().expect("rank >= 1") = self.n;
-            let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-            let y = rows_matmul(&IntRows(self), &xs, m);
-            return Ok(Tensor::from_vec(y, out_shape, x.device())?.to_dtype(x.dtype())?);
-        }
-        let w = self.dequantize(DType::F32)?.to_device(x.device())?;
-        let y = x.to_dtype(DType::F32)?.broadcast_matmul(&w.t()?)?;
-        Ok(y.to_dtype(x.dtype())?)
+        crate::cpu::fused_or_dequantized_matmul(&IntRows(self), x, what, || {
+            self.dequantize(DType::F32)
+        })
     }
 }
 

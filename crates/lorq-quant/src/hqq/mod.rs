@@ -17,9 +17,6 @@ use crate::{QuantError, QuantTensor};
 pub use bitpack::{PackedCodes, Packing};
 pub use optimize::ProximalParams;
 
-/// Activation rows up to which the fused row kernel is used (past this: dequantize + GEMM).
-const SMALL_M: usize = 16;
-
 /// `weight_quant_params` of hqq's `BaseQuantizeConfig`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct HqqConfig {
@@ -299,24 +296,9 @@ impl QuantTensor for HqqTensor {
     }
 
     fn matmul(&self, x: &Tensor) -> Result<Tensor, QuantError> {
-        let k = self.shape.1;
-        if x.dim(x.rank() - 1)? != k {
-            return Err(QuantError::Invalid(format!(
-                "hqq matmul: activation {:?} does not match in_features {k}",
-                x.dims()
-            )));
-        }
-        let m = x.elem_count() / k;
-        if m <= SMALL_M && matches!(x.device(), Device::Cpu) {
-            let mut out_shape = x.dims().to_vec();
-            *out_shape.last_mut().expect("rank >= 1") = self.shape.0;
-            let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-            let y = crate::cpu::rows_matmul(&kernel::HqqRows(self), &xs, m);
-            return Ok(Tensor::from_vec(y, out_shape, x.device())?.to_dtype(x.dtype())?);
-        }
-        let w = self.dequantize(DType::F32)?.to_device(x.device())?;
-        let y = x.to_dtype(DType::F32)?.broadcast_matmul(&w.t()?)?;
-        Ok(y.to_dtype(x.dtype())?)
+        crate::cpu::fused_or_dequantized_matmul(&kernel::HqqRows(self), x, "hqq", || {
+            self.dequantize(DType::F32)
+        })
     }
 
     fn dequantize(&self, dtype: DType) -> Result<Tensor, QuantError> {
