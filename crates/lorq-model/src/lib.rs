@@ -31,6 +31,3 @@ pub use loaded::LoadedModel;
 pub use perplexity::{sliding_window_nll, PplResult};
 pub use sampling::{Sampled, Sampler, SamplingParams};
 pub use tokenizer::{StreamDecoder, Tokenizer};
-
-/// The progress-bar crate lorq's loaders draw with, for the binary's own bars (one version).
-pub use indicatif;

@@ -3,7 +3,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use lorq_model::indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{ProgressBar, ProgressStyle};
 use lorq_model::sliding_window_nll;
 use serde_json::json;
 

@@ -3,7 +3,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::Args;
-use lorq_model::indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{ProgressBar, ProgressStyle};
 use lorq_model::weights::WeightFiles;
 use lorq_model::ModelConfig;
 use lorq_quant::method::QuantMethod;
