@@ -12,6 +12,7 @@ pub mod eetq;
 pub mod fp8;
 pub mod gptq;
 pub mod hqq;
+pub mod input_stats;
 pub mod int8;
 pub mod method;
 mod quant_tensor;

@@ -7,10 +7,13 @@
 //! f32 product, rounded once to fp16), so `dequantize` equals GPTQModel's `dequantize_weight()` bit
 //! for bit, in any output dtype that holds fp16 values exactly.
 //!
-//! Tensor layout: [`state_dict`]. The in-memory form and the fused CPU kernel, shared with AWQ and
+//! Tensor layout: [`state_dict`]. Quantizing a full-precision weight (GPTQ from calibration
+//! statistics, or round-to-nearest) into this layout: [`quantize`]. The in-memory form and the fused CPU kernel, shared with AWQ and
 //! compressed-tensors: [`kernel`].
 
 pub(crate) mod kernel;
+mod linalg;
+pub mod quantize;
 pub(crate) mod state_dict;
 
 use candle_core::{DType, Tensor};
