@@ -8,6 +8,8 @@
 //! The libraries compute this in the scales' dtype (fp16), and so does lorq (exact f32 product
 //! rounded once), so `dequantize` equals their `dequantize_gemm` bit for bit.
 
+pub mod quantize;
+
 use candle_core::{DType, Tensor};
 use safetensors::Dtype;
 use serde_json::{json, Value};
