@@ -319,9 +319,9 @@ impl AwqTensor {
                 s.len()
             )));
         }
-        for r in 0..n {
-            for v in &mut self.w.scales[r * g..(r + 1) * g] {
-                *v = half::f16::from_f32(*v / s[r]).to_f32();
+        for (row, f) in self.w.scales.chunks_mut(g.max(1)).zip(s) {
+            for v in row {
+                *v = half::f16::from_f32(*v / f).to_f32();
             }
         }
         Ok(())
