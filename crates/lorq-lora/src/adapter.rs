@@ -5,40 +5,118 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::{LoraConfig, LoraError};
 
-/// One adapted linear: `delta(x) = scale · (x · Aᵀ) · Bᵀ`, in the adapter's own dtype.
+/// The weights of one adapted linear.
+#[derive(Debug, Clone)]
+pub enum LoraWeights {
+    /// A PEFT LoRA pair, in the adapter's own dtype: `ΔW = scale · B · A`.
+    LowRank {
+        /// `[r, in_features]`
+        a: Tensor,
+        /// `[out_features, r]`
+        b: Tensor,
+    },
+    /// A dense `ΔW` `[out_features, in_features]` in f32 with the scale already folded in (what
+    /// merging several adapters in ΔW space produces, see [`crate::merge`]).
+    Dense { delta: Tensor },
+}
+
+/// One adapted linear: `delta(x) = x · ΔWᵀ` with `ΔW = scale · B · A` (low rank) or a dense `ΔW`.
 #[derive(Debug, Clone)]
 pub struct LoraModule {
-    /// `[r, in_features]`
-    pub a: Tensor,
-    /// `[out_features, r]`
-    pub b: Tensor,
+    pub weights: LoraWeights,
+    /// `alpha / r` (`alpha / √r` with rsLoRA) for a low-rank pair; 1.0 for a dense delta,
+    /// whose scale is folded into the matrix.
     pub scale: f64,
 }
 
 impl LoraModule {
-    pub fn rank(&self) -> usize {
-        self.a.dims()[0]
-    }
-    pub fn in_features(&self) -> usize {
-        self.a.dims()[1]
-    }
-    pub fn out_features(&self) -> usize {
-        self.b.dims()[0]
-    }
-    pub fn dtype(&self) -> DType {
-        self.a.dtype()
+    /// A PEFT pair `A [r, in]`, `B [out, r]` with its scaling.
+    pub fn low_rank(a: Tensor, b: Tensor, scale: f64) -> Self {
+        Self {
+            weights: LoraWeights::LowRank { a, b },
+            scale,
+        }
     }
 
-    /// `scale · B(A(x))`, returned in `x`'s dtype.
+    /// A dense delta `[out, in]`, stored in f32, scale folded in (`scale` = 1).
+    pub fn dense(delta: Tensor) -> Result<Self, candle_core::Error> {
+        if delta.rank() != 2 {
+            return Err(candle_core::Error::Msg(format!(
+                "a dense LoRA delta must be a 2-D [out, in] matrix, got shape {:?}",
+                delta.dims()
+            )));
+        }
+        Ok(Self {
+            weights: LoraWeights::Dense {
+                delta: delta.to_dtype(DType::F32)?,
+            },
+            scale: 1.0,
+        })
+    }
+
+    /// The rank `r` of a low-rank pair; for a dense delta `min(out, in)`, the most a dense matrix
+    /// can hold (its true rank is not computed).
+    pub fn rank(&self) -> usize {
+        match &self.weights {
+            LoraWeights::LowRank { a, .. } => a.dims()[0],
+            LoraWeights::Dense { delta } => delta.dims()[0].min(delta.dims()[1]),
+        }
+    }
+    pub fn in_features(&self) -> usize {
+        match &self.weights {
+            LoraWeights::LowRank { a, .. } => a.dims()[1],
+            LoraWeights::Dense { delta } => delta.dims()[1],
+        }
+    }
+    pub fn out_features(&self) -> usize {
+        match &self.weights {
+            LoraWeights::LowRank { b, .. } => b.dims()[0],
+            LoraWeights::Dense { delta } => delta.dims()[0],
+        }
+    }
+    /// The stored dtype (always f32 for a dense delta).
+    pub fn dtype(&self) -> DType {
+        match &self.weights {
+            LoraWeights::LowRank { a, .. } => a.dtype(),
+            LoraWeights::Dense { delta } => delta.dtype(),
+        }
+    }
+    /// Bytes of the stored weights.
+    pub fn bytes(&self) -> usize {
+        let n = match &self.weights {
+            LoraWeights::LowRank { a, b } => a.elem_count() + b.elem_count(),
+            LoraWeights::Dense { delta } => delta.elem_count(),
+        };
+        n * self.dtype().size_in_bytes()
+    }
+
+    /// `x · ΔWᵀ`, returned in `x`'s dtype: `scale · B(A(x))` for a pair, `x · ΔWᵀ` for a dense delta.
     ///
     /// Computed in f32 whatever the stored dtype: PEFT loads fp16/bf16 adapters with
     /// `autocast_adapter_dtype=True` (its default), i.e. it applies them in float32, and this is
     /// the behaviour users compare against. Storage stays in the adapter's own dtype.
     pub fn delta(&self, x: &Tensor) -> Result<Tensor, candle_core::Error> {
         let xd = x.to_dtype(DType::F32)?;
-        let h = xd.broadcast_matmul(&self.a.to_dtype(DType::F32)?.t()?)?;
-        let y = h.broadcast_matmul(&self.b.to_dtype(DType::F32)?.t()?)?;
-        (y * self.scale)?.to_dtype(x.dtype())
+        match &self.weights {
+            LoraWeights::LowRank { a, b } => {
+                let h = xd.broadcast_matmul(&a.to_dtype(DType::F32)?.t()?)?;
+                let y = h.broadcast_matmul(&b.to_dtype(DType::F32)?.t()?)?;
+                (y * self.scale)?.to_dtype(x.dtype())
+            }
+            LoraWeights::Dense { delta } => xd.broadcast_matmul(&delta.t()?)?.to_dtype(x.dtype()),
+        }
+    }
+
+    /// The full `ΔW` `[out, in]` in f32: `(B · A) · scale` as PEFT's `get_delta_weight` computes it
+    /// (A and B in f32), or the dense delta itself.
+    pub fn delta_weight(&self) -> Result<Tensor, candle_core::Error> {
+        match &self.weights {
+            LoraWeights::LowRank { a, b } => {
+                let ba = b.to_dtype(DType::F32)?.matmul(&a.to_dtype(DType::F32)?)?;
+                ba * self.scale
+            }
+            LoraWeights::Dense { delta } => Ok(delta.clone()),
+        }
     }
 }
 
@@ -173,7 +251,7 @@ impl LoraAdapter {
                 )));
             }
             let scale = config.scaling(&module);
-            modules.insert(module, LoraModule { a, b, scale });
+            modules.insert(module, LoraModule::low_rank(a, b, scale));
         }
         if modules.is_empty() {
             return Err(invalid(
@@ -182,6 +260,26 @@ impl LoraAdapter {
         }
         Ok(Self {
             path: dir.to_path_buf(),
+            config,
+            modules,
+        })
+    }
+
+    /// An adapter made of the given modules (e.g. dense deltas from [`crate::merge`]); `path`
+    /// names it in messages.
+    pub fn from_modules(
+        path: PathBuf,
+        config: LoraConfig,
+        modules: HashMap<String, LoraModule>,
+    ) -> Result<Self, LoraError> {
+        if modules.is_empty() {
+            return Err(LoraError::Invalid {
+                path,
+                message: "an adapter needs at least one module".into(),
+            });
+        }
+        Ok(Self {
+            path,
             config,
             modules,
         })
@@ -196,10 +294,7 @@ impl LoraAdapter {
     }
 
     pub fn bytes(&self) -> usize {
-        self.modules
-            .values()
-            .map(|m| (m.a.elem_count() + m.b.elem_count()) * m.dtype().size_in_bytes())
-            .sum()
+        self.modules.values().map(LoraModule::bytes).sum()
     }
 
     pub fn dtype(&self) -> Option<DType> {

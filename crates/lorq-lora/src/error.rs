@@ -23,6 +23,8 @@ pub enum LoraError {
         file: String,
         message: String,
     },
+    #[error("merging adapters: {0}")]
+    Merge(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

@@ -236,9 +236,9 @@ impl LlamaModel {
             })?;
             if m.in_features() != lin.in_features() || m.out_features() != lin.out_features() {
                 return Err(err(format!(
-                    "module {path}: lora_A {:?} / lora_B {:?} do not fit the base weight [out {}, in {}]",
-                    m.a.dims(),
-                    m.b.dims(),
+                    "module {path}: the adapter's delta [out {}, in {}] does not fit the base weight [out {}, in {}]",
+                    m.out_features(),
+                    m.in_features(),
                     lin.out_features(),
                     lin.in_features()
                 )));
