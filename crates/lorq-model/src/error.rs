@@ -22,6 +22,8 @@ pub enum ModelError {
     ChatTemplate(String),
     #[error("invalid request: {0}")]
     Request(String),
+    #[error("JSON constraint: {0}")]
+    JsonConstraint(String),
     #[error("fetching the default model: {0}")]
     Pull(String),
     #[error(transparent)]

@@ -8,6 +8,7 @@ pub mod config;
 pub mod error;
 pub mod generation;
 pub mod gguf;
+pub mod json_constraint;
 mod kv_cache;
 mod linear;
 pub mod llama;
