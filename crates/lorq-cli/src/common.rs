@@ -25,14 +25,12 @@ impl ComputeDtype {
     }
 }
 
+/// The base model: folder, compute dtype and quantization.
 #[derive(Debug, Clone, Args)]
-pub struct ModelArgs {
+pub struct BaseModelArgs {
     /// A Hugging Face model folder, or `default` (SmolLM2-135M-Instruct, fetched on first use).
     #[arg(long, default_value = "default", env = "LORQ_MODEL")]
     pub model: String,
-    /// A PEFT LoRA adapter folder applied on top of the base model.
-    #[arg(long)]
-    pub adapter: Option<PathBuf>,
     /// Compute dtype.
     #[arg(long, value_enum, default_value_t = ComputeDtype::F32)]
     pub dtype: ComputeDtype,
@@ -49,8 +47,29 @@ pub struct ModelArgs {
     pub memory_budget: Option<String>,
 }
 
+/// The base model plus one optional adapter.
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    #[command(flatten)]
+    pub base: BaseModelArgs,
+    /// A PEFT LoRA adapter folder applied on top of the base model.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+}
+
 impl ModelArgs {
     pub fn load(&self) -> Result<(LoadedModel, Option<Arc<LoraAdapter>>)> {
+        let loaded = self.base.load()?;
+        let adapter = match &self.adapter {
+            Some(a) => Some(loaded.load_adapter(a)?),
+            None => None,
+        };
+        Ok((loaded, adapter))
+    }
+}
+
+impl BaseModelArgs {
+    pub fn load(&self) -> Result<LoadedModel> {
         let dir = lorq_model::pull::resolve_model(&self.model)?;
         let quantize = match (self.quantize.as_str(), &self.memory_budget) {
             ("auto", None) => None,
@@ -75,13 +94,8 @@ impl ModelArgs {
             }
             (name, _) => QuantMethod::parse(name)?,
         };
-        let loaded = LoadedModel::load_quantized(&dir, self.dtype.dtype(), &Device::Cpu, quantize)
-            .with_context(|| format!("loading model {}", dir.display()))?;
-        let adapter = match &self.adapter {
-            Some(a) => Some(loaded.load_adapter(a)?),
-            None => None,
-        };
-        Ok((loaded, adapter))
+        LoadedModel::load_quantized(&dir, self.dtype.dtype(), &Device::Cpu, quantize)
+            .with_context(|| format!("loading model {}", dir.display()))
     }
 }
 

@@ -25,6 +25,7 @@ enum Command {
     QuantReport(cmd::quant_report::QuantReportArgs),
     Plan(cmd::plan::PlanArgs),
     Quantize(cmd::quantize::QuantizeArgs),
+    Serve(cmd::serve::ServeArgs),
 }
 
 fn main() {
@@ -47,6 +48,7 @@ fn main() {
         Command::QuantReport(a) => cmd::quant_report::run(a),
         Command::Plan(a) => cmd::plan::run(a),
         Command::Quantize(a) => cmd::quantize::run(a),
+        Command::Serve(a) => cmd::serve::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

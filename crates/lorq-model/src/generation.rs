@@ -30,6 +30,24 @@ pub struct GenerationRequest {
     pub adapter: Option<Arc<LoraAdapter>>,
 }
 
+/// Restricts which tokens may come next (e.g. JSON that matches a schema).
+pub trait TokenConstraint: Send {
+    /// Sets the logit of every token that may not come next to `-inf`; `eos` are the EOS ids.
+    fn mask_logits(&self, logits: &mut [f32], eos: &[u32]);
+    /// Moves past the chosen token.
+    fn advance(&mut self, token: u32) -> Result<()>;
+}
+
+/// What one decoding step produced for a sequence.
+#[derive(Debug, Clone)]
+pub struct StepToken {
+    pub sampled: Sampled,
+    /// The text this token completed (empty while a multi-byte character is split).
+    pub piece: String,
+    /// The `top_n` most likely tokens under the model's raw distribution, best first.
+    pub alternatives: Vec<Sampled>,
+}
+
 /// A sequence in flight: its cache, sampler, generated tokens and text so far.
 pub struct Sequence {
     pub request: GenerationRequest,
@@ -40,6 +58,7 @@ pub struct Sequence {
     pub text: String,
     pub finish: Option<FinishReason>,
     context: Vec<u32>,
+    constraint: Option<Box<dyn TokenConstraint>>,
 }
 
 impl Sequence {
@@ -65,7 +84,28 @@ impl Sequence {
             },
             context,
             request,
+            constraint: None,
         })
+    }
+
+    /// Decodes under `constraint` from now on.
+    pub fn set_constraint(&mut self, constraint: Box<dyn TokenConstraint>) {
+        self.constraint = Some(constraint);
+    }
+
+    /// This sequence's part of the next batched step: the whole prompt first, then the last
+    /// generated token.
+    pub fn batch_item(&mut self, logits: LogitsWanted) -> BatchItem<'_> {
+        BatchItem {
+            tokens: if self.cache.is_empty() {
+                &self.request.prompt_ids
+            } else {
+                &self.context[self.context.len() - 1..]
+            },
+            cache: &mut self.cache,
+            adapter: self.request.adapter.clone(),
+            logits,
+        }
     }
 
     pub fn seed(&self) -> u64 {
@@ -80,8 +120,37 @@ impl Sequence {
         tok: &Tokenizer,
         eos: &[u32],
     ) -> Result<(Sampled, String)> {
-        let row: Vec<f32> = logits.squeeze(0)?.to_vec1()?;
-        let s = self.sampler.sample(&row, &self.context);
+        let mut row: Vec<f32> = logits.squeeze(0)?.to_vec1()?;
+        let step = self.accept_scores(&mut row, tok, eos, 0)?;
+        Ok((step.sampled, step.piece))
+    }
+
+    /// Like [`Sequence::accept`] on one row of logits (changed in place by the constraint's
+    /// mask), also returning the `top_n` alternatives.
+    pub fn accept_scores(
+        &mut self,
+        row: &mut [f32],
+        tok: &Tokenizer,
+        eos: &[u32],
+        top_n: usize,
+    ) -> Result<StepToken> {
+        let alternatives = top_logprobs(row, top_n);
+        if let Some(c) = &self.constraint {
+            c.mask_logits(row, eos);
+        }
+        let s = self.sampler.sample(row, &self.context);
+        if let Some(c) = &mut self.constraint {
+            c.advance(s.id)?;
+        }
+        let piece = self.record(s, tok, eos)?;
+        Ok(StepToken {
+            sampled: s,
+            piece,
+            alternatives,
+        })
+    }
+
+    fn record(&mut self, s: Sampled, tok: &Tokenizer, eos: &[u32]) -> Result<String> {
         self.context.push(s.id);
         self.generated.push(s);
         let is_eos = !self.request.ignore_eos && eos.contains(&s.id);
@@ -95,7 +164,7 @@ impl Sequence {
         } else if self.generated.len() >= self.request.max_new_tokens {
             self.finish = Some(FinishReason::Length);
         }
-        Ok((s, piece))
+        Ok(piece)
     }
 
     /// Whether a stop sequence ends within the text added since byte `tail_from`.
@@ -133,17 +202,7 @@ pub fn run_to_completion(
         let mut items: Vec<BatchItem<'_>> = seqs
             .iter_mut()
             .filter(|s| s.finish.is_none())
-            .map(|seq| BatchItem {
-                // The whole prompt first, then the last generated token.
-                tokens: if seq.cache.is_empty() {
-                    &seq.request.prompt_ids
-                } else {
-                    &seq.context[seq.context.len() - 1..]
-                },
-                cache: &mut seq.cache,
-                adapter: seq.request.adapter.clone(),
-                logits: LogitsWanted::Last,
-            })
+            .map(|seq| seq.batch_item(LogitsWanted::Last))
             .collect();
         let logits = model.forward(&mut items)?;
         drop(items);
@@ -151,5 +210,46 @@ pub fn run_to_completion(
             let (s, piece) = seqs[i].accept(l, tok, eos)?;
             on_token(i, s, &piece);
         }
+    }
+}
+
+/// The `n` most likely tokens of `logits` with their log-probabilities, best first.
+pub fn top_logprobs(logits: &[f32], n: usize) -> Vec<Sampled> {
+    if n == 0 {
+        return vec![];
+    }
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let log_z = max + logits.iter().map(|&v| (v - max).exp()).sum::<f32>().ln();
+    let mut idx: Vec<usize> = (0..logits.len()).collect();
+    let n = n.min(idx.len());
+    idx.select_nth_unstable_by(n - 1, |&a, &b| logits[b].total_cmp(&logits[a]));
+    idx.truncate(n);
+    idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+    idx.into_iter()
+        .map(|i| Sampled {
+            id: i as u32,
+            logprob: logits[i] - log_z,
+        })
+        .collect()
+}
+
+/// Log-probability of each prompt token given the ones before it: `None` for the first, then
+/// from `logits` (`[n, vocab]`, one row per prompt position).
+pub fn prompt_logprobs(logits: &Tensor, prompt: &[u32]) -> Result<Vec<Option<f32>>> {
+    let rows: Vec<Vec<f32>> = logits.to_vec2()?;
+    let mut out = Vec::with_capacity(prompt.len());
+    out.push(None);
+    for (row, &next) in rows.iter().zip(&prompt[1..]) {
+        out.push(Some(crate::sampling::log_softmax_at(row, next as usize)));
+    }
+    Ok(out)
+}
+
+impl TokenConstraint for crate::json_constraint::JsonConstraint {
+    fn mask_logits(&self, logits: &mut [f32], eos: &[u32]) {
+        crate::json_constraint::JsonConstraint::mask_logits(self, logits, eos)
+    }
+    fn advance(&mut self, token: u32) -> Result<()> {
+        crate::json_constraint::JsonConstraint::advance(self, token)
     }
 }

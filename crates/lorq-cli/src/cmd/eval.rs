@@ -96,10 +96,10 @@ fn ppl(a: EvalPplArgs) -> Result<()> {
     let tokens_per_s = ids.len() as f64 / seconds;
     if a.json {
         let v = json!({
-            "model": a.model.model,
-            "quantize": a.model.quantize,
+            "model": a.model.base.model,
+            "quantize": a.model.base.quantize,
             "adapter": a.model.adapter,
-            "dtype": format!("{:?}", a.model.dtype).to_lowercase(),
+            "dtype": format!("{:?}", a.model.base.dtype).to_lowercase(),
             "data": a.data,
             "ctx": a.ctx,
             "stride": a.stride,

@@ -8,3 +8,4 @@ pub mod pull;
 pub mod quant_report;
 pub mod quantize;
 pub mod score;
+pub mod serve;

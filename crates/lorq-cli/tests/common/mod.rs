@@ -44,3 +44,4 @@ pub fn lorq_fails(args: &[&str]) -> String {
     assert!(!out.status.success(), "lorq {args:?} should fail");
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
+pub mod server;
