@@ -26,7 +26,9 @@
 //!   integer digits, 18 fraction digits and 2 exponent digits. `minimum`, `maximum`,
 //!   `exclusiveMinimum` and `exclusiveMaximum` are accepted but NOT enforced.
 //! - `enum`, `const`: any JSON values (with `type` they must have that type), emitted as compact
-//!   JSON (object keys in serde_json's map order).
+//!   JSON (object keys in serde_json's map order). Enum values and property names with
+//!   non-ASCII characters may also be written with `\u` escapes, so that a vocabulary without a
+//!   token for such a character (byte-level pieces are unusable on their own) never dead-ends.
 //! - `anyOf`, `oneOf`: the parser keeps a set of stacks, one per alternative still possible.
 //!   `oneOf` is treated as `anyOf`: the output matches at least one alternative, which is
 //!   "exactly one" only when the alternatives do not overlap.
@@ -211,11 +213,18 @@ struct Walk<'a> {
 }
 
 impl Walk<'_> {
+    fn allow(&mut self, lo: u32, hi: u32) {
+        for &t in &self.trie.order[lo as usize..hi as usize] {
+            self.allowed[t as usize] = true;
+        }
+    }
+
     /// Visits the children of trie node `node`, whose stacks are `buf[start..end]`.
     fn walk(&mut self, node: usize, start: usize, end: usize) {
         let (cs, ce) = self.trie.nodes[node].children;
+        let trie = self.trie;
         for c in cs as usize..ce as usize {
-            let child = &self.trie.nodes[c];
+            let child = &trie.nodes[c];
             let mark = self.stepper.arena.len();
             let mid = self.buf.len();
             for k in start..end {
@@ -223,24 +232,32 @@ impl Walk<'_> {
                 self.stepper.step(s, child.ch, &mut self.buf);
             }
             dedup_tail(&mut self.buf, mid);
+            if self.buf.len() > mid && child.plain_below {
+                // Stacks inside a string with room for the deepest piece below accept every
+                // token of this subtree: allow them all, walk on only with the other stacks.
+                let before = self.buf.len();
+                let mut w = mid;
+                for r in mid..before {
+                    let s = self.buf[r];
+                    let absorbs = self
+                        .stepper
+                        .arena
+                        .plain_budget(s)
+                        .is_some_and(|b| b >= child.depth_below);
+                    if !absorbs {
+                        self.buf[w] = s;
+                        w += 1;
+                    }
+                }
+                if w < before {
+                    self.allow(child.lo, child.hi);
+                    self.buf.truncate(w);
+                }
+            }
             let end2 = self.buf.len();
             if end2 > mid {
-                let whole = child.plain_below
-                    && self.buf[mid..end2].iter().all(|&s| {
-                        self.stepper
-                            .arena
-                            .plain_budget(s)
-                            .is_some_and(|b| b >= child.depth_below)
-                    });
-                let (lo, hi) = if whole {
-                    (child.lo, child.hi)
-                } else {
-                    (child.lo, child.lo + child.ends)
-                };
-                for &t in &self.trie.order[lo as usize..hi as usize] {
-                    self.allowed[t as usize] = true;
-                }
-                if !whole && child.children.0 < child.children.1 {
+                self.allow(child.lo, child.lo + child.ends);
+                if child.children.0 < child.children.1 {
                     self.walk(c, mid, end2);
                 }
             }

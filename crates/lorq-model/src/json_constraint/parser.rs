@@ -41,10 +41,12 @@ const E_HEX4: u8 = 6;
 pub(super) enum Frame {
     /// A value of this schema node is expected; nothing of it read yet.
     Value(u32),
-    /// Inside a fixed text (literal index, byte offset of the next char).
+    /// Inside a fixed text (literal index, byte offset of the next char, characters of its
+    /// `\u` escape read so far).
     Lit {
         lit: u32,
         pos: u32,
+        esc: u8,
     },
     /// Inside a string, after the opening quote; `len` in chars (capped once it can no longer
     /// matter, so equal states compare equal).
@@ -169,19 +171,34 @@ impl Stepper<'_> {
         };
         match top {
             Frame::Value(node) => self.start_value(below, node, ch, out),
-            Frame::Lit { lit, pos } => {
+            Frame::Lit { lit, pos, esc } => {
                 let text = &self.schema.literals[lit as usize];
-                if text[pos as usize..].starts_with(ch) {
-                    let pos = pos as usize + ch.len_utf8();
-                    if pos == text.len() {
-                        out.push(below);
+                let Some(want) = text[pos as usize..].chars().next() else {
+                    return;
+                };
+                let (pos, esc) = if esc == 0 && ch == want {
+                    (pos as usize + ch.len_utf8(), 0)
+                } else if !want.is_ascii() && escape_char(want, esc as usize, ch) {
+                    // A non-ASCII character (only ever inside a string) may also be written as
+                    // its `\u` escape(s), for vocabularies without a token for it.
+                    let esc = esc as usize + 1;
+                    if esc == want.len_utf16() * 6 {
+                        (pos as usize + want.len_utf8(), 0)
                     } else {
-                        let lit = Frame::Lit {
-                            lit,
-                            pos: pos as u32,
-                        };
-                        out.push(self.arena.push(below, lit));
+                        (pos as usize, esc)
                     }
+                } else {
+                    return;
+                };
+                if pos == text.len() {
+                    out.push(below);
+                } else {
+                    let f = Frame::Lit {
+                        lit,
+                        pos: pos as u32,
+                        esc: esc as u8,
+                    };
+                    out.push(self.arena.push(below, f));
                 }
             }
             Frame::Str { min, max, len, esc } => {
@@ -272,14 +289,7 @@ impl Stepper<'_> {
                             };
                             let o = self.arena.push(below, obj);
                             let v = self.arena.push(o, Frame::Value(value));
-                            let k = self.arena.push(
-                                v,
-                                Frame::Lit {
-                                    lit: key_lit,
-                                    pos: 0,
-                                },
-                            );
-                            out.push(k);
+                            out.push(self.arena.push(v, lit_frame(key_lit, 0)));
                         }
                     }
                     _ => {}
@@ -301,13 +311,7 @@ impl Stepper<'_> {
                     };
                     let o = self.arena.push(below, f);
                     let v = self.arena.push(o, Frame::Value(values));
-                    let c = self.arena.push(
-                        v,
-                        Frame::Lit {
-                            lit: LIT_COLON,
-                            pos: 0,
-                        },
-                    );
+                    let c = self.arena.push(v, lit_frame(LIT_COLON, 0));
                     let key = Frame::Str {
                         min: 0,
                         max: INF,
@@ -372,28 +376,16 @@ impl Stepper<'_> {
                         len: 0,
                         esc: E_PLAIN,
                     },
-                    't' => Frame::Lit {
-                        lit: LIT_TRUE,
-                        pos: 1,
-                    },
-                    'f' => Frame::Lit {
-                        lit: LIT_FALSE,
-                        pos: 1,
-                    },
-                    'n' => Frame::Lit {
-                        lit: LIT_NULL,
-                        pos: 1,
-                    },
+                    't' => lit_frame(LIT_TRUE, 1),
+                    'f' => lit_frame(LIT_FALSE, 1),
+                    'n' => lit_frame(LIT_NULL, 1),
                     _ => return self.start_number(below, false, ch, out),
                 };
                 out.push(self.arena.push(below, f));
             }
             Node::Null => {
                 if ch == 'n' {
-                    let f = Frame::Lit {
-                        lit: LIT_NULL,
-                        pos: 1,
-                    };
+                    let f = lit_frame(LIT_NULL, 1);
                     out.push(self.arena.push(below, f));
                 }
             }
@@ -403,7 +395,7 @@ impl Stepper<'_> {
                     'f' => LIT_FALSE,
                     _ => return,
                 };
-                out.push(self.arena.push(below, Frame::Lit { lit, pos: 1 }));
+                out.push(self.arena.push(below, lit_frame(lit, 1)));
             }
             &Node::Number { integer } => self.start_number(below, integer, ch, out),
             &Node::String { min, max } => {
@@ -419,19 +411,9 @@ impl Stepper<'_> {
             }
             Node::Enum(lits) => {
                 for &lit in lits {
-                    let text = &schema.literals[lit as usize];
-                    if text.starts_with(ch) {
-                        let pos = ch.len_utf8();
-                        if pos == text.len() {
-                            out.push(below);
-                        } else {
-                            let f = Frame::Lit {
-                                lit,
-                                pos: pos as u32,
-                            };
-                            out.push(self.arena.push(below, f));
-                        }
-                    }
+                    // Every literal starts with an ASCII character: reuse the literal step.
+                    let s = self.arena.push(below, lit_frame(lit, 0));
+                    self.step(s, ch, out);
                 }
             }
             Node::Object { .. } => {
@@ -485,6 +467,27 @@ impl Stepper<'_> {
             digits,
         };
         out.push(self.arena.push(below, f));
+    }
+}
+
+fn lit_frame(lit: u32, pos: u32) -> Frame {
+    Frame::Lit { lit, pos, esc: 0 }
+}
+
+/// Whether `ch` is character `k` of the `\u` escape of `want` (`\uXXXX`, or two of them for a
+/// surrogate pair); hex digits in either case.
+fn escape_char(want: char, k: usize, ch: char) -> bool {
+    let mut units = [0u16; 2];
+    let units = want.encode_utf16(&mut units);
+    let Some(&unit) = units.get(k / 6) else {
+        return false;
+    };
+    match k % 6 {
+        0 => ch == '\\',
+        1 => ch == 'u',
+        d => ch
+            .to_digit(16)
+            .is_some_and(|x| x == u32::from((unit >> (4 * (5 - d))) & 0xf)),
     }
 }
 

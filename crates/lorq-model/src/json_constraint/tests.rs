@@ -39,6 +39,19 @@ fn schemas() -> Vec<(&'static str, Option<Value>)> {
     vec![
         ("json_object", None),
         (
+            "string_or_enum",
+            Some(json!({"anyOf": [
+                {"type": "string", "maxLength": 4},
+                {"enum": ["abc", "a\"b", 1]}
+            ]})),
+        ),
+        (
+            "escaped_key",
+            Some(
+                json!({"type": "object", "properties": {"q\"k\\": {"type": "null"}, "é": {"type": "boolean"}}}),
+            ),
+        ),
+        (
             "person",
             Some(json!({
                 "type": "object",
@@ -94,7 +107,7 @@ fn schemas() -> Vec<(&'static str, Option<Value>)> {
         ("any", Some(json!({}))),
         (
             "enum",
-            Some(json!({"enum": [1, "a", null, true, [1], {"b": 2}, 12.5]})),
+            Some(json!({"enum": [1, "a", null, true, [1], {"b": 2}, 12.5, "日本", {"é": "😀"}]})),
         ),
         (
             "one_of",
@@ -561,4 +574,113 @@ fn mask_timing_smollm2() {
         let allowed = logits.iter().filter(|l| l.is_finite()).count();
         eprintln!("{what}: {:?} per mask, {allowed} allowed", t.elapsed() / n);
     }
+}
+
+#[test]
+fn constraint_is_send() {
+    fn send<T: Send>() {}
+    send::<JsonConstraint>();
+    send::<Arc<JsonSchema>>();
+    send::<Arc<TokenPieces>>();
+}
+
+/// A SentencePiece-style tokenizer (Metaspace `▁`, byte fallback, a decoder that strips the
+/// first leading space): pieces keep their leading space, byte tokens are unusable.
+#[test]
+fn sentencepiece_style_pieces() {
+    let vocab = json!({
+        "<unk>": 0, "<s>": 1, "</s>": 2, "▁": 3, "a": 4, "b": 5, "{": 6, "}": 7, "\"": 8,
+        ":": 9, "▁a": 10, "<0xC3>": 11, "<0xA9>": 12, "▁{": 13, "ab": 14, "1": 15
+    });
+    let tokenizer = json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": [
+            {"id": 0, "content": "<unk>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true},
+            {"id": 1, "content": "<s>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true},
+            {"id": 2, "content": "</s>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}
+        ],
+        "normalizer": {"type": "Sequence", "normalizers": [
+            {"type": "Prepend", "prepend": "▁"},
+            {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}
+        ]},
+        "pre_tokenizer": null,
+        "post_processor": null,
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+            {"type": "ByteFallback"},
+            {"type": "Fuse"},
+            {"type": "Strip", "content": " ", "start": 1, "stop": 0}
+        ]},
+        "model": {"type": "BPE", "dropout": null, "unk_token": "<unk>",
+            "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": true,
+            "byte_fallback": true, "ignore_merges": false, "vocab": vocab,
+            "merges": ["▁ a", "▁ {", "a b"]}
+    });
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("tokenizer.json"), tokenizer.to_string()).unwrap();
+    std::fs::write(
+        dir.path().join("tokenizer_config.json"),
+        json!({"eos_token": "</s>", "bos_token": "<s>"}).to_string(),
+    )
+    .unwrap();
+    let tok = Tokenizer::load(dir.path()).unwrap();
+    assert_eq!(
+        tok.decode(&[10], false).unwrap(),
+        "a",
+        "the decoder strips the first space"
+    );
+    let pieces = TokenPieces::new(&tok).unwrap();
+    let want: [(u32, Option<&str>); 13] = [
+        (0, None),
+        (1, None),
+        (2, None),
+        (3, Some(" ")),
+        (4, Some("a")),
+        (6, Some("{")),
+        (8, Some("\"")),
+        (10, Some(" a")),
+        (11, None),
+        (12, None),
+        (13, Some(" {")),
+        (14, Some("ab")),
+        (15, Some("1")),
+    ];
+    for (id, piece) in want {
+        assert_eq!(pieces.piece(id), piece, "token {id}");
+    }
+    // Compact JSON: a leading space is never allowed.
+    let schema = Arc::new(JsonSchema::compile(None).unwrap());
+    let c = JsonConstraint::new(schema, Arc::new(pieces));
+    let allowed = c.allowed();
+    assert!(allowed[6] && !allowed[13] && !allowed[3] && !allowed[10]);
+}
+
+/// A non-ASCII key or enum character may be spelled raw or as its `\u` escape(s), mixed.
+#[test]
+fn non_ascii_literals_accept_escapes() {
+    let (pieces, eos) = synthetic();
+    let s = json!({"type": "object", "properties": {"é": {"enum": ["😀x"]}}, "required": ["é"]});
+    let schema = Arc::new(JsonSchema::compile(Some(&s)).unwrap());
+    let mut c = JsonConstraint::new(schema.clone(), pieces.clone());
+    advance_all(
+        &mut c,
+        &pieces,
+        &["{\"", "\\u00", "E", "9", "\":", "\"", "\\", "u", "d", "8"],
+    );
+    assert!(
+        c.advance(id_of(&pieces, "3")).is_ok(),
+        "\\ud83d is the high surrogate of 😀"
+    );
+    for t in ["d", "\\", "u", "d", "e", "0", "0", "x", "\"}"] {
+        c.advance(id_of(&pieces, t)).unwrap();
+    }
+    assert!(c.is_finished());
+    let v: Value = serde_json::from_str(c.text()).unwrap();
+    assert_eq!(v, json!({"é": "😀x"}));
+    let mut c = JsonConstraint::new(schema, pieces.clone());
+    advance_all(&mut c, &pieces, &["{\"", "é", "\":", "\""]);
+    assert!(c.advance(id_of(&pieces, "\\ud8")).is_ok());
+    assert!(!allowed_pieces(&c, &pieces, eos)
+        .0
+        .contains(&"4".to_string()));
 }
