@@ -135,12 +135,88 @@ pub fn quantize_checkpoint(
     let start = Instant::now();
     if !method.is_jit() {
         return Err(ModelError::Request(format!(
-            "{} needs calibration data (it is made by its own toolkit from activations, e.g. \
-             GPTQModel / AutoAWQ) and cannot be produced by `lorq quantize`; lorq loads such \
-             pre-quantized checkpoints directly",
+            "{} needs calibration data: run `lorq quantize --method {} --calibration FILE` \
+             (lorq also loads checkpoints made by GPTQModel / AutoAWQ directly)",
+            method.name(),
             method.name()
         )));
     }
+    let weights = prepare_output(src, out, opts.force)?;
+    let names: Vec<String> = weights.inventory().into_iter().map(|(n, ..)| n).collect();
+    let linears: Vec<&String> = names.iter().filter(|n| is_quantized_linear(n)).collect();
+    let progress = progress_bar(linears.len(), "linears", method.name(), opts.progress);
+    let mut replace = HashMap::new();
+    let (mut linear_params, mut linear_bytes) = (0usize, 0usize);
+    for name in &linears {
+        progress.set_message((*name).clone());
+        let (_, shape) = weights.raw_info(name).ok_or_else(|| ModelError::Tensor {
+            name: (*name).clone(),
+            message: "missing".into(),
+        })?;
+        let w = weights.load_as_stored(name, &shape, &Device::Cpu)?;
+        let q = method.quantize(&w).map_err(|e| ModelError::Tensor {
+            name: (*name).clone(),
+            message: format!("{} quantization failed: {e}", method.name()),
+        })?;
+        drop(w);
+        let (o, i) = q.shape();
+        linear_params += o * i;
+        linear_bytes += q.bytes();
+        let prefix = name.strip_suffix(".weight").expect("a .weight name");
+        replace.insert((*name).clone(), q.state_dict(prefix)?);
+        progress.inc(1);
+    }
+    progress.finish_and_clear();
+    let (tensors, bytes) =
+        write_checkpoint(src, out, &weights, replace, method.quantization_config())?;
+    Ok(QuantizeSummary {
+        method: method.name().to_string(),
+        out: out.to_path_buf(),
+        tensors,
+        quantized_linears: linears.len(),
+        bytes,
+        linear_params,
+        linear_bytes,
+        bits_per_weight: bits_per_weight(linear_bytes, linear_params),
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+pub(crate) fn bits_per_weight(bytes: usize, params: usize) -> f64 {
+    if params == 0 {
+        0.0
+    } else {
+        8.0 * bytes as f64 / params as f64
+    }
+}
+
+/// A progress bar over `len` `unit` on stderr (hidden unless `show`).
+pub(crate) fn progress_bar(
+    len: usize,
+    unit: &str,
+    prefix: &str,
+    show: bool,
+) -> indicatif::ProgressBar {
+    let progress = indicatif::ProgressBar::new(len as u64);
+    if show {
+        if let Ok(style) = indicatif::ProgressStyle::with_template(&format!(
+            "quantizing ({{prefix}}) [{{bar:30}}] {{pos}}/{{len}} {unit}, {{eta}} left {{wide_msg}}"
+        )) {
+            progress.set_style(style.progress_chars("=> "));
+        }
+        progress.set_prefix(prefix.to_string());
+    } else {
+        progress.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    progress
+}
+
+/// Tensors written instead of a source tensor, keyed by the source tensor's name.
+pub(crate) type Replacements = HashMap<String, Vec<(String, RawTensor)>>;
+
+/// Opens the full-precision weights of `src` (refusing a pre-quantized folder) and creates `out`
+/// (which must be empty unless `force`).
+pub(crate) fn prepare_output(src: &Path, out: &Path, force: bool) -> Result<WeightFiles> {
     let config = ModelConfig::load(src)?;
     let weights = WeightFiles::open(src)?;
     if let Some(f) = CheckpointFormat::detect(&config, &weights, src)? {
@@ -155,7 +231,7 @@ pub fn quantize_checkpoint(
             .map_err(io_err(out))?
             .next()
             .is_some();
-        if non_empty && !opts.force {
+        if non_empty && !force {
             return Err(ModelError::Request(format!(
                 "output folder {} exists and is not empty (pass --force to write into it)",
                 out.display()
@@ -163,61 +239,47 @@ pub fn quantize_checkpoint(
         }
     }
     std::fs::create_dir_all(out).map_err(io_err(out))?;
+    Ok(weights)
+}
 
-    let names: Vec<String> = weights.inventory().into_iter().map(|(n, ..)| n).collect();
-    let linears: Vec<&String> = names.iter().filter(|n| is_quantized_linear(n)).collect();
-    let progress = indicatif::ProgressBar::new(linears.len() as u64);
-    if opts.progress {
-        if let Ok(style) = indicatif::ProgressStyle::with_template(
-            "quantizing ({prefix}) [{bar:30}] {pos}/{len} linears, {eta} left {wide_msg}",
-        ) {
-            progress.set_style(style.progress_chars("=> "));
-        }
-        progress.set_prefix(method.name());
-    } else {
-        progress.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
-
+/// Writes `out/model.safetensors` with every tensor of `weights` copied as stored, except those
+/// named in `replace`, which are written as the tensors given there (a quantized linear's
+/// `qweight`, `scales`, ..., or a changed norm weight); `out/config.json` = the source's plus
+/// `quantization_config`; and the tokenizer/generation files. Returns the number of tensors
+/// written and the bytes of `model.safetensors`.
+pub(crate) fn write_checkpoint(
+    src: &Path,
+    out: &Path,
+    weights: &WeightFiles,
+    mut replace: Replacements,
+    quantization_config: serde_json::Value,
+) -> Result<(usize, u64)> {
     let mut entries: Vec<(String, Entry<'_>)> = Vec::new();
-    let (mut linear_params, mut linear_bytes) = (0usize, 0usize);
-    for name in &names {
-        if is_quantized_linear(name) {
-            progress.set_message(name.clone());
-            let (_, shape) = weights.raw_info(name).ok_or_else(|| ModelError::Tensor {
-                name: name.clone(),
-                message: "missing".into(),
-            })?;
-            let w = weights.load_as_stored(name, &shape, &Device::Cpu)?;
-            let q = method.quantize(&w).map_err(|e| ModelError::Tensor {
-                name: name.clone(),
-                message: format!("{} quantization failed: {e}", method.name()),
-            })?;
-            drop(w);
-            let (o, i) = q.shape();
-            linear_params += o * i;
-            linear_bytes += q.bytes();
-            let prefix = name.strip_suffix(".weight").expect("a .weight name");
-            for (n, t) in q.state_dict(prefix)? {
-                entries.push((n, Entry::Held(t)));
-            }
-            progress.inc(1);
-        } else {
-            let (dtype, shape) = weights.raw_info(name).ok_or_else(|| ModelError::Tensor {
-                name: name.clone(),
-                message: "missing".into(),
-            })?;
-            entries.push((
-                name.clone(),
-                Entry::Copied {
-                    name: name.clone(),
-                    dtype,
-                    shape,
-                    weights: &weights,
-                },
-            ));
+    for (name, ..) in weights.inventory() {
+        if let Some(ts) = replace.remove(&name) {
+            entries.extend(ts.into_iter().map(|(n, t)| (n, Entry::Held(t))));
+            continue;
         }
+        let (dtype, shape) = weights.raw_info(&name).ok_or_else(|| ModelError::Tensor {
+            name: name.clone(),
+            message: "missing".into(),
+        })?;
+        entries.push((
+            name.clone(),
+            Entry::Copied {
+                name,
+                dtype,
+                shape,
+                weights,
+            },
+        ));
     }
-    progress.finish_and_clear();
+    if let Some(name) = replace.keys().next() {
+        return Err(ModelError::Tensor {
+            name: name.clone(),
+            message: format!("not in the weights of {}", src.display()),
+        });
+    }
 
     let file = out.join("model.safetensors");
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
@@ -249,7 +311,7 @@ pub fn quantize_checkpoint(
         path: cfg_path.clone(),
         message: "not a JSON object".into(),
     })?;
-    obj.insert("quantization_config".into(), method.quantization_config());
+    obj.insert("quantization_config".into(), quantization_config);
     let out_cfg = out.join("config.json");
     let mut s = serde_json::to_string_pretty(&cfg).expect("JSON value serializes");
     s.push('\n');
@@ -261,21 +323,7 @@ pub fn quantize_checkpoint(
         }
     }
     let bytes = std::fs::metadata(&file).map_err(io_err(&file))?.len();
-    Ok(QuantizeSummary {
-        method: method.name().to_string(),
-        out: out.to_path_buf(),
-        tensors: entries.len(),
-        quantized_linears: linears.len(),
-        bytes,
-        linear_params,
-        linear_bytes,
-        bits_per_weight: if linear_params == 0 {
-            0.0
-        } else {
-            8.0 * linear_bytes as f64 / linear_params as f64
-        },
-        seconds: start.elapsed().as_secs_f64(),
-    })
+    Ok((entries.len(), bytes))
 }
 
 #[cfg(test)]

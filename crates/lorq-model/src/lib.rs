@@ -2,6 +2,7 @@
 //! sampling, tokenizer and chat template, GGUF import, and the embedded default model.
 
 mod attention;
+pub mod calibrate;
 pub mod chat_template;
 pub mod checkpoint_writer;
 pub mod config;
@@ -27,7 +28,7 @@ pub use error::{ModelError, Result};
 pub use generation::{run_to_completion, FinishReason, GenerationRequest, Sequence};
 pub use kv_cache::KvCache;
 pub use linear::Linear;
-pub use llama::{BatchItem, LlamaModel, LogitsWanted};
+pub use llama::{BatchItem, LayerLinear, LlamaModel, LogitsWanted};
 pub use loaded::LoadedModel;
 pub use perplexity::{sliding_window_nll, PplResult};
 pub use sampling::{Sampled, Sampler, SamplingParams};

@@ -14,6 +14,46 @@ use crate::prequantized::CheckpointFormat;
 use crate::rope::Rope;
 use crate::weights::WeightFiles;
 
+/// One linear of a decoder layer, in the order the forward applies them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LayerLinear {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl LayerLinear {
+    pub const ALL: [LayerLinear; 7] = [
+        LayerLinear::Q,
+        LayerLinear::K,
+        LayerLinear::V,
+        LayerLinear::O,
+        LayerLinear::Gate,
+        LayerLinear::Up,
+        LayerLinear::Down,
+    ];
+
+    /// The module path below `model.layers.N.` (`self_attn.q_proj`, ...).
+    pub fn module(self) -> &'static str {
+        match self {
+            LayerLinear::Q => "self_attn.q_proj",
+            LayerLinear::K => "self_attn.k_proj",
+            LayerLinear::V => "self_attn.v_proj",
+            LayerLinear::O => "self_attn.o_proj",
+            LayerLinear::Gate => "mlp.gate_proj",
+            LayerLinear::Up => "mlp.up_proj",
+            LayerLinear::Down => "mlp.down_proj",
+        }
+    }
+}
+
+/// Applies one linear of a decoder layer to its input (`[rows, in]` -> `[rows, out]`).
+pub type ApplyLinear<'a> = dyn FnMut(LayerLinear, &Linear, &Tensor) -> Result<Tensor> + 'a;
+
 struct DecoderLayer {
     input_norm: Tensor,
     post_attention_norm: Tensor,
@@ -25,6 +65,66 @@ struct DecoderLayer {
     up: Linear,
     down: Linear,
     window: Option<usize>,
+}
+
+impl DecoderLayer {
+    fn linear(&self, which: LayerLinear) -> &Linear {
+        match which {
+            LayerLinear::Q => &self.q,
+            LayerLinear::K => &self.k,
+            LayerLinear::V => &self.v,
+            LayerLinear::O => &self.o,
+            LayerLinear::Gate => &self.gate,
+            LayerLinear::Up => &self.up,
+            LayerLinear::Down => &self.down,
+        }
+    }
+
+    /// The layer over the rows of `x` (`[rows, hidden]`): sequence `i` holds rows
+    /// `spans[i].0 .. spans[i].0 + spans[i].1`, at the positions after `caches[i]`'s, with RoPE
+    /// tables `ropes[i]`; its keys and values are appended to `caches[i]` at `cache_layer`. Every
+    /// linear goes through `apply`.
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &self,
+        c: &ModelConfig,
+        x: Tensor,
+        spans: &[(usize, usize)],
+        ropes: &[(Tensor, Tensor)],
+        caches: &mut [&mut KvCache],
+        cache_layer: usize,
+        apply: &mut ApplyLinear<'_>,
+    ) -> Result<Tensor> {
+        let eps = c.rms_norm_eps as f32;
+        let (heads, kv_heads, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let h = candle_nn::ops::rms_norm(&x, &self.input_norm, eps)?;
+        let q = apply(LayerLinear::Q, &self.q, &h)?;
+        let k = apply(LayerLinear::K, &self.k, &h)?;
+        let v = apply(LayerLinear::V, &self.v, &h)?;
+        let mut outs = Vec::with_capacity(spans.len());
+        for (i, cache) in caches.iter_mut().enumerate() {
+            let (start, n) = spans[i];
+            let (cos, sin) = &ropes[i];
+            let qi = split_heads(&q.narrow(0, start, n)?, heads, hd)?;
+            let ki = split_heads(&k.narrow(0, start, n)?, kv_heads, hd)?;
+            let vi = split_heads(&v.narrow(0, start, n)?, kv_heads, hd)?;
+            let qi = candle_nn::rotary_emb::rope(&qi.unsqueeze(0)?, cos, sin)?.squeeze(0)?;
+            let ki = candle_nn::rotary_emb::rope(&ki.unsqueeze(0)?, cos, sin)?.squeeze(0)?;
+            let (k_all, v_all) = cache.append(cache_layer, &ki, &vi)?;
+            outs.push(merge_heads(&attend(&qi, &k_all, &v_all, self.window)?)?);
+        }
+        let attn = if outs.len() == 1 {
+            outs.pop().expect("one")
+        } else {
+            Tensor::cat(&outs, 0)?
+        };
+        let x = (x + apply(LayerLinear::O, &self.o, &attn)?)?;
+        let h = candle_nn::ops::rms_norm(&x, &self.post_attention_norm, eps)?;
+        let gate = apply(LayerLinear::Gate, &self.gate, &h)?;
+        let up = apply(LayerLinear::Up, &self.up, &h)?;
+        let act = (gate.silu()? * up)?;
+        Ok((x + apply(LayerLinear::Down, &self.down, &act)?)?)
+    }
 }
 
 /// Which logits a sequence of the batch wants back.
@@ -205,6 +305,78 @@ impl LlamaModel {
             .chain(std::iter::once(&self.lm_head))
     }
 
+    /// Decoder layers.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Linear `which` of decoder layer `layer` (panics past [`Self::num_layers`]).
+    pub fn layer_linear(&self, layer: usize, which: LayerLinear) -> &Linear {
+        self.layers[layer].linear(which)
+    }
+
+    /// The RMSNorm weight before the attention (`input_layernorm`) or before the MLP
+    /// (`post_attention_layernorm`) of decoder layer `layer`.
+    pub fn layer_norm_weight(&self, layer: usize, post_attention: bool) -> &Tensor {
+        let l = &self.layers[layer];
+        if post_attention {
+            &l.post_attention_norm
+        } else {
+            &l.input_norm
+        }
+    }
+
+    /// The token embeddings `[ids, hidden]`.
+    pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
+        let c = &self.config;
+        if let Some(&bad) = ids.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(ModelError::Request(format!(
+                "token id {bad} is outside the vocabulary (size {})",
+                c.vocab_size
+            )));
+        }
+        let t = Tensor::from_vec(ids.to_vec(), ids.len(), &self.device)?;
+        Ok(self.embed_tokens.index_select(&t, 0)?)
+    }
+
+    /// Decoder layer `layer` alone over independent sequences that start at position 0: `x` holds
+    /// their hidden states `[Σ lens, hidden]` one after the other; every linear goes through
+    /// `apply` (e.g. the quantizers' calibration, which sees each linear's input). The same code
+    /// as [`Self::forward`].
+    pub fn forward_layer(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        lens: &[usize],
+        apply: &mut ApplyLinear<'_>,
+    ) -> Result<Tensor> {
+        let l = self.layers.get(layer).ok_or_else(|| {
+            ModelError::Request(format!(
+                "layer {layer} does not exist ({} layers)",
+                self.layers.len()
+            ))
+        })?;
+        let mut spans = Vec::with_capacity(lens.len());
+        let mut at = 0;
+        for &n in lens {
+            spans.push((at, n));
+            at += n;
+        }
+        if at != x.dim(0)? {
+            return Err(ModelError::Request(format!(
+                "sequence lengths add up to {at} rows, the hidden states have {}",
+                x.dim(0)?
+            )));
+        }
+        let ropes = lens
+            .iter()
+            .map(|&n| self.rope.tables(0, n))
+            .collect::<Result<Vec<_>>>()?;
+        let mut caches: Vec<KvCache> = lens.iter().map(|_| KvCache::new(1)).collect();
+        let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
+        l.forward(&self.config, x.clone(), &spans, &ropes, &mut refs, 0, apply)
+    }
+
     /// Bytes of all weights (embedding counted once when tied).
     pub fn weight_bytes(&self) -> usize {
         let t = |x: &Tensor| x.elem_count() * x.dtype().size_in_bytes();
@@ -279,35 +451,13 @@ impl LlamaModel {
             .map(|&(_, n, off)| self.rope.tables(off, n))
             .collect::<Result<Vec<_>>>()?;
         let eps = c.rms_norm_eps as f32;
-        let (heads, kv_heads, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        for (li, layer) in self.layers.iter().enumerate() {
-            let h = candle_nn::ops::rms_norm(&x, &layer.input_norm, eps)?;
-            let q = layer.q.forward(&h, &adapters)?;
-            let k = layer.k.forward(&h, &adapters)?;
-            let v = layer.v.forward(&h, &adapters)?;
-            let mut outs = Vec::with_capacity(items.len());
-            for (i, it) in items.iter_mut().enumerate() {
-                let (start, n, _) = spans[i];
-                let (cos, sin) = &ropes[i];
-                let qi = split_heads(&q.narrow(0, start, n)?, heads, hd)?;
-                let ki = split_heads(&k.narrow(0, start, n)?, kv_heads, hd)?;
-                let vi = split_heads(&v.narrow(0, start, n)?, kv_heads, hd)?;
-                let qi = candle_nn::rotary_emb::rope(&qi.unsqueeze(0)?, cos, sin)?.squeeze(0)?;
-                let ki = candle_nn::rotary_emb::rope(&ki.unsqueeze(0)?, cos, sin)?.squeeze(0)?;
-                let (k_all, v_all) = it.cache.append(li, &ki, &vi)?;
-                outs.push(merge_heads(&attend(&qi, &k_all, &v_all, layer.window)?)?);
+        let row_spans: Vec<(usize, usize)> = spans.iter().map(|&(s, n, _)| (s, n)).collect();
+        {
+            let mut caches: Vec<&mut KvCache> = items.iter_mut().map(|it| &mut *it.cache).collect();
+            let mut apply = |_: LayerLinear, lin: &Linear, h: &Tensor| lin.forward(h, &adapters);
+            for (li, layer) in self.layers.iter().enumerate() {
+                x = layer.forward(c, x, &row_spans, &ropes, &mut caches, li, &mut apply)?;
             }
-            let attn = if outs.len() == 1 {
-                outs.pop().expect("one")
-            } else {
-                Tensor::cat(&outs, 0)?
-            };
-            x = (x + layer.o.forward(&attn, &adapters)?)?;
-            let h = candle_nn::ops::rms_norm(&x, &layer.post_attention_norm, eps)?;
-            let gate = layer.gate.forward(&h, &adapters)?;
-            let up = layer.up.forward(&h, &adapters)?;
-            let act = (gate.silu()? * up)?;
-            x = (x + layer.down.forward(&act, &adapters)?)?;
         }
         for (it, &(_, n, _)) in items.iter_mut().zip(&spans) {
             it.cache.advance(n);
