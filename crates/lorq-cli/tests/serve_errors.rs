@@ -273,15 +273,21 @@ fn overload_auth_and_graceful_shutdown() {
     let long = json!({"inputs": "hello", "parameters": {"max_new_tokens": 1500, "ignore_eos_token": true}});
     let url2 = url.clone();
     let body = long.clone();
+    let (started_tx, started_rx) = std::sync::mpsc::channel();
     let streamer = std::thread::spawn(move || {
-        let r = http()
+        let mut r = http()
             .post(format!("{url2}/generate_stream"))
             .bearer_auth("s3cret")
             .json(&body)
             .send()
             .unwrap();
         assert_eq!(r.status(), 200);
-        let text = r.text().unwrap();
+        // The first event: the request holds its slot now.
+        let mut first = [0u8; 16];
+        let n = r.read(&mut first).unwrap();
+        started_tx.send(()).unwrap();
+        let mut text = String::from_utf8_lossy(&first[..n]).into_owned();
+        r.read_to_string(&mut text).unwrap();
         let last = text
             .lines()
             .filter_map(|l| l.strip_prefix("data:"))
@@ -291,6 +297,7 @@ fn overload_auth_and_graceful_shutdown() {
             .to_string();
         serde_json::from_str::<Value>(&last).unwrap()
     });
+    started_rx.recv_timeout(Duration::from_secs(60)).unwrap();
     let start = Instant::now();
     loop {
         let r = http()

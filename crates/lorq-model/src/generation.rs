@@ -139,7 +139,8 @@ impl Sequence {
             c.mask_logits(row, eos);
         }
         let s = self.sampler.sample(row, &self.context);
-        if let Some(c) = &mut self.constraint {
+        // EOS carries no text: the constraint only allowed it once the value was complete.
+        if let Some(c) = self.constraint.as_mut().filter(|_| !eos.contains(&s.id)) {
             c.advance(s.id)?;
         }
         let piece = self.record(s, tok, eos)?;

@@ -1,14 +1,23 @@
 //! Request bodies: size-limited, parsed as JSON with the path of a wrongly typed field in the
 //! error, and every failure answered as the JSON error the clients parse.
 
-use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
+use axum::http::StatusCode;
+use futures_util::StreamExt;
 use serde::de::DeserializeOwned;
 
 use crate::error::ApiError;
 
 /// A JSON body of type `T`; see the module doc.
 pub struct JsonBody<T>(pub T);
+
+/// The most bytes read (and thrown away) from an oversized body so the client, which is
+/// usually still sending, gets the 413 answer instead of a broken pipe.
+const DRAIN_LIMIT: usize = 64 << 20;
+
+/// The `--max-body-bytes` limit, set as a request extension by the router.
+#[derive(Clone, Copy)]
+pub struct BodyLimit(pub usize);
 
 impl<S, T> FromRequest<S> for JsonBody<T>
 where
@@ -17,20 +26,41 @@ where
 {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
-            let status = e.status();
-            if status == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::new(
-                    status,
-                    crate::error::ErrorType::Validation,
-                    format!("request body is too large: {e} (limit set by --max-body-bytes)"),
-                )
-            } else {
+    async fn from_request(req: Request, _state: &S) -> Result<Self, Self::Rejection> {
+        let limit = req
+            .extensions()
+            .get::<BodyLimit>()
+            .map(|l| l.0)
+            .unwrap_or(2 << 20);
+        let mut stream = req.into_body().into_data_stream();
+        let mut buf: Vec<u8> = Vec::new();
+        let mut seen = 0usize;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| {
                 ApiError::bad_request(format!("could not read the request body: {e}"))
+            })?;
+            seen += chunk.len();
+            if seen <= limit {
+                buf.extend_from_slice(&chunk);
+            } else if seen > DRAIN_LIMIT {
+                break;
             }
-        })?;
-        parse_json(&bytes).map(JsonBody)
+        }
+        if seen > limit {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                crate::error::ErrorType::Validation,
+                format!(
+                    "request body is too large: {} bytes, the limit is {limit} (--max-body-bytes)",
+                    if seen > DRAIN_LIMIT {
+                        format!("over {DRAIN_LIMIT}")
+                    } else {
+                        seen.to_string()
+                    }
+                ),
+            ));
+        }
+        parse_json(&buf).map(JsonBody)
     }
 }
 

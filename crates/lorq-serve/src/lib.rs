@@ -74,7 +74,9 @@ pub fn router(state: Arc<AppState>) -> Router {
             state.clone(),
             auth::require_key,
         ))
-        .layer(DefaultBodyLimit::max(max_body))
+        // The JSON extractor enforces --max-body-bytes itself, so it can answer 413 in JSON.
+        .layer(DefaultBodyLimit::disable())
+        .layer(axum::Extension(body::BodyLimit(max_body)))
         .with_state(state)
 }
 

@@ -99,9 +99,11 @@ fn options(s: &OpenAiSampling, top_n: u32, fill_context: bool) -> Result<Options
                 }
                 Some(schema)
             }
-            other => return Err(ApiError::validation(format!(
+            other => {
+                return Err(ApiError::validation(format!(
                 "response_format.type {other:?} is not supported (text, json_object, json_schema)"
-            ))),
+            )))
+            }
         },
     };
     Ok(Options {
