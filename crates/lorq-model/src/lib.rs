@@ -14,6 +14,7 @@ mod kv_cache;
 mod linear;
 pub mod llama;
 mod loaded;
+pub mod merge_checkpoint;
 pub mod perplexity;
 pub mod prequantized;
 pub mod pull;
