@@ -27,6 +27,8 @@ pub struct LoraModule {
     /// `alpha / r` (`alpha / √r` with rsLoRA) for a low-rank pair; 1.0 for a dense delta,
     /// whose scale is folded into the matrix.
     pub scale: f64,
+    /// The weights as row-major f32 on the host, made on first use by the CPU kernel.
+    host_f32: std::sync::OnceLock<crate::batched::HostWeights>,
 }
 
 impl LoraModule {
@@ -35,6 +37,7 @@ impl LoraModule {
         Self {
             weights: LoraWeights::LowRank { a, b },
             scale,
+            host_f32: Default::default(),
         }
     }
 
@@ -51,6 +54,7 @@ impl LoraModule {
                 delta: delta.to_dtype(DType::F32)?,
             },
             scale: 1.0,
+            host_f32: Default::default(),
         })
     }
 
@@ -105,6 +109,27 @@ impl LoraModule {
             }
             LoraWeights::Dense { delta } => xd.broadcast_matmul(&delta.t()?)?.to_dtype(x.dtype()),
         }
+    }
+
+    /// The weights as row-major f32 host vectors (converted once, then shared).
+    pub(crate) fn host_weights(&self) -> Result<&crate::batched::HostWeights, candle_core::Error> {
+        if let Some(w) = self.host_f32.get() {
+            return Ok(w);
+        }
+        let flat = |t: &Tensor| -> Result<Vec<f32>, candle_core::Error> {
+            t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()
+        };
+        let w = match &self.weights {
+            LoraWeights::LowRank { a, b } => crate::batched::HostWeights::LowRank {
+                a: flat(a)?,
+                b: flat(b)?,
+                r: a.dims()[0],
+            },
+            LoraWeights::Dense { delta } => crate::batched::HostWeights::Dense {
+                delta: flat(delta)?,
+            },
+        };
+        Ok(self.host_f32.get_or_init(|| w))
     }
 
     /// The full `ΔW` `[out, in]` in f32: `(B · A) · scale` as PEFT's `get_delta_weight` computes it

@@ -74,6 +74,9 @@ impl BatchAdapters {
             return Ok(base_out);
         }
         let out_dtype = base_out.dtype();
+        if x.device().is_cpu() {
+            return self.apply_cpu(&modules, x, base_out);
+        }
         // Sum in f32 then round once, as PEFT adds the float32 LoRA output to the base output.
         let base_out = base_out.to_dtype(DType::F32)?;
         if self.segments.len() == 1 {
@@ -94,5 +97,32 @@ impl BatchAdapters {
             start += seg.rows;
         }
         (base_out + Tensor::cat(&pieces, 0)?)?.to_dtype(out_dtype)
+    }
+
+    /// The CPU path: one pass over the rows with [`crate::batched`] (f32 throughout, one
+    /// rounding to the output dtype at the end, as the generic path).
+    fn apply_cpu(
+        &self,
+        modules: &[Option<&crate::LoraModule>],
+        x: &Tensor,
+        base_out: Tensor,
+    ) -> Result<Tensor, candle_core::Error> {
+        let out_dtype = base_out.dtype();
+        let (rows, n_out) = base_out.dims2()?;
+        let n_in = x.dim(1)?;
+        let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let mut out: Vec<f32> = base_out.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let mut plan = Vec::with_capacity(self.segments.len());
+        let mut start = 0;
+        for (seg, module) in self.segments.iter().zip(modules) {
+            let w = match module {
+                Some(m) => Some((m.host_weights()?, m.scale as f32)),
+                None => None,
+            };
+            plan.push((start, seg.rows, w));
+            start += seg.rows;
+        }
+        crate::batched::add_deltas(&xs, n_in, &mut out, n_out, &plan);
+        Tensor::from_vec(out, (rows, n_out), x.device())?.to_dtype(out_dtype)
     }
 }

@@ -4,6 +4,7 @@
 
 mod adapter;
 mod apply;
+mod batched;
 mod config;
 mod error;
 pub mod merge;
