@@ -7,7 +7,7 @@ mod cmd;
 mod common;
 
 #[derive(Parser)]
-#[command(name = "lorq", version, about = "Many LoRA adapters on one (quantized) LLM: generate, score, quantize, evaluate, plan", long_about = None)]
+#[command(name = "lorq", version, about = "Many LoRA adapters on one (quantized) LLM: generate, score, quantize, merge, evaluate, plan", long_about = None)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -25,6 +25,7 @@ enum Command {
     QuantReport(cmd::quant_report::QuantReportArgs),
     Plan(cmd::plan::PlanArgs),
     Quantize(cmd::quantize::QuantizeArgs),
+    Merge(cmd::merge::MergeArgs),
     Serve(cmd::serve::ServeArgs),
 }
 
@@ -48,6 +49,7 @@ fn main() {
         Command::QuantReport(a) => cmd::quant_report::run(a),
         Command::Plan(a) => cmd::plan::run(a),
         Command::Quantize(a) => cmd::quantize::run(a),
+        Command::Merge(a) => cmd::merge::run(a),
         Command::Serve(a) => cmd::serve::run(a),
     };
     if let Err(e) = result {

@@ -3,6 +3,7 @@ pub mod eval;
 pub mod generate;
 pub mod import_gguf;
 pub mod inspect;
+pub mod merge;
 pub mod plan;
 pub mod pull;
 pub mod quant_report;

@@ -1,0 +1,138 @@
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use clap::{Args, ValueEnum};
+use lorq_lora::merge::{with_weights, MajoritySignMethod, MergeSpec, MergeStrategy};
+use lorq_lora::LoraAdapter;
+use lorq_model::merge_checkpoint::{merge_checkpoint, MergeOptions};
+use lorq_quant::method::QuantMethod;
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum OutDtype {
+    F32,
+    F16,
+    Bf16,
+}
+
+/// Merge one or more LoRA adapters into the base model and write a plain Hugging Face checkpoint
+/// (no quantization_config; transformers and lorq load it). Several adapters are combined in ΔW
+/// space (ΔW = scale·B·A per adapter, then linear / TIES / DARE as PEFT defines them) and added
+/// to each base weight in f32. A quantized base (a pre-quantized checkpoint, or --quantize to
+/// reproduce the base a QLoRA adapter was trained on) is dequantized first.
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:
+  lorq merge --model ./base --adapter ./my-adapter --out ./merged
+  lorq merge --model ./base --adapter ./qlora-adapter --quantize bitsandbytes-nf4 --dtype bf16 --out ./merged
+  lorq merge --model ./base --adapter ./a --adapter ./b --weights 0.7,0.3 --merge-strategy ties --density 0.5 --out ./merged
+  lorq merge --model ./base --adapter ./a --adapter ./b --merge-strategy dare_linear --density 0.7 --seed 1 --out ./merged --json")]
+pub struct MergeArgs {
+    /// The base model: a Hugging Face folder (full precision or pre-quantized), or `default`.
+    #[arg(long, default_value = "default", env = "LORQ_MODEL")]
+    pub model: String,
+    /// A PEFT LoRA adapter folder; repeat to merge several.
+    #[arg(long = "adapter", required = true)]
+    pub adapters: Vec<PathBuf>,
+    /// One weight per adapter, comma-separated (default: 1 each).
+    #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
+    pub weights: Option<Vec<f64>>,
+    /// linear, ties, dare_linear or dare_ties.
+    #[arg(long, default_value = "linear")]
+    pub merge_strategy: String,
+    /// Fraction of each ΔW kept by TIES' trim / DARE's random drop, in (0, 1].
+    #[arg(long, default_value_t = 1.0)]
+    pub density: f64,
+    /// How TIES elects each entry's sign: total or frequency.
+    #[arg(long, default_value = "total")]
+    pub majority_sign_method: String,
+    /// Seed of DARE's random drop.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// The output folder (created; must be empty unless --force).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Output dtype (default: the base config's dtype, f32 if it names none).
+    #[arg(long, value_enum)]
+    pub dtype: Option<OutDtype>,
+    /// Quantize then dequantize each linear of a full-precision base before merging (the base a
+    /// QLoRA adapter was trained on, e.g. bitsandbytes-nf4); `none` merges into the weights as
+    /// stored. A pre-quantized base is detected and dequantized without it.
+    #[arg(long, default_value = "none")]
+    pub quantize: String,
+    /// Write into an existing, non-empty output folder.
+    #[arg(long)]
+    pub force: bool,
+    /// Print a JSON summary.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(a: MergeArgs) -> Result<()> {
+    let strategy: MergeStrategy = a.merge_strategy.parse()?;
+    let majority_sign_method: MajoritySignMethod = a.majority_sign_method.parse()?;
+    if strategy == MergeStrategy::Linear && a.density != 1.0 {
+        eprintln!("lorq: --density is not used by --merge-strategy linear");
+    }
+    let quantize = match a.quantize.as_str() {
+        "auto" => None,
+        name => QuantMethod::parse(name)?,
+    };
+    let dtype = a.dtype.map(|d| match d {
+        OutDtype::F32 => DType::F32,
+        OutDtype::F16 => DType::F16,
+        OutDtype::Bf16 => DType::BF16,
+    });
+    if let Some(w) = &a.weights {
+        if w.len() != a.adapters.len() {
+            bail!(
+                "--weights has {} values for {} --adapter folders; give one weight per adapter",
+                w.len(),
+                a.adapters.len()
+            );
+        }
+    }
+    let dir = lorq_model::pull::resolve_model(&a.model)?;
+    let mut adapters = Vec::with_capacity(a.adapters.len());
+    for p in &a.adapters {
+        let ad = LoraAdapter::load(p, &Device::Cpu)
+            .with_context(|| format!("loading adapter {}", p.display()))?;
+        adapters.push(std::sync::Arc::new(ad));
+    }
+    let adapters = with_weights(adapters, a.weights.as_deref())?;
+    let spec = MergeSpec {
+        strategy,
+        density: a.density,
+        majority_sign_method,
+        seed: a.seed,
+    };
+    let summary = merge_checkpoint(
+        &dir,
+        &adapters,
+        &spec,
+        &a.out,
+        MergeOptions {
+            dtype,
+            quantize,
+            force: a.force,
+            progress: true,
+        },
+    )
+    .with_context(|| format!("merging into {}", dir.display()))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        println!(
+            "wrote {} ({} adapters merged with {} into {} linears of a {} base, {}, {} tensors, {} bytes) in {:.1} s",
+            summary.out.display(),
+            summary.adapters.len(),
+            summary.strategy,
+            summary.merged_linears,
+            summary.base,
+            summary.dtype,
+            summary.tensors,
+            summary.bytes,
+            summary.seconds
+        );
+    }
+    Ok(())
+}
