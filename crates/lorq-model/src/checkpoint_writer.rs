@@ -226,6 +226,12 @@ pub(crate) fn prepare_output(src: &Path, out: &Path, force: bool) -> Result<Weig
             f.method_name()
         )));
     }
+    create_output_dir(out, force)?;
+    Ok(weights)
+}
+
+/// Creates the output folder `out`, which must be empty unless `force`.
+pub(crate) fn create_output_dir(out: &Path, force: bool) -> Result<()> {
     if out.exists() {
         let non_empty = std::fs::read_dir(out)
             .map_err(io_err(out))?
@@ -238,8 +244,62 @@ pub(crate) fn prepare_output(src: &Path, out: &Path, force: bool) -> Result<Weig
             )));
         }
     }
-    std::fs::create_dir_all(out).map_err(io_err(out))?;
-    Ok(weights)
+    std::fs::create_dir_all(out).map_err(io_err(out))
+}
+
+/// Writes `out/model.safetensors` (metadata `{"format": "pt"}`, mode 0644) from `entries`, whose
+/// data is read one tensor at a time while writing. Returns the file's path.
+pub(crate) fn write_model_file<'a, V: safetensors::View>(
+    out: &Path,
+    entries: impl IntoIterator<Item = (&'a str, V)>,
+) -> Result<PathBuf> {
+    let file = out.join("model.safetensors");
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize_to_file(entries, Some(metadata), &file).map_err(|e| {
+        ModelError::Weights {
+            dir: out.to_path_buf(),
+            message: format!("writing model.safetensors: {e}"),
+        }
+    })?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644))
+            .map_err(io_err(&file))?;
+    }
+    Ok(file)
+}
+
+/// Writes `out/config.json` = the source's `config.json` changed by `edit`, and copies the
+/// tokenizer, chat template and generation files ([`COPIED_FILES`]) of `src`.
+pub(crate) fn write_config_and_copy_files(
+    src: &Path,
+    out: &Path,
+    edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>),
+) -> Result<()> {
+    let cfg_path = src.join("config.json");
+    let text = std::fs::read_to_string(&cfg_path).map_err(io_err(&cfg_path))?;
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| ModelError::Config {
+            path: cfg_path.clone(),
+            message: format!("not valid JSON: {e}"),
+        })?;
+    let obj = cfg.as_object_mut().ok_or_else(|| ModelError::Config {
+        path: cfg_path.clone(),
+        message: "not a JSON object".into(),
+    })?;
+    edit(obj);
+    let out_cfg = out.join("config.json");
+    let mut s = serde_json::to_string_pretty(&cfg).expect("JSON value serializes");
+    s.push('\n');
+    std::fs::write(&out_cfg, s).map_err(io_err(&out_cfg))?;
+    for f in COPIED_FILES {
+        let p = src.join(f);
+        if p.exists() {
+            std::fs::copy(&p, out.join(f)).map_err(io_err(&p))?;
+        }
+    }
+    Ok(())
 }
 
 /// Writes `out/model.safetensors` with every tensor of `weights` copied as stored, except those
@@ -281,47 +341,11 @@ pub(crate) fn write_checkpoint(
         });
     }
 
-    let file = out.join("model.safetensors");
-    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::serialize_to_file(
-        entries.iter().map(|(n, e)| (n.as_str(), e)),
-        Some(metadata),
-        &file,
-    )
-    .map_err(|e| ModelError::Weights {
-        dir: out.to_path_buf(),
-        message: format!("writing model.safetensors: {e}"),
-    })?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644))
-            .map_err(io_err(&file))?;
-    }
-
+    let file = write_model_file(out, entries.iter().map(|(n, e)| (n.as_str(), e)))?;
     // config.json: the source's, plus quantization_config.
-    let cfg_path = src.join("config.json");
-    let text = std::fs::read_to_string(&cfg_path).map_err(io_err(&cfg_path))?;
-    let mut cfg: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| ModelError::Config {
-            path: cfg_path.clone(),
-            message: format!("not valid JSON: {e}"),
-        })?;
-    let obj = cfg.as_object_mut().ok_or_else(|| ModelError::Config {
-        path: cfg_path.clone(),
-        message: "not a JSON object".into(),
+    write_config_and_copy_files(src, out, |obj| {
+        obj.insert("quantization_config".into(), quantization_config);
     })?;
-    obj.insert("quantization_config".into(), quantization_config);
-    let out_cfg = out.join("config.json");
-    let mut s = serde_json::to_string_pretty(&cfg).expect("JSON value serializes");
-    s.push('\n');
-    std::fs::write(&out_cfg, s).map_err(io_err(&out_cfg))?;
-    for f in COPIED_FILES {
-        let p = src.join(f);
-        if p.exists() {
-            std::fs::copy(&p, out.join(f)).map_err(io_err(&p))?;
-        }
-    }
     let bytes = std::fs::metadata(&file).map_err(io_err(&file))?.len();
     Ok((entries.len(), bytes))
 }

@@ -15,7 +15,7 @@
 //! holds one weight (plus the adapters) at a time.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -26,7 +26,9 @@ use lorq_lora::LoraAdapter;
 use lorq_quant::method::QuantMethod;
 use lorq_quant::RawTensor;
 
-use crate::checkpoint_writer::{COPIED_FILES, QUANTIZED_LINEARS};
+use crate::checkpoint_writer::{
+    create_output_dir, write_config_and_copy_files, write_model_file, QUANTIZED_LINEARS,
+};
 use crate::config::ModelConfig;
 use crate::error::{io_err, ModelError, Result};
 use crate::prequantized::CheckpointFormat;
@@ -348,19 +350,7 @@ pub fn merge_checkpoint(
         }
     }
 
-    if out.exists() {
-        let non_empty = std::fs::read_dir(out)
-            .map_err(io_err(out))?
-            .next()
-            .is_some();
-        if non_empty && !opts.force {
-            return Err(ModelError::Request(format!(
-                "output folder {} exists and is not empty (pass --force to write into it)",
-                out.display()
-            )));
-        }
-    }
-    std::fs::create_dir_all(out).map_err(io_err(out))?;
+    create_output_dir(out, opts.force)?;
 
     let n_linears = plan.iter().filter(|(_, _, l)| l.is_some()).count();
     let progress = indicatif::ProgressBar::new(n_linears as u64);
@@ -408,63 +398,28 @@ pub fn merge_checkpoint(
             ctx: &ctx,
         })
         .collect();
-    let file = out.join("model.safetensors");
-    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let written = safetensors::serialize_to_file(
-        entries.iter().map(|e| (e.name.as_str(), e)),
-        Some(metadata),
-        &file,
-    );
+    let written = write_model_file(out, entries.iter().map(|e| (e.name.as_str(), e)));
     ctx.progress.finish_and_clear();
     let failed = ctx.error.lock().unwrap_or_else(|p| p.into_inner()).take();
     if let Some(e) = failed {
-        let _ = std::fs::remove_file(&file);
+        let _ = std::fs::remove_file(out.join("model.safetensors"));
         return Err(e);
     }
-    written.map_err(|e| ModelError::Weights {
-        dir: out.to_path_buf(),
-        message: format!("writing model.safetensors: {e}"),
-    })?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644))
-            .map_err(io_err(&file))?;
-    }
-
+    let file = written?;
     // config.json: the source's, unquantized, in the output dtype.
-    let cfg_path = src.join("config.json");
-    let text = std::fs::read_to_string(&cfg_path).map_err(io_err(&cfg_path))?;
-    let mut cfg: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| ModelError::Config {
-            path: cfg_path.clone(),
-            message: format!("not valid JSON: {e}"),
-        })?;
-    let obj = cfg.as_object_mut().ok_or_else(|| ModelError::Config {
-        path: cfg_path.clone(),
-        message: "not a JSON object".into(),
+    write_config_and_copy_files(src, out, |obj| {
+        obj.remove("quantization_config");
+        let mut set = false;
+        for key in ["dtype", "torch_dtype"] {
+            if obj.contains_key(key) {
+                obj.insert(key.into(), dtype_name(dtype).into());
+                set = true;
+            }
+        }
+        if !set {
+            obj.insert("dtype".into(), dtype_name(dtype).into());
+        }
     })?;
-    obj.remove("quantization_config");
-    let mut set = false;
-    for key in ["dtype", "torch_dtype"] {
-        if obj.contains_key(key) {
-            obj.insert(key.into(), dtype_name(dtype).into());
-            set = true;
-        }
-    }
-    if !set {
-        obj.insert("dtype".into(), dtype_name(dtype).into());
-    }
-    let out_cfg = out.join("config.json");
-    let mut s = serde_json::to_string_pretty(&cfg).expect("JSON value serializes");
-    s.push('\n');
-    std::fs::write(&out_cfg, s).map_err(io_err(&out_cfg))?;
-    for f in COPIED_FILES {
-        let p = src.join(f);
-        if p.exists() {
-            std::fs::copy(&p, out.join(f)).map_err(io_err(&p))?;
-        }
-    }
     let bytes = std::fs::metadata(&file).map_err(io_err(&file))?.len();
     Ok(MergeSummary {
         out: out.to_path_buf(),
