@@ -290,8 +290,8 @@ fn overload_auth_and_graceful_shutdown() {
         r.read_to_string(&mut text).unwrap();
         let last = text
             .lines()
-            .filter_map(|l| l.strip_prefix("data:"))
-            .last()
+            .rev()
+            .find_map(|l| l.strip_prefix("data:"))
             .unwrap()
             .trim()
             .to_string();

@@ -58,6 +58,10 @@ pub(crate) fn add_row_delta(
     }
 }
 
+/// A run of rows sharing one module: first row, row count, and the weights with their scale
+/// (`None`: no delta for these rows).
+pub(crate) type RowRun<'a> = (usize, usize, Option<(&'a HostWeights, f32)>);
+
 /// Work (multiply-adds) above which rows are spread over threads.
 const PARALLEL_WORK: usize = 1 << 18;
 
@@ -67,7 +71,7 @@ pub(crate) fn add_deltas(
     n_in: usize,
     out: &mut [f32],
     n_out: usize,
-    plan: &[(usize, usize, Option<(&HostWeights, f32)>)],
+    plan: &[RowRun<'_>],
 ) {
     let rows = out.len() / n_out;
     // Which weights each row uses.

@@ -168,7 +168,7 @@ impl<J: Queued> Scheduler<J> {
             let waiting = queues.contains_key(k);
             let running = running_adapters.contains(k);
             // Idle adapters leave; retired ones leave once their running requests finish.
-            (waiting && !a.retired) || (running && a.retired) || (running && !waiting)
+            running || (waiting && !a.retired)
         });
         // A retired adapter whose requests are still queued re-enters at the back.
         let mut candidates: Vec<(u64, Option<String>)> = self
