@@ -279,14 +279,7 @@ impl Engine {
     }
 
     fn fail_metrics(&self, label: &str, err: &ApiError) {
-        let kind = serde_json::to_value(err.error_type)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_string))
-            .unwrap_or_default();
-        self.metrics
-            .request_failure
-            .with_label_values(&[label, &kind])
-            .inc();
+        fail_metrics(&self.metrics, label, err);
     }
 
     fn step(&mut self) {
@@ -354,14 +347,7 @@ impl Engine {
                 }
                 Err(err) => {
                     r.done = true;
-                    let kind = serde_json::to_value(err.error_type)
-                        .ok()
-                        .and_then(|v| v.as_str().map(str::to_string))
-                        .unwrap_or_default();
-                    self.metrics
-                        .request_failure
-                        .with_label_values(&[&r.label, &kind])
-                        .inc();
+                    fail_metrics(&self.metrics, &r.label, &err);
                     let _ = r.events.send(Event::Failed(err));
                 }
             }
@@ -375,6 +361,13 @@ impl Engine {
         self.throughput.record(now, produced, &self.metrics);
         self.running.retain(|r| !r.done);
     }
+}
+
+fn fail_metrics(metrics: &Metrics, label: &str, err: &ApiError) {
+    metrics
+        .request_failure
+        .with_label_values(&[label, err.kind()])
+        .inc();
 }
 
 /// Samples `r`'s next token from its logits (`[n, vocab]`; the last row is the next token's),

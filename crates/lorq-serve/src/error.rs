@@ -81,6 +81,19 @@ impl ApiError {
         )
     }
 
+    /// The `error_type` as it appears on the wire (also the `err` label of the failure metric).
+    pub fn kind(&self) -> &'static str {
+        match self.error_type {
+            ErrorType::Validation => "validation",
+            ErrorType::Generation => "generation",
+            ErrorType::IncompleteGeneration => "incomplete_generation",
+            ErrorType::Overloaded => "overloaded",
+            ErrorType::NotFound => "not_found",
+            ErrorType::Unauthorized => "unauthorized",
+            ErrorType::Unavailable => "unavailable",
+        }
+    }
+
     /// The JSON text of the error (also sent as an SSE event when a stream fails midway).
     pub fn body(&self) -> String {
         serde_json::to_string(&ErrorBody {

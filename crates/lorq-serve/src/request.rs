@@ -146,6 +146,27 @@ impl AppState {
         Ok((spec, text))
     }
 
+    /// `spec` and `n - 1` more candidates of the same request (best_of, n): each with the next
+    /// seed and its own JSON constraint.
+    pub fn candidates(
+        &self,
+        spec: JobSpec,
+        n: usize,
+        json: Option<&Option<serde_json::Value>>,
+    ) -> Result<Vec<JobSpec>, ApiError> {
+        let mut specs = Vec::with_capacity(n);
+        for i in 1..n {
+            let constraint = match json {
+                None => None,
+                Some(s) => Some(self.json_constraint(s.as_ref())?),
+            };
+            let seed = spec.params.seed.map(|s| s.wrapping_add(i as u64));
+            specs.push(spec.fork(seed, constraint));
+        }
+        specs.insert(0, spec);
+        Ok(specs)
+    }
+
     async fn resolve_adapter(
         &self,
         choice: AdapterChoice,

@@ -212,16 +212,7 @@ async fn submit(
     }
     let json = opts.json.clone();
     let (spec, prompt_text) = state.prepare(choice, prompt, opts).await?;
-    let mut specs = Vec::with_capacity(best_of);
-    for i in 1..best_of {
-        let constraint = match &json {
-            None => None,
-            Some(s) => Some(state.json_constraint(s.as_ref())?),
-        };
-        let seed = spec.params.seed.map(|s| s.wrapping_add(i as u64));
-        specs.push(spec.fork(seed, constraint));
-    }
-    specs.insert(0, spec);
+    let specs = state.candidates(spec, best_of, json.as_ref())?;
     let mut permit = Some(permit);
     let mut subs = Vec::with_capacity(best_of);
     for spec in specs {

@@ -156,16 +156,7 @@ async fn submit_all(
         let json = o.json.clone();
         let (spec, text) = state.prepare(choice.clone(), prompt, o).await?;
         texts.push(text);
-        let mut specs = Vec::with_capacity(n);
-        for i in 1..n {
-            let constraint = match &json {
-                None => None,
-                Some(s) => Some(state.json_constraint(s.as_ref())?),
-            };
-            let seed = spec.params.seed.map(|s| s.wrapping_add(i as u64));
-            specs.push(spec.fork(seed, constraint));
-        }
-        specs.insert(0, spec);
+        let specs = state.candidates(spec, n, json.as_ref())?;
         for spec in specs {
             subs.push(state.submit(spec, permit.take())?);
         }
@@ -287,14 +278,11 @@ async fn completions_inner(
     let (subs, texts) = submit_all(&state, &req.sampling, prompts, opts).await?;
     let per_prompt = subs.len() / n_prompts;
     let id = format!("cmpl-{}", subs[0].id);
+    let usage_id = id.clone();
     let model = model_name(&state, &req.sampling);
     let created = now_secs();
-    if req.sampling.stream.unwrap_or(false) {
-        let include_usage = req
-            .sampling
-            .stream_options
-            .as_ref()
-            .is_some_and(|o| o.include_usage);
+    if req.sampling.is_stream() {
+        let include_usage = req.sampling.include_usage();
         let state2 = state.clone();
         let chunk = move |index: usize,
                           text: String,
@@ -323,7 +311,7 @@ async fn completions_inner(
         let prefixes: Vec<Option<String>> = (0..subs.len())
             .map(|i| echo.then(|| texts[i / per_prompt].clone()))
             .collect();
-        let events = merged_events(subs).flat_map(move |(index, ev)| {
+        return Ok(openai_sse(subs, move |index, ev| {
             let mut out = Vec::new();
             match ev {
                 Merged::Started => {
@@ -335,25 +323,26 @@ async fn completions_inner(
                     out.push(sse_json(&chunk(index, t.piece.clone(), Some(&t), None)));
                 }
                 Merged::Event(Event::Finished(f)) => {
-                    out.push(sse_json(&chunk(index, String::new(), None, Some(finish_reason(f.reason)))));
+                    out.push(sse_json(&chunk(
+                        index,
+                        String::new(),
+                        None,
+                        Some(finish_reason(f.reason)),
+                    )));
                 }
-                Merged::Event(Event::Failed(e)) => out.push(SseEvent::default().data(e.body())),
                 Merged::Event(Event::Prefill(_)) => {}
                 Merged::Usage(u) => {
                     if include_usage {
                         out.push(sse_json(&serde_json::json!({
-                            "id": format!("cmpl-usage"), "object": "text_completion", "created": created,
+                            "id": usage_id, "object": "text_completion", "created": created,
                             "choices": [], "usage": u
                         })));
                     }
                 }
-                Merged::Done => out.push(SseEvent::default().data("[DONE]")),
+                Merged::Event(Event::Failed(_)) | Merged::Done => {}
             }
-            stream::iter(out.into_iter().map(Ok::<_, Infallible>))
-        });
-        return Ok(Sse::new(events)
-            .keep_alive(KeepAlive::default())
-            .into_response());
+            out
+        }));
     }
     let results = collect_all(subs).await?;
     let choices = results
@@ -449,12 +438,8 @@ async fn chat_inner(State(state): AppStateRef, req: ChatRequest) -> Result<Respo
     let id = format!("chatcmpl-{}", subs[0].id);
     let model = model_name(&state, &req.sampling);
     let created = now_secs();
-    if req.sampling.stream.unwrap_or(false) {
-        let include_usage = req
-            .sampling
-            .stream_options
-            .as_ref()
-            .is_some_and(|o| o.include_usage);
+    if req.sampling.is_stream() {
+        let include_usage = req.sampling.include_usage();
         let state2 = state.clone();
         let chunk = move |index: usize,
                           delta: ChatDelta,
@@ -481,7 +466,7 @@ async fn chat_inner(State(state): AppStateRef, req: ChatRequest) -> Result<Respo
             },
             usage,
         };
-        let events = merged_events(subs).flat_map(move |(index, ev)| {
+        return Ok(openai_sse(subs, move |index, ev| {
             let mut out = Vec::new();
             match ev {
                 Merged::Started => out.push(sse_json(&chunk(
@@ -515,7 +500,6 @@ async fn chat_inner(State(state): AppStateRef, req: ChatRequest) -> Result<Respo
                     Some(finish_reason(f.reason)),
                     None,
                 ))),
-                Merged::Event(Event::Failed(e)) => out.push(SseEvent::default().data(e.body())),
                 Merged::Event(Event::Prefill(_)) => {}
                 Merged::Usage(u) => {
                     if include_usage {
@@ -528,13 +512,10 @@ async fn chat_inner(State(state): AppStateRef, req: ChatRequest) -> Result<Respo
                         )));
                     }
                 }
-                Merged::Done => out.push(SseEvent::default().data("[DONE]")),
+                Merged::Event(Event::Failed(_)) | Merged::Done => {}
             }
-            stream::iter(out.into_iter().map(Ok::<_, Infallible>))
-        });
-        return Ok(Sse::new(events)
-            .keep_alive(KeepAlive::default())
-            .into_response());
+            out
+        }));
     }
     let results = collect_all(subs).await?;
     let choices = results
@@ -560,6 +541,25 @@ async fn chat_inner(State(state): AppStateRef, req: ChatRequest) -> Result<Respo
         usage: usage(&results),
     })
     .into_response())
+}
+
+/// An OpenAI SSE stream: `f` turns each event into chunks; a failure becomes an error chunk
+/// (which the OpenAI client raises), and `data: [DONE]` ends the stream.
+fn openai_sse(
+    subs: Vec<Submitted>,
+    mut f: impl FnMut(usize, Merged) -> Vec<SseEvent> + Send + 'static,
+) -> Response {
+    let events = merged_events(subs).flat_map(move |(index, ev)| {
+        let out = match &ev {
+            Merged::Event(Event::Failed(e)) => vec![SseEvent::default().data(e.body())],
+            Merged::Done => vec![SseEvent::default().data("[DONE]")],
+            _ => f(index, ev),
+        };
+        stream::iter(out.into_iter().map(Ok::<_, Infallible>))
+    });
+    Sse::new(events)
+        .keep_alive(KeepAlive::default())
+        .into_response()
 }
 
 /// Events of several candidates interleaved, tagged with their choice index.

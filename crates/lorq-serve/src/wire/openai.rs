@@ -50,6 +50,19 @@ pub struct OpenAiSampling {
     pub ignore_eos_token: Option<bool>,
 }
 
+impl OpenAiSampling {
+    pub fn is_stream(&self) -> bool {
+        self.stream.unwrap_or(false)
+    }
+
+    /// `stream_options.include_usage`: a last chunk with the token counts.
+    pub fn include_usage(&self) -> bool {
+        self.stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage)
+    }
+}
+
 #[derive(Debug, Default, Clone, Deserialize)]
 pub struct StreamOptions {
     #[serde(default)]
