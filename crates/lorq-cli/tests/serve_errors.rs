@@ -462,3 +462,69 @@ fn streams_and_lists_follow_the_wire_formats() {
         assert!(m.contains(series), "/metrics lacks {series}:\n{m}");
     }
 }
+
+/// The adapter cache: a device tier that holds 1.5 adapters and a host tier that holds 1.5.
+/// Using a, b, c in turn leaves c on the device, b in host RAM and a dropped; using b again
+/// moves it up without reading the disk; a comes back from disk.
+#[test]
+fn adapter_cache_moves_adapters_down_a_tier_then_out() {
+    let root = tempfile::tempdir().unwrap();
+    let src = fixtures().join("llama/adapters/r8-all");
+    for id in ["t/a", "t/b", "t/c"] {
+        copy_dir(&src, &root.path().join(id));
+    }
+    let bytes = std::fs::read(src.join("adapter_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let size: usize = st.tensors().iter().map(|(_, v)| v.data().len()).sum();
+    let budget = (size * 3 / 2).to_string();
+    let server = Server::start(
+        &fixture("llama/base"),
+        &[
+            "--adapter-dir",
+            root.path().to_str().unwrap(),
+            "--adapter-device-memory",
+            &budget,
+            "--adapter-host-memory",
+            &budget,
+        ],
+    );
+    let use_adapter = |id: &str| {
+        let (s, v) = post(
+            &format!("{}/generate", server.url),
+            &json!({"inputs": "hi", "parameters": {"adapter_id": id, "max_new_tokens": 1}}),
+        );
+        assert_eq!(s, 200, "{v}");
+    };
+    let tiers = || -> Vec<(String, String)> {
+        let v: Value = http()
+            .get(format!("{}/v1/lora_adapters", server.url))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        v["adapters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| {
+                assert_eq!(a["bytes"].as_u64().unwrap() as usize, size, "{a}");
+                (
+                    a["id"].as_str().unwrap().to_string(),
+                    a["tier"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+    let pair = |a: &str, b: &str| (a.to_string(), b.to_string());
+    use_adapter("t/a");
+    use_adapter("t/b");
+    assert_eq!(tiers(), vec![pair("t/a", "host"), pair("t/b", "device")]);
+    use_adapter("t/c");
+    assert_eq!(tiers(), vec![pair("t/b", "host"), pair("t/c", "device")]);
+    use_adapter("t/b");
+    assert_eq!(tiers(), vec![pair("t/b", "device"), pair("t/c", "host")]);
+    assert_eq!(server.metric("lorq_adapter_loads{outcome=\"ok\"}"), 3.0);
+    use_adapter("t/a");
+    assert_eq!(server.metric("lorq_adapter_loads{outcome=\"ok\"}"), 4.0);
+    assert_eq!(server.metric("lorq_adapter_evictions{from=\"host\"}"), 2.0);
+}

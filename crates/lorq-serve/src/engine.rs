@@ -402,6 +402,8 @@ fn accept_one(
 
 fn finish(r: &mut Running, reason: FinishReason, now: Instant, metrics: &Metrics) {
     r.done = true;
+    // Let go of the adapter before the client hears back, so the cache sees it unheld.
+    r.seq.request.adapter = None;
     let generated = r.seq.generated.len();
     let total = now.duration_since(r.arrived);
     metrics.request_success.with_label_values(&[&r.label]).inc();

@@ -38,6 +38,9 @@ pub struct ServeArgs {
     /// Fraction of the device's memory the device tier of the adapter cache may use.
     #[arg(long, default_value_t = 0.1, env = "LORQ_ADAPTER_MEMORY_FRACTION")]
     pub adapter_memory_fraction: f64,
+    /// Bytes for the device tier as a size (e.g. 512MiB); overrides --adapter-memory-fraction.
+    #[arg(long, env = "LORQ_ADAPTER_DEVICE_MEMORY")]
+    pub adapter_device_memory: Option<String>,
     /// Host RAM for adapters moved out of the device tier (e.g. 4GiB) before they are dropped.
     #[arg(long, default_value = "4GiB", env = "LORQ_ADAPTER_HOST_MEMORY")]
     pub adapter_host_memory: String,
@@ -106,7 +109,13 @@ pub fn run(a: ServeArgs) -> Result<()> {
         }
     }
     let host_bytes = parse_size_arg("--adapter-host-memory", &a.adapter_host_memory)?;
-    let device_memory = host_memory_bytes().unwrap_or(8 << 30);
+    let adapter_device_bytes = match &a.adapter_device_memory {
+        Some(s) => parse_size_arg("--adapter-device-memory", s)? as usize,
+        // The CPU backend's device memory is the machine's RAM.
+        None => {
+            (host_memory_bytes().unwrap_or(8 << 30) as f64 * a.adapter_memory_fraction) as usize
+        }
+    };
     let model = a.model.load()?;
     let model_id = a.model_id.clone().unwrap_or_else(|| {
         model
@@ -126,7 +135,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         preload: a.preload.clone(),
         max_active_adapters: a.max_active_adapters,
         adapter_cycle: Duration::from_secs_f64(a.adapter_cycle_time_s),
-        adapter_device_bytes: (device_memory as f64 * a.adapter_memory_fraction) as usize,
+        adapter_device_bytes,
         adapter_host_bytes: host_bytes as usize,
         max_batch_total_tokens: a.max_batch_total_tokens,
         max_batch_prefill_tokens: a.max_batch_prefill_tokens,
