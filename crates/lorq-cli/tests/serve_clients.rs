@@ -222,7 +222,17 @@ fn clients_on_the_tiny_model_match_lorq_generate() {
     );
     assert_ne!(merged_ref["token_ids"], a_ref["token_ids"]);
 
-    // response_format: JSON that parses and matches the schema.
+    // response_format: the same text as `lorq generate --response-schema`, JSON that parses and
+    // matches the schema.
+    let schema_s = schema.to_string();
+    let json_ref = generate(
+        &base,
+        Some(&a_dir),
+        prompt,
+        96,
+        &["--response-schema", &schema_s],
+    );
+    assert_eq!(r["lorax_json"]["text"], json_ref["text"]);
     for name in ["lorax_json", "openai_json"] {
         let text = r[name]["text"].as_str().unwrap();
         let v: Value = serde_json::from_str(text)

@@ -4,6 +4,9 @@ use anyhow::{bail, Result};
 use clap::Args;
 use lorq_model::{run_to_completion, GenerationRequest, SamplingParams, Sequence};
 use serde_json::json;
+use std::sync::Arc;
+
+use lorq_model::json_constraint::{JsonConstraint, JsonSchema, TokenPieces};
 
 use crate::common::{parse_token_ids, ModelArgs};
 
@@ -56,6 +59,22 @@ pub struct GenerateArgs {
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     pub json: bool,
+    /// Constrain the output to JSON matching this JSON schema (a file, or the schema inline);
+    /// `{}` allows any JSON object. The same decoding as the server's `response_format`.
+    #[arg(long, value_name = "FILE|JSON")]
+    pub response_schema: Option<String>,
+}
+
+/// The schema `--response-schema` names: inline JSON, or a file holding it.
+fn read_schema(arg: &str) -> Result<serde_json::Value> {
+    let text = if arg.trim_start().starts_with('{') {
+        arg.to_string()
+    } else {
+        std::fs::read_to_string(arg)
+            .map_err(|e| anyhow::anyhow!("--response-schema {arg}: cannot read the file: {e}"))?
+    };
+    serde_json::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("--response-schema: not valid JSON: {e}"))
 }
 
 pub fn run(a: GenerateArgs) -> Result<()> {
@@ -81,7 +100,17 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         ignore_eos: a.ignore_eos,
         adapter,
     };
-    let mut seqs = vec![Sequence::new(&m.model, request)?];
+    let mut seq = Sequence::new(&m.model, request)?;
+    if let Some(arg) = &a.response_schema {
+        let schema = read_schema(arg)?;
+        let compiled = JsonSchema::compile((schema != json!({})).then_some(&schema))?;
+        let pieces = TokenPieces::new(&m.tokenizer)?;
+        seq.set_constraint(Box::new(JsonConstraint::new(
+            Arc::new(compiled),
+            Arc::new(pieces),
+        )));
+    }
+    let mut seqs = vec![seq];
     let stream = !a.json;
     let mut out = std::io::stdout().lock();
     run_to_completion(
