@@ -122,7 +122,7 @@ impl LoraModule {
         let w = match &self.weights {
             LoraWeights::LowRank { a, b } => crate::batched::HostWeights::LowRank {
                 a: flat(a)?,
-                b: flat(b)?,
+                b_t: flat(&b.t()?.contiguous()?)?,
                 r: a.dims()[0],
             },
             LoraWeights::Dense { delta } => crate::batched::HostWeights::Dense {

@@ -9,8 +9,8 @@ use rayon::prelude::*;
 /// A module's weights as row-major f32 host vectors.
 #[derive(Debug, Clone)]
 pub enum HostWeights {
-    /// `a`: `[r, in]`, `b`: `[out, r]`.
-    LowRank { a: Vec<f32>, b: Vec<f32>, r: usize },
+    /// `a`: `[r, in]`; `b_t`: B transposed, `[r, out]`, so `B·h` is r contiguous axpys.
+    LowRank { a: Vec<f32>, b_t: Vec<f32>, r: usize },
     /// `[out, in]`, scale folded in.
     Dense { delta: Vec<f32> },
 }
@@ -43,11 +43,21 @@ pub(crate) fn add_row_delta(
 ) {
     let n_in = x.len();
     match w {
-        HostWeights::LowRank { a, b, r } => {
+        HostWeights::LowRank { a, b_t, r } => {
+            let n_out = y.len();
+            // h = A·x, then t = B·h accumulated column by column, then y += scale·t (the
+            // order PEFT computes in: the product, then the scaling).
             h.clear();
             h.extend(a.chunks_exact(n_in).map(|row| dot(row, x)));
-            for (yo, bo) in y.iter_mut().zip(b.chunks_exact(*r)) {
-                *yo += scale * dot(bo, h);
+            h.resize(r + n_out, 0.0);
+            let (hv, t) = h.split_at_mut(*r);
+            for (hj, col) in hv.iter().zip(b_t.chunks_exact(n_out)) {
+                for (ti, bi) in t.iter_mut().zip(col) {
+                    *ti = bi.mul_add(*hj, *ti);
+                }
+            }
+            for (yo, ti) in y.iter_mut().zip(t.iter()) {
+                *yo += scale * *ti;
             }
         }
         HostWeights::Dense { delta } => {
@@ -119,10 +129,16 @@ mod tests {
             .collect();
         let x: Vec<f32> = (0..n_in).map(|i| (i as f32 * 0.37).sin()).collect();
         let mut y = vec![1.0f32; n_out];
+        let mut b_t = vec![0.0f32; r * n_out];
+        for o in 0..n_out {
+            for j in 0..r {
+                b_t[j * n_out + o] = b[o * r + j];
+            }
+        }
         add_row_delta(
             &HostWeights::LowRank {
                 a: a.clone(),
-                b: b.clone(),
+                b_t,
                 r,
             },
             0.5,
