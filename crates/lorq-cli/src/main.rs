@@ -7,7 +7,7 @@ mod cmd;
 mod common;
 
 #[derive(Parser)]
-#[command(name = "lorq", version, about = "Many LoRA adapters on one (quantized) LLM: generate, score, quantize, merge, evaluate, plan", long_about = None)]
+#[command(name = "lorq", version, about = "Many LoRA adapters on one (quantized) LLM: generate, score, quantize, merge, export, evaluate, plan", long_about = None)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -26,6 +26,7 @@ enum Command {
     Plan(cmd::plan::PlanArgs),
     Quantize(cmd::quantize::QuantizeArgs),
     Merge(cmd::merge::MergeArgs),
+    Export(cmd::export::ExportArgs),
     Serve(cmd::serve::ServeArgs),
 }
 
@@ -50,6 +51,7 @@ fn main() {
         Command::Plan(a) => cmd::plan::run(a),
         Command::Quantize(a) => cmd::quantize::run(a),
         Command::Merge(a) => cmd::merge::run(a),
+        Command::Export(a) => cmd::export::run(a),
         Command::Serve(a) => cmd::serve::run(a),
     };
     if let Err(e) = result {

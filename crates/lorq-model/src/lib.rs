@@ -7,6 +7,7 @@ pub mod chat_template;
 pub mod checkpoint_writer;
 pub mod config;
 pub mod error;
+pub mod export;
 pub mod generation;
 pub mod gguf;
 pub mod json_constraint;

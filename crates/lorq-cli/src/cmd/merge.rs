@@ -1,4 +1,5 @@
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
@@ -30,6 +31,25 @@ pub struct MergeArgs {
     /// The base model: a Hugging Face folder (full precision or pre-quantized), or `default`.
     #[arg(long, default_value = "default", env = "LORQ_MODEL")]
     pub model: String,
+    #[command(flatten)]
+    pub merge: MergeFlags,
+    /// Seed of DARE's random drop.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// The output folder (created; must be empty unless --force).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Write into an existing, non-empty output folder.
+    #[arg(long)]
+    pub force: bool,
+    /// Print a JSON summary.
+    #[arg(long)]
+    pub json: bool,
+}
+
+// The merging flags, shared by `lorq merge` and `lorq export` (flattened into both).
+#[derive(Debug, Args)]
+pub struct MergeFlags {
     /// A PEFT LoRA adapter folder; repeat to merge several.
     #[arg(long = "adapter", required = true)]
     pub adapters: Vec<PathBuf>,
@@ -45,13 +65,7 @@ pub struct MergeArgs {
     /// How TIES elects each entry's sign: total or frequency.
     #[arg(long, default_value = "total")]
     pub majority_sign_method: String,
-    /// Seed of DARE's random drop.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// The output folder (created; must be empty unless --force).
-    #[arg(long)]
-    pub out: PathBuf,
-    /// Output dtype (default: the base config's dtype, f32 if it names none).
+    /// Dtype of the merged weights (default: the base config's dtype, f32 if it names none).
     #[arg(long, value_enum)]
     pub dtype: Option<OutDtype>,
     /// Quantize then dequantize each linear of a full-precision base before merging (the base a
@@ -59,62 +73,78 @@ pub struct MergeArgs {
     /// stored. A pre-quantized base is detected and dequantized without it.
     #[arg(long, default_value = "none")]
     pub quantize: String,
-    /// Write into an existing, non-empty output folder.
-    #[arg(long)]
-    pub force: bool,
-    /// Print a JSON summary.
-    #[arg(long)]
-    pub json: bool,
+}
+
+/// The adapters loaded with their weights, and how to combine and add them.
+pub struct ResolvedMerge {
+    pub adapters: Vec<(Arc<LoraAdapter>, f64)>,
+    pub spec: MergeSpec,
+    /// `dtype`, `quantize`; `force` false and `progress` true.
+    pub options: MergeOptions,
+}
+
+impl MergeFlags {
+    /// Checks the flags and loads the adapters; `seed` seeds DARE's drop.
+    pub fn resolve(&self, seed: u64) -> Result<ResolvedMerge> {
+        let strategy: MergeStrategy = self.merge_strategy.parse()?;
+        let majority_sign_method: MajoritySignMethod = self.majority_sign_method.parse()?;
+        if strategy == MergeStrategy::Linear && self.density != 1.0 {
+            eprintln!("lorq: --density is not used by --merge-strategy linear");
+        }
+        let quantize = match self.quantize.as_str() {
+            "auto" => None,
+            name => QuantMethod::parse(name)?,
+        };
+        let dtype = self.dtype.map(|d| match d {
+            OutDtype::F32 => DType::F32,
+            OutDtype::F16 => DType::F16,
+            OutDtype::Bf16 => DType::BF16,
+        });
+        if let Some(w) = &self.weights {
+            if w.len() != self.adapters.len() {
+                bail!(
+                    "--weights has {} values for {} --adapter folders; give one weight per adapter",
+                    w.len(),
+                    self.adapters.len()
+                );
+            }
+        }
+        let mut adapters = Vec::with_capacity(self.adapters.len());
+        for p in &self.adapters {
+            let ad = LoraAdapter::load(p, &Device::Cpu)
+                .with_context(|| format!("loading adapter {}", p.display()))?;
+            adapters.push(Arc::new(ad));
+        }
+        let adapters = with_weights(adapters, self.weights.as_deref())?;
+        Ok(ResolvedMerge {
+            adapters,
+            spec: MergeSpec {
+                strategy,
+                density: self.density,
+                majority_sign_method,
+                seed,
+            },
+            options: MergeOptions {
+                dtype,
+                quantize,
+                force: false,
+                progress: true,
+            },
+        })
+    }
 }
 
 pub fn run(a: MergeArgs) -> Result<()> {
-    let strategy: MergeStrategy = a.merge_strategy.parse()?;
-    let majority_sign_method: MajoritySignMethod = a.majority_sign_method.parse()?;
-    if strategy == MergeStrategy::Linear && a.density != 1.0 {
-        eprintln!("lorq: --density is not used by --merge-strategy linear");
-    }
-    let quantize = match a.quantize.as_str() {
-        "auto" => None,
-        name => QuantMethod::parse(name)?,
-    };
-    let dtype = a.dtype.map(|d| match d {
-        OutDtype::F32 => DType::F32,
-        OutDtype::F16 => DType::F16,
-        OutDtype::Bf16 => DType::BF16,
-    });
-    if let Some(w) = &a.weights {
-        if w.len() != a.adapters.len() {
-            bail!(
-                "--weights has {} values for {} --adapter folders; give one weight per adapter",
-                w.len(),
-                a.adapters.len()
-            );
-        }
-    }
+    let m = a.merge.resolve(a.seed)?;
     let dir = lorq_model::pull::resolve_model(&a.model)?;
-    let mut adapters = Vec::with_capacity(a.adapters.len());
-    for p in &a.adapters {
-        let ad = LoraAdapter::load(p, &Device::Cpu)
-            .with_context(|| format!("loading adapter {}", p.display()))?;
-        adapters.push(std::sync::Arc::new(ad));
-    }
-    let adapters = with_weights(adapters, a.weights.as_deref())?;
-    let spec = MergeSpec {
-        strategy,
-        density: a.density,
-        majority_sign_method,
-        seed: a.seed,
-    };
     let summary = merge_checkpoint(
         &dir,
-        &adapters,
-        &spec,
+        &m.adapters,
+        &m.spec,
         &a.out,
         MergeOptions {
-            dtype,
-            quantize,
             force: a.force,
-            progress: true,
+            ..m.options
         },
     )
     .with_context(|| format!("merging into {}", dir.display()))?;

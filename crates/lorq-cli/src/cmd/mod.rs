@@ -1,5 +1,6 @@
 pub mod bench;
 pub mod eval;
+pub mod export;
 pub mod generate;
 pub mod import_gguf;
 pub mod inspect;

@@ -4,6 +4,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use lorq_model::calibrate::{quantize_calibrated, CalibratedMethod, CalibrationSpec};
 use lorq_model::checkpoint_writer::{quantize_checkpoint, QuantizeOptions};
+use lorq_model::export::{ExportMethod, ExportQuantization};
 use lorq_quant::awq::quantize::AwqParams;
 use lorq_quant::gptq::quantize::GptqParams;
 use lorq_quant::method::QuantMethod;
@@ -34,23 +35,33 @@ pub struct QuantizeArgs {
     /// A Hugging Face model folder (full-precision weights), or `default`.
     #[arg(long, default_value = "default", env = "LORQ_MODEL")]
     pub model: String,
-    /// bitsandbytes-nf4, bitsandbytes-fp4, bitsandbytes (LLM.int8), eetq, hqq-4bit, hqq-3bit,
-    /// hqq-2bit, fp8; with calibration gptq or awq; rtn-int4 (round to nearest, GPTQ layout).
-    #[arg(long)]
-    pub method: String,
+    #[command(flatten)]
+    pub quant: QuantizeFlags,
+    /// Seed of the calibration window offsets.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
     /// The output folder (created; must be empty unless --force).
     #[arg(long)]
     pub out: PathBuf,
+    /// Write into an existing, non-empty output folder.
+    #[arg(long)]
+    pub force: bool,
     /// Print a JSON summary (method, tensors, bytes, seconds, bits per weight; with calibration
     /// the relative output error of every linear and of RTN on the same inputs).
     #[arg(long)]
     pub json: bool,
+}
+
+// The quantization flags, shared by `lorq quantize` and `lorq export` (flattened into both).
+#[derive(Debug, Args)]
+pub struct QuantizeFlags {
+    /// bitsandbytes-nf4, bitsandbytes-fp4, bitsandbytes (LLM.int8), eetq, hqq-4bit, hqq-3bit,
+    /// hqq-2bit, fp8; with calibration gptq or awq; rtn-int4 (round to nearest, GPTQ layout).
+    #[arg(long)]
+    pub method: String,
     /// bitsandbytes-nf4 without double quantization of the absmax.
     #[arg(long)]
     pub no_double_quant: bool,
-    /// Write into an existing, non-empty output folder.
-    #[arg(long)]
-    pub force: bool,
     /// Calibration text for gptq/awq: a .txt file or .jsonl with a "text" string per line.
     #[arg(long)]
     pub calibration: Option<PathBuf>,
@@ -60,9 +71,6 @@ pub struct QuantizeArgs {
     /// Tokens per calibration window.
     #[arg(long, default_value_t = 2048)]
     pub calibration_seq_len: usize,
-    /// Seed of the calibration window offsets.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
     /// Bits per weight: gptq and rtn-int4 2, 3, 4 or 8; awq 4.
     #[arg(long)]
     pub bits: Option<u32>,
@@ -92,7 +100,7 @@ pub struct QuantizeArgs {
     pub awq_duo_scaling: bool,
 }
 
-impl QuantizeArgs {
+impl QuantizeFlags {
     /// The calibration-method options given, by flag name (to refuse them for other methods).
     fn calibrated_flags(&self) -> Vec<&'static str> {
         let mut v = vec![];
@@ -191,111 +199,103 @@ impl QuantizeArgs {
             CalibratedMethod::Rtn(p)
         })
     }
+
+    /// The method and its options, checked: flags that do not apply to `--method` are refused.
+    /// `seed` places the calibration windows.
+    pub fn resolve(&self, seed: u64) -> Result<ExportMethod> {
+        if matches!(self.method.as_str(), "gptq" | "awq" | "rtn-int4") {
+            return self.resolve_calibrated(seed);
+        }
+        if let Some(flag) = self.calibrated_flags().first() {
+            bail!(
+                "{flag} applies to --method gptq, awq or rtn-int4 only (got --method {})",
+                self.method
+            );
+        }
+        let mut method = QuantMethod::parse(&self.method)?.with_context(|| {
+            format!(
+                "--method none: nothing to quantize; choose one of {}, rtn-int4",
+                QuantMethod::NAMES.join(", ")
+            )
+        })?;
+        if self.no_double_quant {
+            match &mut method {
+                QuantMethod::BitsandbytesNf4 { double_quant } => *double_quant = false,
+                _ => bail!("--no-double-quant applies to bitsandbytes-nf4 only"),
+            }
+        }
+        Ok(ExportMethod::Jit(method))
+    }
+
+    fn resolve_calibrated(&self, seed: u64) -> Result<ExportMethod> {
+        if self.no_double_quant {
+            bail!("--no-double-quant applies to bitsandbytes-nf4 only");
+        }
+        let method = self.calibrated_method()?;
+        if method.needs_calibration() && self.calibration.is_none() {
+            bail!(
+                "--method {} needs --calibration FILE (.txt, or .jsonl with a \"text\" string per line)",
+                self.method
+            );
+        }
+        if self.calibration_samples == 0 || self.calibration_seq_len == 0 {
+            bail!(
+                "--calibration-samples and --calibration-seq-len must be at least 1 (got {} and {})",
+                self.calibration_samples,
+                self.calibration_seq_len
+            );
+        }
+        let spec = self.calibration.as_ref().map(|p| CalibrationSpec {
+            path: p.clone(),
+            samples: self.calibration_samples,
+            seq_len: self.calibration_seq_len,
+            seed,
+        });
+        if !method.needs_calibration() && spec.is_some() {
+            eprintln!("lorq: rtn-int4 needs no calibration; --calibration only measures the output error of each linear");
+        }
+        Ok(ExportMethod::Calibrated(method, spec))
+    }
 }
 
 pub fn run(a: QuantizeArgs) -> Result<()> {
-    if matches!(a.method.as_str(), "gptq" | "awq" | "rtn-int4") {
-        return run_calibrated(a);
-    }
-    if let Some(flag) = a.calibrated_flags().first() {
-        bail!(
-            "{flag} applies to --method gptq, awq or rtn-int4 only (got --method {})",
-            a.method
-        );
-    }
-    let mut method = QuantMethod::parse(&a.method)?.with_context(|| {
-        format!(
-            "--method none: nothing to quantize; choose one of {}, rtn-int4",
-            QuantMethod::NAMES.join(", ")
-        )
-    })?;
-    if a.no_double_quant {
-        match &mut method {
-            QuantMethod::BitsandbytesNf4 { double_quant } => *double_quant = false,
-            _ => anyhow::bail!("--no-double-quant applies to bitsandbytes-nf4 only"),
-        }
-    }
+    let method = a.quant.resolve(a.seed)?;
     let dir = lorq_model::pull::resolve_model(&a.model)?;
-    let summary = quantize_checkpoint(
-        &dir,
-        &a.out,
-        method,
-        QuantizeOptions {
-            force: a.force,
-            progress: true,
-        },
-    )
-    .with_context(|| format!("quantizing {} with {}", dir.display(), method.name()))?;
+    let opts = QuantizeOptions {
+        force: a.force,
+        progress: true,
+    };
+    let context = || format!("quantizing {} with {}", dir.display(), method.name());
+    let done = match &method {
+        ExportMethod::Jit(m) => ExportQuantization::Jit(
+            quantize_checkpoint(&dir, &a.out, *m, opts).with_context(context)?,
+        ),
+        ExportMethod::Calibrated(m, spec) => ExportQuantization::Calibrated(
+            quantize_calibrated(&dir, &a.out, *m, spec.as_ref(), opts).with_context(context)?,
+        ),
+    };
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&summary)?);
+        println!("{}", serde_json::to_string_pretty(&done)?);
     } else {
-        println!(
-            "wrote {} ({} tensors, {} linears quantized with {}, {:.2} bits/weight, {} bytes) in {:.1} s",
-            summary.out.display(),
-            summary.tensors,
-            summary.quantized_linears,
-            summary.method,
-            summary.bits_per_weight,
-            summary.bytes,
-            summary.seconds
-        );
+        print_quantization(&done);
     }
     Ok(())
 }
 
-fn run_calibrated(a: QuantizeArgs) -> Result<()> {
-    if a.no_double_quant {
-        bail!("--no-double-quant applies to bitsandbytes-nf4 only");
-    }
-    let method = a.calibrated_method()?;
-    if method.needs_calibration() && a.calibration.is_none() {
-        bail!(
-            "--method {} needs --calibration FILE (.txt, or .jsonl with a \"text\" string per line)",
-            a.method
-        );
-    }
-    if a.calibration_samples == 0 || a.calibration_seq_len == 0 {
-        bail!(
-            "--calibration-samples and --calibration-seq-len must be at least 1 (got {} and {})",
-            a.calibration_samples,
-            a.calibration_seq_len
-        );
-    }
-    let spec = a.calibration.as_ref().map(|p| CalibrationSpec {
-        path: p.clone(),
-        samples: a.calibration_samples,
-        seq_len: a.calibration_seq_len,
-        seed: a.seed,
-    });
-    if !method.needs_calibration() && spec.is_some() {
-        eprintln!("lorq: rtn-int4 needs no calibration; --calibration only measures the output error of each linear");
-    }
-    let dir = lorq_model::pull::resolve_model(&a.model)?;
-    let s = quantize_calibrated(
-        &dir,
-        &a.out,
-        method,
-        spec.as_ref(),
-        QuantizeOptions {
-            force: a.force,
-            progress: true,
-        },
-    )
-    .with_context(|| format!("quantizing {} with {}", dir.display(), method.name()))?;
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&s)?);
-    } else {
-        let sum = &s.summary;
-        println!(
-            "wrote {} ({} tensors, {} linears quantized with {}, {:.2} bits/weight, {} bytes) in {:.1} s",
-            sum.out.display(),
-            sum.tensors,
-            sum.quantized_linears,
-            sum.method,
-            sum.bits_per_weight,
-            sum.bytes,
-            sum.seconds
-        );
+/// The human-readable lines of a quantization summary (`lorq quantize`, `lorq export`).
+pub fn print_quantization(done: &ExportQuantization) {
+    let sum = done.summary();
+    println!(
+        "wrote {} ({} tensors, {} linears quantized with {}, {:.2} bits/weight, {} bytes) in {:.1} s",
+        sum.out.display(),
+        sum.tensors,
+        sum.quantized_linears,
+        sum.method,
+        sum.bits_per_weight,
+        sum.bytes,
+        sum.seconds
+    );
+    if let ExportQuantization::Calibrated(s) = done {
         if !s.linears.is_empty() {
             let n = s.linears.len() as f64;
             println!(
@@ -307,5 +307,4 @@ fn run_calibrated(a: QuantizeArgs) -> Result<()> {
             );
         }
     }
-    Ok(())
 }
