@@ -312,6 +312,20 @@ fn bad_export_flags_are_refused_before_writing() {
     ]);
     assert!(e.contains("different base models"), "{e}");
     assert!(!out.exists(), "a refused export left a folder");
+    // An option the calibrated quantizer refuses after the merge: neither the output nor the
+    // temporary merged folder is left behind.
+    let e = run(&[
+        "--method",
+        "gptq",
+        "--calibration",
+        &calib,
+        "--group-size",
+        "48",
+    ]);
+    assert!(e.contains("gptq") && e.contains("48"), "{e}");
+    assert!(!out.exists(), "a failed export left its output folder");
+    let left = std::fs::read_dir(root.path()).unwrap().count();
+    assert_eq!(left, 0, "a failed export left a temporary folder");
     // An existing non-empty output folder needs --force.
     std::fs::create_dir_all(&out).unwrap();
     std::fs::write(out.join("x"), "x").unwrap();

@@ -123,10 +123,30 @@ pub fn export_checkpoint(
         quantization,
         total_seconds: start.elapsed().as_secs_f64(),
     };
+    // A folder this call creates is removed again if the export fails.
+    let created = !out.exists();
+    let result = export_into(src, adapters, spec, merge, method, out, &merged);
+    if result.is_err() && created {
+        let _ = std::fs::remove_dir_all(out);
+    }
+    let (quantization, on_disk) = result?;
+    Ok(summary(quantization, on_disk))
+}
+
+/// The quantization step of [`export_checkpoint`], and whether the merged model went to disk.
+fn export_into(
+    src: &Path,
+    adapters: &[(Arc<LoraAdapter>, f64)],
+    spec: &MergeSpec,
+    merge: MergeOptions,
+    method: &ExportMethod,
+    out: &Path,
+    merged: &MergedTensors<'_>,
+) -> Result<(ExportQuantization, bool)> {
     match method {
         ExportMethod::Jit(q) => {
-            let s = export_jit(&merged, *q, out, merge)?;
-            Ok(summary(ExportQuantization::Jit(s), false))
+            let s = export_jit(merged, *q, out, merge)?;
+            Ok((ExportQuantization::Jit(s), false))
         }
         ExportMethod::Calibrated(m, calibration) => {
             if m.needs_calibration() && calibration.is_none() {
@@ -169,7 +189,7 @@ pub fn export_checkpoint(
                 },
             )?;
             drop(tmp);
-            Ok(summary(ExportQuantization::Calibrated(s), true))
+            Ok((ExportQuantization::Calibrated(s), true))
         }
     }
 }
