@@ -3,7 +3,9 @@
 
 /// `simd_dispatch!(pub fn name(a: A, b: B) -> R => generic);` defines `name`, which calls
 /// `generic` compiled with the best available target features (`generic` should be
-/// `#[inline(always)]` so each copy is vectorised for its features).
+/// `#[inline(always)]` so each copy is vectorised for its features). Exported for the other
+/// crates' CPU kernels (`lorq_quant::simd_dispatch!`).
+#[macro_export]
 macro_rules! simd_dispatch {
     ($vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? => $generic:path) => {
         $vis fn $name($($arg: $ty),*) $(-> $ret)? {
@@ -38,4 +40,4 @@ macro_rules! simd_dispatch {
     };
 }
 
-pub(crate) use simd_dispatch;
+pub(crate) use crate::simd_dispatch;
