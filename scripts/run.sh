@@ -20,9 +20,9 @@ for _ in $(seq 1 300); do
 done
 url="http://127.0.0.1:$port"
 echo
-echo "\$ curl $url/generate -d '{\"inputs\": \"The capital of France is\", \"parameters\": {\"max_new_tokens\": 12}}'"
+echo "\$ curl $url/generate -d '{\"inputs\": \"What is the capital of France?\", \"parameters\": {\"max_new_tokens\": 20, \"apply_chat_template\": true}}'"
 curl -sS "$url/generate" -H 'Content-Type: application/json' \
-    -d '{"inputs": "The capital of France is", "parameters": {"max_new_tokens": 12}}'
+    -d '{"inputs": "What is the capital of France?", "parameters": {"max_new_tokens": 20, "apply_chat_template": true}}'
 echo
 # The OpenAI client, installed next to the test clients.
 if ! .venv-clients/bin/python -c "import openai" 2>/dev/null; then
