@@ -383,6 +383,19 @@ fn streams_and_lists_follow_the_wire_formats() {
     assert_eq!(last["generated_text"].as_str().unwrap(), pieces);
     assert_eq!(r["generated_text"].as_str().unwrap(), pieces);
     assert_eq!(last["details"]["generated_tokens"], 4);
+    // apply_chat_template renders `inputs` as a user turn, as the chat route renders messages.
+    let (s, v) = post(
+        &format!("{url}/generate"),
+        &json!({"inputs": "hello", "parameters": {"max_new_tokens": 4, "apply_chat_template": true}}),
+    );
+    assert_eq!(s, 200, "{v}");
+    let (s, c) = post(
+        &format!("{url}/v1/chat/completions"),
+        &json!({"model": "", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4, "temperature": 0.0}),
+    );
+    assert_eq!(s, 200, "{c}");
+    assert_eq!(v["generated_text"], c["choices"][0]["message"]["content"]);
+    assert_eq!(c["usage"]["completion_tokens"], 4);
     // The OpenAI stream ends with [DONE].
     let (s, events) = post_sse(
         &format!("{url}/v1/completions"),
