@@ -123,33 +123,38 @@ impl AdapterStore {
     }
 
     /// The combination `spec` describes (LoRAX `merged_adapters`), merged in ΔW space once and
-    /// cached under its canonical description.
-    pub async fn get_merged(&self, spec: &MergedAdapters) -> Result<Arc<LoraAdapter>, ApiError> {
+    /// cached under its canonical description, which is returned with it (the request's key).
+    pub async fn get_merged(
+        &self,
+        spec: &MergedAdapters,
+    ) -> Result<(String, Arc<LoraAdapter>), ApiError> {
         let merge = merge_spec(spec)?;
         let key = format!(
             "merged:{}",
             serde_json::to_string(spec).expect("plain data serializes")
         );
         if let Some(a) = self.hit(&key) {
-            return Ok(a);
+            return Ok((key, a));
         }
         let mut parts = Vec::with_capacity(spec.ids.len());
         for (id, &w) in spec.ids.iter().zip(&spec.weights) {
             parts.push((self.get(id).await?, w));
         }
         let model = self.model.clone();
-        self.load_once(&key, "merged".into(), move || {
-            tokio::task::spawn_blocking(move || {
-                let merged = merge_adapters(&parts, &merge)
-                    .map_err(|e| ApiError::validation(format!("merged_adapters: {e}")))?;
-                model
-                    .model
-                    .check_adapter(&merged)
-                    .map_err(|e| ApiError::validation(format!("merged_adapters: {e}")))?;
-                Ok(Arc::new(merged))
+        let merged = self
+            .load_once(&key, "merged".into(), move || {
+                tokio::task::spawn_blocking(move || {
+                    let merged = merge_adapters(&parts, &merge)
+                        .map_err(|e| ApiError::validation(format!("merged_adapters: {e}")))?;
+                    model
+                        .model
+                        .check_adapter(&merged)
+                        .map_err(|e| ApiError::validation(format!("merged_adapters: {e}")))?;
+                    Ok(Arc::new(merged))
+                })
             })
-        })
-        .await
+            .await?;
+        Ok((key, merged))
     }
 
     fn hit(&self, key: &str) -> Option<Arc<LoraAdapter>> {

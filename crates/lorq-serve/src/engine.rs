@@ -271,15 +271,11 @@ impl Engine {
                 }
                 Err(e) => {
                     let err = ApiError::validation(e.to_string());
-                    self.fail_metrics(&label, &err);
+                    fail_metrics(&self.metrics, &label, &err);
                     let _ = job.events.send(Event::Failed(err));
                 }
             }
         }
-    }
-
-    fn fail_metrics(&self, label: &str, err: &ApiError) {
-        fail_metrics(&self.metrics, label, err);
     }
 
     fn step(&mut self) {
@@ -318,8 +314,8 @@ impl Engine {
                 // A failed step fails the sequences in it, not the server.
                 tracing::error!("forward step over {batch} sequences failed: {e}");
                 let err = ApiError::generation(format!("the forward step failed: {e}"));
-                for r in self.running.drain(..).collect::<Vec<_>>() {
-                    self.fail_metrics(&r.label, &err);
+                for r in self.running.drain(..) {
+                    fail_metrics(&self.metrics, &r.label, &err);
                     let _ = r.events.send(Event::Failed(err.clone()));
                 }
                 return;

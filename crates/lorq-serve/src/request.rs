@@ -178,11 +178,7 @@ impl AppState {
                 Ok((Some(id), Some(a)))
             }
             AdapterChoice::Merged(spec) => {
-                let a = self.store.get_merged(&spec).await?;
-                let key = format!(
-                    "merged:{}",
-                    serde_json::to_string(&spec).expect("plain data serializes")
-                );
+                let (key, a) = self.store.get_merged(&spec).await?;
                 Ok((Some(key), Some(a)))
             }
         }

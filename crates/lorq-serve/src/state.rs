@@ -140,10 +140,6 @@ impl AppState {
         self.jobs.lock().unwrap_or_else(|p| p.into_inner()).take();
     }
 
-    pub fn next_request_id(&self) -> u64 {
-        self.next_id.load(Ordering::SeqCst)
-    }
-
     /// A fresh constraint for JSON matching `schema` (`None`: any JSON object).
     pub fn json_constraint(
         &self,

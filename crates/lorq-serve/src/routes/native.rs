@@ -93,13 +93,6 @@ fn options(
         repetition_penalty: p.repetition_penalty,
         seed: p.seed,
     };
-    if let Some(t) = p.top_p {
-        if !(t > 0.0 && t <= 1.0) {
-            return Err(ApiError::validation(format!(
-                "`top_p` must be in (0, 1], got {t}"
-            )));
-        }
-    }
     let best_of = p.best_of.unwrap_or(1) as usize;
     if best_of == 0 {
         return Err(ApiError::validation("`best_of` must be > 0"));

@@ -598,21 +598,15 @@ fn merged_events(subs: Vec<Submitted>) -> impl Stream<Item = (usize, Merged)> {
         .boxed()
     }));
     // Count completion tokens as they pass, for the usage chunk at the end.
-    let counted = per_choice.scan(0usize, |generated, (i, m)| {
-        if let Merged::Event(Event::Token(_)) = &m {
-            *generated += 1;
+    let generated = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = generated.clone();
+    let body = per_choice.inspect(move |(_, m)| {
+        if let Merged::Event(Event::Token(_)) = m {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
-        let g = *generated;
-        std::future::ready(Some((i, m, g)))
-    });
-    let tail_state = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let tail_writer = tail_state.clone();
-    let body = counted.map(move |(i, m, g)| {
-        tail_writer.store(g, std::sync::atomic::Ordering::SeqCst);
-        (i, m)
     });
     let tail = stream::once(async move {
-        let g = tail_state.load(std::sync::atomic::Ordering::SeqCst);
+        let g = generated.load(std::sync::atomic::Ordering::SeqCst);
         (
             0,
             Merged::Usage(Usage {
