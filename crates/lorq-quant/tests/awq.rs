@@ -7,7 +7,7 @@ mod common;
 
 use std::collections::HashMap;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::DType;
 use common::*;
 use lorq_quant::awq::{AwqConfig, AwqTensor, AWQ_ORDER};
 use lorq_quant::QuantTensor;
@@ -124,17 +124,8 @@ fn interleaved_nibbles() {
 #[test]
 fn fused_matmul_matches_dequantized() {
     let f = load();
-    let dev = Device::Cpu;
     for p in MODULES {
-        let t = module(&f, p);
-        let (_, k) = t.shape();
-        let w = t.dequantize(DType::F32).unwrap();
-        for m in [1, 5, 40] {
-            let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
-            let want = f32s(&x.matmul(&w.t().unwrap()).unwrap());
-            let r = rel(&f32s(&t.matmul(&x).unwrap()), &want);
-            assert!(r < 1e-5, "{p} m={m}: rel {r}");
-        }
+        assert_fused_matches_dequantized(&module(&f, p), p);
     }
 }
 
