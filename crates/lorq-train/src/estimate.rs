@@ -1,0 +1,1 @@
+//! `lorq estimate`: training memory from the real config shapes.
