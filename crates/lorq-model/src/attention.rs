@@ -1,3 +1,5 @@
+//! Causal attention of one sequence over its keys and values, and the head reshapes around it.
+
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::Result;
@@ -7,7 +9,7 @@ use crate::error::Result;
 /// `q`: `[heads, new, hd]`, `k`/`v`: `[kv_heads, total, hd]` where the new queries sit at
 /// positions `total-new .. total`. Grouped-query heads share a KV head without copying it: the
 /// queries of the `heads/kv_heads` heads of a group are stacked along the row axis.
-pub(crate) fn attend(q: &Tensor, k: &Tensor, v: &Tensor, window: Option<usize>) -> Result<Tensor> {
+pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, window: Option<usize>) -> Result<Tensor> {
     let (heads, new, hd) = q.dims3()?;
     let (kv_heads, total, _) = k.dims3()?;
     let group = heads / kv_heads;
@@ -32,7 +34,7 @@ pub(crate) fn attend(q: &Tensor, k: &Tensor, v: &Tensor, window: Option<usize>) 
 
 /// Additive mask `[new, total]`: query `i` (position `offset+i`) sees key `j` when `j <= offset+i`
 /// and, with a window `w`, `offset+i - j < w` (transformers' sliding-window semantics).
-fn causal_mask(
+pub fn causal_mask(
     new: usize,
     total: usize,
     offset: usize,
@@ -53,7 +55,7 @@ fn causal_mask(
 }
 
 /// `[rows, heads*hd]` -> `[heads, rows, hd]`, contiguous.
-pub(crate) fn split_heads(x: &Tensor, heads: usize, hd: usize) -> Result<Tensor> {
+pub fn split_heads(x: &Tensor, heads: usize, hd: usize) -> Result<Tensor> {
     let rows = x.dim(0)?;
     Ok(x.reshape((rows, heads, hd))?
         .transpose(0, 1)?
@@ -61,7 +63,7 @@ pub(crate) fn split_heads(x: &Tensor, heads: usize, hd: usize) -> Result<Tensor>
 }
 
 /// `[heads, rows, hd]` -> `[rows, heads*hd]`.
-pub(crate) fn merge_heads(x: &Tensor) -> Result<Tensor> {
+pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
     let (heads, rows, hd) = x.dims3()?;
     Ok(x.transpose(0, 1)?
         .contiguous()?

@@ -1,7 +1,7 @@
 //! The Llama family for lorq: config, loading, batched forward with a KV cache per sequence,
 //! sampling, tokenizer and chat template, GGUF import, and the embedded default model.
 
-mod attention;
+pub mod attention;
 pub mod calibrate;
 pub mod chat_template;
 pub mod checkpoint_writer;

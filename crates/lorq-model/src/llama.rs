@@ -326,6 +326,26 @@ impl LlamaModel {
         }
     }
 
+    /// The final RMSNorm weight (before the LM head).
+    pub fn final_norm_weight(&self) -> &Tensor {
+        &self.norm
+    }
+
+    /// The LM head (the tied input embeddings when the config ties them).
+    pub fn lm_head(&self) -> &Linear {
+        &self.lm_head
+    }
+
+    /// RoPE `(cos, sin)` tables `[len, head_dim/2]` for positions `start..start+len`.
+    pub fn rope_tables(&self, start: usize, len: usize) -> Result<(Tensor, Tensor)> {
+        self.rope.tables(start, len)
+    }
+
+    /// The sliding-window size of decoder layer `layer`, if it has one.
+    pub fn layer_window(&self, layer: usize) -> Option<usize> {
+        self.layers[layer].window
+    }
+
     /// The token embeddings `[ids, hidden]`.
     pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
         let c = &self.config;

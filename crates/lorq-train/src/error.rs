@@ -25,6 +25,8 @@ pub enum TrainError {
     #[error(transparent)]
     Lora(#[from] lorq_lora::LoraError),
     #[error(transparent)]
+    Quant(#[from] lorq_quant::QuantError),
+    #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }
 
