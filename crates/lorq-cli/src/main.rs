@@ -28,6 +28,7 @@ enum Command {
     Merge(cmd::merge::MergeArgs),
     Export(cmd::export::ExportArgs),
     Serve(cmd::serve::ServeArgs),
+    Train(cmd::train::TrainArgs),
 }
 
 fn main() {
@@ -53,6 +54,7 @@ fn main() {
         Command::Merge(a) => cmd::merge::run(a),
         Command::Export(a) => cmd::export::run(a),
         Command::Serve(a) => cmd::serve::run(a),
+        Command::Train(a) => cmd::train::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

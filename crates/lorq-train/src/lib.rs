@@ -10,6 +10,7 @@ pub mod lora_linear;
 pub mod lora_params;
 pub mod loss;
 pub mod optim;
+pub mod plot;
 pub mod step;
 pub mod trainer;
 

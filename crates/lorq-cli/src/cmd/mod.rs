@@ -11,3 +11,4 @@ pub mod quant_report;
 pub mod quantize;
 pub mod score;
 pub mod serve;
+pub mod train;
