@@ -1,0 +1,370 @@
+//! `lorq train` end to end on the tiny llama: the loss falls, a resumed run reproduces the
+//! uninterrupted one, the adapter is what PEFT loads (fixtures/train/peft_load_lorq_adapter.py),
+//! `lorq serve` serves it at once, and bad input gets a clear error.
+
+mod common;
+
+use std::path::Path;
+
+use common::server::{post, Server};
+use common::{fixture, fixtures, lorq, lorq_fails};
+use serde_json::{json, Value};
+
+fn train(out: &Path, extra: &[&str]) -> Value {
+    let (base, data) = (fixture("llama/base"), fixture("train/tiny_addition.jsonl"));
+    let mut args = vec![
+        "train",
+        "--model",
+        &base,
+        "--data",
+        &data,
+        "--out",
+        out.to_str().unwrap(),
+        "--r",
+        "8",
+        "--lr",
+        "1e-2",
+        "--warmup-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--grad-accum",
+        "2",
+        "--logging-steps",
+        "1",
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    lorq(&args)
+}
+
+fn metrics(out: &Path) -> Vec<Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn qlora_loss_falls_on_a_small_task_and_writes_every_artifact() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    // The QLoRA defaults: NF4 double-quant base, paged 8-bit AdamW, checkpointing, dropout 0.1.
+    let s = train(
+        &out,
+        &[
+            "--max-steps",
+            "24",
+            "--save-steps",
+            "12",
+            "--eval-split",
+            "0.1",
+        ],
+    );
+    assert_eq!(s["steps"], 24);
+    let m = metrics(&out);
+    let losses: Vec<f64> = m.iter().filter_map(|l| l["loss"].as_f64()).collect();
+    assert_eq!(losses.len(), 24);
+    let first: f64 = losses[..4].iter().sum::<f64>() / 4.0;
+    let last: f64 = losses[20..].iter().sum::<f64>() / 4.0;
+    assert!(last < 0.6 * first, "loss {first} -> {last} did not fall");
+    let evals: Vec<f64> = m.iter().filter_map(|l| l["eval_loss"].as_f64()).collect();
+    assert_eq!(evals.len(), 2, "eval at each save");
+    assert!(evals[1] < evals[0], "eval loss {evals:?}");
+    for l in m.iter().filter(|l| l.get("loss").is_some()) {
+        for k in [
+            "step",
+            "epoch",
+            "lr",
+            "grad_norm",
+            "tokens_per_s",
+            "elapsed_s",
+        ] {
+            assert!(l[k].is_number(), "metrics line without {k}: {l}");
+        }
+    }
+    for f in [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "loss.png",
+        "checkpoint-12/optimizer.safetensors",
+        "checkpoint-24/trainer_state.json",
+    ] {
+        assert!(out.join(f).is_file(), "missing {f}");
+    }
+    let png = std::fs::read(out.join("loss.png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    assert!(s["peak_rss_bytes"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn a_resumed_run_reproduces_the_uninterrupted_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    // Dropout on and 8-bit paged state: the RNG, data position and quantized moments must all resume.
+    let extra = [
+        "--max-steps",
+        "10",
+        "--save-steps",
+        "4",
+        "--lora-dropout",
+        "0.1",
+    ];
+    train(&a, &extra);
+    std::fs::create_dir_all(&b).unwrap();
+    common::server::copy_dir(&a.join("checkpoint-4"), &b.join("checkpoint-4"));
+    let s = train(&b, &[&extra[..], &["--resume"]].concat());
+    assert!(s["resumed_from"]
+        .as_str()
+        .unwrap()
+        .ends_with("checkpoint-4"));
+    for f in [
+        "adapter_model.safetensors",
+        "checkpoint-8/optimizer.safetensors",
+    ] {
+        assert_eq!(
+            std::fs::read(a.join(f)).unwrap(),
+            std::fs::read(b.join(f)).unwrap(),
+            "{f} differs after resume"
+        );
+    }
+    // Other options than the checkpoint's are refused, naming what changed.
+    let err = lorq_fails(&[
+        "train",
+        "--model",
+        &fixture("llama/base"),
+        "--data",
+        &fixture("train/tiny_addition.jsonl"),
+        "--out",
+        b.to_str().unwrap(),
+        "--r",
+        "16",
+        "--max-steps",
+        "10",
+        "--resume",
+    ]);
+    assert!(
+        err.contains("\"r\"") || err.contains("r: checkpoint 8"),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_trained_adapter_gives_peft_logits_and_training_reproduces_it() {
+    // PEFT loaded the committed lorq-trained adapter and recorded its logits.
+    let reference: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("train/lorq_trained/peft_logits.json")).unwrap(),
+    )
+    .unwrap();
+    let ids: Vec<String> = reference["token_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_string())
+        .collect();
+    let want: Vec<f64> = reference["logits"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    let check = |adapter: &str| {
+        let got = lorq(&[
+            "score",
+            "--model",
+            &fixture("llama/base"),
+            "--adapter",
+            adapter,
+            "--token-ids",
+            &ids.join(","),
+            "--full-logits",
+            "--json",
+        ]);
+        let got: Vec<f64> = got["last_logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        assert_eq!(got.len(), want.len());
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        let scale = want.iter().map(|v| v.abs()).fold(0.0, f64::max);
+        assert!(
+            worst <= 1e-4 * scale,
+            "logits differ from PEFT's by {worst} (scale {scale})"
+        );
+    };
+    check(&fixture("train/lorq_trained/adapter"));
+    // The same command (in the fixture script's docstring) gives the same adapter here.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    lorq(&[
+        "train",
+        "--model",
+        &fixture("llama/base"),
+        "--data",
+        &fixture("train/tiny_addition.jsonl"),
+        "--out",
+        out.to_str().unwrap(),
+        "--quantize",
+        "none",
+        "--optim",
+        "adamw",
+        "--r",
+        "8",
+        "--lr",
+        "1e-2",
+        "--warmup-steps",
+        "0",
+        "--max-steps",
+        "12",
+        "--batch-size",
+        "4",
+        "--grad-accum",
+        "1",
+        "--lora-dropout",
+        "0",
+        "--seed",
+        "3",
+        "--json",
+    ]);
+    check(out.to_str().unwrap());
+    let cfg = |p: &Path| -> Value {
+        serde_json::from_str(&std::fs::read_to_string(p.join("adapter_config.json")).unwrap())
+            .unwrap()
+    };
+    let committed = cfg(&fixtures().join("train/lorq_trained/adapter"));
+    let fresh = cfg(&out);
+    let keys = |v: &Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+    assert_eq!(keys(&committed), keys(&fresh));
+    assert_eq!(
+        committed["target_modules"],
+        json!([
+            "down_proj",
+            "gate_proj",
+            "k_proj",
+            "o_proj",
+            "q_proj",
+            "up_proj",
+            "v_proj"
+        ])
+    );
+}
+
+#[test]
+fn lorq_serve_serves_the_trained_adapter_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("my-adapter");
+    train(&out, &["--max-steps", "4"]);
+    let expected = lorq(&[
+        "generate",
+        "--model",
+        &fixture("llama/base"),
+        "--adapter",
+        out.to_str().unwrap(),
+        "--prompt",
+        "Add 3 and 4.",
+        "--max-new-tokens",
+        "6",
+        "--json",
+    ]);
+    let server = Server::start(
+        &fixture("llama/base"),
+        &["--adapter-dir", dir.path().to_str().unwrap()],
+    );
+    let (status, body) = post(
+        &format!("{}/generate", server.url),
+        &json!({"inputs": "Add 3 and 4.", "parameters": {"adapter_id": "my-adapter", "max_new_tokens": 6}}),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["generated_text"], expected["text"],
+        "served text differs from lorq generate"
+    );
+}
+
+#[test]
+fn bad_training_input_gets_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o");
+    let base = fixture("llama/base");
+    let data = fixture("train/tiny_addition.jsonl");
+    let o = out.to_str().unwrap();
+    let err = lorq_fails(&[
+        "train",
+        "--model",
+        &base,
+        "--data",
+        &data,
+        "--out",
+        o,
+        "--target-modules",
+        "foo_proj",
+    ]);
+    assert!(
+        err.contains("foo_proj") && err.contains("matches no linear"),
+        "{err}"
+    );
+    let empty = dir.path().join("empty.jsonl");
+    std::fs::write(&empty, "\n\n").unwrap();
+    let err = lorq_fails(&[
+        "train",
+        "--model",
+        &base,
+        "--data",
+        empty.to_str().unwrap(),
+        "--out",
+        o,
+    ]);
+    assert!(
+        err.contains("empty.jsonl") && err.contains("no usable rows"),
+        "{err}"
+    );
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"text\": \"fine\"}\n{\"instruction\": \"x\"}\n").unwrap();
+    let err = lorq_fails(&[
+        "train",
+        "--model",
+        &base,
+        "--data",
+        bad.to_str().unwrap(),
+        "--out",
+        o,
+    ]);
+    assert!(
+        err.contains("bad.jsonl:2") && err.contains("output"),
+        "{err}"
+    );
+    let no_weights = dir.path().join("noweights");
+    std::fs::create_dir_all(&no_weights).unwrap();
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(fixtures().join("llama/base").join(f), no_weights.join(f)).unwrap();
+    }
+    let err = lorq_fails(&[
+        "train",
+        "--model",
+        no_weights.to_str().unwrap(),
+        "--data",
+        &data,
+        "--out",
+        o,
+    ]);
+    assert!(err.contains("no weights"), "{err}");
+    let err = lorq_fails(&[
+        "train", "--model", &base, "--data", &data, "--out", o, "--optim", "sgd",
+    ]);
+    assert!(err.contains("sgd"), "{err}");
+    let err = lorq_fails(&[
+        "train", "--model", &base, "--data", &data, "--out", o, "--resume",
+    ]);
+    assert!(err.contains("no checkpoint"), "{err}");
+}
