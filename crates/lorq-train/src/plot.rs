@@ -14,7 +14,13 @@ fn register_font() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         // Hack (MIT), shipped as bytes by the `epaint_default_fonts` crate.
-        if plotters::style::register_font(FONT, FontStyle::Normal, epaint_default_fonts::HACK_REGULAR).is_err() {
+        if plotters::style::register_font(
+            FONT,
+            FontStyle::Normal,
+            epaint_default_fonts::HACK_REGULAR,
+        )
+        .is_err()
+        {
             tracing::warn!("the built-in font did not load; the loss curve will have no text");
         }
     });
@@ -33,7 +39,9 @@ pub fn loss_curve(history: &[serde_json::Value], path: &Path) -> Result<()> {
     let train = series("loss");
     let eval = series("eval_loss");
     if train.is_empty() && eval.is_empty() {
-        return Err(TrainError::Config("no loss was logged; nothing to plot".into()));
+        return Err(TrainError::Config(
+            "no loss was logged; nothing to plot".into(),
+        ));
     }
     register_font();
     let err = |e: String| TrainError::Io {

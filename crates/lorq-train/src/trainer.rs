@@ -79,7 +79,7 @@ impl TrainOptions {
         if self.max_steps.is_none() && !(self.epochs.is_finite() && self.epochs > 0.0) {
             return bad(format!("--epochs {} must be positive", self.epochs));
         }
-        if !(self.max_grad_norm >= 0.0) {
+        if self.max_grad_norm.is_nan() || self.max_grad_norm < 0.0 {
             return bad(format!(
                 "--max-grad-norm {} must be >= 0",
                 self.max_grad_norm

@@ -128,7 +128,9 @@ impl AdamW {
             }
             let n = p.elem_count();
             let rule = match kind {
-                OptimizerKind::AdamW | OptimizerKind::PagedAdamW32bit => Rule::Torch,
+                OptimizerKind::AdamW => Rule::Torch,
+                // HF's `paged_adamw_32bit` is bitsandbytes' PagedAdamW32bit: bnb's 32-bit kernel.
+                OptimizerKind::PagedAdamW32bit => Rule::Bnb32,
                 OptimizerKind::AdamW8bit | OptimizerKind::PagedAdamW8bit if n < MIN_8BIT_SIZE => {
                     Rule::Bnb32
                 }
