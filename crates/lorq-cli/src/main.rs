@@ -29,6 +29,7 @@ enum Command {
     Export(cmd::export::ExportArgs),
     Serve(cmd::serve::ServeArgs),
     Train(cmd::train::TrainArgs),
+    Estimate(cmd::estimate::EstimateArgs),
 }
 
 fn main() {
@@ -55,6 +56,7 @@ fn main() {
         Command::Export(a) => cmd::export::run(a),
         Command::Serve(a) => cmd::serve::run(a),
         Command::Train(a) => cmd::train::run(a),
+        Command::Estimate(a) => cmd::estimate::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -1,4 +1,5 @@
 pub mod bench;
+pub mod estimate;
 pub mod eval;
 pub mod export;
 pub mod generate;
