@@ -88,9 +88,9 @@ fn optimizer_state_8bit_vs_32bit_and_the_4096_rule() {
     // Paged: the state is on the host and leaves the device peak.
     let p = tiny(&["--r", "32", "--optim", "paged_adamw_8bit"]);
     assert_eq!(place(&p, "optimizer state"), "host");
-    assert_eq!(p["host"].as_u64().unwrap(), 2 * per_layer_8 as u64);
+    assert_eq!(p["host"].as_u64().unwrap(), 2 * per_layer_8);
     assert_eq!(
-        p["device_peak"].as_u64().unwrap() + 2 * per_layer_8 as u64,
+        p["device_peak"].as_u64().unwrap() + 2 * per_layer_8,
         v["device_peak"].as_u64().unwrap()
     );
 }
