@@ -96,13 +96,13 @@ fn checkpoints_load_in_gptqmodel_with_lorqs_logits() {
             serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap())
                 .unwrap();
         let q = &cfg["quantization_config"];
+        // transformers' own GPTQ (through optimum) and AWQ integrations load it too (fp16 compute).
+        let tf = floats(&c["transformers_last_logits"]);
+        assert!(rel(&tf, &floats(&c["last_logits"])) < 1e-2, "{name}: transformers' logits");
         if name.starts_with("awq") {
             assert_eq!(q["quant_method"], "awq");
             assert_eq!(q["version"], "gemm");
             assert_eq!(c["library_kernels"][0], "AwqTorchLinear");
-            // transformers' own AWQ integration loads it too.
-            let tf = floats(&c["transformers_last_logits"]);
-            assert!(rel(&tf, &floats(&c["last_logits"])) < 1e-2, "{name}");
         } else {
             assert_eq!(q["quant_method"], "gptq");
             assert_eq!(q["checkpoint_format"], "gptq");

@@ -1,7 +1,6 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use candle_core::Device;
 use clap::Args;
 use lorq_model::LoadedModel;
 use lorq_quant::method::QuantMethod;
@@ -41,7 +40,7 @@ pub struct TrainArgs {
     /// Compute dtype.
     #[arg(long, value_enum, default_value_t = ComputeDtype::F32)]
     pub dtype: ComputeDtype,
-    /// `cpu` (`cuda[:N]` arrives with the CUDA backend).
+    /// `cpu`, `cuda` or `cuda:N` (a build with the `cuda` feature).
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// LoRA rank.
@@ -122,12 +121,7 @@ pub struct TrainArgs {
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
-    if a.device != "cpu" {
-        bail!(
-            "--device {}: this build runs training on the CPU only (the CUDA backend is not built in)",
-            a.device
-        );
-    }
+    let device = crate::common::parse_device(&a.device)?;
     let dir = lorq_model::pull::resolve_model(&a.model)?;
     let quantize = QuantMethod::parse(&a.quantize)?;
     if let Some(q) = quantize {
@@ -214,7 +208,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
             eprintln!("lorq:   skipped {r}");
         }
     }
-    let loaded = LoadedModel::load_quantized(&dir, a.dtype.dtype(), &Device::Cpu, quantize)
+    let loaded = LoadedModel::load_quantized(&dir, a.dtype.dtype(), &device, quantize)
         .with_context(|| format!("loading model {}", dir.display()))?;
     let total = opts.total_steps(&data.train);
     if !a.json {
@@ -264,12 +258,17 @@ pub fn run(a: TrainArgs) -> Result<()> {
             summary.steps,
             summary.seconds,
             tok_s,
-            summary.first_window_loss.map_or("-".into(), |l| format!("{l:.4}")),
-            summary.last_window_loss.map_or("-".into(), |l| format!("{l:.4}")),
             summary
-                .eval_loss
-                .map_or(String::new(), |l| format!("; eval loss {l:.4} (perplexity {:.2})", l.exp())),
-            peak.map_or("-".into(), |b| lorq_quant::select::format_size(b))
+                .first_window_loss
+                .map_or("-".into(), |l| format!("{l:.4}")),
+            summary
+                .last_window_loss
+                .map_or("-".into(), |l| format!("{l:.4}")),
+            summary.eval_loss.map_or(String::new(), |l| format!(
+                "; eval loss {l:.4} (perplexity {:.2})",
+                l.exp()
+            )),
+            peak.map_or("-".into(), lorq_quant::select::format_size)
         );
         println!(
             "adapter: {} (serve it: lorq serve --model {} --adapter-dir {} ; then request adapter_id {:?})",
