@@ -4,7 +4,7 @@
 use candle_core::Tensor;
 use lorq_model::{LayerLinear, LlamaModel};
 
-use crate::error::Result;
+use crate::error::{Result, TrainError};
 use crate::grad_ops::{
     attention_bwd, attention_fwd, rms_norm_bwd, rms_norm_fwd, silu_mul, silu_mul_bwd, AttnSaved,
     AttnShape, RmsNormSaved,
@@ -87,36 +87,32 @@ pub fn layer_fwd(
 ) -> Result<(Tensor, Option<LayerSaved>)> {
     let m = ctx.model;
     let eps = m.config.rms_norm_eps;
-    let lin = |w| m.layer_linear(layer, w);
+    let fwd = |w, x: &Tensor| linear_fwd(m.layer_linear(layer, w), ctx.slot(layer, w).as_ref(), x);
     let shape = ctx.attn_shape(layer);
     let (h1, n1) = rms_norm_fwd(x, m.layer_norm_weight(layer, false), eps)?;
-    let (q, sq) = linear_fwd(lin(LayerLinear::Q), ctx.slot(layer, LayerLinear::Q).as_ref(), &h1)?;
-    let (k, sk) = linear_fwd(lin(LayerLinear::K), ctx.slot(layer, LayerLinear::K).as_ref(), &h1)?;
-    let (v, sv) = linear_fwd(lin(LayerLinear::V), ctx.slot(layer, LayerLinear::V).as_ref(), &h1)?;
+    let (q, sq) = fwd(LayerLinear::Q, &h1)?;
+    let (k, sk) = fwd(LayerLinear::K, &h1)?;
+    let (v, sv) = fwd(LayerLinear::V, &h1)?;
     let mut outs = Vec::with_capacity(ctx.spans.len());
     let mut attn = Vec::with_capacity(ctx.spans.len());
     for (&(start, n), (cos, sin)) in ctx.spans.iter().zip(ctx.ropes) {
-        let (o, s) = attention_fwd(
-            shape,
-            &q.narrow(0, start, n)?,
-            &k.narrow(0, start, n)?,
-            &v.narrow(0, start, n)?,
-            cos,
-            sin,
-        )?;
+        let (q, k, v) = (
+            q.narrow(0, start, n)?,
+            k.narrow(0, start, n)?,
+            v.narrow(0, start, n)?,
+        );
+        let (o, s) = attention_fwd(shape, &q, &k, &v, cos, sin)?;
         outs.push(o);
         if keep {
             attn.push(s);
         }
     }
-    let a = Tensor::cat(&outs, 0)?;
-    let (yo, so) = linear_fwd(lin(LayerLinear::O), ctx.slot(layer, LayerLinear::O).as_ref(), &a)?;
+    let (yo, so) = fwd(LayerLinear::O, &Tensor::cat(&outs, 0)?)?;
     let x2 = (x + yo)?;
     let (h2, n2) = rms_norm_fwd(&x2, m.layer_norm_weight(layer, true), eps)?;
-    let (g, sg) = linear_fwd(lin(LayerLinear::Gate), ctx.slot(layer, LayerLinear::Gate).as_ref(), &h2)?;
-    let (u, su) = linear_fwd(lin(LayerLinear::Up), ctx.slot(layer, LayerLinear::Up).as_ref(), &h2)?;
-    let act = silu_mul(&g, &u)?;
-    let (yd, sd) = linear_fwd(lin(LayerLinear::Down), ctx.slot(layer, LayerLinear::Down).as_ref(), &act)?;
+    let (g, sg) = fwd(LayerLinear::Gate, &h2)?;
+    let (u, su) = fwd(LayerLinear::Up, &h2)?;
+    let (yd, sd) = fwd(LayerLinear::Down, &silu_mul(&g, &u)?)?;
     let out = (x2 + yd)?;
     let saved = keep.then_some(LayerSaved {
         n1,
@@ -147,36 +143,41 @@ pub fn layer_bwd(
     grads: &mut [Option<Tensor>],
 ) -> Result<Option<Tensor>> {
     let m = ctx.model;
-    let lin = |w| m.layer_linear(layer, w);
     let shape = ctx.attn_shape(layer);
+    let mut bwd = |w, saved: &LinearSaved, dy: &Tensor, need_dx: bool| {
+        linear_bwd(
+            m.layer_linear(layer, w),
+            ctx.slot(layer, w).as_ref(),
+            saved,
+            dy,
+            need_dx,
+            grads,
+        )
+    };
+    let dx_of = |d: Option<Tensor>| d.ok_or_else(|| TrainError::Config("dx requested".into()));
     // MLP block: out = x2 + down(silu(gate(h2)) ⊙ up(h2)).
-    let dact = linear_bwd(lin(LayerLinear::Down), ctx.slot(layer, LayerLinear::Down).as_ref(), &s.down, dout, true, grads)?
-        .expect("dx requested");
+    let dact = dx_of(bwd(LayerLinear::Down, &s.down, dout, true)?)?;
     let (dg, du) = silu_mul_bwd(&s.g, &s.u, &dact)?;
-    let dh2 = linear_bwd(lin(LayerLinear::Gate), ctx.slot(layer, LayerLinear::Gate).as_ref(), &s.gate, &dg, true, grads)?
-        .expect("dx requested");
-    let dh2_up = linear_bwd(lin(LayerLinear::Up), ctx.slot(layer, LayerLinear::Up).as_ref(), &s.up, &du, true, grads)?
-        .expect("dx requested");
-    let dx2 = (dout + rms_norm_bwd(&s.n2, m.layer_norm_weight(layer, true), &(dh2 + dh2_up)?)?)?;
+    let dh2 = dx_of(bwd(LayerLinear::Gate, &s.gate, &dg, true)?)?;
+    let dh2 = (dh2 + dx_of(bwd(LayerLinear::Up, &s.up, &du, true)?)?)?;
+    let dx2 = (dout + rms_norm_bwd(&s.n2, m.layer_norm_weight(layer, true), &dh2)?)?;
     // Attention block: x2 = x + o(attn(q(h1), k(h1), v(h1))).
-    let da = linear_bwd(lin(LayerLinear::O), ctx.slot(layer, LayerLinear::O).as_ref(), &s.o, &dx2, true, grads)?
-        .expect("dx requested");
-    let mut dqs = Vec::with_capacity(ctx.spans.len());
-    let mut dks = Vec::with_capacity(ctx.spans.len());
-    let mut dvs = Vec::with_capacity(ctx.spans.len());
+    let da = dx_of(bwd(LayerLinear::O, &s.o, &dx2, true)?)?;
+    let (mut dqs, mut dks, mut dvs) = (vec![], vec![], vec![]);
     for ((&(start, n), (cos, sin)), saved) in ctx.spans.iter().zip(ctx.ropes).zip(&s.attn) {
         let (dq, dk, dv) = attention_bwd(shape, saved, &da.narrow(0, start, n)?, cos, sin)?;
         dqs.push(dq);
         dks.push(dk);
         dvs.push(dv);
     }
-    let (dq, dk, dv) = (Tensor::cat(&dqs, 0)?, Tensor::cat(&dks, 0)?, Tensor::cat(&dvs, 0)?);
-    let dh1q = linear_bwd(lin(LayerLinear::Q), ctx.slot(layer, LayerLinear::Q).as_ref(), &s.q, &dq, need_dx, grads)?;
-    let dh1k = linear_bwd(lin(LayerLinear::K), ctx.slot(layer, LayerLinear::K).as_ref(), &s.k, &dk, need_dx, grads)?;
-    let dh1v = linear_bwd(lin(LayerLinear::V), ctx.slot(layer, LayerLinear::V).as_ref(), &s.v, &dv, need_dx, grads)?;
+    let dq = bwd(LayerLinear::Q, &s.q, &Tensor::cat(&dqs, 0)?, need_dx)?;
+    let dk = bwd(LayerLinear::K, &s.k, &Tensor::cat(&dks, 0)?, need_dx)?;
+    let dv = bwd(LayerLinear::V, &s.v, &Tensor::cat(&dvs, 0)?, need_dx)?;
     if !need_dx {
         return Ok(None);
     }
-    let dh1 = ((dh1q.expect("dx requested") + dh1k.expect("dx requested"))? + dh1v.expect("dx requested"))?;
-    Ok(Some((dx2 + rms_norm_bwd(&s.n1, m.layer_norm_weight(layer, false), &dh1)?)?))
+    let dh1 = ((dx_of(dq)? + dx_of(dk)?)? + dx_of(dv)?)?;
+    Ok(Some(
+        (dx2 + rms_norm_bwd(&s.n1, m.layer_norm_weight(layer, false), &dh1)?)?,
+    ))
 }

@@ -170,12 +170,7 @@ mod tests {
     use super::*;
 
     /// Central finite differences of `f(x)·w` against an analytic gradient.
-    fn check_grad(
-        x: &Tensor,
-        w_out: &Tensor,
-        f: &dyn Fn(&Tensor) -> Tensor,
-        analytic: &Tensor,
-    ) {
+    fn check_grad(x: &Tensor, w_out: &Tensor, f: &dyn Fn(&Tensor) -> Tensor, analytic: &Tensor) {
         let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let an = analytic.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let obj = |v: &[f32]| -> f64 {
@@ -245,7 +240,9 @@ mod tests {
             let k = randn(&[n, 16], 8);
             let v = randn(&[n, 16], 9);
             let d = randn(&[n, 32], 10);
-            let ang: Vec<f32> = (0..n * 4).map(|i| (i / 4) as f32 * 0.3 / (1 + i % 4) as f32).collect();
+            let ang: Vec<f32> = (0..n * 4)
+                .map(|i| (i / 4) as f32 * 0.3 / (1 + i % 4) as f32)
+                .collect();
             let ang = Tensor::from_vec(ang, (n, 4), &Device::Cpu).unwrap();
             let (cos, sin) = (ang.cos().unwrap(), ang.sin().unwrap());
             let (_, saved) = attention_fwd(s, &q, &k, &v, &cos, &sin).unwrap();

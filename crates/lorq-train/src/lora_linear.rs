@@ -31,7 +31,11 @@ pub struct LinearSaved {
 }
 
 /// `y = x·Wᵀ (+ bias) + scale · (drop(x)·Aᵀ)·Bᵀ`.
-pub fn linear_fwd(lin: &Linear, slot: Option<&LoraSlot<'_>>, x: &Tensor) -> Result<(Tensor, LinearSaved)> {
+pub fn linear_fwd(
+    lin: &Linear,
+    slot: Option<&LoraSlot<'_>>,
+    x: &Tensor,
+) -> Result<(Tensor, LinearSaved)> {
     let mut y = lin.base.matmul(x)?;
     if let Some(b) = &lin.bias {
         y = y.broadcast_add(b)?;

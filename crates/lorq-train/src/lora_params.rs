@@ -251,11 +251,15 @@ impl LoraParams {
             .collect::<Result<_>>()?;
         let file = dir.join("adapter_model.safetensors");
         let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-        safetensors::serialize_to_file(host.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata), &file)
-            .map_err(|e| TrainError::Checkpoint {
-                path: file.clone(),
-                message: format!("writing the adapter: {e}"),
-            })
+        safetensors::serialize_to_file(
+            host.iter().map(|(n, t)| (n.as_str(), t)),
+            Some(metadata),
+            &file,
+        )
+        .map_err(|e| TrainError::Checkpoint {
+            path: file.clone(),
+            message: format!("writing the adapter: {e}"),
+        })
     }
 
     /// Reads the pairs back from a PEFT folder written by [`Self::save_peft`] (or by PEFT with the
@@ -269,17 +273,21 @@ impl LoraParams {
                 if !spec.targets.matches(&lin.path, false) {
                     continue;
                 }
-                let m = adapter.module(&lin.path).ok_or_else(|| TrainError::Checkpoint {
-                    path: dir.to_path_buf(),
-                    message: format!("the adapter has no pair for {}", lin.path),
-                })?;
+                let m = adapter
+                    .module(&lin.path)
+                    .ok_or_else(|| TrainError::Checkpoint {
+                        path: dir.to_path_buf(),
+                        message: format!("the adapter has no pair for {}", lin.path),
+                    })?;
                 let lorq_lora::LoraWeights::LowRank { a, b } = &m.weights else {
                     return Err(TrainError::Checkpoint {
                         path: dir.to_path_buf(),
                         message: format!("{} is not a low-rank pair", lin.path),
                     });
                 };
-                if a.dims() != [spec.r, lin.in_features()] || b.dims() != [lin.out_features(), spec.r] {
+                if a.dims() != [spec.r, lin.in_features()]
+                    || b.dims() != [lin.out_features(), spec.r]
+                {
                     return Err(TrainError::Checkpoint {
                         path: dir.to_path_buf(),
                         message: format!(

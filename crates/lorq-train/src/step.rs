@@ -5,13 +5,11 @@
 use candle_core::Tensor;
 use lorq_model::LlamaModel;
 
+use crate::data::IGNORE_INDEX as IGNORE;
 use crate::decoder_grad::{layer_bwd, layer_fwd, StepCtx};
 use crate::error::{Result, TrainError};
-use crate::loss::head_loss;
 use crate::lora_params::LoraParams;
-
-/// Label value that takes no part in the loss (PyTorch's `ignore_index`).
-pub const IGNORE: i64 = -100;
+use crate::loss::head_loss;
 
 /// Unpadded sequences laid out one after the other, with the `(row, next token)` pairs the loss
 /// is taken on.
