@@ -167,7 +167,7 @@ fn bad_rows_name_file_line_and_field() {
         "`output` is missing",
     );
     expect_data_error(
-        &format!("{{\"instruction\": \"q\", \"output\": 3}}\n"),
+        "{\"instruction\": \"q\", \"output\": 3}\n",
         1,
         "`output`: expected a string",
     );
