@@ -21,8 +21,10 @@ use crate::optim::{OptimizerKind, MIN_8BIT_SIZE};
 
 /// What lorq's trainer keeps, in one place.
 pub mod model {
-    /// Rows of the LM head / loss computed at once (f32 logits `[chunk, vocab]` + their gradient).
-    pub const LOSS_CHUNK_ROWS: u64 = 1024;
+    /// Rows of the LM head / loss computed at once, and how many f32 `[chunk, vocab]` tensors
+    /// are alive at once (the loss code's own constants).
+    pub const LOSS_CHUNK_ROWS: u64 = crate::loss::LOSS_CHUNK_ROWS as u64;
+    pub const LOSS_CHUNK_TENSORS: u64 = crate::loss::LOSS_CHUNK_TENSORS as u64;
     /// Bytes per logit and per logit gradient (the loss runs in f32).
     pub const LOGITS_BYTES: u64 = 4;
     /// Bytes per attention probability (softmax kept in f32 for the backward).
@@ -265,7 +267,7 @@ pub fn estimate(model: &str, config: &ModelConfig, o: &EstimateOptions) -> Resul
     let layer_input = rows * h * cb;
     let layer_grads = ((layer_saved + layer_kv) as f64 * model::LAYER_GRAD_FACTOR) as u64;
     let chunk = rows.min(model::LOSS_CHUNK_ROWS);
-    let logits = 2 * chunk * c.vocab_size as u64 * model::LOGITS_BYTES;
+    let logits = model::LOSS_CHUNK_TENSORS * chunk * c.vocab_size as u64 * model::LOGITS_BYTES;
     // The final norm's output, kept for the LM head backward, and the gradient flowing back.
     let final_hidden = rows * h * cb;
     let residual_grad = rows * h * cb;
@@ -390,7 +392,8 @@ pub fn estimate(model: &str, config: &ModelConfig, o: &EstimateOptions) -> Resul
         Place::Device,
         true,
         format!(
-            "f32 logits + gradient, {chunk} rows × vocab {}",
+            "{} f32 [{chunk} rows × vocab {}] tensors at once (chunked loss)",
+            model::LOSS_CHUNK_TENSORS,
             c.vocab_size
         ),
     ));

@@ -7,8 +7,11 @@ use lorq_model::LlamaModel;
 use crate::error::Result;
 use crate::grad_ops::{rms_norm_bwd, rms_norm_fwd};
 
-/// Rows of logits materialised at once (f32 `[LOSS_CHUNK_ROWS, vocab]` plus its gradient).
-pub const LOSS_CHUNK_ROWS: usize = 1024;
+/// Rows of logits materialised at once (f32 `[LOSS_CHUNK_ROWS, vocab]`).
+pub const LOSS_CHUNK_ROWS: usize = 256;
+/// `[LOSS_CHUNK_ROWS, vocab]` f32 tensors alive at once at the peak of a chunk (the shifted
+/// logits, the probabilities, and the gradient being formed).
+pub const LOSS_CHUNK_TENSORS: usize = 3;
 
 /// The summed negative log-likelihood of `targets` (`(row, token)`: the hidden state at `row`
 /// predicts `token`) and, with `grad_scale`, the gradient of `grad_scale · Σ nll` with respect
@@ -46,14 +49,16 @@ pub fn head_loss(
         let logits = logits.to_dtype(DType::F32)?;
         let max = logits.max_keepdim(D::Minus1)?;
         let shifted = logits.broadcast_sub(&max)?;
+        drop(logits);
         let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-        let picked = shifted.gather(&tok, 1)?;
-        let nll = (lse.clone() - picked)?;
+        let nll = (&lse - shifted.gather(&tok, 1)?)?;
         total += nll.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         if let (Some(scale), Some(w), Some(dx)) = (grad_scale, &head_w, dx.as_mut()) {
             let p = shifted.broadcast_sub(&lse)?.exp()?;
+            drop(shifted);
             let minus_one = Tensor::full(-1f32, (c, 1), dev)?;
             let dlogits = (p.scatter_add(&tok, &minus_one, 1)? * scale)?;
+            drop(p);
             let dhn = dlogits.to_dtype(dt)?.matmul(w)?;
             let dh = rms_norm_bwd(&saved, norm_w, &dhn)?;
             *dx = dx.index_add(&rows, &dh, 0)?;

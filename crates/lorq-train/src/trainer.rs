@@ -251,6 +251,8 @@ pub fn train(
     }
     bar.set_position(step as u64);
 
+    // The peak reported at the end is the training's, not the model load's.
+    reset_peak_rss();
     let started = Instant::now();
     let mut tokens_done = 0usize;
     let mut window = (0.0f64, 0usize, 0usize, Instant::now()); // nll, targets, tokens, since
@@ -396,4 +398,9 @@ pub fn peak_rss_bytes() -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+
+/// Restarts the kernel's peak-RSS counter (Linux `clear_refs` 5); a no-op where unsupported.
+pub fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
