@@ -98,7 +98,10 @@ fn checkpoints_load_in_gptqmodel_with_lorqs_logits() {
         let q = &cfg["quantization_config"];
         // transformers' own GPTQ (through optimum) and AWQ integrations load it too (fp16 compute).
         let tf = floats(&c["transformers_last_logits"]);
-        assert!(rel(&tf, &floats(&c["last_logits"])) < 1e-2, "{name}: transformers' logits");
+        assert!(
+            rel(&tf, &floats(&c["last_logits"])) < 1e-2,
+            "{name}: transformers' logits"
+        );
         if name.starts_with("awq") {
             assert_eq!(q["quant_method"], "awq");
             assert_eq!(q["version"], "gemm");
