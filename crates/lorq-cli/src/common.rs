@@ -45,6 +45,10 @@ pub struct BaseModelArgs {
     /// with `--quantize auto`, picks the highest-quality method that fits (see `lorq plan`).
     #[arg(long, env = "LORQ_MEMORY_BUDGET")]
     pub memory_budget: Option<String>,
+    /// Where the model runs: `cpu`, `cuda` or `cuda:N` (GPU N; needs a build with the `cuda`
+    /// feature, see scripts/build-cuda.sh).
+    #[arg(long, default_value = "cpu", env = "LORQ_DEVICE")]
+    pub device: String,
 }
 
 /// The base model plus one optional adapter.
@@ -94,9 +98,46 @@ impl BaseModelArgs {
             }
             (name, _) => QuantMethod::parse(name)?,
         };
-        LoadedModel::load_quantized(&dir, self.dtype.dtype(), &Device::Cpu, quantize)
+        let device = parse_device(&self.device)?;
+        LoadedModel::load_quantized(&dir, self.dtype.dtype(), &device, quantize)
             .with_context(|| format!("loading model {}", dir.display()))
     }
+}
+
+/// Parses `--device`: `cpu`, `cuda` (GPU 0) or `cuda:N`.
+pub fn parse_device(s: &str) -> Result<Device> {
+    let s = s.trim();
+    if s == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    let ordinal = match s.strip_prefix("cuda") {
+        Some("") => 0,
+        Some(rest) => match rest.strip_prefix(':').map(str::parse::<usize>) {
+            Some(Ok(n)) => n,
+            _ => bail!("--device {s:?}: expected cpu, cuda or cuda:N with N a GPU index"),
+        },
+        None => bail!("--device {s:?}: expected cpu, cuda or cuda:N"),
+    };
+    cuda_device(ordinal)
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_device(ordinal: usize) -> Result<Device> {
+    // SAFETY: only probes whether the driver library can be loaded.
+    if !unsafe { candle_core::cuda_backend::cudarc::driver::sys::is_culib_present() } {
+        bail!(
+            "--device cuda:{ordinal}: the NVIDIA driver (libcuda.so.1) was not found; run lorq through scripts/gpu-run.sh or put the CUDA libraries on LD_LIBRARY_PATH"
+        );
+    }
+    Device::new_cuda(ordinal)
+        .with_context(|| format!("--device cuda:{ordinal}: cannot open the GPU"))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_device(ordinal: usize) -> Result<Device> {
+    bail!(
+        "--device cuda:{ordinal}: this lorq was built without CUDA (build the GPU binary with scripts/build-cuda.sh)"
+    )
 }
 
 /// Parses `1,2,3` into token ids.

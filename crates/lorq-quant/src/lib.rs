@@ -7,6 +7,8 @@ pub mod awq;
 pub mod bnb4;
 pub mod compressed_int;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod dense;
 pub mod eetq;
 pub mod fp8;

@@ -9,6 +9,9 @@ use crate::common::ModelArgs;
 
 #[path = "bench_kernels.rs"]
 pub mod bench_kernels;
+#[cfg(feature = "cuda")]
+#[path = "bench_kernels_cuda.rs"]
+pub mod bench_kernels_cuda;
 
 /// Benchmarks (speed is measured here, never asserted in tests).
 #[derive(Debug, Args)]

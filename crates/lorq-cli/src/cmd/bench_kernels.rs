@@ -45,6 +45,13 @@ pub struct BenchKernelsArgs {
     /// Also write the rows as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// `cpu`, or `cuda[:N]`: the GPU kernels (nf4/fp4 fused and dequantize + cuBLAS, bf16 cuBLAS),
+    /// each checked against the CPU reference before it is timed.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// GPU only: a JSON file of peer rows (scripts/bench/torch_matmul.py) merged into the report.
+    #[arg(long)]
+    pub peer: Option<PathBuf>,
 }
 
 /// Relative error bound of a fused kernel against dequantize-then-matmul.
@@ -58,13 +65,13 @@ fn tolerance(format: &str) -> f64 {
     }
 }
 
-struct Shape {
-    name: Option<&'static str>,
-    n: usize,
-    k: usize,
+pub(crate) struct Shape {
+    pub name: Option<&'static str>,
+    pub n: usize,
+    pub k: usize,
 }
 
-fn parse_shapes(specs: &[String]) -> Result<Vec<Shape>> {
+pub(crate) fn parse_shapes(specs: &[String]) -> Result<Vec<Shape>> {
     const SMOLLM2: [(&str, usize, usize); 7] = [
         ("q_proj", 576, 576),
         ("k_proj", 192, 576),
@@ -135,7 +142,7 @@ fn parse_methods(names: Option<&[String]>) -> Result<Vec<QuantMethod>> {
 }
 
 /// Seeded N(0, std²) values (splitmix64 + Box–Muller): the same weights on every run.
-fn randn(seed: u64, len: usize, std: f32) -> Vec<f32> {
+pub(crate) fn randn(seed: u64, len: usize, std: f32) -> Vec<f32> {
     let mut state = seed;
     let mut next = || {
         state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -172,7 +179,7 @@ fn time_us(repeats: usize, mut f: impl FnMut() -> Result<Tensor>) -> Result<f64>
 }
 
 /// max |got - want| / max |want|.
-fn rel_err(got: &Tensor, want: &Tensor) -> Result<f64> {
+pub(crate) fn rel_err(got: &Tensor, want: &Tensor) -> Result<f64> {
     let d: f32 = (got.to_dtype(DType::F32)? - want)?
         .abs()?
         .max_all()?
@@ -195,7 +202,7 @@ fn cpu_model() -> String {
 }
 
 /// UTC date `YYYY-MM-DD` (Howard Hinnant's civil-from-days).
-fn utc_date() -> String {
+pub(crate) fn utc_date() -> String {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -214,7 +221,7 @@ fn utc_date() -> String {
 
 /// The command line as typed, with absolute paths cut to their file name (reports are
 /// committed, machine paths are not).
-fn command_line() -> String {
+pub(crate) fn command_line() -> String {
     std::env::args()
         .map(|a| {
             let p = std::path::Path::new(&a);
@@ -242,6 +249,11 @@ struct Row {
 }
 
 pub fn run(a: BenchKernelsArgs) -> Result<()> {
+    let device = crate::common::parse_device(&a.device)?;
+    if !device.is_cpu() {
+        #[cfg(feature = "cuda")]
+        return super::bench_kernels_cuda::run(&a, &device);
+    }
     let shapes = parse_shapes(&a.shapes)?;
     if let Some(v) = &a.methods {
         for n in v {

@@ -154,6 +154,10 @@ impl QuantTensor for Bnb4Tensor {
     }
 
     fn matmul(&self, x: &Tensor) -> Result<Tensor, QuantError> {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            return crate::cuda::bnb4::matmul(self, x, crate::cuda::bnb4::Bnb4Path::Auto);
+        }
         fused_or_dequantized_matmul(self, x, &self.format_name(), || self.dequantize(DType::F32))
     }
 

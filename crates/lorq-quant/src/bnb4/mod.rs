@@ -80,6 +80,9 @@ pub struct Bnb4Tensor {
     absmax: Absmax,
     /// The f32 absmax of every block (dequantized when nested): what the kernels multiply by.
     scales: Vec<f32>,
+    /// Device copies for the CUDA kernels, uploaded on first use.
+    #[cfg(feature = "cuda")]
+    gpu: crate::cuda::GpuCache<crate::cuda::bnb4::Bnb4Gpu>,
 }
 
 impl Bnb4Tensor {
@@ -171,6 +174,8 @@ impl Bnb4Tensor {
             packed,
             absmax,
             scales,
+            #[cfg(feature = "cuda")]
+            gpu: Default::default(),
         })
     }
 
@@ -197,6 +202,11 @@ impl Bnb4Tensor {
     /// The f32 absmax of every block, after undoing double quantization.
     pub fn block_scales(&self) -> &[f32] {
         &self.scales
+    }
+
+    #[cfg(feature = "cuda")]
+    pub(crate) fn gpu_cache(&self) -> &crate::cuda::GpuCache<crate::cuda::bnb4::Bnb4Gpu> {
+        &self.gpu
     }
 
     /// The dequantized weight as flat f32 (bitsandbytes' values before the cast to a dtype).

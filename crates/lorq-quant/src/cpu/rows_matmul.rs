@@ -67,7 +67,22 @@ pub(crate) fn fused_or_dequantized_matmul(
         let y = rows_matmul(rows, &xs, m);
         return Ok(Tensor::from_vec(y, out_shape, x.device())?.to_dtype(x.dtype())?);
     }
+    if !x.device().is_cpu() {
+        warn_no_gpu_kernel(what);
+    }
     let w = dequantize()?.to_dtype(DType::F32)?.to_device(x.device())?;
     let y = x.to_dtype(DType::F32)?.broadcast_matmul(&w.t()?)?;
     Ok(y.to_dtype(x.dtype())?)
+}
+
+/// Warns once per format that a GPU matmul goes through the CPU-dequantize fallback.
+pub(crate) fn warn_no_gpu_kernel(what: &str) {
+    static SEEN: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let mut seen = SEEN.lock().expect("poisoned");
+    if !seen.iter().any(|s| s == what) {
+        seen.push(what.to_string());
+        tracing::warn!(
+            "{what}: no fused CUDA kernel yet; every matmul dequantizes the weight on the CPU and copies it to the GPU (slow)"
+        );
+    }
 }

@@ -1,0 +1,114 @@
+//! CUDA kernels (feature `cuda`): CUDA C in `kernels/*.cu`, compiled by nvcc at build time into a
+//! fatbin (SASS for sm_90a plus PTX, see `build.rs`), embedded, loaded once per GPU through the
+//! driver API and launched on candle's stream of the activation's device, so they order with
+//! candle's own kernels and cuBLAS calls.
+
+pub mod bnb4;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaModule};
+use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
+use candle_core::cuda_backend::{CudaDevice, WrapErr};
+use candle_core::op::BackpropOp;
+use candle_core::{CudaStorage, Device, Shape, Storage, Tensor};
+
+use crate::QuantError;
+
+/// The kernel `name` of the embedded fatbin `module` on `dev`'s GPU (modules and functions are
+/// loaded once per GPU and cached).
+pub(crate) fn function(
+    dev: &CudaDevice,
+    module: &'static str,
+    fatbin: &'static [u8],
+    name: &str,
+) -> Result<CudaFunction, QuantError> {
+    type Key = (usize, String);
+    static MODULES: OnceLock<Mutex<HashMap<(usize, &'static str), Arc<CudaModule>>>> =
+        OnceLock::new();
+    static FUNCS: OnceLock<Mutex<HashMap<Key, CudaFunction>>> = OnceLock::new();
+    let stream = dev.cuda_stream();
+    let ctx = stream.context();
+    let ordinal = ctx.ordinal();
+    let key = (ordinal, format!("{module}::{name}"));
+    let mut funcs = FUNCS
+        .get_or_init(Default::default)
+        .lock()
+        .expect("poisoned");
+    if let Some(f) = funcs.get(&key) {
+        return Ok(f.clone());
+    }
+    let md = {
+        let mut mods = MODULES
+            .get_or_init(Default::default)
+            .lock()
+            .expect("poisoned");
+        match mods.get(&(ordinal, module)) {
+            Some(m) => m.clone(),
+            None => {
+                let m = ctx.load_module(Ptx::from_binary(fatbin.to_vec())).w()?;
+                mods.insert((ordinal, module), m.clone());
+                m
+            }
+        }
+    };
+    let f = md.load_function(name).w()?;
+    funcs.insert(key, f.clone());
+    Ok(f)
+}
+
+/// Wraps a freshly written device buffer as a contiguous tensor of `shape`.
+pub(crate) fn tensor_from_storage(storage: CudaStorage, shape: impl Into<Shape>) -> Tensor {
+    Tensor::from_storage(Storage::Cuda(storage), shape, BackpropOp::none(), false)
+}
+
+/// Per-GPU copies of a weight's device data, made on first use (cloning a tensor gives an empty
+/// cache: the copy uploads its own).
+pub(crate) struct GpuCache<T>(Mutex<Vec<(usize, Arc<T>)>>);
+
+impl<T> Default for GpuCache<T> {
+    fn default() -> Self {
+        Self(Mutex::new(Vec::new()))
+    }
+}
+
+impl<T> Clone for GpuCache<T> {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl<T> std::fmt::Debug for GpuCache<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.0.lock().map(|v| v.len()).unwrap_or(0);
+        write!(f, "GpuCache({n} GPUs)")
+    }
+}
+
+impl<T> GpuCache<T> {
+    pub(crate) fn get_or_upload(
+        &self,
+        dev: &CudaDevice,
+        upload: impl FnOnce(&CudaDevice) -> Result<T, QuantError>,
+    ) -> Result<Arc<T>, QuantError> {
+        let ordinal = dev.cuda_stream().context().ordinal();
+        let mut v = self.0.lock().expect("poisoned");
+        if let Some((_, t)) = v.iter().find(|(o, _)| *o == ordinal) {
+            return Ok(t.clone());
+        }
+        let t = Arc::new(upload(dev)?);
+        v.push((ordinal, t.clone()));
+        Ok(t)
+    }
+}
+
+/// The CUDA device of `x`, or an error naming `what`.
+pub(crate) fn cuda_device<'a>(x: &'a Tensor, what: &str) -> Result<&'a CudaDevice, QuantError> {
+    match x.device() {
+        Device::Cuda(d) => Ok(d),
+        d => Err(QuantError::Invalid(format!(
+            "{what}: expected a CUDA tensor, got one on {d:?}"
+        ))),
+    }
+}

@@ -1,0 +1,55 @@
+#!/bin/sh
+# One GPU-machine run: checks and times everything the CUDA build has, writing under $OUT (or ./gpu-out).
+#   scripts/bench/gpu-check.sh BINARY [TEST_BINARY]
+# 1. the GPU tests (every kernel against its CPU reference), if TEST_BINARY is given;
+# 2. torch bf16 matmul (the peer) and `lorq bench kernels --device cuda` on Llama-3-8B shapes;
+# 3. greedy tokens on the GPU vs the CPU in f32 (identical) and score logprobs in bf16 (bounded),
+#    dense and NF4, on the committed tiny Llama (fixtures/llama/base).
+set -u
+B=$1
+T=${2:-}
+O=${OUT:-gpu-out}
+mkdir -p "$O"
+R() { sh scripts/gpu-run.sh "$B" "$@"; }
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$O/card.txt"
+fail=0
+if [ -n "$T" ]; then
+    echo "== GPU tests"
+    LORQ_BIN=$T sh scripts/gpu-run.sh --test-threads 1 2>&1 | tee "$O/gpu-tests.log" | tail -8 || fail=1
+fi
+echo "== correctness: tiny Llama, CPU vs GPU"
+M=fixtures/llama/base
+for q in none bitsandbytes-nf4; do
+    R generate --model $M --quantize $q --dtype f32 --token-ids 1,5,9,42,7 --max-new-tokens 32 --json --device cpu >"$O/gen-cpu-$q.json" 2>/dev/null
+    R generate --model $M --quantize $q --dtype f32 --token-ids 1,5,9,42,7 --max-new-tokens 32 --json --device cuda >"$O/gen-gpu-$q.json" 2>"$O/gen-gpu-$q.err"
+    python3 - "$O/gen-cpu-$q.json" "$O/gen-gpu-$q.json" "$q" <<'PY' || fail=1
+import json, sys
+a, b = (json.loads(open(p).read().strip().splitlines()[-1]) for p in sys.argv[1:3])
+ta = a.get("token_ids") or a.get("tokens") or a
+tb = b.get("token_ids") or b.get("tokens") or b
+ok = ta == tb
+print(f"f32 greedy 32 tokens, {sys.argv[3]}: GPU == CPU: {ok}")
+sys.exit(0 if ok else 1)
+PY
+    R score --model $M --quantize $q --dtype bf16 --token-ids 1,5,9,42,7,11,13,17,19,23,29,31 --json --device cpu >"$O/score-cpu-$q.json" 2>/dev/null
+    R score --model $M --quantize $q --dtype bf16 --token-ids 1,5,9,42,7,11,13,17,19,23,29,31 --json --device cuda >"$O/score-gpu-$q.json" 2>>"$O/gen-gpu-$q.err"
+    python3 - "$O/score-cpu-$q.json" "$O/score-gpu-$q.json" "$q" <<'PY' || fail=1
+import json, sys
+a, b = (json.loads(open(p).read().strip().splitlines()[-1]) for p in sys.argv[1:3])
+def lps(d):
+    for k in ("logprobs", "token_logprobs"):
+        if k in d:
+            return [x if isinstance(x, (int, float)) else x.get("logprob") for x in d[k]]
+    return [t["logprob"] for t in d["tokens"]]
+la, lb = lps(a), lps(b)
+d = max(abs(x - y) for x, y in zip(la, lb) if x is not None and y is not None)
+print(f"bf16 score logprobs, {sys.argv[3]}: max |GPU - CPU| = {d:.4f} over {len(la)} tokens")
+sys.exit(0 if d < 0.1 else 1)
+PY
+done
+echo "== kernels"
+python3 scripts/bench/torch_matmul.py --shapes llama3-8b --m 1,4,16,64,128,512 --out "$O/torch.json" >"$O/torch.log" 2>&1 || fail=1
+R bench kernels --device cuda --shapes llama3-8b --m 1,4,16,64,128,512 --peer "$O/torch.json" \
+    --json "$O/kernels-h100.json" 2>"$O/bench.err" || { fail=1; tail -5 "$O/bench.err"; }
+exit $fail

@@ -1,0 +1,60 @@
+"""The peer of `lorq bench kernels --device cuda`: torch bf16 `x @ W.T` (cuBLAS) on the same card,
+shapes and activation rows, timed with CUDA events (median of 7 samples of N calls, weights rotated
+over copies larger than the L2 cache). Writes {"card","rows":[{"format":"torch-bf16",...}]}.
+
+usage: python3 scripts/bench/torch_matmul.py --shapes llama3-8b --m 1,4,16,64,128,512 --out torch.json
+"""
+import argparse
+import json
+
+import torch
+
+LLAMA3_8B = [("q_proj/o_proj", 4096, 4096), ("k_proj/v_proj", 1024, 4096),
+             ("gate_proj/up_proj", 14336, 4096), ("down_proj", 4096, 14336)]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="llama3-8b")
+    ap.add_argument("--m", default="1,4,16,64,128,512")
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+    shapes = []
+    for s in a.shapes.split(","):
+        if s == "llama3-8b":
+            shapes += LLAMA3_8B
+        else:
+            n, k = s.lower().split("x")
+            shapes.append((None, int(n), int(k)))
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    rows = []
+    for name, n, k in shapes:
+        copies = max(1, min(32, -(-(256 << 20) // (n * k * 2))))
+        ws = [torch.randn(n, k, device=dev, dtype=torch.bfloat16, generator=g) * 0.02 for _ in range(copies)]
+        for m in [int(v) for v in a.m.split(",")]:
+            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16, generator=g)
+            iters = 50 if m <= 16 else 10
+            for i in range(3):
+                x @ ws[i % copies].T
+            torch.cuda.synchronize()
+            samples = []
+            for _ in range(7):
+                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                s.record()
+                for i in range(iters):
+                    x @ ws[i % copies].T
+                e.record()
+                e.synchronize()
+                samples.append(s.elapsed_time(e) * 1e3 / iters)
+            us = sorted(samples)[len(samples) // 2]
+            b = n * k * 2 + (m * k + m * n) * 2
+            rows.append({"format": "torch-bf16", "path": "torch.matmul (cuBLAS)", "n": n, "k": k, "m": m,
+                         "us": us, "gbps": b / us / 1e3, "checked": False,
+                         "torch": torch.__version__})
+            print(f"torch bf16 {n}x{k} m={m}: {us:.2f} us", flush=True)
+    json.dump({"card": torch.cuda.get_device_name(), "rows": rows}, open(a.out, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
