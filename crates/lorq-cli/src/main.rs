@@ -33,6 +33,12 @@ enum Command {
 }
 
 fn main() {
+    // candle runs element-wise CPU ops on a pool whose barrier spins; when the cores are busy (a
+    // loaded machine, or gemm's own threads) the spinning costs more than the parallel work saves
+    // (a QLoRA step ran 4x faster with one thread there). Matmuls keep all cores through gemm.
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("LORQ_LOG")
