@@ -21,6 +21,13 @@ pub trait QuantTensor: Send + Sync + std::fmt::Debug {
     fn matmul(&self, x: &Tensor) -> Result<Tensor, QuantError>;
     /// The full-precision weight `[out, in]` in `dtype`.
     fn dequantize(&self, dtype: DType) -> Result<Tensor, QuantError>;
+    /// `dy · W` for `dy` of shape `[rows, out_features]`: the input gradient of [`Self::matmul`]
+    /// (training's only use of a frozen weight in the backward), on `dy`'s device and dtype. The
+    /// default dequantizes on the host; formats with a device dequantization override it.
+    fn matmul_grad_input(&self, dy: &Tensor) -> Result<Tensor, QuantError> {
+        let w = self.dequantize(dy.dtype())?.to_device(dy.device())?;
+        Ok(dy.matmul(&w)?)
+    }
     /// Bytes held by the weight and its quantization constants.
     fn bytes(&self) -> usize;
     /// Short name of the format, as `lorq inspect` shows it (`f32`, `bf16`, `nf4`, ...).

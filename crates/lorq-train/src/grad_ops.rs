@@ -147,7 +147,9 @@ pub fn attention_bwd(
 }
 
 /// A dropout keep-mask scaled by `1/(1-p)` (`[rows, cols]`, `dtype`), drawn from a generator
-/// seeded by `seed`, so the recomputation under gradient checkpointing draws the same mask.
+/// seeded by `seed`, so the recomputation under gradient checkpointing draws the same mask. On a
+/// CUDA device the mask is drawn there (the device generator reseeded with `seed`); elsewhere on
+/// the host.
 pub fn dropout_mask(
     rows: usize,
     cols: usize,
@@ -156,9 +158,15 @@ pub fn dropout_mask(
     dtype: DType,
     device: &Device,
 ) -> Result<Tensor> {
+    let keep = 1.0 / (1.0 - p);
+    if device.is_cuda() {
+        device.set_seed(seed)?;
+        let u = Tensor::rand(0f32, 1f32, (rows, cols), device)?;
+        return Ok((u.ge(p)?.to_dtype(dtype)? * keep)?);
+    }
     use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
-    let keep = (1.0 / (1.0 - p)) as f32;
+    let keep = keep as f32;
     let m: Vec<f32> = (0..rows * cols)
         .map(|_| if rng.random::<f64>() < p { 0.0 } else { keep })
         .collect();

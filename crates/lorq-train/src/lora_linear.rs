@@ -83,8 +83,7 @@ pub fn linear_bwd(
 ) -> Result<Option<Tensor>> {
     let dt = dy.dtype();
     let mut dx = if need_dx {
-        let w = lin.base.dequantize(dt)?;
-        Some(dy.matmul(&w)?)
+        Some(lin.base.matmul_grad_input(dy)?)
     } else {
         None
     };

@@ -27,10 +27,6 @@ pub fn head_loss(
     let head = model.lm_head();
     let norm_w = model.final_norm_weight();
     let eps = model.config.rms_norm_eps;
-    let head_w = match grad_scale {
-        Some(_) => Some(head.base.dequantize(dt)?),
-        None => None,
-    };
     let mut dx = match grad_scale {
         Some(_) => Some(x.zeros_like()?),
         None => None,
@@ -53,13 +49,13 @@ pub fn head_loss(
         let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
         let nll = (&lse - shifted.gather(&tok, 1)?)?;
         total += nll.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        if let (Some(scale), Some(w), Some(dx)) = (grad_scale, &head_w, dx.as_mut()) {
+        if let (Some(scale), Some(dx)) = (grad_scale, dx.as_mut()) {
             let p = shifted.broadcast_sub(&lse)?.exp()?;
             drop(shifted);
             let minus_one = Tensor::full(-1f32, (c, 1), dev)?;
             let dlogits = (p.scatter_add(&tok, &minus_one, 1)? * scale)?;
             drop(p);
-            let dhn = dlogits.to_dtype(dt)?.matmul(w)?;
+            let dhn = head.base.matmul_grad_input(&dlogits.to_dtype(dt)?)?;
             let dh = rms_norm_bwd(&saved, norm_w, &dhn)?;
             *dx = dx.index_add(&rows, &dh, 0)?;
         }

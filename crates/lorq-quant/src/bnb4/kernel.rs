@@ -166,6 +166,16 @@ impl QuantTensor for Bnb4Tensor {
         Ok(w.to_dtype(dtype)?)
     }
 
+    fn matmul_grad_input(&self, dy: &Tensor) -> Result<Tensor, QuantError> {
+        #[cfg(feature = "cuda")]
+        if let candle_core::Device::Cuda(dev) = dy.device() {
+            let w = crate::cuda::bnb4::dequantize(self, dev, dy.dtype())?;
+            return Ok(dy.matmul(&w)?);
+        }
+        let w = self.dequantize(dy.dtype())?.to_device(dy.device())?;
+        Ok(dy.matmul(&w)?)
+    }
+
     fn bytes(&self) -> usize {
         let absmax = match &self.absmax {
             super::Absmax::F32(a) => 4 * a.len(),
