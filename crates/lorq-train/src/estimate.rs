@@ -34,6 +34,9 @@ pub mod model {
     /// With dropout on, each targeted linear keeps its dropped input and its scaled keep-mask,
     /// both `[rows, in]` in the compute dtype (2 tensors); without, the input is shared.
     pub const DROPOUT_TENSORS_PER_LINEAR: u64 = 2;
+    /// The optimizers update on the host: while they run, the params, their gradients and the
+    /// updated params exist there as f32 copies.
+    pub const OPTIMIZER_STEP_COPIES: u64 = 3;
     /// Gradient buffers alive during one layer's backward, relative to that layer's saved
     /// activations.
     pub const LAYER_GRAD_FACTOR: f64 = 1.0;
@@ -348,6 +351,13 @@ pub fn estimate(model: &str, config: &ModelConfig, o: &EstimateOptions) -> Resul
             ),
         ),
         comp(
+            "optimizer step",
+            model::OPTIMIZER_STEP_COPIES * lora_params * model::LORA_MASTER_BYTES,
+            Place::Host,
+            true,
+            "f32 host copies of the params, their gradients and the updated params while the optimizer runs".into(),
+        ),
+        comp(
             "activations",
             if ck {
                 layers * layer_input + final_hidden
@@ -402,17 +412,21 @@ pub fn estimate(model: &str, config: &ModelConfig, o: &EstimateOptions) -> Resul
         .filter(|x| x.place == Place::Device && !x.transient)
         .map(|x| x.bytes)
         .sum();
-    let phase = components
-        .iter()
-        .filter(|x| x.transient)
-        .map(|x| x.bytes)
-        .max()
-        .unwrap_or(0);
+    let phase = |place: Place| {
+        components
+            .iter()
+            .filter(|x| x.transient && x.place == place)
+            .map(|x| x.bytes)
+            .max()
+            .unwrap_or(0)
+    };
     let host = components
         .iter()
-        .filter(|x| x.place == Place::Host)
+        .filter(|x| x.place == Place::Host && !x.transient)
         .map(|x| x.bytes)
-        .sum();
+        .sum::<u64>()
+        + phase(Place::Host);
+    let phase = phase(Place::Device);
     Ok(Estimate {
         model: model.to_string(),
         quantize: o.quantize.clone(),
