@@ -156,3 +156,34 @@ pub fn parse_token_ids(s: &str) -> Result<Vec<u32>> {
     }
     Ok(ids)
 }
+
+/// The LoRA shape flags shared by `lorq train` and `lorq estimate` (the QLoRA recipe's defaults).
+#[derive(Debug, Clone, Args)]
+pub struct LoraFlags {
+    /// LoRA rank.
+    #[arg(long, default_value_t = 64)]
+    pub r: usize,
+    #[arg(long, default_value_t = 16.0)]
+    pub lora_alpha: f64,
+    /// Dropout on each adapted linear's LoRA input.
+    #[arg(long, default_value_t = 0.1)]
+    pub lora_dropout: f64,
+    /// `all-linear` or a comma-separated list (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj).
+    #[arg(long, default_value = "all-linear")]
+    pub target_modules: String,
+    /// Scale by alpha/√r instead of alpha/r.
+    #[arg(long)]
+    pub use_rslora: bool,
+}
+
+impl LoraFlags {
+    pub fn spec(&self) -> Result<lorq_train::LoraSpec> {
+        Ok(lorq_train::LoraSpec {
+            r: self.r,
+            alpha: self.lora_alpha,
+            dropout: self.lora_dropout,
+            use_rslora: self.use_rslora,
+            targets: lorq_train::LoraSpec::parse_targets(&self.target_modules)?,
+        })
+    }
+}

@@ -299,72 +299,42 @@ fn bad_training_input_gets_a_clear_error() {
     let base = fixture("llama/base");
     let data = fixture("train/tiny_addition.jsonl");
     let o = out.to_str().unwrap();
-    let err = lorq_fails(&[
-        "train",
-        "--model",
+    // `lorq train --model M --data D --out o EXTRA...` must fail with a message holding every
+    // one of `want`.
+    let fails = |model: &str, data: &str, extra: &[&str], want: &[&str]| {
+        let mut args = vec!["train", "--model", model, "--data", data, "--out", o];
+        args.extend_from_slice(extra);
+        let err = lorq_fails(&args);
+        assert!(want.iter().all(|w| err.contains(w)), "{args:?}: {err}");
+    };
+    fails(
         &base,
-        "--data",
         &data,
-        "--out",
-        o,
-        "--target-modules",
-        "foo_proj",
-    ]);
-    assert!(
-        err.contains("foo_proj") && err.contains("matches no linear"),
-        "{err}"
+        &["--target-modules", "foo_proj"],
+        &["foo_proj", "matches no linear"],
     );
     let empty = dir.path().join("empty.jsonl");
     std::fs::write(&empty, "\n\n").unwrap();
-    let err = lorq_fails(&[
-        "train",
-        "--model",
+    fails(
         &base,
-        "--data",
         empty.to_str().unwrap(),
-        "--out",
-        o,
-    ]);
-    assert!(
-        err.contains("empty.jsonl") && err.contains("no usable rows"),
-        "{err}"
+        &[],
+        &["empty.jsonl", "no usable rows"],
     );
     let bad = dir.path().join("bad.jsonl");
     std::fs::write(&bad, "{\"text\": \"fine\"}\n{\"instruction\": \"x\"}\n").unwrap();
-    let err = lorq_fails(&[
-        "train",
-        "--model",
+    fails(
         &base,
-        "--data",
         bad.to_str().unwrap(),
-        "--out",
-        o,
-    ]);
-    assert!(
-        err.contains("bad.jsonl:2") && err.contains("output"),
-        "{err}"
+        &[],
+        &["bad.jsonl:2", "output"],
     );
     let no_weights = dir.path().join("noweights");
     std::fs::create_dir_all(&no_weights).unwrap();
     for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
         std::fs::copy(fixtures().join("llama/base").join(f), no_weights.join(f)).unwrap();
     }
-    let err = lorq_fails(&[
-        "train",
-        "--model",
-        no_weights.to_str().unwrap(),
-        "--data",
-        &data,
-        "--out",
-        o,
-    ]);
-    assert!(err.contains("no weights"), "{err}");
-    let err = lorq_fails(&[
-        "train", "--model", &base, "--data", &data, "--out", o, "--optim", "sgd",
-    ]);
-    assert!(err.contains("sgd"), "{err}");
-    let err = lorq_fails(&[
-        "train", "--model", &base, "--data", &data, "--out", o, "--resume",
-    ]);
-    assert!(err.contains("no checkpoint"), "{err}");
+    fails(no_weights.to_str().unwrap(), &data, &[], &["no weights"]);
+    fails(&base, &data, &["--optim", "sgd"], &["sgd"]);
+    fails(&base, &data, &["--resume"], &["no checkpoint"]);
 }

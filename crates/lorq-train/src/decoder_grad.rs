@@ -25,7 +25,23 @@ pub struct StepCtx<'a> {
     pub dropout_seed: Option<u64>,
 }
 
-impl StepCtx<'_> {
+impl<'a> StepCtx<'a> {
+    pub fn new(
+        model: &'a LlamaModel,
+        lora: &'a LoraParams,
+        batch: &'a crate::step::MicroBatch,
+        ropes: &'a [(Tensor, Tensor)],
+        dropout_seed: Option<u64>,
+    ) -> Self {
+        Self {
+            model,
+            lora,
+            spans: &batch.spans,
+            ropes,
+            dropout_seed,
+        }
+    }
+
     fn slot(&self, layer: usize, which: LayerLinear) -> Option<LoraSlot<'_>> {
         let (index, module) = self.lora.get(layer, which)?;
         let dropout = if self.dropout_seed.is_some() {

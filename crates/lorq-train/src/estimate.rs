@@ -15,7 +15,6 @@ use lorq_quant::select::{self, ModelShapes};
 use serde::Serialize;
 
 use crate::error::{Result, TrainError};
-use crate::lora_params::LoraSpec;
 use crate::optim::kernels::BNB_BLOCK;
 use crate::optim::{OptimizerKind, MIN_8BIT_SIZE};
 
@@ -446,11 +445,6 @@ pub fn estimate(model: &str, config: &ModelConfig, o: &EstimateOptions) -> Resul
         device_peak: resident + phase,
         host,
     })
-}
-
-/// Parses `--target-modules` (`all-linear` or `q_proj,v_proj,...`), as `lorq train` does.
-pub fn parse_targets(s: &str) -> Result<TargetModules> {
-    LoraSpec::parse_targets(s)
 }
 
 /// Bytes of a linear's codes alone (the rest of `linear_bytes` is constants and packing).

@@ -89,25 +89,19 @@ impl LoraParams {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let device = model.device().clone();
         let mut modules = Vec::new();
-        for layer in 0..model.num_layers() {
-            for which in LayerLinear::ALL {
-                let lin = model.layer_linear(layer, which);
-                if !spec.targets.matches(&lin.path, false) {
-                    continue;
-                }
-                let (inp, out) = (lin.in_features(), lin.out_features());
-                let bound = 1.0 / (inp as f64).sqrt();
-                let a: Vec<f32> = (0..spec.r * inp)
-                    .map(|_| rng.random_range(-bound..bound) as f32)
-                    .collect();
-                modules.push(TrainModule {
-                    layer,
-                    which,
-                    path: lin.path.clone(),
-                    a: Tensor::from_vec(a, (spec.r, inp), &device)?,
-                    b: Tensor::zeros((out, spec.r), DType::F32, &device)?,
-                });
-            }
+        for (layer, which, lin) in targeted(model, &spec) {
+            let (inp, out) = (lin.in_features(), lin.out_features());
+            let bound = 1.0 / (inp as f64).sqrt();
+            let a: Vec<f32> = (0..spec.r * inp)
+                .map(|_| rng.random_range(-bound..bound) as f32)
+                .collect();
+            modules.push(TrainModule {
+                layer,
+                which,
+                path: lin.path.clone(),
+                a: Tensor::from_vec(a, (spec.r, inp), &device)?,
+                b: Tensor::zeros((out, spec.r), DType::F32, &device)?,
+            });
         }
         Self::from_modules(model, spec, modules)
     }
@@ -267,48 +261,40 @@ impl LoraParams {
     pub fn load_peft(model: &LlamaModel, spec: LoraSpec, dir: &Path) -> Result<Self> {
         let adapter = LoraAdapter::load(dir, model.device())?;
         let mut modules = Vec::new();
-        for layer in 0..model.num_layers() {
-            for which in LayerLinear::ALL {
-                let lin = model.layer_linear(layer, which);
-                if !spec.targets.matches(&lin.path, false) {
-                    continue;
-                }
-                let m = adapter
-                    .module(&lin.path)
-                    .ok_or_else(|| TrainError::Checkpoint {
-                        path: dir.to_path_buf(),
-                        message: format!("the adapter has no pair for {}", lin.path),
-                    })?;
-                let lorq_lora::LoraWeights::LowRank { a, b } = &m.weights else {
-                    return Err(TrainError::Checkpoint {
-                        path: dir.to_path_buf(),
-                        message: format!("{} is not a low-rank pair", lin.path),
-                    });
-                };
-                if a.dims() != [spec.r, lin.in_features()]
-                    || b.dims() != [lin.out_features(), spec.r]
-                {
-                    return Err(TrainError::Checkpoint {
-                        path: dir.to_path_buf(),
-                        message: format!(
-                            "{}: A {:?} / B {:?} do not fit r = {} on [{}, {}]",
-                            lin.path,
-                            a.dims(),
-                            b.dims(),
-                            spec.r,
-                            lin.out_features(),
-                            lin.in_features()
-                        ),
-                    });
-                }
-                modules.push(TrainModule {
-                    layer,
-                    which,
-                    path: lin.path.clone(),
-                    a: a.to_dtype(DType::F32)?,
-                    b: b.to_dtype(DType::F32)?,
+        for (layer, which, lin) in targeted(model, &spec) {
+            let m = adapter
+                .module(&lin.path)
+                .ok_or_else(|| TrainError::Checkpoint {
+                    path: dir.to_path_buf(),
+                    message: format!("the adapter has no pair for {}", lin.path),
+                })?;
+            let lorq_lora::LoraWeights::LowRank { a, b } = &m.weights else {
+                return Err(TrainError::Checkpoint {
+                    path: dir.to_path_buf(),
+                    message: format!("{} is not a low-rank pair", lin.path),
+                });
+            };
+            if a.dims() != [spec.r, lin.in_features()] || b.dims() != [lin.out_features(), spec.r] {
+                return Err(TrainError::Checkpoint {
+                    path: dir.to_path_buf(),
+                    message: format!(
+                        "{}: A {:?} / B {:?} do not fit r = {} on [{}, {}]",
+                        lin.path,
+                        a.dims(),
+                        b.dims(),
+                        spec.r,
+                        lin.out_features(),
+                        lin.in_features()
+                    ),
                 });
             }
+            modules.push(TrainModule {
+                layer,
+                which,
+                path: lin.path.clone(),
+                a: a.to_dtype(DType::F32)?,
+                b: b.to_dtype(DType::F32)?,
+            });
         }
         Self::from_modules(model, spec, modules)
     }
@@ -324,6 +310,17 @@ impl LoraParams {
         }
         Ok(LoraAdapter::from_tensors(path, config, tensors)?)
     }
+}
+
+/// Every decoder linear `spec.targets` matches, in model order.
+fn targeted<'m>(
+    model: &'m LlamaModel,
+    spec: &LoraSpec,
+) -> Vec<(usize, LayerLinear, &'m lorq_model::Linear)> {
+    (0..model.num_layers())
+        .flat_map(|layer| LayerLinear::ALL.map(|w| (layer, w, model.layer_linear(layer, w))))
+        .filter(|(_, _, lin)| spec.targets.matches(&lin.path, false))
+        .collect()
 }
 
 /// Integers stay integers in JSON (PEFT writes `"lora_alpha": 16`).

@@ -83,13 +83,7 @@ pub fn forward_backward(
         return Ok(0.0);
     }
     let ropes = ropes(model, &batch.spans)?;
-    let ctx = StepCtx {
-        model,
-        lora,
-        spans: &batch.spans,
-        ropes: &ropes,
-        dropout_seed: Some(dropout_seed),
-    };
+    let ctx = StepCtx::new(model, lora, batch, &ropes, Some(dropout_seed));
     let layers = model.num_layers();
     let mut x = model.embed(&batch.tokens)?;
     let mut inputs = Vec::with_capacity(layers);
@@ -127,13 +121,7 @@ pub fn eval_nll(model: &LlamaModel, lora: &LoraParams, batch: &MicroBatch) -> Re
         return Ok(0.0);
     }
     let ropes = ropes(model, &batch.spans)?;
-    let ctx = StepCtx {
-        model,
-        lora,
-        spans: &batch.spans,
-        ropes: &ropes,
-        dropout_seed: None,
-    };
+    let ctx = StepCtx::new(model, lora, batch, &ropes, None);
     let mut x = model.embed(&batch.tokens)?;
     for l in 0..model.num_layers() {
         x = layer_fwd(&ctx, l, &x, false)?.0;

@@ -7,7 +7,7 @@ use lorq_model::ModelConfig;
 use lorq_train::estimate::{self, EstimateOptions};
 use lorq_train::optim::OptimizerKind;
 
-use crate::common::ComputeDtype;
+use crate::common::{ComputeDtype, LoraFlags};
 
 /// Estimate the memory of `lorq train`: base weights, quantization constants, LoRA params and
 /// gradients, optimizer state (device or host for the paged ones), activations, K/V, logits,
@@ -25,18 +25,8 @@ pub struct EstimateArgs {
     /// (Llama-2-13B), 70B (Llama-2-70B), llama-3-70b.
     #[arg(long)]
     pub params: Option<String>,
-    /// LoRA rank.
-    #[arg(long, default_value_t = 64)]
-    pub r: usize,
-    /// LoRA alpha (does not change memory; shown for the record).
-    #[arg(long, default_value_t = 16.0)]
-    pub lora_alpha: f64,
-    /// LoRA dropout: above 0 each targeted linear keeps its dropped input and mask.
-    #[arg(long, default_value_t = 0.1)]
-    pub lora_dropout: f64,
-    /// `all-linear` or a comma-separated list (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj).
-    #[arg(long, default_value = "all-linear")]
-    pub target_modules: String,
+    #[command(flatten)]
+    pub lora: LoraFlags,
     /// Sequences per step (micro-batch).
     #[arg(long, default_value_t = 4)]
     pub batch_size: usize,
@@ -77,10 +67,10 @@ pub fn run(a: EstimateArgs) -> Result<()> {
         }
     };
     let opts = EstimateOptions {
-        r: a.r,
-        lora_alpha: a.lora_alpha,
-        lora_dropout: a.lora_dropout,
-        targets: estimate::parse_targets(&a.target_modules)?,
+        r: a.lora.r,
+        lora_alpha: a.lora.lora_alpha,
+        lora_dropout: a.lora.lora_dropout,
+        targets: a.lora.spec()?.targets,
         batch_size: a.batch_size,
         seq_len: a.seq_len,
         quantize: a.quantize.clone(),

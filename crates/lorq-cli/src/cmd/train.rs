@@ -6,9 +6,9 @@ use lorq_model::LoadedModel;
 use lorq_quant::method::QuantMethod;
 use lorq_train::data::{load_train_eval, DataOptions, EvalData, Formatter};
 use lorq_train::optim::{LrSchedulerKind, OptimizerKind};
-use lorq_train::{LoraSpec, TrainOptions};
+use lorq_train::TrainOptions;
 
-use crate::common::ComputeDtype;
+use crate::common::{ComputeDtype, LoraFlags};
 
 /// Fine-tune a LoRA adapter with QLoRA: the base frozen in NF4 with double quantization (or any
 /// --quantize format, or none), LoRA on every linear, paged 8-bit AdamW, gradient checkpointing.
@@ -43,19 +43,8 @@ pub struct TrainArgs {
     /// `cpu`, `cuda` or `cuda:N` (a build with the `cuda` feature).
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// LoRA rank.
-    #[arg(long, default_value_t = 64)]
-    pub r: usize,
-    #[arg(long, default_value_t = 16.0)]
-    pub lora_alpha: f64,
-    #[arg(long, default_value_t = 0.1)]
-    pub lora_dropout: f64,
-    /// `all-linear` or a comma-separated list (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj).
-    #[arg(long, default_value = "all-linear")]
-    pub target_modules: String,
-    /// Scale by alpha/√r instead of alpha/r.
-    #[arg(long)]
-    pub use_rslora: bool,
+    #[command(flatten)]
+    pub lora: LoraFlags,
     #[arg(long, default_value_t = 2e-4)]
     pub lr: f64,
     /// constant_with_warmup, cosine, linear or constant.
@@ -132,13 +121,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
             );
         }
     }
-    let spec = LoraSpec {
-        r: a.r,
-        alpha: a.lora_alpha,
-        dropout: a.lora_dropout,
-        use_rslora: a.use_rslora,
-        targets: LoraSpec::parse_targets(&a.target_modules)?,
-    };
+    let spec = a.lora.spec()?;
     let opts = TrainOptions {
         lora: spec,
         lr: a.lr,
@@ -214,9 +197,9 @@ pub fn run(a: TrainArgs) -> Result<()> {
     if !a.json {
         eprintln!(
             "lorq: training r={} alpha={} on {} ({}), {} steps of {}×{} sequences, {}, lr {} ({}), checkpointing {}",
-            a.r,
-            a.lora_alpha,
-            a.target_modules,
+            a.lora.r,
+            a.lora.lora_alpha,
+            a.lora.target_modules,
             quantize.map_or("full precision", |q| q.name()),
             total,
             a.batch_size,
