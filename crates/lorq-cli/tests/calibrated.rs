@@ -33,25 +33,6 @@ fn last_logits(dir: &Path, ids: &[u32]) -> Vec<f32> {
     l[0].squeeze(0).unwrap().to_vec1().unwrap()
 }
 
-fn floats(v: &Value) -> Vec<f32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect()
-}
-
-/// max |a − b| / max |b|.
-fn rel(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    let d = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max);
-    d / b.iter().fold(0f32, |m, v| m.max(v.abs()))
-}
-
 /// Runs `lorq quantize` with a case's arguments (paths relative to the repo root) into `out`.
 fn quantize(args: &[String], out: &Path) -> Value {
     let mut a: Vec<String> = vec![

@@ -77,32 +77,7 @@ fn assert_same_checkpoint(a: &Path, b: &Path) {
 }
 
 fn last_logits(dir: &Path, ids: &str) -> Vec<f32> {
-    let v = lorq(&[
-        "score",
-        "--model",
-        &s(dir),
-        "--token-ids",
-        ids,
-        "--full-logits",
-        "--json",
-    ]);
-    v["last_logits"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect()
-}
-
-/// max |a − b| / max |b|.
-fn rel(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    let d = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max);
-    d / b.iter().fold(0f32, |m, v| m.max(v.abs()))
+    score_last_logits(&["--model", &s(dir), "--token-ids", ids])
 }
 
 /// ‖a − b‖ / ‖b‖.
@@ -211,23 +186,14 @@ fn nf4_export_equals_merge_then_quantize_and_scores_near_the_merged_model() {
     let ours = last_logits(&exported, IDS);
     assert_near_merged(&ours, &merged_fp, "nf4 export");
     // Exactly what lorq computes when it quantizes the merged folder to NF4 while loading it.
-    let jit = lorq(&[
-        "score",
+    let jit = score_last_logits(&[
         "--model",
         &s(&merged),
         "--quantize",
         "bitsandbytes-nf4",
         "--token-ids",
         IDS,
-        "--full-logits",
-        "--json",
     ]);
-    let jit: Vec<f32> = jit["last_logits"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect();
     let d = rel(&ours, &jit);
     assert!(d < 1e-5, "nf4 export vs NF4 at load: {d}");
 }

@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 
 use common::server::{post, Server};
-use common::{fixture, fixtures, lorq, lorq_fails};
+use common::{fixture, fixtures, floats, lorq, lorq_fails, rel, score_last_logits};
 use serde_json::{json, Value};
 
 fn train(out: &Path, extra: &[&str]) -> Value {
@@ -163,45 +163,18 @@ fn the_trained_adapter_gives_peft_logits_and_training_reproduces_it() {
         .iter()
         .map(|v| v.to_string())
         .collect();
-    let want: Vec<f64> = reference["logits"]
-        .as_array()
-        .unwrap()
-        .last()
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .collect();
+    let want = floats(reference["logits"].as_array().unwrap().last().unwrap());
     let check = |adapter: &str| {
-        let got = lorq(&[
-            "score",
+        let got = score_last_logits(&[
             "--model",
             &fixture("llama/base"),
             "--adapter",
             adapter,
             "--token-ids",
             &ids.join(","),
-            "--full-logits",
-            "--json",
         ]);
-        let got: Vec<f64> = got["last_logits"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_f64().unwrap())
-            .collect();
-        assert_eq!(got.len(), want.len());
-        let worst = got
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f64::max);
-        let scale = want.iter().map(|v| v.abs()).fold(0.0, f64::max);
-        assert!(
-            worst <= 1e-4 * scale,
-            "logits differ from PEFT's by {worst} (scale {scale})"
-        );
+        let d = rel(&got, &want);
+        assert!(d <= 1e-4, "logits differ from PEFT's by {d} of the largest");
     };
     check(&fixture("train/lorq_trained/adapter"));
     // The same command (in the fixture script's docstring) gives the same adapter here.

@@ -44,4 +44,32 @@ pub fn lorq_fails(args: &[&str]) -> String {
     assert!(!out.status.success(), "lorq {args:?} should fail");
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
+/// A JSON array of numbers as f32.
+pub fn floats(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("not a JSON array: {v}"))
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+/// `lorq score ARGS --full-logits --json`: the whole vocabulary's logits at the last position.
+pub fn score_last_logits(args: &[&str]) -> Vec<f32> {
+    let mut all = vec!["score"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--full-logits", "--json"]);
+    floats(&lorq(&all)["last_logits"])
+}
+
+/// max |a − b| / max |b|.
+pub fn rel(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let d = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max);
+    d / b.iter().fold(0f32, |m, v| m.max(v.abs()))
+}
+
 pub mod server;
