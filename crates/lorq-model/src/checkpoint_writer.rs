@@ -20,6 +20,7 @@ use lorq_quant::RawTensor;
 
 use crate::config::ModelConfig;
 use crate::error::{io_err, ModelError, Result};
+use crate::linear::quantize_weight;
 use crate::prequantized::CheckpointFormat;
 use crate::weights::WeightFiles;
 
@@ -154,10 +155,7 @@ pub fn quantize_checkpoint(
             message: "missing".into(),
         })?;
         let w = weights.load_as_stored(name, &shape, &Device::Cpu)?;
-        let q = method.quantize(&w).map_err(|e| ModelError::Tensor {
-            name: (*name).clone(),
-            message: format!("{} quantization failed: {e}", method.name()),
-        })?;
+        let q = quantize_weight(method, name, &w)?;
         drop(w);
         let (o, i) = q.shape();
         linear_params += o * i;

@@ -24,6 +24,7 @@ use lorq_quant::method::QuantMethod;
 use crate::calibrate::{quantize_calibrated, CalibratedMethod, CalibratedSummary, CalibrationSpec};
 use crate::checkpoint_writer::{bits_per_weight, create_output_dir, QuantizeSummary};
 use crate::error::{io_err, ModelError, Result};
+use crate::linear::quantize_weight;
 use crate::merge_checkpoint::{
     dtype_name, linear_progress, merge_checkpoint, MergeOptions, MergedTensors,
 };
@@ -217,10 +218,7 @@ fn export_jit(
         for t in merged.tensors().iter().filter(|t| t.is_decoder_linear()) {
             progress.set_message(t.name.clone());
             let w = merged.tensor(t)?;
-            let q = method.quantize(&w).map_err(|e| ModelError::Tensor {
-                name: t.name.clone(),
-                message: format!("{} quantization failed: {e}", method.name()),
-            })?;
+            let q = quantize_weight(method, &t.name, &w)?;
             drop(w);
             let (o, i) = q.shape();
             linear_params += o * i;

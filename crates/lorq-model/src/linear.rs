@@ -4,7 +4,7 @@ use candle_core::Tensor;
 use lorq_lora::BatchAdapters;
 use lorq_quant::QuantTensor;
 
-use crate::error::Result;
+use crate::error::{ModelError, Result};
 
 /// A linear layer: a base weight in any format, an optional bias, and a LoRA slot filled per
 /// batch row by [`BatchAdapters`]. The model never knows the base's format.
@@ -36,4 +36,16 @@ impl Linear {
     pub fn out_features(&self) -> usize {
         self.base.shape().0
     }
+}
+
+/// Quantizes the full-precision weight `name` with `method`; a failure names the tensor.
+pub(crate) fn quantize_weight(
+    method: lorq_quant::method::QuantMethod,
+    name: &str,
+    w: &Tensor,
+) -> Result<Arc<dyn QuantTensor>> {
+    method.quantize(w).map_err(|e| ModelError::Tensor {
+        name: name.to_string(),
+        message: format!("{} quantization failed: {e}", method.name()),
+    })
 }

@@ -9,6 +9,7 @@ use crate::attention::{attend, merge_heads, split_heads};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
+use crate::linear::quantize_weight;
 use crate::linear::Linear;
 use crate::prequantized::CheckpointFormat;
 use crate::rope::Rope;
@@ -203,10 +204,7 @@ impl LlamaModel {
                 (Some(f), _) => f.load_linear(weights, &path, (out, inp), device)?,
                 (None, Some(q)) => {
                     let w = weights.load_as_stored(&name, &[out, inp], device)?;
-                    let t = q.quantize(&w).map_err(|e| ModelError::Tensor {
-                        name: name.clone(),
-                        message: format!("{} quantization failed: {e}", q.name()),
-                    })?;
+                    let t = quantize_weight(q, &name, &w)?;
                     progress.inc(1);
                     t
                 }

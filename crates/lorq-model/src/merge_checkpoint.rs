@@ -33,6 +33,7 @@ use crate::checkpoint_writer::{
 };
 use crate::config::ModelConfig;
 use crate::error::{io_err, ModelError, Result};
+use crate::linear::quantize_weight;
 use crate::prequantized::CheckpointFormat;
 use crate::weights::WeightFiles;
 
@@ -250,12 +251,7 @@ impl<'a> MergedTensors<'a> {
                 .dequantize(DType::F32)?,
             (None, Some(q)) => {
                 let w = self.weights.load_as_stored(&t.name, &t.shape, &dev)?;
-                q.quantize(&w)
-                    .map_err(|err| ModelError::Tensor {
-                        name: t.name.clone(),
-                        message: format!("{} quantization failed: {err}", q.name()),
-                    })?
-                    .dequantize(DType::F32)?
+                quantize_weight(q, &t.name, &w)?.dequantize(DType::F32)?
             }
             (None, None) => self
                 .weights
