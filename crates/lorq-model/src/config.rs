@@ -68,6 +68,21 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
+    /// `(out_features, in_features)` of linear `which` of every decoder layer.
+    pub fn linear_shape(&self, which: crate::llama::LayerLinear) -> (usize, usize) {
+        use crate::llama::LayerLinear::*;
+        let (h, i) = (self.hidden_size, self.intermediate_size);
+        let q = self.num_attention_heads * self.head_dim;
+        let kv = self.num_key_value_heads * self.head_dim;
+        match which {
+            Q => (q, h),
+            K | V => (kv, h),
+            O => (h, q),
+            Gate | Up => (i, h),
+            Down => (h, i),
+        }
+    }
+
     pub fn load(dir: &Path) -> Result<Self> {
         let path = dir.join("config.json");
         let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;

@@ -172,8 +172,6 @@ impl LlamaModel {
     ) -> Result<Self> {
         let c = &config;
         let h = c.hidden_size;
-        let q_out = c.num_attention_heads * c.head_dim;
-        let kv_out = c.num_key_value_heads * c.head_dim;
         let load = |name: &str, shape: &[usize]| weights.load(name, shape, dtype, device);
         let prequantized = CheckpointFormat::detect(c, weights, weights.dir())?;
         if let Some(f) = &prequantized {
@@ -221,31 +219,25 @@ impl LlamaModel {
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
+            let layer_linear = |w: LayerLinear| {
+                let (out, inp) = c.linear_shape(w);
+                let bias = match w {
+                    LayerLinear::Q | LayerLinear::K | LayerLinear::V => c.qkv_bias,
+                    LayerLinear::O => c.o_bias,
+                    LayerLinear::Gate | LayerLinear::Up | LayerLinear::Down => c.mlp_bias,
+                };
+                linear(format!("{p}.{}", w.module()), out, inp, bias)
+            };
             layers.push(DecoderLayer {
                 input_norm: load(&format!("{p}.input_layernorm.weight"), &[h])?,
                 post_attention_norm: load(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
-                q: linear(format!("{p}.self_attn.q_proj"), q_out, h, c.qkv_bias)?,
-                k: linear(format!("{p}.self_attn.k_proj"), kv_out, h, c.qkv_bias)?,
-                v: linear(format!("{p}.self_attn.v_proj"), kv_out, h, c.qkv_bias)?,
-                o: linear(format!("{p}.self_attn.o_proj"), h, q_out, c.o_bias)?,
-                gate: linear(
-                    format!("{p}.mlp.gate_proj"),
-                    c.intermediate_size,
-                    h,
-                    c.mlp_bias,
-                )?,
-                up: linear(
-                    format!("{p}.mlp.up_proj"),
-                    c.intermediate_size,
-                    h,
-                    c.mlp_bias,
-                )?,
-                down: linear(
-                    format!("{p}.mlp.down_proj"),
-                    h,
-                    c.intermediate_size,
-                    c.mlp_bias,
-                )?,
+                q: layer_linear(LayerLinear::Q)?,
+                k: layer_linear(LayerLinear::K)?,
+                v: layer_linear(LayerLinear::V)?,
+                o: layer_linear(LayerLinear::O)?,
+                gate: layer_linear(LayerLinear::Gate)?,
+                up: layer_linear(LayerLinear::Up)?,
+                down: layer_linear(LayerLinear::Down)?,
                 window: c.sliding_window[i],
             });
         }

@@ -10,7 +10,7 @@ mod presets;
 pub use presets::{preset_config, preset_names};
 
 use lorq_lora::TargetModules;
-use lorq_model::ModelConfig;
+use lorq_model::{LayerLinear, ModelConfig};
 use lorq_quant::select::{self, ModelShapes};
 use serde::Serialize;
 
@@ -104,26 +104,14 @@ pub struct LinearShape {
 
 /// The seven linears of a Llama-family decoder layer with this config's dims.
 pub fn layer_linears(c: &ModelConfig) -> [LinearShape; 7] {
-    let (h, q, kv, i) = (
-        c.hidden_size,
-        c.num_attention_heads * c.head_dim,
-        c.num_key_value_heads * c.head_dim,
-        c.intermediate_size,
-    );
-    let l = |path, out_features, in_features| LinearShape {
-        path,
-        out_features,
-        in_features,
-    };
-    [
-        l("self_attn.q_proj", q, h),
-        l("self_attn.k_proj", kv, h),
-        l("self_attn.v_proj", kv, h),
-        l("self_attn.o_proj", h, q),
-        l("mlp.gate_proj", i, h),
-        l("mlp.up_proj", i, h),
-        l("mlp.down_proj", h, i),
-    ]
+    LayerLinear::ALL.map(|w| {
+        let (out_features, in_features) = c.linear_shape(w);
+        LinearShape {
+            path: w.module(),
+            out_features,
+            in_features,
+        }
+    })
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -7,7 +7,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use lorq_model::prequantized::CheckpointFormat;
 use lorq_model::weights::WeightFiles;
-use lorq_model::ModelConfig;
+use lorq_model::{LayerLinear, ModelConfig};
 use lorq_quant::select::{self, DeviceCaps, ModelShapes, Plan};
 use serde_json::{json, Value};
 
@@ -50,15 +50,14 @@ pub fn model_shapes(
     let c = ModelConfig::load(dir)?;
     let weights = WeightFiles::open(dir)?;
     let pre = CheckpointFormat::detect(&c, &weights, dir)?.map(|f| f.method_name());
-    let (h, q, kv, i) = (
+    let (h, kv, i) = (
         c.hidden_size,
-        c.num_attention_heads * c.head_dim,
         c.num_key_value_heads * c.head_dim,
         c.intermediate_size,
     );
     let mut linears = Vec::with_capacity(7 * c.num_hidden_layers);
     for _ in 0..c.num_hidden_layers {
-        linears.extend([(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)]);
+        linears.extend(LayerLinear::ALL.map(|w| c.linear_shape(w)));
     }
     let linear_params: usize = linears.iter().map(|&(n, k)| n * k).sum();
     let compute_bytes = dtype.dtype().size_in_bytes();

@@ -532,7 +532,7 @@ fn real_tokenizer_smollm2_if_cached() {
 /// Mask time on the full SmolLM2 vocabulary in a few typical states (run in release with
 /// `--ignored --nocapture`).
 #[test]
-#[ignore]
+#[ignore = "timing benchmark on the full SmolLM2 vocabulary: run in release with --ignored --nocapture"]
 fn mask_timing_smollm2() {
     let dir = crate::pull::default_model_dir();
     let tok = Tokenizer::load(&dir).unwrap();
