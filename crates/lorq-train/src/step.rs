@@ -54,6 +54,15 @@ impl MicroBatch {
         Ok(b)
     }
 
+    /// From the data pipeline's examples.
+    pub fn from_examples(examples: &[crate::data::Example]) -> Result<Self> {
+        Self::new(
+            examples
+                .iter()
+                .map(|e| (e.input_ids.as_slice(), e.labels.as_slice())),
+        )
+    }
+
     /// Tokens the loss is taken on.
     pub fn num_targets(&self) -> usize {
         self.targets.len()

@@ -138,11 +138,7 @@ pub fn evaluate(
 ) -> Result<f64> {
     let (mut nll, mut n) = (0.0, 0usize);
     for chunk in ds.examples().chunks(batch_size.max(1)) {
-        let b = MicroBatch::new(
-            chunk
-                .iter()
-                .map(|e| (e.input_ids.as_slice(), e.labels.as_slice())),
-        )?;
+        let b = MicroBatch::from_examples(chunk)?;
         nll += eval_nll(model, lora, &b)?;
         n += b.num_targets();
     }
@@ -261,14 +257,7 @@ pub fn train(
     let resumed_from = resume.map(Path::to_path_buf);
     while step < total_steps {
         let micro: Vec<MicroBatch> = (0..opts.grad_accum)
-            .map(|_| {
-                let examples = batcher.next_batch();
-                MicroBatch::new(
-                    examples
-                        .iter()
-                        .map(|e| (e.input_ids.as_slice(), e.labels.as_slice())),
-                )
-            })
+            .map(|_| MicroBatch::from_examples(&batcher.next_batch()))
             .collect::<Result<_>>()?;
         let targets: usize = micro.iter().map(MicroBatch::num_targets).sum();
         let tokens: usize = micro.iter().map(|m| m.tokens.len()).sum();
