@@ -25,8 +25,7 @@ pub trait QuantTensor: Send + Sync + std::fmt::Debug {
     /// (training's only use of a frozen weight in the backward), on `dy`'s device and dtype. The
     /// default dequantizes on the host; formats with a device dequantization override it.
     fn matmul_grad_input(&self, dy: &Tensor) -> Result<Tensor, QuantError> {
-        let w = self.dequantize(dy.dtype())?.to_device(dy.device())?;
-        Ok(dy.matmul(&w)?)
+        host_matmul_grad_input(self, dy)
     }
     /// Bytes held by the weight and its quantization constants.
     fn bytes(&self) -> usize;
@@ -36,6 +35,16 @@ pub trait QuantTensor: Send + Sync + std::fmt::Debug {
     /// `prefix.<key>` (`prefix` = the module path, e.g. `model.layers.0.self_attn.q_proj`); a
     /// dense weight is `prefix.weight`. Bias tensors are not included.
     fn state_dict(&self, prefix: &str) -> Result<Vec<(String, RawTensor)>, QuantError>;
+}
+
+/// `dy · W` with `W` dequantized on the host and moved to `dy`'s device (the default of
+/// [`QuantTensor::matmul_grad_input`]).
+pub fn host_matmul_grad_input<T: QuantTensor + ?Sized>(
+    t: &T,
+    dy: &Tensor,
+) -> Result<Tensor, QuantError> {
+    let w = t.dequantize(dy.dtype())?.to_device(dy.device())?;
+    Ok(dy.matmul(&w)?)
 }
 
 /// Converts a candle state dict into raw safetensors tensors.

@@ -172,8 +172,7 @@ impl QuantTensor for Bnb4Tensor {
             let w = crate::cuda::bnb4::dequantize(self, dev, dy.dtype())?;
             return Ok(dy.matmul(&w)?);
         }
-        let w = self.dequantize(dy.dtype())?.to_device(dy.device())?;
-        Ok(dy.matmul(&w)?)
+        crate::quant_tensor::host_matmul_grad_input(self, dy)
     }
 
     fn bytes(&self) -> usize {
