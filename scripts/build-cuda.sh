@@ -11,7 +11,8 @@
 # A [patch] rewrites Cargo.lock, so the build runs in a mirror of the workspace (.cuda-build/ws,
 # sources copied with their timestamps): the repository's Cargo.lock and the CPU build stay untouched.
 # Env: LORQ_CUDA_PREFIX (toolchain, default ~/.cache/lorq/cuda13), CUDA_COMPUTE_CAP (default 90 ->
-# sm_90a, H100/H200), CARGO_TARGET_DIR (default .cuda-build/target).
+# sm_90a, H100/H200), CARGO_TARGET_DIR (default .cuda-build/target), LORQ_CUDA_FAST=1 (no LTO, 16
+# codegen units: a larger binary that links in a fraction of the time, for development).
 set -eu
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PREFIX=${LORQ_CUDA_PREFIX:-$HOME/.cache/lorq/cuda13}
@@ -29,18 +30,22 @@ export RUSTFLAGS="${RUSTFLAGS:-} -L native=$PREFIX/linkonly"
 export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90} NVCC=$PREFIX/bin/nvcc CUDA_HOME=$PREFIX
 MODE=bin
 if [ "${1:-}" = --tests ]; then MODE=tests; shift; fi
+if [ "${LORQ_CUDA_FAST:-0}" = 1 ]; then LTO=false CGU=16; else LTO='"fat"' CGU=1; fi
 set -- --release --features cuda \
     --config "patch.crates-io.candle-core.path=\"$B/candle-core\"" \
-    --config 'profile.release.lto="fat"' \
-    --config 'profile.release.codegen-units=1' \
+    --config "profile.release.lto=$LTO" \
+    --config "profile.release.codegen-units=$CGU" \
     --config 'profile.release.strip=true' \
     "$@"
 cd "$B/ws"
 if [ $MODE = tests ]; then
     # The GPU tests: every kernel against its CPU reference (they skip, saying why, without a GPU).
-    cargo test --no-run -p lorq-quant --test cuda_kernels "$@" 2>"$B/tests.log" || { cat "$B/tests.log" >&2; exit 1; }
+    # LORQ_CUDA_TESTS picks the test targets (cargo test arguments); the paths of the built test
+    # binaries are printed, one per line.
+    # shellcheck disable=SC2086
+    cargo test --no-run ${LORQ_CUDA_TESTS:--p lorq-quant --test cuda_kernels} "$@" 2>"$B/tests.log" || { cat "$B/tests.log" >&2; exit 1; }
     grep -v '^ptxas info' "$B/tests.log" >&2
-    grep -o '(\S*cuda_kernels-[0-9a-f]*)' "$B/tests.log" | tr -d '()' | tail -1
+    grep -o '([^ ]*/deps/[^ ]*)' "$B/tests.log" | tr -d '()'
     exit 0
 fi
 cargo build -p lorq --bin lorq "$@" 2>"$B/build.log" || { cat "$B/build.log" >&2; exit 1; }
