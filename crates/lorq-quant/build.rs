@@ -1,11 +1,9 @@
-//! With the `cuda` feature: compiles `kernels/*.cu` with nvcc into one fatbin per file (SASS for
+//! With the `cuda` feature: compiles every `kernels/*.cu` with nvcc into one fatbin per file (SASS for
 //! `sm_<CUDA_COMPUTE_CAP>` — `sm_90a` by default — plus PTX of the same target for the driver to
 //! JIT on newer GPUs), embedded by `src/cuda/` with `include_bytes!`. nvcc comes from `$NVCC`, else
 //! `$CUDA_HOME/bin/nvcc`, else `nvcc` (scripts/cuda-toolchain.sh installs a pinned one). Without the
 //! feature this does nothing, so CPU builds need no CUDA.
 use std::{env, path::PathBuf, process::Command};
-
-const KERNELS: &[&str] = &["bnb4"];
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
@@ -26,8 +24,17 @@ fn main() {
         Ok(c) => c.to_string(),
         Err(_) => panic!("CUDA_COMPUTE_CAP={cc:?} is not a number like 90"),
     };
-    println!("cargo:rerun-if-changed=kernels/common.cuh");
-    for k in KERNELS {
+    // Every kernels/*.cu file is one fatbin, named after the file.
+    println!("cargo:rerun-if-changed=kernels");
+    let mut kernels: Vec<String> = std::fs::read_dir("kernels")
+        .expect("kernels/ exists")
+        .filter_map(|e| {
+            let name = e.ok()?.file_name().into_string().ok()?;
+            name.strip_suffix(".cu").map(str::to_string)
+        })
+        .collect();
+    kernels.sort();
+    for k in &kernels {
         let src = format!("kernels/{k}.cu");
         println!("cargo:rerun-if-changed={src}");
         let out = out_dir.join(format!("{k}.fatbin"));
@@ -42,6 +49,7 @@ fn main() {
             .arg(format!(
                 "-gencode=arch=compute_{arch},code=[sm_{arch},compute_{arch}]"
             ))
+            .arg("-Ikernels")
             .arg("-o")
             .arg(&out)
             .arg(&src)

@@ -18,7 +18,7 @@ use crate::QuantError;
 
 /// The kernel `name` of the embedded fatbin `module` on `dev`'s GPU (modules and functions are
 /// loaded once per GPU and cached).
-pub(crate) fn function(
+pub fn function(
     dev: &CudaDevice,
     module: &'static str,
     fatbin: &'static [u8],
@@ -59,13 +59,13 @@ pub(crate) fn function(
 }
 
 /// Wraps a freshly written device buffer as a contiguous tensor of `shape`.
-pub(crate) fn tensor_from_storage(storage: CudaStorage, shape: impl Into<Shape>) -> Tensor {
+pub fn tensor_from_storage(storage: CudaStorage, shape: impl Into<Shape>) -> Tensor {
     Tensor::from_storage(Storage::Cuda(storage), shape, BackpropOp::none(), false)
 }
 
 /// Per-GPU copies of a weight's device data, made on first use (cloning a tensor gives an empty
 /// cache: the copy uploads its own).
-pub(crate) struct GpuCache<T>(Mutex<Vec<(usize, Arc<T>)>>);
+pub struct GpuCache<T>(Mutex<Vec<(usize, Arc<T>)>>);
 
 impl<T> Default for GpuCache<T> {
     fn default() -> Self {
@@ -87,7 +87,7 @@ impl<T> std::fmt::Debug for GpuCache<T> {
 }
 
 impl<T> GpuCache<T> {
-    pub(crate) fn get_or_upload(
+    pub fn get_or_upload(
         &self,
         dev: &CudaDevice,
         upload: impl FnOnce(&CudaDevice) -> Result<T, QuantError>,
@@ -104,7 +104,7 @@ impl<T> GpuCache<T> {
 }
 
 /// The CUDA device of `x`, or an error naming `what`.
-pub(crate) fn cuda_device<'a>(x: &'a Tensor, what: &str) -> Result<&'a CudaDevice, QuantError> {
+pub fn cuda_device<'a>(x: &'a Tensor, what: &str) -> Result<&'a CudaDevice, QuantError> {
     match x.device() {
         Device::Cuda(d) => Ok(d),
         d => Err(QuantError::Invalid(format!(
