@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use super::bench_kernels::{command_line, parse_shapes, randn, utc_date, BenchKernelsArgs};
 
 /// ‖got − want‖₂ / ‖want‖₂ in f64 (NaN counts as infinitely wrong).
-fn rel_l2(got: &Tensor, want: &Tensor) -> Result<f64> {
+pub(crate) fn rel_l2(got: &Tensor, want: &Tensor) -> Result<f64> {
     let g: Vec<f32> = got.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
     let w: Vec<f32> = want.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
     let (mut num, mut den) = (0f64, 0f64);
@@ -33,7 +33,7 @@ fn rel_l2(got: &Tensor, want: &Tensor) -> Result<f64> {
 }
 
 /// Median µs per call of `f(i)` (i rotating over the weight copies), `iters` calls per sample.
-fn time_gpu(
+pub(crate) fn time_gpu(
     dev: &Device,
     samples: usize,
     iters: usize,
@@ -56,7 +56,7 @@ fn time_gpu(
     Ok(v[v.len() / 2])
 }
 
-fn card_name(dev: &Device) -> Result<String> {
+pub(crate) fn card_name(dev: &Device) -> Result<String> {
     let Device::Cuda(c) = dev else {
         bail!("not a GPU")
     };
