@@ -172,6 +172,7 @@ impl AwqTensor {
             .map(f32::from)
             .collect();
         let w = IntWeight {
+            gpu: Default::default(),
             n,
             k,
             bits: 4,

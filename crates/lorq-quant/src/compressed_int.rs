@@ -234,6 +234,7 @@ impl CompressedIntTensor {
         let sc_name = format!("{prefix}.weight_scale");
         let (scales, scale_dtype) = float_values(&need_raw(get, &sc_name)?, &sc_name, &[n, g])?;
         let w = IntWeight {
+            gpu: Default::default(),
             n,
             k,
             bits: b,

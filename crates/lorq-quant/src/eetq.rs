@@ -27,6 +27,8 @@ pub struct EetqTensor {
     q: Vec<i8>,
     scale: Vec<f32>,
     shape: (usize, usize),
+    /// GPU copies (fused CUDA kernels), made on first use.
+    gpu: crate::gpu_slot::GpuSlot,
 }
 
 impl EetqTensor {
@@ -69,7 +71,12 @@ impl EetqTensor {
                 scale.len()
             )));
         }
-        Ok(Self { q, scale, shape })
+        Ok(Self {
+            q,
+            scale,
+            shape,
+            gpu: Default::default(),
+        })
     }
 
     pub fn codes(&self) -> &[i8] {

@@ -123,6 +123,8 @@ pub struct Fp8Tensor {
     scale: Vec<f32>,
     scale_dtype: DType,
     input_scale: Option<Tensor>,
+    /// GPU copies (fused CUDA kernels), made on first use.
+    gpu: crate::gpu_slot::GpuSlot,
 }
 
 fn round_to(dtype: DType, x: f32) -> f32 {
@@ -215,6 +217,7 @@ impl Fp8Tensor {
             }
         }
         Ok(Self {
+            gpu: Default::default(),
             shape: (out, inp),
             codes,
             scale,
@@ -242,6 +245,7 @@ impl Fp8Tensor {
             )));
         }
         Ok(Self {
+            gpu: Default::default(),
             shape,
             codes,
             scale,

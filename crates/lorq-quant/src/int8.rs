@@ -78,6 +78,8 @@ pub struct Int8Tensor {
     scb: Vec<f32>,
     shape: (usize, usize),
     threshold: f32,
+    /// GPU copies (fused CUDA kernels), made on first use.
+    gpu: crate::gpu_slot::GpuSlot,
 }
 
 impl Int8Tensor {
@@ -120,6 +122,7 @@ impl Int8Tensor {
             )));
         }
         Ok(Self {
+            gpu: Default::default(),
             cb,
             scb,
             shape,

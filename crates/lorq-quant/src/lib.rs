@@ -13,6 +13,7 @@ mod dense;
 pub mod eetq;
 pub mod fp8;
 pub mod gptq;
+mod gpu_slot;
 pub mod hqq;
 pub mod input_stats;
 pub mod int8;

@@ -67,6 +67,8 @@ pub(crate) struct IntWeight {
     pub zeros: Vec<f32>,
     /// Each dequantized element is rounded to this dtype.
     pub round: Rounding,
+    /// GPU copies (fused CUDA kernels), made on first use.
+    pub gpu: crate::gpu_slot::GpuSlot,
 }
 
 /// Code `i` of a dense little-endian stream of `bits`-wide fields.

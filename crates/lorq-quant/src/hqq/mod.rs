@@ -107,6 +107,8 @@ pub struct HqqTensor {
     scale: Vec<f32>,
     zero: Vec<f32>,
     compute: ComputeDtype,
+    /// GPU copies (fused CUDA kernels), made on first use.
+    gpu: crate::gpu_slot::GpuSlot,
 }
 
 /// hqq's grid `[rows, cols]` for a weight of `numel` elements.
@@ -231,6 +233,7 @@ impl HqqTensor {
             )));
         }
         Ok(Self {
+            gpu: Default::default(),
             cfg,
             shape,
             packing,
