@@ -242,6 +242,14 @@ impl QuantTensor for AwqTensor {
         self.w.matmul(x, "awq")
     }
 
+    fn gpu_layout(&self) -> Result<crate::gpu_layout::GpuLayout, QuantError> {
+        self.w.gpu_layout()
+    }
+
+    fn matmul_grad_input(&self, dy: &Tensor) -> Result<Tensor, QuantError> {
+        self.w.matmul_grad_input(dy, "awq")
+    }
+
     fn dequantize(&self, dtype: DType) -> Result<Tensor, QuantError> {
         self.w.dequantize(dtype)
     }

@@ -305,6 +305,14 @@ impl QuantTensor for CompressedIntTensor {
         self.w.matmul(x, "compressed-tensors")
     }
 
+    fn gpu_layout(&self) -> Result<crate::gpu_layout::GpuLayout, QuantError> {
+        self.w.gpu_layout()
+    }
+
+    fn matmul_grad_input(&self, dy: &Tensor) -> Result<Tensor, QuantError> {
+        self.w.matmul_grad_input(dy, "compressed-tensors")
+    }
+
     fn dequantize(&self, dtype: DType) -> Result<Tensor, QuantError> {
         self.w.dequantize(dtype)
     }
