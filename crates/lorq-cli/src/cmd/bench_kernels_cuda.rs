@@ -75,12 +75,11 @@ fn gpu_formats(w: &Tensor, methods: &Option<Vec<String>>) -> Result<Vec<(String,
     let (n, k) = w.dims2()?;
     let wanted = |name: &str| methods.as_ref().is_none_or(|m| m.iter().any(|x| x == name));
     let mut out = Vec::new();
-    let mut push = |name: &str, t: &dyn QuantTensor| -> Result<()> {
+    let pack = |name: &str, t: &dyn QuantTensor| -> Result<(String, GpuLayout)> {
         let t0 = Instant::now();
         let l = t.gpu_layout()?;
         eprintln!("    {name}: packed in {:.2} s", t0.elapsed().as_secs_f64());
-        out.push((name.to_string(), l));
-        Ok(())
+        Ok((name.to_string(), l))
     };
     for (label, method) in [
         ("nf4", "bitsandbytes-nf4"),
@@ -98,7 +97,7 @@ fn gpu_formats(w: &Tensor, methods: &Option<Vec<String>>) -> Result<Vec<(String,
                 .context("a JIT method")?
                 .quantize(w)?;
             eprintln!("    {label}: quantized on the CPU in {:.2} s", t0.elapsed().as_secs_f64());
-            push(label, q.as_ref())?;
+            out.push(pack(label, q.as_ref())?);
         }
     }
     let w32: Vec<f32> = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
@@ -109,7 +108,7 @@ fn gpu_formats(w: &Tensor, methods: &Option<Vec<String>>) -> Result<Vec<(String,
                 ..GptqParams::default()
             };
             let q = rtn_gptq(&w32, n, k, &p, "bench")?;
-            push(&format!("gptq-{bits}bit"), &q)?;
+            out.push(pack(&format!("gptq-{bits}bit"), &q)?);
             if bits == 4 {
                 // Act-order: the same codes with columns visited in a seeded random order.
                 let mut l = q.gpu_layout()?;
@@ -123,7 +122,7 @@ fn gpu_formats(w: &Tensor, methods: &Option<Vec<String>>) -> Result<Vec<(String,
     }
     if wanted("awq") && n % 8 == 0 {
         let q = lorq_quant::awq::AwqTensor::quantize(&w32, n, k, 128, "bench")?;
-        push("awq-4bit", &q)?;
+        out.push(pack("awq-4bit", &q)?);
     }
     Ok(out)
 }

@@ -4,6 +4,7 @@
 //! candle's own kernels and cuBLAS calls.
 
 pub mod bnb4;
+pub mod int8_llm;
 pub mod qgemv;
 
 use std::collections::HashMap;
