@@ -94,7 +94,7 @@ mod gpu {
                 if e != 0.0 {
                     failures.push(format!("{name} {n}x{k} dequantize f32: rel err {e:e}"));
                 }
-                for m in [1usize, 2, 3, 4, 5, 8, 13, 16, 40] {
+                for m in [1usize, 2, 3, 4, 5, 8, 13, 16, 40, 70, 130] {
                     for (dtype, tol) in
                         [(DType::F32, 1e-5), (DType::BF16, 1e-2), (DType::F16, 1e-2)]
                     {
@@ -113,6 +113,9 @@ mod gpu {
                             .unwrap();
                         let xg = x.to_device(&dev).unwrap();
                         let mut paths = vec![QPath::Dequantize, QPath::Auto];
+                        if dtype != DType::F32 {
+                            paths.push(QPath::Mma);
+                        }
                         if m <= 16 {
                             let mr = match m {
                                 1 => 1,

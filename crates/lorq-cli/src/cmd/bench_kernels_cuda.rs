@@ -11,7 +11,9 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use lorq_quant::bnb4::{Bnb4Tensor, Bnb4Type};
 use lorq_quant::cuda::bnb4::{matmul as bnb4_matmul, Bnb4Path, GEMV_MAX_M};
-use lorq_quant::cuda::qgemv::{matmul as qmatmul, DeviceLayout, QPath, Variant, QGEMV_MAX_M};
+use lorq_quant::cuda::qgemv::{
+    matmul as qmatmul, DeviceLayout, QPath, Variant, QGEMV_MAX_M, QMMA_MAX_M,
+};
 use lorq_quant::gpu_layout::GpuLayout;
 use lorq_quant::method::QuantMethod;
 use lorq_quant::QuantTensor;
@@ -96,7 +98,10 @@ fn gpu_formats(w: &Tensor, methods: &Option<Vec<String>>) -> Result<Vec<(String,
             let q = QuantMethod::parse(method)?
                 .context("a JIT method")?
                 .quantize(w)?;
-            eprintln!("    {label}: quantized on the CPU in {:.2} s", t0.elapsed().as_secs_f64());
+            eprintln!(
+                "    {label}: quantized on the CPU in {:.2} s",
+                t0.elapsed().as_secs_f64()
+            );
             out.push(pack(label, q.as_ref())?);
         }
     }
@@ -134,8 +139,10 @@ pub fn run(a: &BenchKernelsArgs, dev: &Device) -> Result<()> {
     eprintln!("lorq bench kernels on {card}");
     let mut rows: Vec<Value> = Vec::new();
     let mut failures = Vec::new();
-    let legacy: [(&str, Bnb4Type, bool); 2] =
-        [("nf4", Bnb4Type::Nf4, false), ("nf4+dq", Bnb4Type::Nf4, true)];
+    let legacy: [(&str, Bnb4Type, bool); 2] = [
+        ("nf4", Bnb4Type::Nf4, false),
+        ("nf4+dq", Bnb4Type::Nf4, true),
+    ];
     for (si, s) in shapes.iter().enumerate() {
         let (n, k) = (s.n, s.k);
         let label = match s.name {
@@ -232,6 +239,9 @@ pub fn run(a: &BenchKernelsArgs, dev: &Device) -> Result<()> {
                 };
                 let mut paths = vec![(QPath::Auto, "auto".to_string())];
                 paths.push((QPath::Dequantize, "dequant+cublas".into()));
+                if m >= 2 && m <= QMMA_MAX_M {
+                    paths.push((QPath::Mma, "qmma".into()));
+                }
                 if m <= QGEMV_MAX_M {
                     let mr = match m {
                         1 => 1,
@@ -239,7 +249,10 @@ pub fn run(a: &BenchKernelsArgs, dev: &Device) -> Result<()> {
                         3 | 4 => 4,
                         _ => 8,
                     };
-                    for v in Variant::ALL.into_iter().filter(|v| v.compiled(mr, DType::BF16)) {
+                    for v in Variant::ALL
+                        .into_iter()
+                        .filter(|v| v.compiled(mr, DType::BF16))
+                    {
                         paths.push((QPath::Fused(v), format!("qgemv-{}", v.name())));
                     }
                 }
