@@ -338,6 +338,10 @@ __device__ __forceinline__ void qmma(const QParams p, const T* __restrict__ x, T
             const int n = min(nb + 8 * j + g, N - 1);
             uint32_t wd[BITS];
             load_chunk<BITS>(p.codes + (size_t)n * p.wpr + (size_t)c * BITS, wd);
+            const float* srow = p.scales + (size_t)n * p.groups;
+            const float* zrow = LUTK ? nullptr : p.zeros + (size_t)n * p.groups;
+            const int g0 = (c * 32) / p.gsize;
+            const float s0 = __ldg(srow + g0), z0 = LUTK ? 0.f : __ldg(zrow + g0);
 #pragma unroll
             for (int ks = 0; ks < 2; ks++) {
 #pragma unroll
@@ -347,11 +351,14 @@ __device__ __forceinline__ void qmma(const QParams p, const T* __restrict__ x, T
 #pragma unroll
                     for (int u = 0; u < 2; u++) {
                         const int e = e0 + u;
-                        const int gi = (c * 32 + e) / p.gsize;
-                        const float s = __ldg(p.scales + (size_t)n * p.groups + gi);
+                        float s = s0, z = z0;
+                        if (p.gsize < 32) {  // groups of 8 / 16 (hqq 2-bit)
+                            const int gi = (c * 32 + e) / p.gsize;
+                            s = __ldg(srow + gi);
+                            z = LUTK ? 0.f : __ldg(zrow + gi);
+                        }
                         const uint32_t q = code_at<BITS>(wd, e);
-                        if (LUTK) v[u] = s_lut[q] * s;
-                        else v[u] = s * (u2f(q) - __ldg(p.zeros + (size_t)n * p.groups + gi));
+                        v[u] = LUTK ? s_lut[q] * s : s * (u2f(q) - z);
                     }
                     b[j][ks][half] = Mma<T>::pack(v[0], v[1]);
                 }
