@@ -48,7 +48,8 @@ def lps(d):
 la, lb = lps(a), lps(b)
 d = max(abs(x - y) for x, y in zip(la, lb) if x is not None and y is not None)
 print(f"bf16 score logprobs, {sys.argv[3]}: max |GPU - CPU| = {d:.4f} over {len(la)} tokens")
-sys.exit(0 if d < 0.1 else 1)
+# bf16 keeps ~3 significant digits; the GPU sums in another order than the CPU.
+sys.exit(0 if d < 0.25 else 1)
 PY
 done
 echo "== kernels"

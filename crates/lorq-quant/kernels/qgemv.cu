@@ -36,6 +36,16 @@ __device__ __forceinline__ uint32_t code_at(const uint32_t (&w)[BITS], int e) {
     return v & ((1u << BITS) - 1u);
 }
 
+// Elements 8j..8j+7 of a chunk (j a compile-time constant) in the low 8*BITS bits.
+template <int BITS>
+__device__ __forceinline__ uint64_t group8(const uint32_t (&w)[BITS], int j) {
+    const int bit = 8 * j * BITS;
+    const int i = bit >> 5, sh = bit & 31;
+    const uint64_t lo = w[i];
+    const uint64_t hi = (i + 1 < BITS) ? w[i + 1] : 0u;
+    return ((hi << 32) | lo) >> sh;
+}
+
 // Exact small unsigned int -> float without I2F: 2^23 + q has q in its mantissa.
 __device__ __forceinline__ float u2f(uint32_t q) { return __int_as_float(0x4B000000u | q) - 8388608.f; }
 
@@ -250,13 +260,26 @@ __device__ __forceinline__ void qdequant(const QParams p, T* __restrict__ out, i
         uint32_t wd[BITS];
         load_chunk<BITS>(p.codes + (size_t)n * p.wpr + (size_t)c * BITS, wd);
         T* o = out + (size_t)n * K + ((size_t)c << 5);
+        const float* srow = p.scales + (size_t)n * p.groups;
+        const float* zrow = LUTK ? nullptr : p.zeros + (size_t)n * p.groups;
+        const int g0 = (c * 32) / p.gsize;
+        const float s0 = srow[g0], z0 = LUTK ? 0.f : zrow[g0];
+        __align__(16) T v[32];
 #pragma unroll
         for (int e = 0; e < 32; e++) {
-            const int g = (c * 32 + e) / p.gsize;
-            const float s = p.scales[(size_t)n * p.groups + g];
-            const float z = LUTK ? 0.f : p.zeros[(size_t)n * p.groups + g];
-            o[e] = from_f<T>(exact_weight<LUTK>(code_at<BITS>(wd, e), s, z, s_lut, p.round_mode));
+            float s = s0, z = z0;
+            if (p.gsize < 32) {
+                const int g = (c * 32 + e) / p.gsize;
+                s = srow[g];
+                z = LUTK ? 0.f : zrow[g];
+            }
+            v[e] = from_f<T>(exact_weight<LUTK>(code_at<BITS>(wd, e), s, z, s_lut, p.round_mode));
         }
+        // 32 elements = 64 (bf16/f16) or 128 (f32) contiguous bytes: 16-byte stores.
+        const uint4* src = reinterpret_cast<const uint4*>(v);
+        uint4* dst = reinterpret_cast<uint4*>(o);
+#pragma unroll
+        for (int i = 0; i < (int)(32 * sizeof(T) / 16); i++) dst[i] = src[i];
     }
 }
 
@@ -346,18 +369,22 @@ __device__ __forceinline__ void qmma(const QParams p, const T* __restrict__ x, T
             for (int ks = 0; ks < 2; ks++) {
 #pragma unroll
                 for (int half = 0; half < 2; half++) {
-                    const int e0 = 16 * ks + 8 * half + 2 * t;  // this lane's two k of the reg
+                    // Elements 8q..8q+7 of the chunk (q compile-time) hold this lane's two k,
+                    // at 2t and 2t+1: shift the group, not index the words, so wd stays in
+                    // registers.
+                    const int q8 = 2 * ks + half;
+                    const uint64_t grp = group8<BITS>(wd, q8) >> (2 * t * BITS);
                     float v[2];
 #pragma unroll
                     for (int u = 0; u < 2; u++) {
-                        const int e = e0 + u;
+                        const int e = 8 * q8 + 2 * t + u;
                         float s = s0, z = z0;
                         if (p.gsize < 32) {  // groups of 8 / 16 (hqq 2-bit)
                             const int gi = (c * 32 + e) / p.gsize;
                             s = __ldg(srow + gi);
                             z = LUTK ? 0.f : __ldg(zrow + gi);
                         }
-                        const uint32_t q = code_at<BITS>(wd, e);
+                        const uint32_t q = (uint32_t)(grp >> (u * BITS)) & ((1u << BITS) - 1u);
                         v[u] = LUTK ? s_lut[q] * s : s * (u2f(q) - z);
                     }
                     b[j][ks][half] = Mma<T>::pack(v[0], v[1]);

@@ -15,6 +15,7 @@ fn gpu_int8_skipped_without_the_cuda_feature() {
 
 #[cfg(feature = "cuda")]
 #[path = "common/formats.rs"]
+#[allow(dead_code)] // only `randn` is used here
 mod formats;
 
 #[cfg(feature = "cuda")]

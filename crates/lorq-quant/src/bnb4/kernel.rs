@@ -194,16 +194,14 @@ impl QuantTensor for Bnb4Tensor {
     fn matmul(&self, x: &Tensor) -> Result<Tensor, QuantError> {
         #[cfg(feature = "cuda")]
         if x.device().is_cuda() {
-            // One row: bitsandbytes' own layout through its GEMV (double quantization read as
-            // stored); several bf16/f16 rows: the packed layout on tensor cores.
-            let rows = x.elem_count() / self.shape.1.max(1);
-            let half = matches!(x.dtype(), DType::BF16 | DType::F16);
-            if rows >= 2 && half && rows <= crate::cuda::qgemv::QMMA_MAX_M {
-                if let Some(y) = crate::gpu_slot::gpu_matmul(&self.packed_gpu, x, "bnb4", || {
-                    self.packed_gpu_layout()
-                })? {
-                    return Ok(y);
-                }
+            // The packed layout (absmax resolved to f32 per block; measured faster than reading
+            // bitsandbytes' own layout, double quantization included, at every row count);
+            // bitsandbytes' layout through its own kernels where the packed one cannot go
+            // (in_features % 32 != 0).
+            if let Some(y) = crate::gpu_slot::gpu_matmul(&self.packed_gpu, x, "bnb4", || {
+                self.packed_gpu_layout()
+            })? {
+                return Ok(y);
             }
             return crate::cuda::bnb4::matmul(self, x, crate::cuda::bnb4::Bnb4Path::Auto);
         }
