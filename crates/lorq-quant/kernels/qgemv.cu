@@ -91,6 +91,8 @@ template <typename T, int BITS, bool LUTK, int MR, int RPW, int SPLIT>
 __device__ __forceinline__ void qgemv(const QParams p, const T* __restrict__ x, T* __restrict__ y,
                                       int M, int N, int K) {
     constexpr bool EXACT = std::is_same<T, float>::value;
+    // Affine codes of 2, 4 or 8 bits never straddle a word: the masked-in-place decode.
+    constexpr bool FASTAFF = !EXACT && !LUTK && (BITS == 2 || BITS == 4 || BITS == 8);
     __shared__ float s_lut[LUTK ? (1 << BITS) : 1];
     __shared__ float s_part[SPLIT > 1 ? WARPS : 1][RPW * MR];
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -148,16 +150,45 @@ __device__ __forceinline__ void qgemv(const QParams p, const T* __restrict__ x, 
                         for (int e = 0; e < 8; e++) xs[m] += xv[m][e];
                     }
                 }
-#pragma unroll
-                for (int r = 0; r < RPW; r++) {
+                if constexpr (FASTAFF) {
+                    // A code at bit `pos` of its word, masked in place under the 2^23 exponent,
+                    // is q * 2^pos exactly (pos + BITS <= 24; codes above bit 24 come from the
+                    // word shifted down by 24): one LOP3 + FADD per weight, the 2^-pos moved onto
+                    // the activation once for all RPW rows.
+                    float xq[MR][8];
 #pragma unroll
                     for (int e = 0; e < 8; e++) {
-                        const uint32_t q = code_at<BITS>(wd[r], 8 * j + e);
-                        float w;
-                        if (EXACT) w = exact_weight<LUTK>(q, s[r], z[r], s_lut, p.round_mode);
-                        else w = LUTK ? s_lut[q] : u2f(q);
+                        const int pos = ((8 * j + e) * BITS) & 31;
+                        const int sh = pos + BITS <= 24 ? pos : pos - 24;
 #pragma unroll
-                        for (int m = 0; m < MR; m++) dot[r][m] = fmaf(w, xv[m][e], dot[r][m]);
+                        for (int m = 0; m < MR; m++) xq[m][e] = xv[m][e] * __int_as_float((127 - sh) << 23);
+                    }
+#pragma unroll
+                    for (int r = 0; r < RPW; r++) {
+#pragma unroll
+                        for (int e = 0; e < 8; e++) {
+                            const int bit = (8 * j + e) * BITS;
+                            const int pos = bit & 31;
+                            const uint32_t word = wd[r][bit >> 5];
+                            const uint32_t src = pos + BITS <= 24 ? word : (word >> 24);
+                            const int sh = pos + BITS <= 24 ? pos : pos - 24;
+                            const float w = __int_as_float(0x4B000000u | (src & (((1u << BITS) - 1u) << sh))) - 8388608.f;
+#pragma unroll
+                            for (int m = 0; m < MR; m++) dot[r][m] = fmaf(w, xq[m][e], dot[r][m]);
+                        }
+                    }
+                } else {
+#pragma unroll
+                    for (int r = 0; r < RPW; r++) {
+#pragma unroll
+                        for (int e = 0; e < 8; e++) {
+                            const uint32_t q = code_at<BITS>(wd[r], 8 * j + e);
+                            float w;
+                            if (EXACT) w = exact_weight<LUTK>(q, s[r], z[r], s_lut, p.round_mode);
+                            else w = LUTK ? s_lut[q] : u2f(q);
+#pragma unroll
+                            for (int m = 0; m < MR; m++) dot[r][m] = fmaf(w, xv[m][e], dot[r][m]);
+                        }
                     }
                 }
 #pragma unroll
