@@ -152,14 +152,14 @@ __device__ __forceinline__ void qgemv(const QParams p, const T* __restrict__ x, 
                 }
                 if constexpr (FASTAFF) {
                     // A code at bit `pos` of its word, masked in place under the 2^23 exponent,
-                    // is q * 2^pos exactly (pos + BITS <= 24; codes above bit 24 come from the
-                    // word shifted down by 24): one LOP3 + FADD per weight, the 2^-pos moved onto
-                    // the activation once for all RPW rows.
+                    // is q * 2^pos exactly while it stays in the 23 mantissa bits (pos + BITS <=
+                    // 23; higher codes come from the word shifted down by 16): one LOP3 + FADD
+                    // per weight, the 2^-pos moved onto the activation once for all RPW rows.
                     float xq[MR][8];
 #pragma unroll
                     for (int e = 0; e < 8; e++) {
                         const int pos = ((8 * j + e) * BITS) & 31;
-                        const int sh = pos + BITS <= 24 ? pos : pos - 24;
+                        const int sh = pos + BITS <= 23 ? pos : pos - 16;
 #pragma unroll
                         for (int m = 0; m < MR; m++) xq[m][e] = xv[m][e] * __int_as_float((127 - sh) << 23);
                     }
@@ -170,8 +170,8 @@ __device__ __forceinline__ void qgemv(const QParams p, const T* __restrict__ x, 
                             const int bit = (8 * j + e) * BITS;
                             const int pos = bit & 31;
                             const uint32_t word = wd[r][bit >> 5];
-                            const uint32_t src = pos + BITS <= 24 ? word : (word >> 24);
-                            const int sh = pos + BITS <= 24 ? pos : pos - 24;
+                            const uint32_t src = pos + BITS <= 23 ? word : (word >> 16);
+                            const int sh = pos + BITS <= 23 ? pos : pos - 16;
                             const float w = __int_as_float(0x4B000000u | (src & (((1u << BITS) - 1u) << sh))) - 8388608.f;
 #pragma unroll
                             for (int m = 0; m < MR; m++) dot[r][m] = fmaf(w, xq[m][e], dot[r][m]);

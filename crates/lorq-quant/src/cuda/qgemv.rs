@@ -172,11 +172,15 @@ pub(crate) fn dequantize_on_gpu(
 /// the weight is dequantized once per call and multiplied by cuBLAS.
 pub const QMMA_MAX_M: usize = 128;
 
+/// [`QPath::Auto`]'s row limits for the GEMV and the tensor-core kernel (bf16/f16).
+const AUTO_GEMV_MAX_M: usize = 8;
+const AUTO_MMA_MAX_M: usize = 32;
+
 /// Which GPU path a matmul takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QPath {
-    /// The row count and dtype decide: the GEMV for one row (and f32 activations up to
-    /// [`QGEMV_MAX_M`]), the tensor-core kernel up to [`QMMA_MAX_M`], else dequantize + cuBLAS.
+    /// The row count and dtype decide: the GEMV up to 8 rows (f32 activations up to
+    /// [`QGEMV_MAX_M`]), the tensor-core kernel up to 32, else dequantize + cuBLAS.
     Auto,
     /// The fused GEMV with this launch shape.
     Fused(Variant),
@@ -298,10 +302,12 @@ pub fn matmul(w: &DeviceLayout, x: &Tensor, path: QPath) -> Result<Tensor, Quant
     let x2 = x.reshape((m, k))?;
     let half = matches!(x.dtype(), DType::BF16 | DType::F16);
     let route = match path {
-        QPath::Auto if m == 1 || (!half && m <= QGEMV_MAX_M) => {
+        // Measured on an H100 (docs/benchmarks.md): the GEMV wins up to 8 rows, the tensor-core
+        // kernel from 9 to 32, dequantize + cuBLAS past that.
+        QPath::Auto if m <= AUTO_GEMV_MAX_M || (!half && m <= QGEMV_MAX_M) => {
             Route::Gemv(Variant::pick(n, mr_for(m), x.dtype()))
         }
-        QPath::Auto if half && m <= QMMA_MAX_M => Route::Mma,
+        QPath::Auto if half && m <= AUTO_MMA_MAX_M => Route::Mma,
         QPath::Auto | QPath::Dequantize => Route::Dequantize,
         QPath::Mma => {
             if !half {
