@@ -14,7 +14,9 @@
 #include "common.cuh"
 
 constexpr int MT = 8;     // rows per tile (src/cuda/sgmv.rs ROWS_PER_TILE)
-constexpr int WARPS = 8;  // shrink: one warp per rank index j, 8 per block
+constexpr int WARPS = 8;  // shrink: warps per block
+constexpr int KSPLIT = 4; // shrink: warps (K-slices) per rank index
+constexpr int J_PER_BLOCK = WARPS / KSPLIT;  // shrink: rank indices per block (src/cuda/sgmv.rs)
 constexpr int EXPAND_THREADS = 256;  // expand: one thread per output feature
 
 // Mirrors src/cuda/sgmv.rs `push_segment` / `push_tile` (little-endian, 32 and 16 bytes).
@@ -38,30 +40,30 @@ constexpr int DTYPE_MASK = 0xff;
 constexpr int SHRINK_VEC = 0x100;  // K % 8 == 0, A 16-byte aligned
 constexpr int EXPAND_VEC = 0x200;  // rank % 8 == 0, B 16-byte aligned
 
-// One warp: h[row0 + m, j] for the tile's rows. Vectorized: lane reads 8 consecutive k per
-// chunk, UNROLL chunks of A in flight (A is streamed from memory once per tile; x rows are
-// shared by the block's warps through L1).
+// One warp: its K-slice's partial sums of h[row0 + m, j] for the tile's rows, reduced over the
+// warp. Vectorized: the lane reads 8 consecutive k per 256-wide chunk, the warp takes every
+// KSPLIT-th chunk, UNROLL chunks of A in flight (A is streamed from memory once per tile; x rows
+// are shared by the block's warps through L1). The slicing depends on K alone, so a row's sum is
+// the same whatever else is in the batch.
 template <typename T, typename W>
 __device__ __forceinline__ void shrink_warp(const W* __restrict__ a, const T* __restrict__ x,
-                                            float* __restrict__ h, int row0, int nrows, int j, int K,
-                                            int R, bool vec) {
+                                            int row0, int nrows, int j, int slice, int K, bool vec,
+                                            float (&acc)[MT]) {
     const int lane = threadIdx.x & 31;
-    float acc[MT];
-#pragma unroll
-    for (int m = 0; m < MT; m++) acc[m] = 0.f;
     const W* arow = a + (size_t)j * K;
     if (vec) {
         constexpr int UNROLL = 4;
-        for (int k0 = lane * 8; k0 < K; k0 += 256 * UNROLL) {
+        constexpr int STEP = 256 * KSPLIT;
+        for (int k0 = slice * 256 + lane * 8; k0 < K; k0 += STEP * UNROLL) {
             float av[UNROLL][8];
 #pragma unroll
             for (int u = 0; u < UNROLL; u++) {
-                const int k = k0 + u * 256;
+                const int k = k0 + u * STEP;
                 if (k < K) load8<W>(arow + k, av[u]);
             }
 #pragma unroll
             for (int u = 0; u < UNROLL; u++) {
-                const int k = k0 + u * 256;
+                const int k = k0 + u * STEP;
                 if (k >= K) break;
 #pragma unroll
                 for (int m = 0; m < MT; m++) {
@@ -77,7 +79,7 @@ __device__ __forceinline__ void shrink_warp(const W* __restrict__ a, const T* __
             }
         }
     } else {
-        for (int k = lane; k < K; k += 32) {
+        for (int k = slice * 32 + lane; k < K; k += 32 * KSPLIT) {
             const float av = to_f<W>(arow[k]);
 #pragma unroll
             for (int m = 0; m < MT; m++)
@@ -89,30 +91,57 @@ __device__ __forceinline__ void shrink_warp(const W* __restrict__ a, const T* __
         float v = acc[m];
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-        if (lane == 0 && m < nrows) h[(size_t)(row0 + m) * R + j] = v;
+        acc[m] = v;
     }
 }
 
-// grid (tiles, ceil(max rank / WARPS)), block WARPS * 32.
+// grid (tiles, ceil(max rank / J_PER_BLOCK)), block WARPS * 32: warp w takes rank index
+// blockIdx.y * J_PER_BLOCK + w / KSPLIT and K-slice w % KSPLIT; the slices' sums are added in a
+// fixed order through shared memory.
 template <typename T>
 __device__ __forceinline__ void shrink(const Seg* __restrict__ segs, const Tile* __restrict__ tiles,
                                        const T* __restrict__ x, float* __restrict__ h, int K, int R,
                                        int x_vec) {
+    __shared__ float s_part[WARPS][MT];
     const Tile t = tiles[blockIdx.x];
-    if (t.seg < 0) return;
+    if (t.seg < 0) return;  // the whole block leaves
     const Seg s = segs[t.seg];
-    const int j = blockIdx.y * WARPS + (threadIdx.x >> 5);
-    if (j >= s.rank) return;  // whole warps leave: no shuffle is left half-done
-    const bool vec = x_vec && (s.flags & SHRINK_VEC);
-    switch (s.flags & DTYPE_MASK) {
-    case W_BF16:
-        shrink_warp<T, __nv_bfloat16>((const __nv_bfloat16*)s.a, x, h, t.row0, t.nrows, j, K, R, vec);
-        break;
-    case W_F16:
-        shrink_warp<T, __half>((const __half*)s.a, x, h, t.row0, t.nrows, j, K, R, vec);
-        break;
-    default:
-        shrink_warp<T, float>((const float*)s.a, x, h, t.row0, t.nrows, j, K, R, vec);
+    if (blockIdx.y * J_PER_BLOCK >= s.rank) return;  // the whole block leaves
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int j = blockIdx.y * J_PER_BLOCK + warp / KSPLIT;
+    const int slice = warp % KSPLIT;
+    float acc[MT];
+#pragma unroll
+    for (int m = 0; m < MT; m++) acc[m] = 0.f;
+    if (j < s.rank) {
+        const bool vec = x_vec && (s.flags & SHRINK_VEC);
+        switch (s.flags & DTYPE_MASK) {
+        case W_BF16:
+            shrink_warp<T, __nv_bfloat16>((const __nv_bfloat16*)s.a, x, t.row0, t.nrows, j, slice,
+                                          K, vec, acc);
+            break;
+        case W_F16:
+            shrink_warp<T, __half>((const __half*)s.a, x, t.row0, t.nrows, j, slice, K, vec, acc);
+            break;
+        default:
+            shrink_warp<T, float>((const float*)s.a, x, t.row0, t.nrows, j, slice, K, vec, acc);
+        }
+    }
+    if (lane == 0) {
+#pragma unroll
+        for (int m = 0; m < MT; m++) s_part[warp][m] = acc[m];
+    }
+    __syncthreads();
+    const int tid = threadIdx.x;
+    if (tid < J_PER_BLOCK * MT) {
+        const int jj = tid / MT, m = tid % MT;
+        const int jo = blockIdx.y * J_PER_BLOCK + jj;
+        if (jo < s.rank && m < t.nrows) {
+            float v = 0.f;
+#pragma unroll
+            for (int sl = 0; sl < KSPLIT; sl++) v += s_part[jj * KSPLIT + sl][m];
+            h[(size_t)(t.row0 + m) * R + jo] = v;
+        }
     }
 }
 
@@ -209,7 +238,7 @@ __device__ __forceinline__ void expand(const Seg* __restrict__ segs, const Tile*
 }
 
 #define SGMV(TNAME, T)                                                                             \
-    extern "C" __global__ void __launch_bounds__(WARPS * 32)                                       \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32, 2)                                       \
         sgmv_shrink_##TNAME(const Seg* segs, const Tile* tiles, const T* x, float* h, int K,       \
                             int R, int x_vec) {                                                    \
         shrink<T>(segs, tiles, x, h, K, R, x_vec);                                                 \

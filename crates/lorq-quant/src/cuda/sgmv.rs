@@ -27,8 +27,9 @@ pub const ROWS_PER_TILE: usize = 8;
 /// The largest rank the kernels take: the expand kernel keeps a tile's `h` (8 rows × rank f32)
 /// in the 48 KiB of shared memory a block gets without opting in.
 pub const MAX_RANK: usize = 1536;
-/// Shrink: warps (rank indices) per block (kernels/sgmv.cu `WARPS`).
+/// Shrink: warps per block and rank indices per block (kernels/sgmv.cu `WARPS`, `J_PER_BLOCK`).
 const SHRINK_WARPS: usize = 8;
+const SHRINK_J_PER_BLOCK: usize = 2;
 /// Expand: output features per block (kernels/sgmv.cu `EXPAND_THREADS`).
 const EXPAND_THREADS: usize = 256;
 /// Flags of a segment (kernels/sgmv.cu): weight dtype in the low byte, then the vector paths.
@@ -279,7 +280,7 @@ fn launch<T: CudaDType + DeviceRepr>(
     let mut b = stream.launch_builder(&shrink);
     b.arg(&segs).arg(&tiles).arg(&xv).arg(&h).arg(&ki).arg(&ri).arg(&x_vec);
     let cfg = LaunchConfig {
-        grid_dim: (p.tiles as u32, r_max.div_ceil(SHRINK_WARPS) as u32, 1),
+        grid_dim: (p.tiles as u32, r_max.div_ceil(SHRINK_J_PER_BLOCK) as u32, 1),
         block_dim: ((SHRINK_WARPS * 32) as u32, 1, 1),
         shared_mem_bytes: 0,
     };
