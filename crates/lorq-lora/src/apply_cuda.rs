@@ -16,20 +16,35 @@ use lorq_quant::cuda::sgmv::{add_lora, LoraPair, LoraSegment, MAX_RANK};
 
 use crate::{AdapterSegment, LoraModule, LoraWeights};
 
+/// A pair on the activations' GPU: the stored tensors, or the module's resident copy.
+enum Resident<'a> {
+    Stored(&'a Tensor, &'a Tensor),
+    Copied(Arc<(Tensor, Tensor)>),
+}
+
+impl Resident<'_> {
+    fn pair(&self) -> (&Tensor, &Tensor) {
+        match self {
+            Resident::Stored(a, b) => (a, b),
+            Resident::Copied(p) => (&p.0, &p.1),
+        }
+    }
+}
+
 /// The pair of `m` on `x`'s GPU, contiguous: the stored tensors when they already are, else the
 /// module's cached copy (made on first use).
-fn resident(
-    m: &LoraModule,
-    a: &Tensor,
-    b: &Tensor,
+fn resident<'a>(
+    m: &'a LoraModule,
+    a: &'a Tensor,
+    b: &'a Tensor,
     dev: &Device,
-) -> Result<Arc<(Tensor, Tensor)>, candle_core::Error> {
+) -> Result<Resident<'a>, candle_core::Error> {
     if a.device().same_device(dev)
         && b.device().same_device(dev)
         && a.is_contiguous()
         && b.is_contiguous()
     {
-        return Ok(Arc::new((a.clone(), b.clone())));
+        return Ok(Resident::Stored(a, b));
     }
     let Device::Cuda(cuda) = dev else {
         return Err(candle_core::Error::Msg(format!(
@@ -49,7 +64,56 @@ fn resident(
                 b.to_device(dev)?.contiguous()?,
             ))
         })
+        .map(Resident::Copied)
         .map_err(to_candle)
+}
+
+/// `base_out + delta` through the kernels, or `None` when the batch needs the generic path:
+/// a dense delta among the modules, a rank past the kernels' [`MAX_RANK`], or activations and
+/// base output not sharing one of the kernels' dtypes (f32/bf16/f16).
+pub(crate) fn apply(
+    segments: &[AdapterSegment],
+    modules: &[Option<&LoraModule>],
+    x: &Tensor,
+    base_out: &Tensor,
+) -> Result<Option<Tensor>, candle_core::Error> {
+    let dtype = x.dtype();
+    if dtype != base_out.dtype()
+        || !matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
+        || x.rank() != 2
+    {
+        return Ok(None);
+    }
+    let mut pairs: Vec<Option<(Resident<'_>, f32)>> = Vec::with_capacity(modules.len());
+    for m in modules {
+        let Some(m) = m else {
+            pairs.push(None);
+            continue;
+        };
+        let LoraWeights::LowRank { a, b } = &m.weights else {
+            return Ok(None);
+        };
+        if m.rank() > MAX_RANK {
+            return Ok(None);
+        }
+        pairs.push(Some((resident(m, a, b, x.device())?, m.scale as f32)));
+    }
+    let segs: Vec<LoraSegment<'_>> = segments
+        .iter()
+        .zip(&pairs)
+        .map(|(s, p)| LoraSegment {
+            rows: s.rows,
+            lora: p.as_ref().map(|(w, scale)| {
+                let (a, b) = w.pair();
+                LoraPair {
+                    a,
+                    b,
+                    scale: *scale,
+                }
+            }),
+        })
+        .collect();
+    add_lora(x, base_out, &segs).map(Some).map_err(to_candle)
 }
 
 fn to_candle(e: lorq_quant::QuantError) -> candle_core::Error {
