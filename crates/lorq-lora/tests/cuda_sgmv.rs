@@ -191,7 +191,16 @@ mod gpu {
                     (
                         "decode rows",
                         (0..24)
-                            .map(|i| (1, if i % 7 == 3 { None } else { Some(i % ranks.len()) }))
+                            .map(|i| {
+                                (
+                                    1,
+                                    if i % 7 == 3 {
+                                        None
+                                    } else {
+                                        Some(i % ranks.len())
+                                    },
+                                )
+                            })
                             .collect(),
                     ),
                     ("one adapter", vec![(13, Some(1))]),

@@ -21,12 +21,14 @@ use serde_json::{json, Value};
 use super::bench_kernels::{command_line, utc_date};
 
 #[derive(Debug, Args)]
-#[command(after_help = "Rows of a batch are grouped by adapter (row i uses adapter i mod N, rows \
+#[command(
+    after_help = "Rows of a batch are grouped by adapter (row i uses adapter i mod N, rows \
 sorted by adapter), as a scheduler that orders its batch would. With N >= batch every row has its \
 own adapter (decode with all-distinct adapters).
 
 Example:
-  lorq bench adapters --device cuda --batch-sizes 32,64 --adapters 1,8,32,64 --rank 16 --json docs/bench/adapters-h100.json")]
+  lorq bench adapters --device cuda --batch-sizes 32,64 --adapters 1,8,32,64 --rank 16 --json docs/bench/adapters-h100.json"
+)]
 pub struct BenchAdaptersArgs {
     /// `cuda[:N]` (bf16 activations and base weight) or `cpu` (f32).
     #[arg(long, default_value = "cuda")]
@@ -64,7 +66,10 @@ const ROTATE_BYTES: usize = 256 << 20;
 
 fn adapter(a: Tensor, b: Tensor, rank: usize, i: usize) -> Result<Arc<LoraAdapter>> {
     let config = LoraConfig::parse(
-        &format!(r#"{{"r": {rank}, "lora_alpha": {}, "target_modules": ["q_proj"]}}"#, 2 * rank),
+        &format!(
+            r#"{{"r": {rank}, "lora_alpha": {}, "target_modules": ["q_proj"]}}"#,
+            2 * rank
+        ),
         Path::new("bench"),
     )?;
     let mut m = HashMap::new();
@@ -105,11 +110,7 @@ fn per_segment_loop(b: &BatchAdapters, x: &Tensor, base: &Tensor) -> Result<Tens
 }
 
 /// Median µs per call on a GPU (the lead's helper), best-of on the CPU.
-fn time_us(
-    dev: &Device,
-    iters: usize,
-    mut f: impl FnMut(usize) -> Result<Tensor>,
-) -> Result<f64> {
+fn time_us(dev: &Device, iters: usize, mut f: impl FnMut(usize) -> Result<Tensor>) -> Result<f64> {
     #[cfg(feature = "cuda")]
     if dev.is_cuda() {
         return super::bench_kernels_cuda::time_gpu(dev, 7, iters, f);
@@ -181,20 +182,31 @@ pub fn run(a: &BenchAdaptersArgs, dev: &Device) -> Result<()> {
     }
     let dtype = if gpu { DType::BF16 } else { DType::F32 };
     let card = card(dev)?;
-    eprintln!("lorq bench adapters on {card}: {dtype:?} activations, rank {}, {wdtype:?} adapters", a.rank);
+    eprintln!(
+        "lorq bench adapters on {card}: {dtype:?} activations, rank {}, {wdtype:?} adapters",
+        a.rank
+    );
     let r = a.rank;
     let max_adapters = *a.adapters.iter().max().expect("checked non-empty");
     let mut rows: Vec<Value> = Vec::new();
     let mut failures = Vec::new();
     for &(name, n, k) in &MODULES {
         let wbytes = n * k * dtype.size_in_bytes();
-        let w_copies = if gpu { ROTATE_BYTES.div_ceil(wbytes).clamp(1, 32) } else { 1 };
+        let w_copies = if gpu {
+            ROTATE_BYTES.div_ceil(wbytes).clamp(1, 32)
+        } else {
+            1
+        };
         let w: Vec<Tensor> = (0..w_copies)
             .map(|_| Tensor::randn(0f32, 0.02, (n, k), dev)?.to_dtype(dtype))
             .collect::<candle_core::Result<_>>()?;
         // Sets of `max_adapters` adapters, enough of them that a pass overflows the L2 cache.
         let set_bytes = max_adapters * r * (n + k) * wdtype.size_in_bytes();
-        let sets = if gpu { ROTATE_BYTES.div_ceil(set_bytes).clamp(1, 32) } else { 1 };
+        let sets = if gpu {
+            ROTATE_BYTES.div_ceil(set_bytes).clamp(1, 32)
+        } else {
+            1
+        };
         let mut adapter_sets: Vec<Vec<Arc<LoraAdapter>>> = Vec::with_capacity(sets);
         for _ in 0..sets {
             let mut set = Vec::with_capacity(max_adapters);
@@ -232,7 +244,12 @@ pub fn run(a: &BenchAdaptersArgs, dev: &Device) -> Result<()> {
                             else {
                                 unreachable!("bench adapters are low rank")
                             };
-                            adapter(am.to_device(&Device::Cpu)?, bm.to_device(&Device::Cpu)?, r, i)
+                            adapter(
+                                am.to_device(&Device::Cpu)?,
+                                bm.to_device(&Device::Cpu)?,
+                                r,
+                                i,
+                            )
                         })
                         .collect::<Result<_>>()?;
                     let want = batch_of(&cpu_set, batch).apply(
@@ -284,10 +301,22 @@ pub fn run(a: &BenchAdaptersArgs, dev: &Device) -> Result<()> {
     }
     println!(
         "{:<10} {:>5} {:>8} {:>10} {:>10} {:>9} {:>10} {:>10} {:>9}",
-        "module", "batch", "adapters", "base us", "lora us", "overhead", "total us", "loop us", "rel err"
+        "module",
+        "batch",
+        "adapters",
+        "base us",
+        "lora us",
+        "overhead",
+        "total us",
+        "loop us",
+        "rel err"
     );
     for r in &rows {
-        let f = |k: &str| r[k].as_f64().map(|v| format!("{v:.1}")).unwrap_or("-".into());
+        let f = |k: &str| {
+            r[k].as_f64()
+                .map(|v| format!("{v:.1}"))
+                .unwrap_or("-".into())
+        };
         println!(
             "{:<10} {:>5} {:>8} {:>10} {:>10} {:>8}% {:>10} {:>10} {:>9}",
             r["module"].as_str().unwrap_or(""),
@@ -319,7 +348,11 @@ pub fn run(a: &BenchAdaptersArgs, dev: &Device) -> Result<()> {
         eprintln!("wrote {}", p.display());
     }
     if !failures.is_empty() {
-        bail!("{} checks failed:\n  {}", failures.len(), failures.join("\n  "));
+        bail!(
+            "{} checks failed:\n  {}",
+            failures.len(),
+            failures.join("\n  ")
+        );
     }
     Ok(())
 }

@@ -113,8 +113,18 @@ fn plan(
             continue;
         };
         let bad = |m: String| QuantError::Invalid(format!("sgmv: segment {i}: {m}"));
-        let (r, ka) = p.a.dims2().map_err(|_| bad(format!("A has shape {:?}, expected [rank, {k}]", p.a.dims())))?;
-        let (nb, rb) = p.b.dims2().map_err(|_| bad(format!("B has shape {:?}, expected [{n}, rank]", p.b.dims())))?;
+        let (r, ka) = p.a.dims2().map_err(|_| {
+            bad(format!(
+                "A has shape {:?}, expected [rank, {k}]",
+                p.a.dims()
+            ))
+        })?;
+        let (nb, rb) = p.b.dims2().map_err(|_| {
+            bad(format!(
+                "B has shape {:?}, expected [{n}, rank]",
+                p.b.dims()
+            ))
+        })?;
         if ka != k || nb != n || rb != r {
             return Err(bad(format!(
                 "A {:?} and B {:?} do not fit x [rows, {k}] -> out [rows, {n}] (A must be [rank, {k}], B [{n}, rank])",
@@ -216,9 +226,12 @@ pub fn add_lora(
             base_out.dtype()
         )));
     }
-    let (rows, k) = x
-        .dims2()
-        .map_err(|_| QuantError::Invalid(format!("sgmv: x has shape {:?}, expected [rows, in]", x.dims())))?;
+    let (rows, k) = x.dims2().map_err(|_| {
+        QuantError::Invalid(format!(
+            "sgmv: x has shape {:?}, expected [rows, in]",
+            x.dims()
+        ))
+    })?;
     let (rows_out, n) = base_out.dims2().map_err(|_| {
         QuantError::Invalid(format!(
             "sgmv: the base output has shape {:?}, expected [rows, out]",
@@ -262,8 +275,12 @@ fn launch<T: CudaDType + DeviceRepr>(
     let (Storage::Cuda(xs), Storage::Cuda(bs)) = (&*xs, &*bs) else {
         return Err(QuantError::Invalid("sgmv: tensors are not on a GPU".into()));
     };
-    let xv = xs.as_cuda_slice::<T>()?.slice(xl.start_offset()..xl.start_offset() + rows * k);
-    let bv = bs.as_cuda_slice::<T>()?.slice(bl.start_offset()..bl.start_offset() + rows * n);
+    let xv = xs
+        .as_cuda_slice::<T>()?
+        .slice(xl.start_offset()..xl.start_offset() + rows * k);
+    let bv = bs
+        .as_cuda_slice::<T>()?
+        .slice(bl.start_offset()..bl.start_offset() + rows * n);
     let x_vec = i32::from(k % 8 == 0 && (xl.start_offset() * std::mem::size_of::<T>()) % 16 == 0);
     let table = dev.clone_htod(&p.bytes)?;
     let segs = table.slice(0..p.segments * SEG_BYTES);
@@ -278,7 +295,13 @@ fn launch<T: CudaDType + DeviceRepr>(
     let (ki, ni, ri) = (k as i32, n as i32, r_max as i32);
     let shrink = function(dev, "sgmv", FATBIN, &format!("sgmv_shrink_{dname}"))?;
     let mut b = stream.launch_builder(&shrink);
-    b.arg(&segs).arg(&tiles).arg(&xv).arg(&h).arg(&ki).arg(&ri).arg(&x_vec);
+    b.arg(&segs)
+        .arg(&tiles)
+        .arg(&xv)
+        .arg(&h)
+        .arg(&ki)
+        .arg(&ri)
+        .arg(&x_vec);
     let cfg = LaunchConfig {
         grid_dim: (p.tiles as u32, r_max.div_ceil(SHRINK_J_PER_BLOCK) as u32, 1),
         block_dim: ((SHRINK_WARPS * 32) as u32, 1, 1),
@@ -290,7 +313,13 @@ fn launch<T: CudaDType + DeviceRepr>(
     drop(b);
     let expand = function(dev, "sgmv", FATBIN, &format!("sgmv_expand_{dname}"))?;
     let mut b = stream.launch_builder(&expand);
-    b.arg(&segs).arg(&tiles).arg(&h).arg(&bv).arg(&out).arg(&ni).arg(&ri);
+    b.arg(&segs)
+        .arg(&tiles)
+        .arg(&h)
+        .arg(&bv)
+        .arg(&out)
+        .arg(&ni)
+        .arg(&ri);
     let cfg = LaunchConfig {
         grid_dim: (p.tiles as u32, n.div_ceil(EXPAND_THREADS) as u32, 1),
         block_dim: (EXPAND_THREADS as u32, 1, 1),
