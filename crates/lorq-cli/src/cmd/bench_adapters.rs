@@ -109,7 +109,8 @@ fn per_segment_loop(b: &BatchAdapters, x: &Tensor, base: &Tensor) -> Result<Tens
     Ok((base.to_dtype(DType::F32)? + Tensor::cat(&pieces, 0)?)?.to_dtype(base.dtype())?)
 }
 
-/// Median µs per call on a GPU (the lead's helper), best-of on the CPU.
+/// Median µs per call on a GPU (the lead's helper); on the CPU the best of 3 samples of `iters`
+/// calls, after one warm-up call.
 fn time_us(dev: &Device, iters: usize, mut f: impl FnMut(usize) -> Result<Tensor>) -> Result<f64> {
     #[cfg(feature = "cuda")]
     if dev.is_cuda() {
@@ -117,11 +118,14 @@ fn time_us(dev: &Device, iters: usize, mut f: impl FnMut(usize) -> Result<Tensor
     }
     let _ = dev;
     f(0)?;
+    let iters = iters.max(1);
     let mut best = f64::INFINITY;
-    for i in 0..3 {
+    for _ in 0..3 {
         let t = Instant::now();
-        f(i)?;
-        best = best.min(t.elapsed().as_secs_f64() * 1e6);
+        for i in 0..iters {
+            f(i)?;
+        }
+        best = best.min(t.elapsed().as_secs_f64() * 1e6 / iters as f64);
     }
     Ok(best)
 }
