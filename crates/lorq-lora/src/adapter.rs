@@ -29,6 +29,10 @@ pub struct LoraModule {
     pub scale: f64,
     /// The weights as row-major f32 on the host, made on first use by the CPU kernel.
     host_f32: std::sync::OnceLock<crate::batched::HostWeights>,
+    /// Per-GPU contiguous copies of A and B, made once for a pair stored elsewhere (another
+    /// device, or a non-contiguous view); a pair already on the GPU is used in place.
+    #[cfg(feature = "cuda")]
+    pub(crate) gpu: lorq_quant::cuda::GpuCache<(Tensor, Tensor)>,
 }
 
 impl LoraModule {
@@ -38,6 +42,8 @@ impl LoraModule {
             weights: LoraWeights::LowRank { a, b },
             scale,
             host_f32: Default::default(),
+            #[cfg(feature = "cuda")]
+            gpu: Default::default(),
         }
     }
 
@@ -55,6 +61,8 @@ impl LoraModule {
             },
             scale: 1.0,
             host_f32: Default::default(),
+            #[cfg(feature = "cuda")]
+            gpu: Default::default(),
         })
     }
 

@@ -13,8 +13,9 @@ pub struct AdapterSegment {
 
 /// Which adapter applies to each row of a flattened batch `[rows, features]`.
 ///
-/// Rows are grouped into segments so that each adapter costs two small matmuls per segment,
-/// not per row; neighbouring segments with the same adapter are coalesced.
+/// Rows are grouped into segments (neighbouring segments with the same adapter are coalesced) so
+/// that rows sharing an adapter share its weight loads: on the GPU one shrink and one expand
+/// launch cover every segment (`apply_cuda.rs`), on the CPU one pass over the rows.
 #[derive(Debug, Clone, Default)]
 pub struct BatchAdapters {
     segments: Vec<AdapterSegment>,
@@ -77,6 +78,14 @@ impl BatchAdapters {
         if x.device().is_cpu() {
             return self.apply_cpu(&modules, x, base_out);
         }
+        // One shrink and one expand launch for the whole batch.
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            if let Some(y) = crate::apply_cuda::apply(&self.segments, &modules, x, &base_out)? {
+                return Ok(y);
+            }
+        }
+        // The generic path (dense deltas, other devices): small candle matmuls per segment.
         // Sum in f32 then round once, as PEFT adds the float32 LoRA output to the base output.
         let base_out = base_out.to_dtype(DType::F32)?;
         if self.segments.len() == 1 {

@@ -4,6 +4,8 @@
 
 mod adapter;
 mod apply;
+#[cfg(feature = "cuda")]
+mod apply_cuda;
 mod batched;
 mod config;
 mod error;

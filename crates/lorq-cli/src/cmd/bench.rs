@@ -7,6 +7,8 @@ use serde_json::json;
 
 use crate::common::ModelArgs;
 
+#[path = "bench_adapters.rs"]
+pub mod bench_adapters;
 #[path = "bench_kernels.rs"]
 pub mod bench_kernels;
 #[cfg(feature = "cuda")]
@@ -27,6 +29,9 @@ pub enum BenchWhat {
     /// Linear-layer kernels on the CPU: dense f32/bf16, every JIT format fused, and
     /// dequantize-then-matmul, checked then timed.
     Kernels(bench_kernels::BenchKernelsArgs),
+    /// Many LoRA adapters in one batch (one shrink + one expand launch per module on a GPU)
+    /// against the base matmul, Llama-3-8B shapes.
+    Adapters(bench_adapters::BenchAdaptersArgs),
 }
 
 #[derive(Debug, Args)]
@@ -57,6 +62,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     match a.what {
         BenchWhat::Generate(g) => generate(g),
         BenchWhat::Kernels(k) => bench_kernels::run(k),
+        BenchWhat::Adapters(a) => bench_adapters::run(&a, &crate::common::parse_device(&a.device)?),
     }
 }
 

@@ -6,6 +6,7 @@
 pub mod bnb4;
 pub mod int8_llm;
 pub mod qgemv;
+pub mod sgmv;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};

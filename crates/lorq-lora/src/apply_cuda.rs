@@ -1,0 +1,124 @@
+//! The GPU path of [`crate::BatchAdapters::apply`]: every row's own adapter delta in one shrink
+//! and one expand launch per module call (`lorq_quant::cuda::sgmv`), whatever the number of
+//! adapters and ranks in the batch.
+//!
+//! Weights stay in the adapter's own dtype on the GPU (f32, bf16 or f16) and are widened to f32
+//! in registers: that is exactly PEFT's float32 LoRA compute on the same values (upcasting is
+//! lossless) while reading half the bytes of an f32 copy for bf16/f16 adapters, and decode with
+//! many adapters is bound by those bytes. A pair that `LoraAdapter::load` already put on the
+//! model's GPU is read in place; any other (host tier, another GPU, a view) gets one contiguous
+//! copy per GPU, kept with the module.
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use lorq_quant::cuda::sgmv::{add_lora, LoraPair, LoraSegment, MAX_RANK};
+
+use crate::{AdapterSegment, LoraModule, LoraWeights};
+
+/// A pair on the activations' GPU: the stored tensors, or the module's resident copy.
+enum Resident<'a> {
+    Stored(&'a Tensor, &'a Tensor),
+    Copied(Arc<(Tensor, Tensor)>),
+}
+
+impl Resident<'_> {
+    fn pair(&self) -> (&Tensor, &Tensor) {
+        match self {
+            Resident::Stored(a, b) => (a, b),
+            Resident::Copied(p) => (&p.0, &p.1),
+        }
+    }
+}
+
+/// The pair of `m` on `x`'s GPU, contiguous: the stored tensors when they already are, else the
+/// module's cached copy (made on first use).
+fn resident<'a>(
+    m: &'a LoraModule,
+    a: &'a Tensor,
+    b: &'a Tensor,
+    dev: &Device,
+) -> Result<Resident<'a>, candle_core::Error> {
+    if a.device().same_device(dev)
+        && b.device().same_device(dev)
+        && a.is_contiguous()
+        && b.is_contiguous()
+    {
+        return Ok(Resident::Stored(a, b));
+    }
+    let Device::Cuda(cuda) = dev else {
+        return Err(candle_core::Error::Msg(format!(
+            "LoRA on the GPU: activations are on {dev:?}, not a GPU"
+        )));
+    };
+    m.gpu
+        .get_or_upload(cuda, |_| {
+            tracing::debug!(
+                "LoRA pair [{:?}, {:?}] copied to the GPU once (stored on {:?})",
+                a.dims(),
+                b.dims(),
+                a.device()
+            );
+            Ok((
+                a.to_device(dev)?.contiguous()?,
+                b.to_device(dev)?.contiguous()?,
+            ))
+        })
+        .map(Resident::Copied)
+        .map_err(to_candle)
+}
+
+/// `base_out + delta` through the kernels, or `None` when the batch needs the generic path:
+/// a dense delta among the modules, a rank past the kernels' [`MAX_RANK`], or activations and
+/// base output not sharing one of the kernels' dtypes (f32/bf16/f16).
+pub(crate) fn apply(
+    segments: &[AdapterSegment],
+    modules: &[Option<&LoraModule>],
+    x: &Tensor,
+    base_out: &Tensor,
+) -> Result<Option<Tensor>, candle_core::Error> {
+    let dtype = x.dtype();
+    if dtype != base_out.dtype()
+        || !matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
+        || x.rank() != 2
+    {
+        return Ok(None);
+    }
+    let mut pairs: Vec<Option<(Resident<'_>, f32)>> = Vec::with_capacity(modules.len());
+    for m in modules {
+        let Some(m) = m else {
+            pairs.push(None);
+            continue;
+        };
+        let LoraWeights::LowRank { a, b } = &m.weights else {
+            return Ok(None);
+        };
+        if m.rank() > MAX_RANK {
+            return Ok(None);
+        }
+        pairs.push(Some((resident(m, a, b, x.device())?, m.scale as f32)));
+    }
+    let segs: Vec<LoraSegment<'_>> = segments
+        .iter()
+        .zip(&pairs)
+        .map(|(s, p)| LoraSegment {
+            rows: s.rows,
+            lora: p.as_ref().map(|(w, scale)| {
+                let (a, b) = w.pair();
+                LoraPair {
+                    a,
+                    b,
+                    scale: *scale,
+                }
+            }),
+        })
+        .collect();
+    add_lora(x, base_out, &segs).map(Some).map_err(to_candle)
+}
+
+fn to_candle(e: lorq_quant::QuantError) -> candle_core::Error {
+    match e {
+        lorq_quant::QuantError::Candle(e) => e,
+        e => candle_core::Error::Msg(e.to_string()),
+    }
+}
