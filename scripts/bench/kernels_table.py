@@ -6,7 +6,10 @@ usage: python3 scripts/bench/kernels_table.py docs/bench/kernels-h100.json [--al
   --all: every row of the report (each GEMV launch shape, tensor cores, dequantize + cuBLAS).
 """
 import json
+import signal
 import sys
+
+signal.signal(signal.SIGPIPE, signal.SIG_DFL)
 
 r = json.load(open(sys.argv[1]))
 rows = r["rows"]

@@ -139,9 +139,10 @@ pub fn run(a: &BenchKernelsArgs, dev: &Device) -> Result<()> {
     eprintln!("lorq bench kernels on {card}");
     let mut rows: Vec<Value> = Vec::new();
     let mut failures = Vec::new();
+    // bitsandbytes' own layout read in place (the first kernel; the model now takes the packed one).
     let legacy: [(&str, Bnb4Type, bool); 2] = [
-        ("nf4", Bnb4Type::Nf4, false),
-        ("nf4+dq", Bnb4Type::Nf4, true),
+        ("nf4 (bnb layout)", Bnb4Type::Nf4, false),
+        ("nf4+dq (bnb layout)", Bnb4Type::Nf4, true),
     ];
     for (si, s) in shapes.iter().enumerate() {
         let (n, k) = (s.n, s.k);
