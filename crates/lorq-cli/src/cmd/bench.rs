@@ -12,6 +12,8 @@ pub mod bench_kernels;
 #[cfg(feature = "cuda")]
 #[path = "bench_kernels_cuda.rs"]
 pub mod bench_kernels_cuda;
+#[path = "bench_quantize.rs"]
+pub mod bench_quantize;
 
 /// Benchmarks (speed is measured here, never asserted in tests).
 #[derive(Debug, Args)]
@@ -27,6 +29,9 @@ pub enum BenchWhat {
     /// Linear-layer kernels on the CPU: dense f32/bf16, every JIT format fused, and
     /// dequantize-then-matmul, checked then timed.
     Kernels(bench_kernels::BenchKernelsArgs),
+    /// Just-in-time quantization of a whole model's linears per format on the GPU (seeded random
+    /// weights of a model shape), one CPU layer beside it, codes checked against the CPU.
+    Quantize(bench_quantize::BenchQuantizeArgs),
 }
 
 #[derive(Debug, Args)]
@@ -57,6 +62,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     match a.what {
         BenchWhat::Generate(g) => generate(g),
         BenchWhat::Kernels(k) => bench_kernels::run(k),
+        BenchWhat::Quantize(q) => bench_quantize::run(q),
     }
 }
 

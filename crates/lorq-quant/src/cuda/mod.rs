@@ -4,6 +4,7 @@
 //! candle's own kernels and cuBLAS calls.
 
 pub mod bnb4;
+pub mod quantize;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
