@@ -31,7 +31,6 @@ mod gpu {
     use lorq_quant::hqq::{optimize, HqqConfig, HqqTensor, ProximalParams};
     use lorq_quant::int8::Int8Tensor;
     use lorq_quant::method::QuantMethod;
-    use lorq_quant::QuantTensor;
 
     fn gpu() -> Option<Device> {
         // SAFETY: only probes whether the driver library can be loaded.
@@ -108,7 +107,10 @@ mod gpu {
                             assert_close(&what, &[a.offset], &[b.offset], 1e-6);
                             if a.offset == b.offset {
                                 assert_eq!(a.codes, b.codes, "{what}: nested codes");
-                                assert_eq!(a.nested_absmax, b.nested_absmax, "{what}: nested absmax");
+                                assert_eq!(
+                                    a.nested_absmax, b.nested_absmax,
+                                    "{what}: nested absmax"
+                                );
                             }
                             assert_eq!(a.code, b.code);
                         }
@@ -161,17 +163,33 @@ mod gpu {
     /// Mean |W − dequantize(Q)|.
     fn recon_err(t: &HqqTensor, w: &[f32]) -> f64 {
         let d = t.dequantize_f32();
-        d.iter().zip(w).map(|(a, b)| f64::from((a - b).abs())).sum::<f64>() / w.len() as f64
+        d.iter()
+            .zip(w)
+            .map(|(a, b)| f64::from((a - b).abs()))
+            .sum::<f64>()
+            / w.len() as f64
     }
 
     #[test]
     fn hqq_matches_cpu() {
         let Some(dev) = gpu() else { return };
-        let shapes = [(96usize, 128usize), (256, 1024), (40, 96), (3, 64), (1, 640)];
+        let shapes = [
+            (96usize, 128usize),
+            (256, 1024),
+            (40, 96),
+            (3, 64),
+            (1, 640),
+        ];
         for &(n, k) in &shapes {
             for dtype in [DType::F32, DType::BF16] {
                 let (h, g) = weight(&dev, n, k, dtype);
-                let hf: Vec<f32> = h.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                let hf: Vec<f32> = h
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
                 for (nbits, gs) in [(4u32, 64usize), (3, 64), (2, 16), (4, 128), (1, 32)] {
                     for axis in [1usize, 0] {
                         let cfg = HqqConfig {
@@ -193,13 +211,17 @@ mod gpu {
                             }
                         };
                         let (q, stats) =
-                            HqqTensor::quantize_gpu_with(&g, &cfg, ProximalParams::default()).unwrap();
+                            HqqTensor::quantize_gpu_with(&g, &cfg, ProximalParams::default())
+                                .unwrap();
                         // The CPU's step count, on the same grouping.
                         let groups: Vec<f32> = if axis == 1 {
                             hf.clone()
                         } else {
                             let cols = n * k / gs;
-                            (0..cols).flat_map(|j| (0..gs).map(move |i| (i, j))).map(|(i, j)| hf[i * cols + j]).collect()
+                            (0..cols)
+                                .flat_map(|j| (0..gs).map(move |i| (i, j)))
+                                .map(|(i, j)| hf[i * cols + j])
+                                .collect()
                         };
                         let cpu_steps = optimize::quantize_groups(
                             &groups,
@@ -220,7 +242,10 @@ mod gpu {
                             cc.len()
                         );
                         let (eg, ec) = (recon_err(&q, &hf), recon_err(&c, &hf));
-                        assert!(eg <= ec * 1.01 + 1e-12, "{what}: GPU error {eg} vs CPU {ec}");
+                        assert!(
+                            eg <= ec * 1.01 + 1e-12,
+                            "{what}: GPU error {eg} vs CPU {ec}"
+                        );
                         assert_eq!(q.packed_shape(), c.packed_shape(), "{what}");
                     }
                 }
@@ -238,14 +263,24 @@ mod gpu {
         for name in QuantMethod::NAMES {
             let m = QuantMethod::parse(name).unwrap().unwrap();
             if !m.is_jit() {
-                assert!(lorq_quant::cuda::quantize::quantize(m, &g).is_err(), "{name}");
+                assert!(
+                    lorq_quant::cuda::quantize::quantize(m, &g).is_err(),
+                    "{name}"
+                );
                 continue;
             }
             let c = m.quantize(&h).unwrap().state_dict("p").unwrap();
-            let q = lorq_quant::cuda::quantize::quantize(m, &g).unwrap().state_dict("p").unwrap();
+            let q = lorq_quant::cuda::quantize::quantize(m, &g)
+                .unwrap()
+                .state_dict("p")
+                .unwrap();
             assert_eq!(q.len(), c.len(), "{name}");
             for ((qn, qt), (cn, ct)) in q.iter().zip(&c) {
-                assert_eq!((qn, qt.dtype, &qt.shape), (cn, ct.dtype, &ct.shape), "{name}");
+                assert_eq!(
+                    (qn, qt.dtype, &qt.shape),
+                    (cn, ct.dtype, &ct.shape),
+                    "{name}"
+                );
                 if !name.starts_with("hqq") && !qn.contains("nested") && !qn.ends_with("absmax") {
                     assert_eq!(qt.data, ct.data, "{name}: {qn}");
                 }

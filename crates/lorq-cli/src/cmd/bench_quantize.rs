@@ -51,6 +51,7 @@ pub struct BenchQuantizeArgs {
 }
 
 /// The decoder linears `(name, out, in)` of one layer and the layer count.
+#[derive(Debug)]
 pub(crate) struct ModelShape {
     pub name: &'static str,
     pub layers: usize,
@@ -64,9 +65,9 @@ pub(crate) fn model_shape(name: &str) -> Result<ModelShape> {
         "llama-2-7b" | "llama2-7b" => ("llama-2-7b", (4096, 11008, 4096, 32)),
         "mistral-7b" => ("mistral-7b", (4096, 14336, 1024, 32)),
         "smollm2-135m" | "smollm2" => ("smollm2-135m", (576, 1536, 192, 30)),
-        other => bail!(
-            "--shape {other:?}: expected llama-3-8b, llama-2-7b, mistral-7b or smollm2-135m"
-        ),
+        other => {
+            bail!("--shape {other:?}: expected llama-3-8b, llama-2-7b, mistral-7b or smollm2-135m")
+        }
     };
     Ok(ModelShape {
         name: canonical,
@@ -86,8 +87,7 @@ pub(crate) fn model_shape(name: &str) -> Result<ModelShape> {
 fn parse_formats(names: &[String]) -> Result<Vec<QuantMethod>> {
     let mut out = Vec::new();
     for n in names.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
-        let m = QuantMethod::parse(n)?
-            .context("--formats: `none` is not a quantization format")?;
+        let m = QuantMethod::parse(n)?.context("--formats: `none` is not a quantization format")?;
         if !m.is_jit() {
             bail!("--formats {n}: calibration-based, it has no just-in-time quantization to time");
         }
@@ -173,9 +173,23 @@ pub fn run(a: BenchQuantizeArgs) -> Result<()> {
             for w in &ws {
                 bytes += m.quantize(w)?.bytes();
             }
-            rows.push(cpu_row(m, t.elapsed().as_secs_f64(), bytes, per_layer, layers));
+            rows.push(cpu_row(
+                m,
+                t.elapsed().as_secs_f64(),
+                bytes,
+                per_layer,
+                layers,
+            ));
         }
-        eprintln!("  {}", rows.iter().rev().take(2).map(|r| r.to_string()).collect::<Vec<_>>().join("\n  "));
+        eprintln!(
+            "  {}",
+            rows.iter()
+                .rev()
+                .take(2)
+                .map(|r| r.to_string())
+                .collect::<Vec<_>>()
+                .join("\n  ")
+        );
     }
     let report = json!({
         "bench": "quantize",
@@ -196,7 +210,13 @@ pub fn run(a: BenchQuantizeArgs) -> Result<()> {
 }
 
 /// The CPU row: one layer measured, the model's time extrapolated (`layers` × that layer).
-fn cpu_row(m: QuantMethod, layer_s: f64, layer_bytes: usize, per_layer: usize, layers: usize) -> Value {
+fn cpu_row(
+    m: QuantMethod,
+    layer_s: f64,
+    layer_bytes: usize,
+    per_layer: usize,
+    layers: usize,
+) -> Value {
     json!({
         "format": m.name(), "device": "cpu", "seconds": layer_s * layers as f64,
         "seconds_per_layer": layer_s, "weights": per_layer * layers,
@@ -220,7 +240,13 @@ fn gpu_name(_dev: &Device) -> Result<Option<String>> {
 /// Seconds and output bytes of quantizing every layer on the GPU (generation not timed; the
 /// time includes downloading the codes into the host structs).
 #[cfg(feature = "cuda")]
-fn gpu_model(dev: &Device, shape: &ModelShape, seed: u64, layers: usize, m: QuantMethod) -> Result<(f64, usize)> {
+fn gpu_model(
+    dev: &Device,
+    shape: &ModelShape,
+    seed: u64,
+    layers: usize,
+    m: QuantMethod,
+) -> Result<(f64, usize)> {
     let (mut secs, mut bytes) = (0f64, 0usize);
     for layer in 0..layers {
         let ws = layer_weights(dev, shape, seed, layer)?;
@@ -302,7 +328,8 @@ fn gpu_check(dev: &Device, shape: &ModelShape, seed: u64, m: QuantMethod) -> Res
                 c.cpu_seconds += t.elapsed().as_secs_f64();
                 let gq = Bnb4Tensor::quantize_gpu(g, ty, dq, DEFAULT_BLOCKSIZE)?;
                 c.cpu_bytes += cq.bytes();
-                let nibbles = |p: &[u8]| p.iter().flat_map(|b| [b >> 4, b & 15]).collect::<Vec<u8>>();
+                let nibbles =
+                    |p: &[u8]| p.iter().flat_map(|b| [b >> 4, b & 15]).collect::<Vec<u8>>();
                 c.codes(&nibbles(gq.packed()), &nibbles(cq.packed()));
                 c.scales(gq.block_scales(), cq.block_scales());
             }
@@ -333,7 +360,9 @@ fn gpu_check(dev: &Device, shape: &ModelShape, seed: u64, m: QuantMethod) -> Res
                 c.scales(gq.scale(), cq.scale());
                 c.scales(gq.zero(), cq.zero());
             }
-            QuantMethod::Awq | QuantMethod::Gptq => bail!("{}: not a just-in-time method", m.name()),
+            QuantMethod::Awq | QuantMethod::Gptq => {
+                bail!("{}: not a just-in-time method", m.name())
+            }
         }
     }
     Ok(c)
@@ -353,10 +382,16 @@ mod tests {
         let s = model_shape("llama-3-8b").unwrap();
         let per_layer: usize = s.linears.iter().map(|&(_, n, k)| n * k).sum();
         assert_eq!(s.layers * per_layer, 6_979_321_856);
-        assert!(model_shape("gpt-5").unwrap_err().to_string().contains("llama-3-8b"));
+        assert!(model_shape("gpt-5")
+            .unwrap_err()
+            .to_string()
+            .contains("llama-3-8b"));
         let f = parse_formats(&["hqq-4bit".into(), "fp8".into(), "hqq-4bit".into()]).unwrap();
         assert_eq!(f, vec![QuantMethod::Hqq4, QuantMethod::Fp8]);
-        assert!(parse_formats(&["gptq".into()]).unwrap_err().to_string().contains("calibration"));
+        assert!(parse_formats(&["gptq".into()])
+            .unwrap_err()
+            .to_string()
+            .contains("calibration"));
     }
 
     /// `--device cpu` times one layer of a small shape and extrapolates.

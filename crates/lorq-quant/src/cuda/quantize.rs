@@ -24,7 +24,9 @@ pub mod rows;
 
 use std::sync::Arc;
 
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchArgs, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaView, LaunchArgs, LaunchConfig, PushKernelArg,
+};
 use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::{DType, Device, Storage, Tensor};
 use half::{bf16, f16};
@@ -139,10 +141,15 @@ impl DeviceWeight {
     }
 
     /// Runs `f` with the elements borrowed from the tensor's storage.
-    pub fn with<R>(&self, f: impl FnOnce(&Input<'_>) -> Result<R, QuantError>) -> Result<R, QuantError> {
+    pub fn with<R>(
+        &self,
+        f: impl FnOnce(&Input<'_>) -> Result<R, QuantError>,
+    ) -> Result<R, QuantError> {
         let (storage, layout) = self.t.storage_and_layout();
         let Storage::Cuda(cs) = &*storage else {
-            return Err(QuantError::Invalid("GPU quantization: the weight left the GPU".into()));
+            return Err(QuantError::Invalid(
+                "GPU quantization: the weight left the GPU".into(),
+            ));
         };
         let (a, n) = (layout.start_offset(), self.t.elem_count());
         let input = match self.dtype {
@@ -188,7 +195,14 @@ pub(crate) fn sum_f64<T>(
     let part = unsafe { dev.alloc::<f64>(blocks)? };
     let total = unsafe { dev.alloc::<f64>(1)? };
     let stream = dev.cuda_stream();
-    let f = kernel(dev, if f64_input { "sum_f64_f64" } else { "sum_f32_f64" })?;
+    let f = kernel(
+        dev,
+        if f64_input {
+            "sum_f64_f64"
+        } else {
+            "sum_f32_f64"
+        },
+    )?;
     let n64 = n as u64;
     let mut b = stream.launch_builder(&f);
     b.arg(x).arg(&n64).arg(&part);

@@ -133,7 +133,11 @@ impl HqqTensor {
                 grouped.with(|x| {
                     let mut b = stream.launch_builder(&f);
                     push_input(&mut b, x);
-                    b.arg(&args).arg(&staged_i).arg(&scale).arg(&zero).arg(&err_g);
+                    b.arg(&args)
+                        .arg(&staged_i)
+                        .arg(&scale)
+                        .arg(&zero)
+                        .arg(&err_g);
                     // SAFETY: matches `hqq_step_*`, as hqq_init.
                     unsafe { b.launch(grid(blocks, threads, smem)) }.w()?;
                     Ok(())
@@ -165,7 +169,11 @@ impl HqqTensor {
             codes.t()?.contiguous()?
         };
         let packed = pack(&dev, &grid_codes, packing, rows, cols, prow)?;
-        let scale: Vec<f32> = dev.clone_dtoh(&scale)?.into_iter().map(|s| 1.0 / s).collect();
+        let scale: Vec<f32> = dev
+            .clone_dtoh(&scale)?
+            .into_iter()
+            .map(|s| 1.0 / s)
+            .collect();
         let zero = dev.clone_dtoh(&zero)?;
         let t = Self::from_parts(
             (out, inp),
@@ -196,7 +204,11 @@ fn pack(
     let a = layout.start_offset();
     let codes = cs.as_cuda_slice::<u8>()?.slice(a..a + rows * cols);
     let bits = packing.bits() as i32;
-    let top = if packing == Packing::Bit3I32 { 27 } else { 8 - bits };
+    let top = if packing == Packing::Bit3I32 {
+        27
+    } else {
+        8 - bits
+    };
     let slots = packing.slots() as i32;
     let (r64, c64, p64) = (rows as u64, cols as u64, prow as u64);
     let n = prow * cols;
@@ -213,7 +225,10 @@ fn pack(
     ) -> Result<(), QuantError> {
         let mut b = stream.launch_builder(f);
         b.arg(codes).arg(dims[0]).arg(dims[1]).arg(dims[2]);
-        b.arg(params[0]).arg(params[1]).arg(params[2]).arg(params[3]);
+        b.arg(params[0])
+            .arg(params[1])
+            .arg(params[2])
+            .arg(params[3]);
         b.arg(out);
         // SAFETY: matches `hqq_pack`; `out` holds n words of the pushed width.
         unsafe { b.launch(grid(n.div_ceil(256).min(65536), 256, 0)) }.w()?;
@@ -221,11 +236,27 @@ fn pack(
     }
     Ok(if packing == Packing::Bit3I32 {
         let out = unsafe { dev.alloc::<i32>(n)? };
-        launch(&stream, &f, &codes, [&r64, &c64, &p64], [&slots, &bits, &top, &4], &out, n)?;
+        launch(
+            &stream,
+            &f,
+            &codes,
+            [&r64, &c64, &p64],
+            [&slots, &bits, &top, &4],
+            &out,
+            n,
+        )?;
         PackedCodes::I32(dev.clone_dtoh(&out)?)
     } else {
         let out = unsafe { dev.alloc::<u8>(n)? };
-        launch(&stream, &f, &codes, [&r64, &c64, &p64], [&slots, &bits, &top, &1], &out, n)?;
+        launch(
+            &stream,
+            &f,
+            &codes,
+            [&r64, &c64, &p64],
+            [&slots, &bits, &top, &1],
+            &out,
+            n,
+        )?;
         PackedCodes::U8(dev.clone_dtoh(&out)?)
     })
 }

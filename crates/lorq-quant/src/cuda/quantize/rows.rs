@@ -15,7 +15,12 @@ use crate::QuantError;
 const THREADS: u32 = 256;
 
 /// Codes `[n, k]` and one scale per row: `mode` 0 LLM.int8 (scale = absmax), 1 EETQ (absmax/127).
-fn int8_rows(w: &DeviceWeight, n: usize, k: usize, mode: i32) -> Result<(Vec<i8>, Vec<f32>), QuantError> {
+fn int8_rows(
+    w: &DeviceWeight,
+    n: usize,
+    k: usize,
+    mode: i32,
+) -> Result<(Vec<i8>, Vec<f32>), QuantError> {
     let dev = &w.dev;
     // SAFETY: the kernel writes every code and every row's scale.
     let q = unsafe { dev.alloc::<i8>(n * k)? };
@@ -134,7 +139,11 @@ impl Fp8Tensor {
         w.with(|x| {
             let mut b = stream.launch_builder(&f);
             push_input(&mut b, x);
-            b.arg(&k32).arg(&scale_dev).arg(&per_channel).arg(&w_dtype).arg(&q);
+            b.arg(&k32)
+                .arg(&scale_dev)
+                .arg(&per_channel)
+                .arg(&w_dtype)
+                .arg(&q);
             // SAFETY: matches `fp8_rows_*`; one block per row.
             unsafe { b.launch(grid(n, THREADS, 0)) }.w()?;
             Ok(())
