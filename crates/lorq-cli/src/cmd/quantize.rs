@@ -50,7 +50,8 @@ pub struct QuantizeArgs {
     /// Where the linears are quantized: `cpu`, `cuda` or `cuda:N` (each weight is uploaded,
     /// quantized on the GPU and its codes written; the checkpoint is the same as on the CPU).
     /// gptq, awq and rtn-int4 run on the CPU.
-    #[arg(long, default_value = "cpu", env = "LORQ_DEVICE")]
+    // Not read from LORQ_DEVICE: a serving setting must not refuse the CPU-only methods here.
+    #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Print a JSON summary (method, tensors, bytes, seconds, bits per weight; with calibration
     /// the relative output error of every linear and of RTN on the same inputs).
