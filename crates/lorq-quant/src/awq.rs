@@ -172,6 +172,7 @@ impl AwqTensor {
             .map(f32::from)
             .collect();
         let w = IntWeight {
+            gpu: Default::default(),
             n,
             k,
             bits: 4,
@@ -239,6 +240,14 @@ impl QuantTensor for AwqTensor {
 
     fn matmul(&self, x: &Tensor) -> Result<Tensor, QuantError> {
         self.w.matmul(x, "awq")
+    }
+
+    fn gpu_layout(&self) -> Result<crate::gpu_layout::GpuLayout, QuantError> {
+        self.w.gpu_layout()
+    }
+
+    fn matmul_grad_input(&self, dy: &Tensor) -> Result<Tensor, QuantError> {
+        self.w.matmul_grad_input(dy, "awq")
     }
 
     fn dequantize(&self, dtype: DType) -> Result<Tensor, QuantError> {

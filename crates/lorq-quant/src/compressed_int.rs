@@ -234,6 +234,7 @@ impl CompressedIntTensor {
         let sc_name = format!("{prefix}.weight_scale");
         let (scales, scale_dtype) = float_values(&need_raw(get, &sc_name)?, &sc_name, &[n, g])?;
         let w = IntWeight {
+            gpu: Default::default(),
             n,
             k,
             bits: b,
@@ -302,6 +303,14 @@ impl QuantTensor for CompressedIntTensor {
 
     fn matmul(&self, x: &Tensor) -> Result<Tensor, QuantError> {
         self.w.matmul(x, "compressed-tensors")
+    }
+
+    fn gpu_layout(&self) -> Result<crate::gpu_layout::GpuLayout, QuantError> {
+        self.w.gpu_layout()
+    }
+
+    fn matmul_grad_input(&self, dy: &Tensor) -> Result<Tensor, QuantError> {
+        self.w.matmul_grad_input(dy, "compressed-tensors")
     }
 
     fn dequantize(&self, dtype: DType) -> Result<Tensor, QuantError> {

@@ -27,6 +27,8 @@ pub struct EetqTensor {
     q: Vec<i8>,
     scale: Vec<f32>,
     shape: (usize, usize),
+    /// GPU copies (fused CUDA kernels), made on first use.
+    gpu: crate::gpu_slot::GpuSlot,
 }
 
 impl EetqTensor {
@@ -69,7 +71,12 @@ impl EetqTensor {
                 scale.len()
             )));
         }
-        Ok(Self { q, scale, shape })
+        Ok(Self {
+            q,
+            scale,
+            shape,
+            gpu: Default::default(),
+        })
     }
 
     pub fn codes(&self) -> &[i8] {
@@ -133,12 +140,49 @@ impl RowDot for EetqTensor {
     }
 }
 
+impl EetqTensor {
+    /// The fused GPU kernels' layout: 8-bit affine codes `q + 128`, zero 128, one group per row.
+    pub(crate) fn packed_gpu_layout(&self) -> Result<crate::gpu_layout::GpuLayout, QuantError> {
+        use crate::gpu_layout::{CodeKind, ElementRounding, GpuLayout};
+        let (n, k) = self.shape;
+        GpuLayout::pack(
+            n,
+            k,
+            CodeKind::Affine { bits: 8 },
+            k,
+            self.scale.clone(),
+            vec![128.0; n],
+            ElementRounding::None,
+            None,
+            |r, c| (self.q[r * k + c] as i32 + 128) as u32,
+        )
+    }
+}
+
 impl QuantTensor for EetqTensor {
+    fn gpu_layout(&self) -> Result<crate::gpu_layout::GpuLayout, QuantError> {
+        self.packed_gpu_layout()
+    }
+
     fn shape(&self) -> (usize, usize) {
         self.shape
     }
 
+    fn matmul_grad_input(&self, dy: &Tensor) -> Result<Tensor, QuantError> {
+        if let Some(g) = crate::gpu_slot::gpu_matmul_grad_input(&self.gpu, dy, "eetq", || {
+            self.packed_gpu_layout()
+        })? {
+            return Ok(g);
+        }
+        crate::quant_tensor::host_matmul_grad_input(self, dy)
+    }
+
     fn matmul(&self, x: &Tensor) -> Result<Tensor, QuantError> {
+        if let Some(y) =
+            crate::gpu_slot::gpu_matmul(&self.gpu, x, "eetq", || self.packed_gpu_layout())?
+        {
+            return Ok(y);
+        }
         crate::cpu::fused_or_dequantized_matmul(self, x, "eetq", || self.dequantize(DType::F32))
     }
 

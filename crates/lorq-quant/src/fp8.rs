@@ -123,6 +123,8 @@ pub struct Fp8Tensor {
     scale: Vec<f32>,
     scale_dtype: DType,
     input_scale: Option<Tensor>,
+    /// GPU copies (fused CUDA kernels), made on first use.
+    gpu: crate::gpu_slot::GpuSlot,
 }
 
 fn round_to(dtype: DType, x: f32) -> f32 {
@@ -215,6 +217,7 @@ impl Fp8Tensor {
             }
         }
         Ok(Self {
+            gpu: Default::default(),
             shape: (out, inp),
             codes,
             scale,
@@ -242,6 +245,7 @@ impl Fp8Tensor {
             )));
         }
         Ok(Self {
+            gpu: Default::default(),
             shape,
             codes,
             scale,
@@ -486,12 +490,57 @@ impl RowDot for Fp8Rows<'_> {
     }
 }
 
+impl Fp8Tensor {
+    /// The fused GPU kernels' layout: e4m3 codes through a 256-entry table, one scale per row.
+    pub(crate) fn packed_gpu_layout(&self) -> Result<crate::gpu_layout::GpuLayout, QuantError> {
+        use crate::gpu_layout::{CodeKind, ElementRounding, GpuLayout};
+        let (n, k) = self.shape;
+        let rounding = match self.scale_dtype {
+            DType::BF16 => ElementRounding::Bf16,
+            DType::F16 => ElementRounding::F16,
+            _ => ElementRounding::None,
+        };
+        GpuLayout::pack(
+            n,
+            k,
+            CodeKind::Table {
+                bits: 8,
+                lut: E4M3_LUT.to_vec(),
+            },
+            k,
+            (0..n).map(|j| self.row_scale(j)).collect(),
+            Vec::new(),
+            rounding,
+            None,
+            |r, c| self.codes[r * k + c] as u32,
+        )
+    }
+}
+
 impl QuantTensor for Fp8Tensor {
+    fn gpu_layout(&self) -> Result<crate::gpu_layout::GpuLayout, QuantError> {
+        self.packed_gpu_layout()
+    }
+
     fn shape(&self) -> (usize, usize) {
         self.shape
     }
 
+    fn matmul_grad_input(&self, dy: &Tensor) -> Result<Tensor, QuantError> {
+        if let Some(g) = crate::gpu_slot::gpu_matmul_grad_input(&self.gpu, dy, "fp8", || {
+            self.packed_gpu_layout()
+        })? {
+            return Ok(g);
+        }
+        crate::quant_tensor::host_matmul_grad_input(self, dy)
+    }
+
     fn matmul(&self, x: &Tensor) -> Result<Tensor, QuantError> {
+        if let Some(y) =
+            crate::gpu_slot::gpu_matmul(&self.gpu, x, "fp8", || self.packed_gpu_layout())?
+        {
+            return Ok(y);
+        }
         fused_or_dequantized_matmul(&Fp8Rows(self), x, "fp8", || self.dequantize(DType::F32))
     }
 

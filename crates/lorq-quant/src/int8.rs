@@ -78,6 +78,11 @@ pub struct Int8Tensor {
     scb: Vec<f32>,
     shape: (usize, usize),
     threshold: f32,
+    /// GPU copies (fused CUDA kernels), made on first use.
+    gpu: crate::gpu_slot::GpuSlot,
+    /// GPU copies for the LLM.int8 kernels.
+    #[cfg(feature = "cuda")]
+    llm_gpu: crate::cuda::int8_llm::Int8Cache,
 }
 
 impl Int8Tensor {
@@ -120,6 +125,9 @@ impl Int8Tensor {
             )));
         }
         Ok(Self {
+            gpu: Default::default(),
+            #[cfg(feature = "cuda")]
+            llm_gpu: Default::default(),
             cb,
             scb,
             shape,
@@ -348,12 +356,57 @@ fn rounder(dtype: DType) -> fn(f32) -> f32 {
     }
 }
 
+impl Int8Tensor {
+    /// The fused GPU kernels' layout: 8-bit affine codes `CB + 128`, zero 128, scale `SCB/127`
+    /// per row — the weight-only view (training's `dy · W`; the forward matmul runs LLM.int8's
+    /// own GPU kernels, `cuda::int8_llm`).
+    pub(crate) fn packed_gpu_layout(&self) -> Result<crate::gpu_layout::GpuLayout, QuantError> {
+        use crate::gpu_layout::{CodeKind, ElementRounding, GpuLayout};
+        let (n, k) = self.shape;
+        GpuLayout::pack(
+            n,
+            k,
+            CodeKind::Affine { bits: 8 },
+            k,
+            self.scb.iter().map(|s| s * INV_127).collect(),
+            vec![128.0; n],
+            ElementRounding::None,
+            None,
+            |r, c| (self.cb[r * k + c] as i32 + 128) as u32,
+        )
+    }
+}
+
 impl QuantTensor for Int8Tensor {
+    fn gpu_layout(&self) -> Result<crate::gpu_layout::GpuLayout, QuantError> {
+        self.packed_gpu_layout()
+    }
+
     fn shape(&self) -> (usize, usize) {
         self.shape
     }
 
+    fn matmul_grad_input(&self, dy: &Tensor) -> Result<Tensor, QuantError> {
+        if let Some(g) = crate::gpu_slot::gpu_matmul_grad_input(&self.gpu, dy, "int8", || {
+            self.packed_gpu_layout()
+        })? {
+            return Ok(g);
+        }
+        crate::quant_tensor::host_matmul_grad_input(self, dy)
+    }
+
     fn matmul(&self, x: &Tensor) -> Result<Tensor, QuantError> {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() && self.shape.1 % 32 == 0 {
+            return crate::cuda::int8_llm::matmul(
+                &self.llm_gpu,
+                &self.cb,
+                &self.scb,
+                self.shape,
+                self.threshold,
+                x,
+            );
+        }
         let (n, k) = self.shape;
         let dims = x.dims();
         if dims.last() != Some(&k) {

@@ -13,6 +13,8 @@ mod dense;
 pub mod eetq;
 pub mod fp8;
 pub mod gptq;
+pub mod gpu_layout;
+mod gpu_slot;
 pub mod hqq;
 pub mod input_stats;
 pub mod int8;

@@ -27,6 +27,13 @@ pub trait QuantTensor: Send + Sync + std::fmt::Debug {
     fn matmul_grad_input(&self, dy: &Tensor) -> Result<Tensor, QuantError> {
         host_matmul_grad_input(self, dy)
     }
+    /// The weight in the fused GPU kernels' packed layout (`gpu_layout.rs`), or why it has none.
+    fn gpu_layout(&self) -> Result<crate::gpu_layout::GpuLayout, QuantError> {
+        Err(QuantError::Invalid(format!(
+            "{} has no packed GPU layout",
+            self.format_name()
+        )))
+    }
     /// Bytes held by the weight and its quantization constants.
     fn bytes(&self) -> usize;
     /// Short name of the format, as `lorq inspect` shows it (`f32`, `bf16`, `nf4`, ...).

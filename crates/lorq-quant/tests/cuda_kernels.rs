@@ -107,10 +107,16 @@ mod gpu {
                         }
                     }
                 }
-                // The dequantized weight itself is exact in f32.
+                // The dequantized weight itself: exact in f32 but for double quantization, whose
+                // absmax `code[q] * nested + offset` the GPU may contract into one FMA (1 ulp).
                 let wd = dequantize(&q, dev.as_cuda_device().unwrap(), DType::F32).unwrap();
                 let want = q.dequantize(DType::F32).unwrap();
-                assert_eq!(rel_l2(&wd.to_device(&Device::Cpu).unwrap(), &want), 0.0);
+                let e = rel_l2(&wd.to_device(&Device::Cpu).unwrap(), &want);
+                assert!(
+                    e <= if dq { 1e-7 } else { 0.0 },
+                    "{} dequantize: rel err {e:e}",
+                    q.format_name()
+                );
             }
         }
     }

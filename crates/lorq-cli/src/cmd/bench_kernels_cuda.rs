@@ -1,6 +1,7 @@
 //! `lorq bench kernels --device cuda`: GPU timings of `y = x · Wᵀ` (bf16 activations) for the
-//! dense bf16 weight through cuBLAS (the baseline) and the bitsandbytes 4-bit formats through the
-//! fused dequantize-GEMV and through dequantize + cuBLAS. Every kernel is first checked against
+//! dense bf16 weight through cuBLAS (the baseline) and every weight-only format in the packed GPU
+//! layout — each fused GEMV launch shape, the automatic choice, and dequantize + cuBLAS — plus
+//! bitsandbytes' own 4-bit layout through its first fused kernel. Every kernel is first checked against
 //! the CPU reference (lorq's CPU kernels, f32) on fresh random inputs; timings rotate over enough
 //! weight copies to defeat the 50 MB L2 cache, and synchronize the device around each batch.
 
@@ -10,6 +11,11 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use lorq_quant::bnb4::{Bnb4Tensor, Bnb4Type};
 use lorq_quant::cuda::bnb4::{matmul as bnb4_matmul, Bnb4Path, GEMV_MAX_M};
+use lorq_quant::cuda::qgemv::{
+    matmul as qmatmul, DeviceLayout, QPath, Variant, QGEMV_MAX_M, QMMA_MAX_M,
+};
+use lorq_quant::gpu_layout::GpuLayout;
+use lorq_quant::method::QuantMethod;
 use lorq_quant::QuantTensor;
 use serde_json::{json, Value};
 
@@ -63,16 +69,79 @@ pub(crate) fn card_name(dev: &Device) -> Result<String> {
     Ok(c.cuda_stream().context().name()?)
 }
 
+/// The formats timed on the GPU: `(name, layout)` from one random weight. `--methods` (LoRAX
+/// names) narrows the JIT ones; GPTQ/AWQ come as round-to-nearest weights (speed does not depend on
+/// how codes were chosen), act-order as a seeded random column order.
+fn gpu_formats(w: &Tensor, methods: &Option<Vec<String>>) -> Result<Vec<(String, GpuLayout)>> {
+    use lorq_quant::gptq::quantize::{rtn_gptq, GptqParams};
+    let (n, k) = w.dims2()?;
+    let wanted = |name: &str| methods.as_ref().is_none_or(|m| m.iter().any(|x| x == name));
+    let mut out = Vec::new();
+    let pack = |name: &str, t: &dyn QuantTensor| -> Result<(String, GpuLayout)> {
+        let t0 = Instant::now();
+        let l = t.gpu_layout()?;
+        eprintln!("    {name}: packed in {:.2} s", t0.elapsed().as_secs_f64());
+        Ok((name.to_string(), l))
+    };
+    for (label, method) in [
+        ("nf4", "bitsandbytes-nf4"),
+        ("fp4", "bitsandbytes-fp4"),
+        ("int8", "bitsandbytes"),
+        ("eetq", "eetq"),
+        ("fp8", "fp8"),
+        ("hqq-4bit", "hqq-4bit"),
+        ("hqq-3bit", "hqq-3bit"),
+        ("hqq-2bit", "hqq-2bit"),
+    ] {
+        if wanted(method) {
+            let t0 = Instant::now();
+            let q = QuantMethod::parse(method)?
+                .context("a JIT method")?
+                .quantize(w)?;
+            eprintln!(
+                "    {label}: quantized on the CPU in {:.2} s",
+                t0.elapsed().as_secs_f64()
+            );
+            out.push(pack(label, q.as_ref())?);
+        }
+    }
+    let w32: Vec<f32> = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    if wanted("gptq") {
+        for bits in [4u32, 8] {
+            let p = GptqParams {
+                bits,
+                ..GptqParams::default()
+            };
+            let q = rtn_gptq(&w32, n, k, &p, "bench")?;
+            out.push(pack(&format!("gptq-{bits}bit"), &q)?);
+            if bits == 4 {
+                // Act-order: the same codes with columns visited in a seeded random order.
+                let mut l = q.gpu_layout()?;
+                let mut perm: Vec<u32> = (0..k as u32).collect();
+                let r = randn(77, k, 1.0);
+                perm.sort_by(|&a, &b| r[a as usize].total_cmp(&r[b as usize]));
+                l.perm = Some(perm);
+                out.push(("gptq-4bit-act-order".into(), l));
+            }
+        }
+    }
+    if wanted("awq") && n % 8 == 0 {
+        let q = lorq_quant::awq::AwqTensor::quantize(&w32, n, k, 128, "bench")?;
+        out.push(pack("awq-4bit", &q)?);
+    }
+    Ok(out)
+}
+
 pub fn run(a: &BenchKernelsArgs, dev: &Device) -> Result<()> {
     let shapes = parse_shapes(&a.shapes)?;
     let card = card_name(dev)?;
+    let cdev = dev.as_cuda_device()?;
     eprintln!("lorq bench kernels on {card}");
     let mut rows: Vec<Value> = Vec::new();
     let mut failures = Vec::new();
-    let fmts: [(&str, Bnb4Type, bool); 3] = [
+    let legacy: [(&str, Bnb4Type, bool); 2] = [
         ("nf4", Bnb4Type::Nf4, false),
         ("nf4+dq", Bnb4Type::Nf4, true),
-        ("fp4", Bnb4Type::Fp4, false),
     ];
     for (si, s) in shapes.iter().enumerate() {
         let (n, k) = (s.n, s.k);
@@ -80,6 +149,7 @@ pub fn run(a: &BenchKernelsArgs, dev: &Device) -> Result<()> {
             Some(p) => format!("{n}x{k} ({p})"),
             None => format!("{n}x{k}"),
         };
+        eprintln!("  {label}");
         let w_cpu = Tensor::from_vec(randn(1000 + si as u64, n * k, 0.02), (n, k), &Device::Cpu)?;
         // Enough copies of each weight that one pass over them overflows the L2 cache.
         let copies = |bytes: usize| (256usize << 20).div_ceil(bytes).clamp(1, 32);
@@ -87,14 +157,22 @@ pub fn run(a: &BenchKernelsArgs, dev: &Device) -> Result<()> {
         let dense: Vec<Tensor> = (0..copies(n * k * 2))
             .map(|_| w_bf16.to_device(dev))
             .collect::<candle_core::Result<_>>()?;
-        let mut quant: Vec<(&str, Vec<Bnb4Tensor>)> = Vec::new();
-        for (name, ty, dq) in fmts {
-            let t0 = Instant::now();
+        // bitsandbytes' own layout through the first fused kernel (kernels/bnb4.cu).
+        let mut bnb: Vec<(&str, Vec<Bnb4Tensor>)> = Vec::new();
+        for (name, ty, dq) in legacy {
             let q = Bnb4Tensor::quantize(&w_cpu, ty, dq)?;
-            let qs = t0.elapsed().as_secs_f64();
             let c = copies(q.bytes());
-            eprintln!("  {label} {name}: quantized on the CPU in {qs:.2} s, {c} GPU copies");
-            quant.push((name, vec![q; c]));
+            bnb.push((name, vec![q; c]));
+        }
+        // Every format in the packed layout (kernels/qgemv.cu), with its CPU reference weight.
+        let mut packed: Vec<(String, Vec<DeviceLayout>, Tensor, usize)> = Vec::new();
+        for (name, l) in gpu_formats(&w_cpu, &a.methods)? {
+            let wref = Tensor::from_vec(l.dequantize_f32(), (n, k), &Device::Cpu)?;
+            let c = copies(l.device_bytes());
+            let dls = (0..c)
+                .map(|_| DeviceLayout::upload(&l, cdev))
+                .collect::<Result<Vec<_>, _>>()?;
+            packed.push((name, dls, wref, l.device_bytes()));
         }
         for &m in &a.m {
             let x_cpu = Tensor::from_vec(
@@ -136,50 +214,61 @@ pub fn run(a: &BenchKernelsArgs, dev: &Device) -> Result<()> {
                     }));
                 };
             push("bf16", "cublas", bf16_us, wbytes, bf16_err, 1e-2);
-            for (name, qs) in &quant {
+            for (name, qs) in &bnb {
+                if m > GEMV_MAX_M {
+                    continue;
+                }
                 let q0 = &qs[0];
-                // The CPU reference: lorq's CPU kernel on the same bf16 activations, in f32.
-                let want = if check {
-                    Some(q0.matmul(&x32_cpu)?)
+                let err = if check {
+                    let want = q0.matmul(&x32_cpu)?;
+                    let got = bnb4_matmul(q0, &x, Bnb4Path::Fused)?.to_device(&Device::Cpu)?;
+                    Some(rel_l2(&got, &want)?)
                 } else {
                     None
                 };
-                let mut paths = vec![(Bnb4Path::Dequantize, "dequant+cublas")];
-                if m <= GEMV_MAX_M {
-                    paths.insert(0, (Bnb4Path::Fused, "fused-gemv"));
+                let us = time_gpu(dev, 7, iters, |i| {
+                    Ok(bnb4_matmul(&qs[i % qs.len()], &x, Bnb4Path::Fused)?)
+                })?;
+                push(name, "bnb4-gemv", us, q0.bytes(), err, 1e-2);
+            }
+            for (name, dls, wref, wb) in &packed {
+                let want = if check {
+                    Some(x32_cpu.matmul(&wref.t()?)?)
+                } else {
+                    None
+                };
+                let mut paths = vec![(QPath::Auto, "auto".to_string())];
+                paths.push((QPath::Dequantize, "dequant+cublas".into()));
+                if m >= 2 && m <= QMMA_MAX_M {
+                    paths.push((QPath::Mma, "qmma".into()));
+                }
+                if m <= QGEMV_MAX_M {
+                    let mr = match m {
+                        1 => 1,
+                        2 => 2,
+                        3 | 4 => 4,
+                        _ => 8,
+                    };
+                    for v in Variant::ALL
+                        .into_iter()
+                        .filter(|v| v.compiled(mr, DType::BF16))
+                    {
+                        paths.push((QPath::Fused(v), format!("qgemv-{}", v.name())));
+                    }
                 }
                 for (path, pname) in paths {
                     let err = match &want {
                         Some(w) => {
-                            let got = bnb4_matmul(q0, &x, path)?.to_device(&Device::Cpu)?;
+                            let got = qmatmul(&dls[0], &x, path)?.to_device(&Device::Cpu)?;
                             Some(rel_l2(&got, w)?)
                         }
                         None => None,
                     };
                     let us = time_gpu(dev, 7, iters, |i| {
-                        Ok(bnb4_matmul(&qs[i % qs.len()], &x, path)?)
+                        Ok(qmatmul(&dls[i % dls.len()], &x, path)?)
                     })?;
-                    push(name, pname, us, q0.bytes(), err, 1e-2);
+                    push(name, &pname, us, *wb, err, 1e-2);
                 }
-            }
-            // f32 activations through the fused kernel: the f32 bound (1e-5).
-            if m <= 4 {
-                let (name, qs) = &quant[1];
-                let x32 = x32_cpu.to_device(dev)?;
-                let want = qs[0].matmul(&x32_cpu)?;
-                let got = bnb4_matmul(&qs[0], &x32, Bnb4Path::Fused)?.to_device(&Device::Cpu)?;
-                let err = rel_l2(&got, &want)?;
-                let us = time_gpu(dev, 7, iters, |i| {
-                    Ok(bnb4_matmul(&qs[i % qs.len()], &x32, Bnb4Path::Fused)?)
-                })?;
-                push(
-                    &format!("{name} (f32 x)"),
-                    "fused-gemv",
-                    us,
-                    qs[0].bytes(),
-                    Some(err),
-                    1e-5,
-                );
             }
             eprintln!("  {label} m={m}: bf16 {bf16_us:.1} us");
         }

@@ -287,6 +287,7 @@ impl AwqTensor {
             }
         }
         let iw = IntWeight {
+            gpu: Default::default(),
             n,
             k,
             bits: 4,

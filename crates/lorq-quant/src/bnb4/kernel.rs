@@ -148,7 +148,45 @@ mod avx512 {
     }
 }
 
+impl Bnb4Tensor {
+    /// The fused GPU kernels' layout: 4-bit table codes (nibbles reordered low-first), the
+    /// resolved absmax of each block as its scale. Needs blocks inside rows.
+    pub(crate) fn packed_gpu_layout(
+        &self,
+    ) -> Result<crate::gpu_layout::GpuLayout, crate::QuantError> {
+        use crate::gpu_layout::{CodeKind, ElementRounding, GpuLayout};
+        let (n, k) = self.shape;
+        let packed = self.packed();
+        GpuLayout::pack(
+            n,
+            k,
+            CodeKind::Table {
+                bits: 4,
+                lut: self.quant_type().code().to_vec(),
+            },
+            self.blocksize(),
+            self.block_scales().to_vec(),
+            Vec::new(),
+            ElementRounding::None,
+            None,
+            |r, c| {
+                let e = r * k + c;
+                let b = packed[e / 2] as u32;
+                if e % 2 == 0 {
+                    b >> 4
+                } else {
+                    b & 15
+                }
+            },
+        )
+    }
+}
+
 impl QuantTensor for Bnb4Tensor {
+    fn gpu_layout(&self) -> Result<crate::gpu_layout::GpuLayout, QuantError> {
+        self.packed_gpu_layout()
+    }
+
     fn shape(&self) -> (usize, usize) {
         self.shape
     }
@@ -156,6 +194,15 @@ impl QuantTensor for Bnb4Tensor {
     fn matmul(&self, x: &Tensor) -> Result<Tensor, QuantError> {
         #[cfg(feature = "cuda")]
         if x.device().is_cuda() {
+            // The packed layout (absmax resolved to f32 per block; measured faster than reading
+            // bitsandbytes' own layout, double quantization included, at every row count);
+            // bitsandbytes' layout through its own kernels where the packed one cannot go
+            // (in_features % 32 != 0).
+            if let Some(y) = crate::gpu_slot::gpu_matmul(&self.packed_gpu, x, "bnb4", || {
+                self.packed_gpu_layout()
+            })? {
+                return Ok(y);
+            }
             return crate::cuda::bnb4::matmul(self, x, crate::cuda::bnb4::Bnb4Path::Auto);
         }
         fused_or_dequantized_matmul(self, x, &self.format_name(), || self.dequantize(DType::F32))

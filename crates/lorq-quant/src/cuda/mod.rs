@@ -4,6 +4,8 @@
 //! candle's own kernels and cuBLAS calls.
 
 pub mod bnb4;
+pub mod int8_llm;
+pub mod qgemv;
 pub mod quantize;
 
 use std::collections::HashMap;

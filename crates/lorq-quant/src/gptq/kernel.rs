@@ -67,6 +67,48 @@ pub(crate) struct IntWeight {
     pub zeros: Vec<f32>,
     /// Each dequantized element is rounded to this dtype.
     pub round: Rounding,
+    /// GPU copies (fused CUDA kernels), made on first use.
+    pub gpu: crate::gpu_slot::GpuSlot,
+}
+
+impl IntWeight {
+    /// The fused GPU kernels' layout (GPTQ act-order: columns sorted by group).
+    pub(crate) fn gpu_layout(&self) -> Result<crate::gpu_layout::GpuLayout, QuantError> {
+        use crate::gpu_layout::{sort_by_group, CodeKind, ElementRounding, GpuLayout};
+        let rounding = match self.round {
+            Rounding::F32 => ElementRounding::None,
+            Rounding::F16 => ElementRounding::F16,
+            Rounding::BF16 => ElementRounding::Bf16,
+        };
+        if !matches!(self.bits, 2 | 3 | 4 | 8) {
+            return Err(QuantError::Invalid(format!(
+                "{}-bit codes have no GPU kernel",
+                self.bits
+            )));
+        }
+        let (bits, wpr) = (self.bits, self.wpr);
+        let (group, perm) = match &self.groups {
+            Groups::Contiguous(size) => (*size, None),
+            Groups::Indexed(idx) => {
+                let (perm, size) = sort_by_group(idx).ok_or_else(|| {
+                    QuantError::Invalid("act-order groups of unequal sizes".into())
+                })?;
+                (size, Some(perm))
+            }
+        };
+        let col = |c: usize| perm.as_ref().map_or(c, |p: &Vec<u32>| p[c] as usize);
+        GpuLayout::pack(
+            self.n,
+            self.k,
+            CodeKind::Affine { bits },
+            group,
+            self.scales.clone(),
+            self.zeros.clone(),
+            rounding,
+            perm.clone(),
+            |r, c| stream_get(&self.codes[r * wpr..(r + 1) * wpr], col(c), bits),
+        )
+    }
 }
 
 /// Code `i` of a dense little-endian stream of `bits`-wide fields.
@@ -241,9 +283,23 @@ impl IntWeight {
         )
     }
 
+    /// `dy · W` (training's input gradient) on `dy`'s device.
+    pub(crate) fn matmul_grad_input(&self, dy: &Tensor, what: &str) -> Result<Tensor, QuantError> {
+        if let Some(g) =
+            crate::gpu_slot::gpu_matmul_grad_input(&self.gpu, dy, what, || self.gpu_layout())?
+        {
+            return Ok(g);
+        }
+        let w = self.dequantize(dy.dtype())?.to_device(dy.device())?;
+        Ok(dy.matmul(&w)?)
+    }
+
     /// `x · Wᵀ` for `x` `[.., k]`, in x's dtype: the fused row kernel for up to [`crate::cpu::FUSED_MAX_ROWS`] rows on
     /// CPU, dequantize + f32 GEMM otherwise.
     pub(crate) fn matmul(&self, x: &Tensor, what: &str) -> Result<Tensor, QuantError> {
+        if let Some(y) = crate::gpu_slot::gpu_matmul(&self.gpu, x, what, || self.gpu_layout())? {
+            return Ok(y);
+        }
         crate::cpu::fused_or_dequantized_matmul(&IntRows(self), x, what, || {
             self.dequantize(DType::F32)
         })

@@ -212,6 +212,14 @@ impl QuantTensor for GptqTensor {
         self.w.matmul(x, "gptq")
     }
 
+    fn gpu_layout(&self) -> Result<crate::gpu_layout::GpuLayout, QuantError> {
+        self.w.gpu_layout()
+    }
+
+    fn matmul_grad_input(&self, dy: &Tensor) -> Result<Tensor, QuantError> {
+        self.w.matmul_grad_input(dy, "gptq")
+    }
+
     fn dequantize(&self, dtype: DType) -> Result<Tensor, QuantError> {
         self.w.dequantize(dtype)
     }

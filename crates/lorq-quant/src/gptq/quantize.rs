@@ -381,6 +381,7 @@ impl GptqTensor {
             Groups::Indexed(g_idx)
         };
         let w = IntWeight {
+            gpu: Default::default(),
             n,
             k,
             bits: b,

@@ -253,6 +253,7 @@ impl GptqTensor {
         };
         let words = u32_values(&qw, &qw_name, &[kp, n])?;
         let w = IntWeight {
+            gpu: Default::default(),
             n,
             k,
             bits: b,

@@ -93,6 +93,52 @@ impl HqqTensor {
     }
 }
 
+impl HqqTensor {
+    /// The fused GPU kernels' layout (groups along in_features only: axis 1).
+    pub(crate) fn packed_gpu_layout(
+        &self,
+    ) -> Result<crate::gpu_layout::GpuLayout, crate::QuantError> {
+        use crate::gpu_layout::{CodeKind, ElementRounding, GpuLayout};
+        if self.cfg.axis != 1 {
+            return Err(crate::QuantError::Invalid(
+                "hqq axis-0 grouping has no GPU kernel".into(),
+            ));
+        }
+        let (n, k) = self.shape;
+        let g = self.grid.1;
+        let rounding = match self.compute {
+            ComputeDtype::F32 => ElementRounding::None,
+            ComputeDtype::F16 => ElementRounding::F16Twice,
+            ComputeDtype::BF16 => ElementRounding::Bf16Twice,
+        };
+        let mask = self.packing.mask();
+        let code = |r: usize, c: usize| {
+            let f = r * k + c;
+            let (gr, gc) = (f / g, f % g);
+            let (slot, pr) = (gr / self.prow, gr % self.prow);
+            let i = pr * g + gc;
+            let w = match &self.packed {
+                PackedCodes::U8(v) => v[i].bits(),
+                PackedCodes::I32(v) => v[i].bits(),
+            };
+            (w >> self.packing.shift(slot)) & mask
+        };
+        GpuLayout::pack(
+            n,
+            k,
+            CodeKind::Affine {
+                bits: self.cfg.nbits,
+            },
+            g,
+            self.scale.clone(),
+            self.zero.clone(),
+            rounding,
+            None,
+            code,
+        )
+    }
+}
+
 const L: usize = 16;
 
 /// Adds `((code − z) · s) · x` over one group into 16 lane accumulators (the dequantized value is

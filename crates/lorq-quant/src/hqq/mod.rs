@@ -107,6 +107,8 @@ pub struct HqqTensor {
     scale: Vec<f32>,
     zero: Vec<f32>,
     compute: ComputeDtype,
+    /// GPU copies (fused CUDA kernels), made on first use.
+    gpu: crate::gpu_slot::GpuSlot,
 }
 
 /// hqq's grid `[rows, cols]` for a weight of `numel` elements.
@@ -231,6 +233,7 @@ impl HqqTensor {
             )));
         }
         Ok(Self {
+            gpu: Default::default(),
             cfg,
             shape,
             packing,
@@ -291,11 +294,29 @@ impl HqqTensor {
 }
 
 impl QuantTensor for HqqTensor {
+    fn gpu_layout(&self) -> Result<crate::gpu_layout::GpuLayout, QuantError> {
+        self.packed_gpu_layout()
+    }
+
     fn shape(&self) -> (usize, usize) {
         self.shape
     }
 
+    fn matmul_grad_input(&self, dy: &Tensor) -> Result<Tensor, QuantError> {
+        if let Some(g) = crate::gpu_slot::gpu_matmul_grad_input(&self.gpu, dy, "hqq", || {
+            self.packed_gpu_layout()
+        })? {
+            return Ok(g);
+        }
+        crate::quant_tensor::host_matmul_grad_input(self, dy)
+    }
+
     fn matmul(&self, x: &Tensor) -> Result<Tensor, QuantError> {
+        if let Some(y) =
+            crate::gpu_slot::gpu_matmul(&self.gpu, x, "hqq", || self.packed_gpu_layout())?
+        {
+            return Ok(y);
+        }
         crate::cpu::fused_or_dequantized_matmul(&kernel::HqqRows(self), x, "hqq", || {
             self.dequantize(DType::F32)
         })

@@ -1,0 +1,556 @@
+//! Every weight-only format on the GPU through one packed layout ([`GpuLayout`]): the fused
+//! dequantize-GEMV of `kernels/qgemv.cu` for few activation rows, dequantize-to-the-compute-dtype
+//! + cuBLAS past that. [`GpuLayout::dequantize_f32`] (the CPU decoder of the same layout) is the
+//! reference (`tests/cuda_kernels.rs`).
+
+use std::sync::Arc;
+
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
+use candle_core::{CudaStorage, DType, Storage, Tensor};
+
+use super::{cuda_device, function, tensor_from_storage};
+use crate::gpu_layout::{CodeKind, GpuLayout};
+use crate::gpu_slot::GpuSlot;
+use crate::QuantError;
+
+static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/qgemv.fatbin"));
+
+/// Activation rows up to which the fused GEMV runs (it reads the weight once per 8 rows); past
+/// this the weight is dequantized once per call and multiplied by cuBLAS.
+pub const QGEMV_MAX_M: usize = 16;
+
+/// Warps per block (kernels/qgemv.cu `WARPS`).
+const WARPS: usize = 8;
+
+/// A weight's device copy, or why the format has none (then the host path runs).
+pub enum GpuQuantWeight {
+    Ready(Box<DeviceLayout>),
+    Unsupported(String),
+}
+
+impl std::fmt::Debug for GpuQuantWeight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GpuQuantWeight::Ready(d) => write!(f, "GpuQuantWeight({}x{} {})", d.n, d.k, d.tag),
+            GpuQuantWeight::Unsupported(why) => write!(f, "GpuQuantWeight(unsupported: {why})"),
+        }
+    }
+}
+
+/// [`GpuLayout`] on one GPU.
+pub struct DeviceLayout {
+    n: usize,
+    k: usize,
+    tag: String,
+    codes: CudaSlice<u32>,
+    scales: CudaSlice<f32>,
+    zeros: Option<CudaSlice<f32>>,
+    lut: Option<CudaSlice<f32>>,
+    wpr: i32,
+    gsize: i32,
+    groups: i32,
+    round_mode: i32,
+    perm: Option<Tensor>,
+}
+
+impl DeviceLayout {
+    pub fn upload(l: &GpuLayout, dev: &CudaDevice) -> Result<Self, QuantError> {
+        let perm = match &l.perm {
+            Some(p) => Some(Tensor::from_slice(
+                p,
+                p.len(),
+                &candle_core::Device::Cuda(dev.clone()),
+            )?),
+            None => None,
+        };
+        Ok(Self {
+            n: l.n,
+            k: l.k,
+            tag: l.kind.tag(),
+            codes: dev.clone_htod(&l.words)?,
+            scales: dev.clone_htod(&l.scales)?,
+            zeros: if l.zeros.is_empty() {
+                None
+            } else {
+                Some(dev.clone_htod(&l.zeros)?)
+            },
+            lut: match &l.kind {
+                CodeKind::Table { lut, .. } => Some(dev.clone_htod(lut)?),
+                CodeKind::Affine { .. } => None,
+            },
+            wpr: l.words_per_row() as i32,
+            gsize: l.group as i32,
+            groups: l.groups() as i32,
+            round_mode: l.rounding.mode(),
+            perm,
+        })
+    }
+
+    /// Pushes the `QARGS` every kernel of qgemv.cu starts with.
+    fn push_args<'a>(
+        &'a self,
+        b: &mut candle_core::cuda_backend::cudarc::driver::LaunchArgs<'a>,
+        null: &'a u64,
+    ) {
+        b.arg(&self.codes).arg(&self.scales);
+        match &self.zeros {
+            Some(z) => b.arg(z),
+            None => b.arg(null),
+        };
+        match &self.lut {
+            Some(l) => b.arg(l),
+            None => b.arg(null),
+        };
+        b.arg(&self.wpr)
+            .arg(&self.gsize)
+            .arg(&self.groups)
+            .arg(&self.round_mode);
+    }
+}
+
+/// The device copy of a weight on `dev`, made on first use from `layout` (whose failure is
+/// remembered: the caller falls back to its host path).
+pub(crate) fn device_weight(
+    slot: &GpuSlot,
+    dev: &CudaDevice,
+    what: &str,
+    layout: impl FnOnce() -> Result<GpuLayout, QuantError>,
+) -> Result<Arc<GpuQuantWeight>, QuantError> {
+    slot.get_or_upload(dev, |d| match layout() {
+        Ok(l) => Ok(GpuQuantWeight::Ready(Box::new(DeviceLayout::upload(
+            &l, d,
+        )?))),
+        Err(e) => {
+            tracing::warn!("{what}: no fused GPU kernel for this weight ({e}); the host path runs");
+            Ok(GpuQuantWeight::Unsupported(e.to_string()))
+        }
+    })
+}
+
+/// `x · Wᵀ` on the GPU when `x` is there and the weight has a device layout: `Ok(None)` tells the
+/// caller to run its own path (CPU tensors, or a weight the kernels cannot express).
+pub(crate) fn matmul_on_gpu(
+    slot: &GpuSlot,
+    x: &Tensor,
+    what: &str,
+    layout: impl FnOnce() -> Result<GpuLayout, QuantError>,
+) -> Result<Option<Tensor>, QuantError> {
+    let candle_core::Device::Cuda(dev) = x.device() else {
+        return Ok(None);
+    };
+    match &*device_weight(slot, dev, what, layout)? {
+        GpuQuantWeight::Ready(w) => Ok(Some(matmul(w, x, QPath::Auto)?)),
+        GpuQuantWeight::Unsupported(_) => Ok(None),
+    }
+}
+
+/// The dequantized weight `[out, in]` (original column order) on `dev` in `dtype`, when the
+/// weight has a device layout.
+pub(crate) fn dequantize_on_gpu(
+    slot: &GpuSlot,
+    dev: &CudaDevice,
+    dtype: DType,
+    what: &str,
+    layout: impl FnOnce() -> Result<GpuLayout, QuantError>,
+) -> Result<Option<Tensor>, QuantError> {
+    match &*device_weight(slot, dev, what, layout)? {
+        GpuQuantWeight::Ready(w) => {
+            let wd = dequantize(w, dev, dtype)?;
+            Ok(Some(match &w.perm {
+                Some(p) => unpermute_columns(&wd, p)?,
+                None => wd,
+            }))
+        }
+        GpuQuantWeight::Unsupported(_) => Ok(None),
+    }
+}
+
+/// Activation rows up to which the tensor-core kernel runs (bf16/f16 activations); past this
+/// the weight is dequantized once per call and multiplied by cuBLAS.
+pub const QMMA_MAX_M: usize = 128;
+
+/// Which GPU path a matmul takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QPath {
+    /// The row count and dtype decide: the GEMV for one row (and f32 activations up to
+    /// [`QGEMV_MAX_M`]), the tensor-core kernel up to [`QMMA_MAX_M`], else dequantize + cuBLAS.
+    Auto,
+    /// The fused GEMV with this launch shape.
+    Fused(Variant),
+    /// The tensor-core kernel (bf16/f16 activations).
+    Mma,
+    /// Dequantize to the compute dtype on the GPU, then cuBLAS.
+    Dequantize,
+}
+
+enum Route {
+    Gemv(Variant),
+    Mma,
+    Dequantize,
+}
+
+/// A GEMV launch shape: output rows per warp and warps per output row group (K-slices).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Variant {
+    pub rows_per_warp: usize,
+    pub split: usize,
+}
+
+impl Variant {
+    /// Every compiled shape (kernels/qgemv.cu); rows per warp 4 exists up to 2 activation rows
+    /// of bf16/f16.
+    pub const ALL: [Variant; 4] = [
+        Variant {
+            rows_per_warp: 1,
+            split: 1,
+        },
+        Variant {
+            rows_per_warp: 1,
+            split: 4,
+        },
+        Variant {
+            rows_per_warp: 4,
+            split: 1,
+        },
+        Variant {
+            rows_per_warp: 4,
+            split: 4,
+        },
+    ];
+
+    /// Whether this shape is compiled for `mr` activation rows of `dtype`.
+    pub fn compiled(self, mr: usize, dtype: DType) -> bool {
+        self.rows_per_warp == 1 || (mr <= 2 && matches!(dtype, DType::BF16 | DType::F16))
+    }
+
+    /// Enough warps to fill the GPU (about 2,048), with the fewest K-slices and the most rows per
+    /// warp (activations loaded once for all of them).
+    pub fn pick(n: usize, mr: usize, dtype: DType) -> Variant {
+        const WANT: usize = 2048;
+        for v in [
+            Variant {
+                rows_per_warp: 4,
+                split: 1,
+            },
+            Variant {
+                rows_per_warp: 4,
+                split: 4,
+            },
+            Variant {
+                rows_per_warp: 1,
+                split: 1,
+            },
+        ] {
+            if v.compiled(mr, dtype) && n.div_ceil(v.rows_per_warp) * v.split >= WANT {
+                return v;
+            }
+        }
+        Variant {
+            rows_per_warp: 1,
+            split: 4,
+        }
+    }
+
+    pub fn name(self) -> String {
+        format!("r{}s{}", self.rows_per_warp, self.split)
+    }
+}
+
+fn dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        _ => "f32",
+    }
+}
+
+fn mr_for(m: usize) -> usize {
+    match m {
+        1 => 1,
+        2 => 2,
+        3 | 4 => 4,
+        _ => 8,
+    }
+}
+
+/// `x · Wᵀ` on `x`'s GPU, in `x`'s dtype (f32/bf16/f16; others computed in f32).
+pub fn matmul(w: &DeviceLayout, x: &Tensor, path: QPath) -> Result<Tensor, QuantError> {
+    let dev = cuda_device(x, "quantized matmul")?;
+    let (n, k) = (w.n, w.k);
+    let dims = x.dims().to_vec();
+    if dims.last() != Some(&k) {
+        return Err(QuantError::Invalid(format!(
+            "{}: activation shape {dims:?} does not end in in_features {k}",
+            w.tag
+        )));
+    }
+    let in_dtype = x.dtype();
+    let x = match in_dtype {
+        DType::F32 | DType::BF16 | DType::F16 => x.clone(),
+        _ => x.to_dtype(DType::F32)?,
+    };
+    let m = x.elem_count() / k.max(1);
+    let mut out_dims = dims.clone();
+    *out_dims.last_mut().expect("rank >= 1") = n;
+    let x2 = x.reshape((m, k))?;
+    let half = matches!(x.dtype(), DType::BF16 | DType::F16);
+    let route = match path {
+        QPath::Auto if m == 1 || (!half && m <= QGEMV_MAX_M) => {
+            Route::Gemv(Variant::pick(n, mr_for(m), x.dtype()))
+        }
+        QPath::Auto if half && m <= QMMA_MAX_M => Route::Mma,
+        QPath::Auto | QPath::Dequantize => Route::Dequantize,
+        QPath::Mma => {
+            if !half {
+                return Err(QuantError::Invalid(format!(
+                    "the tensor-core kernel takes bf16/f16 activations, got {:?}",
+                    x.dtype()
+                )));
+            }
+            Route::Mma
+        }
+        QPath::Fused(v) => {
+            if !v.compiled(mr_for(m), x.dtype()) {
+                return Err(QuantError::Invalid(format!(
+                    "GEMV shape {} is not compiled for {m} rows of {:?}",
+                    v.name(),
+                    x.dtype()
+                )));
+            }
+            Route::Gemv(v)
+        }
+    };
+    // The packed weight's columns are in act-order: gather x's to match.
+    let gathered = |x2: Tensor| -> Result<Tensor, QuantError> {
+        Ok(match &w.perm {
+            Some(p) => x2.index_select(p, 1)?,
+            None => x2,
+        }
+        .contiguous()?)
+    };
+    let y = match route {
+        Route::Gemv(v) => gemv(dev, w, &gathered(x2)?, m, v)?,
+        Route::Mma => mma(dev, w, &gathered(x2)?, m)?,
+        Route::Dequantize => {
+            let wd = dequantize(w, dev, x.dtype())?;
+            let wd = match &w.perm {
+                // Columns back to the original order: W[:, perm[i]] = packed[:, i].
+                Some(p) => unpermute_columns(&wd, p)?,
+                None => wd,
+            };
+            x2.matmul(&wd.t()?)?
+        }
+    };
+    let y = y.reshape(out_dims)?;
+    Ok(if y.dtype() != in_dtype {
+        y.to_dtype(in_dtype)?
+    } else {
+        y
+    })
+}
+
+/// `out[:, perm[i]] = w[:, i]`.
+fn unpermute_columns(w: &Tensor, perm: &Tensor) -> Result<Tensor, QuantError> {
+    let inv: Vec<u32> = {
+        let p: Vec<u32> = perm.to_vec1()?;
+        let mut inv = vec![0u32; p.len()];
+        for (i, &c) in p.iter().enumerate() {
+            inv[c as usize] = i as u32;
+        }
+        inv
+    };
+    let inv = Tensor::from_vec(inv, perm.dim(0)?, w.device())?;
+    Ok(w.index_select(&inv, 1)?)
+}
+
+/// The dequantized weight `[out, in]` (packed column order) in `dtype` (f32/bf16/f16) on `dev`.
+pub fn dequantize(w: &DeviceLayout, dev: &CudaDevice, dtype: DType) -> Result<Tensor, QuantError> {
+    fn go<T: CudaDType + DeviceRepr>(
+        dev: &CudaDevice,
+        w: &DeviceLayout,
+        name: &str,
+    ) -> Result<CudaStorage, QuantError> {
+        let (n, k) = (w.n, w.k);
+        // SAFETY: every element is written by the kernel.
+        let out = unsafe { dev.alloc::<T>(n * k)? };
+        let f = function(dev, "qgemv", FATBIN, name)?;
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        let null = 0u64;
+        w.push_args(&mut b, &null);
+        let (ni, ki) = (n as i32, k as i32);
+        b.arg(&out).arg(&ni).arg(&ki);
+        let blocks = (n * (k / 32)).div_ceil(256).clamp(1, 1 << 16) as u32;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the arguments match `qdequant_*` in kernels/qgemv.cu.
+        unsafe { b.launch(cfg) }.w()?;
+        drop(b);
+        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    }
+    let dtype = match dtype {
+        DType::BF16 | DType::F16 => dtype,
+        _ => DType::F32,
+    };
+    let name = format!("qdequant_{}_{}", w.tag, dtype_name(dtype));
+    let s = match dtype {
+        DType::BF16 => go::<half::bf16>(dev, w, &name)?,
+        DType::F16 => go::<half::f16>(dev, w, &name)?,
+        _ => go::<f32>(dev, w, &name)?,
+    };
+    Ok(tensor_from_storage(s, (w.n, w.k)))
+}
+
+fn gemv(
+    dev: &CudaDevice,
+    w: &DeviceLayout,
+    x: &Tensor,
+    m: usize,
+    v: Variant,
+) -> Result<Tensor, QuantError> {
+    #[allow(clippy::too_many_arguments)]
+    fn go<T: CudaDType + DeviceRepr>(
+        dev: &CudaDevice,
+        w: &DeviceLayout,
+        x: &CudaStorage,
+        start: usize,
+        m: usize,
+        v: Variant,
+        dname: &str,
+    ) -> Result<CudaStorage, QuantError> {
+        let (n, k) = (w.n, w.k);
+        let xs = x.as_cuda_slice::<T>()?.slice(start..start + m * k);
+        // SAFETY: every output element is written by the kernel.
+        let y = unsafe { dev.alloc::<T>(m * n)? };
+        let mr = mr_for(m);
+        let name = format!(
+            "qgemv_{}_{dname}_m{mr}_r{}_s{}",
+            w.tag, v.rows_per_warp, v.split
+        );
+        let f = function(dev, "qgemv", FATBIN, &name)?;
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        let null = 0u64;
+        w.push_args(&mut b, &null);
+        let (mi, ni, ki) = (m as i32, n as i32, k as i32);
+        b.arg(&xs).arg(&y).arg(&mi).arg(&ni).arg(&ki);
+        let warps = n.div_ceil(v.rows_per_warp) * v.split;
+        let cfg = LaunchConfig {
+            grid_dim: (warps.div_ceil(WARPS) as u32, m.div_ceil(mr) as u32, 1),
+            block_dim: ((WARPS * 32) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the arguments match `qgemv_*` in kernels/qgemv.cu; x holds m*k elements from a
+        // 16-byte-aligned start (checked by the caller), y m*n.
+        unsafe { b.launch(cfg) }.w()?;
+        drop(b);
+        Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+    }
+    let (storage, layout) = x.storage_and_layout();
+    let Storage::Cuda(cs) = &*storage else {
+        return Err(QuantError::Invalid("GEMV: x is not on a GPU".into()));
+    };
+    let start = layout.start_offset();
+    if (start * x.dtype().size_in_bytes()) % 16 != 0 {
+        drop(storage);
+        return gemv(dev, w, &x.copy()?, m, v);
+    }
+    let s = match x.dtype() {
+        DType::BF16 => go::<half::bf16>(dev, w, cs, start, m, v, "bf16")?,
+        DType::F16 => go::<half::f16>(dev, w, cs, start, m, v, "f16")?,
+        _ => go::<f32>(dev, w, cs, start, m, v, "f32")?,
+    };
+    drop(storage);
+    Ok(tensor_from_storage(s, (m, w.n)))
+}
+
+/// Activation rows per tensor-core block: 16, 32 or 64 (m tiles of 16).
+fn m_tiles(m: usize) -> usize {
+    match m {
+        0..=16 => 1,
+        17..=32 => 2,
+        _ => 4,
+    }
+}
+
+fn mma(dev: &CudaDevice, w: &DeviceLayout, x: &Tensor, m: usize) -> Result<Tensor, QuantError> {
+    fn go<T: CudaDType + DeviceRepr>(
+        dev: &CudaDevice,
+        w: &DeviceLayout,
+        x: &CudaStorage,
+        start: usize,
+        m: usize,
+        dname: &str,
+    ) -> Result<CudaStorage, QuantError> {
+        let (n, k) = (w.n, w.k);
+        let xs = x.as_cuda_slice::<T>()?.slice(start..start + m * k);
+        // SAFETY: every output element is written by the kernel.
+        let y = unsafe { dev.alloc::<T>(m * n)? };
+        let mt = m_tiles(m);
+        let f = function(
+            dev,
+            "qgemv",
+            FATBIN,
+            &format!("qmma_{}_{dname}_t{mt}", w.tag),
+        )?;
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        let null = 0u64;
+        w.push_args(&mut b, &null);
+        let (mi, ni, ki) = (m as i32, n as i32, k as i32);
+        b.arg(&xs).arg(&y).arg(&mi).arg(&ni).arg(&ki);
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(16) as u32, m.div_ceil(16 * mt) as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the arguments match `qmma_*` in kernels/qgemv.cu (8 warps); x holds m*k
+        // elements from a 4-byte-aligned start, y m*n.
+        unsafe { b.launch(cfg) }.w()?;
+        drop(b);
+        Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+    }
+    let (storage, layout) = x.storage_and_layout();
+    let Storage::Cuda(cs) = &*storage else {
+        return Err(QuantError::Invalid("mma: x is not on a GPU".into()));
+    };
+    let start = layout.start_offset();
+    if start % 2 != 0 {
+        drop(storage);
+        return mma(dev, w, &x.copy()?, m);
+    }
+    let s = match x.dtype() {
+        DType::BF16 => go::<half::bf16>(dev, w, cs, start, m, "bf16")?,
+        DType::F16 => go::<half::f16>(dev, w, cs, start, m, "f16")?,
+        other => {
+            return Err(QuantError::Invalid(format!(
+                "mma: bf16/f16 activations only, got {other:?}"
+            )))
+        }
+    };
+    drop(storage);
+    Ok(tensor_from_storage(s, (m, w.n)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Variant;
+    use candle_core::DType;
+
+    #[test]
+    fn picks_enough_warps() {
+        let bf = DType::BF16;
+        assert_eq!(Variant::pick(14336, 1, bf).name(), "r4s1");
+        assert_eq!(Variant::pick(4096, 1, bf).name(), "r4s4");
+        assert_eq!(Variant::pick(1024, 1, bf).name(), "r1s4");
+        assert_eq!(Variant::pick(4096, 8, bf).name(), "r1s1");
+        assert_eq!(Variant::pick(1024, 8, bf).name(), "r1s4");
+        assert_eq!(Variant::pick(4096, 1, DType::F32).name(), "r1s1");
+    }
+}

@@ -1,0 +1,173 @@
+//! The packed-layout GPU kernels (`kernels/qgemv.cu`) against their CPU reference — the layout's
+//! own CPU decoder, itself bit-exact against every format (`tests/gpu_layout.rs`) — for every
+//! weight-only format, every compiled launch shape, f32/bf16/f16 activations, on fresh random
+//! inputs: relative L2 error <= 1e-5 with f32 activations, <= 1e-2 with bf16/f16, never NaN.
+//! Run on a GPU machine (`LORQ_CUDA_TESTS="-p lorq-quant --test cuda_qgemv"
+//! scripts/build-cuda.sh --tests`); elsewhere each test prints why it is skipped.
+
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn gpu_qgemv_skipped_without_the_cuda_feature() {
+    eprintln!(
+        "SKIPPED: lorq-quant was built without the `cuda` feature; the GPU tests run with \
+         scripts/build-cuda.sh --tests on a GPU machine"
+    );
+}
+
+#[cfg(feature = "cuda")]
+#[path = "common/formats.rs"]
+mod formats;
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    use candle_core::{DType, Device, Tensor};
+    use lorq_quant::cuda::qgemv::{dequantize, matmul, DeviceLayout, QPath, Variant};
+
+    use super::formats::{every_format, randn};
+
+    fn gpu() -> Option<Device> {
+        // SAFETY: only probes whether the driver library can be loaded.
+        if !unsafe { candle_core::cuda_backend::cudarc::driver::sys::is_culib_present() } {
+            eprintln!("SKIPPED: no NVIDIA driver (libcuda.so.1) on this machine");
+            return None;
+        }
+        match Device::new_cuda(0) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                eprintln!("SKIPPED: no usable GPU: {e}");
+                None
+            }
+        }
+    }
+
+    fn rel_l2(got: &Tensor, want: &Tensor) -> f64 {
+        let f = |t: &Tensor| -> Vec<f32> {
+            t.to_device(&Device::Cpu)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        let (g, w) = (f(got), f(want));
+        assert_eq!(g.len(), w.len());
+        if g.iter().any(|v| !v.is_finite()) {
+            return f64::INFINITY;
+        }
+        let num: f64 = g
+            .iter()
+            .zip(&w)
+            .map(|(a, b)| (f64::from(*a) - f64::from(*b)).powi(2))
+            .sum();
+        let den: f64 = w.iter().map(|b| f64::from(*b).powi(2)).sum();
+        (num / den.max(f64::MIN_POSITIVE)).sqrt()
+    }
+
+    /// Every format × every launch shape × dtype × row count, and the dequantize + cuBLAS path.
+    #[test]
+    fn every_format_matches_the_cpu_decoder() {
+        let Some(dev) = gpu() else { return };
+        let cdev = dev.as_cuda_device().unwrap();
+        let mut failures = Vec::new();
+        for (si, &(n, k)) in [(136usize, 512usize), (1032, 256)].iter().enumerate() {
+            for (name, t) in every_format(n, k, 100 + si as u64) {
+                let layout = t.gpu_layout().unwrap();
+                let w_ref =
+                    Tensor::from_vec(layout.dequantize_f32(), (n, k), &Device::Cpu).unwrap();
+                let dl = DeviceLayout::upload(&layout, cdev).unwrap();
+                // The dequantized weight itself: exact in f32.
+                let wd = dequantize(&dl, cdev, DType::F32).unwrap();
+                let wd = match &layout.perm {
+                    Some(p) => {
+                        let mut inv = vec![0u32; k];
+                        for (i, &c) in p.iter().enumerate() {
+                            inv[c as usize] = i as u32;
+                        }
+                        let inv = Tensor::from_vec(inv, k, &dev).unwrap();
+                        wd.index_select(&inv, 1).unwrap()
+                    }
+                    None => wd,
+                };
+                let e = rel_l2(&wd, &w_ref);
+                if e != 0.0 {
+                    failures.push(format!("{name} {n}x{k} dequantize f32: rel err {e:e}"));
+                }
+                for m in [1usize, 2, 3, 4, 5, 8, 13, 16, 40, 70, 130] {
+                    for (dtype, tol) in
+                        [(DType::F32, 1e-5), (DType::BF16, 1e-2), (DType::F16, 1e-2)]
+                    {
+                        let x = Tensor::from_vec(
+                            randn(m as u64 * 7 + si as u64, m * k, 1.0),
+                            (m, k),
+                            &Device::Cpu,
+                        )
+                        .unwrap()
+                        .to_dtype(dtype)
+                        .unwrap();
+                        let want = x
+                            .to_dtype(DType::F32)
+                            .unwrap()
+                            .matmul(&w_ref.t().unwrap())
+                            .unwrap();
+                        let xg = x.to_device(&dev).unwrap();
+                        let mut paths = vec![QPath::Dequantize, QPath::Auto];
+                        if dtype != DType::F32 {
+                            paths.push(QPath::Mma);
+                        }
+                        if m <= 16 {
+                            let mr = match m {
+                                1 => 1,
+                                2 => 2,
+                                3 | 4 => 4,
+                                _ => 8,
+                            };
+                            paths.extend(
+                                Variant::ALL
+                                    .iter()
+                                    .filter(|v| v.compiled(mr, dtype))
+                                    .map(|&v| QPath::Fused(v)),
+                            );
+                        }
+                        for path in paths {
+                            let got = matmul(&dl, &xg, path).unwrap();
+                            assert_eq!(got.dtype(), dtype);
+                            assert_eq!(got.dims(), &[m, n]);
+                            let e = rel_l2(&got, &want);
+                            if !(e <= tol) {
+                                failures.push(format!(
+                                    "{name} {n}x{k} m={m} {dtype:?} {path:?}: rel err {e:e} > {tol:e}"
+                                ));
+                            }
+                        }
+                    }
+                }
+                // Through the format's own QuantTensor methods (the model's path).
+                let x = Tensor::from_vec(randn(9, 3 * k, 1.0), (3, k), &Device::Cpu).unwrap();
+                // (LLM.int8's forward has its own kernels: tests/cuda_int8.rs.)
+                if name != "int8" {
+                    let want = x.matmul(&w_ref.t().unwrap()).unwrap();
+                    let got = t.matmul(&x.to_device(&dev).unwrap()).unwrap();
+                    let e = rel_l2(&got, &want);
+                    if !(e <= 1e-5) {
+                        failures.push(format!("{name} QuantTensor::matmul: rel err {e:e}"));
+                    }
+                }
+                let dy = Tensor::from_vec(randn(10, 5 * n, 1.0), (5, n), &Device::Cpu).unwrap();
+                let want = dy.matmul(&w_ref).unwrap();
+                let got = t.matmul_grad_input(&dy.to_device(&dev).unwrap()).unwrap();
+                let e = rel_l2(&got, &want);
+                if !(e <= 1e-5) {
+                    failures.push(format!("{name} matmul_grad_input: rel err {e:e}"));
+                }
+            }
+        }
+        assert!(
+            failures.is_empty(),
+            "{} failures:\n{}",
+            failures.len(),
+            failures.join("\n")
+        );
+    }
+}
