@@ -196,7 +196,7 @@ mod gpu {
                             axis,
                             ..HqqConfig::new(nbits, gs)
                         };
-                        if (n * k) % gs != 0 {
+                        if !(n * k).is_multiple_of(gs) {
                             continue;
                         }
                         let rows = if axis == 1 { n * k / gs } else { gs };

@@ -62,7 +62,7 @@ impl HqqTensor {
         let (out, inp) = dims2(weight, "hqq")?;
         let numel = out * inp;
         let gs = cfg.group_size;
-        if cfg.axis > 1 || gs == 0 || numel % gs != 0 {
+        if cfg.axis > 1 || gs == 0 || !numel.is_multiple_of(gs) {
             return Err(QuantError::Invalid(format!(
                 "hqq: group_size {gs} must divide the weight's {numel} elements (axis {}, must be 0 or 1)",
                 cfg.axis
