@@ -133,6 +133,18 @@ pub fn quantize_checkpoint(
     method: QuantMethod,
     opts: QuantizeOptions,
 ) -> Result<QuantizeSummary> {
+    quantize_checkpoint_on(src, out, method, opts, &Device::Cpu)
+}
+
+/// [`quantize_checkpoint`] with each linear quantized on `device` (a GPU quantizes there; the
+/// written checkpoint is the same).
+pub fn quantize_checkpoint_on(
+    src: &Path,
+    out: &Path,
+    method: QuantMethod,
+    opts: QuantizeOptions,
+    device: &Device,
+) -> Result<QuantizeSummary> {
     let start = Instant::now();
     if !method.is_jit() {
         return Err(ModelError::Request(format!(
@@ -154,7 +166,7 @@ pub fn quantize_checkpoint(
             name: (*name).clone(),
             message: "missing".into(),
         })?;
-        let w = weights.load_as_stored(name, &shape, &Device::Cpu)?;
+        let w = weights.load_as_stored(name, &shape, device)?;
         let q = quantize_weight(method, name, &w)?;
         drop(w);
         let (o, i) = q.shape();

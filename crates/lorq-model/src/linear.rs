@@ -39,13 +39,52 @@ impl Linear {
 }
 
 /// Quantizes the full-precision weight `name` with `method`; a failure names the tensor.
+/// A weight on a GPU is quantized there (the same codes as the host quantizer, see
+/// `lorq_quant::cuda::quantize`); only the packed result comes back to the host.
 pub(crate) fn quantize_weight(
     method: lorq_quant::method::QuantMethod,
     name: &str,
     w: &Tensor,
 ) -> Result<Arc<dyn QuantTensor>> {
-    method.quantize(w).map_err(|e| ModelError::Tensor {
+    let q = if w.device().is_cuda() {
+        quantize_on_gpu(method, w)
+    } else {
+        method.quantize(w)
+    };
+    q.map_err(|e| ModelError::Tensor {
         name: name.to_string(),
         message: format!("{} quantization failed: {e}", method.name()),
     })
+}
+
+#[cfg(feature = "cuda")]
+fn quantize_on_gpu(
+    method: lorq_quant::method::QuantMethod,
+    w: &Tensor,
+) -> std::result::Result<Arc<dyn QuantTensor>, lorq_quant::QuantError> {
+    use lorq_quant::cuda::quantize;
+    if quantize::has_gpu_quantizer(method) {
+        return quantize::quantize(method, w);
+    }
+    // Said once per method: every linear of a model takes this path.
+    static WARNED: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
+    let mut warned = WARNED.lock().unwrap_or_else(|p| p.into_inner());
+    if !warned.contains(&method.name()) {
+        warned.push(method.name());
+        tracing::warn!(
+            "{}: no GPU quantizer; quantizing on the host (the weights are copied there and back)",
+            method.name()
+        );
+    }
+    drop(warned);
+    method.quantize(&w.to_device(&candle_core::Device::Cpu)?)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn quantize_on_gpu(
+    method: lorq_quant::method::QuantMethod,
+    w: &Tensor,
+) -> std::result::Result<Arc<dyn QuantTensor>, lorq_quant::QuantError> {
+    // Without the `cuda` feature no tensor can be on a GPU; kept for the signature.
+    method.quantize(w)
 }

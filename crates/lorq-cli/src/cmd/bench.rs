@@ -14,6 +14,8 @@ pub mod bench_kernels;
 #[cfg(feature = "cuda")]
 #[path = "bench_kernels_cuda.rs"]
 pub mod bench_kernels_cuda;
+#[path = "bench_quantize.rs"]
+pub mod bench_quantize;
 
 /// Benchmarks (speed is measured here, never asserted in tests).
 #[derive(Debug, Args)]
@@ -32,6 +34,9 @@ pub enum BenchWhat {
     /// Many LoRA adapters in one batch (one shrink + one expand launch per module on a GPU)
     /// against the base matmul, Llama-3-8B shapes.
     Adapters(bench_adapters::BenchAdaptersArgs),
+    /// Just-in-time quantization of a whole model's linears per format on the GPU (seeded random
+    /// weights of a model shape), one CPU layer beside it, codes checked against the CPU.
+    Quantize(bench_quantize::BenchQuantizeArgs),
 }
 
 #[derive(Debug, Args)]
@@ -63,6 +68,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         BenchWhat::Generate(g) => generate(g),
         BenchWhat::Kernels(k) => bench_kernels::run(k),
         BenchWhat::Adapters(a) => bench_adapters::run(&a, &crate::common::parse_device(&a.device)?),
+        BenchWhat::Quantize(q) => bench_quantize::run(q),
     }
 }
 

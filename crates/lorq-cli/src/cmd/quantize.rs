@@ -3,7 +3,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use lorq_model::calibrate::{quantize_calibrated, CalibratedMethod, CalibrationSpec};
-use lorq_model::checkpoint_writer::{quantize_checkpoint, QuantizeOptions};
+use lorq_model::checkpoint_writer::{quantize_checkpoint_on, QuantizeOptions};
 use lorq_model::export::{ExportMethod, ExportQuantization};
 use lorq_quant::awq::quantize::AwqParams;
 use lorq_quant::gptq::quantize::GptqParams;
@@ -25,6 +25,7 @@ it through the already-quantized linears before it.
 
 Examples:
   lorq quantize --method bitsandbytes-nf4 --out ./smollm2-nf4
+  lorq quantize --model ./llama-3-8b --method hqq-4bit --device cuda --out ./llama-3-8b-hqq4
   lorq quantize --model ./my-model --method hqq-4bit --out ./my-model-hqq4 --json
   lorq quantize --method gptq --calibration wikitext-2/valid.txt --calibration-samples 64 \\
       --calibration-seq-len 512 --act-order --out ./smollm2-gptq4
@@ -46,6 +47,12 @@ pub struct QuantizeArgs {
     /// Write into an existing, non-empty output folder.
     #[arg(long)]
     pub force: bool,
+    /// Where the linears are quantized: `cpu`, `cuda` or `cuda:N` (each weight is uploaded,
+    /// quantized on the GPU and its codes written; the checkpoint is the same as on the CPU).
+    /// gptq, awq and rtn-int4 run on the CPU.
+    // Not read from LORQ_DEVICE: a serving setting must not refuse the CPU-only methods here.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// Print a JSON summary (method, tensors, bytes, seconds, bits per weight; with calibration
     /// the relative output error of every linear and of RTN on the same inputs).
     #[arg(long)]
@@ -260,6 +267,14 @@ impl QuantizeFlags {
 
 pub fn run(a: QuantizeArgs) -> Result<()> {
     let method = a.quant.resolve(a.seed)?;
+    let device = crate::common::parse_device(&a.device)?;
+    if !device.is_cpu() && matches!(method, ExportMethod::Calibrated(..)) {
+        bail!(
+            "--device {}: --method {} runs on the CPU (only the just-in-time methods quantize on a GPU); drop --device",
+            a.device,
+            method.name()
+        );
+    }
     let dir = lorq_model::pull::resolve_model(&a.model)?;
     let opts = QuantizeOptions {
         force: a.force,
@@ -268,7 +283,7 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
     let context = || format!("quantizing {} with {}", dir.display(), method.name());
     let done = match &method {
         ExportMethod::Jit(m) => ExportQuantization::Jit(
-            quantize_checkpoint(&dir, &a.out, *m, opts).with_context(context)?,
+            quantize_checkpoint_on(&dir, &a.out, *m, opts, &device).with_context(context)?,
         ),
         ExportMethod::Calibrated(m, spec) => ExportQuantization::Calibrated(
             quantize_calibrated(&dir, &a.out, *m, spec.as_ref(), opts).with_context(context)?,

@@ -6,6 +6,7 @@
 pub mod bnb4;
 pub mod int8_llm;
 pub mod qgemv;
+pub mod quantize;
 pub mod sgmv;
 
 use std::collections::HashMap;
