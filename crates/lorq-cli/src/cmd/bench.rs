@@ -7,6 +7,8 @@ use serde_json::json;
 
 use crate::common::ModelArgs;
 
+#[path = "bench_fp8.rs"]
+pub mod bench_fp8;
 #[path = "bench_kernels.rs"]
 pub mod bench_kernels;
 #[cfg(feature = "cuda")]
@@ -27,6 +29,8 @@ pub enum BenchWhat {
     /// Linear-layer kernels on the CPU: dense f32/bf16, every JIT format fused, and
     /// dequantize-then-matmul, checked then timed.
     Kernels(bench_kernels::BenchKernelsArgs),
+    /// W8A8 FP8 through cuBLASLt on the GPU against bf16 cuBLAS (checked, then timed).
+    Fp8(bench_fp8::BenchFp8Args),
 }
 
 #[derive(Debug, Args)]
@@ -57,6 +61,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     match a.what {
         BenchWhat::Generate(g) => generate(g),
         BenchWhat::Kernels(k) => bench_kernels::run(k),
+        BenchWhat::Fp8(f) => bench_fp8::run(f),
     }
 }
 

@@ -4,6 +4,7 @@
 //! candle's own kernels and cuBLAS calls.
 
 pub mod bnb4;
+pub mod fp8_gemm;
 pub mod qgemv;
 
 use std::collections::HashMap;
