@@ -110,6 +110,7 @@ mod gpu {
         eprintln!("lorq bench fp8 on {card}");
         let mut rows: Vec<Value> = Vec::new();
         let mut failures = Vec::new();
+        let mut errors: Vec<String> = Vec::new();
         for (si, s) in shapes.iter().enumerate() {
             let (n, k) = (s.n, s.k);
             let label = match s.name {
@@ -184,14 +185,21 @@ mod gpu {
                         Scaling::OwnEpilogue,
                     ),
                 ] {
-                    let got =
-                        matmul_with(&ts[0], &x, Some(act), scaling)?.to_device(&Device::Cpu)?;
-                    let err = rel_l2(&got, &reference(&ts[0], &x32, m, act)?)?;
-                    let qerr = rel_l2(&got, &bf16_y)?;
-                    let us = time_gpu(dev, 7, iters, |i| {
-                        Ok(matmul_with(&ts[i % ts.len()], &x, Some(act), scaling)?)
-                    })?;
-                    push(path, us, fp8_bytes, Some(err), Some(qerr));
+                    // A path that fails is reported and the others still run.
+                    let measured = (|| -> Result<(f64, f64, f64)> {
+                        let got =
+                            matmul_with(&ts[0], &x, Some(act), scaling)?.to_device(&Device::Cpu)?;
+                        let err = rel_l2(&got, &reference(&ts[0], &x32, m, act)?)?;
+                        let qerr = rel_l2(&got, &bf16_y)?;
+                        let us = time_gpu(dev, 7, iters, |i| {
+                            Ok(matmul_with(&ts[i % ts.len()], &x, Some(act), scaling)?)
+                        })?;
+                        Ok((us, err, qerr))
+                    })();
+                    match measured {
+                        Ok((us, err, qerr)) => push(path, us, fp8_bytes, Some(err), Some(qerr)),
+                        Err(e) => errors.push(format!("{path} {label} m={m}: {e:#}")),
+                    }
                 }
                 let qx = quantize_activations(&x, per_token)?;
                 let us = time_gpu(dev, 7, iters, |i| {
@@ -276,6 +284,7 @@ mod gpu {
             std::fs::write(p, serde_json::to_string_pretty(&report)? + "\n")?;
             eprintln!("wrote {}", p.display());
         }
+        failures.extend(errors);
         if !failures.is_empty() {
             bail!(
                 "{} FP8 checks failed:\n  {}",
