@@ -1,26 +1,29 @@
 #!/bin/sh
 # One GPU-machine run: checks and times everything the CUDA build has, writing under $OUT (or ./gpu-out).
-#   scripts/bench/gpu-check.sh BINARY [TEST_BINARY]
-# 1. the GPU tests (every kernel against its CPU reference), if TEST_BINARY is given;
+#   scripts/bench/gpu-check.sh BINARY [TEST_BINARY...]
+# 1. the GPU tests (every kernel against its CPU reference), for each TEST_BINARY given;
 # 2. torch bf16 matmul (the peer) and `lorq bench kernels --device cuda` on Llama-3-8B shapes;
 # 3. greedy tokens on the GPU vs the CPU in f32 (identical) and score logprobs in bf16 (bounded),
-#    dense and NF4, on the committed tiny Llama (fixtures/llama/base).
+#    dense and every JIT format the GPU kernels run, on the committed tiny Llama (fixtures/llama/base).
+#    (LLM.int8 is left out: on the GPU it runs weight-only, on the CPU with int8 activations as
+#    bitsandbytes does, so their tokens may differ.)
 set -u
 B=$1
-T=${2:-}
+shift
 O=${OUT:-gpu-out}
 mkdir -p "$O"
 R() { sh scripts/gpu-run.sh "$B" "$@"; }
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$O/card.txt"
 fail=0
-if [ -n "$T" ]; then
-    echo "== GPU tests"
-    LORQ_BIN=$T sh scripts/gpu-run.sh --test-threads 1 2>&1 | tee "$O/gpu-tests.log" | tail -8 || fail=1
-fi
+for T in "$@"; do
+    echo "== GPU tests: $(basename "$T")"
+    LORQ_BIN=$T sh scripts/gpu-run.sh --test-threads 1 >"$O/gpu-tests-$(basename "$T").log" 2>&1 || fail=1
+    tail -8 "$O/gpu-tests-$(basename "$T").log"
+done
 echo "== correctness: tiny Llama, CPU vs GPU"
 M=fixtures/llama/base
-for q in none bitsandbytes-nf4; do
+for q in none bitsandbytes-nf4 bitsandbytes-fp4 eetq hqq-4bit hqq-3bit fp8; do
     R generate --model $M --quantize $q --dtype f32 --token-ids 1,5,9,42,7 --max-new-tokens 32 --json --device cpu >"$O/gen-cpu-$q.json" 2>/dev/null
     R generate --model $M --quantize $q --dtype f32 --token-ids 1,5,9,42,7 --max-new-tokens 32 --json --device cuda >"$O/gen-gpu-$q.json" 2>"$O/gen-gpu-$q.err"
     python3 - "$O/gen-cpu-$q.json" "$O/gen-gpu-$q.json" "$q" <<'PY' || fail=1

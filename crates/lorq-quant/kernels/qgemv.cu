@@ -275,3 +275,152 @@ QDEQUANT_KIND(a4, 4, false)
 QDEQUANT_KIND(a8, 8, false)
 QDEQUANT_KIND(t4, 4, true)
 QDEQUANT_KIND(t8, 8, true)
+
+// ---------------------------------------------------------------------------------------------
+// qmma_*: the same layout on tensor cores, for 2..64 activation rows (bf16/f16 activations).
+// A block owns 16 output rows (two n8 tiles) and up to MT*16 activation rows; its 8 warps split K
+// by 32-weight chunks. Each lane decodes the 8 weights of its mma B fragments from the chunk
+// (scale and zero applied in f32, rounded once to the activation dtype) — every weight decoded
+// once per block — then runs m16n8k16 mma with f32 accumulation for every m tile; the 8 warps'
+// partial sums are added in shared memory.
+template <typename T> struct Mma;
+template <> struct Mma<__nv_bfloat16> {
+    static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+        __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+        return *reinterpret_cast<uint32_t*>(&v);
+    }
+    static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+};
+template <> struct Mma<__half> {
+    static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+        __half2 v = __floats2half2_rn(lo, hi);
+        return *reinterpret_cast<uint32_t*>(&v);
+    }
+    static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+};
+
+constexpr int MMA_WARPS = 8;
+
+template <typename T, int BITS, bool LUTK, int MT>
+__device__ __forceinline__ void qmma(const QParams p, const T* __restrict__ x, T* __restrict__ y,
+                                     int M, int N, int K) {
+    __shared__ float s_lut[LUTK ? (1 << BITS) : 1];
+    __shared__ float s_red[MMA_WARPS - 1][32][MT * 2 * 4];
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    if (LUTK) {
+        for (int i = tid; i < (1 << BITS); i += blockDim.x) s_lut[i] = p.lut[i];
+    }
+    __syncthreads();
+    const int g = lane >> 2, t = lane & 3;
+    const int nb = blockIdx.x * 16;          // first output row of the block
+    const int mb = blockIdx.y * (16 * MT);   // first activation row
+    const int chunks = K >> 5;
+    float acc[MT][2][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int j = 0; j < 2; j++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) acc[mt][j][i] = 0.f;
+    for (int c = warp; c < chunks; c += MMA_WARPS) {
+        // B fragments of the two n8 tiles for the chunk's two k16 steps.
+        uint32_t b[2][2][2];  // [tile][kstep][reg]
+#pragma unroll
+        for (int j = 0; j < 2; j++) {
+            const int n = min(nb + 8 * j + g, N - 1);
+            uint32_t wd[BITS];
+            load_chunk<BITS>(p.codes + (size_t)n * p.wpr + (size_t)c * BITS, wd);
+            const float* srow = p.scales + (size_t)n * p.groups;
+            const float* zrow = LUTK ? nullptr : p.zeros + (size_t)n * p.groups;
+            const int g0 = (c * 32) / p.gsize;
+            const float s0 = __ldg(srow + g0), z0 = LUTK ? 0.f : __ldg(zrow + g0);
+#pragma unroll
+            for (int ks = 0; ks < 2; ks++) {
+#pragma unroll
+                for (int half = 0; half < 2; half++) {
+                    const int e0 = 16 * ks + 8 * half + 2 * t;  // this lane's two k of the reg
+                    float v[2];
+#pragma unroll
+                    for (int u = 0; u < 2; u++) {
+                        const int e = e0 + u;
+                        float s = s0, z = z0;
+                        if (p.gsize < 32) {  // groups of 8 / 16 (hqq 2-bit)
+                            const int gi = (c * 32 + e) / p.gsize;
+                            s = __ldg(srow + gi);
+                            z = LUTK ? 0.f : __ldg(zrow + gi);
+                        }
+                        const uint32_t q = code_at<BITS>(wd, e);
+                        v[u] = LUTK ? s_lut[q] * s : s * (u2f(q) - z);
+                    }
+                    b[j][ks][half] = Mma<T>::pack(v[0], v[1]);
+                }
+            }
+        }
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++) {
+            const int r0 = mb + 16 * mt + g, r1 = r0 + 8;
+#pragma unroll
+            for (int ks = 0; ks < 2; ks++) {
+                const int k0 = c * 32 + 16 * ks + 2 * t;
+                uint32_t a[4];
+                const uint32_t* x0 = reinterpret_cast<const uint32_t*>(x + (size_t)r0 * K + k0);
+                const uint32_t* x1 = reinterpret_cast<const uint32_t*>(x + (size_t)r1 * K + k0);
+                a[0] = r0 < M ? __ldg(x0) : 0u;
+                a[1] = r1 < M ? __ldg(x1) : 0u;
+                a[2] = r0 < M ? __ldg(x0 + 4) : 0u;
+                a[3] = r1 < M ? __ldg(x1 + 4) : 0u;
+#pragma unroll
+                for (int j = 0; j < 2; j++) Mma<T>::mma(acc[mt][j], a, b[j][ks][0], b[j][ks][1]);
+            }
+        }
+    }
+    if (warp > 0) {
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+            for (int j = 0; j < 2; j++)
+#pragma unroll
+                for (int i = 0; i < 4; i++) s_red[warp - 1][lane][(mt * 2 + j) * 4 + i] = acc[mt][j][i];
+    }
+    __syncthreads();
+    if (warp != 0) return;
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int j = 0; j < 2; j++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                float v = acc[mt][j][i];
+                for (int w = 0; w < MMA_WARPS - 1; w++) v += s_red[w][lane][(mt * 2 + j) * 4 + i];
+                // c0, c1: row g, cols 2t, 2t+1; c2, c3: row g+8.
+                const int r = mb + 16 * mt + g + (i >= 2 ? 8 : 0);
+                const int n = nb + 8 * j + 2 * t + (i & 1);
+                if (r < M && n < N) y[(size_t)r * N + n] = from_f<T>(v);
+            }
+}
+
+#define QMMA(KN, BITS, LUTK, TN, T, MT)                                                            \
+    extern "C" __global__ void __launch_bounds__(MMA_WARPS * 32)                                   \
+        qmma_##KN##_##TN##_t##MT(QARGS, const T* __restrict__ x, T* __restrict__ y, int M, int N,  \
+                                 int K) {                                                          \
+        const QParams p = QPARAMS;                                                                 \
+        qmma<T, BITS, LUTK, MT>(p, x, y, M, N, K);                                                 \
+    }
+#define QMMA_KIND(KN, BITS, LUTK)                                                                  \
+    QMMA(KN, BITS, LUTK, bf16, __nv_bfloat16, 1) QMMA(KN, BITS, LUTK, bf16, __nv_bfloat16, 2)      \
+    QMMA(KN, BITS, LUTK, bf16, __nv_bfloat16, 4) QMMA(KN, BITS, LUTK, f16, __half, 1)              \
+    QMMA(KN, BITS, LUTK, f16, __half, 2) QMMA(KN, BITS, LUTK, f16, __half, 4)
+QMMA_KIND(a2, 2, false)
+QMMA_KIND(a3, 3, false)
+QMMA_KIND(a4, 4, false)
+QMMA_KIND(a8, 8, false)
+QMMA_KIND(t4, 4, true)
+QMMA_KIND(t8, 8, true)

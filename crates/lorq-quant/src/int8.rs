@@ -80,6 +80,9 @@ pub struct Int8Tensor {
     threshold: f32,
     /// GPU copies (fused CUDA kernels), made on first use.
     gpu: crate::gpu_slot::GpuSlot,
+    /// GPU copies for the LLM.int8 kernels.
+    #[cfg(feature = "cuda")]
+    llm_gpu: crate::cuda::int8_llm::Int8Cache,
 }
 
 impl Int8Tensor {
@@ -123,6 +126,8 @@ impl Int8Tensor {
         }
         Ok(Self {
             gpu: Default::default(),
+            #[cfg(feature = "cuda")]
+            llm_gpu: Default::default(),
             cb,
             scb,
             shape,
@@ -353,8 +358,8 @@ fn rounder(dtype: DType) -> fn(f32) -> f32 {
 
 impl Int8Tensor {
     /// The fused GPU kernels' layout: 8-bit affine codes `CB + 128`, zero 128, scale `SCB/127`
-    /// per row. On the GPU the int8 weight is used weight-only (activations stay in their
-    /// dtype, no outlier split): closer to the f32 product than bitsandbytes' int8×int8.
+    /// per row — the weight-only view (training's `dy · W`; the forward matmul runs LLM.int8's
+    /// own GPU kernels, `cuda::int8_llm`).
     pub(crate) fn packed_gpu_layout(&self) -> Result<crate::gpu_layout::GpuLayout, QuantError> {
         use crate::gpu_layout::{CodeKind, ElementRounding, GpuLayout};
         let (n, k) = self.shape;
@@ -391,10 +396,16 @@ impl QuantTensor for Int8Tensor {
     }
 
     fn matmul(&self, x: &Tensor) -> Result<Tensor, QuantError> {
-        if let Some(y) =
-            crate::gpu_slot::gpu_matmul(&self.gpu, x, "int8", || self.packed_gpu_layout())?
-        {
-            return Ok(y);
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() && self.shape.1 % 32 == 0 {
+            return crate::cuda::int8_llm::matmul(
+                &self.llm_gpu,
+                &self.cb,
+                &self.scb,
+                self.shape,
+                self.threshold,
+                x,
+            );
         }
         let (n, k) = self.shape;
         let dims = x.dims();

@@ -11,7 +11,9 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use lorq_quant::bnb4::{Bnb4Tensor, Bnb4Type};
 use lorq_quant::cuda::bnb4::{matmul as bnb4_matmul, Bnb4Path, GEMV_MAX_M};
-use lorq_quant::cuda::qgemv::{matmul as qmatmul, DeviceLayout, QPath, Variant, QGEMV_MAX_M};
+use lorq_quant::cuda::qgemv::{
+    matmul as qmatmul, DeviceLayout, QPath, Variant, QGEMV_MAX_M, QMMA_MAX_M,
+};
 use lorq_quant::gpu_layout::GpuLayout;
 use lorq_quant::method::QuantMethod;
 use lorq_quant::QuantTensor;
@@ -75,12 +77,11 @@ fn gpu_formats(w: &Tensor, methods: &Option<Vec<String>>) -> Result<Vec<(String,
     let (n, k) = w.dims2()?;
     let wanted = |name: &str| methods.as_ref().is_none_or(|m| m.iter().any(|x| x == name));
     let mut out = Vec::new();
-    let mut push = |name: &str, t: &dyn QuantTensor| -> Result<()> {
+    let pack = |name: &str, t: &dyn QuantTensor| -> Result<(String, GpuLayout)> {
         let t0 = Instant::now();
         let l = t.gpu_layout()?;
         eprintln!("    {name}: packed in {:.2} s", t0.elapsed().as_secs_f64());
-        out.push((name.to_string(), l));
-        Ok(())
+        Ok((name.to_string(), l))
     };
     for (label, method) in [
         ("nf4", "bitsandbytes-nf4"),
@@ -97,8 +98,11 @@ fn gpu_formats(w: &Tensor, methods: &Option<Vec<String>>) -> Result<Vec<(String,
             let q = QuantMethod::parse(method)?
                 .context("a JIT method")?
                 .quantize(w)?;
-            eprintln!("    {label}: quantized on the CPU in {:.2} s", t0.elapsed().as_secs_f64());
-            push(label, q.as_ref())?;
+            eprintln!(
+                "    {label}: quantized on the CPU in {:.2} s",
+                t0.elapsed().as_secs_f64()
+            );
+            out.push(pack(label, q.as_ref())?);
         }
     }
     let w32: Vec<f32> = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
@@ -109,7 +113,7 @@ fn gpu_formats(w: &Tensor, methods: &Option<Vec<String>>) -> Result<Vec<(String,
                 ..GptqParams::default()
             };
             let q = rtn_gptq(&w32, n, k, &p, "bench")?;
-            push(&format!("gptq-{bits}bit"), &q)?;
+            out.push(pack(&format!("gptq-{bits}bit"), &q)?);
             if bits == 4 {
                 // Act-order: the same codes with columns visited in a seeded random order.
                 let mut l = q.gpu_layout()?;
@@ -123,7 +127,7 @@ fn gpu_formats(w: &Tensor, methods: &Option<Vec<String>>) -> Result<Vec<(String,
     }
     if wanted("awq") && n % 8 == 0 {
         let q = lorq_quant::awq::AwqTensor::quantize(&w32, n, k, 128, "bench")?;
-        push("awq-4bit", &q)?;
+        out.push(pack("awq-4bit", &q)?);
     }
     Ok(out)
 }
@@ -135,8 +139,10 @@ pub fn run(a: &BenchKernelsArgs, dev: &Device) -> Result<()> {
     eprintln!("lorq bench kernels on {card}");
     let mut rows: Vec<Value> = Vec::new();
     let mut failures = Vec::new();
-    let legacy: [(&str, Bnb4Type, bool); 2] =
-        [("nf4", Bnb4Type::Nf4, false), ("nf4+dq", Bnb4Type::Nf4, true)];
+    let legacy: [(&str, Bnb4Type, bool); 2] = [
+        ("nf4", Bnb4Type::Nf4, false),
+        ("nf4+dq", Bnb4Type::Nf4, true),
+    ];
     for (si, s) in shapes.iter().enumerate() {
         let (n, k) = (s.n, s.k);
         let label = match s.name {
@@ -233,6 +239,9 @@ pub fn run(a: &BenchKernelsArgs, dev: &Device) -> Result<()> {
                 };
                 let mut paths = vec![(QPath::Auto, "auto".to_string())];
                 paths.push((QPath::Dequantize, "dequant+cublas".into()));
+                if m >= 2 && m <= QMMA_MAX_M {
+                    paths.push((QPath::Mma, "qmma".into()));
+                }
                 if m <= QGEMV_MAX_M {
                     let mr = match m {
                         1 => 1,
@@ -240,7 +249,10 @@ pub fn run(a: &BenchKernelsArgs, dev: &Device) -> Result<()> {
                         3 | 4 => 4,
                         _ => 8,
                     };
-                    for v in Variant::ALL.into_iter().filter(|v| v.compiled(mr, DType::BF16)) {
+                    for v in Variant::ALL
+                        .into_iter()
+                        .filter(|v| v.compiled(mr, DType::BF16))
+                    {
                         paths.push((QPath::Fused(v), format!("qgemv-{}", v.name())));
                     }
                 }

@@ -194,6 +194,17 @@ impl QuantTensor for Bnb4Tensor {
     fn matmul(&self, x: &Tensor) -> Result<Tensor, QuantError> {
         #[cfg(feature = "cuda")]
         if x.device().is_cuda() {
+            // One row: bitsandbytes' own layout through its GEMV (double quantization read as
+            // stored); several bf16/f16 rows: the packed layout on tensor cores.
+            let rows = x.elem_count() / self.shape.1.max(1);
+            let half = matches!(x.dtype(), DType::BF16 | DType::F16);
+            if rows >= 2 && half && rows <= crate::cuda::qgemv::QMMA_MAX_M {
+                if let Some(y) = crate::gpu_slot::gpu_matmul(&self.packed_gpu, x, "bnb4", || {
+                    self.packed_gpu_layout()
+                })? {
+                    return Ok(y);
+                }
+            }
             return crate::cuda::bnb4::matmul(self, x, crate::cuda::bnb4::Bnb4Path::Auto);
         }
         fused_or_dequantized_matmul(self, x, &self.format_name(), || self.dequantize(DType::F32))

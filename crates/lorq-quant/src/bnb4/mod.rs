@@ -83,6 +83,9 @@ pub struct Bnb4Tensor {
     /// Device copies for the CUDA kernels, uploaded on first use.
     #[cfg(feature = "cuda")]
     gpu: crate::cuda::GpuCache<crate::cuda::bnb4::Bnb4Gpu>,
+    /// Device copies in the packed layout (the tensor-core kernel for several rows).
+    #[cfg(feature = "cuda")]
+    packed_gpu: crate::gpu_slot::GpuSlot,
 }
 
 impl Bnb4Tensor {
@@ -176,6 +179,8 @@ impl Bnb4Tensor {
             scales,
             #[cfg(feature = "cuda")]
             gpu: Default::default(),
+            #[cfg(feature = "cuda")]
+            packed_gpu: Default::default(),
         })
     }
 

@@ -5,6 +5,7 @@
 
 pub mod bnb4;
 pub mod fp8_gemm;
+pub mod int8_llm;
 pub mod qgemv;
 
 use std::collections::HashMap;

@@ -168,14 +168,27 @@ pub(crate) fn dequantize_on_gpu(
     }
 }
 
+/// Activation rows up to which the tensor-core kernel runs (bf16/f16 activations); past this
+/// the weight is dequantized once per call and multiplied by cuBLAS.
+pub const QMMA_MAX_M: usize = 128;
+
 /// Which GPU path a matmul takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QPath {
-    /// [`QGEMV_MAX_M`] decides; the launch shape from [`Variant::pick`].
+    /// The row count and dtype decide: the GEMV for one row (and f32 activations up to
+    /// [`QGEMV_MAX_M`]), the tensor-core kernel up to [`QMMA_MAX_M`], else dequantize + cuBLAS.
     Auto,
     /// The fused GEMV with this launch shape.
     Fused(Variant),
+    /// The tensor-core kernel (bf16/f16 activations).
+    Mma,
     /// Dequantize to the compute dtype on the GPU, then cuBLAS.
+    Dequantize,
+}
+
+enum Route {
+    Gemv(Variant),
+    Mma,
     Dequantize,
 }
 
@@ -283,9 +296,22 @@ pub fn matmul(w: &DeviceLayout, x: &Tensor, path: QPath) -> Result<Tensor, Quant
     let mut out_dims = dims.clone();
     *out_dims.last_mut().expect("rank >= 1") = n;
     let x2 = x.reshape((m, k))?;
-    let variant = match path {
-        QPath::Auto if m <= QGEMV_MAX_M => Some(Variant::pick(n, mr_for(m), x.dtype())),
-        QPath::Auto | QPath::Dequantize => None,
+    let half = matches!(x.dtype(), DType::BF16 | DType::F16);
+    let route = match path {
+        QPath::Auto if m == 1 || (!half && m <= QGEMV_MAX_M) => {
+            Route::Gemv(Variant::pick(n, mr_for(m), x.dtype()))
+        }
+        QPath::Auto if half && m <= QMMA_MAX_M => Route::Mma,
+        QPath::Auto | QPath::Dequantize => Route::Dequantize,
+        QPath::Mma => {
+            if !half {
+                return Err(QuantError::Invalid(format!(
+                    "the tensor-core kernel takes bf16/f16 activations, got {:?}",
+                    x.dtype()
+                )));
+            }
+            Route::Mma
+        }
         QPath::Fused(v) => {
             if !v.compiled(mr_for(m), x.dtype()) {
                 return Err(QuantError::Invalid(format!(
@@ -294,19 +320,21 @@ pub fn matmul(w: &DeviceLayout, x: &Tensor, path: QPath) -> Result<Tensor, Quant
                     x.dtype()
                 )));
             }
-            Some(v)
+            Route::Gemv(v)
         }
     };
-    let y = match variant {
-        Some(v) => {
-            // The packed weight's columns are in act-order: gather x's to match.
-            let x2 = match &w.perm {
-                Some(p) => x2.index_select(p, 1)?,
-                None => x2,
-            };
-            gemv(dev, w, &x2.contiguous()?, m, v)?
+    // The packed weight's columns are in act-order: gather x's to match.
+    let gathered = |x2: Tensor| -> Result<Tensor, QuantError> {
+        Ok(match &w.perm {
+            Some(p) => x2.index_select(p, 1)?,
+            None => x2,
         }
-        None => {
+        .contiguous()?)
+    };
+    let y = match route {
+        Route::Gemv(v) => gemv(dev, w, &gathered(x2)?, m, v)?,
+        Route::Mma => mma(dev, w, &gathered(x2)?, m)?,
+        Route::Dequantize => {
             let wd = dequantize(w, dev, x.dtype())?;
             let wd = match &w.perm {
                 // Columns back to the original order: W[:, perm[i]] = packed[:, i].
@@ -437,6 +465,74 @@ fn gemv(
         DType::BF16 => go::<half::bf16>(dev, w, cs, start, m, v, "bf16")?,
         DType::F16 => go::<half::f16>(dev, w, cs, start, m, v, "f16")?,
         _ => go::<f32>(dev, w, cs, start, m, v, "f32")?,
+    };
+    drop(storage);
+    Ok(tensor_from_storage(s, (m, w.n)))
+}
+
+/// Activation rows per tensor-core block: 16, 32 or 64 (m tiles of 16).
+fn m_tiles(m: usize) -> usize {
+    match m {
+        0..=16 => 1,
+        17..=32 => 2,
+        _ => 4,
+    }
+}
+
+fn mma(dev: &CudaDevice, w: &DeviceLayout, x: &Tensor, m: usize) -> Result<Tensor, QuantError> {
+    fn go<T: CudaDType + DeviceRepr>(
+        dev: &CudaDevice,
+        w: &DeviceLayout,
+        x: &CudaStorage,
+        start: usize,
+        m: usize,
+        dname: &str,
+    ) -> Result<CudaStorage, QuantError> {
+        let (n, k) = (w.n, w.k);
+        let xs = x.as_cuda_slice::<T>()?.slice(start..start + m * k);
+        // SAFETY: every output element is written by the kernel.
+        let y = unsafe { dev.alloc::<T>(m * n)? };
+        let mt = m_tiles(m);
+        let f = function(
+            dev,
+            "qgemv",
+            FATBIN,
+            &format!("qmma_{}_{dname}_t{mt}", w.tag),
+        )?;
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        let null = 0u64;
+        w.push_args(&mut b, &null);
+        let (mi, ni, ki) = (m as i32, n as i32, k as i32);
+        b.arg(&xs).arg(&y).arg(&mi).arg(&ni).arg(&ki);
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(16) as u32, m.div_ceil(16 * mt) as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the arguments match `qmma_*` in kernels/qgemv.cu (8 warps); x holds m*k
+        // elements from a 4-byte-aligned start, y m*n.
+        unsafe { b.launch(cfg) }.w()?;
+        drop(b);
+        Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+    }
+    let (storage, layout) = x.storage_and_layout();
+    let Storage::Cuda(cs) = &*storage else {
+        return Err(QuantError::Invalid("mma: x is not on a GPU".into()));
+    };
+    let start = layout.start_offset();
+    if start % 2 != 0 {
+        drop(storage);
+        return mma(dev, w, &x.copy()?, m);
+    }
+    let s = match x.dtype() {
+        DType::BF16 => go::<half::bf16>(dev, w, cs, start, m, "bf16")?,
+        DType::F16 => go::<half::f16>(dev, w, cs, start, m, "f16")?,
+        other => {
+            return Err(QuantError::Invalid(format!(
+                "mma: bf16/f16 activations only, got {other:?}"
+            )))
+        }
     };
     drop(storage);
     Ok(tensor_from_storage(s, (m, w.n)))

@@ -1,0 +1,108 @@
+//! LLM.int8 on the GPU (`kernels/int8_llm.cu`) against lorq's CPU LLM.int8 kernel (itself checked
+//! against bitsandbytes in tests/int8.rs): outlier columns, row-wise int8 activations, exact int32
+//! products, outliers in the activations' precision. Same steps in the same float order, so the
+//! results agree to rounding: relative L2 <= 1e-6 (f32), <= 1e-2 (bf16/f16), never NaN.
+//! Skipped, saying why, without the `cuda` feature or a GPU.
+
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn gpu_int8_skipped_without_the_cuda_feature() {
+    eprintln!(
+        "SKIPPED: lorq-quant was built without the `cuda` feature; the GPU tests run with \
+         scripts/build-cuda.sh --tests on a GPU machine"
+    );
+}
+
+#[cfg(feature = "cuda")]
+#[path = "common/formats.rs"]
+mod formats;
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    use candle_core::{DType, Device, Tensor};
+    use lorq_quant::int8::Int8Tensor;
+    use lorq_quant::QuantTensor;
+
+    use super::formats::randn;
+
+    fn gpu() -> Option<Device> {
+        // SAFETY: only probes whether the driver library can be loaded.
+        if !unsafe { candle_core::cuda_backend::cudarc::driver::sys::is_culib_present() } {
+            eprintln!("SKIPPED: no NVIDIA driver (libcuda.so.1) on this machine");
+            return None;
+        }
+        match Device::new_cuda(0) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                eprintln!("SKIPPED: no usable GPU: {e}");
+                None
+            }
+        }
+    }
+
+    fn rel_l2(got: &Tensor, want: &Tensor) -> f64 {
+        let f = |t: &Tensor| -> Vec<f32> {
+            t.to_device(&Device::Cpu)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        let (g, w) = (f(got), f(want));
+        if g.iter().any(|v| !v.is_finite()) {
+            return f64::INFINITY;
+        }
+        let num: f64 = g
+            .iter()
+            .zip(&w)
+            .map(|(a, b)| (f64::from(*a) - f64::from(*b)).powi(2))
+            .sum();
+        let den: f64 = w.iter().map(|b| f64::from(*b).powi(2)).sum();
+        (num / den.max(f64::MIN_POSITIVE)).sqrt()
+    }
+
+    #[test]
+    fn llm_int8_matches_the_cpu_kernel() {
+        let Some(dev) = gpu() else { return };
+        let mut failures = Vec::new();
+        for &(n, k) in &[(256usize, 512usize), (1000, 1024), (64, 4096)] {
+            let w = Tensor::from_vec(randn(n as u64, n * k, 0.05), (n, k), &Device::Cpu).unwrap();
+            for threshold in [6.0f32, 0.0] {
+                let q = Int8Tensor::quantize(&w).unwrap().with_threshold(threshold);
+                for m in [1usize, 2, 3, 8, 17, 40] {
+                    let mut xv = randn(m as u64 + k as u64, m * k, 1.0);
+                    // A few outlier columns (|x| >= 6 in some row), as LLM activations have.
+                    for (t, c) in [3usize, k / 2, k - 5].iter().enumerate() {
+                        xv[(t % m) * k + c] = 9.5 * if t % 2 == 0 { 1.0 } else { -1.0 };
+                    }
+                    for (dtype, tol) in
+                        [(DType::F32, 1e-6), (DType::BF16, 1e-2), (DType::F16, 1e-2)]
+                    {
+                        let x = Tensor::from_vec(xv.clone(), (m, k), &Device::Cpu)
+                            .unwrap()
+                            .to_dtype(dtype)
+                            .unwrap();
+                        let want = q.matmul(&x).unwrap();
+                        let got = q.matmul(&x.to_device(&dev).unwrap()).unwrap();
+                        assert_eq!(got.dtype(), dtype);
+                        let e = rel_l2(&got, &want);
+                        if !(e <= tol) {
+                            failures.push(format!(
+                                "{n}x{k} thr {threshold} m={m} {dtype:?}: rel err {e:e} > {tol:e}"
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        assert!(
+            failures.is_empty(),
+            "{} failures:\n{}",
+            failures.len(),
+            failures.join("\n")
+        );
+    }
+}
