@@ -8,7 +8,8 @@ Rows, bf16 activations in and bf16 out, e4m3 weights quantized once (per-channel
                                                (abs().amax, divide, cast: eager torch ops)
   torch-fp8   scaled_mm tensorwise + static    per-tensor W scale, static x scale, x cast in each call
 Timed with CUDA events (median of 7 samples of N calls, weights rotated over copies larger than
-the L2 cache). Writes {"card", "torch", "rows": [...]}; `lorq bench fp8 --peer FILE` merges them.
+the L2 cache): `us` eager (Python's launch overhead included, as lorq's wall-clock timing includes
+its own), `us_graph` the same N calls replayed from a CUDA graph (the GPU time). Writes {"card", "torch", "rows": [...]}; `lorq bench fp8 --peer FILE` merges them.
 
 usage: python3 scripts/bench/torch_scaled_mm.py --shapes llama3-8b --m 16,64,128,512 --out torch_fp8.json
 """
@@ -35,20 +36,45 @@ def rowwise_quantized(x, w_t, w_s):
     return torch._scaled_mm(xq, w_t, scale_a=xs, scale_b=w_s, out_dtype=torch.bfloat16)
 
 
-def time_us(fn, iters):
-    for i in range(3):
-        fn(i)
-    torch.cuda.synchronize()
+def median_us(run, iters):
     samples = []
     for _ in range(7):
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         s.record()
-        for i in range(iters):
-            fn(i)
+        run()
         e.record()
         e.synchronize()
         samples.append(s.elapsed_time(e) * 1e3 / iters)
     return sorted(samples)[len(samples) // 2]
+
+
+def time_us(fn, iters):
+    """(eager µs per call, µs per call replayed from a CUDA graph of `iters` calls or None): eager
+    includes Python's launch overhead, the graph shows the GPU time."""
+    for i in range(3):
+        fn(i)
+    torch.cuda.synchronize()
+
+    def eager():
+        for i in range(iters):
+            fn(i)
+    us = median_us(eager, iters)
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for i in range(3):
+                fn(i)
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            eager()
+        g.replay()
+        torch.cuda.synchronize()
+        return us, median_us(g.replay, iters)
+    except RuntimeError as e:
+        print(f"  no CUDA graph: {str(e).splitlines()[0]}", flush=True)
+        return us, None
 
 
 def main():
@@ -86,15 +112,19 @@ def main():
             ref = x @ dense[0].T
             xq, xs = quant_rows(x)
 
-            def row(path, us, wbytes, y=None):
+            def row(path, times, wbytes, y=None):
+                us, us_graph = times
                 b = wbytes + (m * k + m * n) * 2
                 err = None
                 if y is not None:
                     err = ((y.float() - ref.float()).norm() / ref.float().norm()).item()
                 rows.append({"format": "torch-fp8" if "scaled_mm" in path else "torch-bf16",
-                             "path": path, "n": n, "k": k, "m": m, "us": us, "gbps": b / us / 1e3,
+                             "path": path, "n": n, "k": k, "m": m, "us": us, "us_graph": us_graph,
+                             "gbps": b / us / 1e3,
                              "quant_err_vs_bf16": err, "checked": False, "torch": torch.__version__})
-                print(f"torch {path:<34} {n}x{k} m={m}: {us:.2f} us", flush=True)
+                g = f"{us_graph:.2f}" if us_graph is not None else "-"
+                print(f"torch {path:<34} {n}x{k} m={m}: {us:.2f} us eager, {g} us graph",
+                      flush=True)
 
             row("torch.matmul (cuBLAS bf16)",
                 time_us(lambda i: x @ dense[i % len(dense)].T, iters), n * k * 2)

@@ -687,6 +687,9 @@ pub fn matmul_with(
         )));
     }
     let (n, k) = t.shape();
+    if let Some(why) = shape_unsupported(n, k) {
+        return Err(err(why));
+    }
     let dims = x.dims().to_vec();
     if dims.last() != Some(&k) {
         return Err(err(format!(
