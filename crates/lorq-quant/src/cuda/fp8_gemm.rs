@@ -147,7 +147,7 @@ pub fn has_fp8_tensor_cores(dev: &CudaDevice) -> Result<bool, QuantError> {
 /// Why `(n, k)` cannot take this path, if it cannot: cuBLASLt's FP8 kernels need 16-aligned
 /// leading dimensions.
 pub fn shape_unsupported(n: usize, k: usize) -> Option<String> {
-    (k % 16 != 0 || n % 16 != 0).then(|| {
+    (!k.is_multiple_of(16) || !n.is_multiple_of(16)).then(|| {
         format!("FP8 cuBLASLt needs in_features and out_features divisible by 16, got [{n}, {k}]")
     })
 }
@@ -188,7 +188,7 @@ pub fn quantize_activations(x: &Tensor, act: ActQuant) -> Result<QuantizedActiva
     let (m, k) = x
         .dims2()
         .map_err(|_| err(format!("activations must be [m, k], got {:?}", x.dims())))?;
-    if k % 8 != 0 || m == 0 {
+    if !k.is_multiple_of(8) || m == 0 {
         return Err(err(format!(
             "activation quantization needs m > 0 and k % 8 == 0, got [{m}, {k}]"
         )));
@@ -204,7 +204,8 @@ pub fn quantize_activations(x: &Tensor, act: ActQuant) -> Result<QuantizedActiva
     };
     // 16-byte-aligned contiguous rows (the kernel loads 8 elements at a time).
     let aligned = |t: &Tensor| {
-        t.is_contiguous() && (t.layout().start_offset() * t.dtype().size_in_bytes()) % 16 == 0
+        t.is_contiguous()
+            && (t.layout().start_offset() * t.dtype().size_in_bytes()).is_multiple_of(16)
     };
     let x = if aligned(&x) {
         x
