@@ -125,6 +125,9 @@ pub struct Fp8Tensor {
     input_scale: Option<Tensor>,
     /// GPU copies (fused CUDA kernels), made on first use.
     gpu: crate::gpu_slot::GpuSlot,
+    /// GPU copies for the FP8 tensor-core path (`cuda::fp8_gemm`), made on first use.
+    #[cfg(feature = "cuda")]
+    pub(crate) lt: crate::cuda::GpuCache<crate::cuda::fp8_gemm::Fp8LtWeight>,
 }
 
 fn round_to(dtype: DType, x: f32) -> f32 {
@@ -218,6 +221,8 @@ impl Fp8Tensor {
         }
         Ok(Self {
             gpu: Default::default(),
+            #[cfg(feature = "cuda")]
+            lt: Default::default(),
             shape: (out, inp),
             codes,
             scale,
@@ -246,6 +251,8 @@ impl Fp8Tensor {
         }
         Ok(Self {
             gpu: Default::default(),
+            #[cfg(feature = "cuda")]
+            lt: Default::default(),
             shape,
             codes,
             scale,
@@ -536,6 +543,11 @@ impl QuantTensor for Fp8Tensor {
     }
 
     fn matmul(&self, x: &Tensor) -> Result<Tensor, QuantError> {
+        // FP8 tensor cores (W8A8 through cuBLASLt) for m >= 16 rows on compute capability 8.9+.
+        #[cfg(feature = "cuda")]
+        if let Some(y) = crate::cuda::fp8_gemm::matmul_if_supported(self, x)? {
+            return Ok(y);
+        }
         if let Some(y) =
             crate::gpu_slot::gpu_matmul(&self.gpu, x, "fp8", || self.packed_gpu_layout())?
         {

@@ -9,6 +9,8 @@ use crate::common::ModelArgs;
 
 #[path = "bench_adapters.rs"]
 pub mod bench_adapters;
+#[path = "bench_fp8.rs"]
+pub mod bench_fp8;
 #[path = "bench_kernels.rs"]
 pub mod bench_kernels;
 #[cfg(feature = "cuda")]
@@ -37,6 +39,8 @@ pub enum BenchWhat {
     /// Just-in-time quantization of a whole model's linears per format on the GPU (seeded random
     /// weights of a model shape), one CPU layer beside it, codes checked against the CPU.
     Quantize(bench_quantize::BenchQuantizeArgs),
+    /// W8A8 FP8 through cuBLASLt on the GPU against bf16 cuBLAS (checked, then timed).
+    Fp8(bench_fp8::BenchFp8Args),
 }
 
 #[derive(Debug, Args)]
@@ -69,6 +73,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         BenchWhat::Kernels(k) => bench_kernels::run(k),
         BenchWhat::Adapters(a) => bench_adapters::run(&a, &crate::common::parse_device(&a.device)?),
         BenchWhat::Quantize(q) => bench_quantize::run(q),
+        BenchWhat::Fp8(f) => bench_fp8::run(f),
     }
 }
 

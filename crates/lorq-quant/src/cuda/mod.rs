@@ -4,6 +4,7 @@
 //! candle's own kernels and cuBLAS calls.
 
 pub mod bnb4;
+pub mod fp8_gemm;
 pub mod int8_llm;
 pub mod qgemv;
 pub mod quantize;

@@ -1,0 +1,297 @@
+//! `lorq bench fp8 --device cuda`: W8A8 FP8 through cuBLASLt (`lorq_quant::cuda::fp8_gemm`)
+//! against bf16 cuBLAS on the same card, bf16 activations, seeded random weights. Each timed
+//! path is first checked against its CPU reference (x quantized the same way, decoded e4m3
+//! values multiplied in f32); `quant_err_vs_bf16` is what W8A8 costs against the bf16 product.
+//! Timings rotate over enough weight copies to defeat the L2 cache; the device is synchronized
+//! around each batch of calls. Peer rows (`scripts/bench/torch_scaled_mm.py`) merge with `--peer`.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+
+#[derive(Debug, Args)]
+#[command(after_help = "Paths timed (bf16 activations in, bf16 out):
+  cublaslt-w8a8          per-channel weight scales, per-token dynamic activation scales
+                         (compressed-tensors FP8_DYNAMIC): quantize x + one cuBLASLt call
+  cublaslt-w8a8-static   per-tensor weight scale, static input_scale (compressed-tensors FP8)
+  cublaslt-w8a8-epilogue as cublaslt-w8a8, scales applied by lorq's kernel after an f32 product
+  cublaslt-gemm-only     as cublaslt-w8a8 without the activation quantization (x pre-quantized)
+  weight-only            the weight-only path (e4m3 decoded, activations stay bf16)
+
+Example:
+  lorq bench fp8 --device cuda --shapes llama3-8b --m 16,64,128,512 --json fp8.json \\
+      --peer torch_scaled_mm.json")]
+pub struct BenchFp8Args {
+    /// `cuda[:N]` (the path needs FP8 tensor cores: compute capability 8.9+).
+    #[arg(long, default_value = "cuda")]
+    pub device: String,
+    /// `smollm2`, `llama3-8b` or `NxK` shapes (n = out features, k = in features), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "llama3-8b")]
+    pub shapes: Vec<String>,
+    /// Activation rows (batch × tokens).
+    #[arg(long, value_delimiter = ',', default_value = "16,64,128,512")]
+    pub m: Vec<usize>,
+    /// Also write the rows as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// A JSON file of peer rows (scripts/bench/torch_scaled_mm.py) merged into the report.
+    #[arg(long)]
+    pub peer: Option<PathBuf>,
+}
+
+pub fn run(a: BenchFp8Args) -> Result<()> {
+    let device = crate::common::parse_device(&a.device)?;
+    if device.is_cpu() {
+        anyhow::bail!("lorq bench fp8 times the GPU path: pass --device cuda[:N]");
+    }
+    #[cfg(feature = "cuda")]
+    return gpu::run(&a, &device);
+    #[cfg(not(feature = "cuda"))]
+    anyhow::bail!("lorq bench fp8 needs a CUDA build (scripts/build-cuda.sh)")
+}
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    use anyhow::{bail, Context, Result};
+    use candle_core::{DType, Device, Tensor};
+    use lorq_quant::cuda::fp8_gemm::{
+        cublaslt_version, gemm_quantized, has_fp8_tensor_cores, matmul_with, outer_vec_in_use,
+        prepare, quantize_activations, ActQuant, Scaling,
+    };
+    use lorq_quant::cuda::qgemv::{matmul as qmatmul, DeviceLayout, QPath};
+    use lorq_quant::fp8::{e4m3fn_to_f32, f32_to_e4m3fn, Fp8Strategy, Fp8Tensor, E4M3_MAX};
+    use lorq_quant::QuantTensor;
+    use serde_json::{json, Value};
+
+    use super::super::bench_kernels::{command_line, parse_shapes, randn, utc_date};
+    use super::super::bench_kernels_cuda::{card_name, rel_l2, time_gpu};
+    use super::BenchFp8Args;
+
+    /// The CPU reference of a W8A8 product: x quantized as `act` (as kernels/fp8_act.cu does),
+    /// decoded e4m3 values multiplied in f32, then scaled per row and per column.
+    fn reference(t: &Fp8Tensor, x: &[f32], m: usize, act: ActQuant) -> Result<Tensor> {
+        let (n, k) = t.shape();
+        let floor = 1.0 / (E4M3_MAX * 512.0);
+        let absmax = |s: &[f32]| s.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let sx: Vec<f32> = match act {
+            ActQuant::DynamicPerToken => x
+                .chunks(k)
+                .map(|r| (absmax(r) / E4M3_MAX).max(floor))
+                .collect(),
+            ActQuant::DynamicPerTensor => vec![(absmax(x) / E4M3_MAX).max(floor); m],
+            ActQuant::Static(s) => vec![s; m],
+        };
+        let xq: Vec<f32> = x
+            .chunks(k)
+            .zip(&sx)
+            .flat_map(|(r, &s)| r.iter().map(move |&v| e4m3fn_to_f32(f32_to_e4m3fn(v / s))))
+            .collect();
+        let wd: Vec<f32> = t.codes().iter().map(|&c| e4m3fn_to_f32(c)).collect();
+        let sw: Vec<f32> = match t.scale() {
+            [s] => vec![*s; n],
+            s => s.to_vec(),
+        };
+        let cpu = Device::Cpu;
+        let acc = Tensor::from_vec(xq, (m, k), &cpu)?
+            .matmul(&Tensor::from_vec(wd, (n, k), &cpu)?.t()?)?;
+        Ok(acc
+            .broadcast_mul(&Tensor::from_vec(sx, (m, 1), &cpu)?)?
+            .broadcast_mul(&Tensor::from_vec(sw, (1, n), &cpu)?)?)
+    }
+
+    pub(super) fn run(a: &BenchFp8Args, dev: &Device) -> Result<()> {
+        let shapes = parse_shapes(&a.shapes)?;
+        let card = card_name(dev)?;
+        let cdev = dev.as_cuda_device()?;
+        if !has_fp8_tensor_cores(cdev)? {
+            bail!("{card} has no FP8 tensor cores (compute capability 8.9+ needed)");
+        }
+        eprintln!("lorq bench fp8 on {card}");
+        let mut rows: Vec<Value> = Vec::new();
+        let mut failures = Vec::new();
+        let mut errors: Vec<String> = Vec::new();
+        for (si, s) in shapes.iter().enumerate() {
+            let (n, k) = (s.n, s.k);
+            let label = match s.name {
+                Some(p) => format!("{n}x{k} ({p})"),
+                None => format!("{n}x{k}"),
+            };
+            eprintln!("  {label}");
+            let w_cpu =
+                Tensor::from_vec(randn(1000 + si as u64, n * k, 0.02), (n, k), &Device::Cpu)?;
+            // Enough copies of each weight that one pass over them overflows the L2 cache.
+            let copies = |bytes: usize| (256usize << 20).div_ceil(bytes).clamp(1, 32);
+            let w_bf16 = w_cpu.to_dtype(DType::BF16)?;
+            let dense: Vec<Tensor> = (0..copies(n * k * 2))
+                .map(|_| w_bf16.to_device(dev))
+                .collect::<candle_core::Result<_>>()?;
+            let channel = Fp8Tensor::quantize(&w_cpu, Fp8Strategy::Channel, DType::BF16)?;
+            let mut tensor = Fp8Tensor::quantize(&w_cpu, Fp8Strategy::Tensor, DType::BF16)?;
+            // A static input scale as a calibration would find it for N(0, 1) activations.
+            let static_s = 5.0 / E4M3_MAX;
+            tensor.set_input_scale(Some(Tensor::new(&[static_s], &Device::Cpu)?));
+            let c = copies(n * k);
+            let chans: Vec<Fp8Tensor> = vec![channel.clone(); c];
+            let tens: Vec<Fp8Tensor> = vec![tensor.clone(); c];
+            for t in chans.iter().chain(&tens) {
+                prepare(t, cdev)?;
+            }
+            // The weight-only path (e4m3 through a table, bf16 activations) for comparison.
+            let layout = channel.gpu_layout()?;
+            let wo: Vec<DeviceLayout> = (0..c)
+                .map(|_| DeviceLayout::upload(&layout, cdev))
+                .collect::<Result<_, _>>()?;
+            for &m in &a.m {
+                let x_cpu = Tensor::from_vec(
+                    randn(7 + m as u64 + 31 * si as u64, m * k, 1.0),
+                    (m, k),
+                    &Device::Cpu,
+                )?
+                .to_dtype(DType::BF16)?;
+                let x = x_cpu.to_device(dev)?;
+                let x32: Vec<f32> = x_cpu.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                let iters = if m <= 16 { 50 } else { 10 };
+                let bf16_y = x.matmul(&dense[0].t()?)?.to_device(&Device::Cpu)?;
+                let bf16_us = time_gpu(dev, 7, iters, |i| {
+                    Ok(x.matmul(&dense[i % dense.len()].t()?)?)
+                })?;
+                let io = (m * k + m * n) * 2;
+                let mut push =
+                    |path: &str, us: f64, wb: usize, err: Option<f64>, qerr: Option<f64>| {
+                        let ok = err.is_none_or(|e| e <= 1e-2);
+                        if !ok {
+                            failures.push(format!("{path} {label} m={m}: rel err {err:?} > 1e-2"));
+                        }
+                        rows.push(json!({
+                            "format": if path == "cublas" { "bf16" } else { "fp8" },
+                            "path": path, "shape": label, "n": n, "k": k, "m": m,
+                            "us": us, "speedup_vs_bf16": bf16_us / us,
+                            "gbps": (wb + io) as f64 / us / 1e3,
+                            "rel_err": err, "quant_err_vs_bf16": qerr, "ok": ok,
+                        }));
+                    };
+                push("cublas", bf16_us, n * k * 2, None, None);
+                let fp8_bytes = n * k + 4 * n;
+                let per_token = ActQuant::DynamicPerToken;
+                let stat = ActQuant::Static(static_s);
+                for (path, ts, act, scaling) in [
+                    ("cublaslt-w8a8", &chans, per_token, Scaling::Auto),
+                    ("cublaslt-w8a8-static", &tens, stat, Scaling::Auto),
+                    (
+                        "cublaslt-w8a8-epilogue",
+                        &chans,
+                        per_token,
+                        Scaling::OwnEpilogue,
+                    ),
+                ] {
+                    // A path that fails is reported and the others still run.
+                    let measured = (|| -> Result<(f64, f64, f64)> {
+                        let got =
+                            matmul_with(&ts[0], &x, Some(act), scaling)?.to_device(&Device::Cpu)?;
+                        let err = rel_l2(&got, &reference(&ts[0], &x32, m, act)?)?;
+                        let qerr = rel_l2(&got, &bf16_y)?;
+                        let us = time_gpu(dev, 7, iters, |i| {
+                            Ok(matmul_with(&ts[i % ts.len()], &x, Some(act), scaling)?)
+                        })?;
+                        Ok((us, err, qerr))
+                    })();
+                    match measured {
+                        Ok((us, err, qerr)) => push(path, us, fp8_bytes, Some(err), Some(qerr)),
+                        Err(e) => errors.push(format!("{path} {label} m={m}: {e:#}")),
+                    }
+                }
+                let qx = quantize_activations(&x, per_token)?;
+                let us = time_gpu(dev, 7, iters, |i| {
+                    Ok(gemm_quantized(
+                        &chans[i % c],
+                        &qx,
+                        cdev,
+                        DType::BF16,
+                        Scaling::Auto,
+                    )?)
+                })?;
+                push("cublaslt-gemm-only", us, fp8_bytes, None, None);
+                let got = qmatmul(&wo[0], &x, QPath::Auto)?.to_device(&Device::Cpu)?;
+                let qerr = rel_l2(&got, &bf16_y)?;
+                let us = time_gpu(dev, 7, iters, |i| Ok(qmatmul(&wo[i % c], &x, QPath::Auto)?))?;
+                push("weight-only", us, fp8_bytes, None, Some(qerr));
+                eprintln!("  {label} m={m}: bf16 {bf16_us:.1} us");
+            }
+        }
+        if let Some(p) = &a.peer {
+            let peer: Value = serde_json::from_str(
+                &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+            )?;
+            for r in peer["rows"].as_array().into_iter().flatten() {
+                let mut r = r.clone();
+                let base = rows.iter().find(|b| {
+                    b["path"] == "cublas"
+                        && b["n"] == r["n"]
+                        && b["k"] == r["k"]
+                        && b["m"] == r["m"]
+                });
+                if let (Some(b), Some(us)) = (base, r["us"].as_f64()) {
+                    r["speedup_vs_bf16"] = json!(b["us"].as_f64().unwrap_or(f64::NAN) / us);
+                    r["shape"] = b["shape"].clone();
+                }
+                rows.push(r);
+            }
+        }
+        println!(
+            "{:<12} {:<30} {:<28} {:>4} {:>9} {:>7} {:>7} {:>8} {:>8}",
+            "format", "path", "shape", "m", "us", "x bf16", "GB/s", "rel err", "vs bf16"
+        );
+        let e = |v: &Value| {
+            v.as_f64()
+                .map(|e| format!("{e:.1e}"))
+                .unwrap_or_else(|| "-".into())
+        };
+        for r in &rows {
+            println!(
+                "{:<12} {:<30} {:<28} {:>4} {:>9.2} {:>7.2} {:>7.0} {:>8} {:>8}",
+                r["format"].as_str().unwrap_or(""),
+                r["path"].as_str().unwrap_or(""),
+                r["shape"].as_str().unwrap_or(""),
+                r["m"],
+                r["us"].as_f64().unwrap_or(f64::NAN),
+                r["speedup_vs_bf16"].as_f64().unwrap_or(f64::NAN),
+                r["gbps"].as_f64().unwrap_or(f64::NAN),
+                e(&r["rel_err"]),
+                e(&r["quant_err_vs_bf16"]),
+            );
+        }
+        let outer_vec = outer_vec_in_use(cdev)?;
+        eprintln!(
+            "cuBLASLt {}: per-channel x per-token scales applied by {}",
+            cublaslt_version(),
+            if outer_vec {
+                "cuBLASLt (outer vectors)"
+            } else {
+                "lorq's epilogue kernel"
+            }
+        );
+        let report = json!({
+            "card": card, "date": utc_date(), "command": command_line(),
+            "cublaslt_version": cublaslt_version(), "outer_vec_scales": outer_vec,
+            "note": "us: median wall time per call (device synchronized per batch of calls, weights rotated over copies larger than L2), activation quantization included except in cublaslt-gemm-only; speedup_vs_bf16: bf16 cuBLAS us / us, same run; gbps: (weight + bf16 x + bf16 y bytes) / us; rel_err: L2 relative error vs the CPU reference of the same quantization; quant_err_vs_bf16: L2 relative difference from the bf16 product of the unquantized weight",
+            "rows": rows,
+        });
+        if let Some(p) = &a.json {
+            if let Some(d) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(d)?;
+            }
+            std::fs::write(p, serde_json::to_string_pretty(&report)? + "\n")?;
+            eprintln!("wrote {}", p.display());
+        }
+        failures.extend(errors);
+        if !failures.is_empty() {
+            bail!(
+                "{} FP8 checks failed:\n  {}",
+                failures.len(),
+                failures.join("\n  ")
+            );
+        }
+        Ok(())
+    }
+}

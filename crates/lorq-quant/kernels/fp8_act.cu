@@ -1,0 +1,137 @@
+// The activation side of the W8A8 FP8 matmul (src/cuda/fp8_gemm.rs): x [m, k] (f32 / bf16 / f16)
+// quantized to e4m3fn codes with one f32 scale per row, plus the scaling epilogue used where
+// cuBLASLt has no outer-vector scale mode.
+//
+// Scales: per token (row absmax / 448), per tensor (whole-tensor absmax / 448, computed from the
+// row maxima of fp8_absmax_rows) or a static checkpoint `input_scale`. Dynamic scales are floored
+// at 1 / (448 * 512) so that an all-zero row divides by a positive number. The codes are
+// `e4m3fn(x / scale)`, the division IEEE-rounded (`__fdiv_rn`: the build uses --use_fast_math)
+// and the conversion bit-exact with lorq's CPU `f32_to_e4m3fn` (round to nearest even,
+// saturating to +-448), so the CPU reference reproduces every code and every scale.
+//
+// Launch: one block per row, blockDim a multiple of 32 (<= 1024); k % 8 == 0 and every row
+// 16-byte aligned (the Rust side guarantees both: FP8 cuBLASLt needs k % 16 == 0 anyway).
+#include "common.cuh"
+
+#define E4M3_MAX 448.0f
+#define MIN_SCALE (1.0f / (448.0f * 512.0f))
+
+// lorq's `f32_to_e4m3fn` (src/fp8.rs), bit for bit.
+__device__ __forceinline__ uint32_t f32_to_e4m3fn(float x) {
+    uint32_t bits = __float_as_uint(x);
+    uint32_t sign = (bits >> 24) & 0x80u;
+    uint32_t ab = bits & 0x7fffffffu;
+    if (ab > 0x7f800000u) return sign | 0x7fu;  // NaN
+    float a = __uint_as_float(ab);
+    if (a >= E4M3_MAX) return sign | 0x7eu;      // saturate (inf included)
+    if (a < 0.015625f) {                        // subnormal codes: multiples of 2^-9
+        return sign | (uint32_t)__float2int_rn(a * 512.0f);
+    }
+    // Keep 3 of 23 mantissa bits, rounding half to even; a carry moves into the exponent.
+    uint32_t r = (ab + 0x7ffffu + ((ab >> 20) & 1u)) >> 20;
+    uint32_t code = r - ((127u - 7u) << 3);
+    return sign | min(code, 0x7eu);
+}
+
+// Block-wide max of non-negative values; every thread gets the result.
+__device__ __forceinline__ float block_max(float v, float* sh) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (lane == 0) sh[warp] = v;
+    __syncthreads();
+    int nw = (blockDim.x + 31) >> 5;
+    v = lane < nw ? sh[lane] : 0.0f;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    __syncthreads();  // sh may be reused by the caller
+    return v;
+}
+
+template <typename T>
+__device__ __forceinline__ float row_absmax(const T* __restrict__ row, int k, float* sh) {
+    float m = 0.0f;
+    for (int c = threadIdx.x * 8; c < k; c += blockDim.x * 8) {
+        float v[8];
+        load8<T>(row + c, v);
+#pragma unroll
+        for (int i = 0; i < 8; i++) m = fmaxf(m, fabsf(v[i]));
+    }
+    return block_max(m, sh);
+}
+
+// rowmax[r] = max |x[r, :]| (first launch of per-tensor dynamic quantization).
+template <typename T>
+__device__ void absmax_rows(const T* __restrict__ x, float* __restrict__ rowmax, int k) {
+    __shared__ float sh[32];
+    const T* row = x + (size_t)blockIdx.x * k;
+    float m = row_absmax(row, k, sh);
+    if (threadIdx.x == 0) rowmax[blockIdx.x] = m;
+}
+
+// mode 0: per-token dynamic; 1: static scale `static_scale`; 2: per-tensor dynamic from
+// rowmax[0..m]. Writes q[r, :] and scales[r] (every row gets its scale, so per-tensor scales
+// serve both as a scalar, scales[0], and as an outer vector).
+template <typename T>
+__device__ void quant_rows(const T* __restrict__ x, uint8_t* __restrict__ q,
+                           float* __restrict__ scales, const float* __restrict__ rowmax,
+                           int m, int k, int mode, float static_scale) {
+    __shared__ float sh[32];
+    const size_t r = blockIdx.x;
+    const T* row = x + r * k;
+    float s;
+    if (mode == 0) {
+        s = fmaxf(__fdiv_rn(row_absmax(row, k, sh), E4M3_MAX), MIN_SCALE);
+    } else if (mode == 1) {
+        s = static_scale;
+    } else {
+        float mx = 0.0f;
+        for (int i = threadIdx.x; i < m; i += blockDim.x) mx = fmaxf(mx, rowmax[i]);
+        s = fmaxf(__fdiv_rn(block_max(mx, sh), E4M3_MAX), MIN_SCALE);
+    }
+    if (threadIdx.x == 0) scales[r] = s;
+    uint8_t* qrow = q + r * k;
+    for (int c = threadIdx.x * 8; c < k; c += blockDim.x * 8) {
+        float v[8];
+        load8<T>(row + c, v);
+        uint32_t lo = 0, hi = 0;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            lo |= f32_to_e4m3fn(__fdiv_rn(v[i], s)) << (8 * i);
+            hi |= f32_to_e4m3fn(__fdiv_rn(v[i + 4], s)) << (8 * i);
+        }
+        *reinterpret_cast<uint2*>(qrow + c) = make_uint2(lo, hi);
+    }
+}
+
+// y[r, j] = acc[r, j] * sx[r] * sw[j]: the scaling epilogue where cuBLASLt cannot apply outer
+// vectors itself. acc is the unscaled f32 product [m, n]; grid-stride over m * n.
+template <typename T>
+__device__ void scale_out(const float* __restrict__ acc, T* __restrict__ y,
+                          const float* __restrict__ sx, const float* __restrict__ sw, int m,
+                          int n) {
+    size_t total = (size_t)m * n;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += (size_t)gridDim.x * blockDim.x) {
+        size_t r = i / n, j = i - r * n;
+        y[i] = from_f<T>(acc[i] * sx[r] * sw[j]);
+    }
+}
+
+#define FP8_ACT_KERNELS(T, NAME)                                                              \
+    extern "C" __global__ void fp8_absmax_rows_##NAME(const T* x, float* rowmax, int k) {     \
+        absmax_rows<T>(x, rowmax, k);                                                         \
+    }                                                                                         \
+    extern "C" __global__ void fp8_quant_rows_##NAME(const T* x, uint8_t* q, float* scales,   \
+                                                     const float* rowmax, int m, int k,       \
+                                                     int mode, float static_scale) {          \
+        quant_rows<T>(x, q, scales, rowmax, m, k, mode, static_scale);                        \
+    }                                                                                         \
+    extern "C" __global__ void fp8_scale_out_##NAME(const float* acc, T* y, const float* sx,  \
+                                                    const float* sw, int m, int n) {          \
+        scale_out<T>(acc, y, sx, sw, m, n);                                                   \
+    }
+
+FP8_ACT_KERNELS(float, f32)
+FP8_ACT_KERNELS(__nv_bfloat16, bf16)
+FP8_ACT_KERNELS(__half, f16)

@@ -1,0 +1,741 @@
+//! W8A8 FP8 on GPUs with FP8 tensor cores (compute capability 8.9+: Ada, Hopper): the
+//! activations are quantized to e4m3 on the GPU (`kernels/fp8_act.cu`: per token, per tensor or
+//! by the checkpoint's static `input_scale`), then `y = (x_q · W_qᵀ) · (s_x ⊗ s_w)` runs through
+//! cuBLASLt with f32 accumulation and a bf16/f16/f32 output.
+//!
+//! Scales: both per tensor → cuBLASLt's scalar A/B scale pointers; otherwise its outer-vector
+//! mode (`OUTER_VEC_32F`: one f32 per weight row and one per token, cuBLAS 12.9+) and, where the
+//! library refuses that mode, an unscaled f32 product followed by our own scaling epilogue.
+//!
+//! Layout (cuBLAS is column-major): W `[n, k]` row-major is a `k × n` column-major matrix used
+//! transposed (A, `op = T`), x_q `[m, k]` a `k × m` one (B, `op = N`): the "TN" layout FP8 needs,
+//! and D `n × m` column-major is y `[m, n]` row-major. The CPU reference (quantize x the same
+//! way, multiply decoded e4m3 values in f32) lives in `tests/cuda_fp8.rs`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use candle_core::cuda_backend::cudarc::cublaslt::{result as lt, sys};
+use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
+use candle_core::{CudaStorage, DType, Storage, Tensor, WithDType};
+
+use super::{cuda_device, function, tensor_from_storage};
+use crate::fp8::{Fp8Strategy, Fp8Tensor};
+use crate::{QuantError, QuantTensor};
+
+static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/fp8_act.fatbin"));
+
+/// Activation rows from which [`matmul_if_supported`] takes this path (below, the weight-only
+/// GEMV reads the weight once and needs no activation quantization).
+pub const MIN_M: usize = 16;
+
+/// cuBLASLt's workspace per stream (NVIDIA's recommendation for Hopper).
+const WORKSPACE_BYTES: usize = 32 << 20;
+
+/// How the activations get their e4m3 scale.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ActQuant {
+    /// One scale per row (token): `absmax(row) / 448` (compressed-tensors' `FP8_DYNAMIC`).
+    DynamicPerToken,
+    /// One scale for the whole activation: `absmax(x) / 448` (two launches).
+    DynamicPerTensor,
+    /// A fixed scale, the checkpoint's `input_scale` (compressed-tensors' static `FP8`).
+    Static(f32),
+}
+
+/// Who applies the scales.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scaling {
+    /// cuBLASLt (scalar or outer-vector scales), our epilogue where the library refuses.
+    Auto,
+    /// Always an unscaled f32 product + our scaling kernel (tests compare both).
+    OwnEpilogue,
+}
+
+/// A weight's device copy for this path: the e4m3 codes `[n, k]` as stored, one f32 scale per
+/// output row (a per-tensor scale repeated), and the static input scale read once.
+pub struct Fp8LtWeight {
+    n: usize,
+    k: usize,
+    codes: CudaSlice<u8>,
+    scales: CudaSlice<f32>,
+    per_tensor: bool,
+    input_scale: Option<f32>,
+}
+
+impl std::fmt::Debug for Fp8LtWeight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Fp8LtWeight({}x{})", self.n, self.k)
+    }
+}
+
+fn err(msg: String) -> QuantError {
+    QuantError::Invalid(format!("fp8 (cuBLASLt): {msg}"))
+}
+
+/// The f32 value of a checkpoint's `input_scale` (one positive finite element).
+fn read_input_scale(t: &Tensor) -> Result<f32, QuantError> {
+    let v: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    match v.as_slice() {
+        [s] if s.is_finite() && *s > 0.0 => Ok(*s),
+        _ => Err(err(format!(
+            "input_scale must be one positive finite value, got {v:?}"
+        ))),
+    }
+}
+
+impl Fp8LtWeight {
+    fn upload(t: &Fp8Tensor, dev: &CudaDevice) -> Result<Self, QuantError> {
+        let (n, k) = t.shape();
+        let scales: Vec<f32> = match t.scale() {
+            [s] => vec![*s; n],
+            s => s.to_vec(),
+        };
+        Ok(Self {
+            n,
+            k,
+            codes: dev.clone_htod(t.codes())?,
+            scales: dev.clone_htod(&scales)?,
+            per_tensor: t.strategy() == Fp8Strategy::Tensor,
+            input_scale: t.input_scale().map(read_input_scale).transpose()?,
+        })
+    }
+}
+
+fn weight(t: &Fp8Tensor, dev: &CudaDevice) -> Result<Arc<Fp8LtWeight>, QuantError> {
+    t.lt.get_or_upload(dev, |d| Fp8LtWeight::upload(t, d))
+}
+
+/// Uploads the weight for this path to `dev` now (else the first matmul does).
+pub fn prepare(t: &Fp8Tensor, dev: &CudaDevice) -> Result<(), QuantError> {
+    weight(t, dev).map(|_| ())
+}
+
+/// `(major, minor)` compute capability of `dev`'s GPU (asked once per GPU).
+pub fn compute_capability(dev: &CudaDevice) -> Result<(i32, i32), QuantError> {
+    static KNOWN: OnceLock<Mutex<HashMap<usize, (i32, i32)>>> = OnceLock::new();
+    let stream = dev.cuda_stream();
+    let ctx = stream.context();
+    let ordinal = ctx.ordinal();
+    let mut known = KNOWN
+        .get_or_init(Default::default)
+        .lock()
+        .expect("poisoned");
+    if let Some(cc) = known.get(&ordinal) {
+        return Ok(*cc);
+    }
+    let major = ctx
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+        .w()?;
+    let minor = ctx
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)
+        .w()?;
+    known.insert(ordinal, (major, minor));
+    Ok((major, minor))
+}
+
+/// Whether `dev` has FP8 tensor cores (compute capability 8.9 or newer).
+pub fn has_fp8_tensor_cores(dev: &CudaDevice) -> Result<bool, QuantError> {
+    Ok(compute_capability(dev)? >= (8, 9))
+}
+
+/// Why `(n, k)` cannot take this path, if it cannot: cuBLASLt's FP8 kernels need 16-aligned
+/// leading dimensions.
+pub fn shape_unsupported(n: usize, k: usize) -> Option<String> {
+    (!k.is_multiple_of(16) || !n.is_multiple_of(16)).then(|| {
+        format!("FP8 cuBLASLt needs in_features and out_features divisible by 16, got [{n}, {k}]")
+    })
+}
+
+/// The activations in e4m3 with one f32 scale per row (per-tensor scales repeated per row).
+pub struct QuantizedActivations {
+    pub m: usize,
+    pub k: usize,
+    pub codes: CudaSlice<u8>,
+    pub scales: CudaSlice<f32>,
+    /// One scale for every row (static or dynamic per-tensor).
+    pub per_tensor: bool,
+}
+
+impl QuantizedActivations {
+    /// The codes `[m, k]` and the `m` scales on the host.
+    pub fn to_host(&self, dev: &CudaDevice) -> Result<(Vec<u8>, Vec<f32>), QuantError> {
+        Ok((dev.clone_dtoh(&self.codes)?, dev.clone_dtoh(&self.scales)?))
+    }
+}
+
+fn dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        _ => "f32",
+    }
+}
+
+/// Threads per row: one 8-element load per thread per pass, 32..1024.
+fn row_threads(k: usize) -> u32 {
+    (k.div_ceil(8).next_multiple_of(32)).clamp(32, 1024) as u32
+}
+
+/// `x` `[m, k]` (f32/bf16/f16, on a GPU; other dtypes go through f32) to e4m3 codes and scales.
+pub fn quantize_activations(x: &Tensor, act: ActQuant) -> Result<QuantizedActivations, QuantError> {
+    let dev = cuda_device(x, "fp8 activation quantization")?;
+    let (m, k) = x
+        .dims2()
+        .map_err(|_| err(format!("activations must be [m, k], got {:?}", x.dims())))?;
+    if !k.is_multiple_of(8) || m == 0 {
+        return Err(err(format!(
+            "activation quantization needs m > 0 and k % 8 == 0, got [{m}, {k}]"
+        )));
+    }
+    if let ActQuant::Static(s) = act {
+        if !(s.is_finite() && s > 0.0) {
+            return Err(err(format!("static input scale must be positive, got {s}")));
+        }
+    }
+    let x = match x.dtype() {
+        DType::F32 | DType::BF16 | DType::F16 => x.clone(),
+        _ => x.to_dtype(DType::F32)?,
+    };
+    // 16-byte-aligned contiguous rows (the kernel loads 8 elements at a time).
+    let aligned = |t: &Tensor| {
+        t.is_contiguous()
+            && (t.layout().start_offset() * t.dtype().size_in_bytes()).is_multiple_of(16)
+    };
+    let x = if aligned(&x) {
+        x
+    } else {
+        x.force_contiguous()?
+    };
+    let (storage, layout) = x.storage_and_layout();
+    let Storage::Cuda(cs) = &*storage else {
+        return Err(err("activations are not on a GPU".into()));
+    };
+    let start = layout.start_offset();
+    // SAFETY: the kernels write every code and every scale.
+    let codes = unsafe { dev.alloc::<u8>(m * k)? };
+    let scales = unsafe { dev.alloc::<f32>(m)? };
+    let qa = QuantizedActivations {
+        m,
+        k,
+        codes,
+        scales,
+        per_tensor: act != ActQuant::DynamicPerToken,
+    };
+    match x.dtype() {
+        DType::BF16 => launch_quant::<half::bf16>(dev, cs, start, &qa, act)?,
+        DType::F16 => launch_quant::<half::f16>(dev, cs, start, &qa, act)?,
+        _ => launch_quant::<f32>(dev, cs, start, &qa, act)?,
+    }
+    Ok(qa)
+}
+
+fn launch_quant<T: CudaDType + DeviceRepr + WithDType>(
+    dev: &CudaDevice,
+    cs: &CudaStorage,
+    start: usize,
+    qa: &QuantizedActivations,
+    act: ActQuant,
+) -> Result<(), QuantError> {
+    let (m, k) = (qa.m, qa.k);
+    let xs = cs.as_cuda_slice::<T>()?.slice(start..start + m * k);
+    let name = dtype_name(T::DTYPE);
+    let stream = dev.cuda_stream();
+    let cfg = LaunchConfig {
+        grid_dim: (m as u32, 1, 1),
+        block_dim: (row_threads(k), 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (mi, ki) = (m as i32, k as i32);
+    let rowmax = if act == ActQuant::DynamicPerTensor {
+        // SAFETY: fp8_absmax_rows writes all m row maxima.
+        let rowmax = unsafe { dev.alloc::<f32>(m)? };
+        let f = function(dev, "fp8_act", FATBIN, &format!("fp8_absmax_rows_{name}"))?;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&xs).arg(&rowmax).arg(&ki);
+        // SAFETY: matches `fp8_absmax_rows_*` (kernels/fp8_act.cu): x holds m*k elements from a
+        // 16-byte-aligned start, rowmax m.
+        unsafe { b.launch(cfg) }.w()?;
+        Some(rowmax)
+    } else {
+        None
+    };
+    let (mode, s) = match act {
+        ActQuant::DynamicPerToken => (0i32, 0f32),
+        ActQuant::Static(s) => (1, s),
+        ActQuant::DynamicPerTensor => (2, 0.0),
+    };
+    let f = function(dev, "fp8_act", FATBIN, &format!("fp8_quant_rows_{name}"))?;
+    let mut b = stream.launch_builder(&f);
+    let null = 0u64;
+    b.arg(&xs).arg(&qa.codes).arg(&qa.scales);
+    match &rowmax {
+        Some(r) => b.arg(r),
+        None => b.arg(&null),
+    };
+    b.arg(&mi).arg(&ki).arg(&mode).arg(&s);
+    // SAFETY: matches `fp8_quant_rows_*`; codes hold m*k bytes, scales m floats, rowmax (mode
+    // 2 only) m floats.
+    unsafe { b.launch(cfg) }.w()?;
+    Ok(())
+}
+
+/// Which scaling a cuBLASLt plan is built for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum LtScaling {
+    /// Scalar A/B scale pointers (both per tensor).
+    Scalar,
+    /// One f32 per weight row (A) and per token (B).
+    OuterVec,
+    /// No scales: the f32 product goes through `fp8_scale_out_*`.
+    Unscaled,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct PlanKey {
+    n: usize,
+    k: usize,
+    m: usize,
+    scaling: LtScaling,
+    out: DType,
+}
+
+/// A matmul descriptor, its layouts and the algorithm the heuristic chose, for one shape.
+struct Plan {
+    desc: sys::cublasLtMatmulDesc_t,
+    a: sys::cublasLtMatrixLayout_t,
+    b: sys::cublasLtMatrixLayout_t,
+    d: sys::cublasLtMatrixLayout_t,
+    algo: sys::cublasLtMatmulAlgo_t,
+}
+
+impl Drop for Plan {
+    fn drop(&mut self) {
+        // SAFETY: each handle was created once by `Plan::new` and is destroyed once here.
+        unsafe {
+            let _ = lt::destroy_matrix_layout(self.a);
+            let _ = lt::destroy_matrix_layout(self.b);
+            let _ = lt::destroy_matrix_layout(self.d);
+            let _ = lt::destroy_matmul_desc(self.desc);
+        }
+    }
+}
+
+fn cuda_type(d: DType) -> sys::cudaDataType {
+    match d {
+        DType::BF16 => sys::cudaDataType::CUDA_R_16BF,
+        DType::F16 => sys::cudaDataType::CUDA_R_16F,
+        _ => sys::cudaDataType::CUDA_R_32F,
+    }
+}
+
+fn lt_err(what: &str, e: lt::CublasError) -> QuantError {
+    err(format!("cuBLASLt {what}: {e:?}"))
+}
+
+/// Sets one matmul-descriptor attribute to `v`.
+///
+/// # Safety
+/// `desc` is live and `T` is the attribute's C type.
+unsafe fn set_attr<T>(
+    desc: sys::cublasLtMatmulDesc_t,
+    attr: sys::cublasLtMatmulDescAttributes_t,
+    v: &T,
+) -> Result<(), QuantError> {
+    lt::set_matmul_desc_attribute(
+        desc,
+        attr,
+        v as *const T as *const _,
+        std::mem::size_of::<T>(),
+    )
+    .map_err(|e| lt_err(&format!("setting {attr:?}"), e))
+}
+
+impl Plan {
+    /// Descriptor and layouts for `key`, the scale pointers set (the heuristic may look at
+    /// them), and the heuristic's first algorithm.
+    fn new(
+        handle: sys::cublasLtHandle_t,
+        key: PlanKey,
+        scale_a: u64,
+        scale_b: u64,
+    ) -> Result<Self, QuantError> {
+        use sys::cublasLtMatmulDescAttributes_t as A;
+        let desc = lt::create_matmul_desc(
+            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            sys::cudaDataType::CUDA_R_32F,
+        )
+        .map_err(|e| lt_err("matmul descriptor", e))?;
+        let layout = |t, rows: usize, cols: usize, ld: usize| {
+            lt::create_matrix_layout(t, rows as u64, cols as u64, ld as i64)
+                .map_err(|e| lt_err("matrix layout", e))
+        };
+        let e4m3 = sys::cudaDataType::CUDA_R_8F_E4M3;
+        let mut plan = Plan {
+            desc,
+            a: std::ptr::null_mut(),
+            b: std::ptr::null_mut(),
+            d: std::ptr::null_mut(),
+            algo: unsafe { std::mem::zeroed() },
+        };
+        plan.a = layout(e4m3, key.k, key.n, key.k)?;
+        plan.b = layout(e4m3, key.k, key.m, key.k)?;
+        plan.d = layout(cuda_type(key.out), key.n, key.m, key.n)?;
+        // SAFETY: the descriptor is live; the value types are the attributes' C types.
+        unsafe {
+            set_attr(desc, A::CUBLASLT_MATMUL_DESC_TRANSA, &1i32)?; // CUBLAS_OP_T
+            set_attr(desc, A::CUBLASLT_MATMUL_DESC_TRANSB, &0i32)?; // CUBLAS_OP_N
+            if key.scaling == LtScaling::OuterVec {
+                let mode =
+                    sys::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F;
+                set_attr(desc, A::CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &mode)?;
+                set_attr(desc, A::CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &mode)?;
+            }
+            plan.set_scales(key.scaling, scale_a, scale_b)?;
+        }
+        let pref = lt::create_matmul_pref().map_err(|e| lt_err("preference", e))?;
+        let ws = WORKSPACE_BYTES;
+        // SAFETY: every handle is live; the result array holds `want` entries.
+        let found = unsafe {
+            let r = lt::set_matmul_pref_attribute(
+                pref,
+                sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                &ws as *const usize as *const _,
+                std::mem::size_of::<usize>(),
+            );
+            let mut results: [sys::cublasLtMatmulHeuristicResult_t; 4] = std::mem::zeroed();
+            let mut count = 0i32;
+            let h = r.and_then(|_| {
+                sys::cublasLtMatmulAlgoGetHeuristic(
+                    handle,
+                    desc,
+                    plan.a,
+                    plan.b,
+                    plan.d,
+                    plan.d,
+                    pref,
+                    results.len() as i32,
+                    results.as_mut_ptr(),
+                    &mut count,
+                )
+                .result()
+            });
+            let _ = lt::destroy_matmul_pref(pref);
+            h.map_err(|e| lt_err("algorithm heuristic", e))?;
+            results[..count.max(0) as usize]
+                .iter()
+                .find(|r| r.state == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS)
+                .map(|r| r.algo)
+        };
+        plan.algo = found.ok_or_else(|| {
+            err(format!(
+                "no cuBLASLt algorithm for {:?} (n={}, k={}, m={}, out {:?})",
+                key.scaling, key.n, key.k, key.m, key.out
+            ))
+        })?;
+        Ok(plan)
+    }
+
+    /// # Safety
+    /// The descriptor is live; the pointers stay valid until the matmul using them has run.
+    unsafe fn set_scales(&self, scaling: LtScaling, a: u64, b: u64) -> Result<(), QuantError> {
+        use sys::cublasLtMatmulDescAttributes_t as A;
+        if scaling != LtScaling::Unscaled {
+            set_attr(self.desc, A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &a)?;
+            set_attr(self.desc, A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &b)?;
+        }
+        Ok(())
+    }
+}
+
+/// cuBLASLt state of one stream: handle, workspace (one per stream: kernels on one stream never
+/// overlap), plans per shape, and whether the outer-vector scale mode works here.
+struct LtState {
+    handle: sys::cublasLtHandle_t,
+    workspace: CudaSlice<u8>,
+    plans: HashMap<PlanKey, Plan>,
+    outer_vec_ok: bool,
+}
+
+// SAFETY: the handle and descriptors are only used under the state's mutex.
+unsafe impl Send for LtState {}
+
+/// Plans kept per stream before the cache is cleared (every distinct token count is a shape).
+const MAX_PLANS: usize = 4096;
+
+fn lt_state(stream: &Arc<CudaStream>) -> Result<Arc<Mutex<LtState>>, QuantError> {
+    type States = Mutex<HashMap<usize, Arc<Mutex<LtState>>>>;
+    static STATES: OnceLock<States> = OnceLock::new();
+    let key = stream.cu_stream() as usize;
+    let mut states = STATES
+        .get_or_init(Default::default)
+        .lock()
+        .expect("poisoned");
+    if let Some(s) = states.get(&key) {
+        return Ok(s.clone());
+    }
+    let handle = lt::create_handle().map_err(|e| lt_err("handle", e))?;
+    // SAFETY: cuBLASLt only uses it as scratch memory.
+    let workspace = unsafe { stream.alloc::<u8>(WORKSPACE_BYTES) }.w()?;
+    let s = Arc::new(Mutex::new(LtState {
+        handle,
+        workspace,
+        plans: HashMap::new(),
+        outer_vec_ok: true,
+    }));
+    states.insert(key, s.clone());
+    Ok(s)
+}
+
+/// The loaded cuBLASLt's version (e.g. 130100 for 13.1.0).
+pub fn cublaslt_version() -> usize {
+    // SAFETY: a plain query without arguments.
+    unsafe { sys::cublasLtGetVersion() }
+}
+
+/// Whether cuBLASLt has applied outer-vector scales on `dev`'s stream so far (`false` once it
+/// refused them and the own epilogue took over).
+pub fn outer_vec_in_use(dev: &CudaDevice) -> Result<bool, QuantError> {
+    let state = lt_state(&dev.cuda_stream())?;
+    let st = state.lock().expect("poisoned");
+    Ok(st.outer_vec_ok)
+}
+
+/// `(x_q · W_qᵀ) · (s_x ⊗ s_w)` `[m, n]` in `out` (bf16/f16/f32) from quantized activations.
+pub fn gemm_quantized(
+    t: &Fp8Tensor,
+    qx: &QuantizedActivations,
+    dev: &CudaDevice,
+    out: DType,
+    scaling: Scaling,
+) -> Result<Tensor, QuantError> {
+    let w = weight(t, dev)?;
+    if qx.k != w.k {
+        return Err(err(format!(
+            "activations have {} columns, the weight {}",
+            qx.k, w.k
+        )));
+    }
+    if let Some(why) = shape_unsupported(w.n, w.k) {
+        return Err(err(why));
+    }
+    let out = match out {
+        DType::BF16 | DType::F16 => out,
+        _ => DType::F32,
+    };
+    let s = match out {
+        DType::BF16 => gemm_typed::<half::bf16>(dev, &w, qx, scaling)?,
+        DType::F16 => gemm_typed::<half::f16>(dev, &w, qx, scaling)?,
+        _ => gemm_typed::<f32>(dev, &w, qx, scaling)?,
+    };
+    Ok(tensor_from_storage(s, (qx.m, w.n)))
+}
+
+fn gemm_typed<T: CudaDType + DeviceRepr + WithDType>(
+    dev: &CudaDevice,
+    w: &Fp8LtWeight,
+    qx: &QuantizedActivations,
+    scaling: Scaling,
+) -> Result<CudaStorage, QuantError> {
+    let (n, m) = (w.n, qx.m);
+    let stream = dev.cuda_stream();
+    let state = lt_state(&stream)?;
+    let mut st = state.lock().expect("poisoned");
+    // SAFETY: cuBLASLt writes every output element.
+    let y = unsafe { dev.alloc::<T>(m * n)? };
+    let wanted = if scaling == Scaling::OwnEpilogue {
+        LtScaling::Unscaled
+    } else if w.per_tensor && qx.per_tensor {
+        LtScaling::Scalar
+    } else if st.outer_vec_ok {
+        LtScaling::OuterVec
+    } else {
+        LtScaling::Unscaled
+    };
+    if wanted != LtScaling::Unscaled {
+        match run_lt(&mut st, &stream, w, qx, &y, T::DTYPE, wanted) {
+            Ok(()) => return Ok(CudaStorage::wrap_cuda_slice(y, dev.clone())),
+            Err(e) if wanted == LtScaling::OuterVec => {
+                static WARNED: AtomicBool = AtomicBool::new(false);
+                if !WARNED.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        "fp8: cuBLASLt refused outer-vector scales ({e}); scaling in a separate kernel"
+                    );
+                }
+                st.outer_vec_ok = false;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    // Unscaled f32 product, then y = acc · s_x[row] · s_w[col].
+    // SAFETY: cuBLASLt writes every element.
+    let acc = unsafe { dev.alloc::<f32>(m * n)? };
+    run_lt(
+        &mut st,
+        &stream,
+        w,
+        qx,
+        &acc,
+        DType::F32,
+        LtScaling::Unscaled,
+    )?;
+    drop(st);
+    let f = function(
+        dev,
+        "fp8_act",
+        FATBIN,
+        &format!("fp8_scale_out_{}", dtype_name(T::DTYPE)),
+    )?;
+    let mut b = stream.launch_builder(&f);
+    let (mi, ni) = (m as i32, n as i32);
+    b.arg(&acc)
+        .arg(&y)
+        .arg(&qx.scales)
+        .arg(&w.scales)
+        .arg(&mi)
+        .arg(&ni);
+    let blocks = (m * n).div_ceil(256).clamp(1, 132 * 16) as u32;
+    let cfg = LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: matches `fp8_scale_out_*`: acc and y hold m*n elements, sx m, sw n.
+    unsafe { b.launch(cfg) }.w()?;
+    drop(b);
+    Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+}
+
+/// One cuBLASLt matmul into `d` (`[m, n]` of `out`), building the shape's plan on first use.
+fn run_lt<D: DevicePtr<E>, E>(
+    st: &mut LtState,
+    stream: &Arc<CudaStream>,
+    w: &Fp8LtWeight,
+    qx: &QuantizedActivations,
+    d: &D,
+    out: DType,
+    scaling: LtScaling,
+) -> Result<(), QuantError> {
+    let key = PlanKey {
+        n: w.n,
+        k: w.k,
+        m: qx.m,
+        scaling,
+        out,
+    };
+    let (pa, _ga) = w.codes.device_ptr(stream);
+    let (pb, _gb) = qx.codes.device_ptr(stream);
+    let (sa, _gsa) = w.scales.device_ptr(stream);
+    let (sb, _gsb) = qx.scales.device_ptr(stream);
+    let (pd, _gd) = d.device_ptr(stream);
+    let (ws, _gw) = st.workspace.device_ptr(stream);
+    if !st.plans.contains_key(&key) {
+        if st.plans.len() >= MAX_PLANS {
+            st.plans.clear();
+        }
+        let plan = Plan::new(st.handle, key, sa, sb)?;
+        st.plans.insert(key, plan);
+    }
+    let plan = &st.plans[&key];
+    let (alpha, beta) = (1f32, 0f32);
+    // SAFETY: the plan's layouts describe these buffers (A: n*k codes, B: m*k codes, D: m*n
+    // elements of `out`), the scale vectors hold n and m floats, and all stay alive (guards
+    // above) until the work enqueued on `stream` has been ordered after them.
+    unsafe {
+        plan.set_scales(scaling, sa, sb)?;
+        lt::matmul(
+            st.handle,
+            plan.desc,
+            &alpha as *const f32 as *const _,
+            &beta as *const f32 as *const _,
+            pa as *const _,
+            plan.a,
+            pb as *const _,
+            plan.b,
+            pd as *const _,
+            plan.d,
+            pd as *mut _,
+            plan.d,
+            &plan.algo,
+            ws as *mut _,
+            WORKSPACE_BYTES,
+            stream.cu_stream() as *mut _,
+        )
+        .map_err(|e| lt_err("matmul", e))
+    }
+}
+
+/// `x · Wᵀ` through FP8 tensor cores: x `[.., k]` quantized by `act` (default: the weight's
+/// static `input_scale` if it has one, else per token), output in x's dtype (bf16/f16/f32;
+/// others computed in f32 and cast back). Errors on GPUs without FP8 tensor cores and on shapes
+/// cuBLASLt's FP8 kernels cannot take ([`shape_unsupported`]).
+pub fn matmul_with(
+    t: &Fp8Tensor,
+    x: &Tensor,
+    act: Option<ActQuant>,
+    scaling: Scaling,
+) -> Result<Tensor, QuantError> {
+    let dev = cuda_device(x, "fp8 cuBLASLt matmul")?;
+    if !has_fp8_tensor_cores(dev)? {
+        let (a, b) = compute_capability(dev)?;
+        return Err(err(format!(
+            "FP8 tensor cores need compute capability 8.9+, this GPU has {a}.{b}"
+        )));
+    }
+    let (n, k) = t.shape();
+    if let Some(why) = shape_unsupported(n, k) {
+        return Err(err(why));
+    }
+    let dims = x.dims().to_vec();
+    if dims.last() != Some(&k) {
+        return Err(err(format!(
+            "activation shape {dims:?} does not end in in_features {k}"
+        )));
+    }
+    let m = x.elem_count() / k.max(1);
+    let w = weight(t, dev)?;
+    let act = act.unwrap_or(match w.input_scale {
+        Some(s) => ActQuant::Static(s),
+        None => ActQuant::DynamicPerToken,
+    });
+    let qx = quantize_activations(&x.reshape((m, k))?, act)?;
+    let y = gemm_quantized(t, &qx, dev, x.dtype(), scaling)?;
+    let mut out_dims = dims;
+    *out_dims.last_mut().expect("rank >= 1") = n;
+    let y = y.reshape(out_dims)?;
+    Ok(if y.dtype() != x.dtype() {
+        y.to_dtype(x.dtype())?
+    } else {
+        y
+    })
+}
+
+/// `Fp8Tensor::matmul`'s GPU dispatch: `Some(y)` through FP8 tensor cores for `x` on a GPU with
+/// compute capability 8.9+, at least [`MIN_M`] rows and a supported shape; `None` sends the
+/// caller to its weight-only path (with a one-time warning on GPUs older than 8.9).
+pub fn matmul_if_supported(t: &Fp8Tensor, x: &Tensor) -> Result<Option<Tensor>, QuantError> {
+    let candle_core::Device::Cuda(dev) = x.device() else {
+        return Ok(None);
+    };
+    let (n, k) = t.shape();
+    if x.elem_count() / k.max(1) < MIN_M || shape_unsupported(n, k).is_some() {
+        return Ok(None);
+    }
+    if !has_fp8_tensor_cores(dev)? {
+        static WARNED: AtomicBool = AtomicBool::new(false);
+        if !WARNED.swap(true, Ordering::Relaxed) {
+            let (a, b) = compute_capability(dev)?;
+            tracing::warn!(
+                "fp8: this GPU (compute capability {a}.{b}) has no FP8 tensor cores (8.9+); \
+                 FP8 weights are decoded to the activation dtype instead"
+            );
+        }
+        return Ok(None);
+    }
+    matmul_with(t, x, None, Scaling::Auto).map(Some)
+}
