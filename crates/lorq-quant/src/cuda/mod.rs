@@ -4,6 +4,8 @@
 //! candle's own kernels and cuBLAS calls.
 
 pub mod bnb4;
+pub mod fused_ops;
+pub mod paged_attention;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
