@@ -7,6 +7,8 @@ use serde_json::json;
 
 use crate::common::ModelArgs;
 
+#[path = "bench_decode.rs"]
+pub mod bench_decode;
 #[path = "bench_kernels.rs"]
 pub mod bench_kernels;
 #[cfg(feature = "cuda")]
@@ -27,6 +29,8 @@ pub enum BenchWhat {
     /// Linear-layer kernels on the CPU: dense f32/bf16, every JIT format fused, and
     /// dequantize-then-matmul, checked then timed.
     Kernels(bench_kernels::BenchKernelsArgs),
+    /// Decode tokens/s of a random model shape (paged KV, fused ops on CUDA) vs the roofline.
+    Decode(bench_decode::BenchDecodeArgs),
 }
 
 #[derive(Debug, Args)]
@@ -57,6 +61,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     match a.what {
         BenchWhat::Generate(g) => generate(g),
         BenchWhat::Kernels(k) => bench_kernels::run(k),
+        BenchWhat::Decode(d) => bench_decode::run(d),
     }
 }
 
