@@ -149,7 +149,11 @@ impl LlamaModel {
         };
         // Tensor indices: 0 embed, 1 lm_head, then 7 linears (+ biases at 10_000+) per layer.
         let index = |layer: usize, w: LayerLinear| {
-            2 + layer * 7 + LayerLinear::ALL.iter().position(|&x| x == w).expect("listed")
+            2 + layer * 7
+                + LayerLinear::ALL
+                    .iter()
+                    .position(|&x| x == w)
+                    .expect("listed")
         };
         let jobs: Vec<(usize, LayerLinear)> = (0..c.num_hidden_layers)
             .flat_map(|l| LayerLinear::ALL.map(|w| (l, w)))
@@ -160,12 +164,22 @@ impl LlamaModel {
             let path = format!("model.layers.{l}.{}", w.module());
             let base = match quantize {
                 Some(q) => {
-                    let v = seeded_randn(tensor_seed(seed, index(l, w)), out * inp, WEIGHT_STD, threads);
+                    let v = seeded_randn(
+                        tensor_seed(seed, index(l, w)),
+                        out * inp,
+                        WEIGHT_STD,
+                        threads,
+                    );
                     let t = Tensor::from_vec(v, (out, inp), &Device::Cpu)?;
                     quantize_weight(q, &format!("{path}.weight"), &t)?
                 }
                 None => {
-                    let v = seeded_randn(tensor_seed(seed, index(l, w)), out * inp, WEIGHT_STD, threads);
+                    let v = seeded_randn(
+                        tensor_seed(seed, index(l, w)),
+                        out * inp,
+                        WEIGHT_STD,
+                        threads,
+                    );
                     let t = Tensor::from_vec(v, (out, inp), &Device::Cpu)?
                         .to_dtype(dtype)?
                         .to_device(device)?;

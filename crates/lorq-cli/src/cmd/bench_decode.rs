@@ -106,7 +106,8 @@ fn random_adapters(model: &LlamaModel, n: usize, rank: usize) -> Result<Vec<Arc<
         for l in 0..model.num_layers() {
             for w in LayerLinear::ALL {
                 let lin = model.layer_linear(l, w);
-                let a = Tensor::randn(0f32, 0.02, (rank, lin.in_features()), dev)?.to_dtype(dtype)?;
+                let a =
+                    Tensor::randn(0f32, 0.02, (rank, lin.in_features()), dev)?.to_dtype(dtype)?;
                 let b =
                     Tensor::randn(0f32, 0.02, (lin.out_features(), rank), dev)?.to_dtype(dtype)?;
                 modules.insert(lin.path.clone(), LoraModule::low_rank(a, b, 2.0));
@@ -252,14 +253,12 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
         let mut model = LlamaModel::random(config.clone(), dtype, &dev, method, a.seed)
             .with_context(|| format!("building a random {} ({q})", a.shape))?;
         let build_s = t.elapsed().as_secs_f64();
-        let format = method.map_or_else(|| format!("{dtype:?}").to_lowercase(), |m| m.name().into());
+        let format =
+            method.map_or_else(|| format!("{dtype:?}").to_lowercase(), |m| m.name().into());
         eprintln!("{format}: random {} built in {build_s:.1}s", a.shape);
         let c = &model.config;
-        let kv_per_token = 2
-            * c.num_hidden_layers
-            * c.num_key_value_heads
-            * c.head_dim
-            * dtype.size_in_bytes();
+        let kv_per_token =
+            2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * dtype.size_in_bytes();
         let weights_read = weight_bytes_read(&model);
         for &n_adapters in &a.adapters {
             let adapters = random_adapters(&model, n_adapters, a.rank)?;

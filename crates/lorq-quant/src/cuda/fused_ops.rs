@@ -152,7 +152,11 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor, QuantError> {
     let ins = prepared(&[(gate, "gate"), (up, "up")], dtype)?;
     let n = gate.elem_count();
     let cfg = LaunchConfig {
-        grid_dim: ((n.div_ceil(THREADS as usize)).clamp(1, 1 << 16) as u32, 1, 1),
+        grid_dim: (
+            (n.div_ceil(THREADS as usize)).clamp(1, 1 << 16) as u32,
+            1,
+            1,
+        ),
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
@@ -162,5 +166,8 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor, QuantError> {
         DType::F16 => launch::<half::f16>(dev, &name, &ins, 1, n, cfg, &push)?,
         _ => launch::<f32>(dev, &name, &ins, 1, n, cfg, &push)?,
     };
-    Ok(tensor_from_storage(o.pop().expect("one output"), gate.shape()))
+    Ok(tensor_from_storage(
+        o.pop().expect("one output"),
+        gate.shape(),
+    ))
 }

@@ -4,7 +4,9 @@
 //! pages and block tables are owned by the model crate (`lorq-model`'s paged KV cache); the CPU
 //! `attend` there is the reference.
 
-use candle_core::cuda_backend::cudarc::driver::{CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+};
 use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::{CudaStorage, DType, Storage, Tensor};
 
@@ -137,7 +139,7 @@ pub fn rope_append(
         heads,
         kv_heads,
         head_dim: hd,
-        block_size: bs,
+        ..
     } = shape;
     for (t, w, what) in [(q, heads, "q"), (k, kv_heads, "k"), (v, kv_heads, "v")] {
         check(t, dtype, what)?;
@@ -149,7 +151,12 @@ pub fn rope_append(
             )));
         }
     }
-    for (t, what) in [(cos, "cos"), (sin, "sin"), (k_cache, "k_cache"), (v_cache, "v_cache")] {
+    for (t, what) in [
+        (cos, "cos"),
+        (sin, "sin"),
+        (k_cache, "k_cache"),
+        (v_cache, "v_cache"),
+    ] {
         check(t, dtype, what)?;
     }
     if hd % 2 != 0 || cos.dim(1)? != hd / 2 {
@@ -172,7 +179,9 @@ pub fn rope_append(
         rows: usize,
         shape: PageShape,
     ) -> Result<CudaStorage, QuantError> {
-        let n = ["q", "k", "v", "cos", "sin", "row_pos", "row_slot", "k_cache", "v_cache"];
+        let n = [
+            "q", "k", "v", "cos", "sin", "row_pos", "row_slot", "k_cache", "v_cache",
+        ];
         let s0 = cuda_storage!(t[0], n[0]);
         let s1 = cuda_storage!(t[1], n[1]);
         let s2 = cuda_storage!(t[2], n[2]);
@@ -202,7 +211,13 @@ pub fn rope_append(
             shape.head_dim as i32,
             shape.block_size as i32,
         );
-        b.arg(&q).arg(&k).arg(&v).arg(&cos).arg(&sin).arg(&pos).arg(&slot);
+        b.arg(&q)
+            .arg(&k)
+            .arg(&v)
+            .arg(&cos)
+            .arg(&sin)
+            .arg(&pos)
+            .arg(&slot);
         b.arg(&out).arg(&kc).arg(&vc);
         b.arg(&h).arg(&kvh).arg(&hd).arg(&bs);
         let cfg = LaunchConfig {
@@ -263,7 +278,7 @@ pub fn attention(
         heads,
         kv_heads,
         head_dim: hd,
-        block_size: bs,
+        ..
     } = shape;
     if !HEAD_DIMS.contains(&hd) {
         return Err(QuantError::Invalid(format!(
@@ -308,7 +323,14 @@ pub fn attention(
         window: i32,
         scale_log2: f32,
     ) -> Result<CudaStorage, QuantError> {
-        let n = ["q", "k_cache", "v_cache", "row_pos", "row_seq", "block_tables"];
+        let n = [
+            "q",
+            "k_cache",
+            "v_cache",
+            "row_pos",
+            "row_seq",
+            "block_tables",
+        ];
         let s0 = cuda_storage!(t[0], n[0]);
         let s1 = cuda_storage!(t[1], n[1]);
         let s2 = cuda_storage!(t[2], n[2]);
@@ -350,18 +372,19 @@ pub fn attention(
             pl as i32,
             num_parts as i32,
         ];
-        b.arg(&q).arg(&kc).arg(&vc).arg(&out).arg(&part_ml).arg(&part_acc);
+        b.arg(&q)
+            .arg(&kc)
+            .arg(&vc)
+            .arg(&out)
+            .arg(&part_ml)
+            .arg(&part_acc);
         b.arg(&pos).arg(&seq).arg(&tables);
         for i in &ints {
             b.arg(i);
         }
         b.arg(&scale_log2);
         let cfg = LaunchConfig {
-            grid_dim: (
-                (kv_heads * chunks) as u32,
-                rows as u32,
-                num_parts as u32,
-            ),
+            grid_dim: ((kv_heads * chunks) as u32, rows as u32, num_parts as u32),
             block_dim: ((NW * 32) as u32, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -378,7 +401,12 @@ pub fn attention(
             )?;
             let mut b = stream.launch_builder(&f);
             let (h, np, hdi) = (heads as i32, num_parts as i32, hd as i32);
-            b.arg(&part_ml).arg(&part_acc).arg(&out).arg(&h).arg(&np).arg(&hdi);
+            b.arg(&part_ml)
+                .arg(&part_acc)
+                .arg(&out)
+                .arg(&h)
+                .arg(&np)
+                .arg(&hdi);
             let cfg = LaunchConfig {
                 grid_dim: (heads as u32, rows as u32, 1),
                 block_dim: (hd as u32, 1, 1),
@@ -397,7 +425,9 @@ pub fn attention(
         batch.row_seq,
         batch.block_tables,
     ];
-    let args = (rows, shape, max_blocks, chunks, pl, num_parts, window, scale_log2);
+    let args = (
+        rows, shape, max_blocks, chunks, pl, num_parts, window, scale_log2,
+    );
     let s = match dtype {
         DType::BF16 => go::<half::bf16>(
             dev, tn, t, args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7,
