@@ -296,7 +296,7 @@ mod gpu {
                 let round = |t: Tensor| t.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap();
                 let x = round(randn(1, &[rows, hidden]));
                 let d = round(randn(2, &[rows, hidden]));
-                let w = round((randn(3, &[hidden]) * 0.1 + 1.0).unwrap());
+                let w = round(randn(3, &[hidden]).affine(0.1, 1.0).unwrap());
                 let up = |t: &Tensor| t.to_dtype(dtype).unwrap().to_device(&dev).unwrap();
                 let (s, y) = add_rms_norm(&up(&x), &up(&d), &up(&w), 1e-5).unwrap();
                 let s_want = (&x + &d).unwrap();

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{Device, Tensor, D};
 use clap::Args;
 use lorq_lora::{LoraAdapter, LoraConfig, LoraModule, TargetModules};
 use lorq_model::random_model::shape_config;
