@@ -11,6 +11,7 @@ use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
 use crate::linear::quantize_weight;
 use crate::linear::Linear;
+use crate::paged_kv::PagedPool;
 use crate::prequantized::CheckpointFormat;
 use crate::rope::Rope;
 use crate::weights::WeightFiles;
@@ -55,17 +56,17 @@ impl LayerLinear {
 /// Applies one linear of a decoder layer to its input (`[rows, in]` -> `[rows, out]`).
 pub type ApplyLinear<'a> = dyn FnMut(LayerLinear, &Linear, &Tensor) -> Result<Tensor> + 'a;
 
-struct DecoderLayer {
-    input_norm: Tensor,
-    post_attention_norm: Tensor,
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
-    gate: Linear,
-    up: Linear,
-    down: Linear,
-    window: Option<usize>,
+pub(crate) struct DecoderLayer {
+    pub(crate) input_norm: Tensor,
+    pub(crate) post_attention_norm: Tensor,
+    pub(crate) q: Linear,
+    pub(crate) k: Linear,
+    pub(crate) v: Linear,
+    pub(crate) o: Linear,
+    pub(crate) gate: Linear,
+    pub(crate) up: Linear,
+    pub(crate) down: Linear,
+    pub(crate) window: Option<usize>,
 }
 
 impl DecoderLayer {
@@ -149,13 +150,17 @@ pub struct BatchItem<'a> {
 /// A Llama-family decoder (Llama, Mistral, Qwen2, SmolLM2), written once with flags.
 pub struct LlamaModel {
     pub config: ModelConfig,
-    dtype: DType,
-    device: Device,
-    embed_tokens: Tensor,
-    layers: Vec<DecoderLayer>,
-    norm: Tensor,
-    lm_head: Linear,
-    rope: Rope,
+    pub(crate) dtype: DType,
+    pub(crate) device: Device,
+    pub(crate) embed_tokens: Tensor,
+    pub(crate) layers: Vec<DecoderLayer>,
+    pub(crate) norm: Tensor,
+    pub(crate) lm_head: Linear,
+    pub(crate) rope: Rope,
+    /// The paged KV pool (a model on the GPU whose head size has a paged-attention kernel).
+    pub(crate) kv_pool: Option<Arc<PagedPool>>,
+    /// Fused residual-add + RMSNorm and SiLU·mul kernels in the paged (GPU) forward.
+    pub(crate) fused_ops: bool,
 }
 
 impl LlamaModel {
@@ -262,7 +267,29 @@ impl LlamaModel {
                 bias: None,
             }
         };
-        let rope = Rope::new(c, dtype, device)?;
+        Self::assemble(config, dtype, device, embed_tokens, layers, norm, lm_head)
+    }
+
+    /// The model from its parts: RoPE tables, and the paged KV pool where the GPU path applies.
+    pub(crate) fn assemble(
+        config: ModelConfig,
+        dtype: DType,
+        device: &Device,
+        embed_tokens: Tensor,
+        layers: Vec<DecoderLayer>,
+        norm: Tensor,
+        lm_head: Linear,
+    ) -> Result<Self> {
+        let rope = Rope::new(&config, dtype, device)?;
+        let kv_pool = crate::paged_forward::supports_paged(&config, dtype, device).then(|| {
+            Arc::new(PagedPool::new(
+                layers.len(),
+                config.num_key_value_heads,
+                config.head_dim,
+                dtype,
+                device,
+            ))
+        });
         Ok(Self {
             config,
             dtype,
@@ -272,7 +299,20 @@ impl LlamaModel {
             norm,
             lm_head,
             rope,
+            kv_pool,
+            fused_ops: true,
         })
+    }
+
+    /// The paged KV pool, when this model runs the paged GPU path.
+    pub fn kv_pool(&self) -> Option<&Arc<PagedPool>> {
+        self.kv_pool.as_ref()
+    }
+
+    /// Turns the fused residual-add + RMSNorm and SiLU·mul GPU kernels on or off (candle's ops
+    /// otherwise), e.g. to measure what they bring.
+    pub fn set_fused_ops(&mut self, on: bool) {
+        self.fused_ops = on;
     }
 
     pub fn dtype(&self) -> DType {
@@ -283,8 +323,12 @@ impl LlamaModel {
         &self.device
     }
 
+    /// An empty KV cache: paged in the model's pool on the GPU, contiguous per layer otherwise.
     pub fn new_cache(&self) -> KvCache {
-        KvCache::new(self.layers.len())
+        match &self.kv_pool {
+            Some(pool) => KvCache::paged(pool.clone()),
+            None => KvCache::new(self.layers.len()),
+        }
     }
 
     /// Every linear of the model, in order, with its module path.
@@ -435,6 +479,13 @@ impl LlamaModel {
         if items.is_empty() {
             return Ok(vec![]);
         }
+        let paged = items.iter().filter(|it| it.cache.is_paged()).count();
+        if paged > 0 && paged < items.len() {
+            return Err(ModelError::Request(
+                "a batch mixes paged and contiguous KV caches; make every cache with new_cache()"
+                    .into(),
+            ));
+        }
         let c = &self.config;
         let mut ids = Vec::new();
         let mut adapters = BatchAdapters::new();
@@ -456,13 +507,15 @@ impl LlamaModel {
         let rows = ids.len();
         let ids = Tensor::from_vec(ids, rows, &self.device)?;
         let mut x = self.embed_tokens.index_select(&ids, 0)?;
-        let ropes = spans
-            .iter()
-            .map(|&(_, n, off)| self.rope.tables(off, n))
-            .collect::<Result<Vec<_>>>()?;
         let eps = c.rms_norm_eps as f32;
-        let row_spans: Vec<(usize, usize)> = spans.iter().map(|&(s, n, _)| (s, n)).collect();
-        {
+        if paged > 0 {
+            x = self.layers_paged(x, items, &spans, &adapters)?;
+        } else {
+            let ropes = spans
+                .iter()
+                .map(|&(_, n, off)| self.rope.tables(off, n))
+                .collect::<Result<Vec<_>>>()?;
+            let row_spans: Vec<(usize, usize)> = spans.iter().map(|&(s, n, _)| (s, n)).collect();
             let mut caches: Vec<&mut KvCache> = items.iter_mut().map(|it| &mut *it.cache).collect();
             let mut apply = |_: LayerLinear, lin: &Linear, h: &Tensor| lin.forward(h, &adapters);
             for (li, layer) in self.layers.iter().enumerate() {

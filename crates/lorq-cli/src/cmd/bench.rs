@@ -11,6 +11,8 @@ use crate::common::ModelArgs;
 pub mod bench_adapters;
 #[path = "bench_fp8.rs"]
 pub mod bench_fp8;
+#[path = "bench_decode.rs"]
+pub mod bench_decode;
 #[path = "bench_kernels.rs"]
 pub mod bench_kernels;
 #[cfg(feature = "cuda")]
@@ -41,6 +43,8 @@ pub enum BenchWhat {
     Quantize(bench_quantize::BenchQuantizeArgs),
     /// W8A8 FP8 through cuBLASLt on the GPU against bf16 cuBLAS (checked, then timed).
     Fp8(bench_fp8::BenchFp8Args),
+    /// Decode tokens/s of a random model shape (paged KV, fused ops on CUDA) vs the roofline.
+    Decode(bench_decode::BenchDecodeArgs),
 }
 
 #[derive(Debug, Args)]
@@ -74,6 +78,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         BenchWhat::Adapters(a) => bench_adapters::run(&a, &crate::common::parse_device(&a.device)?),
         BenchWhat::Quantize(q) => bench_quantize::run(q),
         BenchWhat::Fp8(f) => bench_fp8::run(f),
+        BenchWhat::Decode(d) => bench_decode::run(d),
     }
 }
 

@@ -5,7 +5,9 @@
 
 pub mod bnb4;
 pub mod fp8_gemm;
+pub mod fused_ops;
 pub mod int8_llm;
+pub mod paged_attention;
 pub mod qgemv;
 pub mod quantize;
 pub mod sgmv;

@@ -1,0 +1,382 @@
+//! `lorq bench decode`: decode throughput of a model shape with seeded random weights (no files),
+//! per weight format and batch size, after a prefill of `--context` tokens per sequence, in
+//! tokens/s and in % of the memory roofline: the HBM bandwidth (measured in the same run with a
+//! large device-to-device copy) over the bytes one decode step must read (every weight read
+//! once, the KV cache of every sequence, the adapters in use). Greedy tokens (argmax on the
+//! device) feed the next step, as a server's would.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor, D};
+use clap::Args;
+use lorq_lora::{LoraAdapter, LoraConfig, LoraModule, TargetModules};
+use lorq_model::random_model::shape_config;
+use lorq_model::{BatchItem, LayerLinear, LlamaModel, LogitsWanted};
+use lorq_quant::method::QuantMethod;
+use serde_json::{json, Value};
+
+use super::bench_kernels::{command_line, utc_date};
+use crate::common::{parse_device, ComputeDtype};
+
+#[derive(Debug, Args)]
+#[command(after_help = "Example:
+  lorq bench decode --device cuda --shape llama-3-8b --dtype bf16 \\
+      --quantize none,bitsandbytes-nf4 --batch-sizes 1,32 --context 512 --new-tokens 64 --json decode.json")]
+pub struct BenchDecodeArgs {
+    /// `cpu`, `cuda` or `cuda:N`.
+    #[arg(long, default_value = "cuda")]
+    pub device: String,
+    /// Model shape: llama-3-8b, smollm2-135m or tiny.
+    #[arg(long, default_value = "llama-3-8b")]
+    pub shape: String,
+    #[arg(long, value_enum, default_value = "bf16")]
+    pub dtype: ComputeDtype,
+    /// Weight formats (`none` = dense in --dtype), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "none")]
+    pub quantize: Vec<String>,
+    #[arg(long, value_delimiter = ',', default_value = "1,32")]
+    pub batch_sizes: Vec<usize>,
+    /// Prompt tokens per sequence (prefilled before timing).
+    #[arg(long, default_value_t = 512)]
+    pub context: usize,
+    /// Timed decode steps.
+    #[arg(long, default_value_t = 64)]
+    pub new_tokens: usize,
+    /// Distinct random LoRA adapters (all 7 modules), round-robin over the batch rows;
+    /// comma-separated counts, 0 = no adapter.
+    #[arg(long, value_delimiter = ',', default_value = "0")]
+    pub adapters: Vec<usize>,
+    /// Rank of the random adapters.
+    #[arg(long, default_value_t = 16)]
+    pub rank: usize,
+    /// Also time each case with candle's ops instead of the fused RMSNorm / SiLU·mul kernels.
+    #[arg(long)]
+    pub compare_fused: bool,
+    #[arg(long, default_value_t = 1234)]
+    pub seed: u64,
+    /// Timed repetitions of each case (prefill + decode again; the best decode is reported).
+    #[arg(long, default_value_t = 2)]
+    pub repeats: usize,
+    /// Keep cudarc's per-buffer event tracking (candle's default; it records CUDA events on
+    /// every kernel argument, which costs host time per launch). Off by default here: lorq
+    /// runs one stream per GPU, where the events order nothing.
+    #[arg(long)]
+    pub event_tracking: bool,
+    /// Write the report (JSON) here; rows are printed either way.
+    #[arg(long)]
+    pub json: Option<std::path::PathBuf>,
+}
+
+/// Seconds of the device's work queued so far (waits for it).
+fn sync(dev: &Device) -> Result<()> {
+    dev.synchronize()?;
+    Ok(())
+}
+
+/// HBM bandwidth in bytes/s: a 2 GiB device-to-device copy (cuMemcpyDtoD; read + write bytes),
+/// best of 6.
+#[cfg(feature = "cuda")]
+fn measure_bandwidth(dev: &Device) -> Result<Option<f64>> {
+    let Device::Cuda(cuda) = dev else {
+        return Ok(None);
+    };
+    let n = 1usize << 29; // f32 elements: 2 GiB
+    let src = cuda.alloc_zeros::<f32>(n)?;
+    let mut dst = cuda.alloc_zeros::<f32>(n)?;
+    let mut best = f64::INFINITY;
+    for _ in 0..6 {
+        sync(dev)?;
+        let t = Instant::now();
+        cuda.memcpy_dtod(&src, &mut dst)?;
+        sync(dev)?;
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Ok(Some(2.0 * (n * 4) as f64 / best))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn measure_bandwidth(_dev: &Device) -> Result<Option<f64>> {
+    Ok(None)
+}
+
+fn card(dev: &Device) -> String {
+    #[cfg(feature = "cuda")]
+    if let Ok(n) = super::bench_kernels_cuda::card_name(dev) {
+        return n;
+    }
+    match dev {
+        Device::Cpu => "cpu".into(),
+        d => format!("{d:?}"),
+    }
+}
+
+/// `n` random rank-`rank` adapters on every decoder-layer linear of `model`.
+fn random_adapters(model: &LlamaModel, n: usize, rank: usize) -> Result<Vec<Arc<LoraAdapter>>> {
+    let (dev, dtype) = (model.device(), model.dtype());
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut modules = std::collections::HashMap::new();
+        for l in 0..model.num_layers() {
+            for w in LayerLinear::ALL {
+                let lin = model.layer_linear(l, w);
+                let a =
+                    Tensor::randn(0f32, 0.02, (rank, lin.in_features()), dev)?.to_dtype(dtype)?;
+                let b =
+                    Tensor::randn(0f32, 0.02, (lin.out_features(), rank), dev)?.to_dtype(dtype)?;
+                modules.insert(lin.path.clone(), LoraModule::low_rank(a, b, 2.0));
+            }
+        }
+        let config = LoraConfig {
+            r: rank,
+            lora_alpha: 2.0 * rank as f64,
+            use_rslora: false,
+            target_modules: TargetModules::Names(
+                LayerLinear::ALL
+                    .iter()
+                    .map(|w| w.module().rsplit('.').next().unwrap_or("").to_string())
+                    .collect(),
+            ),
+            exclude_modules: None,
+            rank_pattern: vec![],
+            alpha_pattern: vec![],
+            layers_to_transform: None,
+            layers_pattern: None,
+            base_model_name_or_path: None,
+        };
+        let a = LoraAdapter::from_modules(format!("random-adapter-{i}").into(), config, modules)?;
+        out.push(Arc::new(a));
+    }
+    Ok(out)
+}
+
+/// Bytes a decode step reads besides the KV cache: every weight but the embedding table (only
+/// the batch's rows of it are read).
+fn weight_bytes_read(model: &LlamaModel) -> usize {
+    let c = &model.config;
+    let embed = c.vocab_size * c.hidden_size * model.dtype().size_in_bytes();
+    if c.tie_word_embeddings {
+        model.weight_bytes()
+    } else {
+        model.weight_bytes() - embed
+    }
+}
+
+struct Case<'a> {
+    model: &'a LlamaModel,
+    batch: usize,
+    adapters: &'a [Arc<LoraAdapter>],
+}
+
+/// Seconds of one case: prefill, decode (`new_tokens` steps), and of the decode the host time
+/// spent inside `forward` (issuing the work; the GPU runs behind it until the argmax).
+struct Timing {
+    prefill_s: f64,
+    decode_s: f64,
+    forward_host_s: f64,
+}
+
+fn run_case(case: &Case<'_>, a: &BenchDecodeArgs, dev: &Device) -> Result<Timing> {
+    let model = case.model;
+    let vocab = model.config.vocab_size as u64;
+    if let Some(pool) = model.kv_pool() {
+        let per_seq = (a.context + a.new_tokens + 8).div_ceil(lorq_model::paged_kv::BLOCK_SIZE);
+        pool.reserve(case.batch * per_seq)?;
+    }
+    let mut caches: Vec<_> = (0..case.batch).map(|_| model.new_cache()).collect();
+    let adapter_of = |i: usize| -> Option<Arc<LoraAdapter>> {
+        (!case.adapters.is_empty()).then(|| case.adapters[i % case.adapters.len()].clone())
+    };
+    // Prompts: seeded token ids, different per sequence.
+    let prompts: Vec<Vec<u32>> = (0..case.batch)
+        .map(|s| {
+            (0..a.context.max(1))
+                .map(|t| ((s as u64 * 7919 + t as u64 * 104_729 + a.seed) % vocab) as u32)
+                .collect()
+        })
+        .collect();
+    sync(dev)?;
+    let t = Instant::now();
+    // Prefill in chunks of at most 16k rows (the attention grid's row limit is 65535).
+    let per_step = (16_384 / a.context.max(1)).max(1);
+    let mut next = Vec::with_capacity(case.batch);
+    for start in (0..case.batch).step_by(per_step) {
+        let end = (start + per_step).min(case.batch);
+        let mut items: Vec<BatchItem> = caches[start..end]
+            .iter_mut()
+            .enumerate()
+            .map(|(j, c)| BatchItem {
+                tokens: &prompts[start + j],
+                cache: c,
+                adapter: adapter_of(start + j),
+                logits: LogitsWanted::Last,
+            })
+            .collect();
+        next.extend(greedy(&model.forward(&mut items)?)?);
+    }
+    sync(dev)?;
+    let prefill_s = t.elapsed().as_secs_f64();
+    let mut host = 0f64;
+    let mut step = |next: &mut Vec<u32>, host: &mut f64| -> Result<()> {
+        let tokens: Vec<[u32; 1]> = next.iter().map(|&n| [n]).collect();
+        let mut items: Vec<BatchItem> = caches
+            .iter_mut()
+            .zip(&tokens)
+            .enumerate()
+            .map(|(i, (c, t))| BatchItem {
+                tokens: t,
+                cache: c,
+                adapter: adapter_of(i),
+                logits: LogitsWanted::Last,
+            })
+            .collect();
+        let t = Instant::now();
+        let logits = model.forward(&mut items)?;
+        *host += t.elapsed().as_secs_f64();
+        *next = greedy(&logits)?;
+        Ok(())
+    };
+    // Two untimed steps (kernel loading, first-use uploads).
+    for _ in 0..2 {
+        step(&mut next, &mut host)?;
+    }
+    sync(dev)?;
+    host = 0.0;
+    let t = Instant::now();
+    for _ in 0..a.new_tokens {
+        step(&mut next, &mut host)?;
+    }
+    sync(dev)?;
+    Ok(Timing {
+        prefill_s,
+        decode_s: t.elapsed().as_secs_f64(),
+        forward_host_s: host,
+    })
+}
+
+/// Argmax of every item's last logits row, on the device; only the ids come back.
+fn greedy(logits: &[Tensor]) -> Result<Vec<u32>> {
+    let rows: Vec<Tensor> = logits
+        .iter()
+        .map(|l| l.narrow(0, l.dim(0)? - 1, 1))
+        .collect::<candle_core::Result<_>>()?;
+    let all = Tensor::cat(&rows, 0)?;
+    Ok(all.argmax(D::Minus1)?.to_vec1::<u32>()?)
+}
+
+pub fn run(a: BenchDecodeArgs) -> Result<()> {
+    let dev = parse_device(&a.device)?;
+    #[cfg(feature = "cuda")]
+    if let (Device::Cuda(cuda), false) = (&dev, a.event_tracking) {
+        // SAFETY: every buffer of this run lives on candle's one stream of this device, so
+        // the stream order alone orders every use; no buffer exists yet.
+        unsafe { cuda.disable_event_tracking() };
+    }
+    let config = shape_config(&a.shape)?;
+    let dtype = a.dtype.dtype();
+    if a.context == 0 || a.new_tokens == 0 {
+        bail!("--context and --new-tokens must be at least 1");
+    }
+    let bandwidth = measure_bandwidth(&dev)?;
+    if let Some(bw) = bandwidth {
+        eprintln!("HBM bandwidth (2 GiB copy): {:.0} GB/s", bw / 1e9);
+    }
+    let card = card(&dev);
+    let mut rows: Vec<Value> = Vec::new();
+    for q in &a.quantize {
+        let method = QuantMethod::parse(q).with_context(|| format!("--quantize {q}"))?;
+        let t = Instant::now();
+        let mut model = LlamaModel::random(config.clone(), dtype, &dev, method, a.seed)
+            .with_context(|| format!("building a random {} ({q})", a.shape))?;
+        let build_s = t.elapsed().as_secs_f64();
+        let format =
+            method.map_or_else(|| format!("{dtype:?}").to_lowercase(), |m| m.name().into());
+        eprintln!("{format}: random {} built in {build_s:.1}s", a.shape);
+        let c = &model.config;
+        let kv_per_token =
+            2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * dtype.size_in_bytes();
+        let weights_read = weight_bytes_read(&model);
+        for &n_adapters in &a.adapters {
+            let adapters = random_adapters(&model, n_adapters, a.rank)?;
+            let adapter_bytes = adapters.first().map_or(0, |x| x.bytes());
+            for &batch in &a.batch_sizes {
+                let fused_modes: &[bool] = if a.compare_fused && dev.is_cuda() {
+                    &[true, false]
+                } else {
+                    &[true]
+                };
+                for &fused in fused_modes {
+                    model.set_fused_ops(fused);
+                    let case = Case {
+                        model: &model,
+                        batch,
+                        adapters: &adapters,
+                    };
+                    let mut best: Option<Timing> = None;
+                    for _ in 0..a.repeats.max(1) {
+                        let t = run_case(&case, &a, &dev)
+                            .with_context(|| format!("{format}, batch {batch}"))?;
+                        if best.as_ref().is_none_or(|b| t.decode_s < b.decode_s) {
+                            best = Some(t);
+                        }
+                    }
+                    let Timing {
+                        prefill_s,
+                        decode_s,
+                        forward_host_s,
+                    } = best.expect("at least one repeat");
+                    let step_s = decode_s / a.new_tokens as f64;
+                    // Average keys per sequence over the timed steps (2 untimed steps first).
+                    let mean_ctx = a.context as f64 + 2.0 + (a.new_tokens as f64 + 1.0) / 2.0;
+                    let kv_bytes = batch as f64 * mean_ctx * kv_per_token as f64;
+                    let used_adapters = n_adapters.min(batch) as f64 * adapter_bytes as f64;
+                    let bytes_per_step = weights_read as f64 + kv_bytes + used_adapters;
+                    let roofline = bandwidth.map(|bw| batch as f64 * bw / bytes_per_step);
+                    let tps = batch as f64 / step_s;
+                    let row = json!({
+                        "format": format,
+                        "batch": batch,
+                        "context": a.context,
+                        "tokens_per_s": tps,
+                        "ms_per_step": step_s * 1e3,
+                        "weight_bytes": model.weight_bytes(),
+                        "roofline_tokens_per_s": roofline,
+                        "pct_of_roofline": roofline.map(|r| 100.0 * tps / r),
+                        "bytes_per_step": bytes_per_step,
+                        "kv_bytes_per_step": kv_bytes,
+                        "adapters": n_adapters,
+                        "rank": if n_adapters > 0 { Some(a.rank) } else { None },
+                        "fused_ops": fused,
+                        "paged_kv": model.kv_pool().is_some(),
+                        "prefill_s": prefill_s,
+                        "forward_host_ms_per_step": forward_host_s * 1e3 / a.new_tokens as f64,
+                        "event_tracking": a.event_tracking || !dev.is_cuda(),
+                        "build_s": build_s,
+                    });
+                    eprintln!("{row}");
+                    rows.push(row);
+                }
+            }
+        }
+    }
+    let report = json!({
+        "engine": "lorq",
+        "bench": "decode",
+        "shape": a.shape,
+        "dtype": format!("{dtype:?}").to_lowercase(),
+        "card": card,
+        "hbm_bytes_per_s": bandwidth,
+        "bandwidth_source": "measured: 2 GiB cuMemcpyDtoD, read + write bytes, best of 6",
+        "new_tokens": a.new_tokens,
+        "date": utc_date(),
+        "command": command_line(),
+        "rows": rows,
+    });
+    match &a.json {
+        Some(path) => std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?,
+        None => println!("{}", serde_json::to_string_pretty(&report)?),
+    }
+    Ok(())
+}

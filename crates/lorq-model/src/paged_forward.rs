@@ -1,0 +1,188 @@
+//! The decoder layers of a batched step on the GPU over the paged KV cache: per layer one launch
+//! for RoPE + the append of every new token's key and value, one (or two, with a split) for the
+//! attention of every new token of the batch, and the fused residual-add + RMSNorm and SiLU·mul
+//! kernels, instead of a loop over the sequences of candle ops. The batch layout (positions,
+//! slots, block tables) is uploaded once per step and shared by every layer. The contiguous path
+//! in `llama.rs` (the CPU, and training) is the reference.
+
+use candle_core::{DType, Device, Tensor};
+use lorq_lora::BatchAdapters;
+
+use crate::config::ModelConfig;
+use crate::error::{ModelError, Result};
+use crate::llama::{BatchItem, LlamaModel};
+
+/// Whether a model of `config` in `dtype` on `device` runs the paged GPU path.
+pub(crate) fn supports_paged(config: &ModelConfig, dtype: DType, device: &Device) -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        use lorq_quant::cuda::paged_attention::HEAD_DIMS;
+        device.is_cuda()
+            && HEAD_DIMS.contains(&config.head_dim)
+            && matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
+            && config.num_key_value_heads > 0
+            && config.num_attention_heads % config.num_key_value_heads == 0
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (config, dtype, device);
+        false
+    }
+}
+
+impl LlamaModel {
+    /// Every decoder layer over `x` (`[rows, hidden]`) with paged caches; `spans[i]` = (first
+    /// row, new tokens, cached tokens) of item `i`. Blocks for the new tokens are taken from the
+    /// pool here; the caches' lengths advance afterwards (the caller).
+    #[cfg(not(feature = "cuda"))]
+    pub(crate) fn layers_paged(
+        &self,
+        _x: Tensor,
+        _items: &mut [BatchItem<'_>],
+        _spans: &[(usize, usize, usize)],
+        _adapters: &BatchAdapters,
+    ) -> Result<Tensor> {
+        Err(ModelError::Request(
+            "paged KV caches need a CUDA build (the `cuda` feature) and a model on the GPU".into(),
+        ))
+    }
+
+    /// Every decoder layer over `x` (`[rows, hidden]`) with paged caches; `spans[i]` = (first
+    /// row, new tokens, cached tokens) of item `i`. Blocks for the new tokens are taken from the
+    /// pool here; the caches' lengths advance afterwards (the caller).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn layers_paged(
+        &self,
+        mut x: Tensor,
+        items: &mut [BatchItem<'_>],
+        spans: &[(usize, usize, usize)],
+        adapters: &BatchAdapters,
+    ) -> Result<Tensor> {
+        use lorq_quant::cuda::fused_ops::{add_rms_norm, silu_mul};
+        use lorq_quant::cuda::paged_attention::{
+            attention, multiprocessors, rope_append, PageShape, PagedBatch,
+        };
+        let c = &self.config;
+        let pool = self.kv_pool.as_ref().ok_or_else(|| {
+            ModelError::Request("this model has no paged KV pool (not on a GPU)".into())
+        })?;
+        let Device::Cuda(cuda) = &self.device else {
+            return Err(ModelError::Request(
+                "paged KV caches need the model on a GPU".into(),
+            ));
+        };
+        let rows = x.dim(0)?;
+        let mut row_pos = Vec::with_capacity(rows);
+        let mut row_seq = Vec::with_capacity(rows);
+        let mut row_slot = Vec::with_capacity(rows);
+        let mut max_ctx = 0;
+        let mut tables = Vec::with_capacity(items.len());
+        for (i, (it, &(_, n, off))) in items.iter_mut().zip(spans).enumerate() {
+            let seq = it.cache.paged_seq().ok_or_else(|| {
+                ModelError::Request("a batch mixes paged and contiguous KV caches".into())
+            })?;
+            if !std::sync::Arc::ptr_eq(&seq.pool, pool) {
+                return Err(ModelError::Request(
+                    "a KV cache belongs to another model's pool; make it with this model's new_cache()"
+                        .into(),
+                ));
+            }
+            seq.ensure(off + n)?;
+            for p in off..off + n {
+                row_pos.push(p as u32);
+                row_seq.push(i as u32);
+                row_slot.push(seq.slot(p));
+            }
+            max_ctx = max_ctx.max(off + n);
+            tables.push(seq.blocks.clone());
+        }
+        if rows > 65_535 {
+            return Err(ModelError::Request(format!(
+                "a step of {rows} new tokens is more than the 65535 the attention grid takes; \
+                 split the prefill into chunks"
+            )));
+        }
+        let max_blocks = tables.iter().map(Vec::len).max().unwrap_or(1).max(1);
+        // One upload per step: positions, sequences, slots, then the padded block tables.
+        let mut meta = Vec::with_capacity(3 * rows + items.len() * max_blocks);
+        meta.extend_from_slice(&row_pos);
+        meta.extend_from_slice(&row_seq);
+        meta.extend_from_slice(&row_slot);
+        for t in &tables {
+            meta.extend_from_slice(t);
+            meta.extend(std::iter::repeat_n(0, max_blocks - t.len()));
+        }
+        let meta_len = meta.len();
+        let meta = Tensor::from_vec(meta, meta_len, &self.device)?;
+        let row_pos = meta.narrow(0, 0, rows)?;
+        let row_seq = meta.narrow(0, rows, rows)?;
+        let row_slot = meta.narrow(0, 2 * rows, rows)?;
+        let block_tables = meta
+            .narrow(0, 3 * rows, items.len() * max_blocks)?
+            .reshape((items.len(), max_blocks))?;
+        let (cos, sin) = self.rope.tables(0, max_ctx)?;
+        let batch = PagedBatch {
+            row_pos: &row_pos,
+            row_seq: &row_seq,
+            row_slot: &row_slot,
+            block_tables: &block_tables,
+            max_keys: max_ctx,
+            sms: multiprocessors(cuda)?,
+        };
+        let shape = PageShape {
+            heads: c.num_attention_heads,
+            kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim,
+            block_size: crate::paged_kv::BLOCK_SIZE,
+        };
+        let eps = c.rms_norm_eps as f32;
+        let fused = self.fused_ops;
+        // x + d, then RMSNorm with w: one fused kernel, or candle's add and rms_norm.
+        let add_norm = |x: &Tensor, d: &Tensor, w: &Tensor| -> Result<(Tensor, Tensor)> {
+            if fused {
+                Ok(add_rms_norm(x, d, w, eps)?)
+            } else {
+                let s = (x + d)?;
+                let y = candle_nn::ops::rms_norm(&s, w, eps)?;
+                Ok((s, y))
+            }
+        };
+        // The MLP's output, added into x by the next layer's fused norm.
+        let mut pending: Option<Tensor> = None;
+        for (li, layer) in self.layers.iter().enumerate() {
+            let h = match pending.take() {
+                None => candle_nn::ops::rms_norm(&x, &layer.input_norm, eps)?,
+                Some(d) => {
+                    let (s, y) = add_norm(&x, &d, &layer.input_norm)?;
+                    x = s;
+                    y
+                }
+            };
+            let q = layer.q.forward(&h, adapters)?.contiguous()?;
+            let k = layer.k.forward(&h, adapters)?.contiguous()?;
+            let v = layer.v.forward(&h, adapters)?.contiguous()?;
+            let (kc, vc) = pool.layer(li);
+            let q = rope_append(&q, &k, &v, &cos, &sin, &batch, &kc, &vc, shape)?;
+            let layer_batch = PagedBatch {
+                max_keys: layer.window.map_or(max_ctx, |w| w.min(max_ctx)),
+                ..batch
+            };
+            let attn = attention(&q, &kc, &vc, &layer_batch, shape, layer.window)?;
+            let o = layer.o.forward(&attn, adapters)?;
+            let (s, h) = add_norm(&x, &o, &layer.post_attention_norm)?;
+            x = s;
+            let gate = layer.gate.forward(&h, adapters)?;
+            let up = layer.up.forward(&h, adapters)?;
+            let act = if fused {
+                silu_mul(&gate, &up)?
+            } else {
+                (gate.silu()? * up)?
+            };
+            pending = Some(layer.down.forward(&act, adapters)?);
+        }
+        if let Some(d) = pending {
+            x = (x + d)?;
+        }
+        Ok(x)
+    }
+}

@@ -1,0 +1,60 @@
+// Elementwise decoder ops fused so that a decode step launches fewer kernels and reads each
+// activation once (the model code in crates/lorq-model uses them on CUDA; candle's ops are the
+// reference, tests in crates/lorq-model/tests/cuda_decode.rs):
+// - add_rms_norm_*: s = x + d (the residual add), y = RMSNorm(s) * w; writes both s and y. One
+//   block per row; f32 sum of squares.
+// - silu_mul_*: y = SiLU(gate) * up, elementwise, f32 math.
+#include "common.cuh"
+
+constexpr int THREADS = 256;
+
+template <typename T>
+__device__ __forceinline__ void add_rms_norm(const T* __restrict__ x, const T* __restrict__ d,
+                                             const T* __restrict__ w, T* __restrict__ s,
+                                             T* __restrict__ y, int hidden, float eps) {
+    __shared__ float s_part[THREADS / 32];
+    const size_t row = (size_t)blockIdx.x * hidden;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < hidden; i += THREADS) {
+        // Rounded to T first: the sum the next layer sees is the stored one.
+        const T sum = from_f<T>(to_f(x[row + i]) + to_f(d[row + i]));
+        s[row + i] = sum;
+        const float f = to_f(sum);
+        ss = fmaf(f, f, ss);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    if ((threadIdx.x & 31) == 0) s_part[threadIdx.x >> 5] = ss;
+    __syncthreads();
+    float total = 0.f;
+#pragma unroll
+    for (int i = 0; i < THREADS / 32; i++) total += s_part[i];
+    const float inv = rsqrtf(total / hidden + eps);
+    for (int i = threadIdx.x; i < hidden; i += THREADS)
+        y[row + i] = from_f<T>(to_f(s[row + i]) * inv * to_f(w[i]));
+}
+
+template <typename T>
+__device__ __forceinline__ void silu_mul(const T* __restrict__ gate, const T* __restrict__ up,
+                                         T* __restrict__ y, size_t n) {
+    for (size_t i = (size_t)blockIdx.x * THREADS + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * THREADS) {
+        const float g = to_f(gate[i]);
+        // SiLU rounded to T as candle's separate op stores it, then the product.
+        const float a = to_f(from_f<T>(g / (1.f + expf(-g))));
+        y[i] = from_f<T>(a * to_f(up[i]));
+    }
+}
+
+#define FUSED(T, TN)                                                                              \
+    extern "C" __global__ void __launch_bounds__(THREADS)                                        \
+        add_rms_norm_##TN(const T* x, const T* d, const T* w, T* s, T* y, int hidden, float eps) { \
+        add_rms_norm<T>(x, d, w, s, y, hidden, eps);                                             \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(THREADS)                                        \
+        silu_mul_##TN(const T* gate, const T* up, T* y, unsigned long long n) {                   \
+        silu_mul<T>(gate, up, y, (size_t)n);                                                      \
+    }
+FUSED(float, f32)
+FUSED(__nv_bfloat16, bf16)
+FUSED(__half, f16)

@@ -1,0 +1,173 @@
+//! Fused decoder elementwise ops on the GPU (`kernels/fused_ops.cu`): residual add + RMSNorm in
+//! one pass, and SiLU(gate)·up. Each replaces two or three of candle's launches and one round
+//! trip of the activation through memory; candle's ops are the reference.
+
+use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
+use candle_core::{CudaStorage, DType, Storage, Tensor};
+
+use super::{cuda_device, function, tensor_from_storage};
+use crate::QuantError;
+
+static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/fused_ops.fatbin"));
+
+const THREADS: u32 = 256;
+
+fn dtype_name(dtype: DType) -> Result<&'static str, QuantError> {
+    Ok(match dtype {
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        DType::F32 => "f32",
+        d => {
+            return Err(QuantError::Invalid(format!(
+                "fused ops: unsupported dtype {d:?} (f32, bf16 or f16)"
+            )))
+        }
+    })
+}
+
+/// Contiguous copies where needed, all of `dtype` on `x`'s GPU.
+fn prepared(ts: &[(&Tensor, &str)], dtype: DType) -> Result<Vec<Tensor>, QuantError> {
+    ts.iter()
+        .map(|(t, what)| {
+            if t.dtype() != dtype {
+                return Err(QuantError::Invalid(format!(
+                    "fused ops: {what} is {:?}, expected {dtype:?}",
+                    t.dtype()
+                )));
+            }
+            cuda_device(t, what)?;
+            Ok(t.contiguous()?)
+        })
+        .collect()
+}
+
+/// A scalar kernel argument after the pointers.
+enum Scalar {
+    I32(i32),
+    F32(f32),
+    U64(u64),
+}
+
+/// Launches `name` over the prepared inputs and `outs` fresh outputs of `out_len` elements each.
+fn launch<T: CudaDType + DeviceRepr>(
+    dev: &CudaDevice,
+    name: &str,
+    ins: &[Tensor],
+    outs: usize,
+    out_len: usize,
+    cfg: LaunchConfig,
+    scalars: &[Scalar],
+) -> Result<Vec<CudaStorage>, QuantError> {
+    let guards: Vec<_> = ins.iter().map(|t| t.storage_and_layout()).collect();
+    let mut views = Vec::with_capacity(ins.len());
+    for (g, t) in guards.iter().zip(ins) {
+        let Storage::Cuda(cs) = &*g.0 else {
+            return Err(QuantError::Invalid("fused ops: input not on a GPU".into()));
+        };
+        let start = g.1.start_offset();
+        views.push(
+            cs.as_cuda_slice::<T>()?
+                .slice(start..start + t.elem_count()),
+        );
+    }
+    let mut out = Vec::with_capacity(outs);
+    for _ in 0..outs {
+        // SAFETY: every element is written by the kernel.
+        out.push(unsafe { dev.alloc::<T>(out_len.max(1))? });
+    }
+    let f = function(dev, "fused_ops", FATBIN, name)?;
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&f);
+    for v in &views {
+        b.arg(v);
+    }
+    for o in &out {
+        b.arg(o);
+    }
+    for sc in scalars {
+        match sc {
+            Scalar::I32(v) => b.arg(v),
+            Scalar::F32(v) => b.arg(v),
+            Scalar::U64(v) => b.arg(v),
+        };
+    }
+    // SAFETY: the caller's name, inputs, outputs and scalars match the kernel's signature.
+    unsafe { b.launch(cfg) }.w()?;
+    drop(b);
+    Ok(out
+        .into_iter()
+        .map(|o| CudaStorage::wrap_cuda_slice(o, dev.clone()))
+        .collect())
+}
+
+/// `s = x + d`, `y = RMSNorm(s) · w` (`x`, `d`: `[rows, hidden]`, `w`: `[hidden]`); returns `(s, y)`.
+pub fn add_rms_norm(
+    x: &Tensor,
+    d: &Tensor,
+    w: &Tensor,
+    eps: f32,
+) -> Result<(Tensor, Tensor), QuantError> {
+    let dev = cuda_device(x, "x")?;
+    let dtype = x.dtype();
+    let name = format!("add_rms_norm_{}", dtype_name(dtype)?);
+    let (rows, hidden) = x.dims2()?;
+    if d.dims() != x.dims() || w.dims() != [hidden] {
+        return Err(QuantError::Invalid(format!(
+            "add_rms_norm: x {:?}, residual {:?}, weight {:?} do not fit",
+            x.dims(),
+            d.dims(),
+            w.dims()
+        )));
+    }
+    let ins = prepared(&[(x, "x"), (d, "residual"), (w, "norm weight")], dtype)?;
+    let cfg = LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let push = [Scalar::I32(hidden as i32), Scalar::F32(eps)];
+    let mut o = match dtype {
+        DType::BF16 => launch::<half::bf16>(dev, &name, &ins, 2, rows * hidden, cfg, &push)?,
+        DType::F16 => launch::<half::f16>(dev, &name, &ins, 2, rows * hidden, cfg, &push)?,
+        _ => launch::<f32>(dev, &name, &ins, 2, rows * hidden, cfg, &push)?,
+    };
+    let y = tensor_from_storage(o.pop().expect("two outputs"), (rows, hidden));
+    let s = tensor_from_storage(o.pop().expect("two outputs"), (rows, hidden));
+    Ok((s, y))
+}
+
+/// `SiLU(gate) · up`, elementwise, same shape.
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor, QuantError> {
+    let dev = cuda_device(gate, "gate")?;
+    let dtype = gate.dtype();
+    let name = format!("silu_mul_{}", dtype_name(dtype)?);
+    if gate.dims() != up.dims() {
+        return Err(QuantError::Invalid(format!(
+            "silu_mul: gate {:?} and up {:?} differ in shape",
+            gate.dims(),
+            up.dims()
+        )));
+    }
+    let ins = prepared(&[(gate, "gate"), (up, "up")], dtype)?;
+    let n = gate.elem_count();
+    let cfg = LaunchConfig {
+        grid_dim: (
+            (n.div_ceil(THREADS as usize)).clamp(1, 1 << 16) as u32,
+            1,
+            1,
+        ),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let push = [Scalar::U64(n as u64)];
+    let mut o = match dtype {
+        DType::BF16 => launch::<half::bf16>(dev, &name, &ins, 1, n, cfg, &push)?,
+        DType::F16 => launch::<half::f16>(dev, &name, &ins, 1, n, cfg, &push)?,
+        _ => launch::<f32>(dev, &name, &ins, 1, n, cfg, &push)?,
+    };
+    Ok(tensor_from_storage(
+        o.pop().expect("one output"),
+        gate.shape(),
+    ))
+}

@@ -1,0 +1,454 @@
+//! Attention over a paged KV cache on the GPU (`kernels/paged_attention.cu`): RoPE + append of
+//! every new token's key and value into its page, and causal (optionally sliding-window) GQA
+//! attention of every new token over its sequence, each in one launch for the whole batch. The
+//! pages and block tables are owned by the model crate (`lorq-model`'s paged KV cache); the CPU
+//! `attend` there is the reference.
+
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
+use candle_core::{CudaStorage, DType, Storage, Tensor};
+
+use super::{cuda_device, function, tensor_from_storage};
+use crate::QuantError;
+
+static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/paged_attention.fatbin"));
+
+/// Head dimensions the attention kernel is built for.
+pub const HEAD_DIMS: [usize; 3] = [64, 128, 256];
+/// Most keys one attention block scores (kernels/paged_attention.cu `PMAX`).
+const PMAX: usize = 256;
+/// Query heads per attention block (`GMAX`).
+const GMAX: usize = 8;
+/// Warps per attention block (`NW`).
+const NW: usize = 4;
+
+/// Where every new token (row) of a batch sits: `row_pos[r]` its position in its sequence,
+/// `row_seq[r]` its sequence (row of `block_tables`), `row_slot[r]` the page slot (block · block
+/// size + offset) its key and value go to. All `u32` tensors on the GPU, uploaded once per step
+/// and shared by every layer.
+#[derive(Clone, Copy)]
+pub struct PagedBatch<'a> {
+    pub row_pos: &'a Tensor,
+    pub row_seq: &'a Tensor,
+    pub row_slot: &'a Tensor,
+    /// `[seqs, max_blocks]` block ids (unused entries are never read).
+    pub block_tables: &'a Tensor,
+    /// The longest key range one row attends to (after the sliding window), for the split.
+    pub max_keys: usize,
+    /// Streaming multiprocessors of the GPU (how many blocks fill it).
+    pub sms: usize,
+}
+
+/// The shape of one layer's pages: `[num_blocks, kv_heads, block_size, head_dim]`.
+#[derive(Debug, Clone, Copy)]
+pub struct PageShape {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub block_size: usize,
+}
+
+fn dtype_name(dtype: DType) -> Result<&'static str, QuantError> {
+    Ok(match dtype {
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        DType::F32 => "f32",
+        d => {
+            return Err(QuantError::Invalid(format!(
+                "paged attention: unsupported dtype {d:?} (f32, bf16 or f16)"
+            )))
+        }
+    })
+}
+
+/// The device slice behind `t` from its start offset (any contiguous tensor).
+fn view<'a, T: CudaDType + DeviceRepr>(
+    cs: &'a CudaStorage,
+    t: &Tensor,
+    what: &str,
+) -> Result<CudaView<'a, T>, QuantError> {
+    let layout = t.layout();
+    if !layout.is_contiguous() {
+        return Err(QuantError::Invalid(format!(
+            "paged attention: {what} must be contiguous"
+        )));
+    }
+    let start = layout.start_offset();
+    Ok(cs
+        .as_cuda_slice::<T>()?
+        .slice(start..start + t.elem_count()))
+}
+
+fn check(t: &Tensor, dtype: DType, what: &str) -> Result<(), QuantError> {
+    if t.dtype() != dtype {
+        return Err(QuantError::Invalid(format!(
+            "paged attention: {what} is {:?}, expected {dtype:?}",
+            t.dtype()
+        )));
+    }
+    cuda_device(t, what)?;
+    Ok(())
+}
+
+/// Storage guard of a CUDA tensor (its `CudaStorage` borrowed for the launch).
+macro_rules! cuda_storage {
+    ($t:expr, $what:expr) => {{
+        let (s, _) = $t.storage_and_layout();
+        match &*s {
+            Storage::Cuda(_) => s,
+            _ => {
+                return Err(QuantError::Invalid(format!(
+                    "paged attention: {} is not on a GPU",
+                    $what
+                )))
+            }
+        }
+    }};
+}
+
+fn cs(s: &Storage) -> &CudaStorage {
+    match s {
+        Storage::Cuda(c) => c,
+        _ => unreachable!("checked by cuda_storage!"),
+    }
+}
+
+/// RoPE on `q` (`[rows, heads·hd]`) and `k` (`[rows, kv_heads·hd]`) at each row's position, and
+/// the append of `k`, `v` into the pages `k_cache`/`v_cache` at each row's slot (written in
+/// place). `cos`/`sin`: `[positions, hd/2]` tables from position 0, in the compute dtype.
+/// Returns the rotated queries `[rows, heads·hd]`.
+#[allow(clippy::too_many_arguments)]
+pub fn rope_append(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    batch: &PagedBatch<'_>,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    shape: PageShape,
+) -> Result<Tensor, QuantError> {
+    let dev = cuda_device(q, "q")?;
+    let dtype = q.dtype();
+    let name = format!("rope_append_{}", dtype_name(dtype)?);
+    let rows = q.dim(0)?;
+    let PageShape {
+        heads,
+        kv_heads,
+        head_dim: hd,
+        ..
+    } = shape;
+    for (t, w, what) in [(q, heads, "q"), (k, kv_heads, "k"), (v, kv_heads, "v")] {
+        check(t, dtype, what)?;
+        if t.dims() != [rows, w * hd] {
+            return Err(QuantError::Invalid(format!(
+                "paged attention: {what} has shape {:?}, expected [{rows}, {}]",
+                t.dims(),
+                w * hd
+            )));
+        }
+    }
+    for (t, what) in [
+        (cos, "cos"),
+        (sin, "sin"),
+        (k_cache, "k_cache"),
+        (v_cache, "v_cache"),
+    ] {
+        check(t, dtype, what)?;
+    }
+    if hd % 2 != 0 || cos.dim(1)? != hd / 2 {
+        return Err(QuantError::Invalid(format!(
+            "paged attention: RoPE tables {:?} do not fit head_dim {hd}",
+            cos.dims()
+        )));
+    }
+    if batch.row_pos.elem_count() != rows || batch.row_slot.elem_count() != rows {
+        return Err(QuantError::Invalid(format!(
+            "paged attention: {rows} rows but {} positions / {} slots",
+            batch.row_pos.elem_count(),
+            batch.row_slot.elem_count()
+        )));
+    }
+    fn go<T: CudaDType + DeviceRepr>(
+        dev: &CudaDevice,
+        name: &str,
+        t: [&Tensor; 9],
+        rows: usize,
+        shape: PageShape,
+    ) -> Result<CudaStorage, QuantError> {
+        let n = [
+            "q", "k", "v", "cos", "sin", "row_pos", "row_slot", "k_cache", "v_cache",
+        ];
+        let s0 = cuda_storage!(t[0], n[0]);
+        let s1 = cuda_storage!(t[1], n[1]);
+        let s2 = cuda_storage!(t[2], n[2]);
+        let s3 = cuda_storage!(t[3], n[3]);
+        let s4 = cuda_storage!(t[4], n[4]);
+        let s5 = cuda_storage!(t[5], n[5]);
+        let s6 = cuda_storage!(t[6], n[6]);
+        let s7 = cuda_storage!(t[7], n[7]);
+        let s8 = cuda_storage!(t[8], n[8]);
+        let q = view::<T>(cs(&s0), t[0], n[0])?;
+        let k = view::<T>(cs(&s1), t[1], n[1])?;
+        let v = view::<T>(cs(&s2), t[2], n[2])?;
+        let cos = view::<T>(cs(&s3), t[3], n[3])?;
+        let sin = view::<T>(cs(&s4), t[4], n[4])?;
+        let pos = view::<u32>(cs(&s5), t[5], n[5])?;
+        let slot = view::<u32>(cs(&s6), t[6], n[6])?;
+        let kc = view::<T>(cs(&s7), t[7], n[7])?;
+        let vc = view::<T>(cs(&s8), t[8], n[8])?;
+        // SAFETY: every element is written by the kernel.
+        let out = unsafe { dev.alloc::<T>(rows * shape.heads * shape.head_dim)? };
+        let f = function(dev, "paged_attention", FATBIN, name)?;
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        let (h, kvh, hd, bs) = (
+            shape.heads as i32,
+            shape.kv_heads as i32,
+            shape.head_dim as i32,
+            shape.block_size as i32,
+        );
+        b.arg(&q)
+            .arg(&k)
+            .arg(&v)
+            .arg(&cos)
+            .arg(&sin)
+            .arg(&pos)
+            .arg(&slot);
+        b.arg(&out).arg(&kc).arg(&vc);
+        b.arg(&h).arg(&kvh).arg(&hd).arg(&bs);
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the arguments match `rope_append_*`; slots and positions were checked against
+        // the pool and the RoPE tables by the caller.
+        unsafe { b.launch(cfg) }.w()?;
+        drop(b);
+        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    }
+    let t = [
+        q,
+        k,
+        v,
+        cos,
+        sin,
+        batch.row_pos,
+        batch.row_slot,
+        k_cache,
+        v_cache,
+    ];
+    let s = match dtype {
+        DType::BF16 => go::<half::bf16>(dev, &name, t, rows, shape)?,
+        DType::F16 => go::<half::f16>(dev, &name, t, rows, shape)?,
+        _ => go::<f32>(dev, &name, t, rows, shape)?,
+    };
+    Ok(tensor_from_storage(s, (rows, shape.heads * shape.head_dim)))
+}
+
+/// Keys per partition: the largest of 256/128/64 that still gives the GPU two blocks per SM.
+fn part_len(blocks_per_part: usize, max_keys: usize, sms: usize) -> usize {
+    for p in [PMAX, 128] {
+        if blocks_per_part * max_keys.div_ceil(p) >= 2 * sms {
+            return p;
+        }
+    }
+    64
+}
+
+/// Causal attention of every row's query heads (`q`: `[rows, heads·hd]`, already rotated) over
+/// its sequence's keys `0..=pos` in the pages (only the last `window` with a sliding window).
+/// Returns `[rows, heads·hd]`.
+pub fn attention(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    batch: &PagedBatch<'_>,
+    shape: PageShape,
+    window: Option<usize>,
+) -> Result<Tensor, QuantError> {
+    let dev = cuda_device(q, "q")?;
+    let dtype = q.dtype();
+    let tn = dtype_name(dtype)?;
+    let PageShape {
+        heads,
+        kv_heads,
+        head_dim: hd,
+        ..
+    } = shape;
+    if !HEAD_DIMS.contains(&hd) {
+        return Err(QuantError::Invalid(format!(
+            "paged attention: head_dim {hd} has no kernel (built for {HEAD_DIMS:?})"
+        )));
+    }
+    if kv_heads == 0 || heads % kv_heads != 0 {
+        return Err(QuantError::Invalid(format!(
+            "paged attention: {heads} query heads are not a multiple of {kv_heads} KV heads"
+        )));
+    }
+    let rows = q.dim(0)?;
+    check(q, dtype, "q")?;
+    check(k_cache, dtype, "k_cache")?;
+    check(v_cache, dtype, "v_cache")?;
+    if q.dims() != [rows, heads * hd] {
+        return Err(QuantError::Invalid(format!(
+            "paged attention: q has shape {:?}, expected [{rows}, {}]",
+            q.dims(),
+            heads * hd
+        )));
+    }
+    let max_blocks = batch.block_tables.dim(1)?;
+    let chunks = (heads / kv_heads).div_ceil(GMAX);
+    let max_keys = batch.max_keys.max(1);
+    let pl = part_len(kv_heads * chunks * rows, max_keys, batch.sms.max(1));
+    let num_parts = max_keys.div_ceil(pl);
+    let window = window.unwrap_or(0) as i32;
+    let scale_log2 = (1.0 / (hd as f64).sqrt() * std::f64::consts::LOG2_E) as f32;
+
+    #[allow(clippy::too_many_arguments)]
+    fn go<T: CudaDType + DeviceRepr>(
+        dev: &CudaDevice,
+        tn: &str,
+        t: [&Tensor; 6],
+        rows: usize,
+        shape: PageShape,
+        max_blocks: usize,
+        chunks: usize,
+        pl: usize,
+        num_parts: usize,
+        window: i32,
+        scale_log2: f32,
+    ) -> Result<CudaStorage, QuantError> {
+        let n = [
+            "q",
+            "k_cache",
+            "v_cache",
+            "row_pos",
+            "row_seq",
+            "block_tables",
+        ];
+        let s0 = cuda_storage!(t[0], n[0]);
+        let s1 = cuda_storage!(t[1], n[1]);
+        let s2 = cuda_storage!(t[2], n[2]);
+        let s3 = cuda_storage!(t[3], n[3]);
+        let s4 = cuda_storage!(t[4], n[4]);
+        let s5 = cuda_storage!(t[5], n[5]);
+        let q = view::<T>(cs(&s0), t[0], n[0])?;
+        let kc = view::<T>(cs(&s1), t[1], n[1])?;
+        let vc = view::<T>(cs(&s2), t[2], n[2])?;
+        let pos = view::<u32>(cs(&s3), t[3], n[3])?;
+        let seq = view::<u32>(cs(&s4), t[4], n[4])?;
+        let tables = view::<u32>(cs(&s5), t[5], n[5])?;
+        let PageShape {
+            heads,
+            kv_heads,
+            head_dim: hd,
+            block_size: bs,
+        } = shape;
+        // SAFETY: every element is written by the kernels.
+        let out = unsafe { dev.alloc::<T>(rows * heads * hd)? };
+        let parts = if num_parts > 1 { num_parts } else { 0 };
+        // SAFETY: the partials are written by the attention kernel before the combine reads them.
+        let part_ml = unsafe { dev.alloc::<f32>((rows * heads * parts * 2).max(1))? };
+        let part_acc = unsafe { dev.alloc::<f32>((rows * heads * parts * hd).max(1))? };
+        let stream = dev.cuda_stream();
+        let f = function(
+            dev,
+            "paged_attention",
+            FATBIN,
+            &format!("paged_attn_{tn}_hd{hd}"),
+        )?;
+        let mut b = stream.launch_builder(&f);
+        let ints = [
+            max_blocks as i32,
+            heads as i32,
+            kv_heads as i32,
+            bs as i32,
+            window,
+            pl as i32,
+            num_parts as i32,
+        ];
+        b.arg(&q)
+            .arg(&kc)
+            .arg(&vc)
+            .arg(&out)
+            .arg(&part_ml)
+            .arg(&part_acc);
+        b.arg(&pos).arg(&seq).arg(&tables);
+        for i in &ints {
+            b.arg(i);
+        }
+        b.arg(&scale_log2);
+        let cfg = LaunchConfig {
+            grid_dim: ((kv_heads * chunks) as u32, rows as u32, num_parts as u32),
+            block_dim: ((NW * 32) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the arguments match `paged_attn_*`; block tables hold valid block ids for
+        // every position up to each row's.
+        unsafe { b.launch(cfg) }.w()?;
+        drop(b);
+        if num_parts > 1 {
+            let f = function(
+                dev,
+                "paged_attention",
+                FATBIN,
+                &format!("paged_attn_combine_{tn}"),
+            )?;
+            let mut b = stream.launch_builder(&f);
+            let (h, np, hdi) = (heads as i32, num_parts as i32, hd as i32);
+            b.arg(&part_ml)
+                .arg(&part_acc)
+                .arg(&out)
+                .arg(&h)
+                .arg(&np)
+                .arg(&hdi);
+            let cfg = LaunchConfig {
+                grid_dim: (heads as u32, rows as u32, 1),
+                block_dim: (hd as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: the arguments match `paged_attn_combine_*`.
+            unsafe { b.launch(cfg) }.w()?;
+        }
+        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    }
+    let t = [
+        q,
+        k_cache,
+        v_cache,
+        batch.row_pos,
+        batch.row_seq,
+        batch.block_tables,
+    ];
+    let args = (
+        rows, shape, max_blocks, chunks, pl, num_parts, window, scale_log2,
+    );
+    let s = match dtype {
+        DType::BF16 => go::<half::bf16>(
+            dev, tn, t, args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7,
+        )?,
+        DType::F16 => go::<half::f16>(
+            dev, tn, t, args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7,
+        )?,
+        _ => go::<f32>(
+            dev, tn, t, args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7,
+        )?,
+    };
+    Ok(tensor_from_storage(s, (rows, heads * hd)))
+}
+
+/// Streaming multiprocessors of `dev` (sizes the attention split).
+pub fn multiprocessors(dev: &CudaDevice) -> Result<usize, QuantError> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
+    let n = dev
+        .cuda_stream()
+        .context()
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .w()?;
+    Ok(n.max(1) as usize)
+}
