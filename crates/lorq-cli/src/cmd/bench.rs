@@ -9,10 +9,10 @@ use crate::common::ModelArgs;
 
 #[path = "bench_adapters.rs"]
 pub mod bench_adapters;
-#[path = "bench_fp8.rs"]
-pub mod bench_fp8;
 #[path = "bench_decode.rs"]
 pub mod bench_decode;
+#[path = "bench_fp8.rs"]
+pub mod bench_fp8;
 #[path = "bench_kernels.rs"]
 pub mod bench_kernels;
 #[cfg(feature = "cuda")]
