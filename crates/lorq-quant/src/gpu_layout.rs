@@ -110,8 +110,8 @@ impl GpuLayout {
     ) -> Result<Self, QuantError> {
         use rayon::prelude::*;
         let bits = kind.bits() as usize;
-        let group_ok = matches!(group, 8 | 16) || (group > 0 && group % 32 == 0);
-        if k % 32 != 0 || !group_ok || k % group != 0 {
+        let group_ok = matches!(group, 8 | 16) || (group > 0 && group.is_multiple_of(32));
+        if !k.is_multiple_of(32) || !group_ok || !k.is_multiple_of(group) {
             return Err(QuantError::Invalid(format!(
                 "GPU layout needs in_features % 32 == 0 and groups of 8, 16 or a multiple of 32 dividing it (in_features {k}, group {group})"
             )));
