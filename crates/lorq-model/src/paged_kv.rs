@@ -115,7 +115,7 @@ impl PagedPool {
         tracing::debug!(
             "KV pool grows from {} to {cap} blocks ({} MiB)",
             s.capacity,
-            cap * self.block_bytes() >> 20
+            (cap * self.block_bytes()) >> 20
         );
         s.k = k;
         s.v = v;
