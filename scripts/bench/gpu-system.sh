@@ -4,7 +4,7 @@
 #   scripts/bench/gpu-system.sh BINARY
 # decode tokens/s of a Llama-3-8B-shaped model (bf16, NF4, HQQ 4-bit; batch 1 and 32) + transformers;
 # decode with 0/1/8/32/64 rank-16 adapters at batch 32 and 64; the multi-adapter kernels alone;
-# FP8 W8A8 through cuBLASLt + torch._scaled_mm; whole-model JIT quantization per format on the GPU.
+# FP8 W8A8 through cuBLASLt + torch._scaled_mm. (Kernels and JIT quantization: gpu-check.sh.)
 set -u
 B=$1
 O=${OUT:-gpu-out}
@@ -27,7 +27,4 @@ step "fp8 peer" python3 scripts/bench/torch_scaled_mm.py --shapes llama3-8b --m 
     --out "$O/torch_fp8.json"
 step "fp8" R bench fp8 --device cuda --shapes llama3-8b --m 16,64,128,512 --peer "$O/torch_fp8.json" \
     --json "$O/fp8.json"
-step "jit quantization" R bench quantize --device cuda --shape llama-3-8b --no-cpu \
-    --formats bitsandbytes-nf4,bitsandbytes-fp4,bitsandbytes,eetq,fp8,hqq-4bit,hqq-3bit,hqq-2bit \
-    --json "$O/quantize.json"
 exit $fail
