@@ -291,7 +291,7 @@ fn gemv(
     let esize = x.dtype().size_in_bytes();
     if (start * esize) % 16 != 0 {
         drop(storage);
-        return gemv(dev, w, &x.copy()?, m, n, k);
+        return gemv(dev, w, &x.force_contiguous()?, m, n, k);
     }
     let s = match x.dtype() {
         DType::BF16 => go::<half::bf16>(dev, w, cs, start, m, n, k, "bf16")?,

@@ -465,7 +465,7 @@ fn gemv(
     let start = layout.start_offset();
     if (start * x.dtype().size_in_bytes()) % 16 != 0 {
         drop(storage);
-        return gemv(dev, w, &x.copy()?, m, v);
+        return gemv(dev, w, &x.force_contiguous()?, m, v);
     }
     let s = match x.dtype() {
         DType::BF16 => go::<half::bf16>(dev, w, cs, start, m, v, "bf16")?,
@@ -529,7 +529,7 @@ fn mma(dev: &CudaDevice, w: &DeviceLayout, x: &Tensor, m: usize) -> Result<Tenso
     let start = layout.start_offset();
     if start % 2 != 0 {
         drop(storage);
-        return mma(dev, w, &x.copy()?, m);
+        return mma(dev, w, &x.force_contiguous()?, m);
     }
     let s = match x.dtype() {
         DType::BF16 => go::<half::bf16>(dev, w, cs, start, m, "bf16")?,
