@@ -9,22 +9,23 @@ set -u
 B=$1
 O=${OUT:-gpu-out}
 mkdir -p "$O"
-R() { sh scripts/gpu-run.sh "$B" "$@"; }
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$O/card.txt"
 fail=0
 step() { echo "== $1"; shift; timeout 240 "$@" >>"$O/system.log" 2>&1 || { echo "   failed ($?)"; fail=1; }; }
-step "decode" R bench decode --device cuda --shape llama-3-8b --quantize none,bitsandbytes-nf4,hqq-4bit \
+# lorq through scripts/gpu-run.sh (a command `timeout` can run: no shell function).
+R="sh scripts/gpu-run.sh $B"
+step "decode" $R bench decode --device cuda --shape llama-3-8b --quantize none,bitsandbytes-nf4,hqq-4bit \
     --batch-sizes 1,32 --context 512 --new-tokens 64 --json "$O/decode.json"
 step "decode, transformers" python3 scripts/bench/decode_torch.py --shape llama-3-8b --batch-sizes 1,32 \
     --context 512 --new-tokens 64 --json "$O/decode-torch.json"
-step "decode with adapters" R bench decode --device cuda --shape llama-3-8b --quantize none \
+step "decode with adapters" $R bench decode --device cuda --shape llama-3-8b --quantize none \
     --batch-sizes 32,64 --adapters 0,1,8,32,64 --rank 16 --context 512 --new-tokens 32 --repeats 1 \
     --json "$O/decode-adapters.json"
-step "adapter kernels" R bench adapters --device cuda --batch-sizes 32,64 --adapters 1,8,32,64 \
+step "adapter kernels" $R bench adapters --device cuda --batch-sizes 32,64 --adapters 1,8,32,64 \
     --rank 16 --json "$O/adapters.json"
 step "fp8 peer" python3 scripts/bench/torch_scaled_mm.py --shapes llama3-8b --m 16,64,128,512 \
     --out "$O/torch_fp8.json"
-step "fp8" R bench fp8 --device cuda --shapes llama3-8b --m 16,64,128,512 --peer "$O/torch_fp8.json" \
+step "fp8" $R bench fp8 --device cuda --shapes llama3-8b --m 16,64,128,512 --peer "$O/torch_fp8.json" \
     --json "$O/fp8.json"
 exit $fail
