@@ -15,7 +15,7 @@ fn gpu_int8_skipped_without_the_cuda_feature() {
 
 #[cfg(feature = "cuda")]
 #[path = "common/formats.rs"]
-#[allow(dead_code)] // only `randn` is used here
+#[allow(dead_code)] // `every_format` serves the other tests
 mod formats;
 
 #[cfg(feature = "cuda")]
@@ -24,45 +24,12 @@ mod gpu {
     use lorq_quant::int8::Int8Tensor;
     use lorq_quant::QuantTensor;
 
-    use super::formats::randn;
+    use super::formats::{randn, rel_l2};
 
     fn gpu() -> Option<Device> {
-        // SAFETY: only probes whether the driver library can be loaded.
-        if !unsafe { candle_core::cuda_backend::cudarc::driver::sys::is_culib_present() } {
-            eprintln!("SKIPPED: no NVIDIA driver (libcuda.so.1) on this machine");
-            return None;
-        }
-        match Device::new_cuda(0) {
-            Ok(d) => Some(d),
-            Err(e) => {
-                eprintln!("SKIPPED: no usable GPU: {e}");
-                None
-            }
-        }
-    }
-
-    fn rel_l2(got: &Tensor, want: &Tensor) -> f64 {
-        let f = |t: &Tensor| -> Vec<f32> {
-            t.to_device(&Device::Cpu)
-                .unwrap()
-                .to_dtype(DType::F32)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap()
-        };
-        let (g, w) = (f(got), f(want));
-        if g.iter().any(|v| !v.is_finite()) {
-            return f64::INFINITY;
-        }
-        let num: f64 = g
-            .iter()
-            .zip(&w)
-            .map(|(a, b)| (f64::from(*a) - f64::from(*b)).powi(2))
-            .sum();
-        let den: f64 = w.iter().map(|b| f64::from(*b).powi(2)).sum();
-        (num / den.max(f64::MIN_POSITIVE)).sqrt()
+        lorq_quant::cuda::usable_gpu(0)
+            .map_err(|why| eprintln!("SKIPPED: {why}"))
+            .ok()
     }
 
     #[test]

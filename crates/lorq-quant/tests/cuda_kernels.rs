@@ -20,18 +20,9 @@ mod gpu {
     use lorq_quant::QuantTensor;
 
     fn gpu() -> Option<Device> {
-        // SAFETY: only probes whether the driver library can be loaded.
-        if !unsafe { candle_core::cuda_backend::cudarc::driver::sys::is_culib_present() } {
-            eprintln!("SKIPPED: no NVIDIA driver (libcuda.so.1) on this machine");
-            return None;
-        }
-        match Device::new_cuda(0) {
-            Ok(d) => Some(d),
-            Err(e) => {
-                eprintln!("SKIPPED: no usable GPU: {e}");
-                None
-            }
-        }
+        lorq_quant::cuda::usable_gpu(0)
+            .map_err(|why| eprintln!("SKIPPED: {why}"))
+            .ok()
     }
 
     fn rel_l2(got: &Tensor, want: &Tensor) -> f64 {

@@ -4,6 +4,7 @@
 
 mod common;
 #[path = "common/formats.rs"]
+#[allow(dead_code)] // rel_l2 serves the GPU tests
 mod formats;
 
 use candle_core::DType;

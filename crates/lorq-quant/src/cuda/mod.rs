@@ -119,3 +119,13 @@ pub fn cuda_device<'a>(x: &'a Tensor, what: &str) -> Result<&'a CudaDevice, Quan
         ))),
     }
 }
+
+/// GPU `ordinal` when this machine has a usable one, else why not (no NVIDIA driver, no such
+/// device): what the GPU tests print when they skip.
+pub fn usable_gpu(ordinal: usize) -> Result<Device, String> {
+    // SAFETY: only probes whether the driver library can be loaded.
+    if !unsafe { candle_core::cuda_backend::cudarc::driver::sys::is_culib_present() } {
+        return Err("no NVIDIA driver (libcuda.so.1) on this machine".into());
+    }
+    Device::new_cuda(ordinal).map_err(|e| format!("no usable GPU {ordinal}: {e}"))
+}

@@ -1,5 +1,6 @@
 //! One quantized weight of every format the GPU kernels run, from one random weight: shared by the
-//! CPU test of the packed GPU layout (`gpu_layout.rs`) and the GPU tests (`cuda_kernels.rs`).
+//! CPU test of the packed GPU layout (`gpu_layout.rs`) and the GPU tests (`cuda_qgemv.rs`,
+//! `cuda_int8.rs`), with the relative error they compare by.
 
 use std::sync::Arc;
 
@@ -98,4 +99,31 @@ pub fn every_format(n: usize, k: usize, seed: u64) -> Vec<(String, Arc<dyn Quant
             Arc::new(AwqTensor::quantize(&w, n, k, 128, "test").unwrap()) as _,
         ),
     ]
+}
+
+/// ‖got − want‖₂ / ‖want‖₂ over two tensors on any device, in f64; infinite if `got` has a NaN or an
+/// infinity.
+pub fn rel_l2(got: &Tensor, want: &Tensor) -> f64 {
+    let f = |t: &Tensor| -> Vec<f32> {
+        t.to_device(&Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let (g, w) = (f(got), f(want));
+    assert_eq!(g.len(), w.len());
+    if g.iter().any(|v| !v.is_finite()) {
+        return f64::INFINITY;
+    }
+    let num: f64 = g
+        .iter()
+        .zip(&w)
+        .map(|(a, b)| (f64::from(*a) - f64::from(*b)).powi(2))
+        .sum();
+    let den: f64 = w.iter().map(|b| f64::from(*b).powi(2)).sum();
+    (num / den.max(f64::MIN_POSITIVE)).sqrt()
 }
