@@ -1,8 +1,8 @@
 //! Seeded random Llama-family models of a named shape, built in memory without files: speed does
 //! not depend on weight values, so GPU benchmarks run 8B shapes this way. Weights are N(0, 0.02²)
 //! (the same values for a seed on every machine and thread count), norms 1; with a quantization
-//! method every decoder-layer linear is quantized (on the host, all cores) as a loaded checkpoint
-//! would be.
+//! method every decoder-layer linear is quantized as a loaded checkpoint would be (on the GPU when
+//! the model is there, else on the host, all cores).
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -170,7 +170,9 @@ impl LlamaModel {
                         WEIGHT_STD,
                         threads,
                     );
-                    let t = Tensor::from_vec(v, (out, inp), &Device::Cpu)?;
+                    // On a GPU the weight is quantized there (`quantize_weight`), as a model
+                    // loaded with `--device cuda --quantize` is.
+                    let t = Tensor::from_vec(v, (out, inp), &Device::Cpu)?.to_device(device)?;
                     quantize_weight(q, &format!("{path}.weight"), &t)?
                 }
                 None => {
@@ -203,8 +205,8 @@ impl LlamaModel {
             };
             Ok(Linear { path, base, bias })
         };
-        if quantize.is_some() {
-            // One linear per core at a time: quantization is the slow part.
+        if quantize.is_some() && device.is_cpu() {
+            // One linear per core at a time: quantization on the host is the slow part.
             let next = Mutex::new(0usize);
             let done: Mutex<Vec<(usize, Result<Linear>)>> = Mutex::new(Vec::new());
             std::thread::scope(|s| {
