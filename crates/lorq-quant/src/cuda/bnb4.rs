@@ -8,7 +8,7 @@ use candle_core::cuda_backend::cudarc::driver::{
 use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::{CudaStorage, DType, Storage, Tensor};
 
-use super::{cuda_device, function, tensor_from_storage};
+use super::{cuda_device, dtype_name, function, tensor_from_storage};
 use crate::bnb4::{Absmax, Bnb4Tensor};
 use crate::{QuantError, QuantTensor};
 
@@ -105,14 +105,6 @@ fn gpu(t: &Bnb4Tensor, dev: &CudaDevice) -> Result<std::sync::Arc<Bnb4Gpu>, Quan
 pub fn prepare(t: &Bnb4Tensor, x: &Tensor) -> Result<(), QuantError> {
     gpu(t, cuda_device(x, "bnb4")?)?;
     Ok(())
-}
-
-fn dtype_name(dtype: DType) -> &'static str {
-    match dtype {
-        DType::BF16 => "bf16",
-        DType::F16 => "f16",
-        _ => "f32",
-    }
 }
 
 /// `x · Wᵀ` on `x`'s GPU, in `x`'s dtype (f32/bf16/f16; others computed in f32).

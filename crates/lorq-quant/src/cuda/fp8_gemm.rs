@@ -24,7 +24,7 @@ use candle_core::cuda_backend::cudarc::driver::{
 use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::{CudaStorage, DType, Storage, Tensor, WithDType};
 
-use super::{cuda_device, function, tensor_from_storage};
+use super::{cuda_device, dtype_name, function, tensor_from_storage};
 use crate::fp8::{Fp8Strategy, Fp8Tensor};
 use crate::{QuantError, QuantTensor};
 
@@ -166,14 +166,6 @@ impl QuantizedActivations {
     /// The codes `[m, k]` and the `m` scales on the host.
     pub fn to_host(&self, dev: &CudaDevice) -> Result<(Vec<u8>, Vec<f32>), QuantError> {
         Ok((dev.clone_dtoh(&self.codes)?, dev.clone_dtoh(&self.scales)?))
-    }
-}
-
-fn dtype_name(dtype: DType) -> &'static str {
-    match dtype {
-        DType::BF16 => "bf16",
-        DType::F16 => "f16",
-        _ => "f32",
     }
 }
 

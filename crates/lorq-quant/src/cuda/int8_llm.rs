@@ -8,7 +8,7 @@ use candle_core::cuda_backend::cudarc::driver::{
 use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::{CudaStorage, DType, Storage, Tensor};
 
-use super::{cuda_device, function, tensor_from_storage, GpuCache};
+use super::{cuda_device, dtype_name, function, tensor_from_storage, GpuCache};
 use crate::QuantError;
 
 static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/int8_llm.fatbin"));
@@ -21,14 +21,6 @@ pub struct Int8Gpu {
 
 /// Per-GPU copies of an LLM.int8 weight.
 pub type Int8Cache = GpuCache<Int8Gpu>;
-
-fn dtype_name(dtype: DType) -> &'static str {
-    match dtype {
-        DType::BF16 => "bf16",
-        DType::F16 => "f16",
-        _ => "f32",
-    }
-}
 
 /// `x · Wᵀ` as bitsandbytes' LLM.int8 on `x`'s GPU (`k % 32 == 0`; the caller checks), in `x`'s
 /// dtype (f32/bf16/f16; others in f32).

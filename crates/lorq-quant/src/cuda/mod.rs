@@ -65,6 +65,16 @@ pub fn function(
     Ok(f)
 }
 
+/// The kernel-name suffix of an activation dtype (`bf16`, `f16`, else `f32`: other dtypes are
+/// computed in f32).
+pub(crate) fn dtype_name(dtype: candle_core::DType) -> &'static str {
+    match dtype {
+        candle_core::DType::BF16 => "bf16",
+        candle_core::DType::F16 => "f16",
+        _ => "f32",
+    }
+}
+
 /// Wraps a freshly written device buffer as a contiguous tensor of `shape`.
 pub fn tensor_from_storage(storage: CudaStorage, shape: impl Into<Shape>) -> Tensor {
     Tensor::from_storage(Storage::Cuda(storage), shape, BackpropOp::none(), false)

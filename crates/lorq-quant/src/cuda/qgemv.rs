@@ -11,7 +11,7 @@ use candle_core::cuda_backend::cudarc::driver::{
 use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::{CudaStorage, DType, Storage, Tensor};
 
-use super::{cuda_device, function, tensor_from_storage};
+use super::{cuda_device, dtype_name, function, tensor_from_storage};
 use crate::gpu_layout::{CodeKind, GpuLayout};
 use crate::gpu_slot::GpuSlot;
 use crate::QuantError;
@@ -260,14 +260,6 @@ impl Variant {
 
     pub fn name(self) -> String {
         format!("r{}s{}", self.rows_per_warp, self.split)
-    }
-}
-
-fn dtype_name(dtype: DType) -> &'static str {
-    match dtype {
-        DType::BF16 => "bf16",
-        DType::F16 => "f16",
-        _ => "f32",
     }
 }
 
