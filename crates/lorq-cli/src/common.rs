@@ -129,8 +129,27 @@ fn cuda_device(ordinal: usize) -> Result<Device> {
             "--device cuda:{ordinal}: the NVIDIA driver (libcuda.so.1) was not found; run lorq through scripts/gpu-run.sh or put the CUDA libraries on LD_LIBRARY_PATH"
         );
     }
-    Device::new_cuda(ordinal)
-        .with_context(|| format!("--device cuda:{ordinal}: cannot open the GPU"))
+    // One device (one candle stream) per GPU for the whole process: every buffer lives on that
+    // stream, so stream order alone orders every use and cudarc's per-buffer events (host time
+    // per launch, and waits a CUDA graph capture cannot take) are turned off before the first
+    // buffer exists.
+    static DEVICES: std::sync::OnceLock<std::sync::Mutex<Vec<(usize, Device)>>> =
+        std::sync::OnceLock::new();
+    let mut devices = DEVICES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some((_, d)) = devices.iter().find(|(o, _)| *o == ordinal) {
+        return Ok(d.clone());
+    }
+    let dev = Device::new_cuda(ordinal)
+        .with_context(|| format!("--device cuda:{ordinal}: cannot open the GPU"))?;
+    if let Device::Cuda(cuda) = &dev {
+        // SAFETY: no buffer of this device exists yet, and all of them will live on its stream.
+        unsafe { cuda.disable_event_tracking() };
+    }
+    devices.push((ordinal, dev.clone()));
+    Ok(dev)
 }
 
 #[cfg(not(feature = "cuda"))]

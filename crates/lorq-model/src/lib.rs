@@ -6,6 +6,8 @@ pub mod calibrate;
 pub mod chat_template;
 pub mod checkpoint_writer;
 pub mod config;
+#[cfg(feature = "cuda")]
+mod decode_graph;
 pub mod error;
 pub mod export;
 pub mod generation;

@@ -161,6 +161,9 @@ pub struct LlamaModel {
     pub(crate) kv_pool: Option<Arc<PagedPool>>,
     /// Fused residual-add + RMSNorm and SiLU·mul kernels in the paged (GPU) forward.
     pub(crate) fused_ops: bool,
+    /// Decode steps as CUDA graphs (`decode_graph.rs`); `None`: off, or not a paged GPU model.
+    #[cfg(feature = "cuda")]
+    pub(crate) decode_graphs: Option<crate::decode_graph::DecodeGraphs>,
 }
 
 impl LlamaModel {
@@ -298,6 +301,11 @@ impl LlamaModel {
             layers,
             norm,
             lm_head,
+            #[cfg(feature = "cuda")]
+            decode_graphs: kv_pool
+                .as_ref()
+                .and_then(|_| graphs_usable(device))
+                .map(|()| crate::decode_graph::DecodeGraphs::default()),
             rope,
             kv_pool,
             fused_ops: true,
@@ -313,6 +321,45 @@ impl LlamaModel {
     /// otherwise), e.g. to measure what they bring.
     pub fn set_fused_ops(&mut self, on: bool) {
         self.fused_ops = on;
+    }
+
+    /// Turns CUDA graphs for decode steps on or off (on by default for a paged GPU model whose
+    /// device does not track events across streams); a no-op elsewhere.
+    pub fn set_cuda_graphs(&mut self, on: bool) {
+        #[cfg(feature = "cuda")]
+        {
+            self.decode_graphs = (on && self.kv_pool.is_some())
+                .then(|| graphs_usable(&self.device))
+                .flatten()
+                .map(|()| crate::decode_graph::DecodeGraphs::default());
+        }
+        #[cfg(not(feature = "cuda"))]
+        let _ = on;
+    }
+
+    /// Whether decode steps run as CUDA graphs.
+    pub fn cuda_graphs(&self) -> bool {
+        #[cfg(feature = "cuda")]
+        return self.decode_graphs.is_some();
+        #[cfg(not(feature = "cuda"))]
+        false
+    }
+
+    /// Batch layouts whose decode steps currently replay a captured CUDA graph.
+    pub fn captured_cuda_graphs(&self) -> usize {
+        #[cfg(feature = "cuda")]
+        return self.decode_graphs.as_ref().map_or(0, |g| g.captured());
+        #[cfg(not(feature = "cuda"))]
+        0
+    }
+
+    /// Drops the captured decode graphs (they keep their adapters' weights alive): after
+    /// unloading adapters.
+    pub fn clear_cuda_graphs(&self) {
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &self.decode_graphs {
+            g.clear();
+        }
     }
 
     pub fn dtype(&self) -> DType {
@@ -504,6 +551,12 @@ impl LlamaModel {
             ids.extend_from_slice(it.tokens);
             adapters.push(it.tokens.len(), it.adapter.clone());
         }
+        #[cfg(feature = "cuda")]
+        if paged == items.len() && crate::decode_graph::is_decode_step(items) {
+            if let Some(out) = self.decode_graphed(items, &adapters)? {
+                return Ok(out);
+            }
+        }
         let rows = ids.len();
         let ids = Tensor::from_vec(ids, rows, &self.device)?;
         let mut x = self.embed_tokens.index_select(&ids, 0)?;
@@ -557,4 +610,23 @@ impl LlamaModel {
         }
         Ok(out)
     }
+}
+
+/// `Some(())` when CUDA graphs can capture `device`'s work: a GPU whose context does not order
+/// streams with per-buffer events (a capture cannot wait on events recorded before it; lorq's
+/// CLI turns the tracking off, every buffer living on candle's one stream per GPU).
+#[cfg(feature = "cuda")]
+fn graphs_usable(device: &Device) -> Option<()> {
+    let Device::Cuda(cuda) = device else {
+        return None;
+    };
+    if cuda
+        .cuda_stream()
+        .context()
+        .is_managing_stream_synchronization()
+    {
+        tracing::debug!("CUDA graphs off: the device tracks events across streams");
+        return None;
+    }
+    Some(())
 }

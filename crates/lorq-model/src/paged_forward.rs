@@ -12,6 +12,28 @@ use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::llama::{BatchItem, LlamaModel};
 
+/// The sizes of a paged step's layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) struct MetaDims {
+    /// New tokens of the step.
+    pub rows: usize,
+    /// Sequences (rows of the block tables).
+    pub seqs: usize,
+    /// Block-table entries per sequence.
+    pub max_blocks: usize,
+    /// The longest context a row attends to (sizes the attention split).
+    pub max_ctx: usize,
+}
+
+/// A paged step's layout on the host: positions, sequences and slots of every new token, then
+/// the block tables padded to `dims.max_blocks`.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) struct PagedMeta {
+    pub data: Vec<u32>,
+    pub dims: MetaDims,
+}
+
 /// Whether a model of `config` in `dtype` on `device` runs the paged GPU path.
 pub(crate) fn supports_paged(config: &ModelConfig, dtype: DType, device: &Device) -> bool {
     #[cfg(feature = "cuda")]
@@ -53,29 +75,36 @@ impl LlamaModel {
     #[cfg(feature = "cuda")]
     pub(crate) fn layers_paged(
         &self,
-        mut x: Tensor,
+        x: Tensor,
         items: &mut [BatchItem<'_>],
         spans: &[(usize, usize, usize)],
         adapters: &BatchAdapters,
     ) -> Result<Tensor> {
-        use lorq_quant::cuda::fused_ops::{add_rms_norm, silu_mul};
-        use lorq_quant::cuda::paged_attention::{
-            attention, multiprocessors, rope_append, PageShape, PagedBatch,
-        };
-        let c = &self.config;
+        let meta = self.paged_meta(items, spans, 1, 0)?;
+        let data = Tensor::from_slice(&meta.data, meta.data.len(), &self.device)?;
+        self.layers_on_meta(x, &data, meta.dims, adapters)
+    }
+
+    /// The host side of a paged step: takes the blocks the new tokens need from the pool and
+    /// lays out positions, sequences, slots of every new token, then the block tables padded to
+    /// at least `min_blocks` per sequence; the longest context is at least `min_ctx`. (A CUDA
+    /// graph asks for fixed sizes, so that its replays all read the same shapes.)
+    #[cfg(feature = "cuda")]
+    pub(crate) fn paged_meta(
+        &self,
+        items: &mut [BatchItem<'_>],
+        spans: &[(usize, usize, usize)],
+        min_blocks: usize,
+        min_ctx: usize,
+    ) -> Result<PagedMeta> {
         let pool = self.kv_pool.as_ref().ok_or_else(|| {
             ModelError::Request("this model has no paged KV pool (not on a GPU)".into())
         })?;
-        let Device::Cuda(cuda) = &self.device else {
-            return Err(ModelError::Request(
-                "paged KV caches need the model on a GPU".into(),
-            ));
-        };
-        let rows = x.dim(0)?;
+        let rows: usize = spans.iter().map(|s| s.1).sum();
         let mut row_pos = Vec::with_capacity(rows);
         let mut row_seq = Vec::with_capacity(rows);
         let mut row_slot = Vec::with_capacity(rows);
-        let mut max_ctx = 0;
+        let mut max_ctx = min_ctx;
         let mut tables = Vec::with_capacity(items.len());
         for (i, (it, &(_, n, off))) in items.iter_mut().zip(spans).enumerate() {
             let seq = it.cache.paged_seq().ok_or_else(|| {
@@ -102,24 +131,69 @@ impl LlamaModel {
                  split the prefill into chunks"
             )));
         }
-        let max_blocks = tables.iter().map(Vec::len).max().unwrap_or(1).max(1);
+        let max_blocks = tables
+            .iter()
+            .map(Vec::len)
+            .max()
+            .unwrap_or(1)
+            .max(min_blocks)
+            .max(1);
         // One upload per step: positions, sequences, slots, then the padded block tables.
-        let mut meta = Vec::with_capacity(3 * rows + items.len() * max_blocks);
-        meta.extend_from_slice(&row_pos);
-        meta.extend_from_slice(&row_seq);
-        meta.extend_from_slice(&row_slot);
+        let mut data = Vec::with_capacity(3 * rows + items.len() * max_blocks);
+        data.extend_from_slice(&row_pos);
+        data.extend_from_slice(&row_seq);
+        data.extend_from_slice(&row_slot);
         for t in &tables {
-            meta.extend_from_slice(t);
-            meta.extend(std::iter::repeat_n(0, max_blocks - t.len()));
+            data.extend_from_slice(t);
+            data.extend(std::iter::repeat_n(0, max_blocks - t.len()));
         }
-        let meta_len = meta.len();
-        let meta = Tensor::from_vec(meta, meta_len, &self.device)?;
+        Ok(PagedMeta {
+            data,
+            dims: MetaDims {
+                rows,
+                seqs: items.len(),
+                max_blocks,
+                max_ctx,
+            },
+        })
+    }
+
+    /// The device side of a paged step: every decoder layer over `x` with the step's layout
+    /// `meta` (a `u32` GPU tensor laid out by [`Self::paged_meta`]). Queues GPU work only (no
+    /// upload, no read-back), so a CUDA graph can capture it.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn layers_on_meta(
+        &self,
+        mut x: Tensor,
+        meta: &Tensor,
+        dims: MetaDims,
+        adapters: &BatchAdapters,
+    ) -> Result<Tensor> {
+        use lorq_quant::cuda::fused_ops::{add_rms_norm, silu_mul};
+        use lorq_quant::cuda::paged_attention::{
+            attention, multiprocessors, rope_append, PageShape, PagedBatch,
+        };
+        let c = &self.config;
+        let pool = self.kv_pool.as_ref().ok_or_else(|| {
+            ModelError::Request("this model has no paged KV pool (not on a GPU)".into())
+        })?;
+        let Device::Cuda(cuda) = &self.device else {
+            return Err(ModelError::Request(
+                "paged KV caches need the model on a GPU".into(),
+            ));
+        };
+        let MetaDims {
+            rows,
+            seqs,
+            max_blocks,
+            max_ctx,
+        } = dims;
         let row_pos = meta.narrow(0, 0, rows)?;
         let row_seq = meta.narrow(0, rows, rows)?;
         let row_slot = meta.narrow(0, 2 * rows, rows)?;
         let block_tables = meta
-            .narrow(0, 3 * rows, items.len() * max_blocks)?
-            .reshape((items.len(), max_blocks))?;
+            .narrow(0, 3 * rows, seqs * max_blocks)?
+            .reshape((seqs, max_blocks))?;
         let (cos, sin) = self.rope.tables(0, max_ctx)?;
         let batch = PagedBatch {
             row_pos: &row_pos,

@@ -15,6 +15,7 @@ use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::linear::{quantize_weight, Linear};
 use crate::llama::{DecoderLayer, LayerLinear, LlamaModel};
+use lorq_lora::{LoraAdapter, LoraConfig, LoraModule, TargetModules};
 
 /// Standard deviation of the random weights.
 pub const WEIGHT_STD: f32 = 0.02;
@@ -264,4 +265,44 @@ impl LlamaModel {
         let norm = ones(h)?;
         Self::assemble(config, dtype, device, embed_tokens, layers, norm, lm_head)
     }
+}
+
+/// `n` random rank-`rank` adapters (N(0, 0.02²) A and B, scale 2) on every decoder-layer linear
+/// of `model`, on its device and in its dtype: for benchmarks and tests of many adapters.
+pub fn random_adapters(model: &LlamaModel, n: usize, rank: usize) -> Result<Vec<Arc<LoraAdapter>>> {
+    let (dev, dtype) = (model.device(), model.dtype());
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut modules = std::collections::HashMap::new();
+        for l in 0..model.num_layers() {
+            for w in LayerLinear::ALL {
+                let lin = model.layer_linear(l, w);
+                let a =
+                    Tensor::randn(0f32, 0.02, (rank, lin.in_features()), dev)?.to_dtype(dtype)?;
+                let b =
+                    Tensor::randn(0f32, 0.02, (lin.out_features(), rank), dev)?.to_dtype(dtype)?;
+                modules.insert(lin.path.clone(), LoraModule::low_rank(a, b, 2.0));
+            }
+        }
+        let config = LoraConfig {
+            r: rank,
+            lora_alpha: 2.0 * rank as f64,
+            use_rslora: false,
+            target_modules: TargetModules::Names(
+                LayerLinear::ALL
+                    .iter()
+                    .map(|w| w.module().rsplit('.').next().unwrap_or("").to_string())
+                    .collect(),
+            ),
+            exclude_modules: None,
+            rank_pattern: vec![],
+            alpha_pattern: vec![],
+            layers_to_transform: None,
+            layers_pattern: None,
+            base_model_name_or_path: None,
+        };
+        let a = LoraAdapter::from_modules(format!("random-adapter-{i}").into(), config, modules)?;
+        out.push(Arc::new(a));
+    }
+    Ok(out)
 }

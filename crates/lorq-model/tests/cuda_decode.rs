@@ -19,7 +19,10 @@ mod gpu {
     use candle_core::{DType, Device, Tensor, D};
     use lorq_model::attention::{attend, merge_heads, split_heads};
     use lorq_model::paged_kv::BLOCK_SIZE;
-    use lorq_model::random_model::{seeded_randn, shape_config};
+    use std::sync::Arc;
+
+    use lorq_lora::LoraAdapter;
+    use lorq_model::random_model::{random_adapters, seeded_randn, shape_config};
     use lorq_model::{BatchItem, LlamaModel, LogitsWanted, ModelConfig};
     use lorq_quant::cuda::fused_ops::{add_rms_norm, silu_mul};
     use lorq_quant::cuda::paged_attention::{attention, rope_append, PageShape, PagedBatch};
@@ -306,11 +309,12 @@ mod gpu {
         }
     }
 
-    /// Greedy tokens of every sequence (different prompt lengths, one batch) for `steps` steps,
-    /// and each step's f32 logits.
+    /// Greedy tokens of every sequence (different prompt lengths, one batch, sequence `i` with
+    /// adapter `adapters[i]` if any) for `steps` steps, and each step's f32 logits.
     fn generate(
         model: &LlamaModel,
         prompts: &[Vec<u32>],
+        adapters: &[Option<Arc<LoraAdapter>>],
         steps: usize,
     ) -> Vec<Vec<(u32, Vec<f32>)>> {
         let mut caches: Vec<_> = prompts.iter().map(|_| model.new_cache()).collect();
@@ -320,10 +324,11 @@ mod gpu {
             let mut items: Vec<BatchItem> = caches
                 .iter_mut()
                 .zip(&feed)
-                .map(|(c, t)| BatchItem {
+                .enumerate()
+                .map(|(i, (c, t))| BatchItem {
                     tokens: t,
                     cache: c,
-                    adapter: None,
+                    adapter: adapters.get(i).cloned().flatten(),
                     logits: LogitsWanted::Last,
                 })
                 .collect();
@@ -374,13 +379,13 @@ mod gpu {
                 })
                 .collect();
             let cpu = LlamaModel::random(cfg.clone(), DType::F32, &Device::Cpu, None, 7).unwrap();
-            let want = generate(&cpu, &prompts, 32);
+            let want = generate(&cpu, &prompts, &[], 32);
             let g32 = LlamaModel::random(cfg.clone(), DType::F32, &dev, None, 7).unwrap();
             assert!(
                 g32.kv_pool().is_some(),
                 "{name}: the GPU model should page its cache"
             );
-            let got = generate(&g32, &prompts, 32);
+            let got = generate(&g32, &prompts, &[], 32);
             for (s, (w, g)) in want.iter().zip(&got).enumerate() {
                 for (step, ((wt, wl), (gt, gl))) in w.iter().zip(g).enumerate() {
                     let e = rel_l2(
@@ -430,6 +435,81 @@ mod gpu {
             eprintln!("{name}: bf16 GPU logprobs of the CPU's tokens within {worst:.3e}");
             assert!(worst < 0.05, "{name}: bf16 logprob error {worst}");
         }
+    }
+
+    /// Decode steps replayed from CUDA graphs compute the eager steps: a batch mixing the base
+    /// model and two adapters, contexts that cross a graph's capacity (256 tokens: a second
+    /// capture), f32 (logits within 1e-5) and bf16 (1e-2; the attention split differs).
+    #[test]
+    fn decode_graphs_replay_the_eager_steps() {
+        let Some(dev) = gpu() else { return };
+        let Device::Cuda(cuda) = &dev else {
+            unreachable!("usable_gpu returns a GPU")
+        };
+        let ctx = cuda.cuda_stream().context().clone();
+        // Graphs need cudarc's per-buffer events off, as lorq's CLI runs (one stream per GPU);
+        // set before this test's buffers exist.
+        unsafe { ctx.disable_event_tracking() };
+        for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 1e-2)] {
+            let mut model =
+                LlamaModel::random(shape_config("tiny").unwrap(), dtype, &dev, None, 11).unwrap();
+            let adapters = random_adapters(&model, 2, 8).unwrap();
+            let assign = [
+                None,
+                Some(adapters[0].clone()),
+                Some(adapters[1].clone()),
+                Some(adapters[0].clone()),
+            ];
+            let prompts: Vec<Vec<u32>> = [250usize, 3, 40, 17]
+                .iter()
+                .enumerate()
+                .map(|(s, &n)| {
+                    (0..n)
+                        .map(|t| ((s * 37 + t * 11 + 1) % 256) as u32)
+                        .collect()
+                })
+                .collect();
+            model.set_cuda_graphs(false);
+            let want = generate(&model, &prompts, &assign, 14);
+            model.set_cuda_graphs(true);
+            assert!(
+                model.cuda_graphs(),
+                "graphs should be on with event tracking off"
+            );
+            let got = generate(&model, &prompts, &assign, 14);
+            assert!(
+                model.captured_cuda_graphs() > 0,
+                "{dtype:?}: no decode step ran as a graph"
+            );
+            let mut worst = 0f64;
+            'seqs: for (s, (w, g)) in want.iter().zip(&got).enumerate() {
+                for (step, ((wt, wl), (gt, gl))) in w.iter().zip(g).enumerate() {
+                    let e = rel_l2(
+                        &Tensor::new(gl.as_slice(), &Device::Cpu).unwrap(),
+                        &Tensor::new(wl.as_slice(), &Device::Cpu).unwrap(),
+                    );
+                    assert!(
+                        e <= tol && e.is_finite(),
+                        "{dtype:?} seq {s} step {step}: graph vs eager logits rel err {e}"
+                    );
+                    worst = worst.max(e);
+                    if wt != gt {
+                        let mut sorted = wl.clone();
+                        sorted.sort_by(|a, b| b.total_cmp(a));
+                        assert!(
+                            (sorted[0] - sorted[1]) as f64 <= 4.0 * tol,
+                            "{dtype:?} seq {s} step {step}: graph token {gt} != eager {wt}"
+                        );
+                        continue 'seqs;
+                    }
+                }
+            }
+            eprintln!(
+                "{dtype:?}: {} graph layouts, logits within {worst:.2e} of the eager steps",
+                model.captured_cuda_graphs()
+            );
+        }
+        unsafe { ctx.enable_event_tracking() };
     }
 
     #[test]

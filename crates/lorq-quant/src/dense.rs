@@ -69,6 +69,10 @@ impl QuantTensor for DenseTensor {
         if let Some(y) = self.small_m_matmul(x)? {
             return Ok(y);
         }
+        #[cfg(feature = "cuda")]
+        if let Some(y) = crate::cuda::dense_gemv::gemv(x, &self.weight)? {
+            return Ok(y);
+        }
         let in_dtype = x.dtype();
         let x = x.to_dtype(self.weight.dtype())?;
         let y = x.broadcast_matmul(&self.weight.t()?)?;

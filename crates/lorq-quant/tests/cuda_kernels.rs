@@ -51,6 +51,82 @@ mod gpu {
         (num / den).sqrt()
     }
 
+    /// The dense GEMV (1..8 rows, bf16 and f16, an odd N, 3-D activations) against the f32
+    /// product of the same values; it declines what it does not take (9 rows, in % 8 != 0, f32)
+    /// and `DenseTensor::matmul` gives the same product through it and through cuBLAS.
+    #[test]
+    fn dense_gemv_matches_f32_product() {
+        use lorq_quant::cuda::dense_gemv::gemv;
+        let Some(dev) = gpu() else { return };
+        let f32_product = |x: &Tensor, w: &Tensor| {
+            let x = x
+                .to_device(&Device::Cpu)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap();
+            let w = w
+                .to_device(&Device::Cpu)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap();
+            x.broadcast_matmul(&w.t().unwrap()).unwrap()
+        };
+        for &(n, k) in &[(1000usize, 4096usize), (37, 264), (8, 8)] {
+            let w32 = Tensor::randn(0f32, 0.05, (n, k), &Device::Cpu).unwrap();
+            for dtype in [DType::BF16, DType::F16] {
+                let w = w32.to_dtype(dtype).unwrap().to_device(&dev).unwrap();
+                for m in 1..=8 {
+                    let x = Tensor::randn(0f32, 1.0, (m, k), &dev)
+                        .unwrap()
+                        .to_dtype(dtype)
+                        .unwrap();
+                    let got = gemv(&x, &w)
+                        .unwrap()
+                        .expect("takes bf16/f16 with in % 8 == 0");
+                    let e = rel_l2(&got, &f32_product(&x, &w));
+                    assert!(
+                        e <= 1e-2,
+                        "dense gemv {dtype:?} [{n}, {k}] m={m}: rel err {e}"
+                    );
+                }
+                let x3 = Tensor::randn(0f32, 1.0, (2, 3, k), &dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let got = gemv(&x3, &w).unwrap().expect("6 rows");
+                assert_eq!(got.dims(), &[2, 3, n]);
+                let e = rel_l2(&got, &f32_product(&x3, &w));
+                assert!(e <= 1e-2, "dense gemv 3-D {dtype:?}: rel err {e}");
+            }
+            eprintln!("dense gemv [{n}, {k}]: bf16/f16 m = 1..8 within 1e-2");
+        }
+        let w = Tensor::randn(0f32, 1.0, (16, 64), &dev).unwrap();
+        let wb = w.to_dtype(DType::BF16).unwrap();
+        let x9 = Tensor::randn(0f32, 1.0, (9, 64), &dev).unwrap();
+        assert!(gemv(&x9.to_dtype(DType::BF16).unwrap(), &wb)
+            .unwrap()
+            .is_none());
+        assert!(gemv(&x9.narrow(0, 0, 1).unwrap(), &w).unwrap().is_none());
+        let odd = Tensor::randn(0f32, 1.0, (16, 12), &dev)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let x12 = Tensor::randn(0f32, 1.0, (1, 12), &dev)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        assert!(gemv(&x12, &odd).unwrap().is_none());
+        let dense = lorq_quant::DenseTensor::new(wb.clone()).unwrap();
+        for m in [1, 20] {
+            let x = Tensor::randn(0f32, 1.0, (m, 64), &dev)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap();
+            let e = rel_l2(&dense.matmul(&x).unwrap(), &f32_product(&x, &wb));
+            assert!(e <= 1e-2, "DenseTensor::matmul m={m}: rel err {e}");
+        }
+    }
+
     /// Fused GEMV (every row-group size and K split) and dequantize + cuBLAS, NF4/FP4, with and
     /// without double quantization, f32/bf16/f16 activations, against the CPU kernel.
     #[test]

@@ -11,9 +11,9 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor, D};
 use clap::Args;
-use lorq_lora::{LoraAdapter, LoraConfig, LoraModule, TargetModules};
-use lorq_model::random_model::shape_config;
-use lorq_model::{BatchItem, LayerLinear, LlamaModel, LogitsWanted};
+use lorq_lora::LoraAdapter;
+use lorq_model::random_model::{random_adapters, shape_config};
+use lorq_model::{BatchItem, LlamaModel, LogitsWanted};
 use lorq_quant::method::QuantMethod;
 use serde_json::{json, Value};
 
@@ -64,6 +64,10 @@ pub struct BenchDecodeArgs {
     /// runs one stream per GPU, where the events order nothing.
     #[arg(long)]
     pub event_tracking: bool,
+    /// Decode steps without CUDA graphs (`off`), with them (`on`: captured on a batch layout's
+    /// second step, replayed after), or each case both ways (`both`).
+    #[arg(long, default_value = "on", value_parser = ["on", "off", "both"])]
+    pub cuda_graphs: String,
     /// Write the report (JSON) here; rows are printed either way.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
@@ -110,45 +114,6 @@ fn card(dev: &Device) -> String {
         Device::Cpu => "cpu".into(),
         d => format!("{d:?}"),
     }
-}
-
-/// `n` random rank-`rank` adapters on every decoder-layer linear of `model`.
-fn random_adapters(model: &LlamaModel, n: usize, rank: usize) -> Result<Vec<Arc<LoraAdapter>>> {
-    let (dev, dtype) = (model.device(), model.dtype());
-    let mut out = Vec::with_capacity(n);
-    for i in 0..n {
-        let mut modules = std::collections::HashMap::new();
-        for l in 0..model.num_layers() {
-            for w in LayerLinear::ALL {
-                let lin = model.layer_linear(l, w);
-                let a =
-                    Tensor::randn(0f32, 0.02, (rank, lin.in_features()), dev)?.to_dtype(dtype)?;
-                let b =
-                    Tensor::randn(0f32, 0.02, (lin.out_features(), rank), dev)?.to_dtype(dtype)?;
-                modules.insert(lin.path.clone(), LoraModule::low_rank(a, b, 2.0));
-            }
-        }
-        let config = LoraConfig {
-            r: rank,
-            lora_alpha: 2.0 * rank as f64,
-            use_rslora: false,
-            target_modules: TargetModules::Names(
-                LayerLinear::ALL
-                    .iter()
-                    .map(|w| w.module().rsplit('.').next().unwrap_or("").to_string())
-                    .collect(),
-            ),
-            exclude_modules: None,
-            rank_pattern: vec![],
-            alpha_pattern: vec![],
-            layers_to_transform: None,
-            layers_pattern: None,
-            base_model_name_or_path: None,
-        };
-        let a = LoraAdapter::from_modules(format!("random-adapter-{i}").into(), config, modules)?;
-        out.push(Arc::new(a));
-    }
-    Ok(out)
 }
 
 /// Bytes a decode step reads besides the KV cache: every weight but the embedding table (only
@@ -268,10 +233,10 @@ fn greedy(logits: &[Tensor]) -> Result<Vec<u32>> {
 pub fn run(a: BenchDecodeArgs) -> Result<()> {
     let dev = parse_device(&a.device)?;
     #[cfg(feature = "cuda")]
-    if let (Device::Cuda(cuda), false) = (&dev, a.event_tracking) {
-        // SAFETY: every buffer of this run lives on candle's one stream of this device, so
-        // the stream order alone orders every use; no buffer exists yet.
-        unsafe { cuda.disable_event_tracking() };
+    if let (Device::Cuda(cuda), true) = (&dev, a.event_tracking) {
+        // SAFETY: no buffer exists yet (parse_device turned the tracking off for lorq's one
+        // stream per GPU; this measures what it costs).
+        unsafe { cuda.cuda_stream().context().enable_event_tracking() };
     }
     let config = shape_config(&a.shape)?;
     let dtype = a.dtype.dtype();
@@ -306,8 +271,17 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
                 } else {
                     &[true]
                 };
-                for &fused in fused_modes {
+                let graph_modes: &[bool] = match (a.cuda_graphs.as_str(), dev.is_cuda()) {
+                    ("both", true) => &[true, false],
+                    ("on", true) => &[true],
+                    _ => &[false],
+                };
+                let modes = fused_modes
+                    .iter()
+                    .flat_map(|&f| graph_modes.iter().map(move |&g| (f, g)));
+                for (fused, graphs) in modes {
                     model.set_fused_ops(fused);
+                    model.set_cuda_graphs(graphs);
                     let case = Case {
                         model: &model,
                         batch,
@@ -348,6 +322,8 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
                         "adapters": n_adapters,
                         "rank": if n_adapters > 0 { Some(a.rank) } else { None },
                         "fused_ops": fused,
+                        "cuda_graphs": model.cuda_graphs(),
+                        "captured_graphs": model.captured_cuda_graphs(),
                         "paged_kv": model.kv_pool().is_some(),
                         "prefill_s": prefill_s,
                         "forward_host_ms_per_step": forward_host_s * 1e3 / a.new_tokens as f64,

@@ -11,6 +11,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use lorq_quant::bnb4::{Bnb4Tensor, Bnb4Type};
 use lorq_quant::cuda::bnb4::{matmul as bnb4_matmul, Bnb4Path, GEMV_MAX_M};
+use lorq_quant::cuda::dense_gemv::{gemv as dense_gemv, MAX_ROWS as DENSE_GEMV_MAX_ROWS};
 use lorq_quant::cuda::qgemv::{
     matmul as qmatmul, DeviceLayout, QPath, Variant, QGEMV_MAX_M, QMMA_MAX_M,
 };
@@ -215,6 +216,20 @@ pub fn run(a: &BenchKernelsArgs, dev: &Device) -> Result<()> {
                     }));
                 };
             push("bf16", "cublas", bf16_us, wbytes, bf16_err, 1e-2);
+            // lorq's dense GEMV (what an unquantized linear runs at these rows).
+            if m <= DENSE_GEMV_MAX_ROWS {
+                let gemv = |w: &Tensor| -> Result<Tensor> {
+                    dense_gemv(&x, w)?.context("the dense GEMV declined a bf16 weight")
+                };
+                let err = if check {
+                    let want = x32_cpu.matmul(&w_bf16.to_dtype(DType::F32)?.t()?)?;
+                    Some(rel_l2(&gemv(&dense[0])?.to_device(&Device::Cpu)?, &want)?)
+                } else {
+                    None
+                };
+                let us = time_gpu(dev, 7, iters, |i| gemv(&dense[i % dense.len()]))?;
+                push("bf16", "gemv", us, wbytes, err, 1e-2);
+            }
             for (name, qs) in &bnb {
                 if m > GEMV_MAX_M {
                     continue;

@@ -4,8 +4,10 @@
 //! candle's own kernels and cuBLAS calls.
 
 pub mod bnb4;
+pub mod dense_gemv;
 pub mod fp8_gemm;
 pub mod fused_ops;
+pub mod graph;
 pub mod int8_llm;
 pub mod paged_attention;
 pub mod qgemv;
@@ -113,6 +115,12 @@ impl<T> GpuCache<T> {
         let mut v = self.0.lock().expect("poisoned");
         if let Some((_, t)) = v.iter().find(|(o, _)| *o == ordinal) {
             return Ok(t.clone());
+        }
+        if graph::capturing() {
+            // An upload cannot be captured (it reads host memory now, not at replay).
+            return Err(QuantError::Invalid(
+                "a weight's first GPU upload happened during a CUDA graph capture".into(),
+            ));
         }
         let t = Arc::new(upload(dev)?);
         v.push((ordinal, t.clone()));

@@ -4,15 +4,16 @@
 //! whatever the number of adapters, ranks or weight dtypes in the batch.
 //!
 //! The A/B weights are read in place, in their stored dtype (f32/bf16/f16, widened to f32 in
-//! registers, as PEFT upcasts them to float32): no per-call copy. What is uploaded per call is a
-//! small table — per segment the A/B addresses, rank, dtype and scale, per tile of at most
-//! [`ROWS_PER_TILE`] rows its segment — in one host-to-device copy. The CPU reference is
+//! registers, as PEFT upcasts them to float32): no per-call copy. The kernels read a small table —
+//! per segment the A/B addresses, rank, dtype and scale, per tile of at most [`ROWS_PER_TILE`]
+//! rows its segment — uploaded once per distinct content and kept. The CPU reference is
 //! `lorq_lora::BatchAdapters::apply` on CPU tensors (`crates/lorq-lora/tests/cuda_sgmv.rs`).
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::{CudaStorage, DType, Storage, Tensor};
@@ -204,7 +205,8 @@ fn plan(
 /// `base_out + delta` where each row's delta is `scale · B·(A·x_row)` of its segment's pair (none
 /// for segments without one), accumulated in f32 and rounded once to `base_out`'s dtype.
 /// `x`: `[rows, in]`, `base_out`: `[rows, out]`, same GPU and dtype (f32/bf16/f16); the segments'
-/// rows add up to `rows`. Two kernel launches and one small table upload, whatever the segments.
+/// rows add up to `rows`. Two kernel launches (and a small table upload the first time a batch layout is seen),
+/// whatever the segments.
 pub fn add_lora(
     x: &Tensor,
     base_out: &Tensor,
@@ -259,6 +261,39 @@ pub fn add_lora(
     Ok(tensor_from_storage(s, (rows, n)))
 }
 
+/// Launch tables kept on the GPU by content: a decode step with the same adapters makes the same
+/// tables, so steady decoding uploads none, and a CUDA graph capture (which cannot upload) finds
+/// them here. The content holds the A/B addresses, so equal bytes are an equal table.
+type TableCache = HashMap<(usize, Vec<u8>), Arc<CudaSlice<u8>>>;
+
+/// Tables kept before the cache starts over (graphs keep their own tables alive).
+const MAX_TABLES: usize = 4096;
+
+fn uploaded_table(dev: &CudaDevice, bytes: &[u8]) -> Result<Arc<CudaSlice<u8>>, QuantError> {
+    static TABLES: OnceLock<Mutex<TableCache>> = OnceLock::new();
+    let key = (dev.cuda_stream().context().ordinal(), bytes.to_vec());
+    let mut tables = TABLES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some(t) = tables.get(&key) {
+        super::graph::keep_alive(t.clone());
+        return Ok(t.clone());
+    }
+    if super::graph::capturing() {
+        return Err(QuantError::Invalid(
+            "sgmv: a new adapter table during a CUDA graph capture (run the batch once first)"
+                .into(),
+        ));
+    }
+    if tables.len() >= MAX_TABLES {
+        tables.clear();
+    }
+    let t = Arc::new(dev.clone_htod(bytes)?);
+    tables.insert(key, t.clone());
+    Ok(t)
+}
+
 #[allow(clippy::too_many_arguments)]
 fn launch<T: CudaDType + DeviceRepr>(
     dev: &CudaDevice,
@@ -282,7 +317,7 @@ fn launch<T: CudaDType + DeviceRepr>(
         .as_cuda_slice::<T>()?
         .slice(bl.start_offset()..bl.start_offset() + rows * n);
     let x_vec = i32::from(k % 8 == 0 && (xl.start_offset() * std::mem::size_of::<T>()) % 16 == 0);
-    let table = dev.clone_htod(&p.bytes)?;
+    let table = uploaded_table(dev, &p.bytes)?;
     let segs = table.slice(0..p.segments * SEG_BYTES);
     let tiles = table.slice(p.segments * SEG_BYTES..);
     let r_max = p.max_rank;
