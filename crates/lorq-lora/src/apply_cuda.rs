@@ -96,7 +96,13 @@ pub(crate) fn apply(
         if m.rank() > MAX_RANK {
             return Ok(None);
         }
-        pairs.push(Some((resident(m, a, b, x.device())?, m.scale as f32)));
+        let pair = resident(m, a, b, x.device())?;
+        if lorq_quant::cuda::graph::capturing() {
+            // A captured graph reads these weights at every replay: they live as long as it.
+            let (a, b) = pair.pair();
+            lorq_quant::cuda::graph::keep_alive(Arc::new((a.clone(), b.clone())));
+        }
+        pairs.push(Some((pair, m.scale as f32)));
     }
     let segs: Vec<LoraSegment<'_>> = segments
         .iter()

@@ -12,7 +12,7 @@
 //! captured only on its second step.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use candle_core::{DType, Device, Tensor};
 use lorq_lora::{BatchAdapters, LoraAdapter};
@@ -51,9 +51,13 @@ struct DecodeGraph {
     meta: Tensor,
     /// f32 `[batch, vocab]`, rewritten by each replay.
     logits: Tensor,
-    /// Read by the graph: the RoPE tables and the adapters' weights stay alive with it.
+    /// Read by the graph: the RoPE tables stay alive with it (the adapters' weights are kept by
+    /// the capture itself).
     _rope: (Tensor, Tensor),
-    _adapters: Vec<Arc<LoraAdapter>>,
+    /// The adapters of the key: a weak reference keeps an adapter's address from being reused
+    /// by another one while this entry exists, and tells when one was dropped (the entry is
+    /// then stale: rebuilt if the layout comes back).
+    adapters: Vec<Weak<LoraAdapter>>,
 }
 
 /// A model's decode graphs.
@@ -86,7 +90,7 @@ impl DecodeGraphs {
             .count()
     }
 
-    /// Drops every graph (e.g. after adapters were unloaded, to free what they keep alive).
+    /// Drops every graph (e.g. after adapters were unloaded, to free the weights they keep).
     pub(crate) fn clear(&self) {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         s.entries.clear();
@@ -139,6 +143,13 @@ impl LlamaModel {
             set.entries.clear();
             set.pool_blocks = pool_blocks;
         }
+        let stale = matches!(
+            set.entries.get(&key),
+            Some(Entry::Captured(g)) if g.adapters.iter().any(|a| a.strong_count() == 0)
+        );
+        if stale {
+            set.entries.remove(&key);
+        }
         match set.entries.get(&key) {
             None => {
                 if set.entries.len() >= MAX_GRAPHS {
@@ -155,8 +166,11 @@ impl LlamaModel {
                 write_u32(&ids_buf, &ids)?;
                 write_u32(&meta_buf, &meta.data)?;
                 let rope = self.rope.tables(0, capacity)?;
+                // candle's own host uploads fail during the capture instead of being recorded
+                // as copies from host memory that is gone at replay time.
+                let _htod_guard = cuda.enable_cuda_graph_htod_cache();
                 let captured = capture(cuda, || -> Result<Tensor> {
-                    let x = self.embed_tokens.index_select(&ids_buf, 0)?;
+                    let x = lorq_quant::cuda::fused_ops::embed_rows(&self.embed_tokens, &ids_buf)?;
                     let x = self.layers_on_meta(x, &meta_buf, meta.dims, adapters)?;
                     let x =
                         candle_nn::ops::rms_norm(&x, &self.norm, self.config.rms_norm_eps as f32)?;
@@ -171,7 +185,10 @@ impl LlamaModel {
                             meta: meta_buf,
                             logits,
                             _rope: rope,
-                            _adapters: items.iter().filter_map(|it| it.adapter.clone()).collect(),
+                            adapters: items
+                                .iter()
+                                .filter_map(|it| it.adapter.as_ref().map(Arc::downgrade))
+                                .collect(),
                         }))
                     }
                     Err(e) => {

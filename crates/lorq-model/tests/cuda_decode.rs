@@ -24,7 +24,7 @@ mod gpu {
     use lorq_lora::LoraAdapter;
     use lorq_model::random_model::{random_adapters, seeded_randn, shape_config};
     use lorq_model::{BatchItem, LlamaModel, LogitsWanted, ModelConfig};
-    use lorq_quant::cuda::fused_ops::{add_rms_norm, silu_mul};
+    use lorq_quant::cuda::fused_ops::{add_rms_norm, embed_rows, silu_mul};
     use lorq_quant::cuda::paged_attention::{attention, rope_append, PageShape, PagedBatch};
 
     fn gpu() -> Option<Device> {
@@ -298,6 +298,42 @@ mod gpu {
                 let (es, ey) = (rel_l2(&s, &s_want), rel_l2(&y, &y_want));
                 eprintln!("add_rms_norm {dtype:?} [{rows}, {hidden}]: {es:.2e} {ey:.2e}");
                 assert!(es <= tol && ey <= tol, "add_rms_norm: {es} {ey} > {tol}");
+                // The embedding lookup: rows of x picked by ids, the past-vocabulary id zero.
+                let ids: Vec<u32> = (0..rows as u32 + 2)
+                    .map(|i| (i * 7) % rows as u32)
+                    .collect();
+                let mut with_bad = ids.clone();
+                with_bad.push(rows as u32);
+                let got =
+                    embed_rows(&up(&x), &Tensor::new(with_bad.as_slice(), &dev).unwrap()).unwrap();
+                let want = x
+                    .to_dtype(dtype)
+                    .unwrap()
+                    .index_select(&Tensor::new(ids.as_slice(), &Device::Cpu).unwrap(), 0)
+                    .unwrap();
+                let got_cpu = got.to_device(&Device::Cpu).unwrap();
+                assert_eq!(
+                    got_cpu
+                        .narrow(0, 0, ids.len())
+                        .unwrap()
+                        .to_dtype(DType::F32)
+                        .unwrap()
+                        .to_vec2::<f32>()
+                        .unwrap(),
+                    want.to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap(),
+                    "embed_rows {dtype:?} [{rows}, {hidden}]"
+                );
+                let last: Vec<f32> = got_cpu
+                    .get(ids.len())
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                assert!(
+                    last.iter().all(|&v| v == 0.0),
+                    "an id past the table gives a zero row"
+                );
                 let g = round(randn(4, &[rows, hidden]));
                 let u = round(randn(5, &[rows, hidden]));
                 let got = silu_mul(&up(&g), &up(&u)).unwrap();

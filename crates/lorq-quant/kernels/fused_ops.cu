@@ -4,6 +4,8 @@
 // - add_rms_norm_*: s = x + d (the residual add), y = RMSNorm(s) * w; writes both s and y. One
 //   block per row; f32 sum of squares.
 // - silu_mul_*: y = SiLU(gate) * up, elementwise, f32 math.
+// - embed_rows_*: out[r] = table[ids[r]] (the embedding lookup reading its ids on the GPU; an id
+//   past the vocabulary gives a zero row, never a read outside the table). One block per row.
 #include "common.cuh"
 
 constexpr int THREADS = 256;
@@ -46,6 +48,16 @@ __device__ __forceinline__ void silu_mul(const T* __restrict__ gate, const T* __
     }
 }
 
+template <typename T>
+__device__ __forceinline__ void embed_rows(const T* __restrict__ table,
+                                           const unsigned* __restrict__ ids, T* __restrict__ out,
+                                           int hidden, unsigned vocab) {
+    const unsigned id = ids[blockIdx.x];
+    const size_t dst = (size_t)blockIdx.x * hidden, src = (size_t)id * hidden;
+    for (int i = threadIdx.x; i < hidden; i += THREADS)
+        out[dst + i] = id < vocab ? table[src + i] : from_f<T>(0.f);
+}
+
 #define FUSED(T, TN)                                                                              \
     extern "C" __global__ void __launch_bounds__(THREADS)                                        \
         add_rms_norm_##TN(const T* x, const T* d, const T* w, T* s, T* y, int hidden, float eps) { \
@@ -54,6 +66,10 @@ __device__ __forceinline__ void silu_mul(const T* __restrict__ gate, const T* __
     extern "C" __global__ void __launch_bounds__(THREADS)                                        \
         silu_mul_##TN(const T* gate, const T* up, T* y, unsigned long long n) {                   \
         silu_mul<T>(gate, up, y, (size_t)n);                                                      \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(THREADS)                                        \
+        embed_rows_##TN(const T* table, const unsigned* ids, T* out, int hidden, unsigned vocab) { \
+        embed_rows<T>(table, ids, out, hidden, vocab);                                           \
     }
 FUSED(float, f32)
 FUSED(__nv_bfloat16, bf16)

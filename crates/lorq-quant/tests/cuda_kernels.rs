@@ -51,8 +51,8 @@ mod gpu {
         (num / den).sqrt()
     }
 
-    /// The dense GEMV (1..8 rows, bf16 and f16, an odd N, 3-D activations) against the f32
-    /// product of the same values; it declines what it does not take (9 rows, in % 8 != 0, f32)
+    /// The dense GEMV (one row, bf16 and f16, an odd N, 3-D activations) against the f32
+    /// product of the same values; it declines what it does not take (2 rows, in % 8 != 0, f32)
     /// and `DenseTensor::matmul` gives the same product through it and through cuBLAS.
     #[test]
     fn dense_gemv_matches_f32_product() {
@@ -75,7 +75,7 @@ mod gpu {
             let w32 = Tensor::randn(0f32, 0.05, (n, k), &Device::Cpu).unwrap();
             for dtype in [DType::BF16, DType::F16] {
                 let w = w32.to_dtype(dtype).unwrap().to_device(&dev).unwrap();
-                for m in 1..=8 {
+                for m in [1] {
                     let x = Tensor::randn(0f32, 1.0, (m, k), &dev)
                         .unwrap()
                         .to_dtype(dtype)
@@ -89,16 +89,16 @@ mod gpu {
                         "dense gemv {dtype:?} [{n}, {k}] m={m}: rel err {e}"
                     );
                 }
-                let x3 = Tensor::randn(0f32, 1.0, (2, 3, k), &dev)
+                let x3 = Tensor::randn(0f32, 1.0, (1, 1, k), &dev)
                     .unwrap()
                     .to_dtype(dtype)
                     .unwrap();
-                let got = gemv(&x3, &w).unwrap().expect("6 rows");
-                assert_eq!(got.dims(), &[2, 3, n]);
+                let got = gemv(&x3, &w).unwrap().expect("one row");
+                assert_eq!(got.dims(), &[1, 1, n]);
                 let e = rel_l2(&got, &f32_product(&x3, &w));
                 assert!(e <= 1e-2, "dense gemv 3-D {dtype:?}: rel err {e}");
             }
-            eprintln!("dense gemv [{n}, {k}]: bf16/f16 m = 1..8 within 1e-2");
+            eprintln!("dense gemv [{n}, {k}]: bf16/f16 within 1e-2");
         }
         let w = Tensor::randn(0f32, 1.0, (16, 64), &dev).unwrap();
         let wb = w.to_dtype(DType::BF16).unwrap();
@@ -117,7 +117,7 @@ mod gpu {
             .unwrap();
         assert!(gemv(&x12, &odd).unwrap().is_none());
         let dense = lorq_quant::DenseTensor::new(wb.clone()).unwrap();
-        for m in [1, 20] {
+        for m in [1, 2, 20] {
             let x = Tensor::randn(0f32, 1.0, (m, 64), &dev)
                 .unwrap()
                 .to_dtype(DType::BF16)

@@ -342,6 +342,8 @@ impl AdapterStore {
             )));
         }
         self.rebalance(&mut inner);
+        // Decode graphs keep the weights they read; let the unloaded adapter's go.
+        self.model.model.clear_cuda_graphs();
         Ok(())
     }
 

@@ -1,7 +1,8 @@
-//! `y = x · Wᵀ` for a few activation rows with an unquantized bf16 / f16 weight
-//! (`kernels/dense_gemv.cu`): decode reads each weight once per step, and cuBLAS's GEMM at one row
-//! leaves bandwidth unused on the small projections. Past [`MAX_ROWS`] rows cuBLAS is used. The
-//! reference is the f32 product of the same values (`tests/cuda_kernels.rs`).
+//! `y = x · Wᵀ` for one activation row with an unquantized bf16 / f16 weight
+//! (`kernels/dense_gemv.cu`): decode at batch 1 reads each weight once per step, and cuBLAS's GEMM
+//! at one row leaves bandwidth unused (most on the small projections). From two rows on cuBLAS is
+//! as fast or faster (measured, docs/benchmarks.md), so it takes those. The reference is the f32
+//! product of the same values (`tests/cuda_kernels.rs`).
 
 use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
@@ -12,8 +13,8 @@ use crate::QuantError;
 
 static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/dense_gemv.fatbin"));
 
-/// Most activation rows the kernel takes (one launch row-group, `dense_gemv_*_m1..8`).
-pub const MAX_ROWS: usize = 8;
+/// Activation rows the kernel takes.
+pub const MAX_ROWS: usize = 1;
 /// Output rows per block (kernels/dense_gemv.cu `DG_WARPS`).
 const ROWS_PER_BLOCK: usize = 8;
 
@@ -78,19 +79,19 @@ fn launch<T: CudaDType + DeviceRepr>(
         dev,
         "dense_gemv",
         FATBIN,
-        &format!("dense_gemv_{}_m{m}", dtype_name(w.dtype())),
+        &format!("dense_gemv_{}", dtype_name(w.dtype())),
     )?;
     let stream = dev.cuda_stream();
     let mut b = stream.launch_builder(&f);
-    let (mi, ni, ki) = (m as i32, n as i32, k as i32);
-    b.arg(&wv).arg(&xv).arg(&y).arg(&mi).arg(&ni).arg(&ki);
+    let (ni, ki) = (n as i32, k as i32);
+    b.arg(&wv).arg(&xv).arg(&y).arg(&ni).arg(&ki);
     let cfg = LaunchConfig {
         grid_dim: (n.div_ceil(ROWS_PER_BLOCK) as u32, 1, 1),
         block_dim: ((ROWS_PER_BLOCK * 32) as u32, 1, 1),
         shared_mem_bytes: 0,
     };
-    // SAFETY: the arguments match `dense_gemv_*_m<m>`: w [n, k] and x [m, k] contiguous with
-    // 16-byte aligned rows (k % 8 == 0, offsets checked), y [m, n].
+    // SAFETY: the arguments match `dense_gemv_*`: w [n, k] and x [1, k] contiguous with 16-byte
+    // aligned rows (k % 8 == 0, offsets checked), y [1, n].
     unsafe { b.launch(cfg) }.w()?;
     drop(b);
     Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))

@@ -1,6 +1,8 @@
 //! Fused decoder elementwise ops on the GPU (`kernels/fused_ops.cu`): residual add + RMSNorm in
 //! one pass, and SiLU(gate)·up. Each replaces two or three of candle's launches and one round
-//! trip of the activation through memory; candle's ops are the reference.
+//! trip of the activation through memory; candle's ops are the reference. And the embedding
+//! lookup, which candle's `index_select` cannot do inside a CUDA graph (it uploads the index
+//! layout from the host at every call).
 
 use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
@@ -170,4 +172,67 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor, QuantError> {
         o.pop().expect("one output"),
         gate.shape(),
     ))
+}
+
+/// Rows `ids` (`u32 [rows]` on the GPU) of `table` (`[vocab, hidden]`): `[rows, hidden]`. An id
+/// past the vocabulary gives a zero row (callers check ids before they reach the GPU).
+pub fn embed_rows(table: &Tensor, ids: &Tensor) -> Result<Tensor, QuantError> {
+    let dev = cuda_device(table, "embedding table")?;
+    let dtype = table.dtype();
+    let name = format!("embed_rows_{}", dtype_name(dtype)?);
+    let (vocab, hidden) = table.dims2()?;
+    if ids.dtype() != DType::U32 || ids.rank() != 1 {
+        return Err(QuantError::Invalid(format!(
+            "embed_rows: ids must be u32 [rows], got {:?} {:?}",
+            ids.dtype(),
+            ids.dims()
+        )));
+    }
+    cuda_device(ids, "token ids")?;
+    let rows = ids.dim(0)?;
+    let table = table.contiguous()?;
+    let ids = ids.contiguous()?;
+    fn go<T: CudaDType + DeviceRepr>(
+        dev: &CudaDevice,
+        name: &str,
+        table: &Tensor,
+        ids: &Tensor,
+        rows: usize,
+        hidden: usize,
+        vocab: usize,
+    ) -> Result<CudaStorage, QuantError> {
+        let (ts, tl) = table.storage_and_layout();
+        let (is, il) = ids.storage_and_layout();
+        let (Storage::Cuda(ts), Storage::Cuda(is)) = (&*ts, &*is) else {
+            return Err(QuantError::Invalid("embed_rows: input not on a GPU".into()));
+        };
+        let tv = ts
+            .as_cuda_slice::<T>()?
+            .slice(tl.start_offset()..tl.start_offset() + vocab * hidden);
+        let iv = is
+            .as_cuda_slice::<u32>()?
+            .slice(il.start_offset()..il.start_offset() + rows);
+        // SAFETY: the kernel writes every element.
+        let out = unsafe { dev.alloc::<T>((rows * hidden).max(1))? };
+        let f = function(dev, "fused_ops", FATBIN, name)?;
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        let (h, v) = (hidden as i32, vocab as u32);
+        b.arg(&tv).arg(&iv).arg(&out).arg(&h).arg(&v);
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the arguments match `embed_rows_*`; ids past `vocab` are not read through.
+        unsafe { b.launch(cfg) }.w()?;
+        drop(b);
+        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    }
+    let s = match dtype {
+        DType::BF16 => go::<half::bf16>(dev, &name, &table, &ids, rows, hidden, vocab)?,
+        DType::F16 => go::<half::f16>(dev, &name, &table, &ids, rows, hidden, vocab)?,
+        _ => go::<f32>(dev, &name, &table, &ids, rows, hidden, vocab)?,
+    };
+    Ok(tensor_from_storage(s, (rows, hidden)))
 }
