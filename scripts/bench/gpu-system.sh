@@ -16,11 +16,11 @@ step() { echo "== $1"; shift; timeout 240 "$@" >>"$O/system.log" 2>&1 || { echo 
 # lorq through scripts/gpu-run.sh (a command `timeout` can run: no shell function).
 R="sh scripts/gpu-run.sh $B"
 step "decode" $R bench decode --device cuda --shape llama-3-8b --quantize none,bitsandbytes-nf4,hqq-4bit \
-    --batch-sizes 1,32 --context 512 --new-tokens 64 --json "$O/decode.json"
+    --batch-sizes 1,32 --context 512 --new-tokens 64 --cuda-graphs both --json "$O/decode.json"
 step "decode, transformers" python3 scripts/bench/decode_torch.py --shape llama-3-8b --batch-sizes 1,32 \
     --context 512 --new-tokens 64 --json "$O/decode-torch.json"
 step "decode with adapters" $R bench decode --device cuda --shape llama-3-8b --quantize none \
-    --batch-sizes 32,64 --adapters 0,1,8,32,64 --rank 16 --context 512 --new-tokens 32 --repeats 1 \
+    --batch-sizes 32,64 --adapters 0,1,8,32,64 --rank 16 --context 512 --new-tokens 32 --repeats 1 --cuda-graphs both \
     --json "$O/decode-adapters.json"
 step "adapter kernels" $R bench adapters --device cuda --batch-sizes 32,64 --adapters 1,8,32,64 \
     --rank 16 --json "$O/adapters.json"
