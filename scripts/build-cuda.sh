@@ -3,6 +3,7 @@
 #   scripts/cuda-toolchain.sh        # once: pinned CUDA 13.0 nvcc + headers into ~/.cache/lorq/cuda13
 #   scripts/build-cuda.sh            # -> prints the path of a stripped, fat-LTO `lorq` binary
 #   scripts/build-cuda.sh --tests    # also builds the GPU test binaries, prints their paths
+#   scripts/build-cuda.sh --clippy   # clippy (-D warnings) over the workspace with the cuda code
 # Run the result on a GPU machine with scripts/gpu-run.sh.
 #
 # How: candle-core hard-codes cudarc's `dynamic-linking`, which needs CUDA's .so files at link time;
@@ -29,7 +30,10 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$B/target}
 export RUSTFLAGS="${RUSTFLAGS:-} -L native=$PREFIX/linkonly"
 export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90} NVCC=$PREFIX/bin/nvcc CUDA_HOME=$PREFIX
 MODE=bin
-if [ "${1:-}" = --tests ]; then MODE=tests; shift; fi
+case "${1:-}" in
+--tests) MODE=tests; shift ;;
+--clippy) MODE=clippy; shift ;;
+esac
 if [ "${LORQ_CUDA_FAST:-0}" = 1 ]; then LTO=false CGU=16; else LTO='"fat"' CGU=1; fi
 set -- --release --features cuda \
     --config "patch.crates-io.candle-core.path=\"$B/candle-core\"" \
@@ -38,6 +42,9 @@ set -- --release --features cuda \
     --config 'profile.release.strip=true' \
     "$@"
 cd "$B/ws"
+if [ $MODE = clippy ]; then
+    exec cargo clippy --workspace --all-targets "$@" -- -D warnings
+fi
 if [ $MODE = tests ]; then
     # The GPU tests: every kernel against its CPU reference (they skip, saying why, without a GPU).
     # LORQ_CUDA_TESTS picks the test targets (cargo test arguments); the paths of the built test

@@ -5,7 +5,9 @@
 # 2. torch bf16 matmul (the peer) and `lorq bench kernels --device cuda` on Llama-3-8B shapes,
 #    then whole-model JIT quantization of the Llama-3-8B shape per format (`lorq bench quantize`);
 # 3. greedy tokens on the GPU vs the CPU in f32 (identical) and score logprobs in bf16 (bounded),
-#    dense and every JIT format the GPU kernels run, on the committed tiny Llama (fixtures/llama/base).
+#    dense and every JIT format the GPU kernels run, on the committed tiny Llama (fixtures/llama/base);
+#    then `lorq serve` on the GPU (CUDA graphs on and off) against the CPU under concurrent requests
+#    with mixed adapters (scripts/bench/gpu-serve-check.py).
 #    (LLM.int8 is left out: on the GPU it runs weight-only, on the CPU with int8 activations as
 #    bitsandbytes does, so their tokens may differ.)
 set -u
@@ -53,6 +55,8 @@ print(f"bf16 score logprobs, {sys.argv[3]}: max |GPU - CPU| = {d:.4f} over {len(
 sys.exit(0 if d < 0.25 else 1)
 PY
 done
+echo "== lorq serve: CPU vs GPU (CUDA graphs and --enforce-eager), concurrent requests, mixed adapters"
+python3 scripts/bench/gpu-serve-check.py "$B" --model $M --logs "$O" || fail=1
 echo "== kernels"
 python3 scripts/bench/torch_matmul.py --shapes llama3-8b --m 1,4,16,64,128,512 --out "$O/torch.json" >"$O/torch.log" 2>&1 || fail=1
 R bench kernels --device cuda --shapes llama3-8b --m 1,4,16,64,128,512 --peer "$O/torch.json" \

@@ -49,6 +49,10 @@ pub struct BaseModelArgs {
     /// feature, see scripts/build-cuda.sh).
     #[arg(long, default_value = "cpu", env = "LORQ_DEVICE")]
     pub device: String,
+    /// GPU: run every decode step eagerly, without CUDA graphs (vLLM's flag; graphs are on by
+    /// default: a batch layout's second decode step is captured and later ones replay it).
+    #[arg(long, env = "LORQ_ENFORCE_EAGER")]
+    pub enforce_eager: bool,
 }
 
 /// The base model plus one optional adapter.
@@ -99,8 +103,12 @@ impl BaseModelArgs {
             (name, _) => QuantMethod::parse(name)?,
         };
         let device = parse_device(&self.device)?;
-        LoadedModel::load_quantized(&dir, self.dtype.dtype(), &device, quantize)
-            .with_context(|| format!("loading model {}", dir.display()))
+        let mut loaded = LoadedModel::load_quantized(&dir, self.dtype.dtype(), &device, quantize)
+            .with_context(|| format!("loading model {}", dir.display()))?;
+        if self.enforce_eager {
+            loaded.model.set_cuda_graphs(false);
+        }
+        Ok(loaded)
     }
 }
 
