@@ -162,10 +162,16 @@ mod gpu {
                 let ranks = [8usize, 16, 64, 128, 256, 12];
                 let mut adapters = Vec::new();
                 for (i, &r) in ranks.iter().enumerate() {
-                    let wdtype = if i % 2 == 0 { DType::F32 } else { DType::BF16 };
+                    let wdtype = if i.is_multiple_of(2) {
+                        DType::F32
+                    } else {
+                        DType::BF16
+                    };
                     adapters.push(adapter(k, n, r, wdtype, &dev, i == 3));
                 }
-                let cases: Vec<(&str, Vec<(usize, Option<usize>)>)> = vec![
+                // (name, segments of (rows, adapter index or none)).
+                type Case<'a> = (&'a str, Vec<(usize, Option<usize>)>);
+                let cases: Vec<Case> = vec![
                     (
                         "prefill segments",
                         vec![

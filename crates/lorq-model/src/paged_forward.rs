@@ -43,7 +43,9 @@ pub(crate) fn supports_paged(config: &ModelConfig, dtype: DType, device: &Device
             && HEAD_DIMS.contains(&config.head_dim)
             && matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
             && config.num_key_value_heads > 0
-            && config.num_attention_heads % config.num_key_value_heads == 0
+            && config
+                .num_attention_heads
+                .is_multiple_of(config.num_key_value_heads)
     }
     #[cfg(not(feature = "cuda"))]
     {

@@ -164,7 +164,9 @@ mod gpu {
         }
         let rows = row_pos.len();
         let up = |t: &Tensor| t.to_dtype(dtype).unwrap().to_device(dev).unwrap();
-        let cat = |f: &dyn Fn(&(Tensor, Tensor, Tensor, Tensor, Tensor)) -> Tensor| {
+        // Per sequence: its new q, k, v and its cached k, v.
+        type SeqTensors = (Tensor, Tensor, Tensor, Tensor, Tensor);
+        let cat = |f: &dyn Fn(&SeqTensors) -> Tensor| {
             let parts: Vec<Tensor> = refs.iter().map(f).collect();
             up(&Tensor::cat(&parts, 0).unwrap())
         };
@@ -192,7 +194,7 @@ mod gpu {
             block_tables: &tables_t,
             max_keys,
             // Few SMs make the kernel split long contexts: both paths get exercised.
-            sms: if seed % 2 == 0 { 132 } else { 1 },
+            sms: if seed.is_multiple_of(2) { 132 } else { 1 },
         };
         let (cos_g, sin_g) = (up(&cos), up(&sin));
         let q_rot = rope_append(&q_g, &k_g, &v_g, &cos_g, &sin_g, &batch, &kc, &vc, shape).unwrap();

@@ -397,7 +397,7 @@ impl QuantTensor for Int8Tensor {
 
     fn matmul(&self, x: &Tensor) -> Result<Tensor, QuantError> {
         #[cfg(feature = "cuda")]
-        if x.device().is_cuda() && self.shape.1 % 32 == 0 {
+        if x.device().is_cuda() && self.shape.1.is_multiple_of(32) {
             return crate::cuda::int8_llm::matmul(
                 &self.llm_gpu,
                 &self.cb,

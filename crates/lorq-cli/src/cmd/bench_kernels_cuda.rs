@@ -255,7 +255,7 @@ pub fn run(a: &BenchKernelsArgs, dev: &Device) -> Result<()> {
                 };
                 let mut paths = vec![(QPath::Auto, "auto".to_string())];
                 paths.push((QPath::Dequantize, "dequant+cublas".into()));
-                if m >= 2 && m <= QMMA_MAX_M {
+                if (2..=QMMA_MAX_M).contains(&m) {
                     paths.push((QPath::Mma, "qmma".into()));
                 }
                 if m <= QGEMV_MAX_M {

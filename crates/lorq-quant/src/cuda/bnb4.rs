@@ -281,7 +281,7 @@ fn gemv(
     };
     let start = layout.start_offset();
     let esize = x.dtype().size_in_bytes();
-    if (start * esize) % 16 != 0 {
+    if !(start * esize).is_multiple_of(16) {
         drop(storage);
         return gemv(dev, w, &x.force_contiguous()?, m, n, k);
     }

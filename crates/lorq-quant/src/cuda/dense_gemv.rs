@@ -28,14 +28,14 @@ pub fn gemv(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>, QuantError> {
         return Ok(None);
     }
     let (n, k) = (w.dim(0)?, w.dim(1)?);
-    if k == 0 || k % 8 != 0 || x.dims().last() != Some(&k) || n == 0 {
+    if k == 0 || !k.is_multiple_of(8) || x.dims().last() != Some(&k) || n == 0 {
         return Ok(None);
     }
     let m = x.elem_count() / k;
     if m == 0 || m > MAX_ROWS {
         return Ok(None);
     }
-    let aligned = |t: &Tensor| t.is_contiguous() && t.layout().start_offset() % 8 == 0;
+    let aligned = |t: &Tensor| t.is_contiguous() && t.layout().start_offset().is_multiple_of(8);
     if !aligned(x) || !aligned(w) {
         return Ok(None);
     }

@@ -34,8 +34,8 @@ pub fn function(
     name: &str,
 ) -> Result<CudaFunction, QuantError> {
     type Key = (usize, String);
-    static MODULES: OnceLock<Mutex<HashMap<(usize, &'static str), Arc<CudaModule>>>> =
-        OnceLock::new();
+    type Modules = HashMap<(usize, &'static str), Arc<CudaModule>>;
+    static MODULES: OnceLock<Mutex<Modules>> = OnceLock::new();
     static FUNCS: OnceLock<Mutex<HashMap<Key, CudaFunction>>> = OnceLock::new();
     let stream = dev.cuda_stream();
     let ctx = stream.context();

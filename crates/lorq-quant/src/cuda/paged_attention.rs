@@ -159,7 +159,7 @@ pub fn rope_append(
     ] {
         check(t, dtype, what)?;
     }
-    if hd % 2 != 0 || cos.dim(1)? != hd / 2 {
+    if !hd.is_multiple_of(2) || cos.dim(1)? != hd / 2 {
         return Err(QuantError::Invalid(format!(
             "paged attention: RoPE tables {:?} do not fit head_dim {hd}",
             cos.dims()

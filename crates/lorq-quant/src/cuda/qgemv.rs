@@ -1,6 +1,6 @@
 //! Every weight-only format on the GPU through one packed layout ([`GpuLayout`]): the fused
 //! dequantize-GEMV of `kernels/qgemv.cu` for few activation rows, dequantize-to-the-compute-dtype
-//! + cuBLAS past that. [`GpuLayout::dequantize_f32`] (the CPU decoder of the same layout) is the
+//! and cuBLAS past that. [`GpuLayout::dequantize_f32`] (the CPU decoder of the same layout) is the
 //! reference (`tests/cuda_kernels.rs`).
 
 use std::sync::Arc;
@@ -455,7 +455,7 @@ fn gemv(
         return Err(QuantError::Invalid("GEMV: x is not on a GPU".into()));
     };
     let start = layout.start_offset();
-    if (start * x.dtype().size_in_bytes()) % 16 != 0 {
+    if !(start * x.dtype().size_in_bytes()).is_multiple_of(16) {
         drop(storage);
         return gemv(dev, w, &x.force_contiguous()?, m, v);
     }
@@ -519,7 +519,7 @@ fn mma(dev: &CudaDevice, w: &DeviceLayout, x: &Tensor, m: usize) -> Result<Tenso
         return Err(QuantError::Invalid("mma: x is not on a GPU".into()));
     };
     let start = layout.start_offset();
-    if start % 2 != 0 {
+    if !start.is_multiple_of(2) {
         drop(storage);
         return mma(dev, w, &x.force_contiguous()?, m);
     }

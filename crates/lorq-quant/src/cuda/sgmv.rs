@@ -164,10 +164,10 @@ fn plan(
         let a = device_address(p.a, stream, "A")?;
         let b = device_address(p.b, stream, "B")?;
         let mut flags = code;
-        if k % 8 == 0 && a % 16 == 0 {
+        if k.is_multiple_of(8) && a.is_multiple_of(16) {
             flags |= SHRINK_VEC;
         }
-        if r % 8 == 0 && b % 16 == 0 {
+        if r.is_multiple_of(8) && b.is_multiple_of(16) {
             flags |= EXPAND_VEC;
         }
         bytes.extend_from_slice(&a.to_le_bytes());
@@ -316,7 +316,9 @@ fn launch<T: CudaDType + DeviceRepr>(
     let bv = bs
         .as_cuda_slice::<T>()?
         .slice(bl.start_offset()..bl.start_offset() + rows * n);
-    let x_vec = i32::from(k % 8 == 0 && (xl.start_offset() * std::mem::size_of::<T>()) % 16 == 0);
+    let x_vec = i32::from(
+        k.is_multiple_of(8) && (xl.start_offset() * std::mem::size_of::<T>()).is_multiple_of(16),
+    );
     let table = uploaded_table(dev, &p.bytes)?;
     let segs = table.slice(0..p.segments * SEG_BYTES);
     let tiles = table.slice(p.segments * SEG_BYTES..);
