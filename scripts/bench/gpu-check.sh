@@ -1,6 +1,6 @@
 #!/bin/sh
 # One GPU-machine run: checks and times everything the CUDA build has, writing under $OUT (or ./gpu-out).
-#   scripts/bench/gpu-check.sh BINARY [TEST_BINARY...]
+#   scripts/bench/gpu-check.sh BINARY [TEST_BINARY...]     (LORQ_CHECK_ONLY=1: steps 1 and 3 only)
 # 1. the GPU tests (every kernel against its CPU reference), for each TEST_BINARY given;
 # 2. torch bf16 matmul (the peer) and `lorq bench kernels --device cuda` on Llama-3-8B shapes,
 #    then whole-model JIT quantization of the Llama-3-8B shape per format (`lorq bench quantize`);
@@ -57,6 +57,7 @@ PY
 done
 echo "== lorq serve: CPU vs GPU (CUDA graphs and --enforce-eager), concurrent requests, mixed adapters"
 python3 scripts/bench/gpu-serve-check.py "$B" --model $M --logs "$O" || fail=1
+if [ "${LORQ_CHECK_ONLY:-0}" = 1 ]; then exit $fail; fi
 echo "== kernels"
 python3 scripts/bench/torch_matmul.py --shapes llama3-8b --m 1,4,16,64,128,512 --out "$O/torch.json" >"$O/torch.log" 2>&1 || fail=1
 R bench kernels --device cuda --shapes llama3-8b --m 1,4,16,64,128,512 --peer "$O/torch.json" \
