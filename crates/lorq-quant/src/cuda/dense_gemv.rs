@@ -6,9 +6,9 @@
 
 use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
-use candle_core::{CudaStorage, DType, Storage, Tensor};
+use candle_core::{CudaStorage, DType, Tensor};
 
-use super::{cuda_device, dtype_name, function, tensor_from_storage};
+use super::{cuda_device, device_view, dtype_name, function, tensor_from_storage};
 use crate::QuantError;
 
 static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/dense_gemv.fatbin"));
@@ -62,17 +62,8 @@ fn launch<T: CudaDType + DeviceRepr>(
 ) -> Result<CudaStorage, QuantError> {
     let (xs, xl) = x.storage_and_layout();
     let (ws, wl) = w.storage_and_layout();
-    let (Storage::Cuda(xs), Storage::Cuda(ws)) = (&*xs, &*ws) else {
-        return Err(QuantError::Invalid(
-            "dense gemv: tensors are not on a GPU".into(),
-        ));
-    };
-    let xv = xs
-        .as_cuda_slice::<T>()?
-        .slice(xl.start_offset()..xl.start_offset() + m * k);
-    let wv = ws
-        .as_cuda_slice::<T>()?
-        .slice(wl.start_offset()..wl.start_offset() + n * k);
+    let xv = device_view::<T>(&xs, xl, m * k, "dense gemv: x")?;
+    let wv = device_view::<T>(&ws, wl, n * k, "dense gemv: weight")?;
     // SAFETY: the kernel writes every one of the m × n outputs.
     let y = unsafe { dev.alloc::<T>(m * n)? };
     let f = function(

@@ -6,9 +6,9 @@
 
 use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
-use candle_core::{CudaStorage, DType, Storage, Tensor};
+use candle_core::{CudaStorage, DType, Tensor};
 
-use super::{cuda_device, function, tensor_from_storage};
+use super::{cuda_device, device_view, function, tensor_from_storage};
 use crate::QuantError;
 
 static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/fused_ops.fatbin"));
@@ -64,14 +64,12 @@ fn launch<T: CudaDType + DeviceRepr>(
     let guards: Vec<_> = ins.iter().map(|t| t.storage_and_layout()).collect();
     let mut views = Vec::with_capacity(ins.len());
     for (g, t) in guards.iter().zip(ins) {
-        let Storage::Cuda(cs) = &*g.0 else {
-            return Err(QuantError::Invalid("fused ops: input not on a GPU".into()));
-        };
-        let start = g.1.start_offset();
-        views.push(
-            cs.as_cuda_slice::<T>()?
-                .slice(start..start + t.elem_count()),
-        );
+        views.push(device_view::<T>(
+            &g.0,
+            g.1,
+            t.elem_count(),
+            "fused ops: input",
+        )?);
     }
     let mut out = Vec::with_capacity(outs);
     for _ in 0..outs {
@@ -203,15 +201,8 @@ pub fn embed_rows(table: &Tensor, ids: &Tensor) -> Result<Tensor, QuantError> {
     ) -> Result<CudaStorage, QuantError> {
         let (ts, tl) = table.storage_and_layout();
         let (is, il) = ids.storage_and_layout();
-        let (Storage::Cuda(ts), Storage::Cuda(is)) = (&*ts, &*is) else {
-            return Err(QuantError::Invalid("embed_rows: input not on a GPU".into()));
-        };
-        let tv = ts
-            .as_cuda_slice::<T>()?
-            .slice(tl.start_offset()..tl.start_offset() + vocab * hidden);
-        let iv = is
-            .as_cuda_slice::<u32>()?
-            .slice(il.start_offset()..il.start_offset() + rows);
+        let tv = device_view::<T>(&ts, tl, vocab * hidden, "embed_rows: table")?;
+        let iv = device_view::<u32>(&is, il, rows, "embed_rows: ids")?;
         // SAFETY: the kernel writes every element.
         let out = unsafe { dev.alloc::<T>((rows * hidden).max(1))? };
         let f = function(dev, "fused_ops", FATBIN, name)?;

@@ -22,7 +22,7 @@ use candle_core::cuda_backend::cudarc::driver::sys::{
 };
 use candle_core::cuda_backend::cudarc::driver::{result, CudaGraph, DevicePtr};
 use candle_core::cuda_backend::{CudaDevice, WrapErr};
-use candle_core::{DType, Storage, Tensor};
+use candle_core::{DType, Tensor};
 
 use crate::QuantError;
 
@@ -124,14 +124,8 @@ pub fn write_u32(dst: &Tensor, data: &[u32]) -> Result<(), QuantError> {
     }
     let dev = super::cuda_device(dst, "graph input")?;
     let (storage, layout) = dst.storage_and_layout();
-    let Storage::Cuda(cs) = &*storage else {
-        return Err(QuantError::Invalid(
-            "CUDA graph input is not on a GPU".into(),
-        ));
-    };
+    let view = super::device_view::<u32>(&storage, layout, data.len(), "CUDA graph input")?;
     let stream = dev.cuda_stream();
-    let start = layout.start_offset();
-    let view = cs.as_cuda_slice::<u32>()?.slice(start..start + data.len());
     let (ptr, _record) = view.device_ptr(&stream);
     // SAFETY: `ptr` addresses `data.len()` u32 of a live buffer (checked above); the copy is
     // ordered on the stream that every reader of the buffer uses.

@@ -77,6 +77,21 @@ pub(crate) fn dtype_name(dtype: candle_core::DType) -> &'static str {
     }
 }
 
+/// The `len` elements of a GPU tensor's buffer from its start offset, as a kernel argument
+/// (`storage`, `layout`: the tensor's `storage_and_layout()`, kept borrowed by the caller).
+pub(crate) fn device_view<'a, T: candle_core::cuda_backend::CudaDType>(
+    storage: &'a Storage,
+    layout: &candle_core::Layout,
+    len: usize,
+    what: &str,
+) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>, QuantError> {
+    let Storage::Cuda(cs) = storage else {
+        return Err(QuantError::Invalid(format!("{what} is not on a GPU")));
+    };
+    let start = layout.start_offset();
+    Ok(cs.as_cuda_slice::<T>()?.slice(start..start + len))
+}
+
 /// Wraps a freshly written device buffer as a contiguous tensor of `shape`.
 pub fn tensor_from_storage(storage: CudaStorage, shape: impl Into<Shape>) -> Tensor {
     Tensor::from_storage(Storage::Cuda(storage), shape, BackpropOp::none(), false)
