@@ -9,6 +9,7 @@ pub mod fused_ops;
 pub mod int8_llm;
 pub mod paged_attention;
 pub mod qgemv;
+pub mod qmma_tiled;
 pub mod quantize;
 pub mod sgmv;
 
