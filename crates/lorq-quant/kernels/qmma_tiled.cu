@@ -241,35 +241,33 @@ __device__ __forceinline__ void run(const uint32_t* __restrict__ codes, const fl
             }
 #pragma unroll
         for (int i = 0; i < 4; i++) {
-            // Activations k = 32t + 8i + (0..7) of every n8 tile, paired (j, j+4).
-            uint32_t xb[MT][4];
+            // Word i of this lane's chunk, every row: 16 scaled pairs, live across the n8 tiles.
+            uint32_t p[2][2][4];
 #pragma unroll
-            for (int nt = 0; nt < MT; nt++) {
-                const int r = nt * 8 + g;
-                const uint4 v = S.x[r][xpiece(r, 4 * t + i)];
-                xb[nt][0] = prmt(v.x, v.z, 0x5410u);
-                xb[nt][1] = prmt(v.x, v.z, 0x7632u);
-                xb[nt][2] = prmt(v.y, v.w, 0x5410u);
-                xb[nt][3] = prmt(v.y, v.w, 0x7632u);
-            }
-#pragma unroll
-            for (int wt = 0; wt < 2; wt++) {
-                uint32_t p[2][4];
+            for (int wt = 0; wt < 2; wt++)
 #pragma unroll
                 for (int h = 0; h < 2; h++) {
                     const uint4 v = wv[wt][h];
                     const uint32_t w = i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
-                    decode_word<T, LUTK>(w, tlo, thi, p[h]);
+                    decode_word<T, LUTK>(w, tlo, thi, p[wt][h]);
 #pragma unroll
                     for (int j = 0; j < 4; j++)
-                        p[h][j] = LUTK ? Half<T>::mul(p[h][j], s2[wt][h]) : Half<T>::fma(p[h][j], s2[wt][h], zs2[wt][h]);
+                        p[wt][h][j] = LUTK ? Half<T>::mul(p[wt][h][j], s2[wt][h])
+                                           : Half<T>::fma(p[wt][h][j], s2[wt][h], zs2[wt][h]);
                 }
+            // Activations k = 32t + 8i + (0..7) of one n8 tile at a time, paired (j, j+4).
+#pragma unroll
+            for (int nt = 0; nt < MT; nt++) {
+                const int r = nt * 8 + g;
+                const uint4 v = S.x[r][xpiece(r, 4 * t + i)];
+                const uint32_t xb[4] = {prmt(v.x, v.z, 0x5410u), prmt(v.x, v.z, 0x7632u),
+                                        prmt(v.y, v.w, 0x5410u), prmt(v.y, v.w, 0x7632u)};
 #pragma unroll
                 for (int j2 = 0; j2 < 2; j2++)
 #pragma unroll
-                    for (int nt = 0; nt < MT; nt++)
-                        Half<T>::mma(acc[wt][nt], p[0][2 * j2], p[1][2 * j2], p[0][2 * j2 + 1], p[1][2 * j2 + 1],
-                                     xb[nt][2 * j2], xb[nt][2 * j2 + 1]);
+                    for (int wt = 0; wt < 2; wt++)
+                        Half<T>::mma(acc[wt][nt], p[wt][0][2 * j2], p[wt][1][2 * j2], p[wt][0][2 * j2 + 1],
+                                     p[wt][1][2 * j2 + 1], xb[2 * j2], xb[2 * j2 + 1]);
             }
         }
     }
@@ -321,12 +319,13 @@ __device__ __forceinline__ void run(const uint32_t* __restrict__ codes, const fl
 
 }  // namespace qmmat
 
-// Shared memory per block: STAGES * sizeof(Stage) (the host computes the same, qmma_tiled.rs).
+// Arguments: qgemv.cu's QARGS (DeviceLayout::push_args), then x, y, partial, counters, M, N, K,
+// steps per split. Shared memory per block: STAGES * sizeof(Stage) (qmma_tiled.rs computes the same).
 #define QMMAT(KN, LUTK, TN, T, MT)                                                                 \
     extern "C" __global__ void __launch_bounds__(qmmat::THREADS)                                   \
         qmmat_##KN##_##TN##_t##MT(const uint32_t* codes, const float* scales, const float* zeros,  \
                                   const float* lut, int wpr, int gsize, int groups,               \
-                                  const T* __restrict__ x, T* __restrict__ y, float* partial,     \
+                                  int /* round_mode: f32 only */, const T* __restrict__ x, T* __restrict__ y, float* partial,     \
                                   unsigned* counters, int M, int N, int K, int steps_per_split) { \
         qmmat::run<T, LUTK, MT>(codes, scales, zeros, lut, wpr, gsize, groups, x, y, partial,     \
                                 counters, M, N, K, steps_per_split);                               \

@@ -137,8 +137,8 @@ pub(crate) fn matmul(
         drop(partial);
         Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
     }
-    if m == 0 {
-        return Ok(Tensor::zeros((0, w.n), x.dtype(), x.device())?);
+    if m == 0 || w.n == 0 {
+        return Ok(Tensor::zeros((m, w.n), x.dtype(), x.device())?);
     }
     let (storage, layout) = x.storage_and_layout();
     let Storage::Cuda(cs) = &*storage else {
