@@ -178,23 +178,26 @@ pub(crate) fn dequantize_on_gpu(
 /// the weight is dequantized once per call and multiplied by cuBLAS.
 pub const QMMA_MAX_M: usize = 128;
 
-/// [`QPath::Auto`]'s row limits (bf16/f16 activations). The tiled tensor-core kernel
-/// ([`qmma_tiled`]) covers 4-bit weights with groups of a multiple of 32; other weights keep the
-/// GEMV up to 8 rows, the first tensor-core kernel up to 32, dequantize + cuBLAS past that.
+/// [`QPath::Auto`]'s row limits (bf16/f16 activations). Weights the tiled tensor-core kernel
+/// covers ([`qmma_tiled::supports`]: 4-bit, groups of a multiple of 32) take it for 3..=64 rows;
+/// every weight takes the GEMV up to 8 rows otherwise (so 1-2 rows for those), the first
+/// tensor-core kernel up to 32, dequantize + cuBLAS past that.
 const AUTO_GEMV_MAX_M: usize = 8;
 const AUTO_MMA_MAX_M: usize = 32;
-/// Rows from which the tiled kernel replaces the GEMV, and up to which it beats dequantize +
-/// cuBLAS (H100, docs/benchmarks.md).
-const AUTO_TILED_MIN_M: usize = 2;
-const AUTO_TILED_MAX_M: usize = 128;
+/// Measured on an H100 (docs/benchmarks.md, docs/bench/kernels-mma-h100.json): at 2 rows the
+/// GEMV is still faster on 3 of the 4 Llama-3-8B shapes; at 128 rows dequantize + cuBLAS wins on
+/// 4096x4096 and 1024x4096 and ties on the MLP shapes; at 64 the tiled kernel is 35-40 % faster
+/// on the MLP shapes and 10-15 % slower on 4096x4096, so the rule keeps it there.
+const AUTO_TILED_MIN_M: usize = 3;
+const AUTO_TILED_MAX_M: usize = 64;
 
 /// Which GPU path a matmul takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QPath {
     /// The row count, dtype and format decide (see `AUTO_*`): for bf16/f16 activations and
-    /// weights the tiled kernel covers, the GEMV for 1 row and the tiled kernel for 2..=128;
-    /// otherwise the GEMV up to 8 rows (f32 activations up to [`QGEMV_MAX_M`]), the first
-    /// tensor-core kernel up to 32, else dequantize + cuBLAS.
+    /// weights the tiled kernel covers, the tiled kernel for 3..=64 rows; otherwise the GEMV up to
+    /// 8 rows (f32 activations up to [`QGEMV_MAX_M`]), the first tensor-core kernel up to 32,
+    /// else dequantize + cuBLAS.
     Auto,
     /// The fused GEMV with this launch shape.
     Fused(Variant),
@@ -314,7 +317,7 @@ pub fn matmul(w: &DeviceLayout, x: &Tensor, path: QPath) -> Result<Tensor, Quant
     let tiled = half && qmma_tiled::supports(w);
     let route = match path {
         // Measured on an H100 (docs/benchmarks.md): for the weights the tiled kernel covers it
-        // wins from 2 rows to 128; for the others the GEMV wins up to 8 rows, the first
+        // wins from 3 rows to 64; for the others the GEMV wins up to 8 rows, the first
         // tensor-core kernel from 9 to 32, dequantize + cuBLAS past that.
         QPath::Auto if tiled && (AUTO_TILED_MIN_M..=AUTO_TILED_MAX_M).contains(&m) => {
             Route::MmaTiled
