@@ -157,10 +157,14 @@ mod gpu {
         let mut failures = Vec::new();
         for &m in rows {
             for dtype in [DType::BF16, DType::F16] {
-                let x = Tensor::from_vec(randn(m as u64 * 13 + n as u64, m * k, 1.0), (m, k), &Device::Cpu)
-                    .unwrap()
-                    .to_dtype(dtype)
-                    .unwrap();
+                let x = Tensor::from_vec(
+                    randn(m as u64 * 13 + n as u64, m * k, 1.0),
+                    (m, k),
+                    &Device::Cpu,
+                )
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
                 let want = x
                     .to_dtype(DType::F32)
                     .unwrap()
@@ -200,7 +204,10 @@ mod gpu {
         let rows = [1usize, 2, 8, 9, 16, 17, 33, 64, 100, 128];
         let mut failures = Vec::new();
         let mut served = Vec::new();
-        for (si, &(n, k)) in [(136usize, 512usize), (1032, 256), (264, 4096)].iter().enumerate() {
+        for (si, &(n, k)) in [(136usize, 512usize), (1032, 256), (264, 4096)]
+            .iter()
+            .enumerate()
+        {
             for (name, t) in every_format(n, k, 300 + si as u64) {
                 let layout = t.gpu_layout().unwrap();
                 let dl = DeviceLayout::upload(&layout, cdev).unwrap();
@@ -218,8 +225,18 @@ mod gpu {
                 ));
             }
         }
-        for f in ["nf4", "fp4", "hqq-4bit", "gptq-4bit", "gptq-4bit-act-order", "awq-4bit"] {
-            assert!(served.iter().any(|s| s == f), "{f} not served by the tiled kernel");
+        for f in [
+            "nf4",
+            "fp4",
+            "hqq-4bit",
+            "gptq-4bit",
+            "gptq-4bit-act-order",
+            "awq-4bit",
+        ] {
+            assert!(
+                served.iter().any(|s| s == f),
+                "{f} not served by the tiled kernel"
+            );
         }
         assert!(
             failures.is_empty(),
@@ -238,9 +255,14 @@ mod gpu {
         let cdev = dev.as_cuda_device().unwrap();
         let nf4: Vec<f32> = (0..16).map(|i| (i as f32 - 7.5) / 7.5).collect();
         let mut failures = Vec::new();
-        for (i, &(n, k, group)) in [(37usize, 160usize, 32usize), (200, 288, 96), (130, 4096, 128), (8, 32, 32)]
-            .iter()
-            .enumerate()
+        for (i, &(n, k, group)) in [
+            (37usize, 160usize, 32usize),
+            (200, 288, 96),
+            (130, 4096, 128),
+            (8, 32, 32),
+        ]
+        .iter()
+        .enumerate()
         {
             let groups = k / group;
             let seed = 500 + i as u64;
@@ -256,7 +278,14 @@ mod gpu {
             let code = |r: usize, c: usize| ((codes[r * k + c].abs() * 1e4) as u32) % 16;
             for (kname, kind, zs) in [
                 ("affine", CodeKind::Affine { bits: 4 }, zeros.clone()),
-                ("table", CodeKind::Table { bits: 4, lut: nf4.clone() }, Vec::new()),
+                (
+                    "table",
+                    CodeKind::Table {
+                        bits: 4,
+                        lut: nf4.clone(),
+                    },
+                    Vec::new(),
+                ),
             ] {
                 let layout = GpuLayout::pack(
                     n,
