@@ -1,7 +1,9 @@
 //! Every weight-only format on the GPU through one packed layout ([`GpuLayout`]): the fused
-//! dequantize-GEMV of `kernels/qgemv.cu` for few activation rows, dequantize-to-the-compute-dtype
-//! + cuBLAS past that. [`GpuLayout::dequantize_f32`] (the CPU decoder of the same layout) is the
-//! reference (`tests/cuda_kernels.rs`).
+//! dequantize-GEMV of `kernels/qgemv.cu` for few activation rows, tensor-core kernels for a few
+//! more (its first one, and for 4-bit weights the tiled one of [`super::qmma_tiled`], reading the
+//! same device buffers), dequantize-to-the-compute-dtype + cuBLAS past that.
+//! [`GpuLayout::dequantize_f32`] (the CPU decoder of the same layout) is the reference
+//! (`tests/cuda_qgemv.rs`).
 
 use std::sync::Arc;
 
