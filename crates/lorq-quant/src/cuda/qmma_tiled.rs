@@ -145,7 +145,7 @@ pub(crate) fn matmul(
         return Err(QuantError::Invalid("qmma_tiled: x is not on a GPU".into()));
     };
     let start = layout.start_offset();
-    if (start * x.dtype().size_in_bytes()) % 16 != 0 || !layout.is_contiguous() {
+    if !(start * x.dtype().size_in_bytes()).is_multiple_of(16) || !layout.is_contiguous() {
         drop(storage);
         return matmul(dev, w, &x.force_contiguous()?, m);
     }
@@ -178,7 +178,7 @@ mod tests {
         ] {
             let (splits, per) = split_k(n, m, k, 132);
             let steps = k.div_ceil(128);
-            assert!(splits >= 1 && splits <= 16, "{n}x{k} m={m}: {splits}");
+            assert!((1..=16).contains(&splits), "{n}x{k} m={m}: {splits}");
             assert!(splits * per >= steps && (splits - 1) * per < steps);
         }
         assert_eq!(split_k(14336, 16, 4096, 132).0, 3);
