@@ -22,6 +22,8 @@ mod formats;
 mod gpu {
     use candle_core::{DType, Device, Tensor};
     use lorq_quant::cuda::qgemv::{dequantize, matmul, DeviceLayout, QPath, Variant};
+    use lorq_quant::cuda::qmma_tiled;
+    use lorq_quant::gpu_layout::{CodeKind, ElementRounding, GpuLayout};
 
     use super::formats::{every_format, randn, rel_l2};
 
@@ -81,6 +83,9 @@ mod gpu {
                         let mut paths = vec![QPath::Dequantize, QPath::Auto];
                         if dtype != DType::F32 {
                             paths.push(QPath::Mma);
+                            if qmma_tiled::supports(&dl) {
+                                paths.push(QPath::MmaTiled);
+                            }
                         }
                         if m <= 16 {
                             let mr = match m {
@@ -127,6 +132,183 @@ mod gpu {
                 if e.is_nan() || e > 1e-5 {
                     failures.push(format!("{name} matmul_grad_input: rel err {e:e}"));
                 }
+            }
+        }
+        assert!(
+            failures.is_empty(),
+            "{} failures:\n{}",
+            failures.len(),
+            failures.join("\n")
+        );
+    }
+
+    /// `x · Wᵀ` through `path` against the f32 product with the CPU decoder's weight, for bf16 and
+    /// f16 activations at each row count: the failures.
+    fn check_rows(
+        dev: &Device,
+        name: &str,
+        layout: &GpuLayout,
+        dl: &DeviceLayout,
+        rows: &[usize],
+        paths: &[QPath],
+    ) -> Vec<String> {
+        let (n, k) = (layout.n, layout.k);
+        let w_ref = Tensor::from_vec(layout.dequantize_f32(), (n, k), &Device::Cpu).unwrap();
+        let mut failures = Vec::new();
+        for &m in rows {
+            for dtype in [DType::BF16, DType::F16] {
+                let x = Tensor::from_vec(
+                    randn(m as u64 * 13 + n as u64, m * k, 1.0),
+                    (m, k),
+                    &Device::Cpu,
+                )
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+                let want = x
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .matmul(&w_ref.t().unwrap())
+                    .unwrap();
+                let xg = x.to_device(dev).unwrap();
+                for &path in paths {
+                    let got = matmul(dl, &xg, path).unwrap();
+                    assert_eq!(got.dtype(), dtype);
+                    assert_eq!(got.dims(), &[m, n]);
+                    let e = rel_l2(&got, &want);
+                    if !(e <= 1e-2) {
+                        failures.push(format!(
+                            "{name} {n}x{k} m={m} {dtype:?} {path:?}: rel err {e:e} > 1e-2"
+                        ));
+                    }
+                    // Twice: the split-K tickets must be back at zero after a launch.
+                    let again = matmul(dl, &xg, path).unwrap();
+                    let e2 = rel_l2(&again, &got);
+                    if !(e2 <= 1e-6) {
+                        failures.push(format!(
+                            "{name} {n}x{k} m={m} {dtype:?} {path:?}: second launch differs by {e2:e}"
+                        ));
+                    }
+                }
+            }
+        }
+        failures
+    }
+
+    /// The tiled tensor-core kernel on every format it serves (4-bit, groups of a multiple of 32)
+    /// at the row counts around its tile edges (8, 16, 32, 64 rows per block), and `Auto` there.
+    #[test]
+    fn tiled_kernel_matches_the_cpu_decoder() {
+        let Some(dev) = gpu() else { return };
+        let cdev = dev.as_cuda_device().unwrap();
+        let rows = [1usize, 2, 8, 9, 16, 17, 33, 64, 100, 128];
+        let mut failures = Vec::new();
+        let mut served = Vec::new();
+        for (si, &(n, k)) in [(136usize, 512usize), (1032, 256), (264, 4096)]
+            .iter()
+            .enumerate()
+        {
+            for (name, t) in every_format(n, k, 300 + si as u64) {
+                let layout = t.gpu_layout().unwrap();
+                let dl = DeviceLayout::upload(&layout, cdev).unwrap();
+                if !qmma_tiled::supports(&dl) {
+                    continue;
+                }
+                served.push(name.clone());
+                failures.extend(check_rows(
+                    &dev,
+                    &name,
+                    &layout,
+                    &dl,
+                    &rows,
+                    &[QPath::MmaTiled, QPath::Auto],
+                ));
+            }
+        }
+        for f in [
+            "nf4",
+            "fp4",
+            "hqq-4bit",
+            "gptq-4bit",
+            "gptq-4bit-act-order",
+            "awq-4bit",
+        ] {
+            assert!(
+                served.iter().any(|s| s == f),
+                "{f} not served by the tiled kernel"
+            );
+        }
+        assert!(
+            failures.is_empty(),
+            "{} failures:\n{}",
+            failures.len(),
+            failures.join("\n")
+        );
+    }
+
+    /// Edges the formats' own quantizers do not reach: K not a multiple of the 128-wide step,
+    /// groups of 32 and of 96 (spanning steps), N not a multiple of the 128-row block, fractional
+    /// zeros, a long K split over many blocks; affine and table codes.
+    #[test]
+    fn tiled_kernel_edge_shapes() {
+        let Some(dev) = gpu() else { return };
+        let cdev = dev.as_cuda_device().unwrap();
+        let nf4: Vec<f32> = (0..16).map(|i| (i as f32 - 7.5) / 7.5).collect();
+        let mut failures = Vec::new();
+        for (i, &(n, k, group)) in [
+            (37usize, 160usize, 32usize),
+            (200, 288, 96),
+            (130, 4096, 128),
+            (8, 32, 32),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let groups = k / group;
+            let seed = 500 + i as u64;
+            let scales: Vec<f32> = randn(seed, n * groups, 1.0)
+                .iter()
+                .map(|v| 0.01 + 0.005 * v.abs())
+                .collect();
+            let zeros: Vec<f32> = randn(seed + 1, n * groups, 1.0)
+                .iter()
+                .map(|v| 7.5 + 2.0 * v)
+                .collect();
+            let codes = randn(seed + 2, n * k, 1.0);
+            let code = |r: usize, c: usize| ((codes[r * k + c].abs() * 1e4) as u32) % 16;
+            for (kname, kind, zs) in [
+                ("affine", CodeKind::Affine { bits: 4 }, zeros.clone()),
+                (
+                    "table",
+                    CodeKind::Table {
+                        bits: 4,
+                        lut: nf4.clone(),
+                    },
+                    Vec::new(),
+                ),
+            ] {
+                let layout = GpuLayout::pack(
+                    n,
+                    k,
+                    kind,
+                    group,
+                    scales.clone(),
+                    zs,
+                    ElementRounding::None,
+                    None,
+                    code,
+                )
+                .unwrap();
+                let dl = DeviceLayout::upload(&layout, cdev).unwrap();
+                assert!(qmma_tiled::supports(&dl));
+                failures.extend(check_rows(
+                    &dev,
+                    &format!("{kname} group {group}"),
+                    &layout,
+                    &dl,
+                    &[1, 2, 7, 17, 64, 65, 130],
+                    &[QPath::MmaTiled],
+                ));
             }
         }
         assert!(

@@ -1,9 +1,10 @@
 //! `lorq bench kernels --device cuda`: GPU timings of `y = x · Wᵀ` (bf16 activations) for the
 //! dense bf16 weight through cuBLAS (the baseline) and every weight-only format in the packed GPU
-//! layout — each fused GEMV launch shape, the automatic choice, and dequantize + cuBLAS — plus
-//! bitsandbytes' own 4-bit layout through its first fused kernel. Every kernel is first checked against
-//! the CPU reference (lorq's CPU kernels, f32) on fresh random inputs; timings rotate over enough
-//! weight copies to defeat the 50 MB L2 cache, and synchronize the device around each batch.
+//! layout — each fused GEMV launch shape, the tensor-core kernels, the automatic choice, and
+//! dequantize + cuBLAS — plus bitsandbytes' own 4-bit layout through its first fused kernel. Every
+//! kernel is first checked against the CPU reference (lorq's CPU kernels, f32) on fresh random
+//! inputs; timings rotate over enough weight copies to defeat the 50 MB L2 cache, and synchronize
+//! the device around each batch.
 
 use std::time::Instant;
 
@@ -15,6 +16,7 @@ use lorq_quant::cuda::dense_gemv::{gemv as dense_gemv, MAX_ROWS as DENSE_GEMV_MA
 use lorq_quant::cuda::qgemv::{
     matmul as qmatmul, DeviceLayout, QPath, Variant, QGEMV_MAX_M, QMMA_MAX_M,
 };
+use lorq_quant::cuda::qmma_tiled;
 use lorq_quant::gpu_layout::GpuLayout;
 use lorq_quant::method::QuantMethod;
 use lorq_quant::QuantTensor;
@@ -257,6 +259,9 @@ pub fn run(a: &BenchKernelsArgs, dev: &Device) -> Result<()> {
                 paths.push((QPath::Dequantize, "dequant+cublas".into()));
                 if (2..=QMMA_MAX_M).contains(&m) {
                     paths.push((QPath::Mma, "qmma".into()));
+                }
+                if qmma_tiled::supports(&dls[0]) {
+                    paths.push((QPath::MmaTiled, "qmma-tiled".into()));
                 }
                 if m <= QGEMV_MAX_M {
                     let mr = match m {

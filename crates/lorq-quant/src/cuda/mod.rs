@@ -11,6 +11,7 @@ pub mod graph;
 pub mod int8_llm;
 pub mod paged_attention;
 pub mod qgemv;
+pub mod qmma_tiled;
 pub mod quantize;
 pub mod sgmv;
 

@@ -1,7 +1,9 @@
 //! Every weight-only format on the GPU through one packed layout ([`GpuLayout`]): the fused
-//! dequantize-GEMV of `kernels/qgemv.cu` for few activation rows, dequantize-to-the-compute-dtype
-//! and cuBLAS past that. [`GpuLayout::dequantize_f32`] (the CPU decoder of the same layout) is the
-//! reference (`tests/cuda_kernels.rs`).
+//! dequantize-GEMV of `kernels/qgemv.cu` for few activation rows, tensor-core kernels for a few
+//! more (its first one, and for 4-bit weights the tiled one of [`super::qmma_tiled`], reading the
+//! same device buffers), dequantize-to-the-compute-dtype and cuBLAS past that.
+//! [`GpuLayout::dequantize_f32`] (the CPU decoder of the same layout) is the reference
+//! (`tests/cuda_qgemv.rs`).
 
 use std::sync::Arc;
 
@@ -11,7 +13,7 @@ use candle_core::cuda_backend::cudarc::driver::{
 use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::{CudaStorage, DType, Storage, Tensor};
 
-use super::{cuda_device, dtype_name, function, tensor_from_storage};
+use super::{cuda_device, dtype_name, function, qmma_tiled, tensor_from_storage};
 use crate::gpu_layout::{CodeKind, GpuLayout};
 use crate::gpu_slot::GpuSlot;
 use crate::QuantError;
@@ -42,18 +44,21 @@ impl std::fmt::Debug for GpuQuantWeight {
 
 /// [`GpuLayout`] on one GPU.
 pub struct DeviceLayout {
-    n: usize,
-    k: usize,
-    tag: String,
+    pub(super) n: usize,
+    pub(super) k: usize,
+    pub(super) tag: String,
     codes: CudaSlice<u32>,
     scales: CudaSlice<f32>,
     zeros: Option<CudaSlice<f32>>,
     lut: Option<CudaSlice<f32>>,
     wpr: i32,
-    gsize: i32,
+    pub(super) gsize: i32,
     groups: i32,
     round_mode: i32,
     perm: Option<Tensor>,
+    /// Split-K tickets of the tiled tensor-core kernel (zero between launches), one per block of
+    /// its output rows and activation rows.
+    pub(super) counters: CudaSlice<u32>,
 }
 
 impl DeviceLayout {
@@ -86,11 +91,14 @@ impl DeviceLayout {
             groups: l.groups() as i32,
             round_mode: l.rounding.mode(),
             perm,
+            counters: dev.alloc_zeros::<u32>(
+                l.n.div_ceil(qmma_tiled::ROWS) * qmma_tiled::MAX_SPLIT_M_BLOCKS,
+            )?,
         })
     }
 
-    /// Pushes the `QARGS` every kernel of qgemv.cu starts with.
-    fn push_args<'a>(
+    /// Pushes the `QARGS` every kernel of qgemv.cu (and qmma_tiled.cu) starts with.
+    pub(super) fn push_args<'a>(
         &'a self,
         b: &mut candle_core::cuda_backend::cudarc::driver::LaunchArgs<'a>,
         null: &'a u64,
@@ -172,20 +180,37 @@ pub(crate) fn dequantize_on_gpu(
 /// the weight is dequantized once per call and multiplied by cuBLAS.
 pub const QMMA_MAX_M: usize = 128;
 
-/// [`QPath::Auto`]'s row limits for the GEMV and the tensor-core kernel (bf16/f16).
+/// [`QPath::Auto`]'s row limits (bf16/f16 activations). Weights the tiled tensor-core kernel
+/// covers ([`qmma_tiled::supports`]: 4-bit, groups of a multiple of 32) take it for 3..=64 rows;
+/// every weight takes the GEMV up to 8 rows otherwise (so 1-2 rows for those), the first
+/// tensor-core kernel up to 32, dequantize + cuBLAS past that.
 const AUTO_GEMV_MAX_M: usize = 8;
 const AUTO_MMA_MAX_M: usize = 32;
+/// Measured on an H100 (docs/benchmarks.md, docs/bench/kernels-mma-h100.json): at 2 rows the
+/// GEMV is still faster on 3 of the 4 Llama-3-8B shapes; at 128 rows dequantize + cuBLAS wins on
+/// 4096x4096 and 1024x4096 and ties on the MLP shapes; at 64 the tiled kernel is 35-40 % faster
+/// on the MLP shapes and 10-15 % slower on 4096x4096, so the rule keeps it there.
+const AUTO_TILED_MIN_M: usize = 3;
+const AUTO_TILED_MAX_M: usize = 64;
+/// Act-order weights: dequantize + cuBLAS also pays a column unpermute of the whole weight per call,
+/// and the tiled kernel measured 2-4x faster than it at 128 rows on every Llama-3-8B shape.
+const AUTO_TILED_ACT_ORDER_MAX_M: usize = 128;
 
 /// Which GPU path a matmul takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QPath {
-    /// The row count and dtype decide: the GEMV up to 8 rows (f32 activations up to
-    /// [`QGEMV_MAX_M`]), the tensor-core kernel up to 32, else dequantize + cuBLAS.
+    /// The row count, dtype and format decide (see `AUTO_*`): for bf16/f16 activations and
+    /// weights the tiled kernel covers, the tiled kernel for 3..=64 rows (3..=128 with act-order);
+    /// otherwise the GEMV up to 8 rows (f32 activations up to [`QGEMV_MAX_M`]), the first
+    /// tensor-core kernel up to 32, else dequantize + cuBLAS.
     Auto,
     /// The fused GEMV with this launch shape.
     Fused(Variant),
-    /// The tensor-core kernel (bf16/f16 activations).
+    /// The first tensor-core kernel (bf16/f16 activations, every format).
     Mma,
+    /// The tiled tensor-core kernel (bf16/f16 activations, 4-bit codes in groups of a multiple of
+    /// 32: [`qmma_tiled::supports`]).
+    MmaTiled,
     /// Dequantize to the compute dtype on the GPU, then cuBLAS.
     Dequantize,
 }
@@ -193,6 +218,7 @@ pub enum QPath {
 enum Route {
     Gemv(Variant),
     Mma,
+    MmaTiled,
     Dequantize,
 }
 
@@ -293,22 +319,39 @@ pub fn matmul(w: &DeviceLayout, x: &Tensor, path: QPath) -> Result<Tensor, Quant
     *out_dims.last_mut().expect("rank >= 1") = n;
     let x2 = x.reshape((m, k))?;
     let half = matches!(x.dtype(), DType::BF16 | DType::F16);
+    let tiled = half && qmma_tiled::supports(w);
+    let tiled_max_m = if w.perm.is_some() {
+        AUTO_TILED_ACT_ORDER_MAX_M
+    } else {
+        AUTO_TILED_MAX_M
+    };
     let route = match path {
-        // Measured on an H100 (docs/benchmarks.md): the GEMV wins up to 8 rows, the tensor-core
-        // kernel from 9 to 32, dequantize + cuBLAS past that.
+        // Measured on an H100 (docs/benchmarks.md): for the weights the tiled kernel covers it
+        // wins from 3 rows to 64 (128 with act-order); for the others the GEMV wins up to 8 rows, the first
+        // tensor-core kernel from 9 to 32, dequantize + cuBLAS past that.
+        QPath::Auto if tiled && (AUTO_TILED_MIN_M..=tiled_max_m).contains(&m) => Route::MmaTiled,
         QPath::Auto if m <= AUTO_GEMV_MAX_M || (!half && m <= QGEMV_MAX_M) => {
             Route::Gemv(Variant::pick(n, mr_for(m), x.dtype()))
         }
         QPath::Auto if half && m <= AUTO_MMA_MAX_M => Route::Mma,
         QPath::Auto | QPath::Dequantize => Route::Dequantize,
-        QPath::Mma => {
+        QPath::Mma | QPath::MmaTiled => {
             if !half {
                 return Err(QuantError::Invalid(format!(
-                    "the tensor-core kernel takes bf16/f16 activations, got {:?}",
+                    "the tensor-core kernels take bf16/f16 activations, got {:?}",
                     x.dtype()
                 )));
             }
-            Route::Mma
+            if path == QPath::Mma {
+                Route::Mma
+            } else if tiled {
+                Route::MmaTiled
+            } else {
+                return Err(QuantError::Invalid(format!(
+                    "the tiled tensor-core kernel takes 4-bit codes in groups of a multiple of 32, got {} in groups of {}",
+                    w.tag, w.gsize
+                )));
+            }
         }
         QPath::Fused(v) => {
             if !v.compiled(mr_for(m), x.dtype()) {
@@ -332,6 +375,7 @@ pub fn matmul(w: &DeviceLayout, x: &Tensor, path: QPath) -> Result<Tensor, Quant
     let y = match route {
         Route::Gemv(v) => gemv(dev, w, &gathered(x2)?, m, v)?,
         Route::Mma => mma(dev, w, &gathered(x2)?, m)?,
+        Route::MmaTiled => qmma_tiled::matmul(dev, w, &gathered(x2)?, m)?,
         Route::Dequantize => {
             let wd = dequantize(w, dev, x.dtype())?;
             let wd = match &w.perm {
