@@ -306,28 +306,12 @@ __device__ __forceinline__ void run(const uint32_t* __restrict__ codes, const fl
     __syncthreads();
     if (!last) return;
     __threadfence();
-    // One output row per thread (ROWS == THREADS), coalesced over n. Per chunk of up to 32
-    // activation rows: splits outer, rows inner and unrolled, so each split's loads are in flight
-    // together — the finish costs about one L2 round trip per split and chunk rather than one per
-    // activation row.
-    constexpr int CH = 8 * MT < 32 ? 8 * MT : 32;
-    const int n = nb + tid;
+    const int n = nb + tid;  // ROWS == THREADS: one output row per thread, coalesced over n
     if (n < N) {
-#pragma unroll 1
-        for (int m0 = mb; m0 < min(M, mb + 8 * MT); m0 += CH) {
-            float v[CH];
-#pragma unroll
-            for (int u = 0; u < CH; u++) v[u] = 0.f;
-#pragma unroll 1
-            for (int sp = 0; sp < splits; sp++) {
-                const float* src = partial + ((size_t)sp * M + m0) * N + n;
-#pragma unroll
-                for (int u = 0; u < CH; u++)
-                    if (m0 + u < M) v[u] += __ldcg(src + (size_t)u * N);
-            }
-#pragma unroll
-            for (int u = 0; u < CH; u++)
-                if (m0 + u < M) y[(size_t)(m0 + u) * N + n] = from_f<T>(v[u]);
+        for (int m = mb; m < min(M, mb + 8 * MT); m++) {
+            float v = 0.f;
+            for (int sp = 0; sp < splits; sp++) v += __ldcg(partial + ((size_t)sp * M + m) * N + n);
+            y[(size_t)m * N + n] = from_f<T>(v);
         }
     }
     if (tid == 0) *counter = 0u;  // ready for the next launch on this stream
