@@ -13,42 +13,23 @@ fn gpu_kernels_skipped_without_the_cuda_feature() {
 }
 
 #[cfg(feature = "cuda")]
+#[path = "common/formats.rs"]
+#[allow(dead_code)] // `every_format` serves the other tests
+mod formats;
+
+#[cfg(feature = "cuda")]
 mod gpu {
     use candle_core::{DType, Device, Tensor};
     use lorq_quant::bnb4::{Bnb4Tensor, Bnb4Type};
     use lorq_quant::cuda::bnb4::{dequantize, matmul, Bnb4Path};
     use lorq_quant::QuantTensor;
 
+    use super::formats::rel_l2;
+
     fn gpu() -> Option<Device> {
         lorq_quant::cuda::usable_gpu(0)
             .map_err(|why| eprintln!("SKIPPED: {why}"))
             .ok()
-    }
-
-    fn rel_l2(got: &Tensor, want: &Tensor) -> f64 {
-        let g: Vec<f32> = got
-            .to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let w: Vec<f32> = want
-            .to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        assert_eq!(g.len(), w.len());
-        assert!(g.iter().all(|v| v.is_finite()), "non-finite GPU output");
-        let num: f64 = g
-            .iter()
-            .zip(&w)
-            .map(|(a, b)| (f64::from(*a) - f64::from(*b)).powi(2))
-            .sum();
-        let den: f64 = w.iter().map(|b| f64::from(*b).powi(2)).sum();
-        (num / den).sqrt()
     }
 
     /// The dense GEMV (one row, bf16 and f16, an odd N, 3-D activations) against the f32

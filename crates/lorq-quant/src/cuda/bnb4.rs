@@ -275,16 +275,12 @@ fn gemv(
         drop(b);
         Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
     }
+    let x = super::aligned(x, 16)?;
     let (storage, layout) = x.storage_and_layout();
     let Storage::Cuda(cs) = &*storage else {
         return Err(QuantError::Invalid("bnb4 GEMV: x is not on a GPU".into()));
     };
     let start = layout.start_offset();
-    let esize = x.dtype().size_in_bytes();
-    if !(start * esize).is_multiple_of(16) {
-        drop(storage);
-        return gemv(dev, w, &x.force_contiguous()?, m, n, k);
-    }
     let s = match x.dtype() {
         DType::BF16 => go::<half::bf16>(dev, w, cs, start, m, n, k, "bf16")?,
         DType::F16 => go::<half::f16>(dev, w, cs, start, m, n, k, "f16")?,

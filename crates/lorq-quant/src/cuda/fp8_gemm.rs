@@ -195,15 +195,7 @@ pub fn quantize_activations(x: &Tensor, act: ActQuant) -> Result<QuantizedActiva
         _ => x.to_dtype(DType::F32)?,
     };
     // 16-byte-aligned contiguous rows (the kernel loads 8 elements at a time).
-    let aligned = |t: &Tensor| {
-        t.is_contiguous()
-            && (t.layout().start_offset() * t.dtype().size_in_bytes()).is_multiple_of(16)
-    };
-    let x = if aligned(&x) {
-        x
-    } else {
-        x.force_contiguous()?
-    };
+    let x = super::aligned(&x, 16)?;
     let (storage, layout) = x.storage_and_layout();
     let Storage::Cuda(cs) = &*storage else {
         return Err(err("activations are not on a GPU".into()));

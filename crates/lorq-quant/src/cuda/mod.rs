@@ -93,6 +93,18 @@ pub(crate) fn device_view<'a, T: candle_core::cuda_backend::CudaDType>(
     Ok(cs.as_cuda_slice::<T>()?.slice(start..start + len))
 }
 
+/// `x` itself when it is contiguous and its data starts `align_bytes`-aligned (what the kernels'
+/// vector loads need), else a contiguous copy (which starts at offset 0).
+pub(crate) fn aligned(x: &Tensor, align_bytes: usize) -> Result<Tensor, QuantError> {
+    let start = x.layout().start_offset() * x.dtype().size_in_bytes();
+    if x.is_contiguous() && start.is_multiple_of(align_bytes) {
+        Ok(x.clone())
+    } else {
+        // `force_contiguous`, not `contiguous`/`copy`: those keep a view's start offset.
+        Ok(x.force_contiguous()?)
+    }
+}
+
 /// Wraps a freshly written device buffer as a contiguous tensor of `shape`.
 pub fn tensor_from_storage(storage: CudaStorage, shape: impl Into<Shape>) -> Tensor {
     Tensor::from_storage(Storage::Cuda(storage), shape, BackpropOp::none(), false)

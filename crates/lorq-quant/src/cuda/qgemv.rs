@@ -494,15 +494,12 @@ fn gemv(
         drop(b);
         Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
     }
+    let x = super::aligned(x, 16)?;
     let (storage, layout) = x.storage_and_layout();
     let Storage::Cuda(cs) = &*storage else {
         return Err(QuantError::Invalid("GEMV: x is not on a GPU".into()));
     };
     let start = layout.start_offset();
-    if !(start * x.dtype().size_in_bytes()).is_multiple_of(16) {
-        drop(storage);
-        return gemv(dev, w, &x.force_contiguous()?, m, v);
-    }
     let s = match x.dtype() {
         DType::BF16 => go::<half::bf16>(dev, w, cs, start, m, v, "bf16")?,
         DType::F16 => go::<half::f16>(dev, w, cs, start, m, v, "f16")?,
@@ -558,15 +555,13 @@ fn mma(dev: &CudaDevice, w: &DeviceLayout, x: &Tensor, m: usize) -> Result<Tenso
         drop(b);
         Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
     }
+    // 32-bit loads of activation pairs: a 4-byte-aligned start.
+    let x = super::aligned(x, 4)?;
     let (storage, layout) = x.storage_and_layout();
     let Storage::Cuda(cs) = &*storage else {
         return Err(QuantError::Invalid("mma: x is not on a GPU".into()));
     };
     let start = layout.start_offset();
-    if !start.is_multiple_of(2) {
-        drop(storage);
-        return mma(dev, w, &x.force_contiguous()?, m);
-    }
     let s = match x.dtype() {
         DType::BF16 => go::<half::bf16>(dev, w, cs, start, m, "bf16")?,
         DType::F16 => go::<half::f16>(dev, w, cs, start, m, "f16")?,

@@ -140,15 +140,12 @@ pub(crate) fn matmul(
     if m == 0 || w.n == 0 {
         return Ok(Tensor::zeros((m, w.n), x.dtype(), x.device())?);
     }
+    let x = super::aligned(x, 16)?;
     let (storage, layout) = x.storage_and_layout();
     let Storage::Cuda(cs) = &*storage else {
         return Err(QuantError::Invalid("qmma_tiled: x is not on a GPU".into()));
     };
     let start = layout.start_offset();
-    if !(start * x.dtype().size_in_bytes()).is_multiple_of(16) || !layout.is_contiguous() {
-        drop(storage);
-        return matmul(dev, w, &x.force_contiguous()?, m);
-    }
     let s = match x.dtype() {
         DType::BF16 => go::<half::bf16>(dev, w, cs, start, m, "bf16")?,
         DType::F16 => go::<half::f16>(dev, w, cs, start, m, "f16")?,
