@@ -163,8 +163,7 @@ impl LlamaModel {
             Some(Entry::Seen) => {
                 let ids_buf = Tensor::zeros(rows, DType::U32, &self.device)?;
                 let meta_buf = Tensor::zeros(meta.data.len(), DType::U32, &self.device)?;
-                write_u32(&ids_buf, &ids)?;
-                write_u32(&meta_buf, &meta.data)?;
+                // Filled before each replay below (a capture runs nothing).
                 let rope = self.rope.tables(0, capacity)?;
                 // candle's own host uploads fail during the capture instead of being recorded
                 // as copies from host memory that is gone at replay time.
