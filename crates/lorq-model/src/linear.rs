@@ -29,6 +29,30 @@ impl Linear {
         Ok(y)
     }
 
+    /// [`Self::forward`] of linears that share the input `x` (q/k/v, gate/up): the base matmuls
+    /// in one GPU launch where the weights allow it ([`lorq_quant::matmul_group`]: decode), then
+    /// each one's bias and adapters.
+    pub fn forward_group(
+        ls: &[&Linear],
+        x: &Tensor,
+        adapters: &BatchAdapters,
+    ) -> Result<Vec<Tensor>> {
+        let bases: Vec<&dyn QuantTensor> = ls.iter().map(|l| &*l.base).collect();
+        let ys = lorq_quant::matmul_group(&bases, x)?;
+        ls.iter()
+            .zip(ys)
+            .map(|(l, mut y)| {
+                if let Some(b) = &l.bias {
+                    y = y.broadcast_add(b)?;
+                }
+                if adapters.has_adapters() {
+                    y = adapters.apply(&l.path, x, y)?;
+                }
+                Ok(y)
+            })
+            .collect()
+    }
+
     pub fn in_features(&self) -> usize {
         self.base.shape().1
     }

@@ -161,6 +161,9 @@ pub struct LlamaModel {
     pub(crate) kv_pool: Option<Arc<PagedPool>>,
     /// Fused residual-add + RMSNorm and SiLU·mul kernels in the paged (GPU) forward.
     pub(crate) fused_ops: bool,
+    /// One GPU launch for q/k/v and one for gate/up in the paged forward where the weights allow
+    /// it (`lorq_quant::matmul_group`), else one per projection.
+    pub(crate) grouped_matmuls: bool,
     /// Decode steps as CUDA graphs (`decode_graph.rs`); `None`: off, or not a paged GPU model.
     #[cfg(feature = "cuda")]
     pub(crate) decode_graphs: Option<crate::decode_graph::DecodeGraphs>,
@@ -309,6 +312,7 @@ impl LlamaModel {
             rope,
             kv_pool,
             fused_ops: true,
+            grouped_matmuls: true,
         })
     }
 
@@ -321,6 +325,12 @@ impl LlamaModel {
     /// otherwise), e.g. to measure what they bring.
     pub fn set_fused_ops(&mut self, on: bool) {
         self.fused_ops = on;
+    }
+
+    /// Turns the grouped q/k/v and gate/up launches of the paged GPU forward on or off (one
+    /// matmul per projection otherwise), e.g. to measure what they bring.
+    pub fn set_grouped_matmuls(&mut self, on: bool) {
+        self.grouped_matmuls = on;
     }
 
     /// Turns CUDA graphs for decode steps on or off (on by default for a paged GPU model whose

@@ -171,6 +171,7 @@ impl LlamaModel {
         dims: MetaDims,
         adapters: &BatchAdapters,
     ) -> Result<Tensor> {
+        use crate::linear::Linear;
         use lorq_quant::cuda::fused_ops::{add_rms_norm, silu_mul};
         use lorq_quant::cuda::paged_attention::{
             attention, multiprocessors, rope_append, PageShape, PagedBatch,
@@ -213,6 +214,14 @@ impl LlamaModel {
         };
         let eps = c.rms_norm_eps as f32;
         let fused = self.fused_ops;
+        // Linears sharing an input: one launch where allowed, or one forward each.
+        let group = |ls: &[&Linear], h: &Tensor| -> Result<Vec<Tensor>> {
+            if self.grouped_matmuls {
+                Linear::forward_group(ls, h, adapters)
+            } else {
+                ls.iter().map(|l| l.forward(h, adapters)).collect()
+            }
+        };
         // x + d, then RMSNorm with w: one fused kernel, or candle's add and rms_norm.
         let add_norm = |x: &Tensor, d: &Tensor, w: &Tensor| -> Result<(Tensor, Tensor)> {
             if fused {
@@ -234,9 +243,13 @@ impl LlamaModel {
                     y
                 }
             };
-            let q = layer.q.forward(&h, adapters)?.contiguous()?;
-            let k = layer.k.forward(&h, adapters)?.contiguous()?;
-            let v = layer.v.forward(&h, adapters)?.contiguous()?;
+            // One launch for q, k and v where the weights allow it (decode); one output each.
+            let qkv = group(&[&layer.q, &layer.k, &layer.v], &h)?;
+            let (q, k, v) = (
+                qkv[0].contiguous()?,
+                qkv[1].contiguous()?,
+                qkv[2].contiguous()?,
+            );
             let (kc, vc) = pool.layer(li);
             let q = rope_append(&q, &k, &v, &cos, &sin, &batch, &kc, &vc, shape)?;
             let layer_batch = PagedBatch {
@@ -247,10 +260,10 @@ impl LlamaModel {
             let o = layer.o.forward(&attn, adapters)?;
             let (s, h) = add_norm(&x, &o, &layer.post_attention_norm)?;
             x = s;
-            let gate = layer.gate.forward(&h, adapters)?;
-            let up = layer.up.forward(&h, adapters)?;
+            let gate_up = group(&[&layer.gate, &layer.up], &h)?;
+            let (gate, up) = (&gate_up[0], &gate_up[1]);
             let act = if fused {
-                silu_mul(&gate, &up)?
+                silu_mul(gate, up)?
             } else {
                 (gate.silu()? * up)?
             };

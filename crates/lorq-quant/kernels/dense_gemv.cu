@@ -1,5 +1,6 @@
 // y[N] = W[N, K] . x[K] for one activation row (decode at batch 1), bf16 / f16 weight and
-// activations, f32 accumulation, rounded once to the output dtype.
+// activations, f32 accumulation, rounded once to the output dtype; up to three weights sharing x
+// in one launch (DGroup), each with its own output.
 //
 // Memory-bound: the weight is streamed once. A warp owns one output row; each lane reads 16-byte
 // vectors (8 weights) of it, DG_UNROLL vectors in flight before any math (latency hiding without
@@ -39,12 +40,22 @@ __device__ __forceinline__ float dot8(const uint4& wv, const T* __restrict__ x, 
     return acc;
 }
 
-// grid.x: ceil(N / DG_WARPS).
+// Up to two more weights sharing x (q/k/v, gate/up) in the same launch: blocks [0, b1) compute
+// weight 0 (N rows), [b1, b2) weight 1, [b2, grid) weight 2 (b1 = b2 = grid for one weight), each
+// with its pointers straight from the parameters (as in qgemv.cu's QGroup).
+struct DGroup {
+    const void* w[2];
+    void* y[2];
+    int n[2];
+    int b1, b2;
+};
+
+// Blocks per weight: ceil(N / DG_WARPS), bx the block's index among them.
 template <typename T>
 __device__ __forceinline__ void dense_gemv(const T* __restrict__ w, const T* __restrict__ x,
-                                           T* __restrict__ y, int N, int K) {
+                                           T* __restrict__ y, int N, int K, int bx) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int n = blockIdx.x * DG_WARPS + warp;
+    const int n = bx * DG_WARPS + warp;
     if (n >= N) return;
     const int kv = K >> 3;
     const uint4* wr = reinterpret_cast<const uint4*>(w + (size_t)n * K);
@@ -66,8 +77,15 @@ __device__ __forceinline__ void dense_gemv(const T* __restrict__ w, const T* __r
 #define DENSE_GEMV(TN, T)                                                                          \
     extern "C" __global__ void __launch_bounds__(DG_WARPS * 32)                                    \
         dense_gemv_##TN(const T* __restrict__ w, const T* __restrict__ x, T* __restrict__ y,       \
-                        int N, int K) {                                                            \
-        dense_gemv<T>(w, x, y, N, K);                                                              \
+                        int N, int K, const DGroup g) {                                            \
+        const int bx = blockIdx.x;                                                                 \
+        if (bx < g.b1) dense_gemv<T>(w, x, y, N, K, bx);                                           \
+        else if (bx < g.b2)                                                                        \
+            dense_gemv<T>(static_cast<const T*>(g.w[0]), x, static_cast<T*>(g.y[0]), g.n[0], K,    \
+                          bx - g.b1);                                                              \
+        else                                                                                       \
+            dense_gemv<T>(static_cast<const T*>(g.w[1]), x, static_cast<T*>(g.y[1]), g.n[1], K,    \
+                          bx - g.b2);                                                              \
     }
 DENSE_GEMV(bf16, __nv_bfloat16)
 DENSE_GEMV(f16, __half)

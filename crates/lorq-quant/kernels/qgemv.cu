@@ -5,7 +5,8 @@
 //   groups of G consecutive inputs (G % 32 == 0, or 8 / 16 for hqq 2-bit) with a scale and,
 //   for affine codes, a zero: w = s * (q - z); for table codes (NF4/FP4, FP8 e4m3): w = lut[q] * s.
 //
-// - qgemv_*: y[M, N] = x[M, K] . W^T for M <= 8 rows per launch row-group (grid.y covers more).
+// - qgemv_*: y[M, N] = x[M, K] . W^T for M <= 8 rows per launch row-group (grid.y covers more);
+//   up to three weights sharing x in one launch (QGroup), each with its own output.
 //   Memory-bound: every code word is read once. A warp owns RPW output rows and a K-slice (SPLIT warps
 //   share a row group); each lane streams whole chunks, loads the 32 activations of a chunk once for
 //   all RPW rows, and accumulates in f32. bf16/f16 activations use the group identity
@@ -25,6 +26,20 @@ struct QParams {
     int gsize;              // inputs per group: a multiple of 32, or 8 / 16
     int groups;             // groups per row
     int round_mode;         // f32 exact path: 0 none, 1 f16, 2 bf16; +4: (q - z) rounded first (hqq)
+};
+
+// Up to two more weights of the same format and K sharing the activations (q/k/v, gate/up), in
+// the same launch: blocks [0, b1) compute weight 0 (the QARGS one, N rows), [b1, b2) weight 1,
+// [b2, grid) weight 2; a single weight has b1 = b2 = grid. Each block runs the kernel body of
+// one weight with that weight's pointers taken straight from the parameters (selecting them at
+// run time would move them into registers and cost the hot loop occupancy).
+struct QGroup {
+    const uint32_t* codes[2];
+    const float* scales[2];
+    const float* zeros[2];
+    void* y[2];
+    int n[2];
+    int b1, b2;
 };
 
 template <int BITS>
@@ -86,10 +101,11 @@ __device__ __forceinline__ void load_chunk(const uint32_t* p, uint32_t (&w)[BITS
 
 constexpr int WARPS = 8;  // warps per block
 
-// grid.x: ceil(ceil(N / RPW) * SPLIT / WARPS); grid.y: ceil(M / MR).
+// Blocks per weight: ceil(ceil(N / RPW) * SPLIT / WARPS), bx the block's index among them;
+// grid.y: ceil(M / MR).
 template <typename T, int BITS, bool LUTK, int MR, int RPW, int SPLIT>
 __device__ __forceinline__ void qgemv(const QParams p, const T* __restrict__ x, T* __restrict__ y,
-                                      int M, int N, int K) {
+                                      int M, int N, int K, int bx) {
     constexpr bool EXACT = std::is_same<T, float>::value;
     // Affine codes of 2, 4 or 8 bits never straddle a word: the masked-in-place decode.
     constexpr bool FASTAFF = !EXACT && !LUTK && (BITS == 2 || BITS == 4 || BITS == 8);
@@ -100,7 +116,7 @@ __device__ __forceinline__ void qgemv(const QParams p, const T* __restrict__ x, 
         for (int i = tid; i < (1 << BITS); i += blockDim.x) s_lut[i] = p.lut[i];
         __syncthreads();
     }
-    const int gw = blockIdx.x * WARPS + warp;
+    const int gw = bx * WARPS + warp;
     const int n0 = (gw / SPLIT) * RPW, slice = gw % SPLIT;
     const int m0 = blockIdx.y * MR;
     const int chunks = K >> 5;
@@ -233,7 +249,7 @@ __device__ __forceinline__ void qgemv(const QParams p, const T* __restrict__ x, 
     if (tid < GROUPS * RPW * MR) {
         const int grp = tid / (RPW * MR), rm = tid % (RPW * MR);
         const int r = rm / MR, m = rm % MR;
-        const int n = ((blockIdx.x * WARPS + grp * SPLIT) / SPLIT) * RPW + r;
+        const int n = ((bx * WARPS + grp * SPLIT) / SPLIT) * RPW + r;
         float v = 0.f;
 #pragma unroll
         for (int sidx = 0; sidx < SPLIT; sidx++) v += s_part[grp * SPLIT + sidx][rm];
@@ -250,9 +266,23 @@ __device__ __forceinline__ void qgemv(const QParams p, const T* __restrict__ x, 
 #define QGEMV(KN, BITS, LUTK, TN, T, MR, RPW, SPLIT)                                               \
     extern "C" __global__ void __launch_bounds__(WARPS * 32)                                       \
         qgemv_##KN##_##TN##_m##MR##_r##RPW##_s##SPLIT(QARGS, const T* __restrict__ x,              \
-                                                     T* __restrict__ y, int M, int N, int K) {     \
-        const QParams p = QPARAMS;                                                                 \
-        qgemv<T, BITS, LUTK, MR, RPW, SPLIT>(p, x, y, M, N, K);                                    \
+                                                     T* __restrict__ y, int M, int N, int K,       \
+                                                     const QGroup g) {                             \
+        const int bx = blockIdx.x;                                                                 \
+        if (bx < g.b1) {                                                                           \
+            const QParams p = QPARAMS;                                                             \
+            qgemv<T, BITS, LUTK, MR, RPW, SPLIT>(p, x, y, M, N, K, bx);                            \
+        } else if (bx < g.b2) {                                                                    \
+            const QParams p = {g.codes[0], g.scales[0], g.zeros[0], lut, wpr, gsize, groups,       \
+                               round_mode};                                                        \
+            qgemv<T, BITS, LUTK, MR, RPW, SPLIT>(p, x, static_cast<T*>(g.y[0]), M, g.n[0], K,      \
+                                                 bx - g.b1);                                       \
+        } else {                                                                                   \
+            const QParams p = {g.codes[1], g.scales[1], g.zeros[1], lut, wpr, gsize, groups,       \
+                               round_mode};                                                        \
+            qgemv<T, BITS, LUTK, MR, RPW, SPLIT>(p, x, static_cast<T*>(g.y[1]), M, g.n[1], K,      \
+                                                 bx - g.b2);                                       \
+        }                                                                                          \
     }
 #define QGEMV_SPLITS(KN, BITS, LUTK, TN, T, MR, RPW)                                               \
     QGEMV(KN, BITS, LUTK, TN, T, MR, RPW, 1) QGEMV(KN, BITS, LUTK, TN, T, MR, RPW, 4)

@@ -242,6 +242,14 @@ impl QuantTensor for AwqTensor {
         self.w.matmul(x, "awq")
     }
 
+    #[cfg(feature = "cuda")]
+    fn gpu_packed(
+        &self,
+        dev: &candle_core::cuda_backend::CudaDevice,
+    ) -> Result<Option<std::sync::Arc<crate::cuda::qgemv::GpuQuantWeight>>, QuantError> {
+        self.w.gpu_packed(dev, "awq")
+    }
+
     fn gpu_layout(&self) -> Result<crate::gpu_layout::GpuLayout, QuantError> {
         self.w.gpu_layout()
     }

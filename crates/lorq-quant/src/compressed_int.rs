@@ -305,6 +305,14 @@ impl QuantTensor for CompressedIntTensor {
         self.w.matmul(x, "compressed-tensors")
     }
 
+    #[cfg(feature = "cuda")]
+    fn gpu_packed(
+        &self,
+        dev: &candle_core::cuda_backend::CudaDevice,
+    ) -> Result<Option<std::sync::Arc<crate::cuda::qgemv::GpuQuantWeight>>, QuantError> {
+        self.w.gpu_packed(dev, "compressed-tensors")
+    }
+
     fn gpu_layout(&self) -> Result<crate::gpu_layout::GpuLayout, QuantError> {
         self.w.gpu_layout()
     }

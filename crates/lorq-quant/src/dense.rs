@@ -65,6 +65,10 @@ impl QuantTensor for DenseTensor {
         (d[0], d[1])
     }
 
+    fn dense_weight(&self) -> Option<&Tensor> {
+        Some(&self.weight)
+    }
+
     fn matmul(&self, x: &Tensor) -> Result<Tensor, QuantError> {
         if let Some(y) = self.small_m_matmul(x)? {
             return Ok(y);

@@ -186,6 +186,14 @@ impl QuantTensor for EetqTensor {
         crate::cpu::fused_or_dequantized_matmul(self, x, "eetq", || self.dequantize(DType::F32))
     }
 
+    #[cfg(feature = "cuda")]
+    fn gpu_packed(
+        &self,
+        dev: &candle_core::cuda_backend::CudaDevice,
+    ) -> Result<Option<std::sync::Arc<crate::cuda::qgemv::GpuQuantWeight>>, QuantError> {
+        crate::gpu_slot::gpu_packed(&self.gpu, dev, "eetq", || self.packed_gpu_layout())
+    }
+
     fn dequantize(&self, dtype: DType) -> Result<Tensor, QuantError> {
         let k = self.shape.1.max(1);
         let w: Vec<f32> = self

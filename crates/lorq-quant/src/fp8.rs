@@ -556,6 +556,14 @@ impl QuantTensor for Fp8Tensor {
         fused_or_dequantized_matmul(&Fp8Rows(self), x, "fp8", || self.dequantize(DType::F32))
     }
 
+    #[cfg(feature = "cuda")]
+    fn gpu_packed(
+        &self,
+        dev: &candle_core::cuda_backend::CudaDevice,
+    ) -> Result<Option<std::sync::Arc<crate::cuda::qgemv::GpuQuantWeight>>, QuantError> {
+        crate::gpu_slot::gpu_packed(&self.gpu, dev, "fp8", || self.packed_gpu_layout())
+    }
+
     fn dequantize(&self, dtype: DType) -> Result<Tensor, QuantError> {
         Ok(Tensor::from_vec(self.dequantize_f32(), self.shape, &Device::Cpu)?.to_dtype(dtype)?)
     }

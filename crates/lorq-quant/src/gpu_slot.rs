@@ -33,6 +33,19 @@ pub(crate) fn gpu_matmul(
     }
 }
 
+/// The weight's packed device copy on `dev` (uploaded on first use), `None` when the fused kernels
+/// cannot express it: [`crate::QuantTensor::gpu_packed`].
+#[cfg(feature = "cuda")]
+pub(crate) fn gpu_packed(
+    slot: &GpuSlot,
+    dev: &candle_core::cuda_backend::CudaDevice,
+    what: &str,
+    layout: impl FnOnce() -> Result<GpuLayout, QuantError>,
+) -> Result<Option<std::sync::Arc<crate::cuda::qgemv::GpuQuantWeight>>, QuantError> {
+    let w = crate::cuda::qgemv::device_weight(slot, dev, what, layout)?;
+    Ok(matches!(*w, crate::cuda::qgemv::GpuQuantWeight::Ready(_)).then_some(w))
+}
+
 /// `dy · W` with `W` dequantized on `dy`'s GPU (training's input gradient), or `None` as
 /// [`gpu_matmul`].
 pub(crate) fn gpu_matmul_grad_input(

@@ -34,6 +34,20 @@ pub trait QuantTensor: Send + Sync + std::fmt::Debug {
             self.format_name()
         )))
     }
+    /// The packed device copy the fused GPU kernels read on `dev` (uploaded on first use), for
+    /// [`matmul_group`]; `None`: this weight takes only its own path there.
+    #[cfg(feature = "cuda")]
+    fn gpu_packed(
+        &self,
+        _dev: &candle_core::cuda_backend::CudaDevice,
+    ) -> Result<Option<std::sync::Arc<crate::cuda::qgemv::GpuQuantWeight>>, QuantError> {
+        Ok(None)
+    }
+    /// The unquantized weight `[out, in]` of a dense tensor (for [`matmul_group`]); `None` for
+    /// every quantized format.
+    fn dense_weight(&self) -> Option<&Tensor> {
+        None
+    }
     /// Bytes held by the weight and its quantization constants.
     fn bytes(&self) -> usize;
     /// Short name of the format, as `lorq inspect` shows it (`f32`, `bf16`, `nf4`, ...).
@@ -42,6 +56,54 @@ pub trait QuantTensor: Send + Sync + std::fmt::Debug {
     /// `prefix.<key>` (`prefix` = the module path, e.g. `model.layers.0.self_attn.q_proj`); a
     /// dense weight is `prefix.weight`. Bias tensors are not included.
     fn state_dict(&self, prefix: &str) -> Result<Vec<(String, RawTensor)>, QuantError>;
+}
+
+/// `x · Wᵢᵀ` for several weights sharing the input `x` (q/k/v, gate/up): one fused GPU launch
+/// for all of them where they allow it (same packed format, few activation rows: decode), else
+/// one [`QuantTensor::matmul`] each. Each output equals the weight's own matmul up to the order
+/// of the f32 sums.
+pub fn matmul_group(ws: &[&dyn QuantTensor], x: &Tensor) -> Result<Vec<Tensor>, QuantError> {
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(dev) = x.device() {
+        if let Some(ys) = gpu_matmul_group(ws, x, dev)? {
+            return Ok(ys);
+        }
+    }
+    ws.iter().map(|w| w.matmul(x)).collect()
+}
+
+#[cfg(feature = "cuda")]
+fn gpu_matmul_group(
+    ws: &[&dyn QuantTensor],
+    x: &Tensor,
+    dev: &candle_core::cuda_backend::CudaDevice,
+) -> Result<Option<Vec<Tensor>>, QuantError> {
+    use crate::cuda::qgemv::GpuQuantWeight;
+    if ws.len() < 2 {
+        return Ok(None);
+    }
+    let dense: Vec<&Tensor> = ws.iter().filter_map(|w| w.dense_weight()).collect();
+    if dense.len() == ws.len() {
+        return crate::cuda::dense_gemv::gemv_group(x, &dense);
+    }
+    let mut held = Vec::with_capacity(ws.len());
+    for w in ws {
+        match w.gpu_packed(dev)? {
+            Some(d) => held.push(d),
+            None => return Ok(None),
+        }
+    }
+    let layouts: Vec<_> = held
+        .iter()
+        .filter_map(|d| match &**d {
+            GpuQuantWeight::Ready(l) => Some(&**l),
+            GpuQuantWeight::Unsupported(_) => None,
+        })
+        .collect();
+    if layouts.len() != ws.len() {
+        return Ok(None);
+    }
+    crate::cuda::qgemv::matmul_group(&layouts, x)
 }
 
 /// `dy · W` with `W` dequantized on the host and moved to `dy`'s device (the default of

@@ -36,6 +36,56 @@ mod gpu {
     /// product of the same values; it declines what it does not take (2 rows, in % 8 != 0, f32)
     /// and `DenseTensor::matmul` gives the same product through it and through cuBLAS.
     #[test]
+    fn dense_gemv_group_equals_each_weight_alone() {
+        use lorq_quant::cuda::dense_gemv::{gemv, gemv_group};
+        let Some(dev) = gpu() else { return };
+        let k = 1024;
+        for dtype in [DType::BF16, DType::F16] {
+            let ws: Vec<Tensor> = [512usize, 128, 136]
+                .iter()
+                .map(|&n| {
+                    Tensor::randn(0f32, 0.05, (n, k), &dev)
+                        .unwrap()
+                        .to_dtype(dtype)
+                        .unwrap()
+                })
+                .collect();
+            let x = Tensor::randn(0f32, 1.0, (1, k), &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            for group in [vec![&ws[0], &ws[1], &ws[2]], vec![&ws[2], &ws[0]]] {
+                let ys = gemv_group(&x, &group)
+                    .unwrap()
+                    .expect("one row, same dtype and in");
+                for (w, y) in group.iter().zip(&ys) {
+                    let alone = gemv(&x, w).unwrap().unwrap();
+                    // The same per-row work in either launch: bit-identical.
+                    let (a, b): (Vec<f32>, Vec<f32>) = (
+                        y.to_dtype(DType::F32)
+                            .unwrap()
+                            .flatten_all()
+                            .unwrap()
+                            .to_vec1()
+                            .unwrap(),
+                        alone
+                            .to_dtype(DType::F32)
+                            .unwrap()
+                            .flatten_all()
+                            .unwrap()
+                            .to_vec1()
+                            .unwrap(),
+                    );
+                    assert_eq!(a, b, "grouped dense gemv {dtype:?} differs from alone");
+                }
+            }
+            // Different in_features: refused.
+            let other = Tensor::zeros((8, 512), dtype, &dev).unwrap();
+            assert!(gemv_group(&x, &[&ws[0], &other]).unwrap().is_none());
+        }
+    }
+
+    #[test]
     fn dense_gemv_matches_f32_product() {
         use lorq_quant::cuda::dense_gemv::gemv;
         let Some(dev) = gpu() else { return };

@@ -21,7 +21,7 @@ mod formats;
 #[cfg(feature = "cuda")]
 mod gpu {
     use candle_core::{DType, Device, Tensor};
-    use lorq_quant::cuda::qgemv::{dequantize, matmul, DeviceLayout, QPath, Variant};
+    use lorq_quant::cuda::qgemv::{dequantize, matmul, matmul_group, DeviceLayout, QPath, Variant};
     use lorq_quant::cuda::qmma_tiled;
     use lorq_quant::gpu_layout::{CodeKind, ElementRounding, GpuLayout};
 
@@ -311,6 +311,106 @@ mod gpu {
                 ));
             }
         }
+        assert!(
+            failures.is_empty(),
+            "{} failures:\n{}",
+            failures.len(),
+            failures.join("\n")
+        );
+    }
+
+    /// q/k/v- and gate/up-style groups (2 and 3 weights of different row counts sharing x) in one
+    /// GEMV launch: every output equals that weight's own matmul (f32 within 1e-5, bf16/f16 within
+    /// 1e-2: only the launch shape, hence the order of the f32 sums, may differ), for every format
+    /// with a packed layout; weights that cannot share a kernel are refused.
+    #[test]
+    fn grouped_launch_equals_each_weight_alone() {
+        let Some(dev) = gpu() else { return };
+        let cdev = dev.as_cuda_device().unwrap();
+        let k = 512;
+        let sets: Vec<_> = [(136usize, 7u64), (40, 8), (72, 9)]
+            .iter()
+            .map(|&(n, seed)| every_format(n, k, seed))
+            .collect();
+        let mut failures = Vec::new();
+        let mut grouped = 0;
+        for (i, (name, a)) in sets[0].iter().enumerate() {
+            let (b, c) = (&sets[1][i].1, &sets[2][i].1);
+            for (dtype, ms, tol) in [
+                (DType::F32, &[1usize, 2, 5][..], 1e-5),
+                (DType::BF16, &[1, 2][..], 1e-2),
+                (DType::F16, &[1][..], 1e-2),
+            ] {
+                for &m in ms {
+                    let x = Tensor::from_vec(randn(m as u64, m * k, 1.0), (m, k), &dev)
+                        .unwrap()
+                        .to_dtype(dtype)
+                        .unwrap();
+                    for ws in [vec![&**a, &**b, &**c], vec![&**b, &**a]] {
+                        let ys = lorq_quant::matmul_group(&ws, &x).unwrap();
+                        assert_eq!(ys.len(), ws.len());
+                        for (j, (w, y)) in ws.iter().zip(&ys).enumerate() {
+                            let want = w.matmul(&x).unwrap();
+                            assert_eq!(y.dims(), want.dims(), "{name}: output {j} shape");
+                            let e = rel_l2(
+                                &y.to_device(&Device::Cpu).unwrap(),
+                                &want.to_device(&Device::Cpu).unwrap(),
+                            );
+                            if !(e <= tol) {
+                                failures.push(format!(
+                                    "{name} {dtype:?} m={m} group of {} output {j}: rel {e:.2e} > {tol:.0e}",
+                                    ws.len()
+                                ));
+                            }
+                        }
+                    }
+                }
+            }
+            // The layouts themselves: one launch where they share a kernel.
+            let layouts: Vec<GpuLayout> = [a, b, c]
+                .iter()
+                .filter_map(|t| t.gpu_layout().ok())
+                .collect();
+            if layouts.len() == 3 && layouts.iter().all(|l| l.perm.is_none()) {
+                let dls: Vec<DeviceLayout> = layouts
+                    .iter()
+                    .map(|l| DeviceLayout::upload(l, cdev).unwrap())
+                    .collect();
+                let refs: Vec<&DeviceLayout> = dls.iter().collect();
+                let x = Tensor::from_vec(randn(3, k, 1.0), (1, k), &dev)
+                    .unwrap()
+                    .to_dtype(DType::BF16)
+                    .unwrap();
+                let ys = matmul_group(&refs, &x).unwrap();
+                assert!(
+                    ys.is_some(),
+                    "{name}: three weights of one format were not grouped"
+                );
+                grouped += 1;
+            }
+        }
+        assert!(grouped >= 8, "only {grouped} formats grouped");
+        // NF4 and FP4 are both 4-bit tables but not the same one: never one launch.
+        let nf4 = sets[0]
+            .iter()
+            .find(|(n, _)| n == "nf4")
+            .unwrap()
+            .1
+            .gpu_layout()
+            .unwrap();
+        let fp4 = sets[1]
+            .iter()
+            .find(|(n, _)| n == "fp4")
+            .unwrap()
+            .1
+            .gpu_layout()
+            .unwrap();
+        let (dn, df) = (
+            DeviceLayout::upload(&nf4, cdev).unwrap(),
+            DeviceLayout::upload(&fp4, cdev).unwrap(),
+        );
+        let x = Tensor::zeros((1, k), DType::BF16, &dev).unwrap();
+        assert!(matmul_group(&[&dn, &df], &x).unwrap().is_none());
         assert!(
             failures.is_empty(),
             "{} failures:\n{}",

@@ -54,6 +54,10 @@ pub struct BenchDecodeArgs {
     /// Also time each case with candle's ops instead of the fused RMSNorm / SiLU·mul kernels.
     #[arg(long)]
     pub compare_fused: bool,
+    /// Also time each case with one launch per projection instead of one for q/k/v and one for
+    /// gate/up.
+    #[arg(long)]
+    pub compare_grouped: bool,
     #[arg(long, default_value_t = 1234)]
     pub seed: u64,
     /// Timed repetitions of each case (prefill + decode again; the best decode is reported).
@@ -276,11 +280,19 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
                     ("on", true) => &[true],
                     _ => &[false],
                 };
-                let modes = fused_modes
-                    .iter()
-                    .flat_map(|&f| graph_modes.iter().map(move |&g| (f, g)));
-                for (fused, graphs) in modes {
+                let grouped_modes: &[bool] = if a.compare_grouped && dev.is_cuda() {
+                    &[true, false]
+                } else {
+                    &[true]
+                };
+                let modes = fused_modes.iter().flat_map(|&f| {
+                    grouped_modes
+                        .iter()
+                        .flat_map(move |&gr| graph_modes.iter().map(move |&g| (f, gr, g)))
+                });
+                for (fused, grouped, graphs) in modes {
                     model.set_fused_ops(fused);
+                    model.set_grouped_matmuls(grouped);
                     model.set_cuda_graphs(graphs);
                     let case = Case {
                         model: &model,
@@ -322,6 +334,7 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
                         "adapters": n_adapters,
                         "rank": if n_adapters > 0 { Some(a.rank) } else { None },
                         "fused_ops": fused,
+                        "grouped_matmuls": grouped,
                         "cuda_graphs": model.cuda_graphs(),
                         "captured_graphs": model.captured_cuda_graphs(),
                         "paged_kv": model.kv_pool().is_some(),

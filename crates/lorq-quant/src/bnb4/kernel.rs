@@ -208,6 +208,14 @@ impl QuantTensor for Bnb4Tensor {
         fused_or_dequantized_matmul(self, x, &self.format_name(), || self.dequantize(DType::F32))
     }
 
+    #[cfg(feature = "cuda")]
+    fn gpu_packed(
+        &self,
+        dev: &candle_core::cuda_backend::CudaDevice,
+    ) -> Result<Option<std::sync::Arc<crate::cuda::qgemv::GpuQuantWeight>>, QuantError> {
+        crate::gpu_slot::gpu_packed(&self.packed_gpu, dev, "bnb4", || self.packed_gpu_layout())
+    }
+
     fn dequantize(&self, dtype: DType) -> Result<Tensor, QuantError> {
         let w = Tensor::from_vec(self.dequantize_f32(), self.shape, &Device::Cpu)?;
         Ok(w.to_dtype(dtype)?)

@@ -23,67 +23,143 @@ const ROWS_PER_BLOCK: usize = 8;
 /// unaligned or non-contiguous data): the caller then uses cuBLAS. `w`: `[out, in]`, `x`:
 /// `[.., in]` on the same GPU.
 pub fn gemv(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>, QuantError> {
-    let dtype = w.dtype();
-    if x.dtype() != dtype || !matches!(dtype, DType::BF16 | DType::F16) || w.rank() != 2 {
+    Ok(gemv_group(x, &[w])?.map(|mut ys| ys.remove(0)))
+}
+
+/// [`gemv`] for 1 to 3 weights sharing `x` (q/k/v, gate/up) in one launch, `Some` only where the
+/// kernel applies to all of them (same dtype and `in`).
+pub fn gemv_group(x: &Tensor, ws: &[&Tensor]) -> Result<Option<Vec<Tensor>>, QuantError> {
+    let Some(&w0) = ws.first() else {
+        return Ok(None);
+    };
+    let dtype = w0.dtype();
+    if ws.len() > 3 || x.dtype() != dtype || !matches!(dtype, DType::BF16 | DType::F16) {
         return Ok(None);
     }
-    let (n, k) = (w.dim(0)?, w.dim(1)?);
-    if k == 0 || !k.is_multiple_of(8) || x.dims().last() != Some(&k) || n == 0 {
-        return Ok(None);
-    }
+    let k = match x.dims().last() {
+        Some(&k) if k > 0 && k.is_multiple_of(8) => k,
+        _ => return Ok(None),
+    };
     let m = x.elem_count() / k;
     if m == 0 || m > MAX_ROWS {
         return Ok(None);
     }
     let aligned = |t: &Tensor| t.is_contiguous() && t.layout().start_offset().is_multiple_of(8);
-    if !aligned(x) || !aligned(w) {
+    if !aligned(x) {
         return Ok(None);
     }
-    let dev = cuda_device(w, "dense gemv weight")?;
-    if !x.device().same_device(w.device()) {
-        return Ok(None);
+    for w in ws {
+        if w.dtype() != dtype
+            || w.rank() != 2
+            || w.dim(1)? != k
+            || w.dim(0)? == 0
+            || !aligned(w)
+            || !x.device().same_device(w.device())
+        {
+            return Ok(None);
+        }
     }
-    let mut out_shape = x.dims().to_vec();
-    *out_shape.last_mut().expect("x has rank >= 1") = n;
+    let dev = cuda_device(w0, "dense gemv weight")?;
     let s = match dtype {
-        DType::BF16 => launch::<half::bf16>(dev, x, w, m, n, k)?,
-        _ => launch::<half::f16>(dev, x, w, m, n, k)?,
+        DType::BF16 => launch::<half::bf16>(dev, x, ws, m, k)?,
+        _ => launch::<half::f16>(dev, x, ws, m, k)?,
     };
-    Ok(Some(tensor_from_storage(s, out_shape)))
+    let mut out = Vec::with_capacity(ws.len());
+    for (s, w) in s.into_iter().zip(ws) {
+        let mut shape = x.dims().to_vec();
+        *shape.last_mut().expect("x has rank >= 1") = w.dim(0)?;
+        out.push(tensor_from_storage(s, shape));
+    }
+    Ok(Some(out))
 }
+
+/// Kernel argument `DGroup` (kernels/dense_gemv.cu): the second and third weight of a grouped
+/// launch and the first block of each (`b1 = b2 = grid` for one weight).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct DGroup {
+    w: [u64; 2],
+    y: [u64; 2],
+    n: [i32; 2],
+    b1: i32,
+    b2: i32,
+}
+
+// SAFETY: plain old data laid out as the kernel's `DGroup` (repr(C), 8-byte pointers, ints).
+unsafe impl DeviceRepr for DGroup {}
 
 fn launch<T: CudaDType + DeviceRepr>(
     dev: &CudaDevice,
     x: &Tensor,
-    w: &Tensor,
+    ws: &[&Tensor],
     m: usize,
-    n: usize,
     k: usize,
-) -> Result<CudaStorage, QuantError> {
+) -> Result<Vec<CudaStorage>, QuantError> {
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+    let stream = dev.cuda_stream();
     let (xs, xl) = x.storage_and_layout();
-    let (ws, wl) = w.storage_and_layout();
     let xv = device_view::<T>(&xs, xl, m * k, "dense gemv: x")?;
-    let wv = device_view::<T>(&ws, wl, n * k, "dense gemv: weight")?;
-    // SAFETY: the kernel writes every one of the m × n outputs.
-    let y = unsafe { dev.alloc::<T>(m * n)? };
+    let rows: Vec<usize> = ws.iter().map(|w| w.dim(0)).collect::<Result<_, _>>()?;
+    // SAFETY: the kernel writes every one of the m × n_j outputs of each weight.
+    let ys = rows
+        .iter()
+        .map(|&nj| unsafe { dev.alloc::<T>(m * nj) })
+        .collect::<Result<Vec<_>, _>>()?;
+    let storages: Vec<_> = ws.iter().map(|w| w.storage_and_layout()).collect();
+    let views = storages
+        .iter()
+        .zip(&rows)
+        .map(|((s, l), &nj)| device_view::<T>(s, l, nj * k, "dense gemv: weight"))
+        .collect::<Result<Vec<_>, _>>()?;
+    let total: usize = rows.iter().map(|n| n.div_ceil(ROWS_PER_BLOCK)).sum();
+    let mut group = DGroup {
+        b1: total as i32,
+        b2: total as i32,
+        ..Default::default()
+    };
+    // The guards keep the pointers' buffers ordered before the launch.
+    let mut guards = Vec::new();
+    let mut first = rows[0].div_ceil(ROWS_PER_BLOCK);
+    for i in 1..ws.len() {
+        let (wp, gw) = views[i].device_ptr(&stream);
+        let (yp, gy) = ys[i].device_ptr(&stream);
+        guards.extend([gw, gy]);
+        group.w[i - 1] = wp;
+        group.y[i - 1] = yp;
+        group.n[i - 1] = rows[i] as i32;
+        if i == 1 {
+            group.b1 = first as i32;
+        } else {
+            group.b2 = first as i32;
+        }
+        first += rows[i].div_ceil(ROWS_PER_BLOCK);
+    }
     let f = function(
         dev,
         "dense_gemv",
         FATBIN,
-        &format!("dense_gemv_{}", dtype_name(w.dtype())),
+        &format!("dense_gemv_{}", dtype_name(ws[0].dtype())),
     )?;
-    let stream = dev.cuda_stream();
     let mut b = stream.launch_builder(&f);
-    let (ni, ki) = (n as i32, k as i32);
-    b.arg(&wv).arg(&xv).arg(&y).arg(&ni).arg(&ki);
+    let (ni, ki) = (rows[0] as i32, k as i32);
+    b.arg(&views[0])
+        .arg(&xv)
+        .arg(&ys[0])
+        .arg(&ni)
+        .arg(&ki)
+        .arg(&group);
     let cfg = LaunchConfig {
-        grid_dim: (n.div_ceil(ROWS_PER_BLOCK) as u32, 1, 1),
+        grid_dim: (total as u32, 1, 1),
         block_dim: ((ROWS_PER_BLOCK * 32) as u32, 1, 1),
         shared_mem_bytes: 0,
     };
-    // SAFETY: the arguments match `dense_gemv_*`: w [n, k] and x [1, k] contiguous with 16-byte
-    // aligned rows (k % 8 == 0, offsets checked), y [1, n].
+    // SAFETY: the arguments match `dense_gemv_*`: every weight [n_j, k] and x [1, k] contiguous
+    // with 16-byte aligned rows (k % 8 == 0, offsets checked), output j [1, n_j].
     unsafe { b.launch(cfg) }.w()?;
     drop(b);
-    Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+    drop(guards);
+    Ok(ys
+        .into_iter()
+        .map(|y| CudaStorage::wrap_cuda_slice(y, dev.clone()))
+        .collect())
 }

@@ -294,6 +294,16 @@ impl IntWeight {
         Ok(dy.matmul(&w)?)
     }
 
+    /// The packed device copy on `dev` for grouped launches (`QuantTensor::gpu_packed`).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn gpu_packed(
+        &self,
+        dev: &candle_core::cuda_backend::CudaDevice,
+        what: &str,
+    ) -> Result<Option<std::sync::Arc<crate::cuda::qgemv::GpuQuantWeight>>, QuantError> {
+        crate::gpu_slot::gpu_packed(&self.gpu, dev, what, || self.gpu_layout())
+    }
+
     /// `x · Wᵀ` for `x` `[.., k]`, in x's dtype: the fused row kernel for up to [`crate::cpu::FUSED_MAX_ROWS`] rows on
     /// CPU, dequantize + f32 GEMM otherwise.
     pub(crate) fn matmul(&self, x: &Tensor, what: &str) -> Result<Tensor, QuantError> {

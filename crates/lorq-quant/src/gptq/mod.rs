@@ -212,6 +212,14 @@ impl QuantTensor for GptqTensor {
         self.w.matmul(x, "gptq")
     }
 
+    #[cfg(feature = "cuda")]
+    fn gpu_packed(
+        &self,
+        dev: &candle_core::cuda_backend::CudaDevice,
+    ) -> Result<Option<std::sync::Arc<crate::cuda::qgemv::GpuQuantWeight>>, QuantError> {
+        self.w.gpu_packed(dev, "gptq")
+    }
+
     fn gpu_layout(&self) -> Result<crate::gpu_layout::GpuLayout, QuantError> {
         self.w.gpu_layout()
     }
