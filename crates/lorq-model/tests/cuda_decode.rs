@@ -288,7 +288,7 @@ mod gpu {
     fn fused_ops_match_candle_cpu() {
         let Some(dev) = gpu() else { return };
         for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 1e-2)] {
-            for &(rows, hidden) in &[(1usize, 4096usize), (33, 576), (5, 100)] {
+            for &(rows, hidden) in &[(1usize, 4096usize), (33, 576), (5, 100), (2, 10000)] {
                 let round = |t: Tensor| t.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap();
                 let x = round(randn(1, &[rows, hidden]));
                 let d = round(randn(2, &[rows, hidden]));

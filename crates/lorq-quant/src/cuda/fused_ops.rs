@@ -39,7 +39,8 @@ fn prepared(ts: &[(&Tensor, &str)], dtype: DType) -> Result<Vec<Tensor>, QuantEr
                 )));
             }
             cuda_device(t, what)?;
-            Ok(t.contiguous()?)
+            // Contiguous from a 16-byte aligned start: the vectorized kernels' loads.
+            super::aligned(t, 16)
         })
         .collect()
 }
@@ -101,6 +102,9 @@ fn launch<T: CudaDType + DeviceRepr>(
         .collect())
 }
 
+/// 8-element chunks per thread of `add_rms_norm_vec_*` (kernels/fused_ops.cu `ARN_CHUNKS`).
+const ARN_CHUNKS: usize = 4;
+
 /// `s = x + d`, `y = RMSNorm(s) · w` (`x`, `d`: `[rows, hidden]`, `w`: `[hidden]`); returns `(s, y)`.
 pub fn add_rms_norm(
     x: &Tensor,
@@ -121,9 +125,23 @@ pub fn add_rms_norm(
         )));
     }
     let ins = prepared(&[(x, "x"), (d, "residual"), (w, "norm weight")], dtype)?;
+    // The vectorized kernel: 8-element chunks, up to ARN_CHUNKS per thread of 1024.
+    let chunks = hidden / 8;
+    let vec = hidden.is_multiple_of(8) && chunks <= 1024 * ARN_CHUNKS;
+    let name = if vec {
+        format!("add_rms_norm_vec_{}", dtype_name(dtype)?)
+    } else {
+        name
+    };
+    let threads = if vec {
+        // One chunk per thread up to 1024 chunks (hidden 8192), then up to ARN_CHUNKS each.
+        (chunks.div_ceil(32) * 32).clamp(32, 1024) as u32
+    } else {
+        THREADS
+    };
     let cfg = LaunchConfig {
         grid_dim: (rows as u32, 1, 1),
-        block_dim: (THREADS, 1, 1),
+        block_dim: (threads, 1, 1),
         shared_mem_bytes: 0,
     };
     let push = [Scalar::I32(hidden as i32), Scalar::F32(eps)];
