@@ -24,7 +24,7 @@ mod gpu {
     use lorq_lora::LoraAdapter;
     use lorq_model::random_model::{random_adapters, seeded_randn, shape_config};
     use lorq_model::{BatchItem, LlamaModel, LogitsWanted, ModelConfig};
-    use lorq_quant::cuda::fused_ops::{add_rms_norm, embed_rows, silu_mul};
+    use lorq_quant::cuda::fused_ops::{add_rms_norm, argmax_rows, embed_rows, silu_mul};
     use lorq_quant::cuda::paged_attention::{attention, rope_append, PageShape, PagedBatch};
 
     fn gpu() -> Option<Device> {
@@ -343,6 +343,48 @@ mod gpu {
                 let e = rel_l2(&got, &want);
                 eprintln!("silu_mul {dtype:?} [{rows}, {hidden}]: {e:.2e}");
                 assert!(e <= tol, "silu_mul: {e} > {tol}");
+            }
+        }
+        // Greedy argmax on the GPU = the CPU's (first index on ties, NaN never wins), at a
+        // vocabulary size past one thread's 8 loads and with values rounded to bf16 (many ties).
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            for &(rows, n) in &[(1usize, 128_256usize), (5, 1000), (3, 7)] {
+                let x = randn(6, &[rows, n]).to_dtype(dtype).unwrap();
+                let mut host: Vec<f32> = x
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                // A NaN in row 0 (never the answer) and an exact tie for the maximum in the last row.
+                host[1] = f32::NAN;
+                let last = &mut host[(rows - 1) * n..];
+                let m = lorq_model::sampling::argmax(last);
+                last[n - 1] = last[m];
+                let x = Tensor::from_vec(host.clone(), (rows, n), &dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let host: Vec<f32> = x
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let got: Vec<u32> = argmax_rows(&x).unwrap().to_vec1().unwrap();
+                let want: Vec<u32> = host
+                    .chunks(n)
+                    .map(|r| {
+                        let r: Vec<f32> = r
+                            .iter()
+                            .map(|&v| if v.is_nan() { f32::NEG_INFINITY } else { v })
+                            .collect();
+                        lorq_model::sampling::argmax(&r) as u32
+                    })
+                    .collect();
+                assert_eq!(got, want, "argmax_rows {dtype:?} [{rows}, {n}]");
             }
         }
     }

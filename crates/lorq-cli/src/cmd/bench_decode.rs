@@ -231,6 +231,10 @@ fn greedy(logits: &[Tensor]) -> Result<Vec<u32>> {
         .map(|l| l.narrow(0, l.dim(0)? - 1, 1))
         .collect::<candle_core::Result<_>>()?;
     let all = Tensor::cat(&rows, 0)?;
+    #[cfg(feature = "cuda")]
+    if all.device().is_cuda() {
+        return Ok(lorq_quant::cuda::fused_ops::argmax_rows(&all)?.to_vec1::<u32>()?);
+    }
     Ok(all.argmax(D::Minus1)?.to_vec1::<u32>()?)
 }
 

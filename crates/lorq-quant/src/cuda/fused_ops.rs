@@ -245,3 +245,55 @@ pub fn embed_rows(table: &Tensor, ids: &Tensor) -> Result<Tensor, QuantError> {
     };
     Ok(tensor_from_storage(s, (rows, hidden)))
 }
+
+/// Index of the largest value of each row of `x` (`[rows, n]`, f32/bf16/f16) as `u32 [rows]` on
+/// the GPU: the first on ties, as torch.argmax and `lorq_model::sampling::argmax`; NaN never wins
+/// (a row of NaN gives 0). Greedy decoding without copying the logits to the host.
+pub fn argmax_rows(x: &Tensor) -> Result<Tensor, QuantError> {
+    let dev = cuda_device(x, "argmax input")?;
+    let dtype = x.dtype();
+    let name = format!("argmax_rows_{}", dtype_name(dtype)?);
+    let (rows, n) = x.dims2()?;
+    if n == 0 || n > i32::MAX as usize {
+        return Err(QuantError::Invalid(format!(
+            "argmax_rows: rows of {n} values (1 to {})",
+            i32::MAX
+        )));
+    }
+    let x = x.contiguous()?;
+    fn go<T: CudaDType + DeviceRepr>(
+        dev: &CudaDevice,
+        name: &str,
+        x: &Tensor,
+        rows: usize,
+        n: usize,
+    ) -> Result<CudaStorage, QuantError> {
+        let (xs, xl) = x.storage_and_layout();
+        let xv = device_view::<T>(&xs, xl, rows * n, "argmax_rows: x")?;
+        // SAFETY: the kernel writes every row's index.
+        let out = unsafe { dev.alloc::<u32>(rows.max(1))? };
+        let f = function(dev, "fused_ops", FATBIN, name)?;
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        let ni = n as i32;
+        b.arg(&xv).arg(&out).arg(&ni);
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the arguments match `argmax_rows_*`: x holds rows * n values, out rows.
+        unsafe { b.launch(cfg) }.w()?;
+        drop(b);
+        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    }
+    if rows == 0 {
+        return Ok(Tensor::zeros(0, DType::U32, x.device())?);
+    }
+    let s = match dtype {
+        DType::BF16 => go::<half::bf16>(dev, &name, &x, rows, n)?,
+        DType::F16 => go::<half::f16>(dev, &name, &x, rows, n)?,
+        _ => go::<f32>(dev, &name, &x, rows, n)?,
+    };
+    Ok(tensor_from_storage(s, rows))
+}
