@@ -26,7 +26,6 @@
 constexpr int NW = 4;          // warps per attention block
 constexpr int GMAX = 8;        // query heads per block
 constexpr int PMAX = 256;      // keys per partition (shared-memory scores)
-constexpr int KU = 4;          // key steps per warp whose loads are in flight together
 
 template <typename T>
 __device__ __forceinline__ void rope_append(const T* __restrict__ q, const T* __restrict__ k,
@@ -148,36 +147,28 @@ __device__ __forceinline__ void paged_attn(const T* __restrict__ q, const T* __r
         }
     }
 
-    // Pass 1: scores (log2 domain) of the partition's keys. A warp's next KU key loads are all
-    // issued before any of their math (each was a dependent round trip to memory: at batch 1 the
-    // key loop was most of a block's time).
-    for (int t0 = warp * TPW; t0 < n; t0 += NW * TPW * KU) {
-        float kf[KU][8];
+    // Pass 1: scores (log2 domain) of the partition's keys.
+    for (int t0 = warp * TPW; t0 < n; t0 += NW * TPW) {
+        const int t = t0 + sub;
+        const bool valid = t < n;
+        float kf[8];
+        if (valid) {
+            const int tok = start + t;
+            const size_t blk = table[tok / a.bs];
+            load8<T>(kc + ((blk * a.kv_heads + kvh) * a.bs + tok % a.bs) * HD + dl * 8, kf);
+        } else {
 #pragma unroll
-        for (int u = 0; u < KU; u++) {
-            const int t = t0 + u * NW * TPW + sub;
-            if (t < n) {
-                const int tok = start + t;
-                const size_t blk = table[tok / a.bs];
-                load8<T>(kc + ((blk * a.kv_heads + kvh) * a.bs + tok % a.bs) * HD + dl * 8, kf[u]);
-            } else {
-#pragma unroll
-                for (int i = 0; i < 8; i++) kf[u][i] = 0.f;
-            }
+            for (int i = 0; i < 8; i++) kf[i] = 0.f;
         }
 #pragma unroll
-        for (int u = 0; u < KU; u++) {
-            const int t = t0 + u * NW * TPW + sub;
+        for (int g = 0; g < GMAX; g++) {
+            if (g < G) {
+                float d = 0.f;
 #pragma unroll
-            for (int g = 0; g < GMAX; g++) {
-                if (g < G) {
-                    float d = 0.f;
+                for (int i = 0; i < 8; i++) d = fmaf(qf[g][i], kf[i], d);
 #pragma unroll
-                    for (int i = 0; i < 8; i++) d = fmaf(qf[g][i], kf[u][i], d);
-#pragma unroll
-                    for (int o = LPT / 2; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
-                    if (t < n && dl == 0) s_p[g][t] = d;
-                }
+                for (int o = LPT / 2; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
+                if (valid && dl == 0) s_p[g][t] = d;
             }
         }
     }
@@ -208,28 +199,19 @@ __device__ __forceinline__ void paged_attn(const T* __restrict__ q, const T* __r
     for (int g = 0; g < GMAX; g++)
 #pragma unroll
         for (int i = 0; i < 8; i++) acc[g][i] = 0.f;
-    for (int t0 = warp * TPW; t0 < n; t0 += NW * TPW * KU) {
-        float vf[KU][8];
+    for (int t0 = warp * TPW; t0 < n; t0 += NW * TPW) {
+        const int t = t0 + sub;
+        if (t < n) {
+            const int tok = start + t;
+            const size_t blk = table[tok / a.bs];
+            float vf[8];
+            load8<T>(vc + ((blk * a.kv_heads + kvh) * a.bs + tok % a.bs) * HD + dl * 8, vf);
 #pragma unroll
-        for (int u = 0; u < KU; u++) {
-            const int t = t0 + u * NW * TPW + sub;
-            if (t < n) {
-                const int tok = start + t;
-                const size_t blk = table[tok / a.bs];
-                load8<T>(vc + ((blk * a.kv_heads + kvh) * a.bs + tok % a.bs) * HD + dl * 8, vf[u]);
-            }
-        }
+            for (int g = 0; g < GMAX; g++) {
+                if (g < G) {
+                    const float p = s_p[g][t];
 #pragma unroll
-        for (int u = 0; u < KU; u++) {
-            const int t = t0 + u * NW * TPW + sub;
-            if (t < n) {
-#pragma unroll
-                for (int g = 0; g < GMAX; g++) {
-                    if (g < G) {
-                        const float p = s_p[g][t];
-#pragma unroll
-                        for (int i = 0; i < 8; i++) acc[g][i] = fmaf(p, vf[u][i], acc[g][i]);
-                    }
+                    for (int i = 0; i < 8; i++) acc[g][i] = fmaf(p, vf[i], acc[g][i]);
                 }
             }
         }
