@@ -356,7 +356,7 @@ mod gpu {
                                 &y.to_device(&Device::Cpu).unwrap(),
                                 &want.to_device(&Device::Cpu).unwrap(),
                             );
-                            if !(e <= tol) {
+                            if e.is_nan() || e > tol {
                                 failures.push(format!(
                                     "{name} {dtype:?} m={m} group of {} output {j}: rel {e:.2e} > {tol:.0e}",
                                     ws.len()
