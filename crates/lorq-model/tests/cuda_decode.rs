@@ -33,21 +33,18 @@ mod gpu {
             .ok()
     }
 
+    /// Every value of `t` as f32 on the host.
+    fn host_f32(t: &Tensor) -> Vec<f32> {
+        t.to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
     fn rel_l2(got: &Tensor, want: &Tensor) -> f64 {
-        let g: Vec<f32> = got
-            .to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let w: Vec<f32> = want
-            .to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let (g, w) = (host_f32(got), host_f32(want));
         assert_eq!(g.len(), w.len());
         assert!(g.iter().all(|v| v.is_finite()), "non-finite GPU output");
         let num: f64 = g
@@ -350,13 +347,7 @@ mod gpu {
         for dtype in [DType::F32, DType::BF16, DType::F16] {
             for &(rows, n) in &[(1usize, 128_256usize), (5, 1000), (3, 7)] {
                 let x = randn(6, &[rows, n]).to_dtype(dtype).unwrap();
-                let mut host: Vec<f32> = x
-                    .to_dtype(DType::F32)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
+                let mut host = host_f32(&x);
                 // A NaN in row 0 (never the answer) and an exact tie for the maximum in the last row.
                 host[1] = f32::NAN;
                 let last = &mut host[(rows - 1) * n..];
@@ -366,13 +357,7 @@ mod gpu {
                     .unwrap()
                     .to_dtype(dtype)
                     .unwrap();
-                let host: Vec<f32> = x
-                    .to_dtype(DType::F32)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
+                let host = host_f32(&x);
                 let got: Vec<u32> = argmax_rows(&x).unwrap().to_vec1().unwrap();
                 let want: Vec<u32> = host
                     .chunks(n)

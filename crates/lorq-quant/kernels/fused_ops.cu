@@ -112,6 +112,19 @@ __device__ __forceinline__ bool am_better(float v, int i, float bv, int bi) {
     return v > bv || (v == bv && i < bi);
 }
 
+// The warp's best (value, index) into every lane.
+__device__ __forceinline__ void am_warp_reduce(float& bv, int& bi) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+        const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        if (am_better(ov, oi, bv, bi)) {
+            bv = ov;
+            bi = oi;
+        }
+    }
+}
+
 template <typename T>
 __device__ __forceinline__ void argmax_rows(const T* __restrict__ x, unsigned* __restrict__ out,
                                             int n) {
@@ -136,15 +149,7 @@ __device__ __forceinline__ void argmax_rows(const T* __restrict__ x, unsigned* _
             }
         }
     }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-        const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-        if (am_better(ov, oi, bv, bi)) {
-            bv = ov;
-            bi = oi;
-        }
-    }
+    am_warp_reduce(bv, bi);
     if ((threadIdx.x & 31) == 0) {
         s_v[threadIdx.x >> 5] = bv;
         s_i[threadIdx.x >> 5] = bi;
@@ -153,15 +158,7 @@ __device__ __forceinline__ void argmax_rows(const T* __restrict__ x, unsigned* _
     if (threadIdx.x < 32) {
         bv = s_v[threadIdx.x];
         bi = s_i[threadIdx.x];
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-            const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-            if (am_better(ov, oi, bv, bi)) {
-                bv = ov;
-                bi = oi;
-            }
-        }
+        am_warp_reduce(bv, bi);
         // All NaN (or no values): index 0, as a scan that never finds a larger value.
         if (threadIdx.x == 0) out[blockIdx.x] = bi < n ? (unsigned)bi : 0u;
     }

@@ -111,15 +111,15 @@ fn launch<T: CudaDType + DeviceRepr>(
         .zip(&rows)
         .map(|((s, l), &nj)| device_view::<T>(s, l, nj * k, "dense gemv: weight"))
         .collect::<Result<Vec<_>, _>>()?;
-    let total: usize = rows.iter().map(|n| n.div_ceil(ROWS_PER_BLOCK)).sum();
+    let per: Vec<usize> = rows.iter().map(|n| n.div_ceil(ROWS_PER_BLOCK)).collect();
+    let (total, [b1, b2]) = super::group_blocks(&per);
     let mut group = DGroup {
-        b1: total as i32,
-        b2: total as i32,
+        b1,
+        b2,
         ..Default::default()
     };
     // The guards keep the pointers' buffers ordered before the launch.
     let mut guards = Vec::new();
-    let mut first = rows[0].div_ceil(ROWS_PER_BLOCK);
     for i in 1..ws.len() {
         let (wp, gw) = views[i].device_ptr(&stream);
         let (yp, gy) = ys[i].device_ptr(&stream);
@@ -127,12 +127,6 @@ fn launch<T: CudaDType + DeviceRepr>(
         group.w[i - 1] = wp;
         group.y[i - 1] = yp;
         group.n[i - 1] = rows[i] as i32;
-        if i == 1 {
-            group.b1 = first as i32;
-        } else {
-            group.b2 = first as i32;
-        }
-        first += rows[i].div_ceil(ROWS_PER_BLOCK);
     }
     let f = function(
         dev,

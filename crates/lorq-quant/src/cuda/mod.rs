@@ -93,6 +93,22 @@ pub(crate) fn device_view<'a, T: candle_core::cuda_backend::CudaDType>(
     Ok(cs.as_cuda_slice::<T>()?.slice(start..start + len))
 }
 
+/// Block layout of a grouped launch (qgemv.cu `QGroup`, dense_gemv.cu `DGroup`): each weight's
+/// blocks follow the previous one's. Returns the grid size and the first block of the second and
+/// third weight (the grid size where there is none).
+pub(crate) fn group_blocks(blocks: &[usize]) -> (usize, [i32; 2]) {
+    let total: usize = blocks.iter().sum();
+    let mut starts = [total as i32; 2];
+    let mut first = 0;
+    for (i, b) in blocks.iter().enumerate().take(3) {
+        if i > 0 {
+            starts[i - 1] = first as i32;
+        }
+        first += b;
+    }
+    (total, starts)
+}
+
 /// `x` itself when it is contiguous and its data starts `align_bytes`-aligned (what the kernels'
 /// vector loads need), else a contiguous copy (which starts at offset 0).
 pub(crate) fn aligned(x: &Tensor, align_bytes: usize) -> Result<Tensor, QuantError> {

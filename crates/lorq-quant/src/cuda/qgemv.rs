@@ -502,15 +502,15 @@ fn gemv(
             .collect::<Result<Vec<_>, _>>()?;
         let stream = dev.cuda_stream();
         let blocks = |w: &DeviceLayout| (w.n.div_ceil(v.rows_per_warp) * v.split).div_ceil(WARPS);
-        let total: usize = ws.iter().map(|w| blocks(w)).sum();
+        let per: Vec<usize> = ws.iter().map(|w| blocks(w)).collect();
+        let (total, [b1, b2]) = super::group_blocks(&per);
         let mut group = QGroup {
-            b1: total as i32,
-            b2: total as i32,
+            b1,
+            b2,
             ..Default::default()
         };
         // The guards keep the pointers' buffers ordered before the launch.
         let mut guards = Vec::new();
-        let mut first = blocks(w);
         for (i, (wi, yi)) in ws.iter().zip(&ys).enumerate().skip(1) {
             let (c, gc) = wi.codes.device_ptr(&stream);
             let (sc, gs) = wi.scales.device_ptr(&stream);
@@ -529,12 +529,6 @@ fn gemv(
             group.zeros[i - 1] = z;
             group.y[i - 1] = y;
             group.n[i - 1] = wi.n as i32;
-            if i == 1 {
-                group.b1 = first as i32;
-            } else {
-                group.b2 = first as i32;
-            }
-            first += blocks(wi);
         }
         let mr = mr_for(m);
         let name = format!(
