@@ -86,6 +86,7 @@ fn gpu_matmul_group(
     if dense.len() == ws.len() {
         return crate::cuda::dense_gemv::gemv_group(x, &dense);
     }
+    // Each weight's device copy, kept alive while its layout is borrowed.
     let mut held = Vec::with_capacity(ws.len());
     for w in ws {
         match w.gpu_packed(dev)? {
@@ -93,15 +94,12 @@ fn gpu_matmul_group(
             None => return Ok(None),
         }
     }
-    let layouts: Vec<_> = held
-        .iter()
-        .filter_map(|d| match &**d {
-            GpuQuantWeight::Ready(l) => Some(&**l),
-            GpuQuantWeight::Unsupported(_) => None,
-        })
-        .collect();
-    if layouts.len() != ws.len() {
-        return Ok(None);
+    let mut layouts = Vec::with_capacity(held.len());
+    for d in &held {
+        let GpuQuantWeight::Ready(l) = &**d else {
+            return Ok(None);
+        };
+        layouts.push(&**l);
     }
     crate::cuda::qgemv::matmul_group(&layouts, x)
 }

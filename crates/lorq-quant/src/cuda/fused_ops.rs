@@ -114,7 +114,6 @@ pub fn add_rms_norm(
 ) -> Result<(Tensor, Tensor), QuantError> {
     let dev = cuda_device(x, "x")?;
     let dtype = x.dtype();
-    let name = format!("add_rms_norm_{}", dtype_name(dtype)?);
     let (rows, hidden) = x.dims2()?;
     if d.dims() != x.dims() || w.dims() != [hidden] {
         return Err(QuantError::Invalid(format!(
@@ -127,17 +126,14 @@ pub fn add_rms_norm(
     let ins = prepared(&[(x, "x"), (d, "residual"), (w, "norm weight")], dtype)?;
     // The vectorized kernel: 8-element chunks, up to ARN_CHUNKS per thread of 1024.
     let chunks = hidden / 8;
-    let vec = hidden.is_multiple_of(8) && chunks <= 1024 * ARN_CHUNKS;
-    let name = if vec {
-        format!("add_rms_norm_vec_{}", dtype_name(dtype)?)
-    } else {
-        name
-    };
-    let threads = if vec {
+    let (name, threads) = if hidden.is_multiple_of(8) && chunks <= 1024 * ARN_CHUNKS {
         // One chunk per thread up to 1024 chunks (hidden 8192), then up to ARN_CHUNKS each.
-        (chunks.div_ceil(32) * 32).clamp(32, 1024) as u32
+        (
+            format!("add_rms_norm_vec_{}", dtype_name(dtype)?),
+            (chunks.div_ceil(32) * 32).clamp(32, 1024) as u32,
+        )
     } else {
-        THREADS
+        (format!("add_rms_norm_{}", dtype_name(dtype)?), THREADS)
     };
     let cfg = LaunchConfig {
         grid_dim: (rows as u32, 1, 1),
@@ -260,6 +256,9 @@ pub fn argmax_rows(x: &Tensor) -> Result<Tensor, QuantError> {
             i32::MAX
         )));
     }
+    if rows == 0 {
+        return Ok(Tensor::zeros(0, DType::U32, x.device())?);
+    }
     let x = x.contiguous()?;
     fn go<T: CudaDType + DeviceRepr>(
         dev: &CudaDevice,
@@ -271,7 +270,7 @@ pub fn argmax_rows(x: &Tensor) -> Result<Tensor, QuantError> {
         let (xs, xl) = x.storage_and_layout();
         let xv = device_view::<T>(&xs, xl, rows * n, "argmax_rows: x")?;
         // SAFETY: the kernel writes every row's index.
-        let out = unsafe { dev.alloc::<u32>(rows.max(1))? };
+        let out = unsafe { dev.alloc::<u32>(rows)? };
         let f = function(dev, "fused_ops", FATBIN, name)?;
         let stream = dev.cuda_stream();
         let mut b = stream.launch_builder(&f);
@@ -286,9 +285,6 @@ pub fn argmax_rows(x: &Tensor) -> Result<Tensor, QuantError> {
         unsafe { b.launch(cfg) }.w()?;
         drop(b);
         Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
-    }
-    if rows == 0 {
-        return Ok(Tensor::zeros(0, DType::U32, x.device())?);
     }
     let s = match dtype {
         DType::BF16 => go::<half::bf16>(dev, &name, &x, rows, n)?,

@@ -305,6 +305,29 @@ fn mr_for(m: usize) -> usize {
     }
 }
 
+/// [`QPath::Auto`]'s path for `m` rows of `dtype` (f32/bf16/f16) through `w`, with `n` output rows
+/// for the GEMV's launch shape (a grouped launch passes the rows of all its weights). Measured on
+/// an H100 (docs/benchmarks.md): for the weights the tiled kernel covers it wins from 3 rows to 64
+/// (128 with act-order); for the others the GEMV wins up to 8 rows, the first tensor-core kernel
+/// from 9 to 32, dequantize + cuBLAS past that.
+fn auto_route(w: &DeviceLayout, n: usize, m: usize, dtype: DType) -> Route {
+    let half = matches!(dtype, DType::BF16 | DType::F16);
+    let tiled_max_m = if w.perm.is_some() {
+        AUTO_TILED_ACT_ORDER_MAX_M
+    } else {
+        AUTO_TILED_MAX_M
+    };
+    if half && qmma_tiled::supports(w) && (AUTO_TILED_MIN_M..=tiled_max_m).contains(&m) {
+        Route::MmaTiled
+    } else if m <= AUTO_GEMV_MAX_M || (!half && m <= QGEMV_MAX_M) {
+        Route::Gemv(Variant::pick(n, mr_for(m), dtype))
+    } else if half && m <= AUTO_MMA_MAX_M {
+        Route::Mma
+    } else {
+        Route::Dequantize
+    }
+}
+
 /// `x · Wᵀ` on `x`'s GPU, in `x`'s dtype (f32/bf16/f16; others computed in f32).
 pub fn matmul(w: &DeviceLayout, x: &Tensor, path: QPath) -> Result<Tensor, QuantError> {
     let dev = cuda_device(x, "quantized matmul")?;
@@ -327,21 +350,9 @@ pub fn matmul(w: &DeviceLayout, x: &Tensor, path: QPath) -> Result<Tensor, Quant
     let x2 = x.reshape((m, k))?;
     let half = matches!(x.dtype(), DType::BF16 | DType::F16);
     let tiled = half && qmma_tiled::supports(w);
-    let tiled_max_m = if w.perm.is_some() {
-        AUTO_TILED_ACT_ORDER_MAX_M
-    } else {
-        AUTO_TILED_MAX_M
-    };
     let route = match path {
-        // Measured on an H100 (docs/benchmarks.md): for the weights the tiled kernel covers it
-        // wins from 3 rows to 64 (128 with act-order); for the others the GEMV wins up to 8 rows, the first
-        // tensor-core kernel from 9 to 32, dequantize + cuBLAS past that.
-        QPath::Auto if tiled && (AUTO_TILED_MIN_M..=tiled_max_m).contains(&m) => Route::MmaTiled,
-        QPath::Auto if m <= AUTO_GEMV_MAX_M || (!half && m <= QGEMV_MAX_M) => {
-            Route::Gemv(Variant::pick(n, mr_for(m), x.dtype()))
-        }
-        QPath::Auto if half && m <= AUTO_MMA_MAX_M => Route::Mma,
-        QPath::Auto | QPath::Dequantize => Route::Dequantize,
+        QPath::Auto => auto_route(w, n, m, x.dtype()),
+        QPath::Dequantize => Route::Dequantize,
         QPath::Mma | QPath::MmaTiled => {
             if !half {
                 return Err(QuantError::Invalid(format!(
@@ -612,19 +623,14 @@ pub fn matmul_group(ws: &[&DeviceLayout], x: &Tensor) -> Result<Option<Vec<Tenso
         return Ok(None);
     }
     let m = x.elem_count() / k.max(1);
-    let half = matches!(x.dtype(), DType::BF16 | DType::F16);
-    let gemv_max_m = if half && qmma_tiled::supports(w) {
-        AUTO_TILED_MIN_M - 1
-    } else if half {
-        AUTO_GEMV_MAX_M
-    } else {
-        QGEMV_MAX_M
-    };
-    if m == 0 || m > gemv_max_m {
+    if m == 0 {
         return Ok(None);
     }
+    // Grouped only where each weight alone would take the GEMV.
     let n: usize = ws.iter().map(|w| w.n).sum();
-    let v = Variant::pick(n, mr_for(m), x.dtype());
+    let Route::Gemv(v) = auto_route(w, n, m, x.dtype()) else {
+        return Ok(None);
+    };
     let ys = gemv(dev, ws, &x.reshape((m, k))?, m, v)?;
     let mut out = Vec::with_capacity(ys.len());
     for (y, w) in ys.into_iter().zip(ws) {
