@@ -4,16 +4,21 @@
 //
 // The weight is the mma's A operand (16 output rows x 16 k), the activations its B operand (16 k x
 // 8 activation rows), so M = 2..8 wastes no tensor-core rows on padding.
-// - Block: 4 warps, 128 output rows (32 per warp: two m16 tiles), up to 64 activation rows (MT n8
-//   tiles), a K range of whole 128-wide steps; several blocks split K when the row blocks alone
-//   do not fill the GPU, and the last one to finish a tile adds the others' f32 partial sums.
-// - Each step's weight tile (128 rows x 64 bytes), activation tile (8*MT rows x 256 bytes) and
-//   per-(row, chunk) scales/zeros land in shared memory through a STAGES-deep cp.async pipeline, so
-//   every global read is a coalesced 16-byte piece read once per block.
+// - The weight codes stream from global memory straight into registers, as in the GEMV: lane (g, t)
+//   of a warp loads, per 128-wide K step, the 16-byte chunk t (32 codes) of each of its output rows
+//   g and g + 8 of every m16 tile it owns, with the chunk's scale (and zero), PF steps ahead of the
+//   math. Staging the weights through shared memory (the first version of this kernel) streamed
+//   at about 1 TB/s; from registers the same loop reaches the GEMV's bandwidth at small M.
+// - Block: WR x WK warps. Warp (wr, ws) owns RT m16 row tiles and the K steps ws, ws + WK, ... of
+//   the block's K range; the WK warps of a row group add their sums in shared memory in a fixed
+//   order. Several blocks split K only when the row blocks alone leave most SMs idle; the last one
+//   to finish a tile adds the others' f32 partial sums (in split order: deterministic).
+// - Activations: each lane reads the 32 activations of its chunk for each n8 tile (L1-cached; the
+//   block's warps share them).
 // - K order inside an mma is free as long as A and B agree: lane t of a quad takes the whole
-//   32-weight chunk t of the step (one 16-byte shared load per row), and its bf16x2/f16x2 pairs are
-//   codes (j, j+4) of a 32-bit word — what one mask with the 2^7 (bf16) / 2^10 (f16) magic
-//   exponent yields — so the activations are paired the same way ((x_j, x_j+4), one PRMT each).
+//   32-weight chunk t of the step, and its bf16x2/f16x2 pairs are codes (j, j+4) of a 32-bit word —
+//   what one mask with the 2^7 (bf16) / 2^10 (f16) magic exponent yields — so the activations are
+//   paired the same way ((x_j, x_j+4), one PRMT each).
 // - Affine codes: (q - z) * s in half precision (q exact via the magic number, one HSUB2 + one
 //   HFMA2 per pair); table codes (NF4/FP4): the 16-entry table as bytes in registers, looked up
 //   with PRMT four codes at a time, times s (HMUL2). Error: a few 2^-9 relative per weight in bf16.
@@ -21,33 +26,12 @@
 
 namespace qmmat {
 
-constexpr int WARPS = 4;
-constexpr int THREADS = WARPS * 32;
-constexpr int ROWS = WARPS * 32;   // output rows per block
-constexpr int KSTEP = 128;         // k per pipeline step (4 chunks of 32)
-constexpr int STAGES = 4;
+constexpr int THREADS = 256;  // every block shape: WR * WK = 8 warps (qmma_tiled.rs THREADS)
 
 __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
     uint32_t r;
     asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(sel));
     return r;
-}
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16 bytes global -> shared; zero-filled when !valid (src must still be a mapped address).
-__device__ __forceinline__ void cp16(void* dst, const void* src, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
-                 "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp4(void* dst, const void* src) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_addr(dst)), "l"(src));
-}
-__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N> __device__ __forceinline__ void cp_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
 template <typename T> struct Half;
@@ -141,35 +125,33 @@ __device__ __forceinline__ void decode_word(uint32_t w, const uint32_t (&tlo)[4]
     }
 }
 
-// Shared memory of one pipeline stage.
-template <int MT, bool LUTK> struct Stage {
-    uint4 w[ROWS][4];          // 128 rows x 4 chunks (16 bytes each)
-    uint4 x[8 * MT][16];       // activation rows x 16 pieces of 8 (swizzled, see xpiece)
-    float s[ROWS][4];          // scale of (row, chunk)
-    float z[LUTK ? 1 : ROWS][4];
+// One K step's weights of a lane: chunk t of rows g and g + 8 of each m16 tile, with scales.
+template <int RT> struct Frag {
+    uint4 w[RT][2];
+    float s[RT][2], z[RT][2];
 };
 
-// Piece u (8 activations) of activation row r is stored at xpiece(r, u): lane (g, t) reads piece
-// 4t + i of row g, and this keeps each quarter-warp's 8 reads in 8 distinct 16-byte bank groups.
-__device__ __forceinline__ int xpiece(int r, int u) { return u ^ (((u >> 3) & 1) << 1) ^ (r & 1); }
-
-template <typename T, bool LUTK, int MT>
+template <typename T, bool LUTK, int MT, int RT, int WR, int WK, int PF>
 __device__ __forceinline__ void run(const uint32_t* __restrict__ codes, const float* __restrict__ scales,
                                     const float* __restrict__ zeros, const float* __restrict__ lut, int wpr,
                                     int gsize, int groups, const T* __restrict__ x, T* __restrict__ y,
                                     float* __restrict__ partial, unsigned* __restrict__ counters, int M,
                                     int N, int K, int steps_per_split) {
-    using St = Stage<MT, LUTK>;
-    extern __shared__ __align__(16) unsigned char smem_raw[];
-    St* stages = reinterpret_cast<St*>(smem_raw);
+    static_assert(WR * WK * 32 == THREADS, "8 warps per block");
+    constexpr int BROWS = WR * RT * 16;  // output rows per block
+    constexpr int NACC = RT * MT * 4;
+    __shared__ float s_red[WK > 1 ? WR : 1][WK > 1 ? 32 : 1][WK > 1 ? NACC : 1];
+    __shared__ bool last;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
-    const int nb = blockIdx.x * ROWS;
+    const int wr = warp % WR, ws = warp / WR;
+    const int nb = blockIdx.x * BROWS;
+    const int nw = nb + wr * RT * 16;
     const int mb = blockIdx.z * (8 * MT);
     const int splits = gridDim.y;
-    const int steps = (K + KSTEP - 1) / KSTEP;
+    const int steps = (K + 127) / 128;
     const int st0 = blockIdx.y * steps_per_split;
-    const int nst = max(0, min(steps, st0 + steps_per_split) - st0);
+    const int st1 = min(steps, st0 + steps_per_split);
     const int chunks = K >> 5;
 
     uint32_t tlo[4] = {0, 0, 0, 0}, thi[4] = {0, 0, 0, 0};
@@ -181,159 +163,200 @@ __device__ __forceinline__ void run(const uint32_t* __restrict__ codes, const fl
             thi[e >> 2] |= (b >> 8) << (8 * (e & 3));
         }
     }
-
-    auto load = [&](int buf, int st) {
-        St& S = stages[buf];
-        const int c0 = st * (KSTEP / 32);
+    // This lane's rows (clamped: rows past N compute garbage that is never stored).
+    size_t crow[RT][2], srow[RT][2];
 #pragma unroll
-        for (int r = 0; r < ROWS * 4 / THREADS; r++) {
-            const int id = tid + r * THREADS, row = id >> 2, ch = id & 3;
-            const int n = min(nb + row, N - 1), c = c0 + ch;
-            const bool ok = c < chunks;
-            cp16(&S.w[row][ch], codes + (size_t)n * wpr + (size_t)(ok ? c : 0) * 4, ok);
-            const int gi = (min(c, chunks - 1) * 32) / gsize;
-            cp4(&S.s[row][ch], scales + (size_t)n * groups + gi);
-            if constexpr (!LUTK) cp4(&S.z[row][ch], zeros + (size_t)n * groups + gi);
-        }
+    for (int rt = 0; rt < RT; rt++)
 #pragma unroll
-        for (int r = 0; r < MT; r++) {
-            const int id = tid + r * THREADS, row = id >> 4, u = id & 15;
-            const int m = mb + row, k = st * KSTEP + 8 * u;
-            const bool ok = m < M && k < K;
-            cp16(&S.x[row][xpiece(row, u)], x + (ok ? (size_t)m * K + k : 0), ok);
+        for (int h = 0; h < 2; h++) {
+            const int n = min(nw + rt * 16 + h * 8 + g, N - 1);
+            crow[rt][h] = (size_t)n * wpr;
+            srow[rt][h] = (size_t)n * groups;
         }
+    auto load = [&](Frag<RT>& f, int st) {
+        const int c = min(st * 4 + t, chunks - 1);  // past K: any chunk, its activations are 0
+        const int gi = (c * 32) / gsize;
+#pragma unroll
+        for (int rt = 0; rt < RT; rt++)
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                f.w[rt][h] = __ldcs(reinterpret_cast<const uint4*>(codes + crow[rt][h] + (size_t)c * 4));
+                f.s[rt][h] = __ldg(scales + srow[rt][h] + gi);
+                f.z[rt][h] = LUTK ? 0.f : __ldg(zeros + srow[rt][h] + gi);
+            }
     };
-
-    float acc[2][MT][4];
+    float acc[RT][MT][4];
 #pragma unroll
-    for (int a = 0; a < 2; a++)
+    for (int a = 0; a < RT; a++)
 #pragma unroll
         for (int b = 0; b < MT; b++)
 #pragma unroll
             for (int c = 0; c < 4; c++) acc[a][b][c] = 0.f;
 
+    auto compute = [&](const Frag<RT>& f, int st) {
+        const int k0 = st * 128 + t * 32;
+        uint32_t s2[RT][2], zs2[RT][2];
 #pragma unroll
-    for (int s = 0; s < STAGES - 1; s++) {
-        if (s < nst) load(s, st0 + s);
-        cp_commit();
-    }
-    for (int it = 0; it < nst; it++) {
-        cp_wait<STAGES - 2>();
-        __syncthreads();
-        if (it + STAGES - 1 < nst) load((it + STAGES - 1) % STAGES, st0 + it + STAGES - 1);
-        cp_commit();
-        const St& S = stages[it % STAGES];
-        // This lane's chunk t of rows g, g+8 of both m16 tiles, with their scales.
-        uint4 wv[2][2];
-        uint32_t s2[2][2], zs2[2][2];
-#pragma unroll
-        for (int wt = 0; wt < 2; wt++)
+        for (int rt = 0; rt < RT; rt++)
 #pragma unroll
             for (int h = 0; h < 2; h++) {
-                const int row = warp * 32 + wt * 16 + h * 8 + g;
-                wv[wt][h] = S.w[row][t];
-                const float s = S.s[row][t];
-                s2[wt][h] = Half<T>::pack(s, s);
+                s2[rt][h] = Half<T>::pack(f.s[rt][h], f.s[rt][h]);
                 if constexpr (!LUTK) {
-                    const float zs = -S.z[row][t] * s;
-                    zs2[wt][h] = Half<T>::pack(zs, zs);
+                    const float zs = -f.z[rt][h] * f.s[rt][h];
+                    zs2[rt][h] = Half<T>::pack(zs, zs);
                 }
             }
+        uint4 xv[MT][4];
+#pragma unroll
+        for (int nt = 0; nt < MT; nt++) {
+            const int m = mb + nt * 8 + g;
+            const bool ok = k0 < K && m < M;
+            const uint4* xp = reinterpret_cast<const uint4*>(x + (ok ? (size_t)m * K + k0 : 0));
+#pragma unroll
+            for (int i = 0; i < 4; i++) xv[nt][i] = ok ? __ldg(xp + i) : make_uint4(0, 0, 0, 0);
+        }
 #pragma unroll
         for (int i = 0; i < 4; i++) {
-            // Word i of this lane's chunk, every row: 16 scaled pairs, live across the n8 tiles.
-            uint32_t p[2][2][4];
+            // Word i of this lane's chunk, every row: 16 scaled pairs per m16 tile.
+            uint32_t p[RT][2][4];
 #pragma unroll
-            for (int wt = 0; wt < 2; wt++)
+            for (int rt = 0; rt < RT; rt++)
 #pragma unroll
                 for (int h = 0; h < 2; h++) {
-                    const uint4 v = wv[wt][h];
+                    const uint4 v = f.w[rt][h];
                     const uint32_t w = i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
-                    decode_word<T, LUTK>(w, tlo, thi, p[wt][h]);
+                    decode_word<T, LUTK>(w, tlo, thi, p[rt][h]);
 #pragma unroll
                     for (int j = 0; j < 4; j++)
-                        p[wt][h][j] = LUTK ? Half<T>::mul(p[wt][h][j], s2[wt][h])
-                                           : Half<T>::fma(p[wt][h][j], s2[wt][h], zs2[wt][h]);
+                        p[rt][h][j] = LUTK ? Half<T>::mul(p[rt][h][j], s2[rt][h])
+                                           : Half<T>::fma(p[rt][h][j], s2[rt][h], zs2[rt][h]);
                 }
-            // Activations k = 32t + 8i + (0..7) of one n8 tile at a time, paired (j, j+4).
+            // Activations k = k0 + 8i + (0..7) of each n8 tile, paired (j, j+4).
 #pragma unroll
             for (int nt = 0; nt < MT; nt++) {
-                const int r = nt * 8 + g;
-                const uint4 v = S.x[r][xpiece(r, 4 * t + i)];
+                const uint4 v = xv[nt][i];
                 const uint32_t xb[4] = {prmt(v.x, v.z, 0x5410u), prmt(v.x, v.z, 0x7632u),
                                         prmt(v.y, v.w, 0x5410u), prmt(v.y, v.w, 0x7632u)};
 #pragma unroll
                 for (int j2 = 0; j2 < 2; j2++)
 #pragma unroll
-                    for (int wt = 0; wt < 2; wt++)
-                        Half<T>::mma(acc[wt][nt], p[wt][0][2 * j2], p[wt][1][2 * j2], p[wt][0][2 * j2 + 1],
-                                     p[wt][1][2 * j2 + 1], xb[2 * j2], xb[2 * j2 + 1]);
+                    for (int rt = 0; rt < RT; rt++)
+                        Half<T>::mma(acc[rt][nt], p[rt][0][2 * j2], p[rt][1][2 * j2], p[rt][0][2 * j2 + 1],
+                                     p[rt][1][2 * j2 + 1], xb[2 * j2], xb[2 * j2 + 1]);
+            }
+        }
+    };
+
+    // A ring of PF + 1 steps in registers: a slot is refilled right after its step is computed.
+    Frag<RT> buf[PF + 1];
+#pragma unroll
+    for (int u = 0; u <= PF; u++) {
+        const int st = st0 + ws + u * WK;
+        if (st < st1) load(buf[u], st);
+    }
+    for (int base = st0 + ws; base < st1; base += (PF + 1) * WK) {
+#pragma unroll
+        for (int u = 0; u <= PF; u++) {
+            const int st = base + u * WK;
+            if (st < st1) {
+                compute(buf[u], st);
+                const int nx = st + (PF + 1) * WK;
+                if (nx < st1) load(buf[u], nx);
             }
         }
     }
 
-    // d0, d1: output row g, activation rows 2t, 2t+1; d2, d3: output row g + 8.
-    if (splits == 1) {
+    if constexpr (WK > 1) {
+        // The WK warps of a row group add their K slices in a fixed order; slice 0 writes.
+        for (int s = 0; s < WK; s++) {
+            if (ws == s) {
 #pragma unroll
-        for (int wt = 0; wt < 2; wt++)
+                for (int a = 0; a < RT; a++)
+#pragma unroll
+                    for (int b = 0; b < MT; b++)
+#pragma unroll
+                        for (int c = 0; c < 4; c++) {
+                            float& r = s_red[wr][lane][(a * MT + b) * 4 + c];
+                            r = s == 0 ? acc[a][b][c] : r + acc[a][b][c];
+                        }
+            }
+            __syncthreads();
+        }
+        if (ws == 0) {
+#pragma unroll
+            for (int a = 0; a < RT; a++)
+#pragma unroll
+                for (int b = 0; b < MT; b++)
+#pragma unroll
+                    for (int c = 0; c < 4; c++) acc[a][b][c] = s_red[wr][lane][(a * MT + b) * 4 + c];
+        }
+    }
+    // d0, d1: output row g, activation rows 2t, 2t+1; d2, d3: output row g + 8.
+    float* out32 = splits == 1 ? nullptr : partial + (size_t)blockIdx.y * M * N;
+    if (ws == 0) {
+#pragma unroll
+        for (int rt = 0; rt < RT; rt++)
 #pragma unroll
             for (int nt = 0; nt < MT; nt++)
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
-                    const int n = nb + warp * 32 + wt * 16 + g + (e >= 2 ? 8 : 0);
+                    const int n = nw + rt * 16 + g + (e >= 2 ? 8 : 0);
                     const int m = mb + nt * 8 + 2 * t + (e & 1);
-                    if (n < N && m < M) y[(size_t)m * N + n] = from_f<T>(acc[wt][nt][e]);
+                    if (n < N && m < M) {
+                        if (splits == 1) y[(size_t)m * N + n] = from_f<T>(acc[rt][nt][e]);
+                        else __stcg(out32 + (size_t)m * N + n, acc[rt][nt][e]);
+                    }
                 }
-        return;
     }
-    // Split K: partial[split][m][n] in f32; the last block of this tile adds them up.
-    float* part = partial + (size_t)blockIdx.y * M * N;
-#pragma unroll
-    for (int wt = 0; wt < 2; wt++)
-#pragma unroll
-        for (int nt = 0; nt < MT; nt++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int n = nb + warp * 32 + wt * 16 + g + (e >= 2 ? 8 : 0);
-                const int m = mb + nt * 8 + 2 * t + (e & 1);
-                if (n < N && m < M) __stcg(part + (size_t)m * N + n, acc[wt][nt][e]);
-            }
+    if (splits == 1) return;
+    // Split K: the last block of this tile adds the splits' partial sums, in split order.
     __threadfence();
     __syncthreads();
-    __shared__ bool last;
     unsigned* counter = counters + blockIdx.z * gridDim.x + blockIdx.x;
     if (tid == 0) last = atomicAdd(counter, 1u) == (unsigned)(splits - 1);
     __syncthreads();
     if (!last) return;
     __threadfence();
-    const int n = nb + tid;  // ROWS == THREADS: one output row per thread, coalesced over n
-    if (n < N) {
-        for (int m = mb; m < min(M, mb + 8 * MT); m++) {
-            float v = 0.f;
-            for (int sp = 0; sp < splits; sp++) v += __ldcg(partial + ((size_t)sp * M + m) * N + n);
-            y[(size_t)m * N + n] = from_f<T>(v);
-        }
+    const int mrows = min(M - mb, 8 * MT);
+    for (int i = tid; i < mrows * BROWS; i += THREADS) {  // n fastest: coalesced
+        const int m = mb + i / BROWS, n = nb + i % BROWS;
+        if (n >= N) continue;
+        float v = 0.f;
+        for (int sp = 0; sp < splits; sp++) v += __ldcg(partial + ((size_t)sp * M + m) * N + n);
+        y[(size_t)m * N + n] = from_f<T>(v);
     }
     if (tid == 0) *counter = 0u;  // ready for the next launch on this stream
 }
 
 }  // namespace qmmat
 
+// Block shapes (qmma_tiled.rs picks one by N and M; measured on an H100, docs/benchmarks.md):
+//   c1: 1 row tile x 8 K-slice warps, 2 steps in flight (16 rows per block: M <= 8, or N < 8192
+//       up to 16 rows, and N <= 4096 up to 32)
+//   c2: 2 row tiles x 4 row warps x 2 K slices (128 rows: N >= 8192 past 8 rows)
+//   c3: 1 row tile x 2 row warps x 4 K slices (32 rows: the rest)
+#define QMMAT_CFG_c1 1, 1, 8, 2
+#define QMMAT_CFG_c2 2, 4, 2, 1
+#define QMMAT_CFG_c3 1, 2, 4, 1
+
 // Arguments: qgemv.cu's QARGS (DeviceLayout::push_args), then x, y, partial, counters, M, N, K,
-// steps per split. Shared memory per block: STAGES * sizeof(Stage) (qmma_tiled.rs computes the same).
-#define QMMAT(KN, LUTK, TN, T, MT)                                                                 \
-    extern "C" __global__ void __launch_bounds__(qmmat::THREADS)                                   \
-        qmmat_##KN##_##TN##_t##MT(const uint32_t* codes, const float* scales, const float* zeros,  \
-                                  const float* lut, int wpr, int gsize, int groups,               \
-                                  int /* round_mode: f32 only */, const T* __restrict__ x, T* __restrict__ y, float* partial,     \
-                                  unsigned* counters, int M, int N, int K, int steps_per_split) { \
-        qmmat::run<T, LUTK, MT>(codes, scales, zeros, lut, wpr, gsize, groups, x, y, partial,     \
-                                counters, M, N, K, steps_per_split);                               \
+// steps per split.
+#define QMMAT(KN, LUTK, TN, T, MT, C)                                                              \
+    extern "C" __global__ void __launch_bounds__(qmmat::THREADS)                                \
+        qmmat_##KN##_##TN##_t##MT##_##C(const uint32_t* codes, const float* scales,                \
+                                        const float* zeros, const float* lut, int wpr, int gsize,  \
+                                        int groups, int /* round_mode: f32 only */,                \
+                                        const T* __restrict__ x, T* __restrict__ y,                \
+                                        float* partial, unsigned* counters, int M, int N, int K,   \
+                                        int steps_per_split) {                                     \
+        qmmat::run<T, LUTK, MT, QMMAT_CFG_##C>(codes, scales, zeros, lut, wpr, gsize, groups, x, y, \
+                                               partial, counters, M, N, K, steps_per_split);      \
     }
-#define QMMAT_MT(KN, LUTK, TN, T)                                                                  \
-    QMMAT(KN, LUTK, TN, T, 1) QMMAT(KN, LUTK, TN, T, 2) QMMAT(KN, LUTK, TN, T, 4)                  \
-        QMMAT(KN, LUTK, TN, T, 8)
-QMMAT_MT(a4, false, bf16, __nv_bfloat16)
-QMMAT_MT(a4, false, f16, __half)
-QMMAT_MT(t4, true, bf16, __nv_bfloat16)
-QMMAT_MT(t4, true, f16, __half)
+#define QMMAT_ALL(KN, LUTK, TN, T)                                                                 \
+    QMMAT(KN, LUTK, TN, T, 1, c1) QMMAT(KN, LUTK, TN, T, 2, c1) QMMAT(KN, LUTK, TN, T, 4, c1)      \
+    QMMAT(KN, LUTK, TN, T, 2, c2) QMMAT(KN, LUTK, TN, T, 4, c2) QMMAT(KN, LUTK, TN, T, 8, c2)      \
+    QMMAT(KN, LUTK, TN, T, 4, c3) QMMAT(KN, LUTK, TN, T, 8, c3)
+QMMAT_ALL(a4, false, bf16, __nv_bfloat16)
+QMMAT_ALL(a4, false, f16, __half)
+QMMAT_ALL(t4, true, bf16, __nv_bfloat16)
+QMMAT_ALL(t4, true, f16, __half)

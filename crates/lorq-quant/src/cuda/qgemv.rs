@@ -99,7 +99,7 @@ impl DeviceLayout {
             round_mode: l.rounding.mode(),
             perm,
             counters: dev.alloc_zeros::<u32>(
-                l.n.div_ceil(qmma_tiled::ROWS) * qmma_tiled::MAX_SPLIT_M_BLOCKS,
+                l.n.div_ceil(qmma_tiled::MIN_ROWS) * qmma_tiled::MAX_SPLIT_M_BLOCKS,
             )?,
         })
     }
@@ -188,26 +188,22 @@ pub(crate) fn dequantize_on_gpu(
 pub const QMMA_MAX_M: usize = 128;
 
 /// [`QPath::Auto`]'s row limits (bf16/f16 activations). Weights the tiled tensor-core kernel
-/// covers ([`qmma_tiled::supports`]: 4-bit, groups of a multiple of 32) take it for 3..=64 rows;
-/// every weight takes the GEMV up to 8 rows otherwise (so 1-2 rows for those), the first
-/// tensor-core kernel up to 32, dequantize + cuBLAS past that.
+/// covers ([`qmma_tiled::supports`]: 4-bit, groups of a multiple of 32) take it for 2..=128 rows
+/// (the GEMV at 1); every other weight takes the GEMV up to 8 rows, the first tensor-core kernel
+/// up to 32, dequantize + cuBLAS past that.
 const AUTO_GEMV_MAX_M: usize = 8;
 const AUTO_MMA_MAX_M: usize = 32;
-/// Measured on an H100 (docs/benchmarks.md, docs/bench/kernels-mma-h100.json): at 2 rows the
-/// GEMV is still faster on 3 of the 4 Llama-3-8B shapes; at 128 rows dequantize + cuBLAS wins on
-/// 4096x4096 and 1024x4096 and ties on the MLP shapes; at 64 the tiled kernel is 35-40 % faster
-/// on the MLP shapes and 10-15 % slower on 4096x4096, so the rule keeps it there.
-const AUTO_TILED_MIN_M: usize = 3;
-const AUTO_TILED_MAX_M: usize = 64;
-/// Act-order weights: dequantize + cuBLAS also pays a column unpermute of the whole weight per call,
-/// and the tiled kernel measured 2-4x faster than it at 128 rows on every Llama-3-8B shape.
-const AUTO_TILED_ACT_ORDER_MAX_M: usize = 128;
+/// Measured on an H100 (docs/benchmarks.md "Tiled tensor-core kernel", docs/bench/kernels-tiled-h100.json)
+/// since the kernel streams the weight codes through registers: from 2 rows it is at least as fast
+/// as the GEMV on the Llama-3-8B shapes, and at 128 rows faster than dequantize + cuBLAS.
+const AUTO_TILED_MIN_M: usize = 2;
+const AUTO_TILED_MAX_M: usize = 128;
 
 /// Which GPU path a matmul takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QPath {
     /// The row count, dtype and format decide (see `AUTO_*`): for bf16/f16 activations and
-    /// weights the tiled kernel covers, the tiled kernel for 3..=64 rows (3..=128 with act-order);
+    /// weights the tiled kernel covers, the tiled kernel for 2..=128 rows;
     /// otherwise the GEMV up to 8 rows (f32 activations up to [`QGEMV_MAX_M`]), the first
     /// tensor-core kernel up to 32, else dequantize + cuBLAS.
     Auto,
@@ -307,17 +303,12 @@ fn mr_for(m: usize) -> usize {
 
 /// [`QPath::Auto`]'s path for `m` rows of `dtype` (f32/bf16/f16) through `w`, with `n` output rows
 /// for the GEMV's launch shape (a grouped launch passes the rows of all its weights). Measured on
-/// an H100 (docs/benchmarks.md): for the weights the tiled kernel covers it wins from 3 rows to 64
-/// (128 with act-order); for the others the GEMV wins up to 8 rows, the first tensor-core kernel
+/// an H100 (docs/benchmarks.md): for the weights the tiled kernel covers it wins from 2 rows to
+/// 128; for the others the GEMV wins up to 8 rows, the first tensor-core kernel
 /// from 9 to 32, dequantize + cuBLAS past that.
 fn auto_route(w: &DeviceLayout, n: usize, m: usize, dtype: DType) -> Route {
     let half = matches!(dtype, DType::BF16 | DType::F16);
-    let tiled_max_m = if w.perm.is_some() {
-        AUTO_TILED_ACT_ORDER_MAX_M
-    } else {
-        AUTO_TILED_MAX_M
-    };
-    if half && qmma_tiled::supports(w) && (AUTO_TILED_MIN_M..=tiled_max_m).contains(&m) {
+    if half && qmma_tiled::supports(w) && (AUTO_TILED_MIN_M..=AUTO_TILED_MAX_M).contains(&m) {
         Route::MmaTiled
     } else if m <= AUTO_GEMV_MAX_M || (!half && m <= QGEMV_MAX_M) {
         Route::Gemv(Variant::pick(n, mr_for(m), dtype))

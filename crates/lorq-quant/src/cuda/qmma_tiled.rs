@@ -1,12 +1,13 @@
 //! The tiled tensor-core kernel of `kernels/qmma_tiled.cu`: `x · Wᵀ` for 4-bit weights (affine
 //! `a4`: GPTQ, AWQ, HQQ 4-bit; table `t4`: NF4, FP4) in the packed layout the GEMV reads too (no
-//! second device copy), bf16/f16 activations, groups of a multiple of 32. Blocks of 128 output
-//! rows × up to 64 activation rows; K is split over several blocks when the row blocks alone would
-//! leave the GPU idle, the last block of a tile adding the f32 partial sums.
+//! second device copy), bf16/f16 activations, groups of a multiple of 32. The weight codes stream
+//! into registers as in the GEMV; blocks of 16, 32 or 128 output rows (by N and M) × up to 64
+//! activation rows, their warps splitting K. K is also split over several blocks when the row
+//! blocks alone would leave most of the GPU idle, the last block of a tile adding the f32 partial
+//! sums.
 
 use std::sync::OnceLock;
 
-use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
 };
@@ -19,11 +20,12 @@ use crate::QuantError;
 
 static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/qmma_tiled.fatbin"));
 
-/// Output rows per block (kernels/qmma_tiled.cu `ROWS`, also its thread count).
-pub(crate) const ROWS: usize = 128;
-/// K per pipeline step (`KSTEP`) and pipeline depth (`STAGES`).
+/// Fewest output rows per block (block shape `c1`): the split-K counters are sized by it.
+pub(crate) const MIN_ROWS: usize = 16;
+/// K per step of a warp (kernels/qmma_tiled.cu: four 32-weight chunks).
 const KSTEP: usize = 128;
-const STAGES: usize = 4;
+/// Threads per block, every block shape.
+const THREADS: usize = 256;
 /// Activation-row blocks (of 64) a split-K launch may have: one counter each per row block.
 pub(crate) const MAX_SPLIT_M_BLOCKS: usize = 16;
 /// Most K splits: each adds `M × N` f32 partial sums of traffic.
@@ -44,9 +46,47 @@ fn m_tiles(m: usize) -> usize {
     }
 }
 
-/// Bytes of one pipeline stage (kernels/qmma_tiled.cu `Stage`).
-fn stage_bytes(mt: usize, table: bool) -> usize {
-    ROWS * 4 * 16 + 8 * mt * 16 * 16 + ROWS * 4 * 4 + if table { 16 } else { ROWS * 4 * 4 }
+/// One of the kernel's block shapes (kernels/qmma_tiled.cu `QMMAT_CFG_*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Shape {
+    pub name: &'static str,
+    /// Output rows per block.
+    pub rows: usize,
+    /// Warps of a row group splitting K inside the block.
+    pub k_warps: usize,
+}
+
+const C1: Shape = Shape {
+    name: "c1",
+    rows: 16,
+    k_warps: 8,
+};
+const C2: Shape = Shape {
+    name: "c2",
+    rows: 128,
+    k_warps: 2,
+};
+const C3: Shape = Shape {
+    name: "c3",
+    rows: 32,
+    k_warps: 4,
+};
+
+/// The block shape for `n` output rows, `mt` n8 tiles and table (`t4`) or affine (`a4`) codes.
+/// Measured on an H100 over the Llama-3-8B shapes (docs/benchmarks.md): up to 8 activation rows
+/// one 16-row tile per block with all 8 warps on K is fastest everywhere; past that, wide weights
+/// (gate/up) reuse each activation load over 32 rows per warp (`c2`) — except table codes at 9-16
+/// rows, whose longer decode keeps `c1` ahead — and narrower ones keep more blocks (`c1` up to 32
+/// rows where N <= 4096, else `c3`).
+pub(crate) fn shape(n: usize, mt: usize, table: bool) -> Shape {
+    match mt {
+        1 => C1,
+        2 if table => C1,
+        _ if n >= 8192 => C2,
+        2 => C1,
+        4 if n <= 4096 => C1,
+        _ => C3,
+    }
 }
 
 fn multiprocessors(dev: &CudaDevice) -> usize {
@@ -54,15 +94,19 @@ fn multiprocessors(dev: &CudaDevice) -> usize {
     *SMS.get_or_init(|| super::paged_attention::multiprocessors(dev).unwrap_or(132))
 }
 
-/// `(splits, steps per split)`: enough blocks for about two per multiprocessor.
-pub(crate) fn split_k(n: usize, m: usize, k: usize, sms: usize) -> (usize, usize) {
-    let tiles = n.div_ceil(ROWS) * m.div_ceil(8 * m_tiles(m));
+/// `(splits, steps per split)`. Splitting K over blocks measured slower wherever the row blocks
+/// already cover a quarter of the SMs (the partial sums cost more than the idle SMs), so only
+/// small weights split, to about two blocks per SM.
+pub(crate) fn split_k(sh: Shape, n: usize, m: usize, k: usize, sms: usize) -> (usize, usize) {
+    let tiles = n.div_ceil(sh.rows) * m.div_ceil(8 * m_tiles(m));
     let steps = k.div_ceil(KSTEP);
-    let want = 2 * sms;
-    let splits = if tiles >= want || m.div_ceil(64) > MAX_SPLIT_M_BLOCKS {
+    let splits = if 4 * tiles > sms || m.div_ceil(64) > MAX_SPLIT_M_BLOCKS {
         1
     } else {
-        want.div_ceil(tiles).min(steps).min(MAX_SPLITS)
+        (2 * sms)
+            .div_ceil(tiles)
+            .min(steps.div_ceil(sh.k_warps))
+            .clamp(1, MAX_SPLITS)
     };
     let per = steps.div_ceil(splits);
     (steps.div_ceil(per), per)
@@ -89,20 +133,14 @@ pub(crate) fn matmul(
         // SAFETY: every output element is written by the kernel.
         let y = unsafe { dev.alloc::<T>(m * n)? };
         let mt = m_tiles(m);
-        let table = w.tag.starts_with('t');
+        let sh = shape(n, mt, w.tag.starts_with('t'));
         let f = function(
             dev,
             "qmma_tiled",
             FATBIN,
-            &format!("qmmat_{}_{dname}_t{mt}", w.tag),
+            &format!("qmmat_{}_{dname}_t{mt}_{}", w.tag, sh.name),
         )?;
-        let smem = STAGES * stage_bytes(mt, table);
-        f.set_attribute(
-            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            smem as i32,
-        )
-        .w()?;
-        let (splits, per) = split_k(n, m, k, multiprocessors(dev));
+        let (splits, per) = split_k(sh, n, m, k, multiprocessors(dev));
         let partial: Option<CudaSlice<f32>> = if splits > 1 {
             // SAFETY: each split writes its whole [m, n] slice before the last block reads it.
             Some(unsafe { dev.alloc::<f32>(splits * m * n)? })
@@ -121,17 +159,17 @@ pub(crate) fn matmul(
         b.arg(&w.counters).arg(&mi).arg(&ni).arg(&ki).arg(&pi);
         let cfg = LaunchConfig {
             grid_dim: (
-                n.div_ceil(ROWS) as u32,
+                n.div_ceil(sh.rows) as u32,
                 splits as u32,
                 m.div_ceil(8 * mt) as u32,
             ),
-            block_dim: (ROWS as u32, 1, 1),
-            shared_mem_bytes: smem as u32,
+            block_dim: (THREADS as u32, 1, 1),
+            shared_mem_bytes: 0,
         };
         // SAFETY: the arguments match `qmmat_*` in kernels/qmma_tiled.cu; x holds m*k elements
         // from a 16-byte-aligned start (checked by the caller), y m*n, partial splits*m*n, and the
         // counters (zero between launches) one per row block and activation block
-        // (MAX_SPLIT_M_BLOCKS of them per row block, checked by split_k).
+        // (MAX_SPLIT_M_BLOCKS of them per MIN_ROWS rows, checked by split_k).
         unsafe { b.launch(cfg) }.w()?;
         drop(b);
         drop(partial);
@@ -161,7 +199,11 @@ pub(crate) fn matmul(
 
 #[cfg(test)]
 mod tests {
-    use super::split_k;
+    use super::{m_tiles, shape, split_k};
+
+    fn splits(n: usize, m: usize, k: usize) -> (usize, usize) {
+        split_k(shape(n, m_tiles(m), true), n, m, k, 132)
+    }
 
     #[test]
     fn splits_fill_the_gpu_and_cover_k() {
@@ -171,14 +213,20 @@ mod tests {
             (14336, 64, 4096),
             (4096, 128, 14336),
             (136, 17, 512),
+            (130, 1, 4096),
             (4096, 5000, 4096),
         ] {
-            let (splits, per) = split_k(n, m, k, 132);
+            let (s, per) = splits(n, m, k);
             let steps = k.div_ceil(128);
-            assert!((1..=16).contains(&splits), "{n}x{k} m={m}: {splits}");
-            assert!(splits * per >= steps && (splits - 1) * per < steps);
+            assert!((1..=16).contains(&s), "{n}x{k} m={m}: {s}");
+            assert!(s * per >= steps && (s - 1) * per < steps);
         }
-        assert_eq!(split_k(14336, 16, 4096, 132).0, 3);
-        assert_eq!(split_k(4096, 5000, 4096, 132).0, 1);
+        // Big weights never split; a 130-row one does (nine 16-row blocks), by at most the K
+        // steps per K-slice warp, and not when K has fewer steps than a block has warps on it.
+        assert_eq!(splits(14336, 16, 4096).0, 1);
+        assert_eq!(splits(4096, 64, 14336).0, 1);
+        assert_eq!(splits(130, 1, 4096).0, 4);
+        assert_eq!(splits(136, 17, 512).0, 1);
+        assert_eq!(splits(4096, 5000, 4096).0, 1);
     }
 }
