@@ -19,9 +19,11 @@
 //   32-weight chunk t of the step, and its bf16x2/f16x2 pairs are codes (j, j+4) of a 32-bit word —
 //   what one mask with the 2^7 (bf16) / 2^10 (f16) magic exponent yields — so the activations are
 //   paired the same way ((x_j, x_j+4), one PRMT each).
-// - Affine codes: (q - z) * s in half precision (q exact via the magic number, one HSUB2 + one
-//   HFMA2 per pair); table codes (NF4/FP4): the 16-entry table as bytes in registers, looked up
-//   with PRMT four codes at a time, times s (HMUL2). Error: a few 2^-9 relative per weight in bf16.
+// - Affine codes: (q - zi) * s - (z - zi) * s in half precision, zi the zero rounded to an integer
+//   (q - zi exact via the magic number, one HSUB2 + one HFMA2 per pair; exact zeros, as GPTQ/AWQ
+//   have, leave one rounding per weight); table codes (NF4/FP4): the 16-entry table as bytes in
+//   registers, looked up with PRMT four codes at a time, times s (HMUL2). Error: a few 2^-9
+//   relative per weight in bf16.
 #include "common.cuh"
 
 namespace qmmat {
@@ -37,6 +39,8 @@ __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
 template <typename T> struct Half;
 template <> struct Half<__nv_bfloat16> {
     static constexpr uint32_t MAGIC = 0x43004300u;  // bf16x2 (128, 128): 128 + q for q < 128 exact
+    static constexpr float MAGIC_F = 128.f;
+    static constexpr float ZI_MAX = 127.f;  // 128 + zi stays an exact bf16 integer
     static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
         __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
         return *reinterpret_cast<uint32_t*>(&v);
@@ -67,6 +71,8 @@ template <> struct Half<__nv_bfloat16> {
 };
 template <> struct Half<__half> {
     static constexpr uint32_t MAGIC = 0x64006400u;  // f16x2 (1024, 1024): 1024 + q exact
+    static constexpr float MAGIC_F = 1024.f;
+    static constexpr float ZI_MAX = 1023.f;
     static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
         __half2 v = __floats2half2_rn(lo, hi);
         return *reinterpret_cast<uint32_t*>(&v);
@@ -106,9 +112,10 @@ __device__ __forceinline__ void lookup4(uint32_t sel, const uint32_t (&tlo)[4], 
     hi = prmt(prmt(thi[0], thi[1], idx), prmt(thi[2], thi[3], idx), pick);
 }
 
-// The 4 pairs (codes j, j+4), j = 0..3, of word w, unscaled: affine q exactly, table lut[q].
+// The 4 pairs (codes j, j+4), j = 0..3, of word w: table codes lut[q] (unscaled); affine codes
+// q - zi exactly, base holding the pair (MAGIC + zi, MAGIC + zi).
 template <typename T, bool LUTK>
-__device__ __forceinline__ void decode_word(uint32_t w, const uint32_t (&tlo)[4], const uint32_t (&thi)[4],
+__device__ __forceinline__ void decode_word(uint32_t w, uint32_t base, const uint32_t (&tlo)[4], const uint32_t (&thi)[4],
                                             uint32_t (&p)[4]) {
     if constexpr (LUTK) {
         uint32_t lo, hi;
@@ -121,7 +128,7 @@ __device__ __forceinline__ void decode_word(uint32_t w, const uint32_t (&tlo)[4]
     } else {
 #pragma unroll
         for (int j = 0; j < 4; j++)
-            p[j] = Half<T>::sub(((w >> (4 * j)) & 0x000F000Fu) | Half<T>::MAGIC, Half<T>::MAGIC);
+            p[j] = Half<T>::sub(((w >> (4 * j)) & 0x000F000Fu) | Half<T>::MAGIC, base);
     }
 }
 
@@ -195,15 +202,22 @@ __device__ __forceinline__ void run(const uint32_t* __restrict__ codes, const fl
 
     auto compute = [&](const Frag<RT>& f, int st) {
         const int k0 = st * 128 + t * 32;
-        uint32_t s2[RT][2], zs2[RT][2];
+        // Affine: w = (q - zi) * s - (z - zi) * s with zi the zero rounded to an integer, so q - zi
+        // is exact and only the fraction's product is a half-precision constant: rounding z * s
+        // whole (up to 8 ulps of s per weight, the same for a whole group) biased the sums.
+        uint32_t s2[RT][2], zs2[RT][2], base[RT][2];
 #pragma unroll
         for (int rt = 0; rt < RT; rt++)
 #pragma unroll
             for (int h = 0; h < 2; h++) {
                 s2[rt][h] = Half<T>::pack(f.s[rt][h], f.s[rt][h]);
+                base[rt][h] = Half<T>::MAGIC;
                 if constexpr (!LUTK) {
-                    const float zs = -f.z[rt][h] * f.s[rt][h];
+                    const float z = f.z[rt][h];
+                    const float zi = fminf(fmaxf(rintf(z), -Half<T>::ZI_MAX), Half<T>::ZI_MAX);
+                    const float zs = -(z - zi) * f.s[rt][h];
                     zs2[rt][h] = Half<T>::pack(zs, zs);
+                    base[rt][h] = Half<T>::pack(Half<T>::MAGIC_F + zi, Half<T>::MAGIC_F + zi);
                 }
             }
         uint4 xv[MT][4];
@@ -225,7 +239,7 @@ __device__ __forceinline__ void run(const uint32_t* __restrict__ codes, const fl
                 for (int h = 0; h < 2; h++) {
                     const uint4 v = f.w[rt][h];
                     const uint32_t w = i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
-                    decode_word<T, LUTK>(w, tlo, thi, p[rt][h]);
+                    decode_word<T, LUTK>(w, base[rt][h], tlo, thi, p[rt][h]);
 #pragma unroll
                     for (int j = 0; j < 4; j++)
                         p[rt][h][j] = LUTK ? Half<T>::mul(p[rt][h][j], s2[rt][h])

@@ -188,22 +188,26 @@ pub(crate) fn dequantize_on_gpu(
 pub const QMMA_MAX_M: usize = 128;
 
 /// [`QPath::Auto`]'s row limits (bf16/f16 activations). Weights the tiled tensor-core kernel
-/// covers ([`qmma_tiled::supports`]: 4-bit, groups of a multiple of 32) take it for 2..=128 rows
-/// (the GEMV at 1); every other weight takes the GEMV up to 8 rows, the first tensor-core kernel
-/// up to 32, dequantize + cuBLAS past that.
+/// covers ([`qmma_tiled::supports`]: 4-bit, groups of a multiple of 32) take it for 2..=64 rows
+/// (2..=128 with act-order; the GEMV at 1); every other weight takes the GEMV up to 8 rows, the
+/// first tensor-core kernel up to 32, dequantize + cuBLAS past that.
 const AUTO_GEMV_MAX_M: usize = 8;
 const AUTO_MMA_MAX_M: usize = 32;
-/// Measured on an H100 (docs/benchmarks.md "Tiled tensor-core kernel", docs/bench/kernels-tiled-h100.json)
-/// since the kernel streams the weight codes through registers: from 2 rows it is at least as fast
-/// as the GEMV on the Llama-3-8B shapes, and at 128 rows faster than dequantize + cuBLAS.
+/// Measured on an H100 (docs/benchmarks.md "Tiled kernel, second version",
+/// docs/bench/kernels-tiled-h100.json) since the kernel streams the weight codes through
+/// registers: from 2 rows it is faster than the GEMV on the Llama-3-8B shapes, and up to 64 rows
+/// faster than dequantize + cuBLAS; at 128 the two are even over the four shapes.
 const AUTO_TILED_MIN_M: usize = 2;
-const AUTO_TILED_MAX_M: usize = 128;
+const AUTO_TILED_MAX_M: usize = 64;
+/// Act-order weights: dequantize + cuBLAS also pays a column unpermute of the whole weight per call
+/// (2.5-5x slower than the tiled kernel at 128 rows on every Llama-3-8B shape).
+const AUTO_TILED_ACT_ORDER_MAX_M: usize = 128;
 
 /// Which GPU path a matmul takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QPath {
     /// The row count, dtype and format decide (see `AUTO_*`): for bf16/f16 activations and
-    /// weights the tiled kernel covers, the tiled kernel for 2..=128 rows;
+    /// weights the tiled kernel covers, the tiled kernel for 2..=64 rows (2..=128 with act-order);
     /// otherwise the GEMV up to 8 rows (f32 activations up to [`QGEMV_MAX_M`]), the first
     /// tensor-core kernel up to 32, else dequantize + cuBLAS.
     Auto,
@@ -304,11 +308,16 @@ fn mr_for(m: usize) -> usize {
 /// [`QPath::Auto`]'s path for `m` rows of `dtype` (f32/bf16/f16) through `w`, with `n` output rows
 /// for the GEMV's launch shape (a grouped launch passes the rows of all its weights). Measured on
 /// an H100 (docs/benchmarks.md): for the weights the tiled kernel covers it wins from 2 rows to
-/// 128; for the others the GEMV wins up to 8 rows, the first tensor-core kernel
+/// 64 (128 with act-order); for the others the GEMV wins up to 8 rows, the first tensor-core kernel
 /// from 9 to 32, dequantize + cuBLAS past that.
 fn auto_route(w: &DeviceLayout, n: usize, m: usize, dtype: DType) -> Route {
     let half = matches!(dtype, DType::BF16 | DType::F16);
-    if half && qmma_tiled::supports(w) && (AUTO_TILED_MIN_M..=AUTO_TILED_MAX_M).contains(&m) {
+    let tiled_max_m = if w.perm.is_some() {
+        AUTO_TILED_ACT_ORDER_MAX_M
+    } else {
+        AUTO_TILED_MAX_M
+    };
+    if half && qmma_tiled::supports(w) && (AUTO_TILED_MIN_M..=tiled_max_m).contains(&m) {
         Route::MmaTiled
     } else if m <= AUTO_GEMV_MAX_M || (!half && m <= QGEMV_MAX_M) {
         Route::Gemv(Variant::pick(n, mr_for(m), dtype))
