@@ -61,3 +61,18 @@ template <> __device__ __forceinline__ void store8<__half>(__half* p, const floa
     for (int i = 0; i < 4; i++) h[i] = __floats2half2_rn(v[2 * i], v[2 * i + 1]);
     *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(h);
 }
+
+// Up to two more weights of the same format and K sharing the activations (q/k/v, gate/up), in
+// the same launch (qgemv.cu, qmma_tiled.cu): blocks [0, b1) compute weight 0 (the QARGS one, N rows), [b1, b2) weight 1,
+// [b2, grid) weight 2; a single weight has b1 = b2 = grid. Each block runs the kernel body of
+// one weight with that weight's pointers taken straight from the parameters (selecting them at
+// run time would move them into registers and cost the hot loop occupancy).
+struct QGroup {
+    const uint32_t* codes[2];
+    const float* scales[2];
+    const float* zeros[2];
+    void* y[2];
+    int n[2];
+    int b1, b2;
+};
+

@@ -28,20 +28,6 @@ struct QParams {
     int round_mode;         // f32 exact path: 0 none, 1 f16, 2 bf16; +4: (q - z) rounded first (hqq)
 };
 
-// Up to two more weights of the same format and K sharing the activations (q/k/v, gate/up), in
-// the same launch: blocks [0, b1) compute weight 0 (the QARGS one, N rows), [b1, b2) weight 1,
-// [b2, grid) weight 2; a single weight has b1 = b2 = grid. Each block runs the kernel body of
-// one weight with that weight's pointers taken straight from the parameters (selecting them at
-// run time would move them into registers and cost the hot loop occupancy).
-struct QGroup {
-    const uint32_t* codes[2];
-    const float* scales[2];
-    const float* zeros[2];
-    void* y[2];
-    int n[2];
-    int b1, b2;
-};
-
 template <int BITS>
 __device__ __forceinline__ uint32_t code_at(const uint32_t (&w)[BITS], int e) {
     const int bit = e * BITS;

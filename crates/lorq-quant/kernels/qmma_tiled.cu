@@ -143,7 +143,7 @@ __device__ __forceinline__ void run(const uint32_t* __restrict__ codes, const fl
                                     const float* __restrict__ zeros, const float* __restrict__ lut, int wpr,
                                     int gsize, int groups, const T* __restrict__ x, T* __restrict__ y,
                                     float* __restrict__ partial, unsigned* __restrict__ counters, int M,
-                                    int N, int K, int steps_per_split) {
+                                    int N, int K, int steps_per_split, int bx) {
     static_assert(WR * WK * 32 == THREADS, "8 warps per block");
     constexpr int BROWS = WR * RT * 16;  // output rows per block
     constexpr int NACC = RT * MT * 4;
@@ -152,7 +152,7 @@ __device__ __forceinline__ void run(const uint32_t* __restrict__ codes, const fl
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
     const int wr = warp % WR, ws = warp / WR;
-    const int nb = blockIdx.x * BROWS;
+    const int nb = bx * BROWS;
     const int nw = nb + wr * RT * 16;
     const int mb = blockIdx.z * (8 * MT);
     const int splits = gridDim.y;
@@ -353,10 +353,10 @@ __device__ __forceinline__ void run(const uint32_t* __restrict__ codes, const fl
 #define QMMAT_CFG_c2 2, 4, 2, 1
 #define QMMAT_CFG_c3 1, 2, 4, 1
 
-// Arguments: qgemv.cu's QARGS (DeviceLayout::push_args), then x, y, partial, counters, M, N, K,
-// steps per split.
+// qmmat_*: one weight. Arguments: qgemv.cu's QARGS (DeviceLayout::push_args), then x, y, partial,
+// counters, M, N, K, steps per split.
 #define QMMAT(KN, LUTK, TN, T, MT, C)                                                              \
-    extern "C" __global__ void __launch_bounds__(qmmat::THREADS)                                \
+    extern "C" __global__ void __launch_bounds__(qmmat::THREADS)                                   \
         qmmat_##KN##_##TN##_t##MT##_##C(const uint32_t* codes, const float* scales,                \
                                         const float* zeros, const float* lut, int wpr, int gsize,  \
                                         int groups, int /* round_mode: f32 only */,                \
@@ -364,12 +364,43 @@ __device__ __forceinline__ void run(const uint32_t* __restrict__ codes, const fl
                                         float* partial, unsigned* counters, int M, int N, int K,   \
                                         int steps_per_split) {                                     \
         qmmat::run<T, LUTK, MT, QMMAT_CFG_##C>(codes, scales, zeros, lut, wpr, gsize, groups, x, y, \
-                                               partial, counters, M, N, K, steps_per_split);      \
+                                               partial, counters, M, N, K, steps_per_split,       \
+                                               blockIdx.x);                                        \
     }
+// qmmatg_*: 2 or 3 weights sharing x (q/k/v, gate/up): the same arguments, then the group's other
+// weights (common.cuh QGroup); never split K. A separate kernel because the three inlined bodies
+// cost the single-weight shapes registers (up to 138 against 106: a lost block per SM).
+#define QMMATG(KN, LUTK, TN, T, MT, C)                                                             \
+    extern "C" __global__ void __launch_bounds__(qmmat::THREADS)                                   \
+        qmmatg_##KN##_##TN##_t##MT##_##C(const uint32_t* codes, const float* scales,               \
+                                         const float* zeros, const float* lut, int wpr, int gsize, \
+                                         int groups, int /* round_mode */,                         \
+                                         const T* __restrict__ x, T* __restrict__ y,               \
+                                         float* partial, unsigned* counters, int M, int N, int K,  \
+                                         int steps_per_split, const QGroup g) {                    \
+        const int bx = blockIdx.x;                                                                 \
+        if (bx < g.b1) {                                                                           \
+            qmmat::run<T, LUTK, MT, QMMAT_CFG_##C>(codes, scales, zeros, lut, wpr, gsize, groups,  \
+                                                   x, y, partial, counters, M, N, K,               \
+                                                   steps_per_split, bx);                           \
+        } else if (bx < g.b2) {                                                                    \
+            qmmat::run<T, LUTK, MT, QMMAT_CFG_##C>(g.codes[0], g.scales[0], g.zeros[0], lut, wpr,  \
+                                                   gsize, groups, x, static_cast<T*>(g.y[0]),      \
+                                                   partial, counters, M, g.n[0], K,                \
+                                                   steps_per_split, bx - g.b1);                    \
+        } else {                                                                                   \
+            qmmat::run<T, LUTK, MT, QMMAT_CFG_##C>(g.codes[1], g.scales[1], g.zeros[1], lut, wpr,  \
+                                                   gsize, groups, x, static_cast<T*>(g.y[1]),      \
+                                                   partial, counters, M, g.n[1], K,                \
+                                                   steps_per_split, bx - g.b2);                    \
+        }                                                                                          \
+    }
+#define QMMAT_BOTH(KN, LUTK, TN, T, MT, C) QMMAT(KN, LUTK, TN, T, MT, C) QMMATG(KN, LUTK, TN, T, MT, C)
 #define QMMAT_ALL(KN, LUTK, TN, T)                                                                 \
-    QMMAT(KN, LUTK, TN, T, 1, c1) QMMAT(KN, LUTK, TN, T, 2, c1) QMMAT(KN, LUTK, TN, T, 4, c1)      \
-    QMMAT(KN, LUTK, TN, T, 2, c2) QMMAT(KN, LUTK, TN, T, 4, c2) QMMAT(KN, LUTK, TN, T, 8, c2)      \
-    QMMAT(KN, LUTK, TN, T, 4, c3) QMMAT(KN, LUTK, TN, T, 8, c3)
+    QMMAT_BOTH(KN, LUTK, TN, T, 1, c1) QMMAT_BOTH(KN, LUTK, TN, T, 2, c1)                          \
+    QMMAT_BOTH(KN, LUTK, TN, T, 4, c1) QMMAT_BOTH(KN, LUTK, TN, T, 2, c2)                          \
+    QMMAT_BOTH(KN, LUTK, TN, T, 4, c2) QMMAT_BOTH(KN, LUTK, TN, T, 8, c2)                          \
+    QMMAT_BOTH(KN, LUTK, TN, T, 4, c3) QMMAT_BOTH(KN, LUTK, TN, T, 8, c3)
 QMMAT_ALL(a4, false, bf16, __nv_bfloat16)
 QMMAT_ALL(a4, false, f16, __half)
 QMMAT_ALL(t4, true, bf16, __nv_bfloat16)

@@ -320,7 +320,7 @@ mod gpu {
     }
 
     /// q/k/v- and gate/up-style groups (2 and 3 weights of different row counts sharing x) in one
-    /// GEMV launch: every output equals that weight's own matmul (f32 within 1e-5, bf16/f16 within
+    /// launch (the GEMV, and the tiled kernel for 4-bit weights at 2-64 rows): every output equals that weight's own matmul (f32 within 1e-5, bf16/f16 within
     /// 1e-2: only the launch shape, hence the order of the f32 sums, may differ), for every format
     /// with a packed layout; weights that cannot share a kernel are refused.
     #[test]
@@ -338,8 +338,9 @@ mod gpu {
             let (b, c) = (&sets[1][i].1, &sets[2][i].1);
             for (dtype, ms, tol) in [
                 (DType::F32, &[1usize, 2, 5][..], 1e-5),
-                (DType::BF16, &[1, 2][..], 1e-2),
-                (DType::F16, &[1][..], 1e-2),
+                // 2-64 rows: 4-bit weights take the tiled kernel (one m8 tile up to 64 rows).
+                (DType::BF16, &[1, 2, 17, 40][..], 1e-2),
+                (DType::F16, &[1, 9][..], 1e-2),
             ] {
                 for &m in ms {
                     let x = Tensor::from_vec(randn(m as u64, m * k, 1.0), (m, k), &dev)
@@ -387,6 +388,16 @@ mod gpu {
                     "{name}: three weights of one format were not grouped"
                 );
                 grouped += 1;
+                if qmma_tiled::supports(&dls[0]) {
+                    let x = Tensor::from_vec(randn(4, 24 * k, 1.0), (24, k), &dev)
+                        .unwrap()
+                        .to_dtype(DType::BF16)
+                        .unwrap();
+                    assert!(
+                        matmul_group(&refs, &x).unwrap().is_some(),
+                        "{name}: 24 rows through the tiled kernel were not grouped"
+                    );
+                }
             }
         }
         assert!(grouped >= 8, "only {grouped} formats grouped");

@@ -467,11 +467,12 @@ pub fn dequantize(w: &DeviceLayout, dev: &CudaDevice, dtype: DType) -> Result<Te
     Ok(tensor_from_storage(s, (w.n, w.k)))
 }
 
-/// Kernel argument `QGroup` (kernels/qgemv.cu): the device pointers and rows of the second and
-/// third weight of a grouped launch, and the first block of each (`b1 = b2 = grid` for one weight).
+/// Kernel argument `QGroup` (kernels/common.cuh; qgemv.cu and qmma_tiled.cu): the device
+/// pointers and rows of the second and third weight of a grouped launch, and the first block of
+/// each (`b1 = b2 = grid` for one weight).
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
-struct QGroup {
+pub(crate) struct QGroup {
     codes: [u64; 2],
     scales: [u64; 2],
     zeros: [u64; 2],
@@ -483,6 +484,45 @@ struct QGroup {
 
 // SAFETY: plain old data laid out as the kernel's `QGroup` (repr(C), 8-byte pointers, ints).
 unsafe impl DeviceRepr for QGroup {}
+
+impl QGroup {
+    /// The group argument for weights `ws` (outputs `ys`), whose blocks start at `b1` and `b2`,
+    /// with the guards that keep the pointers' buffers ordered before the launch.
+    pub(crate) fn new<'a, T: DeviceRepr>(
+        stream: &'a std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
+        ws: &[&'a DeviceLayout],
+        ys: &'a [CudaSlice<T>],
+        [b1, b2]: [i32; 2],
+    ) -> (Self, Vec<impl Drop + 'a>) {
+        use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+        let mut group = QGroup {
+            b1,
+            b2,
+            ..Default::default()
+        };
+        let mut guards = Vec::new();
+        for (i, (wi, yi)) in ws.iter().zip(ys).enumerate().skip(1) {
+            let (c, gc) = wi.codes.device_ptr(stream);
+            let (sc, gs) = wi.scales.device_ptr(stream);
+            let z = match &wi.zeros {
+                Some(z) => {
+                    let (z, gz) = z.device_ptr(stream);
+                    guards.push(gz);
+                    z
+                }
+                None => 0,
+            };
+            let (y, gy) = yi.device_ptr(stream);
+            guards.extend([gc, gs, gy]);
+            group.codes[i - 1] = c;
+            group.scales[i - 1] = sc;
+            group.zeros[i - 1] = z;
+            group.y[i - 1] = y;
+            group.n[i - 1] = wi.n as i32;
+        }
+        (group, guards)
+    }
+}
 
 /// `x · Wᵀ` of every weight in `ws` (1 to 3, same format, K, groups and table; the caller checks)
 /// in one GEMV launch: each weight's blocks follow the previous one's, each writes its own output.
@@ -502,7 +542,6 @@ fn gemv(
         v: Variant,
         dname: &str,
     ) -> Result<Vec<CudaStorage>, QuantError> {
-        use candle_core::cuda_backend::cudarc::driver::DevicePtr;
         let w = ws[0];
         let k = w.k;
         let xs = x.as_cuda_slice::<T>()?.slice(start..start + m * k);
@@ -514,33 +553,8 @@ fn gemv(
         let stream = dev.cuda_stream();
         let blocks = |w: &DeviceLayout| (w.n.div_ceil(v.rows_per_warp) * v.split).div_ceil(WARPS);
         let per: Vec<usize> = ws.iter().map(|w| blocks(w)).collect();
-        let (total, [b1, b2]) = super::group_blocks(&per);
-        let mut group = QGroup {
-            b1,
-            b2,
-            ..Default::default()
-        };
-        // The guards keep the pointers' buffers ordered before the launch.
-        let mut guards = Vec::new();
-        for (i, (wi, yi)) in ws.iter().zip(&ys).enumerate().skip(1) {
-            let (c, gc) = wi.codes.device_ptr(&stream);
-            let (sc, gs) = wi.scales.device_ptr(&stream);
-            let z = match &wi.zeros {
-                Some(z) => {
-                    let (z, gz) = z.device_ptr(&stream);
-                    guards.push(gz);
-                    z
-                }
-                None => 0,
-            };
-            let (y, gy) = yi.device_ptr(&stream);
-            guards.extend([gc, gs, gy]);
-            group.codes[i - 1] = c;
-            group.scales[i - 1] = sc;
-            group.zeros[i - 1] = z;
-            group.y[i - 1] = y;
-            group.n[i - 1] = wi.n as i32;
-        }
+        let (total, starts) = super::group_blocks(&per);
+        let (group, guards) = QGroup::new(&stream, ws, &ys, starts);
         let mr = mr_for(m);
         let name = format!(
             "qgemv_{}_{dname}_m{mr}_r{}_s{}",
@@ -604,11 +618,13 @@ fn same_kernel(a: &DeviceLayout, b: &DeviceLayout) -> bool {
         && b.perm.is_none()
 }
 
-/// `x · Wᵢᵀ` for 2 or 3 weights sharing `x` (q/k/v, gate/up) in one GEMV launch, when the
-/// automatic path of each would be the GEMV (one or two activation rows for 4-bit weights, up to 8
-/// for the others) and they can share a kernel ([`same_kernel`]); `None` otherwise (the caller
-/// runs one matmul per weight). Decode at batch 1 is launch-bound on the small projections: on an
-/// H100 one launch for Llama-3-8B's q, k and v measured 11.4 us against 8.6 + 4.7 + 4.7 apart.
+/// `x · Wᵢᵀ` for 2 or 3 weights sharing `x` (q/k/v, gate/up) in one launch, when the automatic
+/// path of each would be the GEMV (one row for 4-bit weights, up to 8 for the others) or the
+/// tiled tensor-core kernel (4-bit, 2-64 rows) and they can share a kernel ([`same_kernel`]);
+/// `None` otherwise (the caller runs one matmul per weight). Decode at batch 1 is launch-bound on
+/// the small projections: on an H100 one launch for Llama-3-8B's q, k and v measured 11.4 us
+/// against 8.6 + 4.7 + 4.7 apart; at batch 32 the tiled kernel fills the GPU with the group's
+/// blocks where the k/v projections alone leave most SMs idle.
 pub fn matmul_group(ws: &[&DeviceLayout], x: &Tensor) -> Result<Option<Vec<Tensor>>, QuantError> {
     let Some(&w) = ws.first() else {
         return Ok(Some(Vec::new()));
@@ -626,12 +642,14 @@ pub fn matmul_group(ws: &[&DeviceLayout], x: &Tensor) -> Result<Option<Vec<Tenso
     if m == 0 {
         return Ok(None);
     }
-    // Grouped only where each weight alone would take the GEMV.
+    // Grouped where each weight alone would take the GEMV or the tiled kernel.
     let n: usize = ws.iter().map(|w| w.n).sum();
-    let Route::Gemv(v) = auto_route(w, n, m, x.dtype()) else {
-        return Ok(None);
+    let x2 = x.reshape((m, k))?;
+    let ys = match auto_route(w, n, m, x.dtype()) {
+        Route::Gemv(v) => gemv(dev, ws, &x2, m, v)?,
+        Route::MmaTiled => qmma_tiled::matmul_group(dev, ws, &x2, m)?,
+        _ => return Ok(None),
     };
-    let ys = gemv(dev, ws, &x.reshape((m, k))?, m, v)?;
     let mut out = Vec::with_capacity(ys.len());
     for (y, w) in ys.into_iter().zip(ws) {
         let mut d = dims.clone();

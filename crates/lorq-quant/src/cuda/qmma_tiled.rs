@@ -14,7 +14,7 @@ use candle_core::cuda_backend::cudarc::driver::{
 use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::{CudaStorage, DType, Storage, Tensor};
 
-use super::qgemv::DeviceLayout;
+use super::qgemv::{DeviceLayout, QGroup};
 use super::{function, tensor_from_storage};
 use crate::QuantError;
 
@@ -119,28 +119,50 @@ pub(crate) fn matmul(
     x: &Tensor,
     m: usize,
 ) -> Result<Tensor, QuantError> {
-    #[allow(clippy::too_many_arguments)]
+    Ok(matmul_group(dev, &[w], x, m)?.remove(0))
+}
+
+/// `x · Wᵢᵀ` of 1 to 3 weights sharing `x` (same format, K, groups and table: the caller checks)
+/// in one launch, each weight's row blocks after the previous one's. The block shape follows the
+/// group's total rows; a group never splits K (its weights together fill the GPU).
+pub(crate) fn matmul_group(
+    dev: &CudaDevice,
+    ws: &[&DeviceLayout],
+    x: &Tensor,
+    m: usize,
+) -> Result<Vec<Tensor>, QuantError> {
     fn go<T: CudaDType + DeviceRepr>(
         dev: &CudaDevice,
-        w: &DeviceLayout,
+        ws: &[&DeviceLayout],
         x: &CudaStorage,
         start: usize,
         m: usize,
         dname: &str,
-    ) -> Result<CudaStorage, QuantError> {
+    ) -> Result<Vec<CudaStorage>, QuantError> {
+        let w = ws[0];
         let (n, k) = (w.n, w.k);
         let xs = x.as_cuda_slice::<T>()?.slice(start..start + m * k);
         // SAFETY: every output element is written by the kernel.
-        let y = unsafe { dev.alloc::<T>(m * n)? };
+        let ys = ws
+            .iter()
+            .map(|w| unsafe { dev.alloc::<T>(m * w.n) })
+            .collect::<Result<Vec<_>, _>>()?;
         let mt = m_tiles(m);
-        let sh = shape(n, mt, w.tag.starts_with('t'));
+        let total_n: usize = ws.iter().map(|w| w.n).sum();
+        let sh = shape(total_n, mt, w.tag.starts_with('t'));
+        let grouped = ws.len() > 1;
+        let kernel = if grouped { "qmmatg" } else { "qmmat" };
         let f = function(
             dev,
             "qmma_tiled",
             FATBIN,
-            &format!("qmmat_{}_{dname}_t{mt}_{}", w.tag, sh.name),
+            &format!("{kernel}_{}_{dname}_t{mt}_{}", w.tag, sh.name),
         )?;
-        let (splits, per) = split_k(sh, n, m, k, multiprocessors(dev));
+        let (splits, per) = if !grouped {
+            split_k(sh, n, m, k, multiprocessors(dev))
+        } else {
+            (1, k.div_ceil(KSTEP))
+        };
         let partial: Option<CudaSlice<f32>> = if splits > 1 {
             // SAFETY: each split writes its whole [m, n] slice before the last block reads it.
             Some(unsafe { dev.alloc::<f32>(splits * m * n)? })
@@ -148,35 +170,45 @@ pub(crate) fn matmul(
             None
         };
         let stream = dev.cuda_stream();
+        let per_weight: Vec<usize> = ws.iter().map(|w| w.n.div_ceil(sh.rows)).collect();
+        let (blocks, starts) = super::group_blocks(&per_weight);
+        let (group, guards) = QGroup::new(&stream, ws, &ys, starts);
         let mut b = stream.launch_builder(&f);
         let null = 0u64;
         w.push_args(&mut b, &null);
         match &partial {
-            Some(p) => b.arg(&xs).arg(&y).arg(p),
-            None => b.arg(&xs).arg(&y).arg(&null),
+            Some(p) => b.arg(&xs).arg(&ys[0]).arg(p),
+            None => b.arg(&xs).arg(&ys[0]).arg(&null),
         };
         let (mi, ni, ki, pi) = (m as i32, n as i32, k as i32, per as i32);
         b.arg(&w.counters).arg(&mi).arg(&ni).arg(&ki).arg(&pi);
+        if grouped {
+            b.arg(&group);
+        }
         let cfg = LaunchConfig {
-            grid_dim: (
-                n.div_ceil(sh.rows) as u32,
-                splits as u32,
-                m.div_ceil(8 * mt) as u32,
-            ),
+            grid_dim: (blocks as u32, splits as u32, m.div_ceil(8 * mt) as u32),
             block_dim: (THREADS as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: the arguments match `qmmat_*` in kernels/qmma_tiled.cu; x holds m*k elements
-        // from a 16-byte-aligned start (checked by the caller), y m*n, partial splits*m*n, and the
-        // counters (zero between launches) one per row block and activation block
-        // (MAX_SPLIT_M_BLOCKS of them per MIN_ROWS rows, checked by split_k).
+        // SAFETY: the arguments match `qmmat_*` / `qmmatg_*` in kernels/qmma_tiled.cu; x holds m*k elements
+        // from a 16-byte-aligned start (checked by the caller), output j m*n_j, partial
+        // splits*m*n, and the counters (zero between launches) one per row block and activation
+        // block (MAX_SPLIT_M_BLOCKS of them per MIN_ROWS rows, checked by split_k; a group never
+        // splits); the group's weights share the first one's format, K, groups and table.
         unsafe { b.launch(cfg) }.w()?;
         drop(b);
+        drop(guards);
         drop(partial);
-        Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+        Ok(ys
+            .into_iter()
+            .map(|y| CudaStorage::wrap_cuda_slice(y, dev.clone()))
+            .collect())
     }
-    if m == 0 || w.n == 0 {
-        return Ok(Tensor::zeros((m, w.n), x.dtype(), x.device())?);
+    if m == 0 || ws.iter().any(|w| w.n == 0) {
+        return ws
+            .iter()
+            .map(|w| Ok(Tensor::zeros((m, w.n), x.dtype(), x.device())?))
+            .collect();
     }
     let x = super::aligned(x, 16)?;
     let (storage, layout) = x.storage_and_layout();
@@ -185,8 +217,8 @@ pub(crate) fn matmul(
     };
     let start = layout.start_offset();
     let s = match x.dtype() {
-        DType::BF16 => go::<half::bf16>(dev, w, cs, start, m, "bf16")?,
-        DType::F16 => go::<half::f16>(dev, w, cs, start, m, "f16")?,
+        DType::BF16 => go::<half::bf16>(dev, ws, cs, start, m, "bf16")?,
+        DType::F16 => go::<half::f16>(dev, ws, cs, start, m, "f16")?,
         other => {
             return Err(QuantError::Invalid(format!(
                 "qmma_tiled: bf16/f16 activations only, got {other:?}"
@@ -194,7 +226,10 @@ pub(crate) fn matmul(
         }
     };
     drop(storage);
-    Ok(tensor_from_storage(s, (m, w.n)))
+    Ok(s.into_iter()
+        .zip(ws)
+        .map(|(s, w)| tensor_from_storage(s, (m, w.n)))
+        .collect())
 }
 
 #[cfg(test)]
