@@ -320,9 +320,10 @@ mod gpu {
     }
 
     /// q/k/v- and gate/up-style groups (2 and 3 weights of different row counts sharing x) in one
-    /// launch (the GEMV, and the tiled kernel for 4-bit weights at 2-64 rows): every output equals that weight's own matmul (f32 within 1e-5, bf16/f16 within
-    /// 1e-2: only the launch shape, hence the order of the f32 sums, may differ), for every format
-    /// with a packed layout; weights that cannot share a kernel are refused.
+    /// launch (the GEMV, and the tiled kernel for 4-bit weights at 2-64 rows): every output equals
+    /// that weight's own matmul (f32 within 1e-5, bf16/f16 within 1e-2: only the launch shape,
+    /// hence the order of the f32 sums, may differ), for every format with a packed layout;
+    /// weights that cannot share a kernel are refused.
     #[test]
     fn grouped_launch_equals_each_weight_alone() {
         let Some(dev) = gpu() else { return };
@@ -338,7 +339,8 @@ mod gpu {
             let (b, c) = (&sets[1][i].1, &sets[2][i].1);
             for (dtype, ms, tol) in [
                 (DType::F32, &[1usize, 2, 5][..], 1e-5),
-                // 2-64 rows: 4-bit weights take the tiled kernel (one m8 tile up to 64 rows).
+                // 2-64 rows: 4-bit weights take the tiled kernel (activation blocks of 8, 16, 32,
+                // 64 rows).
                 (DType::BF16, &[1, 2, 17, 40][..], 1e-2),
                 (DType::F16, &[1, 9][..], 1e-2),
             ] {
