@@ -27,4 +27,6 @@ if [ -z "${LORQ_TEST_CLIENT_PYTHON:-}" ]; then
     fi
     export LORQ_TEST_CLIENT_PYTHON="$PWD/.venv-clients/bin/python"
 fi
+# A one-off build gains nothing from incremental caches, which would double the disk it takes.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 cargo test --workspace --locked "$@"
