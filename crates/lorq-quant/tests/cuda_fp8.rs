@@ -1,5 +1,5 @@
 //! The W8A8 FP8 path (`cuda::fp8_gemm`: activation quantization in `kernels/fp8_act.cu`, the
-//! product through cuBLASLt) against CPU references on fresh random inputs: identical e4m3 codes
+//! product through cuBLASLt or lorq's tensor-core kernel `kernels/fp8_mma.cu`) against CPU references on fresh random inputs: identical e4m3 codes
 //! and scales for the activation quantization; for the product, x quantized the same way on the
 //! CPU and the decoded e4m3 values multiplied in f64, relative L2 error <= 1e-2 with bf16/f16
 //! output and <= 1e-3 with f32 output (FP8 tensor cores accumulate below f32 precision), never
@@ -20,8 +20,8 @@ fn fp8_gpu_tests_skipped_without_the_cuda_feature() {
 mod gpu {
     use candle_core::{DType, Device, Tensor};
     use lorq_quant::cuda::fp8_gemm::{
-        gemm_quantized, has_fp8_tensor_cores, matmul_with, quantize_activations, ActQuant, Scaling,
-        MIN_M,
+        gemm_quantized, has_fp8_tensor_cores, matmul_with, quantize_activations, ActQuant,
+        Fp8Kernel, MIN_M,
     };
     use lorq_quant::fp8::{e4m3fn_to_f32, f32_to_e4m3fn, Fp8Strategy, Fp8Tensor, E4M3_MAX};
     use lorq_quant::QuantTensor;
@@ -214,9 +214,10 @@ mod gpu {
         y
     }
 
-    /// The product through cuBLASLt (scalar, outer-vector and own-epilogue scaling) against the
-    /// CPU reference: per-tensor and per-channel weights, with and without a static
-    /// `input_scale`, m = 16, 17, 64, 512, bf16/f16/f32 output.
+    /// The product through cuBLASLt (scalar, outer-vector and own-epilogue scaling) and through
+    /// lorq's tensor-core kernel against the CPU reference: per-tensor and per-channel weights,
+    /// with and without a static `input_scale`, m = 1..512, bf16/f16/f32 output; shapes with a
+    /// K tail past the last 128-wide step (k = 96, 160) and output rows past the last block.
     #[test]
     fn fp8_matmul_matches_cpu() {
         let Some(dev) = fp8_gpu() else { return };
@@ -226,6 +227,8 @@ mod gpu {
             (256usize, 512usize, &[16usize, 17, 64, 512][..]),
             (1024, 4096, &[16, 17, 64][..]),
             (48, 64, &[16, 17][..]),
+            (48, 96, &[1, 5, 16, 17, 40][..]),
+            (2080, 160, &[16, 33][..]),
         ] {
             let w = Tensor::randn(0f32, 0.05, (n, k), &Device::Cpu).unwrap();
             for strategy in [Fp8Strategy::Tensor, Fp8Strategy::Channel] {
@@ -259,12 +262,23 @@ mod gpu {
                             // output lands near 1e-4 on an H100, so FP8 operands get the
                             // reduced-precision bound, not the f32 one.
                             let tol = if dtype == DType::F32 { 1e-3 } else { 1e-2 };
-                            for (act, scaling) in [
-                                (None, Scaling::Auto),
-                                (None, Scaling::OwnEpilogue),
-                                (Some(ActQuant::DynamicPerTensor), Scaling::Auto),
+                            for (act, kernel) in [
+                                (None, Fp8Kernel::Auto),
+                                (None, Fp8Kernel::CublasLt),
+                                (None, Fp8Kernel::CublasLtOwnEpilogue),
+                                (None, Fp8Kernel::Mma),
+                                (Some(ActQuant::DynamicPerTensor), Fp8Kernel::Auto),
+                                (Some(ActQuant::DynamicPerTensor), Fp8Kernel::Mma),
                             ] {
-                                let got = matmul_with(&t, &xt, act, scaling).unwrap();
+                                // cuBLASLt's path is taken from MIN_M rows only.
+                                let lt = matches!(
+                                    kernel,
+                                    Fp8Kernel::CublasLt | Fp8Kernel::CublasLtOwnEpilogue
+                                );
+                                if lt && m < MIN_M {
+                                    continue;
+                                }
+                                let got = matmul_with(&t, &xt, act, kernel).unwrap();
                                 assert_eq!(got.dims(), &[m, n]);
                                 assert_eq!(got.dtype(), dtype);
                                 let got: Vec<f32> = got
@@ -280,7 +294,7 @@ mod gpu {
                                 assert!(
                                     e <= tol,
                                     "[{n}, {k}] m={m} {strategy:?} input_scale={with_input_scale} \
-                                     {dtype:?} {act:?} {scaling:?}: rel L2 {e:.2e} > {tol}"
+                                     {dtype:?} {act:?} {kernel:?}: rel L2 {e:.2e} > {tol}"
                                 );
                             }
                         }
@@ -296,18 +310,41 @@ mod gpu {
             .unwrap()
             .to_dtype(DType::BF16)
             .unwrap();
-        let a = matmul_with(&t, &x, None, Scaling::Auto).unwrap();
+        let a = matmul_with(&t, &x, None, Fp8Kernel::Auto).unwrap();
         let q = quantize_activations(&x, ActQuant::DynamicPerToken).unwrap();
-        let b = gemm_quantized(&t, &q, cdev, DType::BF16, Scaling::Auto).unwrap();
-        let diff: f32 = (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
+        let b = gemm_quantized(&t, &q, cdev, DType::BF16, Fp8Kernel::Auto).unwrap();
+        assert_eq!(max_abs_diff(&a, &b), 0.0);
+        // Auto takes lorq's kernel at few rows (bit-identical to forcing it, unlike cuBLASLt's
+        // different summation order) and cuBLASLt where that was measured faster.
+        let mma = gemm_quantized(&t, &q, cdev, DType::BF16, Fp8Kernel::Mma).unwrap();
+        assert_eq!(
+            max_abs_diff(&b, &mma),
+            0.0,
+            "Auto did not take the mma kernel at 32 rows"
+        );
+        let x = Tensor::randn(0f32, 1.0, (300, 256), &dev)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let q = quantize_activations(&x, ActQuant::DynamicPerToken).unwrap();
+        let auto = gemm_quantized(&t, &q, cdev, DType::BF16, Fp8Kernel::Auto).unwrap();
+        let lt = gemm_quantized(&t, &q, cdev, DType::BF16, Fp8Kernel::CublasLt).unwrap();
+        assert_eq!(
+            max_abs_diff(&auto, &lt),
+            0.0,
+            "Auto did not take cuBLASLt at 300 rows"
+        );
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
             .unwrap()
             .abs()
             .unwrap()
             .max_all()
             .unwrap()
             .to_scalar()
-            .unwrap();
-        assert_eq!(diff, 0.0);
+            .unwrap()
     }
 
     /// `QuantTensor::matmul` takes the FP8 path from MIN_M rows (bit-identical to
@@ -324,7 +361,7 @@ mod gpu {
             .unwrap();
         let via_trait = t.matmul(&x).unwrap();
         assert_eq!(via_trait.dims(), &[2, MIN_M, 512]);
-        let direct = matmul_with(&t, &x, None, Scaling::Auto).unwrap();
+        let direct = matmul_with(&t, &x, None, Fp8Kernel::Auto).unwrap();
         let d: f32 = (via_trait.to_dtype(DType::F32).unwrap()
             - direct.to_dtype(DType::F32).unwrap())
         .unwrap()
@@ -378,13 +415,13 @@ mod gpu {
             .unwrap()
             .to_dtype(DType::BF16)
             .unwrap();
-        let e = matmul_with(&t, &x, None, Scaling::Auto)
+        let e = matmul_with(&t, &x, None, Fp8Kernel::Auto)
             .unwrap_err()
             .to_string();
         assert!(e.contains("divisible by 16"), "{e}");
         assert_eq!(t.matmul(&x).unwrap().dims(), &[32, 64]);
         // A bad activation shape is an error, not a panic.
         let x = Tensor::zeros((32, 99), DType::BF16, &dev).unwrap();
-        assert!(matmul_with(&t, &x, None, Scaling::Auto).is_err());
+        assert!(matmul_with(&t, &x, None, Fp8Kernel::Auto).is_err());
     }
 }

@@ -1,5 +1,5 @@
-//! `lorq bench fp8 --device cuda`: W8A8 FP8 through cuBLASLt (`lorq_quant::cuda::fp8_gemm`)
-//! against bf16 cuBLAS on the same card, bf16 activations, seeded random weights. Each timed
+//! `lorq bench fp8 --device cuda`: W8A8 FP8 (`lorq_quant::cuda::fp8_gemm`: cuBLASLt, or lorq's
+//! tensor-core kernel at few rows) against bf16 cuBLAS on the same card, bf16 activations, seeded random weights. Each timed
 //! path is first checked against its CPU reference (x quantized the same way, decoded e4m3
 //! values multiplied in f32); `quant_err_vs_bf16` is what W8A8 costs against the bf16 product.
 //! Timings rotate over enough weight copies to defeat the L2 cache; the device is synchronized
@@ -12,11 +12,16 @@ use clap::Args;
 
 #[derive(Debug, Args)]
 #[command(after_help = "Paths timed (bf16 activations in, bf16 out):
-  cublaslt-w8a8          per-channel weight scales, per-token dynamic activation scales
-                         (compressed-tensors FP8_DYNAMIC): quantize x + one cuBLASLt call
-  cublaslt-w8a8-static   per-tensor weight scale, static input_scale (compressed-tensors FP8)
+  w8a8                   what lorq runs: per-channel weight scales, per-token dynamic activation
+                         scales (compressed-tensors FP8_DYNAMIC): quantize x + lorq's tensor-core
+                         kernel at few rows, cuBLASLt elsewhere
+  w8a8-static            as w8a8 with a per-tensor weight scale and a static input_scale
+                         (compressed-tensors FP8)
+  cublaslt-w8a8          as w8a8, always cuBLASLt
+  mma-w8a8               as w8a8, always lorq's kernel (kernels/fp8_mma.cu)
   cublaslt-w8a8-epilogue as cublaslt-w8a8, scales applied by lorq's kernel after an f32 product
   cublaslt-gemm-only     as cublaslt-w8a8 without the activation quantization (x pre-quantized)
+  mma-gemm-only          as mma-w8a8 without the activation quantization
   weight-only            the weight-only path (e4m3 decoded, activations stay bf16)
 
 Example:
@@ -57,7 +62,7 @@ mod gpu {
     use candle_core::{DType, Device, Tensor};
     use lorq_quant::cuda::fp8_gemm::{
         cublaslt_version, gemm_quantized, has_fp8_tensor_cores, matmul_with, outer_vec_in_use,
-        prepare, quantize_activations, ActQuant, Scaling,
+        prepare, quantize_activations, ActQuant, Fp8Kernel,
     };
     use lorq_quant::cuda::qgemv::{matmul as qmatmul, DeviceLayout, QPath};
     use lorq_quant::fp8::{e4m3fn_to_f32, f32_to_e4m3fn, Fp8Strategy, Fp8Tensor, E4M3_MAX};
@@ -175,24 +180,26 @@ mod gpu {
                 let fp8_bytes = n * k + 4 * n;
                 let per_token = ActQuant::DynamicPerToken;
                 let stat = ActQuant::Static(static_s);
-                for (path, ts, act, scaling) in [
-                    ("cublaslt-w8a8", &chans, per_token, Scaling::Auto),
-                    ("cublaslt-w8a8-static", &tens, stat, Scaling::Auto),
+                for (path, ts, act, kernel) in [
+                    ("w8a8", &chans, per_token, Fp8Kernel::Auto),
+                    ("w8a8-static", &tens, stat, Fp8Kernel::Auto),
+                    ("cublaslt-w8a8", &chans, per_token, Fp8Kernel::CublasLt),
+                    ("mma-w8a8", &chans, per_token, Fp8Kernel::Mma),
                     (
                         "cublaslt-w8a8-epilogue",
                         &chans,
                         per_token,
-                        Scaling::OwnEpilogue,
+                        Fp8Kernel::CublasLtOwnEpilogue,
                     ),
                 ] {
                     // A path that fails is reported and the others still run.
                     let measured = (|| -> Result<(f64, f64, f64)> {
                         let got =
-                            matmul_with(&ts[0], &x, Some(act), scaling)?.to_device(&Device::Cpu)?;
+                            matmul_with(&ts[0], &x, Some(act), kernel)?.to_device(&Device::Cpu)?;
                         let err = rel_l2(&got, &reference(&ts[0], &x32, m, act)?)?;
                         let qerr = rel_l2(&got, &bf16_y)?;
                         let us = time_gpu(dev, 7, iters, |i| {
-                            Ok(matmul_with(&ts[i % ts.len()], &x, Some(act), scaling)?)
+                            Ok(matmul_with(&ts[i % ts.len()], &x, Some(act), kernel)?)
                         })?;
                         Ok((us, err, qerr))
                     })();
@@ -202,16 +209,21 @@ mod gpu {
                     }
                 }
                 let qx = quantize_activations(&x, per_token)?;
-                let us = time_gpu(dev, 7, iters, |i| {
-                    Ok(gemm_quantized(
-                        &chans[i % c],
-                        &qx,
-                        cdev,
-                        DType::BF16,
-                        Scaling::Auto,
-                    )?)
-                })?;
-                push("cublaslt-gemm-only", us, fp8_bytes, None, None);
+                for (path, kernel) in [
+                    ("cublaslt-gemm-only", Fp8Kernel::CublasLt),
+                    ("mma-gemm-only", Fp8Kernel::Mma),
+                ] {
+                    let us = time_gpu(dev, 7, iters, |i| {
+                        Ok(gemm_quantized(
+                            &chans[i % c],
+                            &qx,
+                            cdev,
+                            DType::BF16,
+                            kernel,
+                        )?)
+                    })?;
+                    push(path, us, fp8_bytes, None, None);
+                }
                 let got = qmatmul(&wo[0], &x, QPath::Auto)?.to_device(&Device::Cpu)?;
                 let qerr = rel_l2(&got, &bf16_y)?;
                 let us = time_gpu(dev, 7, iters, |i| Ok(qmatmul(&wo[i % c], &x, QPath::Auto)?))?;
@@ -274,7 +286,7 @@ mod gpu {
         let report = json!({
             "card": card, "date": utc_date(), "command": command_line(),
             "cublaslt_version": cublaslt_version(), "outer_vec_scales": outer_vec,
-            "note": "us: median wall time per call (device synchronized per batch of calls, weights rotated over copies larger than L2), activation quantization included except in cublaslt-gemm-only; speedup_vs_bf16: bf16 cuBLAS us / us, same run; gbps: (weight + bf16 x + bf16 y bytes) / us; rel_err: L2 relative error vs the CPU reference of the same quantization; quant_err_vs_bf16: L2 relative difference from the bf16 product of the unquantized weight",
+            "note": "us: median wall time per call (device synchronized per batch of calls, weights rotated over copies larger than L2), activation quantization included except in the *-gemm-only rows; speedup_vs_bf16: bf16 cuBLAS us / us, same run; gbps: (weight + bf16 x + bf16 y bytes) / us; rel_err: L2 relative error vs the CPU reference of the same quantization; quant_err_vs_bf16: L2 relative difference from the bf16 product of the unquantized weight",
             "rows": rows,
         });
         if let Some(p) = &a.json {

@@ -3,6 +3,9 @@
 //! by the checkpoint's static `input_scale`), then `y = (x_q · W_qᵀ) · (s_x ⊗ s_w)` runs through
 //! cuBLASLt with f32 accumulation and a bf16/f16/f32 output.
 //!
+//! At few rows, where cuBLASLt's FP8 kernels stream the weight slowly, lorq's own tensor-core
+//! kernel (`fp8_mma.rs`) runs the product from the same buffers instead.
+//!
 //! Scales: both per tensor → cuBLASLt's scalar A/B scale pointers; otherwise its outer-vector
 //! mode (`OUTER_VEC_32F`: one f32 per weight row and one per token, cuBLAS 12.9+) and, where the
 //! library refuses that mode, an unscaled f32 product followed by our own scaling epilogue.
@@ -24,7 +27,7 @@ use candle_core::cuda_backend::cudarc::driver::{
 use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::{CudaStorage, DType, Storage, Tensor, WithDType};
 
-use super::{cuda_device, dtype_name, function, tensor_from_storage};
+use super::{cuda_device, dtype_name, fp8_mma, function, tensor_from_storage};
 use crate::fp8::{Fp8Strategy, Fp8Tensor};
 use crate::{QuantError, QuantTensor};
 
@@ -48,13 +51,18 @@ pub enum ActQuant {
     Static(f32),
 }
 
-/// Who applies the scales.
+/// Which kernel runs the quantized product.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Scaling {
-    /// cuBLASLt (scalar or outer-vector scales), our epilogue where the library refuses.
+pub enum Fp8Kernel {
+    /// lorq's tensor-core kernel where it was measured faster ([`super::fp8_mma::shape`]: few
+    /// rows), else cuBLASLt.
     Auto,
-    /// Always an unscaled f32 product + our scaling kernel (tests compare both).
-    OwnEpilogue,
+    /// cuBLASLt (scalar or outer-vector scales), our epilogue where the library refuses.
+    CublasLt,
+    /// cuBLASLt's unscaled f32 product + our scaling kernel (tests compare both).
+    CublasLtOwnEpilogue,
+    /// lorq's tensor-core kernel at any row count (`kernels/fp8_mma.cu`; in_features % 32 == 0).
+    Mma,
 }
 
 /// A weight's device copy for this path: the e4m3 codes `[n, k]` as stored, one f32 scale per
@@ -496,7 +504,7 @@ pub fn gemm_quantized(
     qx: &QuantizedActivations,
     dev: &CudaDevice,
     out: DType,
-    scaling: Scaling,
+    kernel: Fp8Kernel,
 ) -> Result<Tensor, QuantError> {
     let w = weight(t, dev)?;
     if qx.k != w.k {
@@ -512,10 +520,20 @@ pub fn gemm_quantized(
         DType::BF16 | DType::F16 => out,
         _ => DType::F32,
     };
-    let s = match out {
-        DType::BF16 => gemm_typed::<half::bf16>(dev, &w, qx, scaling)?,
-        DType::F16 => gemm_typed::<half::f16>(dev, &w, qx, scaling)?,
-        _ => gemm_typed::<f32>(dev, &w, qx, scaling)?,
+    let mma = match kernel {
+        Fp8Kernel::Mma => Some(fp8_mma::shape(w.n, qx.m).unwrap_or(fp8_mma::Shape::K2)),
+        Fp8Kernel::Auto if fp8_mma::supports(w.k) => fp8_mma::shape(w.n, qx.m),
+        _ => None,
+    };
+    let dims = (qx.m, w.n, w.k);
+    let (wq, sw, xq, sx) = (&w.codes, &w.scales, &qx.codes, &qx.scales);
+    let s = match (out, mma) {
+        (DType::BF16, Some(sh)) => fp8_mma::gemm::<half::bf16>(dev, sh, wq, sw, xq, sx, dims)?,
+        (DType::F16, Some(sh)) => fp8_mma::gemm::<half::f16>(dev, sh, wq, sw, xq, sx, dims)?,
+        (_, Some(sh)) => fp8_mma::gemm::<f32>(dev, sh, wq, sw, xq, sx, dims)?,
+        (DType::BF16, None) => gemm_typed::<half::bf16>(dev, &w, qx, kernel)?,
+        (DType::F16, None) => gemm_typed::<half::f16>(dev, &w, qx, kernel)?,
+        (_, None) => gemm_typed::<f32>(dev, &w, qx, kernel)?,
     };
     Ok(tensor_from_storage(s, (qx.m, w.n)))
 }
@@ -524,7 +542,7 @@ fn gemm_typed<T: CudaDType + DeviceRepr + WithDType>(
     dev: &CudaDevice,
     w: &Fp8LtWeight,
     qx: &QuantizedActivations,
-    scaling: Scaling,
+    kernel: Fp8Kernel,
 ) -> Result<CudaStorage, QuantError> {
     let (n, m) = (w.n, qx.m);
     let stream = dev.cuda_stream();
@@ -532,7 +550,7 @@ fn gemm_typed<T: CudaDType + DeviceRepr + WithDType>(
     let mut st = state.lock().expect("poisoned");
     // SAFETY: cuBLASLt writes every output element.
     let y = unsafe { dev.alloc::<T>(m * n)? };
-    let wanted = if scaling == Scaling::OwnEpilogue {
+    let wanted = if kernel == Fp8Kernel::CublasLtOwnEpilogue {
         LtScaling::Unscaled
     } else if w.per_tensor && qx.per_tensor {
         LtScaling::Scalar
@@ -662,7 +680,7 @@ pub fn matmul_with(
     t: &Fp8Tensor,
     x: &Tensor,
     act: Option<ActQuant>,
-    scaling: Scaling,
+    kernel: Fp8Kernel,
 ) -> Result<Tensor, QuantError> {
     let dev = cuda_device(x, "fp8 cuBLASLt matmul")?;
     if !has_fp8_tensor_cores(dev)? {
@@ -688,7 +706,7 @@ pub fn matmul_with(
         None => ActQuant::DynamicPerToken,
     });
     let qx = quantize_activations(&x.reshape((m, k))?, act)?;
-    let y = gemm_quantized(t, &qx, dev, x.dtype(), scaling)?;
+    let y = gemm_quantized(t, &qx, dev, x.dtype(), kernel)?;
     let mut out_dims = dims;
     *out_dims.last_mut().expect("rank >= 1") = n;
     let y = y.reshape(out_dims)?;
@@ -721,5 +739,5 @@ pub fn matmul_if_supported(t: &Fp8Tensor, x: &Tensor) -> Result<Option<Tensor>, 
         }
         return Ok(None);
     }
-    matmul_with(t, x, None, Scaling::Auto).map(Some)
+    matmul_with(t, x, None, Fp8Kernel::Auto).map(Some)
 }
