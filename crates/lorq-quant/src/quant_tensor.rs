@@ -43,6 +43,12 @@ pub trait QuantTensor: Send + Sync + std::fmt::Debug {
     ) -> Result<Option<std::sync::Arc<crate::cuda::qgemv::GpuQuantWeight>>, QuantError> {
         Ok(None)
     }
+    /// Whether this weight's own matmul of `x` takes a GPU path the grouped kernels do not have
+    /// (FP8 tensor cores), so that [`matmul_group`] runs the group one weight at a time.
+    #[cfg(feature = "cuda")]
+    fn gpu_runs_alone(&self, _x: &Tensor) -> Result<bool, QuantError> {
+        Ok(false)
+    }
     /// The unquantized weight `[out, in]` of a dense tensor (for [`matmul_group`]); `None` for
     /// every quantized format.
     fn dense_weight(&self) -> Option<&Tensor> {
@@ -81,6 +87,11 @@ fn gpu_matmul_group(
     use crate::cuda::qgemv::GpuQuantWeight;
     if ws.len() < 2 {
         return Ok(None);
+    }
+    for w in ws {
+        if w.gpu_runs_alone(x)? {
+            return Ok(None);
+        }
     }
     let dense: Vec<&Tensor> = ws.iter().filter_map(|w| w.dense_weight()).collect();
     if dense.len() == ws.len() {

@@ -270,12 +270,12 @@ mod gpu {
                                 (Some(ActQuant::DynamicPerTensor), Fp8Kernel::Auto),
                                 (Some(ActQuant::DynamicPerTensor), Fp8Kernel::Mma),
                             ] {
-                                // cuBLASLt's path is taken from MIN_M rows only.
+                                // cuBLASLt is only chosen (and checked) from 16 rows.
                                 let lt = matches!(
                                     kernel,
                                     Fp8Kernel::CublasLt | Fp8Kernel::CublasLtOwnEpilogue
                                 );
-                                if lt && m < MIN_M {
+                                if lt && m < 16 {
                                     continue;
                                 }
                                 let got = matmul_with(&t, &xt, act, kernel).unwrap();
@@ -348,8 +348,9 @@ mod gpu {
     }
 
     /// `QuantTensor::matmul` takes the FP8 path from MIN_M rows (bit-identical to
-    /// `matmul_with`), the weight-only path below it and for shapes cuBLASLt cannot take; the
-    /// explicit entry point rejects such shapes with an error naming them.
+    /// `matmul_with`), the weight-only path below it and for shapes cuBLASLt cannot take, and
+    /// `matmul_group` leaves FP8 weights to it; the explicit entry point rejects such shapes
+    /// with an error naming them.
     #[test]
     fn dispatch_and_errors() {
         let Some(dev) = fp8_gpu() else { return };
@@ -376,8 +377,16 @@ mod gpu {
             "QuantTensor::matmul did not take the FP8 path at m >= MIN_M"
         );
         // Below MIN_M: the weight-only path (activations stay bf16), close to the dequantized
-        // weight's product.
-        let xs = x.narrow(1, 0, 4).unwrap().reshape((8, 1024)).unwrap();
+        // weight's product (W8A8 is not: its activation rounding alone is ~3e-2).
+        let below = MIN_M - 1;
+        assert!(below >= 1, "MIN_M leaves one row on the weight-only GEMV");
+        let xs = x
+            .narrow(0, 0, 1)
+            .unwrap()
+            .narrow(1, 0, below)
+            .unwrap()
+            .reshape((below, 1024))
+            .unwrap();
         let small = t.matmul(&xs).unwrap().to_dtype(DType::F32).unwrap();
         let want = xs
             .to_dtype(DType::F32)
@@ -408,6 +417,24 @@ mod gpu {
                 .unwrap())
         .sqrt();
         assert!(e < 1e-2, "weight-only path below MIN_M: rel L2 {e}");
+        // Grouped projections (q/k/v, gate/up) leave FP8 weights to their own W8A8 path: the
+        // grouped kernels are weight-only and several times slower at these rows.
+        let w2 = Tensor::randn(0f32, 0.05, (256, 1024), &Device::Cpu).unwrap();
+        let t2 = Fp8Tensor::quantize(&w2, Fp8Strategy::Channel, DType::BF16).unwrap();
+        let x8 = Tensor::randn(0f32, 1.0, (8, 1024), &dev)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let group: [&dyn QuantTensor; 2] = [&t, &t2];
+        let ys = lorq_quant::matmul_group(&group, &x8).unwrap();
+        for (y, w) in ys.iter().zip([&t, &t2]) {
+            let want = matmul_with(w, &x8, None, Fp8Kernel::Auto).unwrap();
+            assert_eq!(
+                max_abs_diff(y, &want),
+                0.0,
+                "matmul_group did not run the FP8 weights on their W8A8 path"
+            );
+        }
         // k = 100: not a multiple of 16.
         let w = Tensor::randn(0f32, 0.05, (64, 100), &Device::Cpu).unwrap();
         let t = Fp8Tensor::quantize(&w, Fp8Strategy::Tensor, DType::BF16).unwrap();

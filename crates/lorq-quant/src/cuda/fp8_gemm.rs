@@ -33,9 +33,11 @@ use crate::{QuantError, QuantTensor};
 
 static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/fp8_act.fatbin"));
 
-/// Activation rows from which [`matmul_if_supported`] takes this path (below, the weight-only
-/// GEMV reads the weight once and needs no activation quantization).
-pub const MIN_M: usize = 16;
+/// Activation rows from which [`matmul_if_supported`] takes this path. One row stays on the
+/// weight-only GEMV (one launch, no activation quantization); from two rows on, the W8A8 kernel
+/// streams the weight faster than the weight-only tensor-core path (2-3x at 16 rows on an H100,
+/// docs/benchmarks.md).
+pub const MIN_M: usize = 2;
 
 /// cuBLASLt's workspace per stream (NVIDIA's recommendation for Hopper).
 const WORKSPACE_BYTES: usize = 32 << 20;
@@ -717,16 +719,16 @@ pub fn matmul_with(
     })
 }
 
-/// `Fp8Tensor::matmul`'s GPU dispatch: `Some(y)` through FP8 tensor cores for `x` on a GPU with
-/// compute capability 8.9+, at least [`MIN_M`] rows and a supported shape; `None` sends the
-/// caller to its weight-only path (with a one-time warning on GPUs older than 8.9).
-pub fn matmul_if_supported(t: &Fp8Tensor, x: &Tensor) -> Result<Option<Tensor>, QuantError> {
+/// Whether `Fp8Tensor::matmul` runs `x · Wᵀ` on FP8 tensor cores: `x` on a GPU with compute
+/// capability 8.9+, at least [`MIN_M`] rows and a supported shape (with a one-time warning on
+/// GPUs older than 8.9, where FP8 weights are decoded instead).
+pub fn takes_tensor_cores(t: &Fp8Tensor, x: &Tensor) -> Result<bool, QuantError> {
     let candle_core::Device::Cuda(dev) = x.device() else {
-        return Ok(None);
+        return Ok(false);
     };
     let (n, k) = t.shape();
     if x.elem_count() / k.max(1) < MIN_M || shape_unsupported(n, k).is_some() {
-        return Ok(None);
+        return Ok(false);
     }
     if !has_fp8_tensor_cores(dev)? {
         static WARNED: AtomicBool = AtomicBool::new(false);
@@ -737,6 +739,15 @@ pub fn matmul_if_supported(t: &Fp8Tensor, x: &Tensor) -> Result<Option<Tensor>, 
                  FP8 weights are decoded to the activation dtype instead"
             );
         }
+        return Ok(false);
+    }
+    Ok(true)
+}
+
+/// `Fp8Tensor::matmul`'s GPU dispatch: `Some(y)` through FP8 tensor cores where
+/// [`takes_tensor_cores`], `None` sends the caller to its weight-only path.
+pub fn matmul_if_supported(t: &Fp8Tensor, x: &Tensor) -> Result<Option<Tensor>, QuantError> {
+    if !takes_tensor_cores(t, x)? {
         return Ok(None);
     }
     matmul_with(t, x, None, Fp8Kernel::Auto).map(Some)
