@@ -14,6 +14,7 @@
 //   Splitting K over blocks as well was measured slower on every Llama-3-8B shape at 16-256 rows.
 // - Requires K % 32 == 0 (16-byte aligned rows; a chunk never straddles the end of K).
 #include "common.cuh"
+#include "mma_pipeline.cuh"
 
 namespace fp8mm {
 
@@ -72,13 +73,7 @@ __device__ __forceinline__ void run(const uint8_t* __restrict__ wq, const float*
                 f.w[rt][h][1] = ok ? __ldcs(p + 1) : make_uint4(0, 0, 0, 0);
             }
     };
-    float acc[RT][MT][4];
-#pragma unroll
-    for (int a = 0; a < RT; a++)
-#pragma unroll
-        for (int b = 0; b < MT; b++)
-#pragma unroll
-            for (int c = 0; c < 4; c++) acc[a][b][c] = 0.f;
+    float acc[RT][MT][4] = {};
 
     auto compute = [&](const Frag<RT>& f, int st) {
         const int c = st * 4 + t;
@@ -103,63 +98,13 @@ __device__ __forceinline__ void run(const uint8_t* __restrict__ wq, const float*
         }
     };
 
-    // A ring of PF + 1 steps in registers: a slot is refilled right after its step is computed.
     Frag<RT> buf[PF + 1];
-#pragma unroll
-    for (int u = 0; u <= PF; u++) {
-        const int st = ws + u * WK;
-        if (st < steps) load(buf[u], st);
-    }
-    for (int base = ws; base < steps; base += (PF + 1) * WK) {
-#pragma unroll
-        for (int u = 0; u <= PF; u++) {
-            const int st = base + u * WK;
-            if (st < steps) {
-                compute(buf[u], st);
-                const int nx = st + (PF + 1) * WK;
-                if (nx < steps) load(buf[u], nx);
-            }
-        }
-    }
-
-    if constexpr (WK > 1) {
-        // The WK warps of a row group add their K slices in a fixed order; slice 0 keeps the sum.
-        for (int s = 0; s < WK; s++) {
-            if (ws == s) {
-#pragma unroll
-                for (int a = 0; a < RT; a++)
-#pragma unroll
-                    for (int b = 0; b < MT; b++)
-#pragma unroll
-                        for (int c = 0; c < 4; c++) {
-                            float& r = s_red[wr][lane][(a * MT + b) * 4 + c];
-                            r = s == 0 ? acc[a][b][c] : r + acc[a][b][c];
-                        }
-            }
-            __syncthreads();
-        }
-        if (ws == 0) {
-#pragma unroll
-            for (int a = 0; a < RT; a++)
-#pragma unroll
-                for (int b = 0; b < MT; b++)
-#pragma unroll
-                    for (int c = 0; c < 4; c++) acc[a][b][c] = s_red[wr][lane][(a * MT + b) * 4 + c];
-        }
-    }
-    // d0, d1: output row g, activation rows 2t, 2t+1; d2, d3: output row g + 8.
-    if (ws == 0) {
-#pragma unroll
-        for (int rt = 0; rt < RT; rt++)
-#pragma unroll
-            for (int nt = 0; nt < MT; nt++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    const int n = nw + rt * 16 + g + (e >= 2 ? 8 : 0);
-                    const int m = mb + nt * 8 + 2 * t + (e & 1);
-                    if (n < N && m < M) y[(size_t)m * N + n] = from_f<T>(acc[rt][nt][e] * __ldg(sx + m) * __ldg(sw + n));
-                }
-    }
+    mma_pipeline::stream_steps<PF>(buf, ws, WK, steps, load, compute);
+    if constexpr (WK > 1) mma_pipeline::sum_k_slices<WK>(acc, s_red, wr, ws, lane);
+    if (ws == 0)
+        mma_pipeline::for_each_output(acc, nw, mb, g, t, [&](int n, int m, float v) {
+            if (n < N && m < M) y[(size_t)m * N + n] = from_f<T>(v * __ldg(sx + m) * __ldg(sw + n));
+        });
 }
 
 }  // namespace fp8mm

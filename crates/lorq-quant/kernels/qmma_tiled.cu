@@ -25,6 +25,7 @@
 //   registers, looked up with PRMT four codes at a time, times s (HMUL2). Error: a few 2^-9
 //   relative per weight in bf16.
 #include "common.cuh"
+#include "mma_pipeline.cuh"
 
 namespace qmmat {
 
@@ -261,67 +262,17 @@ __device__ __forceinline__ void run(const uint32_t* __restrict__ codes, const fl
         }
     };
 
-    // A ring of PF + 1 steps in registers: a slot is refilled right after its step is computed.
     Frag<RT> buf[PF + 1];
-#pragma unroll
-    for (int u = 0; u <= PF; u++) {
-        const int st = st0 + ws + u * WK;
-        if (st < st1) load(buf[u], st);
-    }
-    for (int base = st0 + ws; base < st1; base += (PF + 1) * WK) {
-#pragma unroll
-        for (int u = 0; u <= PF; u++) {
-            const int st = base + u * WK;
-            if (st < st1) {
-                compute(buf[u], st);
-                const int nx = st + (PF + 1) * WK;
-                if (nx < st1) load(buf[u], nx);
-            }
-        }
-    }
-
-    if constexpr (WK > 1) {
-        // The WK warps of a row group add their K slices in a fixed order; slice 0 writes.
-        for (int s = 0; s < WK; s++) {
-            if (ws == s) {
-#pragma unroll
-                for (int a = 0; a < RT; a++)
-#pragma unroll
-                    for (int b = 0; b < MT; b++)
-#pragma unroll
-                        for (int c = 0; c < 4; c++) {
-                            float& r = s_red[wr][lane][(a * MT + b) * 4 + c];
-                            r = s == 0 ? acc[a][b][c] : r + acc[a][b][c];
-                        }
-            }
-            __syncthreads();
-        }
-        if (ws == 0) {
-#pragma unroll
-            for (int a = 0; a < RT; a++)
-#pragma unroll
-                for (int b = 0; b < MT; b++)
-#pragma unroll
-                    for (int c = 0; c < 4; c++) acc[a][b][c] = s_red[wr][lane][(a * MT + b) * 4 + c];
-        }
-    }
-    // d0, d1: output row g, activation rows 2t, 2t+1; d2, d3: output row g + 8.
+    mma_pipeline::stream_steps<PF>(buf, st0 + ws, WK, st1, load, compute);
+    if constexpr (WK > 1) mma_pipeline::sum_k_slices<WK>(acc, s_red, wr, ws, lane);
     float* out32 = splits == 1 ? nullptr : partial + (size_t)blockIdx.y * M * N;
-    if (ws == 0) {
-#pragma unroll
-        for (int rt = 0; rt < RT; rt++)
-#pragma unroll
-            for (int nt = 0; nt < MT; nt++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    const int n = nw + rt * 16 + g + (e >= 2 ? 8 : 0);
-                    const int m = mb + nt * 8 + 2 * t + (e & 1);
-                    if (n < N && m < M) {
-                        if (splits == 1) y[(size_t)m * N + n] = from_f<T>(acc[rt][nt][e]);
-                        else __stcg(out32 + (size_t)m * N + n, acc[rt][nt][e]);
-                    }
-                }
-    }
+    if (ws == 0)
+        mma_pipeline::for_each_output(acc, nw, mb, g, t, [&](int n, int m, float v) {
+            if (n < N && m < M) {
+                if (splits == 1) y[(size_t)m * N + n] = from_f<T>(v);
+                else __stcg(out32 + (size_t)m * N + n, v);
+            }
+        });
     if (splits == 1) return;
     // Split K: the last block of this tile adds the splits' partial sums, in split order.
     __threadfence();
