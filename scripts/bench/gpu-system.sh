@@ -24,8 +24,8 @@ step "decode with adapters" $R bench decode --device cuda --shape llama-3-8b --q
     --json "$O/decode-adapters.json"
 step "adapter kernels" $R bench adapters --device cuda --batch-sizes 32,64 --adapters 1,8,32,64 \
     --rank 16 --json "$O/adapters.json"
-step "fp8 peer" python3 scripts/bench/torch_scaled_mm.py --shapes llama3-8b --m 16,64,128,512 \
+step "fp8 peer" python3 scripts/bench/torch_scaled_mm.py --shapes llama3-8b --m 16,32,64,128,512 \
     --out "$O/torch_fp8.json"
-step "fp8" $R bench fp8 --device cuda --shapes llama3-8b --m 16,64,128,512 --peer "$O/torch_fp8.json" \
+step "fp8" $R bench fp8 --device cuda --shapes llama3-8b --m 1,2,8,16,32,64,128,512 --peer "$O/torch_fp8.json" \
     --json "$O/fp8.json"
 exit $fail

@@ -25,7 +25,7 @@ use clap::Args;
   weight-only            the weight-only path (e4m3 decoded, activations stay bf16)
 
 Example:
-  lorq bench fp8 --device cuda --shapes llama3-8b --m 16,64,128,512 --json fp8.json \\
+  lorq bench fp8 --device cuda --shapes llama3-8b --m 1,2,8,16,32,64,128,512 --json fp8.json \\
       --peer torch_scaled_mm.json")]
 pub struct BenchFp8Args {
     /// `cuda[:N]` (the path needs FP8 tensor cores: compute capability 8.9+).
@@ -35,7 +35,7 @@ pub struct BenchFp8Args {
     #[arg(long, value_delimiter = ',', default_value = "llama3-8b")]
     pub shapes: Vec<String>,
     /// Activation rows (batch × tokens).
-    #[arg(long, value_delimiter = ',', default_value = "16,64,128,512")]
+    #[arg(long, value_delimiter = ',', default_value = "1,2,8,16,32,64,128,512")]
     pub m: Vec<usize>,
     /// Also write the rows as JSON to this file.
     #[arg(long)]
