@@ -543,7 +543,8 @@ impl QuantTensor for Fp8Tensor {
     }
 
     fn matmul(&self, x: &Tensor) -> Result<Tensor, QuantError> {
-        // FP8 tensor cores (W8A8: lorq's kernel or cuBLASLt) from MIN_M rows on compute capability 8.9+.
+        // FP8 tensor cores (W8A8: lorq's kernel or cuBLASLt) from MIN_M rows on compute
+        // capability 8.9+.
         #[cfg(feature = "cuda")]
         if let Some(y) = crate::cuda::fp8_gemm::matmul_if_supported(self, x)? {
             return Ok(y);

@@ -1,6 +1,7 @@
 //! The W8A8 FP8 path (`cuda::fp8_gemm`: activation quantization in `kernels/fp8_act.cu`, the
-//! product through cuBLASLt or lorq's tensor-core kernel `kernels/fp8_mma.cu`) against CPU references on fresh random inputs: identical e4m3 codes
-//! and scales for the activation quantization; for the product, x quantized the same way on the
+//! product through cuBLASLt or lorq's tensor-core kernel `kernels/fp8_mma.cu`) against CPU
+//! references on fresh random inputs: identical e4m3 codes and scales for the activation
+//! quantization; for the product, x quantized the same way on the
 //! CPU and the decoded e4m3 values multiplied in f64, relative L2 error <= 1e-2 with bf16/f16
 //! output and <= 1e-3 with f32 output (FP8 tensor cores accumulate below f32 precision), never
 //! NaN. Built and run on a GPU machine with
@@ -306,10 +307,7 @@ mod gpu {
         // The pre-quantized entry point gives the same bits as matmul_with.
         let w = Tensor::randn(0f32, 0.05, (128, 256), &Device::Cpu).unwrap();
         let t = Fp8Tensor::quantize(&w, Fp8Strategy::Channel, DType::BF16).unwrap();
-        let x = Tensor::randn(0f32, 1.0, (32, 256), &dev)
-            .unwrap()
-            .to_dtype(DType::BF16)
-            .unwrap();
+        let x = bf16_randn((32, 256), &dev);
         let a = matmul_with(&t, &x, None, Fp8Kernel::Auto).unwrap();
         let q = quantize_activations(&x, ActQuant::DynamicPerToken).unwrap();
         let b = gemm_quantized(&t, &q, cdev, DType::BF16, Fp8Kernel::Auto).unwrap();
@@ -322,10 +320,7 @@ mod gpu {
             0.0,
             "Auto did not take the mma kernel at 32 rows"
         );
-        let x = Tensor::randn(0f32, 1.0, (300, 256), &dev)
-            .unwrap()
-            .to_dtype(DType::BF16)
-            .unwrap();
+        let x = bf16_randn((300, 256), &dev);
         let q = quantize_activations(&x, ActQuant::DynamicPerToken).unwrap();
         let auto = gemm_quantized(&t, &q, cdev, DType::BF16, Fp8Kernel::Auto).unwrap();
         let lt = gemm_quantized(&t, &q, cdev, DType::BF16, Fp8Kernel::CublasLt).unwrap();
@@ -334,6 +329,14 @@ mod gpu {
             0.0,
             "Auto did not take cuBLASLt at 300 rows"
         );
+    }
+
+    /// N(0, 1) activations of `shape` on `dev`, in bf16.
+    fn bf16_randn(shape: impl Into<candle_core::Shape>, dev: &Device) -> Tensor {
+        Tensor::randn(0f32, 1.0, shape, dev)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap()
     }
 
     fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -356,24 +359,13 @@ mod gpu {
         let Some(dev) = fp8_gpu() else { return };
         let w = Tensor::randn(0f32, 0.05, (512, 1024), &Device::Cpu).unwrap();
         let t = Fp8Tensor::quantize(&w, Fp8Strategy::Channel, DType::BF16).unwrap();
-        let x = Tensor::randn(0f32, 1.0, (2, MIN_M, 1024), &dev)
-            .unwrap()
-            .to_dtype(DType::BF16)
-            .unwrap();
+        let x = bf16_randn((2, MIN_M, 1024), &dev);
         let via_trait = t.matmul(&x).unwrap();
         assert_eq!(via_trait.dims(), &[2, MIN_M, 512]);
         let direct = matmul_with(&t, &x, None, Fp8Kernel::Auto).unwrap();
-        let d: f32 = (via_trait.to_dtype(DType::F32).unwrap()
-            - direct.to_dtype(DType::F32).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
         assert_eq!(
-            d, 0.0,
+            max_abs_diff(&via_trait, &direct),
+            0.0,
             "QuantTensor::matmul did not take the FP8 path at m >= MIN_M"
         );
         // Below MIN_M: the weight-only path (activations stay bf16), close to the dequantized
@@ -421,10 +413,7 @@ mod gpu {
         // grouped kernels are weight-only and several times slower at these rows.
         let w2 = Tensor::randn(0f32, 0.05, (256, 1024), &Device::Cpu).unwrap();
         let t2 = Fp8Tensor::quantize(&w2, Fp8Strategy::Channel, DType::BF16).unwrap();
-        let x8 = Tensor::randn(0f32, 1.0, (8, 1024), &dev)
-            .unwrap()
-            .to_dtype(DType::BF16)
-            .unwrap();
+        let x8 = bf16_randn((8, 1024), &dev);
         let group: [&dyn QuantTensor; 2] = [&t, &t2];
         let ys = lorq_quant::matmul_group(&group, &x8).unwrap();
         for (y, w) in ys.iter().zip([&t, &t2]) {
@@ -438,10 +427,7 @@ mod gpu {
         // k = 100: not a multiple of 16.
         let w = Tensor::randn(0f32, 0.05, (64, 100), &Device::Cpu).unwrap();
         let t = Fp8Tensor::quantize(&w, Fp8Strategy::Tensor, DType::BF16).unwrap();
-        let x = Tensor::randn(0f32, 1.0, (32, 100), &dev)
-            .unwrap()
-            .to_dtype(DType::BF16)
-            .unwrap();
+        let x = bf16_randn((32, 100), &dev);
         let e = matmul_with(&t, &x, None, Fp8Kernel::Auto)
             .unwrap_err()
             .to_string();
