@@ -90,7 +90,13 @@ fn gpu_matmul_group(
     }
     for w in ws {
         if w.gpu_runs_alone(x)? {
-            return Ok(None);
+            // One weight at a time, x quantized once for all of them (FP8's W8A8).
+            return crate::cuda::fp8_gemm::with_shared_activations(|| {
+                ws.iter()
+                    .map(|w| w.matmul(x))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .map(Some);
         }
     }
     let dense: Vec<&Tensor> = ws.iter().filter_map(|w| w.dense_weight()).collect();

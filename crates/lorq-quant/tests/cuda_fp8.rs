@@ -21,8 +21,8 @@ fn fp8_gpu_tests_skipped_without_the_cuda_feature() {
 mod gpu {
     use candle_core::{DType, Device, Tensor};
     use lorq_quant::cuda::fp8_gemm::{
-        gemm_quantized, has_fp8_tensor_cores, matmul_with, quantize_activations, ActQuant,
-        Fp8Kernel, MIN_M,
+        gemm_quantized, has_fp8_tensor_cores, matmul_with, quantize_activations,
+        shares_packed_copy, ActQuant, Fp8Kernel, MIN_M,
     };
     use lorq_quant::fp8::{e4m3fn_to_f32, f32_to_e4m3fn, Fp8Strategy, Fp8Tensor, E4M3_MAX};
     use lorq_quant::QuantTensor;
@@ -409,6 +409,15 @@ mod gpu {
                 .unwrap())
         .sqrt();
         assert!(e < 1e-2, "weight-only path below MIN_M: rel L2 {e}");
+        // Both paths ran: the W8A8 one reads the packed layout's device copy (one copy of the
+        // weight on the GPU), unless the layout cannot hold the weight (in_features % 32 != 0).
+        let cdev = dev.as_cuda_device().unwrap();
+        assert!(shares_packed_copy(&t, cdev).unwrap());
+        let w112 = Tensor::randn(0f32, 0.05, (64, 112), &Device::Cpu).unwrap();
+        let t112 = Fp8Tensor::quantize(&w112, Fp8Strategy::Channel, DType::BF16).unwrap();
+        assert!(!shares_packed_copy(&t112, cdev).unwrap());
+        let x112 = bf16_randn((4, 112), &dev);
+        assert_eq!(t112.matmul(&x112).unwrap().dims(), &[4, 64]);
         // Grouped projections (q/k/v, gate/up) leave FP8 weights to their own W8A8 path: the
         // grouped kernels are weight-only and several times slower at these rows.
         let w2 = Tensor::randn(0f32, 0.05, (256, 1024), &Device::Cpu).unwrap();

@@ -70,7 +70,11 @@ mod gpu {
     use serde_json::{json, Value};
 
     use super::super::bench_kernels::{command_line, parse_shapes, randn, utc_date};
-    use super::super::bench_kernels_cuda::{card_name, rel_l2, time_gpu};
+    use super::super::bench_kernels_cuda::{card_name, rel_l2, time_gpu, time_gpu_graph};
+
+    /// `(us, us_graph)`: wall time per call, and the GPU time of the same calls replayed from a
+    /// CUDA graph (`None`: the path cannot be captured).
+    type Timing = (f64, Option<f64>);
     use super::BenchFp8Args;
 
     /// The CPU reference of a W8A8 product: x quantized as `act` (as kernels/fp8_act.cu does),
@@ -158,25 +162,35 @@ mod gpu {
                 let x32: Vec<f32> = x_cpu.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
                 let iters = if m <= 16 { 50 } else { 10 };
                 let bf16_y = x.matmul(&dense[0].t()?)?.to_device(&Device::Cpu)?;
-                let bf16_us = time_gpu(dev, 7, iters, |i| {
-                    Ok(x.matmul(&dense[i % dense.len()].t()?)?)
-                })?;
+                // Wall time per call (host overhead included), then the GPU time of the same
+                // calls replayed from a CUDA graph.
+                let time = |f: &mut dyn FnMut(usize) -> Result<Tensor>| -> Result<Timing> {
+                    let us = time_gpu(dev, 7, iters, &mut *f)?;
+                    Ok((us, time_gpu_graph(dev, 7, iters, f)))
+                };
+                let bf16 = time(&mut |i| Ok(x.matmul(&dense[i % dense.len()].t()?)?))?;
+                let bf16_us = bf16.0;
                 let io = (m * k + m * n) * 2;
-                let mut push =
-                    |path: &str, us: f64, wb: usize, err: Option<f64>, qerr: Option<f64>| {
-                        let ok = err.is_none_or(|e| e <= 1e-2);
-                        if !ok {
-                            failures.push(format!("{path} {label} m={m}: rel err {err:?} > 1e-2"));
-                        }
-                        rows.push(json!({
-                            "format": if path == "cublas" { "bf16" } else { "fp8" },
-                            "path": path, "shape": label, "n": n, "k": k, "m": m,
-                            "us": us, "speedup_vs_bf16": bf16_us / us,
-                            "gbps": (wb + io) as f64 / us / 1e3,
-                            "rel_err": err, "quant_err_vs_bf16": qerr, "ok": ok,
-                        }));
-                    };
-                push("cublas", bf16_us, n * k * 2, None, None);
+                let mut push = |path: &str,
+                                (us, us_graph): Timing,
+                                wb: usize,
+                                err: Option<f64>,
+                                qerr: Option<f64>| {
+                    let ok = err.is_none_or(|e| e <= 1e-2);
+                    if !ok {
+                        failures.push(format!("{path} {label} m={m}: rel err {err:?} > 1e-2"));
+                    }
+                    rows.push(json!({
+                        "format": if path == "cublas" { "bf16" } else { "fp8" },
+                        "path": path, "shape": label, "n": n, "k": k, "m": m,
+                        "us": us, "speedup_vs_bf16": bf16_us / us,
+                        "us_graph": us_graph,
+                        "speedup_vs_bf16_graph": bf16.1.zip(us_graph).map(|(b, u)| b / u),
+                        "gbps": (wb + io) as f64 / us / 1e3,
+                        "rel_err": err, "quant_err_vs_bf16": qerr, "ok": ok,
+                    }));
+                };
+                push("cublas", bf16, n * k * 2, None, None);
                 let fp8_bytes = n * k + 4 * n;
                 let per_token = ActQuant::DynamicPerToken;
                 let stat = ActQuant::Static(static_s);
@@ -193,15 +207,15 @@ mod gpu {
                     ),
                 ] {
                     // A path that fails is reported and the others still run.
-                    let measured = (|| -> Result<(f64, f64, f64)> {
+                    let measured = (|| -> Result<(Timing, f64, f64)> {
                         let got =
                             matmul_with(&ts[0], &x, Some(act), kernel)?.to_device(&Device::Cpu)?;
                         let err = rel_l2(&got, &reference(&ts[0], &x32, m, act)?)?;
                         let qerr = rel_l2(&got, &bf16_y)?;
-                        let us = time_gpu(dev, 7, iters, |i| {
+                        let t = time(&mut |i| {
                             Ok(matmul_with(&ts[i % ts.len()], &x, Some(act), kernel)?)
                         })?;
-                        Ok((us, err, qerr))
+                        Ok((t, err, qerr))
                     })();
                     match measured {
                         Ok((us, err, qerr)) => push(path, us, fp8_bytes, Some(err), Some(qerr)),
@@ -213,7 +227,7 @@ mod gpu {
                     ("cublaslt-gemm-only", Fp8Kernel::CublasLt),
                     ("mma-gemm-only", Fp8Kernel::Mma),
                 ] {
-                    let us = time_gpu(dev, 7, iters, |i| {
+                    let t = time(&mut |i| {
                         Ok(gemm_quantized(
                             &chans[i % c],
                             &qx,
@@ -222,12 +236,12 @@ mod gpu {
                             kernel,
                         )?)
                     })?;
-                    push(path, us, fp8_bytes, None, None);
+                    push(path, t, fp8_bytes, None, None);
                 }
                 let got = qmatmul(&wo[0], &x, QPath::Auto)?.to_device(&Device::Cpu)?;
                 let qerr = rel_l2(&got, &bf16_y)?;
-                let us = time_gpu(dev, 7, iters, |i| Ok(qmatmul(&wo[i % c], &x, QPath::Auto)?))?;
-                push("weight-only", us, fp8_bytes, None, Some(qerr));
+                let t = time(&mut |i| Ok(qmatmul(&wo[i % c], &x, QPath::Auto)?))?;
+                push("weight-only", t, fp8_bytes, None, Some(qerr));
                 eprintln!("  {label} m={m}: bf16 {bf16_us:.1} us");
             }
         }
@@ -251,8 +265,18 @@ mod gpu {
             }
         }
         println!(
-            "{:<12} {:<30} {:<28} {:>4} {:>9} {:>7} {:>7} {:>8} {:>8}",
-            "format", "path", "shape", "m", "us", "x bf16", "GB/s", "rel err", "vs bf16"
+            "{:<12} {:<30} {:<28} {:>4} {:>9} {:>7} {:>9} {:>7} {:>7} {:>8} {:>8}",
+            "format",
+            "path",
+            "shape",
+            "m",
+            "us",
+            "x bf16",
+            "us graph",
+            "x bf16",
+            "GB/s",
+            "rel err",
+            "vs bf16"
         );
         let e = |v: &Value| {
             v.as_f64()
@@ -261,13 +285,15 @@ mod gpu {
         };
         for r in &rows {
             println!(
-                "{:<12} {:<30} {:<28} {:>4} {:>9.2} {:>7.2} {:>7.0} {:>8} {:>8}",
+                "{:<12} {:<30} {:<28} {:>4} {:>9.2} {:>7.2} {:>9.2} {:>7.2} {:>7.0} {:>8} {:>8}",
                 r["format"].as_str().unwrap_or(""),
                 r["path"].as_str().unwrap_or(""),
                 r["shape"].as_str().unwrap_or(""),
                 r["m"],
                 r["us"].as_f64().unwrap_or(f64::NAN),
                 r["speedup_vs_bf16"].as_f64().unwrap_or(f64::NAN),
+                r["us_graph"].as_f64().unwrap_or(f64::NAN),
+                r["speedup_vs_bf16_graph"].as_f64().unwrap_or(f64::NAN),
                 r["gbps"].as_f64().unwrap_or(f64::NAN),
                 e(&r["rel_err"]),
                 e(&r["quant_err_vs_bf16"]),
@@ -286,7 +312,7 @@ mod gpu {
         let report = json!({
             "card": card, "date": utc_date(), "command": command_line(),
             "cublaslt_version": cublaslt_version(), "outer_vec_scales": outer_vec,
-            "note": "us: median wall time per call (device synchronized per batch of calls, weights rotated over copies larger than L2), activation quantization included except in the *-gemm-only rows; speedup_vs_bf16: bf16 cuBLAS us / us, same run; gbps: (weight + bf16 x + bf16 y bytes) / us; rel_err: L2 relative error vs the CPU reference of the same quantization; quant_err_vs_bf16: L2 relative difference from the bf16 product of the unquantized weight",
+            "note": "us: median wall time per call (device synchronized per batch of calls, weights rotated over copies larger than L2), activation quantization included except in the *-gemm-only rows; speedup_vs_bf16: bf16 cuBLAS us / us, same run; us_graph: the same calls replayed from one CUDA graph (GPU time without host launch overhead, as decode steps run; null where not capturable), speedup_vs_bf16_graph likewise; gbps: (weight + bf16 x + bf16 y bytes) / us; rel_err: L2 relative error vs the CPU reference of the same quantization; quant_err_vs_bf16: L2 relative difference from the bf16 product of the unquantized weight",
             "rows": rows,
         });
         if let Some(p) = &a.json {

@@ -65,6 +65,47 @@ pub(crate) fn time_gpu(
     Ok(v[v.len() / 2])
 }
 
+/// Median µs per call of `f(i)` replayed from one CUDA graph of `iters` calls: the GPU's time
+/// without the host's launch and allocation overhead (what decode steps, which replay graphs,
+/// pay). `None`, with a warning, where the work cannot be captured. Call it after
+/// [`time_gpu`] has run the same calls (weights uploaded: a capture cannot upload).
+pub(crate) fn time_gpu_graph(
+    dev: &Device,
+    samples: usize,
+    iters: usize,
+    mut f: impl FnMut(usize) -> Result<Tensor>,
+) -> Option<f64> {
+    let Device::Cuda(c) = dev else {
+        return None;
+    };
+    let captured = lorq_quant::cuda::graph::capture(c, || -> Result<()> {
+        for i in 0..iters {
+            f(i)?;
+        }
+        Ok(())
+    });
+    let graph = match captured {
+        Ok((g, ())) => g,
+        Err(e) => {
+            tracing::warn!("bench: this path cannot be captured in a CUDA graph ({e:#})");
+            return None;
+        }
+    };
+    let run = || -> Result<f64> {
+        let t = Instant::now();
+        graph.replay()?;
+        dev.synchronize()?;
+        Ok(t.elapsed().as_secs_f64() * 1e6 / iters as f64)
+    };
+    run().ok()?;
+    let mut v = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        v.push(run().ok()?);
+    }
+    v.sort_by(f64::total_cmp);
+    Some(v[v.len() / 2])
+}
+
 pub(crate) fn card_name(dev: &Device) -> Result<String> {
     let Device::Cuda(c) = dev else {
         bail!("not a GPU")

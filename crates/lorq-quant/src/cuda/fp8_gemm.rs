@@ -22,11 +22,12 @@ use std::sync::{Arc, Mutex, OnceLock};
 use candle_core::cuda_backend::cudarc::cublaslt::{result as lt, sys};
 use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaSlice, CudaStream, CudaView, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::{CudaStorage, DType, Storage, Tensor, WithDType};
 
+use super::qgemv::GpuQuantWeight;
 use super::{cuda_device, dtype_name, fp8_mma, function, tensor_from_storage};
 use crate::fp8::{Fp8Strategy, Fp8Tensor};
 use crate::{QuantError, QuantTensor};
@@ -67,15 +68,26 @@ pub enum Fp8Kernel {
     Mma,
 }
 
-/// A weight's device copy for this path: the e4m3 codes `[n, k]` as stored, one f32 scale per
+/// A weight on the GPU for this path: the e4m3 codes `[n, k]` as stored and one f32 scale per
 /// output row (a per-tensor scale repeated), and the static input scale read once.
 pub struct Fp8LtWeight {
     n: usize,
     k: usize,
-    codes: CudaSlice<u8>,
-    scales: CudaSlice<f32>,
+    buffers: WeightBuffers,
     per_tensor: bool,
     input_scale: Option<f32>,
+}
+
+/// Where a weight's codes and row scales live on the GPU.
+enum WeightBuffers {
+    /// The packed layout's device copy, which the weight-only GEMV (one activation row) reads too:
+    /// its 8-bit codes are the same row-major bytes, so the weight is on the GPU once.
+    Packed(Arc<GpuQuantWeight>),
+    /// A copy of its own, for weights the packed layout cannot hold (in_features % 32 != 0).
+    Own {
+        codes: CudaSlice<u8>,
+        scales: CudaSlice<f32>,
+    },
 }
 
 impl std::fmt::Debug for Fp8LtWeight {
@@ -102,18 +114,53 @@ fn read_input_scale(t: &Tensor) -> Result<f32, QuantError> {
 impl Fp8LtWeight {
     fn upload(t: &Fp8Tensor, dev: &CudaDevice) -> Result<Self, QuantError> {
         let (n, k) = t.shape();
-        let scales: Vec<f32> = match t.scale() {
-            [s] => vec![*s; n],
-            s => s.to_vec(),
+        // The packed layout needs in_features % 32 == 0 (asking for it otherwise would warn that
+        // the weight has no fused kernel).
+        let packed = match k.is_multiple_of(32) {
+            true => t.gpu_packed(dev)?.filter(|w| row_major_bytes(w).is_some()),
+            false => None,
+        };
+        let buffers = match packed {
+            Some(w) => WeightBuffers::Packed(w),
+            None => {
+                let scales: Vec<f32> = match t.scale() {
+                    [s] => vec![*s; n],
+                    s => s.to_vec(),
+                };
+                WeightBuffers::Own {
+                    codes: dev.clone_htod(t.codes())?,
+                    scales: dev.clone_htod(&scales)?,
+                }
+            }
         };
         Ok(Self {
             n,
             k,
-            codes: dev.clone_htod(t.codes())?,
-            scales: dev.clone_htod(&scales)?,
+            buffers,
             per_tensor: t.strategy() == Fp8Strategy::Tensor,
             input_scale: t.input_scale().map(read_input_scale).transpose()?,
         })
+    }
+
+    /// The codes `[n, k]` and the `n` row scales.
+    fn buffers(&self) -> Result<(CudaView<'_, u8>, CudaView<'_, f32>), QuantError> {
+        match &self.buffers {
+            WeightBuffers::Packed(w) => row_major_bytes(w)
+                .ok_or_else(|| err("the packed layout no longer holds row-major codes".into())),
+            WeightBuffers::Own { codes, scales } => Ok((codes.slice(..), scales.slice(..))),
+        }
+    }
+
+    /// Whether this weight reads the packed layout's device copy (one copy per GPU for every path).
+    pub fn shares_packed_copy(&self) -> bool {
+        matches!(self.buffers, WeightBuffers::Packed(_))
+    }
+}
+
+fn row_major_bytes(w: &GpuQuantWeight) -> Option<(CudaView<'_, u8>, CudaView<'_, f32>)> {
+    match w {
+        GpuQuantWeight::Ready(l) => l.row_major_bytes(),
+        GpuQuantWeight::Unsupported(_) => None,
     }
 }
 
@@ -124,6 +171,11 @@ fn weight(t: &Fp8Tensor, dev: &CudaDevice) -> Result<Arc<Fp8LtWeight>, QuantErro
 /// Uploads the weight for this path to `dev` now (else the first matmul does).
 pub fn prepare(t: &Fp8Tensor, dev: &CudaDevice) -> Result<(), QuantError> {
     weight(t, dev).map(|_| ())
+}
+
+/// Whether `t`'s buffers for this path on `dev` are the packed layout's (the GEMV's) device copy.
+pub fn shares_packed_copy(t: &Fp8Tensor, dev: &CudaDevice) -> Result<bool, QuantError> {
+    Ok(weight(t, dev)?.shares_packed_copy())
 }
 
 /// `(major, minor)` compute capability of `dev`'s GPU (asked once per GPU).
@@ -528,7 +580,8 @@ pub fn gemm_quantized(
         _ => None,
     };
     let dims = (qx.m, w.n, w.k);
-    let (wq, sw, xq, sx) = (&w.codes, &w.scales, &qx.codes, &qx.scales);
+    let (wq, sw) = w.buffers()?;
+    let (wq, sw, xq, sx) = (&wq, &sw, &qx.codes.slice(..), &qx.scales.slice(..));
     let s = match (out, mma) {
         (DType::BF16, Some(sh)) => fp8_mma::gemm::<half::bf16>(dev, sh, wq, sw, xq, sx, dims)?,
         (DType::F16, Some(sh)) => fp8_mma::gemm::<half::f16>(dev, sh, wq, sw, xq, sx, dims)?,
@@ -595,12 +648,13 @@ fn gemm_typed<T: CudaDType + DeviceRepr + WithDType>(
         FATBIN,
         &format!("fp8_scale_out_{}", dtype_name(T::DTYPE)),
     )?;
+    let (_, sw) = w.buffers()?;
     let mut b = stream.launch_builder(&f);
     let (mi, ni) = (m as i32, n as i32);
     b.arg(&acc)
         .arg(&y)
         .arg(&qx.scales)
-        .arg(&w.scales)
+        .arg(&sw)
         .arg(&mi)
         .arg(&ni);
     let blocks = (m * n).div_ceil(256).clamp(1, 132 * 16) as u32;
@@ -632,9 +686,10 @@ fn run_lt<D: DevicePtr<E>, E>(
         scaling,
         out,
     };
-    let (pa, _ga) = w.codes.device_ptr(stream);
+    let (wq, sw) = w.buffers()?;
+    let (pa, _ga) = wq.device_ptr(stream);
     let (pb, _gb) = qx.codes.device_ptr(stream);
-    let (sa, _gsa) = w.scales.device_ptr(stream);
+    let (sa, _gsa) = sw.device_ptr(stream);
     let (sb, _gsb) = qx.scales.device_ptr(stream);
     let (pd, _gd) = d.device_ptr(stream);
     let (ws, _gw) = st.workspace.device_ptr(stream);
@@ -707,7 +762,7 @@ pub fn matmul_with(
         Some(s) => ActQuant::Static(s),
         None => ActQuant::DynamicPerToken,
     });
-    let qx = quantize_activations(&x.reshape((m, k))?, act)?;
+    let qx = shared_activations(x, act, || quantize_activations(&x.reshape((m, k))?, act))?;
     let y = gemm_quantized(t, &qx, dev, x.dtype(), kernel)?;
     let mut out_dims = dims;
     *out_dims.last_mut().expect("rank >= 1") = n;
@@ -717,6 +772,49 @@ pub fn matmul_with(
     } else {
         y
     })
+}
+
+/// Activations quantized inside [`with_shared_activations`], by input tensor and scaling.
+type SharedActivations = Vec<(candle_core::TensorId, ActQuant, Arc<QuantizedActivations>)>;
+
+thread_local! {
+    static SHARED: std::cell::RefCell<Option<SharedActivations>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` (the matmuls of weights sharing one input: q/k/v, gate/up) with each input tensor
+/// quantized once per activation scaling instead of once per weight. Outside it nothing is kept.
+pub fn with_shared_activations<R>(f: impl FnOnce() -> R) -> R {
+    let outer = SHARED.with(|s| s.borrow_mut().replace(Vec::new()));
+    let r = f();
+    SHARED.with(|s| *s.borrow_mut() = outer);
+    r
+}
+
+/// `x` quantized by `act`: from the enclosing [`with_shared_activations`] scope when it already
+/// holds it, else by `quantize` (and kept there for the scope's other weights).
+fn shared_activations(
+    x: &Tensor,
+    act: ActQuant,
+    quantize: impl FnOnce() -> Result<QuantizedActivations, QuantError>,
+) -> Result<Arc<QuantizedActivations>, QuantError> {
+    let id = x.id();
+    let hit = SHARED.with(|s| {
+        s.borrow().as_ref().and_then(|v| {
+            v.iter()
+                .find(|(i, a, _)| *i == id && *a == act)
+                .map(|(_, _, q)| q.clone())
+        })
+    });
+    if let Some(q) = hit {
+        return Ok(q);
+    }
+    let q = Arc::new(quantize()?);
+    SHARED.with(|s| {
+        if let Some(v) = s.borrow_mut().as_mut() {
+            v.push((id, act, q.clone()));
+        }
+    });
+    Ok(q)
 }
 
 /// Whether `Fp8Tensor::matmul` runs `x · Wᵀ` on FP8 tensor cores: `x` on a GPU with compute

@@ -10,7 +10,7 @@
 //! 16 rows and any weight when the caller forces this kernel.
 
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::{CudaStorage, WithDType};
@@ -86,10 +86,10 @@ pub fn shape(n: usize, m: usize) -> Option<Shape> {
 pub(crate) fn gemm<T: CudaDType + DeviceRepr + WithDType>(
     dev: &CudaDevice,
     shape: Shape,
-    wq: &CudaSlice<u8>,
-    sw: &CudaSlice<f32>,
-    xq: &CudaSlice<u8>,
-    sx: &CudaSlice<f32>,
+    wq: &CudaView<'_, u8>,
+    sw: &CudaView<'_, f32>,
+    xq: &CudaView<'_, u8>,
+    sx: &CudaView<'_, f32>,
     (m, n, k): (usize, usize, usize),
 ) -> Result<CudaStorage, QuantError> {
     if !supports(k) || wq.len() < n * k || xq.len() < m * k || sw.len() < n || sx.len() < m {

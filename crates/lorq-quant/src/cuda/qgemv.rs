@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::{CudaStorage, DType, Storage, Tensor};
@@ -102,6 +102,23 @@ impl DeviceLayout {
                 l.n.div_ceil(qmma_tiled::MIN_ROWS) * qmma_tiled::MAX_SPLIT_M_BLOCKS,
             )?,
         })
+    }
+
+    /// The codes as row-major bytes `[n, k]` and one f32 scale per row, where the layout is exactly
+    /// that (8-bit table codes without padding, one group per row, no column permutation: FP8
+    /// e4m3). The W8A8 FP8 path reads these, so an FP8 weight has one device copy for both paths.
+    pub(crate) fn row_major_bytes(&self) -> Option<(CudaView<'_, u8>, CudaView<'_, f32>)> {
+        if self.tag != "t8"
+            || self.wpr as usize * 4 != self.k
+            || self.groups != 1
+            || self.perm.is_some()
+        {
+            return None;
+        }
+        // SAFETY: each u32 word holds 4 codes little-endian (code c of a row at bit 8c, i.e. byte
+        // c), so the n * k / 4 words are the n * k row-major bytes.
+        let codes = unsafe { self.codes.transmute::<u8>(self.n * self.k) }?;
+        Some((codes, self.scales.slice(0..self.n)))
     }
 
     /// Pushes the `QARGS` every kernel of qgemv.cu (and qmma_tiled.cu) starts with.
