@@ -543,8 +543,8 @@ impl QuantTensor for Fp8Tensor {
     }
 
     fn matmul(&self, x: &Tensor) -> Result<Tensor, QuantError> {
-        // FP8 tensor cores (W8A8: lorq's kernel or cuBLASLt) from MIN_M rows on compute
-        // capability 8.9+.
+        // FP8 tensor cores (W8A8: lorq's kernel or cuBLASLt) on compute capability 8.9+, from
+        // `fp8_gemm::min_rows` rows (one for the large weights, two for the others).
         #[cfg(feature = "cuda")]
         if let Some(y) = crate::cuda::fp8_gemm::matmul_if_supported(self, x)? {
             return Ok(y);
@@ -557,8 +557,9 @@ impl QuantTensor for Fp8Tensor {
         fused_or_dequantized_matmul(&Fp8Rows(self), x, "fp8", || self.dequantize(DType::F32))
     }
 
-    /// W8A8 on FP8 tensor cores is faster than the grouped weight-only kernels from 2 rows (up
-    /// to 5x per projection at 4-16 rows on an H100), so each projection runs alone there.
+    /// W8A8 on FP8 tensor cores is faster than the grouped weight-only kernels where it is taken
+    /// (from 2 rows, up to 5x per projection at 4-16 rows on an H100; gate/up from 1 row), so
+    /// each projection runs alone there.
     #[cfg(feature = "cuda")]
     fn gpu_runs_alone(&self, x: &Tensor) -> Result<bool, QuantError> {
         crate::cuda::fp8_gemm::takes_tensor_cores(self, x)

@@ -21,8 +21,8 @@ fn fp8_gpu_tests_skipped_without_the_cuda_feature() {
 mod gpu {
     use candle_core::{DType, Device, Tensor};
     use lorq_quant::cuda::fp8_gemm::{
-        gemm_quantized, has_fp8_tensor_cores, matmul_with, quantize_activations,
-        shares_packed_copy, ActQuant, Fp8Kernel, MIN_M,
+        gemm_quantized, has_fp8_tensor_cores, matmul_with, min_rows, quantize_activations,
+        shares_packed_copy, ActQuant, Fp8Kernel, MIN_M, ONE_ROW_MIN_WEIGHTS,
     };
     use lorq_quant::fp8::{e4m3fn_to_f32, f32_to_e4m3fn, Fp8Strategy, Fp8Tensor, E4M3_MAX};
     use lorq_quant::QuantTensor;
@@ -433,6 +433,21 @@ mod gpu {
                 "matmul_group did not run the FP8 weights on their W8A8 path"
             );
         }
+        // Large weights (gate/up/down of an 8B model) take W8A8 from one row; smaller ones keep
+        // the weight-only GEMV there (t above: 512x1024).
+        let (n_big, k_big) = (ONE_ROW_MIN_WEIGHTS / 4096, 4096);
+        assert_eq!((min_rows(n_big, k_big), min_rows(512, 1024)), (1, MIN_M));
+        let w_big = Tensor::randn(0f32, 0.05, (n_big, k_big), &Device::Cpu).unwrap();
+        let t_big = Fp8Tensor::quantize(&w_big, Fp8Strategy::Channel, DType::BF16).unwrap();
+        let x1 = bf16_randn((1, k_big), &dev);
+        assert_eq!(
+            max_abs_diff(
+                &t_big.matmul(&x1).unwrap(),
+                &matmul_with(&t_big, &x1, None, Fp8Kernel::Auto).unwrap()
+            ),
+            0.0,
+            "QuantTensor::matmul did not take the W8A8 path at one row for a large weight"
+        );
         // k = 100: not a multiple of 16.
         let w = Tensor::randn(0f32, 0.05, (64, 100), &Device::Cpu).unwrap();
         let t = Fp8Tensor::quantize(&w, Fp8Strategy::Tensor, DType::BF16).unwrap();

@@ -34,11 +34,26 @@ use crate::{QuantError, QuantTensor};
 
 static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/fp8_act.fatbin"));
 
-/// Activation rows from which [`matmul_if_supported`] takes this path. One row stays on the
-/// weight-only GEMV (one launch, no activation quantization); from two rows on, the W8A8 kernel
-/// streams the weight faster than the weight-only tensor-core path (2-3x at 16 rows on an H100,
-/// docs/benchmarks.md).
+/// Activation rows from which [`matmul_if_supported`] takes this path for weights below
+/// [`ONE_ROW_MIN_WEIGHTS`]: from two rows on, the W8A8 kernel streams the weight faster than the
+/// weight-only tensor-core path (2-3x at 16 rows on an H100, docs/benchmarks.md).
 pub const MIN_M: usize = 2;
+
+/// Weights of at least this many elements take W8A8 from one row: there lorq's FP8 kernel,
+/// activation quantization included, beats the 8-bit weight-only GEMV. GPU time of graph-replayed
+/// calls on an H100, one row (docs/benchmarks.md): 14336x4096 27.2 us against 35.7, 4096x14336
+/// 29.3 against 31.7; smaller weights stay on the GEMV (4096x4096 13.0 against 13.2, 1024x4096
+/// 8.3 against 5.3), which also keeps their activations unrounded.
+pub const ONE_ROW_MIN_WEIGHTS: usize = 1 << 25;
+
+/// Activation rows from which an `[n, k]` FP8 weight takes the W8A8 path.
+pub fn min_rows(n: usize, k: usize) -> usize {
+    if n.saturating_mul(k) >= ONE_ROW_MIN_WEIGHTS {
+        1
+    } else {
+        MIN_M
+    }
+}
 
 /// cuBLASLt's workspace per stream (NVIDIA's recommendation for Hopper).
 const WORKSPACE_BYTES: usize = 32 << 20;
@@ -818,14 +833,14 @@ fn shared_activations(
 }
 
 /// Whether `Fp8Tensor::matmul` runs `x · Wᵀ` on FP8 tensor cores: `x` on a GPU with compute
-/// capability 8.9+, at least [`MIN_M`] rows and a supported shape (with a one-time warning on
-/// GPUs older than 8.9, where FP8 weights are decoded instead).
+/// capability 8.9+, at least [`min_rows`] rows and a supported shape (with a one-time warning
+/// on GPUs older than 8.9, where FP8 weights are decoded instead).
 pub fn takes_tensor_cores(t: &Fp8Tensor, x: &Tensor) -> Result<bool, QuantError> {
     let candle_core::Device::Cuda(dev) = x.device() else {
         return Ok(false);
     };
     let (n, k) = t.shape();
-    if x.elem_count() / k.max(1) < MIN_M || shape_unsupported(n, k).is_some() {
+    if x.elem_count() / k.max(1) < min_rows(n, k) || shape_unsupported(n, k).is_some() {
         return Ok(false);
     }
     if !has_fp8_tensor_cores(dev)? {
