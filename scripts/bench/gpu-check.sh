@@ -9,8 +9,9 @@
 #    then `lorq serve` on the GPU (CUDA graphs on and off) against the CPU under concurrent requests
 #    with mixed adapters (scripts/bench/gpu-serve-check.py).
 #    (Left out: LLM.int8, which runs weight-only on the GPU and with int8 activations on the CPU as
-#    bitsandbytes does, and fp8, which runs W8A8 on FP8 tensor cores from 2 rows (the prefill, as
-#    vLLM does on compute capability 8.9+) and weight-only on the CPU; their tokens differ by design.
+#    bitsandbytes does, and fp8, which runs W8A8 on FP8 tensor cores from 2 rows (the prefill; one
+#    row for large weights; as vLLM does on compute capability 8.9+) and weight-only on the CPU;
+#    their tokens differ by design.
 #    The GPU tests check both against CPU references of their own arithmetic.)
 set -u
 B=$1
