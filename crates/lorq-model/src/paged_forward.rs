@@ -172,7 +172,8 @@ impl LlamaModel {
         adapters: &BatchAdapters,
     ) -> Result<Tensor> {
         use crate::linear::Linear;
-        use lorq_quant::cuda::fused_ops::{add_rms_norm, silu_mul};
+        use lorq_quant::cuda::fp8_gemm::{with_offered_activations, QuantizedActivations};
+        use lorq_quant::cuda::fused_ops::{add_rms_norm, add_rms_norm_fp8, silu_mul};
         use lorq_quant::cuda::paged_attention::{
             attention, multiprocessors, rope_append, PageShape, PagedBatch,
         };
@@ -222,29 +223,49 @@ impl LlamaModel {
                 ls.iter().map(|l| l.forward(h, adapters)).collect()
             }
         };
-        // x + d, then RMSNorm with w: one fused kernel, or candle's add and rms_norm.
-        let add_norm = |x: &Tensor, d: &Tensor, w: &Tensor| -> Result<(Tensor, Tensor)> {
-            if fused {
-                Ok(add_rms_norm(x, d, w, eps)?)
-            } else {
+        // x + d, then RMSNorm with w: one fused kernel, or candle's add and rms_norm. Where the
+        // projection reading the result (`next`) quantizes its rows to e4m3 (FP8 W8A8), the
+        // fused kernel does it too, and the codes go to the projection through `with_codes`.
+        let add_norm = |x: &Tensor,
+                        d: &Tensor,
+                        w: &Tensor,
+                        next: &Linear|
+         -> Result<(Tensor, Tensor, Option<QuantizedActivations>)> {
+            if !fused {
                 let s = (x + d)?;
                 let y = candle_nn::ops::rms_norm(&s, w, eps)?;
-                Ok((s, y))
+                return Ok((s, y, None));
+            }
+            if next.base.gpu_quantizes_rows_to_fp8(x)? {
+                if let Some((s, y, q)) = add_rms_norm_fp8(x, d, w, eps)? {
+                    return Ok((s, y, Some(q)));
+                }
+            }
+            let (s, y) = add_rms_norm(x, d, w, eps)?;
+            Ok((s, y, None))
+        };
+        let with_codes = |h: &Tensor,
+                          codes: Option<QuantizedActivations>,
+                          f: &dyn Fn() -> Result<Vec<Tensor>>|
+         -> Result<Vec<Tensor>> {
+            match codes {
+                Some(q) => with_offered_activations(h, q, f)?,
+                None => f(),
             }
         };
         // The MLP's output, added into x by the next layer's fused norm.
         let mut pending: Option<Tensor> = None;
         for (li, layer) in self.layers.iter().enumerate() {
-            let h = match pending.take() {
-                None => candle_nn::ops::rms_norm(&x, &layer.input_norm, eps)?,
+            let (h, codes) = match pending.take() {
+                None => (candle_nn::ops::rms_norm(&x, &layer.input_norm, eps)?, None),
                 Some(d) => {
-                    let (s, y) = add_norm(&x, &d, &layer.input_norm)?;
+                    let (s, y, codes) = add_norm(&x, &d, &layer.input_norm, &layer.q)?;
                     x = s;
-                    y
+                    (y, codes)
                 }
             };
             // One launch for q, k and v where the weights allow it (decode); one output each.
-            let qkv = group(&[&layer.q, &layer.k, &layer.v], &h)?;
+            let qkv = with_codes(&h, codes, &|| group(&[&layer.q, &layer.k, &layer.v], &h))?;
             let (q, k, v) = (
                 qkv[0].contiguous()?,
                 qkv[1].contiguous()?,
@@ -258,9 +279,9 @@ impl LlamaModel {
             };
             let attn = attention(&q, &kc, &vc, &layer_batch, shape, layer.window)?;
             let o = layer.o.forward(&attn, adapters)?;
-            let (s, h) = add_norm(&x, &o, &layer.post_attention_norm)?;
+            let (s, h, codes) = add_norm(&x, &o, &layer.post_attention_norm, &layer.gate)?;
             x = s;
-            let gate_up = group(&[&layer.gate, &layer.up], &h)?;
+            let gate_up = with_codes(&h, codes, &|| group(&[&layer.gate, &layer.up], &h))?;
             let (gate, up) = (&gate_up[0], &gate_up[1]);
             let act = if fused {
                 silu_mul(gate, up)?

@@ -11,42 +11,7 @@
 //
 // Launch: one block per row, blockDim a multiple of 32 (<= 1024); k % 8 == 0 and every row
 // 16-byte aligned (the Rust side guarantees both: FP8 cuBLASLt needs k % 16 == 0 anyway).
-#include "common.cuh"
-
-#define E4M3_MAX 448.0f
-#define MIN_SCALE (1.0f / (448.0f * 512.0f))
-
-// lorq's `f32_to_e4m3fn` (src/fp8.rs), bit for bit.
-__device__ __forceinline__ uint32_t f32_to_e4m3fn(float x) {
-    uint32_t bits = __float_as_uint(x);
-    uint32_t sign = (bits >> 24) & 0x80u;
-    uint32_t ab = bits & 0x7fffffffu;
-    if (ab > 0x7f800000u) return sign | 0x7fu;  // NaN
-    float a = __uint_as_float(ab);
-    if (a >= E4M3_MAX) return sign | 0x7eu;      // saturate (inf included)
-    if (a < 0.015625f) {                        // subnormal codes: multiples of 2^-9
-        return sign | (uint32_t)__float2int_rn(a * 512.0f);
-    }
-    // Keep 3 of 23 mantissa bits, rounding half to even; a carry moves into the exponent.
-    uint32_t r = (ab + 0x7ffffu + ((ab >> 20) & 1u)) >> 20;
-    uint32_t code = r - ((127u - 7u) << 3);
-    return sign | min(code, 0x7eu);
-}
-
-// Block-wide max of non-negative values; every thread gets the result.
-__device__ __forceinline__ float block_max(float v, float* sh) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    if (lane == 0) sh[warp] = v;
-    __syncthreads();
-    int nw = (blockDim.x + 31) >> 5;
-    v = lane < nw ? sh[lane] : 0.0f;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    __syncthreads();  // sh may be reused by the caller
-    return v;
-}
+#include "e4m3.cuh"
 
 template <typename T>
 __device__ __forceinline__ float row_absmax(const T* __restrict__ row, int k, float* sh) {
@@ -81,26 +46,20 @@ __device__ void quant_rows(const T* __restrict__ x, uint8_t* __restrict__ q,
     const T* row = x + r * k;
     float s;
     if (mode == 0) {
-        s = fmaxf(__fdiv_rn(row_absmax(row, k, sh), E4M3_MAX), MIN_SCALE);
+        s = e4m3_row_scale(row_absmax(row, k, sh));
     } else if (mode == 1) {
         s = static_scale;
     } else {
         float mx = 0.0f;
         for (int i = threadIdx.x; i < m; i += blockDim.x) mx = fmaxf(mx, rowmax[i]);
-        s = fmaxf(__fdiv_rn(block_max(mx, sh), E4M3_MAX), MIN_SCALE);
+        s = e4m3_row_scale(block_max(mx, sh));
     }
     if (threadIdx.x == 0) scales[r] = s;
     uint8_t* qrow = q + r * k;
     for (int c = threadIdx.x * 8; c < k; c += blockDim.x * 8) {
         float v[8];
         load8<T>(row + c, v);
-        uint32_t lo = 0, hi = 0;
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            lo |= f32_to_e4m3fn(__fdiv_rn(v[i], s)) << (8 * i);
-            hi |= f32_to_e4m3fn(__fdiv_rn(v[i + 4], s)) << (8 * i);
-        }
-        *reinterpret_cast<uint2*>(qrow + c) = make_uint2(lo, hi);
+        *reinterpret_cast<uint2*>(qrow + c) = e4m3_codes8(v, s);
     }
 }
 

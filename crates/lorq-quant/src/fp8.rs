@@ -566,6 +566,11 @@ impl QuantTensor for Fp8Tensor {
     }
 
     #[cfg(feature = "cuda")]
+    fn gpu_quantizes_rows_to_fp8(&self, x: &Tensor) -> Result<bool, QuantError> {
+        crate::cuda::fp8_gemm::takes_per_token_activations(self, x)
+    }
+
+    #[cfg(feature = "cuda")]
     fn gpu_packed(
         &self,
         dev: &candle_core::cuda_backend::CudaDevice,

@@ -332,6 +332,81 @@ mod gpu {
     }
 
     /// N(0, 1) activations of `shape` on `dev`, in bf16.
+    /// The RMSNorm that also writes the next FP8 projection's codes: its sum and output equal
+    /// the plain fused norm's bit for bit, its codes and scales equal the projection's own
+    /// quantization of that output, and a projection handed codes uses them (offering zeros
+    /// gives zeros) and otherwise gives the same product.
+    #[test]
+    fn norm_writes_the_projection_codes() {
+        use lorq_quant::cuda::fp8_gemm::with_offered_activations;
+        use lorq_quant::cuda::fused_ops::{add_rms_norm, add_rms_norm_fp8};
+        let Some(dev) = fp8_gpu() else { return };
+        let cdev = dev.as_cuda_device().unwrap();
+        for (rows, hidden) in [(1usize, 576usize), (3, 4096), (16, 4096), (5, 14336)] {
+            let x = bf16_randn((rows, hidden), &dev);
+            let d = bf16_randn((rows, hidden), &dev);
+            let w = bf16_randn(hidden, &dev);
+            let (s1, y1) = add_rms_norm(&x, &d, &w, 1e-5).unwrap();
+            let (s2, y2, q) = add_rms_norm_fp8(&x, &d, &w, 1e-5).unwrap().unwrap();
+            assert_eq!(
+                max_abs_diff(&s1, &s2),
+                0.0,
+                "[{rows}, {hidden}]: sums differ"
+            );
+            assert_eq!(
+                max_abs_diff(&y1, &y2),
+                0.0,
+                "[{rows}, {hidden}]: outputs differ"
+            );
+            let own = quantize_activations(&y1, ActQuant::DynamicPerToken).unwrap();
+            let (c1, sc1) = own.to_host(cdev).unwrap();
+            let (c2, sc2) = q.to_host(cdev).unwrap();
+            let bad = c1.iter().zip(&c2).filter(|(a, b)| a != b).count();
+            assert_eq!(bad, 0, "[{rows}, {hidden}]: {bad} codes differ");
+            assert!(
+                sc1.iter()
+                    .zip(&sc2)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "[{rows}, {hidden}]: scales differ: {sc1:?} vs {sc2:?}"
+            );
+            let wt = Tensor::randn(0f32, 0.05, (256, hidden), &Device::Cpu).unwrap();
+            let t = Fp8Tensor::quantize(&wt, Fp8Strategy::Channel, DType::BF16).unwrap();
+            let want = matmul_with(&t, &y2, None, Fp8Kernel::Auto).unwrap();
+            let got = with_offered_activations(&y2, q, || {
+                matmul_with(&t, &y2, None, Fp8Kernel::Auto).unwrap()
+            })
+            .unwrap();
+            assert_eq!(
+                max_abs_diff(&want, &got),
+                0.0,
+                "[{rows}, {hidden}]: product"
+            );
+            let zeros = lorq_quant::cuda::fp8_gemm::QuantizedActivations {
+                m: rows,
+                k: hidden,
+                codes: cdev.alloc_zeros::<u8>(rows * hidden).unwrap(),
+                scales: cdev.alloc_zeros::<f32>(rows).unwrap(),
+                per_tensor: false,
+            };
+            let z = with_offered_activations(&y2, zeros, || {
+                matmul_with(&t, &y2, None, Fp8Kernel::Auto).unwrap()
+            })
+            .unwrap();
+            assert_eq!(
+                max_abs_diff(&z, &z.zeros_like().unwrap()),
+                0.0,
+                "[{rows}, {hidden}]: the offered codes were not used"
+            );
+        }
+        // Codes that do not fit x are an error; hidden % 8 != 0 has no fused quantization.
+        let y = bf16_randn((2, 64), &dev);
+        let q =
+            quantize_activations(&bf16_randn((2, 32), &dev), ActQuant::DynamicPerToken).unwrap();
+        assert!(with_offered_activations(&y, q, || ()).is_err());
+        let (x, w) = (bf16_randn((2, 100), &dev), bf16_randn(100, &dev));
+        assert!(add_rms_norm_fp8(&x, &x, &w, 1e-5).unwrap().is_none());
+    }
+
     fn bf16_randn(shape: impl Into<candle_core::Shape>, dev: &Device) -> Tensor {
         Tensor::randn(0f32, 1.0, shape, dev)
             .unwrap()

@@ -794,6 +794,40 @@ type SharedActivations = Vec<(candle_core::TensorId, ActQuant, Arc<QuantizedActi
 
 thread_local! {
     static SHARED: std::cell::RefCell<Option<SharedActivations>> = const { std::cell::RefCell::new(None) };
+    /// Codes the producer of an activation tensor made in its own launch ([`with_offered_activations`]).
+    static OFFERED: std::cell::RefCell<Option<(candle_core::TensorId, Arc<QuantizedActivations>)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` (the FP8 projections reading `x`) with the per-token e4m3 codes of `x` already made
+/// by the kernel that produced `x` (`fused_ops::add_rms_norm_fp8`), so that they skip their own
+/// quantization launch. The codes are dropped when `f` returns (inside a graph capture they are
+/// the capture's allocations).
+pub fn with_offered_activations<R>(
+    x: &Tensor,
+    qa: QuantizedActivations,
+    f: impl FnOnce() -> R,
+) -> Result<R, QuantError> {
+    let k = x.dims().last().copied().unwrap_or(0);
+    if qa.per_tensor || qa.k != k || qa.m * k != x.elem_count() {
+        return Err(err(format!(
+            "offered activations [{}, {}] (per tensor: {}) do not fit x {:?}",
+            qa.m,
+            qa.k,
+            qa.per_tensor,
+            x.dims()
+        )));
+    }
+    let outer = OFFERED.with(|o| o.borrow_mut().replace((x.id(), Arc::new(qa))));
+    let r = f();
+    OFFERED.with(|o| *o.borrow_mut() = outer);
+    Ok(r)
+}
+
+/// Whether `t`'s GPU product with `x` quantizes `x` per token (dynamic scales, the JIT default),
+/// so that the kernel producing `x` may quantize it instead ([`with_offered_activations`]).
+pub fn takes_per_token_activations(t: &Fp8Tensor, x: &Tensor) -> Result<bool, QuantError> {
+    Ok(t.input_scale().is_none() && takes_tensor_cores(t, x)?)
 }
 
 /// Runs `f` (the matmuls of weights sharing one input: q/k/v, gate/up) with each input tensor
@@ -813,6 +847,17 @@ fn shared_activations(
     quantize: impl FnOnce() -> Result<QuantizedActivations, QuantError>,
 ) -> Result<Arc<QuantizedActivations>, QuantError> {
     let id = x.id();
+    if act == ActQuant::DynamicPerToken {
+        let offered = OFFERED.with(|o| {
+            o.borrow()
+                .as_ref()
+                .filter(|(i, _)| *i == id)
+                .map(|(_, q)| q.clone())
+        });
+        if let Some(q) = offered {
+            return Ok(q);
+        }
+    }
     let hit = SHARED.with(|s| {
         s.borrow().as_ref().and_then(|v| {
             v.iter()

@@ -8,6 +8,7 @@ use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKe
 use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::{CudaStorage, DType, Tensor};
 
+use super::fp8_gemm::QuantizedActivations;
 use super::{cuda_device, device_view, function, tensor_from_storage};
 use crate::QuantError;
 
@@ -52,13 +53,20 @@ enum Scalar {
     U64(u64),
 }
 
-/// Launches `name` over the prepared inputs and `outs` fresh outputs of `out_len` elements each.
+/// What a fused kernel writes: `count` fresh outputs of `len` elements of the activation dtype,
+/// then `fp8`'s codes and scales for the kernels that also quantize their output.
+struct Outputs<'a> {
+    count: usize,
+    len: usize,
+    fp8: Option<&'a QuantizedActivations>,
+}
+
+/// Launches `name` over the prepared inputs and `outs`.
 fn launch<T: CudaDType + DeviceRepr>(
     dev: &CudaDevice,
     name: &str,
     ins: &[Tensor],
-    outs: usize,
-    out_len: usize,
+    outs: Outputs,
     cfg: LaunchConfig,
     scalars: &[Scalar],
 ) -> Result<Vec<CudaStorage>, QuantError> {
@@ -72,10 +80,10 @@ fn launch<T: CudaDType + DeviceRepr>(
             "fused ops: input",
         )?);
     }
-    let mut out = Vec::with_capacity(outs);
-    for _ in 0..outs {
+    let mut out = Vec::with_capacity(outs.count);
+    for _ in 0..outs.count {
         // SAFETY: every element is written by the kernel.
-        out.push(unsafe { dev.alloc::<T>(out_len.max(1))? });
+        out.push(unsafe { dev.alloc::<T>(outs.len.max(1))? });
     }
     let f = function(dev, "fused_ops", FATBIN, name)?;
     let stream = dev.cuda_stream();
@@ -85,6 +93,9 @@ fn launch<T: CudaDType + DeviceRepr>(
     }
     for o in &out {
         b.arg(o);
+    }
+    if let Some(q) = outs.fp8 {
+        b.arg(&q.codes).arg(&q.scales);
     }
     for sc in scalars {
         match sc {
@@ -112,6 +123,32 @@ pub fn add_rms_norm(
     w: &Tensor,
     eps: f32,
 ) -> Result<(Tensor, Tensor), QuantError> {
+    let (s, y, _) = add_rms_norm_impl(x, d, w, eps, false)?.expect("always runs without fp8");
+    Ok((s, y))
+}
+
+/// [`add_rms_norm`] that also quantizes `y` for the FP8 projection it feeds: e4m3 codes and one
+/// scale per row, bit-identical to `fp8_gemm::quantize_activations(y, DynamicPerToken)`, in the
+/// same launch (hand them over with `fp8_gemm::with_offered_activations`). `None` where the vectorized
+/// kernel does not apply (`hidden` not a multiple of 8, or above 32768).
+pub fn add_rms_norm_fp8(
+    x: &Tensor,
+    d: &Tensor,
+    w: &Tensor,
+    eps: f32,
+) -> Result<Option<(Tensor, Tensor, QuantizedActivations)>, QuantError> {
+    Ok(add_rms_norm_impl(x, d, w, eps, true)?.map(|(s, y, q)| (s, y, q.expect("fp8 asked"))))
+}
+
+type NormOut = (Tensor, Tensor, Option<QuantizedActivations>);
+
+fn add_rms_norm_impl(
+    x: &Tensor,
+    d: &Tensor,
+    w: &Tensor,
+    eps: f32,
+    fp8: bool,
+) -> Result<Option<NormOut>, QuantError> {
     let dev = cuda_device(x, "x")?;
     let dtype = x.dtype();
     let (rows, hidden) = x.dims2()?;
@@ -123,13 +160,22 @@ pub fn add_rms_norm(
             w.dims()
         )));
     }
-    let ins = prepared(&[(x, "x"), (d, "residual"), (w, "norm weight")], dtype)?;
-    // The vectorized kernel: 8-element chunks, up to ARN_CHUNKS per thread of 1024.
+    // The vectorized kernels: 8-element chunks, up to ARN_CHUNKS per thread of 1024.
     let chunks = hidden / 8;
-    let (name, threads) = if hidden.is_multiple_of(8) && chunks <= 1024 * ARN_CHUNKS {
+    let vec = hidden.is_multiple_of(8) && chunks <= 1024 * ARN_CHUNKS;
+    if fp8 && !vec {
+        return Ok(None);
+    }
+    let ins = prepared(&[(x, "x"), (d, "residual"), (w, "norm weight")], dtype)?;
+    let (name, threads) = if vec {
         // One chunk per thread up to 1024 chunks (hidden 8192), then up to ARN_CHUNKS each.
+        let kernel = if fp8 {
+            "add_rms_norm_fp8"
+        } else {
+            "add_rms_norm_vec"
+        };
         (
-            format!("add_rms_norm_vec_{}", dtype_name(dtype)?),
+            format!("{kernel}_{}", dtype_name(dtype)?),
             (chunks.div_ceil(32) * 32).clamp(32, 1024) as u32,
         )
     } else {
@@ -140,15 +186,32 @@ pub fn add_rms_norm(
         block_dim: (threads, 1, 1),
         shared_mem_bytes: 0,
     };
+    let q = if fp8 {
+        // SAFETY: the kernel writes every code and every row's scale.
+        Some(QuantizedActivations {
+            m: rows,
+            k: hidden,
+            codes: unsafe { dev.alloc::<u8>(rows * hidden)? },
+            scales: unsafe { dev.alloc::<f32>(rows)? },
+            per_tensor: false,
+        })
+    } else {
+        None
+    };
     let push = [Scalar::I32(hidden as i32), Scalar::F32(eps)];
+    let outs = Outputs {
+        count: 2,
+        len: rows * hidden,
+        fp8: q.as_ref(),
+    };
     let mut o = match dtype {
-        DType::BF16 => launch::<half::bf16>(dev, &name, &ins, 2, rows * hidden, cfg, &push)?,
-        DType::F16 => launch::<half::f16>(dev, &name, &ins, 2, rows * hidden, cfg, &push)?,
-        _ => launch::<f32>(dev, &name, &ins, 2, rows * hidden, cfg, &push)?,
+        DType::BF16 => launch::<half::bf16>(dev, &name, &ins, outs, cfg, &push)?,
+        DType::F16 => launch::<half::f16>(dev, &name, &ins, outs, cfg, &push)?,
+        _ => launch::<f32>(dev, &name, &ins, outs, cfg, &push)?,
     };
     let y = tensor_from_storage(o.pop().expect("two outputs"), (rows, hidden));
     let s = tensor_from_storage(o.pop().expect("two outputs"), (rows, hidden));
-    Ok((s, y))
+    Ok(Some((s, y, q)))
 }
 
 /// `SiLU(gate) · up`, elementwise, same shape.
@@ -175,10 +238,15 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor, QuantError> {
         shared_mem_bytes: 0,
     };
     let push = [Scalar::U64(n as u64)];
+    let outs = Outputs {
+        count: 1,
+        len: n,
+        fp8: None,
+    };
     let mut o = match dtype {
-        DType::BF16 => launch::<half::bf16>(dev, &name, &ins, 1, n, cfg, &push)?,
-        DType::F16 => launch::<half::f16>(dev, &name, &ins, 1, n, cfg, &push)?,
-        _ => launch::<f32>(dev, &name, &ins, 1, n, cfg, &push)?,
+        DType::BF16 => launch::<half::bf16>(dev, &name, &ins, outs, cfg, &push)?,
+        DType::F16 => launch::<half::f16>(dev, &name, &ins, outs, cfg, &push)?,
+        _ => launch::<f32>(dev, &name, &ins, outs, cfg, &push)?,
     };
     Ok(tensor_from_storage(
         o.pop().expect("one output"),
