@@ -577,6 +577,62 @@ mod gpu {
         unsafe { ctx.enable_event_tracking() };
     }
 
+    /// FP8 decode, where the norms hand their e4m3 codes to the projections (and gate/up/down
+    /// take W8A8 from one row): replayed graphs compute the eager steps (bf16 tolerance, as
+    /// above), for one row and for five. The codes made inside a captured step are the graph's
+    /// own buffers: a stale or freed one would show here as garbage logits.
+    #[test]
+    fn fp8_decode_graphs_replay_the_eager_steps() {
+        use lorq_quant::method::QuantMethod;
+        let Some(dev) = gpu() else { return };
+        let Device::Cuda(cuda) = &dev else {
+            unreachable!("usable_gpu returns a GPU")
+        };
+        let ctx = cuda.cuda_stream().context().clone();
+        unsafe { ctx.disable_event_tracking() };
+        // SmolLM2-135M's layer shapes (576 hidden, 1536 intermediate), two layers.
+        let mut cfg = shape_config("smollm2-135m").unwrap();
+        cfg.num_hidden_layers = 2;
+        cfg.sliding_window = vec![None; 2];
+        cfg.vocab_size = 2048;
+        let mut model =
+            LlamaModel::random(cfg, DType::BF16, &dev, Some(QuantMethod::Fp8), 5).unwrap();
+        for rows in [1usize, 5] {
+            let prompts: Vec<Vec<u32>> = (0..rows)
+                .map(|s| {
+                    (0..3 + 7 * s)
+                        .map(|t| ((s * 53 + t * 29 + 1) % 2048) as u32)
+                        .collect()
+                })
+                .collect();
+            model.set_cuda_graphs(false);
+            let want = generate(&model, &prompts, &[], 8);
+            model.set_cuda_graphs(true);
+            let got = generate(&model, &prompts, &[], 8);
+            assert!(
+                model.captured_cuda_graphs() > 0,
+                "{rows} rows: no graph ran"
+            );
+            for (s, (w, g)) in want.iter().zip(&got).enumerate() {
+                for (step, ((wt, wl), (gt, gl))) in w.iter().zip(g).enumerate() {
+                    let e = rel_l2(
+                        &Tensor::new(gl.as_slice(), &Device::Cpu).unwrap(),
+                        &Tensor::new(wl.as_slice(), &Device::Cpu).unwrap(),
+                    );
+                    assert!(
+                        e <= 1e-2 && e.is_finite(),
+                        "fp8, {rows} rows, seq {s} step {step}: graph vs eager rel err {e}"
+                    );
+                    if wt != gt {
+                        break;
+                    }
+                }
+            }
+            eprintln!("fp8, {rows} rows: graph steps == eager steps");
+        }
+        unsafe { ctx.enable_event_tracking() };
+    }
+
     #[test]
     fn paged_caches_return_their_blocks() {
         let Some(dev) = gpu() else { return };
