@@ -45,11 +45,15 @@ __device__ __forceinline__ void add_rms_norm(const T* __restrict__ x, const T* _
 
 constexpr int ARN_CHUNKS = 4;  // 8-element chunks per thread
 
-// blockDim: a multiple of 32 with blockDim * 8 * ARN_CHUNKS >= hidden.
-template <typename T>
+// blockDim: a multiple of 32 with blockDim * 8 * ARN_CHUNKS >= hidden. With FP8, also writes y's
+// e4m3 codes q[row, :] and scale scales[row], the per-token dynamic quantization of the next FP8
+// projection (fp8_act.cu quant_rows, mode 0) bit for bit: the codes come from y as stored (rounded
+// to T), so the projection skips its own quantization launch.
+template <typename T, bool FP8>
 __device__ __forceinline__ void add_rms_norm_vec(const T* __restrict__ x, const T* __restrict__ d,
                                                  const T* __restrict__ w, T* __restrict__ s,
-                                                 T* __restrict__ y, int hidden, float eps) {
+                                                 T* __restrict__ y, uint8_t* __restrict__ q,
+                                                 float* __restrict__ scales, int hidden, float eps) {
     __shared__ float s_part[32];
     const size_t row = (size_t)blockIdx.x * hidden;
     const int chunks = hidden >> 3;
@@ -80,57 +84,6 @@ __device__ __forceinline__ void add_rms_norm_vec(const T* __restrict__ x, const 
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) total += __shfl_xor_sync(0xffffffffu, total, o);
     const float inv = rsqrtf(total / hidden + eps);
-#pragma unroll
-    for (int i = 0; i < ARN_CHUNKS; i++) {
-        const int c = threadIdx.x + i * blockDim.x;
-        if (c < chunks) {
-            float wv[8];
-            load8<T>(w + 8 * c, wv);
-#pragma unroll
-            for (int e = 0; e < 8; e++) v[i][e] = v[i][e] * inv * wv[e];
-            store8<T>(y + row + 8 * c, v[i]);
-        }
-    }
-}
-
-// add_rms_norm_vec that also writes y's e4m3 codes q[row, :] and scale scales[row], the per-token
-// dynamic quantization of the next FP8 projection (fp8_act.cu quant_rows, mode 0), bit for bit:
-// the codes come from y as stored (rounded to T), so the projection skips its own quantization
-// launch. Same launch shape as add_rms_norm_vec.
-template <typename T>
-__device__ __forceinline__ void add_rms_norm_fp8(const T* __restrict__ x, const T* __restrict__ d,
-                                                 const T* __restrict__ w, T* __restrict__ s,
-                                                 T* __restrict__ y, uint8_t* __restrict__ q,
-                                                 float* __restrict__ scales, int hidden, float eps) {
-    __shared__ float s_part[32];
-    const size_t row = (size_t)blockIdx.x * hidden;
-    const int chunks = hidden >> 3;
-    float v[ARN_CHUNKS][8];
-    float ss = 0.f;
-#pragma unroll
-    for (int i = 0; i < ARN_CHUNKS; i++) {
-        const int c = threadIdx.x + i * blockDim.x;
-        if (c < chunks) {
-            float a[8], b[8];
-            load8<T>(x + row + 8 * c, a);
-            load8<T>(d + row + 8 * c, b);
-#pragma unroll
-            for (int e = 0; e < 8; e++) {
-                v[i][e] = to_f(from_f<T>(a[e] + b[e]));
-                ss = fmaf(v[i][e], v[i][e], ss);
-            }
-            store8<T>(s + row + 8 * c, v[i]);
-        }
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-    const int warps = blockDim.x >> 5;
-    if ((threadIdx.x & 31) == 0) s_part[threadIdx.x >> 5] = ss;
-    __syncthreads();
-    float total = (threadIdx.x & 31) < warps ? s_part[threadIdx.x & 31] : 0.f;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) total += __shfl_xor_sync(0xffffffffu, total, o);
-    const float inv = rsqrtf(total / hidden + eps);
     float amax = 0.f;
 #pragma unroll
     for (int i = 0; i < ARN_CHUNKS; i++) {
@@ -140,19 +93,24 @@ __device__ __forceinline__ void add_rms_norm_fp8(const T* __restrict__ x, const 
             load8<T>(w + 8 * c, wv);
 #pragma unroll
             for (int e = 0; e < 8; e++) {
-                v[i][e] = to_f(from_f<T>(v[i][e] * inv * wv[e]));  // y as stored
-                amax = fmaxf(amax, fabsf(v[i][e]));
+                v[i][e] = v[i][e] * inv * wv[e];
+                if constexpr (FP8) {
+                    v[i][e] = to_f(from_f<T>(v[i][e]));  // y as stored
+                    amax = fmaxf(amax, fabsf(v[i][e]));
+                }
             }
             store8<T>(y + row + 8 * c, v[i]);
         }
     }
-    __syncthreads();  // every warp has read its total from s_part, which block_max reuses
-    const float sc = e4m3_row_scale(block_max(amax, s_part));
-    if (threadIdx.x == 0) scales[blockIdx.x] = sc;
+    if constexpr (FP8) {
+        __syncthreads();  // every warp has read its total from s_part, which block_max reuses
+        const float sc = e4m3_row_scale(block_max(amax, s_part));
+        if (threadIdx.x == 0) scales[blockIdx.x] = sc;
 #pragma unroll
-    for (int i = 0; i < ARN_CHUNKS; i++) {
-        const int c = threadIdx.x + i * blockDim.x;
-        if (c < chunks) *reinterpret_cast<uint2*>(q + row + 8 * c) = e4m3_codes8(v[i], sc);
+        for (int i = 0; i < ARN_CHUNKS; i++) {
+            const int c = threadIdx.x + i * blockDim.x;
+            if (c < chunks) *reinterpret_cast<uint2*>(q + row + 8 * c) = e4m3_codes8(v[i], sc);
+        }
     }
 }
 
@@ -245,12 +203,12 @@ __device__ __forceinline__ void embed_rows(const T* __restrict__ table,
     extern "C" __global__ void __launch_bounds__(1024)                                           \
         add_rms_norm_vec_##TN(const T* x, const T* d, const T* w, T* s, T* y, int hidden,          \
                               float eps) {                                                        \
-        add_rms_norm_vec<T>(x, d, w, s, y, hidden, eps);                                         \
+        add_rms_norm_vec<T, false>(x, d, w, s, y, nullptr, nullptr, hidden, eps);                 \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(1024)                                           \
         add_rms_norm_fp8_##TN(const T* x, const T* d, const T* w, T* s, T* y, uint8_t* q,          \
                               float* scales, int hidden, float eps) {                             \
-        add_rms_norm_fp8<T>(x, d, w, s, y, q, scales, hidden, eps);                              \
+        add_rms_norm_vec<T, true>(x, d, w, s, y, q, scales, hidden, eps);                        \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(THREADS)                                        \
         silu_mul_##TN(const T* gate, const T* up, T* y, unsigned long long n) {                   \
