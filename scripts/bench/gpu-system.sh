@@ -2,7 +2,7 @@
 # One GPU-machine run of the system benchmarks, each beside its peer in the same call, writing JSON
 # under $OUT (or ./gpu-out):
 #   scripts/bench/gpu-system.sh BINARY
-# decode tokens/s of a Llama-3-8B-shaped model (bf16, NF4, HQQ 4-bit; batch 1 and 32) + transformers;
+# decode tokens/s of a Llama-3-8B-shaped model (bf16, NF4, HQQ 4-bit, FP8; batch 1 and 32) + transformers;
 # decode with 0/1/8/32/64 rank-16 adapters at batch 32 and 64; the multi-adapter kernels alone;
 # FP8 W8A8 through cuBLASLt + torch._scaled_mm. (Kernels and JIT quantization: gpu-check.sh.)
 set -u
@@ -15,7 +15,7 @@ fail=0
 step() { echo "== $1"; shift; timeout 240 "$@" >>"$O/system.log" 2>&1 || { echo "   failed ($?)"; fail=1; }; }
 # lorq through scripts/gpu-run.sh (a command `timeout` can run: no shell function).
 R="sh scripts/gpu-run.sh $B"
-step "decode" $R bench decode --device cuda --shape llama-3-8b --quantize none,bitsandbytes-nf4,hqq-4bit \
+step "decode" $R bench decode --device cuda --shape llama-3-8b --quantize none,bitsandbytes-nf4,hqq-4bit,fp8 \
     --batch-sizes 1,32 --context 512 --new-tokens 64 --cuda-graphs both --json "$O/decode.json"
 step "decode, transformers" python3 scripts/bench/decode_torch.py --shape llama-3-8b --batch-sizes 1,32 \
     --context 512 --new-tokens 64 --json "$O/decode-torch.json"
@@ -24,7 +24,7 @@ step "decode with adapters" $R bench decode --device cuda --shape llama-3-8b --q
     --json "$O/decode-adapters.json"
 step "adapter kernels" $R bench adapters --device cuda --batch-sizes 32,64 --adapters 1,8,32,64 \
     --rank 16 --json "$O/adapters.json"
-step "fp8 peer" python3 scripts/bench/torch_scaled_mm.py --shapes llama3-8b --m 16,32,64,128,512 \
+step "fp8 peer" python3 scripts/bench/torch_scaled_mm.py --shapes llama3-8b --m 1,2,8,16,32,64,128,512 \
     --out "$O/torch_fp8.json"
 step "fp8" $R bench fp8 --device cuda --shapes llama3-8b --m 1,2,8,16,32,64,128,512 --peer "$O/torch_fp8.json" \
     --json "$O/fp8.json"
