@@ -54,8 +54,11 @@ def lps(d):
 la, lb = lps(a), lps(b)
 d = max(abs(x - y) for x, y in zip(la, lb) if x is not None and y is not None)
 print(f"bf16 score logprobs, {sys.argv[3]}: max |GPU - CPU| = {d:.4f} over {len(la)} tokens")
-# bf16 keeps ~3 significant digits; the GPU sums in another order than the CPU.
-sys.exit(0 if d < 0.25 else 1)
+# bf16 keeps ~3 significant digits; the GPU sums in another order than the CPU, and from 2 rows the
+# 4-bit formats run on tensor cores with the weights decoded to bf16 (as Marlin does): measured on an
+# H100 (session 9) none 0.16, nf4 0.25, fp4 0.27, eetq 0.14, hqq-4bit 0.05, hqq-3bit 0.15 nats. A broken
+# kernel is off by whole nats.
+sys.exit(0 if d < 0.35 else 1)
 PY
 done
 echo "== lorq serve: CPU vs GPU (CUDA graphs and --enforce-eager), concurrent requests, mixed adapters"
