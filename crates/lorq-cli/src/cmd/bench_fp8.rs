@@ -71,11 +71,11 @@ mod gpu {
 
     use super::super::bench_kernels::{command_line, parse_shapes, randn, utc_date};
     use super::super::bench_kernels_cuda::{card_name, rel_l2, time_gpu, time_gpu_graph};
+    use super::BenchFp8Args;
 
     /// `(us, us_graph)`: wall time per call, and the GPU time of the same calls replayed from a
     /// CUDA graph (`None`: the path cannot be captured).
     type Timing = (f64, Option<f64>);
-    use super::BenchFp8Args;
 
     /// The CPU reference of a W8A8 product: x quantized as `act` (as kernels/fp8_act.cu does),
     /// decoded e4m3 values multiplied in f32, then scaled per row and per column.

@@ -52,15 +52,21 @@ pub(crate) fn time_gpu(
         f(i)?;
     }
     dev.synchronize()?;
-    let mut v = Vec::with_capacity(samples);
-    for _ in 0..samples {
+    median_of(samples, || {
         let t = Instant::now();
         for i in 0..iters {
             f(i)?;
         }
         dev.synchronize()?;
-        v.push(t.elapsed().as_secs_f64() * 1e6 / iters as f64);
-    }
+        Ok(t.elapsed().as_secs_f64() * 1e6 / iters as f64)
+    })
+}
+
+/// The median of `samples` values of `sample()`.
+fn median_of(samples: usize, mut sample: impl FnMut() -> Result<f64>) -> Result<f64> {
+    let mut v = (0..samples.max(1))
+        .map(|_| sample())
+        .collect::<Result<Vec<f64>>>()?;
     v.sort_by(f64::total_cmp);
     Ok(v[v.len() / 2])
 }
@@ -98,12 +104,7 @@ pub(crate) fn time_gpu_graph(
         Ok(t.elapsed().as_secs_f64() * 1e6 / iters as f64)
     };
     run().ok()?;
-    let mut v = Vec::with_capacity(samples);
-    for _ in 0..samples {
-        v.push(run().ok()?);
-    }
-    v.sort_by(f64::total_cmp);
-    Some(v[v.len() / 2])
+    median_of(samples, run).ok()
 }
 
 pub(crate) fn card_name(dev: &Device) -> Result<String> {
