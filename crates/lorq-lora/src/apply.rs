@@ -66,38 +66,64 @@ impl BatchAdapters {
         x: &Tensor,
         base_out: Tensor,
     ) -> Result<Tensor, candle_core::Error> {
+        match self.begin(module_path, x)? {
+            Some(pending) => pending.finish(base_out),
+            None => Ok(base_out),
+        }
+    }
+
+    /// [`Self::apply`] in two halves around the base matmul: call this before it, then
+    /// [`PendingDelta::finish`] with its output. On the GPU the first half queues the LoRA shrink
+    /// (`A·x`), which inside a CUDA graph capture runs beside the base matmul. `None`: no row's
+    /// adapter touches this module (the base output stands).
+    pub fn begin<'a>(
+        &'a self,
+        module_path: &'a str,
+        x: &Tensor,
+    ) -> Result<Option<PendingDelta<'a>>, candle_core::Error> {
         let modules: Vec<_> = self
             .segments
             .iter()
             .map(|s| s.adapter.as_ref().and_then(|a| a.module(module_path)))
             .collect();
         if modules.iter().all(Option::is_none) {
-            return Ok(base_out);
+            return Ok(None);
         }
-        let out_dtype = base_out.dtype();
-        if x.device().is_cpu() {
-            return self.apply_cpu(&modules, x, base_out);
-        }
-        // One shrink and one expand launch for the whole batch.
         #[cfg(feature = "cuda")]
-        if x.device().is_cuda() {
-            if let Some(y) = crate::apply_cuda::apply(&self.segments, &modules, x, &base_out)? {
-                return Ok(y);
-            }
-        }
-        // The generic path (dense deltas, other devices): small candle matmuls per segment.
-        // Sum in f32 then round once, as PEFT adds the float32 LoRA output to the base output.
+        let gpu = if x.device().is_cuda() {
+            crate::apply_cuda::begin(&self.segments, &modules, x)?
+        } else {
+            None
+        };
+        Ok(Some(PendingDelta {
+            adapters: self,
+            modules,
+            x: x.clone(),
+            #[cfg(feature = "cuda")]
+            gpu,
+        }))
+    }
+
+    /// The generic path (dense deltas, other devices): small candle matmuls per segment. Sum in
+    /// f32 then round once, as PEFT adds the float32 LoRA output to the base output.
+    fn apply_generic(
+        &self,
+        modules: &[Option<&crate::LoraModule>],
+        x: &Tensor,
+        base_out: Tensor,
+    ) -> Result<Tensor, candle_core::Error> {
+        let out_dtype = base_out.dtype();
         let base_out = base_out.to_dtype(DType::F32)?;
         if self.segments.len() == 1 {
             let delta = modules[0]
-                .expect("checked above")
+                .expect("a module touched by some row")
                 .delta(&x.to_dtype(DType::F32)?)?;
             return (base_out + delta)?.to_dtype(out_dtype);
         }
         let out_features = base_out.dim(1)?;
         let mut pieces = Vec::with_capacity(self.segments.len());
         let mut start = 0;
-        for (seg, module) in self.segments.iter().zip(&modules) {
+        for (seg, module) in self.segments.iter().zip(modules) {
             let piece = match module {
                 Some(m) => m.delta(&x.narrow(0, start, seg.rows)?.to_dtype(DType::F32)?)?,
                 None => Tensor::zeros((seg.rows, out_features), DType::F32, x.device())?,
@@ -133,5 +159,74 @@ impl BatchAdapters {
         }
         crate::batched::add_deltas(&xs, n_in, &mut out, n_out, &plan);
         Tensor::from_vec(out, (rows, n_out), x.device())?.to_dtype(out_dtype)
+    }
+}
+
+/// One module's adapter delta between [`BatchAdapters::begin`] and [`Self::finish`].
+pub struct PendingDelta<'a> {
+    adapters: &'a BatchAdapters,
+    modules: Vec<Option<&'a crate::LoraModule>>,
+    x: Tensor,
+    /// The queued GPU shrink (`None`: the batch takes the CPU or generic path).
+    #[cfg(feature = "cuda")]
+    gpu: Option<crate::apply_cuda::Started>,
+}
+
+impl PendingDelta<'_> {
+    /// `base_out + delta`, `base_out` being the module's base output for the same rows.
+    pub fn finish(self, base_out: Tensor) -> Result<Tensor, candle_core::Error> {
+        #[cfg(feature = "cuda")]
+        if let Some(started) = self.gpu {
+            if let Some(y) = started.finish(&base_out)? {
+                return Ok(y);
+            }
+        }
+        if self.x.device().is_cpu() {
+            return self.adapters.apply_cpu(&self.modules, &self.x, base_out);
+        }
+        self.adapters
+            .apply_generic(&self.modules, &self.x, base_out)
+    }
+
+    /// [`Self::finish`] of modules that share one input (q/k/v, gate/up): `pending[i]` (`None`:
+    /// no delta) with `base_outs[i]`. On the GPU the expands run as one launch.
+    pub fn finish_all(
+        pending: Vec<Option<Self>>,
+        base_outs: Vec<Tensor>,
+    ) -> Result<Vec<Tensor>, candle_core::Error> {
+        let mut outs = Vec::with_capacity(base_outs.len());
+        #[cfg(feature = "cuda")]
+        let mut grouped = Vec::new();
+        for (p, y) in pending.into_iter().zip(base_outs) {
+            let Some(p) = p else {
+                outs.push(y);
+                continue;
+            };
+            #[cfg(feature = "cuda")]
+            let p = {
+                let mut p = p;
+                if p.gpu.as_ref().is_some_and(|s| s.expands(&y)) {
+                    let shrunk = p.gpu.take().and_then(|s| s.shrunk);
+                    grouped.push((outs.len(), shrunk.expect("expands() checked it")));
+                    outs.push(y);
+                    continue;
+                }
+                p
+            };
+            outs.push(p.finish(y)?);
+        }
+        #[cfg(feature = "cuda")]
+        while !grouped.is_empty() {
+            // The kernel takes up to three modules per launch.
+            let rest = grouped.split_off(grouped.len().min(3));
+            let (at, shrunk): (Vec<usize>, Vec<_>) =
+                std::mem::replace(&mut grouped, rest).into_iter().unzip();
+            let bases: Vec<&Tensor> = at.iter().map(|&i| &outs[i]).collect();
+            let ys = crate::apply_cuda::expand_all(shrunk, &bases)?;
+            for (i, y) in at.into_iter().zip(ys) {
+                outs[i] = y;
+            }
+        }
+        Ok(outs)
     }
 }

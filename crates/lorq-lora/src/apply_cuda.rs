@@ -1,6 +1,7 @@
 //! The GPU path of [`crate::BatchAdapters::apply`]: every row's own adapter delta in one shrink
 //! and one expand launch per module call (`lorq_quant::cuda::sgmv`), whatever the number of
-//! adapters and ranks in the batch.
+//! adapters and ranks in the batch; the shrink is queued before the module's base matmul
+//! ([`crate::BatchAdapters::begin`]) so a CUDA graph runs the two side by side.
 //!
 //! Weights stay in the adapter's own dtype on the GPU (f32, bf16 or f16) and are widened to f32
 //! in registers: that is exactly PEFT's float32 LoRA compute on the same values (upcasting is
@@ -12,7 +13,7 @@
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use lorq_quant::cuda::sgmv::{add_lora, LoraPair, LoraSegment, MAX_RANK};
+use lorq_quant::cuda::sgmv::{shrink, LoraPair, LoraSegment, Shrunk, MAX_RANK};
 
 use crate::{AdapterSegment, LoraModule, LoraWeights};
 
@@ -68,23 +69,19 @@ fn resident<'a>(
         .map_err(to_candle)
 }
 
-/// `base_out + delta` through the kernels, or `None` when the batch needs the generic path:
-/// a dense delta among the modules, a rank past the kernels' [`MAX_RANK`], or activations and
-/// base output not sharing one of the kernels' dtypes (f32/bf16/f16).
-pub(crate) fn apply(
+/// Queues the shrink of `x`'s rows through the kernels, or `None` when the batch needs the
+/// generic path: a dense delta among the modules, a rank past the kernels' [`MAX_RANK`], or
+/// activations in none of the kernels' dtypes (f32/bf16/f16).
+pub(crate) fn begin(
     segments: &[AdapterSegment],
     modules: &[Option<&LoraModule>],
     x: &Tensor,
-    base_out: &Tensor,
-) -> Result<Option<Tensor>, candle_core::Error> {
-    let dtype = x.dtype();
-    if dtype != base_out.dtype()
-        || !matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
-        || x.rank() != 2
-    {
+) -> Result<Option<Started>, candle_core::Error> {
+    if !matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16) || x.rank() != 2 {
         return Ok(None);
     }
     let mut pairs: Vec<Option<(Resident<'_>, f32)>> = Vec::with_capacity(modules.len());
+    let mut out_features = 0;
     for m in modules {
         let Some(m) = m else {
             pairs.push(None);
@@ -96,6 +93,7 @@ pub(crate) fn apply(
         if m.rank() > MAX_RANK {
             return Ok(None);
         }
+        out_features = b.dim(0)?;
         let pair = resident(m, a, b, x.device())?;
         if lorq_quant::cuda::graph::capturing() {
             // A captured graph reads these weights at every replay: they live as long as it.
@@ -119,7 +117,44 @@ pub(crate) fn apply(
             }),
         })
         .collect();
-    add_lora(x, base_out, &segs).map(Some).map_err(to_candle)
+    let shrunk = shrink(x, out_features, &segs).map_err(to_candle)?;
+    Ok(Some(Started {
+        shrunk,
+        dtype: x.dtype(),
+    }))
+}
+
+/// A shrink queued by [`begin`] (`None` inside: no segment had a pair, the delta is zero).
+pub(crate) struct Started {
+    pub(crate) shrunk: Option<Shrunk>,
+    dtype: DType,
+}
+
+impl Started {
+    /// `base_out + delta`, or `None` when `base_out` is not in the activations' dtype (the
+    /// generic path then computes the delta).
+    pub(crate) fn finish(self, base_out: &Tensor) -> Result<Option<Tensor>, candle_core::Error> {
+        if base_out.dtype() != self.dtype {
+            return Ok(None);
+        }
+        match self.shrunk {
+            Some(s) => s.expand(base_out).map(Some).map_err(to_candle),
+            None => Ok(Some(base_out.clone())),
+        }
+    }
+
+    /// Whether [`Self::finish`] would run the expand kernel for `base_out`.
+    pub(crate) fn expands(&self, base_out: &Tensor) -> bool {
+        self.shrunk.is_some() && base_out.dtype() == self.dtype
+    }
+}
+
+/// The expands of several modules sharing one batch, `bases[i] + delta_i`, in one launch.
+pub(crate) fn expand_all(
+    shrunk: Vec<Shrunk>,
+    bases: &[&Tensor],
+) -> Result<Vec<Tensor>, candle_core::Error> {
+    lorq_quant::cuda::sgmv::expand_group(shrunk, bases).map_err(to_candle)
 }
 
 fn to_candle(e: lorq_quant::QuantError) -> candle_core::Error {

@@ -13,7 +13,7 @@ pub mod merge;
 mod target;
 
 pub use adapter::{LoraAdapter, LoraModule, LoraWeights};
-pub use apply::{AdapterSegment, BatchAdapters};
+pub use apply::{AdapterSegment, BatchAdapters, PendingDelta};
 pub use config::LoraConfig;
 pub use error::LoraError;
 pub use target::TargetModules;

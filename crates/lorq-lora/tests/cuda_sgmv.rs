@@ -159,14 +159,18 @@ mod gpu {
         // (in, out): multiples of 8 take the vector paths; 100 does not (scalar shrink).
         for &(k, n) in &[(4096usize, 1024usize), (200, 136), (100, 70)] {
             for dtype in [DType::F32, DType::BF16, DType::F16] {
-                let ranks = [8usize, 16, 64, 128, 256, 12];
+                let ranks = [8usize, 16, 64, 128, 256, 12, 8];
+                let wdtypes = [
+                    DType::F32,
+                    DType::BF16,
+                    DType::F32,
+                    DType::BF16,
+                    DType::F32,
+                    DType::BF16,
+                    DType::F16,
+                ];
                 let mut adapters = Vec::new();
-                for (i, &r) in ranks.iter().enumerate() {
-                    let wdtype = if i.is_multiple_of(2) {
-                        DType::F32
-                    } else {
-                        DType::BF16
-                    };
+                for (i, (&r, &wdtype)) in ranks.iter().zip(&wdtypes).enumerate() {
                     adapters.push(adapter(k, n, r, wdtype, &dev, i == 3));
                 }
                 // (name, segments of (rows, adapter index or none)).
@@ -198,6 +202,15 @@ mod gpu {
                                     },
                                 )
                             })
+                            .collect(),
+                    ),
+                    (
+                        // Ranks <= 16, one row per tile: the expand's one-row path (bf16/f16
+                        // weights), with f32 weights, rank 12 (no vector path) and rows without
+                        // adapter beside them in its blocks, and an odd number of tiles.
+                        "decode rows, ranks <= 16",
+                        (0..25)
+                            .map(|i| (1, [Some(1), Some(6), Some(0), None, Some(5)][i % 5]))
                             .collect(),
                     ),
                     ("one adapter", vec![(13, Some(1))]),

@@ -1,7 +1,7 @@
 use std::sync::Arc;
 
 use candle_core::Tensor;
-use lorq_lora::BatchAdapters;
+use lorq_lora::{BatchAdapters, PendingDelta};
 use lorq_quant::QuantTensor;
 
 use crate::error::{ModelError, Result};
@@ -17,40 +17,55 @@ pub struct Linear {
 }
 
 impl Linear {
-    /// `x`: `[rows, in]` -> `[rows, out]`.
+    /// `x`: `[rows, in]` -> `[rows, out]`. The adapters' delta is begun before the base matmul
+    /// (its first half only reads `x`: a CUDA graph runs it beside the matmul).
     pub fn forward(&self, x: &Tensor, adapters: &BatchAdapters) -> Result<Tensor> {
-        let mut y = self.base.matmul(x)?;
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
-        }
-        if adapters.has_adapters() {
-            y = adapters.apply(&self.path, x, y)?;
-        }
-        Ok(y)
+        let pending = self.begin_delta(x, adapters)?;
+        let y = self.add_bias(self.base.matmul(x)?)?;
+        Ok(match pending {
+            Some(p) => p.finish(y)?,
+            None => y,
+        })
     }
 
     /// [`Self::forward`] of linears that share the input `x` (q/k/v, gate/up): the base matmuls
     /// in one GPU launch where the weights allow it ([`lorq_quant::matmul_group`]: decode), then
-    /// each one's bias and adapters.
+    /// each one's bias, and the adapters' expands in one launch.
     pub fn forward_group(
         ls: &[&Linear],
         x: &Tensor,
         adapters: &BatchAdapters,
     ) -> Result<Vec<Tensor>> {
+        let pending = ls
+            .iter()
+            .map(|l| l.begin_delta(x, adapters))
+            .collect::<Result<Vec<_>>>()?;
         let bases: Vec<&dyn QuantTensor> = ls.iter().map(|l| &*l.base).collect();
         let ys = lorq_quant::matmul_group(&bases, x)?;
-        ls.iter()
+        let ys = ls
+            .iter()
             .zip(ys)
-            .map(|(l, mut y)| {
-                if let Some(b) = &l.bias {
-                    y = y.broadcast_add(b)?;
-                }
-                if adapters.has_adapters() {
-                    y = adapters.apply(&l.path, x, y)?;
-                }
-                Ok(y)
-            })
-            .collect()
+            .map(|(l, y)| l.add_bias(y))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(PendingDelta::finish_all(pending, ys)?)
+    }
+
+    fn begin_delta<'a>(
+        &'a self,
+        x: &Tensor,
+        adapters: &'a BatchAdapters,
+    ) -> Result<Option<PendingDelta<'a>>> {
+        if !adapters.has_adapters() {
+            return Ok(None);
+        }
+        Ok(adapters.begin(&self.path, x)?)
+    }
+
+    fn add_bias(&self, y: Tensor) -> Result<Tensor> {
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
     }
 
     pub fn in_features(&self) -> usize {

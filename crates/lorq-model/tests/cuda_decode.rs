@@ -503,7 +503,7 @@ mod gpu {
     }
 
     /// Decode steps replayed from CUDA graphs compute the eager steps: a batch mixing the base
-    /// model and two adapters, contexts that cross a graph's capacity (256 tokens: a second
+    /// model and two adapters (whose shrinks the graphs run on a side stream), contexts that cross a graph's capacity (256 tokens: a second
     /// capture), f32 (logits within 1e-5) and bf16 (1e-2; the attention split differs).
     #[test]
     fn decode_graphs_replay_the_eager_steps() {
@@ -541,10 +541,16 @@ mod gpu {
                 model.cuda_graphs(),
                 "graphs should be on with event tracking off"
             );
+            let forks = lorq_quant::cuda::side_stream::forks_made();
             let got = generate(&model, &prompts, &assign, 14);
             assert!(
                 model.captured_cuda_graphs() > 0,
                 "{dtype:?}: no decode step ran as a graph"
+            );
+            // The captured steps ran the LoRA shrinks on the side stream.
+            assert!(
+                lorq_quant::cuda::side_stream::forks_made() > forks,
+                "{dtype:?}: no LoRA shrink was forked onto the side stream"
             );
             let mut worst = 0f64;
             'seqs: for (s, (w, g)) in want.iter().zip(&got).enumerate() {

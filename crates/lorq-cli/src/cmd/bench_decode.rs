@@ -58,6 +58,10 @@ pub struct BenchDecodeArgs {
     /// gate/up.
     #[arg(long)]
     pub compare_grouped: bool,
+    /// Also time each case with adapters with the LoRA shrink queued on the main stream
+    /// instead of on a side stream beside the base matmul (graph steps only).
+    #[arg(long)]
+    pub compare_lora_overlap: bool,
     #[arg(long, default_value_t = 1234)]
     pub seed: u64,
     /// Timed repetitions of each case (prefill + decode again; the best decode is reported).
@@ -75,6 +79,14 @@ pub struct BenchDecodeArgs {
     /// Write the report (JSON) here; rows are printed either way.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
+}
+
+/// Whether a graph step queues the LoRA shrink on a side stream (lorq_quant's `side_stream`).
+fn set_lora_overlap(on: bool) {
+    #[cfg(feature = "cuda")]
+    lorq_quant::cuda::side_stream::set_enabled(on);
+    #[cfg(not(feature = "cuda"))]
+    let _ = on;
 }
 
 /// Seconds of the device's work queued so far (waits for it).
@@ -289,14 +301,23 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
                 } else {
                     &[true]
                 };
+                let overlap_modes: &[bool] =
+                    if a.compare_lora_overlap && dev.is_cuda() && n_adapters > 0 {
+                        &[true, false]
+                    } else {
+                        &[true]
+                    };
                 let modes = fused_modes.iter().flat_map(|&f| {
-                    grouped_modes
-                        .iter()
-                        .flat_map(move |&gr| graph_modes.iter().map(move |&g| (f, gr, g)))
+                    grouped_modes.iter().flat_map(move |&gr| {
+                        overlap_modes
+                            .iter()
+                            .flat_map(move |&ov| graph_modes.iter().map(move |&g| (f, gr, ov, g)))
+                    })
                 });
-                for (fused, grouped, graphs) in modes {
+                for (fused, grouped, overlap, graphs) in modes {
                     model.set_fused_ops(fused);
                     model.set_grouped_matmuls(grouped);
+                    set_lora_overlap(overlap);
                     model.set_cuda_graphs(graphs);
                     let case = Case {
                         model: &model,
@@ -339,6 +360,7 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
                         "rank": if n_adapters > 0 { Some(a.rank) } else { None },
                         "fused_ops": fused,
                         "grouped_matmuls": grouped,
+                        "lora_overlap": n_adapters > 0 && overlap && model.cuda_graphs(),
                         "cuda_graphs": model.cuda_graphs(),
                         "captured_graphs": model.captured_cuda_graphs(),
                         "paged_kv": model.kv_pool().is_some(),

@@ -15,6 +15,7 @@ pub mod qgemv;
 pub mod qmma_tiled;
 pub mod quantize;
 pub mod sgmv;
+pub mod side_stream;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};

@@ -25,14 +25,18 @@ static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/sgmv.fatbin"));
 
 /// Rows of one adapter that share a load of its weights (kernels/sgmv.cu `MT`).
 pub const ROWS_PER_TILE: usize = 8;
-/// The largest rank the kernels take: the expand kernel keeps a tile's `h` (8 rows × rank f32)
-/// in the 48 KiB of shared memory a block gets without opting in.
-pub const MAX_RANK: usize = 1536;
+/// The largest rank the kernels take: the shrink grid has one block row per two rank indices
+/// (CUDA's grid y limit is 65535); larger ranks take the generic path.
+pub const MAX_RANK: usize = 65536;
 /// Shrink: warps per block and rank indices per block (kernels/sgmv.cu `WARPS`, `J_PER_BLOCK`).
 const SHRINK_WARPS: usize = 8;
 const SHRINK_J_PER_BLOCK: usize = 2;
 /// Expand: output features per block (kernels/sgmv.cu `EXPAND_THREADS`).
 const EXPAND_THREADS: usize = 256;
+/// Expand: tiles per block and largest rank of the one-row path (kernels/sgmv.cu `FAST_TPB`,
+/// `FAST_MAX_RANK`), taken when every tile has one row (decode with one adapter per row).
+const FAST_TPB: usize = 2;
+const FAST_MAX_RANK: usize = 16;
 /// Flags of a segment (kernels/sgmv.cu): weight dtype in the low byte, then the vector paths.
 const SHRINK_VEC: u32 = 0x100;
 const EXPAND_VEC: u32 = 0x200;
@@ -95,6 +99,8 @@ struct Plan {
     segments: usize,
     tiles: usize,
     max_rank: usize,
+    /// Every tile has one row.
+    one_row_tiles: bool,
 }
 
 fn plan(
@@ -182,6 +188,7 @@ fn plan(
     }
     let mut tiles = 0usize;
     let mut row = 0usize;
+    let mut one_row_tiles = true;
     for (s, &si) in segments.iter().zip(&seg_index) {
         let mut done = 0;
         while done < s.rows {
@@ -191,6 +198,7 @@ fn plan(
             }
             tiles += 1;
             done += nr;
+            one_row_tiles &= nr == 1;
         }
         row += s.rows;
     }
@@ -199,6 +207,7 @@ fn plan(
         segments: n_segs,
         tiles,
         max_rank,
+        one_row_tiles,
     })
 }
 
@@ -212,53 +221,273 @@ pub fn add_lora(
     base_out: &Tensor,
     segments: &[LoraSegment<'_>],
 ) -> Result<Tensor, QuantError> {
-    let dev = cuda_device(x, "sgmv")?;
-    if !base_out.device().same_device(x.device()) {
+    let n = match base_out.dims2() {
+        Ok((_, n)) => n,
+        Err(_) => {
+            return Err(QuantError::Invalid(format!(
+                "sgmv: the base output has shape {:?}, expected [rows, out]",
+                base_out.dims()
+            )))
+        }
+    };
+    check_base(x, base_out)?;
+    match shrink(x, n, segments)? {
+        Some(h) => h.expand(base_out),
+        None => Ok(base_out.clone()),
+    }
+}
+
+/// The base output must be on the activations' GPU, in their dtype.
+fn check_base(x: &Tensor, base_out: &Tensor) -> Result<(), QuantError> {
+    if !base_out.device().same_device(x.device()) || base_out.dtype() != x.dtype() {
         return Err(QuantError::Invalid(format!(
-            "sgmv: the base output is on {:?}, the activations on {:?}",
+            "sgmv: the base output ({:?} on {:?}) must share the activations' dtype and GPU ({:?} on {:?})",
+            base_out.dtype(),
             base_out.device(),
+            x.dtype(),
             x.device()
         )));
     }
+    Ok(())
+}
+
+/// The first half of [`add_lora`]: `h = A·x` of every row's pair, queued before the base matmul
+/// of the module so that, inside a CUDA graph capture, it runs on a side stream beside that
+/// matmul ([`super::side_stream`]; eagerly it stays on the main stream: a fork costs host time a
+/// replayed graph does not pay). `n`: the module's output features. `None`: no segment has a pair.
+pub fn shrink(
+    x: &Tensor,
+    n: usize,
+    segments: &[LoraSegment<'_>],
+) -> Result<Option<Shrunk>, QuantError> {
+    let dev = cuda_device(x, "sgmv")?;
     let dtype = x.dtype();
-    if dtype != base_out.dtype() || dtype_code(dtype).is_none() {
-        return Err(QuantError::Invalid(format!(
-            "sgmv: activations {:?} and base output {:?} must share one dtype of f32, bf16, f16",
-            dtype,
-            base_out.dtype()
-        )));
-    }
+    let dname = match dtype {
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        DType::F32 => "f32",
+        d => {
+            return Err(QuantError::Invalid(format!(
+                "sgmv: activations are {d:?}; they must be f32, bf16 or f16"
+            )))
+        }
+    };
     let (rows, k) = x.dims2().map_err(|_| {
         QuantError::Invalid(format!(
             "sgmv: x has shape {:?}, expected [rows, in]",
             x.dims()
         ))
     })?;
-    let (rows_out, n) = base_out.dims2().map_err(|_| {
-        QuantError::Invalid(format!(
-            "sgmv: the base output has shape {:?}, expected [rows, out]",
-            base_out.dims()
-        ))
-    })?;
     let seg_rows: usize = segments.iter().map(|s| s.rows).sum();
-    if rows_out != rows || seg_rows != rows {
+    if seg_rows != rows {
         return Err(QuantError::Invalid(format!(
-            "sgmv: x has {rows} rows, the base output {rows_out}, the segments {seg_rows}"
+            "sgmv: x has {rows} rows, the segments {seg_rows}"
         )));
     }
     let stream = dev.cuda_stream();
     let p = plan(segments, x, n, k, &stream)?;
     if p.segments == 0 || rows == 0 {
-        return Ok(base_out.clone());
+        return Ok(None);
     }
     let x = x.contiguous()?;
-    let base = base_out.contiguous()?;
-    let s = match dtype {
-        DType::BF16 => launch::<half::bf16>(dev, &x, &base, &p, rows, n, k, "bf16")?,
-        DType::F16 => launch::<half::f16>(dev, &x, &base, &p, rows, n, k, "f16")?,
-        _ => launch::<f32>(dev, &x, &base, &p, rows, n, k, "f32")?,
+    let table = uploaded_table(dev, &p.bytes)?;
+    // SAFETY: the shrink kernel writes h[row, j] for every adapter row and j below its rank,
+    // the only elements the expand kernel reads.
+    let h = unsafe { dev.alloc::<f32>(rows * p.max_rank)? };
+    // After the allocation of h (ordered on the main stream) and with x kept until the expand.
+    let fork = if super::side_stream::wanted() {
+        Some(super::side_stream::Fork::new(dev)?)
+    } else {
+        None
     };
-    Ok(tensor_from_storage(s, (rows, n)))
+    let on = fork.as_ref().map_or(&stream, |f| f.stream());
+    match dtype {
+        DType::BF16 => launch_shrink::<half::bf16>(dev, on, &x, &table, &p, &h, rows, k, dname)?,
+        DType::F16 => launch_shrink::<half::f16>(dev, on, &x, &table, &p, &h, rows, k, dname)?,
+        _ => launch_shrink::<f32>(dev, on, &x, &table, &p, &h, rows, k, dname)?,
+    }
+    Ok(Some(Shrunk {
+        x,
+        h,
+        table,
+        segments: p.segments,
+        tiles: p.tiles,
+        max_rank: p.max_rank,
+        one_row_tiles: p.one_row_tiles,
+        rows,
+        n,
+        dname,
+        fork,
+    }))
+}
+
+/// A queued shrink ([`shrink`]): its `h`, launch table and the activations it reads (kept alive
+/// until the side stream is joined).
+pub struct Shrunk {
+    x: Tensor,
+    h: CudaSlice<f32>,
+    table: Arc<CudaSlice<u8>>,
+    segments: usize,
+    tiles: usize,
+    max_rank: usize,
+    one_row_tiles: bool,
+    rows: usize,
+    n: usize,
+    dname: &'static str,
+    fork: Option<super::side_stream::Fork>,
+}
+
+impl Shrunk {
+    /// The second half of [`add_lora`]: `base_out + scale · B·h` per row, one launch (after the
+    /// main stream waits for the shrink when it ran on the side stream).
+    pub fn expand(self, base_out: &Tensor) -> Result<Tensor, QuantError> {
+        let mut out = expand_group(vec![self], &[base_out])?;
+        Ok(out.pop().expect("one output per module"))
+    }
+}
+
+/// Kernel argument `ExpandGroup` (kernels/sgmv.cu): per module its table's segments and tiles,
+/// h, base and output, N, h's row stride and first block row.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct ExpandGroup {
+    segs: [u64; 3],
+    tiles: [u64; 3],
+    h: [u64; 3],
+    base: [u64; 3],
+    out: [u64; 3],
+    n: [i32; 3],
+    r: [i32; 3],
+    yb: [i32; 3],
+    count: i32,
+    ntiles: i32,
+    tpb: i32,
+}
+
+// SAFETY: plain old data laid out as the kernel's `ExpandGroup` (repr(C), 8-byte pointers, ints).
+unsafe impl DeviceRepr for ExpandGroup {}
+
+/// [`Shrunk::expand`] of up to three modules of one batch (q/k/v, gate/up) in one launch:
+/// `bases[i] + delta_i` for each. The modules share the batch's rows (and so its tiles), the
+/// activations' dtype and GPU.
+pub fn expand_group(shrunk: Vec<Shrunk>, bases: &[&Tensor]) -> Result<Vec<Tensor>, QuantError> {
+    if shrunk.is_empty() || shrunk.len() > 3 || shrunk.len() != bases.len() {
+        return Err(QuantError::Invalid(format!(
+            "sgmv: {} modules and {} base outputs in one expand (1 to 3 of each)",
+            shrunk.len(),
+            bases.len()
+        )));
+    }
+    let mut shrunk = shrunk;
+    for s in &mut shrunk {
+        if let Some(f) = s.fork.take() {
+            f.join()?;
+        }
+    }
+    let first = &shrunk[0];
+    let dev = cuda_device(&first.x, "sgmv")?;
+    let mut based = Vec::with_capacity(bases.len());
+    for (s, base_out) in shrunk.iter().zip(bases) {
+        check_base(&s.x, base_out)?;
+        if s.x.dtype() != first.x.dtype()
+            || !s.x.device().same_device(first.x.device())
+            || s.tiles != first.tiles
+            || s.rows != first.rows
+        {
+            return Err(QuantError::Invalid(
+                "sgmv: the modules of one expand must share the batch (rows, tiles, dtype, GPU)"
+                    .into(),
+            ));
+        }
+        if base_out.dims() != [s.rows, s.n] {
+            return Err(QuantError::Invalid(format!(
+                "sgmv: the base output has shape {:?}, expected [{}, {}]",
+                base_out.dims(),
+                s.rows,
+                s.n
+            )));
+        }
+        based.push(base_out.contiguous()?);
+    }
+    let outs = match first.x.dtype() {
+        DType::BF16 => launch_expand::<half::bf16>(dev, &shrunk, &based)?,
+        DType::F16 => launch_expand::<half::f16>(dev, &shrunk, &based)?,
+        _ => launch_expand::<f32>(dev, &shrunk, &based)?,
+    };
+    Ok(outs
+        .into_iter()
+        .zip(&shrunk)
+        .map(|(o, s)| tensor_from_storage(o, (s.rows, s.n)))
+        .collect())
+}
+
+fn launch_expand<T: CudaDType + DeviceRepr>(
+    dev: &CudaDevice,
+    shrunk: &[Shrunk],
+    bases: &[Tensor],
+) -> Result<Vec<CudaStorage>, QuantError> {
+    let stream = dev.cuda_stream();
+    let tiles = shrunk[0].tiles;
+    let one_row = shrunk
+        .iter()
+        .all(|s| s.one_row_tiles && s.max_rank <= FAST_MAX_RANK);
+    let tpb = if one_row { FAST_TPB } else { 1 };
+    let mut g = ExpandGroup {
+        count: shrunk.len() as i32,
+        ntiles: tiles as i32,
+        tpb: tpb as i32,
+        ..Default::default()
+    };
+    let mut outs = Vec::with_capacity(shrunk.len());
+    let mut blocks = 0usize;
+    for (i, (s, base)) in shrunk.iter().zip(bases).enumerate() {
+        let (bs, bl) = base.storage_and_layout();
+        let Storage::Cuda(bs) = &*bs else {
+            return Err(QuantError::Invalid("sgmv: tensors are not on a GPU".into()));
+        };
+        let bv = bs
+            .as_cuda_slice::<T>()?
+            .slice(bl.start_offset()..bl.start_offset() + s.rows * s.n);
+        // SAFETY: every element is written by the expand kernel (rows without adapter get the base).
+        let out = unsafe { dev.alloc::<T>(s.rows * s.n)? };
+        let segs = s.table.slice(0..s.segments * SEG_BYTES);
+        let tiles = s.table.slice(s.segments * SEG_BYTES..);
+        // The addresses go into one struct argument: the pointer guards (cudarc's event
+        // bookkeeping, off on lorq's one stream per GPU) are let go at once, and every buffer
+        // here lives on the stream the kernel runs on.
+        g.segs[i] = segs.device_ptr(&stream).0;
+        g.tiles[i] = tiles.device_ptr(&stream).0;
+        g.h[i] = s.h.device_ptr(&stream).0;
+        g.base[i] = bv.device_ptr(&stream).0;
+        g.out[i] = out.device_ptr(&stream).0;
+        g.n[i] = s.n as i32;
+        g.r[i] = s.max_rank as i32;
+        g.yb[i] = blocks as i32;
+        blocks += s.n.div_ceil(EXPAND_THREADS);
+        outs.push(out);
+    }
+    let expand = function(
+        dev,
+        "sgmv",
+        FATBIN,
+        &format!("sgmv_expand_{}", shrunk[0].dname),
+    )?;
+    let mut b = stream.launch_builder(&expand);
+    b.arg(&g);
+    let cfg = LaunchConfig {
+        grid_dim: (tiles.div_ceil(tpb) as u32, blocks as u32, 1),
+        block_dim: (EXPAND_THREADS as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: `g` matches `ExpandGroup` of kernels/sgmv.cu; module i's base and output hold
+    // rows × n_i elements, its h rows × max_rank_i, written by the shrink this waited for; its
+    // blocks rows cover ceil(n_i / EXPAND_THREADS).
+    unsafe { b.launch(cfg) }.w()?;
+    drop(b);
+    Ok(outs
+        .into_iter()
+        .map(|o| CudaStorage::wrap_cuda_slice(o, dev.clone()))
+        .collect())
 }
 
 /// Launch tables kept on the GPU by content: a decode step with the same adapters makes the same
@@ -295,76 +524,50 @@ fn uploaded_table(dev: &CudaDevice, bytes: &[u8]) -> Result<Arc<CudaSlice<u8>>, 
 }
 
 #[allow(clippy::too_many_arguments)]
-fn launch<T: CudaDType + DeviceRepr>(
+fn launch_shrink<T: CudaDType + DeviceRepr>(
     dev: &CudaDevice,
+    stream: &Arc<CudaStream>,
     x: &Tensor,
-    base: &Tensor,
+    table: &CudaSlice<u8>,
     p: &Plan,
+    h: &CudaSlice<f32>,
     rows: usize,
-    n: usize,
     k: usize,
     dname: &str,
-) -> Result<CudaStorage, QuantError> {
+) -> Result<(), QuantError> {
     let (xs, xl) = x.storage_and_layout();
-    let (bs, bl) = base.storage_and_layout();
-    let (Storage::Cuda(xs), Storage::Cuda(bs)) = (&*xs, &*bs) else {
+    let Storage::Cuda(xs) = &*xs else {
         return Err(QuantError::Invalid("sgmv: tensors are not on a GPU".into()));
     };
     let xv = xs
         .as_cuda_slice::<T>()?
         .slice(xl.start_offset()..xl.start_offset() + rows * k);
-    let bv = bs
-        .as_cuda_slice::<T>()?
-        .slice(bl.start_offset()..bl.start_offset() + rows * n);
     let x_vec = i32::from(
         k.is_multiple_of(8) && (xl.start_offset() * std::mem::size_of::<T>()).is_multiple_of(16),
     );
-    let table = uploaded_table(dev, &p.bytes)?;
     let segs = table.slice(0..p.segments * SEG_BYTES);
     let tiles = table.slice(p.segments * SEG_BYTES..);
-    let r_max = p.max_rank;
-    // SAFETY: the shrink kernel writes h[row, j] for every adapter row and j below its rank,
-    // the only elements the expand kernel reads.
-    let h = unsafe { dev.alloc::<f32>(rows * r_max)? };
-    // SAFETY: every element is written by the expand kernel (rows without adapter get the base).
-    let out = unsafe { dev.alloc::<T>(rows * n)? };
-    let stream = dev.cuda_stream();
-    let (ki, ni, ri) = (k as i32, n as i32, r_max as i32);
+    let (ki, ri) = (k as i32, p.max_rank as i32);
     let shrink = function(dev, "sgmv", FATBIN, &format!("sgmv_shrink_{dname}"))?;
     let mut b = stream.launch_builder(&shrink);
     b.arg(&segs)
         .arg(&tiles)
         .arg(&xv)
-        .arg(&h)
+        .arg(h)
         .arg(&ki)
         .arg(&ri)
         .arg(&x_vec);
     let cfg = LaunchConfig {
-        grid_dim: (p.tiles as u32, r_max.div_ceil(SHRINK_J_PER_BLOCK) as u32, 1),
+        grid_dim: (
+            p.tiles as u32,
+            p.max_rank.div_ceil(SHRINK_J_PER_BLOCK) as u32,
+            1,
+        ),
         block_dim: ((SHRINK_WARPS * 32) as u32, 1, 1),
         shared_mem_bytes: 0,
     };
     // SAFETY: the arguments match `sgmv_shrink_*` in kernels/sgmv.cu; the table's tiles cover
-    // rows < `rows` of x ([rows, k]) and h ([rows, r_max]), its pointers are live A tensors.
+    // rows < `rows` of x ([rows, k]) and h ([rows, max_rank]), its pointers are live A tensors.
     unsafe { b.launch(cfg) }.w()?;
-    drop(b);
-    let expand = function(dev, "sgmv", FATBIN, &format!("sgmv_expand_{dname}"))?;
-    let mut b = stream.launch_builder(&expand);
-    b.arg(&segs)
-        .arg(&tiles)
-        .arg(&h)
-        .arg(&bv)
-        .arg(&out)
-        .arg(&ni)
-        .arg(&ri);
-    let cfg = LaunchConfig {
-        grid_dim: (p.tiles as u32, n.div_ceil(EXPAND_THREADS) as u32, 1),
-        block_dim: (EXPAND_THREADS as u32, 1, 1),
-        shared_mem_bytes: (ROWS_PER_TILE * r_max * 4) as u32,
-    };
-    // SAFETY: the arguments match `sgmv_expand_*`; base and out hold rows × n elements, the
-    // shared memory 8 × r_max floats (r_max <= MAX_RANK keeps it within 48 KiB).
-    unsafe { b.launch(cfg) }.w()?;
-    drop(b);
-    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    Ok(())
 }
