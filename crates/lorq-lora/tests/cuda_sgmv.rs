@@ -205,9 +205,8 @@ mod gpu {
                             .collect(),
                     ),
                     (
-                        // Ranks <= 16, one row per tile: the expand's one-row path (bf16/f16
-                        // weights), with f32 weights, rank 12 (no vector path) and rows without
-                        // adapter beside them in its blocks, and an odd number of tiles.
+                        // Decode with small ranks: one-row tiles of bf16, f16 and f32 weights,
+                        // rank 12 (the scalar path) and rows without adapter.
                         "decode rows, ranks <= 16",
                         (0..25)
                             .map(|i| (1, [Some(1), Some(6), Some(0), None, Some(5)][i % 5]))

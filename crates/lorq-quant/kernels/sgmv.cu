@@ -18,8 +18,6 @@ constexpr int WARPS = 8;  // shrink: warps per block
 constexpr int KSPLIT = 4; // shrink: warps (K-slices) per rank index
 constexpr int J_PER_BLOCK = WARPS / KSPLIT;  // shrink: rank indices per block (src/cuda/sgmv.rs)
 constexpr int EXPAND_THREADS = 256;  // expand: one thread per output feature
-constexpr int FAST_TPB = 2;  // expand: tiles per block on the one-row path (src/cuda/sgmv.rs)
-constexpr int FAST_MAX_RANK = 16;  // expand: the one-row path's largest rank (2 chunks of 8)
 
 // Mirrors src/cuda/sgmv.rs `push_segment` / `push_tile` (little-endian, 32 and 16 bytes).
 struct Seg {
@@ -147,24 +145,17 @@ __device__ __forceinline__ void shrink(const Seg* __restrict__ segs, const Tile*
     }
 }
 
-// One thread: output feature o for the tile's rows. B's row o (rank values, contiguous) is read
-// once per tile; h is read straight from global memory (every thread of a warp reads the same
-// words: one broadcast load), so the loads of B, h and the base output go out together instead
-// of B waiting behind a shared-memory staging of h and a barrier (decode: one row per tile, the
-// kernel is a single memory round trip).
+// One thread: output feature o for the tile's rows; B's row o (rank values, contiguous) is read
+// once per tile, h comes from shared memory (every thread reads the same word: a broadcast).
 template <typename T, typename W>
 __device__ __forceinline__ void expand_thread(const W* __restrict__ b, float scale,
-                                              const float* __restrict__ h, int R,
-                                              const T* __restrict__ base, T* __restrict__ out,
-                                              int row0, int nrows, int o, int N, int r, bool vec) {
+                                              const float* s_h, const T* __restrict__ base,
+                                              T* __restrict__ out, int row0, int nrows, int o,
+                                              int N, int r, bool vec) {
     float acc[MT];
 #pragma unroll
     for (int m = 0; m < MT; m++) acc[m] = 0.f;
     const W* brow = b + (size_t)o * r;
-    float bs[MT];
-#pragma unroll
-    for (int m = 0; m < MT; m++)
-        bs[m] = m < nrows ? to_f<T>(base[(size_t)(row0 + m) * N + o]) : 0.f;
     if (vec) {
         for (int j = 0; j < r; j += 8) {
             float bv[8];
@@ -172,8 +163,8 @@ __device__ __forceinline__ void expand_thread(const W* __restrict__ b, float sca
 #pragma unroll
             for (int m = 0; m < MT; m++) {
                 if (m < nrows) {
-                    const float4* hp = reinterpret_cast<const float4*>(h + (size_t)(row0 + m) * R + j);
-                    const float4 h0 = __ldg(hp), h1 = __ldg(hp + 1);
+                    const float4 h0 = *reinterpret_cast<const float4*>(s_h + m * r + j);
+                    const float4 h1 = *reinterpret_cast<const float4*>(s_h + m * r + j + 4);
                     float v = acc[m];
                     v = fmaf(bv[0], h0.x, v);
                     v = fmaf(bv[1], h0.y, v);
@@ -192,163 +183,64 @@ __device__ __forceinline__ void expand_thread(const W* __restrict__ b, float sca
             const float bv = to_f<W>(brow[j]);
 #pragma unroll
             for (int m = 0; m < MT; m++)
-                if (m < nrows) acc[m] = fmaf(bv, __ldg(h + (size_t)(row0 + m) * R + j), acc[m]);
+                if (m < nrows) acc[m] = fmaf(bv, s_h[m * r + j], acc[m]);
         }
     }
 #pragma unroll
-    for (int m = 0; m < MT; m++)
-        if (m < nrows) out[(size_t)(row0 + m) * N + o] = from_f<T>(bs[m] + scale * acc[m]);
+    for (int m = 0; m < MT; m++) {
+        if (m < nrows) {
+            const size_t i = (size_t)(row0 + m) * N + o;
+            out[i] = from_f<T>(to_f<T>(base[i]) + scale * acc[m]);
+        }
+    }
 }
 
-// One tile of one module's expand (output o of each of its rows). Not inlined: its three
-// dtype bodies of MT rows would otherwise set the register count of the one-row path too.
+// Block (tile, by) of one module's expand, by < ceil(N / EXPAND_THREADS); dynamic shared memory
+// MT * R floats. Every output element is written (rows without adapter get the base value).
 template <typename T>
-__device__ __noinline__ void expand_tile(const Seg* __restrict__ segs, const Tile& t,
-                                            const float* __restrict__ h, const T* __restrict__ base,
-                                            T* __restrict__ out, int N, int R, int o) {
+__device__ __forceinline__ void expand(const Seg* __restrict__ segs, const Tile* __restrict__ tiles,
+                                       const float* __restrict__ h, const T* __restrict__ base,
+                                       T* __restrict__ out, int N, int R, int by) {
+    extern __shared__ __align__(16) float s_h[];
+    const Tile t = tiles[blockIdx.x];
+    const int o = by * EXPAND_THREADS + threadIdx.x;
     if (t.seg < 0) {
-        for (int m = 0; m < t.nrows; m++) {
-            const size_t i = (size_t)(t.row0 + m) * N + o;
-            out[i] = base[i];
-        }
+        if (o < N)
+            for (int m = 0; m < t.nrows; m++) {
+                const size_t i = (size_t)(t.row0 + m) * N + o;
+                out[i] = base[i];
+            }
         return;
     }
     const Seg s = segs[t.seg];
     const int r = s.rank;
-    // The vector path reads h as float4 at row * R + j: R % 4 == 0 (and r % 8 == 0, j % 8 == 0)
-    // keeps those 16-byte aligned.
-    const bool vec = (s.flags & EXPAND_VEC) != 0 && R % 4 == 0;
+    for (int i = threadIdx.x; i < t.nrows * r; i += EXPAND_THREADS) {
+        const int m = i / r, j = i % r;
+        s_h[m * r + j] = h[(size_t)(t.row0 + m) * R + j];
+    }
+    __syncthreads();
+    if (o >= N) return;
+    // The vector path reads h as float4 at m * r + j: r % 8 == 0 keeps those 16-byte aligned.
+    const bool vec = (s.flags & EXPAND_VEC) != 0;
     switch (s.flags & DTYPE_MASK) {
     case W_BF16:
-        expand_thread<T, __nv_bfloat16>((const __nv_bfloat16*)s.b, s.scale, h, R, base, out, t.row0,
+        expand_thread<T, __nv_bfloat16>((const __nv_bfloat16*)s.b, s.scale, s_h, base, out, t.row0,
                                         t.nrows, o, N, r, vec);
         break;
     case W_F16:
-        expand_thread<T, __half>((const __half*)s.b, s.scale, h, R, base, out, t.row0, t.nrows, o,
-                                 N, r, vec);
+        expand_thread<T, __half>((const __half*)s.b, s.scale, s_h, base, out, t.row0, t.nrows, o, N,
+                                 r, vec);
         break;
     default:
-        expand_thread<T, float>((const float*)s.b, s.scale, h, R, base, out, t.row0, t.nrows, o, N,
+        expand_thread<T, float>((const float*)s.b, s.scale, s_h, base, out, t.row0, t.nrows, o, N,
                                 r, vec);
     }
 }
 
-// 8 weights of a 16-byte chunk of B (bf16 or f16) as f32.
-__device__ __forceinline__ void unpack8(uint4 v, bool bf16, float (&o)[8]) {
-    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        if (bf16) {
-            o[2 * i] = __uint_as_float(w[i] << 16);
-            o[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-        } else {
-            const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&w[i]));
-            o[2 * i] = f.x;
-            o[2 * i + 1] = f.y;
-        }
-    }
-}
-
-// Decode (tiles of one row, ranks <= FAST_MAX_RANK): FAST_TPB tiles per block, and every load of
-// those tiles (B rows, h, base) issued before any math, so a block waits for one memory round
-// trip after its table lookups instead of one per rank chunk and per tile (the one-tile-per-block
-// expand spent most of its time in those dependent waits: 10-40 us for 4-31 MB on an H100).
-// Tiles this path does not take (f32 weights, no vector path) go through expand_tile. Same sums
-// in the same order as expand_thread: the same bits.
-template <typename T>
-__device__ __forceinline__ void expand_one_row_tiles(const Seg* __restrict__ segs,
-                                                     const Tile* __restrict__ tiles, int ntiles,
-                                                     const float* __restrict__ h,
-                                                     const T* __restrict__ base, T* __restrict__ out,
-                                                     int N, int R, int o) {
-    constexpr int RC = FAST_MAX_RANK / 8;
-    const int t0 = blockIdx.x * FAST_TPB;
-    Tile tl[FAST_TPB];
-#pragma unroll
-    for (int i = 0; i < FAST_TPB; i++) tl[i] = t0 + i < ntiles ? tiles[t0 + i] : Tile{-2, 0, 0, 0};
-    Seg sg[FAST_TPB];
-    bool fast[FAST_TPB];
-#pragma unroll
-    for (int i = 0; i < FAST_TPB; i++) {
-        fast[i] = false;
-        if (tl[i].seg >= 0) {
-            sg[i] = segs[tl[i].seg];
-            const int dt = sg[i].flags & DTYPE_MASK;
-            fast[i] = (sg[i].flags & EXPAND_VEC) && R % 4 == 0 && tl[i].nrows == 1 &&
-                      sg[i].rank <= FAST_MAX_RANK && (dt == W_BF16 || dt == W_F16);
-        }
-    }
-    uint4 bw[FAST_TPB][RC];
-    float4 hv[FAST_TPB][RC][2];
-    float bs[FAST_TPB];
-#pragma unroll
-    for (int i = 0; i < FAST_TPB; i++) {
-        if (!fast[i]) continue;
-        const int r = sg[i].rank;
-        const uint4* bp = reinterpret_cast<const uint4*>(
-            reinterpret_cast<const uint16_t*>(sg[i].b) + (size_t)o * r);
-        const float4* hp = reinterpret_cast<const float4*>(h + (size_t)tl[i].row0 * R);
-        bs[i] = to_f<T>(base[(size_t)tl[i].row0 * N + o]);
-#pragma unroll
-        for (int c = 0; c < RC; c++) {
-            if (c * 8 < r) {
-                bw[i][c] = __ldg(bp + c);
-                hv[i][c][0] = __ldg(hp + 2 * c);
-                hv[i][c][1] = __ldg(hp + 2 * c + 1);
-            }
-        }
-    }
-#pragma unroll
-    for (int i = 0; i < FAST_TPB; i++) {
-        if (fast[i]) {
-            const bool bf16 = (sg[i].flags & DTYPE_MASK) == W_BF16;
-            float acc = 0.f;
-#pragma unroll
-            for (int c = 0; c < RC; c++) {
-                if (c * 8 < sg[i].rank) {
-                    float bv[8];
-                    unpack8(bw[i][c], bf16, bv);
-                    const float4 h0 = hv[i][c][0], h1 = hv[i][c][1];
-                    acc = fmaf(bv[0], h0.x, acc);
-                    acc = fmaf(bv[1], h0.y, acc);
-                    acc = fmaf(bv[2], h0.z, acc);
-                    acc = fmaf(bv[3], h0.w, acc);
-                    acc = fmaf(bv[4], h1.x, acc);
-                    acc = fmaf(bv[5], h1.y, acc);
-                    acc = fmaf(bv[6], h1.z, acc);
-                    acc = fmaf(bv[7], h1.w, acc);
-                }
-            }
-            out[(size_t)tl[i].row0 * N + o] = from_f<T>(bs[i] + sg[i].scale * acc);
-        } else if (tl[i].seg != -2) {
-            expand_tile<T>(segs, tl[i], h, base, out, N, R, o);
-        }
-    }
-}
-
-// Block (x, by) of one module's expand, by < ceil(N / EXPAND_THREADS): tiles x * tpb .. + tpb
-// (tpb = FAST_TPB: the one-row path, which the host picks when every tile has one row and the
-// largest rank is at most FAST_MAX_RANK; else 1). Every output element is written (rows without
-// adapter get the base value).
-template <typename T>
-__device__ __forceinline__ void expand(const Seg* __restrict__ segs, const Tile* __restrict__ tiles,
-                                       int ntiles, int tpb, const float* __restrict__ h,
-                                       const T* __restrict__ base, T* __restrict__ out, int N, int R,
-                                       int by) {
-    const int o = by * EXPAND_THREADS + threadIdx.x;
-    if (o >= N) return;
-    if (tpb == FAST_TPB) {
-        expand_one_row_tiles<T>(segs, tiles, ntiles, h, base, out, N, R, o);
-        return;
-    }
-    for (int x = blockIdx.x * tpb; x < min(ntiles, (int)(blockIdx.x + 1) * tpb); x++)
-        expand_tile<T>(segs, tiles[x], h, base, out, N, R, o);
-}
-
 // The expands of up to three modules of one batch in one launch (q/k/v, gate/up: the same rows
 // and tiles, each module its own table, h, base and output). Mirrors src/cuda/sgmv.rs
-// `ExpandGroup`. grid (ceil(tiles / tpb), sum of each module's ceil(N / EXPAND_THREADS)): module i
-// owns the block rows [yb[i], yb[i + 1]).
+// `ExpandGroup`. grid (tiles, sum of each module's ceil(N / EXPAND_THREADS)), dynamic shared
+// memory MT * (largest R) floats: module i owns the block rows [yb[i], yb[i + 1]).
 struct ExpandGroup {
     const Seg* segs[3];
     const Tile* tiles[3];
@@ -359,8 +251,6 @@ struct ExpandGroup {
     int r[3];
     int yb[3];  // first block row of each module (yb[0] = 0)
     int count;
-    int ntiles;
-    int tpb;  // tiles per block
 };
 
 template <typename T>
@@ -370,8 +260,8 @@ __device__ __forceinline__ void expand_group(const ExpandGroup& g) {
     const int y = blockIdx.y;
     const int i = g.count > 2 && y >= g.yb[2] ? 2 : g.count > 1 && y >= g.yb[1] ? 1 : 0;
 #define PICK(f) (i == 2 ? g.f[2] : i == 1 ? g.f[1] : g.f[0])
-    expand<T>(PICK(segs), PICK(tiles), g.ntiles, g.tpb, PICK(h), (const T*)PICK(base), (T*)PICK(out),
-              PICK(n), PICK(r), y - PICK(yb));
+    expand<T>(PICK(segs), PICK(tiles), PICK(h), (const T*)PICK(base), (T*)PICK(out), PICK(n), PICK(r),
+              y - PICK(yb));
 #undef PICK
 }
 

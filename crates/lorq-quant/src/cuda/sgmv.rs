@@ -25,18 +25,15 @@ static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/sgmv.fatbin"));
 
 /// Rows of one adapter that share a load of its weights (kernels/sgmv.cu `MT`).
 pub const ROWS_PER_TILE: usize = 8;
-/// The largest rank the kernels take: the shrink grid has one block row per two rank indices
-/// (CUDA's grid y limit is 65535); larger ranks take the generic path.
-pub const MAX_RANK: usize = 65536;
+/// The largest rank the kernels take: the expand kernel keeps a tile's `h` (8 rows × rank f32)
+/// in the 48 KiB of shared memory a block gets without opting in.
+pub const MAX_RANK: usize = 1536;
 /// Shrink: warps per block and rank indices per block (kernels/sgmv.cu `WARPS`, `J_PER_BLOCK`).
 const SHRINK_WARPS: usize = 8;
 const SHRINK_J_PER_BLOCK: usize = 2;
 /// Expand: output features per block (kernels/sgmv.cu `EXPAND_THREADS`).
 const EXPAND_THREADS: usize = 256;
-/// Expand: tiles per block and largest rank of the one-row path (kernels/sgmv.cu `FAST_TPB`,
-/// `FAST_MAX_RANK`), taken when every tile has one row (decode with one adapter per row).
-const FAST_TPB: usize = 2;
-const FAST_MAX_RANK: usize = 16;
+
 /// Flags of a segment (kernels/sgmv.cu): weight dtype in the low byte, then the vector paths.
 const SHRINK_VEC: u32 = 0x100;
 const EXPAND_VEC: u32 = 0x200;
@@ -99,8 +96,6 @@ struct Plan {
     segments: usize,
     tiles: usize,
     max_rank: usize,
-    /// Every tile has one row.
-    one_row_tiles: bool,
 }
 
 fn plan(
@@ -188,7 +183,6 @@ fn plan(
     }
     let mut tiles = 0usize;
     let mut row = 0usize;
-    let mut one_row_tiles = true;
     for (s, &si) in segments.iter().zip(&seg_index) {
         let mut done = 0;
         while done < s.rows {
@@ -198,7 +192,6 @@ fn plan(
             }
             tiles += 1;
             done += nr;
-            one_row_tiles &= nr == 1;
         }
         row += s.rows;
     }
@@ -207,7 +200,6 @@ fn plan(
         segments: n_segs,
         tiles,
         max_rank,
-        one_row_tiles,
     })
 }
 
@@ -313,7 +305,6 @@ pub fn shrink(
         segments: p.segments,
         tiles: p.tiles,
         max_rank: p.max_rank,
-        one_row_tiles: p.one_row_tiles,
         rows,
         n,
         dname,
@@ -330,7 +321,6 @@ pub struct Shrunk {
     segments: usize,
     tiles: usize,
     max_rank: usize,
-    one_row_tiles: bool,
     rows: usize,
     n: usize,
     dname: &'static str,
@@ -360,8 +350,6 @@ struct ExpandGroup {
     r: [i32; 3],
     yb: [i32; 3],
     count: i32,
-    ntiles: i32,
-    tpb: i32,
 }
 
 // SAFETY: plain old data laid out as the kernel's `ExpandGroup` (repr(C), 8-byte pointers, ints).
@@ -427,17 +415,11 @@ fn launch_expand<T: CudaDType + DeviceRepr>(
     bases: &[Tensor],
 ) -> Result<Vec<CudaStorage>, QuantError> {
     let stream = dev.cuda_stream();
-    let tiles = shrunk[0].tiles;
-    let one_row = shrunk
-        .iter()
-        .all(|s| s.one_row_tiles && s.max_rank <= FAST_MAX_RANK);
-    let tpb = if one_row { FAST_TPB } else { 1 };
     let mut g = ExpandGroup {
         count: shrunk.len() as i32,
-        ntiles: tiles as i32,
-        tpb: tpb as i32,
         ..Default::default()
     };
+    let r_max = shrunk.iter().map(|s| s.max_rank).max().unwrap_or(0);
     let mut outs = Vec::with_capacity(shrunk.len());
     let mut blocks = 0usize;
     for (i, (s, base)) in shrunk.iter().zip(bases).enumerate() {
@@ -475,13 +457,14 @@ fn launch_expand<T: CudaDType + DeviceRepr>(
     let mut b = stream.launch_builder(&expand);
     b.arg(&g);
     let cfg = LaunchConfig {
-        grid_dim: (tiles.div_ceil(tpb) as u32, blocks as u32, 1),
+        grid_dim: (shrunk[0].tiles as u32, blocks as u32, 1),
         block_dim: (EXPAND_THREADS as u32, 1, 1),
-        shared_mem_bytes: 0,
+        shared_mem_bytes: (ROWS_PER_TILE * r_max * 4) as u32,
     };
     // SAFETY: `g` matches `ExpandGroup` of kernels/sgmv.cu; module i's base and output hold
     // rows × n_i elements, its h rows × max_rank_i, written by the shrink this waited for; its
-    // blocks rows cover ceil(n_i / EXPAND_THREADS).
+    // blocks rows cover ceil(n_i / EXPAND_THREADS); the shared memory holds 8 × the largest rank
+    // floats (<= MAX_RANK: within 48 KiB).
     unsafe { b.launch(cfg) }.w()?;
     drop(b);
     Ok(outs
