@@ -299,11 +299,11 @@ pub fn shrink(
     } else {
         None
     };
-    let on = fork.as_ref().map_or(&stream, |f| f.stream()).clone();
+    let on = fork.as_ref().map_or(&stream, |f| f.stream());
     match dtype {
-        DType::BF16 => launch_shrink::<half::bf16>(dev, &on, &x, &table, &p, &h, rows, k, dname)?,
-        DType::F16 => launch_shrink::<half::f16>(dev, &on, &x, &table, &p, &h, rows, k, dname)?,
-        _ => launch_shrink::<f32>(dev, &on, &x, &table, &p, &h, rows, k, dname)?,
+        DType::BF16 => launch_shrink::<half::bf16>(dev, on, &x, &table, &p, &h, rows, k, dname)?,
+        DType::F16 => launch_shrink::<half::f16>(dev, on, &x, &table, &p, &h, rows, k, dname)?,
+        _ => launch_shrink::<f32>(dev, on, &x, &table, &p, &h, rows, k, dname)?,
     }
     let shrunk = Shrunk {
         x,
@@ -322,10 +322,10 @@ pub fn shrink(
         // The delta too needs only x: it is computed beside the base matmul, which is then
         // followed by a plain add (`sgmv_add`) instead of the expand's chain of dependent loads.
         let target = ExpandTarget {
-            delta: d.device_ptr(&on).0,
+            delta: d.device_ptr(on).0,
             ..Default::default()
         };
-        launch_expand(dev, &on, &[&shrunk], &[target])?;
+        launch_expand(dev, on, &[&shrunk], &[target])?;
     }
     Ok(Some(shrunk))
 }
