@@ -150,8 +150,8 @@ __device__ __forceinline__ void shrink(const Seg* __restrict__ segs, const Tile*
 template <typename T, typename W>
 __device__ __forceinline__ void expand_thread(const W* __restrict__ b, float scale,
                                               const float* s_h, const T* __restrict__ base,
-                                              T* __restrict__ out, float* __restrict__ delta,
-                                              int row0, int nrows, int o, int N, int r, bool vec) {
+                                              T* __restrict__ out, int row0, int nrows, int o,
+                                              int N, int r, bool vec) {
     float acc[MT];
 #pragma unroll
     for (int m = 0; m < MT; m++) acc[m] = 0.f;
@@ -190,24 +190,17 @@ __device__ __forceinline__ void expand_thread(const W* __restrict__ b, float sca
     for (int m = 0; m < MT; m++) {
         if (m < nrows) {
             const size_t i = (size_t)(row0 + m) * N + o;
-            // Rounded product, then rounded sum (no contraction into one fma): the delta written
-            // alone and added later (sgmv_add) gives the same bits.
-            const float d = __fmul_rn(scale, acc[m]);
-            if (delta) delta[i] = d;
-            else out[i] = from_f<T>(__fadd_rn(to_f<T>(base[i]), d));
+            out[i] = from_f<T>(to_f<T>(base[i]) + scale * acc[m]);
         }
     }
 }
 
 // Block (tile, by) of one module's expand, by < ceil(N / EXPAND_THREADS); dynamic shared memory
-// MT * R floats. Every output element is written (rows without adapter get the base value), or,
-// with `delta` set (base and out unused), every f32 delta (0 for rows without adapter): a CUDA
-// graph computes the delta on the side stream beside the base matmul and adds it after (sgmv_add).
+// MT * R floats. Every output element is written (rows without adapter get the base value).
 template <typename T>
 __device__ __forceinline__ void expand(const Seg* __restrict__ segs, const Tile* __restrict__ tiles,
                                        const float* __restrict__ h, const T* __restrict__ base,
-                                       T* __restrict__ out, float* __restrict__ delta, int N, int R,
-                                       int by) {
+                                       T* __restrict__ out, int N, int R, int by) {
     extern __shared__ __align__(16) float s_h[];
     const Tile t = tiles[blockIdx.x];
     const int o = by * EXPAND_THREADS + threadIdx.x;
@@ -215,8 +208,7 @@ __device__ __forceinline__ void expand(const Seg* __restrict__ segs, const Tile*
         if (o < N)
             for (int m = 0; m < t.nrows; m++) {
                 const size_t i = (size_t)(t.row0 + m) * N + o;
-                if (delta) delta[i] = 0.f;
-                else out[i] = base[i];
+                out[i] = base[i];
             }
         return;
     }
@@ -232,15 +224,15 @@ __device__ __forceinline__ void expand(const Seg* __restrict__ segs, const Tile*
     const bool vec = (s.flags & EXPAND_VEC) != 0;
     switch (s.flags & DTYPE_MASK) {
     case W_BF16:
-        expand_thread<T, __nv_bfloat16>((const __nv_bfloat16*)s.b, s.scale, s_h, base, out, delta, t.row0,
+        expand_thread<T, __nv_bfloat16>((const __nv_bfloat16*)s.b, s.scale, s_h, base, out, t.row0,
                                         t.nrows, o, N, r, vec);
         break;
     case W_F16:
-        expand_thread<T, __half>((const __half*)s.b, s.scale, s_h, base, out, delta, t.row0, t.nrows, o, N,
+        expand_thread<T, __half>((const __half*)s.b, s.scale, s_h, base, out, t.row0, t.nrows, o, N,
                                  r, vec);
         break;
     default:
-        expand_thread<T, float>((const float*)s.b, s.scale, s_h, base, out, delta, t.row0, t.nrows, o, N,
+        expand_thread<T, float>((const float*)s.b, s.scale, s_h, base, out, t.row0, t.nrows, o, N,
                                 r, vec);
     }
 }
@@ -255,7 +247,6 @@ struct ExpandGroup {
     const float* h[3];
     const void* base[3];
     void* out[3];
-    float* delta[3];  // set: write the f32 delta instead of base + delta
     int n[3];
     int r[3];
     int yb[3];  // first block row of each module (yb[0] = 0)
@@ -269,35 +260,9 @@ __device__ __forceinline__ void expand_group(const ExpandGroup& g) {
     const int y = blockIdx.y;
     const int i = g.count > 2 && y >= g.yb[2] ? 2 : g.count > 1 && y >= g.yb[1] ? 1 : 0;
 #define PICK(f) (i == 2 ? g.f[2] : i == 1 ? g.f[1] : g.f[0])
-    expand<T>(PICK(segs), PICK(tiles), PICK(h), (const T*)PICK(base), (T*)PICK(out), PICK(delta), PICK(n),
-              PICK(r), y - PICK(yb));
+    expand<T>(PICK(segs), PICK(tiles), PICK(h), (const T*)PICK(base), (T*)PICK(out), PICK(n), PICK(r),
+              y - PICK(yb));
 #undef PICK
-}
-
-// out = base + delta (f32, from the expand's delta mode) for up to three modules in one launch,
-// element i of the concatenation of their [rows, n_i] outputs (end = cumulative element counts).
-// Mirrors src/cuda/sgmv.rs `AddGroup`.
-struct AddGroup {
-    const void* base[3];
-    const float* delta[3];
-    void* out[3];
-    long long end[3];
-    int count;
-};
-
-template <typename T>
-__device__ __forceinline__ void add_group(const AddGroup& g) {
-    const long long total = g.count > 2 ? g.end[2] : g.count > 1 ? g.end[1] : g.end[0];
-    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < total;
-         e += (long long)gridDim.x * blockDim.x) {
-        const int k = g.count > 2 && e >= g.end[1] ? 2 : g.count > 1 && e >= g.end[0] ? 1 : 0;
-#define PICK(f) (k == 2 ? g.f[2] : k == 1 ? g.f[1] : g.f[0])
-        const long long i = e - (k == 2 ? g.end[1] : k == 1 ? g.end[0] : 0);
-        const T* base = (const T*)PICK(base);
-        T* out = (T*)PICK(out);
-        out[i] = from_f<T>(__fadd_rn(to_f<T>(base[i]), PICK(delta)[i]));
-#undef PICK
-    }
 }
 
 #define SGMV(TNAME, T)                                                                             \
@@ -309,9 +274,6 @@ __device__ __forceinline__ void add_group(const AddGroup& g) {
     extern "C" __global__ void __launch_bounds__(EXPAND_THREADS)                                   \
         sgmv_expand_##TNAME(const ExpandGroup g) {                                                 \
         expand_group<T>(g);                                                                        \
-    }                                                                                              \
-    extern "C" __global__ void __launch_bounds__(EXPAND_THREADS) sgmv_add_##TNAME(const AddGroup g) { \
-        add_group<T>(g);                                                                           \
     }
 
 SGMV(f32, float)

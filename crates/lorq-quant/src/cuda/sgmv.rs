@@ -286,15 +286,8 @@ pub fn shrink(
     // SAFETY: the shrink kernel writes h[row, j] for every adapter row and j below its rank,
     // the only elements the expand kernel reads.
     let h = unsafe { dev.alloc::<f32>(rows * p.max_rank)? };
-    let overlap = super::side_stream::wanted();
-    // SAFETY: the expand's delta mode writes every element.
-    let delta = if overlap {
-        Some(unsafe { dev.alloc::<f32>(rows * n)? })
-    } else {
-        None
-    };
-    // After the allocations (ordered on the main stream) and with x kept until the join.
-    let fork = if overlap {
+    // After the allocation of h (ordered on the main stream) and with x kept until the expand.
+    let fork = if super::side_stream::wanted() {
         Some(super::side_stream::Fork::new(dev)?)
     } else {
         None
@@ -305,7 +298,7 @@ pub fn shrink(
         DType::F16 => launch_shrink::<half::f16>(dev, on, &x, &table, &p, &h, rows, k, dname)?,
         _ => launch_shrink::<f32>(dev, on, &x, &table, &p, &h, rows, k, dname)?,
     }
-    let shrunk = Shrunk {
+    Ok(Some(Shrunk {
         x,
         h,
         table,
@@ -316,18 +309,7 @@ pub fn shrink(
         n,
         dname,
         fork,
-        delta,
-    };
-    if let Some(d) = &shrunk.delta {
-        // The delta too needs only x: it is computed beside the base matmul, which is then
-        // followed by a plain add (`sgmv_add`) instead of the expand's chain of dependent loads.
-        let target = ExpandTarget {
-            delta: d.device_ptr(on).0,
-            ..Default::default()
-        };
-        launch_expand(dev, on, &[&shrunk], &[target])?;
-    }
-    Ok(Some(shrunk))
+    }))
 }
 
 /// A queued shrink ([`shrink`]): its `h`, launch table and the activations it reads (kept alive
@@ -343,8 +325,6 @@ pub struct Shrunk {
     n: usize,
     dname: &'static str,
     fork: Option<super::side_stream::Fork>,
-    /// `scale · B·h` per row (f32), already computed on the side stream (graph capture).
-    delta: Option<CudaSlice<f32>>,
 }
 
 impl Shrunk {
@@ -366,7 +346,6 @@ struct ExpandGroup {
     h: [u64; 3],
     base: [u64; 3],
     out: [u64; 3],
-    delta: [u64; 3],
     n: [i32; 3],
     r: [i32; 3],
     yb: [i32; 3],
@@ -375,30 +354,6 @@ struct ExpandGroup {
 
 // SAFETY: plain old data laid out as the kernel's `ExpandGroup` (repr(C), 8-byte pointers, ints).
 unsafe impl DeviceRepr for ExpandGroup {}
-
-/// Kernel argument `AddGroup` (kernels/sgmv.cu): per module base, f32 delta and output, and the
-/// cumulative element counts.
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct AddGroup {
-    base: [u64; 3],
-    delta: [u64; 3],
-    out: [u64; 3],
-    end: [i64; 3],
-    count: i32,
-}
-
-// SAFETY: plain old data laid out as the kernel's `AddGroup` (repr(C), 8-byte pointers, i64, int).
-unsafe impl DeviceRepr for AddGroup {}
-
-/// Where one module's expand writes: `out = base + delta` (addresses of T buffers), or the f32
-/// `delta` alone (base and out 0).
-#[derive(Clone, Copy, Default)]
-struct ExpandTarget {
-    base: u64,
-    out: u64,
-    delta: u64,
-}
 
 /// [`Shrunk::expand`] of up to three modules of one batch (q/k/v, gate/up) in one launch:
 /// `bases[i] + delta_i` for each. The modules share the batch's rows (and so its tiles), the
@@ -443,9 +398,9 @@ pub fn expand_group(shrunk: Vec<Shrunk>, bases: &[&Tensor]) -> Result<Vec<Tensor
         based.push(base_out.contiguous()?);
     }
     let outs = match first.x.dtype() {
-        DType::BF16 => finish_group::<half::bf16>(dev, &shrunk, &based)?,
-        DType::F16 => finish_group::<half::f16>(dev, &shrunk, &based)?,
-        _ => finish_group::<f32>(dev, &shrunk, &based)?,
+        DType::BF16 => launch_expand::<half::bf16>(dev, &shrunk, &based)?,
+        DType::F16 => launch_expand::<half::f16>(dev, &shrunk, &based)?,
+        _ => launch_expand::<f32>(dev, &shrunk, &based)?,
     };
     Ok(outs
         .into_iter()
@@ -454,96 +409,44 @@ pub fn expand_group(shrunk: Vec<Shrunk>, bases: &[&Tensor]) -> Result<Vec<Tensor
         .collect())
 }
 
-/// The outputs `base + delta` of the group: one add launch where every delta is already computed
-/// (graph capture), else one expand launch.
-fn finish_group<T: CudaDType + DeviceRepr>(
+fn launch_expand<T: CudaDType + DeviceRepr>(
     dev: &CudaDevice,
     shrunk: &[Shrunk],
     bases: &[Tensor],
 ) -> Result<Vec<CudaStorage>, QuantError> {
     let stream = dev.cuda_stream();
-    let mut outs = Vec::with_capacity(shrunk.len());
-    let mut targets = Vec::with_capacity(shrunk.len());
-    for (s, base) in shrunk.iter().zip(bases) {
-        // SAFETY: every element is written by the expand or add kernel (rows without adapter
-        // get the base).
-        let out = unsafe { dev.alloc::<T>(s.rows * s.n)? };
-        targets.push(ExpandTarget {
-            base: device_address(base, &stream, "the base output")?,
-            out: out.device_ptr(&stream).0,
-            delta: 0,
-        });
-        outs.push(out);
-    }
-    let refs: Vec<&Shrunk> = shrunk.iter().collect();
-    if shrunk.iter().all(|s| s.delta.is_some()) {
-        let mut g = AddGroup {
-            count: shrunk.len() as i32,
-            ..Default::default()
-        };
-        let mut total = 0usize;
-        for (i, (s, t)) in shrunk.iter().zip(&targets).enumerate() {
-            g.base[i] = t.base;
-            g.out[i] = t.out;
-            g.delta[i] = s.delta.as_ref().expect("checked").device_ptr(&stream).0;
-            total += s.rows * s.n;
-            g.end[i] = total as i64;
-        }
-        let add = function(
-            dev,
-            "sgmv",
-            FATBIN,
-            &format!("sgmv_add_{}", shrunk[0].dname),
-        )?;
-        let mut b = stream.launch_builder(&add);
-        b.arg(&g);
-        let cfg = LaunchConfig {
-            grid_dim: (total.div_ceil(EXPAND_THREADS).min(65535) as u32, 1, 1),
-            block_dim: (EXPAND_THREADS as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: `g` matches `AddGroup`; module i's base, delta and output hold rows × n_i
-        // elements; the deltas were written on the side stream this stream has joined.
-        unsafe { b.launch(cfg) }.w()?;
-    } else {
-        launch_expand(dev, &stream, &refs, &targets)?;
-    }
-    Ok(outs
-        .into_iter()
-        .map(|o| CudaStorage::wrap_cuda_slice(o, dev.clone()))
-        .collect())
-}
-
-/// One expand launch over the modules `shrunk` (sharing the batch), module i writing to
-/// `targets[i]`, on `stream`.
-fn launch_expand(
-    dev: &CudaDevice,
-    stream: &Arc<CudaStream>,
-    shrunk: &[&Shrunk],
-    targets: &[ExpandTarget],
-) -> Result<(), QuantError> {
     let mut g = ExpandGroup {
         count: shrunk.len() as i32,
         ..Default::default()
     };
     let r_max = shrunk.iter().map(|s| s.max_rank).max().unwrap_or(0);
+    let mut outs = Vec::with_capacity(shrunk.len());
     let mut blocks = 0usize;
-    for (i, (s, t)) in shrunk.iter().zip(targets).enumerate() {
+    for (i, (s, base)) in shrunk.iter().zip(bases).enumerate() {
+        let (bs, bl) = base.storage_and_layout();
+        let Storage::Cuda(bs) = &*bs else {
+            return Err(QuantError::Invalid("sgmv: tensors are not on a GPU".into()));
+        };
+        let bv = bs
+            .as_cuda_slice::<T>()?
+            .slice(bl.start_offset()..bl.start_offset() + s.rows * s.n);
+        // SAFETY: every element is written by the expand kernel (rows without adapter get the base).
+        let out = unsafe { dev.alloc::<T>(s.rows * s.n)? };
         let segs = s.table.slice(0..s.segments * SEG_BYTES);
         let tiles = s.table.slice(s.segments * SEG_BYTES..);
         // The addresses go into one struct argument: the pointer guards (cudarc's event
-        // bookkeeping, off on lorq's one stream per GPU) are let go at once; every buffer here
-        // was allocated on the main stream before any fork.
-        g.segs[i] = segs.device_ptr(stream).0;
-        g.tiles[i] = tiles.device_ptr(stream).0;
-        g.h[i] = s.h.device_ptr(stream).0;
-        g.base[i] = t.base;
-        g.out[i] = t.out;
-        g.delta[i] = t.delta;
+        // bookkeeping, off on lorq's one stream per GPU) are let go at once, and every buffer
+        // here lives on the stream the kernel runs on.
+        g.segs[i] = segs.device_ptr(&stream).0;
+        g.tiles[i] = tiles.device_ptr(&stream).0;
+        g.h[i] = s.h.device_ptr(&stream).0;
+        g.base[i] = bv.device_ptr(&stream).0;
+        g.out[i] = out.device_ptr(&stream).0;
         g.n[i] = s.n as i32;
         g.r[i] = s.max_rank as i32;
         g.yb[i] = blocks as i32;
         blocks += s.n.div_ceil(EXPAND_THREADS);
+        outs.push(out);
     }
     let expand = function(
         dev,
@@ -558,13 +461,16 @@ fn launch_expand(
         block_dim: (EXPAND_THREADS as u32, 1, 1),
         shared_mem_bytes: (ROWS_PER_TILE * r_max * 4) as u32,
     };
-    // SAFETY: `g` matches `ExpandGroup` of kernels/sgmv.cu; module i's base and output (or its
-    // f32 delta) hold rows × n_i elements, its h rows × max_rank_i, written by the shrink before
-    // this on the same stream or joined into it; its block rows cover ceil(n_i /
-    // EXPAND_THREADS); the shared memory holds 8 × the largest rank floats (<= MAX_RANK: within
-    // 48 KiB).
+    // SAFETY: `g` matches `ExpandGroup` of kernels/sgmv.cu; module i's base and output hold
+    // rows × n_i elements, its h rows × max_rank_i, written by the shrink this waited for; its
+    // blocks rows cover ceil(n_i / EXPAND_THREADS); the shared memory holds 8 × the largest rank
+    // floats (<= MAX_RANK: within 48 KiB).
     unsafe { b.launch(cfg) }.w()?;
-    Ok(())
+    drop(b);
+    Ok(outs
+        .into_iter()
+        .map(|o| CudaStorage::wrap_cuda_slice(o, dev.clone()))
+        .collect())
 }
 
 /// Launch tables kept on the GPU by content: a decode step with the same adapters makes the same
