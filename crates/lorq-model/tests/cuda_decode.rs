@@ -503,8 +503,9 @@ mod gpu {
     }
 
     /// Decode steps replayed from CUDA graphs compute the eager steps: a batch mixing the base
-    /// model and two adapters (whose shrinks the graphs run on a side stream), contexts that cross a graph's capacity (256 tokens: a second
-    /// capture), f32 (logits within 1e-5) and bf16 (1e-2; the attention split differs).
+    /// model and two adapters (whose shrinks the graphs run on a side stream), contexts that
+    /// cross a graph's capacity (256 tokens: a second capture), f32 (logits within 1e-5) and
+    /// bf16 (1e-2; the attention split differs).
     #[test]
     fn decode_graphs_replay_the_eager_steps() {
         let Some(dev) = gpu() else { return };

@@ -33,7 +33,6 @@ const SHRINK_WARPS: usize = 8;
 const SHRINK_J_PER_BLOCK: usize = 2;
 /// Expand: output features per block (kernels/sgmv.cu `EXPAND_THREADS`).
 const EXPAND_THREADS: usize = 256;
-
 /// Flags of a segment (kernels/sgmv.cu): weight dtype in the low byte, then the vector paths.
 const SHRINK_VEC: u32 = 0x100;
 const EXPAND_VEC: u32 = 0x200;
@@ -213,15 +212,12 @@ pub fn add_lora(
     base_out: &Tensor,
     segments: &[LoraSegment<'_>],
 ) -> Result<Tensor, QuantError> {
-    let n = match base_out.dims2() {
-        Ok((_, n)) => n,
-        Err(_) => {
-            return Err(QuantError::Invalid(format!(
-                "sgmv: the base output has shape {:?}, expected [rows, out]",
-                base_out.dims()
-            )))
-        }
-    };
+    let (_, n) = base_out.dims2().map_err(|_| {
+        QuantError::Invalid(format!(
+            "sgmv: the base output has shape {:?}, expected [rows, out]",
+            base_out.dims()
+        ))
+    })?;
     check_base(x, base_out)?;
     match shrink(x, n, segments)? {
         Some(h) => h.expand(base_out),
@@ -254,16 +250,12 @@ pub fn shrink(
 ) -> Result<Option<Shrunk>, QuantError> {
     let dev = cuda_device(x, "sgmv")?;
     let dtype = x.dtype();
-    let dname = match dtype {
-        DType::BF16 => "bf16",
-        DType::F16 => "f16",
-        DType::F32 => "f32",
-        d => {
-            return Err(QuantError::Invalid(format!(
-                "sgmv: activations are {d:?}; they must be f32, bf16 or f16"
-            )))
-        }
-    };
+    if dtype_code(dtype).is_none() {
+        return Err(QuantError::Invalid(format!(
+            "sgmv: activations are {dtype:?}; they must be f32, bf16 or f16"
+        )));
+    }
+    let dname = super::dtype_name(dtype);
     let (rows, k) = x.dims2().map_err(|_| {
         QuantError::Invalid(format!(
             "sgmv: x has shape {:?}, expected [rows, in]",
@@ -307,7 +299,6 @@ pub fn shrink(
         max_rank: p.max_rank,
         rows,
         n,
-        dname,
         fork,
     }))
 }
@@ -323,7 +314,6 @@ pub struct Shrunk {
     max_rank: usize,
     rows: usize,
     n: usize,
-    dname: &'static str,
     fork: Option<super::side_stream::Fork>,
 }
 
@@ -423,13 +413,6 @@ fn launch_expand<T: CudaDType + DeviceRepr>(
     let mut outs = Vec::with_capacity(shrunk.len());
     let mut blocks = 0usize;
     for (i, (s, base)) in shrunk.iter().zip(bases).enumerate() {
-        let (bs, bl) = base.storage_and_layout();
-        let Storage::Cuda(bs) = &*bs else {
-            return Err(QuantError::Invalid("sgmv: tensors are not on a GPU".into()));
-        };
-        let bv = bs
-            .as_cuda_slice::<T>()?
-            .slice(bl.start_offset()..bl.start_offset() + s.rows * s.n);
         // SAFETY: every element is written by the expand kernel (rows without adapter get the base).
         let out = unsafe { dev.alloc::<T>(s.rows * s.n)? };
         let segs = s.table.slice(0..s.segments * SEG_BYTES);
@@ -440,7 +423,7 @@ fn launch_expand<T: CudaDType + DeviceRepr>(
         g.segs[i] = segs.device_ptr(&stream).0;
         g.tiles[i] = tiles.device_ptr(&stream).0;
         g.h[i] = s.h.device_ptr(&stream).0;
-        g.base[i] = bv.device_ptr(&stream).0;
+        g.base[i] = device_address(base, &stream, "the base output")?;
         g.out[i] = out.device_ptr(&stream).0;
         g.n[i] = s.n as i32;
         g.r[i] = s.max_rank as i32;
@@ -452,7 +435,7 @@ fn launch_expand<T: CudaDType + DeviceRepr>(
         dev,
         "sgmv",
         FATBIN,
-        &format!("sgmv_expand_{}", shrunk[0].dname),
+        &format!("sgmv_expand_{}", super::dtype_name(shrunk[0].x.dtype())),
     )?;
     let mut b = stream.launch_builder(&expand);
     b.arg(&g);
