@@ -1,6 +1,7 @@
 //! The decoder layers of a batched step on the GPU over the paged KV cache: per layer one launch
-//! for RoPE + the append of every new token's key and value, one (or two, with a split) for the
-//! attention of every new token of the batch, and the fused residual-add + RMSNorm and SiLU·mul
+//! for RoPE + the append of every new token's key and value and one for the attention of every
+//! new token of the batch (its split merged in the same launch) — a decode step does all three in
+//! the attention launch — and the fused residual-add + RMSNorm and SiLU·mul
 //! kernels, instead of a loop over the sequences of candle ops. The batch layout (positions,
 //! slots, block tables) is uploaded once per step and shared by every layer. The contiguous path
 //! in `llama.rs` (the CPU, and training) is the reference.
@@ -24,10 +25,14 @@ pub(crate) struct MetaDims {
     pub max_blocks: usize,
     /// The longest context a row attends to (sizes the attention split).
     pub max_ctx: usize,
+    /// Every sequence has at most one new token (a decode step): the attention launch also
+    /// does the RoPE and the KV append.
+    pub decode: bool,
 }
 
-/// A paged step's layout on the host: positions, sequences and slots of every new token, then
-/// the block tables padded to `dims.max_blocks`.
+/// A paged step's layout on the host: positions, sequences and slots of every new token, the
+/// block tables padded to `dims.max_blocks`, then the attention's zeroed merge tickets
+/// (`paged_attention::tickets_needed` of them; each attention launch leaves them zeroed).
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub(crate) struct PagedMeta {
     pub data: Vec<u32>,
@@ -99,6 +104,7 @@ impl LlamaModel {
         min_blocks: usize,
         min_ctx: usize,
     ) -> Result<PagedMeta> {
+        use lorq_quant::cuda::paged_attention::tickets_needed;
         let pool = self.kv_pool.as_ref().ok_or_else(|| {
             ModelError::Request("this model has no paged KV pool (not on a GPU)".into())
         })?;
@@ -149,6 +155,11 @@ impl LlamaModel {
             data.extend_from_slice(t);
             data.extend(std::iter::repeat_n(0, max_blocks - t.len()));
         }
+        let c = &self.config;
+        data.extend(std::iter::repeat_n(
+            0,
+            tickets_needed(rows, c.num_attention_heads, c.num_key_value_heads),
+        ));
         Ok(PagedMeta {
             data,
             dims: MetaDims {
@@ -156,6 +167,7 @@ impl LlamaModel {
                 seqs: items.len(),
                 max_blocks,
                 max_ctx,
+                decode: spans.iter().all(|s| s.1 <= 1),
             },
         })
     }
@@ -175,7 +187,8 @@ impl LlamaModel {
         use lorq_quant::cuda::fp8_gemm::{with_offered_activations, QuantizedActivations};
         use lorq_quant::cuda::fused_ops::{add_rms_norm, add_rms_norm_fp8, silu_mul};
         use lorq_quant::cuda::paged_attention::{
-            attention, multiprocessors, rope_append, PageShape, PagedBatch,
+            attention, decode_attention, multiprocessors, rope_append, tickets_needed, PageShape,
+            PagedBatch,
         };
         let c = &self.config;
         let pool = self.kv_pool.as_ref().ok_or_else(|| {
@@ -191,6 +204,7 @@ impl LlamaModel {
             seqs,
             max_blocks,
             max_ctx,
+            decode,
         } = dims;
         let row_pos = meta.narrow(0, 0, rows)?;
         let row_seq = meta.narrow(0, rows, rows)?;
@@ -198,6 +212,11 @@ impl LlamaModel {
         let block_tables = meta
             .narrow(0, 3 * rows, seqs * max_blocks)?
             .reshape((seqs, max_blocks))?;
+        let tickets = meta.narrow(
+            0,
+            3 * rows + seqs * max_blocks,
+            tickets_needed(rows, c.num_attention_heads, c.num_key_value_heads),
+        )?;
         let (cos, sin) = self.rope.tables(0, max_ctx)?;
         let batch = PagedBatch {
             row_pos: &row_pos,
@@ -206,6 +225,7 @@ impl LlamaModel {
             block_tables: &block_tables,
             max_keys: max_ctx,
             sms: multiprocessors(cuda)?,
+            tickets: Some(&tickets),
         };
         let shape = PageShape {
             heads: c.num_attention_heads,
@@ -272,12 +292,17 @@ impl LlamaModel {
                 qkv[2].contiguous()?,
             );
             let (kc, vc) = pool.layer(li);
-            let q = rope_append(&q, &k, &v, &cos, &sin, &batch, &kc, &vc, shape)?;
             let layer_batch = PagedBatch {
                 max_keys: layer.window.map_or(max_ctx, |w| w.min(max_ctx)),
                 ..batch
             };
-            let attn = attention(&q, &kc, &vc, &layer_batch, shape, layer.window)?;
+            let (b, w) = (&layer_batch, layer.window);
+            let attn = if decode {
+                decode_attention(&q, &k, &v, &cos, &sin, b, &kc, &vc, shape, w)?
+            } else {
+                let q = rope_append(&q, &k, &v, &cos, &sin, &batch, &kc, &vc, shape)?;
+                attention(&q, &kc, &vc, b, shape, w)?
+            };
             let o = layer.o.forward(&attn, adapters)?;
             let (s, h, codes) = add_norm(&x, &o, &layer.post_attention_norm, &layer.gate)?;
             x = s;

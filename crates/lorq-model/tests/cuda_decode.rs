@@ -25,7 +25,9 @@ mod gpu {
     use lorq_model::random_model::{random_adapters, seeded_randn, shape_config};
     use lorq_model::{BatchItem, LlamaModel, LogitsWanted, ModelConfig};
     use lorq_quant::cuda::fused_ops::{add_rms_norm, argmax_rows, embed_rows, silu_mul};
-    use lorq_quant::cuda::paged_attention::{attention, rope_append, PageShape, PagedBatch};
+    use lorq_quant::cuda::paged_attention::{
+        attention, decode_attention, rope_append, tickets_needed, PageShape, PagedBatch,
+    };
 
     fn gpu() -> Option<Device> {
         lorq_quant::cuda::usable_gpu(0)
@@ -171,8 +173,8 @@ mod gpu {
         let k_g = cat(&|r| r.1.clone());
         let v_g = cat(&|r| r.2.clone());
         let page_shape = (num_blocks, kv_heads, BLOCK_SIZE, hd);
-        let kc = up(&Tensor::from_vec(kp, page_shape, &Device::Cpu).unwrap());
-        let vc = up(&Tensor::from_vec(vp, page_shape, &Device::Cpu).unwrap());
+        let pages = |p: &[f32]| up(&Tensor::from_slice(p, page_shape, &Device::Cpu).unwrap());
+        let (kc, vc) = (pages(&kp), pages(&vp));
         let u32s = |v: Vec<u32>| {
             let n = v.len();
             Tensor::from_vec(v, n, dev).unwrap()
@@ -192,10 +194,64 @@ mod gpu {
             max_keys,
             // Few SMs make the kernel split long contexts: both paths get exercised.
             sms: if seed.is_multiple_of(2) { 132 } else { 1 },
+            tickets: None,
         };
         let (cos_g, sin_g) = (up(&cos), up(&sin));
         let q_rot = rope_append(&q_g, &k_g, &v_g, &cos_g, &sin_g, &batch, &kc, &vc, shape).unwrap();
+        // The split merged by a second launch, then in the same launch (tickets), twice with the
+        // same tickets (each launch must leave them zeroed): the same merge, bit for bit.
         let out = attention(&q_rot, &kc, &vc, &batch, shape, window).unwrap();
+        let tickets =
+            Tensor::zeros(tickets_needed(rows, heads, kv_heads), DType::U32, dev).unwrap();
+        let fused = PagedBatch {
+            tickets: Some(&tickets),
+            ..batch
+        };
+        for round in 0..2 {
+            let one = attention(&q_rot, &kc, &vc, &fused, shape, window).unwrap();
+            let diff = (&one.to_dtype(DType::F32).unwrap() - &out.to_dtype(DType::F32).unwrap())
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert_eq!(
+                diff, 0.0,
+                "merged in one launch (round {round}) != two launches"
+            );
+        }
+        let left: u32 = tickets.to_vec1::<u32>().unwrap().iter().sum();
+        assert_eq!(left, 0, "the attention left {left} tickets taken");
+        if seqs.iter().all(|s| s.new == 1) {
+            // A decode step: RoPE, append and attention in one launch, on pages without the new
+            // tokens, must give rope_append + attention's output and pages, bit for bit.
+            let (kc1, vc1) = (pages(&kp), pages(&vp));
+            let one = decode_attention(
+                &q_g, &k_g, &v_g, &cos_g, &sin_g, &fused, &kc1, &vc1, shape, window,
+            )
+            .unwrap();
+            let same = |a: &Tensor, b: &Tensor| {
+                let d = (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                d == 0.0
+            };
+            assert!(
+                same(&one, &out),
+                "decode_attention != rope_append + attention"
+            );
+            assert!(
+                same(&kc1, &kc) && same(&vc1, &vc),
+                "decode_attention appended other pages"
+            );
+        }
         // CPU reference, sequence by sequence, in f32.
         let mut want = Vec::new();
         for (s, (q, k, v, k_old, v_old)) in seqs.iter().zip(&refs) {
@@ -264,6 +320,20 @@ mod gpu {
                             &mixed_batch(),
                             tol,
                             seed * 2 + split,
+                        );
+                        // Only decode rows: also through decode_attention.
+                        let decode: Vec<Seq> =
+                            mixed_batch().into_iter().filter(|s| s.new == 1).collect();
+                        check_attention(
+                            &dev,
+                            dtype,
+                            heads,
+                            kv_heads,
+                            hd,
+                            window,
+                            &decode,
+                            tol,
+                            seed * 2 + split + 1000,
                         );
                     }
                     seed += 1;

@@ -15,26 +15,36 @@ template <> __device__ __forceinline__ float from_f<float>(float v) { return v; 
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
 template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half(v); }
 
-// 8 consecutive activations as f32 (p 16-byte aligned).
-template <typename T> __device__ __forceinline__ void load8(const T* p, float (&o)[8]);
-template <> __device__ __forceinline__ void load8<float>(const float* p, float (&o)[8]) {
-    float4 a = __ldg(reinterpret_cast<const float4*>(p));
-    float4 b = __ldg(reinterpret_cast<const float4*>(p) + 1);
-    o[0] = a.x; o[1] = a.y; o[2] = a.z; o[3] = a.w;
-    o[4] = b.x; o[5] = b.y; o[6] = b.z; o[7] = b.w;
+// 8 consecutive values as loaded (16 bytes for bf16/f16, 32 for f32), to convert later: loads can
+// be issued long before their values are needed without holding 8 floats each.
+// NC: through the read-only cache (__ldg); otherwise from L2 (__ldcg), for data written earlier
+// in the same launch.
+template <typename T> struct Pack8 { uint4 w[sizeof(T) / 2]; };
+template <typename T, bool NC = true> __device__ __forceinline__ Pack8<T> ld_pack8(const T* p) {
+    Pack8<T> r;
+#pragma unroll
+    for (int i = 0; i < (int)(sizeof(T) / 2); i++) {
+        const uint4* v = reinterpret_cast<const uint4*>(p) + i;
+        r.w[i] = NC ? __ldg(v) : __ldcg(v);
+    }
+    return r;
 }
-template <> __device__ __forceinline__ void load8<__nv_bfloat16>(const __nv_bfloat16* p, float (&o)[8]) {
-    uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
-    uint32_t w[4] = {v.x, v.y, v.z, v.w};
+template <typename T> __device__ __forceinline__ void unpack8(const Pack8<T>& r, float (&o)[8]);
+template <> __device__ __forceinline__ void unpack8<float>(const Pack8<float>& r, float (&o)[8]) {
+    const uint32_t* w = reinterpret_cast<const uint32_t*>(r.w);
+#pragma unroll
+    for (int i = 0; i < 8; i++) o[i] = __uint_as_float(w[i]);
+}
+template <> __device__ __forceinline__ void unpack8<__nv_bfloat16>(const Pack8<__nv_bfloat16>& r, float (&o)[8]) {
+    const uint32_t w[4] = {r.w[0].x, r.w[0].y, r.w[0].z, r.w[0].w};
 #pragma unroll
     for (int i = 0; i < 4; i++) {
         o[2 * i] = __uint_as_float(w[i] << 16);
         o[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
     }
 }
-template <> __device__ __forceinline__ void load8<__half>(const __half* p, float (&o)[8]) {
-    uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
-    const __half2* h = reinterpret_cast<const __half2*>(&v);
+template <> __device__ __forceinline__ void unpack8<__half>(const Pack8<__half>& r, float (&o)[8]) {
+    const __half2* h = reinterpret_cast<const __half2*>(&r.w[0]);
 #pragma unroll
     for (int i = 0; i < 4; i++) {
         float2 f = __half22float2(h[i]);
@@ -42,6 +52,9 @@ template <> __device__ __forceinline__ void load8<__half>(const __half* p, float
         o[2 * i + 1] = f.y;
     }
 }
+
+// 8 consecutive activations as f32 (p 16-byte aligned).
+template <typename T> __device__ __forceinline__ void load8(const T* p, float (&o)[8]) { unpack8<T>(ld_pack8<T>(p), o); }
 
 // 8 consecutive values from f32 to T, stored at p (16-byte aligned; 32 bytes for f32).
 template <typename T> __device__ __forceinline__ void store8(T* p, const float (&v)[8]);

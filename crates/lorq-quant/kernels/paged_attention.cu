@@ -27,6 +27,12 @@ constexpr int NW = 4;          // warps per attention block
 constexpr int GMAX = 8;        // query heads per block
 constexpr int PMAX = 256;      // keys per partition (shared-memory scores)
 
+// The rotate-half RoPE of the pair (a, b) = (x[i], x[i + hd/2]) at angle (cos, sin), with explicit
+// FMAs so that rope_append and the attention's own RoPE (decode) round identically.
+__device__ __forceinline__ float2 rope_pair(float a, float b, float cc, float ss) {
+    return make_float2(fmaf(a, cc, -b * ss), fmaf(b, cc, a * ss));
+}
+
 template <typename T>
 __device__ __forceinline__ void rope_append(const T* __restrict__ q, const T* __restrict__ k,
                                             const T* __restrict__ v, const T* __restrict__ cos_t,
@@ -48,18 +54,16 @@ __device__ __forceinline__ void rope_append(const T* __restrict__ q, const T* __
         const int j = idx / half, i = idx % half;
         if (j < heads) {
             const size_t base = ((size_t)r * heads + j) * hd;
-            const float a = to_f(q[base + i]), b = to_f(q[base + i + half]);
-            const float cc = to_f(c[i]), ss = to_f(s[i]);
-            q_out[base + i] = from_f<T>(a * cc - b * ss);
-            q_out[base + i + half] = from_f<T>(b * cc + a * ss);
+            const float2 o = rope_pair(to_f(q[base + i]), to_f(q[base + i + half]), to_f(c[i]), to_f(s[i]));
+            q_out[base + i] = from_f<T>(o.x);
+            q_out[base + i + half] = from_f<T>(o.y);
         } else if (j < heads + kv_heads) {
             const int h = j - heads;
             const size_t src = ((size_t)r * kv_heads + h) * hd;
             const size_t dst = ((blk * kv_heads + h) * bs + off) * hd;
-            const float a = to_f(k[src + i]), b = to_f(k[src + i + half]);
-            const float cc = to_f(c[i]), ss = to_f(s[i]);
-            k_cache[dst + i] = from_f<T>(a * cc - b * ss);
-            k_cache[dst + i + half] = from_f<T>(b * cc + a * ss);
+            const float2 o = rope_pair(to_f(k[src + i]), to_f(k[src + i + half]), to_f(c[i]), to_f(s[i]));
+            k_cache[dst + i] = from_f<T>(o.x);
+            k_cache[dst + i + half] = from_f<T>(o.y);
         } else {
             const int h = j - heads - kv_heads;
             const size_t src = ((size_t)r * kv_heads + h) * hd;
@@ -96,17 +100,104 @@ struct AttnArgs {
     float scale_log2;  // softmax scale * log2(e)
 };
 
+constexpr int MERGE_MAX = GMAX * PMAX;  // (head, partition) weights one merge holds in shared memory
+
+// The online-softmax merge of the partitions of heads head0 .. head0 + G - 1 of row r, by the
+// whole block: partition p of head h has (max, sum) at part_ml[2 (b + p)] and its unnormalized
+// output at part_acc[(b + p) hd ..], b = (r heads + h) num_parts. One warp per head finds the
+// max and writes every partition's weight to s_w (G * num_parts <= MERGE_MAX, checked by the
+// host) and the head's sum to s_l; then each thread sums the weighted outputs of up to 4
+// elements at once, so its loads of many partitions and elements are in flight together. L2
+// loads (__ldcg): in the fused combine other blocks wrote the partials during this launch. An
+// empty partition has max -inf: weight 0, and its output (never written) is not read into v.
+template <typename T>
+__device__ __forceinline__ void merge_block(const float* __restrict__ part_ml,
+                                            const float* __restrict__ part_acc,
+                                            T* __restrict__ out, int r, int heads, int head0,
+                                            int G, int num_parts, int hd, float* s_w, float* s_l) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    for (int g = warp; g < G; g += nw) {
+        const size_t b = ((size_t)r * heads + head0 + g) * num_parts;
+        float m = -INFINITY;
+        for (int p = lane; p < num_parts; p += 32) m = fmaxf(m, __ldcg(part_ml + 2 * (b + p)));
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+        float l = 0.f;
+        for (int p = lane; p < num_parts; p += 32) {
+            const float w = exp2f(__ldcg(part_ml + 2 * (b + p)) - m);
+            s_w[g * num_parts + p] = w;
+            l = fmaf(__ldcg(part_ml + 2 * (b + p) + 1), w, l);
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
+        if (lane == 0) s_l[g] = l;
+    }
+    __syncthreads();
+    constexpr int J = 4;  // output elements per thread per pass
+    for (int i0 = threadIdx.x; i0 < G * hd; i0 += J * blockDim.x) {
+        float v[J];
+#pragma unroll
+        for (int j = 0; j < J; j++) v[j] = 0.f;
+#pragma unroll 4
+        for (int p = 0; p < num_parts; p++) {
+#pragma unroll
+            for (int j = 0; j < J; j++) {
+                const int idx = min(i0 + j * (int)blockDim.x, G * hd - 1);
+                const int g = idx / hd, d = idx % hd;
+                const float w = s_w[g * num_parts + p];
+                const size_t b = ((size_t)r * heads + head0 + g) * num_parts;
+                const float a = __ldcg(part_acc + (b + p) * hd + d);
+                v[j] = w > 0.f ? fmaf(a, w, v[j]) : v[j];
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < J; j++) {
+            const int idx = i0 + j * blockDim.x;
+            if (idx < G * hd) {
+                const int g = idx / hd, d = idx % hd;
+                out[((size_t)r * heads + head0 + g) * hd + d] = from_f<T>(v[j] / s_l[g]);
+            }
+        }
+    }
+}
+
+// A decode step's RoPE and KV append done by the attention itself (paged_attn_rope_*): the
+// un-rotated q, k, v of every row (one new token per sequence, at position ctx - 1), the RoPE
+// tables and each row's slot.
+template <typename T>
+struct RopeNew {
+    const T* k;
+    const T* v;
+    const T* cos_t;
+    const T* sin_t;
+    const int* row_slot;
+};
+
 // Grid: (kv_heads * chunks, rows, num_parts), chunks = ceil(group / GMAX); NW warps.
-template <typename T, int HD>
-__device__ __forceinline__ void paged_attn(const T* __restrict__ q, const T* __restrict__ kc,
-                                           const T* __restrict__ vc, T* __restrict__ out,
-                                           float* __restrict__ part_ml,
-                                           float* __restrict__ part_acc, const AttnArgs a) {
+// ROPE (decode steps only): every block rotates its own query heads, and the block(s) whose
+// partition holds the new token rotate its key and write key and value into the pages before
+// reading the partition (L2 loads: pages written in this launch); the rounding is rope_append's.
+// Keys go in rounds of KS warp steps (NW * TPW keys each): a round issues every block-table and
+// key load first (and the value loads too when the whole partition is one round: the values then
+// wait in registers through the softmax), so a block waits for memory about once per round
+// instead of once per key step. With several partitions and `tickets` (zeroed u32, one per (row,
+// grid.x block)), the last partition block of a (row, KV head chunk) to finish merges all the
+// partitions itself (a ticket taken after a fence) and resets its ticket for the next launch;
+// without tickets paged_attn_combine_* does it in a second launch.
+template <typename T, int HD, bool ROPE>
+__device__ __forceinline__ void paged_attn(const T* __restrict__ q, T* kc, T* vc,
+                                           T* __restrict__ out, float* __restrict__ part_ml,
+                                           float* __restrict__ part_acc,
+                                           unsigned* __restrict__ tickets, const AttnArgs a,
+                                           const RopeNew<T> rn) {
     constexpr int LPT = HD / 8;    // lanes per key
     constexpr int TPW = 32 / LPT;  // keys per warp step
+    constexpr int KS = 4;          // warp steps per round
+    constexpr int ROUND = NW * TPW * KS;
     __shared__ float s_p[GMAX][PMAX];
     __shared__ float s_acc[NW][GMAX][HD];
     __shared__ float s_max[GMAX], s_sum[GMAX];
+    __shared__ int s_last;
 
     const int group = a.heads / a.kv_heads;
     const int chunks = (group + GMAX - 1) / GMAX;
@@ -122,131 +213,201 @@ __device__ __forceinline__ void paged_attn(const T* __restrict__ q, const T* __r
     const int start = lo + part * a.part_len;
     const int end = min(ctx, start + a.part_len);
     const int head0 = kvh * group + g0;
-    if (start >= end) {
-        // An empty partition (this row's context is shorter than the longest one).
+    const int n = end - start;
+    // Block-uniform: an empty partition (this row's context is shorter than the longest one)
+    // only reports itself and takes its ticket.
+    if (n <= 0) {
         if (threadIdx.x < G) {
             const size_t pi = ((size_t)r * a.heads + head0 + threadIdx.x) * a.num_parts + part;
             part_ml[2 * pi] = -INFINITY;
             part_ml[2 * pi + 1] = 0.f;
         }
-        return;
-    }
-    const int n = end - start;
-    const int* table = a.block_tables + (size_t)a.row_seq[r] * a.max_blocks;
+    } else {
+        const int* table = a.block_tables + (size_t)a.row_seq[r] * a.max_blocks;
+        // Element offset of this lane's 8 values of partition key t (clamped into the
+        // partition: loads past its end read a valid key whose result is dropped).
+        auto key_at = [&](int t) -> size_t {
+            const int tok = start + min(t, n - 1);
+            return (((size_t)table[tok / a.bs] * a.kv_heads + kvh) * a.bs + tok % a.bs) * HD + dl * 8;
+        };
 
-    float qf[GMAX][8];
+        constexpr int HALF = HD / 2;
+        const int pos = ctx - 1;
+        // This lane's 8 elements of a rotated head vector x (HD elements at xp), rounded to T.
+        auto rotated = [&](const T* xp, float (&o)[8]) {
 #pragma unroll
-    for (int g = 0; g < GMAX; g++) {
-        if (g < G) {
-            const T* qp = q + ((size_t)r * a.heads + head0 + g) * HD + dl * 8;
-#pragma unroll
-            for (int i = 0; i < 8; i++) qf[g][i] = to_f(qp[i]) * a.scale_log2;
-        } else {
-#pragma unroll
-            for (int i = 0; i < 8; i++) qf[g][i] = 0.f;
-        }
-    }
-
-    // Pass 1: scores (log2 domain) of the partition's keys.
-    for (int t0 = warp * TPW; t0 < n; t0 += NW * TPW) {
-        const int t = t0 + sub;
-        const bool valid = t < n;
-        float kf[8];
-        if (valid) {
-            const int tok = start + t;
-            const size_t blk = table[tok / a.bs];
-            load8<T>(kc + ((blk * a.kv_heads + kvh) * a.bs + tok % a.bs) * HD + dl * 8, kf);
-        } else {
-#pragma unroll
-            for (int i = 0; i < 8; i++) kf[i] = 0.f;
-        }
+            for (int i = 0; i < 8; i++) {
+                const int e = dl * 8 + i, j = e % HALF;
+                const float cc = to_f(rn.cos_t[(size_t)pos * HALF + j]);
+                const float ss = to_f(rn.sin_t[(size_t)pos * HALF + j]);
+                const float2 v = rope_pair(to_f(xp[j]), to_f(xp[j + HALF]), cc, ss);
+                o[i] = to_f(from_f<T>(e < HALF ? v.x : v.y));
+            }
+        };
+        float qf[GMAX][8];
 #pragma unroll
         for (int g = 0; g < GMAX; g++) {
             if (g < G) {
-                float d = 0.f;
+                const T* qh = q + ((size_t)r * a.heads + head0 + g) * HD;
+                if constexpr (ROPE) {
+                    rotated(qh, qf[g]);
+                } else {
 #pragma unroll
-                for (int i = 0; i < 8; i++) d = fmaf(qf[g][i], kf[i], d);
+                    for (int i = 0; i < 8; i++) qf[g][i] = to_f(qh[dl * 8 + i]);
+                }
 #pragma unroll
-                for (int o = LPT / 2; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
-                if (valid && dl == 0) s_p[g][t] = d;
+                for (int i = 0; i < 8; i++) qf[g][i] *= a.scale_log2;
+            } else {
+#pragma unroll
+                for (int i = 0; i < 8; i++) qf[g][i] = 0.f;
             }
         }
-    }
-    __syncthreads();
-    // Partition max and exp2; one warp per head.
-    for (int g = warp; g < G; g += NW) {
-        float m = -INFINITY;
-        for (int t = lane; t < n; t += 32) m = fmaxf(m, s_p[g][t]);
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-        float l = 0.f;
-        for (int t = lane; t < n; t += 32) {
-            const float p = exp2f(s_p[g][t] - m);
-            s_p[g][t] = p;
-            l += p;
+        if constexpr (ROPE) {
+            if (pos < end) {  // this partition holds the new token: append it first
+                const int slot = rn.row_slot[r];
+                const size_t at = ((size_t)(slot / a.bs) * a.kv_heads + kvh) * a.bs + slot % a.bs;
+                if (threadIdx.x < LPT) {  // one key's lanes (dl = threadIdx.x)
+                    float kf[8], vf[8];
+                    rotated(rn.k + ((size_t)r * a.kv_heads + kvh) * HD, kf);
+                    load8<T>(rn.v + ((size_t)r * a.kv_heads + kvh) * HD + dl * 8, vf);
+                    store8<T>(kc + at * HD + dl * 8, kf);
+                    store8<T>(vc + at * HD + dl * 8, vf);
+                }
+                __syncthreads();
+            }
         }
+
+        // Pass 1: scores (log2 domain) of the partition's keys.
+        const bool resident = n <= ROUND;  // values loaded beside the keys, kept in registers
+        Pack8<T> vr[KS];
+        for (int r0 = 0; r0 < n; r0 += ROUND) {
+            size_t at[KS];
 #pragma unroll
-        for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
-        if (lane == 0) {
-            s_max[g] = m;
-            s_sum[g] = l;
+            for (int s = 0; s < KS; s++) at[s] = key_at(r0 + (s * NW + warp) * TPW + sub);
+            Pack8<T> kr[KS];
+#pragma unroll
+            for (int s = 0; s < KS; s++) kr[s] = ld_pack8<T, !ROPE>(kc + at[s]);
+            if (resident) {
+#pragma unroll
+                for (int s = 0; s < KS; s++) vr[s] = ld_pack8<T, !ROPE>(vc + at[s]);
+            }
+#pragma unroll
+            for (int s = 0; s < KS; s++) {
+                const int t = r0 + (s * NW + warp) * TPW + sub;
+                float kf[8];
+                unpack8<T>(kr[s], kf);
+#pragma unroll
+                for (int g = 0; g < GMAX; g++) {
+                    if (g < G) {
+                        float d = 0.f;
+#pragma unroll
+                        for (int i = 0; i < 8; i++) d = fmaf(qf[g][i], kf[i], d);
+#pragma unroll
+                        for (int o = LPT / 2; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
+                        if (t < n && dl == 0) s_p[g][t] = d;
+                    }
+                }
+            }
         }
-    }
-    __syncthreads();
-    // Pass 2: probabilities · V, f32.
-    float acc[GMAX][8];
+        __syncthreads();
+        // Partition max and exp2; one warp per head.
+        for (int g = warp; g < G; g += NW) {
+            float m = -INFINITY;
+            for (int t = lane; t < n; t += 32) m = fmaxf(m, s_p[g][t]);
 #pragma unroll
-    for (int g = 0; g < GMAX; g++)
+            for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+            float l = 0.f;
+            for (int t = lane; t < n; t += 32) {
+                const float p = exp2f(s_p[g][t] - m);
+                s_p[g][t] = p;
+                l += p;
+            }
 #pragma unroll
-        for (int i = 0; i < 8; i++) acc[g][i] = 0.f;
-    for (int t0 = warp * TPW; t0 < n; t0 += NW * TPW) {
-        const int t = t0 + sub;
-        if (t < n) {
-            const int tok = start + t;
-            const size_t blk = table[tok / a.bs];
-            float vf[8];
-            load8<T>(vc + ((blk * a.kv_heads + kvh) * a.bs + tok % a.bs) * HD + dl * 8, vf);
+            for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
+            if (lane == 0) {
+                s_max[g] = m;
+                s_sum[g] = l;
+            }
+        }
+        __syncthreads();
+        // Pass 2: probabilities · V, f32.
+        float acc[GMAX][8];
 #pragma unroll
-            for (int g = 0; g < GMAX; g++) {
-                if (g < G) {
-                    const float p = s_p[g][t];
+        for (int g = 0; g < GMAX; g++)
 #pragma unroll
-                    for (int i = 0; i < 8; i++) acc[g][i] = fmaf(p, vf[i], acc[g][i]);
+            for (int i = 0; i < 8; i++) acc[g][i] = 0.f;
+        for (int r0 = 0; r0 < n; r0 += ROUND) {
+            if (!resident) {
+                size_t at[KS];
+#pragma unroll
+                for (int s = 0; s < KS; s++) at[s] = key_at(r0 + (s * NW + warp) * TPW + sub);
+#pragma unroll
+                for (int s = 0; s < KS; s++) vr[s] = ld_pack8<T, !ROPE>(vc + at[s]);
+            }
+#pragma unroll
+            for (int s = 0; s < KS; s++) {
+                const int t = r0 + (s * NW + warp) * TPW + sub;
+                if (t < n) {
+                    float vf[8];
+                    unpack8<T>(vr[s], vf);
+#pragma unroll
+                    for (int g = 0; g < GMAX; g++) {
+                        if (g < G) {
+                            const float p = s_p[g][t];
+#pragma unroll
+                            for (int i = 0; i < 8; i++) acc[g][i] = fmaf(p, vf[i], acc[g][i]);
+                        }
+                    }
+                }
+            }
+        }
+        // Sum the warp's key slots (lanes with the same dl), then the warps.
+#pragma unroll
+        for (int g = 0; g < GMAX; g++) {
+            if (g < G) {
+#pragma unroll
+                for (int i = 0; i < 8; i++) {
+#pragma unroll
+                    for (int o = LPT; o < 32; o <<= 1)
+                        acc[g][i] += __shfl_xor_sync(0xffffffffu, acc[g][i], o);
+                    if (sub == 0) s_acc[warp][g][dl * 8 + i] = acc[g][i];
+                }
+            }
+        }
+        __syncthreads();
+        for (int idx = threadIdx.x; idx < G * HD; idx += NW * 32) {
+            const int g = idx / HD, d = idx % HD;
+            float v = 0.f;
+#pragma unroll
+            for (int w = 0; w < NW; w++) v += s_acc[w][g][d];
+            const int h = head0 + g;
+            if (a.num_parts == 1) {
+                out[((size_t)r * a.heads + h) * HD + d] = from_f<T>(v / s_sum[g]);
+            } else {
+                const size_t pi = ((size_t)r * a.heads + h) * a.num_parts + part;
+                part_acc[pi * HD + d] = v;
+                if (d == 0) {
+                    part_ml[2 * pi] = s_max[g];
+                    part_ml[2 * pi + 1] = s_sum[g];
                 }
             }
         }
     }
-    // Sum the warp's key slots (lanes with the same dl), then the warps.
-#pragma unroll
-    for (int g = 0; g < GMAX; g++) {
-        if (g < G) {
-#pragma unroll
-            for (int i = 0; i < 8; i++) {
-#pragma unroll
-                for (int o = LPT; o < 32; o <<= 1)
-                    acc[g][i] += __shfl_xor_sync(0xffffffffu, acc[g][i], o);
-                if (sub == 0) s_acc[warp][g][dl * 8 + i] = acc[g][i];
-            }
-        }
+    if (a.num_parts == 1 || tickets == nullptr) return;
+    // Fused combine: the partials above are made visible device-wide before the ticket.
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        unsigned* ticket = tickets + (size_t)r * gridDim.x + blockIdx.x;
+        const bool last = atomicAdd(ticket, 1u) == (unsigned)a.num_parts - 1;
+        if (last) *ticket = 0u;  // every partition has taken its ticket: ready for the next launch
+        s_last = last;
     }
     __syncthreads();
-    for (int idx = threadIdx.x; idx < G * HD; idx += NW * 32) {
-        const int g = idx / HD, d = idx % HD;
-        float v = 0.f;
-#pragma unroll
-        for (int w = 0; w < NW; w++) v += s_acc[w][g][d];
-        const int h = head0 + g;
-        if (a.num_parts == 1) {
-            out[((size_t)r * a.heads + h) * HD + d] = from_f<T>(v / s_sum[g]);
-        } else {
-            const size_t pi = ((size_t)r * a.heads + h) * a.num_parts + part;
-            part_acc[pi * HD + d] = v;
-            if (d == 0) {
-                part_ml[2 * pi] = s_max[g];
-                part_ml[2 * pi + 1] = s_sum[g];
-            }
-        }
-    }
+    if (!s_last) return;
+    __threadfence();
+    // s_p and s_sum are free again: the partition weights and sums of the merge.
+    merge_block<T>(part_ml, part_acc, out, r, a.heads, head0, G, a.num_parts, HD, &s_p[0][0], s_sum);
 }
 
 // Grid: (heads, rows); HD threads. Merges the partitions of one (row, head).
@@ -255,32 +416,24 @@ __device__ __forceinline__ void paged_attn_combine(const float* __restrict__ par
                                                    const float* __restrict__ part_acc,
                                                    T* __restrict__ out, int heads, int num_parts,
                                                    int hd) {
-    const int h = blockIdx.x, r = blockIdx.y, d = threadIdx.x;
-    const size_t base = ((size_t)r * heads + h) * num_parts;
-    float m = -INFINITY;
-    for (int p = 0; p < num_parts; p++) m = fmaxf(m, part_ml[2 * (base + p)]);
-    float l = 0.f, v = 0.f;
-    for (int p = 0; p < num_parts; p++) {
-        const float pm = part_ml[2 * (base + p)];
-        if (pm == -INFINITY) continue;
-        const float w = exp2f(pm - m);
-        l += part_ml[2 * (base + p) + 1] * w;
-        v += part_acc[(base + p) * hd + d] * w;
-    }
-    out[((size_t)r * heads + h) * hd + d] = from_f<T>(v / l);
+    __shared__ float s_w[MERGE_MAX];
+    __shared__ float s_l[1];
+    merge_block<T>(part_ml, part_acc, out, blockIdx.y, heads, blockIdx.x, 1, num_parts, hd, s_w, s_l);
 }
 
-#define PAGED_ATTN(T, TN, HD)                                                                     \
+#define PAGED_ATTN_KERNEL(NAME, T, HD, ROPE)                                                      \
     extern "C" __global__ void __launch_bounds__(NW * 32)                                        \
-        paged_attn_##TN##_hd##HD(const T* q, const T* kc, const T* vc, T* out, float* part_ml,   \
-                                 float* part_acc, const int* row_pos, const int* row_seq,         \
-                                 const int* block_tables, int max_blocks, int heads,              \
-                                 int kv_heads, int bs, int window, int part_len, int num_parts,   \
-                                 float scale_log2) {                                              \
+        NAME(const T* q, T* kc, T* vc, T* out, float* part_ml, float* part_acc,                   \
+             unsigned* tickets, const int* row_pos, const int* row_seq, const int* block_tables,  \
+             int max_blocks, int heads, int kv_heads, int bs, int window, int part_len,           \
+             int num_parts, float scale_log2, const RopeNew<T> rn) {                               \
         const AttnArgs a{row_pos, row_seq,  block_tables, max_blocks, heads,     kv_heads,        \
                          bs,      window,   part_len,     num_parts,  scale_log2};                \
-        paged_attn<T, HD>(q, kc, vc, out, part_ml, part_acc, a);                                 \
+        paged_attn<T, HD, ROPE>(q, kc, vc, out, part_ml, part_acc, tickets, a, rn);               \
     }
+#define PAGED_ATTN(T, TN, HD)                                                                     \
+    PAGED_ATTN_KERNEL(paged_attn_##TN##_hd##HD, T, HD, false)                                     \
+    PAGED_ATTN_KERNEL(paged_attn_rope_##TN##_hd##HD, T, HD, true)
 #define PAGED_ATTN_ALL(T, TN)                                                                     \
     PAGED_ATTN(T, TN, 64)                                                                         \
     PAGED_ATTN(T, TN, 128)                                                                        \

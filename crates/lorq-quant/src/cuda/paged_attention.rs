@@ -5,7 +5,7 @@
 //! `attend` there is the reference.
 
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaView, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::{CudaStorage, DType, Storage, Tensor};
@@ -23,6 +23,8 @@ const PMAX: usize = 256;
 const GMAX: usize = 8;
 /// Warps per attention block (`NW`).
 const NW: usize = 4;
+/// (head, partition) weights one merge holds in shared memory (`MERGE_MAX`).
+const MERGE_MAX: usize = GMAX * PMAX;
 
 /// Where every new token (row) of a batch sits: `row_pos[r]` its position in its sequence,
 /// `row_seq[r]` its sequence (row of `block_tables`), `row_slot[r]` the page slot (block · block
@@ -39,6 +41,17 @@ pub struct PagedBatch<'a> {
     pub max_keys: usize,
     /// Streaming multiprocessors of the GPU (how many blocks fill it).
     pub sms: usize,
+    /// Zeroed `u32` tickets, at least [`tickets_needed`] of them for this batch's rows: with them
+    /// the attention merges a split context in the same launch (the last block of each row and
+    /// KV head merges; every launch leaves them zeroed again, so one set serves all the layers of
+    /// a step). Without them, or where a context is split into more partitions than one block
+    /// merges, a second launch merges.
+    pub tickets: Option<&'a Tensor>,
+}
+
+/// Tickets ([`PagedBatch::tickets`]) a batch of `rows` new tokens needs for the one-launch merge.
+pub fn tickets_needed(rows: usize, heads: usize, kv_heads: usize) -> usize {
+    rows * kv_heads * (heads / kv_heads.max(1)).div_ceil(GMAX)
 }
 
 /// The shape of one layer's pages: `[num_blocks, kv_heads, block_size, head_dim]`.
@@ -49,6 +62,20 @@ pub struct PageShape {
     pub head_dim: usize,
     pub block_size: usize,
 }
+
+/// `RopeNew<T>` of kernels/paged_attention.cu: device addresses of a decode step's un-rotated k
+/// and v, the RoPE tables and the row slots (all zero: the queries come rotated, the keys appended).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct RopeNew {
+    k: u64,
+    v: u64,
+    cos: u64,
+    sin: u64,
+    row_slot: u64,
+}
+// SAFETY: plain device addresses, laid out as the kernel's struct.
+unsafe impl DeviceRepr for RopeNew {}
 
 fn dtype_name(dtype: DType) -> Result<&'static str, QuantError> {
     Ok(match dtype {
@@ -115,12 +142,10 @@ fn cs(s: &Storage) -> &CudaStorage {
     }
 }
 
-/// RoPE on `q` (`[rows, heads·hd]`) and `k` (`[rows, kv_heads·hd]`) at each row's position, and
-/// the append of `k`, `v` into the pages `k_cache`/`v_cache` at each row's slot (written in
-/// place). `cos`/`sin`: `[positions, hd/2]` tables from position 0, in the compute dtype.
-/// Returns the rotated queries `[rows, heads·hd]`.
+/// Checks the new tokens of a step against each other, the RoPE tables, the pages and the batch
+/// layout (every tensor on the GPU in q's dtype); returns the row count.
 #[allow(clippy::too_many_arguments)]
-pub fn rope_append(
+fn check_new_tokens(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -130,10 +155,8 @@ pub fn rope_append(
     k_cache: &Tensor,
     v_cache: &Tensor,
     shape: PageShape,
-) -> Result<Tensor, QuantError> {
-    let dev = cuda_device(q, "q")?;
+) -> Result<usize, QuantError> {
     let dtype = q.dtype();
-    let name = format!("rope_append_{}", dtype_name(dtype)?);
     let rows = q.dim(0)?;
     let PageShape {
         heads,
@@ -172,6 +195,29 @@ pub fn rope_append(
             batch.row_slot.elem_count()
         )));
     }
+    Ok(rows)
+}
+
+/// RoPE on `q` (`[rows, heads·hd]`) and `k` (`[rows, kv_heads·hd]`) at each row's position, and
+/// the append of `k`, `v` into the pages `k_cache`/`v_cache` at each row's slot (written in
+/// place). `cos`/`sin`: `[positions, hd/2]` tables from position 0, in the compute dtype.
+/// Returns the rotated queries `[rows, heads·hd]`.
+#[allow(clippy::too_many_arguments)]
+pub fn rope_append(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    batch: &PagedBatch<'_>,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    shape: PageShape,
+) -> Result<Tensor, QuantError> {
+    let dev = cuda_device(q, "q")?;
+    let dtype = q.dtype();
+    let name = format!("rope_append_{}", dtype_name(dtype)?);
+    let rows = check_new_tokens(q, k, v, cos, sin, batch, k_cache, v_cache, shape)?;
     fn go<T: CudaDType + DeviceRepr>(
         dev: &CudaDevice,
         name: &str,
@@ -276,6 +322,49 @@ pub fn attention(
     shape: PageShape,
     window: Option<usize>,
 ) -> Result<Tensor, QuantError> {
+    attention_launch(q, None, k_cache, v_cache, batch, shape, window)
+}
+
+/// A decode step's [`rope_append`] and [`attention`] in one launch: `q`, `k`, `v` un-rotated,
+/// every row the only new token of its sequence (the caller's contract: no row reads a key
+/// another row of the launch appends), which lets the attention rotate the queries and append
+/// the new key and value itself (the same rounding as `rope_append`). Returns
+/// `[rows, heads·hd]`.
+#[allow(clippy::too_many_arguments)]
+pub fn decode_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    batch: &PagedBatch<'_>,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    shape: PageShape,
+    window: Option<usize>,
+) -> Result<Tensor, QuantError> {
+    let rows = check_new_tokens(q, k, v, cos, sin, batch, k_cache, v_cache, shape)?;
+    let seqs = batch.block_tables.dim(0)?;
+    if rows > seqs || batch.row_seq.elem_count() != rows {
+        return Err(QuantError::Invalid(format!(
+            "paged attention: a decode step has at most one new token per sequence, got {rows} rows for {seqs} sequences"
+        )));
+    }
+    let rope = [k, v, cos, sin, batch.row_slot];
+    attention_launch(q, Some(rope), k_cache, v_cache, batch, shape, window)
+}
+
+/// The attention launch; `rope`: k, v, cos, sin and the row slots of a decode step whose RoPE and
+/// append the kernel does.
+fn attention_launch(
+    q: &Tensor,
+    rope: Option<[&Tensor; 5]>,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    batch: &PagedBatch<'_>,
+    shape: PageShape,
+    window: Option<usize>,
+) -> Result<Tensor, QuantError> {
     let dev = cuda_device(q, "q")?;
     let dtype = q.dtype();
     let tn = dtype_name(dtype)?;
@@ -313,12 +402,36 @@ pub fn attention(
     let num_parts = max_keys.div_ceil(pl);
     let window = window.unwrap_or(0) as i32;
     let scale_log2 = (1.0 / (hd as f64).sqrt() * std::f64::consts::LOG2_E) as f32;
+    if num_parts > MERGE_MAX {
+        return Err(QuantError::Invalid(format!(
+            "paged attention: {max_keys} keys in {num_parts} partitions of {pl}, more than the \
+             {MERGE_MAX} partitions one merge takes"
+        )));
+    }
+    // The merge in the same launch holds the weights of a block's heads (up to GMAX of them).
+    let one_launch_merge = num_parts > 1 && (heads / kv_heads).min(GMAX) * num_parts <= MERGE_MAX;
+    let tickets = match batch.tickets {
+        Some(t) if one_launch_merge => {
+            check(t, DType::U32, "tickets")?;
+            let need = tickets_needed(rows, heads, kv_heads);
+            if t.elem_count() < need {
+                return Err(QuantError::Invalid(format!(
+                    "paged attention: {} tickets for {rows} rows, {need} needed",
+                    t.elem_count()
+                )));
+            }
+            Some(t)
+        }
+        _ => None,
+    };
 
     #[allow(clippy::too_many_arguments)]
     fn go<T: CudaDType + DeviceRepr>(
         dev: &CudaDevice,
         tn: &str,
         t: [&Tensor; 6],
+        tickets: Option<&Tensor>,
+        rope: Option<[&Tensor; 5]>,
         rows: usize,
         shape: PageShape,
         max_blocks: usize,
@@ -360,12 +473,59 @@ pub fn attention(
         // SAFETY: the partials are written by the attention kernel before the combine reads them.
         let part_ml = unsafe { dev.alloc::<f32>((rows * heads * parts * 2).max(1))? };
         let part_acc = unsafe { dev.alloc::<f32>((rows * heads * parts * hd).max(1))? };
+        let ticket_guard = match tickets {
+            Some(t) => Some((t, cuda_storage!(t, "tickets"))),
+            None => None,
+        };
+        let tickets = match &ticket_guard {
+            Some((t, s)) => Some(view::<u32>(cs(s), t, "tickets")?),
+            None => None,
+        };
         let stream = dev.cuda_stream();
+        let rope_guards = match rope {
+            Some(r) => {
+                let n = ["k", "v", "cos", "sin", "row_slot"];
+                Some([
+                    (r[0], cuda_storage!(r[0], n[0])),
+                    (r[1], cuda_storage!(r[1], n[1])),
+                    (r[2], cuda_storage!(r[2], n[2])),
+                    (r[3], cuda_storage!(r[3], n[3])),
+                    (r[4], cuda_storage!(r[4], n[4])),
+                ])
+            }
+            None => None,
+        };
+        let mut rope_arg = RopeNew::default();
+        if let Some(g) = &rope_guards {
+            // The buffers stay borrowed (the guards) until the launch; lorq runs one stream per
+            // GPU, so their events order nothing (sgmv's device_address does the same).
+            let addr = |i: usize, what: &str| -> Result<u64, QuantError> {
+                Ok(if i < 4 {
+                    view::<T>(cs(&g[i].1), g[i].0, what)?.device_ptr(&stream).0
+                } else {
+                    view::<u32>(cs(&g[i].1), g[i].0, what)?
+                        .device_ptr(&stream)
+                        .0
+                })
+            };
+            rope_arg = RopeNew {
+                k: addr(0, "k")?,
+                v: addr(1, "v")?,
+                cos: addr(2, "cos")?,
+                sin: addr(3, "sin")?,
+                row_slot: addr(4, "row_slot")?,
+            };
+        }
+        let kernel = if rope.is_some() {
+            "paged_attn_rope"
+        } else {
+            "paged_attn"
+        };
         let f = function(
             dev,
             "paged_attention",
             FATBIN,
-            &format!("paged_attn_{tn}_hd{hd}"),
+            &format!("{kernel}_{tn}_hd{hd}"),
         )?;
         let mut b = stream.launch_builder(&f);
         let ints = [
@@ -383,11 +543,17 @@ pub fn attention(
             .arg(&out)
             .arg(&part_ml)
             .arg(&part_acc);
+        let no_tickets = 0u64; // a null pointer: the combine runs as a second launch
+        match &tickets {
+            Some(t) => b.arg(t),
+            None => b.arg(&no_tickets),
+        };
         b.arg(&pos).arg(&seq).arg(&tables);
         for i in &ints {
             b.arg(i);
         }
         b.arg(&scale_log2);
+        b.arg(&rope_arg);
         let cfg = LaunchConfig {
             grid_dim: ((kv_heads * chunks) as u32, rows as u32, num_parts as u32),
             block_dim: ((NW * 32) as u32, 1, 1),
@@ -397,7 +563,7 @@ pub fn attention(
         // every position up to each row's.
         unsafe { b.launch(cfg) }.w()?;
         drop(b);
-        if num_parts > 1 {
+        if num_parts > 1 && tickets.is_none() {
             let f = function(
                 dev,
                 "paged_attention",
@@ -435,13 +601,16 @@ pub fn attention(
     );
     let s = match dtype {
         DType::BF16 => go::<half::bf16>(
-            dev, tn, t, args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7,
+            dev, tn, t, tickets, rope, args.0, args.1, args.2, args.3, args.4, args.5, args.6,
+            args.7,
         )?,
         DType::F16 => go::<half::f16>(
-            dev, tn, t, args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7,
+            dev, tn, t, tickets, rope, args.0, args.1, args.2, args.3, args.4, args.5, args.6,
+            args.7,
         )?,
         _ => go::<f32>(
-            dev, tn, t, args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7,
+            dev, tn, t, tickets, rope, args.0, args.1, args.2, args.3, args.4, args.5, args.6,
+            args.7,
         )?,
     };
     Ok(tensor_from_storage(s, (rows, heads * hd)))
