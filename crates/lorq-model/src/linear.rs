@@ -50,6 +50,21 @@ impl Linear {
         Ok(PendingDelta::finish_all(pending, ys)?)
     }
 
+    /// `SiLU(gate(x)) * up(x)` in one GPU launch where it applies (no adapter and no bias on
+    /// either, weights [`lorq_quant::matmul_silu_mul`] takes: decode at batch 1); `None` where the
+    /// caller runs both linears and the activation.
+    pub fn silu_mul_pair(
+        gate: &Linear,
+        up: &Linear,
+        x: &Tensor,
+        adapters: &BatchAdapters,
+    ) -> Result<Option<Tensor>> {
+        if adapters.has_adapters() || gate.bias.is_some() || up.bias.is_some() {
+            return Ok(None);
+        }
+        Ok(lorq_quant::matmul_silu_mul(&*gate.base, &*up.base, x)?)
+    }
+
     fn begin_delta<'a>(
         &'a self,
         x: &Tensor,

@@ -306,12 +306,22 @@ impl LlamaModel {
             let o = layer.o.forward(&attn, adapters)?;
             let (s, h, codes) = add_norm(&x, &o, &layer.post_attention_norm, &layer.gate)?;
             x = s;
-            let gate_up = with_codes(&h, codes, &|| group(&[&layer.gate, &layer.up], &h))?;
-            let (gate, up) = (&gate_up[0], &gate_up[1]);
-            let act = if fused {
-                silu_mul(gate, up)?
-            } else {
-                (gate.silu()? * up)?
+            // Decode at batch 1 on dense weights: the two projections and SiLU·mul in one launch.
+            let paired = match (&codes, fused) {
+                (None, true) => Linear::silu_mul_pair(&layer.gate, &layer.up, &h, adapters)?,
+                _ => None,
+            };
+            let act = match paired {
+                Some(act) => act,
+                None => {
+                    let gate_up = with_codes(&h, codes, &|| group(&[&layer.gate, &layer.up], &h))?;
+                    let (gate, up) = (&gate_up[0], &gate_up[1]);
+                    if fused {
+                        silu_mul(gate, up)?
+                    } else {
+                        (gate.silu()? * up)?
+                    }
+                }
             };
             pending = Some(layer.down.forward(&act, adapters)?);
         }

@@ -50,28 +50,51 @@ struct DGroup {
     int b1, b2;
 };
 
-// Blocks per weight: ceil(N / DG_WARPS), bx the block's index among them.
-template <typename T>
+// Blocks per weight: ceil(N / DG_WARPS), bx the block's index among them. GATED: the warp's row n
+// of w and of w2 (gate and up sharing x), its output SiLU(gate) * up rounded as silu_mul_*
+// (fused_ops.cu) rounds the two products and the SiLU: the MLP's activation without a launch.
+template <typename T, bool GATED = false>
 __device__ __forceinline__ void dense_gemv(const T* __restrict__ w, const T* __restrict__ x,
-                                           T* __restrict__ y, int N, int K, int bx) {
+                                           T* __restrict__ y, int N, int K, int bx,
+                                           const T* __restrict__ w2 = nullptr) {
+    constexpr int R = GATED ? 2 : 1;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int n = bx * DG_WARPS + warp;
     if (n >= N) return;
     const int kv = K >> 3;
-    const uint4* wr = reinterpret_cast<const uint4*>(w + (size_t)n * K);
-    float acc = 0.f;
+    const uint4* wr[R];
+    wr[0] = reinterpret_cast<const uint4*>(w + (size_t)n * K);
+    if constexpr (GATED) wr[1] = reinterpret_cast<const uint4*>(w2 + (size_t)n * K);
+    float acc[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) acc[r] = 0.f;
     int v = lane;
     for (; v + 32 * (DG_UNROLL - 1) < kv; v += 32 * DG_UNROLL) {
-        uint4 wv[DG_UNROLL];
+        uint4 wv[DG_UNROLL][R];
 #pragma unroll
-        for (int u = 0; u < DG_UNROLL; u++) wv[u] = __ldcs(wr + v + 32 * u);
+        for (int u = 0; u < DG_UNROLL; u++)
 #pragma unroll
-        for (int u = 0; u < DG_UNROLL; u++) acc = dot8<T>(wv[u], x, (v + 32 * u) * 8, acc);
+            for (int r = 0; r < R; r++) wv[u][r] = __ldcs(wr[r] + v + 32 * u);
+#pragma unroll
+        for (int u = 0; u < DG_UNROLL; u++)
+#pragma unroll
+            for (int r = 0; r < R; r++) acc[r] = dot8<T>(wv[u][r], x, (v + 32 * u) * 8, acc[r]);
     }
-    for (; v < kv; v += 32) acc = dot8<T>(__ldcs(wr + v), x, v * 8, acc);
+    for (; v < kv; v += 32)
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-    if (lane == 0) y[n] = from_f<T>(acc);
+        for (int r = 0; r < R; r++) acc[r] = dot8<T>(__ldcs(wr[r] + v), x, v * 8, acc[r]);
+#pragma unroll
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], o);
+    if (lane != 0) return;
+    if constexpr (GATED) {
+        const float g = to_f(from_f<T>(acc[0]));
+        const float a = to_f(from_f<T>(g / (1.f + expf(-g))));
+        y[n] = from_f<T>(a * to_f(from_f<T>(acc[1])));
+    } else {
+        y[n] = from_f<T>(acc[0]);
+    }
 }
 
 #define DENSE_GEMV(TN, T)                                                                          \
@@ -87,5 +110,14 @@ __device__ __forceinline__ void dense_gemv(const T* __restrict__ w, const T* __r
             dense_gemv<T>(static_cast<const T*>(g.w[1]), x, static_cast<T*>(g.y[1]), g.n[1], K,    \
                           bx - g.b2);                                                              \
     }
+// dense_gemv_silu_<dtype>: y = SiLU(x . gateᵀ) * (x . upᵀ), gate and up [N, K].
+#define DENSE_GEMV_SILU(TN, T)                                                                     \
+    extern "C" __global__ void __launch_bounds__(DG_WARPS * 32)                                    \
+        dense_gemv_silu_##TN(const T* __restrict__ gate, const T* __restrict__ up,                 \
+                             const T* __restrict__ x, T* __restrict__ y, int N, int K) {           \
+        dense_gemv<T, true>(gate, x, y, N, K, blockIdx.x, up);                                     \
+    }
 DENSE_GEMV(bf16, __nv_bfloat16)
 DENSE_GEMV(f16, __half)
+DENSE_GEMV_SILU(bf16, __nv_bfloat16)
+DENSE_GEMV_SILU(f16, __half)

@@ -25,5 +25,5 @@ pub mod rtn;
 pub mod select;
 
 pub use dense::DenseTensor;
-pub use quant_tensor::{matmul_group, QuantError, QuantTensor};
+pub use quant_tensor::{matmul_group, matmul_silu_mul, QuantError, QuantTensor};
 pub use raw_tensor::RawTensor;

@@ -128,6 +128,24 @@ fn gpu_matmul_group(
     crate::cuda::qgemv::matmul_group(&layouts, x)
 }
 
+/// `SiLU(x · gateᵀ) * (x · upᵀ)` in one GPU launch where the weights allow it (dense bf16/f16 at
+/// one row: decode at batch 1), rounded as the two matmuls followed by `silu_mul`; `None`
+/// elsewhere (the caller runs the matmuls and the activation).
+pub fn matmul_silu_mul(
+    gate: &dyn QuantTensor,
+    up: &dyn QuantTensor,
+    x: &Tensor,
+) -> Result<Option<Tensor>, QuantError> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        if let (Some(g), Some(u)) = (gate.dense_weight(), up.dense_weight()) {
+            return crate::cuda::dense_gemv::silu_mul_gemv(x, g, u);
+        }
+    }
+    let _ = (gate, up, x);
+    Ok(None)
+}
+
 /// `dy · W` with `W` dequantized on the host and moved to `dy`'s device (the default of
 /// [`QuantTensor::matmul_grad_input`]).
 pub fn host_matmul_grad_input<T: QuantTensor + ?Sized>(

@@ -85,6 +85,65 @@ mod gpu {
         }
     }
 
+    /// The MLP's gate and up projections with SiLU·mul in one launch equal the two GEMVs followed
+    /// by the fused activation kernel, bit for bit (same sums, same roundings).
+    #[test]
+    fn dense_silu_mul_gemv_matches_two_gemvs_and_silu_mul() {
+        use lorq_quant::cuda::dense_gemv::{gemv, silu_mul_gemv};
+        use lorq_quant::cuda::fused_ops::silu_mul;
+        let Some(dev) = gpu() else { return };
+        for &(n, k) in &[(1000usize, 4096usize), (37, 264), (8, 8)] {
+            let g32 = Tensor::randn(0f32, 0.05, (n, k), &Device::Cpu).unwrap();
+            let u32_ = Tensor::randn(0f32, 0.05, (n, k), &Device::Cpu).unwrap();
+            for dtype in [DType::BF16, DType::F16] {
+                let up_dev = |t: &Tensor| t.to_dtype(dtype).unwrap().to_device(&dev).unwrap();
+                let (g, u) = (up_dev(&g32), up_dev(&u32_));
+                let x = Tensor::randn(0f32, 1.0, (1, k), &dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let got = silu_mul_gemv(&x, &g, &u)
+                    .unwrap()
+                    .expect("one bf16/f16 row");
+                let want = silu_mul(
+                    &gemv(&x, &g).unwrap().unwrap(),
+                    &gemv(&x, &u).unwrap().unwrap(),
+                )
+                .unwrap();
+                assert_eq!(got.dims(), want.dims());
+                let diff = (got.to_dtype(DType::F32).unwrap() - want.to_dtype(DType::F32).unwrap())
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert_eq!(
+                    diff, 0.0,
+                    "silu_mul_gemv {dtype:?} [{n}, {k}] differs by {diff}"
+                );
+            }
+        }
+        // Gate and up of different shapes, or two rows: the caller's path.
+        let g = Tensor::randn(0f32, 1.0, (16, 64), &dev)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let u = Tensor::randn(0f32, 1.0, (8, 64), &dev)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let x = Tensor::randn(0f32, 1.0, (2, 64), &dev)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        assert!(silu_mul_gemv(&x.narrow(0, 0, 1).unwrap(), &g, &u)
+            .unwrap()
+            .is_none());
+        assert!(silu_mul_gemv(&x, &g, &g).unwrap().is_none());
+    }
+
     #[test]
     fn dense_gemv_matches_f32_product() {
         use lorq_quant::cuda::dense_gemv::gemv;

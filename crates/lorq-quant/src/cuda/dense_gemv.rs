@@ -29,6 +29,50 @@ pub fn gemv(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>, QuantError> {
 /// [`gemv`] for 1 to 3 weights sharing `x` (q/k/v, gate/up) in one launch, `Some` only where the
 /// kernel applies to all of them (same dtype and `in`).
 pub fn gemv_group(x: &Tensor, ws: &[&Tensor]) -> Result<Option<Vec<Tensor>>, QuantError> {
+    let Some((m, k)) = fits(x, ws)? else {
+        return Ok(None);
+    };
+    let dev = cuda_device(ws[0], "dense gemv weight")?;
+    let s = match ws[0].dtype() {
+        DType::BF16 => launch::<half::bf16>(dev, x, ws, m, k)?,
+        _ => launch::<half::f16>(dev, x, ws, m, k)?,
+    };
+    let mut out = Vec::with_capacity(ws.len());
+    for (s, w) in s.into_iter().zip(ws) {
+        out.push(tensor_from_storage(s, out_shape(x, w.dim(0)?)));
+    }
+    Ok(Some(out))
+}
+
+/// `SiLU(x · gateᵀ) * (x · upᵀ)` in one launch (the MLP's activation at one row, rounded as
+/// `fused_ops::silu_mul` of the two [`gemv`] outputs rounds it), `None` where the kernel does
+/// not apply (as [`gemv_group`], or gate and up of different shapes).
+pub fn silu_mul_gemv(x: &Tensor, gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>, QuantError> {
+    let Some((_, k)) = fits(x, &[gate, up])? else {
+        return Ok(None);
+    };
+    if gate.dims() != up.dims() {
+        return Ok(None);
+    }
+    let n = gate.dim(0)?;
+    let dev = cuda_device(gate, "dense gemv weight")?;
+    let s = match gate.dtype() {
+        DType::BF16 => launch_silu::<half::bf16>(dev, x, gate, up, n, k)?,
+        _ => launch_silu::<half::f16>(dev, x, gate, up, n, k)?,
+    };
+    Ok(Some(tensor_from_storage(s, out_shape(x, n))))
+}
+
+/// `x`'s shape with its last dimension `n`.
+fn out_shape(x: &Tensor, n: usize) -> Vec<usize> {
+    let mut shape = x.dims().to_vec();
+    *shape.last_mut().expect("x has rank >= 1") = n;
+    shape
+}
+
+/// `Some((rows, in))` where the kernel takes `x` and the weights `ws` (1 to 3, bf16/f16 like x,
+/// `in` a multiple of 8, at most [`MAX_ROWS`] rows, contiguous and 16-byte aligned, one GPU).
+fn fits(x: &Tensor, ws: &[&Tensor]) -> Result<Option<(usize, usize)>, QuantError> {
     let Some(&w0) = ws.first() else {
         return Ok(None);
     };
@@ -59,18 +103,7 @@ pub fn gemv_group(x: &Tensor, ws: &[&Tensor]) -> Result<Option<Vec<Tensor>>, Qua
             return Ok(None);
         }
     }
-    let dev = cuda_device(w0, "dense gemv weight")?;
-    let s = match dtype {
-        DType::BF16 => launch::<half::bf16>(dev, x, ws, m, k)?,
-        _ => launch::<half::f16>(dev, x, ws, m, k)?,
-    };
-    let mut out = Vec::with_capacity(ws.len());
-    for (s, w) in s.into_iter().zip(ws) {
-        let mut shape = x.dims().to_vec();
-        *shape.last_mut().expect("x has rank >= 1") = w.dim(0)?;
-        out.push(tensor_from_storage(s, shape));
-    }
-    Ok(Some(out))
+    Ok(Some((m, k)))
 }
 
 /// Kernel argument `DGroup` (kernels/dense_gemv.cu): the second and third weight of a grouped
@@ -156,4 +189,42 @@ fn launch<T: CudaDType + DeviceRepr>(
         .into_iter()
         .map(|y| CudaStorage::wrap_cuda_slice(y, dev.clone()))
         .collect())
+}
+
+fn launch_silu<T: CudaDType + DeviceRepr>(
+    dev: &CudaDevice,
+    x: &Tensor,
+    gate: &Tensor,
+    up: &Tensor,
+    n: usize,
+    k: usize,
+) -> Result<CudaStorage, QuantError> {
+    let stream = dev.cuda_stream();
+    let (xs, xl) = x.storage_and_layout();
+    let xv = device_view::<T>(&xs, xl, k, "dense gemv: x")?;
+    let (gs, gl) = gate.storage_and_layout();
+    let gv = device_view::<T>(&gs, gl, n * k, "dense gemv: gate weight")?;
+    let (us, ul) = up.storage_and_layout();
+    let uv = device_view::<T>(&us, ul, n * k, "dense gemv: up weight")?;
+    // SAFETY: the kernel writes every one of the n outputs.
+    let y = unsafe { dev.alloc::<T>(n)? };
+    let f = function(
+        dev,
+        "dense_gemv",
+        FATBIN,
+        &format!("dense_gemv_silu_{}", dtype_name(gate.dtype())),
+    )?;
+    let mut b = stream.launch_builder(&f);
+    let (ni, ki) = (n as i32, k as i32);
+    b.arg(&gv).arg(&uv).arg(&xv).arg(&y).arg(&ni).arg(&ki);
+    let cfg = LaunchConfig {
+        grid_dim: (n.div_ceil(ROWS_PER_BLOCK) as u32, 1, 1),
+        block_dim: ((ROWS_PER_BLOCK * 32) as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: the arguments match `dense_gemv_silu_*`: gate and up [n, k], x [1, k], contiguous
+    // with 16-byte aligned rows (checked by `fits`), output [1, n].
+    unsafe { b.launch(cfg) }.w()?;
+    drop(b);
+    Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
 }
