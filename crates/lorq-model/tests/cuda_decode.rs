@@ -209,14 +209,7 @@ mod gpu {
         };
         for round in 0..2 {
             let one = attention(&q_rot, &kc, &vc, &fused, shape, window).unwrap();
-            let diff = (&one.to_dtype(DType::F32).unwrap() - &out.to_dtype(DType::F32).unwrap())
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = max_abs_diff(&one, &out);
             assert_eq!(
                 diff, 0.0,
                 "merged in one launch (round {round}) != two launches"
@@ -232,17 +225,7 @@ mod gpu {
                 &q_g, &k_g, &v_g, &cos_g, &sin_g, &fused, &kc1, &vc1, shape, window,
             )
             .unwrap();
-            let same = |a: &Tensor, b: &Tensor| {
-                let d = (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
-                d == 0.0
-            };
+            let same = |a: &Tensor, b: &Tensor| max_abs_diff(a, b) == 0.0;
             assert!(
                 same(&one, &out),
                 "decode_attention != rope_append + attention"
@@ -281,6 +264,18 @@ mod gpu {
             seqs.len()
         );
         assert!(e <= tol, "rel err {e} > {tol}");
+    }
+
+    /// The largest absolute difference of two tensors of one shape (any dtype, any device).
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
     }
 
     fn mixed_batch() -> Vec<Seq> {
