@@ -307,9 +307,10 @@ impl LlamaModel {
             let (s, h, codes) = add_norm(&x, &o, &layer.post_attention_norm, &layer.gate)?;
             x = s;
             // Decode at batch 1 on dense weights: the two projections and SiLU·mul in one launch.
-            let paired = match (&codes, fused) {
-                (None, true) => Linear::silu_mul_pair(&layer.gate, &layer.up, &h, adapters)?,
-                _ => None,
+            let paired = if fused && codes.is_none() {
+                Linear::silu_mul_pair(&layer.gate, &layer.up, &h, adapters)?
+            } else {
+                None
             };
             let act = match paired {
                 Some(act) => act,

@@ -18,6 +18,11 @@ fn fp8_gpu_tests_skipped_without_the_cuda_feature() {
 }
 
 #[cfg(feature = "cuda")]
+#[path = "common/formats.rs"]
+#[allow(dead_code)] // the other tests' helpers
+mod formats;
+
+#[cfg(feature = "cuda")]
 mod gpu {
     use candle_core::{DType, Device, Tensor};
     use lorq_quant::cuda::fp8_gemm::{
@@ -26,6 +31,8 @@ mod gpu {
     };
     use lorq_quant::fp8::{e4m3fn_to_f32, f32_to_e4m3fn, Fp8Strategy, Fp8Tensor, E4M3_MAX};
     use lorq_quant::QuantTensor;
+
+    use super::formats::max_abs_diff;
 
     /// The GPU, if there is one with FP8 tensor cores (else says why the test is skipped).
     fn fp8_gpu() -> Option<Device> {
@@ -411,17 +418,6 @@ mod gpu {
         Tensor::randn(0f32, 1.0, shape, dev)
             .unwrap()
             .to_dtype(DType::BF16)
-            .unwrap()
-    }
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
             .unwrap()
     }
 

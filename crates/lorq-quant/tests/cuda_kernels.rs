@@ -24,7 +24,7 @@ mod gpu {
     use lorq_quant::cuda::bnb4::{dequantize, matmul, Bnb4Path};
     use lorq_quant::QuantTensor;
 
-    use super::formats::rel_l2;
+    use super::formats::{max_abs_diff, rel_l2};
 
     fn gpu() -> Option<Device> {
         lorq_quant::cuda::usable_gpu(0)
@@ -111,14 +111,7 @@ mod gpu {
                 )
                 .unwrap();
                 assert_eq!(got.dims(), want.dims());
-                let diff = (got.to_dtype(DType::F32).unwrap() - want.to_dtype(DType::F32).unwrap())
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
+                let diff = max_abs_diff(&got, &want);
                 assert_eq!(
                     diff, 0.0,
                     "silu_mul_gemv {dtype:?} [{n}, {k}] differs by {diff}"

@@ -16,6 +16,7 @@ fn gpu_qgemv_skipped_without_the_cuda_feature() {
 
 #[cfg(feature = "cuda")]
 #[path = "common/formats.rs"]
+#[allow(dead_code)] // `max_abs_diff` serves the other GPU tests
 mod formats;
 
 #[cfg(feature = "cuda")]

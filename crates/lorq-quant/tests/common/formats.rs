@@ -101,6 +101,18 @@ pub fn every_format(n: usize, k: usize, seed: u64) -> Vec<(String, Arc<dyn Quant
     ]
 }
 
+/// The largest absolute difference of two tensors of one shape (any dtype, any device).
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 /// ‖got − want‖₂ / ‖want‖₂ over two tensors on any device, in f64; infinite if `got` has a NaN or an
 /// infinity.
 pub fn rel_l2(got: &Tensor, want: &Tensor) -> f64 {
