@@ -65,6 +65,22 @@ impl Linear {
         Ok(lorq_quant::matmul_silu_mul(&*gate.base, &*up.base, x)?)
     }
 
+    /// `self(x)` at one row with the residual add + RMSNorm of the output (`tail`) in the same GPU
+    /// launch: `Some((s, y))` where [`lorq_quant::matmul_add_rms_norm`] applies and there is no
+    /// adapter or bias (decode at batch 1); `None` where the caller runs the linear and the norm.
+    #[cfg(feature = "cuda")]
+    pub fn forward_add_norm(
+        &self,
+        x: &Tensor,
+        tail: &lorq_quant::cuda::fused_ops::AddNorm,
+        adapters: &BatchAdapters,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        if adapters.has_adapters() || self.bias.is_some() {
+            return Ok(None);
+        }
+        Ok(lorq_quant::matmul_add_rms_norm(&*self.base, x, tail)?)
+    }
+
     fn begin_delta<'a>(
         &'a self,
         x: &Tensor,

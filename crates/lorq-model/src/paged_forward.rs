@@ -155,10 +155,11 @@ impl LlamaModel {
             data.extend_from_slice(t);
             data.extend(std::iter::repeat_n(0, max_blocks - t.len()));
         }
+        // Zeroed tickets: the attention's, then the GEMV norm tails' one.
         let c = &self.config;
         data.extend(std::iter::repeat_n(
             0,
-            tickets_needed(rows, c.num_attention_heads, c.num_key_value_heads),
+            tickets_needed(rows, c.num_attention_heads, c.num_key_value_heads) + 1,
         ));
         Ok(PagedMeta {
             data,
@@ -185,7 +186,7 @@ impl LlamaModel {
     ) -> Result<Tensor> {
         use crate::linear::Linear;
         use lorq_quant::cuda::fp8_gemm::{with_offered_activations, QuantizedActivations};
-        use lorq_quant::cuda::fused_ops::{add_rms_norm, add_rms_norm_fp8, silu_mul};
+        use lorq_quant::cuda::fused_ops::{add_rms_norm, add_rms_norm_fp8, silu_mul, AddNorm};
         use lorq_quant::cuda::paged_attention::{
             attention, decode_attention, multiprocessors, rope_append, tickets_needed, PageShape,
             PagedBatch,
@@ -212,11 +213,9 @@ impl LlamaModel {
         let block_tables = meta
             .narrow(0, 3 * rows, seqs * max_blocks)?
             .reshape((seqs, max_blocks))?;
-        let tickets = meta.narrow(
-            0,
-            3 * rows + seqs * max_blocks,
-            tickets_needed(rows, c.num_attention_heads, c.num_key_value_heads),
-        )?;
+        let attention_tickets = tickets_needed(rows, c.num_attention_heads, c.num_key_value_heads);
+        let tickets = meta.narrow(0, 3 * rows + seqs * max_blocks, attention_tickets)?;
+        let norm_ticket = meta.narrow(0, 3 * rows + seqs * max_blocks + attention_tickets, 1)?;
         let (cos, sin) = self.rope.tables(0, max_ctx)?;
         let batch = PagedBatch {
             row_pos: &row_pos,
@@ -264,6 +263,26 @@ impl LlamaModel {
             let (s, y) = add_rms_norm(x, d, w, eps)?;
             Ok((s, y, None))
         };
+        // `l(input)` with `residual + l(input)` and its RMSNorm with `w` in the same launch (one
+        // row: the GEMV's last block runs the norm), where `l` and `next` (the projection reading
+        // the norm) allow it; `None`: run `l` and `add_norm`.
+        let linear_add_norm = |l: &Linear,
+                               input: &Tensor,
+                               residual: &Tensor,
+                               w: &Tensor,
+                               next: &Linear|
+         -> Result<Option<(Tensor, Tensor)>> {
+            if !fused || next.base.gpu_quantizes_rows_to_fp8(residual)? {
+                return Ok(None);
+            }
+            let tail = AddNorm {
+                residual,
+                weight: w,
+                eps,
+                ticket: &norm_ticket,
+            };
+            l.forward_add_norm(input, &tail, adapters)
+        };
         let with_codes = |h: &Tensor,
                           codes: Option<QuantizedActivations>,
                           f: &dyn Fn() -> Result<Vec<Tensor>>|
@@ -273,12 +292,15 @@ impl LlamaModel {
                 None => f(),
             }
         };
-        // The MLP's output, added into x by the next layer's fused norm.
+        // The MLP's output, added into x by the next layer's fused norm; or that layer's normed
+        // input already, where the down projection ran the add and the norm as its tail.
         let mut pending: Option<Tensor> = None;
+        let mut normed: Option<Tensor> = None;
         for (li, layer) in self.layers.iter().enumerate() {
-            let (h, codes) = match pending.take() {
-                None => (candle_nn::ops::rms_norm(&x, &layer.input_norm, eps)?, None),
-                Some(d) => {
+            let (h, codes) = match (normed.take(), pending.take()) {
+                (Some(h), _) => (h, None),
+                (None, None) => (candle_nn::ops::rms_norm(&x, &layer.input_norm, eps)?, None),
+                (None, Some(d)) => {
                     let (s, y, codes) = add_norm(&x, &d, &layer.input_norm, &layer.q)?;
                     x = s;
                     (y, codes)
@@ -303,9 +325,19 @@ impl LlamaModel {
                 let q = rope_append(&q, &k, &v, &cos, &sin, &batch, &kc, &vc, shape)?;
                 attention(&q, &kc, &vc, b, shape, w)?
             };
-            let o = layer.o.forward(&attn, adapters)?;
-            let (s, h, codes) = add_norm(&x, &o, &layer.post_attention_norm, &layer.gate)?;
-            x = s;
+            let post_norm = &layer.post_attention_norm;
+            let (h, codes) = match linear_add_norm(&layer.o, &attn, &x, post_norm, &layer.gate)? {
+                Some((s, h)) => {
+                    x = s;
+                    (h, None)
+                }
+                None => {
+                    let o = layer.o.forward(&attn, adapters)?;
+                    let (s, h, codes) = add_norm(&x, &o, post_norm, &layer.gate)?;
+                    x = s;
+                    (h, codes)
+                }
+            };
             // Decode at batch 1 on dense weights: the two projections and SiLU·mul in one launch.
             let paired = if fused && codes.is_none() {
                 Linear::silu_mul_pair(&layer.gate, &layer.up, &h, adapters)?
@@ -324,7 +356,17 @@ impl LlamaModel {
                     }
                 }
             };
-            pending = Some(layer.down.forward(&act, adapters)?);
+            let tail = match self.layers.get(li + 1) {
+                Some(next) => linear_add_norm(&layer.down, &act, &x, &next.input_norm, &next.q)?,
+                None => None,
+            };
+            match tail {
+                Some((s, h)) => {
+                    x = s;
+                    normed = Some(h);
+                }
+                None => pending = Some(layer.down.forward(&act, adapters)?),
+            }
         }
         if let Some(d) = pending {
             x = (x + d)?;

@@ -1,6 +1,7 @@
 // y[N] = W[N, K] . x[K] for one activation row (decode at batch 1), bf16 / f16 weight and
 // activations, f32 accumulation, rounded once to the output dtype; up to three weights sharing x
-// in one launch (DGroup), each with its own output.
+// in one launch (DGroup), each with its own output; or one weight and the residual add + RMSNorm of
+// its output in the same launch (dense_gemv_norm_*: the last block runs rms_norm.cuh's norm_tail).
 //
 // Memory-bound: the weight is streamed once. A warp owns one output row; each lane reads 16-byte
 // vectors (8 weights) of it, DG_UNROLL vectors in flight before any math (latency hiding without
@@ -8,11 +9,12 @@
 // (the weight is read once; the activation row, shared by every warp, stays in L1/L2). Measured
 // on H100 (docs/benchmarks.md): ahead of cuBLAS at one row, behind it from two rows on, so the
 // wrapper takes one row only. Needs K % 8 == 0 and 16-byte aligned rows (the wrapper checks).
-#include "common.cuh"
+#include "rms_norm.cuh"
 #include <type_traits>
 
 constexpr int DG_WARPS = 8;
 constexpr int DG_UNROLL = 4;
+static_assert(DG_WARPS * 32 == ARN_THREADS, "the norm tail runs with the GEMV's block");
 
 // acc += w . x[k0 .. k0+8).
 template <typename T>
@@ -117,7 +119,18 @@ __device__ __forceinline__ void dense_gemv(const T* __restrict__ w, const T* __r
                              const T* __restrict__ x, T* __restrict__ y, int N, int K) {           \
         dense_gemv<T, true>(gate, x, y, N, K, blockIdx.x, up);                                     \
     }
+// dense_gemv_norm_<dtype>: y = x . W^T (one weight, N = nt.hidden), then nt's s = nt.x + y and
+// RMSNorm(s) * nt.w by the launch's last block.
+#define DENSE_GEMV_NORM(TN, T)                                                                     \
+    extern "C" __global__ void __launch_bounds__(DG_WARPS * 32)                                    \
+        dense_gemv_norm_##TN(const T* __restrict__ w, const T* __restrict__ x, T* __restrict__ y,  \
+                             int N, int K, const NormTail nt) {                                    \
+        dense_gemv<T>(w, x, y, N, K, blockIdx.x);                                                  \
+        norm_tail<T>(nt, y);                                                                       \
+    }
 DENSE_GEMV(bf16, __nv_bfloat16)
 DENSE_GEMV(f16, __half)
 DENSE_GEMV_SILU(bf16, __nv_bfloat16)
 DENSE_GEMV_SILU(f16, __half)
+DENSE_GEMV_NORM(bf16, __nv_bfloat16)
+DENSE_GEMV_NORM(f16, __half)

@@ -3,17 +3,17 @@
 // reference, tests in crates/lorq-model/tests/cuda_decode.rs):
 // - add_rms_norm_*: s = x + d (the residual add), y = RMSNorm(s) * w; writes both s and y. One
 //   block per row; f32 sum of squares. add_rms_norm_vec_* (hidden % 8 == 0, 16-byte aligned rows,
-//   hidden <= 8 * 1024 * ARN_CHUNKS): up to 1024 threads per row, each holding its 8-element
-//   chunks in registers between the sum and the scaling (one read of x, d and w, 16-byte loads):
-//   at batch 1 the row is one block, and the scalar kernel's serial loop took ~12 us on an H100
-//   for 4096 values (ncu), this one a few.
+//   hidden <= 8 * 1024 * ARN_CHUNKS; rms_norm.cuh): each thread holds its 8-element chunks in
+//   registers between the sum and the scaling (one read of x, d and w, 16-byte loads): at batch 1
+//   the row is one block, and the scalar kernel's serial loop took ~12 us on an H100 for 4096
+//   values (ncu), this one a few. The GEMVs at batch 1 run the same code as their tail.
 // - silu_mul_*: y = SiLU(gate) * up, elementwise, f32 math.
 // - argmax_rows_*: out[r] = index of the largest value of row r (the first on ties, as
 //   torch.argmax; NaN never wins), one block of 1024 threads per row, 8 loads in flight per
 //   thread (greedy decoding over a 128k vocabulary: candle's argmax took ~95 us per row on an H100).
 // - embed_rows_*: out[r] = table[ids[r]] (the embedding lookup reading its ids on the GPU; an id
 //   past the vocabulary gives a zero row, never a read outside the table). One block per row.
-#include "e4m3.cuh"
+#include "rms_norm.cuh"
 
 constexpr int THREADS = 256;
 
@@ -41,77 +41,6 @@ __device__ __forceinline__ void add_rms_norm(const T* __restrict__ x, const T* _
     const float inv = rsqrtf(total / hidden + eps);
     for (int i = threadIdx.x; i < hidden; i += THREADS)
         y[row + i] = from_f<T>(to_f(s[row + i]) * inv * to_f(w[i]));
-}
-
-constexpr int ARN_CHUNKS = 4;  // 8-element chunks per thread
-
-// blockDim: a multiple of 32 with blockDim * 8 * ARN_CHUNKS >= hidden. With FP8, also writes y's
-// e4m3 codes q[row, :] and scale scales[row], the per-token dynamic quantization of the next FP8
-// projection (fp8_act.cu quant_rows, mode 0) bit for bit: the codes come from y as stored (rounded
-// to T), so the projection skips its own quantization launch.
-template <typename T, bool FP8>
-__device__ __forceinline__ void add_rms_norm_vec(const T* __restrict__ x, const T* __restrict__ d,
-                                                 const T* __restrict__ w, T* __restrict__ s,
-                                                 T* __restrict__ y, uint8_t* __restrict__ q,
-                                                 float* __restrict__ scales, int hidden, float eps) {
-    __shared__ float s_part[32];
-    const size_t row = (size_t)blockIdx.x * hidden;
-    const int chunks = hidden >> 3;
-    float v[ARN_CHUNKS][8];
-    float ss = 0.f;
-#pragma unroll
-    for (int i = 0; i < ARN_CHUNKS; i++) {
-        const int c = threadIdx.x + i * blockDim.x;
-        if (c < chunks) {
-            float a[8], b[8];
-            load8<T>(x + row + 8 * c, a);
-            load8<T>(d + row + 8 * c, b);
-#pragma unroll
-            for (int e = 0; e < 8; e++) {
-                // Rounded to T first: the sum the next layer sees is the stored one.
-                v[i][e] = to_f(from_f<T>(a[e] + b[e]));
-                ss = fmaf(v[i][e], v[i][e], ss);
-            }
-            store8<T>(s + row + 8 * c, v[i]);
-        }
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-    const int warps = blockDim.x >> 5;
-    if ((threadIdx.x & 31) == 0) s_part[threadIdx.x >> 5] = ss;
-    __syncthreads();
-    float total = (threadIdx.x & 31) < warps ? s_part[threadIdx.x & 31] : 0.f;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) total += __shfl_xor_sync(0xffffffffu, total, o);
-    const float inv = rsqrtf(total / hidden + eps);
-    float amax = 0.f;
-#pragma unroll
-    for (int i = 0; i < ARN_CHUNKS; i++) {
-        const int c = threadIdx.x + i * blockDim.x;
-        if (c < chunks) {
-            float wv[8];
-            load8<T>(w + 8 * c, wv);
-#pragma unroll
-            for (int e = 0; e < 8; e++) {
-                v[i][e] = v[i][e] * inv * wv[e];
-                if constexpr (FP8) {
-                    v[i][e] = to_f(from_f<T>(v[i][e]));  // y as stored
-                    amax = fmaxf(amax, fabsf(v[i][e]));
-                }
-            }
-            store8<T>(y + row + 8 * c, v[i]);
-        }
-    }
-    if constexpr (FP8) {
-        __syncthreads();  // every warp has read its total from s_part, which block_max reuses
-        const float sc = e4m3_row_scale(block_max(amax, s_part));
-        if (threadIdx.x == 0) scales[blockIdx.x] = sc;
-#pragma unroll
-        for (int i = 0; i < ARN_CHUNKS; i++) {
-            const int c = threadIdx.x + i * blockDim.x;
-            if (c < chunks) *reinterpret_cast<uint2*>(q + row + 8 * c) = e4m3_codes8(v[i], sc);
-        }
-    }
 }
 
 template <typename T>
@@ -196,31 +125,31 @@ __device__ __forceinline__ void embed_rows(const T* __restrict__ table,
 }
 
 #define FUSED(T, TN)                                                                              \
-    extern "C" __global__ void __launch_bounds__(THREADS)                                        \
+    extern "C" __global__ void __launch_bounds__(THREADS)                                         \
         add_rms_norm_##TN(const T* x, const T* d, const T* w, T* s, T* y, int hidden, float eps) { \
-        add_rms_norm<T>(x, d, w, s, y, hidden, eps);                                             \
+        add_rms_norm<T>(x, d, w, s, y, hidden, eps);                                              \
     }                                                                                             \
-    extern "C" __global__ void __launch_bounds__(1024)                                           \
-        add_rms_norm_vec_##TN(const T* x, const T* d, const T* w, T* s, T* y, int hidden,          \
+    extern "C" __global__ void __launch_bounds__(1024)                                            \
+        add_rms_norm_vec_##TN(const T* x, const T* d, const T* w, T* s, T* y, int hidden,         \
                               float eps) {                                                        \
-        add_rms_norm_vec<T, false>(x, d, w, s, y, nullptr, nullptr, hidden, eps);                 \
+        add_rms_norm_vec<T, false>(x, d, w, s, y, nullptr, nullptr, hidden, eps, blockIdx.x);     \
     }                                                                                             \
-    extern "C" __global__ void __launch_bounds__(1024)                                           \
-        add_rms_norm_fp8_##TN(const T* x, const T* d, const T* w, T* s, T* y, uint8_t* q,          \
+    extern "C" __global__ void __launch_bounds__(1024)                                            \
+        add_rms_norm_fp8_##TN(const T* x, const T* d, const T* w, T* s, T* y, uint8_t* q,         \
                               float* scales, int hidden, float eps) {                             \
-        add_rms_norm_vec<T, true>(x, d, w, s, y, q, scales, hidden, eps);                        \
+        add_rms_norm_vec<T, true>(x, d, w, s, y, q, scales, hidden, eps, blockIdx.x);             \
     }                                                                                             \
-    extern "C" __global__ void __launch_bounds__(THREADS)                                        \
+    extern "C" __global__ void __launch_bounds__(THREADS)                                         \
         silu_mul_##TN(const T* gate, const T* up, T* y, unsigned long long n) {                   \
         silu_mul<T>(gate, up, y, (size_t)n);                                                      \
     }                                                                                             \
-    extern "C" __global__ void __launch_bounds__(AM_THREADS)                                     \
+    extern "C" __global__ void __launch_bounds__(AM_THREADS)                                      \
         argmax_rows_##TN(const T* x, unsigned* out, int n) {                                      \
-        argmax_rows<T>(x, out, n);                                                               \
+        argmax_rows<T>(x, out, n);                                                                \
     }                                                                                             \
-    extern "C" __global__ void __launch_bounds__(THREADS)                                        \
+    extern "C" __global__ void __launch_bounds__(THREADS)                                         \
         embed_rows_##TN(const T* table, const unsigned* ids, T* out, int hidden, unsigned vocab) { \
-        embed_rows<T>(table, ids, out, hidden, vocab);                                           \
+        embed_rows<T>(table, ids, out, hidden, vocab);                                            \
     }
 FUSED(float, f32)
 FUSED(__nv_bfloat16, bf16)

@@ -25,5 +25,7 @@ pub mod rtn;
 pub mod select;
 
 pub use dense::DenseTensor;
+#[cfg(feature = "cuda")]
+pub use quant_tensor::matmul_add_rms_norm;
 pub use quant_tensor::{matmul_group, matmul_silu_mul, QuantError, QuantTensor};
 pub use raw_tensor::RawTensor;

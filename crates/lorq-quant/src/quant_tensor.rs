@@ -146,6 +146,33 @@ pub fn matmul_silu_mul(
     Ok(None)
 }
 
+/// `x · Wᵀ` for one activation row on the GPU with the residual add + RMSNorm of its output
+/// (`tail`) in the same launch: `Some((s, y))` where the weight takes a one-row GEMV (dense
+/// bf16/f16 or the packed formats), rounded as [`QuantTensor::matmul`] followed by
+/// `cuda::fused_ops::add_rms_norm`; `None` elsewhere (FP8 among them: its activations come
+/// quantized from the norm).
+#[cfg(feature = "cuda")]
+pub fn matmul_add_rms_norm(
+    w: &dyn QuantTensor,
+    x: &Tensor,
+    tail: &crate::cuda::fused_ops::AddNorm,
+) -> Result<Option<(Tensor, Tensor)>, QuantError> {
+    use crate::cuda::qgemv::GpuQuantWeight;
+    let candle_core::Device::Cuda(dev) = x.device() else {
+        return Ok(None);
+    };
+    if let Some(d) = w.dense_weight() {
+        return crate::cuda::dense_gemv::gemv_add_rms_norm(x, d, tail);
+    }
+    if w.gpu_runs_alone(x)? {
+        return Ok(None);
+    }
+    match w.gpu_packed(dev)?.as_deref() {
+        Some(GpuQuantWeight::Ready(l)) => crate::cuda::qgemv::matmul_add_rms_norm(l, x, tail),
+        _ => Ok(None),
+    }
+}
+
 /// `dy · W` with `W` dequantized on the host and moved to `dy`'s device (the default of
 /// [`QuantTensor::matmul_grad_input`]).
 pub fn host_matmul_grad_input<T: QuantTensor + ?Sized>(

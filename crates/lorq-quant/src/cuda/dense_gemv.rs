@@ -8,6 +8,7 @@ use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKe
 use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::{CudaStorage, DType, Tensor};
 
+use super::fused_ops::{AddNorm, NormTailArg};
 use super::{cuda_device, device_view, dtype_name, function, tensor_from_storage};
 use crate::QuantError;
 
@@ -17,6 +18,7 @@ static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/dense_gemv.fatb
 pub const MAX_ROWS: usize = 1;
 /// Output rows per block (kernels/dense_gemv.cu `DG_WARPS`).
 const ROWS_PER_BLOCK: usize = 8;
+const _: () = assert!(ROWS_PER_BLOCK * 32 == super::fused_ops::ARN_THREADS);
 
 /// `Some(x · wᵀ)` through the kernel, `None` where it does not apply (more than [`MAX_ROWS`]
 /// rows, a dtype other than bf16/f16 or differing between `x` and `w`, `in` not a multiple of 8,
@@ -61,6 +63,33 @@ pub fn silu_mul_gemv(x: &Tensor, gate: &Tensor, up: &Tensor) -> Result<Option<Te
         _ => launch_silu::<half::f16>(dev, x, gate, up, n, k)?,
     };
     Ok(Some(tensor_from_storage(s, out_shape(x, n))))
+}
+
+/// [`gemv`] of one row whose output `d` goes through `tail`'s residual add and RMSNorm in the same
+/// launch (its last block): `Some((s, y))`, rounded as [`gemv`] then
+/// [`super::fused_ops::add_rms_norm`]; `None` where either does not apply.
+pub fn gemv_add_rms_norm(
+    x: &Tensor,
+    w: &Tensor,
+    tail: &AddNorm,
+) -> Result<Option<(Tensor, Tensor)>, QuantError> {
+    let Some((_, k)) = fits(x, &[w])? else {
+        return Ok(None);
+    };
+    let n = w.dim(0)?;
+    if !tail.fits(n, w.dtype())? {
+        return Ok(None);
+    }
+    let dev = cuda_device(w, "dense gemv weight")?;
+    let (_, s, y) = match w.dtype() {
+        DType::BF16 => {
+            tail.run::<half::bf16, _>(dev, n, |nt| launch_norm::<half::bf16>(dev, x, w, n, k, nt))?
+        }
+        _ => {
+            tail.run::<half::f16, _>(dev, n, |nt| launch_norm::<half::f16>(dev, x, w, n, k, nt))?
+        }
+    };
+    Ok(Some((s, y)))
 }
 
 /// `x`'s shape with its last dimension `n`.
@@ -227,4 +256,41 @@ fn launch_silu<T: CudaDType + DeviceRepr>(
     unsafe { b.launch(cfg) }.w()?;
     drop(b);
     Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+}
+
+fn launch_norm<T: CudaDType + DeviceRepr>(
+    dev: &CudaDevice,
+    x: &Tensor,
+    w: &Tensor,
+    n: usize,
+    k: usize,
+    nt: &NormTailArg,
+) -> Result<(), QuantError> {
+    let stream = dev.cuda_stream();
+    let (xs, xl) = x.storage_and_layout();
+    let xv = device_view::<T>(&xs, xl, k, "dense gemv: x")?;
+    let (ws, wl) = w.storage_and_layout();
+    let wv = device_view::<T>(&ws, wl, n * k, "dense gemv: weight")?;
+    // SAFETY: the kernel writes every one of the n outputs (the tail's input, dropped after).
+    let y = unsafe { dev.alloc::<T>(n)? };
+    let f = function(
+        dev,
+        "dense_gemv",
+        FATBIN,
+        &format!("dense_gemv_norm_{}", dtype_name(w.dtype())),
+    )?;
+    let mut b = stream.launch_builder(&f);
+    let (ni, ki) = (n as i32, k as i32);
+    b.arg(&wv).arg(&xv).arg(&y).arg(&ni).arg(&ki).arg(nt);
+    let cfg = LaunchConfig {
+        grid_dim: (n.div_ceil(ROWS_PER_BLOCK) as u32, 1, 1),
+        block_dim: ((ROWS_PER_BLOCK * 32) as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: the arguments match `dense_gemv_norm_*`: w [n, k] and x [1, k] contiguous with
+    // 16-byte aligned rows (checked by `fits`), output [1, n], the tail's buffers of n values
+    // (checked by `AddNorm::fits`); blocks of ROWS_PER_BLOCK warps = ARN_THREADS threads.
+    unsafe { b.launch(cfg) }.w()?;
+    drop(b);
+    Ok(())
 }

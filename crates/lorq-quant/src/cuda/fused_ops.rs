@@ -113,8 +113,107 @@ fn launch<T: CudaDType + DeviceRepr>(
         .collect())
 }
 
-/// 8-element chunks per thread of `add_rms_norm_vec_*` (kernels/fused_ops.cu `ARN_CHUNKS`).
+/// 8-element chunks per thread of `add_rms_norm_vec_*` (kernels/rms_norm.cuh `ARN_CHUNKS`).
 const ARN_CHUNKS: usize = 4;
+/// Threads of `add_rms_norm_vec_*` up to `8 * ARN_THREADS * ARN_CHUNKS` values per row, and of every
+/// GEMV block that runs the same norm as its tail (kernels/rms_norm.cuh `ARN_THREADS`): the same
+/// thread for each chunk, so both round the same.
+pub(crate) const ARN_THREADS: usize = 256;
+
+/// The residual add + RMSNorm that a one-row GEMV runs on its output `d` in its last block
+/// (kernels/rms_norm.cuh `norm_tail`, decode at batch 1 without the norm's own launch):
+/// `s = residual + d`, `y = RMSNorm(s) · weight`, rounded as [`add_rms_norm`] rounds them.
+/// `ticket`: one zeroed `u32` on the GPU; every launch leaves it at zero, so one serves a whole
+/// stream of launches (not two streams at once).
+pub struct AddNorm<'a> {
+    pub residual: &'a Tensor,
+    pub weight: &'a Tensor,
+    pub eps: f32,
+    pub ticket: &'a Tensor,
+}
+
+impl AddNorm<'_> {
+    /// Whether a GEMV writing one row of `n` values of `dtype` can run this tail: the residual
+    /// one row of `n`, the weight `[n]`, both of `dtype` (bf16/f16) on one GPU, `n` a multiple of
+    /// 8 up to what one block's threads hold, a `u32` ticket.
+    pub(crate) fn fits(&self, n: usize, dtype: DType) -> Result<bool, QuantError> {
+        let on_gpu =
+            |t: &Tensor| t.device().is_cuda() && t.device().same_device(self.residual.device());
+        Ok(matches!(dtype, DType::BF16 | DType::F16)
+            && n.is_multiple_of(8)
+            && n / 8 <= ARN_THREADS * ARN_CHUNKS
+            && self.residual.elem_count() == n
+            && self.residual.dtype() == dtype
+            && self.weight.dims() == [n]
+            && self.weight.dtype() == dtype
+            && self.ticket.dtype() == DType::U32
+            && self.ticket.elem_count() >= 1
+            && on_gpu(self.residual)
+            && on_gpu(self.weight)
+            && on_gpu(self.ticket))
+    }
+
+    /// Runs `launch` with the kernel argument for this tail (fresh `s` and `y` of `n` values),
+    /// then returns `launch`'s result with `(s, y)` shaped like the residual. The caller checked
+    /// [`Self::fits`].
+    pub(crate) fn run<T: CudaDType + DeviceRepr, R>(
+        &self,
+        dev: &CudaDevice,
+        n: usize,
+        launch: impl FnOnce(&NormTailArg) -> Result<R, QuantError>,
+    ) -> Result<(R, Tensor, Tensor), QuantError> {
+        use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+        let stream = dev.cuda_stream();
+        let residual = super::aligned(self.residual, 16)?;
+        let weight = super::aligned(self.weight, 16)?;
+        let ticket = self.ticket.contiguous()?;
+        let (rs, rl) = residual.storage_and_layout();
+        let rv = device_view::<T>(&rs, rl, n, "norm tail: residual")?;
+        let (ws, wl) = weight.storage_and_layout();
+        let wv = device_view::<T>(&ws, wl, n, "norm tail: norm weight")?;
+        let (ts, tl) = ticket.storage_and_layout();
+        let tv = device_view::<u32>(&ts, tl, 1, "norm tail: ticket")?;
+        // SAFETY: the tail writes all n values of both.
+        let s = unsafe { dev.alloc::<T>(n)? };
+        let y = unsafe { dev.alloc::<T>(n)? };
+        let (x, gx) = rv.device_ptr(&stream);
+        let (w, gw) = wv.device_ptr(&stream);
+        let (sp, gs) = s.device_ptr(&stream);
+        let (yp, gy) = y.device_ptr(&stream);
+        let (t, gt) = tv.device_ptr(&stream);
+        let arg = NormTailArg {
+            x,
+            w,
+            s: sp,
+            y: yp,
+            ticket: t,
+            hidden: n as i32,
+            eps: self.eps,
+        };
+        let r = launch(&arg)?;
+        drop((gx, gw, gs, gy, gt));
+        let shape = self.residual.shape().clone();
+        let s = tensor_from_storage(CudaStorage::wrap_cuda_slice(s, dev.clone()), shape.clone());
+        let y = tensor_from_storage(CudaStorage::wrap_cuda_slice(y, dev.clone()), shape);
+        Ok((r, s, y))
+    }
+}
+
+/// Kernel argument `NormTail` (kernels/rms_norm.cuh).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(crate) struct NormTailArg {
+    x: u64,
+    w: u64,
+    s: u64,
+    y: u64,
+    ticket: u64,
+    hidden: i32,
+    eps: f32,
+}
+
+// SAFETY: plain old data laid out as the kernel's `NormTail` (repr(C), 8-byte pointers, int, float).
+unsafe impl DeviceRepr for NormTailArg {}
 
 /// `s = x + d`, `y = RMSNorm(s) · w` (`x`, `d`: `[rows, hidden]`, `w`: `[hidden]`); returns `(s, y)`.
 pub fn add_rms_norm(
@@ -168,7 +267,8 @@ fn add_rms_norm_impl(
     }
     let ins = prepared(&[(x, "x"), (d, "residual"), (w, "norm weight")], dtype)?;
     let (name, threads) = if vec {
-        // One chunk per thread up to 1024 chunks (hidden 8192), then up to ARN_CHUNKS each.
+        // ARN_THREADS threads up to their ARN_CHUNKS chunks each (hidden 8192; the GEMVs' norm
+        // tails run the same), then 1024.
         let kernel = if fp8 {
             "add_rms_norm_fp8"
         } else {
@@ -176,7 +276,11 @@ fn add_rms_norm_impl(
         };
         (
             format!("{kernel}_{}", dtype_name(dtype)?),
-            (chunks.div_ceil(32) * 32).clamp(32, 1024) as u32,
+            if chunks <= ARN_THREADS * ARN_CHUNKS {
+                ARN_THREADS as u32
+            } else {
+                1024
+            },
         )
     } else {
         (format!("add_rms_norm_{}", dtype_name(dtype)?), THREADS)
