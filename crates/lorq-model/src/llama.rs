@@ -164,6 +164,9 @@ pub struct LlamaModel {
     /// One GPU launch for q/k/v and one for gate/up in the paged forward where the weights allow
     /// it (`lorq_quant::matmul_group`), else one per projection.
     pub(crate) grouped_matmuls: bool,
+    /// At one row, the o and down projections' dense GEMVs run the next residual add + RMSNorm
+    /// as their last block's tail (paged GPU forward) instead of the norm's own launch.
+    pub(crate) norm_tails: bool,
     /// Decode steps as CUDA graphs (`decode_graph.rs`); `None`: off, or not a paged GPU model.
     #[cfg(feature = "cuda")]
     pub(crate) decode_graphs: Option<crate::decode_graph::DecodeGraphs>,
@@ -313,6 +316,7 @@ impl LlamaModel {
             kv_pool,
             fused_ops: true,
             grouped_matmuls: true,
+            norm_tails: true,
         })
     }
 
@@ -331,6 +335,12 @@ impl LlamaModel {
     /// matmul per projection otherwise), e.g. to measure what they bring.
     pub fn set_grouped_matmuls(&mut self, on: bool) {
         self.grouped_matmuls = on;
+    }
+
+    /// Turns the GEMVs' norm tails of the paged GPU forward on or off (the norm's own launch
+    /// otherwise), e.g. to measure what they bring.
+    pub fn set_norm_tails(&mut self, on: bool) {
+        self.norm_tails = on;
     }
 
     /// Turns CUDA graphs for decode steps on or off (on by default for a paged GPU model whose

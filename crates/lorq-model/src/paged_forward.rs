@@ -272,7 +272,7 @@ impl LlamaModel {
                                w: &Tensor,
                                next: &Linear|
          -> Result<Option<(Tensor, Tensor)>> {
-            if !fused || next.base.gpu_quantizes_rows_to_fp8(residual)? {
+            if !fused || !self.norm_tails || next.base.gpu_quantizes_rows_to_fp8(residual)? {
                 return Ok(None);
             }
             let tail = AddNorm {

@@ -208,7 +208,11 @@ __device__ __forceinline__ void paged_attn(const T* __restrict__ q, T* kc, T* vc
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int sub = lane / LPT, dl = lane % LPT;
 
+    // The row's meta loads issued together (each later use would otherwise wait for the one
+    // before it: position -> partition bounds -> sequence -> block table -> keys).
     const int ctx = a.row_pos[r] + 1;
+    const int seq = a.row_seq[r];
+    const int new_slot = ROPE ? rn.row_slot[r] : 0;
     const int lo = a.window > 0 ? max(0, ctx - a.window) : 0;
     const int start = lo + part * a.part_len;
     const int end = min(ctx, start + a.part_len);
@@ -223,7 +227,7 @@ __device__ __forceinline__ void paged_attn(const T* __restrict__ q, T* kc, T* vc
             part_ml[2 * pi + 1] = 0.f;
         }
     } else {
-        const int* table = a.block_tables + (size_t)a.row_seq[r] * a.max_blocks;
+        const int* table = a.block_tables + (size_t)seq * a.max_blocks;
         // Element offset of this lane's 8 values of partition key t (clamped into the
         // partition: loads past its end read a valid key whose result is dropped).
         auto key_at = [&](int t) -> size_t {
@@ -264,8 +268,8 @@ __device__ __forceinline__ void paged_attn(const T* __restrict__ q, T* kc, T* vc
         }
         if constexpr (ROPE) {
             if (pos < end) {  // this partition holds the new token: append it first
-                const int slot = rn.row_slot[r];
-                const size_t at = ((size_t)(slot / a.bs) * a.kv_heads + kvh) * a.bs + slot % a.bs;
+                const size_t at =
+                    ((size_t)(new_slot / a.bs) * a.kv_heads + kvh) * a.bs + new_slot % a.bs;
                 if (threadIdx.x < LPT) {  // one key's lanes (dl = threadIdx.x)
                     float kf[8], vf[8];
                     rotated(rn.k + ((size_t)r * a.kv_heads + kvh) * HD, kf);

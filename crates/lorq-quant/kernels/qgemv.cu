@@ -13,10 +13,8 @@
 //   sum_k x_k s (q_k - z) = s (sum x_k q_k - z sum x_k): per weight one integer-to-float (a 2-op
 //   magic-number conversion, not the quarter-rate I2F) and one FMA. f32 activations (training, tests
 //   at 1e-5) compute each weight exactly as the CPU reference does, with its rounding.
-//   The *_norm kernels (one weight, one row) also run the residual add + RMSNorm of the output in
-//   their last block (rms_norm.cuh's norm_tail): decode at batch 1 saves the norm's launch.
 // - qdequant_*: the full weight [N, K] in the compute dtype (then cuBLAS for large M).
-#include "rms_norm.cuh"
+#include "common.cuh"
 #include <type_traits>
 
 struct QParams {
@@ -88,7 +86,6 @@ __device__ __forceinline__ void load_chunk(const uint32_t* p, uint32_t (&w)[BITS
 }
 
 constexpr int WARPS = 8;  // warps per block
-static_assert(WARPS * 32 == ARN_THREADS, "the norm tail runs with the GEMV's block");
 
 // Blocks per weight: ceil(ceil(N / RPW) * SPLIT / WARPS), bx the block's index among them;
 // grid.y: ceil(M / MR).
@@ -273,26 +270,13 @@ __device__ __forceinline__ void qgemv(const QParams p, const T* __restrict__ x, 
                                                  bx - g.b2);                                       \
         }                                                                                          \
     }
-// qgemv_<kind>_<dtype>_m1_r<RPW>_s<SPLIT>_norm: one weight at one activation row (N = nt.hidden),
-// then nt's s = nt.x + y and RMSNorm(s) * nt.w by the launch's last block (rms_norm.cuh).
-#define QGEMV_NORM(KN, BITS, LUTK, TN, T, RPW, SPLIT)                                              \
-    extern "C" __global__ void __launch_bounds__(WARPS * 32)                                       \
-        qgemv_##KN##_##TN##_m1_r##RPW##_s##SPLIT##_norm(QARGS, const T* __restrict__ x,            \
-                                                        T* __restrict__ y, int N, int K,           \
-                                                        const NormTail nt) {                       \
-        const QParams p = QPARAMS;                                                                 \
-        qgemv<T, BITS, LUTK, 1, RPW, SPLIT>(p, x, y, 1, N, K, blockIdx.x);                         \
-        norm_tail<T>(nt, y);                                                                       \
-    }
 #define QGEMV_SPLITS(KN, BITS, LUTK, TN, T, MR, RPW)                                               \
     QGEMV(KN, BITS, LUTK, TN, T, MR, RPW, 1) QGEMV(KN, BITS, LUTK, TN, T, MR, RPW, 4)
 // Half-precision activations: RPW 1 or 4 up to MR 2, RPW 1 above (registers).
 #define QGEMV_HALF(KN, BITS, LUTK, TN, T)                                                          \
     QGEMV_SPLITS(KN, BITS, LUTK, TN, T, 1, 1) QGEMV_SPLITS(KN, BITS, LUTK, TN, T, 1, 4)            \
     QGEMV_SPLITS(KN, BITS, LUTK, TN, T, 2, 1) QGEMV_SPLITS(KN, BITS, LUTK, TN, T, 2, 4)            \
-    QGEMV_SPLITS(KN, BITS, LUTK, TN, T, 4, 1) QGEMV_SPLITS(KN, BITS, LUTK, TN, T, 8, 1)            \
-    QGEMV_NORM(KN, BITS, LUTK, TN, T, 1, 1) QGEMV_NORM(KN, BITS, LUTK, TN, T, 1, 4)                \
-    QGEMV_NORM(KN, BITS, LUTK, TN, T, 4, 1) QGEMV_NORM(KN, BITS, LUTK, TN, T, 4, 4)
+    QGEMV_SPLITS(KN, BITS, LUTK, TN, T, 4, 1) QGEMV_SPLITS(KN, BITS, LUTK, TN, T, 8, 1)
 #define QGEMV_F32(KN, BITS, LUTK)                                                                  \
     QGEMV_SPLITS(KN, BITS, LUTK, f32, float, 1, 1) QGEMV_SPLITS(KN, BITS, LUTK, f32, float, 2, 1)  \
     QGEMV_SPLITS(KN, BITS, LUTK, f32, float, 4, 1) QGEMV_SPLITS(KN, BITS, LUTK, f32, float, 8, 1)

@@ -1,7 +1,7 @@
 // The residual add and RMSNorm of a decoder layer, shared by its own launch (fused_ops.cu
-// add_rms_norm_vec_* / add_rms_norm_fp8_*) and by the tail of the GEMV that produces the added
-// term at batch 1 (dense_gemv.cu, qgemv.cu `*_norm` kernels): the same code with the same block
-// size (ARN_THREADS up to hidden 8 * ARN_THREADS * ARN_CHUNKS) rounds the same, bit for bit.
+// add_rms_norm_vec_* / add_rms_norm_fp8_*) and by the tail of the dense GEMV that produces the
+// added term at batch 1 (dense_gemv.cu dense_gemv_norm_*): the same code with the same block size
+// (ARN_THREADS up to hidden 8 * ARN_THREADS * ARN_CHUNKS) rounds the same, bit for bit.
 #pragma once
 #include "e4m3.cuh"
 

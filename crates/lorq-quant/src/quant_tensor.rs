@@ -147,28 +147,18 @@ pub fn matmul_silu_mul(
 }
 
 /// `x · Wᵀ` for one activation row on the GPU with the residual add + RMSNorm of its output
-/// (`tail`) in the same launch: `Some((s, y))` where the weight takes a one-row GEMV (dense
-/// bf16/f16 or the packed formats), rounded as [`QuantTensor::matmul`] followed by
-/// `cuda::fused_ops::add_rms_norm`; `None` elsewhere (FP8 among them: its activations come
-/// quantized from the norm).
+/// (`tail`) in the same launch: `Some((s, y))` for a dense bf16/f16 weight (the one-row dense
+/// GEMV), rounded as [`QuantTensor::matmul`] followed by `cuda::fused_ops::add_rms_norm`; `None`
+/// for every quantized format (measured on an H100: the packed GEMVs' decode steps were 1-2 %
+/// slower with the tail than with the norm's own launch, docs/benchmarks.md).
 #[cfg(feature = "cuda")]
 pub fn matmul_add_rms_norm(
     w: &dyn QuantTensor,
     x: &Tensor,
     tail: &crate::cuda::fused_ops::AddNorm,
 ) -> Result<Option<(Tensor, Tensor)>, QuantError> {
-    use crate::cuda::qgemv::GpuQuantWeight;
-    let candle_core::Device::Cuda(dev) = x.device() else {
-        return Ok(None);
-    };
-    if let Some(d) = w.dense_weight() {
-        return crate::cuda::dense_gemv::gemv_add_rms_norm(x, d, tail);
-    }
-    if w.gpu_runs_alone(x)? {
-        return Ok(None);
-    }
-    match w.gpu_packed(dev)?.as_deref() {
-        Some(GpuQuantWeight::Ready(l)) => crate::cuda::qgemv::matmul_add_rms_norm(l, x, tail),
+    match w.dense_weight() {
+        Some(d) if x.device().is_cuda() => crate::cuda::dense_gemv::gemv_add_rms_norm(x, d, tail),
         _ => Ok(None),
     }
 }

@@ -62,6 +62,10 @@ pub struct BenchDecodeArgs {
     /// instead of on a side stream beside the base matmul (graph steps only).
     #[arg(long)]
     pub compare_lora_overlap: bool,
+    /// Also time each case with the residual add + RMSNorm in its own launch instead of as the
+    /// tail of the o / down projection's one-row GEMV.
+    #[arg(long)]
+    pub compare_norm_tails: bool,
     #[arg(long, default_value_t = 1234)]
     pub seed: u64,
     /// Timed repetitions of each case (prefill + decode again; the best decode is reported).
@@ -307,16 +311,24 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
                     } else {
                         &[true]
                     };
+                let tail_modes: &[bool] = if a.compare_norm_tails && dev.is_cuda() {
+                    &[true, false]
+                } else {
+                    &[true]
+                };
                 let modes = fused_modes.iter().flat_map(|&f| {
                     grouped_modes.iter().flat_map(move |&gr| {
-                        overlap_modes
-                            .iter()
-                            .flat_map(move |&ov| graph_modes.iter().map(move |&g| (f, gr, ov, g)))
+                        tail_modes.iter().flat_map(move |&nt| {
+                            overlap_modes.iter().flat_map(move |&ov| {
+                                graph_modes.iter().map(move |&g| (f, gr, nt, ov, g))
+                            })
+                        })
                     })
                 });
-                for (fused, grouped, overlap, graphs) in modes {
+                for (fused, grouped, tails, overlap, graphs) in modes {
                     model.set_fused_ops(fused);
                     model.set_grouped_matmuls(grouped);
+                    model.set_norm_tails(tails);
                     set_lora_overlap(overlap);
                     model.set_cuda_graphs(graphs);
                     let case = Case {
@@ -360,6 +372,7 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
                         "rank": if n_adapters > 0 { Some(a.rank) } else { None },
                         "fused_ops": fused,
                         "grouped_matmuls": grouped,
+                        "norm_tails": tails && fused,
                         "lora_overlap": n_adapters > 0 && overlap && model.cuda_graphs(),
                         "cuda_graphs": model.cuda_graphs(),
                         "captured_graphs": model.captured_cuda_graphs(),

@@ -13,7 +13,6 @@ use candle_core::cuda_backend::cudarc::driver::{
 use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::{CudaStorage, DType, Storage, Tensor};
 
-use super::fused_ops::{AddNorm, NormTailArg};
 use super::{cuda_device, dtype_name, function, qmma_tiled, tensor_from_storage};
 use crate::gpu_layout::{CodeKind, GpuLayout};
 use crate::gpu_slot::GpuSlot;
@@ -27,7 +26,6 @@ pub const QGEMV_MAX_M: usize = 16;
 
 /// Warps per block (kernels/qgemv.cu `WARPS`).
 const WARPS: usize = 8;
-const _: () = assert!(WARPS * 32 == super::fused_ops::ARN_THREADS);
 
 /// A weight's device copy, or why the format has none (then the host path runs).
 pub enum GpuQuantWeight {
@@ -410,7 +408,7 @@ pub fn matmul(w: &DeviceLayout, x: &Tensor, path: QPath) -> Result<Tensor, Quant
         .contiguous()?)
     };
     let y = match route {
-        Route::Gemv(v) => gemv(dev, &[w], &gathered(x2)?, m, v, None)?.remove(0),
+        Route::Gemv(v) => gemv(dev, &[w], &gathered(x2)?, m, v)?.remove(0),
         Route::Mma => mma(dev, w, &gathered(x2)?, m)?,
         Route::MmaTiled => qmma_tiled::matmul(dev, w, &gathered(x2)?, m)?,
         Route::Dequantize => {
@@ -545,17 +543,13 @@ impl QGroup {
 
 /// `x · Wᵀ` of every weight in `ws` (1 to 3, same format, K, groups and table; the caller checks)
 /// in one GEMV launch: each weight's blocks follow the previous one's, each writes its own output.
-/// With `tail` (one weight, one row): the `_norm` kernel, whose last block also runs the residual
-/// add + RMSNorm of the output into the tail's buffers.
 fn gemv(
     dev: &CudaDevice,
     ws: &[&DeviceLayout],
     x: &Tensor,
     m: usize,
     v: Variant,
-    tail: Option<&NormTailArg>,
 ) -> Result<Vec<Tensor>, QuantError> {
-    #[allow(clippy::too_many_arguments)]
     fn go<T: CudaDType + DeviceRepr>(
         dev: &CudaDevice,
         ws: &[&DeviceLayout],
@@ -564,7 +558,6 @@ fn gemv(
         m: usize,
         v: Variant,
         dname: &str,
-        tail: Option<&NormTailArg>,
     ) -> Result<Vec<CudaStorage>, QuantError> {
         let w = ws[0];
         let k = w.k;
@@ -581,33 +574,28 @@ fn gemv(
         let (group, guards) = QGroup::new(&stream, ws, &ys, starts);
         let mr = mr_for(m);
         let name = format!(
-            "qgemv_{}_{dname}_m{mr}_r{}_s{}{}",
-            w.tag,
-            v.rows_per_warp,
-            v.split,
-            if tail.is_some() { "_norm" } else { "" }
+            "qgemv_{}_{dname}_m{mr}_r{}_s{}",
+            w.tag, v.rows_per_warp, v.split
         );
         let f = function(dev, "qgemv", FATBIN, &name)?;
         let mut b = stream.launch_builder(&f);
         let null = 0u64;
         w.push_args(&mut b, &null);
         let (mi, ni, ki) = (m as i32, w.n as i32, k as i32);
-        b.arg(&xs).arg(&ys[0]);
-        match tail {
-            // `_norm` kernels: one weight at one row, no group.
-            Some(nt) => b.arg(&ni).arg(&ki).arg(nt),
-            None => b.arg(&mi).arg(&ni).arg(&ki).arg(&group),
-        };
+        b.arg(&xs)
+            .arg(&ys[0])
+            .arg(&mi)
+            .arg(&ni)
+            .arg(&ki)
+            .arg(&group);
         let cfg = LaunchConfig {
             grid_dim: (total as u32, m.div_ceil(mr) as u32, 1),
             block_dim: ((WARPS * 32) as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: the arguments match `qgemv_*` (`qgemv_*_norm` with a tail) in kernels/qgemv.cu;
-        // x holds m*k elements from a 16-byte-aligned start (checked by the caller), output j
-        // m*n_j; the group's weights share the first one's format, K, groups and table (checked
-        // by the callers); a tail comes with one weight at one row, its buffers of n values
-        // (`AddNorm::fits`), blocks of WARPS warps = ARN_THREADS threads.
+        // SAFETY: the arguments match `qgemv_*` in kernels/qgemv.cu; x holds m*k elements from a
+        // 16-byte-aligned start (checked by the caller), output j m*n_j; the group's weights share
+        // the first one's format, K, groups and table (checked by the callers).
         unsafe { b.launch(cfg) }.w()?;
         drop(b);
         drop(guards);
@@ -623,44 +611,15 @@ fn gemv(
     };
     let start = layout.start_offset();
     let s = match x.dtype() {
-        DType::BF16 => go::<half::bf16>(dev, ws, cs, start, m, v, "bf16", tail)?,
-        DType::F16 => go::<half::f16>(dev, ws, cs, start, m, v, "f16", tail)?,
-        _ => go::<f32>(dev, ws, cs, start, m, v, "f32", tail)?,
+        DType::BF16 => go::<half::bf16>(dev, ws, cs, start, m, v, "bf16")?,
+        DType::F16 => go::<half::f16>(dev, ws, cs, start, m, v, "f16")?,
+        _ => go::<f32>(dev, ws, cs, start, m, v, "f32")?,
     };
     drop(storage);
     Ok(s.into_iter()
         .zip(ws)
         .map(|(s, w)| tensor_from_storage(s, (m, w.n)))
         .collect())
-}
-
-/// `x · Wᵀ` for one row of bf16/f16 through the GEMV, its output going through `tail`'s residual
-/// add and RMSNorm in the same launch: `Some((s, y))`, rounded as [`matmul`] then
-/// [`super::fused_ops::add_rms_norm`]; `None` where the automatic path at one row is not the
-/// GEMV, the weight is in act-order or the tail does not fit.
-pub fn matmul_add_rms_norm(
-    w: &DeviceLayout,
-    x: &Tensor,
-    tail: &AddNorm,
-) -> Result<Option<(Tensor, Tensor)>, QuantError> {
-    let dtype = x.dtype();
-    if x.dims().last() != Some(&w.k) || x.elem_count() != w.k || w.perm.is_some() {
-        return Ok(None);
-    }
-    let Route::Gemv(v) = auto_route(w, w.n, 1, dtype) else {
-        return Ok(None);
-    };
-    if !tail.fits(w.n, dtype)? {
-        return Ok(None);
-    }
-    let dev = cuda_device(x, "quantized matmul")?;
-    let x2 = x.reshape((1, w.k))?;
-    let run = |nt: &NormTailArg| gemv(dev, &[w], &x2, 1, v, Some(nt));
-    let (_, s, y) = match dtype {
-        DType::BF16 => tail.run::<half::bf16, _>(dev, w.n, run)?,
-        _ => tail.run::<half::f16, _>(dev, w.n, run)?,
-    };
-    Ok(Some((s, y)))
 }
 
 /// Whether `a` and `b` can share one GEMV launch: same packed format, K, groups, rounding and
@@ -704,7 +663,7 @@ pub fn matmul_group(ws: &[&DeviceLayout], x: &Tensor) -> Result<Option<Vec<Tenso
     let n: usize = ws.iter().map(|w| w.n).sum();
     let x2 = x.reshape((m, k))?;
     let ys = match auto_route(w, n, m, x.dtype()) {
-        Route::Gemv(v) => gemv(dev, ws, &x2, m, v, None)?,
+        Route::Gemv(v) => gemv(dev, ws, &x2, m, v)?,
         Route::MmaTiled => qmma_tiled::matmul_group(dev, ws, &x2, m)?,
         _ => return Ok(None),
     };
