@@ -4,7 +4,9 @@
 //! as fast or faster (measured, docs/benchmarks.md), so it takes those. The reference is the f32
 //! product of the same values (`tests/cuda_kernels.rs`).
 
-use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
+};
 use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::{CudaStorage, DType, Tensor};
 
@@ -220,6 +222,52 @@ fn launch<T: CudaDType + DeviceRepr>(
         .collect())
 }
 
+/// Launches `{kernel}_{dtype}` over one row of `x` (`[1, k]`) and the weights `ws` (each
+/// `[n, k]`), arguments `(ws.., x, y, n, k[, tail])`, one warp per output; returns `y` (`[1, n]`).
+fn launch_one_row<T: CudaDType + DeviceRepr>(
+    dev: &CudaDevice,
+    kernel: &str,
+    x: &Tensor,
+    ws: &[&Tensor],
+    n: usize,
+    k: usize,
+    tail: Option<&NormTailArg>,
+) -> Result<CudaSlice<T>, QuantError> {
+    let stream = dev.cuda_stream();
+    let (xs, xl) = x.storage_and_layout();
+    let xv = device_view::<T>(&xs, xl, k, "dense gemv: x")?;
+    let storages: Vec<_> = ws.iter().map(|w| w.storage_and_layout()).collect();
+    let views = storages
+        .iter()
+        .map(|(s, l)| device_view::<T>(s, l, n * k, "dense gemv: weight"))
+        .collect::<Result<Vec<_>, _>>()?;
+    // SAFETY: the kernel writes every one of the n outputs.
+    let y = unsafe { dev.alloc::<T>(n)? };
+    let name = format!("{kernel}_{}", dtype_name(x.dtype()));
+    let f = function(dev, "dense_gemv", FATBIN, &name)?;
+    let mut b = stream.launch_builder(&f);
+    let (ni, ki) = (n as i32, k as i32);
+    for v in &views {
+        b.arg(v);
+    }
+    b.arg(&xv).arg(&y).arg(&ni).arg(&ki);
+    if let Some(nt) = tail {
+        b.arg(nt);
+    }
+    let cfg = LaunchConfig {
+        grid_dim: (n.div_ceil(ROWS_PER_BLOCK) as u32, 1, 1),
+        block_dim: ((ROWS_PER_BLOCK * 32) as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: the arguments match `dense_gemv_silu_*` (gate, up) and `dense_gemv_norm_*` (one
+    // weight and a tail): weights [n, k] and x [1, k] contiguous with 16-byte aligned rows
+    // (checked by `fits`), output [1, n]; a tail's buffers hold n values (`AddNorm::fits`), its
+    // blocks of ROWS_PER_BLOCK warps are ARN_THREADS threads.
+    unsafe { b.launch(cfg) }.w()?;
+    drop(b);
+    Ok(y)
+}
+
 fn launch_silu<T: CudaDType + DeviceRepr>(
     dev: &CudaDevice,
     x: &Tensor,
@@ -228,36 +276,11 @@ fn launch_silu<T: CudaDType + DeviceRepr>(
     n: usize,
     k: usize,
 ) -> Result<CudaStorage, QuantError> {
-    let stream = dev.cuda_stream();
-    let (xs, xl) = x.storage_and_layout();
-    let xv = device_view::<T>(&xs, xl, k, "dense gemv: x")?;
-    let (gs, gl) = gate.storage_and_layout();
-    let gv = device_view::<T>(&gs, gl, n * k, "dense gemv: gate weight")?;
-    let (us, ul) = up.storage_and_layout();
-    let uv = device_view::<T>(&us, ul, n * k, "dense gemv: up weight")?;
-    // SAFETY: the kernel writes every one of the n outputs.
-    let y = unsafe { dev.alloc::<T>(n)? };
-    let f = function(
-        dev,
-        "dense_gemv",
-        FATBIN,
-        &format!("dense_gemv_silu_{}", dtype_name(gate.dtype())),
-    )?;
-    let mut b = stream.launch_builder(&f);
-    let (ni, ki) = (n as i32, k as i32);
-    b.arg(&gv).arg(&uv).arg(&xv).arg(&y).arg(&ni).arg(&ki);
-    let cfg = LaunchConfig {
-        grid_dim: (n.div_ceil(ROWS_PER_BLOCK) as u32, 1, 1),
-        block_dim: ((ROWS_PER_BLOCK * 32) as u32, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    // SAFETY: the arguments match `dense_gemv_silu_*`: gate and up [n, k], x [1, k], contiguous
-    // with 16-byte aligned rows (checked by `fits`), output [1, n].
-    unsafe { b.launch(cfg) }.w()?;
-    drop(b);
+    let y = launch_one_row::<T>(dev, "dense_gemv_silu", x, &[gate, up], n, k, None)?;
     Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
 }
 
+/// The GEMV's output is the tail's input only (dropped after the launch, stream-ordered).
 fn launch_norm<T: CudaDType + DeviceRepr>(
     dev: &CudaDevice,
     x: &Tensor,
@@ -266,31 +289,6 @@ fn launch_norm<T: CudaDType + DeviceRepr>(
     k: usize,
     nt: &NormTailArg,
 ) -> Result<(), QuantError> {
-    let stream = dev.cuda_stream();
-    let (xs, xl) = x.storage_and_layout();
-    let xv = device_view::<T>(&xs, xl, k, "dense gemv: x")?;
-    let (ws, wl) = w.storage_and_layout();
-    let wv = device_view::<T>(&ws, wl, n * k, "dense gemv: weight")?;
-    // SAFETY: the kernel writes every one of the n outputs (the tail's input, dropped after).
-    let y = unsafe { dev.alloc::<T>(n)? };
-    let f = function(
-        dev,
-        "dense_gemv",
-        FATBIN,
-        &format!("dense_gemv_norm_{}", dtype_name(w.dtype())),
-    )?;
-    let mut b = stream.launch_builder(&f);
-    let (ni, ki) = (n as i32, k as i32);
-    b.arg(&wv).arg(&xv).arg(&y).arg(&ni).arg(&ki).arg(nt);
-    let cfg = LaunchConfig {
-        grid_dim: (n.div_ceil(ROWS_PER_BLOCK) as u32, 1, 1),
-        block_dim: ((ROWS_PER_BLOCK * 32) as u32, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    // SAFETY: the arguments match `dense_gemv_norm_*`: w [n, k] and x [1, k] contiguous with
-    // 16-byte aligned rows (checked by `fits`), output [1, n], the tail's buffers of n values
-    // (checked by `AddNorm::fits`); blocks of ROWS_PER_BLOCK warps = ARN_THREADS threads.
-    unsafe { b.launch(cfg) }.w()?;
-    drop(b);
+    launch_one_row::<T>(dev, "dense_gemv_norm", x, &[w], n, k, Some(nt))?;
     Ok(())
 }
