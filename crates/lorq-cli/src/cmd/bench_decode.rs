@@ -63,7 +63,8 @@ pub struct BenchDecodeArgs {
     #[arg(long)]
     pub compare_lora_overlap: bool,
     /// Also time each case with the residual add + RMSNorm in its own launch instead of as the
-    /// tail of the o / down projection's one-row GEMV.
+    /// tail of the o / down projection's one-row GEMV (batch 1, dense weights; `norm_tails` in
+    /// the rows says whether the tail was allowed).
     #[arg(long)]
     pub compare_norm_tails: bool,
     #[arg(long, default_value_t = 1234)]

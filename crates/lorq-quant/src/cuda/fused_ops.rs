@@ -120,7 +120,7 @@ const ARN_CHUNKS: usize = 4;
 /// thread for each chunk, so both round the same.
 pub(crate) const ARN_THREADS: usize = 256;
 
-/// The residual add + RMSNorm that a one-row GEMV runs on its output `d` in its last block
+/// The residual add + RMSNorm that a one-row dense GEMV runs on its output `d` in its last block
 /// (kernels/rms_norm.cuh `norm_tail`, decode at batch 1 without the norm's own launch):
 /// `s = residual + d`, `y = RMSNorm(s) · weight`, rounded as [`add_rms_norm`] rounds them.
 /// `ticket`: one zeroed `u32` on the GPU; every launch leaves it at zero, so one serves a whole
