@@ -81,6 +81,7 @@ mod gpu {
     }
 
     /// One sequence of a kernel test: `total` tokens, the last `new` of them new this step.
+    #[derive(Clone)]
     struct Seq {
         total: usize,
         new: usize,
@@ -304,32 +305,23 @@ mod gpu {
                 (4, 1, 256),
             ] {
                 for window in [None, Some(40)] {
+                    // Only decode rows: also through decode_attention.
+                    let decode: Vec<Seq> =
+                        mixed_batch().into_iter().filter(|s| s.new == 1).collect();
                     for split in [0, 1] {
-                        check_attention(
-                            &dev,
-                            dtype,
-                            heads,
-                            kv_heads,
-                            hd,
-                            window,
-                            &mixed_batch(),
-                            tol,
-                            seed * 2 + split,
-                        );
-                        // Only decode rows: also through decode_attention.
-                        let decode: Vec<Seq> =
-                            mixed_batch().into_iter().filter(|s| s.new == 1).collect();
-                        check_attention(
-                            &dev,
-                            dtype,
-                            heads,
-                            kv_heads,
-                            hd,
-                            window,
-                            &decode,
-                            tol,
-                            seed * 2 + split + 1000,
-                        );
+                        for (seqs, offset) in [(mixed_batch(), 0), (decode.clone(), 1000)] {
+                            check_attention(
+                                &dev,
+                                dtype,
+                                heads,
+                                kv_heads,
+                                hd,
+                                window,
+                                &seqs,
+                                tol,
+                                seed * 2 + split + offset,
+                            );
+                        }
                     }
                     seed += 1;
                 }

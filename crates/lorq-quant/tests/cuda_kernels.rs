@@ -19,12 +19,26 @@ mod formats;
 
 #[cfg(feature = "cuda")]
 mod gpu {
-    use candle_core::{DType, Device, Tensor};
+    use candle_core::{DType, Device, Shape, Tensor};
     use lorq_quant::bnb4::{Bnb4Tensor, Bnb4Type};
     use lorq_quant::cuda::bnb4::{dequantize, matmul, Bnb4Path};
     use lorq_quant::QuantTensor;
 
     use super::formats::{max_abs_diff, rel_l2};
+
+    /// N(mean, std²) values of `shape` drawn on `dev`, in `dtype`.
+    fn randn_as(
+        mean: f32,
+        std: f32,
+        shape: impl Into<Shape>,
+        dtype: DType,
+        dev: &Device,
+    ) -> Tensor {
+        Tensor::randn(mean, std, shape, dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+    }
 
     fn gpu() -> Option<Device> {
         lorq_quant::cuda::usable_gpu(0)
@@ -43,17 +57,9 @@ mod gpu {
         for dtype in [DType::BF16, DType::F16] {
             let ws: Vec<Tensor> = [512usize, 128, 136]
                 .iter()
-                .map(|&n| {
-                    Tensor::randn(0f32, 0.05, (n, k), &dev)
-                        .unwrap()
-                        .to_dtype(dtype)
-                        .unwrap()
-                })
+                .map(|&n| randn_as(0f32, 0.05, (n, k), dtype, &dev))
                 .collect();
-            let x = Tensor::randn(0f32, 1.0, (1, k), &dev)
-                .unwrap()
-                .to_dtype(dtype)
-                .unwrap();
+            let x = randn_as(0f32, 1.0, (1, k), dtype, &dev);
             for group in [vec![&ws[0], &ws[1], &ws[2]], vec![&ws[2], &ws[0]]] {
                 let ys = gemv_group(&x, &group)
                     .unwrap()
@@ -98,10 +104,7 @@ mod gpu {
             for dtype in [DType::BF16, DType::F16] {
                 let up_dev = |t: &Tensor| t.to_dtype(dtype).unwrap().to_device(&dev).unwrap();
                 let (g, u) = (up_dev(&g32), up_dev(&u32_));
-                let x = Tensor::randn(0f32, 1.0, (1, k), &dev)
-                    .unwrap()
-                    .to_dtype(dtype)
-                    .unwrap();
+                let x = randn_as(0f32, 1.0, (1, k), dtype, &dev);
                 let got = silu_mul_gemv(&x, &g, &u)
                     .unwrap()
                     .expect("one bf16/f16 row");
@@ -119,18 +122,9 @@ mod gpu {
             }
         }
         // Gate and up of different shapes, or two rows: the caller's path.
-        let g = Tensor::randn(0f32, 1.0, (16, 64), &dev)
-            .unwrap()
-            .to_dtype(DType::BF16)
-            .unwrap();
-        let u = Tensor::randn(0f32, 1.0, (8, 64), &dev)
-            .unwrap()
-            .to_dtype(DType::BF16)
-            .unwrap();
-        let x = Tensor::randn(0f32, 1.0, (2, 64), &dev)
-            .unwrap()
-            .to_dtype(DType::BF16)
-            .unwrap();
+        let g = randn_as(0f32, 1.0, (16, 64), DType::BF16, &dev);
+        let u = randn_as(0f32, 1.0, (8, 64), DType::BF16, &dev);
+        let x = randn_as(0f32, 1.0, (2, 64), DType::BF16, &dev);
         assert!(silu_mul_gemv(&x.narrow(0, 0, 1).unwrap(), &g, &u)
             .unwrap()
             .is_none());
@@ -149,12 +143,11 @@ mod gpu {
         let ticket = Tensor::zeros(1, DType::U32, &dev).unwrap();
         for &(n, k) in &[(4096usize, 1024usize), (1024, 4096), (136, 256)] {
             for dtype in [DType::BF16, DType::F16] {
-                let cast = |t: Tensor| t.to_dtype(dtype).unwrap();
-                let w = cast(Tensor::randn(0f32, 0.05, (n, k), &dev).unwrap());
+                let w = randn_as(0f32, 0.05, (n, k), dtype, &dev);
                 let q = DenseTensor::new(w).unwrap();
-                let x = cast(Tensor::randn(0f32, 1.0, (1, k), &dev).unwrap());
-                let residual = cast(Tensor::randn(0f32, 1.0, (1, n), &dev).unwrap());
-                let weight = cast(Tensor::randn(1f32, 0.1, n, &dev).unwrap());
+                let x = randn_as(0f32, 1.0, (1, k), dtype, &dev);
+                let residual = randn_as(0f32, 1.0, (1, n), dtype, &dev);
+                let weight = randn_as(1f32, 0.1, n, dtype, &dev);
                 let tail = AddNorm {
                     residual: &residual,
                     weight: &weight,
@@ -223,19 +216,13 @@ mod gpu {
             let w32 = Tensor::randn(0f32, 0.05, (n, k), &Device::Cpu).unwrap();
             for dtype in [DType::BF16, DType::F16] {
                 let w = w32.to_dtype(dtype).unwrap().to_device(&dev).unwrap();
-                let x = Tensor::randn(0f32, 1.0, (1, k), &dev)
-                    .unwrap()
-                    .to_dtype(dtype)
-                    .unwrap();
+                let x = randn_as(0f32, 1.0, (1, k), dtype, &dev);
                 let got = gemv(&x, &w)
                     .unwrap()
                     .expect("takes bf16/f16 with in % 8 == 0");
                 let e = rel_l2(&got, &f32_product(&x, &w));
                 assert!(e <= 1e-2, "dense gemv {dtype:?} [{n}, {k}]: rel err {e}");
-                let x3 = Tensor::randn(0f32, 1.0, (1, 1, k), &dev)
-                    .unwrap()
-                    .to_dtype(dtype)
-                    .unwrap();
+                let x3 = randn_as(0f32, 1.0, (1, 1, k), dtype, &dev);
                 let got = gemv(&x3, &w).unwrap().expect("one row");
                 assert_eq!(got.dims(), &[1, 1, n]);
                 let e = rel_l2(&got, &f32_product(&x3, &w));
@@ -250,21 +237,12 @@ mod gpu {
             .unwrap()
             .is_none());
         assert!(gemv(&x9.narrow(0, 0, 1).unwrap(), &w).unwrap().is_none());
-        let odd = Tensor::randn(0f32, 1.0, (16, 12), &dev)
-            .unwrap()
-            .to_dtype(DType::BF16)
-            .unwrap();
-        let x12 = Tensor::randn(0f32, 1.0, (1, 12), &dev)
-            .unwrap()
-            .to_dtype(DType::BF16)
-            .unwrap();
+        let odd = randn_as(0f32, 1.0, (16, 12), DType::BF16, &dev);
+        let x12 = randn_as(0f32, 1.0, (1, 12), DType::BF16, &dev);
         assert!(gemv(&x12, &odd).unwrap().is_none());
         let dense = lorq_quant::DenseTensor::new(wb.clone()).unwrap();
         for m in [1, 2, 20] {
-            let x = Tensor::randn(0f32, 1.0, (m, 64), &dev)
-                .unwrap()
-                .to_dtype(DType::BF16)
-                .unwrap();
+            let x = randn_as(0f32, 1.0, (m, 64), DType::BF16, &dev);
             let e = rel_l2(&dense.matmul(&x).unwrap(), &f32_product(&x, &wb));
             assert!(e <= 1e-2, "DenseTensor::matmul m={m}: rel err {e}");
         }
