@@ -13,20 +13,10 @@
 //   sum_k x_k s (q_k - z) = s (sum x_k q_k - z sum x_k): per weight one integer-to-float (a 2-op
 //   magic-number conversion, not the quarter-rate I2F) and one FMA. f32 activations (training, tests
 //   at 1e-5) compute each weight exactly as the CPU reference does, with its rounding.
+// - qgemv_half2.cu: one bf16/f16 row through 4-bit codes, two weights per f16 instruction.
 // - qdequant_*: the full weight [N, K] in the compute dtype (then cuBLAS for large M).
-#include "common.cuh"
+#include "qparams.cuh"
 #include <type_traits>
-
-struct QParams {
-    const uint32_t* codes;  // [N, wpr]
-    const float* scales;    // [N, groups]
-    const float* zeros;     // [N, groups] (affine codes only)
-    const float* lut;       // 2^BITS entries (table codes only)
-    int wpr;                // 32-bit words per row: K * BITS / 32
-    int gsize;              // inputs per group: a multiple of 32, or 8 / 16
-    int groups;             // groups per row
-    int round_mode;         // f32 exact path: 0 none, 1 f16, 2 bf16; +4: (q - z) rounded first (hqq)
-};
 
 template <int BITS>
 __device__ __forceinline__ uint32_t code_at(const uint32_t (&w)[BITS], int e) {
@@ -84,8 +74,6 @@ __device__ __forceinline__ void load_chunk(const uint32_t* p, uint32_t (&w)[BITS
         for (int i = 0; i < BITS; i++) w[i] = __ldcs(p + i);
     }
 }
-
-constexpr int WARPS = 8;  // warps per block
 
 // Blocks per weight: ceil(ceil(N / RPW) * SPLIT / WARPS), bx the block's index among them;
 // grid.y: ceil(M / MR).
@@ -243,32 +231,15 @@ __device__ __forceinline__ void qgemv(const QParams p, const T* __restrict__ x, 
     }
 }
 
-#define QARGS                                                                                      \
-    const uint32_t *codes, const float *scales, const float *zeros, const float *lut, int wpr,    \
-        int gsize, int groups, int round_mode
-#define QPARAMS {codes, scales, zeros, lut, wpr, gsize, groups, round_mode}
-
 // qgemv_<kind>_<dtype>_m<MR>_r<RPW>_s<SPLIT>; kinds: a2/a3/a4/a8 (affine), t4/t8 (table).
 #define QGEMV(KN, BITS, LUTK, TN, T, MR, RPW, SPLIT)                                               \
     extern "C" __global__ void __launch_bounds__(WARPS * 32)                                       \
         qgemv_##KN##_##TN##_m##MR##_r##RPW##_s##SPLIT(QARGS, const T* __restrict__ x,              \
                                                      T* __restrict__ y, int M, int N, int K,       \
                                                      const QGroup g) {                             \
-        const int bx = blockIdx.x;                                                                 \
-        if (bx < g.b1) {                                                                           \
-            const QParams p = QPARAMS;                                                             \
-            qgemv<T, BITS, LUTK, MR, RPW, SPLIT>(p, x, y, M, N, K, bx);                            \
-        } else if (bx < g.b2) {                                                                    \
-            const QParams p = {g.codes[0], g.scales[0], g.zeros[0], lut, wpr, gsize, groups,       \
-                               round_mode};                                                        \
-            qgemv<T, BITS, LUTK, MR, RPW, SPLIT>(p, x, static_cast<T*>(g.y[0]), M, g.n[0], K,      \
-                                                 bx - g.b1);                                       \
-        } else {                                                                                   \
-            const QParams p = {g.codes[1], g.scales[1], g.zeros[1], lut, wpr, gsize, groups,       \
-                               round_mode};                                                        \
-            qgemv<T, BITS, LUTK, MR, RPW, SPLIT>(p, x, static_cast<T*>(g.y[1]), M, g.n[1], K,      \
-                                                 bx - g.b2);                                       \
-        }                                                                                          \
+        qgroup_dispatch(QParams QPARAMS, y, N, g, [&](const QParams& p, T* yw, int n, int b) {    \
+            qgemv<T, BITS, LUTK, MR, RPW, SPLIT>(p, x, yw, M, n, K, b);                            \
+        });                                                                                        \
     }
 #define QGEMV_SPLITS(KN, BITS, LUTK, TN, T, MR, RPW)                                               \
     QGEMV(KN, BITS, LUTK, TN, T, MR, RPW, 1) QGEMV(KN, BITS, LUTK, TN, T, MR, RPW, 4)

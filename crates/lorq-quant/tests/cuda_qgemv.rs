@@ -25,6 +25,9 @@ mod gpu {
     use lorq_quant::cuda::qgemv::{dequantize, matmul, matmul_group, DeviceLayout, QPath, Variant};
     use lorq_quant::cuda::qmma_tiled;
     use lorq_quant::gpu_layout::{CodeKind, ElementRounding, GpuLayout};
+    use lorq_quant::hqq::{HqqConfig, HqqTensor};
+    use lorq_quant::QuantTensor;
+    use std::sync::Arc;
 
     use super::formats::{every_format, randn, rel_l2};
 
@@ -98,7 +101,7 @@ mod gpu {
                             paths.extend(
                                 Variant::ALL
                                     .iter()
-                                    .filter(|v| v.compiled(mr, dtype))
+                                    .filter(|v| v.compiled(&dl, mr, dtype))
                                     .map(|&v| QPath::Fused(v)),
                             );
                         }
@@ -194,6 +197,130 @@ mod gpu {
             }
         }
         failures
+    }
+
+    /// A seeded random `[n, k]` weight in hqq 4-bit (LoRAX's settings).
+    fn hqq_4bit(n: usize, k: usize, seed: u64) -> Arc<dyn QuantTensor> {
+        let w = Tensor::from_vec(randn(seed, n * k, 0.02), (n, k), &Device::Cpu).unwrap();
+        Arc::new(HqqTensor::quantize(&w, &HqqConfig::lorax("hqq-4bit").unwrap()).unwrap())
+    }
+
+    /// The half2 one-row GEMV on every format it takes (affine 4-bit), with activations
+    /// spanning its per-chunk scaling: chunks of outliers (3,000: a Llama down_proj input's
+    /// range), of tiny values (1e-4), of zeros, beside ordinary ones; each launch shape and
+    /// `Auto`. Past the default shared memory it opts in; past its own limit it is refused with
+    /// an error.
+    #[test]
+    fn half2_gemv_matches_the_cpu_decoder() {
+        let Some(dev) = gpu() else { return };
+        let cdev = dev.as_cuda_device().unwrap();
+        let half2: Vec<QPath> = Variant::ALL
+            .iter()
+            .filter(|v| v.half2)
+            .map(|&v| QPath::Fused(v))
+            .collect();
+        let mut failures = Vec::new();
+        let mut served = Vec::new();
+        // GPTQ's act-order quantizer is cubic in K: the long K (K-split shape) through hqq only.
+        let long_k = |seed| -> Vec<(String, Arc<dyn QuantTensor>)> {
+            vec![("hqq-4bit".into(), hqq_4bit(40, 16384, seed))]
+        };
+        for (si, &(n, k)) in [(136usize, 512usize), (264, 4096), (40, 16384)]
+            .iter()
+            .enumerate()
+        {
+            let weights = if k > 4096 {
+                long_k(500 + si as u64)
+            } else {
+                every_format(n, k, 500 + si as u64)
+            };
+            for (name, t) in weights {
+                let layout = t.gpu_layout().unwrap();
+                let dl = DeviceLayout::upload(&layout, cdev).unwrap();
+                if !Variant::half2_fits(&dl) {
+                    continue;
+                }
+                served.push(name.clone());
+                let w_ref =
+                    Tensor::from_vec(layout.dequantize_f32(), (n, k), &Device::Cpu).unwrap();
+                let mut xv = randn(si as u64 + 11, k, 1.0);
+                for (c, chunk) in xv.chunks_mut(32).enumerate() {
+                    let f = match c % 7 {
+                        1 => 3000.0,
+                        3 => 1e-4,
+                        5 => 0.0,
+                        _ => 1.0,
+                    };
+                    chunk.iter_mut().for_each(|v| *v *= f);
+                }
+                for dtype in [DType::BF16, DType::F16] {
+                    let x = Tensor::from_vec(xv.clone(), (1, k), &Device::Cpu)
+                        .unwrap()
+                        .to_dtype(dtype)
+                        .unwrap();
+                    let want = x
+                        .to_dtype(DType::F32)
+                        .unwrap()
+                        .matmul(&w_ref.t().unwrap())
+                        .unwrap();
+                    let xg = x.to_device(&dev).unwrap();
+                    for &path in half2.iter().chain([QPath::Auto].iter()) {
+                        let got = matmul(&dl, &xg, path).unwrap();
+                        let e = rel_l2(&got, &want);
+                        if e.is_nan() || e > 1e-2 {
+                            failures.push(format!(
+                                "{name} {n}x{k} {dtype:?} {path:?}: rel err {e:e} > 1e-2"
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        for f in ["hqq-4bit", "gptq-4bit", "gptq-4bit-act-order", "awq-4bit"] {
+            assert!(
+                served.iter().any(|s| s == f),
+                "{f} not served by the half2 GEMV"
+            );
+        }
+        assert!(
+            failures.is_empty(),
+            "{} failures:\n{}",
+            failures.len(),
+            failures.join("\n")
+        );
+        // K 22,016 needs more than the default 48 KiB of shared memory (the kernel opts in);
+        // K 45,184 more than the kernel's limit: refused with an error, `Auto` takes the f32 GEMV.
+        for (k, fits) in [(22016usize, true), (45184, false)] {
+            let n = 8usize;
+            let t = hqq_4bit(n, k, 7);
+            let layout = t.gpu_layout().unwrap();
+            let dl = DeviceLayout::upload(&layout, cdev).unwrap();
+            assert_eq!(Variant::half2_fits(&dl), fits, "K {k}");
+            let x = Tensor::from_vec(randn(8, k, 1.0), (1, k), &Device::Cpu)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap();
+            let w_ref = Tensor::from_vec(layout.dequantize_f32(), (n, k), &Device::Cpu).unwrap();
+            let want = x
+                .to_dtype(DType::F32)
+                .unwrap()
+                .matmul(&w_ref.t().unwrap())
+                .unwrap();
+            let xg = x.to_device(&dev).unwrap();
+            let half2_k = matmul(&dl, &xg, half2[0]);
+            if fits {
+                let e = rel_l2(&half2_k.unwrap(), &want);
+                assert!(e <= 1e-2, "K {k}: rel err {e:e}");
+            } else {
+                let err = half2_k.unwrap_err().to_string();
+                assert!(
+                    err.contains("not compiled") && err.contains("K 45184"),
+                    "{err}"
+                );
+            }
+            let e = rel_l2(&matmul(&dl, &xg, QPath::Auto).unwrap(), &want);
+            assert!(e <= 1e-2, "K {k} Auto: rel err {e:e}");
+        }
     }
 
     /// The tiled tensor-core kernel on every format it serves (4-bit, groups of a multiple of 32)

@@ -314,7 +314,7 @@ pub fn run(a: &BenchKernelsArgs, dev: &Device) -> Result<()> {
                     };
                     for v in Variant::ALL
                         .into_iter()
-                        .filter(|v| v.compiled(mr, DType::BF16))
+                        .filter(|v| v.compiled(&dls[0], mr, DType::BF16))
                     {
                         paths.push((QPath::Fused(v), format!("qgemv-{}", v.name())));
                     }

@@ -7,6 +7,7 @@
 
 use std::sync::Arc;
 
+use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
 };
@@ -19,6 +20,7 @@ use crate::gpu_slot::GpuSlot;
 use crate::QuantError;
 
 static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/qgemv.fatbin"));
+static HALF2_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/qgemv_half2.fatbin"));
 
 /// Activation rows up to which the fused GEMV runs (it reads the weight once per 8 rows); past
 /// this the weight is dequantized once per call and multiplied by cuBLAS.
@@ -246,70 +248,107 @@ enum Route {
     Dequantize,
 }
 
-/// A GEMV launch shape: output rows per warp and warps per output row group (K-slices).
+/// A GEMV launch shape: output rows per warp, warps per output row group (K-slices), and the
+/// kernel: `qgemv_<kind>_*` in f32 math (kernels/qgemv.cu), or with `half2` one bf16/f16 activation
+/// row through affine 4-bit codes, two weights per f16 instruction (kernels/qgemv_half2.cu,
+/// [`Variant::half2_fits`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Variant {
     pub rows_per_warp: usize,
     pub split: usize,
+    pub half2: bool,
 }
 
-impl Variant {
-    /// Every compiled shape (kernels/qgemv.cu); rows per warp 4 exists up to 2 activation rows
-    /// of bf16/f16.
-    pub const ALL: [Variant; 4] = [
-        Variant {
-            rows_per_warp: 1,
-            split: 1,
-        },
-        Variant {
-            rows_per_warp: 1,
-            split: 4,
-        },
-        Variant {
-            rows_per_warp: 4,
-            split: 1,
-        },
-        Variant {
-            rows_per_warp: 4,
-            split: 4,
-        },
-    ];
+/// The half2 kernel's dynamic shared memory (kernels/qgemv_half2.cu): the staged activations, 72
+/// bytes per 32 inputs.
+fn half2_smem(w: &DeviceLayout) -> usize {
+    w.k / 32 * 72
+}
+/// Shared memory a launch gets without opting in.
+const DEFAULT_SMEM: usize = 48 * 1024;
+/// The most the half2 kernel opts in to: what every GPU of compute capability 8.x and 9.0 offers a
+/// block (99 KiB on the smallest, 8.6 / 8.9): K up to 45,056.
+const HALF2_MAX_SMEM: usize = 99 * 1024;
 
-    /// Whether this shape is compiled for `mr` activation rows of `dtype`.
-    pub fn compiled(self, mr: usize, dtype: DType) -> bool {
-        self.rows_per_warp == 1 || (mr <= 2 && matches!(dtype, DType::BF16 | DType::F16))
+impl Variant {
+    const fn f32_math(rows_per_warp: usize, split: usize) -> Variant {
+        Variant {
+            rows_per_warp,
+            split,
+            half2: false,
+        }
     }
 
-    /// Enough warps to fill the GPU (about 2,048), with the fewest K-slices and the most rows per
-    /// warp (activations loaded once for all of them).
-    pub fn pick(n: usize, mr: usize, dtype: DType) -> Variant {
+    const fn half2(rows_per_warp: usize, split: usize) -> Variant {
+        Variant {
+            rows_per_warp,
+            split,
+            half2: true,
+        }
+    }
+
+    /// Every compiled shape (kernels/qgemv.cu): f32 math with rows per warp 4 up to 2 activation
+    /// rows of bf16/f16, the half2 kernel with 2 or 4 rows per warp.
+    pub const ALL: [Variant; 8] = [
+        Variant::f32_math(1, 1),
+        Variant::f32_math(1, 4),
+        Variant::f32_math(4, 1),
+        Variant::f32_math(4, 4),
+        Variant::half2(2, 1),
+        Variant::half2(4, 1),
+        Variant::half2(2, 4),
+        Variant::half2(4, 4),
+    ];
+
+    /// Whether the half2 kernel takes `w`: affine 4-bit codes (hqq / GPTQ / AWQ 4-bit) in groups
+    /// of a multiple of 32, with K small enough for the staged activations in shared memory
+    /// ([`HALF2_MAX_SMEM`]).
+    pub fn half2_fits(w: &DeviceLayout) -> bool {
+        w.tag == "a4" && w.gsize % 32 == 0 && half2_smem(w) <= HALF2_MAX_SMEM
+    }
+
+    /// Whether this shape is compiled for `mr` activation rows of `dtype` and takes `w`'s format.
+    pub fn compiled(self, w: &DeviceLayout, mr: usize, dtype: DType) -> bool {
+        let half = matches!(dtype, DType::BF16 | DType::F16);
+        if self.half2 {
+            mr == 1 && half && Variant::half2_fits(w)
+        } else {
+            self.rows_per_warp == 1 || (mr <= 2 && half)
+        }
+    }
+
+    /// The shape for `n` output rows (all the weights of a grouped launch) of K `k`. The half2
+    /// kernel where `half2` (it takes the weight, one bf16/f16 row): measured on an H100
+    /// (docs/benchmarks.md), 4 rows per warp from 8,192 rows, 2 below, and K-slices past K 8,192
+    /// or under 4,096 rows. Otherwise enough warps to fill the GPU (about 2,048), with the fewest
+    /// K-slices and the most rows per warp (activations loaded once for all of them).
+    pub fn pick(n: usize, k: usize, mr: usize, dtype: DType, half2: bool) -> Variant {
+        if half2 && mr == 1 && matches!(dtype, DType::BF16 | DType::F16) {
+            return match (n, k) {
+                (_, 8192..) => Variant::half2(4, 4),
+                (8192.., _) => Variant::half2(4, 1),
+                (4096.., _) => Variant::half2(2, 1),
+                _ => Variant::half2(2, 4),
+            };
+        }
         const WANT: usize = 2048;
+        let half = matches!(dtype, DType::BF16 | DType::F16);
         for v in [
-            Variant {
-                rows_per_warp: 4,
-                split: 1,
-            },
-            Variant {
-                rows_per_warp: 4,
-                split: 4,
-            },
-            Variant {
-                rows_per_warp: 1,
-                split: 1,
-            },
+            Variant::f32_math(4, 1),
+            Variant::f32_math(4, 4),
+            Variant::f32_math(1, 1),
         ] {
-            if v.compiled(mr, dtype) && n.div_ceil(v.rows_per_warp) * v.split >= WANT {
+            let compiled = v.rows_per_warp == 1 || (mr <= 2 && half);
+            if compiled && n.div_ceil(v.rows_per_warp) * v.split >= WANT {
                 return v;
             }
         }
-        Variant {
-            rows_per_warp: 1,
-            split: 4,
-        }
+        Variant::f32_math(1, 4)
     }
 
     pub fn name(self) -> String {
-        format!("r{}s{}", self.rows_per_warp, self.split)
+        let math = if self.half2 { "half2-" } else { "" };
+        format!("{math}r{}s{}", self.rows_per_warp, self.split)
     }
 }
 
@@ -337,7 +376,13 @@ fn auto_route(w: &DeviceLayout, n: usize, m: usize, dtype: DType) -> Route {
     if half && qmma_tiled::supports(w) && (AUTO_TILED_MIN_M..=tiled_max_m).contains(&m) {
         Route::MmaTiled
     } else if m <= AUTO_GEMV_MAX_M || (!half && m <= QGEMV_MAX_M) {
-        Route::Gemv(Variant::pick(n, mr_for(m), dtype))
+        Route::Gemv(Variant::pick(
+            n,
+            w.k,
+            mr_for(m),
+            dtype,
+            Variant::half2_fits(w),
+        ))
     } else if half && m <= AUTO_MMA_MAX_M {
         Route::Mma
     } else {
@@ -389,11 +434,13 @@ pub fn matmul(w: &DeviceLayout, x: &Tensor, path: QPath) -> Result<Tensor, Quant
             }
         }
         QPath::Fused(v) => {
-            if !v.compiled(mr_for(m), x.dtype()) {
+            if !v.compiled(w, mr_for(m), x.dtype()) {
                 return Err(QuantError::Invalid(format!(
-                    "GEMV shape {} is not compiled for {m} rows of {:?}",
+                    "GEMV shape {} is not compiled for {m} rows of {:?} through {} in groups of {} (K {k})",
                     v.name(),
-                    x.dtype()
+                    x.dtype(),
+                    w.tag,
+                    w.gsize
                 )));
             }
             Route::Gemv(v)
@@ -573,11 +620,25 @@ fn gemv(
         let (total, starts) = super::group_blocks(&per);
         let (group, guards) = QGroup::new(&stream, ws, &ys, starts);
         let mr = mr_for(m);
+        let math = if v.half2 { "h" } else { "" };
         let name = format!(
-            "qgemv_{}_{dname}_m{mr}_r{}_s{}",
+            "qgemv_{}{math}_{dname}_m{mr}_r{}_s{}",
             w.tag, v.rows_per_warp, v.split
         );
-        let f = function(dev, "qgemv", FATBIN, &name)?;
+        let smem = if v.half2 { half2_smem(w) } else { 0 };
+        let f = if v.half2 {
+            let f = function(dev, "qgemv_half2", HALF2_FATBIN, &name)?;
+            if smem > DEFAULT_SMEM {
+                f.set_attribute(
+                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    smem as i32,
+                )
+                .w()?;
+            }
+            f
+        } else {
+            function(dev, "qgemv", FATBIN, &name)?
+        };
         let mut b = stream.launch_builder(&f);
         let null = 0u64;
         w.push_args(&mut b, &null);
@@ -591,11 +652,13 @@ fn gemv(
         let cfg = LaunchConfig {
             grid_dim: (total as u32, m.div_ceil(mr) as u32, 1),
             block_dim: ((WARPS * 32) as u32, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: smem as u32,
         };
-        // SAFETY: the arguments match `qgemv_*` in kernels/qgemv.cu; x holds m*k elements from a
-        // 16-byte-aligned start (checked by the caller), output j m*n_j; the group's weights share
-        // the first one's format, K, groups and table (checked by the callers).
+        // SAFETY: the arguments match `qgemv_*` in kernels/qgemv.cu and kernels/qgemv_half2.cu
+        // (its shared memory opted in above, within `HALF2_MAX_SMEM`: `Variant::half2_fits`); x
+        // holds m*k elements from a 16-byte-aligned start (checked by the caller), output j
+        // m*n_j; the group's weights share the first one's format, K, groups and table (checked
+        // by the callers).
         unsafe { b.launch(cfg) }.w()?;
         drop(b);
         drop(guards);
@@ -750,11 +813,26 @@ mod tests {
     #[test]
     fn picks_enough_warps() {
         let bf = DType::BF16;
-        assert_eq!(Variant::pick(14336, 1, bf).name(), "r4s1");
-        assert_eq!(Variant::pick(4096, 1, bf).name(), "r4s4");
-        assert_eq!(Variant::pick(1024, 1, bf).name(), "r1s4");
-        assert_eq!(Variant::pick(4096, 8, bf).name(), "r1s1");
-        assert_eq!(Variant::pick(1024, 8, bf).name(), "r1s4");
-        assert_eq!(Variant::pick(4096, 1, DType::F32).name(), "r1s1");
+        let pick = |n, mr, dtype| Variant::pick(n, 4096, mr, dtype, false).name();
+        assert_eq!(pick(14336, 1, bf), "r4s1");
+        assert_eq!(pick(4096, 1, bf), "r4s4");
+        assert_eq!(pick(1024, 1, bf), "r1s4");
+        assert_eq!(pick(4096, 8, bf), "r1s1");
+        assert_eq!(pick(1024, 8, bf), "r1s4");
+        assert_eq!(pick(4096, 1, DType::F32), "r1s1");
+    }
+
+    #[test]
+    fn picks_the_half2_shape_measured_fastest() {
+        let pick = |n, k, mr, dtype| Variant::pick(n, k, mr, dtype, true).name();
+        // Llama-3-8B: gate+up, q+k+v, o, k alone, down.
+        assert_eq!(pick(28672, 4096, 1, DType::BF16), "half2-r4s1");
+        assert_eq!(pick(6144, 4096, 1, DType::F16), "half2-r2s1");
+        assert_eq!(pick(4096, 4096, 1, DType::BF16), "half2-r2s1");
+        assert_eq!(pick(1024, 4096, 1, DType::BF16), "half2-r2s4");
+        assert_eq!(pick(4096, 14336, 1, DType::BF16), "half2-r4s4");
+        // Two rows, or f32 rows: the f32-math kernel.
+        assert_eq!(pick(28672, 4096, 2, DType::BF16), "r4s1");
+        assert_eq!(pick(28672, 4096, 1, DType::F32), "r1s1");
     }
 }

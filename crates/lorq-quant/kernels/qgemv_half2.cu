@@ -1,0 +1,171 @@
+// One bf16/f16 activation row through affine 4-bit codes in groups of a multiple of 32 (hqq /
+// GPTQ / AWQ 4-bit; the packed layout of qgemv.cu), two weights per f16 instruction. Batch-1
+// decode spends most of its time here; at f32 math the kernel is issue-bound (Nsight Compute:
+// 5-6 instructions per weight, DRAM 40 % busy), so halving the instructions moves it towards the
+// bandwidth.
+//
+// A nibble masked in place is an f16 subnormal: bits 0-3 of a half are q * 2^-24 exactly, bits
+// 4-7 q * 2^-20. So one AND gives two weights (one per half of the word) and one HFMA2 multiplies
+// them by a matching activation pair (x0, x4), (x1, x5), ... that carries the 2^24 / 2^20 back:
+// per 8 weights one shift, four ANDs and four HFMA2. Zeros by the group identity
+// s (sum x q - z sum x), as qgemv.cu.
+//
+// The block first stores its activation row once in shared memory as those f16 pairs, each chunk
+// of 32 scaled by a power of two so that no product (<= 15 * 2^-9) or 16-term f16 sum can overflow
+// whatever the activations' range; then per chunk the factor back to x units and the chunk's f32
+// sum of x. A chunk's f16 sum is scaled back and folded in f32 per group; rounding ~2e-3
+// relative, about a bf16 output's own.
+//
+// Dynamic shared memory: for chunk c, word j: uint4 at [j * chunks + c] (lanes read consecutive
+// chunks: 16-byte loads without bank conflicts), then a float2 per chunk: 72 bytes per chunk
+// (crates/lorq-quant/src/cuda/qgemv.rs sizes it).
+//
+// NF4 / FP4 (table codes) stay on qgemv.cu: a per-lane 256-entry table of f16 pairs in shared
+// memory (32 KiB, one lookup per byte) measured slower there (docs/benchmarks.md, session 13).
+#include "qparams.cuh"
+
+
+__device__ __forceinline__ __half2 as_half2(uint32_t v) { return *reinterpret_cast<__half2*>(&v); }
+__device__ __forceinline__ uint32_t as_u32(__half2 v) { return *reinterpret_cast<uint32_t*>(&v); }
+
+template <typename T>
+__device__ __forceinline__ void stage_x_half2(const T* __restrict__ x, int K, uint4* s_xh) {
+    const int chunks = K >> 5;
+    float2* s_cs = reinterpret_cast<float2*>(s_xh + 4 * chunks);
+    for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
+        float xv[4][8];
+        float mx = 0.f, sum = 0.f;
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            load8<T>(x + ((size_t)c << 5) + 8 * j, xv[j]);
+#pragma unroll
+            for (int e = 0; e < 8; e++) {
+                mx = fmaxf(mx, fabsf(xv[j][e]));
+                sum += xv[j][e];
+            }
+        }
+        // |x| < 2^E; clamped so every factor stays a normal float (a chunk below 2^-40 keeps only
+        // its largest terms; above 2^100 it overflows to inf, as its products would in bf16).
+        const int E = min(max((int)((__float_as_uint(mx) >> 23) & 0xff) - 126, -40), 100);
+        const auto pow2 = [](int e) { return __uint_as_float((uint32_t)(127 + e) << 23); };
+        const float a = pow2(15 - E), b = pow2(11 - E);
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const float* v = xv[j];
+            s_xh[j * chunks + c] = make_uint4(as_u32(__floats2half2_rn(v[0] * a, v[4] * a)),
+                                              as_u32(__floats2half2_rn(v[1] * b, v[5] * b)),
+                                              as_u32(__floats2half2_rn(v[2] * a, v[6] * a)),
+                                              as_u32(__floats2half2_rn(v[3] * b, v[7] * b)));
+        }
+        s_cs[c] = make_float2(pow2(9 + E), sum);
+    }
+}
+
+// RPW output rows per warp, SPLIT warps per row group (K-slices), as qgemv.cu; a lane streams
+// whole chunks, UN at a time (their code, scale and zero loads issued together).
+template <typename T, int RPW, int SPLIT>
+__device__ __forceinline__ void qgemv_half2(const QParams p, const uint4* s_xh, T* __restrict__ y, int N, int K,
+                                            int bx) {
+    constexpr int UN = (RPW == 2 && SPLIT == 1) ? 2 : 1;
+    __shared__ float s_part[SPLIT > 1 ? WARPS : 1][RPW];
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int chunks = K >> 5, cpg = p.gsize >> 5;
+    const float2* s_cs = reinterpret_cast<const float2*>(s_xh + 4 * chunks);
+    const int gw = bx * WARPS + warp;
+    const int n0 = (gw / SPLIT) * RPW, slice = gw % SPLIT;
+    float acc[RPW];
+#pragma unroll
+    for (int r = 0; r < RPW; r++) acc[r] = 0.f;
+    if (n0 < N) {
+        for (int c0 = slice * 32 + lane; c0 < chunks; c0 += 32 * SPLIT * UN) {
+            uint4 wv[UN][RPW];
+            float s[UN][RPW], z[UN][RPW];
+#pragma unroll
+            for (int u = 0; u < UN; u++) {
+                const int c = min(c0 + u * 32 * SPLIT, chunks - 1);
+                const int g = c / cpg;
+#pragma unroll
+                for (int r = 0; r < RPW; r++) {
+                    const int n = min(n0 + r, N - 1);  // rows past N compute garbage, never stored
+                    wv[u][r] = __ldcs(reinterpret_cast<const uint4*>(p.codes + (size_t)n * p.wpr + ((size_t)c << 2)));
+                    s[u][r] = __ldg(p.scales + (size_t)n * p.groups + g);
+                    z[u][r] = __ldg(p.zeros + (size_t)n * p.groups + g);
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < UN; u++) {
+                const int c = c0 + u * 32 * SPLIT;
+                if (UN > 1 && c >= chunks) break;
+                const float2 cs = s_cs[c];
+                __half2 d[RPW];
+#pragma unroll
+                for (int r = 0; r < RPW; r++) d[r] = __float2half2_rn(0.f);
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    const uint4 xp = s_xh[j * chunks + c];
+#pragma unroll
+                    for (int r = 0; r < RPW; r++) {
+                        const uint32_t w = j == 0 ? wv[u][r].x : j == 1 ? wv[u][r].y : j == 2 ? wv[u][r].z : wv[u][r].w;
+                        const uint32_t h = w >> 8;
+                        d[r] = __hfma2(as_half2(w & 0x000F000Fu), as_half2(xp.x), d[r]);
+                        d[r] = __hfma2(as_half2(w & 0x00F000F0u), as_half2(xp.y), d[r]);
+                        d[r] = __hfma2(as_half2(h & 0x000F000Fu), as_half2(xp.z), d[r]);
+                        d[r] = __hfma2(as_half2(h & 0x00F000F0u), as_half2(xp.w), d[r]);
+                    }
+                }
+#pragma unroll
+                for (int r = 0; r < RPW; r++) {
+                    const float2 f = __half22float2(d[r]);
+                    acc[r] = fmaf(s[u][r], fmaf(-z[u][r], cs.y, (f.x + f.y) * cs.x), acc[r]);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < RPW; r++) {
+        float v = acc[r];
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        acc[r] = v;
+    }
+    if (SPLIT == 1) {
+        if (lane == 0) {
+#pragma unroll
+            for (int r = 0; r < RPW; r++)
+                if (n0 + r < N) y[n0 + r] = from_f<T>(acc[r]);
+        }
+        return;
+    }
+    if (lane == 0) {
+#pragma unroll
+        for (int r = 0; r < RPW; r++) s_part[warp][r] = acc[r];
+    }
+    __syncthreads();
+    constexpr int GROUPS = WARPS / SPLIT;
+    if (tid < GROUPS * RPW) {
+        const int grp = tid / RPW, r = tid % RPW;
+        const int n = ((bx * WARPS + grp * SPLIT) / SPLIT) * RPW + r;
+        float v = 0.f;
+#pragma unroll
+        for (int sidx = 0; sidx < SPLIT; sidx++) v += s_part[grp * SPLIT + sidx][r];
+        if (n < N) y[n] = from_f<T>(v);
+    }
+}
+
+// qgemv_a4h_<dtype>_m1_r<RPW>_s<SPLIT>: qgemv.cu's signature (M is 1), 72 bytes of dynamic shared
+// memory per chunk of 32 inputs.
+#define QGEMV_HALF2(TN, T, RPW, SPLIT)                                                             \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32)                                       \
+        qgemv_a4h_##TN##_m1_r##RPW##_s##SPLIT(QARGS, const T* __restrict__ x, T* __restrict__ y,  \
+                                              int M, int N, int K, const QGroup g) {               \
+        extern __shared__ uint4 s_xh[];                                                            \
+        stage_x_half2<T>(x, K, s_xh);                                                              \
+        __syncthreads();                                                                           \
+        qgroup_dispatch(QParams QPARAMS, y, N, g, [&](const QParams& p, T* yw, int n, int b) {    \
+            qgemv_half2<T, RPW, SPLIT>(p, s_xh, yw, n, K, b);                                      \
+        });                                                                                        \
+    }
+#define QGEMV_HALF2_SHAPES(TN, T)                                                                  \
+    QGEMV_HALF2(TN, T, 2, 1) QGEMV_HALF2(TN, T, 4, 1) QGEMV_HALF2(TN, T, 2, 4) QGEMV_HALF2(TN, T, 4, 4)
+QGEMV_HALF2_SHAPES(bf16, __nv_bfloat16)
+QGEMV_HALF2_SHAPES(f16, __half)
