@@ -207,18 +207,14 @@ mod gpu {
 
     /// The half2 one-row GEMV on every format it takes (affine 4-bit), with activations
     /// spanning its per-chunk scaling: chunks of outliers (3,000: a Llama down_proj input's
-    /// range), of tiny values (1e-4), of zeros, beside ordinary ones; each launch shape and
+    /// range), of tiny values (1e-4), of zeros, beside ordinary ones; the kernel and
     /// `Auto`. Past the default shared memory it opts in; past its own limit it is refused with
     /// an error.
     #[test]
     fn half2_gemv_matches_the_cpu_decoder() {
         let Some(dev) = gpu() else { return };
         let cdev = dev.as_cuda_device().unwrap();
-        let half2: Vec<QPath> = Variant::ALL
-            .iter()
-            .filter(|v| v.half2)
-            .map(|&v| QPath::Fused(v))
-            .collect();
+        let half2 = QPath::Fused(Variant::HALF2);
         let mut failures = Vec::new();
         let mut served = Vec::new();
         // GPTQ's act-order quantizer is cubic in K: the long K (K-split shape) through hqq only.
@@ -264,7 +260,7 @@ mod gpu {
                         .matmul(&w_ref.t().unwrap())
                         .unwrap();
                     let xg = x.to_device(&dev).unwrap();
-                    for &path in half2.iter().chain([QPath::Auto].iter()) {
+                    for path in [half2, QPath::Auto] {
                         let got = matmul(&dl, &xg, path).unwrap();
                         let e = rel_l2(&got, &want);
                         if e.is_nan() || e > 1e-2 {
@@ -307,7 +303,7 @@ mod gpu {
                 .matmul(&w_ref.t().unwrap())
                 .unwrap();
             let xg = x.to_device(&dev).unwrap();
-            let half2_k = matmul(&dl, &xg, half2[0]);
+            let half2_k = matmul(&dl, &xg, half2);
             if fits {
                 let e = rel_l2(&half2_k.unwrap(), &want);
                 assert!(e <= 1e-2, "K {k}: rel err {e:e}");

@@ -279,26 +279,23 @@ impl Variant {
         }
     }
 
-    const fn half2(rows_per_warp: usize, split: usize) -> Variant {
-        Variant {
-            rows_per_warp,
-            split,
-            half2: true,
-        }
-    }
-
-    /// Every compiled shape (kernels/qgemv.cu): f32 math with rows per warp 4 up to 2 activation
-    /// rows of bf16/f16, the half2 kernel with 2 or 4 rows per warp.
-    pub const ALL: [Variant; 8] = [
+    /// Every compiled shape: f32 math (kernels/qgemv.cu) with rows per warp 4 up to 2 activation
+    /// rows of bf16/f16, and the half2 kernel (kernels/qgemv_half2.cu, one shape).
+    pub const ALL: [Variant; 5] = [
         Variant::f32_math(1, 1),
         Variant::f32_math(1, 4),
         Variant::f32_math(4, 1),
         Variant::f32_math(4, 4),
-        Variant::half2(2, 1),
-        Variant::half2(4, 1),
-        Variant::half2(2, 4),
-        Variant::half2(4, 4),
+        Variant::HALF2,
     ];
+
+    /// The half2 kernel's one shape: 4 rows per warp, 4 K-slices (the fastest or within 2 % of it
+    /// on every Llama-3-8B shape on an H100, docs/benchmarks.md).
+    pub const HALF2: Variant = Variant {
+        rows_per_warp: 4,
+        split: 4,
+        half2: true,
+    };
 
     /// Whether the half2 kernel takes `w`: affine 4-bit codes (hqq / GPTQ / AWQ 4-bit) in groups
     /// of a multiple of 32, with K small enough for the staged activations in shared memory
@@ -317,19 +314,13 @@ impl Variant {
         }
     }
 
-    /// The shape for `n` output rows (all the weights of a grouped launch) of K `k`. The half2
-    /// kernel where `half2` (it takes the weight, one bf16/f16 row): measured on an H100
-    /// (docs/benchmarks.md), 4 rows per warp from 8,192 rows, 2 below, and K-slices past K 8,192
-    /// or under 4,096 rows. Otherwise enough warps to fill the GPU (about 2,048), with the fewest
-    /// K-slices and the most rows per warp (activations loaded once for all of them).
-    pub fn pick(n: usize, k: usize, mr: usize, dtype: DType, half2: bool) -> Variant {
+    /// The shape for `n` output rows (all the weights of a grouped launch): the half2 kernel where
+    /// `half2` (it takes the weight) for one bf16/f16 row; otherwise enough warps to fill the GPU
+    /// (about 2,048), with the fewest K-slices and the most rows per warp (activations loaded once
+    /// for all of them).
+    pub fn pick(n: usize, mr: usize, dtype: DType, half2: bool) -> Variant {
         if half2 && mr == 1 && matches!(dtype, DType::BF16 | DType::F16) {
-            return match (n, k) {
-                (_, 8192..) => Variant::half2(4, 4),
-                (8192.., _) => Variant::half2(4, 1),
-                (4096.., _) => Variant::half2(2, 1),
-                _ => Variant::half2(2, 4),
-            };
+            return Variant::HALF2;
         }
         const WANT: usize = 2048;
         let half = matches!(dtype, DType::BF16 | DType::F16);
@@ -376,13 +367,7 @@ fn auto_route(w: &DeviceLayout, n: usize, m: usize, dtype: DType) -> Route {
     if half && qmma_tiled::supports(w) && (AUTO_TILED_MIN_M..=tiled_max_m).contains(&m) {
         Route::MmaTiled
     } else if m <= AUTO_GEMV_MAX_M || (!half && m <= QGEMV_MAX_M) {
-        Route::Gemv(Variant::pick(
-            n,
-            w.k,
-            mr_for(m),
-            dtype,
-            Variant::half2_fits(w),
-        ))
+        Route::Gemv(Variant::pick(n, mr_for(m), dtype, Variant::half2_fits(w)))
     } else if half && m <= AUTO_MMA_MAX_M {
         Route::Mma
     } else {
@@ -813,7 +798,7 @@ mod tests {
     #[test]
     fn picks_enough_warps() {
         let bf = DType::BF16;
-        let pick = |n, mr, dtype| Variant::pick(n, 4096, mr, dtype, false).name();
+        let pick = |n, mr, dtype| Variant::pick(n, mr, dtype, false).name();
         assert_eq!(pick(14336, 1, bf), "r4s1");
         assert_eq!(pick(4096, 1, bf), "r4s4");
         assert_eq!(pick(1024, 1, bf), "r1s4");
@@ -823,16 +808,12 @@ mod tests {
     }
 
     #[test]
-    fn picks_the_half2_shape_measured_fastest() {
-        let pick = |n, k, mr, dtype| Variant::pick(n, k, mr, dtype, true).name();
-        // Llama-3-8B: gate+up, q+k+v, o, k alone, down.
-        assert_eq!(pick(28672, 4096, 1, DType::BF16), "half2-r4s1");
-        assert_eq!(pick(6144, 4096, 1, DType::F16), "half2-r2s1");
-        assert_eq!(pick(4096, 4096, 1, DType::BF16), "half2-r2s1");
-        assert_eq!(pick(1024, 4096, 1, DType::BF16), "half2-r2s4");
-        assert_eq!(pick(4096, 14336, 1, DType::BF16), "half2-r4s4");
+    fn picks_the_half2_kernel_for_one_half_precision_row() {
+        let pick = |n, mr, dtype| Variant::pick(n, mr, dtype, true).name();
+        assert_eq!(pick(28672, 1, DType::BF16), "half2-r4s4");
+        assert_eq!(pick(1024, 1, DType::F16), "half2-r4s4");
         // Two rows, or f32 rows: the f32-math kernel.
-        assert_eq!(pick(28672, 4096, 2, DType::BF16), "r4s1");
-        assert_eq!(pick(28672, 4096, 1, DType::F32), "r1s1");
+        assert_eq!(pick(28672, 2, DType::BF16), "r4s1");
+        assert_eq!(pick(28672, 1, DType::F32), "r1s1");
     }
 }
