@@ -338,7 +338,8 @@ impl LlamaModel {
                     (h, codes)
                 }
             };
-            // Decode at batch 1 on dense weights: the two projections and SiLU·mul in one launch.
+            // Decode at batch 1 on dense or affine 4-bit weights: the two projections and SiLU·mul
+            // in one launch.
             let paired = if fused && codes.is_none() {
                 Linear::silu_mul_pair(&layer.gate, &layer.up, &h, adapters)?
             } else {

@@ -15,6 +15,13 @@ template <> __device__ __forceinline__ float from_f<float>(float v) { return v; 
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
 template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half(v); }
 
+// SiLU(gate) * up from gate and up as stored in T, rounded as candle's separate ops round it: the
+// SiLU to T, then the product (fused_ops.cu silu_mul_*; the GEMVs that fold it in round alike).
+template <typename T> __device__ __forceinline__ T silu_mul_rounded(float g, float u) {
+    const float a = to_f(from_f<T>(g / (1.f + expf(-g))));
+    return from_f<T>(a * u);
+}
+
 // 8 consecutive values as loaded (16 bytes for bf16/f16, 32 for f32), to convert later: loads can
 // be issued long before their values are needed without holding 8 floats each.
 // NC: through the read-only cache (__ldg); otherwise from L2 (__ldcg), for data written earlier

@@ -91,9 +91,7 @@ __device__ __forceinline__ void dense_gemv(const T* __restrict__ w, const T* __r
         for (int o = 16; o > 0; o >>= 1) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], o);
     if (lane != 0) return;
     if constexpr (GATED) {
-        const float g = to_f(from_f<T>(acc[0]));
-        const float a = to_f(from_f<T>(g / (1.f + expf(-g))));
-        y[n] = from_f<T>(a * to_f(from_f<T>(acc[1])));
+        y[n] = silu_mul_rounded<T>(to_f(from_f<T>(acc[0])), to_f(from_f<T>(acc[1])));
     } else {
         y[n] = from_f<T>(acc[0]);
     }

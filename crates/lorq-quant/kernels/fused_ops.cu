@@ -48,10 +48,7 @@ __device__ __forceinline__ void silu_mul(const T* __restrict__ gate, const T* __
                                          T* __restrict__ y, size_t n) {
     for (size_t i = (size_t)blockIdx.x * THREADS + threadIdx.x; i < n;
          i += (size_t)gridDim.x * THREADS) {
-        const float g = to_f(gate[i]);
-        // SiLU rounded to T as candle's separate op stores it, then the product.
-        const float a = to_f(from_f<T>(g / (1.f + expf(-g))));
-        y[i] = from_f<T>(a * to_f(up[i]));
+        y[i] = silu_mul_rounded<T>(to_f(gate[i]), to_f(up[i]));
     }
 }
 

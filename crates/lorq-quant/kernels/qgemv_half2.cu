@@ -61,17 +61,20 @@ __device__ __forceinline__ void stage_x_half2(const T* __restrict__ x, int K, ui
     }
 }
 
-// RPW output rows per warp, SPLIT warps per row group (K-slices), as qgemv.cu; a lane streams
-// whole chunks.
-template <typename T, int RPW, int SPLIT>
+// RPW rows per warp, SPLIT warps per row group (K-slices), as qgemv.cu; a lane streams whole
+// chunks. GATED (the MLP's gate and up sharing x): the warp's rows are RPW / 2 rows of gate (p) and
+// the same rows of up (p2), its output SiLU(gate) * up rounded as the two GEMVs followed by
+// fused_ops.cu's silu_mul round it.
+template <typename T, int RPW, int SPLIT, bool GATED = false>
 __device__ __forceinline__ void qgemv_half2(const QParams p, const uint4* s_xh, T* __restrict__ y, int N, int K,
-                                            int bx) {
+                                            int bx, const QParams p2 = QParams{}) {
+    constexpr int OUT = GATED ? RPW / 2 : RPW;  // output rows per warp
     __shared__ float s_part[SPLIT > 1 ? WARPS : 1][RPW];
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int chunks = K >> 5, cpg = p.gsize >> 5;
     const float2* s_cs = reinterpret_cast<const float2*>(s_xh + 4 * chunks);
     const int gw = bx * WARPS + warp;
-    const int n0 = (gw / SPLIT) * RPW, slice = gw % SPLIT;
+    const int n0 = (gw / SPLIT) * OUT, slice = gw % SPLIT;
     float acc[RPW];
 #pragma unroll
     for (int r = 0; r < RPW; r++) acc[r] = 0.f;
@@ -82,10 +85,11 @@ __device__ __forceinline__ void qgemv_half2(const QParams p, const uint4* s_xh, 
             const int g = c / cpg;
 #pragma unroll
             for (int r = 0; r < RPW; r++) {
-                const int n = min(n0 + r, N - 1);  // rows past N compute garbage, never stored
-                wv[r] = __ldcs(reinterpret_cast<const uint4*>(p.codes + (size_t)n * p.wpr + ((size_t)c << 2)));
-                s[r] = __ldg(p.scales + (size_t)n * p.groups + g);
-                z[r] = __ldg(p.zeros + (size_t)n * p.groups + g);
+                const QParams& q = GATED && r >= OUT ? p2 : p;
+                const int n = min(n0 + r % OUT, N - 1);  // rows past N compute garbage, never stored
+                wv[r] = __ldcs(reinterpret_cast<const uint4*>(q.codes + (size_t)n * q.wpr + ((size_t)c << 2)));
+                s[r] = __ldg(q.scales + (size_t)n * q.groups + g);
+                z[r] = __ldg(q.zeros + (size_t)n * q.groups + g);
             }
             const float2 cs = s_cs[c];
             __half2 d[RPW];
@@ -118,11 +122,15 @@ __device__ __forceinline__ void qgemv_half2(const QParams p, const uint4* s_xh, 
         for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
         acc[r] = v;
     }
+    // Row r's output from its sums: the gate's (v) and for GATED the up's (u).
+    const auto out = [](float v, float u) {
+        return GATED ? silu_mul_rounded<T>(to_f(from_f<T>(v)), to_f(from_f<T>(u))) : from_f<T>(v);
+    };
     if (SPLIT == 1) {
         if (lane == 0) {
 #pragma unroll
-            for (int r = 0; r < RPW; r++)
-                if (n0 + r < N) y[n0 + r] = from_f<T>(acc[r]);
+            for (int r = 0; r < OUT; r++)
+                if (n0 + r < N) y[n0 + r] = out(acc[r], acc[GATED ? r + OUT : r]);
         }
         return;
     }
@@ -132,13 +140,16 @@ __device__ __forceinline__ void qgemv_half2(const QParams p, const uint4* s_xh, 
     }
     __syncthreads();
     constexpr int GROUPS = WARPS / SPLIT;
-    if (tid < GROUPS * RPW) {
-        const int grp = tid / RPW, r = tid % RPW;
-        const int n = ((bx * WARPS + grp * SPLIT) / SPLIT) * RPW + r;
-        float v = 0.f;
+    if (tid < GROUPS * OUT) {
+        const int grp = tid / OUT, r = tid % OUT;
+        const int n = ((bx * WARPS + grp * SPLIT) / SPLIT) * OUT + r;
+        float v = 0.f, u = 0.f;
 #pragma unroll
-        for (int sidx = 0; sidx < SPLIT; sidx++) v += s_part[grp * SPLIT + sidx][r];
-        if (n < N) y[n] = from_f<T>(v);
+        for (int sidx = 0; sidx < SPLIT; sidx++) {
+            v += s_part[grp * SPLIT + sidx][r];
+            if (GATED) u += s_part[grp * SPLIT + sidx][r + OUT];
+        }
+        if (n < N) y[n] = out(v, u);
     }
 }
 
@@ -159,3 +170,21 @@ __device__ __forceinline__ void qgemv_half2(const QParams p, const uint4* s_xh, 
     }
 QGEMV_HALF2(bf16, __nv_bfloat16, 4, 4)
 QGEMV_HALF2(f16, __half, 4, 4)
+
+// qgemv_a4h_silu_<dtype>_m1_r4_s4: y = SiLU(x . gateᵀ) * (x . upᵀ), gate (QARGS) and up [N, K] of
+// the same format; each warp 2 rows of each (registers as 4 rows of one weight): one launch for
+// the MLP's two projections and its activation at batch 1.
+#define QGEMV_HALF2_SILU(TN, T)                                                                    \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32)                                       \
+        qgemv_a4h_silu_##TN##_m1_r4_s4(QARGS, const uint32_t* up_codes, const float* up_scales,    \
+                                       const float* up_zeros, const T* __restrict__ x,             \
+                                       T* __restrict__ y, int N, int K) {                          \
+        extern __shared__ uint4 s_xh[];                                                            \
+        stage_x_half2<T>(x, K, s_xh);                                                              \
+        __syncthreads();                                                                           \
+        const QParams p = QPARAMS;                                                                 \
+        const QParams up = {up_codes, up_scales, up_zeros, lut, wpr, gsize, groups, round_mode};   \
+        qgemv_half2<T, 4, 4, true>(p, s_xh, y, N, K, blockIdx.x, up);                              \
+    }
+QGEMV_HALF2_SILU(bf16, __nv_bfloat16)
+QGEMV_HALF2_SILU(f16, __half)

@@ -91,7 +91,6 @@ fn gpu_matmul_group(
     x: &Tensor,
     dev: &candle_core::cuda_backend::CudaDevice,
 ) -> Result<Option<Vec<Tensor>>, QuantError> {
-    use crate::cuda::qgemv::GpuQuantWeight;
     if ws.len() < 2 {
         return Ok(None);
     }
@@ -110,37 +109,63 @@ fn gpu_matmul_group(
     if dense.len() == ws.len() {
         return crate::cuda::dense_gemv::gemv_group(x, &dense);
     }
-    // Each weight's device copy, kept alive while its layout is borrowed.
+    let Some(held) = gpu_packed_all(ws, dev)? else {
+        return Ok(None);
+    };
+    crate::cuda::qgemv::matmul_group(&layouts(&held), x)
+}
+
+/// Each weight's device copy in the packed layout, `None` if any has none (or its format has no
+/// GPU kernel); kept alive while [`layouts`] borrows them.
+#[cfg(feature = "cuda")]
+fn gpu_packed_all(
+    ws: &[&dyn QuantTensor],
+    dev: &candle_core::cuda_backend::CudaDevice,
+) -> Result<Option<Vec<std::sync::Arc<crate::cuda::qgemv::GpuQuantWeight>>>, QuantError> {
+    use crate::cuda::qgemv::GpuQuantWeight;
     let mut held = Vec::with_capacity(ws.len());
     for w in ws {
         match w.gpu_packed(dev)? {
-            Some(d) => held.push(d),
-            None => return Ok(None),
+            Some(d) if matches!(*d, GpuQuantWeight::Ready(_)) => held.push(d),
+            _ => return Ok(None),
         }
     }
-    let mut layouts = Vec::with_capacity(held.len());
-    for d in &held {
-        let GpuQuantWeight::Ready(l) = &**d else {
-            return Ok(None);
-        };
-        layouts.push(&**l);
-    }
-    crate::cuda::qgemv::matmul_group(&layouts, x)
+    Ok(Some(held))
 }
 
-/// `SiLU(x · gateᵀ) * (x · upᵀ)` in one GPU launch where the weights allow it (dense bf16/f16 at
-/// one row: decode at batch 1), rounded as the two matmuls followed by `silu_mul`; `None`
-/// elsewhere (the caller runs the matmuls and the activation).
+/// The layouts of [`gpu_packed_all`]'s weights (all ready).
+#[cfg(feature = "cuda")]
+fn layouts(
+    held: &[std::sync::Arc<crate::cuda::qgemv::GpuQuantWeight>],
+) -> Vec<&crate::cuda::qgemv::DeviceLayout> {
+    use crate::cuda::qgemv::GpuQuantWeight;
+    held.iter()
+        .filter_map(|d| match &**d {
+            GpuQuantWeight::Ready(l) => Some(&**l),
+            GpuQuantWeight::Unsupported(_) => None,
+        })
+        .collect()
+}
+
+/// `SiLU(x · gateᵀ) * (x · upᵀ)` in one GPU launch where the weights allow it (one bf16/f16 row,
+/// decode at batch 1: dense weights, or affine 4-bit ones through the half2 GEMV), rounded as the
+/// two matmuls followed by `silu_mul`; `None` elsewhere (the caller runs the matmuls and the
+/// activation).
 pub fn matmul_silu_mul(
     gate: &dyn QuantTensor,
     up: &dyn QuantTensor,
     x: &Tensor,
 ) -> Result<Option<Tensor>, QuantError> {
     #[cfg(feature = "cuda")]
-    if x.device().is_cuda() {
+    if let candle_core::Device::Cuda(dev) = x.device() {
         if let (Some(g), Some(u)) = (gate.dense_weight(), up.dense_weight()) {
             return crate::cuda::dense_gemv::silu_mul_gemv(x, g, u);
         }
+        let Some(held) = gpu_packed_all(&[gate, up], dev)? else {
+            return Ok(None);
+        };
+        let l = layouts(&held);
+        return crate::cuda::qgemv::matmul_silu_mul(l[0], l[1], x);
     }
     let _ = (gate, up, x);
     Ok(None)

@@ -16,7 +16,6 @@ fn gpu_qgemv_skipped_without_the_cuda_feature() {
 
 #[cfg(feature = "cuda")]
 #[path = "common/formats.rs"]
-#[allow(dead_code)] // `max_abs_diff` serves the other GPU tests
 mod formats;
 
 #[cfg(feature = "cuda")]
@@ -29,12 +28,33 @@ mod gpu {
     use lorq_quant::QuantTensor;
     use std::sync::Arc;
 
-    use super::formats::{every_format, randn, rel_l2};
+    use super::formats::{every_format, max_abs_diff, randn, rel_l2};
 
     fn gpu() -> Option<Device> {
         lorq_quant::cuda::usable_gpu(0)
             .map_err(|why| eprintln!("SKIPPED: {why}"))
             .ok()
+    }
+
+    /// `values` as an `[m, k]` activation in `dtype` on `dev`, and its f32 product with the
+    /// reference weight `w_ref` `[n, k]` on the CPU (what every path is compared with).
+    fn input_and_want(
+        dev: &Device,
+        values: Vec<f32>,
+        (m, k): (usize, usize),
+        dtype: DType,
+        w_ref: &Tensor,
+    ) -> (Tensor, Tensor) {
+        let x = Tensor::from_vec(values, (m, k), &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let want = x
+            .to_dtype(DType::F32)
+            .unwrap()
+            .matmul(&w_ref.t().unwrap())
+            .unwrap();
+        (x.to_device(dev).unwrap(), want)
     }
 
     /// Every format × every launch shape × dtype × row count, and the dequantize + cuBLAS path.
@@ -70,20 +90,8 @@ mod gpu {
                     for (dtype, tol) in
                         [(DType::F32, 1e-5), (DType::BF16, 1e-2), (DType::F16, 1e-2)]
                     {
-                        let x = Tensor::from_vec(
-                            randn(m as u64 * 7 + si as u64, m * k, 1.0),
-                            (m, k),
-                            &Device::Cpu,
-                        )
-                        .unwrap()
-                        .to_dtype(dtype)
-                        .unwrap();
-                        let want = x
-                            .to_dtype(DType::F32)
-                            .unwrap()
-                            .matmul(&w_ref.t().unwrap())
-                            .unwrap();
-                        let xg = x.to_device(&dev).unwrap();
+                        let values = randn(m as u64 * 7 + si as u64, m * k, 1.0);
+                        let (xg, want) = input_and_want(&dev, values, (m, k), dtype, &w_ref);
                         let mut paths = vec![QPath::Dequantize, QPath::Auto];
                         if dtype != DType::F32 {
                             paths.push(QPath::Mma);
@@ -161,20 +169,8 @@ mod gpu {
         let mut failures = Vec::new();
         for &m in rows {
             for dtype in [DType::BF16, DType::F16] {
-                let x = Tensor::from_vec(
-                    randn(m as u64 * 13 + n as u64, m * k, 1.0),
-                    (m, k),
-                    &Device::Cpu,
-                )
-                .unwrap()
-                .to_dtype(dtype)
-                .unwrap();
-                let want = x
-                    .to_dtype(DType::F32)
-                    .unwrap()
-                    .matmul(&w_ref.t().unwrap())
-                    .unwrap();
-                let xg = x.to_device(dev).unwrap();
+                let values = randn(m as u64 * 13 + n as u64, m * k, 1.0);
+                let (xg, want) = input_and_want(dev, values, (m, k), dtype, &w_ref);
                 for &path in paths {
                     let got = matmul(dl, &xg, path).unwrap();
                     assert_eq!(got.dtype(), dtype);
@@ -250,16 +246,7 @@ mod gpu {
                     chunk.iter_mut().for_each(|v| *v *= f);
                 }
                 for dtype in [DType::BF16, DType::F16] {
-                    let x = Tensor::from_vec(xv.clone(), (1, k), &Device::Cpu)
-                        .unwrap()
-                        .to_dtype(dtype)
-                        .unwrap();
-                    let want = x
-                        .to_dtype(DType::F32)
-                        .unwrap()
-                        .matmul(&w_ref.t().unwrap())
-                        .unwrap();
-                    let xg = x.to_device(&dev).unwrap();
+                    let (xg, want) = input_and_want(&dev, xv.clone(), (1, k), dtype, &w_ref);
                     for path in [half2, QPath::Auto] {
                         let got = matmul(&dl, &xg, path).unwrap();
                         let e = rel_l2(&got, &want);
@@ -292,17 +279,8 @@ mod gpu {
             let layout = t.gpu_layout().unwrap();
             let dl = DeviceLayout::upload(&layout, cdev).unwrap();
             assert_eq!(Variant::half2_fits(&dl), fits, "K {k}");
-            let x = Tensor::from_vec(randn(8, k, 1.0), (1, k), &Device::Cpu)
-                .unwrap()
-                .to_dtype(DType::BF16)
-                .unwrap();
             let w_ref = Tensor::from_vec(layout.dequantize_f32(), (n, k), &Device::Cpu).unwrap();
-            let want = x
-                .to_dtype(DType::F32)
-                .unwrap()
-                .matmul(&w_ref.t().unwrap())
-                .unwrap();
-            let xg = x.to_device(&dev).unwrap();
+            let (xg, want) = input_and_want(&dev, randn(8, k, 1.0), (1, k), DType::BF16, &w_ref);
             let half2_k = matmul(&dl, &xg, half2);
             if fits {
                 let e = rel_l2(&half2_k.unwrap(), &want);
@@ -317,6 +295,69 @@ mod gpu {
             let e = rel_l2(&matmul(&dl, &xg, QPath::Auto).unwrap(), &want);
             assert!(e <= 1e-2, "K {k} Auto: rel err {e:e}");
         }
+    }
+
+    /// The MLP's gate/up GEMV with SiLU·mul in one half2 launch: bit for bit the two half2 GEMVs
+    /// followed by `silu_mul`, for every affine 4-bit format, odd and even row counts, bf16 and
+    /// f16; `None` (the caller's two matmuls) for two rows, f32 rows and table codes.
+    #[test]
+    fn half2_silu_equals_two_gemvs_then_silu_mul() {
+        use lorq_quant::cuda::fused_ops::silu_mul;
+        use lorq_quant::cuda::qgemv::matmul_silu_mul;
+        let Some(dev) = gpu() else { return };
+        let cdev = dev.as_cuda_device().unwrap();
+        let half2 = QPath::Fused(Variant::HALF2);
+        let mut pairs: Vec<(String, Arc<dyn QuantTensor>, Arc<dyn QuantTensor>)> = Vec::new();
+        for (g, u) in every_format(136, 512, 700)
+            .into_iter()
+            .zip(every_format(136, 512, 701))
+        {
+            pairs.push((g.0, g.1, u.1));
+        }
+        for n in [30usize, 31] {
+            pairs.push((
+                format!("hqq-4bit n={n}"),
+                hqq_4bit(n, 512, 702),
+                hqq_4bit(n, 512, 703),
+            ));
+        }
+        let mut fused = Vec::new();
+        for (name, g, u) in &pairs {
+            let (gl, ul) = (g.gpu_layout().unwrap(), u.gpu_layout().unwrap());
+            let gd = DeviceLayout::upload(&gl, cdev).unwrap();
+            let ud = DeviceLayout::upload(&ul, cdev).unwrap();
+            let k = gl.k;
+            for dtype in [DType::BF16, DType::F16] {
+                let x = Tensor::from_vec(randn(9, k, 1.0), (1, k), &dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let Some(got) = matmul_silu_mul(&gd, &ud, &x).unwrap() else {
+                    assert!(
+                        !Variant::half2_fits(&gd) || gl.perm.is_some(),
+                        "{name}: not fused"
+                    );
+                    continue;
+                };
+                fused.push(name.clone());
+                let want = silu_mul(
+                    &matmul(&gd, &x, half2).unwrap(),
+                    &matmul(&ud, &x, half2).unwrap(),
+                )
+                .unwrap();
+                assert_eq!(got.dims(), &[1, gl.n]);
+                assert_eq!(max_abs_diff(&got, &want), 0.0, "{name} {dtype:?}");
+                // Two rows, f32 rows: not this kernel.
+                let x2 = Tensor::cat(&[&x, &x], 0).unwrap();
+                assert!(matmul_silu_mul(&gd, &ud, &x2).unwrap().is_none());
+                let x32 = x.to_dtype(DType::F32).unwrap();
+                assert!(matmul_silu_mul(&gd, &ud, &x32).unwrap().is_none());
+            }
+        }
+        for f in ["hqq-4bit", "gptq-4bit", "awq-4bit", "hqq-4bit n=31"] {
+            assert!(fused.iter().any(|s| s == f), "{f} not fused");
+        }
+        assert!(!fused.iter().any(|s| s.starts_with("nf4") || s == "fp4"));
     }
 
     /// The tiled tensor-core kernel on every format it serves (4-bit, groups of a multiple of 32)

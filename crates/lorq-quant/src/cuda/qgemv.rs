@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::{CudaStorage, DType, Storage, Tensor};
@@ -612,15 +612,7 @@ fn gemv(
         );
         let smem = if v.half2 { half2_smem(w) } else { 0 };
         let f = if v.half2 {
-            let f = function(dev, "qgemv_half2", HALF2_FATBIN, &name)?;
-            if smem > DEFAULT_SMEM {
-                f.set_attribute(
-                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    smem as i32,
-                )
-                .w()?;
-            }
-            f
+            half2_function(dev, &name, smem)?
         } else {
             function(dev, "qgemv", FATBIN, &name)?
         };
@@ -668,6 +660,101 @@ fn gemv(
         .zip(ws)
         .map(|(s, w)| tensor_from_storage(s, (m, w.n)))
         .collect())
+}
+
+/// The half2 kernel `name` (kernels/qgemv_half2.cu), opted in to `smem` bytes of dynamic shared
+/// memory past the default 48 KiB (at most [`HALF2_MAX_SMEM`]: `Variant::half2_fits`).
+fn half2_function(dev: &CudaDevice, name: &str, smem: usize) -> Result<CudaFunction, QuantError> {
+    let f = function(dev, "qgemv_half2", HALF2_FATBIN, name)?;
+    if smem > DEFAULT_SMEM {
+        f.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem as i32,
+        )
+        .w()?;
+    }
+    Ok(f)
+}
+
+/// `SiLU(x · gateᵀ) * (x · upᵀ)` for one bf16/f16 row in one launch of the half2 GEMV
+/// (`qgemv_a4h_silu_*`: each warp two rows of gate and the same two of up), rounded as the two
+/// GEMVs followed by `fused_ops::silu_mul`; `None` where it does not apply (not one bf16/f16 row,
+/// weights the half2 kernel does not take or that cannot share a launch, different row counts).
+pub fn matmul_silu_mul(
+    gate: &DeviceLayout,
+    up: &DeviceLayout,
+    x: &Tensor,
+) -> Result<Option<Tensor>, QuantError> {
+    fn go<T: CudaDType + DeviceRepr>(
+        dev: &CudaDevice,
+        gate: &DeviceLayout,
+        up: &DeviceLayout,
+        up_zeros: &CudaSlice<f32>,
+        x: &CudaStorage,
+        start: usize,
+        dname: &str,
+    ) -> Result<CudaStorage, QuantError> {
+        let (n, k) = (gate.n, gate.k);
+        let xs = x.as_cuda_slice::<T>()?.slice(start..start + k);
+        // SAFETY: every output element is written by the kernel.
+        let y = unsafe { dev.alloc::<T>(n)? };
+        let stream = dev.cuda_stream();
+        let v = Variant::HALF2;
+        let smem = half2_smem(gate);
+        let name = format!(
+            "qgemv_a4h_silu_{dname}_m1_r{}_s{}",
+            v.rows_per_warp, v.split
+        );
+        let f = half2_function(dev, &name, smem)?;
+        let mut b = stream.launch_builder(&f);
+        let null = 0u64;
+        gate.push_args(&mut b, &null);
+        let (ni, ki) = (n as i32, k as i32);
+        b.arg(&up.codes)
+            .arg(&up.scales)
+            .arg(up_zeros)
+            .arg(&xs)
+            .arg(&y)
+            .arg(&ni)
+            .arg(&ki);
+        let warps = n.div_ceil(v.rows_per_warp / 2) * v.split;
+        let cfg = LaunchConfig {
+            grid_dim: (warps.div_ceil(WARPS) as u32, 1, 1),
+            block_dim: ((WARPS * 32) as u32, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        // SAFETY: the arguments match `qgemv_a4h_silu_*` in kernels/qgemv_half2.cu (its shared
+        // memory opted in, within `HALF2_MAX_SMEM`); x holds k elements from a 16-byte-aligned
+        // start, gate and up n x k of one format, K and groups (checked by the caller).
+        unsafe { b.launch(cfg) }.w()?;
+        drop(b);
+        Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+    }
+    let half = matches!(x.dtype(), DType::BF16 | DType::F16);
+    let one_row = x.dims().last() == Some(&gate.k) && x.elem_count() == gate.k;
+    let Some(up_zeros) = &up.zeros else {
+        return Ok(None);
+    };
+    if !half || !one_row || gate.n != up.n || !same_kernel(gate, up) || !Variant::half2_fits(gate) {
+        return Ok(None);
+    }
+    let dev = cuda_device(x, "fused gate/up GEMV")?;
+    let x = super::aligned(x, 16)?;
+    let (storage, layout) = x.storage_and_layout();
+    let Storage::Cuda(cs) = &*storage else {
+        return Err(QuantError::Invalid(
+            "gate/up GEMV: x is not on a GPU".into(),
+        ));
+    };
+    let start = layout.start_offset();
+    let s = match x.dtype() {
+        DType::BF16 => go::<half::bf16>(dev, gate, up, up_zeros, cs, start, "bf16")?,
+        _ => go::<half::f16>(dev, gate, up, up_zeros, cs, start, "f16")?,
+    };
+    drop(storage);
+    let mut dims = x.dims().to_vec();
+    *dims.last_mut().expect("rank >= 1") = gate.n;
+    Ok(Some(tensor_from_storage(s, dims)))
 }
 
 /// Whether `a` and `b` can share one GEMV launch: same packed format, K, groups, rounding and
