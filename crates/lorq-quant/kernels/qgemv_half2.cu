@@ -24,7 +24,6 @@
 // memory (32 KiB, one lookup per byte) measured slower there (docs/benchmarks.md, session 13).
 #include "qparams.cuh"
 
-
 __device__ __forceinline__ __half2 as_half2(uint32_t v) { return *reinterpret_cast<__half2*>(&v); }
 __device__ __forceinline__ uint32_t as_u32(__half2 v) { return *reinterpret_cast<uint32_t*>(&v); }
 
@@ -44,8 +43,8 @@ __device__ __forceinline__ void stage_x_half2(const T* __restrict__ x, int K, ui
                 sum += xv[j][e];
             }
         }
-        // |x| < 2^E; clamped so every factor stays a normal float (a chunk below 2^-40 keeps only
-        // its largest terms; above 2^100 it overflows to inf, as its products would in bf16).
+        // |x| < 2^E; clamped so every factor stays a normal float: a chunk below 2^-40 keeps only
+        // its largest terms, activations of 2^100 and more become inf (NaN and inf propagate).
         const int E = min(max((int)((__float_as_uint(mx) >> 23) & 0xff) - 126, -40), 100);
         const auto pow2 = [](int e) { return __uint_as_float((uint32_t)(127 + e) << 23); };
         const float a = pow2(15 - E), b = pow2(11 - E);
@@ -61,15 +60,19 @@ __device__ __forceinline__ void stage_x_half2(const T* __restrict__ x, int K, ui
     }
 }
 
-// RPW rows per warp, SPLIT warps per row group (K-slices), as qgemv.cu; a lane streams whole
-// chunks. GATED (the MLP's gate and up sharing x): the warp's rows are RPW / 2 rows of gate (p) and
-// the same rows of up (p2), its output SiLU(gate) * up rounded as the two GEMVs followed by
-// fused_ops.cu's silu_mul round it.
-template <typename T, int RPW, int SPLIT, bool GATED = false>
+// One launch shape: RPW = 4 rows per warp, SPLIT = 4 warps per row group (K-slices), as qgemv.cu's
+// r4s4; a lane streams whole chunks. It was the fastest or within 2 % of it on every Llama-3-8B
+// shape (H100; 2 rows per warp, or 1 slice, lost up to 25 % on the 14336-input down_proj and 6 % on
+// the 28672-row gate+up launch). GATED (the MLP's gate and up sharing x): the warp's rows are 2
+// rows of gate (p) and the same rows of up (p2), its output SiLU(gate) * up rounded as the two
+// GEMVs followed by fused_ops.cu's silu_mul round it.
+constexpr int RPW = 4, SPLIT = 4;
+
+template <typename T, bool GATED = false>
 __device__ __forceinline__ void qgemv_half2(const QParams p, const uint4* s_xh, T* __restrict__ y, int N, int K,
                                             int bx, const QParams p2 = QParams{}) {
     constexpr int OUT = GATED ? RPW / 2 : RPW;  // output rows per warp
-    __shared__ float s_part[SPLIT > 1 ? WARPS : 1][RPW];
+    __shared__ float s_part[WARPS][RPW];
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int chunks = K >> 5, cpg = p.gsize >> 5;
     const float2* s_cs = reinterpret_cast<const float2*>(s_xh + 4 * chunks);
@@ -122,18 +125,6 @@ __device__ __forceinline__ void qgemv_half2(const QParams p, const uint4* s_xh, 
         for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
         acc[r] = v;
     }
-    // Row r's output from its sums: the gate's (v) and for GATED the up's (u).
-    const auto out = [](float v, float u) {
-        return GATED ? silu_mul_rounded<T>(to_f(from_f<T>(v)), to_f(from_f<T>(u))) : from_f<T>(v);
-    };
-    if (SPLIT == 1) {
-        if (lane == 0) {
-#pragma unroll
-            for (int r = 0; r < OUT; r++)
-                if (n0 + r < N) y[n0 + r] = out(acc[r], acc[GATED ? r + OUT : r]);
-        }
-        return;
-    }
     if (lane == 0) {
 #pragma unroll
         for (int r = 0; r < RPW; r++) s_part[warp][r] = acc[r];
@@ -149,27 +140,25 @@ __device__ __forceinline__ void qgemv_half2(const QParams p, const uint4* s_xh, 
             v += s_part[grp * SPLIT + sidx][r];
             if (GATED) u += s_part[grp * SPLIT + sidx][r + OUT];
         }
-        if (n < N) y[n] = out(v, u);
+        if (n < N) y[n] = GATED ? silu_mul_rounded<T>(to_f(from_f<T>(v)), to_f(from_f<T>(u))) : from_f<T>(v);
     }
 }
 
-// qgemv_a4h_<dtype>_m1_r<RPW>_s<SPLIT>: qgemv.cu's signature (M is 1), 72 bytes of dynamic shared
-// memory per chunk of 32 inputs. One shape: 4 rows per warp, 4 K-slices per row group was the
-// fastest or within 2 % of it on every Llama-3-8B shape (H100; 2 rows per warp, or 1 slice, lost up
-// to 25 % on the 14336-input down_proj and 6 % on the 28672-row gate+up launch).
-#define QGEMV_HALF2(TN, T, RPW, SPLIT)                                                             \
+// qgemv_a4h_<dtype>_m1_r4_s4: qgemv.cu's signature (M is 1), 72 bytes of dynamic shared memory
+// per chunk of 32 inputs.
+#define QGEMV_HALF2(TN, T)                                                                         \
     extern "C" __global__ void __launch_bounds__(WARPS * 32)                                       \
-        qgemv_a4h_##TN##_m1_r##RPW##_s##SPLIT(QARGS, const T* __restrict__ x, T* __restrict__ y,  \
-                                              int M, int N, int K, const QGroup g) {               \
+        qgemv_a4h_##TN##_m1_r4_s4(QARGS, const T* __restrict__ x, T* __restrict__ y, int M, int N, \
+                                  int K, const QGroup g) {                                         \
         extern __shared__ uint4 s_xh[];                                                            \
         stage_x_half2<T>(x, K, s_xh);                                                              \
         __syncthreads();                                                                           \
         qgroup_dispatch(QParams QPARAMS, y, N, g, [&](const QParams& p, T* yw, int n, int b) {    \
-            qgemv_half2<T, RPW, SPLIT>(p, s_xh, yw, n, K, b);                                      \
+            qgemv_half2<T>(p, s_xh, yw, n, K, b);                                                  \
         });                                                                                        \
     }
-QGEMV_HALF2(bf16, __nv_bfloat16, 4, 4)
-QGEMV_HALF2(f16, __half, 4, 4)
+QGEMV_HALF2(bf16, __nv_bfloat16)
+QGEMV_HALF2(f16, __half)
 
 // qgemv_a4h_silu_<dtype>_m1_r4_s4: y = SiLU(x . gateᵀ) * (x . upᵀ), gate (QARGS) and up [N, K] of
 // the same format; each warp 2 rows of each (registers as 4 rows of one weight): one launch for
@@ -184,7 +173,7 @@ QGEMV_HALF2(f16, __half, 4, 4)
         __syncthreads();                                                                           \
         const QParams p = QPARAMS;                                                                 \
         const QParams up = {up_codes, up_scales, up_zeros, lut, wpr, gsize, groups, round_mode};   \
-        qgemv_half2<T, 4, 4, true>(p, s_xh, y, N, K, blockIdx.x, up);                              \
+        qgemv_half2<T, true>(p, s_xh, y, N, K, blockIdx.x, up);                                    \
     }
 QGEMV_HALF2_SILU(bf16, __nv_bfloat16)
 QGEMV_HALF2_SILU(f16, __half)
