@@ -307,13 +307,11 @@ mod gpu {
         let Some(dev) = gpu() else { return };
         let cdev = dev.as_cuda_device().unwrap();
         let half2 = QPath::Fused(Variant::HALF2);
-        let mut pairs: Vec<(String, Arc<dyn QuantTensor>, Arc<dyn QuantTensor>)> = Vec::new();
-        for (g, u) in every_format(136, 512, 700)
+        let mut pairs: Vec<_> = every_format(136, 512, 700)
             .into_iter()
             .zip(every_format(136, 512, 701))
-        {
-            pairs.push((g.0, g.1, u.1));
-        }
+            .map(|((name, g), (_, u))| (name, g, u))
+            .collect();
         for n in [30usize, 31] {
             pairs.push((
                 format!("hqq-4bit n={n}"),
