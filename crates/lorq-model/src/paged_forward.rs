@@ -188,8 +188,8 @@ impl LlamaModel {
         use lorq_quant::cuda::fp8_gemm::{with_offered_activations, QuantizedActivations};
         use lorq_quant::cuda::fused_ops::{add_rms_norm, add_rms_norm_fp8, silu_mul, AddNorm};
         use lorq_quant::cuda::paged_attention::{
-            attention, decode_attention, multiprocessors, rope_append, tickets_needed, PageShape,
-            PagedBatch,
+            attention, decode_attention, multiprocessors, rope_append, tickets_needed, NewTokens,
+            PageShape, PagedBatch,
         };
         let c = &self.config;
         let pool = self.kv_pool.as_ref().ok_or_else(|| {
@@ -319,10 +319,17 @@ impl LlamaModel {
                 ..batch
             };
             let (b, w) = (&layer_batch, layer.window);
+            let new = NewTokens {
+                q: &q,
+                k: &k,
+                v: &v,
+                cos: &cos,
+                sin: &sin,
+            };
             let attn = if decode {
-                decode_attention(&q, &k, &v, &cos, &sin, b, &kc, &vc, shape, w)?
+                decode_attention(new, b, &kc, &vc, shape, w)?
             } else {
-                let q = rope_append(&q, &k, &v, &cos, &sin, &batch, &kc, &vc, shape)?;
+                let q = rope_append(new, &batch, &kc, &vc, shape)?;
                 attention(&q, &kc, &vc, b, shape, w)?
             };
             let post_norm = &layer.post_attention_norm;

@@ -26,7 +26,7 @@ mod gpu {
     use lorq_model::{BatchItem, LlamaModel, LogitsWanted, ModelConfig};
     use lorq_quant::cuda::fused_ops::{add_rms_norm, argmax_rows, embed_rows, silu_mul};
     use lorq_quant::cuda::paged_attention::{
-        attention, decode_attention, rope_append, tickets_needed, PageShape, PagedBatch,
+        attention, decode_attention, rope_append, tickets_needed, NewTokens, PageShape, PagedBatch,
     };
 
     fn gpu() -> Option<Device> {
@@ -198,7 +198,14 @@ mod gpu {
             tickets: None,
         };
         let (cos_g, sin_g) = (up(&cos), up(&sin));
-        let q_rot = rope_append(&q_g, &k_g, &v_g, &cos_g, &sin_g, &batch, &kc, &vc, shape).unwrap();
+        let new = NewTokens {
+            q: &q_g,
+            k: &k_g,
+            v: &v_g,
+            cos: &cos_g,
+            sin: &sin_g,
+        };
+        let q_rot = rope_append(new, &batch, &kc, &vc, shape).unwrap();
         // The split merged by a second launch, then in the same launch (tickets), twice with the
         // same tickets (each launch must leave them zeroed): the same merge, bit for bit.
         let out = attention(&q_rot, &kc, &vc, &batch, shape, window).unwrap();
@@ -222,10 +229,7 @@ mod gpu {
             // A decode step: RoPE, append and attention in one launch, on pages without the new
             // tokens, must give rope_append + attention's output and pages, bit for bit.
             let (kc1, vc1) = (pages(&kp), pages(&vp));
-            let one = decode_attention(
-                &q_g, &k_g, &v_g, &cos_g, &sin_g, &fused, &kc1, &vc1, shape, window,
-            )
-            .unwrap();
+            let one = decode_attention(new, &fused, &kc1, &vc1, shape, window).unwrap();
             let same = |a: &Tensor, b: &Tensor| max_abs_diff(a, b) == 0.0;
             assert!(
                 same(&one, &out),

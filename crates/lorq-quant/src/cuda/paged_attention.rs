@@ -142,20 +142,28 @@ fn cs(s: &Storage) -> &CudaStorage {
     }
 }
 
+/// A step's new tokens for the paged cache: un-rotated queries `[rows, heads·hd]`, keys and
+/// values `[rows, kv_heads·hd]`, and the RoPE tables `cos`/`sin` `[positions, hd/2]` from
+/// position 0, all in the compute dtype.
+#[derive(Clone, Copy)]
+pub struct NewTokens<'a> {
+    pub q: &'a Tensor,
+    pub k: &'a Tensor,
+    pub v: &'a Tensor,
+    pub cos: &'a Tensor,
+    pub sin: &'a Tensor,
+}
+
 /// Checks the new tokens of a step against each other, the RoPE tables, the pages and the batch
 /// layout (every tensor on the GPU in q's dtype); returns the row count.
-#[allow(clippy::too_many_arguments)]
 fn check_new_tokens(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    cos: &Tensor,
-    sin: &Tensor,
+    new: NewTokens<'_>,
     batch: &PagedBatch<'_>,
     k_cache: &Tensor,
     v_cache: &Tensor,
     shape: PageShape,
 ) -> Result<usize, QuantError> {
+    let NewTokens { q, k, v, cos, sin } = new;
     let dtype = q.dtype();
     let rows = q.dim(0)?;
     let PageShape {
@@ -198,26 +206,21 @@ fn check_new_tokens(
     Ok(rows)
 }
 
-/// RoPE on `q` (`[rows, heads·hd]`) and `k` (`[rows, kv_heads·hd]`) at each row's position, and
-/// the append of `k`, `v` into the pages `k_cache`/`v_cache` at each row's slot (written in
-/// place). `cos`/`sin`: `[positions, hd/2]` tables from position 0, in the compute dtype.
-/// Returns the rotated queries `[rows, heads·hd]`.
-#[allow(clippy::too_many_arguments)]
+/// RoPE on the new tokens' `q` and `k` at each row's position, and the append of `k`, `v` into
+/// the pages `k_cache`/`v_cache` at each row's slot (written in place). Returns the rotated
+/// queries `[rows, heads·hd]`.
 pub fn rope_append(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    cos: &Tensor,
-    sin: &Tensor,
+    new: NewTokens<'_>,
     batch: &PagedBatch<'_>,
     k_cache: &Tensor,
     v_cache: &Tensor,
     shape: PageShape,
 ) -> Result<Tensor, QuantError> {
+    let NewTokens { q, k, v, cos, sin } = new;
     let dev = cuda_device(q, "q")?;
     let dtype = q.dtype();
     let name = format!("rope_append_{}", dtype_name(dtype)?);
-    let rows = check_new_tokens(q, k, v, cos, sin, batch, k_cache, v_cache, shape)?;
+    let rows = check_new_tokens(new, batch, k_cache, v_cache, shape)?;
     fn go<T: CudaDType + DeviceRepr>(
         dev: &CudaDevice,
         name: &str,
@@ -325,25 +328,20 @@ pub fn attention(
     attention_launch(q, None, k_cache, v_cache, batch, shape, window)
 }
 
-/// A decode step's [`rope_append`] and [`attention`] in one launch: `q`, `k`, `v` un-rotated,
-/// every row the only new token of its sequence (the caller's contract: no row reads a key
-/// another row of the launch appends), which lets the attention rotate the queries and append
-/// the new key and value itself (the same rounding as `rope_append`). Returns
-/// `[rows, heads·hd]`.
-#[allow(clippy::too_many_arguments)]
+/// A decode step's [`rope_append`] and [`attention`] in one launch: every row the only new token
+/// of its sequence (the caller's contract: no row reads a key another row of the launch
+/// appends), which lets the attention rotate the queries and append the new key and value itself
+/// (the same rounding as `rope_append`). Returns `[rows, heads·hd]`.
 pub fn decode_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    cos: &Tensor,
-    sin: &Tensor,
+    new: NewTokens<'_>,
     batch: &PagedBatch<'_>,
     k_cache: &Tensor,
     v_cache: &Tensor,
     shape: PageShape,
     window: Option<usize>,
 ) -> Result<Tensor, QuantError> {
-    let rows = check_new_tokens(q, k, v, cos, sin, batch, k_cache, v_cache, shape)?;
+    let NewTokens { q, k, v, cos, sin } = new;
+    let rows = check_new_tokens(new, batch, k_cache, v_cache, shape)?;
     let seqs = batch.block_tables.dim(0)?;
     if rows > seqs || batch.row_seq.elem_count() != rows {
         return Err(QuantError::Invalid(format!(
