@@ -112,35 +112,37 @@ fn gpu_matmul_group(
     let Some(held) = gpu_packed_all(ws, dev)? else {
         return Ok(None);
     };
-    crate::cuda::qgemv::matmul_group(&layouts(&held), x)
+    let Some(layouts) = ready_layouts(&held) else {
+        return Ok(None);
+    };
+    crate::cuda::qgemv::matmul_group(&layouts, x)
 }
 
-/// Each weight's device copy in the packed layout, `None` if any has none (or its format has no
-/// GPU kernel); kept alive while [`layouts`] borrows them.
+/// Each weight's device copy in the packed layout, `None` if any has none; kept alive while
+/// [`ready_layouts`] borrows them.
 #[cfg(feature = "cuda")]
 fn gpu_packed_all(
     ws: &[&dyn QuantTensor],
     dev: &candle_core::cuda_backend::CudaDevice,
 ) -> Result<Option<Vec<std::sync::Arc<crate::cuda::qgemv::GpuQuantWeight>>>, QuantError> {
-    use crate::cuda::qgemv::GpuQuantWeight;
     let mut held = Vec::with_capacity(ws.len());
     for w in ws {
         match w.gpu_packed(dev)? {
-            Some(d) if matches!(*d, GpuQuantWeight::Ready(_)) => held.push(d),
-            _ => return Ok(None),
+            Some(d) => held.push(d),
+            None => return Ok(None),
         }
     }
     Ok(Some(held))
 }
 
-/// The layouts of [`gpu_packed_all`]'s weights (all ready).
+/// The layouts of `held`, `None` if any format has no GPU kernel.
 #[cfg(feature = "cuda")]
-fn layouts(
+fn ready_layouts(
     held: &[std::sync::Arc<crate::cuda::qgemv::GpuQuantWeight>],
-) -> Vec<&crate::cuda::qgemv::DeviceLayout> {
+) -> Option<Vec<&crate::cuda::qgemv::DeviceLayout>> {
     use crate::cuda::qgemv::GpuQuantWeight;
     held.iter()
-        .filter_map(|d| match &**d {
+        .map(|d| match &**d {
             GpuQuantWeight::Ready(l) => Some(&**l),
             GpuQuantWeight::Unsupported(_) => None,
         })
@@ -164,7 +166,9 @@ pub fn matmul_silu_mul(
         let Some(held) = gpu_packed_all(&[gate, up], dev)? else {
             return Ok(None);
         };
-        let l = layouts(&held);
+        let Some(l) = ready_layouts(&held) else {
+            return Ok(None);
+        };
         return crate::cuda::qgemv::matmul_silu_mul(l[0], l[1], x);
     }
     let _ = (gate, up, x);

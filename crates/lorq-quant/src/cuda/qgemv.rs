@@ -306,12 +306,17 @@ impl Variant {
 
     /// Whether this shape is compiled for `mr` activation rows of `dtype` and takes `w`'s format.
     pub fn compiled(self, w: &DeviceLayout, mr: usize, dtype: DType) -> bool {
-        let half = matches!(dtype, DType::BF16 | DType::F16);
         if self.half2 {
-            mr == 1 && half && Variant::half2_fits(w)
+            mr == 1 && is_half(dtype) && Variant::half2_fits(w)
         } else {
-            self.rows_per_warp == 1 || (mr <= 2 && half)
+            self.f32_math_compiled(mr, dtype)
         }
+    }
+
+    /// Whether this f32-math shape is compiled for `mr` activation rows of `dtype` (every format):
+    /// rows per warp 4 only up to 2 rows of bf16/f16 (registers).
+    fn f32_math_compiled(self, mr: usize, dtype: DType) -> bool {
+        self.rows_per_warp == 1 || (mr <= 2 && is_half(dtype))
     }
 
     /// The shape for `n` output rows (all the weights of a grouped launch): the half2 kernel where
@@ -319,18 +324,16 @@ impl Variant {
     /// (about 2,048), with the fewest K-slices and the most rows per warp (activations loaded once
     /// for all of them).
     pub fn pick(n: usize, mr: usize, dtype: DType, half2: bool) -> Variant {
-        if half2 && mr == 1 && matches!(dtype, DType::BF16 | DType::F16) {
+        if half2 && mr == 1 && is_half(dtype) {
             return Variant::HALF2;
         }
         const WANT: usize = 2048;
-        let half = matches!(dtype, DType::BF16 | DType::F16);
         for v in [
             Variant::f32_math(4, 1),
             Variant::f32_math(4, 4),
             Variant::f32_math(1, 1),
         ] {
-            let compiled = v.rows_per_warp == 1 || (mr <= 2 && half);
-            if compiled && n.div_ceil(v.rows_per_warp) * v.split >= WANT {
+            if v.f32_math_compiled(mr, dtype) && n.div_ceil(v.rows_per_warp) * v.split >= WANT {
                 return v;
             }
         }
@@ -341,6 +344,11 @@ impl Variant {
         let math = if self.half2 { "half2-" } else { "" };
         format!("{math}r{}s{}", self.rows_per_warp, self.split)
     }
+}
+
+/// bf16 or f16: the dtypes of the tensor-core kernels and the half2 GEMV.
+fn is_half(dtype: DType) -> bool {
+    matches!(dtype, DType::BF16 | DType::F16)
 }
 
 fn mr_for(m: usize) -> usize {
@@ -358,7 +366,7 @@ fn mr_for(m: usize) -> usize {
 /// 64 (128 with act-order); for the others the GEMV wins up to 8 rows, the first tensor-core kernel
 /// from 9 to 32, dequantize + cuBLAS past that.
 fn auto_route(w: &DeviceLayout, n: usize, m: usize, dtype: DType) -> Route {
-    let half = matches!(dtype, DType::BF16 | DType::F16);
+    let half = is_half(dtype);
     let tiled_max_m = if w.perm.is_some() {
         AUTO_TILED_ACT_ORDER_MAX_M
     } else {
@@ -395,7 +403,7 @@ pub fn matmul(w: &DeviceLayout, x: &Tensor, path: QPath) -> Result<Tensor, Quant
     let mut out_dims = dims.clone();
     *out_dims.last_mut().expect("rank >= 1") = n;
     let x2 = x.reshape((m, k))?;
-    let half = matches!(x.dtype(), DType::BF16 | DType::F16);
+    let half = is_half(x.dtype());
     let tiled = half && qmma_tiled::supports(w);
     let route = match path {
         QPath::Auto => auto_route(w, n, m, x.dtype()),
@@ -730,7 +738,7 @@ pub fn matmul_silu_mul(
         drop(b);
         Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
     }
-    let half = matches!(x.dtype(), DType::BF16 | DType::F16);
+    let half = is_half(x.dtype());
     let one_row = x.dims().last() == Some(&gate.k) && x.elem_count() == gate.k;
     let Some(up_zeros) = &up.zeros else {
         return Ok(None);
