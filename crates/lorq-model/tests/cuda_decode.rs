@@ -645,62 +645,6 @@ mod gpu {
         unsafe { ctx.enable_event_tracking() };
     }
 
-    /// Programmatic dependent launches (the one-row GEMVs start before the kernel ahead of them
-    /// ends, streaming their weights, then wait for its output) change when work runs, never
-    /// what it computes: one row of bf16 decode on dense and hqq 4-bit weights (the dense and
-    /// half2 GEMVs, their fused gate/up), graph steps and eager ones, gives the same logits bit
-    /// for bit with them on and off. A GEMV reading its input before the wait would differ.
-    #[test]
-    fn dependent_launches_compute_the_ordinary_steps() {
-        use lorq_quant::cuda::dependent_launch::{launches_made, set_enabled};
-        use lorq_quant::method::QuantMethod;
-        let Some(dev) = gpu() else { return };
-        let Device::Cuda(cuda) = &dev else {
-            unreachable!("usable_gpu returns a GPU")
-        };
-        let ctx = cuda.cuda_stream().context().clone();
-        unsafe { ctx.disable_event_tracking() };
-        let hopper = ctx.compute_capability().unwrap().0 >= 9;
-        let mut cfg = shape_config("smollm2-135m").unwrap();
-        cfg.num_hidden_layers = 2;
-        cfg.sliding_window = vec![None; 2];
-        cfg.vocab_size = 2048;
-        let prompts = vec![(0..9u32).map(|t| (t * 29 + 1) % 2048).collect::<Vec<u32>>()];
-        for quant in [None, Some(QuantMethod::Hqq4)] {
-            let mut model = LlamaModel::random(cfg.clone(), DType::BF16, &dev, quant, 5).unwrap();
-            for graphs in [false, true] {
-                model.set_cuda_graphs(graphs);
-                set_enabled(false);
-                let want = generate(&model, &prompts, &[], 6);
-                set_enabled(true);
-                // Fresh graphs, captured with dependent launches.
-                model.set_cuda_graphs(graphs);
-                let made = launches_made();
-                let got = generate(&model, &prompts, &[], 6);
-                if hopper {
-                    assert!(
-                        launches_made() > made,
-                        "{quant:?}, graphs {graphs}: no dependent launch"
-                    );
-                }
-                for (step, ((wt, wl), (gt, gl))) in want[0].iter().zip(&got[0]).enumerate() {
-                    let differ = wl
-                        .iter()
-                        .zip(gl)
-                        .filter(|(a, b)| a.to_bits() != b.to_bits())
-                        .count();
-                    assert!(
-                        wt == gt && differ == 0,
-                        "{quant:?}, graphs {graphs}, step {step}: with dependent launches {differ} \
-                         of {} logits differ (token {gt}, ordinary {wt})",
-                        wl.len()
-                    );
-                }
-            }
-        }
-        unsafe { ctx.enable_event_tracking() };
-    }
-
     /// FP8 decode, where the norms hand their e4m3 codes to the projections (and gate/up/down
     /// take W8A8 from one row): replayed graphs compute the eager steps (bf16 tolerance, as
     /// above), for one row and for five. The codes made inside a captured step are the graph's

@@ -82,33 +82,6 @@ template <> __device__ __forceinline__ void store8<__half>(__half* p, const floa
     *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(h);
 }
 
-// Programmatic dependent launch (compute capability 9.0+, crates/lorq-quant/src/cuda/
-// dependent_launch.rs): a kernel launched with it may start while the kernel ahead of it in the
-// stream is still running. Such a kernel calls wait_for_producers() before it reads anything an
-// earlier kernel wrote or writes anything an earlier kernel may still read; until then it may
-// only touch what no kernel writes (weights). launch_dependents(): once every block of this
-// kernel has called it (or exited), the next kernel so launched may start its blocks. Both are
-// no-ops for a kernel launched without it, and below compute capability 9.0.
-__device__ __forceinline__ void wait_for_producers() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void launch_dependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-
-// Asks L2 for the bytes [p, p + n), one 128-byte line per thread and request (a hint: nothing is
-// waited for). The GEMVs call it on their block's weight rows before wait_for_producers(), so the
-// weight streams in while the kernel ahead of them finishes.
-__device__ __forceinline__ void prefetch_l2(const void* p, size_t n) {
-    const char* c = static_cast<const char*>(p);
-    for (size_t o = (size_t)threadIdx.x * 128; o < n; o += (size_t)blockDim.x * 128)
-        asm volatile("prefetch.global.L2 [%0];" ::"l"(c + o));
-}
-
 // Up to two more weights of the same format and K sharing the activations (q/k/v, gate/up), in
 // the same launch (qgemv.cu, qmma_tiled.cu): blocks [0, b1) compute weight 0 (the QARGS one, N rows), [b1, b2) weight 1,
 // [b2, grid) weight 2; a single weight has b1 = b2 = grid. Each block runs the kernel body of

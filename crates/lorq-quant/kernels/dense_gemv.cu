@@ -42,24 +42,6 @@ __device__ __forceinline__ float dot8(const uint4& wv, const T* __restrict__ x, 
     return acc;
 }
 
-// The start of block bx under programmatic dependent launch (common.cuh): the first DG_UNROLL
-// vectors of each lane of its rows of w (and w2) asked of L2 (2 KiB a row: the whole slab of a
-// wave of blocks would not fit in L2), then the wait for the kernel that wrote x, then the next
-// kernel let in.
-template <typename T>
-__device__ __forceinline__ void dense_start(const T* w, const T* w2, int N, int K, int bx) {
-    constexpr int LINE = 128, LINES = 32 * DG_UNROLL * 16 / LINE;
-    const int r0 = bx * DG_WARPS, rows = min(DG_WARPS, N - r0);
-    const int lines = min(LINES, (int)((size_t)K * sizeof(T) / LINE));
-    for (int i = threadIdx.x; i < rows * lines; i += blockDim.x) {
-        const size_t off = (size_t)(r0 + i / lines) * K * sizeof(T) + (size_t)(i % lines) * LINE;
-        prefetch_l2(reinterpret_cast<const char*>(w) + off, 1);
-        if (w2) prefetch_l2(reinterpret_cast<const char*>(w2) + off, 1);
-    }
-    wait_for_producers();
-    launch_dependents();
-}
-
 // Up to two more weights sharing x (q/k/v, gate/up) in the same launch: blocks [0, b1) compute
 // weight 0 (N rows), [b1, b2) weight 1, [b2, grid) weight 2 (b1 = b2 = grid for one weight), each
 // with its pointers straight from the parameters (as in qgemv.cu's QGroup).
@@ -120,25 +102,19 @@ __device__ __forceinline__ void dense_gemv(const T* __restrict__ w, const T* __r
         dense_gemv_##TN(const T* __restrict__ w, const T* __restrict__ x, T* __restrict__ y,       \
                         int N, int K, const DGroup g) {                                            \
         const int bx = blockIdx.x;                                                                 \
-        if (bx < g.b1) {                                                                           \
-            dense_start<T>(w, nullptr, N, K, bx);                                                  \
-            dense_gemv<T>(w, x, y, N, K, bx);                                                      \
-        } else if (bx < g.b2) {                                                                    \
-            const T* w1 = static_cast<const T*>(g.w[0]);                                          \
-            dense_start<T>(w1, nullptr, g.n[0], K, bx - g.b1);                                     \
-            dense_gemv<T>(w1, x, static_cast<T*>(g.y[0]), g.n[0], K, bx - g.b1);                   \
-        } else {                                                                                   \
-            const T* w2 = static_cast<const T*>(g.w[1]);                                          \
-            dense_start<T>(w2, nullptr, g.n[1], K, bx - g.b2);                                     \
-            dense_gemv<T>(w2, x, static_cast<T*>(g.y[1]), g.n[1], K, bx - g.b2);                   \
-        }                                                                                          \
+        if (bx < g.b1) dense_gemv<T>(w, x, y, N, K, bx);                                           \
+        else if (bx < g.b2)                                                                        \
+            dense_gemv<T>(static_cast<const T*>(g.w[0]), x, static_cast<T*>(g.y[0]), g.n[0], K,    \
+                          bx - g.b1);                                                              \
+        else                                                                                       \
+            dense_gemv<T>(static_cast<const T*>(g.w[1]), x, static_cast<T*>(g.y[1]), g.n[1], K,    \
+                          bx - g.b2);                                                              \
     }
 // dense_gemv_silu_<dtype>: y = SiLU(x . gateᵀ) * (x . upᵀ), gate and up [N, K].
 #define DENSE_GEMV_SILU(TN, T)                                                                     \
     extern "C" __global__ void __launch_bounds__(DG_WARPS * 32)                                    \
         dense_gemv_silu_##TN(const T* __restrict__ gate, const T* __restrict__ up,                 \
                              const T* __restrict__ x, T* __restrict__ y, int N, int K) {           \
-        dense_start<T>(gate, up, N, K, blockIdx.x);                                                \
         dense_gemv<T, true>(gate, x, y, N, K, blockIdx.x, up);                                     \
     }
 // dense_gemv_norm_<dtype>: y = x . W^T (one weight, N = nt.hidden), then nt's s = nt.x + y and
@@ -147,7 +123,6 @@ __device__ __forceinline__ void dense_gemv(const T* __restrict__ w, const T* __r
     extern "C" __global__ void __launch_bounds__(DG_WARPS * 32)                                    \
         dense_gemv_norm_##TN(const T* __restrict__ w, const T* __restrict__ x, T* __restrict__ y,  \
                              int N, int K, const NormTail nt) {                                    \
-        dense_start<T>(w, nullptr, N, K, blockIdx.x);                                              \
         dense_gemv<T>(w, x, y, N, K, blockIdx.x);                                                  \
         norm_tail<T>(nt, y);                                                                       \
     }

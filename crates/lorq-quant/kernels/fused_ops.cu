@@ -13,8 +13,6 @@
 //   thread (greedy decoding over a 128k vocabulary: candle's argmax took ~95 us per row on an H100).
 // - embed_rows_*: out[r] = table[ids[r]] (the embedding lookup reading its ids on the GPU; an id
 //   past the vocabulary gives a zero row, never a read outside the table). One block per row.
-// The norms and silu_mul let the next kernel start early (launch_dependents, common.cuh): the
-// one-row GEMV reading their output streams its weight meanwhile.
 #include "rms_norm.cuh"
 
 constexpr int THREADS = 256;
@@ -126,24 +124,20 @@ __device__ __forceinline__ void embed_rows(const T* __restrict__ table,
 #define FUSED(T, TN)                                                                              \
     extern "C" __global__ void __launch_bounds__(THREADS)                                         \
         add_rms_norm_##TN(const T* x, const T* d, const T* w, T* s, T* y, int hidden, float eps) { \
-        launch_dependents();                                                                      \
         add_rms_norm<T>(x, d, w, s, y, hidden, eps);                                              \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(1024)                                            \
         add_rms_norm_vec_##TN(const T* x, const T* d, const T* w, T* s, T* y, int hidden,         \
                               float eps) {                                                        \
-        launch_dependents();                                                                      \
         add_rms_norm_vec<T, false>(x, d, w, s, y, nullptr, nullptr, hidden, eps, blockIdx.x);     \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(1024)                                            \
         add_rms_norm_fp8_##TN(const T* x, const T* d, const T* w, T* s, T* y, uint8_t* q,         \
                               float* scales, int hidden, float eps) {                             \
-        launch_dependents();                                                                      \
         add_rms_norm_vec<T, true>(x, d, w, s, y, q, scales, hidden, eps, blockIdx.x);             \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(THREADS)                                         \
         silu_mul_##TN(const T* gate, const T* up, T* y, unsigned long long n) {                   \
-        launch_dependents();                                                                      \
         silu_mul<T>(gate, up, y, (size_t)n);                                                      \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(AM_THREADS)                                      \

@@ -425,8 +425,6 @@ __device__ __forceinline__ void paged_attn_combine(const float* __restrict__ par
     merge_block<T>(part_ml, part_acc, out, blockIdx.y, heads, blockIdx.x, 1, num_parts, hd, s_w, s_l);
 }
 
-// launch_dependents first (common.cuh): the o projection's GEMV may start streaming its weight
-// while attention runs.
 #define PAGED_ATTN_KERNEL(NAME, T, HD, ROPE)                                                      \
     extern "C" __global__ void __launch_bounds__(NW * 32)                                        \
         NAME(const T* q, T* kc, T* vc, T* out, float* part_ml, float* part_acc,                   \
@@ -435,7 +433,6 @@ __device__ __forceinline__ void paged_attn_combine(const float* __restrict__ par
              int num_parts, float scale_log2, const RopeNew<T> rn) {                               \
         const AttnArgs a{row_pos, row_seq,  block_tables, max_blocks, heads,     kv_heads,        \
                          bs,      window,   part_len,     num_parts,  scale_log2};                \
-        launch_dependents();                                                                      \
         paged_attn<T, HD, ROPE>(q, kc, vc, out, part_ml, part_acc, tickets, a, rn);               \
     }
 #define PAGED_ATTN(T, TN, HD)                                                                     \

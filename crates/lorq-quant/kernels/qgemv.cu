@@ -238,8 +238,6 @@ __device__ __forceinline__ void qgemv(const QParams p, const T* __restrict__ x, 
                                                      T* __restrict__ y, int M, int N, int K,       \
                                                      const QGroup g) {                             \
         qgroup_dispatch(QParams QPARAMS, y, N, g, [&](const QParams& p, T* yw, int n, int b) {    \
-            const int r0 = b * (WARPS / SPLIT * RPW);                                              \
-            qgemv_start(p, r0, blockIdx.y == 0 ? min(r0 + WARPS / SPLIT * RPW, n) : r0);           \
             qgemv<T, BITS, LUTK, MR, RPW, SPLIT>(p, x, yw, M, n, K, b);                            \
         });                                                                                        \
     }

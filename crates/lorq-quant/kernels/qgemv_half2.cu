@@ -20,10 +20,6 @@
 // chunks: 16-byte loads without bank conflicts), then a float2 per chunk: 72 bytes per chunk
 // (crates/lorq-quant/src/cuda/qgemv.rs sizes it).
 //
-// Each block first asks L2 for its weight rows, then waits for x's producer (qgemv_start,
-// qparams.cuh): launched as a programmatic dependent launch, it streams its weight while the
-// kernel ahead of it finishes.
-//
 // NF4 / FP4 (table codes) stay on qgemv.cu: a per-lane 256-entry table of f16 pairs in shared
 // memory (32 KiB, one lookup per byte) measured slower there (docs/benchmarks.md, session 13).
 #include "qparams.cuh"
@@ -155,11 +151,9 @@ __device__ __forceinline__ void qgemv_half2(const QParams p, const uint4* s_xh, 
         qgemv_a4h_##TN##_m1_r4_s4(QARGS, const T* __restrict__ x, T* __restrict__ y, int M, int N, \
                                   int K, const QGroup g) {                                         \
         extern __shared__ uint4 s_xh[];                                                            \
+        stage_x_half2<T>(x, K, s_xh);                                                              \
+        __syncthreads();                                                                           \
         qgroup_dispatch(QParams QPARAMS, y, N, g, [&](const QParams& p, T* yw, int n, int b) {    \
-            const int r0 = b * (WARPS / SPLIT * RPW);                                              \
-            qgemv_start(p, r0, min(r0 + WARPS / SPLIT * RPW, n));                                  \
-            stage_x_half2<T>(x, K, s_xh);                                                          \
-            __syncthreads();                                                                       \
             qgemv_half2<T>(p, s_xh, yw, n, K, b);                                                  \
         });                                                                                        \
     }
@@ -175,14 +169,10 @@ QGEMV_HALF2(f16, __half)
                                        const float* up_zeros, const T* __restrict__ x,             \
                                        T* __restrict__ y, int N, int K) {                          \
         extern __shared__ uint4 s_xh[];                                                            \
-        const QParams p = QPARAMS;                                                                 \
-        const QParams up = {up_codes, up_scales, up_zeros, lut, wpr, gsize, groups, round_mode};   \
-        constexpr int ROWS = WARPS / SPLIT * RPW / 2;                                              \
-        const int r0 = blockIdx.x * ROWS, r1 = min(r0 + ROWS, N);                                  \
-        prefetch_rows(up, r0, r1);                                                                 \
-        qgemv_start(p, r0, r1);                                                                    \
         stage_x_half2<T>(x, K, s_xh);                                                              \
         __syncthreads();                                                                           \
+        const QParams p = QPARAMS;                                                                 \
+        const QParams up = {up_codes, up_scales, up_zeros, lut, wpr, gsize, groups, round_mode};   \
         qgemv_half2<T, true>(p, s_xh, y, N, K, blockIdx.x, up);                                    \
     }
 QGEMV_HALF2_SILU(bf16, __nv_bfloat16)

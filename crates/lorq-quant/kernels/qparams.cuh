@@ -22,24 +22,6 @@ constexpr int WARPS = 8;  // warps per GEMV block
         int gsize, int groups, int round_mode
 #define QPARAMS {codes, scales, zeros, lut, wpr, gsize, groups, round_mode}
 
-// Rows [r0, r1) of p (codes, scales, zeros) asked of L2 (common.cuh's prefetch_l2).
-__device__ __forceinline__ void prefetch_rows(const QParams& p, int r0, int r1) {
-    if (r1 <= r0) return;
-    const size_t rows = (size_t)(r1 - r0);
-    prefetch_l2(p.codes + (size_t)r0 * p.wpr, rows * p.wpr * 4);
-    prefetch_l2(p.scales + (size_t)r0 * p.groups, rows * p.groups * 4);
-    if (p.zeros) prefetch_l2(p.zeros + (size_t)r0 * p.groups, rows * p.groups * 4);
-}
-
-// The start of a GEMV block over rows [r0, r1) of p under programmatic dependent launch
-// (common.cuh): its rows asked of L2, then the wait for the kernel that wrote x, then the next
-// kernel let in.
-__device__ __forceinline__ void qgemv_start(const QParams& p, int r0, int r1) {
-    prefetch_rows(p, r0, r1);
-    wait_for_producers();
-    launch_dependents();
-}
-
 // The block's weight of a QGroup launch (common.cuh): call(params, y, N, block index), in each
 // branch with that weight's pointers straight from the kernel parameters.
 template <typename T, typename F>

@@ -67,11 +67,6 @@ pub struct BenchDecodeArgs {
     /// the rows says whether the tail was allowed).
     #[arg(long)]
     pub compare_norm_tails: bool,
-    /// Also time each case with ordinary launches instead of programmatic dependent ones (the
-    /// one-row GEMVs then cannot stream their weights while the kernel ahead of them finishes;
-    /// compute capability 9.0+; `dependent_launches` in the rows).
-    #[arg(long)]
-    pub compare_dependent_launches: bool,
     #[arg(long, default_value_t = 1234)]
     pub seed: u64,
     /// Timed repetitions of each case (prefill + decode again; the best decode is reported).
@@ -95,15 +90,6 @@ pub struct BenchDecodeArgs {
 fn set_lora_overlap(on: bool) {
     #[cfg(feature = "cuda")]
     lorq_quant::cuda::side_stream::set_enabled(on);
-    #[cfg(not(feature = "cuda"))]
-    let _ = on;
-}
-
-/// Whether lorq's one-row GEMVs are launched as programmatic dependent launches
-/// (lorq_quant's `dependent_launch`).
-fn set_dependent_launches(on: bool) {
-    #[cfg(feature = "cuda")]
-    lorq_quant::cuda::dependent_launch::set_enabled(on);
     #[cfg(not(feature = "cuda"))]
     let _ = on;
 }
@@ -331,29 +317,20 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
                 } else {
                     &[true]
                 };
-                let pdl_modes: &[bool] = if a.compare_dependent_launches && dev.is_cuda() {
-                    &[true, false]
-                } else {
-                    &[true]
-                };
                 let modes = fused_modes.iter().flat_map(|&f| {
                     grouped_modes.iter().flat_map(move |&gr| {
                         tail_modes.iter().flat_map(move |&nt| {
                             overlap_modes.iter().flat_map(move |&ov| {
-                                pdl_modes.iter().flat_map(move |&pdl| {
-                                    graph_modes.iter().map(move |&g| (f, gr, nt, ov, pdl, g))
-                                })
+                                graph_modes.iter().map(move |&g| (f, gr, nt, ov, g))
                             })
                         })
                     })
                 });
-                for (fused, grouped, tails, overlap, pdl, graphs) in modes {
+                for (fused, grouped, tails, overlap, graphs) in modes {
                     model.set_fused_ops(fused);
                     model.set_grouped_matmuls(grouped);
                     model.set_norm_tails(tails);
                     set_lora_overlap(overlap);
-                    set_dependent_launches(pdl);
-                    // After the switches: a fresh set of graphs, captured with them.
                     model.set_cuda_graphs(graphs);
                     let case = Case {
                         model: &model,
@@ -398,7 +375,6 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
                         "grouped_matmuls": grouped,
                         "norm_tails": tails && fused,
                         "lora_overlap": n_adapters > 0 && overlap && model.cuda_graphs(),
-                        "dependent_launches": pdl && dev.is_cuda(),
                         "cuda_graphs": model.cuda_graphs(),
                         "captured_graphs": model.captured_cuda_graphs(),
                         "paged_kv": model.kv_pool().is_some(),

@@ -52,11 +52,6 @@ pub struct BenchKernelsArgs {
     /// GPU only: a JSON file of peer rows (scripts/bench/torch_matmul.py) merged into the report.
     #[arg(long)]
     pub peer: Option<PathBuf>,
-    /// GPU only: launch lorq's one-row GEMVs as ordinary launches, each timed call waiting for
-    /// the one before it as cuBLAS's do (by default, on compute capability 9.0+, a call may start
-    /// streaming its weight while the previous one finishes, as in a decode step).
-    #[arg(long)]
-    pub no_dependent_launches: bool,
 }
 
 /// Relative error bound of a fused kernel against dequantize-then-matmul.

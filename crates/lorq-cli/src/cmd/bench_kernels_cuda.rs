@@ -181,7 +181,6 @@ pub fn run(a: &BenchKernelsArgs, dev: &Device) -> Result<()> {
     let shapes = parse_shapes(&a.shapes)?;
     let card = card_name(dev)?;
     let cdev = dev.as_cuda_device()?;
-    lorq_quant::cuda::dependent_launch::set_enabled(!a.no_dependent_launches);
     eprintln!("lorq bench kernels on {card}");
     let mut rows: Vec<Value> = Vec::new();
     let mut failures = Vec::new();
@@ -375,7 +374,6 @@ pub fn run(a: &BenchKernelsArgs, dev: &Device) -> Result<()> {
     }
     let report = json!({
         "card": card, "date": utc_date(), "command": command_line(),
-        "dependent_launches": !a.no_dependent_launches,
         "note": "us: median wall time per call (device synchronized per batch of calls, weights rotated over copies larger than L2); gbps: (weight + x + y bytes) / us; rel_err: L2 relative error vs the CPU reference (m <= 64)",
         "rows": rows,
     });

@@ -4,11 +4,12 @@
 //! as fast or faster (measured, docs/benchmarks.md), so it takes those. The reference is the f32
 //! product of the same values (`tests/cuda_kernels.rs`).
 
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig};
-use candle_core::cuda_backend::{CudaDType, CudaDevice};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::{CudaStorage, DType, Tensor};
 
-use super::dependent_launch::KernelArgs;
 use super::fused_ops::{AddNorm, NormTailArg};
 use super::{cuda_device, device_view, dtype_name, function, tensor_from_storage};
 use crate::QuantError;
@@ -197,23 +198,23 @@ fn launch<T: CudaDType + DeviceRepr>(
         FATBIN,
         &format!("dense_gemv_{}", dtype_name(ws[0].dtype())),
     )?;
-    let mut b = KernelArgs::new(&stream);
+    let mut b = stream.launch_builder(&f);
     let (ni, ki) = (rows[0] as i32, k as i32);
-    b.buf(&views[0])
-        .buf(&xv)
-        .buf(&ys[0])
-        .val(&ni)
-        .val(&ki)
-        .val(&group);
+    b.arg(&views[0])
+        .arg(&xv)
+        .arg(&ys[0])
+        .arg(&ni)
+        .arg(&ki)
+        .arg(&group);
     let cfg = LaunchConfig {
         grid_dim: (total as u32, 1, 1),
         block_dim: ((ROWS_PER_BLOCK * 32) as u32, 1, 1),
         shared_mem_bytes: 0,
     };
     // SAFETY: the arguments match `dense_gemv_*`: every weight [n_j, k] and x [1, k] contiguous
-    // with 16-byte aligned rows (k % 8 == 0, offsets checked), output j [1, n_j]; the kernel
-    // starts with `dense_start` (the wait for x's producer).
-    unsafe { b.launch_dependent(&f, cfg) }?;
+    // with 16-byte aligned rows (k % 8 == 0, offsets checked), output j [1, n_j].
+    unsafe { b.launch(cfg) }.w()?;
+    drop(b);
     drop(guards);
     Ok(ys
         .into_iter()
@@ -244,14 +245,14 @@ fn launch_one_row<T: CudaDType + DeviceRepr>(
     let y = unsafe { dev.alloc::<T>(n)? };
     let name = format!("{kernel}_{}", dtype_name(x.dtype()));
     let f = function(dev, "dense_gemv", FATBIN, &name)?;
-    let mut b = KernelArgs::new(&stream);
+    let mut b = stream.launch_builder(&f);
     let (ni, ki) = (n as i32, k as i32);
     for v in &views {
-        b.buf(v);
+        b.arg(v);
     }
-    b.buf(&xv).buf(&y).val(&ni).val(&ki);
+    b.arg(&xv).arg(&y).arg(&ni).arg(&ki);
     if let Some(nt) = tail {
-        b.val(nt);
+        b.arg(nt);
     }
     let cfg = LaunchConfig {
         grid_dim: (n.div_ceil(ROWS_PER_BLOCK) as u32, 1, 1),
@@ -261,9 +262,9 @@ fn launch_one_row<T: CudaDType + DeviceRepr>(
     // SAFETY: the arguments match `dense_gemv_silu_*` (gate, up) and `dense_gemv_norm_*` (one
     // weight and a tail): weights [n, k] and x [1, k] contiguous with 16-byte aligned rows
     // (checked by `fits`), output [1, n]; a tail's buffers hold n values (`AddNorm::fits`), its
-    // blocks of ROWS_PER_BLOCK warps are ARN_THREADS threads; both start with `dense_start` (the
-    // wait for x's producer).
-    unsafe { b.launch_dependent(&f, cfg) }?;
+    // blocks of ROWS_PER_BLOCK warps are ARN_THREADS threads.
+    unsafe { b.launch(cfg) }.w()?;
+    drop(b);
     Ok(y)
 }
 

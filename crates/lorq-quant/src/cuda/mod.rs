@@ -5,7 +5,6 @@
 
 pub mod bnb4;
 pub mod dense_gemv;
-pub mod dependent_launch;
 pub mod fp8_gemm;
 pub mod fp8_mma;
 pub mod fused_ops;

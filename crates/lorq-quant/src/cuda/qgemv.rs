@@ -14,7 +14,6 @@ use candle_core::cuda_backend::cudarc::driver::{
 use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::{CudaStorage, DType, Storage, Tensor};
 
-use super::dependent_launch::{ArgSink, KernelArgs};
 use super::{cuda_device, dtype_name, function, qmma_tiled, tensor_from_storage};
 use crate::gpu_layout::{CodeKind, GpuLayout};
 use crate::gpu_slot::GpuSlot;
@@ -125,21 +124,24 @@ impl DeviceLayout {
     }
 
     /// Pushes the `QARGS` every kernel of qgemv.cu (and qmma_tiled.cu) starts with.
-    pub(super) fn push_args<'a>(&'a self, b: &mut impl ArgSink<'a>, null: &'a u64) {
-        b.slice(&self.codes);
-        b.slice(&self.scales);
+    pub(super) fn push_args<'a>(
+        &'a self,
+        b: &mut candle_core::cuda_backend::cudarc::driver::LaunchArgs<'a>,
+        null: &'a u64,
+    ) {
+        b.arg(&self.codes).arg(&self.scales);
         match &self.zeros {
-            Some(z) => b.slice(z),
-            None => b.value(null),
+            Some(z) => b.arg(z),
+            None => b.arg(null),
         };
         match &self.lut {
-            Some(l) => b.slice(l),
-            None => b.value(null),
+            Some(l) => b.arg(l),
+            None => b.arg(null),
         };
-        b.value(&self.wpr);
-        b.value(&self.gsize);
-        b.value(&self.groups);
-        b.value(&self.round_mode);
+        b.arg(&self.wpr)
+            .arg(&self.gsize)
+            .arg(&self.groups)
+            .arg(&self.round_mode);
     }
 }
 
@@ -622,16 +624,16 @@ fn gemv(
         } else {
             function(dev, "qgemv", FATBIN, &name)?
         };
-        let mut b = KernelArgs::new(&stream);
+        let mut b = stream.launch_builder(&f);
         let null = 0u64;
         w.push_args(&mut b, &null);
         let (mi, ni, ki) = (m as i32, w.n as i32, k as i32);
-        b.buf(&xs)
-            .buf(&ys[0])
-            .val(&mi)
-            .val(&ni)
-            .val(&ki)
-            .val(&group);
+        b.arg(&xs)
+            .arg(&ys[0])
+            .arg(&mi)
+            .arg(&ni)
+            .arg(&ki)
+            .arg(&group);
         let cfg = LaunchConfig {
             grid_dim: (total as u32, m.div_ceil(mr) as u32, 1),
             block_dim: ((WARPS * 32) as u32, 1, 1),
@@ -641,8 +643,9 @@ fn gemv(
         // (its shared memory opted in above, within `HALF2_MAX_SMEM`: `Variant::half2_fits`); x
         // holds m*k elements from a 16-byte-aligned start (checked by the caller), output j
         // m*n_j; the group's weights share the first one's format, K, groups and table (checked
-        // by the callers); every kernel starts with `qgemv_start` (the wait for x's producer).
-        unsafe { b.launch_dependent(&f, cfg) }?;
+        // by the callers).
+        unsafe { b.launch(cfg) }.w()?;
+        drop(b);
         drop(guards);
         Ok(ys
             .into_iter()
@@ -711,17 +714,17 @@ pub fn matmul_silu_mul(
             v.rows_per_warp, v.split
         );
         let f = half2_function(dev, &name, smem)?;
-        let mut b = KernelArgs::new(&stream);
+        let mut b = stream.launch_builder(&f);
         let null = 0u64;
         gate.push_args(&mut b, &null);
         let (ni, ki) = (n as i32, k as i32);
-        b.buf(&up.codes)
-            .buf(&up.scales)
-            .buf(up_zeros)
-            .buf(&xs)
-            .buf(&y)
-            .val(&ni)
-            .val(&ki);
+        b.arg(&up.codes)
+            .arg(&up.scales)
+            .arg(up_zeros)
+            .arg(&xs)
+            .arg(&y)
+            .arg(&ni)
+            .arg(&ki);
         let warps = n.div_ceil(v.rows_per_warp / 2) * v.split;
         let cfg = LaunchConfig {
             grid_dim: (warps.div_ceil(WARPS) as u32, 1, 1),
@@ -730,9 +733,9 @@ pub fn matmul_silu_mul(
         };
         // SAFETY: the arguments match `qgemv_a4h_silu_*` in kernels/qgemv_half2.cu (its shared
         // memory opted in, within `HALF2_MAX_SMEM`); x holds k elements from a 16-byte-aligned
-        // start, gate and up n x k of one format, K and groups (checked by the caller); the
-        // kernel starts with `qgemv_start` (the wait for x's producer).
-        unsafe { b.launch_dependent(&f, cfg) }?;
+        // start, gate and up n x k of one format, K and groups (checked by the caller).
+        unsafe { b.launch(cfg) }.w()?;
+        drop(b);
         Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
     }
     let half = is_half(x.dtype());
