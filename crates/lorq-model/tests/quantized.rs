@@ -115,3 +115,69 @@ fn transformers_bitsandbytes_checkpoints_load_with_their_logits() {
         "{e}"
     );
 }
+
+/// `--quantize-lm-head`: the head becomes exactly the method's quantization of the dense head
+/// (the same codes as any other linear), the model's bytes shrink by the difference, the logits
+/// stay within the method's band of the full-precision reference, and a second call or a
+/// calibrated method is refused with a message that says why.
+#[test]
+fn the_lm_head_quantizes_like_any_linear() {
+    let dir = fixtures().join("llama/base");
+    let reference = reference("llama");
+    let p = &reference["runs"][0]["prompts"][0];
+    let ids = ids(&p["input_ids"]);
+    let full = floats(&p["last_logits"]);
+    for (name, band) in [
+        ("hqq-4bit", 0.45),
+        ("bitsandbytes-nf4", 0.45),
+        ("eetq", 0.05),
+    ] {
+        let method = QuantMethod::parse(name).unwrap().unwrap();
+        let mut m =
+            LoadedModel::load_quantized(&dir, DType::F32, &Device::Cpu, Some(method)).unwrap();
+        let dense = m.model.lm_head().base.dense_weight().unwrap().clone();
+        let (before_bytes, before) = (m.model.weight_bytes(), last_logits(&m, &ids));
+        m.model.quantize_lm_head(method).unwrap();
+        assert!(!m.model.lm_head_is_dense());
+        let want = method
+            .quantize(&dense)
+            .unwrap()
+            .dequantize(DType::F32)
+            .unwrap();
+        let got = m.model.lm_head().base.dequantize(DType::F32).unwrap();
+        let (want, got): (Vec<f32>, Vec<f32>) = (
+            want.flatten_all().unwrap().to_vec1().unwrap(),
+            got.flatten_all().unwrap().to_vec1().unwrap(),
+        );
+        assert!(
+            want == got,
+            "{name}: the head is not the method's quantization of the dense head"
+        );
+        let after_bytes = m.model.weight_bytes();
+        let head_bytes = m.model.lm_head().base.bytes();
+        assert!(
+            head_bytes < dense.elem_count() * 4,
+            "{name}: head not smaller"
+        );
+        if !m.model.config.tie_word_embeddings {
+            assert_eq!(
+                before_bytes - dense.elem_count() * 4 + head_bytes,
+                after_bytes,
+                "{name}"
+            );
+        }
+        let after = last_logits(&m, &ids);
+        let d = rel_max_diff(&after, &full);
+        assert!(
+            after != before,
+            "{name}: quantizing the head changed no logit"
+        );
+        assert!(d < band, "{name}: {d} >= {band} with the head quantized");
+        let e = m.model.quantize_lm_head(method).unwrap_err().to_string();
+        assert!(e.contains("already quantized"), "{e}");
+    }
+    let mut m = LoadedModel::load_quantized(&dir, DType::F32, &Device::Cpu, None).unwrap();
+    let gptq = QuantMethod::parse("gptq").unwrap().unwrap();
+    let e = m.model.quantize_lm_head(gptq).unwrap_err().to_string();
+    assert!(e.contains("load-time") && e.contains("gptq"), "{e}");
+}

@@ -62,6 +62,11 @@ pub struct BenchDecodeArgs {
     /// instead of on a side stream beside the base matmul (graph steps only).
     #[arg(long)]
     pub compare_lora_overlap: bool,
+    /// Also time each quantized format with its LM head quantized by the same method (after the
+    /// cases with it in --dtype, as bitsandbytes, PEFT and LoRAX keep it; torchao's int4 and
+    /// gpt-fast quantize it). `lm_head_quantized` in the rows.
+    #[arg(long)]
+    pub compare_quantized_lm_head: bool,
     /// Also time each case with the residual add + RMSNorm in its own launch instead of as the
     /// tail of the o / down projection's one-row GEMV (batch 1, dense weights; `norm_tails` in
     /// the rows says whether the tail was allowed).
@@ -142,7 +147,7 @@ fn card(dev: &Device) -> String {
 fn weight_bytes_read(model: &LlamaModel) -> usize {
     let c = &model.config;
     let embed = c.vocab_size * c.hidden_size * model.dtype().size_in_bytes();
-    if c.tie_word_embeddings {
+    if c.tie_word_embeddings && model.lm_head_is_dense() {
         model.weight_bytes()
     } else {
         model.weight_bytes() - embed
@@ -286,105 +291,123 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
         let c = &model.config;
         let kv_per_token =
             2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * dtype.size_in_bytes();
-        let weights_read = weight_bytes_read(&model);
-        for &n_adapters in &a.adapters {
-            let adapters = random_adapters(&model, n_adapters, a.rank)?;
-            let adapter_bytes = adapters.first().map_or(0, |x| x.bytes());
-            for &batch in &a.batch_sizes {
-                let fused_modes: &[bool] = if a.compare_fused && dev.is_cuda() {
-                    &[true, false]
-                } else {
-                    &[true]
-                };
-                let graph_modes: &[bool] = match (a.cuda_graphs.as_str(), dev.is_cuda()) {
-                    ("both", true) => &[true, false],
-                    ("on", true) => &[true],
-                    _ => &[false],
-                };
-                let grouped_modes: &[bool] = if a.compare_grouped && dev.is_cuda() {
-                    &[true, false]
-                } else {
-                    &[true]
-                };
-                let overlap_modes: &[bool] =
-                    if a.compare_lora_overlap && dev.is_cuda() && n_adapters > 0 {
+        let head_modes: &[bool] = match method {
+            Some(_) if a.compare_quantized_lm_head => &[false, true],
+            _ => &[false],
+        };
+        for &head_quantized in head_modes {
+            if head_quantized {
+                let m = method.expect("a quantized format");
+                let t = Instant::now();
+                model
+                    .quantize_lm_head(m)
+                    .with_context(|| format!("{format}: quantizing the LM head"))?;
+                eprintln!(
+                    "{format}: LM head quantized in {:.1}s",
+                    t.elapsed().as_secs_f64()
+                );
+            }
+            let weights_read = weight_bytes_read(&model);
+            for &n_adapters in &a.adapters {
+                let adapters = random_adapters(&model, n_adapters, a.rank)?;
+                let adapter_bytes = adapters.first().map_or(0, |x| x.bytes());
+                for &batch in &a.batch_sizes {
+                    let fused_modes: &[bool] = if a.compare_fused && dev.is_cuda() {
                         &[true, false]
                     } else {
                         &[true]
                     };
-                let tail_modes: &[bool] = if a.compare_norm_tails && dev.is_cuda() {
-                    &[true, false]
-                } else {
-                    &[true]
-                };
-                let modes = fused_modes.iter().flat_map(|&f| {
-                    grouped_modes.iter().flat_map(move |&gr| {
-                        tail_modes.iter().flat_map(move |&nt| {
-                            overlap_modes.iter().flat_map(move |&ov| {
-                                graph_modes.iter().map(move |&g| (f, gr, nt, ov, g))
+                    let graph_modes: &[bool] = match (a.cuda_graphs.as_str(), dev.is_cuda()) {
+                        ("both", true) => &[true, false],
+                        ("on", true) => &[true],
+                        _ => &[false],
+                    };
+                    let grouped_modes: &[bool] = if a.compare_grouped && dev.is_cuda() {
+                        &[true, false]
+                    } else {
+                        &[true]
+                    };
+                    let overlap_modes: &[bool] =
+                        if a.compare_lora_overlap && dev.is_cuda() && n_adapters > 0 {
+                            &[true, false]
+                        } else {
+                            &[true]
+                        };
+                    let tail_modes: &[bool] = if a.compare_norm_tails && dev.is_cuda() {
+                        &[true, false]
+                    } else {
+                        &[true]
+                    };
+                    let modes = fused_modes.iter().flat_map(|&f| {
+                        grouped_modes.iter().flat_map(move |&gr| {
+                            tail_modes.iter().flat_map(move |&nt| {
+                                overlap_modes.iter().flat_map(move |&ov| {
+                                    graph_modes.iter().map(move |&g| (f, gr, nt, ov, g))
+                                })
                             })
                         })
-                    })
-                });
-                for (fused, grouped, tails, overlap, graphs) in modes {
-                    model.set_fused_ops(fused);
-                    model.set_grouped_matmuls(grouped);
-                    model.set_norm_tails(tails);
-                    set_lora_overlap(overlap);
-                    model.set_cuda_graphs(graphs);
-                    let case = Case {
-                        model: &model,
-                        batch,
-                        adapters: &adapters,
-                    };
-                    let mut best: Option<Timing> = None;
-                    for _ in 0..a.repeats.max(1) {
-                        let t = run_case(&case, &a, &dev)
-                            .with_context(|| format!("{format}, batch {batch}"))?;
-                        if best.as_ref().is_none_or(|b| t.decode_s < b.decode_s) {
-                            best = Some(t);
-                        }
-                    }
-                    let Timing {
-                        prefill_s,
-                        decode_s,
-                        forward_host_s,
-                    } = best.expect("at least one repeat");
-                    let step_s = decode_s / a.new_tokens as f64;
-                    // Average keys per sequence over the timed steps (2 untimed steps first).
-                    let mean_ctx = a.context as f64 + 2.0 + (a.new_tokens as f64 + 1.0) / 2.0;
-                    let kv_bytes = batch as f64 * mean_ctx * kv_per_token as f64;
-                    let used_adapters = n_adapters.min(batch) as f64 * adapter_bytes as f64;
-                    let bytes_per_step = weights_read as f64 + kv_bytes + used_adapters;
-                    let roofline = bandwidth.map(|bw| batch as f64 * bw / bytes_per_step);
-                    let tps = batch as f64 / step_s;
-                    let row = json!({
-                        "format": format,
-                        "batch": batch,
-                        "context": a.context,
-                        "tokens_per_s": tps,
-                        "ms_per_step": step_s * 1e3,
-                        "weight_bytes": model.weight_bytes(),
-                        "roofline_tokens_per_s": roofline,
-                        "pct_of_roofline": roofline.map(|r| 100.0 * tps / r),
-                        "bytes_per_step": bytes_per_step,
-                        "kv_bytes_per_step": kv_bytes,
-                        "adapters": n_adapters,
-                        "rank": if n_adapters > 0 { Some(a.rank) } else { None },
-                        "fused_ops": fused,
-                        "grouped_matmuls": grouped,
-                        "norm_tails": tails && fused,
-                        "lora_overlap": n_adapters > 0 && overlap && model.cuda_graphs(),
-                        "cuda_graphs": model.cuda_graphs(),
-                        "captured_graphs": model.captured_cuda_graphs(),
-                        "paged_kv": model.kv_pool().is_some(),
-                        "prefill_s": prefill_s,
-                        "forward_host_ms_per_step": forward_host_s * 1e3 / a.new_tokens as f64,
-                        "event_tracking": a.event_tracking || !dev.is_cuda(),
-                        "build_s": build_s,
                     });
-                    eprintln!("{row}");
-                    rows.push(row);
+                    for (fused, grouped, tails, overlap, graphs) in modes {
+                        model.set_fused_ops(fused);
+                        model.set_grouped_matmuls(grouped);
+                        model.set_norm_tails(tails);
+                        set_lora_overlap(overlap);
+                        model.set_cuda_graphs(graphs);
+                        let case = Case {
+                            model: &model,
+                            batch,
+                            adapters: &adapters,
+                        };
+                        let mut best: Option<Timing> = None;
+                        for _ in 0..a.repeats.max(1) {
+                            let t = run_case(&case, &a, &dev)
+                                .with_context(|| format!("{format}, batch {batch}"))?;
+                            if best.as_ref().is_none_or(|b| t.decode_s < b.decode_s) {
+                                best = Some(t);
+                            }
+                        }
+                        let Timing {
+                            prefill_s,
+                            decode_s,
+                            forward_host_s,
+                        } = best.expect("at least one repeat");
+                        let step_s = decode_s / a.new_tokens as f64;
+                        // Average keys per sequence over the timed steps (2 untimed steps first).
+                        let mean_ctx = a.context as f64 + 2.0 + (a.new_tokens as f64 + 1.0) / 2.0;
+                        let kv_bytes = batch as f64 * mean_ctx * kv_per_token as f64;
+                        let used_adapters = n_adapters.min(batch) as f64 * adapter_bytes as f64;
+                        let bytes_per_step = weights_read as f64 + kv_bytes + used_adapters;
+                        let roofline = bandwidth.map(|bw| batch as f64 * bw / bytes_per_step);
+                        let tps = batch as f64 / step_s;
+                        let row = json!({
+                            "format": format,
+                            "batch": batch,
+                            "context": a.context,
+                            "tokens_per_s": tps,
+                            "ms_per_step": step_s * 1e3,
+                            "weight_bytes": model.weight_bytes(),
+                            "lm_head_quantized": !model.lm_head_is_dense(),
+                            "roofline_tokens_per_s": roofline,
+                            "pct_of_roofline": roofline.map(|r| 100.0 * tps / r),
+                            "bytes_per_step": bytes_per_step,
+                            "kv_bytes_per_step": kv_bytes,
+                            "adapters": n_adapters,
+                            "rank": if n_adapters > 0 { Some(a.rank) } else { None },
+                            "fused_ops": fused,
+                            "grouped_matmuls": grouped,
+                            "norm_tails": tails && fused,
+                            "lora_overlap": n_adapters > 0 && overlap && model.cuda_graphs(),
+                            "cuda_graphs": model.cuda_graphs(),
+                            "captured_graphs": model.captured_cuda_graphs(),
+                            "paged_kv": model.kv_pool().is_some(),
+                            "prefill_s": prefill_s,
+                            "forward_host_ms_per_step": forward_host_s * 1e3 / a.new_tokens as f64,
+                            "event_tracking": a.event_tracking || !dev.is_cuda(),
+                            "build_s": build_s,
+                        });
+                        eprintln!("{row}");
+                        rows.push(row);
+                    }
                 }
             }
         }
