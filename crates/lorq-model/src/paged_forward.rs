@@ -292,15 +292,12 @@ impl LlamaModel {
                 None => f(),
             }
         };
-        // The MLP's output, added into x by the next layer's fused norm; or that layer's normed
-        // input already, where the down projection ran the add and the norm as its tail.
-        let mut pending: Option<Tensor> = None;
-        let mut normed: Option<Tensor> = None;
+        let mut carry = Carry::Nothing;
         for (li, layer) in self.layers.iter().enumerate() {
-            let (h, codes) = match (normed.take(), pending.take()) {
-                (Some(h), _) => (h, None),
-                (None, None) => (candle_nn::ops::rms_norm(&x, &layer.input_norm, eps)?, None),
-                (None, Some(d)) => {
+            let (h, codes) = match std::mem::replace(&mut carry, Carry::Nothing) {
+                Carry::Normed(h) => (h, None),
+                Carry::Nothing => (candle_nn::ops::rms_norm(&x, &layer.input_norm, eps)?, None),
+                Carry::Delta(d) => {
                     let (s, y, codes) = add_norm(&x, &d, &layer.input_norm, &layer.q)?;
                     x = s;
                     (y, codes)
@@ -368,17 +365,29 @@ impl LlamaModel {
                 Some(next) => linear_add_norm(&layer.down, &act, &x, &next.input_norm, &next.q)?,
                 None => None,
             };
-            match tail {
+            carry = match tail {
                 Some((s, h)) => {
                     x = s;
-                    normed = Some(h);
+                    Carry::Normed(h)
                 }
-                None => pending = Some(layer.down.forward(&act, adapters)?),
-            }
+                None => Carry::Delta(layer.down.forward(&act, adapters)?),
+            };
         }
-        if let Some(d) = pending {
+        if let Carry::Delta(d) = carry {
             x = (x + d)?;
         }
         Ok(x)
     }
+}
+
+/// What a layer of the paged forward hands the next one besides the residual stream.
+#[cfg(feature = "cuda")]
+enum Carry {
+    /// Nothing: the next layer norms the residual stream itself (the first layer).
+    Nothing,
+    /// The MLP's output, added into the residual stream by the next layer's fused norm.
+    Delta(Tensor),
+    /// The next layer's normed input already: the down projection ran the residual add and the
+    /// norm as its tail.
+    Normed(Tensor),
 }
