@@ -442,6 +442,12 @@ impl LlamaModel {
         self.lm_head.base.dense_weight().is_some()
     }
 
+    /// Whether the LM head is the input embedding table itself (tied and not quantized: a
+    /// quantized head of a tied model is a copy beside the table).
+    pub fn lm_head_is_embedding_table(&self) -> bool {
+        self.config.tie_word_embeddings && self.lm_head_is_dense()
+    }
+
     /// Quantizes the LM head (the output projection) with `method` too, a load-time method.
     /// bitsandbytes, PEFT, LoRAX and lorq by default keep it in the compute dtype; torchao's
     /// `quantize_` and gpt-fast's int4 quantize it with the other linears (GPTQModel:
@@ -533,7 +539,7 @@ impl LlamaModel {
             total += t(&l.input_norm) + t(&l.post_attention_norm);
         }
         for lin in self.linears() {
-            if lin.path == "lm_head" && self.config.tie_word_embeddings && self.lm_head_is_dense() {
+            if lin.path == "lm_head" && self.lm_head_is_embedding_table() {
                 continue;
             }
             total += lin.base.bytes() + lin.bias.as_ref().map_or(0, t);

@@ -147,7 +147,7 @@ fn card(dev: &Device) -> String {
 fn weight_bytes_read(model: &LlamaModel) -> usize {
     let c = &model.config;
     let embed = c.vocab_size * c.hidden_size * model.dtype().size_in_bytes();
-    if c.tie_word_embeddings && model.lm_head_is_dense() {
+    if model.lm_head_is_embedding_table() {
         model.weight_bytes()
     } else {
         model.weight_bytes() - embed
@@ -291,13 +291,13 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
         let c = &model.config;
         let kv_per_token =
             2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * dtype.size_in_bytes();
-        let head_modes: &[bool] = match method {
-            Some(_) if a.compare_quantized_lm_head => &[false, true],
-            _ => &[false],
-        };
-        for &head_quantized in head_modes {
-            if head_quantized {
-                let m = method.expect("a quantized format");
+        // The cases with the LM head in --dtype, then (compared) with it quantized by `method`.
+        let mut head_quantizers = vec![None];
+        if a.compare_quantized_lm_head {
+            head_quantizers.extend(method.map(Some));
+        }
+        for head_quantizer in head_quantizers {
+            if let Some(m) = head_quantizer {
                 let t = Instant::now();
                 model
                     .quantize_lm_head(m)

@@ -307,7 +307,7 @@ impl Variant {
     /// Whether this shape is compiled for `mr` activation rows of `dtype` and takes `w`'s format.
     pub fn compiled(self, w: &DeviceLayout, mr: usize, dtype: DType) -> bool {
         if self.half2 {
-            mr == 1 && is_half(dtype) && Variant::half2_fits(w)
+            half2_rows(mr, dtype) && Variant::half2_fits(w)
         } else {
             self.f32_math_compiled(mr, dtype)
         }
@@ -324,7 +324,7 @@ impl Variant {
     /// (about 2,048), with the fewest K-slices and the most rows per warp (activations loaded once
     /// for all of them).
     pub fn pick(n: usize, mr: usize, dtype: DType, half2: bool) -> Variant {
-        if half2 && mr == 1 && is_half(dtype) {
+        if half2 && half2_rows(mr, dtype) {
             return Variant::HALF2;
         }
         const WANT: usize = 2048;
@@ -349,6 +349,11 @@ impl Variant {
 /// bf16 or f16: the dtypes of the tensor-core kernels and the half2 GEMV.
 fn is_half(dtype: DType) -> bool {
     matches!(dtype, DType::BF16 | DType::F16)
+}
+
+/// The activations the half2 GEMV takes: one row of bf16/f16 (f32 rows keep the exact path).
+fn half2_rows(mr: usize, dtype: DType) -> bool {
+    mr == 1 && is_half(dtype)
 }
 
 fn mr_for(m: usize) -> usize {
