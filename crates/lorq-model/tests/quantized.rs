@@ -22,13 +22,21 @@ fn last_logits(m: &LoadedModel, ids: &[u32]) -> Vec<f32> {
     l[0].squeeze(0).unwrap().to_vec1().unwrap()
 }
 
-#[test]
-fn every_jit_method_stays_close_to_full_precision() {
-    let dir = fixtures().join("llama/base");
+/// The tiny Llama fixture's folder, and the first prompt's ids and full-precision last logits
+/// (transformers).
+fn llama_first_prompt() -> (std::path::PathBuf, Vec<u32>, Vec<f32>) {
     let reference = reference("llama");
     let p = &reference["runs"][0]["prompts"][0];
-    let ids = ids(&p["input_ids"]);
-    let full = floats(&p["last_logits"]);
+    (
+        fixtures().join("llama/base"),
+        ids(&p["input_ids"]),
+        floats(&p["last_logits"]),
+    )
+}
+
+#[test]
+fn every_jit_method_stays_close_to_full_precision() {
+    let (dir, ids, full) = llama_first_prompt();
     let mut errors = std::collections::HashMap::new();
     for name in QuantMethod::NAMES {
         let method = QuantMethod::parse(name).unwrap().unwrap();
@@ -122,11 +130,7 @@ fn transformers_bitsandbytes_checkpoints_load_with_their_logits() {
 /// calibrated method is refused with a message that says why.
 #[test]
 fn the_lm_head_quantizes_like_any_linear() {
-    let dir = fixtures().join("llama/base");
-    let reference = reference("llama");
-    let p = &reference["runs"][0]["prompts"][0];
-    let ids = ids(&p["input_ids"]);
-    let full = floats(&p["last_logits"]);
+    let (dir, ids, full) = llama_first_prompt();
     for (name, band) in [
         ("hqq-4bit", 0.45),
         ("bitsandbytes-nf4", 0.45),
