@@ -81,6 +81,42 @@ impl Linear {
         Ok(lorq_quant::matmul_add_rms_norm(&*self.base, x, tail)?)
     }
 
+    /// `ls(x)` (1-3 linears sharing x) in one GPU launch where x is the residual add + RMSNorm
+    /// `head` computes, run by that launch: `Some((s, ys))` where
+    /// [`lorq_quant::matmul_group_norm_head`] applies and there is no adapter or bias (decode at
+    /// batch 1 on affine 4-bit weights); `None` where the caller runs the norm and the linears.
+    #[cfg(feature = "cuda")]
+    pub fn forward_group_norm_head(
+        ls: &[&Linear],
+        head: &lorq_quant::cuda::fused_ops::NormHead,
+        adapters: &BatchAdapters,
+    ) -> Result<Option<(Tensor, Vec<Tensor>)>> {
+        if adapters.has_adapters() || ls.iter().any(|l| l.bias.is_some()) {
+            return Ok(None);
+        }
+        let bases: Vec<&dyn QuantTensor> = ls.iter().map(|l| &*l.base).collect();
+        Ok(lorq_quant::matmul_group_norm_head(&bases, head)?)
+    }
+
+    /// [`Self::silu_mul_pair`] where x is the residual add + RMSNorm `head` computes, in the same
+    /// launch: `Some((s, act))`, or `None` (as [`Self::forward_group_norm_head`]).
+    #[cfg(feature = "cuda")]
+    pub fn silu_mul_pair_norm_head(
+        gate: &Linear,
+        up: &Linear,
+        head: &lorq_quant::cuda::fused_ops::NormHead,
+        adapters: &BatchAdapters,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        if adapters.has_adapters() || gate.bias.is_some() || up.bias.is_some() {
+            return Ok(None);
+        }
+        Ok(lorq_quant::matmul_silu_mul_norm_head(
+            &*gate.base,
+            &*up.base,
+            head,
+        )?)
+    }
+
     fn begin_delta<'a>(
         &'a self,
         x: &Tensor,

@@ -164,8 +164,9 @@ pub struct LlamaModel {
     /// One GPU launch for q/k/v and one for gate/up in the paged forward where the weights allow
     /// it (`lorq_quant::matmul_group`), else one per projection.
     pub(crate) grouped_matmuls: bool,
-    /// At one row, the o and down projections' dense GEMVs run the next residual add + RMSNorm
-    /// as their last block's tail (paged GPU forward) instead of the norm's own launch.
+    /// At one row, the residual add + RMSNorm runs inside a neighbouring GEMV's launch instead of
+    /// its own (paged GPU forward): as the last block's tail of the o and down projections' dense
+    /// GEMVs, or as the head of the q/k/v and gate/up half2 GEMVs (affine 4-bit weights).
     pub(crate) norm_tails: bool,
     /// Decode steps as CUDA graphs (`decode_graph.rs`); `None`: off, or not a paged GPU model.
     #[cfg(feature = "cuda")]
@@ -329,18 +330,21 @@ impl LlamaModel {
     /// otherwise), e.g. to measure what they bring.
     pub fn set_fused_ops(&mut self, on: bool) {
         self.fused_ops = on;
+        self.clear_cuda_graphs();
     }
 
     /// Turns the grouped q/k/v and gate/up launches of the paged GPU forward on or off (one
     /// matmul per projection otherwise), e.g. to measure what they bring.
     pub fn set_grouped_matmuls(&mut self, on: bool) {
         self.grouped_matmuls = on;
+        self.clear_cuda_graphs();
     }
 
-    /// Turns the GEMVs' norm tails of the paged GPU forward on or off (the norm's own launch
-    /// otherwise), e.g. to measure what they bring.
+    /// Turns the GEMVs' norm tails and heads of the paged GPU forward on or off (the norm's own
+    /// launch otherwise), e.g. to measure what they bring.
     pub fn set_norm_tails(&mut self, on: bool) {
         self.norm_tails = on;
+        self.clear_cuda_graphs();
     }
 
     /// Turns CUDA graphs for decode steps on or off (on by default for a paged GPU model whose
@@ -373,8 +377,8 @@ impl LlamaModel {
         0
     }
 
-    /// Drops the captured decode graphs (they keep their adapters' weights alive): after
-    /// unloading adapters.
+    /// Drops the captured decode graphs (they keep their adapters' weights alive, and the kernels
+    /// of the settings they were captured with): after unloading adapters, or a setting changed.
     pub fn clear_cuda_graphs(&self) {
         #[cfg(feature = "cuda")]
         if let Some(g) = &self.decode_graphs {

@@ -186,7 +186,9 @@ impl LlamaModel {
     ) -> Result<Tensor> {
         use crate::linear::Linear;
         use lorq_quant::cuda::fp8_gemm::{with_offered_activations, QuantizedActivations};
-        use lorq_quant::cuda::fused_ops::{add_rms_norm, add_rms_norm_fp8, silu_mul, AddNorm};
+        use lorq_quant::cuda::fused_ops::{
+            add_rms_norm, add_rms_norm_fp8, silu_mul, AddNorm, NormHead,
+        };
         use lorq_quant::cuda::paged_attention::{
             attention, decode_attention, multiprocessors, rope_append, tickets_needed, NewTokens,
             PageShape, PagedBatch,
@@ -283,6 +285,13 @@ impl LlamaModel {
             };
             l.forward_add_norm(input, &tail, adapters)
         };
+        // The residual add + RMSNorm run by the launch of the projections reading it (decode at
+        // batch 1 on affine 4-bit weights: every block of the half2 GEMV norms the row itself),
+        // under the same switch as the tails; `None`: run `add_norm` and the projections.
+        let heads = fused && self.norm_tails && self.grouped_matmuls;
+        // Where `heads`: the residual add + RMSNorm run by the launch of the projections reading
+        // it (decode at batch 1 on affine 4-bit weights: every block of the half2 GEMV norms
+        // the row itself), under the same switch as the tails.
         let with_codes = |h: &Tensor,
                           codes: Option<QuantizedActivations>,
                           f: &dyn Fn() -> Result<Vec<Tensor>>|
@@ -294,17 +303,41 @@ impl LlamaModel {
         };
         let mut carry = Carry::Nothing;
         for (li, layer) in self.layers.iter().enumerate() {
-            let (h, codes) = match std::mem::replace(&mut carry, Carry::Nothing) {
-                Carry::Normed(h) => (h, None),
-                Carry::Nothing => (candle_nn::ops::rms_norm(&x, &layer.input_norm, eps)?, None),
-                Carry::Delta(d) => {
-                    let (s, y, codes) = add_norm(&x, &d, &layer.input_norm, &layer.q)?;
-                    x = s;
-                    (y, codes)
+            let carried = std::mem::replace(&mut carry, Carry::Nothing);
+            let qkv_ls = [&layer.q, &layer.k, &layer.v];
+            let headed = match &carried {
+                Carry::Delta(d) if heads => {
+                    let nh = NormHead {
+                        residual: &x,
+                        delta: d,
+                        weight: &layer.input_norm,
+                        eps,
+                    };
+                    Linear::forward_group_norm_head(&qkv_ls, &nh, adapters)?
                 }
+                _ => None,
             };
             // One launch for q, k and v where the weights allow it (decode); one output each.
-            let qkv = with_codes(&h, codes, &|| group(&[&layer.q, &layer.k, &layer.v], &h))?;
+            let qkv = match headed {
+                Some((s, qkv)) => {
+                    x = s;
+                    qkv
+                }
+                None => {
+                    let (h, codes) = match carried {
+                        Carry::Normed(h) => (h, None),
+                        Carry::Nothing => {
+                            (candle_nn::ops::rms_norm(&x, &layer.input_norm, eps)?, None)
+                        }
+                        Carry::Delta(d) => {
+                            let (s, y, codes) = add_norm(&x, &d, &layer.input_norm, &layer.q)?;
+                            x = s;
+                            (y, codes)
+                        }
+                    };
+                    with_codes(&h, codes, &|| group(&qkv_ls, &h))?
+                }
+            };
             let (q, k, v) = (
                 qkv[0].contiguous()?,
                 qkv[1].contiguous()?,
@@ -330,34 +363,59 @@ impl LlamaModel {
                 attention(&q, &kc, &vc, b, shape, w)?
             };
             let post_norm = &layer.post_attention_norm;
-            let (h, codes) = match linear_add_norm(&layer.o, &attn, &x, post_norm, &layer.gate)? {
+            let mlp_in = match linear_add_norm(&layer.o, &attn, &x, post_norm, &layer.gate)? {
                 Some((s, h)) => {
                     x = s;
-                    (h, None)
+                    MlpInput::Normed(h, None)
                 }
                 None => {
                     let o = layer.o.forward(&attn, adapters)?;
-                    let (s, h, codes) = add_norm(&x, &o, post_norm, &layer.gate)?;
-                    x = s;
-                    (h, codes)
+                    let headed = if heads {
+                        let nh = NormHead {
+                            residual: &x,
+                            delta: &o,
+                            weight: post_norm,
+                            eps,
+                        };
+                        Linear::silu_mul_pair_norm_head(&layer.gate, &layer.up, &nh, adapters)?
+                    } else {
+                        None
+                    };
+                    match headed {
+                        Some((s, act)) => {
+                            x = s;
+                            MlpInput::Activated(act)
+                        }
+                        None => {
+                            let (s, h, codes) = add_norm(&x, &o, post_norm, &layer.gate)?;
+                            x = s;
+                            MlpInput::Normed(h, codes)
+                        }
+                    }
                 }
             };
-            // Decode at batch 1 on dense or affine 4-bit weights: the two projections and SiLU·mul
-            // in one launch.
-            let paired = if fused && codes.is_none() {
-                Linear::silu_mul_pair(&layer.gate, &layer.up, &h, adapters)?
-            } else {
-                None
-            };
-            let act = match paired {
-                Some(act) => act,
-                None => {
-                    let gate_up = with_codes(&h, codes, &|| group(&[&layer.gate, &layer.up], &h))?;
-                    let (gate, up) = (&gate_up[0], &gate_up[1]);
-                    if fused {
-                        silu_mul(gate, up)?
+            let act = match mlp_in {
+                MlpInput::Activated(act) => act,
+                MlpInput::Normed(h, codes) => {
+                    // Decode at batch 1 on dense or affine 4-bit weights: the two projections
+                    // and SiLU·mul in one launch.
+                    let paired = if fused && codes.is_none() {
+                        Linear::silu_mul_pair(&layer.gate, &layer.up, &h, adapters)?
                     } else {
-                        (gate.silu()? * up)?
+                        None
+                    };
+                    match paired {
+                        Some(act) => act,
+                        None => {
+                            let gate_up =
+                                with_codes(&h, codes, &|| group(&[&layer.gate, &layer.up], &h))?;
+                            let (gate, up) = (&gate_up[0], &gate_up[1]);
+                            if fused {
+                                silu_mul(gate, up)?
+                            } else {
+                                (gate.silu()? * up)?
+                            }
+                        }
                     }
                 }
             };
@@ -378,6 +436,17 @@ impl LlamaModel {
         }
         Ok(x)
     }
+}
+
+/// The MLP's input after the attention block: its normed row (with FP8 codes where the norm made
+/// them), or already SiLU(gate)·up where the gate/up launch ran the norm itself.
+#[cfg(feature = "cuda")]
+enum MlpInput {
+    Normed(
+        Tensor,
+        Option<lorq_quant::cuda::fp8_gemm::QuantizedActivations>,
+    ),
+    Activated(Tensor),
 }
 
 /// What a layer of the paged forward hands the next one besides the residual stream.

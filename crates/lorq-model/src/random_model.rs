@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor};
 use lorq_quant::method::QuantMethod;
-use lorq_quant::DenseTensor;
+use lorq_quant::{DenseTensor, QuantTensor};
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
@@ -117,8 +117,11 @@ fn tensor_seed(seed: u64, index: usize) -> u64 {
 impl LlamaModel {
     /// A model of `config` with seeded random weights (N(0, 0.02²), norms 1) in `dtype` on
     /// `device`; with `quantize`, every decoder-layer linear is quantized with it (embeddings,
-    /// norms and the LM head stay in `dtype`, as with a loaded checkpoint). The same `seed` gives
-    /// the same weights on any device.
+    /// norms and the LM head stay in `dtype`, as with a loaded checkpoint). The calibrated
+    /// formats (GPTQ, AWQ: 4-bit, groups of 128) are rounded to nearest on the host, as a
+    /// loaded checkpoint arrives there: random weights have nothing to calibrate against, and
+    /// the format, not its codes, is what a benchmark of its kernels measures. The same `seed`
+    /// gives the same weights on any device.
     pub fn random(
         config: ModelConfig,
         dtype: DType,
@@ -126,14 +129,6 @@ impl LlamaModel {
         quantize: Option<QuantMethod>,
         seed: u64,
     ) -> Result<Self> {
-        if let Some(q) = quantize {
-            if !q.is_jit() {
-                return Err(ModelError::Request(format!(
-                    "{} needs calibration: a random model can only use load-time methods",
-                    q.name()
-                )));
-            }
-        }
         let c = &config;
         let h = c.hidden_size;
         let n = cores();
@@ -164,6 +159,15 @@ impl LlamaModel {
             let (out, inp) = c.linear_shape(w);
             let path = format!("model.layers.{l}.{}", w.module());
             let base = match quantize {
+                Some(q) if !q.is_jit() => {
+                    let v = seeded_randn(
+                        tensor_seed(seed, index(l, w)),
+                        out * inp,
+                        WEIGHT_STD,
+                        threads,
+                    );
+                    rtn_calibrated_format(q, &v, out, inp, &format!("{path}.weight"))?
+                }
                 Some(q) => {
                     let v = seeded_randn(
                         tensor_seed(seed, index(l, w)),
@@ -206,7 +210,7 @@ impl LlamaModel {
             };
             Ok(Linear { path, base, bias })
         };
-        if quantize.is_some() && device.is_cpu() {
+        if quantize.is_some_and(|q| device.is_cpu() || !q.is_jit()) {
             // One linear per core at a time: quantization on the host is the slow part.
             let next = Mutex::new(0usize);
             let done: Mutex<Vec<(usize, Result<Linear>)>> = Mutex::new(Vec::new());
@@ -265,6 +269,46 @@ impl LlamaModel {
         let norm = ones(h)?;
         Self::assemble(config, dtype, device, embed_tokens, layers, norm, lm_head)
     }
+}
+
+impl LlamaModel {
+    /// The LM head rounded to nearest into a calibrated format (GPTQ, AWQ), as [`Self::random`]
+    /// rounds the decoder linears: for benchmarks of random models, beside
+    /// [`Self::quantize_lm_head`] for the load-time methods (a real checkpoint's head is
+    /// calibrated with its layers, or kept in full precision).
+    pub fn round_lm_head_into(&mut self, method: QuantMethod) -> Result<()> {
+        let Some(w) = self.lm_head.base.dense_weight().cloned() else {
+            return Err(ModelError::Request(
+                "the LM head is already quantized".into(),
+            ));
+        };
+        let (n, k) = w.dims2()?;
+        let v: Vec<f32> = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        self.lm_head.base = rtn_calibrated_format(method, &v, n, k, "lm_head.weight")?;
+        Ok(())
+    }
+}
+
+/// `w` `[n, k]` rounded to nearest into a calibrated method's 4-bit format, groups of 128
+/// (GPTQ: asymmetric, the default of GPTQModel and AutoGPTQ; AWQ: GEMM packing, zero point).
+fn rtn_calibrated_format(
+    q: QuantMethod,
+    w: &[f32],
+    n: usize,
+    k: usize,
+    what: &str,
+) -> Result<Arc<dyn QuantTensor>> {
+    use lorq_quant::gptq::quantize::{rtn_gptq, GptqParams};
+    Ok(match q {
+        QuantMethod::Gptq => Arc::new(rtn_gptq(w, n, k, &GptqParams::default(), what)?),
+        QuantMethod::Awq => Arc::new(lorq_quant::awq::AwqTensor::quantize(w, n, k, 128, what)?),
+        m => {
+            return Err(ModelError::Request(format!(
+                "{}: quantized at load time, not rounded into a calibrated format",
+                m.name()
+            )))
+        }
+    })
 }
 
 /// `n` random rank-`rank` adapters (N(0, 0.02²) A and B, scale 2) on every decoder-layer linear

@@ -701,6 +701,45 @@ mod gpu {
         unsafe { ctx.enable_event_tracking() };
     }
 
+    /// Decode at one row on hqq 4-bit weights in bf16, where the q/k/v and gate/up GEMVs run the
+    /// residual add + RMSNorm of their input themselves: the same tokens and logits, bit for bit,
+    /// as with the norm's own launch (eager and as graphs), and the heads did run.
+    #[test]
+    fn norm_heads_decode_as_the_norms_own_launch() {
+        use lorq_quant::method::QuantMethod;
+        let Some(dev) = gpu() else { return };
+        let Device::Cuda(cuda) = &dev else {
+            unreachable!("usable_gpu returns a GPU")
+        };
+        let ctx = cuda.cuda_stream().context().clone();
+        unsafe { ctx.disable_event_tracking() };
+        // SmolLM2-135M's layer shapes (576 hidden, 1536 intermediate), two layers.
+        let mut cfg = shape_config("smollm2-135m").unwrap();
+        cfg.num_hidden_layers = 2;
+        cfg.sliding_window = vec![None; 2];
+        cfg.vocab_size = 2048;
+        let mut model =
+            LlamaModel::random(cfg, DType::BF16, &dev, Some(QuantMethod::Hqq4), 6).unwrap();
+        let prompts: Vec<Vec<u32>> = vec![(0..9).map(|t| ((t * 29 + 1) % 2048) as u32).collect()];
+        for graphs in [false, true] {
+            model.set_cuda_graphs(graphs);
+            model.set_norm_tails(false);
+            let before = lorq_quant::cuda::qgemv::norm_head_launches();
+            let want = generate(&model, &prompts, &[], 8);
+            assert_eq!(lorq_quant::cuda::qgemv::norm_head_launches(), before);
+            model.set_norm_tails(true);
+            let got = generate(&model, &prompts, &[], 8);
+            // Two layers: gate/up of both, q/k/v of the second, per eager step (a captured
+            // step launches once, at capture).
+            assert!(
+                lorq_quant::cuda::qgemv::norm_head_launches() >= before + 3,
+                "graphs {graphs}: no norm head ran"
+            );
+            assert!(got == want, "graphs {graphs}: heads changed the decode");
+        }
+        unsafe { ctx.enable_event_tracking() };
+    }
+
     #[test]
     fn paged_caches_return_their_blocks() {
         let Some(dev) = gpu() else { return };

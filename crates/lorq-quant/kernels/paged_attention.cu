@@ -104,29 +104,56 @@ constexpr int MERGE_MAX = GMAX * PMAX;  // (head, partition) weights one merge h
 
 // The online-softmax merge of the partitions of heads head0 .. head0 + G - 1 of row r, by the
 // whole block: partition p of head h has (max, sum) at part_ml[2 (b + p)] and its unnormalized
-// output at part_acc[(b + p) hd ..], b = (r heads + h) num_parts. One warp per head finds the
-// max and writes every partition's weight to s_w (G * num_parts <= MERGE_MAX, checked by the
-// host) and the head's sum to s_l; then each thread sums the weighted outputs of up to 4
-// elements at once, so its loads of many partitions and elements are in flight together. L2
-// loads (__ldcg): in the fused combine other blocks wrote the partials during this launch. An
-// empty partition has max -inf: weight 0, and its output (never written) is not read into v.
+// output at part_acc[(b + p) hd ..], b = (r heads + h) num_parts. Only partitions 0 .. used - 1
+// are read: the later ones are empty for this row (a graph's launch has as many partitions as its
+// context capacity, up to twice the row's context); an empty one among them (max -inf) gets weight
+// 0 and its output, never written, is not read into v. One warp per head loads the partitions'
+// (max, sum) pairs once (in registers up to 32 * MLR partitions), finds the max and writes every
+// partition's weight to s_w (G * num_parts <= MERGE_MAX, checked by the host) and the head's sum
+// to s_l; then each thread sums the weighted outputs of up to J elements, U partitions' loads in
+// flight at once, in partition order (the sum is the same for every launch shape). L2 loads
+// (__ldcg): in the fused combine other blocks wrote the partials during this launch.
 template <typename T>
 __device__ __forceinline__ void merge_block(const float* __restrict__ part_ml,
                                             const float* __restrict__ part_acc,
                                             T* __restrict__ out, int r, int heads, int head0,
-                                            int G, int num_parts, int hd, float* s_w, float* s_l) {
+                                            int G, int num_parts, int used, int hd, float* s_w,
+                                            float* s_l) {
+    constexpr int MLR = 4;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
     for (int g = warp; g < G; g += nw) {
         const size_t b = ((size_t)r * heads + head0 + g) * num_parts;
-        float m = -INFINITY;
-        for (int p = lane; p < num_parts; p += 32) m = fmaxf(m, __ldcg(part_ml + 2 * (b + p)));
+        const float2* ml = reinterpret_cast<const float2*>(part_ml) + b;
+        float m = -INFINITY, l = 0.f;
+        if (used <= 32 * MLR) {
+            float2 v[MLR];
 #pragma unroll
-        for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-        float l = 0.f;
-        for (int p = lane; p < num_parts; p += 32) {
-            const float w = exp2f(__ldcg(part_ml + 2 * (b + p)) - m);
-            s_w[g * num_parts + p] = w;
-            l = fmaf(__ldcg(part_ml + 2 * (b + p) + 1), w, l);
+            for (int i = 0; i < MLR; i++) {
+                const int p = lane + 32 * i;
+                v[i] = p < used ? __ldcg(ml + p) : make_float2(-INFINITY, 0.f);
+                m = fmaxf(m, v[i].x);
+            }
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+#pragma unroll
+            for (int i = 0; i < MLR; i++) {
+                const int p = lane + 32 * i;
+                if (p < used) {
+                    const float w = exp2f(v[i].x - m);
+                    s_w[g * num_parts + p] = w;
+                    l = fmaf(v[i].y, w, l);
+                }
+            }
+        } else {
+            for (int p = lane; p < used; p += 32) m = fmaxf(m, __ldcg(ml + p).x);
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+            for (int p = lane; p < used; p += 32) {
+                const float2 v = __ldcg(ml + p);
+                const float w = exp2f(v.x - m);
+                s_w[g * num_parts + p] = w;
+                l = fmaf(v.y, w, l);
+            }
         }
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
@@ -134,20 +161,35 @@ __device__ __forceinline__ void merge_block(const float* __restrict__ part_ml,
     }
     __syncthreads();
     constexpr int J = 4;  // output elements per thread per pass
+    constexpr int U = 8;  // partitions per round of loads
     for (int i0 = threadIdx.x; i0 < G * hd; i0 += J * blockDim.x) {
         float v[J];
+        const float* src[J];
+        const float* wts[J];
 #pragma unroll
-        for (int j = 0; j < J; j++) v[j] = 0.f;
-#pragma unroll 4
-        for (int p = 0; p < num_parts; p++) {
+        for (int j = 0; j < J; j++) {
+            v[j] = 0.f;
+            const int idx = min(i0 + j * (int)blockDim.x, G * hd - 1);
+            const int g = idx / hd, d = idx % hd;
+            src[j] = part_acc + ((size_t)r * heads + head0 + g) * num_parts * hd + d;
+            wts[j] = s_w + g * num_parts;
+        }
+        for (int p0 = 0; p0 < used; p0 += U) {
+            float a[U][J];
 #pragma unroll
-            for (int j = 0; j < J; j++) {
-                const int idx = min(i0 + j * (int)blockDim.x, G * hd - 1);
-                const int g = idx / hd, d = idx % hd;
-                const float w = s_w[g * num_parts + p];
-                const size_t b = ((size_t)r * heads + head0 + g) * num_parts;
-                const float a = __ldcg(part_acc + (b + p) * hd + d);
-                v[j] = w > 0.f ? fmaf(a, w, v[j]) : v[j];
+            for (int u = 0; u < U; u++)
+#pragma unroll
+                for (int j = 0; j < J; j++)
+                    a[u][j] = p0 + u < used ? __ldcg(src[j] + (size_t)(p0 + u) * hd) : 0.f;
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                if (p0 + u < used) {
+#pragma unroll
+                    for (int j = 0; j < J; j++) {
+                        const float w = wts[j][p0 + u];
+                        v[j] = w > 0.f ? fmaf(a[u][j], w, v[j]) : v[j];
+                    }
+                }
             }
         }
 #pragma unroll
@@ -411,7 +453,9 @@ __device__ __forceinline__ void paged_attn(const T* __restrict__ q, T* kc, T* vc
     if (!s_last) return;
     __threadfence();
     // s_p and s_sum are free again: the partition weights and sums of the merge.
-    merge_block<T>(part_ml, part_acc, out, r, a.heads, head0, G, a.num_parts, HD, &s_p[0][0], s_sum);
+    // Partitions past the row's last key are empty (the launch has the longest row's count).
+    const int used = min(a.num_parts, (ctx - lo + a.part_len - 1) / a.part_len);
+    merge_block<T>(part_ml, part_acc, out, r, a.heads, head0, G, a.num_parts, used, HD, &s_p[0][0], s_sum);
 }
 
 // Grid: (heads, rows); HD threads. Merges the partitions of one (row, head).
@@ -422,7 +466,7 @@ __device__ __forceinline__ void paged_attn_combine(const float* __restrict__ par
                                                    int hd) {
     __shared__ float s_w[MERGE_MAX];
     __shared__ float s_l[1];
-    merge_block<T>(part_ml, part_acc, out, blockIdx.y, heads, blockIdx.x, 1, num_parts, hd, s_w, s_l);
+    merge_block<T>(part_ml, part_acc, out, blockIdx.y, heads, blockIdx.x, 1, num_parts, num_parts, hd, s_w, s_l);
 }
 
 #define PAGED_ATTN_KERNEL(NAME, T, HD, ROPE)                                                      \

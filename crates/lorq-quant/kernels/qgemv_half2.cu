@@ -23,24 +23,39 @@
 // NF4 / FP4 (table codes) stay on qgemv.cu: a per-lane 256-entry table of f16 pairs in shared
 // memory (32 KiB, one lookup per byte) measured slower there (docs/benchmarks.md, session 13).
 #include "qparams.cuh"
+#include "rms_norm.cuh"
 
 __device__ __forceinline__ __half2 as_half2(uint32_t v) { return *reinterpret_cast<__half2*>(&v); }
 __device__ __forceinline__ uint32_t as_u32(__half2 v) { return *reinterpret_cast<uint32_t*>(&v); }
 
-template <typename T>
+// SHARED: x is in shared memory (the norm head's output), read with plain loads.
+template <typename T, bool SHARED = false>
 __device__ __forceinline__ void stage_x_half2(const T* __restrict__ x, int K, uint4* s_xh) {
     const int chunks = K >> 5;
     float2* s_cs = reinterpret_cast<float2*>(s_xh + 4 * chunks);
     for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
-        float xv[4][8];
+        // The packed values stay in registers and are widened twice: half the registers of
+        // holding 32 floats, which the weight loads issued before the staging need.
+        Pack8<T> xr[4];
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const T* xp = x + ((size_t)c << 5) + 8 * j;
+            if constexpr (SHARED) {
+#pragma unroll
+                for (int i = 0; i < (int)(sizeof(T) / 2); i++) xr[j].w[i] = reinterpret_cast<const uint4*>(xp)[i];
+            } else {
+                xr[j] = ld_pack8<T>(xp);
+            }
+        }
         float mx = 0.f, sum = 0.f;
 #pragma unroll
         for (int j = 0; j < 4; j++) {
-            load8<T>(x + ((size_t)c << 5) + 8 * j, xv[j]);
+            float v[8];
+            unpack8<T>(xr[j], v);
 #pragma unroll
             for (int e = 0; e < 8; e++) {
-                mx = fmaxf(mx, fabsf(xv[j][e]));
-                sum += xv[j][e];
+                mx = fmaxf(mx, fabsf(v[e]));
+                sum += v[e];
             }
         }
         // |x| < 2^E; clamped so every factor stays a normal float: a chunk below 2^-40 keeps only
@@ -50,7 +65,8 @@ __device__ __forceinline__ void stage_x_half2(const T* __restrict__ x, int K, ui
         const float a = pow2(15 - E), b = pow2(11 - E);
 #pragma unroll
         for (int j = 0; j < 4; j++) {
-            const float* v = xv[j];
+            float v[8];
+            unpack8<T>(xr[j], v);
             s_xh[j * chunks + c] = make_uint4(as_u32(__floats2half2_rn(v[0] * a, v[4] * a)),
                                               as_u32(__floats2half2_rn(v[1] * b, v[5] * b)),
                                               as_u32(__floats2half2_rn(v[2] * a, v[6] * a)),
@@ -60,6 +76,10 @@ __device__ __forceinline__ void stage_x_half2(const T* __restrict__ x, int K, ui
     }
 }
 
+// 16-byte words of the staged activations (72 bytes per chunk, rounded up): a norm head's x'
+// follows them in the kernel's dynamic shared memory (crates/lorq-quant/src/cuda/qgemv.rs).
+__device__ __forceinline__ int half2_stage_words(int chunks) { return (72 * chunks + 15) / 16; }
+
 // One launch shape: RPW = 4 rows per warp, SPLIT = 4 warps per row group (K-slices), as qgemv.cu's
 // r4s4; a lane streams whole chunks. It was the fastest or within 2 % of it on every Llama-3-8B
 // shape (H100; 2 rows per warp, or 1 slice, lost up to 25 % on the 14336-input down_proj and 6 % on
@@ -68,14 +88,86 @@ __device__ __forceinline__ void stage_x_half2(const T* __restrict__ x, int K, ui
 // GEMVs followed by fused_ops.cu's silu_mul round it.
 constexpr int RPW = 4, SPLIT = 4;
 
-template <typename T, bool GATED = false>
-__device__ __forceinline__ void qgemv_half2(const QParams p, const uint4* s_xh, T* __restrict__ y, int N, int K,
-                                            int bx, const QParams p2 = QParams{}) {
+// One lane's chunk c of its RPW rows: the 16-byte codes, scale and zero of each.
+template <bool GATED>
+struct Half2Chunk {
+    uint4 wv[RPW];
+    float s[RPW], z[RPW];
+    __device__ __forceinline__ void load(const QParams& p, const QParams& p2, int n0, int N, int c) {
+        constexpr int OUT = GATED ? RPW / 2 : RPW;
+        const int g = c / (p.gsize >> 5);
+#pragma unroll
+        for (int r = 0; r < RPW; r++) {
+            const QParams& q = GATED && r >= OUT ? p2 : p;
+            const int n = min(n0 + r % OUT, N - 1);  // rows past N compute garbage, never stored
+            wv[r] = __ldcs(reinterpret_cast<const uint4*>(q.codes + (size_t)n * q.wpr + ((size_t)c << 2)));
+            s[r] = __ldg(q.scales + (size_t)n * q.groups + g);
+            z[r] = __ldg(q.zeros + (size_t)n * q.groups + g);
+        }
+    }
+    // acc[r] += row r's chunk . x's chunk c (staged).
+    __device__ __forceinline__ void dot(const uint4* s_xh, int chunks, int c, float (&acc)[RPW]) const {
+        const float2 cs = reinterpret_cast<const float2*>(s_xh + 4 * chunks)[c];
+        __half2 d[RPW];
+#pragma unroll
+        for (int r = 0; r < RPW; r++) d[r] = __float2half2_rn(0.f);
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const uint4 xp = s_xh[j * chunks + c];
+#pragma unroll
+            for (int r = 0; r < RPW; r++) {
+                const uint32_t w = j == 0 ? wv[r].x : j == 1 ? wv[r].y : j == 2 ? wv[r].z : wv[r].w;
+                const uint32_t h = w >> 8;
+                d[r] = __hfma2(as_half2(w & 0x000F000Fu), as_half2(xp.x), d[r]);
+                d[r] = __hfma2(as_half2(w & 0x00F000F0u), as_half2(xp.y), d[r]);
+                d[r] = __hfma2(as_half2(h & 0x000F000Fu), as_half2(xp.z), d[r]);
+                d[r] = __hfma2(as_half2(h & 0x00F000F0u), as_half2(xp.w), d[r]);
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < RPW; r++) {
+            const float2 f = __half22float2(d[r]);
+            acc[r] = fmaf(s[r], fmaf(-z[r], cs.y, (f.x + f.y) * cs.x), acc[r]);
+        }
+    }
+};
+
+// The residual add + RMSNorm whose output is the GEMV's x (decode at batch 1: the norm before
+// q/k/v and the one before gate/up), run by every block of the GEMV before its product instead of
+// in a launch of its own: s = x + d, x' = RMSNorm(s) * w, hidden = K. Block 0 stores s (the
+// residual stream); x' stays in the block's shared memory. Same code and block size as
+// add_rms_norm_vec_* launched alone, so x' is bit for bit that launch's output.
+struct NormHead {
+    const void* x;
+    const void* d;
+    const void* w;
+    void* s;
+    float eps;
+};
+
+// Every block of a launch with a norm head: the norm into shared memory (s_y, after the staging
+// words), then x' staged from it. Outside the grouped dispatch, as the plain kernel stages x.
+template <typename T>
+__device__ __forceinline__ void norm_head_stage(const NormHead& nh, int K, uint4* s_xh) {
+    T* s_y = reinterpret_cast<T*>(s_xh + half2_stage_words(K >> 5));
+    add_rms_norm_vec<T, false>(static_cast<const T*>(nh.x), static_cast<const T*>(nh.d),
+                               static_cast<const T*>(nh.w), blockIdx.x == 0 ? static_cast<T*>(nh.s) : nullptr,
+                               s_y, nullptr, nullptr, K, nh.eps, 0);
+    __syncthreads();
+    stage_x_half2<T, true>(s_y, K, s_xh);
+    __syncthreads();
+}
+
+// The rows of grid block bx, x staged in s_xh; the lanes loop over their chunks. PERSIST: the
+// launch's blocks take the grid's blocks in turn (the norm-head kernels: the norm once per block),
+// so the block waits before its next turn rewrites s_part.
+template <typename T, bool GATED, bool PERSIST>
+__device__ __forceinline__ void qgemv_half2(const QParams p, const uint4* s_xh, T* __restrict__ y, int N,
+                                            int K, int bx, const QParams p2 = QParams{}) {
     constexpr int OUT = GATED ? RPW / 2 : RPW;  // output rows per warp
     __shared__ float s_part[WARPS][RPW];
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const int chunks = K >> 5, cpg = p.gsize >> 5;
-    const float2* s_cs = reinterpret_cast<const float2*>(s_xh + 4 * chunks);
+    const int chunks = K >> 5;
     const int gw = bx * WARPS + warp;
     const int n0 = (gw / SPLIT) * OUT, slice = gw % SPLIT;
     float acc[RPW];
@@ -83,39 +175,9 @@ __device__ __forceinline__ void qgemv_half2(const QParams p, const uint4* s_xh, 
     for (int r = 0; r < RPW; r++) acc[r] = 0.f;
     if (n0 < N) {
         for (int c = slice * 32 + lane; c < chunks; c += 32 * SPLIT) {
-            uint4 wv[RPW];
-            float s[RPW], z[RPW];
-            const int g = c / cpg;
-#pragma unroll
-            for (int r = 0; r < RPW; r++) {
-                const QParams& q = GATED && r >= OUT ? p2 : p;
-                const int n = min(n0 + r % OUT, N - 1);  // rows past N compute garbage, never stored
-                wv[r] = __ldcs(reinterpret_cast<const uint4*>(q.codes + (size_t)n * q.wpr + ((size_t)c << 2)));
-                s[r] = __ldg(q.scales + (size_t)n * q.groups + g);
-                z[r] = __ldg(q.zeros + (size_t)n * q.groups + g);
-            }
-            const float2 cs = s_cs[c];
-            __half2 d[RPW];
-#pragma unroll
-            for (int r = 0; r < RPW; r++) d[r] = __float2half2_rn(0.f);
-#pragma unroll
-            for (int j = 0; j < 4; j++) {
-                const uint4 xp = s_xh[j * chunks + c];
-#pragma unroll
-                for (int r = 0; r < RPW; r++) {
-                    const uint32_t w = j == 0 ? wv[r].x : j == 1 ? wv[r].y : j == 2 ? wv[r].z : wv[r].w;
-                    const uint32_t h = w >> 8;
-                    d[r] = __hfma2(as_half2(w & 0x000F000Fu), as_half2(xp.x), d[r]);
-                    d[r] = __hfma2(as_half2(w & 0x00F000F0u), as_half2(xp.y), d[r]);
-                    d[r] = __hfma2(as_half2(h & 0x000F000Fu), as_half2(xp.z), d[r]);
-                    d[r] = __hfma2(as_half2(h & 0x00F000F0u), as_half2(xp.w), d[r]);
-                }
-            }
-#pragma unroll
-            for (int r = 0; r < RPW; r++) {
-                const float2 f = __half22float2(d[r]);
-                acc[r] = fmaf(s[r], fmaf(-z[r], cs.y, (f.x + f.y) * cs.x), acc[r]);
-            }
+            Half2Chunk<GATED> ch;
+            ch.load(p, p2, n0, N, c);
+            ch.dot(s_xh, chunks, c, acc);
         }
     }
 #pragma unroll
@@ -142,10 +204,12 @@ __device__ __forceinline__ void qgemv_half2(const QParams p, const uint4* s_xh, 
         }
         if (n < N) y[n] = GATED ? silu_mul_rounded<T>(to_f(from_f<T>(v)), to_f(from_f<T>(u))) : from_f<T>(v);
     }
+    if constexpr (PERSIST) __syncthreads();  // s_part is read before the block's next turn writes it
 }
 
 // qgemv_a4h_<dtype>_m1_r4_s4: qgemv.cu's signature (M is 1), 72 bytes of dynamic shared memory
-// per chunk of 32 inputs.
+// per chunk of 32 inputs. x is staged before the grouped dispatch (62 registers; 75 staged per
+// branch).
 #define QGEMV_HALF2(TN, T)                                                                         \
     extern "C" __global__ void __launch_bounds__(WARPS * 32)                                       \
         qgemv_a4h_##TN##_m1_r4_s4(QARGS, const T* __restrict__ x, T* __restrict__ y, int M, int N, \
@@ -154,11 +218,24 @@ __device__ __forceinline__ void qgemv_half2(const QParams p, const uint4* s_xh, 
         stage_x_half2<T>(x, K, s_xh);                                                              \
         __syncthreads();                                                                           \
         qgroup_dispatch(QParams QPARAMS, y, N, g, [&](const QParams& p, T* yw, int n, int b) {    \
-            qgemv_half2<T>(p, s_xh, yw, n, K, b);                                                  \
+            qgemv_half2<T, false, false>(p, s_xh, yw, n, K, b);                        \
         });                                                                                        \
     }
-QGEMV_HALF2(bf16, __nv_bfloat16)
-QGEMV_HALF2(f16, __half)
+// qgemv_a4h_norm_<dtype>_m1_r4_s4: the same with the norm head (x = RMSNorm(nh.x + nh.d) * nh.w,
+// K <= 4096), persistent blocks taking the `blocks` of the plain kernel's grid in turn (the norm
+// once per block); dynamic shared memory: the staging words, then K values of T.
+#define QGEMV_HALF2_NORM(TN, T)                                                                    \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32)                                       \
+        qgemv_a4h_norm_##TN##_m1_r4_s4(QARGS, T* __restrict__ y, int N, int K, const QGroup g,     \
+                                       const NormHead nh, int blocks) {                            \
+        extern __shared__ uint4 s_xh[];                                                            \
+        norm_head_stage<T>(nh, K, s_xh);                                                           \
+        _Pragma("unroll 1") for (int bx = blockIdx.x; bx < blocks; bx += gridDim.x) {              \
+            qgroup_dispatch_at(bx, QParams QPARAMS, y, N, g, [&](const QParams& p, T* yw, int n, int b) { \
+                qgemv_half2<T, false, true>(p, s_xh, yw, n, K, b);                                 \
+            });                                                                                    \
+        }                                                                                          \
+    }
 
 // qgemv_a4h_silu_<dtype>_m1_r4_s4: y = SiLU(x . gateᵀ) * (x . upᵀ), gate (QARGS) and up [N, K] of
 // the same format; each warp 2 rows of each (registers as 4 rows of one weight): one launch for
@@ -173,7 +250,23 @@ QGEMV_HALF2(f16, __half)
         __syncthreads();                                                                           \
         const QParams p = QPARAMS;                                                                 \
         const QParams up = {up_codes, up_scales, up_zeros, lut, wpr, gsize, groups, round_mode};   \
-        qgemv_half2<T, true>(p, s_xh, y, N, K, blockIdx.x, up);                                    \
+        qgemv_half2<T, true, false>(p, s_xh, y, N, K, blockIdx.x, up);                 \
     }
-QGEMV_HALF2_SILU(bf16, __nv_bfloat16)
-QGEMV_HALF2_SILU(f16, __half)
+// qgemv_a4h_silu_norm_<dtype>_m1_r4_s4: the same with the norm head (as qgemv_a4h_norm_*).
+#define QGEMV_HALF2_SILU_NORM(TN, T)                                                               \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32)                                       \
+        qgemv_a4h_silu_norm_##TN##_m1_r4_s4(QARGS, const uint32_t* up_codes,                       \
+                                            const float* up_scales, const float* up_zeros,         \
+                                            T* __restrict__ y, int N, int K, const NormHead nh,    \
+                                            int blocks) {                                          \
+        extern __shared__ uint4 s_xh[];                                                            \
+        const QParams p = QPARAMS;                                                                 \
+        const QParams up = {up_codes, up_scales, up_zeros, lut, wpr, gsize, groups, round_mode};   \
+        norm_head_stage<T>(nh, K, s_xh);                                                           \
+        _Pragma("unroll 1") for (int bx = blockIdx.x; bx < blocks; bx += gridDim.x)                \
+            qgemv_half2<T, true, true>(p, s_xh, y, N, K, bx, up);                                  \
+    }
+#define QGEMV_HALF2_ALL(TN, T)                                                                     \
+    QGEMV_HALF2(TN, T) QGEMV_HALF2_NORM(TN, T) QGEMV_HALF2_SILU(TN, T) QGEMV_HALF2_SILU_NORM(TN, T)
+QGEMV_HALF2_ALL(bf16, __nv_bfloat16)
+QGEMV_HALF2_ALL(f16, __half)

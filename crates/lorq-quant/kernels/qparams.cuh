@@ -22,11 +22,11 @@ constexpr int WARPS = 8;  // warps per GEMV block
         int gsize, int groups, int round_mode
 #define QPARAMS {codes, scales, zeros, lut, wpr, gsize, groups, round_mode}
 
-// The block's weight of a QGroup launch (common.cuh): call(params, y, N, block index), in each
-// branch with that weight's pointers straight from the kernel parameters.
+// The weight of block bx of a QGroup launch (common.cuh): call(params, y, N, block index within
+// that weight), in each branch with that weight's pointers straight from the kernel parameters.
+// bx is blockIdx.x, or a block of the launch's grid that a persistent block takes in turn.
 template <typename T, typename F>
-__device__ __forceinline__ void qgroup_dispatch(const QParams& p, T* y, int N, const QGroup& g, F&& call) {
-    const int bx = blockIdx.x;
+__device__ __forceinline__ void qgroup_dispatch_at(int bx, const QParams& p, T* y, int N, const QGroup& g, F&& call) {
     if (bx < g.b1) {
         call(p, y, N, bx);
     } else if (bx < g.b2) {
@@ -37,4 +37,7 @@ __device__ __forceinline__ void qgroup_dispatch(const QParams& p, T* y, int N, c
         call(q, static_cast<T*>(g.y[1]), g.n[1], bx - g.b2);
     }
 }
-
+template <typename T, typename F>
+__device__ __forceinline__ void qgroup_dispatch(const QParams& p, T* y, int N, const QGroup& g, F&& call) {
+    qgroup_dispatch_at(blockIdx.x, p, y, N, g, static_cast<F&&>(call));
+}

@@ -8,7 +8,8 @@
 constexpr int ARN_CHUNKS = 4;    // 8-element chunks per thread
 constexpr int ARN_THREADS = 256;  // the block of every GEMV with a norm tail (8 warps)
 
-// s = x + d (rounded to T), y = RMSNorm(s) * w for row `row` of [rows, hidden]. blockDim: a
+// s = x + d (rounded to T), y = RMSNorm(s) * w for row `row` of [rows, hidden] (s not stored where
+// null: the GEMVs that run the norm in every block store it from one). blockDim: a
 // multiple of 32 with blockDim * 8 * ARN_CHUNKS >= hidden. D_NC: d through the read-only cache;
 // false for a d written earlier in the same launch (the GEMV tail). With FP8, also writes y's e4m3
 // codes q[row, :] and scale scales[row], the per-token dynamic quantization of the next FP8
@@ -43,7 +44,7 @@ __device__ __forceinline__ void add_rms_norm_vec(const T* __restrict__ x, const 
                 v[i][e] = to_f(from_f<T>(a[e] + b[e]));
                 ss = fmaf(v[i][e], v[i][e], ss);
             }
-            store8<T>(s + row + 8 * c, v[i]);
+            if (s != nullptr) store8<T>(s + row + 8 * c, v[i]);
         }
     }
 #pragma unroll

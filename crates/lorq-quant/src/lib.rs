@@ -26,6 +26,6 @@ pub mod select;
 
 pub use dense::DenseTensor;
 #[cfg(feature = "cuda")]
-pub use quant_tensor::matmul_add_rms_norm;
+pub use quant_tensor::{matmul_add_rms_norm, matmul_group_norm_head, matmul_silu_mul_norm_head};
 pub use quant_tensor::{matmul_group, matmul_silu_mul, QuantError, QuantTensor};
 pub use raw_tensor::RawTensor;

@@ -192,6 +192,48 @@ pub fn matmul_add_rms_norm(
     }
 }
 
+/// [`matmul_group`] (1-3 weights) at one activation row on the GPU where the row is the residual
+/// add + RMSNorm `head` computes, the norm run by the GEMV's launch itself: `Some((s, ys))`, `s`
+/// the residual sum, rounded as `cuda::fused_ops::add_rms_norm` followed by the products; `None`
+/// where it does not apply (only affine 4-bit weights on the half2 GEMV take it: hqq / GPTQ / AWQ
+/// 4-bit at batch 1, bf16/f16).
+#[cfg(feature = "cuda")]
+pub fn matmul_group_norm_head(
+    ws: &[&dyn QuantTensor],
+    head: &crate::cuda::fused_ops::NormHead,
+) -> Result<Option<(Tensor, Vec<Tensor>)>, QuantError> {
+    let candle_core::Device::Cuda(dev) = head.residual.device() else {
+        return Ok(None);
+    };
+    let Some(held) = gpu_packed_all(ws, dev)? else {
+        return Ok(None);
+    };
+    let Some(layouts) = ready_layouts(&held) else {
+        return Ok(None);
+    };
+    crate::cuda::qgemv::matmul_group_norm_head(&layouts, head)
+}
+
+/// [`matmul_silu_mul`] where the row is the residual add + RMSNorm `head` computes, in the same
+/// launch: `Some((s, act))`; `None` where it does not apply (as [`matmul_group_norm_head`]).
+#[cfg(feature = "cuda")]
+pub fn matmul_silu_mul_norm_head(
+    gate: &dyn QuantTensor,
+    up: &dyn QuantTensor,
+    head: &crate::cuda::fused_ops::NormHead,
+) -> Result<Option<(Tensor, Tensor)>, QuantError> {
+    let candle_core::Device::Cuda(dev) = head.residual.device() else {
+        return Ok(None);
+    };
+    let Some(held) = gpu_packed_all(&[gate, up], dev)? else {
+        return Ok(None);
+    };
+    let Some(l) = ready_layouts(&held) else {
+        return Ok(None);
+    };
+    crate::cuda::qgemv::matmul_silu_mul_norm_head(l[0], l[1], head)
+}
+
 /// `dy · W` with `W` dequantized on the host and moved to `dy`'s device (the default of
 /// [`QuantTensor::matmul_grad_input`]).
 pub fn host_matmul_grad_input<T: QuantTensor + ?Sized>(

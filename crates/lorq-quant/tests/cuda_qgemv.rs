@@ -358,6 +358,122 @@ mod gpu {
         assert!(!fused.iter().any(|s| s.starts_with("nf4") || s == "fp4"));
     }
 
+    /// The half2 GEMVs that run the residual add + RMSNorm of their input themselves (q/k/v and
+    /// gate/up at batch 1): the residual sum and every output bit for bit `add_rms_norm` followed
+    /// by the grouped GEMV / the gate-up-SiLU GEMV, for every affine 4-bit format, one to three
+    /// weights, bf16 and f16, and a weight with more grid blocks than the GPU holds at once (the
+    /// persistent blocks take several turns); `None` for two rows, f32 rows and table codes.
+    #[test]
+    fn half2_norm_head_equals_add_rms_norm_then_the_gemvs() {
+        use lorq_quant::cuda::fused_ops::{add_rms_norm, NormHead};
+        use lorq_quant::cuda::qgemv::{
+            matmul_group_norm_head, matmul_silu_mul, matmul_silu_mul_norm_head,
+        };
+        let Some(dev) = gpu() else { return };
+        let cdev = dev.as_cuda_device().unwrap();
+        let k = 512;
+        // q-, k- and v-like weights, then an up for the first (gate/up have equal rows).
+        let mut sets: Vec<(String, Vec<Arc<dyn QuantTensor>>)> = every_format(136, k, 710)
+            .into_iter()
+            .zip(every_format(40, k, 711))
+            .zip(every_format(40, k, 712))
+            .zip(every_format(136, k, 718))
+            .map(|((((name, a), (_, b)), (_, c)), (_, u))| (name, vec![a, b, c, u]))
+            .collect();
+        // 4600 rows: 575 blocks of the grouped kernel, 1150 of the gate/up one (an H100 holds 528).
+        sets.push((
+            "hqq-4bit n=4600".into(),
+            vec![hqq_4bit(4600, k, 713), hqq_4bit(4600, k, 714)],
+        ));
+        let eps = 1e-5;
+        let mut headed = Vec::new();
+        for (name, ts) in &sets {
+            let layouts: Vec<_> = ts.iter().map(|t| t.gpu_layout().unwrap()).collect();
+            let ds: Vec<_> = layouts
+                .iter()
+                .map(|l| DeviceLayout::upload(l, cdev).unwrap())
+                .collect();
+            for dtype in [DType::BF16, DType::F16] {
+                let row = |seed: u64, std: f32| {
+                    Tensor::from_vec(randn(seed, k, std), (1, k), &dev)
+                        .unwrap()
+                        .to_dtype(dtype)
+                        .unwrap()
+                };
+                let (residual, delta) = (row(715, 1.0), row(716, 0.5));
+                let weight = row(717, 0.3).affine(1.0, 1.0).unwrap().reshape(k).unwrap();
+                let (s_want, x) = add_rms_norm(&residual, &delta, &weight, eps).unwrap();
+                let head = NormHead {
+                    residual: &residual,
+                    delta: &delta,
+                    weight: &weight,
+                    eps,
+                };
+                let up = &ds[ds.len() - 1];
+                let mut grouped_here = false;
+                for count in 1..=(ds.len() - 1).min(3) {
+                    let group: Vec<&DeviceLayout> = ds[..count].iter().collect();
+                    let Some((s, ys)) = matmul_group_norm_head(&group, &head).unwrap() else {
+                        assert!(
+                            !Variant::half2_fits(&ds[0]) || layouts[0].perm.is_some(),
+                            "{name}: not headed"
+                        );
+                        continue;
+                    };
+                    headed.push(name.clone());
+                    grouped_here = true;
+                    assert_eq!(max_abs_diff(&s, &s_want), 0.0, "{name} {dtype:?}: s");
+                    let want: Vec<Tensor> = if count == 1 {
+                        vec![matmul(&ds[0], &x, QPath::Auto).unwrap()]
+                    } else {
+                        matmul_group(&group, &x).unwrap().expect("grouped")
+                    };
+                    for (i, (y, w)) in ys.iter().zip(&want).enumerate() {
+                        assert_eq!(y.dims(), w.dims());
+                        assert_eq!(
+                            max_abs_diff(y, w),
+                            0.0,
+                            "{name} {dtype:?}: weight {i} of {count}"
+                        );
+                    }
+                }
+                if let Some((s, act)) = matmul_silu_mul_norm_head(&ds[0], up, &head).unwrap() {
+                    let want = matmul_silu_mul(&ds[0], up, &x).unwrap().expect("paired");
+                    assert_eq!(max_abs_diff(&s, &s_want), 0.0, "{name} {dtype:?}: silu s");
+                    assert_eq!(max_abs_diff(&act, &want), 0.0, "{name} {dtype:?}: silu");
+                } else {
+                    assert!(!grouped_here, "{name}: grouped but not gate/up");
+                }
+                // Two rows, f32 rows: not these kernels.
+                let two = Tensor::cat(&[&residual, &residual], 0).unwrap();
+                let head2 = NormHead {
+                    residual: &two,
+                    delta: &two,
+                    ..head
+                };
+                assert!(matmul_group_norm_head(&[&ds[0]], &head2).unwrap().is_none());
+                let (r32, d32, w32) = (
+                    residual.to_dtype(DType::F32).unwrap(),
+                    delta.to_dtype(DType::F32).unwrap(),
+                    weight.to_dtype(DType::F32).unwrap(),
+                );
+                let head32 = NormHead {
+                    residual: &r32,
+                    delta: &d32,
+                    weight: &w32,
+                    eps,
+                };
+                assert!(matmul_group_norm_head(&[&ds[0]], &head32)
+                    .unwrap()
+                    .is_none());
+            }
+        }
+        for f in ["hqq-4bit", "gptq-4bit", "awq-4bit", "hqq-4bit n=4600"] {
+            assert!(headed.iter().any(|s| s == f), "{f} not headed");
+        }
+        assert!(!headed.iter().any(|s| s.starts_with("nf4") || s == "fp4"));
+    }
+
     /// The tiled tensor-core kernel on every format it serves (4-bit, groups of a multiple of 32)
     /// at the row counts around its tile edges (8, 16, 32, 64 rows per block), and `Auto` there.
     #[test]

@@ -67,9 +67,9 @@ pub struct BenchDecodeArgs {
     /// gpt-fast quantize it). `lm_head_quantized` in the rows.
     #[arg(long)]
     pub compare_quantized_lm_head: bool,
-    /// Also time each case with the residual add + RMSNorm in its own launch instead of as the
-    /// tail of the o / down projection's one-row GEMV (batch 1, dense weights; `norm_tails` in
-    /// the rows says whether the tail was allowed).
+    /// Also time each case with the residual add + RMSNorm in its own launch instead of inside a
+    /// one-row GEMV's (batch 1: the tail of the o / down projection on dense weights, the head of
+    /// q/k/v and gate/up on affine 4-bit ones; `norm_tails` in the rows says whether allowed).
     #[arg(long)]
     pub compare_norm_tails: bool,
     #[arg(long, default_value_t = 1234)]
@@ -299,9 +299,13 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
         for head_quantizer in head_quantizers {
             if let Some(m) = head_quantizer {
                 let t = Instant::now();
-                model
-                    .quantize_lm_head(m)
-                    .with_context(|| format!("{format}: quantizing the LM head"))?;
+                // Calibrated formats: rounded to nearest, as the random model's layers are.
+                if m.is_jit() {
+                    model.quantize_lm_head(m)
+                } else {
+                    model.round_lm_head_into(m)
+                }
+                .with_context(|| format!("{format}: quantizing the LM head"))?;
                 eprintln!(
                     "{format}: LM head quantized in {:.1}s",
                     t.elapsed().as_secs_f64()

@@ -137,20 +137,10 @@ impl AddNorm<'_> {
     /// one row of `n`, the weight `[n]`, both of `dtype` (bf16/f16) on one GPU, `n` a multiple of
     /// 8 up to what one block's threads hold, a `u32` ticket.
     pub(crate) fn fits(&self, n: usize, dtype: DType) -> Result<bool, QuantError> {
-        let on_gpu =
-            |t: &Tensor| t.device().is_cuda() && t.device().same_device(self.residual.device());
-        Ok(matches!(dtype, DType::BF16 | DType::F16)
-            && n.is_multiple_of(8)
-            && n / 8 <= ARN_THREADS * ARN_CHUNKS
-            && self.residual.elem_count() == n
-            && self.residual.dtype() == dtype
-            && self.weight.dims() == [n]
-            && self.weight.dtype() == dtype
+        Ok(norm_operands_fit(self.residual, self.weight, n, dtype)
             && self.ticket.dtype() == DType::U32
             && self.ticket.elem_count() >= 1
-            && on_gpu(self.residual)
-            && on_gpu(self.weight)
-            && on_gpu(self.ticket))
+            && same_gpu(self.ticket, self.residual))
     }
 
     /// Runs `launch` with the kernel argument for this tail (fresh `s` and `y` of `n` values),
@@ -198,6 +188,102 @@ impl AddNorm<'_> {
         Ok((r, s, y))
     }
 }
+
+/// Whether `t` is on the GPU `of` is on.
+fn same_gpu(t: &Tensor, of: &Tensor) -> bool {
+    t.device().is_cuda() && t.device().same_device(of.device())
+}
+
+/// Whether a norm fused into a one-row GEMV launch (its tail or its head) takes these operands:
+/// the residual one row of `n`, the weight `[n]`, both of `dtype` (bf16/f16) on one GPU, `n` a
+/// multiple of 8 up to what one block's threads hold (`add_rms_norm_vec` with ARN_THREADS).
+fn norm_operands_fit(residual: &Tensor, weight: &Tensor, n: usize, dtype: DType) -> bool {
+    matches!(dtype, DType::BF16 | DType::F16)
+        && n.is_multiple_of(8)
+        && n / 8 <= ARN_THREADS * ARN_CHUNKS
+        && residual.elem_count() == n
+        && residual.dtype() == dtype
+        && weight.dims() == [n]
+        && weight.dtype() == dtype
+        && residual.device().is_cuda()
+        && same_gpu(weight, residual)
+}
+
+/// The residual add + RMSNorm whose output is a one-row GEMV's input, run by the GEMV itself
+/// before its product (kernels/qgemv_half2.cu `NormHead`: every block computes the norm into its
+/// shared memory, one stores `s`; decode at batch 1 without the norm's own launch):
+/// `s = residual + delta`, `x = RMSNorm(s) · weight`, rounded as [`add_rms_norm`] rounds them.
+pub struct NormHead<'a> {
+    pub residual: &'a Tensor,
+    pub delta: &'a Tensor,
+    pub weight: &'a Tensor,
+    pub eps: f32,
+}
+
+impl NormHead<'_> {
+    /// Whether a GEMV of `k` inputs of `dtype` can run this head: [`norm_operands_fit`] with
+    /// `n = k`, the delta shaped like the residual.
+    pub(crate) fn fits(&self, k: usize, dtype: DType) -> bool {
+        norm_operands_fit(self.residual, self.weight, k, dtype)
+            && self.delta.dims() == self.residual.dims()
+            && self.delta.dtype() == dtype
+            && same_gpu(self.delta, self.residual)
+    }
+
+    /// Runs `launch` with the kernel argument for this head (a fresh `s` of `k` values), then
+    /// returns its result with `s` shaped like the residual. The caller checked [`Self::fits`].
+    pub(crate) fn run<T: CudaDType + DeviceRepr, R>(
+        &self,
+        dev: &CudaDevice,
+        k: usize,
+        launch: impl FnOnce(&NormHeadArg) -> Result<R, QuantError>,
+    ) -> Result<(R, Tensor), QuantError> {
+        use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+        let stream = dev.cuda_stream();
+        let residual = super::aligned(self.residual, 16)?;
+        let delta = super::aligned(self.delta, 16)?;
+        let weight = super::aligned(self.weight, 16)?;
+        let (rs, rl) = residual.storage_and_layout();
+        let rv = device_view::<T>(&rs, rl, k, "norm head: residual")?;
+        let (ds, dl) = delta.storage_and_layout();
+        let dv = device_view::<T>(&ds, dl, k, "norm head: delta")?;
+        let (ws, wl) = weight.storage_and_layout();
+        let wv = device_view::<T>(&ws, wl, k, "norm head: norm weight")?;
+        // SAFETY: block 0 of the launch writes all k values.
+        let s = unsafe { dev.alloc::<T>(k)? };
+        let (x, gx) = rv.device_ptr(&stream);
+        let (d, gd) = dv.device_ptr(&stream);
+        let (w, gw) = wv.device_ptr(&stream);
+        let (sp, gs) = s.device_ptr(&stream);
+        let arg = NormHeadArg {
+            x,
+            d,
+            w,
+            s: sp,
+            eps: self.eps,
+        };
+        let r = launch(&arg)?;
+        drop((gx, gd, gw, gs));
+        let shape = self.residual.shape().clone();
+        let s = tensor_from_storage(CudaStorage::wrap_cuda_slice(s, dev.clone()), shape);
+        Ok((r, s))
+    }
+}
+
+/// Kernel argument `NormHead` (kernels/qgemv_half2.cu).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(crate) struct NormHeadArg {
+    x: u64,
+    d: u64,
+    w: u64,
+    s: u64,
+    eps: f32,
+}
+
+// SAFETY: plain old data laid out as the kernel's `NormHead` (repr(C): four 8-byte pointers, a
+// float, padding to 8 bytes as the C struct has).
+unsafe impl DeviceRepr for NormHeadArg {}
 
 /// Kernel argument `NormTail` (kernels/rms_norm.cuh).
 #[repr(C)]

@@ -14,6 +14,7 @@ use candle_core::cuda_backend::cudarc::driver::{
 use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::{CudaStorage, DType, Storage, Tensor};
 
+use super::fused_ops::{NormHead, NormHeadArg};
 use super::{cuda_device, dtype_name, function, qmma_tiled, tensor_from_storage};
 use crate::gpu_layout::{CodeKind, GpuLayout};
 use crate::gpu_slot::GpuSlot;
@@ -768,6 +769,206 @@ pub fn matmul_silu_mul(
     let mut dims = x.dims().to_vec();
     *dims.last_mut().expect("rank >= 1") = gate.n;
     Ok(Some(tensor_from_storage(s, dims)))
+}
+
+/// Launches of the half2 kernels with a norm head so far in this process (tests check that a
+/// decode step took them).
+static NORM_HEAD_LAUNCHES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many half2 GEMVs ran their input's residual add + RMSNorm themselves so far.
+pub fn norm_head_launches() -> u64 {
+    NORM_HEAD_LAUNCHES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// The half2 kernel's dynamic shared memory with a norm head: the staging (16-byte words), then the
+/// norm's output row (kernels/qgemv_half2.cu `half2_stage_words`, `norm_head_stage`).
+fn half2_norm_smem(w: &DeviceLayout, elem: usize) -> usize {
+    half2_smem(w).div_ceil(16) * 16 + w.k * elem
+}
+
+/// The launch of a half2 kernel with a norm head (`qgemv_a4h_norm_*`, `qgemv_a4h_silu_norm_*`):
+/// persistent blocks, as many as the GPU holds at once (up to the `blocks` of the plain grid),
+/// so each runs the norm once and then takes grid blocks in turn.
+fn norm_head_launch(
+    dev: &CudaDevice,
+    f: &CudaFunction,
+    blocks: usize,
+    smem: usize,
+) -> Result<LaunchConfig, QuantError> {
+    let threads = (WARPS * 32) as u32;
+    let resident = f
+        .occupancy_max_active_blocks_per_multiprocessor(threads, smem, None)
+        .w()? as usize;
+    let grid = blocks.min(super::paged_attention::multiprocessors(dev)? * resident.max(1));
+    NORM_HEAD_LAUNCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    Ok(LaunchConfig {
+        grid_dim: (grid as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: smem as u32,
+    })
+}
+
+/// Whether the half2 kernels with a norm head take `ws` (1-3 weights sharing one launch) and
+/// `head` (one bf16/f16 row of the weights' K).
+fn norm_head_fits(ws: &[&DeviceLayout], head: &NormHead) -> bool {
+    let Some(&w) = ws.first() else {
+        return false;
+    };
+    let dtype = head.residual.dtype();
+    is_half(dtype)
+        && ws.len() <= 3
+        && ws
+            .iter()
+            .all(|o| same_kernel(w, o) && Variant::half2_fits(o))
+        && head.fits(w.k, dtype)
+        && half2_norm_smem(w, dtype.size_in_bytes()) <= HALF2_MAX_SMEM
+}
+
+/// The output shape of a one-row product with `n` outputs whose input is `head`'s row.
+fn head_out_dims(head: &NormHead, n: usize) -> Vec<usize> {
+    let mut dims = head.residual.dims().to_vec();
+    *dims.last_mut().expect("rank >= 1") = n;
+    dims
+}
+
+/// `x · Wᵢᵀ` for 1-3 affine 4-bit weights sharing `x` (q/k/v at batch 1), where `x` is the norm
+/// `head` computes, in one launch of the half2 GEMV that runs the norm itself
+/// (`qgemv_a4h_norm_*`): `Some((s, ys))`, `s` the residual sum, each `y` bit for bit
+/// `cuda::fused_ops::add_rms_norm` followed by [`matmul_group`]; `None` where it does not apply
+/// (not one bf16/f16 row, weights the half2 kernel does not take, a norm wider than one block).
+pub fn matmul_group_norm_head(
+    ws: &[&DeviceLayout],
+    head: &NormHead,
+) -> Result<Option<(Tensor, Vec<Tensor>)>, QuantError> {
+    fn go<T: CudaDType + DeviceRepr>(
+        dev: &CudaDevice,
+        ws: &[&DeviceLayout],
+        nh: &NormHeadArg,
+        dname: &str,
+    ) -> Result<Vec<CudaStorage>, QuantError> {
+        let (w, v) = (ws[0], Variant::HALF2);
+        // SAFETY: every output element is written by the kernel.
+        let ys = ws
+            .iter()
+            .map(|w| unsafe { dev.alloc::<T>(w.n) })
+            .collect::<Result<Vec<_>, _>>()?;
+        let stream = dev.cuda_stream();
+        let per: Vec<usize> = ws
+            .iter()
+            .map(|w| (w.n.div_ceil(v.rows_per_warp) * v.split).div_ceil(WARPS))
+            .collect();
+        let (total, starts) = super::group_blocks(&per);
+        let (group, guards) = QGroup::new(&stream, ws, &ys, starts);
+        let smem = half2_norm_smem(w, std::mem::size_of::<T>());
+        let name = format!(
+            "qgemv_a4h_norm_{dname}_m1_r{}_s{}",
+            v.rows_per_warp, v.split
+        );
+        let f = half2_function(dev, &name, smem)?;
+        let cfg = norm_head_launch(dev, &f, total, smem)?;
+        let mut b = stream.launch_builder(&f);
+        let null = 0u64;
+        w.push_args(&mut b, &null);
+        let (ni, ki, bi) = (w.n as i32, w.k as i32, total as i32);
+        b.arg(&ys[0]).arg(&ni).arg(&ki).arg(&group).arg(nh).arg(&bi);
+        // SAFETY: the arguments match `qgemv_a4h_norm_*` in kernels/qgemv_half2.cu (its shared
+        // memory opted in, within `HALF2_MAX_SMEM`: `norm_head_fits`); the head's rows hold K
+        // values (`NormHead::fits`), output j n_j; the group's weights share the first one's
+        // format, K and groups (`same_kernel`).
+        unsafe { b.launch(cfg) }.w()?;
+        drop(b);
+        drop(guards);
+        Ok(ys
+            .into_iter()
+            .map(|y| CudaStorage::wrap_cuda_slice(y, dev.clone()))
+            .collect())
+    }
+    if !norm_head_fits(ws, head) {
+        return Ok(None);
+    }
+    let dev = cuda_device(head.residual, "norm-head GEMV")?;
+    let k = ws[0].k;
+    let (ys, s) = match head.residual.dtype() {
+        DType::BF16 => {
+            head.run::<half::bf16, _>(dev, k, |nh| go::<half::bf16>(dev, ws, nh, "bf16"))?
+        }
+        _ => head.run::<half::f16, _>(dev, k, |nh| go::<half::f16>(dev, ws, nh, "f16"))?,
+    };
+    let ys = ys
+        .into_iter()
+        .zip(ws)
+        .map(|(y, w)| tensor_from_storage(y, head_out_dims(head, w.n)))
+        .collect();
+    Ok(Some((s, ys)))
+}
+
+/// [`matmul_silu_mul`] whose input is the norm `head` computes, in one launch
+/// (`qgemv_a4h_silu_norm_*`): `Some((s, SiLU(x · gateᵀ) * (x · upᵀ)))`, bit for bit
+/// `cuda::fused_ops::add_rms_norm` followed by [`matmul_silu_mul`]; `None` where it does not
+/// apply (as [`matmul_group_norm_head`], or gate and up of different row counts).
+pub fn matmul_silu_mul_norm_head(
+    gate: &DeviceLayout,
+    up: &DeviceLayout,
+    head: &NormHead,
+) -> Result<Option<(Tensor, Tensor)>, QuantError> {
+    fn go<T: CudaDType + DeviceRepr>(
+        dev: &CudaDevice,
+        gate: &DeviceLayout,
+        up: &DeviceLayout,
+        up_zeros: &CudaSlice<f32>,
+        nh: &NormHeadArg,
+        dname: &str,
+    ) -> Result<CudaStorage, QuantError> {
+        let (n, k, v) = (gate.n, gate.k, Variant::HALF2);
+        // SAFETY: every output element is written by the kernel.
+        let y = unsafe { dev.alloc::<T>(n)? };
+        let stream = dev.cuda_stream();
+        let smem = half2_norm_smem(gate, std::mem::size_of::<T>());
+        let name = format!(
+            "qgemv_a4h_silu_norm_{dname}_m1_r{}_s{}",
+            v.rows_per_warp, v.split
+        );
+        let f = half2_function(dev, &name, smem)?;
+        let blocks = (n.div_ceil(v.rows_per_warp / 2) * v.split).div_ceil(WARPS);
+        let cfg = norm_head_launch(dev, &f, blocks, smem)?;
+        let mut b = stream.launch_builder(&f);
+        let null = 0u64;
+        gate.push_args(&mut b, &null);
+        let (ni, ki, bi) = (n as i32, k as i32, blocks as i32);
+        b.arg(&up.codes)
+            .arg(&up.scales)
+            .arg(up_zeros)
+            .arg(&y)
+            .arg(&ni)
+            .arg(&ki)
+            .arg(nh)
+            .arg(&bi);
+        // SAFETY: the arguments match `qgemv_a4h_silu_norm_*` in kernels/qgemv_half2.cu (its
+        // shared memory opted in, within `HALF2_MAX_SMEM`); the head's rows hold K values, gate
+        // and up n x k of one format, K and groups (checked by the caller).
+        unsafe { b.launch(cfg) }.w()?;
+        drop(b);
+        Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+    }
+    let Some(up_zeros) = &up.zeros else {
+        return Ok(None);
+    };
+    if gate.n != up.n || !norm_head_fits(&[gate, up], head) {
+        return Ok(None);
+    }
+    let dev = cuda_device(head.residual, "norm-head gate/up GEMV")?;
+    let (y, s) = match head.residual.dtype() {
+        DType::BF16 => head.run::<half::bf16, _>(dev, gate.k, |nh| {
+            go::<half::bf16>(dev, gate, up, up_zeros, nh, "bf16")
+        })?,
+        _ => head.run::<half::f16, _>(dev, gate.k, |nh| {
+            go::<half::f16>(dev, gate, up, up_zeros, nh, "f16")
+        })?,
+    };
+    Ok(Some((
+        s,
+        tensor_from_storage(y, head_out_dims(head, gate.n)),
+    )))
 }
 
 /// Whether `a` and `b` can share one GEMV launch: same packed format, K, groups, rounding and
