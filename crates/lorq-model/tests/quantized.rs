@@ -185,3 +185,77 @@ fn the_lm_head_quantizes_like_any_linear() {
     let e = m.model.quantize_lm_head(gptq).unwrap_err().to_string();
     assert!(e.contains("load-time") && e.contains("gptq"), "{e}");
 }
+
+/// A random model asked for a calibrated format (GPTQ, AWQ: the decode benchmark's group-128
+/// models) rounds the same seeded weights a dense random model has to nearest, in groups of 128:
+/// every decoder linear in the method's layout, within 4-bit rounding of the dense weight and
+/// bit for bit the format's own round-to-nearest of it; the head stays dense until
+/// `round_lm_head_into`, which `quantize_lm_head` (load-time methods only) refuses to do.
+#[test]
+fn random_models_round_calibrated_formats_to_nearest() {
+    use lorq_model::llama::{LayerLinear, LlamaModel};
+    use lorq_model::random_model::shape_config;
+    use lorq_quant::gptq::quantize::{rtn_gptq, GptqParams};
+    use lorq_quant::QuantTensor;
+    let cfg = shape_config("tiny").unwrap();
+    let dense = LlamaModel::random(cfg.clone(), DType::F32, &Device::Cpu, None, 3).unwrap();
+    for (method, format) in [
+        (QuantMethod::Gptq, "gptq-4bit"),
+        (QuantMethod::Awq, "awq-4bit"),
+    ] {
+        let mut m =
+            LlamaModel::random(cfg.clone(), DType::F32, &Device::Cpu, Some(method), 3).unwrap();
+        for which in [LayerLinear::Q, LayerLinear::Down] {
+            let q = &m.layer_linear(1, which).base;
+            assert_eq!(q.format_name(), format);
+            let w = dense
+                .layer_linear(1, which)
+                .base
+                .dequantize(DType::F32)
+                .unwrap();
+            let got = q.dequantize(DType::F32).unwrap();
+            let rel = ((&got - &w)
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                / w.sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap())
+            .sqrt();
+            assert!(
+                rel > 0.0 && rel < 0.15,
+                "{format} {which:?}: relative error {rel}"
+            );
+            if method == QuantMethod::Gptq {
+                let (n, k) = w.dims2().unwrap();
+                let v: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
+                let want = rtn_gptq(&v, n, k, &GptqParams::default(), "w").unwrap();
+                let d = (&got - &want.dequantize(DType::F32).unwrap()).unwrap();
+                assert_eq!(
+                    d.abs()
+                        .unwrap()
+                        .max_all()
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap(),
+                    0.0
+                );
+            }
+        }
+        assert!(m.lm_head_is_dense());
+        let err = m.quantize_lm_head(method).unwrap_err().to_string();
+        assert!(err.contains("load-time method"), "{err}");
+        let bytes = m.weight_bytes();
+        m.round_lm_head_into(method).unwrap();
+        assert_eq!(m.lm_head().base.format_name(), format);
+        assert!(m.weight_bytes() < bytes);
+        assert!(m.round_lm_head_into(method).is_err(), "a second rounding");
+    }
+}
