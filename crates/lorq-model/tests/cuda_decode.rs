@@ -563,6 +563,37 @@ mod gpu {
         }
     }
 
+    /// cudarc's per-buffer event tracking off for a test's lifetime: graphs need it off, as
+    /// lorq's CLI runs (one stream per GPU). Made before the test's buffers exist; dropping it
+    /// turns the tracking back on.
+    struct NoEventTracking(Arc<candle_core::cuda_backend::cudarc::driver::CudaContext>);
+
+    impl NoEventTracking {
+        fn on(dev: &Device) -> Self {
+            let Device::Cuda(cuda) = dev else {
+                unreachable!("usable_gpu returns a GPU")
+            };
+            let ctx = cuda.cuda_stream().context().clone();
+            unsafe { ctx.disable_event_tracking() };
+            Self(ctx)
+        }
+    }
+
+    impl Drop for NoEventTracking {
+        fn drop(&mut self) {
+            unsafe { self.0.enable_event_tracking() };
+        }
+    }
+
+    /// SmolLM2-135M's layer shapes (576 hidden, 1536 intermediate), two layers, 2048 tokens.
+    fn smollm2_two_layers() -> ModelConfig {
+        let mut cfg = shape_config("smollm2-135m").unwrap();
+        cfg.num_hidden_layers = 2;
+        cfg.sliding_window = vec![None; 2];
+        cfg.vocab_size = 2048;
+        cfg
+    }
+
     /// Decode steps replayed from CUDA graphs compute the eager steps: a batch mixing the base
     /// model and two adapters (whose shrinks the graphs run on a side stream), contexts that
     /// cross a graph's capacity (256 tokens: a second capture), f32 (logits within 1e-5) and
@@ -570,13 +601,7 @@ mod gpu {
     #[test]
     fn decode_graphs_replay_the_eager_steps() {
         let Some(dev) = gpu() else { return };
-        let Device::Cuda(cuda) = &dev else {
-            unreachable!("usable_gpu returns a GPU")
-        };
-        let ctx = cuda.cuda_stream().context().clone();
-        // Graphs need cudarc's per-buffer events off, as lorq's CLI runs (one stream per GPU);
-        // set before this test's buffers exist.
-        unsafe { ctx.disable_event_tracking() };
+        let _events = NoEventTracking::on(&dev);
         for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 1e-2)] {
             let mut model =
                 LlamaModel::random(shape_config("tiny").unwrap(), dtype, &dev, None, 11).unwrap();
@@ -642,7 +667,6 @@ mod gpu {
                 model.captured_cuda_graphs()
             );
         }
-        unsafe { ctx.enable_event_tracking() };
     }
 
     /// FP8 decode, where the norms hand their e4m3 codes to the projections (and gate/up/down
@@ -653,16 +677,8 @@ mod gpu {
     fn fp8_decode_graphs_replay_the_eager_steps() {
         use lorq_quant::method::QuantMethod;
         let Some(dev) = gpu() else { return };
-        let Device::Cuda(cuda) = &dev else {
-            unreachable!("usable_gpu returns a GPU")
-        };
-        let ctx = cuda.cuda_stream().context().clone();
-        unsafe { ctx.disable_event_tracking() };
-        // SmolLM2-135M's layer shapes (576 hidden, 1536 intermediate), two layers.
-        let mut cfg = shape_config("smollm2-135m").unwrap();
-        cfg.num_hidden_layers = 2;
-        cfg.sliding_window = vec![None; 2];
-        cfg.vocab_size = 2048;
+        let _events = NoEventTracking::on(&dev);
+        let cfg = smollm2_two_layers();
         let mut model =
             LlamaModel::random(cfg, DType::BF16, &dev, Some(QuantMethod::Fp8), 5).unwrap();
         for rows in [1usize, 5] {
@@ -698,7 +714,6 @@ mod gpu {
             }
             eprintln!("fp8, {rows} rows: graph steps == eager steps");
         }
-        unsafe { ctx.enable_event_tracking() };
     }
 
     /// Decode at one row on hqq 4-bit weights in bf16, where the q/k/v and gate/up GEMVs run the
@@ -708,16 +723,8 @@ mod gpu {
     fn norm_heads_decode_as_the_norms_own_launch() {
         use lorq_quant::method::QuantMethod;
         let Some(dev) = gpu() else { return };
-        let Device::Cuda(cuda) = &dev else {
-            unreachable!("usable_gpu returns a GPU")
-        };
-        let ctx = cuda.cuda_stream().context().clone();
-        unsafe { ctx.disable_event_tracking() };
-        // SmolLM2-135M's layer shapes (576 hidden, 1536 intermediate), two layers.
-        let mut cfg = shape_config("smollm2-135m").unwrap();
-        cfg.num_hidden_layers = 2;
-        cfg.sliding_window = vec![None; 2];
-        cfg.vocab_size = 2048;
+        let _events = NoEventTracking::on(&dev);
+        let cfg = smollm2_two_layers();
         let mut model =
             LlamaModel::random(cfg, DType::BF16, &dev, Some(QuantMethod::Hqq4), 6).unwrap();
         let prompts: Vec<Vec<u32>> = vec![(0..9).map(|t| ((t * 29 + 1) % 2048) as u32).collect()];
@@ -737,7 +744,6 @@ mod gpu {
             );
             assert!(got == want, "graphs {graphs}: heads changed the decode");
         }
-        unsafe { ctx.enable_event_tracking() };
     }
 
     #[test]

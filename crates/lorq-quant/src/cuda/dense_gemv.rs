@@ -216,10 +216,7 @@ fn launch<T: CudaDType + DeviceRepr>(
     unsafe { b.launch(cfg) }.w()?;
     drop(b);
     drop(guards);
-    Ok(ys
-        .into_iter()
-        .map(|y| CudaStorage::wrap_cuda_slice(y, dev.clone()))
-        .collect())
+    Ok(super::storages(ys, dev))
 }
 
 /// Launches `{kernel}_{dtype}` over one row of `x` (`[1, k]`) and the weights `ws` (each

@@ -123,6 +123,16 @@ pub(crate) fn aligned(x: &Tensor, align_bytes: usize) -> Result<Tensor, QuantErr
     }
 }
 
+/// Candle storages for a launch's output buffers `ys` on `dev`.
+pub(crate) fn storages<T: candle_core::cuda_backend::CudaDType>(
+    ys: Vec<candle_core::cuda_backend::cudarc::driver::CudaSlice<T>>,
+    dev: &CudaDevice,
+) -> Vec<CudaStorage> {
+    ys.into_iter()
+        .map(|y| CudaStorage::wrap_cuda_slice(y, dev.clone()))
+        .collect()
+}
+
 /// Wraps a freshly written device buffer as a contiguous tensor of `shape`.
 pub fn tensor_from_storage(storage: CudaStorage, shape: impl Into<Shape>) -> Tensor {
     Tensor::from_storage(Storage::Cuda(storage), shape, BackpropOp::none(), false)

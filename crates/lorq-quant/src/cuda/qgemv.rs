@@ -653,10 +653,7 @@ fn gemv(
         unsafe { b.launch(cfg) }.w()?;
         drop(b);
         drop(guards);
-        Ok(ys
-            .into_iter()
-            .map(|y| CudaStorage::wrap_cuda_slice(y, dev.clone()))
-            .collect())
+        Ok(super::storages(ys, dev))
     }
     let x = super::aligned(x, 16)?;
     let (storage, layout) = x.storage_and_layout();
@@ -878,10 +875,7 @@ pub fn matmul_group_norm_head(
         unsafe { b.launch(cfg) }.w()?;
         drop(b);
         drop(guards);
-        Ok(ys
-            .into_iter()
-            .map(|y| CudaStorage::wrap_cuda_slice(y, dev.clone()))
-            .collect())
+        Ok(super::storages(ys, dev))
     }
     if !norm_head_fits(ws, head) {
         return Ok(None);

@@ -199,10 +199,7 @@ pub(crate) fn matmul_group(
         drop(b);
         drop(guards);
         drop(partial);
-        Ok(ys
-            .into_iter()
-            .map(|y| CudaStorage::wrap_cuda_slice(y, dev.clone()))
-            .collect())
+        Ok(super::storages(ys, dev))
     }
     if m == 0 || ws.iter().any(|w| w.n == 0) {
         return ws
