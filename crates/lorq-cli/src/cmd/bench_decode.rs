@@ -33,7 +33,8 @@ pub struct BenchDecodeArgs {
     pub shape: String,
     #[arg(long, value_enum, default_value = "bf16")]
     pub dtype: ComputeDtype,
-    /// Weight formats (`none` = dense in --dtype), comma-separated.
+    /// Weight formats (`none` = dense in --dtype), comma-separated; `gptq` and `awq` round the
+    /// random weights to nearest in their 4-bit format, groups of 128 (nothing to calibrate).
     #[arg(long, value_delimiter = ',', default_value = "none")]
     pub quantize: Vec<String>,
     #[arg(long, value_delimiter = ',', default_value = "1,32")]
