@@ -289,9 +289,6 @@ impl LlamaModel {
         // batch 1 on affine 4-bit weights: every block of the half2 GEMV norms the row itself),
         // under the same switch as the tails; `None`: run `add_norm` and the projections.
         let heads = fused && self.norm_tails && self.grouped_matmuls;
-        // Where `heads`: the residual add + RMSNorm run by the launch of the projections reading
-        // it (decode at batch 1 on affine 4-bit weights: every block of the half2 GEMV norms
-        // the row itself), under the same switch as the tails.
         let with_codes = |h: &Tensor,
                           codes: Option<QuantizedActivations>,
                           f: &dyn Fn() -> Result<Vec<Tensor>>|
