@@ -103,8 +103,7 @@ __device__ __forceinline__ void gemv(const Bnb4Params p, const T* __restrict__ x
 #pragma unroll
     for (int r = 0; r < MR; r++) {
         float v = acc[r];
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        v = warp_sum(v);
         acc[r] = v;
     }
     if (SPLIT == 1) {

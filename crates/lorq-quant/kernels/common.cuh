@@ -22,6 +22,21 @@ template <typename T> __device__ __forceinline__ T silu_mul_rounded(float g, flo
     return from_f<T>(a * u);
 }
 
+// Warp reductions (xor butterfly: every lane combines in the same order, so all lanes hold the
+// same bits). The sum of v over the 32 lanes of a warp, in every lane.
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// The largest v over the 32 lanes of a warp, in every lane.
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
 // 8 consecutive values as loaded (16 bytes for bf16/f16, 32 for f32), to convert later: loads can
 // be issued long before their values are needed without holding 8 floats each.
 // NC: through the read-only cache (__ldg); otherwise from L2 (__ldcg), for data written earlier

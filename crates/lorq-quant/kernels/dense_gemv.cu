@@ -87,8 +87,7 @@ __device__ __forceinline__ void dense_gemv(const T* __restrict__ w, const T* __r
         for (int r = 0; r < R; r++) acc[r] = dot8<T>(__ldcs(wr[r] + v), x, v * 8, acc[r]);
 #pragma unroll
     for (int r = 0; r < R; r++)
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], o);
+        acc[r] = warp_sum(acc[r]);
     if (lane != 0) return;
     if constexpr (GATED) {
         y[n] = silu_mul_rounded<T>(to_f(from_f<T>(acc[0])), to_f(from_f<T>(acc[1])));

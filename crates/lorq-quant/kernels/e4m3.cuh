@@ -26,15 +26,13 @@ __device__ __forceinline__ uint32_t f32_to_e4m3fn(float x) {
 
 // Block-wide max of non-negative values; every thread gets the result.
 __device__ __forceinline__ float block_max(float v, float* sh) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    v = warp_max(v);
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     if (lane == 0) sh[warp] = v;
     __syncthreads();
     int nw = (blockDim.x + 31) >> 5;
     v = lane < nw ? sh[lane] : 0.0f;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    v = warp_max(v);
     __syncthreads();  // sh may be reused by the caller
     return v;
 }

@@ -31,8 +31,7 @@ __device__ __forceinline__ void add_rms_norm(const T* __restrict__ x, const T* _
         const float f = to_f(sum);
         ss = fmaf(f, f, ss);
     }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    ss = warp_sum(ss);
     if ((threadIdx.x & 31) == 0) s_part[threadIdx.x >> 5] = ss;
     __syncthreads();
     float total = 0.f;

@@ -133,8 +133,7 @@ __device__ __forceinline__ void merge_block(const float* __restrict__ part_ml,
                 v[i] = p < used ? __ldcg(ml + p) : make_float2(-INFINITY, 0.f);
                 m = fmaxf(m, v[i].x);
             }
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+            m = warp_max(m);
 #pragma unroll
             for (int i = 0; i < MLR; i++) {
                 const int p = lane + 32 * i;
@@ -146,8 +145,7 @@ __device__ __forceinline__ void merge_block(const float* __restrict__ part_ml,
             }
         } else {
             for (int p = lane; p < used; p += 32) m = fmaxf(m, __ldcg(ml + p).x);
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+            m = warp_max(m);
             for (int p = lane; p < used; p += 32) {
                 const float2 v = __ldcg(ml + p);
                 const float w = exp2f(v.x - m);
@@ -155,8 +153,7 @@ __device__ __forceinline__ void merge_block(const float* __restrict__ part_ml,
                 l = fmaf(v.y, w, l);
             }
         }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
+        l = warp_sum(l);
         if (lane == 0) s_l[g] = l;
     }
     __syncthreads();
@@ -360,16 +357,14 @@ __device__ __forceinline__ void paged_attn(const T* __restrict__ q, T* kc, T* vc
         for (int g = warp; g < G; g += NW) {
             float m = -INFINITY;
             for (int t = lane; t < n; t += 32) m = fmaxf(m, s_p[g][t]);
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+            m = warp_max(m);
             float l = 0.f;
             for (int t = lane; t < n; t += 32) {
                 const float p = exp2f(s_p[g][t] - m);
                 s_p[g][t] = p;
                 l += p;
             }
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
+            l = warp_sum(l);
             if (lane == 0) {
                 s_max[g] = m;
                 s_sum[g] = l;

@@ -197,8 +197,7 @@ __device__ __forceinline__ void qgemv(const QParams p, const T* __restrict__ x, 
 #pragma unroll
         for (int m = 0; m < MR; m++) {
             float v = acc[r][m];
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+            v = warp_sum(v);
             acc[r][m] = v;
         }
     if (SPLIT == 1) {

@@ -183,8 +183,7 @@ __device__ __forceinline__ void qgemv_half2(const QParams p, const uint4* s_xh, 
 #pragma unroll
     for (int r = 0; r < RPW; r++) {
         float v = acc[r];
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        v = warp_sum(v);
         acc[r] = v;
     }
     if (lane == 0) {

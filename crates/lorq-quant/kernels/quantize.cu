@@ -69,7 +69,9 @@ __device__ __forceinline__ float round_to(int dtype, float x) {
     return dtype == 1 ? round_bf16(x) : (dtype == 2 ? round_f16(x) : x);
 }
 
-__device__ __forceinline__ float warp_max(float v) {
+// common.cuh's warp_max through f_max (an explicit max.f32, as every comparison of this file:
+// the codes match the CPU quantizers' whatever --use_fast_math does to fmaxf).
+__device__ __forceinline__ float warp_max_exact(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v = f_max(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
@@ -79,13 +81,13 @@ __device__ __forceinline__ float warp_max(float v) {
 __device__ __forceinline__ float block_max(float v) {
     __shared__ float s_red[32];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    v = warp_max(v);
+    v = warp_max_exact(v);
     __syncthreads(); // s_red may still be read by a previous call
     if (lane == 0) s_red[warp] = v;
     __syncthreads();
     const int warps = blockDim.x >> 5;
     v = lane < warps ? s_red[lane] : 0.f;
-    return warp_max(v);
+    return warp_max_exact(v);
 }
 
 // ---- bitsandbytes 4-bit: one warp per block of `bs` elements ----
@@ -114,7 +116,7 @@ __device__ __forceinline__ void bnb4_quantize(const T* __restrict__ x, unsigned 
     const int len = (int)min((unsigned long long)bs, n - e0);
     float am = 0.f;
     for (int i = lane; i < len; i += 32) am = f_max(am, f_abs(to_f(x[e0 + i])));
-    am = warp_max(am);
+    am = warp_max_exact(am);
     if (lane == 0) absmax[blk] = am;
     const float amc = f_max(am, 1e-38f);
     // Full blocks multiply by the reciprocal, the short last block divides (bitsandbytes' kernels).
@@ -195,7 +197,7 @@ extern "C" __global__ void bnb4_nested_quantize(const float* __restrict__ absmax
         v[j] = i < len ? f_sub(absmax[e0 + i], offset) : 0.f;
         if (i < len) am = f_max(am, f_abs(v[j]));
     }
-    am = warp_max(am);
+    am = warp_max_exact(am);
     if (lane == 0) nested[blk] = am;
     const float amc = f_max(am, 1e-38f);
     const float r = f_rcp(amc);

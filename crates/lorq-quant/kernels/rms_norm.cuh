@@ -47,14 +47,12 @@ __device__ __forceinline__ void add_rms_norm_vec(const T* __restrict__ x, const 
             if (s != nullptr) store8<T>(s + row + 8 * c, v[i]);
         }
     }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    ss = warp_sum(ss);
     const int warps = blockDim.x >> 5;
     if ((threadIdx.x & 31) == 0) s_part[threadIdx.x >> 5] = ss;
     __syncthreads();
     float total = (threadIdx.x & 31) < warps ? s_part[threadIdx.x & 31] : 0.f;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) total += __shfl_xor_sync(0xffffffffu, total, o);
+    total = warp_sum(total);
     const float inv = rsqrtf(total / hidden + eps);
     float amax = 0.f;
 #pragma unroll

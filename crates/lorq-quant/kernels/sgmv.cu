@@ -89,8 +89,7 @@ __device__ __forceinline__ void shrink_warp(const W* __restrict__ a, const T* __
 #pragma unroll
     for (int m = 0; m < MT; m++) {
         float v = acc[m];
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        v = warp_sum(v);
         acc[m] = v;
     }
 }
