@@ -452,6 +452,15 @@ impl LlamaModel {
         self.config.tie_word_embeddings && self.lm_head_is_dense()
     }
 
+    /// The LM head's weight while it is still in the compute dtype; an error once quantized.
+    pub(crate) fn dense_lm_head(&self) -> Result<Tensor> {
+        self.lm_head
+            .base
+            .dense_weight()
+            .cloned()
+            .ok_or_else(|| ModelError::Request("the LM head is already quantized".into()))
+    }
+
     /// Quantizes the LM head (the output projection) with `method` too, a load-time method.
     /// bitsandbytes, PEFT, LoRAX and lorq by default keep it in the compute dtype; torchao's
     /// `quantize_` and gpt-fast's int4 quantize it with the other linears (GPTQModel:
@@ -464,11 +473,7 @@ impl LlamaModel {
                 method.name()
             )));
         }
-        let Some(w) = self.lm_head.base.dense_weight().cloned() else {
-            return Err(ModelError::Request(
-                "the LM head is already quantized".into(),
-            ));
-        };
+        let w = self.dense_lm_head()?;
         self.lm_head.base = quantize_weight(method, "lm_head.weight", &w)?;
         tracing::info!("LM head quantized with {}", method.name());
         Ok(())

@@ -158,35 +158,23 @@ impl LlamaModel {
         let make = |&(l, w): &(usize, LayerLinear), threads: usize| -> Result<Linear> {
             let (out, inp) = c.linear_shape(w);
             let path = format!("model.layers.{l}.{}", w.module());
+            let v = seeded_randn(
+                tensor_seed(seed, index(l, w)),
+                out * inp,
+                WEIGHT_STD,
+                threads,
+            );
             let base = match quantize {
                 Some(q) if !q.is_jit() => {
-                    let v = seeded_randn(
-                        tensor_seed(seed, index(l, w)),
-                        out * inp,
-                        WEIGHT_STD,
-                        threads,
-                    );
                     rtn_calibrated_format(q, &v, out, inp, &format!("{path}.weight"))?
                 }
                 Some(q) => {
-                    let v = seeded_randn(
-                        tensor_seed(seed, index(l, w)),
-                        out * inp,
-                        WEIGHT_STD,
-                        threads,
-                    );
                     // On a GPU the weight is quantized there (`quantize_weight`), as a model
                     // loaded with `--device cuda --quantize` is.
                     let t = Tensor::from_vec(v, (out, inp), &Device::Cpu)?.to_device(device)?;
                     quantize_weight(q, &format!("{path}.weight"), &t)?
                 }
                 None => {
-                    let v = seeded_randn(
-                        tensor_seed(seed, index(l, w)),
-                        out * inp,
-                        WEIGHT_STD,
-                        threads,
-                    );
                     let t = Tensor::from_vec(v, (out, inp), &Device::Cpu)?
                         .to_dtype(dtype)?
                         .to_device(device)?;
@@ -277,11 +265,7 @@ impl LlamaModel {
     /// [`Self::quantize_lm_head`] for the load-time methods (a real checkpoint's head is
     /// calibrated with its layers, or kept in full precision).
     pub fn round_lm_head_into(&mut self, method: QuantMethod) -> Result<()> {
-        let Some(w) = self.lm_head.base.dense_weight().cloned() else {
-            return Err(ModelError::Request(
-                "the LM head is already quantized".into(),
-            ));
-        };
+        let w = self.dense_lm_head()?;
         let (n, k) = w.dims2()?;
         let v: Vec<f32> = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
         self.lm_head.base = rtn_calibrated_format(method, &v, n, k, "lm_head.weight")?;

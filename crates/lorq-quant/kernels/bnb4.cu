@@ -101,11 +101,8 @@ __device__ __forceinline__ void gemv(const Bnb4Params p, const T* __restrict__ x
         }
     }
 #pragma unroll
-    for (int r = 0; r < MR; r++) {
-        float v = acc[r];
-        v = warp_sum(v);
-        acc[r] = v;
-    }
+    for (int r = 0; r < MR; r++)
+        acc[r] = warp_sum(acc[r]);
     if (SPLIT == 1) {
         if (lane == 0 && n < N) {
 #pragma unroll

@@ -195,11 +195,8 @@ __device__ __forceinline__ void qgemv(const QParams p, const T* __restrict__ x, 
 #pragma unroll
     for (int r = 0; r < RPW; r++)
 #pragma unroll
-        for (int m = 0; m < MR; m++) {
-            float v = acc[r][m];
-            v = warp_sum(v);
-            acc[r][m] = v;
-        }
+        for (int m = 0; m < MR; m++)
+            acc[r][m] = warp_sum(acc[r][m]);
     if (SPLIT == 1) {
         if (lane == 0) {
 #pragma unroll

@@ -181,11 +181,8 @@ __device__ __forceinline__ void qgemv_half2(const QParams p, const uint4* s_xh, 
         }
     }
 #pragma unroll
-    for (int r = 0; r < RPW; r++) {
-        float v = acc[r];
-        v = warp_sum(v);
-        acc[r] = v;
-    }
+    for (int r = 0; r < RPW; r++)
+        acc[r] = warp_sum(acc[r]);
     if (lane == 0) {
 #pragma unroll
         for (int r = 0; r < RPW; r++) s_part[warp][r] = acc[r];
@@ -221,7 +218,7 @@ __device__ __forceinline__ void qgemv_half2(const QParams p, const uint4* s_xh, 
         });                                                                                        \
     }
 // qgemv_a4h_norm_<dtype>_m1_r4_s4: the same with the norm head (x = RMSNorm(nh.x + nh.d) * nh.w,
-// K <= 4096), persistent blocks taking the `blocks` of the plain kernel's grid in turn (the norm
+// K up to what one block's norm holds, rms_norm.cuh), persistent blocks taking the `blocks` of the plain kernel's grid in turn (the norm
 // once per block); dynamic shared memory: the staging words, then K values of T.
 #define QGEMV_HALF2_NORM(TN, T)                                                                    \
     extern "C" __global__ void __launch_bounds__(WARPS * 32)                                       \

@@ -87,11 +87,8 @@ __device__ __forceinline__ void shrink_warp(const W* __restrict__ a, const T* __
         }
     }
 #pragma unroll
-    for (int m = 0; m < MT; m++) {
-        float v = acc[m];
-        v = warp_sum(v);
-        acc[m] = v;
-    }
+    for (int m = 0; m < MT; m++)
+        acc[m] = warp_sum(acc[m]);
 }
 
 // grid (tiles, ceil(max rank / J_PER_BLOCK)), block WARPS * 32: warp w takes rank index

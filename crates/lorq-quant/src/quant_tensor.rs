@@ -109,13 +109,7 @@ fn gpu_matmul_group(
     if dense.len() == ws.len() {
         return crate::cuda::dense_gemv::gemv_group(x, &dense);
     }
-    let Some(held) = gpu_packed_all(ws, dev)? else {
-        return Ok(None);
-    };
-    let Some(layouts) = ready_layouts(&held) else {
-        return Ok(None);
-    };
-    crate::cuda::qgemv::matmul_group(&layouts, x)
+    with_gpu_layouts(ws, dev, |l| crate::cuda::qgemv::matmul_group(l, x))
 }
 
 /// Each weight's device copy in the packed layout, `None` if any has none; kept alive while
@@ -149,6 +143,23 @@ fn ready_layouts(
         .collect()
 }
 
+/// `f` over the packed GPU layouts of `ws` (uploaded on first use); `None` where any weight has no
+/// packed GPU form or its format no GPU kernel.
+#[cfg(feature = "cuda")]
+fn with_gpu_layouts<R>(
+    ws: &[&dyn QuantTensor],
+    dev: &candle_core::cuda_backend::CudaDevice,
+    f: impl FnOnce(&[&crate::cuda::qgemv::DeviceLayout]) -> Result<Option<R>, QuantError>,
+) -> Result<Option<R>, QuantError> {
+    let Some(held) = gpu_packed_all(ws, dev)? else {
+        return Ok(None);
+    };
+    let Some(layouts) = ready_layouts(&held) else {
+        return Ok(None);
+    };
+    f(&layouts)
+}
+
 /// `SiLU(x · gateᵀ) * (x · upᵀ)` in one GPU launch where the weights allow it (one bf16/f16 row,
 /// decode at batch 1: dense weights, or affine 4-bit ones through the half2 GEMV), rounded as the
 /// two matmuls followed by `silu_mul`; `None` elsewhere (the caller runs the matmuls and the
@@ -163,13 +174,9 @@ pub fn matmul_silu_mul(
         if let (Some(g), Some(u)) = (gate.dense_weight(), up.dense_weight()) {
             return crate::cuda::dense_gemv::silu_mul_gemv(x, g, u);
         }
-        let Some(held) = gpu_packed_all(&[gate, up], dev)? else {
-            return Ok(None);
-        };
-        let Some(l) = ready_layouts(&held) else {
-            return Ok(None);
-        };
-        return crate::cuda::qgemv::matmul_silu_mul(l[0], l[1], x);
+        return with_gpu_layouts(&[gate, up], dev, |l| {
+            crate::cuda::qgemv::matmul_silu_mul(l[0], l[1], x)
+        });
     }
     let _ = (gate, up, x);
     Ok(None)
@@ -205,13 +212,9 @@ pub fn matmul_group_norm_head(
     let candle_core::Device::Cuda(dev) = head.residual.device() else {
         return Ok(None);
     };
-    let Some(held) = gpu_packed_all(ws, dev)? else {
-        return Ok(None);
-    };
-    let Some(layouts) = ready_layouts(&held) else {
-        return Ok(None);
-    };
-    crate::cuda::qgemv::matmul_group_norm_head(&layouts, head)
+    with_gpu_layouts(ws, dev, |l| {
+        crate::cuda::qgemv::matmul_group_norm_head(l, head)
+    })
 }
 
 /// [`matmul_silu_mul`] where the row is the residual add + RMSNorm `head` computes, in the same
@@ -225,13 +228,9 @@ pub fn matmul_silu_mul_norm_head(
     let candle_core::Device::Cuda(dev) = head.residual.device() else {
         return Ok(None);
     };
-    let Some(held) = gpu_packed_all(&[gate, up], dev)? else {
-        return Ok(None);
-    };
-    let Some(l) = ready_layouts(&held) else {
-        return Ok(None);
-    };
-    crate::cuda::qgemv::matmul_silu_mul_norm_head(l[0], l[1], head)
+    with_gpu_layouts(&[gate, up], dev, |l| {
+        crate::cuda::qgemv::matmul_silu_mul_norm_head(l[0], l[1], head)
+    })
 }
 
 /// `dy · W` with `W` dequantized on the host and moved to `dy`'s device (the default of

@@ -298,6 +298,18 @@ impl Variant {
         half2: true,
     };
 
+    /// Blocks of one weight of `n` rows (kernels/qgemv.cu, qgemv_half2.cu: WARPS warps per block,
+    /// `split` warps per group of `rows_per_warp` output rows; `gated`: the gate/up-SiLU kernel,
+    /// whose warps hold half their rows from each weight).
+    fn blocks(self, n: usize, gated: bool) -> usize {
+        let rows = if gated {
+            self.rows_per_warp / 2
+        } else {
+            self.rows_per_warp
+        };
+        (n.div_ceil(rows) * self.split).div_ceil(WARPS)
+    }
+
     /// Whether the half2 kernel takes `w`: affine 4-bit codes (hqq / GPTQ / AWQ 4-bit) in groups
     /// of a multiple of 32, with K small enough for the staged activations in shared memory
     /// ([`HALF2_MAX_SMEM`]).
@@ -614,8 +626,7 @@ fn gemv(
             .map(|w| unsafe { dev.alloc::<T>(m * w.n) })
             .collect::<Result<Vec<_>, _>>()?;
         let stream = dev.cuda_stream();
-        let blocks = |w: &DeviceLayout| (w.n.div_ceil(v.rows_per_warp) * v.split).div_ceil(WARPS);
-        let per: Vec<usize> = ws.iter().map(|w| blocks(w)).collect();
+        let per: Vec<usize> = ws.iter().map(|w| v.blocks(w.n, false)).collect();
         let (total, starts) = super::group_blocks(&per);
         let (group, guards) = QGroup::new(&stream, ws, &ys, starts);
         let mr = mr_for(m);
@@ -728,9 +739,8 @@ pub fn matmul_silu_mul(
             .arg(&y)
             .arg(&ni)
             .arg(&ki);
-        let warps = n.div_ceil(v.rows_per_warp / 2) * v.split;
         let cfg = LaunchConfig {
-            grid_dim: (warps.div_ceil(WARPS) as u32, 1, 1),
+            grid_dim: (v.blocks(n, true) as u32, 1, 1),
             block_dim: ((WARPS * 32) as u32, 1, 1),
             shared_mem_bytes: smem as u32,
         };
@@ -850,10 +860,7 @@ pub fn matmul_group_norm_head(
             .map(|w| unsafe { dev.alloc::<T>(w.n) })
             .collect::<Result<Vec<_>, _>>()?;
         let stream = dev.cuda_stream();
-        let per: Vec<usize> = ws
-            .iter()
-            .map(|w| (w.n.div_ceil(v.rows_per_warp) * v.split).div_ceil(WARPS))
-            .collect();
+        let per: Vec<usize> = ws.iter().map(|w| v.blocks(w.n, false)).collect();
         let (total, starts) = super::group_blocks(&per);
         let (group, guards) = QGroup::new(&stream, ws, &ys, starts);
         let smem = half2_norm_smem(w, std::mem::size_of::<T>());
@@ -923,7 +930,7 @@ pub fn matmul_silu_mul_norm_head(
             v.rows_per_warp, v.split
         );
         let f = half2_function(dev, &name, smem)?;
-        let blocks = (n.div_ceil(v.rows_per_warp / 2) * v.split).div_ceil(WARPS);
+        let blocks = v.blocks(n, true);
         let cfg = norm_head_launch(dev, &f, blocks, smem)?;
         let mut b = stream.launch_builder(&f);
         let null = 0u64;
