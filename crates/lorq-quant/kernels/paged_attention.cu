@@ -287,23 +287,30 @@ __device__ __forceinline__ void paged_attn(const T* __restrict__ q, T* kc, T* vc
                 o[i] = to_f(from_f<T>(e < HALF ? v.x : v.y));
             }
         };
+        // The group's query heads, rotated (ROPE) and scaled once per block into shared memory
+        // (s_acc is free until pass 2 ends): one element per thread instead of every warp
+        // rotating all of them for its lanes.
+        float(*s_q)[HD] = s_acc[0];
+        for (int idx = threadIdx.x; idx < G * HD; idx += NW * 32) {
+            const int g = idx / HD, e = idx % HD;
+            const T* qh = q + ((size_t)r * a.heads + head0 + g) * HD;
+            float v;
+            if constexpr (ROPE) {
+                const int j = e % HALF;
+                const float2 o = rope_pair(to_f(qh[j]), to_f(qh[j + HALF]), to_f(rn.cos_t[(size_t)pos * HALF + j]),
+                                           to_f(rn.sin_t[(size_t)pos * HALF + j]));
+                v = to_f(from_f<T>(e < HALF ? o.x : o.y));
+            } else {
+                v = to_f(qh[e]);
+            }
+            s_q[g][e] = v * a.scale_log2;
+        }
+        __syncthreads();
         float qf[GMAX][8];
 #pragma unroll
         for (int g = 0; g < GMAX; g++) {
-            if (g < G) {
-                const T* qh = q + ((size_t)r * a.heads + head0 + g) * HD;
-                if constexpr (ROPE) {
-                    rotated(qh, qf[g]);
-                } else {
 #pragma unroll
-                    for (int i = 0; i < 8; i++) qf[g][i] = to_f(qh[dl * 8 + i]);
-                }
-#pragma unroll
-                for (int i = 0; i < 8; i++) qf[g][i] *= a.scale_log2;
-            } else {
-#pragma unroll
-                for (int i = 0; i < 8; i++) qf[g][i] = 0.f;
-            }
+            for (int i = 0; i < 8; i++) qf[g][i] = g < G ? s_q[g][dl * 8 + i] : 0.f;
         }
         if constexpr (ROPE) {
             if (pos < end) {  // this partition holds the new token: append it first

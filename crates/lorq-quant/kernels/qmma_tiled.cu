@@ -139,6 +139,100 @@ template <int RT> struct Frag {
     float s[RT][2], z[RT][2];
 };
 
+// The step's half-precision constants of each row: s2 = (s, s); affine codes also the zero's
+// integer part inside the magic base and -(z - zi) s. Affine: w = (q - zi) * s - (z - zi) * s
+// with zi the zero rounded to an integer, so q - zi is exact and only the fraction's product is a
+// half-precision constant: rounding z * s whole (up to 8 ulps of s per weight, the same for a
+// whole group) biased the sums.
+template <typename T, bool LUTK, int RT>
+__device__ __forceinline__ void scale_pairs(const Frag<RT>& f, uint32_t (&s2)[RT][2], uint32_t (&zs2)[RT][2],
+                                            uint32_t (&base)[RT][2]) {
+#pragma unroll
+    for (int rt = 0; rt < RT; rt++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            s2[rt][h] = Half<T>::pack(f.s[rt][h], f.s[rt][h]);
+            base[rt][h] = Half<T>::MAGIC;
+            if constexpr (!LUTK) {
+                const float z = f.z[rt][h];
+                const float zi = fminf(fmaxf(rintf(z), -Half<T>::ZI_MAX), Half<T>::ZI_MAX);
+                const float zs = -(z - zi) * f.s[rt][h];
+                zs2[rt][h] = Half<T>::pack(zs, zs);
+                base[rt][h] = Half<T>::pack(Half<T>::MAGIC_F + zi, Half<T>::MAGIC_F + zi);
+            }
+        }
+}
+
+// Word i of this lane's chunk, every row: 16 scaled pairs per m16 tile.
+template <typename T, bool LUTK, int RT>
+__device__ __forceinline__ void decode_step_word(const Frag<RT>& f, int i, const uint32_t (&base)[RT][2],
+                                                 const uint32_t (&s2)[RT][2], const uint32_t (&zs2)[RT][2],
+                                                 const uint32_t (&tlo)[4], const uint32_t (&thi)[4],
+                                                 uint32_t (&p)[RT][2][4]) {
+#pragma unroll
+    for (int rt = 0; rt < RT; rt++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const uint4 v = f.w[rt][h];
+            const uint32_t w = i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+            decode_word<T, LUTK>(w, base[rt][h], tlo, thi, p[rt][h]);
+#pragma unroll
+            for (int j = 0; j < 4; j++)
+                p[rt][h][j] = LUTK ? Half<T>::mul(p[rt][h][j], s2[rt][h]) : Half<T>::fma(p[rt][h][j], s2[rt][h], zs2[rt][h]);
+        }
+}
+
+// Activations k = k0 + 8i + (0..7) of n8 tile nt (v, as loaded), paired (j, j+4), times the
+// decoded word of every row tile.
+template <typename T, int RT, int MT>
+__device__ __forceinline__ void mma_word(float (&acc)[RT][MT][4], int nt, const uint32_t (&p)[RT][2][4], uint4 v) {
+    const uint32_t xb[4] = {prmt(v.x, v.z, 0x5410u), prmt(v.x, v.z, 0x7632u), prmt(v.y, v.w, 0x5410u),
+                            prmt(v.y, v.w, 0x7632u)};
+#pragma unroll
+    for (int j2 = 0; j2 < 2; j2++)
+#pragma unroll
+        for (int rt = 0; rt < RT; rt++)
+            Half<T>::mma(acc[rt][nt], p[rt][0][2 * j2], p[rt][1][2 * j2], p[rt][0][2 * j2 + 1], p[rt][1][2 * j2 + 1],
+                         xb[2 * j2], xb[2 * j2 + 1]);
+}
+
+// The block's epilogue: the K-slice warps' sums, the outputs (or the split's f32 partial sums),
+// and with several splits the last block of the tile adding them in split order. All threads.
+template <typename T, int MT, int RT, int WR, int WK, typename Red>
+__device__ __forceinline__ void finish(float (&acc)[RT][MT][4], Red& s_red, bool& last, T* __restrict__ y,
+                                       float* __restrict__ partial, unsigned* __restrict__ counters, int M, int N,
+                                       int nb, int nw, int mb, int wr, int ws, int g, int t, int tid, int lane,
+                                       int splits) {
+    constexpr int BROWS = WR * RT * 16;
+    if constexpr (WK > 1) mma_pipeline::sum_k_slices<WK>(acc, s_red, wr, ws, lane);
+    float* out32 = splits == 1 ? nullptr : partial + (size_t)blockIdx.y * M * N;
+    if (ws == 0)
+        mma_pipeline::for_each_output(acc, nw, mb, g, t, [&](int n, int m, float v) {
+            if (n < N && m < M) {
+                if (splits == 1) y[(size_t)m * N + n] = from_f<T>(v);
+                else __stcg(out32 + (size_t)m * N + n, v);
+            }
+        });
+    if (splits == 1) return;
+    // Split K: the last block of this tile adds the splits' partial sums, in split order.
+    __threadfence();
+    __syncthreads();
+    unsigned* counter = counters + blockIdx.z * gridDim.x + blockIdx.x;
+    if (tid == 0) last = atomicAdd(counter, 1u) == (unsigned)(splits - 1);
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    const int mrows = min(M - mb, 8 * MT);
+    for (int i = tid; i < mrows * BROWS; i += THREADS) {  // n fastest: coalesced
+        const int m = mb + i / BROWS, n = nb + i % BROWS;
+        if (n >= N) continue;
+        float v = 0.f;
+        for (int sp = 0; sp < splits; sp++) v += __ldcg(partial + ((size_t)sp * M + m) * N + n);
+        y[(size_t)m * N + n] = from_f<T>(v);
+    }
+    if (tid == 0) *counter = 0u;  // ready for the next launch on this stream
+}
+
 template <typename T, bool LUTK, int MT, int RT, int WR, int WK, int PF>
 __device__ __forceinline__ void run(const uint32_t* __restrict__ codes, const float* __restrict__ scales,
                                     const float* __restrict__ zeros, const float* __restrict__ lut, int wpr,
@@ -203,24 +297,8 @@ __device__ __forceinline__ void run(const uint32_t* __restrict__ codes, const fl
 
     auto compute = [&](const Frag<RT>& f, int st) {
         const int k0 = st * 128 + t * 32;
-        // Affine: w = (q - zi) * s - (z - zi) * s with zi the zero rounded to an integer, so q - zi
-        // is exact and only the fraction's product is a half-precision constant: rounding z * s
-        // whole (up to 8 ulps of s per weight, the same for a whole group) biased the sums.
         uint32_t s2[RT][2], zs2[RT][2], base[RT][2];
-#pragma unroll
-        for (int rt = 0; rt < RT; rt++)
-#pragma unroll
-            for (int h = 0; h < 2; h++) {
-                s2[rt][h] = Half<T>::pack(f.s[rt][h], f.s[rt][h]);
-                base[rt][h] = Half<T>::MAGIC;
-                if constexpr (!LUTK) {
-                    const float z = f.z[rt][h];
-                    const float zi = fminf(fmaxf(rintf(z), -Half<T>::ZI_MAX), Half<T>::ZI_MAX);
-                    const float zs = -(z - zi) * f.s[rt][h];
-                    zs2[rt][h] = Half<T>::pack(zs, zs);
-                    base[rt][h] = Half<T>::pack(Half<T>::MAGIC_F + zi, Half<T>::MAGIC_F + zi);
-                }
-            }
+        scale_pairs<T, LUTK, RT>(f, s2, zs2, base);
         uint4 xv[MT][4];
 #pragma unroll
         for (int nt = 0; nt < MT; nt++) {
@@ -232,65 +310,164 @@ __device__ __forceinline__ void run(const uint32_t* __restrict__ codes, const fl
         }
 #pragma unroll
         for (int i = 0; i < 4; i++) {
-            // Word i of this lane's chunk, every row: 16 scaled pairs per m16 tile.
             uint32_t p[RT][2][4];
+            decode_step_word<T, LUTK, RT>(f, i, base, s2, zs2, tlo, thi, p);
 #pragma unroll
-            for (int rt = 0; rt < RT; rt++)
-#pragma unroll
-                for (int h = 0; h < 2; h++) {
-                    const uint4 v = f.w[rt][h];
-                    const uint32_t w = i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
-                    decode_word<T, LUTK>(w, base[rt][h], tlo, thi, p[rt][h]);
-#pragma unroll
-                    for (int j = 0; j < 4; j++)
-                        p[rt][h][j] = LUTK ? Half<T>::mul(p[rt][h][j], s2[rt][h])
-                                           : Half<T>::fma(p[rt][h][j], s2[rt][h], zs2[rt][h]);
-                }
-            // Activations k = k0 + 8i + (0..7) of each n8 tile, paired (j, j+4).
-#pragma unroll
-            for (int nt = 0; nt < MT; nt++) {
-                const uint4 v = xv[nt][i];
-                const uint32_t xb[4] = {prmt(v.x, v.z, 0x5410u), prmt(v.x, v.z, 0x7632u),
-                                        prmt(v.y, v.w, 0x5410u), prmt(v.y, v.w, 0x7632u)};
-#pragma unroll
-                for (int j2 = 0; j2 < 2; j2++)
-#pragma unroll
-                    for (int rt = 0; rt < RT; rt++)
-                        Half<T>::mma(acc[rt][nt], p[rt][0][2 * j2], p[rt][1][2 * j2], p[rt][0][2 * j2 + 1],
-                                     p[rt][1][2 * j2 + 1], xb[2 * j2], xb[2 * j2 + 1]);
-            }
+            for (int nt = 0; nt < MT; nt++) mma_word<T, RT>(acc, nt, p, xv[nt][i]);
         }
     };
 
     Frag<RT> buf[PF + 1];
     mma_pipeline::stream_steps<PF>(buf, st0 + ws, WK, st1, load, compute);
-    if constexpr (WK > 1) mma_pipeline::sum_k_slices<WK>(acc, s_red, wr, ws, lane);
-    float* out32 = splits == 1 ? nullptr : partial + (size_t)blockIdx.y * M * N;
-    if (ws == 0)
-        mma_pipeline::for_each_output(acc, nw, mb, g, t, [&](int n, int m, float v) {
-            if (n < N && m < M) {
-                if (splits == 1) y[(size_t)m * N + n] = from_f<T>(v);
-                else __stcg(out32 + (size_t)m * N + n, v);
-            }
-        });
-    if (splits == 1) return;
-    // Split K: the last block of this tile adds the splits' partial sums, in split order.
-    __threadfence();
-    __syncthreads();
-    unsigned* counter = counters + blockIdx.z * gridDim.x + blockIdx.x;
-    if (tid == 0) last = atomicAdd(counter, 1u) == (unsigned)(splits - 1);
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    const int mrows = min(M - mb, 8 * MT);
-    for (int i = tid; i < mrows * BROWS; i += THREADS) {  // n fastest: coalesced
-        const int m = mb + i / BROWS, n = nb + i % BROWS;
-        if (n >= N) continue;
-        float v = 0.f;
-        for (int sp = 0; sp < splits; sp++) v += __ldcg(partial + ((size_t)sp * M + m) * N + n);
-        y[(size_t)m * N + n] = from_f<T>(v);
+    finish<T, MT, RT, WR, WK>(acc, s_red, last, y, partial, counters, M, N, nb, nw, mb, wr, ws, g, t, tid, lane, splits);
+}
+
+}  // namespace qmmat
+
+// ---- Staged activations (block shape x1, 33-64 activation rows) ----
+// The same weight stream and math as run(), but the activations of each block step (WK warp
+// steps of 128) come from shared memory: all 256 threads copy them there with cp.async, S steps
+// ahead, into a ring of S slots, and the lanes read their fragments with conflict-free 16-byte
+// loads (unit u of token row m at swizzle(u, m): the quarter-warp pattern g = 2q, 2q + 1 x
+// t = 0..3 hits 8 distinct 16-byte bank groups). At 64 rows every lane of run() re-reads its
+// 512 activation bytes per step through L1 (88 % busy in Nsight Compute); staged, the block reads
+// them once. Lab sweep (session 16, H200): 64 rows 14336x4096 56.7 us against 68.0 (c2),
+// 4096x14336 65.4 against 92.8 (c3), 4096x4096 32.6 against 35.4.
+namespace qmmat {
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool ok) {
+    const uint32_t s = (uint32_t)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(ok ? 16 : 0));
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+__device__ __forceinline__ int swizzle(int u, int m) { return u ^ ((u >> 3) & 1) ^ ((m & 1) << 1); }
+
+// Dynamic shared memory of a staged launch: S slots of 8 MT activation rows x WK * 128 values.
+template <int MT, int WK, int S> constexpr int staged_bytes() { return S * 8 * MT * WK * 256; }
+
+template <typename T, bool LUTK, int MT, int RT, int WR, int WK, int PF, int S>
+__device__ __forceinline__ void run_staged(const uint32_t* __restrict__ codes, const float* __restrict__ scales,
+                                           const float* __restrict__ zeros, const float* __restrict__ lut,
+                                           int wpr, int gsize, int groups, const T* __restrict__ x,
+                                           T* __restrict__ y, float* __restrict__ partial,
+                                           unsigned* __restrict__ counters, int M, int N, int K,
+                                           int steps_per_split, int bx) {
+    static_assert(WR * WK * 32 == THREADS, "8 warps per block");
+    constexpr int BROWS = WR * RT * 16;
+    constexpr int NACC = RT * MT * 4;
+    constexpr int MB = 8 * MT;      // activation rows per block
+    constexpr int UR = WK * 16;     // 16-byte units per activation row of a slot
+    constexpr int SLOT = MB * UR;   // units per slot
+    extern __shared__ uint4 s_x[];  // [S][MB][UR]
+    __shared__ float s_red[WK > 1 ? WR : 1][WK > 1 ? 32 : 1][WK > 1 ? NACC : 1];
+    __shared__ bool last;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int wr = warp % WR, ws = warp / WR;
+    const int nb = bx * BROWS;
+    const int nw = nb + wr * RT * 16;
+    const int mb = blockIdx.z * MB;
+    const int splits = gridDim.y;
+    const int steps = (K + 127) / 128;
+    const int st0 = blockIdx.y * steps_per_split;
+    const int st1 = min(steps, st0 + steps_per_split);
+    const int bsteps = (st1 - st0 + WK - 1) / WK;  // block steps
+    const int chunks = K >> 5;
+
+    uint32_t tlo[4] = {0, 0, 0, 0}, thi[4] = {0, 0, 0, 0};
+    if constexpr (LUTK) {
+#pragma unroll
+        for (int e = 0; e < 16; e++) {
+            const uint32_t b = Half<T>::bits(__ldg(lut + e));
+            tlo[e >> 2] |= (b & 0xFFu) << (8 * (e & 3));
+            thi[e >> 2] |= (b >> 8) << (8 * (e & 3));
+        }
     }
-    if (tid == 0) *counter = 0u;  // ready for the next launch on this stream
+    size_t crow[RT][2], srow[RT][2];
+#pragma unroll
+    for (int rt = 0; rt < RT; rt++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int n = min(nw + rt * 16 + h * 8 + g, N - 1);
+            crow[rt][h] = (size_t)n * wpr;
+            srow[rt][h] = (size_t)n * groups;
+        }
+    // Block step bs of this warp: its K step st0 + bs WK + ws (clamped: past the split's end the
+    // loads repeat a valid chunk and the step is not computed).
+    auto load = [&](Frag<RT>& f, int bs) {
+        const int st = min(st0 + bs * WK + ws, st1 - 1);
+        const int c = min(st * 4 + t, chunks - 1);
+        const int gi = (c * 32) / gsize;
+#pragma unroll
+        for (int rt = 0; rt < RT; rt++)
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                f.w[rt][h] = __ldcs(reinterpret_cast<const uint4*>(codes + crow[rt][h] + (size_t)c * 4));
+                f.s[rt][h] = __ldg(scales + srow[rt][h] + gi);
+                f.z[rt][h] = LUTK ? 0.f : __ldg(zeros + srow[rt][h] + gi);
+            }
+    };
+    // The activations of block step bs into its slot, zero past M, K and the split's end.
+    auto stage = [&](int bs) {
+        uint4* dst = s_x + (bs % S) * SLOT;
+        const int k0 = (st0 + bs * WK) * 128;
+        for (int i = tid; i < SLOT; i += THREADS) {
+            const int m = i / UR, u = i % UR;
+            const int k = k0 + u * 8;
+            const bool ok = bs < bsteps && mb + m < M && k < K && k < st1 * 128;
+            cp_async16(dst + m * UR + swizzle(u, m), ok ? x + (size_t)(mb + m) * K + k : x, ok);
+        }
+    };
+    float acc[RT][MT][4];
+#pragma unroll
+    for (int a = 0; a < RT; a++)
+#pragma unroll
+        for (int b = 0; b < MT; b++)
+#pragma unroll
+            for (int c = 0; c < 4; c++) acc[a][b][c] = 0.f;
+
+    auto compute = [&](const Frag<RT>& f, int bs) {
+        const uint4* src = s_x + (bs % S) * SLOT;
+        uint32_t s2[RT][2], zs2[RT][2], base[RT][2];
+        scale_pairs<T, LUTK, RT>(f, s2, zs2, base);
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            uint32_t p[RT][2][4];
+            decode_step_word<T, LUTK, RT>(f, i, base, s2, zs2, tlo, thi, p);
+#pragma unroll
+            for (int nt = 0; nt < MT; nt++) {
+                const int m = nt * 8 + g;
+                mma_word<T, RT>(acc, nt, p, src[m * UR + swizzle(ws * 16 + 4 * t + i, m)]);
+            }
+        }
+    };
+
+#pragma unroll
+    for (int s = 0; s < S - 1; s++) {
+        stage(s);
+        cp_commit();
+    }
+    Frag<RT> buf[PF + 1];
+#pragma unroll
+    for (int u = 0; u <= PF; u++)
+        if (u < bsteps) load(buf[u], u);
+    for (int b0 = 0; b0 < bsteps; b0 += PF + 1) {
+#pragma unroll
+        for (int u = 0; u <= PF; u++) {
+            const int bs = b0 + u;
+            if (bs < bsteps) {
+                cp_wait<S - 2>();
+                __syncthreads();  // slot bs landed for every thread; slot bs - 1 is free
+                stage(bs + S - 1);
+                cp_commit();
+                if (st0 + bs * WK + ws < st1) compute(buf[u], bs);
+                if (bs + PF + 1 < bsteps) load(buf[u], bs + PF + 1);
+            }
+        }
+    }
+    cp_wait<0>();
+    finish<T, MT, RT, WR, WK>(acc, s_red, last, y, partial, counters, M, N, nb, nw, mb, wr, ws, g, t, tid, lane, splits);
 }
 
 }  // namespace qmmat
@@ -300,9 +477,14 @@ __device__ __forceinline__ void run(const uint32_t* __restrict__ codes, const fl
 //       up to 16 rows, and N <= 4096 up to 32)
 //   c2: 2 row tiles x 4 row warps x 2 K slices (128 rows: N >= 8192 past 8 rows)
 //   c3: 1 row tile x 2 row warps x 4 K slices (32 rows: the rest)
+//   c4: 2 row tiles x 2 row warps x 4 K slices (64 rows: affine codes, N >= 8192, up to 16 rows)
 #define QMMAT_CFG_c1 1, 1, 8, 2
 #define QMMAT_CFG_c2 2, 4, 2, 1
 #define QMMAT_CFG_c3 1, 2, 4, 1
+#define QMMAT_CFG_c4 2, 2, 4, 1
+// Staged activations (run_staged): RT, WR, WK, PF, S.
+//   x1: 1 row tile x 8 row warps, 2 steps in flight, 3 activation slots (128 rows, 33-64 rows)
+#define QMMAT_CFG_x1 1, 8, 1, 2, 3
 
 // qmmat_*: one weight. Arguments: qgemv.cu's QARGS (DeviceLayout::push_args), then x, y, partial,
 // counters, M, N, K, steps per split.
@@ -346,12 +528,52 @@ __device__ __forceinline__ void run(const uint32_t* __restrict__ codes, const fl
                                                    steps_per_split, bx - g.b2);                    \
         }                                                                                          \
     }
+// qmmat_*_x*, qmmatg_*_x*: the same two entry points on run_staged (dynamic shared memory:
+// staged_bytes, qmma_tiled.rs STAGED_BYTES).
+#define QMMATX(KN, LUTK, TN, T, MT, C)                                                             \
+    extern "C" __global__ void __launch_bounds__(qmmat::THREADS)                                   \
+        qmmat_##KN##_##TN##_t##MT##_##C(const uint32_t* codes, const float* scales,                \
+                                        const float* zeros, const float* lut, int wpr, int gsize,  \
+                                        int groups, int /* round_mode: f32 only */,                \
+                                        const T* __restrict__ x, T* __restrict__ y,                \
+                                        float* partial, unsigned* counters, int M, int N, int K,   \
+                                        int steps_per_split) {                                     \
+        qmmat::run_staged<T, LUTK, MT, QMMAT_CFG_##C>(codes, scales, zeros, lut, wpr, gsize, groups, x, y, \
+                                                      partial, counters, M, N, K, steps_per_split, \
+                                                      blockIdx.x);                                 \
+    }                                                                                              \
+    extern "C" __global__ void __launch_bounds__(qmmat::THREADS)                                   \
+        qmmatg_##KN##_##TN##_t##MT##_##C(const uint32_t* codes, const float* scales,               \
+                                         const float* zeros, const float* lut, int wpr, int gsize, \
+                                         int groups, int /* round_mode */,                         \
+                                         const T* __restrict__ x, T* __restrict__ y,               \
+                                         float* partial, unsigned* counters, int M, int N, int K,  \
+                                         int steps_per_split, const QGroup g) {                    \
+        const int bx = blockIdx.x;                                                                 \
+        if (bx < g.b1) {                                                                           \
+            qmmat::run_staged<T, LUTK, MT, QMMAT_CFG_##C>(codes, scales, zeros, lut, wpr, gsize, groups, \
+                                                          x, y, partial, counters, M, N, K,        \
+                                                          steps_per_split, bx);                    \
+        } else if (bx < g.b2) {                                                                    \
+            qmmat::run_staged<T, LUTK, MT, QMMAT_CFG_##C>(g.codes[0], g.scales[0], g.zeros[0], lut, wpr, \
+                                                          gsize, groups, x, static_cast<T*>(g.y[0]), \
+                                                          partial, counters, M, g.n[0], K,         \
+                                                          steps_per_split, bx - g.b1);             \
+        } else {                                                                                   \
+            qmmat::run_staged<T, LUTK, MT, QMMAT_CFG_##C>(g.codes[1], g.scales[1], g.zeros[1], lut, wpr, \
+                                                          gsize, groups, x, static_cast<T*>(g.y[1]), \
+                                                          partial, counters, M, g.n[1], K,         \
+                                                          steps_per_split, bx - g.b2);             \
+        }                                                                                          \
+    }
 #define QMMAT_BOTH(KN, LUTK, TN, T, MT, C) QMMAT(KN, LUTK, TN, T, MT, C) QMMATG(KN, LUTK, TN, T, MT, C)
 #define QMMAT_ALL(KN, LUTK, TN, T)                                                                 \
     QMMAT_BOTH(KN, LUTK, TN, T, 1, c1) QMMAT_BOTH(KN, LUTK, TN, T, 2, c1)                          \
     QMMAT_BOTH(KN, LUTK, TN, T, 4, c1) QMMAT_BOTH(KN, LUTK, TN, T, 2, c2)                          \
     QMMAT_BOTH(KN, LUTK, TN, T, 4, c2) QMMAT_BOTH(KN, LUTK, TN, T, 8, c2)                          \
-    QMMAT_BOTH(KN, LUTK, TN, T, 4, c3) QMMAT_BOTH(KN, LUTK, TN, T, 8, c3)
+    QMMAT_BOTH(KN, LUTK, TN, T, 4, c3) QMMAT_BOTH(KN, LUTK, TN, T, 8, c3)                          \
+    QMMAT_BOTH(KN, LUTK, TN, T, 1, c4) QMMAT_BOTH(KN, LUTK, TN, T, 2, c4)                          \
+    QMMATX(KN, LUTK, TN, T, 8, x1)
 QMMAT_ALL(a4, false, bf16, __nv_bfloat16)
 QMMAT_ALL(a4, false, f16, __half)
 QMMAT_ALL(t4, true, bf16, __nv_bfloat16)

@@ -527,7 +527,8 @@ mod gpu {
 
     /// Edges the formats' own quantizers do not reach: K not a multiple of the 128-wide step,
     /// groups of 32 and of 96 (spanning steps), N not a multiple of the 128-row block, fractional
-    /// zeros, a long K split over many blocks; affine and table codes.
+    /// zeros, a long K split over many blocks, a wide weight (the block shapes of N >= 8192);
+    /// affine and table codes.
     #[test]
     fn tiled_kernel_edge_shapes() {
         let Some(dev) = gpu() else { return };
@@ -539,6 +540,8 @@ mod gpu {
             (200, 288, 96),
             (130, 4096, 128),
             (8, 32, 32),
+            (8200, 256, 128),
+            (4100, 1024, 64),
         ]
         .iter()
         .enumerate()
@@ -585,9 +588,32 @@ mod gpu {
                     &format!("{kname} group {group}"),
                     &layout,
                     &dl,
-                    &[1, 2, 7, 17, 64, 65, 130],
+                    &[1, 2, 7, 12, 17, 64, 65, 130],
                     &[QPath::MmaTiled],
                 ));
+                if n >= 8192 {
+                    // Two wide weights in one launch (the staged kernel at 33-64 rows, grouped):
+                    // each output equals the weight alone, whose blocks sum in the same order.
+                    for m in [40usize, 64] {
+                        let x = Tensor::from_vec(randn(seed + m as u64, m * k, 1.0), (m, k), &dev)
+                            .unwrap()
+                            .to_dtype(DType::BF16)
+                            .unwrap();
+                        let alone = matmul(&dl, &x, QPath::MmaTiled).unwrap();
+                        let ys = matmul_group(&[&dl, &dl], &x).unwrap().expect("grouped");
+                        for y in &ys {
+                            let e = rel_l2(
+                                &y.to_device(&Device::Cpu).unwrap(),
+                                &alone.to_device(&Device::Cpu).unwrap(),
+                            );
+                            if e.is_nan() || e > 1e-6 {
+                                failures.push(format!(
+                                    "{kname} {n}x{k} m={m} grouped: rel {e:.2e} against alone"
+                                ));
+                            }
+                        }
+                    }
+                }
             }
         }
         assert!(

@@ -8,6 +8,7 @@
 
 use std::sync::OnceLock;
 
+use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
 };
@@ -54,22 +55,56 @@ pub(crate) struct Shape {
     pub rows: usize,
     /// Warps of a row group splitting K inside the block.
     pub k_warps: usize,
+    /// Activation slots in shared memory (`run_staged`; 0: activations through L1, `run`).
+    pub stages: usize,
+    /// Most K splits over blocks.
+    pub max_splits: usize,
+}
+
+impl Shape {
+    /// Dynamic shared memory of a launch with `mt` n8 tiles: each slot holds 8·mt activation rows
+    /// of `k_warps` 128-wide steps (kernels/qmma_tiled.cu `staged_bytes`).
+    fn shared_bytes(&self, mt: usize) -> usize {
+        self.stages * 8 * mt * self.k_warps * 128 * 2
+    }
 }
 
 const C1: Shape = Shape {
     name: "c1",
     rows: 16,
     k_warps: 8,
+    stages: 0,
+    max_splits: MAX_SPLITS,
 };
 const C2: Shape = Shape {
     name: "c2",
     rows: 128,
     k_warps: 2,
+    stages: 0,
+    max_splits: MAX_SPLITS,
 };
 const C3: Shape = Shape {
     name: "c3",
     rows: 32,
     k_warps: 4,
+    stages: 0,
+    max_splits: MAX_SPLITS,
+};
+/// Staged activations, 128 rows (8 row warps, one m16 tile each), 3 slots: 33-64 rows; K split
+/// over at most 4 blocks (the lab's best for 4096-row weights).
+const X1: Shape = Shape {
+    name: "x1",
+    rows: 128,
+    k_warps: 1,
+    stages: 3,
+    max_splits: 4,
+};
+const C4: Shape = Shape {
+    name: "c4",
+    rows: 64,
+    k_warps: 4,
+    stages: 0,
+    max_splits: MAX_SPLITS,
 };
 
 /// The block shape for `n` output rows, `mt` n8 tiles and table (`t4`) or affine (`a4`) codes.
@@ -77,9 +112,18 @@ const C3: Shape = Shape {
 /// one 16-row tile per block with all 8 warps on K is fastest everywhere; past that, wide weights
 /// (gate/up) reuse each activation load over 32 rows per warp (`c2`) — except table codes at 9-16
 /// rows, whose longer decode keeps `c1` ahead — and narrower ones keep more blocks (`c1` up to 32
-/// rows where N <= 4096, else `c3`).
-pub(crate) fn shape(n: usize, mt: usize, table: bool) -> Shape {
+/// rows where N <= 4096, else `c3`). Session 16's sweep (a lab build of the kernel body with
+/// other block shapes, H200): wide affine weights up to 16 rows run 6-14 % faster with two row
+/// tiles per warp over four K slices (`c4`) than with `c1` / `c2`; not in a grouped launch, whose
+/// kernel needs 130 registers there (one block per SM: batch-16 decode 12 % slower, H100).
+/// From 33 rows, weights of 4096 rows and more stage their activations (`x1`: lab, 64 rows,
+/// H200: 14336x4096 56.7 us against 68.0, 4096x14336 65.4 against 92.8, 4096x4096 32.6 against
+/// 35.4); a grouped launch (which never splits K) only from 8192 rows, below that its 128-row
+/// blocks leave the GPU half idle.
+pub(crate) fn shape(n: usize, mt: usize, table: bool, grouped: bool) -> Shape {
     match mt {
+        8 if n >= if grouped { 8192 } else { 4096 } => X1,
+        1 | 2 if n >= 8192 && !table && !grouped => C4,
         1 => C1,
         2 if table => C1,
         _ if n >= 8192 => C2,
@@ -106,7 +150,7 @@ pub(crate) fn split_k(sh: Shape, n: usize, m: usize, k: usize, sms: usize) -> (u
         (2 * sms)
             .div_ceil(tiles)
             .min(steps.div_ceil(sh.k_warps))
-            .clamp(1, MAX_SPLITS)
+            .clamp(1, sh.max_splits)
     };
     let per = steps.div_ceil(splits);
     (steps.div_ceil(per), per)
@@ -149,8 +193,8 @@ pub(crate) fn matmul_group(
             .collect::<Result<Vec<_>, _>>()?;
         let mt = m_tiles(m);
         let total_n: usize = ws.iter().map(|w| w.n).sum();
-        let sh = shape(total_n, mt, w.tag.starts_with('t'));
         let grouped = ws.len() > 1;
+        let sh = shape(total_n, mt, w.tag.starts_with('t'), grouped);
         let kernel = if grouped { "qmmatg" } else { "qmmat" };
         let f = function(
             dev,
@@ -185,10 +229,20 @@ pub(crate) fn matmul_group(
         if grouped {
             b.arg(&group);
         }
+        let smem = sh.shared_bytes(mt);
+        if smem > 0 {
+            // Past the 48 KiB a kernel gets without asking (x1 at 64 rows: exactly 48 KiB plus
+            // its static bytes).
+            f.set_attribute(
+                CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )
+            .w()?;
+        }
         let cfg = LaunchConfig {
             grid_dim: (blocks as u32, splits as u32, m.div_ceil(8 * mt) as u32),
             block_dim: (THREADS as u32, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: smem as u32,
         };
         // SAFETY: the arguments match `qmmat_*` / `qmmatg_*` in kernels/qmma_tiled.cu; x holds m*k elements
         // from a 16-byte-aligned start (checked by the caller), output j m*n_j, partial
@@ -234,7 +288,7 @@ mod tests {
     use super::{m_tiles, shape, split_k};
 
     fn splits(n: usize, m: usize, k: usize) -> (usize, usize) {
-        split_k(shape(n, m_tiles(m), true), n, m, k, 132)
+        split_k(shape(n, m_tiles(m), true, false), n, m, k, 132)
     }
 
     #[test]
