@@ -139,6 +139,50 @@ template <int RT> struct Frag {
     float s[RT][2], z[RT][2];
 };
 
+// The 16-entry table as bytes in registers (lookup4): entry e's low byte in byte e % 4 of tlo[e / 4],
+// its high byte likewise in thi.
+template <typename T>
+__device__ __forceinline__ void table_bytes(const float* __restrict__ lut, uint32_t (&tlo)[4], uint32_t (&thi)[4]) {
+#pragma unroll
+    for (int e = 0; e < 16; e++) {
+        const uint32_t b = Half<T>::bits(__ldg(lut + e));
+        tlo[e >> 2] |= (b & 0xFFu) << (8 * (e & 3));
+        thi[e >> 2] |= (b >> 8) << (8 * (e & 3));
+    }
+}
+
+// Row offsets of lane row g (and g + 8) of each m16 tile of a warp whose first row is nw, into the
+// codes and the (scale, zero) arrays; clamped: rows past N compute garbage that is never stored.
+template <int RT>
+__device__ __forceinline__ void lane_rows(int nw, int g, int N, int wpr, int groups, size_t (&crow)[RT][2],
+                                          size_t (&srow)[RT][2]) {
+#pragma unroll
+    for (int rt = 0; rt < RT; rt++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int n = min(nw + rt * 16 + h * 8 + g, N - 1);
+            crow[rt][h] = (size_t)n * wpr;
+            srow[rt][h] = (size_t)n * groups;
+        }
+}
+
+// Chunk c (32 codes, 16 bytes) of each of the lane's rows into f, with its group's scale and zero.
+template <bool LUTK, int RT>
+__device__ __forceinline__ void load_chunk(Frag<RT>& f, const uint32_t* __restrict__ codes,
+                                           const float* __restrict__ scales, const float* __restrict__ zeros,
+                                           const size_t (&crow)[RT][2], const size_t (&srow)[RT][2], int c,
+                                           int gsize) {
+    const int gi = (c * 32) / gsize;
+#pragma unroll
+    for (int rt = 0; rt < RT; rt++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            f.w[rt][h] = __ldcs(reinterpret_cast<const uint4*>(codes + crow[rt][h] + (size_t)c * 4));
+            f.s[rt][h] = __ldg(scales + srow[rt][h] + gi);
+            f.z[rt][h] = LUTK ? 0.f : __ldg(zeros + srow[rt][h] + gi);
+        }
+}
+
 // The step's half-precision constants of each row: s2 = (s, s); affine codes also the zero's
 // integer part inside the magic base and -(z - zi) s. Affine: w = (q - zi) * s - (z - zi) * s
 // with zi the zero rounded to an integer, so q - zi is exact and only the fraction's product is a
@@ -257,35 +301,12 @@ __device__ __forceinline__ void run(const uint32_t* __restrict__ codes, const fl
     const int chunks = K >> 5;
 
     uint32_t tlo[4] = {0, 0, 0, 0}, thi[4] = {0, 0, 0, 0};
-    if constexpr (LUTK) {
-#pragma unroll
-        for (int e = 0; e < 16; e++) {
-            const uint32_t b = Half<T>::bits(__ldg(lut + e));
-            tlo[e >> 2] |= (b & 0xFFu) << (8 * (e & 3));
-            thi[e >> 2] |= (b >> 8) << (8 * (e & 3));
-        }
-    }
-    // This lane's rows (clamped: rows past N compute garbage that is never stored).
+    if constexpr (LUTK) table_bytes<T>(lut, tlo, thi);
     size_t crow[RT][2], srow[RT][2];
-#pragma unroll
-    for (int rt = 0; rt < RT; rt++)
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-            const int n = min(nw + rt * 16 + h * 8 + g, N - 1);
-            crow[rt][h] = (size_t)n * wpr;
-            srow[rt][h] = (size_t)n * groups;
-        }
+    lane_rows<RT>(nw, g, N, wpr, groups, crow, srow);
     auto load = [&](Frag<RT>& f, int st) {
         const int c = min(st * 4 + t, chunks - 1);  // past K: any chunk, its activations are 0
-        const int gi = (c * 32) / gsize;
-#pragma unroll
-        for (int rt = 0; rt < RT; rt++)
-#pragma unroll
-            for (int h = 0; h < 2; h++) {
-                f.w[rt][h] = __ldcs(reinterpret_cast<const uint4*>(codes + crow[rt][h] + (size_t)c * 4));
-                f.s[rt][h] = __ldg(scales + srow[rt][h] + gi);
-                f.z[rt][h] = LUTK ? 0.f : __ldg(zeros + srow[rt][h] + gi);
-            }
+        load_chunk<LUTK, RT>(f, codes, scales, zeros, crow, srow, c, gsize);
     };
     float acc[RT][MT][4];
 #pragma unroll
@@ -343,9 +364,6 @@ __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_grou
 template <int N> __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 __device__ __forceinline__ int swizzle(int u, int m) { return u ^ ((u >> 3) & 1) ^ ((m & 1) << 1); }
 
-// Dynamic shared memory of a staged launch: S slots of 8 MT activation rows x WK * 128 values.
-template <int MT, int WK, int S> constexpr int staged_bytes() { return S * 8 * MT * WK * 256; }
-
 template <typename T, bool LUTK, int MT, int RT, int WR, int WK, int PF, int S>
 __device__ __forceinline__ void run_staged(const uint32_t* __restrict__ codes, const float* __restrict__ scales,
                                            const float* __restrict__ zeros, const float* __restrict__ lut,
@@ -376,37 +394,15 @@ __device__ __forceinline__ void run_staged(const uint32_t* __restrict__ codes, c
     const int chunks = K >> 5;
 
     uint32_t tlo[4] = {0, 0, 0, 0}, thi[4] = {0, 0, 0, 0};
-    if constexpr (LUTK) {
-#pragma unroll
-        for (int e = 0; e < 16; e++) {
-            const uint32_t b = Half<T>::bits(__ldg(lut + e));
-            tlo[e >> 2] |= (b & 0xFFu) << (8 * (e & 3));
-            thi[e >> 2] |= (b >> 8) << (8 * (e & 3));
-        }
-    }
+    if constexpr (LUTK) table_bytes<T>(lut, tlo, thi);
     size_t crow[RT][2], srow[RT][2];
-#pragma unroll
-    for (int rt = 0; rt < RT; rt++)
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-            const int n = min(nw + rt * 16 + h * 8 + g, N - 1);
-            crow[rt][h] = (size_t)n * wpr;
-            srow[rt][h] = (size_t)n * groups;
-        }
+    lane_rows<RT>(nw, g, N, wpr, groups, crow, srow);
     // Block step bs of this warp: its K step st0 + bs WK + ws (clamped: past the split's end the
     // loads repeat a valid chunk and the step is not computed).
     auto load = [&](Frag<RT>& f, int bs) {
         const int st = min(st0 + bs * WK + ws, st1 - 1);
         const int c = min(st * 4 + t, chunks - 1);
-        const int gi = (c * 32) / gsize;
-#pragma unroll
-        for (int rt = 0; rt < RT; rt++)
-#pragma unroll
-            for (int h = 0; h < 2; h++) {
-                f.w[rt][h] = __ldcs(reinterpret_cast<const uint4*>(codes + crow[rt][h] + (size_t)c * 4));
-                f.s[rt][h] = __ldg(scales + srow[rt][h] + gi);
-                f.z[rt][h] = LUTK ? 0.f : __ldg(zeros + srow[rt][h] + gi);
-            }
+        load_chunk<LUTK, RT>(f, codes, scales, zeros, crow, srow, c, gsize);
     };
     // The activations of block step bs into its slot, zero past M, K and the split's end.
     auto stage = [&](int bs) {
@@ -487,8 +483,9 @@ __device__ __forceinline__ void run_staged(const uint32_t* __restrict__ codes, c
 #define QMMAT_CFG_x1 1, 8, 1, 2, 3
 
 // qmmat_*: one weight. Arguments: qgemv.cu's QARGS (DeviceLayout::push_args), then x, y, partial,
-// counters, M, N, K, steps per split.
-#define QMMAT(KN, LUTK, TN, T, MT, C)                                                              \
+// counters, M, N, K, steps per split. BODY: run, or run_staged for the x* shapes (their dynamic
+// shared memory: qmma_tiled.rs Shape::shared_bytes).
+#define QMMAT(KN, LUTK, TN, T, MT, C, BODY)                                                        \
     extern "C" __global__ void __launch_bounds__(qmmat::THREADS)                                   \
         qmmat_##KN##_##TN##_t##MT##_##C(const uint32_t* codes, const float* scales,                \
                                         const float* zeros, const float* lut, int wpr, int gsize,  \
@@ -496,14 +493,14 @@ __device__ __forceinline__ void run_staged(const uint32_t* __restrict__ codes, c
                                         const T* __restrict__ x, T* __restrict__ y,                \
                                         float* partial, unsigned* counters, int M, int N, int K,   \
                                         int steps_per_split) {                                     \
-        qmmat::run<T, LUTK, MT, QMMAT_CFG_##C>(codes, scales, zeros, lut, wpr, gsize, groups, x, y, \
-                                               partial, counters, M, N, K, steps_per_split,       \
-                                               blockIdx.x);                                        \
+        qmmat::BODY<T, LUTK, MT, QMMAT_CFG_##C>(codes, scales, zeros, lut, wpr, gsize, groups, x, y, \
+                                                partial, counters, M, N, K, steps_per_split,      \
+                                                blockIdx.x);                                       \
     }
 // qmmatg_*: 2 or 3 weights sharing x (q/k/v, gate/up): the same arguments, then the group's other
 // weights (common.cuh QGroup); never split K. A separate kernel because the three inlined bodies
 // cost the single-weight shapes registers (up to 138 against 106: a lost block per SM).
-#define QMMATG(KN, LUTK, TN, T, MT, C)                                                             \
+#define QMMATG(KN, LUTK, TN, T, MT, C, BODY)                                                       \
     extern "C" __global__ void __launch_bounds__(qmmat::THREADS)                                   \
         qmmatg_##KN##_##TN##_t##MT##_##C(const uint32_t* codes, const float* scales,               \
                                          const float* zeros, const float* lut, int wpr, int gsize, \
@@ -513,60 +510,23 @@ __device__ __forceinline__ void run_staged(const uint32_t* __restrict__ codes, c
                                          int steps_per_split, const QGroup g) {                    \
         const int bx = blockIdx.x;                                                                 \
         if (bx < g.b1) {                                                                           \
-            qmmat::run<T, LUTK, MT, QMMAT_CFG_##C>(codes, scales, zeros, lut, wpr, gsize, groups,  \
-                                                   x, y, partial, counters, M, N, K,               \
-                                                   steps_per_split, bx);                           \
+            qmmat::BODY<T, LUTK, MT, QMMAT_CFG_##C>(codes, scales, zeros, lut, wpr, gsize, groups, \
+                                                    x, y, partial, counters, M, N, K,              \
+                                                    steps_per_split, bx);                          \
         } else if (bx < g.b2) {                                                                    \
-            qmmat::run<T, LUTK, MT, QMMAT_CFG_##C>(g.codes[0], g.scales[0], g.zeros[0], lut, wpr,  \
-                                                   gsize, groups, x, static_cast<T*>(g.y[0]),      \
-                                                   partial, counters, M, g.n[0], K,                \
-                                                   steps_per_split, bx - g.b1);                    \
+            qmmat::BODY<T, LUTK, MT, QMMAT_CFG_##C>(g.codes[0], g.scales[0], g.zeros[0], lut, wpr, \
+                                                    gsize, groups, x, static_cast<T*>(g.y[0]),     \
+                                                    partial, counters, M, g.n[0], K,               \
+                                                    steps_per_split, bx - g.b1);                   \
         } else {                                                                                   \
-            qmmat::run<T, LUTK, MT, QMMAT_CFG_##C>(g.codes[1], g.scales[1], g.zeros[1], lut, wpr,  \
-                                                   gsize, groups, x, static_cast<T*>(g.y[1]),      \
-                                                   partial, counters, M, g.n[1], K,                \
-                                                   steps_per_split, bx - g.b2);                    \
+            qmmat::BODY<T, LUTK, MT, QMMAT_CFG_##C>(g.codes[1], g.scales[1], g.zeros[1], lut, wpr, \
+                                                    gsize, groups, x, static_cast<T*>(g.y[1]),     \
+                                                    partial, counters, M, g.n[1], K,               \
+                                                    steps_per_split, bx - g.b2);                   \
         }                                                                                          \
     }
-// qmmat_*_x*, qmmatg_*_x*: the same two entry points on run_staged (dynamic shared memory:
-// staged_bytes, qmma_tiled.rs STAGED_BYTES).
-#define QMMATX(KN, LUTK, TN, T, MT, C)                                                             \
-    extern "C" __global__ void __launch_bounds__(qmmat::THREADS)                                   \
-        qmmat_##KN##_##TN##_t##MT##_##C(const uint32_t* codes, const float* scales,                \
-                                        const float* zeros, const float* lut, int wpr, int gsize,  \
-                                        int groups, int /* round_mode: f32 only */,                \
-                                        const T* __restrict__ x, T* __restrict__ y,                \
-                                        float* partial, unsigned* counters, int M, int N, int K,   \
-                                        int steps_per_split) {                                     \
-        qmmat::run_staged<T, LUTK, MT, QMMAT_CFG_##C>(codes, scales, zeros, lut, wpr, gsize, groups, x, y, \
-                                                      partial, counters, M, N, K, steps_per_split, \
-                                                      blockIdx.x);                                 \
-    }                                                                                              \
-    extern "C" __global__ void __launch_bounds__(qmmat::THREADS)                                   \
-        qmmatg_##KN##_##TN##_t##MT##_##C(const uint32_t* codes, const float* scales,               \
-                                         const float* zeros, const float* lut, int wpr, int gsize, \
-                                         int groups, int /* round_mode */,                         \
-                                         const T* __restrict__ x, T* __restrict__ y,               \
-                                         float* partial, unsigned* counters, int M, int N, int K,  \
-                                         int steps_per_split, const QGroup g) {                    \
-        const int bx = blockIdx.x;                                                                 \
-        if (bx < g.b1) {                                                                           \
-            qmmat::run_staged<T, LUTK, MT, QMMAT_CFG_##C>(codes, scales, zeros, lut, wpr, gsize, groups, \
-                                                          x, y, partial, counters, M, N, K,        \
-                                                          steps_per_split, bx);                    \
-        } else if (bx < g.b2) {                                                                    \
-            qmmat::run_staged<T, LUTK, MT, QMMAT_CFG_##C>(g.codes[0], g.scales[0], g.zeros[0], lut, wpr, \
-                                                          gsize, groups, x, static_cast<T*>(g.y[0]), \
-                                                          partial, counters, M, g.n[0], K,         \
-                                                          steps_per_split, bx - g.b1);             \
-        } else {                                                                                   \
-            qmmat::run_staged<T, LUTK, MT, QMMAT_CFG_##C>(g.codes[1], g.scales[1], g.zeros[1], lut, wpr, \
-                                                          gsize, groups, x, static_cast<T*>(g.y[1]), \
-                                                          partial, counters, M, g.n[1], K,         \
-                                                          steps_per_split, bx - g.b2);             \
-        }                                                                                          \
-    }
-#define QMMAT_BOTH(KN, LUTK, TN, T, MT, C) QMMAT(KN, LUTK, TN, T, MT, C) QMMATG(KN, LUTK, TN, T, MT, C)
+#define QMMAT_BOTH(KN, LUTK, TN, T, MT, C) QMMAT(KN, LUTK, TN, T, MT, C, run) QMMATG(KN, LUTK, TN, T, MT, C, run)
+#define QMMATX(KN, LUTK, TN, T, MT, C) QMMAT(KN, LUTK, TN, T, MT, C, run_staged) QMMATG(KN, LUTK, TN, T, MT, C, run_staged)
 #define QMMAT_ALL(KN, LUTK, TN, T)                                                                 \
     QMMAT_BOTH(KN, LUTK, TN, T, 1, c1) QMMAT_BOTH(KN, LUTK, TN, T, 2, c1)                          \
     QMMAT_BOTH(KN, LUTK, TN, T, 4, c1) QMMAT_BOTH(KN, LUTK, TN, T, 2, c2)                          \

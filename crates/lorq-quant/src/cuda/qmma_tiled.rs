@@ -63,7 +63,7 @@ pub(crate) struct Shape {
 
 impl Shape {
     /// Dynamic shared memory of a launch with `mt` n8 tiles: each slot holds 8·mt activation rows
-    /// of `k_warps` 128-wide steps (kernels/qmma_tiled.cu `staged_bytes`).
+    /// of `k_warps` 128-wide steps (kernels/qmma_tiled.cu `run_staged`, `s_x`).
     fn shared_bytes(&self, mt: usize) -> usize {
         self.stages * 8 * mt * self.k_warps * 128 * 2
     }
