@@ -276,16 +276,13 @@ __device__ __forceinline__ void paged_attn(const T* __restrict__ q, T* kc, T* vc
 
         constexpr int HALF = HD / 2;
         const int pos = ctx - 1;
-        // This lane's 8 elements of a rotated head vector x (HD elements at xp), rounded to T.
-        auto rotated = [&](const T* xp, float (&o)[8]) {
-#pragma unroll
-            for (int i = 0; i < 8; i++) {
-                const int e = dl * 8 + i, j = e % HALF;
-                const float cc = to_f(rn.cos_t[(size_t)pos * HALF + j]);
-                const float ss = to_f(rn.sin_t[(size_t)pos * HALF + j]);
-                const float2 v = rope_pair(to_f(xp[j]), to_f(xp[j + HALF]), cc, ss);
-                o[i] = to_f(from_f<T>(e < HALF ? v.x : v.y));
-            }
+        // Element e of a head vector x (HD elements at xp) rotated to position pos, rounded to T.
+        auto rotated_at = [&](const T* xp, int e) -> float {
+            const int j = e % HALF;
+            const float cc = to_f(rn.cos_t[(size_t)pos * HALF + j]);
+            const float ss = to_f(rn.sin_t[(size_t)pos * HALF + j]);
+            const float2 v = rope_pair(to_f(xp[j]), to_f(xp[j + HALF]), cc, ss);
+            return to_f(from_f<T>(e < HALF ? v.x : v.y));
         };
         // The group's query heads, rotated (ROPE) and scaled once per block into shared memory
         // (s_acc is free until pass 2 ends): one element per thread instead of every warp
@@ -295,14 +292,8 @@ __device__ __forceinline__ void paged_attn(const T* __restrict__ q, T* kc, T* vc
             const int g = idx / HD, e = idx % HD;
             const T* qh = q + ((size_t)r * a.heads + head0 + g) * HD;
             float v;
-            if constexpr (ROPE) {
-                const int j = e % HALF;
-                const float2 o = rope_pair(to_f(qh[j]), to_f(qh[j + HALF]), to_f(rn.cos_t[(size_t)pos * HALF + j]),
-                                           to_f(rn.sin_t[(size_t)pos * HALF + j]));
-                v = to_f(from_f<T>(e < HALF ? o.x : o.y));
-            } else {
-                v = to_f(qh[e]);
-            }
+            if constexpr (ROPE) v = rotated_at(qh, e);
+            else v = to_f(qh[e]);
             s_q[g][e] = v * a.scale_log2;
         }
         __syncthreads();
@@ -318,7 +309,8 @@ __device__ __forceinline__ void paged_attn(const T* __restrict__ q, T* kc, T* vc
                     ((size_t)(new_slot / a.bs) * a.kv_heads + kvh) * a.bs + new_slot % a.bs;
                 if (threadIdx.x < LPT) {  // one key's lanes (dl = threadIdx.x)
                     float kf[8], vf[8];
-                    rotated(rn.k + ((size_t)r * a.kv_heads + kvh) * HD, kf);
+#pragma unroll
+                    for (int i = 0; i < 8; i++) kf[i] = rotated_at(rn.k + ((size_t)r * a.kv_heads + kvh) * HD, dl * 8 + i);
                     load8<T>(rn.v + ((size_t)r * a.kv_heads + kvh) * HD + dl * 8, vf);
                     store8<T>(kc + at * HD + dl * 8, kf);
                     store8<T>(vc + at * HD + dl * 8, vf);

@@ -20,6 +20,7 @@ pub mod side_stream;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
+use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
 use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaModule};
 use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 use candle_core::cuda_backend::{CudaDevice, WrapErr};
@@ -35,6 +36,19 @@ pub fn function(
     module: &'static str,
     fatbin: &'static [u8],
     name: &str,
+) -> Result<CudaFunction, QuantError> {
+    function_with_shared(dev, module, fatbin, name, 0)
+}
+
+/// [`function`] for a kernel whose launches take up to `shared_bytes` of dynamic shared memory:
+/// its limit is raised to that once, when it is loaded (a kernel gets 48 KiB, static and dynamic
+/// together, without asking; qmma_tiled's x1 takes exactly 48 KiB of dynamic).
+pub(crate) fn function_with_shared(
+    dev: &CudaDevice,
+    module: &'static str,
+    fatbin: &'static [u8],
+    name: &str,
+    shared_bytes: usize,
 ) -> Result<CudaFunction, QuantError> {
     type Key = (usize, String);
     type Modules = HashMap<(usize, &'static str), Arc<CudaModule>>;
@@ -66,6 +80,13 @@ pub fn function(
         }
     };
     let f = md.load_function(name).w()?;
+    if shared_bytes > 0 {
+        f.set_attribute(
+            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            shared_bytes as i32,
+        )
+        .w()?;
+    }
     funcs.insert(key, f.clone());
     Ok(f)
 }

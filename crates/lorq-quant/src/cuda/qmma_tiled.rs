@@ -8,7 +8,6 @@
 
 use std::sync::OnceLock;
 
-use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
 };
@@ -16,7 +15,7 @@ use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::{CudaStorage, DType, Storage, Tensor};
 
 use super::qgemv::{DeviceLayout, QGroup};
-use super::{function, tensor_from_storage};
+use super::{function_with_shared, tensor_from_storage};
 use crate::QuantError;
 
 static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/qmma_tiled.fatbin"));
@@ -90,6 +89,13 @@ const C3: Shape = Shape {
     stages: 0,
     max_splits: MAX_SPLITS,
 };
+const C4: Shape = Shape {
+    name: "c4",
+    rows: 64,
+    k_warps: 4,
+    stages: 0,
+    max_splits: MAX_SPLITS,
+};
 /// Staged activations, 128 rows (8 row warps, one m16 tile each), 3 slots: 33-64 rows; K split
 /// over at most 4 blocks (the lab's best for 4096-row weights).
 const X1: Shape = Shape {
@@ -98,13 +104,6 @@ const X1: Shape = Shape {
     k_warps: 1,
     stages: 3,
     max_splits: 4,
-};
-const C4: Shape = Shape {
-    name: "c4",
-    rows: 64,
-    k_warps: 4,
-    stages: 0,
-    max_splits: MAX_SPLITS,
 };
 
 /// The block shape for `n` output rows, `mt` n8 tiles and table (`t4`) or affine (`a4`) codes.
@@ -196,11 +195,13 @@ pub(crate) fn matmul_group(
         let grouped = ws.len() > 1;
         let sh = shape(total_n, mt, w.tag.starts_with('t'), grouped);
         let kernel = if grouped { "qmmatg" } else { "qmmat" };
-        let f = function(
+        let smem = sh.shared_bytes(mt);
+        let f = function_with_shared(
             dev,
             "qmma_tiled",
             FATBIN,
             &format!("{kernel}_{}_{dname}_t{mt}_{}", w.tag, sh.name),
+            smem,
         )?;
         let (splits, per) = if !grouped {
             split_k(sh, n, m, k, multiprocessors(dev))
@@ -228,16 +229,6 @@ pub(crate) fn matmul_group(
         b.arg(&w.counters).arg(&mi).arg(&ni).arg(&ki).arg(&pi);
         if grouped {
             b.arg(&group);
-        }
-        let smem = sh.shared_bytes(mt);
-        if smem > 0 {
-            // Past the 48 KiB a kernel gets without asking (x1 at 64 rows: exactly 48 KiB plus
-            // its static bytes).
-            f.set_attribute(
-                CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                smem as i32,
-            )
-            .w()?;
         }
         let cfg = LaunchConfig {
             grid_dim: (blocks as u32, splits as u32, m.div_ceil(8 * mt) as u32),
