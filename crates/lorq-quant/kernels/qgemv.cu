@@ -258,7 +258,30 @@ QGEMV_KIND(a8, 8, false)
 QGEMV_KIND(t4, 4, true)
 QGEMV_KIND(t8, 8, true)
 
-// out[n, k] for one chunk of 32 weights per thread, each weight exactly as the CPU reference.
+// The codes of elements e0 .. e0 + 7 of a row (e0 a multiple of 8: BITS whole bytes) in the low
+// 8 * BITS bits.
+template <int BITS>
+__device__ __forceinline__ uint64_t load_code8(const uint32_t* __restrict__ row, size_t e0) {
+    const uint8_t* b = reinterpret_cast<const uint8_t*>(row) + e0 / 8 * BITS;
+    if constexpr (BITS == 8) {
+        const uint2 v = __ldcs(reinterpret_cast<const uint2*>(b));
+        return (uint64_t)v.x | ((uint64_t)v.y << 32);
+    } else if constexpr (BITS == 4) {
+        return __ldcs(reinterpret_cast<const uint32_t*>(b));
+    } else if constexpr (BITS == 2) {
+        return __ldcs(reinterpret_cast<const unsigned short*>(b));
+    } else {
+        uint64_t v = 0;
+#pragma unroll
+        for (int i = 0; i < BITS; i++) v |= (uint64_t)__ldcs(b + i) << (8 * i);
+        return v;
+    }
+}
+
+// out[n, k] for 8 consecutive weights per thread, each exactly as the CPU reference: a warp reads
+// 32 consecutive code runs and writes 32 consecutive 16-byte (bf16/f16) or 32-byte (f32) runs, so
+// both sides coalesce (one chunk of 32 per thread, the first version, strode its 64-byte stores
+// over the warp and moved about 1 TB/s).
 template <typename T, int BITS, bool LUTK>
 __device__ __forceinline__ void qdequant(const QParams p, T* __restrict__ out, int N, int K) {
     __shared__ float s_lut[LUTK ? (1 << BITS) : 1];
@@ -266,34 +289,26 @@ __device__ __forceinline__ void qdequant(const QParams p, T* __restrict__ out, i
         for (int i = threadIdx.x; i < (1 << BITS); i += blockDim.x) s_lut[i] = p.lut[i];
         __syncthreads();
     }
-    const int chunks = K >> 5;
-    const size_t total = (size_t)N * chunks;
+    const int runs = K >> 3;
+    const size_t total = (size_t)N * runs;
     for (size_t t = (size_t)blockIdx.x * blockDim.x + threadIdx.x; t < total;
          t += (size_t)gridDim.x * blockDim.x) {
-        const int n = t / chunks, c = t % chunks;
-        uint32_t wd[BITS];
-        load_chunk<BITS>(p.codes + (size_t)n * p.wpr + (size_t)c * BITS, wd);
-        T* o = out + (size_t)n * K + ((size_t)c << 5);
+        const int n = t / runs, k0 = (int)(t % runs) << 3;
+        const uint64_t q = load_code8<BITS>(p.codes + (size_t)n * p.wpr, k0);
         const float* srow = p.scales + (size_t)n * p.groups;
         const float* zrow = LUTK ? nullptr : p.zeros + (size_t)n * p.groups;
-        const int g0 = (c * 32) / p.gsize;
-        const float s0 = srow[g0], z0 = LUTK ? 0.f : zrow[g0];
-        __align__(16) T v[32];
+        const int g0 = k0 / p.gsize;  // groups of 8 or more: one group per run of 8
+        const float s = srow[g0], z = LUTK ? 0.f : zrow[g0];
+        __align__(16) T v[8];
 #pragma unroll
-        for (int e = 0; e < 32; e++) {
-            float s = s0, z = z0;
-            if (p.gsize < 32) {
-                const int g = (c * 32 + e) / p.gsize;
-                s = srow[g];
-                z = LUTK ? 0.f : zrow[g];
-            }
-            v[e] = from_f<T>(exact_weight<LUTK>(code_at<BITS>(wd, e), s, z, s_lut, p.round_mode));
+        for (int e = 0; e < 8; e++) {
+            const uint32_t c = (uint32_t)(q >> (e * BITS)) & ((1u << BITS) - 1u);
+            v[e] = from_f<T>(exact_weight<LUTK>(c, s, z, s_lut, p.round_mode));
         }
-        // 32 elements = 64 (bf16/f16) or 128 (f32) contiguous bytes: 16-byte stores.
         const uint4* src = reinterpret_cast<const uint4*>(v);
-        uint4* dst = reinterpret_cast<uint4*>(o);
+        uint4* dst = reinterpret_cast<uint4*>(out + (size_t)n * K + k0);
 #pragma unroll
-        for (int i = 0; i < (int)(32 * sizeof(T) / 16); i++) dst[i] = src[i];
+        for (int i = 0; i < (int)(8 * sizeof(T) / 16); i++) dst[i] = src[i];
     }
 }
 

@@ -1,6 +1,6 @@
 // qmmat_*: y[M, N] = x[M, K] . W^T on tensor cores for 4-bit weights in the packed GPU layout
 // (crates/lorq-quant/src/gpu_layout.rs; the same buffers the GEMV of qgemv.cu reads), bf16/f16
-// activations, f32 accumulation, M rows in blocks of up to 64. Groups must be a multiple of 32.
+// activations, f32 accumulation, M rows in blocks of up to 128. Groups must be a multiple of 32.
 //
 // The weight is the mma's A operand (16 output rows x 16 k), the activations its B operand (16 k x
 // 8 activation rows), so M = 2..8 wastes no tensor-core rows on padding.
@@ -481,6 +481,8 @@ __device__ __forceinline__ void run_staged(const uint32_t* __restrict__ codes, c
 // Staged activations (run_staged): RT, WR, WK, PF, S.
 //   x1: 1 row tile x 8 row warps, 2 steps in flight, 3 activation slots (128 rows, 33-64 rows)
 #define QMMAT_CFG_x1 1, 8, 1, 2, 3
+//   x2: the same for 65-128 rows (16 n8 tiles: 64 accumulators a lane; 96 KiB of slots)
+#define QMMAT_CFG_x2 1, 8, 1, 2, 3
 
 // qmmat_*: one weight. Arguments: qgemv.cu's QARGS (DeviceLayout::push_args), then x, y, partial,
 // counters, M, N, K, steps per split. BODY: run, or run_staged for the x* shapes (their dynamic
@@ -533,7 +535,7 @@ __device__ __forceinline__ void run_staged(const uint32_t* __restrict__ codes, c
     QMMAT_BOTH(KN, LUTK, TN, T, 4, c2) QMMAT_BOTH(KN, LUTK, TN, T, 8, c2)                          \
     QMMAT_BOTH(KN, LUTK, TN, T, 4, c3) QMMAT_BOTH(KN, LUTK, TN, T, 8, c3)                          \
     QMMAT_BOTH(KN, LUTK, TN, T, 1, c4) QMMAT_BOTH(KN, LUTK, TN, T, 2, c4)                          \
-    QMMATX(KN, LUTK, TN, T, 8, x1)
+    QMMATX(KN, LUTK, TN, T, 8, x1) QMMATX(KN, LUTK, TN, T, 16, x2)
 QMMAT_ALL(a4, false, bf16, __nv_bfloat16)
 QMMAT_ALL(a4, false, f16, __half)
 QMMAT_ALL(t4, true, bf16, __nv_bfloat16)

@@ -209,16 +209,22 @@ pub const QMMA_MAX_M: usize = 128;
 
 /// [`QPath::Auto`]'s row limits (bf16/f16 activations). Weights the tiled tensor-core kernel
 /// covers ([`qmma_tiled::supports`]: 4-bit, groups of a multiple of 32) take it for 2..=64 rows
-/// (2..=128 with act-order; the GEMV at 1); every other weight takes the GEMV up to 8 rows, the
-/// first tensor-core kernel up to 32, dequantize + cuBLAS past that.
+/// (2..=128 on weights of 32 Mi codes or more and with act-order; the GEMV at 1); every other
+/// weight takes the GEMV up to 8 rows, the first tensor-core kernel up to 32, dequantize +
+/// cuBLAS past that.
 const AUTO_GEMV_MAX_M: usize = 8;
 const AUTO_MMA_MAX_M: usize = 32;
 /// Measured on an H100 (docs/benchmarks.md "Tiled kernel, second version",
 /// docs/bench/kernels-tiled-h100.json) since the kernel streams the weight codes through
 /// registers: from 2 rows it is faster than the GEMV on the Llama-3-8B shapes, and up to 64 rows
-/// faster than dequantize + cuBLAS; at 128 the two are even over the four shapes.
+/// faster than dequantize + cuBLAS. Up to 128 rows on weights of 32 Mi codes and more (session
+/// 17, block shape `x2`: 14336x4096 at 128 rows 82 us against 58 + 49 for the coalesced
+/// dequantize + cuBLAS, 4096x14336 98 against 57 + 56); smaller ones dequantize from 65 rows
+/// (4096x4096: 41-50 us against 19 + 18).
 const AUTO_TILED_MIN_M: usize = 2;
 const AUTO_TILED_MAX_M: usize = 64;
+const AUTO_TILED_WIDE_MAX_M: usize = 128;
+const AUTO_TILED_WIDE_CODES: usize = 1 << 25;
 /// Act-order weights: dequantize + cuBLAS also pays a column unpermute of the whole weight per call
 /// (2.5-5x slower than the tiled kernel at 128 rows on every Llama-3-8B shape).
 const AUTO_TILED_ACT_ORDER_MAX_M: usize = 128;
@@ -227,9 +233,9 @@ const AUTO_TILED_ACT_ORDER_MAX_M: usize = 128;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QPath {
     /// The row count, dtype and format decide (see `AUTO_*`): for bf16/f16 activations and
-    /// weights the tiled kernel covers, the tiled kernel for 2..=64 rows (2..=128 with act-order);
-    /// otherwise the GEMV up to 8 rows (f32 activations up to [`QGEMV_MAX_M`]), the first
-    /// tensor-core kernel up to 32, else dequantize + cuBLAS.
+    /// weights the tiled kernel covers, the tiled kernel for 2..=64 rows (2..=128 on large
+    /// weights and with act-order); otherwise the GEMV up to 8 rows (f32 activations up to
+    /// [`QGEMV_MAX_M`]), the first tensor-core kernel up to 32, else dequantize + cuBLAS.
     Auto,
     /// The fused GEMV with this launch shape.
     Fused(Variant),
@@ -381,12 +387,15 @@ fn mr_for(m: usize) -> usize {
 /// [`QPath::Auto`]'s path for `m` rows of `dtype` (f32/bf16/f16) through `w`, with `n` output rows
 /// for the GEMV's launch shape (a grouped launch passes the rows of all its weights). Measured on
 /// an H100 (docs/benchmarks.md): for the weights the tiled kernel covers it wins from 2 rows to
-/// 64 (128 with act-order); for the others the GEMV wins up to 8 rows, the first tensor-core kernel
-/// from 9 to 32, dequantize + cuBLAS past that.
+/// 64 (to 128 on weights of 32 Mi codes — a grouped launch counts its weights together — and
+/// with act-order); for the others the GEMV wins up to 8 rows, the first tensor-core kernel from
+/// 9 to 32, dequantize + cuBLAS past that.
 fn auto_route(w: &DeviceLayout, n: usize, m: usize, dtype: DType) -> Route {
     let half = is_half(dtype);
     let tiled_max_m = if w.perm.is_some() {
         AUTO_TILED_ACT_ORDER_MAX_M
+    } else if n * w.k >= AUTO_TILED_WIDE_CODES {
+        AUTO_TILED_WIDE_MAX_M
     } else {
         AUTO_TILED_MAX_M
     };
@@ -518,7 +527,8 @@ pub fn dequantize(w: &DeviceLayout, dev: &CudaDevice, dtype: DType) -> Result<Te
         w.push_args(&mut b, &null);
         let (ni, ki) = (n as i32, k as i32);
         b.arg(&out).arg(&ni).arg(&ki);
-        let blocks = (n * (k / 32)).div_ceil(256).clamp(1, 1 << 16) as u32;
+        // One thread per 8 weights (the kernel strides past 2^16 blocks).
+        let blocks = (n * (k / 8)).div_ceil(256).clamp(1, 1 << 16) as u32;
         let cfg = LaunchConfig {
             grid_dim: (blocks, 1, 1),
             block_dim: (256, 1, 1),
@@ -987,7 +997,7 @@ fn same_kernel(a: &DeviceLayout, b: &DeviceLayout) -> bool {
 
 /// `x · Wᵢᵀ` for 2 or 3 weights sharing `x` (q/k/v, gate/up) in one launch, when the automatic
 /// path of each would be the GEMV (one row for 4-bit weights, up to 8 for the others) or the
-/// tiled tensor-core kernel (4-bit, 2-64 rows) and they can share a kernel ([`same_kernel`]);
+/// tiled tensor-core kernel (4-bit, 2-64 rows, to 128 on large weights) and they can share a kernel ([`same_kernel`]);
 /// `None` otherwise (the caller runs one matmul per weight). Decode at batch 1 is launch-bound on
 /// the small projections: on an H100 one launch for Llama-3-8B's q, k and v measured 11.4 us
 /// against 8.6 + 4.7 + 4.7 apart; at batch 32 the tiled kernel fills the GPU with the group's

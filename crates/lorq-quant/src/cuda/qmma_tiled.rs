@@ -1,7 +1,7 @@
 //! The tiled tensor-core kernel of `kernels/qmma_tiled.cu`: `x · Wᵀ` for 4-bit weights (affine
 //! `a4`: GPTQ, AWQ, HQQ 4-bit; table `t4`: NF4, FP4) in the packed layout the GEMV reads too (no
 //! second device copy), bf16/f16 activations, groups of a multiple of 32. The weight codes stream
-//! into registers as in the GEMV; blocks of 16, 32 or 128 output rows (by N and M) × up to 64
+//! into registers as in the GEMV; blocks of 16, 32 or 128 output rows (by N and M) × up to 128
 //! activation rows, their warps splitting K. K is also split over several blocks when the row
 //! blocks alone would leave most of the GPU idle, the last block of a tile adding the f32 partial
 //! sums.
@@ -36,13 +36,14 @@ pub fn supports(w: &DeviceLayout) -> bool {
     matches!(w.tag.as_str(), "a4" | "t4") && w.gsize % 32 == 0
 }
 
-/// n8 activation tiles per block for `m` rows: 8, 16, 32 or 64 rows.
+/// n8 activation tiles per block for `m` rows: 8, 16, 32, 64 or 128 rows.
 fn m_tiles(m: usize) -> usize {
     match m {
         0..=8 => 1,
         9..=16 => 2,
         17..=32 => 4,
-        _ => 8,
+        33..=64 => 8,
+        _ => 16,
     }
 }
 
@@ -105,6 +106,15 @@ const X1: Shape = Shape {
     stages: 3,
     max_splits: 4,
 };
+/// `x1` with 128 activation rows per block (16 n8 tiles, 64 accumulators a lane, 96 KiB of
+/// slots): from 65 rows each decoded weight feeds twice the mma of `x1`.
+const X2: Shape = Shape {
+    name: "x2",
+    rows: 128,
+    k_warps: 1,
+    stages: 3,
+    max_splits: 4,
+};
 
 /// The block shape for `n` output rows, `mt` n8 tiles and table (`t4`) or affine (`a4`) codes.
 /// Measured on an H100 over the Llama-3-8B shapes (docs/benchmarks.md): up to 8 activation rows
@@ -121,6 +131,7 @@ const X1: Shape = Shape {
 /// blocks leave the GPU half idle.
 pub(crate) fn shape(n: usize, mt: usize, table: bool, grouped: bool) -> Shape {
     match mt {
+        16 => X2,
         8 if n >= if grouped { 8192 } else { 4096 } => X1,
         1 | 2 if n >= 8192 && !table && !grouped => C4,
         1 => C1,
