@@ -45,7 +45,7 @@ __device__ __forceinline__ void run(const uint8_t* __restrict__ wq, const float*
     static_assert(WR * WK * 32 == THREADS, "8 warps per block");
     constexpr int BROWS = WR * RT * 16;  // output rows per block
     constexpr int NACC = RT * MT * 4;
-    __shared__ float s_red[WK > 1 ? WR : 1][WK > 1 ? 32 : 1][WK > 1 ? NACC : 1];
+    __shared__ float s_red[WK > 1 ? WR : 1][WK > 1 ? NACC : 1][WK > 1 ? 32 : 1];
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
     const int wr = warp % WR, ws = warp / WR;

@@ -365,7 +365,7 @@ template <typename T, int BITS, bool LUTK, int MT>
 __device__ __forceinline__ void qmma(const QParams p, const T* __restrict__ x, T* __restrict__ y,
                                      int M, int N, int K) {
     __shared__ float s_lut[LUTK ? (1 << BITS) : 1];
-    __shared__ float s_red[MMA_WARPS - 1][32][MT * 2 * 4];
+    __shared__ float s_red[MMA_WARPS - 1][MT * 2 * 4][32];  // lane fastest: no bank conflicts
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     if (LUTK) {
         for (int i = tid; i < (1 << BITS); i += blockDim.x) s_lut[i] = p.lut[i];
@@ -444,7 +444,7 @@ __device__ __forceinline__ void qmma(const QParams p, const T* __restrict__ x, T
 #pragma unroll
             for (int j = 0; j < 2; j++)
 #pragma unroll
-                for (int i = 0; i < 4; i++) s_red[warp - 1][lane][(mt * 2 + j) * 4 + i] = acc[mt][j][i];
+                for (int i = 0; i < 4; i++) s_red[warp - 1][(mt * 2 + j) * 4 + i][lane] = acc[mt][j][i];
     }
     __syncthreads();
     if (warp != 0) return;
@@ -455,7 +455,7 @@ __device__ __forceinline__ void qmma(const QParams p, const T* __restrict__ x, T
 #pragma unroll
             for (int i = 0; i < 4; i++) {
                 float v = acc[mt][j][i];
-                for (int w = 0; w < MMA_WARPS - 1; w++) v += s_red[w][lane][(mt * 2 + j) * 4 + i];
+                for (int w = 0; w < MMA_WARPS - 1; w++) v += s_red[w][(mt * 2 + j) * 4 + i][lane];
                 // c0, c1: row g, cols 2t, 2t+1; c2, c3: row g+8.
                 const int r = mb + 16 * mt + g + (i >= 2 ? 8 : 0);
                 const int n = nb + 8 * j + 2 * t + (i & 1);

@@ -286,7 +286,7 @@ __device__ __forceinline__ void run(const uint32_t* __restrict__ codes, const fl
     static_assert(WR * WK * 32 == THREADS, "8 warps per block");
     constexpr int BROWS = WR * RT * 16;  // output rows per block
     constexpr int NACC = RT * MT * 4;
-    __shared__ float s_red[WK > 1 ? WR : 1][WK > 1 ? 32 : 1][WK > 1 ? NACC : 1];
+    __shared__ float s_red[WK > 1 ? WR : 1][WK > 1 ? NACC : 1][WK > 1 ? 32 : 1];
     __shared__ bool last;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
@@ -345,7 +345,7 @@ __device__ __forceinline__ void run(const uint32_t* __restrict__ codes, const fl
 
 }  // namespace qmmat
 
-// ---- Staged activations (block shape x1, 33-64 activation rows) ----
+// ---- Staged activations (block shapes x1, x2: 33-128 activation rows) ----
 // The same weight stream and math as run(), but the activations of each block step (WK warp
 // steps of 128) come from shared memory: all 256 threads copy them there with cp.async, S steps
 // ahead, into a ring of S slots, and the lanes read their fragments with conflict-free 16-byte
@@ -378,7 +378,7 @@ __device__ __forceinline__ void run_staged(const uint32_t* __restrict__ codes, c
     constexpr int UR = WK * 16;     // 16-byte units per activation row of a slot
     constexpr int SLOT = MB * UR;   // units per slot
     extern __shared__ uint4 s_x[];  // [S][MB][UR]
-    __shared__ float s_red[WK > 1 ? WR : 1][WK > 1 ? 32 : 1][WK > 1 ? NACC : 1];
+    __shared__ float s_red[WK > 1 ? WR : 1][WK > 1 ? NACC : 1][WK > 1 ? 32 : 1];
     __shared__ bool last;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;

@@ -542,6 +542,7 @@ mod gpu {
             (8, 32, 32),
             (8200, 256, 128),
             (4100, 1024, 64),
+            (8200, 2048, 128),
         ]
         .iter()
         .enumerate()
@@ -592,9 +593,13 @@ mod gpu {
                     &[QPath::MmaTiled],
                 ));
                 if n >= 8192 {
-                    // Two wide weights in one launch (the staged kernel at 33-64 rows, grouped):
-                    // each output equals the weight alone, whose blocks sum in the same order.
-                    for m in [40usize, 64] {
+                    // Two wide weights in one launch (the staged kernels, grouped): each output
+                    // equals the weight alone, whose blocks sum in the same order. Past 64 rows
+                    // only a group of 32 Mi codes or more takes the tiled kernel (x2).
+                    for m in [40usize, 64, 100, 128] {
+                        if m > 64 && 2 * n * k < 1 << 25 {
+                            continue;
+                        }
                         let x = Tensor::from_vec(randn(seed + m as u64, m * k, 1.0), (m, k), &dev)
                             .unwrap()
                             .to_dtype(DType::BF16)

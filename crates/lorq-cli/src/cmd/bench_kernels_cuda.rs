@@ -48,8 +48,16 @@ pub(crate) fn time_gpu(
     iters: usize,
     mut f: impl FnMut(usize) -> Result<Tensor>,
 ) -> Result<f64> {
-    for i in 0..3 {
+    // Warm-up: 3 calls and at least 50 ms of them, so that a GPU left idle (and clocked down)
+    // by the CPU reference check is back at its clocks before the samples.
+    let warm = Instant::now();
+    let mut i = 0;
+    while i < 3 || warm.elapsed().as_millis() < 50 {
         f(i)?;
+        i += 1;
+        if i % 8 == 0 {
+            dev.synchronize()?;
+        }
     }
     dev.synchronize()?;
     median_of(samples, || {
