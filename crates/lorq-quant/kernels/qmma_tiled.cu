@@ -478,6 +478,8 @@ __device__ __forceinline__ void run_staged(const uint32_t* __restrict__ codes, c
 #define QMMAT_CFG_c2 2, 4, 2, 1
 #define QMMAT_CFG_c3 1, 2, 4, 1
 #define QMMAT_CFG_c4 2, 2, 4, 1
+//   c5: 2 row tiles x 8 K-slice warps (32 rows: affine codes, N <= 4096, 9-32 rows, one weight)
+#define QMMAT_CFG_c5 2, 1, 8, 1
 // Staged activations (run_staged): RT, WR, WK, PF, S.
 //   x1: 1 row tile x 8 row warps, 2 steps in flight, 3 activation slots (128 rows, 33-64 rows)
 #define QMMAT_CFG_x1 1, 8, 1, 2, 3
@@ -535,6 +537,7 @@ __device__ __forceinline__ void run_staged(const uint32_t* __restrict__ codes, c
     QMMAT_BOTH(KN, LUTK, TN, T, 4, c2) QMMAT_BOTH(KN, LUTK, TN, T, 8, c2)                          \
     QMMAT_BOTH(KN, LUTK, TN, T, 4, c3) QMMAT_BOTH(KN, LUTK, TN, T, 8, c3)                          \
     QMMAT_BOTH(KN, LUTK, TN, T, 1, c4) QMMAT_BOTH(KN, LUTK, TN, T, 2, c4)                          \
+    QMMAT(KN, LUTK, TN, T, 2, c5, run) QMMAT(KN, LUTK, TN, T, 4, c5, run)                          \
     QMMATX(KN, LUTK, TN, T, 8, x1) QMMATX(KN, LUTK, TN, T, 16, x2)
 QMMAT_ALL(a4, false, bf16, __nv_bfloat16)
 QMMAT_ALL(a4, false, f16, __half)

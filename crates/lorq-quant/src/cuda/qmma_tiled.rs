@@ -97,6 +97,16 @@ const C4: Shape = Shape {
     stages: 0,
     max_splits: MAX_SPLITS,
 };
+/// Two row tiles per warp over eight K-slice warps (32 rows): 4096-row affine weights at 9-32
+/// rows (session 17 lab, H100: 4096x14336 at 16 / 32 rows 29.2 / 36.2 us against 32.1 / 44.0
+/// for `c1`, 4096x4096 11.9 / 14.7 against 12.2 / 16.5).
+const C5: Shape = Shape {
+    name: "c5",
+    rows: 32,
+    k_warps: 8,
+    stages: 0,
+    max_splits: MAX_SPLITS,
+};
 /// Staged activations, 128 rows (8 row warps, one m16 tile each), 3 slots: 33-64 rows; K split
 /// over at most 4 blocks (the lab's best for 4096-row weights).
 const X1: Shape = Shape {
@@ -128,13 +138,16 @@ const X2: Shape = Shape {
 /// From 33 rows, weights of 4096 rows and more stage their activations (`x1`: lab, 64 rows,
 /// H200: 14336x4096 56.7 us against 68.0, 4096x14336 65.4 against 92.8, 4096x4096 32.6 against
 /// 35.4); a grouped launch (which never splits K) only from 8192 rows, below that its 128-row
-/// blocks leave the GPU half idle.
+/// blocks leave the GPU half idle. Session 17 (the K-slice sums without bank conflicts, lab on
+/// an H100): single affine weights of up to 4096 rows at 9-32 rows take two row tiles per warp
+/// over eight K-slice warps (`c5`); past 64 rows `x2` (128 activation rows a block).
 pub(crate) fn shape(n: usize, mt: usize, table: bool, grouped: bool) -> Shape {
     match mt {
         16 => X2,
         8 if n >= if grouped { 8192 } else { 4096 } => X1,
         1 | 2 if n >= 8192 && !table && !grouped => C4,
         1 => C1,
+        2 | 4 if n <= 4096 && !table && !grouped => C5,
         2 if table => C1,
         _ if n >= 8192 => C2,
         2 => C1,
