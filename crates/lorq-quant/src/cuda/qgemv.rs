@@ -997,8 +997,8 @@ fn same_kernel(a: &DeviceLayout, b: &DeviceLayout) -> bool {
 
 /// `x · Wᵢᵀ` for 2 or 3 weights sharing `x` (q/k/v, gate/up) in one launch, when the automatic
 /// path of each would be the GEMV (one row for 4-bit weights, up to 8 for the others) or the
-/// tiled tensor-core kernel (4-bit, 2-64 rows, to 128 on large weights) and they can share a kernel ([`same_kernel`]);
-/// `None` otherwise (the caller runs one matmul per weight). Decode at batch 1 is launch-bound on
+/// tiled tensor-core kernel (4-bit, 2-64 rows, to 128 on large weights) and they can share a
+/// kernel ([`same_kernel`]); `None` otherwise (the caller runs one matmul per weight). Decode at batch 1 is launch-bound on
 /// the small projections: on an H100 one launch for Llama-3-8B's q, k and v measured 11.4 us
 /// against 8.6 + 4.7 + 4.7 apart; at batch 32 the tiled kernel fills the GPU with the group's
 /// blocks where the k/v projections alone leave most SMs idle.
