@@ -169,6 +169,8 @@ fn cuda_device(ordinal: usize) -> Result<Device> {
     if let Device::Cuda(cuda) = &dev {
         // SAFETY: no buffer of this device exists yet, and all of them will live on its stream.
         unsafe { cuda.disable_event_tracking() };
+        lorq_quant::cuda::keep_freed_memory(cuda)
+            .with_context(|| format!("--device cuda:{ordinal}: memory pool"))?;
     }
     devices.push((ordinal, dev.clone()));
     Ok(dev)

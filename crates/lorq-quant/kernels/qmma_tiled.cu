@@ -1,11 +1,12 @@
-// qmmat_*: y[M, N] = x[M, K] . W^T on tensor cores for 4-bit weights in the packed GPU layout
-// (crates/lorq-quant/src/gpu_layout.rs; the same buffers the GEMV of qgemv.cu reads), bf16/f16
-// activations, f32 accumulation, M rows in blocks of up to 128. Groups must be a multiple of 32.
+// qmmat_*: y[M, N] = x[M, K] . W^T on tensor cores for 4-bit (affine a4, table t4), 8-bit (a8)
+// and 2-bit (a2) weights in the packed GPU layout (crates/lorq-quant/src/gpu_layout.rs; the same
+// buffers the GEMV of qgemv.cu reads), bf16/f16 activations, f32 accumulation, M rows in blocks of
+// up to 128. Groups must be a multiple of 32 (16 for 2-bit codes).
 //
 // The weight is the mma's A operand (16 output rows x 16 k), the activations its B operand (16 k x
 // 8 activation rows), so M = 2..8 wastes no tensor-core rows on padding.
 // - The weight codes stream from global memory straight into registers, as in the GEMV: lane (g, t)
-//   of a warp loads, per 128-wide K step, the 16-byte chunk t (32 codes) of each of its output rows
+//   of a warp loads, per 128-wide K step, the chunk t (32 codes: 8, 16 or 32 bytes) of each of its output rows
 //   g and g + 8 of every m16 tile it owns, with the chunk's scale (and zero), PF steps ahead of the
 //   math. Staging the weights through shared memory (the first version of this kernel) streamed
 //   at about 1 TB/s; from registers the same loop reaches the GEMV's bandwidth at small M.
@@ -18,12 +19,14 @@
 // - K order inside an mma is free as long as A and B agree: lane t of a quad takes the whole
 //   32-weight chunk t of the step, and its bf16x2/f16x2 pairs are codes (j, j+4) of a 32-bit word —
 //   what one mask with the 2^7 (bf16) / 2^10 (f16) magic exponent yields — so the activations are
-//   paired the same way ((x_j, x_j+4), one PRMT each).
+//   paired the same way ((x_j, x_j+4), one PRMT each). 8-bit codes pair byte j of two words (the
+//   same (j, j+4)); 2-bit words pair codes (c, c+8), and their activations likewise (Walk).
 // - Affine codes: (q - zi) * s - (z - zi) * s in half precision, zi the zero rounded to an integer
 //   (q - zi exact via the magic number, one HSUB2 + one HFMA2 per pair; exact zeros, as GPTQ/AWQ
 //   have, leave one rounding per weight); table codes (NF4/FP4): the 16-entry table as bytes in
 //   registers, looked up with PRMT four codes at a time, times s (HMUL2). Error: a few 2^-9
-//   relative per weight in bf16.
+//   relative per weight in bf16. 8-bit codes with bf16 activations form q - zi in f32 (128 + q is
+//   not an exact bf16 past q = 127), then pack it (exact) and scale it as above.
 #include "common.cuh"
 #include "mma_pipeline.cuh"
 
@@ -133,10 +136,24 @@ __device__ __forceinline__ void decode_word(uint32_t w, uint32_t base, const uin
     }
 }
 
-// One K step's weights of a lane: chunk t of rows g and g + 8 of each m16 tile, with scales.
-template <int RT> struct Frag {
-    uint4 w[RT][2];
-    float s[RT][2], z[RT][2];
+// One K step's weights of a lane: chunk t (32 codes, BITS words) of rows g and g + 8 of each m16
+// tile, with scales.
+template <int RT, int BITS> struct Frag {
+    static constexpr int NG = BITS == 2 ? 2 : 1;  // groups a chunk may span (Walk)
+    uint32_t w[RT][2][BITS];
+    float s[RT][2][NG], z[RT][2][NG];
+};
+
+// How a step's 32 codes of a lane are walked: SUBS sub-steps of PAIRS half-precision pairs each,
+// whose activations are UNITS 16-byte units (8 activations each). A pair's two codes are what one
+// mask of a word yields: (j, j + 4) of 8 codes for 4-bit words and for 8-bit word pairs (byte j
+// of two words), (c, c + 8) of a 16-code word for 2-bit. The activations are paired the same way.
+// 2-bit chunks may span two groups (hqq 2-bit's groups of 16: one per word, Frag::NG).
+template <int BITS> struct Walk {
+    static_assert(BITS == 2 || BITS == 4 || BITS == 8, "2-, 4- or 8-bit codes");
+    static constexpr int SUBS = BITS == 2 ? 2 : 4;
+    static constexpr int PAIRS = 16 / SUBS;
+    static constexpr int UNITS = 4 / SUBS;
 };
 
 // The 16-entry table as bytes in registers (lookup4): entry e's low byte in byte e % 4 of tlo[e / 4],
@@ -166,21 +183,49 @@ __device__ __forceinline__ void lane_rows(int nw, int g, int N, int wpr, int gro
         }
 }
 
-// Chunk c (32 codes, 16 bytes) of each of the lane's rows into f, with its group's scale and zero.
-template <bool LUTK, int RT>
-__device__ __forceinline__ void load_chunk(Frag<RT>& f, const uint32_t* __restrict__ codes,
+// The BITS words of one chunk: 8 bytes (2-bit), 16 (4-bit) or 32 (8-bit), streamed past L1.
+template <int BITS>
+__device__ __forceinline__ void load_words(uint32_t (&w)[BITS], const uint32_t* __restrict__ p) {
+    if constexpr (BITS == 2) {
+        const uint2 v = __ldcs(reinterpret_cast<const uint2*>(p));
+        w[0] = v.x;
+        w[1] = v.y;
+    } else {
+#pragma unroll
+        for (int q = 0; q < BITS / 4; q++) {
+            const uint4 v = __ldcs(reinterpret_cast<const uint4*>(p) + q);
+            w[4 * q] = v.x;
+            w[4 * q + 1] = v.y;
+            w[4 * q + 2] = v.z;
+            w[4 * q + 3] = v.w;
+        }
+    }
+}
+
+// Chunk c (32 codes, BITS words) of each of the lane's rows into f, with its group's scale and zero.
+template <bool LUTK, int RT, int BITS>
+__device__ __forceinline__ void load_chunk(Frag<RT, BITS>& f, const uint32_t* __restrict__ codes,
                                            const float* __restrict__ scales, const float* __restrict__ zeros,
                                            const size_t (&crow)[RT][2], const size_t (&srow)[RT][2], int c,
                                            int gsize) {
-    const int gi = (c * 32) / gsize;
+    constexpr int NG = Frag<RT, BITS>::NG;
 #pragma unroll
     for (int rt = 0; rt < RT; rt++)
 #pragma unroll
         for (int h = 0; h < 2; h++) {
-            f.w[rt][h] = __ldcs(reinterpret_cast<const uint4*>(codes + crow[rt][h] + (size_t)c * 4));
-            f.s[rt][h] = __ldg(scales + srow[rt][h] + gi);
-            f.z[rt][h] = LUTK ? 0.f : __ldg(zeros + srow[rt][h] + gi);
+            load_words<BITS>(f.w[rt][h], codes + crow[rt][h] + (size_t)c * BITS);
+#pragma unroll
+            for (int q = 0; q < NG; q++) {
+                const int gi = (c * 32 + q * (32 / NG)) / gsize;
+                f.s[rt][h][q] = __ldg(scales + srow[rt][h] + gi);
+                f.z[rt][h][q] = LUTK ? 0.f : __ldg(zeros + srow[rt][h] + gi);
+            }
         }
+}
+
+// Whether q - zi goes through f32 (8-bit codes, bf16): see scale_pairs.
+template <typename T, int BITS> __device__ __forceinline__ constexpr bool f32_codes() {
+    return BITS == 8 && sizeof(T) == 2 && Half<T>::MAGIC == 0x43004300u;
 }
 
 // The step's half-precision constants of each row: s2 = (s, s); affine codes also the zero's
@@ -188,56 +233,129 @@ __device__ __forceinline__ void load_chunk(Frag<RT>& f, const uint32_t* __restri
 // with zi the zero rounded to an integer, so q - zi is exact and only the fraction's product is a
 // half-precision constant: rounding z * s whole (up to 8 ulps of s per weight, the same for a
 // whole group) biased the sums.
-template <typename T, bool LUTK, int RT>
-__device__ __forceinline__ void scale_pairs(const Frag<RT>& f, uint32_t (&s2)[RT][2], uint32_t (&zs2)[RT][2],
-                                            uint32_t (&base)[RT][2]) {
+// 8-bit codes with bf16 activations: 128 + q is not exact in bf16 past q = 127, so q - zi is
+// formed in f32 (2^23 + q by magic, minus 2^23 + zi) and base holds that f32 constant.
+template <typename T, bool LUTK, int RT, int BITS>
+__device__ __forceinline__ void scale_pairs(const Frag<RT, BITS>& f, int q, uint32_t (&s2)[RT][2],
+                                            uint32_t (&zs2)[RT][2], uint32_t (&base)[RT][2]) {
 #pragma unroll
     for (int rt = 0; rt < RT; rt++)
 #pragma unroll
         for (int h = 0; h < 2; h++) {
-            s2[rt][h] = Half<T>::pack(f.s[rt][h], f.s[rt][h]);
+            const float sc = f.s[rt][h][q];
+            s2[rt][h] = Half<T>::pack(sc, sc);
             base[rt][h] = Half<T>::MAGIC;
             if constexpr (!LUTK) {
-                const float z = f.z[rt][h];
-                const float zi = fminf(fmaxf(rintf(z), -Half<T>::ZI_MAX), Half<T>::ZI_MAX);
-                const float zs = -(z - zi) * f.s[rt][h];
+                const float z = f.z[rt][h][q];
+                // f32 codes: zi within the codes' range keeps |q - zi| <= 255, exact in bf16.
+                const float zi = f32_codes<T, BITS>() ? fminf(fmaxf(rintf(z), 0.f), 255.f)
+                                                      : fminf(fmaxf(rintf(z), -Half<T>::ZI_MAX), Half<T>::ZI_MAX);
+                const float zs = -(z - zi) * sc;
                 zs2[rt][h] = Half<T>::pack(zs, zs);
-                base[rt][h] = Half<T>::pack(Half<T>::MAGIC_F + zi, Half<T>::MAGIC_F + zi);
+                base[rt][h] = f32_codes<T, BITS>() ? __float_as_uint(8388608.f + zi)
+                                                   : Half<T>::pack(Half<T>::MAGIC_F + zi, Half<T>::MAGIC_F + zi);
             }
         }
 }
 
-// Word i of this lane's chunk, every row: 16 scaled pairs per m16 tile.
-template <typename T, bool LUTK, int RT>
-__device__ __forceinline__ void decode_step_word(const Frag<RT>& f, int i, const uint32_t (&base)[RT][2],
-                                                 const uint32_t (&s2)[RT][2], const uint32_t (&zs2)[RT][2],
-                                                 const uint32_t (&tlo)[4], const uint32_t (&thi)[4],
-                                                 uint32_t (&p)[RT][2][4]) {
+// The unscaled pairs of sub-step i of one row's chunk (Walk<BITS>): table codes lut[q], affine
+// codes q - zi exactly (base: see scale_pairs).
+template <typename T, bool LUTK, int BITS>
+__device__ __forceinline__ void decode_sub(const uint32_t (&w)[BITS], int i, uint32_t base, const uint32_t (&tlo)[4],
+                                           const uint32_t (&thi)[4], uint32_t (&p)[Walk<BITS>::PAIRS]) {
+    if constexpr (BITS == 4) {
+        decode_word<T, LUTK>(w[i], base, tlo, thi, p);
+    } else if constexpr (BITS == 2) {
+        static_assert(!LUTK, "2-bit codes are affine");
+#pragma unroll
+        for (int c = 0; c < 8; c++) p[c] = Half<T>::sub(((w[i] >> (2 * c)) & 0x00030003u) | Half<T>::MAGIC, base);
+    } else {
+        static_assert(!LUTK, "8-bit codes are affine");
+        const uint32_t wa = w[2 * i], wb = w[2 * i + 1];  // codes 8i + (0..3), 8i + (4..7)
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            if constexpr (f32_codes<T, BITS>()) {
+                const float zf = __uint_as_float(base);
+                const float lo = __uint_as_float(prmt(wa, 0x4B000000u, 0x7540u | j)) - zf;
+                const float hi = __uint_as_float(prmt(wb, 0x4B000000u, 0x7540u | j)) - zf;
+                p[j] = Half<T>::pack(lo, hi);  // |q - zi| <= 255: exact
+            } else {
+                const uint32_t v = prmt(wa, wb, ((4u + j) << 8) | j);  // byte j of wa, of wb
+                p[j] = Half<T>::sub((v & 0x00FF00FFu) | Half<T>::MAGIC, base);
+            }
+        }
+    }
+}
+
+// Sub-step i of this lane's chunk, every row: the scaled pairs of every m16 tile.
+template <typename T, bool LUTK, int RT, int BITS>
+__device__ __forceinline__ void decode_step_sub(const Frag<RT, BITS>& f, int i, const uint32_t (&base)[RT][2],
+                                                const uint32_t (&s2)[RT][2], const uint32_t (&zs2)[RT][2],
+                                                const uint32_t (&tlo)[4], const uint32_t (&thi)[4],
+                                                uint32_t (&p)[RT][2][Walk<BITS>::PAIRS]) {
 #pragma unroll
     for (int rt = 0; rt < RT; rt++)
 #pragma unroll
         for (int h = 0; h < 2; h++) {
-            const uint4 v = f.w[rt][h];
-            const uint32_t w = i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
-            decode_word<T, LUTK>(w, base[rt][h], tlo, thi, p[rt][h]);
+            decode_sub<T, LUTK, BITS>(f.w[rt][h], i, base[rt][h], tlo, thi, p[rt][h]);
 #pragma unroll
-            for (int j = 0; j < 4; j++)
+            for (int j = 0; j < Walk<BITS>::PAIRS; j++)
                 p[rt][h][j] = LUTK ? Half<T>::mul(p[rt][h][j], s2[rt][h]) : Half<T>::fma(p[rt][h][j], s2[rt][h], zs2[rt][h]);
         }
 }
 
-// Activations k = k0 + 8i + (0..7) of n8 tile nt (v, as loaded), paired (j, j+4), times the
-// decoded word of every row tile.
-template <typename T, int RT, int MT>
-__device__ __forceinline__ void mma_word(float (&acc)[RT][MT][4], int nt, const uint32_t (&p)[RT][2][4], uint4 v) {
-    const uint32_t xb[4] = {prmt(v.x, v.z, 0x5410u), prmt(v.x, v.z, 0x7632u), prmt(v.y, v.w, 0x5410u),
-                            prmt(v.y, v.w, 0x7632u)};
+// The activations of one sub-step of n8 tile nt (v: UNITS 16-byte units as loaded), paired as
+// the codes are (Walk), times the decoded pairs of every row tile.
+template <typename T, int RT, int MT, int BITS>
+__device__ __forceinline__ void mma_sub(float (&acc)[RT][MT][4], int nt, const uint32_t (&p)[RT][2][Walk<BITS>::PAIRS],
+                                        const uint4 (&v)[Walk<BITS>::UNITS]) {
+    constexpr int PAIRS = Walk<BITS>::PAIRS;
+    uint32_t xb[PAIRS];
+    if constexpr (Walk<BITS>::UNITS == 1) {  // (j, j + 4) of 8
+        xb[0] = prmt(v[0].x, v[0].z, 0x5410u);
+        xb[1] = prmt(v[0].x, v[0].z, 0x7632u);
+        xb[2] = prmt(v[0].y, v[0].w, 0x5410u);
+        xb[3] = prmt(v[0].y, v[0].w, 0x7632u);
+    } else {  // (c, c + 8) of 16
+        const uint32_t a[4] = {v[0].x, v[0].y, v[0].z, v[0].w}, b[4] = {v[1].x, v[1].y, v[1].z, v[1].w};
 #pragma unroll
-    for (int j2 = 0; j2 < 2; j2++)
+        for (int q = 0; q < 4; q++) {
+            xb[2 * q] = prmt(a[q], b[q], 0x5410u);
+            xb[2 * q + 1] = prmt(a[q], b[q], 0x7632u);
+        }
+    }
+#pragma unroll
+    for (int j2 = 0; j2 < PAIRS / 2; j2++)
 #pragma unroll
         for (int rt = 0; rt < RT; rt++)
             Half<T>::mma(acc[rt][nt], p[rt][0][2 * j2], p[rt][1][2 * j2], p[rt][0][2 * j2 + 1], p[rt][1][2 * j2 + 1],
                          xb[2 * j2], xb[2 * j2 + 1]);
+}
+
+// A thread's place in a tiled launch (run and run_staged): its lane (g, t), its warp's row group
+// wr and K slice ws, the block's first output row nb and the warp's nw, the block's first
+// activation row mb, and the K steps [st0, st1) of the block's split.
+struct Coords {
+    int tid, lane, g, t, wr, ws, nb, nw, mb, splits, st0, st1, chunks;
+};
+template <int RT, int WR, int MT>
+__device__ __forceinline__ Coords coords(int bx, int K, int steps_per_split) {
+    Coords p;
+    p.tid = threadIdx.x;
+    const int warp = p.tid >> 5;
+    p.lane = p.tid & 31;
+    p.g = p.lane >> 2;
+    p.t = p.lane & 3;
+    p.wr = warp % WR;
+    p.ws = warp / WR;
+    p.nb = bx * (WR * RT * 16);
+    p.nw = p.nb + p.wr * RT * 16;
+    p.mb = blockIdx.z * (8 * MT);
+    p.splits = gridDim.y;
+    p.st0 = blockIdx.y * steps_per_split;
+    p.st1 = min((K + 127) / 128, p.st0 + steps_per_split);
+    p.chunks = K >> 5;
+    return p;
 }
 
 // The block's epilogue: the K-slice warps' sums, the outputs (or the split's f32 partial sums),
@@ -245,9 +363,10 @@ __device__ __forceinline__ void mma_word(float (&acc)[RT][MT][4], int nt, const 
 template <typename T, int MT, int RT, int WR, int WK, typename Red>
 __device__ __forceinline__ void finish(float (&acc)[RT][MT][4], Red& s_red, bool& last, T* __restrict__ y,
                                        float* __restrict__ partial, unsigned* __restrict__ counters, int M, int N,
-                                       int nb, int nw, int mb, int wr, int ws, int g, int t, int tid, int lane,
-                                       int splits) {
+                                       const Coords& pos) {
     constexpr int BROWS = WR * RT * 16;
+    const int nb = pos.nb, nw = pos.nw, mb = pos.mb, wr = pos.wr, ws = pos.ws, g = pos.g, t = pos.t,
+              tid = pos.tid, lane = pos.lane, splits = pos.splits;
     if constexpr (WK > 1) mma_pipeline::sum_k_slices<WK>(acc, s_red, wr, ws, lane);
     float* out32 = splits == 1 ? nullptr : partial + (size_t)blockIdx.y * M * N;
     if (ws == 0)
@@ -277,36 +396,27 @@ __device__ __forceinline__ void finish(float (&acc)[RT][MT][4], Red& s_red, bool
     if (tid == 0) *counter = 0u;  // ready for the next launch on this stream
 }
 
-template <typename T, bool LUTK, int MT, int RT, int WR, int WK, int PF>
+template <typename T, int BITS, bool LUTK, int MT, int RT, int WR, int WK, int PF>
 __device__ __forceinline__ void run(const uint32_t* __restrict__ codes, const float* __restrict__ scales,
                                     const float* __restrict__ zeros, const float* __restrict__ lut, int wpr,
                                     int gsize, int groups, const T* __restrict__ x, T* __restrict__ y,
                                     float* __restrict__ partial, unsigned* __restrict__ counters, int M,
                                     int N, int K, int steps_per_split, int bx) {
     static_assert(WR * WK * 32 == THREADS, "8 warps per block");
-    constexpr int BROWS = WR * RT * 16;  // output rows per block
     constexpr int NACC = RT * MT * 4;
     __shared__ float s_red[WK > 1 ? WR : 1][WK > 1 ? NACC : 1][WK > 1 ? 32 : 1];
     __shared__ bool last;
-    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const int g = lane >> 2, t = lane & 3;
-    const int wr = warp % WR, ws = warp / WR;
-    const int nb = bx * BROWS;
-    const int nw = nb + wr * RT * 16;
-    const int mb = blockIdx.z * (8 * MT);
-    const int splits = gridDim.y;
-    const int steps = (K + 127) / 128;
-    const int st0 = blockIdx.y * steps_per_split;
-    const int st1 = min(steps, st0 + steps_per_split);
-    const int chunks = K >> 5;
+    const Coords pos = coords<RT, WR, MT>(bx, K, steps_per_split);
+    const int g = pos.g, t = pos.t, ws = pos.ws, nw = pos.nw, mb = pos.mb, st0 = pos.st0, st1 = pos.st1,
+              chunks = pos.chunks;
 
     uint32_t tlo[4] = {0, 0, 0, 0}, thi[4] = {0, 0, 0, 0};
     if constexpr (LUTK) table_bytes<T>(lut, tlo, thi);
     size_t crow[RT][2], srow[RT][2];
     lane_rows<RT>(nw, g, N, wpr, groups, crow, srow);
-    auto load = [&](Frag<RT>& f, int st) {
+    auto load = [&](Frag<RT, BITS>& f, int st) {
         const int c = min(st * 4 + t, chunks - 1);  // past K: any chunk, its activations are 0
-        load_chunk<LUTK, RT>(f, codes, scales, zeros, crow, srow, c, gsize);
+        load_chunk<LUTK, RT, BITS>(f, codes, scales, zeros, crow, srow, c, gsize);
     };
     float acc[RT][MT][4];
 #pragma unroll
@@ -316,10 +426,12 @@ __device__ __forceinline__ void run(const uint32_t* __restrict__ codes, const fl
 #pragma unroll
             for (int c = 0; c < 4; c++) acc[a][b][c] = 0.f;
 
-    auto compute = [&](const Frag<RT>& f, int st) {
+    auto compute = [&](const Frag<RT, BITS>& f, int st) {
         const int k0 = st * 128 + t * 32;
+        using W = Walk<BITS>;
+        constexpr int NG = Frag<RT, BITS>::NG, PER_GROUP = W::SUBS / NG;
         uint32_t s2[RT][2], zs2[RT][2], base[RT][2];
-        scale_pairs<T, LUTK, RT>(f, s2, zs2, base);
+        if constexpr (NG == 1) scale_pairs<T, LUTK, RT, BITS>(f, 0, s2, zs2, base);
         uint4 xv[MT][4];
 #pragma unroll
         for (int nt = 0; nt < MT; nt++) {
@@ -330,17 +442,24 @@ __device__ __forceinline__ void run(const uint32_t* __restrict__ codes, const fl
             for (int i = 0; i < 4; i++) xv[nt][i] = ok ? __ldg(xp + i) : make_uint4(0, 0, 0, 0);
         }
 #pragma unroll
-        for (int i = 0; i < 4; i++) {
-            uint32_t p[RT][2][4];
-            decode_step_word<T, LUTK, RT>(f, i, base, s2, zs2, tlo, thi, p);
+        for (int i = 0; i < W::SUBS; i++) {
+            if constexpr (NG > 1)
+                if (i % PER_GROUP == 0) scale_pairs<T, LUTK, RT, BITS>(f, i / PER_GROUP, s2, zs2, base);
+            uint32_t p[RT][2][W::PAIRS];
+            decode_step_sub<T, LUTK, RT, BITS>(f, i, base, s2, zs2, tlo, thi, p);
 #pragma unroll
-            for (int nt = 0; nt < MT; nt++) mma_word<T, RT>(acc, nt, p, xv[nt][i]);
+            for (int nt = 0; nt < MT; nt++) {
+                uint4 v[W::UNITS];
+#pragma unroll
+                for (int u = 0; u < W::UNITS; u++) v[u] = xv[nt][i * W::UNITS + u];
+                mma_sub<T, RT, MT, BITS>(acc, nt, p, v);
+            }
         }
     };
 
-    Frag<RT> buf[PF + 1];
+    Frag<RT, BITS> buf[PF + 1];
     mma_pipeline::stream_steps<PF>(buf, st0 + ws, WK, st1, load, compute);
-    finish<T, MT, RT, WR, WK>(acc, s_red, last, y, partial, counters, M, N, nb, nw, mb, wr, ws, g, t, tid, lane, splits);
+    finish<T, MT, RT, WR, WK>(acc, s_red, last, y, partial, counters, M, N, pos);
 }
 
 }  // namespace qmmat
@@ -364,7 +483,7 @@ __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_grou
 template <int N> __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 __device__ __forceinline__ int swizzle(int u, int m) { return u ^ ((u >> 3) & 1) ^ ((m & 1) << 1); }
 
-template <typename T, bool LUTK, int MT, int RT, int WR, int WK, int PF, int S>
+template <typename T, int BITS, bool LUTK, int MT, int RT, int WR, int WK, int PF, int S>
 __device__ __forceinline__ void run_staged(const uint32_t* __restrict__ codes, const float* __restrict__ scales,
                                            const float* __restrict__ zeros, const float* __restrict__ lut,
                                            int wpr, int gsize, int groups, const T* __restrict__ x,
@@ -372,7 +491,6 @@ __device__ __forceinline__ void run_staged(const uint32_t* __restrict__ codes, c
                                            unsigned* __restrict__ counters, int M, int N, int K,
                                            int steps_per_split, int bx) {
     static_assert(WR * WK * 32 == THREADS, "8 warps per block");
-    constexpr int BROWS = WR * RT * 16;
     constexpr int NACC = RT * MT * 4;
     constexpr int MB = 8 * MT;      // activation rows per block
     constexpr int UR = WK * 16;     // 16-byte units per activation row of a slot
@@ -380,18 +498,10 @@ __device__ __forceinline__ void run_staged(const uint32_t* __restrict__ codes, c
     extern __shared__ uint4 s_x[];  // [S][MB][UR]
     __shared__ float s_red[WK > 1 ? WR : 1][WK > 1 ? NACC : 1][WK > 1 ? 32 : 1];
     __shared__ bool last;
-    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const int g = lane >> 2, t = lane & 3;
-    const int wr = warp % WR, ws = warp / WR;
-    const int nb = bx * BROWS;
-    const int nw = nb + wr * RT * 16;
-    const int mb = blockIdx.z * MB;
-    const int splits = gridDim.y;
-    const int steps = (K + 127) / 128;
-    const int st0 = blockIdx.y * steps_per_split;
-    const int st1 = min(steps, st0 + steps_per_split);
+    const Coords pos = coords<RT, WR, MT>(bx, K, steps_per_split);
+    const int tid = pos.tid, g = pos.g, t = pos.t, ws = pos.ws, nw = pos.nw, mb = pos.mb, st0 = pos.st0,
+              st1 = pos.st1, chunks = pos.chunks;
     const int bsteps = (st1 - st0 + WK - 1) / WK;  // block steps
-    const int chunks = K >> 5;
 
     uint32_t tlo[4] = {0, 0, 0, 0}, thi[4] = {0, 0, 0, 0};
     if constexpr (LUTK) table_bytes<T>(lut, tlo, thi);
@@ -399,10 +509,10 @@ __device__ __forceinline__ void run_staged(const uint32_t* __restrict__ codes, c
     lane_rows<RT>(nw, g, N, wpr, groups, crow, srow);
     // Block step bs of this warp: its K step st0 + bs WK + ws (clamped: past the split's end the
     // loads repeat a valid chunk and the step is not computed).
-    auto load = [&](Frag<RT>& f, int bs) {
+    auto load = [&](Frag<RT, BITS>& f, int bs) {
         const int st = min(st0 + bs * WK + ws, st1 - 1);
         const int c = min(st * 4 + t, chunks - 1);
-        load_chunk<LUTK, RT>(f, codes, scales, zeros, crow, srow, c, gsize);
+        load_chunk<LUTK, RT, BITS>(f, codes, scales, zeros, crow, srow, c, gsize);
     };
     // The activations of block step bs into its slot, zero past M, K and the split's end.
     auto stage = [&](int bs) {
@@ -423,18 +533,25 @@ __device__ __forceinline__ void run_staged(const uint32_t* __restrict__ codes, c
 #pragma unroll
             for (int c = 0; c < 4; c++) acc[a][b][c] = 0.f;
 
-    auto compute = [&](const Frag<RT>& f, int bs) {
+    auto compute = [&](const Frag<RT, BITS>& f, int bs) {
         const uint4* src = s_x + (bs % S) * SLOT;
+        using W = Walk<BITS>;
+        constexpr int NG = Frag<RT, BITS>::NG, PER_GROUP = W::SUBS / NG;
         uint32_t s2[RT][2], zs2[RT][2], base[RT][2];
-        scale_pairs<T, LUTK, RT>(f, s2, zs2, base);
+        if constexpr (NG == 1) scale_pairs<T, LUTK, RT, BITS>(f, 0, s2, zs2, base);
 #pragma unroll
-        for (int i = 0; i < 4; i++) {
-            uint32_t p[RT][2][4];
-            decode_step_word<T, LUTK, RT>(f, i, base, s2, zs2, tlo, thi, p);
+        for (int i = 0; i < W::SUBS; i++) {
+            if constexpr (NG > 1)
+                if (i % PER_GROUP == 0) scale_pairs<T, LUTK, RT, BITS>(f, i / PER_GROUP, s2, zs2, base);
+            uint32_t p[RT][2][W::PAIRS];
+            decode_step_sub<T, LUTK, RT, BITS>(f, i, base, s2, zs2, tlo, thi, p);
 #pragma unroll
             for (int nt = 0; nt < MT; nt++) {
                 const int m = nt * 8 + g;
-                mma_word<T, RT>(acc, nt, p, src[m * UR + swizzle(ws * 16 + 4 * t + i, m)]);
+                uint4 v[W::UNITS];
+#pragma unroll
+                for (int u = 0; u < W::UNITS; u++) v[u] = src[m * UR + swizzle(ws * 16 + 4 * t + i * W::UNITS + u, m)];
+                mma_sub<T, RT, MT, BITS>(acc, nt, p, v);
             }
         }
     };
@@ -444,7 +561,7 @@ __device__ __forceinline__ void run_staged(const uint32_t* __restrict__ codes, c
         stage(s);
         cp_commit();
     }
-    Frag<RT> buf[PF + 1];
+    Frag<RT, BITS> buf[PF + 1];
 #pragma unroll
     for (int u = 0; u <= PF; u++)
         if (u < bsteps) load(buf[u], u);
@@ -463,7 +580,7 @@ __device__ __forceinline__ void run_staged(const uint32_t* __restrict__ codes, c
         }
     }
     cp_wait<0>();
-    finish<T, MT, RT, WR, WK>(acc, s_red, last, y, partial, counters, M, N, nb, nw, mb, wr, ws, g, t, tid, lane, splits);
+    finish<T, MT, RT, WR, WK>(acc, s_red, last, y, partial, counters, M, N, pos);
 }
 
 }  // namespace qmmat
@@ -489,7 +606,7 @@ __device__ __forceinline__ void run_staged(const uint32_t* __restrict__ codes, c
 // qmmat_*: one weight. Arguments: qgemv.cu's QARGS (DeviceLayout::push_args), then x, y, partial,
 // counters, M, N, K, steps per split. BODY: run, or run_staged for the x* shapes (their dynamic
 // shared memory: qmma_tiled.rs Shape::shared_bytes).
-#define QMMAT(KN, LUTK, TN, T, MT, C, BODY)                                                        \
+#define QMMAT(KN, BITS, LUTK, TN, T, MT, C, BODY)                                                        \
     extern "C" __global__ void __launch_bounds__(qmmat::THREADS)                                   \
         qmmat_##KN##_##TN##_t##MT##_##C(const uint32_t* codes, const float* scales,                \
                                         const float* zeros, const float* lut, int wpr, int gsize,  \
@@ -497,14 +614,14 @@ __device__ __forceinline__ void run_staged(const uint32_t* __restrict__ codes, c
                                         const T* __restrict__ x, T* __restrict__ y,                \
                                         float* partial, unsigned* counters, int M, int N, int K,   \
                                         int steps_per_split) {                                     \
-        qmmat::BODY<T, LUTK, MT, QMMAT_CFG_##C>(codes, scales, zeros, lut, wpr, gsize, groups, x, y, \
+        qmmat::BODY<T, BITS, LUTK, MT, QMMAT_CFG_##C>(codes, scales, zeros, lut, wpr, gsize, groups, x, y, \
                                                 partial, counters, M, N, K, steps_per_split,      \
                                                 blockIdx.x);                                       \
     }
 // qmmatg_*: 2 or 3 weights sharing x (q/k/v, gate/up): the same arguments, then the group's other
 // weights (common.cuh QGroup); never split K. A separate kernel because the three inlined bodies
 // cost the single-weight shapes registers (up to 138 against 106: a lost block per SM).
-#define QMMATG(KN, LUTK, TN, T, MT, C, BODY)                                                       \
+#define QMMATG(KN, BITS, LUTK, TN, T, MT, C, BODY)                                                       \
     extern "C" __global__ void __launch_bounds__(qmmat::THREADS)                                   \
         qmmatg_##KN##_##TN##_t##MT##_##C(const uint32_t* codes, const float* scales,               \
                                          const float* zeros, const float* lut, int wpr, int gsize, \
@@ -514,32 +631,36 @@ __device__ __forceinline__ void run_staged(const uint32_t* __restrict__ codes, c
                                          int steps_per_split, const QGroup g) {                    \
         const int bx = blockIdx.x;                                                                 \
         if (bx < g.b1) {                                                                           \
-            qmmat::BODY<T, LUTK, MT, QMMAT_CFG_##C>(codes, scales, zeros, lut, wpr, gsize, groups, \
+            qmmat::BODY<T, BITS, LUTK, MT, QMMAT_CFG_##C>(codes, scales, zeros, lut, wpr, gsize, groups, \
                                                     x, y, partial, counters, M, N, K,              \
                                                     steps_per_split, bx);                          \
         } else if (bx < g.b2) {                                                                    \
-            qmmat::BODY<T, LUTK, MT, QMMAT_CFG_##C>(g.codes[0], g.scales[0], g.zeros[0], lut, wpr, \
+            qmmat::BODY<T, BITS, LUTK, MT, QMMAT_CFG_##C>(g.codes[0], g.scales[0], g.zeros[0], lut, wpr, \
                                                     gsize, groups, x, static_cast<T*>(g.y[0]),     \
                                                     partial, counters, M, g.n[0], K,               \
                                                     steps_per_split, bx - g.b1);                   \
         } else {                                                                                   \
-            qmmat::BODY<T, LUTK, MT, QMMAT_CFG_##C>(g.codes[1], g.scales[1], g.zeros[1], lut, wpr, \
+            qmmat::BODY<T, BITS, LUTK, MT, QMMAT_CFG_##C>(g.codes[1], g.scales[1], g.zeros[1], lut, wpr, \
                                                     gsize, groups, x, static_cast<T*>(g.y[1]),     \
                                                     partial, counters, M, g.n[1], K,               \
                                                     steps_per_split, bx - g.b2);                   \
         }                                                                                          \
     }
-#define QMMAT_BOTH(KN, LUTK, TN, T, MT, C) QMMAT(KN, LUTK, TN, T, MT, C, run) QMMATG(KN, LUTK, TN, T, MT, C, run)
-#define QMMATX(KN, LUTK, TN, T, MT, C) QMMAT(KN, LUTK, TN, T, MT, C, run_staged) QMMATG(KN, LUTK, TN, T, MT, C, run_staged)
-#define QMMAT_ALL(KN, LUTK, TN, T)                                                                 \
-    QMMAT_BOTH(KN, LUTK, TN, T, 1, c1) QMMAT_BOTH(KN, LUTK, TN, T, 2, c1)                          \
-    QMMAT_BOTH(KN, LUTK, TN, T, 4, c1) QMMAT_BOTH(KN, LUTK, TN, T, 2, c2)                          \
-    QMMAT_BOTH(KN, LUTK, TN, T, 4, c2) QMMAT_BOTH(KN, LUTK, TN, T, 8, c2)                          \
-    QMMAT_BOTH(KN, LUTK, TN, T, 4, c3) QMMAT_BOTH(KN, LUTK, TN, T, 8, c3)                          \
-    QMMAT_BOTH(KN, LUTK, TN, T, 1, c4) QMMAT_BOTH(KN, LUTK, TN, T, 2, c4)                          \
-    QMMAT(KN, LUTK, TN, T, 2, c5, run) QMMAT(KN, LUTK, TN, T, 4, c5, run)                          \
-    QMMATX(KN, LUTK, TN, T, 8, x1) QMMATX(KN, LUTK, TN, T, 16, x2)
-QMMAT_ALL(a4, false, bf16, __nv_bfloat16)
-QMMAT_ALL(a4, false, f16, __half)
-QMMAT_ALL(t4, true, bf16, __nv_bfloat16)
-QMMAT_ALL(t4, true, f16, __half)
+#define QMMAT_BOTH(KN, BITS, LUTK, TN, T, MT, C) QMMAT(KN, BITS, LUTK, TN, T, MT, C, run) QMMATG(KN, BITS, LUTK, TN, T, MT, C, run)
+#define QMMATX(KN, BITS, LUTK, TN, T, MT, C) QMMAT(KN, BITS, LUTK, TN, T, MT, C, run_staged) QMMATG(KN, BITS, LUTK, TN, T, MT, C, run_staged)
+#define QMMAT_ALL(KN, BITS, LUTK, TN, T)                                                                 \
+    QMMAT_BOTH(KN, BITS, LUTK, TN, T, 1, c1) QMMAT_BOTH(KN, BITS, LUTK, TN, T, 2, c1)                          \
+    QMMAT_BOTH(KN, BITS, LUTK, TN, T, 4, c1) QMMAT_BOTH(KN, BITS, LUTK, TN, T, 2, c2)                          \
+    QMMAT_BOTH(KN, BITS, LUTK, TN, T, 4, c2) QMMAT_BOTH(KN, BITS, LUTK, TN, T, 8, c2)                          \
+    QMMAT_BOTH(KN, BITS, LUTK, TN, T, 4, c3) QMMAT_BOTH(KN, BITS, LUTK, TN, T, 8, c3)                          \
+    QMMAT_BOTH(KN, BITS, LUTK, TN, T, 1, c4) QMMAT_BOTH(KN, BITS, LUTK, TN, T, 2, c4)                          \
+    QMMAT(KN, BITS, LUTK, TN, T, 2, c5, run) QMMAT(KN, BITS, LUTK, TN, T, 4, c5, run)                          \
+    QMMATX(KN, BITS, LUTK, TN, T, 8, x1) QMMATX(KN, BITS, LUTK, TN, T, 16, x2)
+QMMAT_ALL(a4, 4, false, bf16, __nv_bfloat16)
+QMMAT_ALL(a4, 4, false, f16, __half)
+QMMAT_ALL(t4, 4, true, bf16, __nv_bfloat16)
+QMMAT_ALL(t4, 4, true, f16, __half)
+QMMAT_ALL(a8, 8, false, bf16, __nv_bfloat16)
+QMMAT_ALL(a8, 8, false, f16, __half)
+QMMAT_ALL(a2, 2, false, bf16, __nv_bfloat16)
+QMMAT_ALL(a2, 2, false, f16, __half)

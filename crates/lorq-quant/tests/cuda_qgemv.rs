@@ -474,8 +474,9 @@ mod gpu {
         assert!(!headed.iter().any(|s| s.starts_with("nf4") || s == "fp4"));
     }
 
-    /// The tiled tensor-core kernel on every format it serves (4-bit, groups of a multiple of 32)
-    /// at the row counts around its tile edges (8, 16, 32, 64 rows per block), and `Auto` there.
+    /// The tiled tensor-core kernel on every format it serves (4-bit and 8-bit codes in groups of a
+    /// multiple of 32, 2-bit in groups of a multiple of 16) at the row counts around its tile
+    /// edges (8, 16, 32, 64, 128 rows per block), and `Auto` there.
     #[test]
     fn tiled_kernel_matches_the_cpu_decoder() {
         let Some(dev) = gpu() else { return };
@@ -511,6 +512,10 @@ mod gpu {
             "gptq-4bit",
             "gptq-4bit-act-order",
             "awq-4bit",
+            "int8",
+            "eetq",
+            "gptq-8bit",
+            "hqq-2bit",
         ] {
             assert!(
                 served.iter().any(|s| s == f),
@@ -528,7 +533,8 @@ mod gpu {
     /// Edges the formats' own quantizers do not reach: K not a multiple of the 128-wide step,
     /// groups of 32 and of 96 (spanning steps), N not a multiple of the 128-row block, fractional
     /// zeros, a long K split over many blocks, a wide weight (the block shapes of N >= 8192);
-    /// affine and table codes.
+    /// 4-bit affine and table codes, 8-bit and 2-bit affine codes (zeros across their whole
+    /// range), and 2-bit groups of 16 (two groups in one 32-code chunk).
     #[test]
     fn tiled_kernel_edge_shapes() {
         let Some(dev) = gpu() else { return };
@@ -543,6 +549,8 @@ mod gpu {
             (8200, 256, 128),
             (4100, 1024, 64),
             (8200, 2048, 128),
+            (72, 288, 16),
+            (4100, 1024, 16),
         ]
         .iter()
         .enumerate()
@@ -558,7 +566,14 @@ mod gpu {
                 .map(|v| 7.5 + 2.0 * v)
                 .collect();
             let codes = randn(seed + 2, n * k, 1.0);
-            let code = |r: usize, c: usize| ((codes[r * k + c].abs() * 1e4) as u32) % 16;
+            // Zeros around the middle of each code range: 7.5 +- 2 for 4 bits, scaled for 8 and 2.
+            let zeros_for = |bits: u32| -> Vec<f32> {
+                let half = ((1u32 << bits) as f32 - 1.0) / 2.0;
+                zeros
+                    .iter()
+                    .map(|z| half + (z - 7.5) * half / 7.5 * 2.0)
+                    .collect()
+            };
             for (kname, kind, zs) in [
                 ("affine", CodeKind::Affine { bits: 4 }, zeros.clone()),
                 (
@@ -569,7 +584,12 @@ mod gpu {
                     },
                     Vec::new(),
                 ),
+                ("affine 8-bit", CodeKind::Affine { bits: 8 }, zeros_for(8)),
+                ("affine 2-bit", CodeKind::Affine { bits: 2 }, zeros_for(2)),
             ] {
+                let bits = kind.bits();
+                let levels = 1u32 << bits;
+                let code = |r: usize, c: usize| ((codes[r * k + c].abs() * 1e4) as u32) % levels;
                 let layout = GpuLayout::pack(
                     n,
                     k,
@@ -583,7 +603,12 @@ mod gpu {
                 )
                 .unwrap();
                 let dl = DeviceLayout::upload(&layout, cdev).unwrap();
-                assert!(qmma_tiled::supports(&dl));
+                // Groups of 16 are 2-bit only.
+                if group % 32 != 0 && bits != 2 {
+                    assert!(!qmma_tiled::supports(&dl), "{kname} group {group}");
+                    continue;
+                }
+                assert!(qmma_tiled::supports(&dl), "{kname} group {group}");
                 failures.extend(check_rows(
                     &dev,
                     &format!("{kname} group {group}"),
@@ -595,9 +620,10 @@ mod gpu {
                 if n >= 8192 {
                     // Two wide weights in one launch (the staged kernels, grouped): each output
                     // equals the weight alone, whose blocks sum in the same order. Past 64 rows
-                    // only a group of 32 Mi codes or more takes the tiled kernel (x2).
+                    // only a group of 32 Mi codes or more takes the tiled kernel (x2), and not
+                    // with 2-bit codes (each weight alone takes it: their grouped x2 spills).
                     for m in [40usize, 64, 100, 128] {
-                        if m > 64 && 2 * n * k < 1 << 25 {
+                        if m > 64 && (2 * n * k < 1 << 25 || bits == 2) {
                             continue;
                         }
                         let x = Tensor::from_vec(randn(seed + m as u64, m * k, 1.0), (m, k), &dev)

@@ -1,7 +1,8 @@
 //! Every weight-only format on the GPU through one packed layout ([`GpuLayout`]): the fused
 //! dequantize-GEMV of `kernels/qgemv.cu` for few activation rows, tensor-core kernels for a few
-//! more (its first one, and for 4-bit weights the tiled one of [`super::qmma_tiled`], reading the
-//! same device buffers), dequantize-to-the-compute-dtype and cuBLAS past that.
+//! more (its first one, and for 2-, 4- and 8-bit weights the tiled one of
+//! [`super::qmma_tiled`], reading the same device buffers), dequantize-to-the-compute-dtype and
+//! cuBLAS past that.
 //! [`GpuLayout::dequantize_f32`] (the CPU decoder of the same layout) is the reference
 //! (`tests/cuda_qgemv.rs`).
 
@@ -208,8 +209,9 @@ pub(crate) fn dequantize_on_gpu(
 pub const QMMA_MAX_M: usize = 128;
 
 /// [`QPath::Auto`]'s row limits (bf16/f16 activations). Weights the tiled tensor-core kernel
-/// covers ([`qmma_tiled::supports`]: 4-bit, groups of a multiple of 32) take it for 2..=64 rows
-/// (2..=128 on weights of 32 Mi codes or more and with act-order; the GEMV at 1); every other
+/// covers ([`qmma_tiled::supports`]: 4-bit, 8-bit and 2-bit codes) take it for 2..=64 rows
+/// (from 3 with 8-bit codes; to 128 on weights of 32 Mi codes or more and with act-order; the
+/// GEMV below); every other
 /// weight takes the GEMV up to 8 rows, the first tensor-core kernel up to 32, dequantize +
 /// cuBLAS past that.
 const AUTO_GEMV_MAX_M: usize = 8;
@@ -222,6 +224,9 @@ const AUTO_MMA_MAX_M: usize = 32;
 /// dequantize + cuBLAS, 4096x14336 98 against 57 + 56); smaller ones dequantize from 65 rows
 /// (4096x4096: 41-50 us against 19 + 18).
 const AUTO_TILED_MIN_M: usize = 2;
+/// 8-bit codes keep the GEMV at 2 rows (H100, session 18: gate/up 32.6 against 35.5 us, k/v 7.9
+/// against 9.1; from 4 rows the tiled kernel is ahead everywhere, 2-4x at 8-16 rows).
+const AUTO_TILED_MIN_M_8BIT: usize = 3;
 const AUTO_TILED_MAX_M: usize = 64;
 const AUTO_TILED_WIDE_MAX_M: usize = 128;
 const AUTO_TILED_WIDE_CODES: usize = 1 << 25;
@@ -241,8 +246,8 @@ pub enum QPath {
     Fused(Variant),
     /// The first tensor-core kernel (bf16/f16 activations, every format).
     Mma,
-    /// The tiled tensor-core kernel (bf16/f16 activations, 4-bit codes in groups of a multiple of
-    /// 32: [`qmma_tiled::supports`]).
+    /// The tiled tensor-core kernel (bf16/f16 activations, the 2-, 4- and 8-bit codes of
+    /// [`qmma_tiled::supports`]).
     MmaTiled,
     /// Dequantize to the compute dtype on the GPU, then cuBLAS.
     Dequantize,
@@ -390,16 +395,24 @@ fn mr_for(m: usize) -> usize {
 /// 64 (to 128 on weights of 32 Mi codes — a grouped launch counts its weights together — and
 /// with act-order); for the others the GEMV wins up to 8 rows, the first tensor-core kernel from
 /// 9 to 32, dequantize + cuBLAS past that.
-fn auto_route(w: &DeviceLayout, n: usize, m: usize, dtype: DType) -> Route {
+///
+/// `grouped`: the route of a grouped launch ([`matmul_group`]). 2-bit codes past 64 rows run one
+/// launch per weight: their grouped 128-row kernel needs more than 255 registers and spills.
+fn auto_route(w: &DeviceLayout, n: usize, m: usize, dtype: DType, grouped: bool) -> Route {
     let half = is_half(dtype);
+    let tiled_min_m = if w.tag == "a8" {
+        AUTO_TILED_MIN_M_8BIT
+    } else {
+        AUTO_TILED_MIN_M
+    };
     let tiled_max_m = if w.perm.is_some() {
         AUTO_TILED_ACT_ORDER_MAX_M
-    } else if n * w.k >= AUTO_TILED_WIDE_CODES {
+    } else if n * w.k >= AUTO_TILED_WIDE_CODES && !(grouped && w.tag == "a2") {
         AUTO_TILED_WIDE_MAX_M
     } else {
         AUTO_TILED_MAX_M
     };
-    if half && qmma_tiled::supports(w) && (AUTO_TILED_MIN_M..=tiled_max_m).contains(&m) {
+    if half && qmma_tiled::supports(w) && (tiled_min_m..=tiled_max_m).contains(&m) {
         Route::MmaTiled
     } else if m <= AUTO_GEMV_MAX_M || (!half && m <= QGEMV_MAX_M) {
         Route::Gemv(Variant::pick(n, mr_for(m), dtype, Variant::half2_fits(w)))
@@ -433,7 +446,7 @@ pub fn matmul(w: &DeviceLayout, x: &Tensor, path: QPath) -> Result<Tensor, Quant
     let half = is_half(x.dtype());
     let tiled = half && qmma_tiled::supports(w);
     let route = match path {
-        QPath::Auto => auto_route(w, n, m, x.dtype()),
+        QPath::Auto => auto_route(w, n, m, x.dtype(), false),
         QPath::Dequantize => Route::Dequantize,
         QPath::Mma | QPath::MmaTiled => {
             if !half {
@@ -448,7 +461,7 @@ pub fn matmul(w: &DeviceLayout, x: &Tensor, path: QPath) -> Result<Tensor, Quant
                 Route::MmaTiled
             } else {
                 return Err(QuantError::Invalid(format!(
-                    "the tiled tensor-core kernel takes 4-bit codes in groups of a multiple of 32, got {} in groups of {}",
+                    "the tiled tensor-core kernel takes 4- and 8-bit codes in groups of a multiple of 32 and 2-bit codes in groups of a multiple of 16, got {} in groups of {}",
                     w.tag, w.gsize
                 )));
             }
@@ -997,7 +1010,7 @@ fn same_kernel(a: &DeviceLayout, b: &DeviceLayout) -> bool {
 
 /// `x · Wᵢᵀ` for 2 or 3 weights sharing `x` (q/k/v, gate/up) in one launch, when the automatic
 /// path of each would be the GEMV (one row for 4-bit weights, up to 8 for the others) or the
-/// tiled tensor-core kernel (4-bit, 2-64 rows, to 128 on large weights) and they can share a
+/// tiled tensor-core kernel (2-, 4- and 8-bit, 2-64 rows, to 128 on large weights) and they can share a
 /// kernel ([`same_kernel`]); `None` otherwise (the caller runs one matmul per weight). Decode at batch 1 is launch-bound on
 /// the small projections: on an H100 one launch for Llama-3-8B's q, k and v measured 11.4 us
 /// against 8.6 + 4.7 + 4.7 apart; at batch 32 the tiled kernel fills the GPU with the group's
@@ -1022,7 +1035,7 @@ pub fn matmul_group(ws: &[&DeviceLayout], x: &Tensor) -> Result<Option<Vec<Tenso
     // Grouped where each weight alone would take the GEMV or the tiled kernel.
     let n: usize = ws.iter().map(|w| w.n).sum();
     let x2 = x.reshape((m, k))?;
-    let ys = match auto_route(w, n, m, x.dtype()) {
+    let ys = match auto_route(w, n, m, x.dtype(), true) {
         Route::Gemv(v) => gemv(dev, ws, &x2, m, v)?,
         Route::MmaTiled => qmma_tiled::matmul_group(dev, ws, &x2, m)?,
         _ => return Ok(None),
