@@ -646,16 +646,20 @@ __device__ __forceinline__ void run_staged(const uint32_t* __restrict__ codes, c
                                                     steps_per_split, bx - g.b2);                   \
         }                                                                                          \
     }
-#define QMMAT_BOTH(KN, BITS, LUTK, TN, T, MT, C) QMMAT(KN, BITS, LUTK, TN, T, MT, C, run) QMMATG(KN, BITS, LUTK, TN, T, MT, C, run)
-#define QMMATX(KN, BITS, LUTK, TN, T, MT, C) QMMAT(KN, BITS, LUTK, TN, T, MT, C, run_staged) QMMATG(KN, BITS, LUTK, TN, T, MT, C, run_staged)
-#define QMMAT_ALL(KN, BITS, LUTK, TN, T)                                                                 \
-    QMMAT_BOTH(KN, BITS, LUTK, TN, T, 1, c1) QMMAT_BOTH(KN, BITS, LUTK, TN, T, 2, c1)                          \
-    QMMAT_BOTH(KN, BITS, LUTK, TN, T, 4, c1) QMMAT_BOTH(KN, BITS, LUTK, TN, T, 2, c2)                          \
-    QMMAT_BOTH(KN, BITS, LUTK, TN, T, 4, c2) QMMAT_BOTH(KN, BITS, LUTK, TN, T, 8, c2)                          \
-    QMMAT_BOTH(KN, BITS, LUTK, TN, T, 4, c3) QMMAT_BOTH(KN, BITS, LUTK, TN, T, 8, c3)                          \
-    QMMAT_BOTH(KN, BITS, LUTK, TN, T, 1, c4) QMMAT_BOTH(KN, BITS, LUTK, TN, T, 2, c4)                          \
-    QMMAT(KN, BITS, LUTK, TN, T, 2, c5, run) QMMAT(KN, BITS, LUTK, TN, T, 4, c5, run)                          \
-    QMMATX(KN, BITS, LUTK, TN, T, 8, x1) QMMATX(KN, BITS, LUTK, TN, T, 16, x2)
+#define QMMAT_BOTH(KN, BITS, LUTK, TN, T, MT, C) \
+    QMMAT(KN, BITS, LUTK, TN, T, MT, C, run) QMMATG(KN, BITS, LUTK, TN, T, MT, C, run)
+#define QMMATX(KN, BITS, LUTK, TN, T, MT, C) \
+    QMMAT(KN, BITS, LUTK, TN, T, MT, C, run_staged) QMMATG(KN, BITS, LUTK, TN, T, MT, C, run_staged)
+// The (shape, n8 tiles) pairs qmma_tiled.rs `shape` picks: c4 and c5 for one weight only, c2 up
+// to 32 rows (64-row launches of 4096+ rows stage their activations, x1).
+#define QMMAT_ALL(KN, BITS, LUTK, TN, T)                                                           \
+    QMMAT_BOTH(KN, BITS, LUTK, TN, T, 1, c1) QMMAT_BOTH(KN, BITS, LUTK, TN, T, 2, c1)              \
+    QMMAT_BOTH(KN, BITS, LUTK, TN, T, 4, c1) QMMAT_BOTH(KN, BITS, LUTK, TN, T, 2, c2)              \
+    QMMAT_BOTH(KN, BITS, LUTK, TN, T, 4, c2) QMMAT_BOTH(KN, BITS, LUTK, TN, T, 4, c3)              \
+    QMMAT_BOTH(KN, BITS, LUTK, TN, T, 8, c3) QMMAT(KN, BITS, LUTK, TN, T, 1, c4, run)              \
+    QMMAT(KN, BITS, LUTK, TN, T, 2, c4, run) QMMAT(KN, BITS, LUTK, TN, T, 2, c5, run)              \
+    QMMAT(KN, BITS, LUTK, TN, T, 4, c5, run) QMMATX(KN, BITS, LUTK, TN, T, 8, x1)                  \
+    QMMATX(KN, BITS, LUTK, TN, T, 16, x2)
 QMMAT_ALL(a4, 4, false, bf16, __nv_bfloat16)
 QMMAT_ALL(a4, 4, false, f16, __half)
 QMMAT_ALL(t4, 4, true, bf16, __nv_bfloat16)

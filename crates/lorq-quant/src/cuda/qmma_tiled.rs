@@ -309,6 +309,37 @@ pub(crate) fn matmul_group(
 mod tests {
     use super::{m_tiles, shape, split_k};
 
+    /// Every (shape, n8 tiles) `shape` picks is compiled (kernels/qmma_tiled.cu `QMMAT_ALL`: c4
+    /// and c5 for one weight only).
+    #[test]
+    fn picked_shapes_are_compiled() {
+        let compiled = |name: &str, mt: usize, grouped: bool| match name {
+            "c1" => [1, 2, 4].contains(&mt),
+            "c2" => [2, 4].contains(&mt),
+            "c3" => [4, 8].contains(&mt),
+            "c4" => [1, 2].contains(&mt) && !grouped,
+            "c5" => [2, 4].contains(&mt) && !grouped,
+            "x1" => mt == 8,
+            "x2" => mt == 16,
+            _ => false,
+        };
+        for n in [16usize, 576, 1024, 4096, 4097, 6144, 8192, 14336, 28672] {
+            for m in [1usize, 2, 8, 9, 16, 17, 32, 33, 64, 65, 128] {
+                for table in [false, true] {
+                    for grouped in [false, true] {
+                        let mt = m_tiles(m);
+                        let sh = shape(n, mt, table, grouped);
+                        assert!(
+                            compiled(sh.name, mt, grouped),
+                            "n={n} m={m} table={table} grouped={grouped}: {} t{mt}",
+                            sh.name
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     fn splits(n: usize, m: usize, k: usize) -> (usize, usize) {
         split_k(shape(n, m_tiles(m), true, false), n, m, k, 132)
     }
@@ -331,8 +362,10 @@ mod tests {
         }
         // Big weights never split; a 130-row one does (nine 16-row blocks), by at most the K
         // steps per K-slice warp, and not when K has fewer steps than a block has warps on it.
+        // A 4096-row weight at 33-64 rows (x1: 32 blocks of 128 rows) splits K over x1's 4.
         assert_eq!(splits(14336, 16, 4096).0, 1);
-        assert_eq!(splits(4096, 64, 14336).0, 1);
+        assert_eq!(splits(14336, 64, 4096).0, 1);
+        assert_eq!(splits(4096, 64, 14336).0, 4);
         assert_eq!(splits(130, 1, 4096).0, 4);
         assert_eq!(splits(136, 17, 512).0, 1);
         assert_eq!(splits(4096, 5000, 4096).0, 1);
