@@ -332,6 +332,31 @@ __device__ __forceinline__ void mma_sub(float (&acc)[RT][MT][4], int nt, const u
                          xb[2 * j2], xb[2 * j2 + 1]);
 }
 
+// One K step's math for a lane: sub-step i's decoded pairs (2-bit chunks refresh the group
+// constants per word; others come in with them) times the activation units fetch(nt, u) returns
+// (u: the step's 16-byte unit), for every n8 tile. run and run_staged differ only in fetch.
+template <typename T, bool LUTK, int RT, int MT, int BITS, typename Fetch>
+__device__ __forceinline__ void step_mma(float (&acc)[RT][MT][4], const Frag<RT, BITS>& f, uint32_t (&s2)[RT][2],
+                                         uint32_t (&zs2)[RT][2], uint32_t (&base)[RT][2], const uint32_t (&tlo)[4],
+                                         const uint32_t (&thi)[4], Fetch fetch) {
+    using W = Walk<BITS>;
+    constexpr int NG = Frag<RT, BITS>::NG, PER_GROUP = W::SUBS / NG;
+#pragma unroll
+    for (int i = 0; i < W::SUBS; i++) {
+        if constexpr (NG > 1)
+            if (i % PER_GROUP == 0) scale_pairs<T, LUTK, RT, BITS>(f, i / PER_GROUP, s2, zs2, base);
+        uint32_t p[RT][2][W::PAIRS];
+        decode_step_sub<T, LUTK, RT, BITS>(f, i, base, s2, zs2, tlo, thi, p);
+#pragma unroll
+        for (int nt = 0; nt < MT; nt++) {
+            uint4 v[W::UNITS];
+#pragma unroll
+            for (int u = 0; u < W::UNITS; u++) v[u] = fetch(nt, i * W::UNITS + u);
+            mma_sub<T, RT, MT, BITS>(acc, nt, p, v);
+        }
+    }
+}
+
 // A thread's place in a tiled launch (run and run_staged): its lane (g, t), its warp's row group
 // wr and K slice ws, the block's first output row nb and the warp's nw, the block's first
 // activation row mb, and the K steps [st0, st1) of the block's split.
@@ -428,10 +453,9 @@ __device__ __forceinline__ void run(const uint32_t* __restrict__ codes, const fl
 
     auto compute = [&](const Frag<RT, BITS>& f, int st) {
         const int k0 = st * 128 + t * 32;
-        using W = Walk<BITS>;
-        constexpr int NG = Frag<RT, BITS>::NG, PER_GROUP = W::SUBS / NG;
         uint32_t s2[RT][2], zs2[RT][2], base[RT][2];
-        if constexpr (NG == 1) scale_pairs<T, LUTK, RT, BITS>(f, 0, s2, zs2, base);
+        // (Before the activation loads: after them, some shapes took up to 10 more registers.)
+        if constexpr (Frag<RT, BITS>::NG == 1) scale_pairs<T, LUTK, RT, BITS>(f, 0, s2, zs2, base);
         uint4 xv[MT][4];
 #pragma unroll
         for (int nt = 0; nt < MT; nt++) {
@@ -441,20 +465,7 @@ __device__ __forceinline__ void run(const uint32_t* __restrict__ codes, const fl
 #pragma unroll
             for (int i = 0; i < 4; i++) xv[nt][i] = ok ? __ldg(xp + i) : make_uint4(0, 0, 0, 0);
         }
-#pragma unroll
-        for (int i = 0; i < W::SUBS; i++) {
-            if constexpr (NG > 1)
-                if (i % PER_GROUP == 0) scale_pairs<T, LUTK, RT, BITS>(f, i / PER_GROUP, s2, zs2, base);
-            uint32_t p[RT][2][W::PAIRS];
-            decode_step_sub<T, LUTK, RT, BITS>(f, i, base, s2, zs2, tlo, thi, p);
-#pragma unroll
-            for (int nt = 0; nt < MT; nt++) {
-                uint4 v[W::UNITS];
-#pragma unroll
-                for (int u = 0; u < W::UNITS; u++) v[u] = xv[nt][i * W::UNITS + u];
-                mma_sub<T, RT, MT, BITS>(acc, nt, p, v);
-            }
-        }
+        step_mma<T, LUTK, RT, MT, BITS>(acc, f, s2, zs2, base, tlo, thi, [&](int nt, int u) { return xv[nt][u]; });
     };
 
     Frag<RT, BITS> buf[PF + 1];
@@ -535,25 +546,12 @@ __device__ __forceinline__ void run_staged(const uint32_t* __restrict__ codes, c
 
     auto compute = [&](const Frag<RT, BITS>& f, int bs) {
         const uint4* src = s_x + (bs % S) * SLOT;
-        using W = Walk<BITS>;
-        constexpr int NG = Frag<RT, BITS>::NG, PER_GROUP = W::SUBS / NG;
         uint32_t s2[RT][2], zs2[RT][2], base[RT][2];
-        if constexpr (NG == 1) scale_pairs<T, LUTK, RT, BITS>(f, 0, s2, zs2, base);
-#pragma unroll
-        for (int i = 0; i < W::SUBS; i++) {
-            if constexpr (NG > 1)
-                if (i % PER_GROUP == 0) scale_pairs<T, LUTK, RT, BITS>(f, i / PER_GROUP, s2, zs2, base);
-            uint32_t p[RT][2][W::PAIRS];
-            decode_step_sub<T, LUTK, RT, BITS>(f, i, base, s2, zs2, tlo, thi, p);
-#pragma unroll
-            for (int nt = 0; nt < MT; nt++) {
-                const int m = nt * 8 + g;
-                uint4 v[W::UNITS];
-#pragma unroll
-                for (int u = 0; u < W::UNITS; u++) v[u] = src[m * UR + swizzle(ws * 16 + 4 * t + i * W::UNITS + u, m)];
-                mma_sub<T, RT, MT, BITS>(acc, nt, p, v);
-            }
-        }
+        if constexpr (Frag<RT, BITS>::NG == 1) scale_pairs<T, LUTK, RT, BITS>(f, 0, s2, zs2, base);
+        step_mma<T, LUTK, RT, MT, BITS>(acc, f, s2, zs2, base, tlo, thi, [&](int nt, int u) {
+            const int m = nt * 8 + g;
+            return src[m * UR + swizzle(ws * 16 + 4 * t + u, m)];
+        });
     };
 
 #pragma unroll
