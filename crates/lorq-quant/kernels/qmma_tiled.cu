@@ -1,12 +1,12 @@
-// qmmat_*: y[M, N] = x[M, K] . W^T on tensor cores for 4-bit (affine a4, table t4), 8-bit (a8)
-// and 2-bit (a2) weights in the packed GPU layout (crates/lorq-quant/src/gpu_layout.rs; the same
+// qmmat_*: y[M, N] = x[M, K] . W^T on tensor cores for 4-bit (affine a4, table t4), 8-bit (a8),
+// 3-bit (a3) and 2-bit (a2) weights in the packed GPU layout (crates/lorq-quant/src/gpu_layout.rs; the same
 // buffers the GEMV of qgemv.cu reads), bf16/f16 activations, f32 accumulation, M rows in blocks of
 // up to 128. Groups must be a multiple of 32 (16 for 2-bit codes).
 //
 // The weight is the mma's A operand (16 output rows x 16 k), the activations its B operand (16 k x
 // 8 activation rows), so M = 2..8 wastes no tensor-core rows on padding.
 // - The weight codes stream from global memory straight into registers, as in the GEMV: lane (g, t)
-//   of a warp loads, per 128-wide K step, the chunk t (32 codes: 8, 16 or 32 bytes) of each of its output rows
+//   of a warp loads, per 128-wide K step, the chunk t (32 codes: 8, 12, 16 or 32 bytes) of each of its output rows
 //   g and g + 8 of every m16 tile it owns, with the chunk's scale (and zero), PF steps ahead of the
 //   math. Staging the weights through shared memory (the first version of this kernel) streamed
 //   at about 1 TB/s; from registers the same loop reaches the GEMV's bandwidth at small M.
@@ -148,9 +148,11 @@ template <int RT, int BITS> struct Frag {
 // whose activations are UNITS 16-byte units (8 activations each). A pair's two codes are what one
 // mask of a word yields: (j, j + 4) of 8 codes for 4-bit words and for 8-bit word pairs (byte j
 // of two words), (c, c + 8) of a 16-code word for 2-bit. The activations are paired the same way.
-// 2-bit chunks may span two groups (hqq 2-bit's groups of 16: one per word, Frag::NG).
+// 3-bit codes (a dense 96-bit stream) pair (j, j + 4) too, each pair cut from the stream with a
+// funnel shift. 2-bit chunks may span two groups (hqq 2-bit's groups of 16: one per word,
+// Frag::NG).
 template <int BITS> struct Walk {
-    static_assert(BITS == 2 || BITS == 4 || BITS == 8, "2-, 4- or 8-bit codes");
+    static_assert(BITS == 2 || BITS == 3 || BITS == 4 || BITS == 8, "2-, 3-, 4- or 8-bit codes");
     static constexpr int SUBS = BITS == 2 ? 2 : 4;
     static constexpr int PAIRS = 16 / SUBS;
     static constexpr int UNITS = 4 / SUBS;
@@ -183,10 +185,14 @@ __device__ __forceinline__ void lane_rows(int nw, int g, int N, int wpr, int gro
         }
 }
 
-// The BITS words of one chunk: 8 bytes (2-bit), 16 (4-bit) or 32 (8-bit), streamed past L1.
+// The BITS words of one chunk: 8 bytes (2-bit), 12 (3-bit: 4-byte aligned), 16 (4-bit) or 32
+// (8-bit), streamed past L1.
 template <int BITS>
 __device__ __forceinline__ void load_words(uint32_t (&w)[BITS], const uint32_t* __restrict__ p) {
-    if constexpr (BITS == 2) {
+    if constexpr (BITS == 3) {
+#pragma unroll
+        for (int q = 0; q < 3; q++) w[q] = __ldcs(p + q);
+    } else if constexpr (BITS == 2) {
         const uint2 v = __ldcs(reinterpret_cast<const uint2*>(p));
         w[0] = v.x;
         w[1] = v.y;
@@ -265,6 +271,18 @@ __device__ __forceinline__ void decode_sub(const uint32_t (&w)[BITS], int i, uin
                                            const uint32_t (&thi)[4], uint32_t (&p)[Walk<BITS>::PAIRS]) {
     if constexpr (BITS == 4) {
         decode_word<T, LUTK>(w[i], base, tlo, thi, p);
+    } else if constexpr (BITS == 3) {
+        static_assert(!LUTK, "3-bit codes are affine");
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            // Codes a = 8i + j (bits 3a..) and a + 4 (12 bits up) into the low bits of v; then
+            // a + 4 moves to bit 16: (v & 0x7007) + 15 (v & 0x7000).
+            const int bit = 3 * (8 * i + j), q = bit >> 5;
+            const uint32_t next = q < 2 ? w[q < 2 ? q + 1 : q] : 0u;
+            const uint32_t v = __funnelshift_r(w[q], next, bit & 31);
+            const uint32_t hi = v & 0x7000u;
+            p[j] = Half<T>::sub(((v & 0x7007u) + 15u * hi) | Half<T>::MAGIC, base);
+        }
     } else if constexpr (BITS == 2) {
         static_assert(!LUTK, "2-bit codes are affine");
 #pragma unroll
@@ -666,3 +684,5 @@ QMMAT_ALL(a8, 8, false, bf16, __nv_bfloat16)
 QMMAT_ALL(a8, 8, false, f16, __half)
 QMMAT_ALL(a2, 2, false, bf16, __nv_bfloat16)
 QMMAT_ALL(a2, 2, false, f16, __half)
+QMMAT_ALL(a3, 3, false, bf16, __nv_bfloat16)
+QMMAT_ALL(a3, 3, false, f16, __half)

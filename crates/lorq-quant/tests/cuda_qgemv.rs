@@ -474,8 +474,8 @@ mod gpu {
         assert!(!headed.iter().any(|s| s.starts_with("nf4") || s == "fp4"));
     }
 
-    /// The tiled tensor-core kernel on every format it serves (4-bit and 8-bit codes in groups of a
-    /// multiple of 32, 2-bit in groups of a multiple of 16) at the row counts around its tile
+    /// The tiled tensor-core kernel on every format it serves (4-, 8- and 3-bit codes in groups of
+    /// a multiple of 32, 2-bit in groups of a multiple of 16) at the row counts around its tile
     /// edges (8, 16, 32, 64, 128 rows per block), and `Auto` there.
     #[test]
     fn tiled_kernel_matches_the_cpu_decoder() {
@@ -515,6 +515,8 @@ mod gpu {
             "int8",
             "eetq",
             "gptq-8bit",
+            "hqq-3bit",
+            "gptq-3bit",
             "hqq-2bit",
         ] {
             assert!(
@@ -533,7 +535,7 @@ mod gpu {
     /// Edges the formats' own quantizers do not reach: K not a multiple of the 128-wide step,
     /// groups of 32 and of 96 (spanning steps), N not a multiple of the 128-row block, fractional
     /// zeros, a long K split over many blocks, a wide weight (the block shapes of N >= 8192);
-    /// 4-bit affine and table codes, 8-bit and 2-bit affine codes (zeros across their whole
+    /// 4-bit affine and table codes, 8-, 3- and 2-bit affine codes (zeros across their whole
     /// range), and 2-bit groups of 16 (two groups in one 32-code chunk).
     #[test]
     fn tiled_kernel_edge_shapes() {
@@ -585,6 +587,7 @@ mod gpu {
                     Vec::new(),
                 ),
                 ("affine 8-bit", CodeKind::Affine { bits: 8 }, zeros_for(8)),
+                ("affine 3-bit", CodeKind::Affine { bits: 3 }, zeros_for(3)),
                 ("affine 2-bit", CodeKind::Affine { bits: 2 }, zeros_for(2)),
             ] {
                 let bits = kind.bits();

@@ -1,6 +1,6 @@
 //! Every weight-only format on the GPU through one packed layout ([`GpuLayout`]): the fused
 //! dequantize-GEMV of `kernels/qgemv.cu` for few activation rows, tensor-core kernels for a few
-//! more (its first one, and for 2-, 4- and 8-bit weights the tiled one of
+//! more (its first one, and for 2-, 3-, 4- and 8-bit weights the tiled one of
 //! [`super::qmma_tiled`], reading the same device buffers), dequantize-to-the-compute-dtype and
 //! cuBLAS past that.
 //! [`GpuLayout::dequantize_f32`] (the CPU decoder of the same layout) is the reference
@@ -209,7 +209,7 @@ pub(crate) fn dequantize_on_gpu(
 pub const QMMA_MAX_M: usize = 128;
 
 /// [`QPath::Auto`]'s row limits (bf16/f16 activations). Weights the tiled tensor-core kernel
-/// covers ([`qmma_tiled::supports`]: 4-bit, 8-bit and 2-bit codes) take it for 2..=64 rows
+/// covers ([`qmma_tiled::supports`]: 2-, 3-, 4- and 8-bit codes) take it for 2..=64 rows
 /// (from 3 with 8-bit codes; to 128 on weights of 32 Mi codes or more and with act-order; the
 /// GEMV below); every other
 /// weight takes the GEMV up to 8 rows, the first tensor-core kernel up to 32, dequantize +
@@ -246,7 +246,7 @@ pub enum QPath {
     Fused(Variant),
     /// The first tensor-core kernel (bf16/f16 activations, every format).
     Mma,
-    /// The tiled tensor-core kernel (bf16/f16 activations, the 2-, 4- and 8-bit codes of
+    /// The tiled tensor-core kernel (bf16/f16 activations, the 2-, 3-, 4- and 8-bit codes of
     /// [`qmma_tiled::supports`]).
     MmaTiled,
     /// Dequantize to the compute dtype on the GPU, then cuBLAS.
@@ -461,7 +461,7 @@ pub fn matmul(w: &DeviceLayout, x: &Tensor, path: QPath) -> Result<Tensor, Quant
                 Route::MmaTiled
             } else {
                 return Err(QuantError::Invalid(format!(
-                    "the tiled tensor-core kernel takes 4- and 8-bit codes in groups of a multiple of 32 and 2-bit codes in groups of a multiple of 16, got {} in groups of {}",
+                    "the tiled tensor-core kernel takes 3-, 4- and 8-bit codes in groups of a multiple of 32 and 2-bit codes in groups of a multiple of 16, got {} in groups of {}",
                     w.tag, w.gsize
                 )));
             }
@@ -1009,9 +1009,10 @@ fn same_kernel(a: &DeviceLayout, b: &DeviceLayout) -> bool {
 }
 
 /// `x · Wᵢᵀ` for 2 or 3 weights sharing `x` (q/k/v, gate/up) in one launch, when the automatic
-/// path of each would be the GEMV (one row for 4-bit weights, up to 8 for the others) or the
-/// tiled tensor-core kernel (2-, 4- and 8-bit, 2-64 rows, to 128 on large weights) and they can share a
-/// kernel ([`same_kernel`]); `None` otherwise (the caller runs one matmul per weight). Decode at batch 1 is launch-bound on
+/// path of each would be the GEMV (one row, up to 8 for formats the tiled kernel does not take)
+/// or the tiled tensor-core kernel (2-, 3-, 4- and 8-bit codes, 2-64 rows, to 128 on large
+/// weights) and they can share a kernel ([`same_kernel`]); `None` otherwise (the caller runs one
+/// matmul per weight). Decode at batch 1 is launch-bound on
 /// the small projections: on an H100 one launch for Llama-3-8B's q, k and v measured 11.4 us
 /// against 8.6 + 4.7 + 4.7 apart; at batch 32 the tiled kernel fills the GPU with the group's
 /// blocks where the k/v projections alone leave most SMs idle.

@@ -1,6 +1,6 @@
 //! The tiled tensor-core kernel of `kernels/qmma_tiled.cu`: `x · Wᵀ` for 4-bit weights (affine
-//! `a4`: GPTQ, AWQ, HQQ 4-bit; table `t4`: NF4, FP4), 8-bit affine ones (`a8`: GPTQ 8-bit, EETQ)
-//! and 2-bit affine ones (`a2`: HQQ 2-bit) in the packed layout the GEMV reads too (no second
+//! `a4`: GPTQ, AWQ, HQQ 4-bit; table `t4`: NF4, FP4), 8-bit, 3-bit and 2-bit affine ones (`a8`:
+//! GPTQ 8-bit, EETQ; `a3`: HQQ and GPTQ 3-bit; `a2`: HQQ 2-bit) in the packed layout the GEMV reads too (no second
 //! device copy), bf16/f16 activations ([`supports`] says which groups). The weight codes stream
 //! into registers as in the GEMV; blocks of 16, 32 or 128 output rows (by N and M) × up to 128
 //! activation rows, their warps splitting K. K is also split over several blocks when the row
@@ -32,12 +32,12 @@ pub(crate) const MAX_SPLIT_M_BLOCKS: usize = 16;
 /// Most K splits: each adds `M × N` f32 partial sums of traffic.
 const MAX_SPLITS: usize = 16;
 
-/// Whether the kernel covers this weight: 4-bit codes (affine or table) and 8-bit affine codes
-/// in groups of a multiple of 32, 2-bit affine codes in groups of a multiple of 16 (a 32-code
-/// chunk then spans at most two groups, one per word: hqq 2-bit's groups of 16).
+/// Whether the kernel covers this weight: 4-bit codes (affine or table) and 8-bit and 3-bit
+/// affine codes in groups of a multiple of 32, 2-bit affine codes in groups of a multiple of 16
+/// (a 32-code chunk then spans at most two groups, one per word: hqq 2-bit's groups of 16).
 pub fn supports(w: &DeviceLayout) -> bool {
     match w.tag.as_str() {
-        "a4" | "t4" | "a8" => w.gsize % 32 == 0,
+        "a4" | "t4" | "a8" | "a3" => w.gsize % 32 == 0,
         "a2" => w.gsize % 16 == 0,
         _ => false,
     }
