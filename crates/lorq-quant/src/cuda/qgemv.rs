@@ -1009,7 +1009,7 @@ fn same_kernel(a: &DeviceLayout, b: &DeviceLayout) -> bool {
 }
 
 /// `x · Wᵢᵀ` for 2 or 3 weights sharing `x` (q/k/v, gate/up) in one launch, when the automatic
-/// path of each would be the GEMV (one row, up to 8 for formats the tiled kernel does not take)
+/// path of each would be the GEMV (one row, two for 8-bit codes, up to 8 for the other formats)
 /// or the tiled tensor-core kernel (2-, 3-, 4- and 8-bit codes, 2-64 rows, to 128 on large
 /// weights) and they can share a kernel ([`same_kernel`]); `None` otherwise (the caller runs one
 /// matmul per weight). Decode at batch 1 is launch-bound on
