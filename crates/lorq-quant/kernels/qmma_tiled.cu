@@ -1,15 +1,16 @@
 // qmmat_*: y[M, N] = x[M, K] . W^T on tensor cores for 4-bit (affine a4, table t4), 8-bit (a8),
-// 3-bit (a3) and 2-bit (a2) weights in the packed GPU layout (crates/lorq-quant/src/gpu_layout.rs; the same
-// buffers the GEMV of qgemv.cu reads), bf16/f16 activations, f32 accumulation, M rows in blocks of
-// up to 128. Groups must be a multiple of 32 (16 for 2-bit codes).
+// 3-bit (a3) and 2-bit (a2) weights in the packed GPU layout (crates/lorq-quant/src/gpu_layout.rs;
+// the same buffers the GEMV of qgemv.cu reads), bf16/f16 activations, f32 accumulation, M rows in
+// blocks of up to 128. Groups must be a multiple of 32 (16 for 2-bit codes).
 //
 // The weight is the mma's A operand (16 output rows x 16 k), the activations its B operand (16 k x
 // 8 activation rows), so M = 2..8 wastes no tensor-core rows on padding.
 // - The weight codes stream from global memory straight into registers, as in the GEMV: lane (g, t)
-//   of a warp loads, per 128-wide K step, the chunk t (32 codes: 8, 12, 16 or 32 bytes) of each of its output rows
-//   g and g + 8 of every m16 tile it owns, with the chunk's scale (and zero), PF steps ahead of the
-//   math. Staging the weights through shared memory (the first version of this kernel) streamed
-//   at about 1 TB/s; from registers the same loop reaches the GEMV's bandwidth at small M.
+//   of a warp loads, per 128-wide K step, the chunk t (32 codes: 8, 12, 16 or 32 bytes) of each of
+//   its output rows g and g + 8 of every m16 tile it owns, with the chunk's scale (and zero), PF
+//   steps ahead of the math. Staging the weights through shared memory (the first version of this
+//   kernel) streamed at about 1 TB/s; from registers the same loop reaches the GEMV's bandwidth at
+//   small M.
 // - Block: WR x WK warps. Warp (wr, ws) owns RT m16 row tiles and the K steps ws, ws + WK, ... of
 //   the block's K range; the WK warps of a row group add their sums in shared memory in a fixed
 //   order. Several blocks split K only when the row blocks alone leave most SMs idle; the last one

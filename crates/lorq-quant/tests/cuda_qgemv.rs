@@ -568,7 +568,7 @@ mod gpu {
                 .map(|v| 7.5 + 2.0 * v)
                 .collect();
             let codes = randn(seed + 2, n * k, 1.0);
-            // Zeros around the middle of each code range: 7.5 +- 2 for 4 bits, scaled for 8 and 2.
+            // Zeros around the middle of each code range: 7.5 +- 2 for 4 bits, scaled to the others.
             let zeros_for = |bits: u32| -> Vec<f32> {
                 let half = ((1u32 << bits) as f32 - 1.0) / 2.0;
                 zeros

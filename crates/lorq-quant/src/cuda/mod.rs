@@ -207,12 +207,17 @@ impl<T> GpuCache<T> {
 
 /// Keeps the memory that `dev`'s buffers free in the stream-ordered pool they came from instead
 /// of handing it back to the driver at every synchronize. The default pool's release threshold
-/// is 0: each synchronize unmapped what was free, and the next call mapped it again (a 117 MB
-/// dequantized 8B weight each batch of calls at 129+ rows, every activation of an eager
-/// decode step). PyTorch's caching allocator holds freed memory the same way. Call once per GPU.
+/// is 0: each synchronize unmapped what was free, and the next call mapped it again (the bf16
+/// weight of every dequantize + cuBLAS call, 117 MB for an 8B model's gate/up; every activation
+/// of an eager decode step). PyTorch's caching allocator holds freed memory the same way. Call
+/// once per GPU; a GPU without memory pools (its buffers come from `cuMemAlloc`) is left as is.
 pub fn keep_freed_memory(dev: &CudaDevice) -> Result<(), QuantError> {
     use candle_core::cuda_backend::cudarc::driver::sys;
-    let cu_dev = dev.cuda_stream().context().cu_device();
+    let ctx = dev.cuda_stream().context().clone();
+    if !ctx.has_async_alloc() {
+        return Ok(());
+    }
+    let cu_dev = ctx.cu_device();
     let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
     let mut threshold = u64::MAX;
     // SAFETY: `pool` receives the device's default pool; the attribute takes a u64.

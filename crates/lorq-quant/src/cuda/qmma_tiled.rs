@@ -1,11 +1,11 @@
 //! The tiled tensor-core kernel of `kernels/qmma_tiled.cu`: `x · Wᵀ` for 4-bit weights (affine
 //! `a4`: GPTQ, AWQ, HQQ 4-bit; table `t4`: NF4, FP4), 8-bit, 3-bit and 2-bit affine ones (`a8`:
-//! GPTQ 8-bit, EETQ; `a3`: HQQ and GPTQ 3-bit; `a2`: HQQ 2-bit) in the packed layout the GEMV reads too (no second
-//! device copy), bf16/f16 activations ([`supports`] says which groups). The weight codes stream
-//! into registers as in the GEMV; blocks of 16, 32 or 128 output rows (by N and M) × up to 128
-//! activation rows, their warps splitting K. K is also split over several blocks when the row
-//! blocks alone would leave most of the GPU idle, the last block of a tile adding the f32 partial
-//! sums.
+//! GPTQ 8-bit, EETQ; `a3`: HQQ and GPTQ 3-bit; `a2`: HQQ 2-bit) in the packed layout the GEMV
+//! reads too (no second device copy), bf16/f16 activations ([`supports`] says which groups).
+//! The weight codes stream into registers as in the GEMV; blocks of 16, 32 or 128 output rows (by
+//! N and M) × up to 128 activation rows, their warps splitting K. K is also split over several
+//! blocks when the row blocks alone would leave most of the GPU idle, the last block of a tile
+//! adding the f32 partial sums.
 
 use std::sync::OnceLock;
 
