@@ -28,6 +28,8 @@
 //   registers, looked up with PRMT four codes at a time, times s (HMUL2). Error: a few 2^-9
 //   relative per weight in bf16. 8-bit codes with bf16 activations form q - zi in f32 (128 + q is
 //   not an exact bf16 past q = 127), then pack it (exact) and scale it as above.
+#include <type_traits>
+
 #include "common.cuh"
 #include "mma_pipeline.cuh"
 
@@ -232,7 +234,7 @@ __device__ __forceinline__ void load_chunk(Frag<RT, BITS>& f, const uint32_t* __
 
 // Whether q - zi goes through f32 (8-bit codes, bf16): see scale_pairs.
 template <typename T, int BITS> __device__ __forceinline__ constexpr bool f32_codes() {
-    return BITS == 8 && sizeof(T) == 2 && Half<T>::MAGIC == 0x43004300u;
+    return BITS == 8 && std::is_same<T, __nv_bfloat16>::value;
 }
 
 // The step's half-precision constants of each row: s2 = (s, s); affine codes also the zero's
@@ -279,8 +281,7 @@ __device__ __forceinline__ void decode_sub(const uint32_t (&w)[BITS], int i, uin
             // Codes a = 8i + j (bits 3a..) and a + 4 (12 bits up) into the low bits of v; then
             // a + 4 moves to bit 16: (v & 0x7007) + 15 (v & 0x7000).
             const int bit = 3 * (8 * i + j), q = bit >> 5;
-            const uint32_t next = q < 2 ? w[q < 2 ? q + 1 : q] : 0u;
-            const uint32_t v = __funnelshift_r(w[q], next, bit & 31);
+            const uint32_t v = __funnelshift_r(w[q], q < 2 ? w[min(q + 1, 2)] : 0u, bit & 31);
             const uint32_t hi = v & 0x7000u;
             p[j] = Half<T>::sub(((v & 0x7007u) + 15u * hi) | Half<T>::MAGIC, base);
         }
@@ -615,10 +616,9 @@ __device__ __forceinline__ void run_staged(const uint32_t* __restrict__ codes, c
 //   c5: 2 row tiles x 8 K-slice warps (32 rows: affine codes, N <= 4096, 9-32 rows, one weight)
 #define QMMAT_CFG_c5 2, 1, 8, 1
 // Staged activations (run_staged): RT, WR, WK, PF, S.
-//   x1: 1 row tile x 8 row warps, 2 steps in flight, 3 activation slots (128 rows, 33-64 rows)
+//   x1: 1 row tile x 8 row warps, 2 steps in flight, 3 activation slots (128 rows; 33-64
+//       activation rows with 8 n8 tiles, 65-128 with 16: 64 accumulators a lane, 96 KiB of slots)
 #define QMMAT_CFG_x1 1, 8, 1, 2, 3
-//   x2: the same for 65-128 rows (16 n8 tiles: 64 accumulators a lane; 96 KiB of slots)
-#define QMMAT_CFG_x2 1, 8, 1, 2, 3
 
 // qmmat_*: one weight. Arguments: qgemv.cu's QARGS (DeviceLayout::push_args), then x, y, partial,
 // counters, M, N, K, steps per split. BODY: run, or run_staged for the x* shapes (their dynamic
@@ -676,7 +676,7 @@ __device__ __forceinline__ void run_staged(const uint32_t* __restrict__ codes, c
     QMMAT_BOTH(KN, BITS, LUTK, TN, T, 8, c3) QMMAT(KN, BITS, LUTK, TN, T, 1, c4, run)              \
     QMMAT(KN, BITS, LUTK, TN, T, 2, c4, run) QMMAT(KN, BITS, LUTK, TN, T, 2, c5, run)              \
     QMMAT(KN, BITS, LUTK, TN, T, 4, c5, run) QMMATX(KN, BITS, LUTK, TN, T, 8, x1)                  \
-    QMMATX(KN, BITS, LUTK, TN, T, 16, x2)
+    QMMATX(KN, BITS, LUTK, TN, T, 16, x1)
 QMMAT_ALL(a4, 4, false, bf16, __nv_bfloat16)
 QMMAT_ALL(a4, 4, false, f16, __half)
 QMMAT_ALL(t4, 4, true, bf16, __nv_bfloat16)

@@ -624,7 +624,7 @@ mod gpu {
                     // Two wide weights in one launch (the staged kernels, grouped): each output
                     // equals the weight alone, whose blocks sum in the same order. Past 64 rows
                     // only a group of 32 Mi codes or more takes the tiled kernel (x2), and not
-                    // with 2-bit codes (each weight alone takes it: their grouped x2 spills).
+                    // with 2-bit codes (each weight alone takes it: their grouped 128-row kernel spills).
                     for m in [40usize, 64, 100, 128] {
                         if m > 64 && (2 * n * k < 1 << 25 || bits == 2) {
                             continue;

@@ -42,7 +42,8 @@ pub fn function(
 
 /// [`function`] for a kernel whose launches take up to `shared_bytes` of dynamic shared memory:
 /// its limit is raised to that once, when it is loaded (a kernel gets 48 KiB, static and dynamic
-/// together, without asking; qmma_tiled's x1 takes 48 KiB of dynamic, x2 96 KiB).
+/// together, without asking; qmma_tiled's x1 takes 48 KiB of dynamic at 8 n8 tiles, 96 KiB at
+/// 16).
 pub(crate) fn function_with_shared(
     dev: &CudaDevice,
     module: &'static str,

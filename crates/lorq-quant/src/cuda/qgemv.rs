@@ -211,18 +211,17 @@ pub const QMMA_MAX_M: usize = 128;
 /// [`QPath::Auto`]'s row limits (bf16/f16 activations). Weights the tiled tensor-core kernel
 /// covers ([`qmma_tiled::supports`]: 2-, 3-, 4- and 8-bit codes) take it for 2..=64 rows
 /// (from 3 with 8-bit codes; to 128 on weights of 32 Mi codes or more and with act-order; the
-/// GEMV below); every other
-/// weight takes the GEMV up to 8 rows, the first tensor-core kernel up to 32, dequantize +
-/// cuBLAS past that.
+/// GEMV below); every other weight takes the GEMV up to 8 rows, the first tensor-core kernel up
+/// to 32, dequantize + cuBLAS past that.
 const AUTO_GEMV_MAX_M: usize = 8;
 const AUTO_MMA_MAX_M: usize = 32;
 /// Measured on an H100 (docs/benchmarks.md "Tiled kernel, second version",
 /// docs/bench/kernels-tiled-h100.json) since the kernel streams the weight codes through
 /// registers: from 2 rows it is faster than the GEMV on the Llama-3-8B shapes, and up to 64 rows
 /// faster than dequantize + cuBLAS. Up to 128 rows on weights of 32 Mi codes and more (session
-/// 17, block shape `x2`: 14336x4096 at 128 rows 82 us against 58 + 49 for the coalesced
-/// dequantize + cuBLAS, 4096x14336 98 against 57 + 56); smaller ones dequantize from 65 rows
-/// (4096x4096: 41-50 us against 19 + 18).
+/// 17, block shape `x1` with 16 n8 tiles: 14336x4096 at 128 rows 82 us against 58 + 49 for the
+/// coalesced dequantize + cuBLAS, 4096x14336 98 against 57 + 56); smaller ones dequantize from 65
+/// rows (4096x4096: 41-50 us against 19 + 18).
 const AUTO_TILED_MIN_M: usize = 2;
 /// 8-bit codes keep the GEMV at 2 rows (H100, session 18: gate/up 32.6 against 35.5 us, k/v 7.9
 /// against 9.1; from 4 rows the tiled kernel is ahead everywhere, 2-4x at 8-16 rows).
@@ -1012,8 +1011,8 @@ fn same_kernel(a: &DeviceLayout, b: &DeviceLayout) -> bool {
 /// path of each would be the GEMV (one row, two for 8-bit codes, up to 8 for the other formats)
 /// or the tiled tensor-core kernel (2-, 3-, 4- and 8-bit codes, 2-64 rows, to 128 on large
 /// weights) and they can share a kernel ([`same_kernel`]); `None` otherwise (the caller runs one
-/// matmul per weight). Decode at batch 1 is launch-bound on
-/// the small projections: on an H100 one launch for Llama-3-8B's q, k and v measured 11.4 us
+/// matmul per weight). Decode at batch 1 is launch-bound on the small projections: on an H100
+/// one launch for Llama-3-8B's q, k and v measured 11.4 us
 /// against 8.6 + 4.7 + 4.7 apart; at batch 32 the tiled kernel fills the GPU with the group's
 /// blocks where the k/v projections alone leave most SMs idle.
 pub fn matmul_group(ws: &[&DeviceLayout], x: &Tensor) -> Result<Option<Vec<Tensor>>, QuantError> {

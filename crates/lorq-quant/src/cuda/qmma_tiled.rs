@@ -114,19 +114,11 @@ const C5: Shape = Shape {
     stages: 0,
     max_splits: MAX_SPLITS,
 };
-/// Staged activations, 128 rows (8 row warps, one m16 tile each), 3 slots: 33-64 rows; K split
-/// over at most 4 blocks (the lab's best for 4096-row weights).
+/// Staged activations, 128 rows (8 row warps, one m16 tile each), 3 slots: 33-64 rows (8 n8
+/// tiles) and 65-128 (16: 64 accumulators a lane, 96 KiB of slots, each decoded weight feeding
+/// twice the mma); K split over at most 4 blocks (the lab's best for 4096-row weights).
 const X1: Shape = Shape {
     name: "x1",
-    rows: 128,
-    k_warps: 1,
-    stages: 3,
-    max_splits: 4,
-};
-/// `x1` with 128 activation rows per block (16 n8 tiles, 64 accumulators a lane, 96 KiB of
-/// slots): from 65 rows each decoded weight feeds twice the mma of `x1`.
-const X2: Shape = Shape {
-    name: "x2",
     rows: 128,
     k_warps: 1,
     stages: 3,
@@ -147,10 +139,11 @@ const X2: Shape = Shape {
 /// 35.4); a grouped launch (which never splits K) only from 8192 rows, below that its 128-row
 /// blocks leave the GPU half idle. Session 17 (the K-slice sums without bank conflicts, lab on
 /// an H100): single affine weights of up to 4096 rows at 9-32 rows take two row tiles per warp
-/// over eight K-slice warps (`c5`); past 64 rows `x2` (128 activation rows a block).
+/// over eight K-slice warps (`c5`); past 64 rows `x1` with 16 n8 tiles (128 activation rows a
+/// block; "x2" in the session 17 measurements).
 pub(crate) fn shape(n: usize, mt: usize, table: bool, grouped: bool) -> Shape {
     match mt {
-        16 => X2,
+        16 => X1,
         8 if n >= if grouped { 8192 } else { 4096 } => X1,
         1 | 2 if n >= 8192 && !table && !grouped => C4,
         1 => C1,
@@ -319,8 +312,7 @@ mod tests {
             "c3" => [4, 8].contains(&mt),
             "c4" => [1, 2].contains(&mt) && !grouped,
             "c5" => [2, 4].contains(&mt) && !grouped,
-            "x1" => mt == 8,
-            "x2" => mt == 16,
+            "x1" => [8, 16].contains(&mt),
             _ => false,
         };
         for n in [16usize, 576, 1024, 4096, 4097, 6144, 8192, 14336, 28672] {
