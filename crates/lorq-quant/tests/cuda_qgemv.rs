@@ -22,7 +22,7 @@ mod formats;
 mod gpu {
     use candle_core::{DType, Device, Tensor};
     use lorq_quant::cuda::qgemv::{dequantize, matmul, matmul_group, DeviceLayout, QPath, Variant};
-    use lorq_quant::cuda::qmma_tiled;
+    use lorq_quant::cuda::{qmma_tiled, qwgmma};
     use lorq_quant::gpu_layout::{CodeKind, ElementRounding, GpuLayout};
     use lorq_quant::hqq::{HqqConfig, HqqTensor};
     use lorq_quant::QuantTensor;
@@ -641,6 +641,164 @@ mod gpu {
                                 &alone.to_device(&Device::Cpu).unwrap(),
                             );
                             if e.is_nan() || e > 1e-6 {
+                                failures.push(format!(
+                                    "{kname} {n}x{k} m={m} grouped: rel {e:.2e} against alone"
+                                ));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert!(
+            failures.is_empty(),
+            "{} failures:\n{}",
+            failures.len(),
+            failures.join("\n")
+        );
+    }
+
+    /// The wgmma kernel (Hopper) on every 4-bit format (affine and table codes, act-order) at the
+    /// row counts around its blocks of 64 and 128 activation rows, and `Auto` there; edge shapes
+    /// (K not a multiple of the 128-wide step, groups of 32 and 96, N not a multiple of the 128-row
+    /// block, a long K split over blocks, fractional zeros); a grouped call (one activation pass,
+    /// one launch per weight) bitwise equal to each weight alone.
+    #[test]
+    fn wgmma_kernel_matches_the_cpu_decoder() {
+        let Some(dev) = gpu() else { return };
+        let cdev = dev.as_cuda_device().unwrap();
+        let probe = DeviceLayout::upload(
+            &GpuLayout::pack(
+                8,
+                32,
+                CodeKind::Affine { bits: 4 },
+                32,
+                vec![1.0; 8],
+                vec![0.0; 8],
+                ElementRounding::None,
+                None,
+                |_, _| 0,
+            )
+            .unwrap(),
+            cdev,
+        )
+        .unwrap();
+        if !qwgmma::supports(&probe, cdev) {
+            eprintln!("SKIPPED: the wgmma kernel needs a GPU of compute capability 9.0");
+            return;
+        }
+        let rows = [33usize, 40, 64, 65, 100, 128, 130, 256, 300];
+        let mut failures = Vec::new();
+        let mut served = Vec::new();
+        for (si, &(n, k)) in [(136usize, 512usize), (1032, 256), (264, 4096)]
+            .iter()
+            .enumerate()
+        {
+            for (name, t) in every_format(n, k, 700 + si as u64) {
+                let layout = t.gpu_layout().unwrap();
+                let dl = DeviceLayout::upload(&layout, cdev).unwrap();
+                if !qwgmma::supports(&dl, cdev) {
+                    continue;
+                }
+                served.push(name.clone());
+                failures.extend(check_rows(
+                    &dev,
+                    &name,
+                    &layout,
+                    &dl,
+                    &rows,
+                    &[QPath::Wgmma, QPath::Auto],
+                ));
+            }
+        }
+        for f in [
+            "nf4",
+            "fp4",
+            "hqq-4bit",
+            "gptq-4bit",
+            "gptq-4bit-act-order",
+            "awq-4bit",
+        ] {
+            assert!(
+                served.iter().any(|s| s == f),
+                "{f} not served by the wgmma kernel"
+            );
+        }
+        let nf4: Vec<f32> = (0..16).map(|i| (i as f32 - 7.5) / 7.5).collect();
+        for (i, &(n, k, group)) in [
+            (37usize, 160usize, 32usize),
+            (200, 288, 96),
+            (130, 4096, 128),
+            (4100, 1024, 64),
+            (8200, 2048, 128),
+            (300, 14336, 128),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let groups = k / group;
+            let seed = 800 + i as u64;
+            let scales: Vec<f32> = randn(seed, n * groups, 1.0)
+                .iter()
+                .map(|v| 0.01 + 0.005 * v.abs())
+                .collect();
+            let zeros: Vec<f32> = randn(seed + 1, n * groups, 1.0)
+                .iter()
+                .map(|v| 7.5 + 2.0 * v)
+                .collect();
+            let codes = randn(seed + 2, n * k, 1.0);
+            for (kname, kind, zs) in [
+                ("affine", CodeKind::Affine { bits: 4 }, zeros.clone()),
+                (
+                    "table",
+                    CodeKind::Table {
+                        bits: 4,
+                        lut: nf4.clone(),
+                    },
+                    Vec::new(),
+                ),
+            ] {
+                let code = |r: usize, c: usize| ((codes[r * k + c].abs() * 1e4) as u32) % 16;
+                let layout = GpuLayout::pack(
+                    n,
+                    k,
+                    kind,
+                    group,
+                    scales.clone(),
+                    zs,
+                    ElementRounding::None,
+                    None,
+                    code,
+                )
+                .unwrap();
+                let dl = DeviceLayout::upload(&layout, cdev).unwrap();
+                assert!(qwgmma::supports(&dl, cdev), "{kname} group {group}");
+                failures.extend(check_rows(
+                    &dev,
+                    &format!("{kname} group {group}"),
+                    &layout,
+                    &dl,
+                    &[33, 64, 65, 130],
+                    &[QPath::Wgmma],
+                ));
+                // Groups of 32 Mi codes take the wgmma kernel at 33-256 rows.
+                for m in [40usize, 100] {
+                    if 2 * n * k < 1 << 25 {
+                        continue;
+                    }
+                    let x = Tensor::from_vec(randn(seed + m as u64, m * k, 1.0), (m, k), &dev)
+                        .unwrap()
+                        .to_dtype(DType::BF16)
+                        .unwrap();
+                    let alone = matmul(&dl, &x, QPath::Wgmma).unwrap();
+                    let ys = matmul_group(&[&dl, &dl], &x).unwrap().expect("grouped");
+                    {
+                        for y in &ys {
+                            let e = rel_l2(
+                                &y.to_device(&Device::Cpu).unwrap(),
+                                &alone.to_device(&Device::Cpu).unwrap(),
+                            );
+                            if e.is_nan() || e > 0.0 {
                                 failures.push(format!(
                                     "{kname} {n}x{k} m={m} grouped: rel {e:.2e} against alone"
                                 ));

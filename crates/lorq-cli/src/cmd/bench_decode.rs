@@ -63,6 +63,10 @@ pub struct BenchDecodeArgs {
     /// instead of on a side stream beside the base matmul (graph steps only).
     #[arg(long)]
     pub compare_lora_overlap: bool,
+    /// Also time each case without the wgmma kernel for 4-bit weights at 33-256 rows (Hopper):
+    /// those rows then take the tiled kernel or dequantize + cuBLAS. `wgmma` in the rows.
+    #[arg(long)]
+    pub compare_wgmma: bool,
     /// Also time each quantized format with its LM head quantized by the same method (after the
     /// cases with it in --dtype, as bitsandbytes, PEFT and LoRAX keep it; torchao's int4 and
     /// gpt-fast quantize it). `lm_head_quantized` in the rows.
@@ -90,6 +94,14 @@ pub struct BenchDecodeArgs {
     /// Write the report (JSON) here; rows are printed either way.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
+}
+
+/// Whether 4-bit weights may take the wgmma kernel (lorq_quant's `qwgmma`).
+fn set_wgmma(on: bool) {
+    #[cfg(feature = "cuda")]
+    lorq_quant::cuda::qwgmma::set_enabled(on);
+    #[cfg(not(feature = "cuda"))]
+    let _ = on;
 }
 
 /// Whether a graph step queues the LoRA shrink on a side stream (lorq_quant's `side_stream`).
@@ -338,6 +350,11 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
                         } else {
                             &[true]
                         };
+                    let wgmma_modes: &[bool] = if a.compare_wgmma && dev.is_cuda() {
+                        &[true, false]
+                    } else {
+                        &[true]
+                    };
                     let tail_modes: &[bool] = if a.compare_norm_tails && dev.is_cuda() {
                         &[true, false]
                     } else {
@@ -347,12 +364,15 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
                         grouped_modes.iter().flat_map(move |&gr| {
                             tail_modes.iter().flat_map(move |&nt| {
                                 overlap_modes.iter().flat_map(move |&ov| {
-                                    graph_modes.iter().map(move |&g| (f, gr, nt, ov, g))
+                                    wgmma_modes.iter().flat_map(move |&wg| {
+                                        graph_modes.iter().map(move |&g| (f, gr, nt, ov, wg, g))
+                                    })
                                 })
                             })
                         })
                     });
-                    for (fused, grouped, tails, overlap, graphs) in modes {
+                    for (fused, grouped, tails, overlap, wgmma, graphs) in modes {
+                        set_wgmma(wgmma);
                         model.set_fused_ops(fused);
                         model.set_grouped_matmuls(grouped);
                         model.set_norm_tails(tails);
@@ -402,6 +422,7 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
                             "grouped_matmuls": grouped,
                             "norm_tails": tails && fused,
                             "lora_overlap": n_adapters > 0 && overlap && model.cuda_graphs(),
+                            "wgmma": wgmma,
                             "cuda_graphs": model.cuda_graphs(),
                             "captured_graphs": model.captured_cuda_graphs(),
                             "paged_kv": model.kv_pool().is_some(),

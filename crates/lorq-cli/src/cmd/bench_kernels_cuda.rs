@@ -16,7 +16,7 @@ use lorq_quant::cuda::dense_gemv::{gemv as dense_gemv, MAX_ROWS as DENSE_GEMV_MA
 use lorq_quant::cuda::qgemv::{
     matmul as qmatmul, DeviceLayout, QPath, Variant, QGEMV_MAX_M, QMMA_MAX_M,
 };
-use lorq_quant::cuda::qmma_tiled;
+use lorq_quant::cuda::{qmma_tiled, qwgmma};
 use lorq_quant::gpu_layout::GpuLayout;
 use lorq_quant::method::QuantMethod;
 use lorq_quant::QuantTensor;
@@ -313,6 +313,9 @@ pub fn run(a: &BenchKernelsArgs, dev: &Device) -> Result<()> {
                 }
                 if qmma_tiled::supports(&dls[0]) {
                     paths.push((QPath::MmaTiled, "qmma-tiled".into()));
+                }
+                if m >= 2 && qwgmma::supports(&dls[0], cdev) {
+                    paths.push((QPath::Wgmma, "qwgmma".into()));
                 }
                 if m <= QGEMV_MAX_M {
                     let mr = match m {

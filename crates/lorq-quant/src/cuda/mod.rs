@@ -14,6 +14,7 @@ pub mod paged_attention;
 pub mod qgemv;
 pub mod qmma_tiled;
 pub mod quantize;
+pub mod qwgmma;
 pub mod sgmv;
 pub mod side_stream;
 

@@ -16,7 +16,7 @@ use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::{CudaStorage, DType, Storage, Tensor};
 
 use super::fused_ops::{NormHead, NormHeadArg};
-use super::{cuda_device, dtype_name, function, qmma_tiled, tensor_from_storage};
+use super::{cuda_device, dtype_name, function, qmma_tiled, qwgmma, tensor_from_storage};
 use crate::gpu_layout::{CodeKind, GpuLayout};
 use crate::gpu_slot::GpuSlot;
 use crate::QuantError;
@@ -232,13 +232,25 @@ const AUTO_TILED_WIDE_CODES: usize = 1 << 25;
 /// Act-order weights: dequantize + cuBLAS also pays a column unpermute of the whole weight per call
 /// (2.5-5x slower than the tiled kernel at 128 rows on every Llama-3-8B shape).
 const AUTO_TILED_ACT_ORDER_MAX_M: usize = 128;
+/// The wgmma kernel ([`qwgmma::supports`]: 4-bit codes on a Hopper GPU) from 33 rows, on weights
+/// of 16 Mi codes and more (a grouped launch counts its weights together) up to 64 rows, on
+/// weights of 32 Mi codes and more up to 256. Lab, H100, session 19, the kernel with its
+/// activation pass against the path these rows took: 14336x4096 at 64 / 128 / 256 rows 44.5 /
+/// 50 / 96 us against 57.8 (tiled) / 85.5 (tiled) / 123 (dequantize + cuBLAS); 4096x14336 55 /
+/// 77 / 132 against 64.7 / 101 / 129; 4096x4096 at 64 rows 28.7 against 32.2, at 128 rows 41
+/// against dequantize + cuBLAS's 35; at 32 rows the tiled kernel stays ahead (38.7 against 40).
+const AUTO_WGMMA_MIN_M: usize = 33;
+const AUTO_WGMMA_MAX_M: usize = 64;
+const AUTO_WGMMA_WIDE_MAX_M: usize = 256;
+const AUTO_WGMMA_CODES: usize = 1 << 24;
 
 /// Which GPU path a matmul takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QPath {
     /// The row count, dtype and format decide (see `AUTO_*`): for bf16/f16 activations and
     /// weights the tiled kernel covers, the tiled kernel for 2..=64 rows (2..=128 on large
-    /// weights and with act-order); otherwise the GEMV up to 8 rows (f32 activations up to
+    /// weights and with act-order), except 4-bit weights of 16 Mi codes and more on a Hopper GPU,
+    /// which take the wgmma kernel from 33 rows (to 64, to 256 from 32 Mi codes); otherwise the GEMV up to 8 rows (f32 activations up to
     /// [`QGEMV_MAX_M`]), the first tensor-core kernel up to 32, else dequantize + cuBLAS.
     Auto,
     /// The fused GEMV with this launch shape.
@@ -248,6 +260,9 @@ pub enum QPath {
     /// The tiled tensor-core kernel (bf16/f16 activations, the 2-, 3-, 4- and 8-bit codes of
     /// [`qmma_tiled::supports`]).
     MmaTiled,
+    /// The wgmma kernel (bf16/f16 activations, 4-bit codes on a Hopper GPU:
+    /// [`qwgmma::supports`]).
+    Wgmma,
     /// Dequantize to the compute dtype on the GPU, then cuBLAS.
     Dequantize,
 }
@@ -256,6 +271,7 @@ enum Route {
     Gemv(Variant),
     Mma,
     MmaTiled,
+    Wgmma,
     Dequantize,
 }
 
@@ -397,8 +413,27 @@ fn mr_for(m: usize) -> usize {
 ///
 /// `grouped`: the route of a grouped launch ([`matmul_group`]). 2-bit codes past 64 rows run one
 /// launch per weight: their grouped 128-row kernel needs more than 255 registers and spills.
-fn auto_route(w: &DeviceLayout, n: usize, m: usize, dtype: DType, grouped: bool) -> Route {
+/// `wgmma`: whether the wgmma kernel takes `w` on this GPU ([`qwgmma::supports`]); it does from
+/// 33 rows on large weights (`AUTO_WGMMA_*`).
+fn auto_route(
+    w: &DeviceLayout,
+    n: usize,
+    m: usize,
+    dtype: DType,
+    grouped: bool,
+    wgmma: bool,
+) -> Route {
     let half = is_half(dtype);
+    let wgmma_max_m = if n * w.k >= 2 * AUTO_WGMMA_CODES {
+        AUTO_WGMMA_WIDE_MAX_M
+    } else if n * w.k >= AUTO_WGMMA_CODES {
+        AUTO_WGMMA_MAX_M
+    } else {
+        0
+    };
+    if half && wgmma && (AUTO_WGMMA_MIN_M..=wgmma_max_m).contains(&m) {
+        return Route::Wgmma;
+    }
     let tiled_min_m = if w.tag == "a8" {
         AUTO_TILED_MIN_M_8BIT
     } else {
@@ -445,8 +480,19 @@ pub fn matmul(w: &DeviceLayout, x: &Tensor, path: QPath) -> Result<Tensor, Quant
     let half = is_half(x.dtype());
     let tiled = half && qmma_tiled::supports(w);
     let route = match path {
-        QPath::Auto => auto_route(w, n, m, x.dtype(), false),
+        QPath::Auto => auto_route(w, n, m, x.dtype(), false, qwgmma::supports(w, dev)),
         QPath::Dequantize => Route::Dequantize,
+        QPath::Wgmma => {
+            if !half || !qwgmma::supports(w, dev) {
+                return Err(QuantError::Invalid(format!(
+                    "the wgmma kernel takes bf16/f16 activations and 4-bit codes in groups of a multiple of 32 on a GPU of compute capability 9.0, got {:?} activations, {} in groups of {}",
+                    x.dtype(),
+                    w.tag,
+                    w.gsize
+                )));
+            }
+            Route::Wgmma
+        }
         QPath::Mma | QPath::MmaTiled => {
             if !half {
                 return Err(QuantError::Invalid(format!(
@@ -490,6 +536,7 @@ pub fn matmul(w: &DeviceLayout, x: &Tensor, path: QPath) -> Result<Tensor, Quant
         Route::Gemv(v) => gemv(dev, &[w], &gathered(x2)?, m, v)?.remove(0),
         Route::Mma => mma(dev, w, &gathered(x2)?, m)?,
         Route::MmaTiled => qmma_tiled::matmul(dev, w, &gathered(x2)?, m)?,
+        Route::Wgmma => qwgmma::matmul(dev, w, &gathered(x2)?, m)?,
         Route::Dequantize => {
             let wd = dequantize(w, dev, x.dtype())?;
             let wd = match &w.perm {
@@ -1035,9 +1082,10 @@ pub fn matmul_group(ws: &[&DeviceLayout], x: &Tensor) -> Result<Option<Vec<Tenso
     // Grouped where each weight alone would take the GEMV or the tiled kernel.
     let n: usize = ws.iter().map(|w| w.n).sum();
     let x2 = x.reshape((m, k))?;
-    let ys = match auto_route(w, n, m, x.dtype(), true) {
+    let ys = match auto_route(w, n, m, x.dtype(), true, qwgmma::supports(w, dev)) {
         Route::Gemv(v) => gemv(dev, ws, &x2, m, v)?,
         Route::MmaTiled => qmma_tiled::matmul_group(dev, ws, &x2, m)?,
+        Route::Wgmma => qwgmma::matmul_group(dev, ws, &x2, m)?,
         _ => return Ok(None),
     };
     let mut out = Vec::with_capacity(ys.len());

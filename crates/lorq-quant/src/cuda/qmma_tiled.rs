@@ -156,7 +156,7 @@ pub(crate) fn shape(n: usize, mt: usize, table: bool, grouped: bool) -> Shape {
     }
 }
 
-fn multiprocessors(dev: &CudaDevice) -> usize {
+pub(crate) fn multiprocessors(dev: &CudaDevice) -> usize {
     static SMS: OnceLock<usize> = OnceLock::new();
     *SMS.get_or_init(|| super::paged_attention::multiprocessors(dev).unwrap_or(132))
 }

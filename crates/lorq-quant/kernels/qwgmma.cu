@@ -1,0 +1,255 @@
+// qwg_*: y[M, N] = x[M, K] . W^T for 4-bit weights (affine a4, table t4) in the packed GPU layout
+// on Hopper's warpgroup tensor-core instruction (wgmma, sm_90a), for 33-256 activation rows; the
+// weight stream, the code decode and the epilogue are the tiled kernel's (qmma_tiled.cuh).
+// - The weight is wgmma's A operand, from registers: warp w of a warpgroup decodes the m16n8k16 A
+//   fragments of its 16 output rows exactly as the tiled kernel's warps do (lane (g, t): chunk t
+//   of rows g and g + 8 per 128-wide K step, codes (j, j + 4) of each word paired), and one
+//   wgmma m64nBNk16 consumes them for all BN activation rows of the block at once.
+// - The activations are B, from shared memory in the 128-byte swizzled K-major layout. Since the
+//   decoded pairs are codes (j, j + 4), the activations must sit in the same order:
+//   qwg_permute_* (one pass over x per call, shared by the weights of a group) writes them in that
+//   order and already swizzled, step-major ([K/128 steps][2 halves][Mp rows][64]), so each K step
+//   of a block is two contiguous bulk copies (cp.async.bulk, completing on an mbarrier) issued by
+//   one thread, S - 2 steps ahead.
+// - Block: 2 warpgroups x 64 output rows; the weight codes of a step are loaded PF steps ahead
+//   into registers (more bytes in flight per SM: lab, H100, 14336x4096 at 128 rows 48.9 us with
+//   2 steps, 45.9 with 6). wgmma runs asynchronously: a word's two wgmmas are committed as one
+//   group, and the next word is decoded (into the other register buffer) while they run.
+// - K splits over blocks and the epilogue (f32 partial sums added by the tile's last block, in
+//   split order) are the tiled kernel's.
+// Lab (session 19, H100, kernel alone): 14336x4096 at 128 rows 45.9 us (tiled x1 83.0, bf16
+// cuBLAS 49.7), 4096x14336 72 us (101), 4096x4096 at 64 rows 25.3 (31.2).
+#include "qmma_tiled.cuh"
+#include "wgmma.cuh"
+
+namespace qwg {
+using namespace qmmat;
+
+// Each 32 consecutive activations (chunk t of step st, t = 0..3) land where lane t's decoded
+// pairs are: xp[st][(4w + j) / 8][m][8 ((4w + j) % 8) + 2t + e] = x[m][128 st + 32t + 8w + j + 4e],
+// 16-byte units swizzled by m % 8 (the 128-byte swizzle wgmma reads). Rows m >= M and columns
+// past K are zero. One thread per (row, step, word w): its four 16-byte loads, four stores.
+template <typename T>
+__device__ __forceinline__ void permute(const T* __restrict__ x, T* __restrict__ xp, int M, int K, int Kp, int Mp) {
+    const int per_row = Kp / 32;
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= Mp * per_row) return;
+    const int m = i / per_row, r = i % per_row, st = r / 4, w = r % 4;
+    uint32_t u[4][4];
+#pragma unroll
+    for (int t = 0; t < 4; t++) {
+        const int col = st * 128 + 32 * t + 8 * w;
+        const uint4 v = col < K && m < M ? __ldg(reinterpret_cast<const uint4*>(x + (size_t)m * K + col))
+                                         : make_uint4(0, 0, 0, 0);
+        u[t][0] = v.x;
+        u[t][1] = v.y;
+        u[t][2] = v.z;
+        u[t][3] = v.w;
+    }
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        uint32_t o[4];
+#pragma unroll
+        for (int t = 0; t < 4; t++) o[t] = prmt(u[t][j >> 1], u[t][(j >> 1) + 2], (j & 1) ? 0x7632u : 0x5410u);
+        const int c = 4 * w + j, half = c >> 3, cc = c & 7;
+        uint4* out = reinterpret_cast<uint4*>(xp + ((size_t)(st * 2 + half) * Mp + m) * 64) + (cc ^ (m & 7));
+        *out = make_uint4(o[0], o[1], o[2], o[3]);
+    }
+}
+
+__device__ __forceinline__ void mbar_init(uint32_t bar) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(bar));
+}
+__device__ __forceinline__ void mbar_expect(uint32_t bar, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t phase) {
+    asm volatile(
+        "{\n .reg .pred p;\n WAIT: mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n @!p bra WAIT;\n}\n" ::"r"(bar),
+        "r"(phase)
+        : "memory");
+}
+__device__ __forceinline__ void bulk_copy(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
+                 "l"(src), "r"(bytes), "r"(bar)
+                 : "memory");
+}
+// K-major, 128-byte swizzle: rows of 128 bytes, 8-row groups 1024 bytes apart.
+__device__ __forceinline__ uint64_t sw128_desc(uint32_t saddr) {
+    return (uint64_t)((saddr & 0x3FFFF) >> 4) | ((uint64_t)1 << 16) | ((uint64_t)(1024 >> 4) << 32) | ((uint64_t)1 << 62);
+}
+__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void wg_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Keeps the compiler from touching the accumulators while a wgmma may be writing them.
+template <int MT> __device__ __forceinline__ void pin(float (&acc)[1][MT][4]) {
+#pragma unroll
+    for (int a = 0; a < MT; a++)
+#pragma unroll
+        for (int b = 0; b < 4; b++) asm volatile("" : "+f"(acc[0][a][b])::"memory");
+}
+
+// Word w's scaled pairs of both lane rows. Affine codes: one LOP3 per pair ((v & mask) | magic,
+// which the compiler emitted as two), then q - zi and the scale as decode_step_sub does.
+template <typename T, bool LUTK>
+__device__ __forceinline__ void decode(const Frag<1, 4>& f, int w, const uint32_t (&base)[1][2], const uint32_t (&s2)[1][2],
+                                       const uint32_t (&zs2)[1][2], const uint32_t (&tlo)[4], const uint32_t (&thi)[4],
+                                       uint32_t (&p)[1][2][4]) {
+    if constexpr (LUTK) {
+        decode_step_sub<T, LUTK, 1, 4>(f, w, base, s2, zs2, tlo, thi, p);
+    } else {
+#pragma unroll
+        for (int h = 0; h < 2; h++)
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                uint32_t v;
+                asm("lop3.b32 %0, %1, %2, %3, 0xEA;"
+                    : "=r"(v)
+                    : "r"(f.w[0][h][w] >> (4 * j)), "r"(0x000F000Fu), "r"(Half<T>::MAGIC));
+                p[0][h][j] = Half<T>::fma(Half<T>::sub(v, base[0][h]), s2[0][h], zs2[0][h]);
+            }
+    }
+}
+
+constexpr int WARPGROUPS = 2;
+constexpr int THREADS = 128 * WARPGROUPS;  // qwgmma.rs THREADS
+
+template <typename T, bool LUTK, int BN, int S, int PF>
+__device__ __forceinline__ void run(const uint32_t* __restrict__ codes, const float* __restrict__ scales,
+                                    const float* __restrict__ zeros, const float* __restrict__ lut, int wpr,
+                                    int gsize, int groups, const T* __restrict__ xp, int Mp, T* __restrict__ y,
+                                    float* __restrict__ partial, unsigned* __restrict__ counters, int M, int N,
+                                    int K, int steps_per_split) {
+    constexpr int MT = BN / 8;
+    constexpr int WR = 4 * WARPGROUPS;
+    constexpr int SLOT = BN * 256;  // bytes: two 64-wide halves of BN rows x 128 bytes
+    extern __shared__ uint8_t smem_raw[];
+    __shared__ float s_red[1][1][1];  // (no K-slice warps)
+    __shared__ bool last;
+    __shared__ __align__(8) uint64_t bars[S];
+    const uint32_t s0 = ((uint32_t)__cvta_generic_to_shared(smem_raw) + 1023u) & ~1023u;  // swizzle atoms
+    const uint32_t bar0 = (uint32_t)__cvta_generic_to_shared(bars);
+    if (threadIdx.x == 0)
+        for (int s = 0; s < S; s++) mbar_init(bar0 + 8 * s);
+    __syncthreads();
+    const Coords pos = coords<1, WR, MT>(blockIdx.x, K, steps_per_split);
+    const int tid = pos.tid, g = pos.g, t = pos.t, nw = pos.nw, mb = pos.mb, st0 = pos.st0, st1 = pos.st1,
+              chunks = pos.chunks;
+    const int nsteps = st1 - st0;
+
+    uint32_t tlo[4] = {0, 0, 0, 0}, thi[4] = {0, 0, 0, 0};
+    if constexpr (LUTK) table_bytes<T>(lut, tlo, thi);
+    size_t crow[1][2], srow[1][2];
+    lane_rows<1>(nw, g, N, wpr, groups, crow, srow);
+    auto load = [&](Frag<1, 4>& f, int i) {
+        const int c = min(min(st0 + i, st1 - 1) * 4 + t, chunks - 1);  // past K: activations are 0
+        load_chunk<LUTK, 1, 4>(f, codes, scales, zeros, crow, srow, c, gsize);
+    };
+    // Step i's activations into slot i % S (thread 0).
+    auto stage = [&](int i) {
+        if (tid != 0 || i >= nsteps) return;
+        const uint32_t slot = i % S, dst = s0 + slot * SLOT, bar = bar0 + 8 * slot;
+        mbar_expect(bar, SLOT);
+#pragma unroll
+        for (int h = 0; h < 2; h++)
+            bulk_copy(dst + h * (BN * 128), xp + ((size_t)((st0 + i) * 2 + h) * Mp + mb) * 64, BN * 128, bar);
+    };
+    float acc[1][MT][4];
+#pragma unroll
+    for (int a = 0; a < MT; a++)
+#pragma unroll
+        for (int b = 0; b < 4; b++) acc[0][a][b] = 0.f;
+
+    uint32_t pw[2][1][2][4];  // a word's pairs, double-buffered against the running wgmmas
+    auto compute = [&](const Frag<1, 4>& f, int i) {
+        const uint32_t sb = s0 + (i % S) * SLOT;
+        uint32_t s2[1][2], zs2[1][2], base[1][2];
+        scale_pairs<T, LUTK, 1, 4>(f, 0, s2, zs2, base);
+#pragma unroll
+        for (int w = 0; w < 4; w++) {
+            uint32_t(&p)[1][2][4] = pw[w & 1];
+            decode<T, LUTK>(f, w, base, s2, zs2, tlo, thi, p);
+            pin(acc);
+            wg_fence();
+#pragma unroll
+            for (int jj = 0; jj < 2; jj++) {  // k16 sub-steps 2w + jj: pairs 2jj, 2jj + 1
+                const int s = 2 * w + jj;
+                const uint64_t d = sw128_desc(sb + (s >> 2) * (BN * 128) + (s & 3) * 32);
+                if constexpr (std::is_same<T, __nv_bfloat16>::value)
+                    wgmma::Mma<BN>::bf16(acc[0], p[0][0][2 * jj], p[0][1][2 * jj], p[0][0][2 * jj + 1],
+                                         p[0][1][2 * jj + 1], d);
+                else
+                    wgmma::Mma<BN>::f16(acc[0], p[0][0][2 * jj], p[0][1][2 * jj], p[0][0][2 * jj + 1],
+                                        p[0][1][2 * jj + 1], d);
+            }
+            wg_commit();
+            wg_wait<1>();  // the previous word's wgmmas are done: its buffer is free
+            pin(acc);
+        }
+    };
+
+#pragma unroll
+    for (int s = 0; s < S - 2; s++) stage(s);
+    Frag<1, 4> buf[PF + 1];
+#pragma unroll
+    for (int u = 0; u <= PF; u++)
+        if (u < nsteps) load(buf[u], u);
+    for (int b0 = 0; b0 < nsteps; b0 += PF + 1) {
+#pragma unroll
+        for (int u = 0; u <= PF; u++) {
+            const int i = b0 + u;
+            if (i < nsteps) {
+                // Every warp is past step i - 1's first word, so step i - 2's wgmmas are done and
+                // its slot, (i + S - 2) % S, can be refilled.
+                __syncthreads();
+                stage(i + S - 2);
+                mbar_wait(bar0 + 8 * (i % S), (i / S) & 1);
+                compute(buf[u], i);
+                if (i + PF + 1 < nsteps) load(buf[u], i + PF + 1);
+            }
+        }
+    }
+    wg_wait<0>();
+    pin(acc);
+    finish<T, MT, 1, WR, 1>(acc, s_red, last, y, partial, counters, M, N, pos);
+}
+
+}  // namespace qwg
+
+// Block shapes: activation rows per block BN, activation slots S, weight steps in flight PF + 1
+// (qwgmma.rs Shape). n64: 33-64 rows; n128: past 64 (blocks of 128 rows).
+#define QWG_CFG_n64 64, 8, 6
+#define QWG_CFG_n128 128, 4, 6
+
+// wgmma exists on sm_90a only (qwgmma.rs `supports` routes nothing here elsewhere).
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL) || !defined(__CUDA_ARCH__)
+#define QWG_BODY(...) __VA_ARGS__
+#else
+#define QWG_BODY(...) __trap()
+#endif
+
+// qwg_permute_*: x [M, K] -> xp [Kp / 128][2][Mp][64] (qwg::permute). Arguments: x, xp, M, K, Kp, Mp.
+#define QWG_PERMUTE(TN, T)                                                                           \
+    extern "C" __global__ void qwg_permute_##TN(const T* __restrict__ x, T* __restrict__ xp, int M, int K, \
+                                                int Kp, int Mp) {                                  \
+        qwg::permute<T>(x, xp, M, K, Kp, Mp);                                                      \
+    }
+// qwg_*: one weight. Arguments: qgemv.cu's QARGS (DeviceLayout::push_args), then xp, Mp, y,
+// partial, counters, M, N, K, steps per split; grid (N / 128, splits, Mp / BN); dynamic shared
+// memory S * BN * 256 + 1024 (qwgmma.rs Shape::shared_bytes).
+#define QWG(KN, LUTK, TN, T, C)                                                                      \
+    extern "C" __global__ void __launch_bounds__(qwg::THREADS, 1)                                  \
+        qwg_##KN##_##TN##_##C(const uint32_t* codes, const float* scales, const float* zeros,      \
+                              const float* lut, int wpr, int gsize, int groups, int /* round_mode */, \
+                              const T* __restrict__ xp, int Mp, T* __restrict__ y, float* partial, \
+                              unsigned* counters, int M, int N, int K, int steps_per_split) {      \
+        QWG_BODY(qwg::run<T, LUTK, QWG_CFG_##C>(codes, scales, zeros, lut, wpr, gsize, groups, xp, Mp, y, \
+                                                partial, counters, M, N, K, steps_per_split));     \
+    }
+#define QWG_ALL(TN, T)                                                                               \
+    QWG_PERMUTE(TN, T)                                                                               \
+    QWG(a4, false, TN, T, n64) QWG(a4, false, TN, T, n128) QWG(t4, true, TN, T, n64) QWG(t4, true, TN, T, n128)
+QWG_ALL(bf16, __nv_bfloat16)
+QWG_ALL(f16, __half)
