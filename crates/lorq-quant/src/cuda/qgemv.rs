@@ -232,25 +232,32 @@ const AUTO_TILED_WIDE_CODES: usize = 1 << 25;
 /// Act-order weights: dequantize + cuBLAS also pays a column unpermute of the whole weight per call
 /// (2.5-5x slower than the tiled kernel at 128 rows on every Llama-3-8B shape).
 const AUTO_TILED_ACT_ORDER_MAX_M: usize = 128;
-/// The wgmma kernel ([`qwgmma::supports`]: 4-bit codes on a Hopper GPU) from 33 rows, on weights
-/// of 16 Mi codes and more (a grouped launch counts its weights together) up to 64 rows, on
-/// weights of 32 Mi codes and more up to 256. Lab, H100, session 19, the kernel with its
-/// activation pass against the path these rows took: 14336x4096 at 64 / 128 / 256 rows 44.5 /
-/// 50 / 96 us against 57.8 (tiled) / 85.5 (tiled) / 123 (dequantize + cuBLAS); 4096x14336 55 /
-/// 77 / 132 against 64.7 / 101 / 129; 4096x4096 at 64 rows 28.7 against 32.2, at 128 rows 41
-/// against dequantize + cuBLAS's 35; at 32 rows the tiled kernel stays ahead (38.7 against 40).
+/// The wgmma kernel ([`qwgmma::supports`]: 4-bit codes on a Hopper GPU) from 33 rows: on weights
+/// of 16 Mi codes and more (a grouped launch counts its weights together) up to 64 rows, of 32 Mi
+/// up to 128, and up to 256 where they also have 8192 rows or more (gate/up; down's 32 row blocks
+/// leave the GPU half idle at 256 rows); act-order weights at every row count past 64 (and from
+/// 33 on 16 Mi codes), since dequantize + cuBLAS also unpermutes the whole weight per call.
+/// H100, session 19, GPTQ 4-bit, us: 14336x4096 at 33 / 64 / 128 / 256 rows 45.0 / 45.4 / 51.8 /
+/// 95.6 against 57.1 / 56.6 / 83.7 (tiled) / 121.3 (dequantize + cuBLAS); 4096x14336 at 64 /
+/// 128 / 256 56.1 / 79.4 / 158.3 against 63.8 / 100.0 / 127.7 (dequantize); 4096x4096 at 33 / 64
+/// 25.3 / 29.7 against 27.1 / 32.8, at 96 41.4 against dequantize's 31.7; at 32 rows the tiled
+/// kernel stays ahead (39.8 against 45.2 on gate/up); act-order at 512 rows 203.7 / 233.4 / 71.7
+/// against 626 / 690 / 198 (dequantize and unpermute).
 const AUTO_WGMMA_MIN_M: usize = 33;
 const AUTO_WGMMA_MAX_M: usize = 64;
-const AUTO_WGMMA_WIDE_MAX_M: usize = 256;
+const AUTO_WGMMA_WIDE_MAX_M: usize = 128;
+const AUTO_WGMMA_WIDEST_MAX_M: usize = 256;
 const AUTO_WGMMA_CODES: usize = 1 << 24;
+const AUTO_WGMMA_WIDEST_ROWS: usize = 8192;
 
 /// Which GPU path a matmul takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QPath {
     /// The row count, dtype and format decide (see `AUTO_*`): for bf16/f16 activations and
     /// weights the tiled kernel covers, the tiled kernel for 2..=64 rows (2..=128 on large
-    /// weights and with act-order), except 4-bit weights of 16 Mi codes and more on a Hopper GPU,
-    /// which take the wgmma kernel from 33 rows (to 64, to 256 from 32 Mi codes); otherwise the GEMV up to 8 rows (f32 activations up to
+    /// weights and with act-order), except 4-bit weights on a Hopper GPU, which take the wgmma
+    /// kernel from 33 rows on large weights (to 64-256 rows by size, every row count with
+    /// act-order: `AUTO_WGMMA_*`); otherwise the GEMV up to 8 rows (f32 activations up to
     /// [`QGEMV_MAX_M`]), the first tensor-core kernel up to 32, else dequantize + cuBLAS.
     Auto,
     /// The fused GEMV with this launch shape.
@@ -424,14 +431,24 @@ fn auto_route(
     wgmma: bool,
 ) -> Route {
     let half = is_half(dtype);
-    let wgmma_max_m = if n * w.k >= 2 * AUTO_WGMMA_CODES {
+    let codes = n * w.k;
+    let wgmma_max_m = if w.perm.is_some() {
+        usize::MAX
+    } else if codes >= 2 * AUTO_WGMMA_CODES && n >= AUTO_WGMMA_WIDEST_ROWS {
+        AUTO_WGMMA_WIDEST_MAX_M
+    } else if codes >= 2 * AUTO_WGMMA_CODES {
         AUTO_WGMMA_WIDE_MAX_M
-    } else if n * w.k >= AUTO_WGMMA_CODES {
+    } else if codes >= AUTO_WGMMA_CODES {
         AUTO_WGMMA_MAX_M
     } else {
         0
     };
-    if half && wgmma && (AUTO_WGMMA_MIN_M..=wgmma_max_m).contains(&m) {
+    let wgmma_min_m = if w.perm.is_some() && codes < AUTO_WGMMA_CODES {
+        AUTO_WGMMA_MAX_M + 1
+    } else {
+        AUTO_WGMMA_MIN_M
+    };
+    if half && wgmma && (wgmma_min_m..=wgmma_max_m).contains(&m) {
         return Route::Wgmma;
     }
     let tiled_min_m = if w.tag == "a8" {
