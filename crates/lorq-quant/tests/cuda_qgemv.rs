@@ -195,6 +195,62 @@ mod gpu {
         failures
     }
 
+    /// `path` and `Auto` against the CPU decoder for every format `supports` takes, on three
+    /// shapes (seeds from `seed`), at each row count: the failures. Asserts that each of `expected`
+    /// was served.
+    fn check_formats_served(
+        dev: &Device,
+        seed: u64,
+        rows: &[usize],
+        path: QPath,
+        supports: impl Fn(&DeviceLayout) -> bool,
+        expected: &[&str],
+    ) -> Vec<String> {
+        let cdev = dev.as_cuda_device().unwrap();
+        let mut failures = Vec::new();
+        let mut served = Vec::new();
+        for (si, &(n, k)) in [(136usize, 512usize), (1032, 256), (264, 4096)]
+            .iter()
+            .enumerate()
+        {
+            for (name, t) in every_format(n, k, seed + si as u64) {
+                let layout = t.gpu_layout().unwrap();
+                let dl = DeviceLayout::upload(&layout, cdev).unwrap();
+                if !supports(&dl) {
+                    continue;
+                }
+                served.push(name.clone());
+                failures.extend(check_rows(
+                    dev,
+                    &name,
+                    &layout,
+                    &dl,
+                    rows,
+                    &[path, QPath::Auto],
+                ));
+            }
+        }
+        for f in expected {
+            assert!(served.iter().any(|s| s == f), "{f} not served by {path:?}");
+        }
+        failures
+    }
+
+    /// Seeded scales (0.01-0.02), zeros (7.5 +- 2: around the middle of the 4-bit range, fractional)
+    /// and code sources (`n * k` normal values) of an `[n, k]` weight in groups of `group`.
+    fn edge_inputs(n: usize, k: usize, group: usize, seed: u64) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let groups = k / group;
+        let scales = randn(seed, n * groups, 1.0)
+            .iter()
+            .map(|v| 0.01 + 0.005 * v.abs())
+            .collect();
+        let zeros = randn(seed + 1, n * groups, 1.0)
+            .iter()
+            .map(|v| 7.5 + 2.0 * v)
+            .collect();
+        (scales, zeros, randn(seed + 2, n * k, 1.0))
+    }
+
     /// A seeded random `[n, k]` weight in hqq 4-bit (LoRAX's settings).
     fn hqq_4bit(n: usize, k: usize, seed: u64) -> Arc<dyn QuantTensor> {
         let w = Tensor::from_vec(randn(seed, n * k, 0.02), (n, k), &Device::Cpu).unwrap();
@@ -480,50 +536,27 @@ mod gpu {
     #[test]
     fn tiled_kernel_matches_the_cpu_decoder() {
         let Some(dev) = gpu() else { return };
-        let cdev = dev.as_cuda_device().unwrap();
-        let rows = [1usize, 2, 8, 9, 16, 17, 33, 64, 100, 128];
-        let mut failures = Vec::new();
-        let mut served = Vec::new();
-        for (si, &(n, k)) in [(136usize, 512usize), (1032, 256), (264, 4096)]
-            .iter()
-            .enumerate()
-        {
-            for (name, t) in every_format(n, k, 300 + si as u64) {
-                let layout = t.gpu_layout().unwrap();
-                let dl = DeviceLayout::upload(&layout, cdev).unwrap();
-                if !qmma_tiled::supports(&dl) {
-                    continue;
-                }
-                served.push(name.clone());
-                failures.extend(check_rows(
-                    &dev,
-                    &name,
-                    &layout,
-                    &dl,
-                    &rows,
-                    &[QPath::MmaTiled, QPath::Auto],
-                ));
-            }
-        }
-        for f in [
-            "nf4",
-            "fp4",
-            "hqq-4bit",
-            "gptq-4bit",
-            "gptq-4bit-act-order",
-            "awq-4bit",
-            "int8",
-            "eetq",
-            "gptq-8bit",
-            "hqq-3bit",
-            "gptq-3bit",
-            "hqq-2bit",
-        ] {
-            assert!(
-                served.iter().any(|s| s == f),
-                "{f} not served by the tiled kernel"
-            );
-        }
+        let failures = check_formats_served(
+            &dev,
+            300,
+            &[1, 2, 8, 9, 16, 17, 33, 64, 100, 128],
+            QPath::MmaTiled,
+            qmma_tiled::supports,
+            &[
+                "nf4",
+                "fp4",
+                "hqq-4bit",
+                "gptq-4bit",
+                "gptq-4bit-act-order",
+                "awq-4bit",
+                "int8",
+                "eetq",
+                "gptq-8bit",
+                "hqq-3bit",
+                "gptq-3bit",
+                "hqq-2bit",
+            ],
+        );
         assert!(
             failures.is_empty(),
             "{} failures:\n{}",
@@ -557,17 +590,8 @@ mod gpu {
         .iter()
         .enumerate()
         {
-            let groups = k / group;
             let seed = 500 + i as u64;
-            let scales: Vec<f32> = randn(seed, n * groups, 1.0)
-                .iter()
-                .map(|v| 0.01 + 0.005 * v.abs())
-                .collect();
-            let zeros: Vec<f32> = randn(seed + 1, n * groups, 1.0)
-                .iter()
-                .map(|v| 7.5 + 2.0 * v)
-                .collect();
-            let codes = randn(seed + 2, n * k, 1.0);
+            let (scales, zeros, codes) = edge_inputs(n, k, group, seed);
             // Zeros around the middle of each code range: 7.5 +- 2 for 4 bits, scaled to the others.
             let zeros_for = |bits: u32| -> Vec<f32> {
                 let half = ((1u32 << bits) as f32 - 1.0) / 2.0;
@@ -687,43 +711,21 @@ mod gpu {
             eprintln!("SKIPPED: the wgmma kernel needs a GPU of compute capability 9.0");
             return;
         }
-        let rows = [33usize, 40, 64, 65, 100, 128, 130, 256, 300];
-        let mut failures = Vec::new();
-        let mut served = Vec::new();
-        for (si, &(n, k)) in [(136usize, 512usize), (1032, 256), (264, 4096)]
-            .iter()
-            .enumerate()
-        {
-            for (name, t) in every_format(n, k, 700 + si as u64) {
-                let layout = t.gpu_layout().unwrap();
-                let dl = DeviceLayout::upload(&layout, cdev).unwrap();
-                if !qwgmma::supports(&dl, cdev) {
-                    continue;
-                }
-                served.push(name.clone());
-                failures.extend(check_rows(
-                    &dev,
-                    &name,
-                    &layout,
-                    &dl,
-                    &rows,
-                    &[QPath::Wgmma, QPath::Auto],
-                ));
-            }
-        }
-        for f in [
-            "nf4",
-            "fp4",
-            "hqq-4bit",
-            "gptq-4bit",
-            "gptq-4bit-act-order",
-            "awq-4bit",
-        ] {
-            assert!(
-                served.iter().any(|s| s == f),
-                "{f} not served by the wgmma kernel"
-            );
-        }
+        let mut failures = check_formats_served(
+            &dev,
+            700,
+            &[33, 40, 64, 65, 100, 128, 130, 256, 300],
+            QPath::Wgmma,
+            |dl| qwgmma::supports(dl, cdev),
+            &[
+                "nf4",
+                "fp4",
+                "hqq-4bit",
+                "gptq-4bit",
+                "gptq-4bit-act-order",
+                "awq-4bit",
+            ],
+        );
         let nf4: Vec<f32> = (0..16).map(|i| (i as f32 - 7.5) / 7.5).collect();
         for (i, &(n, k, group)) in [
             (37usize, 160usize, 32usize),
@@ -736,17 +738,8 @@ mod gpu {
         .iter()
         .enumerate()
         {
-            let groups = k / group;
             let seed = 800 + i as u64;
-            let scales: Vec<f32> = randn(seed, n * groups, 1.0)
-                .iter()
-                .map(|v| 0.01 + 0.005 * v.abs())
-                .collect();
-            let zeros: Vec<f32> = randn(seed + 1, n * groups, 1.0)
-                .iter()
-                .map(|v| 7.5 + 2.0 * v)
-                .collect();
-            let codes = randn(seed + 2, n * k, 1.0);
+            let (scales, zeros, codes) = edge_inputs(n, k, group, seed);
             for (kname, kind, zs) in [
                 ("affine", CodeKind::Affine { bits: 4 }, zeros.clone()),
                 (

@@ -26,7 +26,7 @@ use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaModule};
 use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::op::BackpropOp;
-use candle_core::{CudaStorage, Device, Shape, Storage, Tensor};
+use candle_core::{CudaStorage, DType, Device, Shape, Storage, Tensor};
 
 use crate::QuantError;
 
@@ -144,6 +144,55 @@ pub(crate) fn aligned(x: &Tensor, align_bytes: usize) -> Result<Tensor, QuantErr
         // `force_contiguous`, not `contiguous`/`copy`: those keep a view's start offset.
         Ok(x.force_contiguous()?)
     }
+}
+
+/// The input of a bf16/f16 launch: `x` made contiguous from an `align_bytes`-aligned start, its
+/// GPU storage and start offset handed to `bf16` or `f16` by dtype (the storage stays borrowed
+/// until the launch returns); other dtypes are refused, naming `what`.
+pub(crate) fn with_half_input<R>(
+    x: &Tensor,
+    align_bytes: usize,
+    what: &str,
+    bf16: impl FnOnce(&CudaStorage, usize) -> Result<R, QuantError>,
+    f16: impl FnOnce(&CudaStorage, usize) -> Result<R, QuantError>,
+) -> Result<R, QuantError> {
+    let x = aligned(x, align_bytes)?;
+    let (storage, layout) = x.storage_and_layout();
+    let Storage::Cuda(cs) = &*storage else {
+        return Err(QuantError::Invalid(format!("{what}: x is not on a GPU")));
+    };
+    let start = layout.start_offset();
+    match x.dtype() {
+        DType::BF16 => bf16(cs, start),
+        DType::F16 => f16(cs, start),
+        other => Err(QuantError::Invalid(format!(
+            "{what}: bf16/f16 activations only, got {other:?}"
+        ))),
+    }
+}
+
+/// The outputs `[m, nᵢ]` of a bf16/f16 launch over weights of `ns` rows sharing `x`
+/// ([`with_half_input`]; zeros without launching when there is nothing to compute).
+pub(crate) fn half_group_outputs(
+    x: &Tensor,
+    ns: &[usize],
+    m: usize,
+    align_bytes: usize,
+    what: &str,
+    bf16: impl FnOnce(&CudaStorage, usize) -> Result<Vec<CudaStorage>, QuantError>,
+    f16: impl FnOnce(&CudaStorage, usize) -> Result<Vec<CudaStorage>, QuantError>,
+) -> Result<Vec<Tensor>, QuantError> {
+    if m == 0 || ns.contains(&0) {
+        return ns
+            .iter()
+            .map(|&n| Ok(Tensor::zeros((m, n), x.dtype(), x.device())?))
+            .collect();
+    }
+    let s = with_half_input(x, align_bytes, what, bf16, f16)?;
+    Ok(s.into_iter()
+        .zip(ns)
+        .map(|(s, &n)| tensor_from_storage(s, (m, n)))
+        .collect())
 }
 
 /// Candle storages for a launch's output buffers `ys` on `dev`.

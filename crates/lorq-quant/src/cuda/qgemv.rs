@@ -1161,22 +1161,13 @@ fn mma(dev: &CudaDevice, w: &DeviceLayout, x: &Tensor, m: usize) -> Result<Tenso
         Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
     }
     // 32-bit loads of activation pairs: a 4-byte-aligned start.
-    let x = super::aligned(x, 4)?;
-    let (storage, layout) = x.storage_and_layout();
-    let Storage::Cuda(cs) = &*storage else {
-        return Err(QuantError::Invalid("mma: x is not on a GPU".into()));
-    };
-    let start = layout.start_offset();
-    let s = match x.dtype() {
-        DType::BF16 => go::<half::bf16>(dev, w, cs, start, m, "bf16")?,
-        DType::F16 => go::<half::f16>(dev, w, cs, start, m, "f16")?,
-        other => {
-            return Err(QuantError::Invalid(format!(
-                "mma: bf16/f16 activations only, got {other:?}"
-            )))
-        }
-    };
-    drop(storage);
+    let s = super::with_half_input(
+        x,
+        4,
+        "mma",
+        |cs, start| go::<half::bf16>(dev, w, cs, start, m, "bf16"),
+        |cs, start| go::<half::f16>(dev, w, cs, start, m, "f16"),
+    )?;
     Ok(tensor_from_storage(s, (m, w.n)))
 }
 

@@ -13,10 +13,10 @@ use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
-use candle_core::{CudaStorage, DType, Storage, Tensor};
+use candle_core::{CudaStorage, Tensor};
 
+use super::function_with_shared;
 use super::qgemv::{DeviceLayout, QGroup};
-use super::{function_with_shared, tensor_from_storage};
 use crate::QuantError;
 
 static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/qmma_tiled.fatbin"));
@@ -270,32 +270,16 @@ pub(crate) fn matmul_group(
         drop(partial);
         Ok(super::storages(ys, dev))
     }
-    if m == 0 || ws.iter().any(|w| w.n == 0) {
-        return ws
-            .iter()
-            .map(|w| Ok(Tensor::zeros((m, w.n), x.dtype(), x.device())?))
-            .collect();
-    }
-    let x = super::aligned(x, 16)?;
-    let (storage, layout) = x.storage_and_layout();
-    let Storage::Cuda(cs) = &*storage else {
-        return Err(QuantError::Invalid("qmma_tiled: x is not on a GPU".into()));
-    };
-    let start = layout.start_offset();
-    let s = match x.dtype() {
-        DType::BF16 => go::<half::bf16>(dev, ws, cs, start, m, "bf16")?,
-        DType::F16 => go::<half::f16>(dev, ws, cs, start, m, "f16")?,
-        other => {
-            return Err(QuantError::Invalid(format!(
-                "qmma_tiled: bf16/f16 activations only, got {other:?}"
-            )))
-        }
-    };
-    drop(storage);
-    Ok(s.into_iter()
-        .zip(ws)
-        .map(|(s, w)| tensor_from_storage(s, (m, w.n)))
-        .collect())
+    let ns: Vec<usize> = ws.iter().map(|w| w.n).collect();
+    super::half_group_outputs(
+        x,
+        &ns,
+        m,
+        16,
+        "qmma_tiled",
+        |cs, start| go::<half::bf16>(dev, ws, cs, start, m, "bf16"),
+        |cs, start| go::<half::f16>(dev, ws, cs, start, m, "f16"),
+    )
 }
 
 #[cfg(test)]
