@@ -1,4 +1,4 @@
-// The pieces shared by the tensor-core kernels that stream a weight through registers (qmma_tiled.cu,
+// The pieces shared by the tensor-core kernels that stream a weight through registers (qmma_tiled.cuh,
 // fp8_mma.cu): the register ring of K steps in flight, the fixed-order sum of the warps that split
 // K inside a block, and the accumulators' output coordinates.
 #pragma once

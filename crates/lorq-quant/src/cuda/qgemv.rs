@@ -125,7 +125,7 @@ impl DeviceLayout {
         Some((codes, self.scales.slice(0..self.n)))
     }
 
-    /// Pushes the `QARGS` every kernel of qgemv.cu (and qmma_tiled.cu) starts with.
+    /// Pushes the `QARGS` every kernel of qgemv.cu (and qmma_tiled.cu, qwgmma.cu) starts with.
     pub(super) fn push_args<'a>(
         &'a self,
         b: &mut candle_core::cuda_backend::cudarc::driver::LaunchArgs<'a>,
@@ -1074,10 +1074,11 @@ fn same_kernel(a: &DeviceLayout, b: &DeviceLayout) -> bool {
 /// `x · Wᵢᵀ` for 2 or 3 weights sharing `x` (q/k/v, gate/up) in one launch, when the automatic
 /// path of each would be the GEMV (one row, two for 8-bit codes, up to 8 for the other formats)
 /// or the tiled tensor-core kernel (2-, 3-, 4- and 8-bit codes, 2-64 rows, to 128 on large
-/// weights) and they can share a kernel ([`same_kernel`]); `None` otherwise (the caller runs one
-/// matmul per weight). Decode at batch 1 is launch-bound on the small projections: on an H100
-/// one launch for Llama-3-8B's q, k and v measured 11.4 us
-/// against 8.6 + 4.7 + 4.7 apart; at batch 32 the tiled kernel fills the GPU with the group's
+/// weights) or the wgmma kernel (4-bit codes on Hopper, from 33 rows: the activations rewritten
+/// once for all the weights) and they can share a kernel ([`same_kernel`]); `None` otherwise
+/// (the caller runs one matmul per weight). Decode at batch 1 is launch-bound on the small
+/// projections: on an H100 one launch for Llama-3-8B's q, k and v measured 11.4 us against 8.6 +
+/// 4.7 + 4.7 apart; at batch 32 the tiled kernel fills the GPU with the group's
 /// blocks where the k/v projections alone leave most SMs idle.
 pub fn matmul_group(ws: &[&DeviceLayout], x: &Tensor) -> Result<Option<Vec<Tensor>>, QuantError> {
     let Some(&w) = ws.first() else {
@@ -1096,7 +1097,8 @@ pub fn matmul_group(ws: &[&DeviceLayout], x: &Tensor) -> Result<Option<Vec<Tenso
     if m == 0 {
         return Ok(None);
     }
-    // Grouped where each weight alone would take the GEMV or the tiled kernel.
+    // Grouped where the group's route is the GEMV or the tiled kernel (one launch), or the wgmma
+    // kernel (one activation pass, one launch per weight).
     let n: usize = ws.iter().map(|w| w.n).sum();
     let x2 = x.reshape((m, k))?;
     let ys = match auto_route(w, n, m, x.dtype(), true, qwgmma::supports(w, dev)) {

@@ -23,7 +23,7 @@ static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/qmma_tiled.fatb
 
 /// Fewest output rows per block (block shape `c1`): the split-K counters are sized by it.
 pub(crate) const MIN_ROWS: usize = 16;
-/// K per step of a warp (kernels/qmma_tiled.cu: four 32-weight chunks).
+/// K per step of a warp (kernels/qmma_tiled.cuh: four 32-weight chunks).
 const KSTEP: usize = 128;
 /// Threads per block, every block shape.
 const THREADS: usize = 256;
@@ -70,7 +70,7 @@ pub(crate) struct Shape {
 
 impl Shape {
     /// Dynamic shared memory of a launch with `mt` n8 tiles: each slot holds 8·mt activation rows
-    /// of `k_warps` 128-wide steps (kernels/qmma_tiled.cu `run_staged`, `s_x`).
+    /// of `k_warps` 128-wide steps (kernels/qmma_tiled.cuh `run_staged`, `s_x`).
     fn shared_bytes(&self, mt: usize) -> usize {
         self.stages * 8 * mt * self.k_warps * 128 * 2
     }
