@@ -5,6 +5,16 @@
 
 namespace mma_pipeline {
 
+// Zeroes a lane's accumulators (RT m16 tiles x MT n8 tiles).
+template <int RT, int MT> __device__ __forceinline__ void zero(float (&acc)[RT][MT][4]) {
+#pragma unroll
+    for (int a = 0; a < RT; a++)
+#pragma unroll
+        for (int b = 0; b < MT; b++)
+#pragma unroll
+            for (int c = 0; c < 4; c++) acc[a][b][c] = 0.f;
+}
+
 // Runs compute(buf[slot], step) for this warp's steps first, first + stride, ... < end, keeping
 // PF + 1 steps' loads in flight: a ring slot is refilled right after its step is computed.
 template <int PF, typename Frag, typename Load, typename Compute>

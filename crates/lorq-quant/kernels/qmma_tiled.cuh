@@ -467,12 +467,7 @@ __device__ __forceinline__ void run(const uint32_t* __restrict__ codes, const fl
         load_chunk<LUTK, RT, BITS>(f, codes, scales, zeros, crow, srow, c, gsize);
     };
     float acc[RT][MT][4];
-#pragma unroll
-    for (int a = 0; a < RT; a++)
-#pragma unroll
-        for (int b = 0; b < MT; b++)
-#pragma unroll
-            for (int c = 0; c < 4; c++) acc[a][b][c] = 0.f;
+    mma_pipeline::zero(acc);
 
     auto compute = [&](const Frag<RT, BITS>& f, int st) {
         const int k0 = st * 128 + t * 32;
@@ -560,12 +555,7 @@ __device__ __forceinline__ void run_staged(const uint32_t* __restrict__ codes, c
         }
     };
     float acc[RT][MT][4];
-#pragma unroll
-    for (int a = 0; a < RT; a++)
-#pragma unroll
-        for (int b = 0; b < MT; b++)
-#pragma unroll
-            for (int c = 0; c < 4; c++) acc[a][b][c] = 0.f;
+    mma_pipeline::zero(acc);
 
     auto compute = [&](const Frag<RT, BITS>& f, int bs) {
         const uint4* src = s_x + (bs % S) * SLOT;

@@ -157,10 +157,7 @@ __device__ __forceinline__ void run(const uint32_t* __restrict__ codes, const fl
             bulk_copy(dst + h * (BN * 128), xp + ((size_t)((st0 + i) * 2 + h) * Mp + mb) * 64, BN * 128, bar);
     };
     float acc[1][MT][4];
-#pragma unroll
-    for (int a = 0; a < MT; a++)
-#pragma unroll
-        for (int b = 0; b < 4; b++) acc[0][a][b] = 0.f;
+    mma_pipeline::zero(acc);
 
     uint32_t pw[2][1][2][4];  // a word's pairs, double-buffered against the running wgmmas
     auto compute = [&](const Frag<1, 4>& f, int i) {
