@@ -420,15 +420,16 @@ fn mr_for(m: usize) -> usize {
 ///
 /// `grouped`: the route of a grouped launch ([`matmul_group`]). 2-bit codes past 64 rows run one
 /// launch per weight: their grouped 128-row kernel needs more than 255 registers and spills.
-/// `wgmma`: whether the wgmma kernel takes `w` on this GPU ([`qwgmma::supports`]); it does from
-/// 33 rows on large weights (`AUTO_WGMMA_*`).
+/// `wgmma`: whether the wgmma kernel takes `w` on this GPU ([`qwgmma::supports`]), asked only
+/// for the row counts it would serve (`AUTO_WGMMA_*`): most calls (decode at small batches) never
+/// look up the GPU's compute capability.
 fn auto_route(
     w: &DeviceLayout,
     n: usize,
     m: usize,
     dtype: DType,
     grouped: bool,
-    wgmma: bool,
+    wgmma: impl FnOnce() -> bool,
 ) -> Route {
     let half = is_half(dtype);
     let codes = n * w.k;
@@ -448,7 +449,7 @@ fn auto_route(
     } else {
         AUTO_WGMMA_MIN_M
     };
-    if half && wgmma && (wgmma_min_m..=wgmma_max_m).contains(&m) {
+    if half && (wgmma_min_m..=wgmma_max_m).contains(&m) && wgmma() {
         return Route::Wgmma;
     }
     let tiled_min_m = if w.tag == "a8" {
@@ -497,7 +498,7 @@ pub fn matmul(w: &DeviceLayout, x: &Tensor, path: QPath) -> Result<Tensor, Quant
     let half = is_half(x.dtype());
     let tiled = half && qmma_tiled::supports(w);
     let route = match path {
-        QPath::Auto => auto_route(w, n, m, x.dtype(), false, qwgmma::supports(w, dev)),
+        QPath::Auto => auto_route(w, n, m, x.dtype(), false, || qwgmma::supports(w, dev)),
         QPath::Dequantize => Route::Dequantize,
         QPath::Wgmma => {
             if !half || !qwgmma::supports(w, dev) {
@@ -1101,7 +1102,7 @@ pub fn matmul_group(ws: &[&DeviceLayout], x: &Tensor) -> Result<Option<Vec<Tenso
     // kernel (one activation pass, one launch per weight).
     let n: usize = ws.iter().map(|w| w.n).sum();
     let x2 = x.reshape((m, k))?;
-    let ys = match auto_route(w, n, m, x.dtype(), true, qwgmma::supports(w, dev)) {
+    let ys = match auto_route(w, n, m, x.dtype(), true, || qwgmma::supports(w, dev)) {
         Route::Gemv(v) => gemv(dev, ws, &x2, m, v)?,
         Route::MmaTiled => qmma_tiled::matmul_group(dev, ws, &x2, m)?,
         Route::Wgmma => qwgmma::matmul_group(dev, ws, &x2, m)?,

@@ -23,8 +23,8 @@ static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/qmma_tiled.fatb
 
 /// Fewest output rows per block (block shape `c1`): the split-K counters are sized by it.
 pub(crate) const MIN_ROWS: usize = 16;
-/// K per step of a warp (kernels/qmma_tiled.cuh: four 32-weight chunks).
-const KSTEP: usize = 128;
+/// K per step of a warp (kernels/qmma_tiled.cuh: four 32-weight chunks; the wgmma kernel's too).
+pub(crate) const KSTEP: usize = 128;
 /// Threads per block, every block shape.
 const THREADS: usize = 256;
 /// Activation-row blocks (of 64) a split-K launch may have: one counter each per row block.

@@ -15,6 +15,7 @@ use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::{CudaStorage, Tensor};
 
 use super::qgemv::DeviceLayout;
+use super::qmma_tiled::KSTEP;
 use super::{function, function_with_shared};
 use crate::QuantError;
 
@@ -24,8 +25,6 @@ static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/qwgmma.fatbin")
 const THREADS: usize = 256;
 /// Output rows per block: 64 per warpgroup.
 const ROWS: usize = 128;
-/// K per step (four 32-weight chunks, one per lane of a quad).
-const KSTEP: usize = 128;
 /// Most K splits over blocks.
 const MAX_SPLITS: usize = 8;
 
