@@ -15,8 +15,10 @@
 //   into registers (more bytes in flight per SM: lab, H100, 14336x4096 at 128 rows 48.9 us with
 //   2 steps, 45.9 with 6). wgmma runs asynchronously: a word's two wgmmas are committed as one
 //   group, and the next word is decoded (into the other register buffer) while they run.
-// - K splits over blocks and the epilogue (f32 partial sums added by the tile's last block, in
-//   split order) are the tiled kernel's.
+// - Each block sums a run of K steps of the tiles laid end to end (segment_at): whole tiles, or,
+//   where the tiles would leave half the SMs idle, equal shares (stream-K); a tile cut between
+//   blocks is summed as the tiled kernel's K splits are (f32 partial sums added by the tile's last
+//   block, in split order: finish).
 // Lab (session 19, H100, kernel alone): 14336x4096 at 128 rows 45.9 us (tiled x1 83.0, bf16
 // cuBLAS 49.7), 4096x14336 72 us (101), 4096x4096 at 64 rows 25.3 (31.2).
 #include "qmma_tiled.cuh"
@@ -35,25 +37,19 @@ __device__ __forceinline__ void permute(const T* __restrict__ x, T* __restrict__
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= Mp * per_row) return;
     const int m = i / per_row, r = i % per_row, st = r / 4, w = r % 4;
-    uint32_t u[4][4];
+    uint32_t pairs[4][4];  // [t][j]: pair j of unit t, as the tiled kernel's lanes pair them
 #pragma unroll
     for (int t = 0; t < 4; t++) {
         const int col = st * 128 + 32 * t + 8 * w;
         const uint4 v = col < K && m < M ? __ldg(reinterpret_cast<const uint4*>(x + (size_t)m * K + col))
                                          : make_uint4(0, 0, 0, 0);
-        u[t][0] = v.x;
-        u[t][1] = v.y;
-        u[t][2] = v.z;
-        u[t][3] = v.w;
+        pair_unit(v, pairs[t]);
     }
 #pragma unroll
     for (int j = 0; j < 4; j++) {
-        uint32_t o[4];
-#pragma unroll
-        for (int t = 0; t < 4; t++) o[t] = prmt(u[t][j >> 1], u[t][(j >> 1) + 2], (j & 1) ? 0x7632u : 0x5410u);
         const int c = 4 * w + j, half = c >> 3, cc = c & 7;
         uint4* out = reinterpret_cast<uint4*>(xp + ((size_t)(st * 2 + half) * Mp + m) * 64) + (cc ^ (m & 7));
-        *out = make_uint4(o[0], o[1], o[2], o[3]);
+        *out = make_uint4(pairs[0][j], pairs[1][j], pairs[2][j], pairs[3][j]);
     }
 }
 
@@ -116,12 +112,32 @@ __device__ __forceinline__ void decode(const Frag<1, 4>& f, int w, const uint32_
 constexpr int WARPGROUPS = 2;
 constexpr int THREADS = 128 * WARPGROUPS;  // qwgmma.rs THREADS
 
+// Which K steps a block sums: the tiles (128 output rows x BN activation rows, row blocks fastest)
+// laid end to end, each `steps` K steps long, block b taking the `per_block` steps from
+// b * per_block on (qwgmma.rs `schedule`: a whole number of tiles, or, where the tiles would leave
+// half the SMs idle, an equal share for every SM). A tile cut by block boundaries is summed in
+// segments, one per block, each the tile's split number (its blocks in order), added in that
+// order by the last to finish (finish).
+struct Segment {
+    int tile, st0, st1, split, splits;
+};
+__device__ __forceinline__ Segment segment_at(int cur, int end, int steps, int per_block) {
+    Segment s;
+    s.tile = cur / steps;
+    s.st0 = cur - s.tile * steps;
+    s.st1 = min(steps, s.st0 + (end - cur));
+    const int first = s.tile * steps, b0 = first / per_block;
+    s.split = (int)blockIdx.x - b0;
+    s.splits = (first + steps - 1) / per_block - b0 + 1;
+    return s;
+}
+
 template <typename T, bool LUTK, int BN, int S, int PF>
 __device__ __forceinline__ void run(const uint32_t* __restrict__ codes, const float* __restrict__ scales,
                                     const float* __restrict__ zeros, const float* __restrict__ lut, int wpr,
                                     int gsize, int groups, const T* __restrict__ xp, int Mp, T* __restrict__ y,
                                     float* __restrict__ partial, unsigned* __restrict__ counters, int M, int N,
-                                    int K, int steps_per_split) {
+                                    int K, int per_block) {
     constexpr int MT = BN / 8;
     constexpr int WR = 4 * WARPGROUPS;
     constexpr int SLOT = BN * 256;  // bytes: two 64-wide halves of BN rows x 128 bytes
@@ -131,86 +147,98 @@ __device__ __forceinline__ void run(const uint32_t* __restrict__ codes, const fl
     __shared__ __align__(8) uint64_t bars[S];
     const uint32_t s0 = ((uint32_t)__cvta_generic_to_shared(smem_raw) + 1023u) & ~1023u;  // swizzle atoms
     const uint32_t bar0 = (uint32_t)__cvta_generic_to_shared(bars);
-    if (threadIdx.x == 0)
+    const int tid = threadIdx.x;
+    if (tid == 0)
         for (int s = 0; s < S; s++) mbar_init(bar0 + 8 * s);
-    __syncthreads();
-    const Coords pos = coords<1, WR, MT>(blockIdx.x, K, steps_per_split);
-    const int tid = pos.tid, g = pos.g, t = pos.t, nw = pos.nw, mb = pos.mb, st0 = pos.st0, st1 = pos.st1,
-              chunks = pos.chunks;
-    const int nsteps = st1 - st0;
-
     uint32_t tlo[4] = {0, 0, 0, 0}, thi[4] = {0, 0, 0, 0};
     if constexpr (LUTK) table_bytes<T>(lut, tlo, thi);
-    size_t crow[1][2], srow[1][2];
-    lane_rows<1>(nw, g, N, wpr, groups, crow, srow);
-    auto load = [&](Frag<1, 4>& f, int i) {
-        const int c = min(min(st0 + i, st1 - 1) * 4 + t, chunks - 1);  // past K: activations are 0
-        load_chunk<LUTK, 1, 4>(f, codes, scales, zeros, crow, srow, c, gsize);
-    };
-    // Step i's activations into slot i % S (thread 0).
-    auto stage = [&](int i) {
-        if (tid != 0 || i >= nsteps) return;
-        const uint32_t slot = i % S, dst = s0 + slot * SLOT, bar = bar0 + 8 * slot;
-        mbar_expect(bar, SLOT);
-#pragma unroll
-        for (int h = 0; h < 2; h++)
-            bulk_copy(dst + h * (BN * 128), xp + ((size_t)((st0 + i) * 2 + h) * Mp + mb) * 64, BN * 128, bar);
-    };
-    float acc[1][MT][4];
-    mma_pipeline::zero(acc);
 
-    uint32_t pw[2][1][2][4];  // a word's pairs, double-buffered against the running wgmmas
-    auto compute = [&](const Frag<1, 4>& f, int i) {
-        const uint32_t sb = s0 + (i % S) * SLOT;
-        uint32_t s2[1][2], zs2[1][2], base[1][2];
-        scale_pairs<T, LUTK, 1, 4>(f, 0, s2, zs2, base);
+    const int steps = (K + 127) / 128, row_blocks = (N + 127) / 128;
+    const int total = row_blocks * (Mp / BN) * steps, end = min(total, ((int)blockIdx.x + 1) * per_block);
+    int used = 0;  // slots filled so far by this block: slot used % S, its barrier's phase (used / S) & 1
+    for (int cur = (int)blockIdx.x * per_block; cur < end;) {
+        const Segment sg = segment_at(cur, end, steps, per_block);
+        // Every warp is done with the previous segment's slots (and its `last`).
+        __syncthreads();
+        const Coords pos = coords_at<1, WR, MT>(sg.tile % row_blocks, sg.tile / row_blocks, K, sg.st0, sg.st1,
+                                               sg.split, sg.splits, sg.tile);
+        const int g = pos.g, t = pos.t, nw = pos.nw, mb = pos.mb, st0 = pos.st0, st1 = pos.st1, chunks = pos.chunks;
+        const int nsteps = st1 - st0;
+
+        size_t crow[1][2], srow[1][2];
+        lane_rows<1>(nw, g, N, wpr, groups, crow, srow);
+        auto load = [&](Frag<1, 4>& f, int i) {
+            const int c = min(min(st0 + i, st1 - 1) * 4 + t, chunks - 1);  // past K: activations are 0
+            load_chunk<LUTK, 1, 4>(f, codes, scales, zeros, crow, srow, c, gsize);
+        };
+        // Step i's activations into slot (used + i) % S (thread 0).
+        auto stage = [&](int i) {
+            if (tid != 0 || i >= nsteps) return;
+            const uint32_t slot = (used + i) % S, dst = s0 + slot * SLOT, bar = bar0 + 8 * slot;
+            mbar_expect(bar, SLOT);
 #pragma unroll
-        for (int w = 0; w < 4; w++) {
-            uint32_t(&p)[1][2][4] = pw[w & 1];
-            decode<T, LUTK>(f, w, base, s2, zs2, tlo, thi, p);
-            pin(acc);
-            wg_fence();
+            for (int h = 0; h < 2; h++)
+                bulk_copy(dst + h * (BN * 128), xp + ((size_t)((st0 + i) * 2 + h) * Mp + mb) * 64, BN * 128, bar);
+        };
+        float acc[1][MT][4];
+        mma_pipeline::zero(acc);
+
+        uint32_t pw[2][1][2][4];  // a word's pairs, double-buffered against the running wgmmas
+        auto compute = [&](const Frag<1, 4>& f, int i) {
+            const uint32_t sb = s0 + ((used + i) % S) * SLOT;
+            uint32_t s2[1][2], zs2[1][2], base[1][2];
+            scale_pairs<T, LUTK, 1, 4>(f, 0, s2, zs2, base);
 #pragma unroll
-            for (int jj = 0; jj < 2; jj++) {  // k16 sub-steps 2w + jj: pairs 2jj, 2jj + 1
-                const int s = 2 * w + jj;
-                const uint64_t d = sw128_desc(sb + (s >> 2) * (BN * 128) + (s & 3) * 32);
-                if constexpr (std::is_same<T, __nv_bfloat16>::value)
-                    wgmma::Mma<BN>::bf16(acc[0], p[0][0][2 * jj], p[0][1][2 * jj], p[0][0][2 * jj + 1],
-                                         p[0][1][2 * jj + 1], d);
-                else
-                    wgmma::Mma<BN>::f16(acc[0], p[0][0][2 * jj], p[0][1][2 * jj], p[0][0][2 * jj + 1],
-                                        p[0][1][2 * jj + 1], d);
+            for (int w = 0; w < 4; w++) {
+                uint32_t(&p)[1][2][4] = pw[w & 1];
+                decode<T, LUTK>(f, w, base, s2, zs2, tlo, thi, p);
+                pin(acc);
+                wg_fence();
+#pragma unroll
+                for (int jj = 0; jj < 2; jj++) {  // k16 sub-steps 2w + jj: pairs 2jj, 2jj + 1
+                    const int s = 2 * w + jj;
+                    const uint64_t d = sw128_desc(sb + (s >> 2) * (BN * 128) + (s & 3) * 32);
+                    if constexpr (std::is_same<T, __nv_bfloat16>::value)
+                        wgmma::Mma<BN>::bf16(acc[0], p[0][0][2 * jj], p[0][1][2 * jj], p[0][0][2 * jj + 1],
+                                             p[0][1][2 * jj + 1], d);
+                    else
+                        wgmma::Mma<BN>::f16(acc[0], p[0][0][2 * jj], p[0][1][2 * jj], p[0][0][2 * jj + 1],
+                                            p[0][1][2 * jj + 1], d);
+                }
+                wg_commit();
+                wg_wait<1>();  // the previous word's wgmmas are done: its buffer is free
+                pin(acc);
             }
-            wg_commit();
-            wg_wait<1>();  // the previous word's wgmmas are done: its buffer is free
-            pin(acc);
-        }
-    };
+        };
 
 #pragma unroll
-    for (int s = 0; s < S - 2; s++) stage(s);
-    Frag<1, 4> buf[PF + 1];
+        for (int s = 0; s < S - 2; s++) stage(s);
+        Frag<1, 4> buf[PF + 1];
 #pragma unroll
-    for (int u = 0; u <= PF; u++)
-        if (u < nsteps) load(buf[u], u);
-    for (int b0 = 0; b0 < nsteps; b0 += PF + 1) {
+        for (int u = 0; u <= PF; u++)
+            if (u < nsteps) load(buf[u], u);
+        for (int b0 = 0; b0 < nsteps; b0 += PF + 1) {
 #pragma unroll
-        for (int u = 0; u <= PF; u++) {
-            const int i = b0 + u;
-            if (i < nsteps) {
-                // Every warp is past step i - 1's first word, so step i - 2's wgmmas are done and
-                // its slot, (i + S - 2) % S, can be refilled.
-                __syncthreads();
-                stage(i + S - 2);
-                mbar_wait(bar0 + 8 * (i % S), (i / S) & 1);
-                compute(buf[u], i);
-                if (i + PF + 1 < nsteps) load(buf[u], i + PF + 1);
+            for (int u = 0; u <= PF; u++) {
+                const int i = b0 + u;
+                if (i < nsteps) {
+                    // Every warp is past step i - 1's first word, so step i - 2's wgmmas are done and
+                    // its slot can be refilled.
+                    __syncthreads();
+                    stage(i + S - 2);
+                    const int slot = used + i;
+                    mbar_wait(bar0 + 8 * (slot % S), (slot / S) & 1);
+                    compute(buf[u], i);
+                    if (i + PF + 1 < nsteps) load(buf[u], i + PF + 1);
+                }
             }
         }
+        wg_wait<0>();
+        pin(acc);
+        finish<T, MT, 1, WR, 1>(acc, s_red, last, y, partial, counters, M, N, pos);
+        used += nsteps;
+        cur += nsteps;
     }
-    wg_wait<0>();
-    pin(acc);
-    finish<T, MT, 1, WR, 1>(acc, s_red, last, y, partial, counters, M, N, pos);
 }
 
 }  // namespace qwg
@@ -234,16 +262,16 @@ __device__ __forceinline__ void run(const uint32_t* __restrict__ codes, const fl
         qwg::permute<T>(x, xp, M, K, Kp, Mp);                                                      \
     }
 // qwg_*: one weight. Arguments: qgemv.cu's QARGS (DeviceLayout::push_args), then xp, Mp, y,
-// partial, counters, M, N, K, steps per split; grid (N / 128, splits, Mp / BN); dynamic shared
-// memory S * BN * 256 + 1024 (qwgmma.rs Shape::shared_bytes).
+// partial, counters, M, N, K, K steps per block; grid (blocks); dynamic shared memory
+// S * BN * 256 + 1024 (qwgmma.rs Shape::shared_bytes).
 #define QWG(KN, LUTK, TN, T, C)                                                                      \
     extern "C" __global__ void __launch_bounds__(qwg::THREADS, 1)                                  \
         qwg_##KN##_##TN##_##C(const uint32_t* codes, const float* scales, const float* zeros,      \
                               const float* lut, int wpr, int gsize, int groups, int /* round_mode */, \
                               const T* __restrict__ xp, int Mp, T* __restrict__ y, float* partial, \
-                              unsigned* counters, int M, int N, int K, int steps_per_split) {      \
+                              unsigned* counters, int M, int N, int K, int per_block) {            \
         QWG_BODY(qwg::run<T, LUTK, QWG_CFG_##C>(codes, scales, zeros, lut, wpr, gsize, groups, xp, Mp, y, \
-                                                partial, counters, M, N, K, steps_per_split));     \
+                                                partial, counters, M, N, K, per_block));           \
     }
 #define QWG_ALL(TN, T)                                                                               \
     QWG_PERMUTE(TN, T)                                                                               \

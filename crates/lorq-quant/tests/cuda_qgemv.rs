@@ -649,7 +649,19 @@ mod gpu {
                     // equals the weight alone, whose blocks sum in the same order. Past 64 rows
                     // only a group of 32 Mi codes or more takes the tiled kernel (x2), and not
                     // with 2-bit codes (each weight alone takes it: their grouped 128-row kernel spills).
+                    // On Hopper, 4-bit groups of 16 Mi codes and more take the wgmma kernel
+                    // from 33 rows (to 64; of 32 Mi, to 256: qgemv.rs `auto_route`), whose K
+                    // schedule differs from the tiled kernel's: there "alone" is that kernel's.
+                    let group_codes = 2 * n * k;
+                    let wgmma = bits == 4 && qwgmma::supports(&dl, cdev);
                     for m in [40usize, 64, 100, 128] {
+                        let alone_path = if wgmma
+                            && (group_codes >= 1 << 25 || (group_codes >= 1 << 24 && m <= 64))
+                        {
+                            QPath::Wgmma
+                        } else {
+                            QPath::MmaTiled
+                        };
                         if m > 64 && (2 * n * k < 1 << 25 || bits == 2) {
                             continue;
                         }
@@ -657,7 +669,7 @@ mod gpu {
                             .unwrap()
                             .to_dtype(DType::BF16)
                             .unwrap();
-                        let alone = matmul(&dl, &x, QPath::MmaTiled).unwrap();
+                        let alone = matmul(&dl, &x, alone_path).unwrap();
                         let ys = matmul_group(&[&dl, &dl], &x).unwrap().expect("grouped");
                         for y in &ys {
                             let e = rel_l2(

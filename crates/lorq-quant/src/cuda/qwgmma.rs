@@ -80,20 +80,42 @@ pub fn supports(w: &DeviceLayout, dev: &CudaDevice) -> bool {
         && matches!(super::fp8_gemm::compute_capability(dev), Ok((9, 0)))
 }
 
-/// `(splits, steps per split)`: K splits over blocks only where the row blocks leave more than
-/// three quarters of the SMs idle, to one wave (one block per SM: 128 KiB of slots; lab, H100:
-/// 4096x14336 at 128 rows 73 us with 4 splits, 87 with 8 in two waves).
-fn split_k(n: usize, m: usize, k: usize, rows: usize, sms: usize) -> (usize, usize) {
+/// How the blocks share the tiles' K steps (kernels/qwgmma.cu `segment_at`): `per_block` K steps
+/// per block of the tiles (128 output rows x `rows` activation rows) laid end to end. A tile cut by
+/// block boundaries is summed in up to `slots` segments through f32 partial sums, which cost
+/// traffic (a 128x128 tile's 64 KiB written and read back per segment, against its 256 KiB of
+/// codes at K 4096) and a pipeline fill per segment: so tiles are whole (`per_block` = K steps)
+/// unless they would leave at least half of the SMs idle; then each SM gets the same share
+/// (stream-K), at most [`MAX_SPLITS`] segments per tile. H100, session 20, GPTQ 4-bit, us, whole
+/// tiles -> shared: 14336x4096 at 128 rows (112 tiles) 51.8 -> 64.7, at 256 95.6 -> 112.8,
+/// 4096x14336 at 512 165.7 -> 214.8; 4096x14336 at 256 rows (64 tiles) 158.3 -> 120.8 (the
+/// earlier rule split only below 33 tiles).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Schedule {
+    per_block: usize,
+    blocks: usize,
+    slots: usize,
+}
+
+fn schedule(n: usize, m: usize, k: usize, rows: usize, sms: usize) -> Schedule {
     let tiles = n.div_ceil(ROWS) * m.div_ceil(rows);
     let steps = k.div_ceil(KSTEP);
+    let total = tiles * steps;
     // (The split-K counters hold 16 activation blocks per 16 output rows.)
-    let splits = if 4 * tiles > sms || m.div_ceil(rows) > super::qmma_tiled::MAX_SPLIT_M_BLOCKS {
-        1
+    let per_block = if 2 * tiles > sms || m.div_ceil(rows) > super::qmma_tiled::MAX_SPLIT_M_BLOCKS {
+        steps
     } else {
-        (sms / tiles).min(steps).clamp(1, MAX_SPLITS)
+        total.div_ceil(sms.max(1)).max(steps.div_ceil(MAX_SPLITS))
     };
-    let per = steps.div_ceil(splits);
-    (steps.div_ceil(per), per)
+    let slots = (0..tiles)
+        .map(|t| (t * steps + steps - 1) / per_block - t * steps / per_block + 1)
+        .max()
+        .unwrap_or(1);
+    Schedule {
+        per_block,
+        blocks: total.div_ceil(per_block),
+        slots,
+    }
 }
 
 /// `x · Wᵀ` for contiguous `x` `[m, k]` (bf16/f16, columns already in the weight's packed order).
@@ -159,10 +181,11 @@ pub(crate) fn matmul_group(
             )?;
             // SAFETY: every output element is written by the kernel.
             let y = unsafe { dev.alloc::<T>(m * n)? };
-            let (splits, per) = split_k(n, m, k, sh.rows, sms);
-            let partial: Option<CudaSlice<f32>> = if splits > 1 {
-                // SAFETY: each split writes its whole [m, n] slice before the last block reads it.
-                Some(unsafe { dev.alloc::<f32>(splits * m * n)? })
+            let plan = schedule(n, m, k, sh.rows, sms);
+            let partial: Option<CudaSlice<f32>> = if plan.slots > 1 {
+                // SAFETY: a split tile's segments each write their part of slot (split) before the
+                // tile's last block reads them.
+                Some(unsafe { dev.alloc::<f32>(plan.slots * m * n)? })
             } else {
                 None
             };
@@ -175,22 +198,17 @@ pub(crate) fn matmul_group(
                 Some(p) => b.arg(p),
                 None => b.arg(&null),
             };
-            let (mi, ni, ki, pi) = (m as i32, n as i32, k as i32, per as i32);
+            let (mi, ni, ki, pi) = (m as i32, n as i32, k as i32, plan.per_block as i32);
             b.arg(&w.counters).arg(&mi).arg(&ni).arg(&ki).arg(&pi);
             let cfg = LaunchConfig {
-                grid_dim: (
-                    n.div_ceil(ROWS) as u32,
-                    splits as u32,
-                    (mp / sh.rows) as u32,
-                ),
+                grid_dim: (plan.blocks as u32, 1, 1),
                 block_dim: (THREADS as u32, 1, 1),
                 shared_mem_bytes: smem as u32,
             };
             // SAFETY: the arguments match `qwg_*` in kernels/qwgmma.cu: xp holds the permuted
-            // activations of mp rows (a multiple of the block's rows), y m*n, partial splits*m*n,
-            // and the counters (zero between launches) one per 128-row block and activation block
-            // (16 per 16 rows: a split launch has at most 16 activation blocks, split_k); shared
-            // memory opted in.
+            // activations of mp rows (a multiple of the block's rows), y m*n, partial slots*m*n,
+            // and the counters (zero between launches) one per tile (16 per 16 rows: a schedule
+            // that splits tiles has at most 16 activation blocks); shared memory opted in.
             unsafe { b.launch(cfg) }.w()?;
             drop(b);
             drop(partial);
@@ -213,29 +231,104 @@ pub(crate) fn matmul_group(
 
 #[cfg(test)]
 mod tests {
-    use super::split_k;
+    use super::{schedule, MAX_SPLITS};
+
+    /// The kernel's `segment_at`: (tile, first step, end step, split, splits) of each block.
+    fn segments(n: usize, m: usize, k: usize, rows: usize, sms: usize) -> Vec<Vec<[usize; 5]>> {
+        let p = schedule(n, m, k, rows, sms);
+        let steps = k.div_ceil(128);
+        let total = n.div_ceil(128) * m.div_ceil(rows) * steps;
+        (0..p.blocks)
+            .map(|b| {
+                let (mut cur, end) = (b * p.per_block, total.min((b + 1) * p.per_block));
+                let mut v = Vec::new();
+                while cur < end {
+                    let tile = cur / steps;
+                    let st0 = cur - tile * steps;
+                    let st1 = steps.min(st0 + end - cur);
+                    let (first, b0) = (tile * steps, tile * steps / p.per_block);
+                    v.push([
+                        tile,
+                        st0,
+                        st1,
+                        b - b0,
+                        (first + steps - 1) / p.per_block - b0 + 1,
+                    ]);
+                    cur += st1 - st0;
+                }
+                v
+            })
+            .collect()
+    }
 
     #[test]
-    fn splits_stay_in_one_wave_and_cover_k() {
+    fn blocks_share_every_k_step_once_in_one_wave() {
         for &(n, m, k, rows) in &[
             (14336usize, 128usize, 4096usize, 128usize),
+            (14336, 256, 4096, 128),
+            (14336, 512, 4096, 128),
             (4096, 128, 14336, 128),
             (4096, 64, 4096, 64),
             (1024, 40, 4096, 64),
             (130, 200, 512, 128),
+            (8200, 300, 288, 128),
+            (4096, 2100, 4096, 128),
         ] {
-            let (s, per) = split_k(n, m, k, rows, 132);
-            let steps = k.div_ceil(128);
-            assert!((1..=8).contains(&s), "{n}x{k} m={m}: {s}");
-            assert!(s * per >= steps && (s - 1) * per < steps);
-            let tiles = n.div_ceil(128) * m.div_ceil(rows);
-            assert!(
-                s == 1 || tiles * s <= 132,
-                "{n}x{k} m={m}: {tiles} tiles x {s}"
-            );
+            let p = schedule(n, m, k, rows, 132);
+            let (tiles, steps) = (n.div_ceil(128) * m.div_ceil(rows), k.div_ceil(128));
+            let mut seen = vec![Vec::new(); tiles];
+            for (b, segs) in segments(n, m, k, rows, 132).iter().enumerate() {
+                assert!(!segs.is_empty(), "{n}x{k} m={m}: block {b} has no steps");
+                for &[tile, st0, st1, split, splits] in segs {
+                    assert!(st0 < st1 && st1 <= steps);
+                    seen[tile].push((split, splits, st0, st1));
+                }
+            }
+            for (tile, segs) in seen.iter_mut().enumerate() {
+                segs.sort();
+                let splits = segs.len();
+                assert!(
+                    splits <= p.slots && splits <= MAX_SPLITS + 1,
+                    "{n}x{k} m={m}: tile {tile}"
+                );
+                let mut next = 0;
+                for (i, &(split, count, st0, st1)) in segs.iter().enumerate() {
+                    assert_eq!(
+                        (split, count, st0),
+                        (i, splits, next),
+                        "{n}x{k} m={m}: tile {tile}"
+                    );
+                    next = st1;
+                }
+                assert_eq!(next, steps, "{n}x{k} m={m}: tile {tile} covered");
+            }
+            if 2 * tiles <= 132 && m.div_ceil(rows) <= 16 {
+                assert!(p.blocks <= 132, "{n}x{k} m={m}: {} blocks", p.blocks);
+                assert!(p.blocks >= 66 || p.per_block * 8 >= steps, "{n}x{k} m={m}");
+            } else {
+                assert_eq!(
+                    (p.per_block, p.slots),
+                    (steps, 1),
+                    "{n}x{k} m={m}: whole tiles"
+                );
+            }
         }
-        // gate/up fills the GPU alone; down splits K four ways (32 tiles).
-        assert_eq!(split_k(14336, 128, 4096, 128, 132).0, 1);
-        assert_eq!(split_k(4096, 128, 14336, 128, 132).0, 4);
+        // gate/up at 128 rows: 112 whole tiles; down at 256 rows: 64 tiles of 112 steps shared
+        // by 131 blocks of 55 steps (the tiles in three or four segments).
+        let whole = |blocks| super::Schedule {
+            per_block: 32,
+            blocks,
+            slots: 1,
+        };
+        assert_eq!(schedule(14336, 128, 4096, 128, 132), whole(112));
+        assert_eq!(schedule(14336, 256, 4096, 128, 132), whole(224));
+        assert_eq!(
+            schedule(4096, 256, 14336, 128, 132),
+            super::Schedule {
+                per_block: 55,
+                blocks: 131,
+                slots: 4
+            }
+        );
     }
 }
