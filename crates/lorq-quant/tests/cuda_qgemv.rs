@@ -650,7 +650,7 @@ mod gpu {
                     // only a group of 32 Mi codes or more takes the tiled kernel (x2), and not
                     // with 2-bit codes (each weight alone takes it: their grouped 128-row kernel spills).
                     // On Hopper, 4-bit groups of 16 Mi codes and more take the wgmma kernel
-                    // from 33 rows (to 64; of 32 Mi, to 256: qgemv.rs `auto_route`), whose K
+                    // from 33 rows (to 64; of 32 Mi, to 128 and more: qgemv.rs `auto_route`), whose K
                     // schedule differs from the tiled kernel's: there "alone" is that kernel's.
                     let group_codes = 2 * n * k;
                     let wgmma = bits == 4 && qwgmma::supports(&dl, cdev);

@@ -234,10 +234,11 @@ const AUTO_TILED_WIDE_CODES: usize = 1 << 25;
 const AUTO_TILED_ACT_ORDER_MAX_M: usize = 128;
 /// The wgmma kernel ([`qwgmma::supports`]: 4-bit codes on a Hopper GPU) from 33 rows: on weights
 /// of 16 Mi codes and more (a grouped launch counts its weights together) up to 64 rows, of 32 Mi
-/// up to 256 (gate/up and, since session 20's K schedule shares down's 64 tiles over every SM,
-/// down: 120.8 us at 256 rows against dequantize's 127.8); act-order weights at every row count
-/// past 64 (and from 33 on 16 Mi codes), since dequantize + cuBLAS also unpermutes the whole
-/// weight per call.
+/// up to 128, and up to 256 where they also have 8192 rows or more (gate/up; down at 256 rows,
+/// session 20, once its K schedule shared down's 64 tiles over every SM: 122-128 us against
+/// dequantize + cuBLAS's 125-127 for affine codes, 135-138 against 122 for NF4); act-order weights
+/// at every row count past 64 (and from 33 on 16 Mi codes), since dequantize + cuBLAS also
+/// unpermutes the whole weight per call.
 /// H100, session 19, GPTQ 4-bit, us: 14336x4096 at 33 / 64 / 128 / 256 rows 45.0 / 45.4 / 51.8 /
 /// 95.6 against 57.1 / 56.6 / 83.7 (tiled) / 121.3 (dequantize + cuBLAS); 4096x14336 at 64 /
 /// 128 / 256 56.1 / 79.4 / 158.3 against 63.8 / 100.0 / 127.7 (dequantize); 4096x4096 at 33 / 64
@@ -246,8 +247,10 @@ const AUTO_TILED_ACT_ORDER_MAX_M: usize = 128;
 /// against 626 / 690 / 198 (dequantize and unpermute).
 const AUTO_WGMMA_MIN_M: usize = 33;
 const AUTO_WGMMA_MAX_M: usize = 64;
-const AUTO_WGMMA_WIDE_MAX_M: usize = 256;
+const AUTO_WGMMA_WIDE_MAX_M: usize = 128;
+const AUTO_WGMMA_WIDEST_MAX_M: usize = 256;
 const AUTO_WGMMA_CODES: usize = 1 << 24;
+const AUTO_WGMMA_WIDEST_ROWS: usize = 8192;
 
 /// Which GPU path a matmul takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -434,6 +437,8 @@ fn auto_route(
     let codes = n * w.k;
     let wgmma_max_m = if w.perm.is_some() {
         usize::MAX
+    } else if codes >= 2 * AUTO_WGMMA_CODES && n >= AUTO_WGMMA_WIDEST_ROWS {
+        AUTO_WGMMA_WIDEST_MAX_M
     } else if codes >= 2 * AUTO_WGMMA_CODES {
         AUTO_WGMMA_WIDE_MAX_M
     } else if codes >= AUTO_WGMMA_CODES {
