@@ -424,48 +424,62 @@ __device__ __forceinline__ Coords coords(int bx, int K, int steps_per_split) {
 }
 
 // The split-K tile's sum, by the tile's last block: y[m][n] = sum over splits, in split order, of
-// the f32 partial sums. Each thread keeps U units of V consecutive outputs in flight per split
-// (one 16-byte load each when V = 4), where one load per output and split, one after the other,
-// waited on L2 for each (wgmma kernel, 4 splits, H100, session 20 against session 19's call:
-// 4096x14336 at 128 rows 79.4 -> 75.2 us, 4096x4096 46.2 -> 41.2).
+// the f32 partial sums. Each thread keeps U units of V consecutive outputs (one 16-byte load each
+// when V = 4) for SU splits in flight at once: one 4-byte load per output and split, the splits
+// one after the other, waited on L2 for each (the wgmma kernel's 4 splits, H100, session 20:
+// 4096x14336 at 128 rows 79.4 -> 75.2 us), and the units alone, split after split, were slower
+// again where a tile has few outputs per thread and many splits (lab, 1024x4096 at 33 rows in 8
+// splits: 13.9 us before, 18.7 with the splits one after the other).
 template <typename T, int V, int NT>
 __device__ __forceinline__ void add_partials(const float* __restrict__ partial, T* __restrict__ y, int splits, int M,
                                              int N, int mb, int nb, int mrows, int ncols, int tid) {
-    constexpr int U = 8;
+    constexpr int U = 4, SU = 4;
     const int per_row = ncols / V, total = mrows * per_row;  // V = 4: N, nb and so ncols are multiples of 4
     for (int i0 = tid; i0 < total; i0 += U * NT) {
+        size_t o[U];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int i = min(i0 + u * NT, total - 1);
+            o[u] = (size_t)(mb + i / per_row) * N + nb + V * (i % per_row);
+        }
         float v[U][V];
 #pragma unroll
         for (int u = 0; u < U; u++)
 #pragma unroll
             for (int e = 0; e < V; e++) v[u][e] = 0.f;
-        for (int sp = 0; sp < splits; sp++) {
-            const float* ps = partial + (size_t)sp * M * N;
+        for (int sp0 = 0; sp0 < splits; sp0 += SU) {
+            float p[SU][U][V];
 #pragma unroll
-            for (int u = 0; u < U; u++) {
-                const int i = i0 + u * NT;
-                if (i < total) {
-                    const size_t o = (size_t)(mb + i / per_row) * N + nb + V * (i % per_row);
+            for (int s = 0; s < SU; s++)
+#pragma unroll
+                for (int u = 0; u < U; u++) {
+                    const float* ps = partial + (size_t)min(sp0 + s, splits - 1) * M * N + o[u];
                     if constexpr (V == 4) {
-                        const float4 p = __ldcg(reinterpret_cast<const float4*>(ps + o));
-                        v[u][0] += p.x;
-                        v[u][1] += p.y;
-                        v[u][2] += p.z;
-                        v[u][3] += p.w;
+                        const float4 q = __ldcg(reinterpret_cast<const float4*>(ps));
+                        p[s][u][0] = q.x;
+                        p[s][u][1] = q.y;
+                        p[s][u][2] = q.z;
+                        p[s][u][3] = q.w;
                     } else {
-                        v[u][0] += __ldcg(ps + o);
+                        p[s][u][0] = __ldcg(ps);
                     }
                 }
-            }
+#pragma unroll
+            for (int s = 0; s < SU; s++)
+                if (sp0 + s < splits)
+#pragma unroll
+                    for (int u = 0; u < U; u++)
+#pragma unroll
+                        for (int e = 0; e < V; e++) v[u][e] += p[s][u][e];
         }
 #pragma unroll
         for (int u = 0; u < U; u++) {
             const int i = i0 + u * NT;
             if (i >= total) continue;
-            T* out = y + (size_t)(mb + i / per_row) * N + nb + V * (i % per_row);
+            T* out = y + o[u];
             if constexpr (V == 4 && sizeof(T) == 2) {
-                T o[4] = {from_f<T>(v[u][0]), from_f<T>(v[u][1]), from_f<T>(v[u][2]), from_f<T>(v[u][3])};
-                *reinterpret_cast<uint2*>(out) = *reinterpret_cast<const uint2*>(o);
+                T h[4] = {from_f<T>(v[u][0]), from_f<T>(v[u][1]), from_f<T>(v[u][2]), from_f<T>(v[u][3])};
+                *reinterpret_cast<uint2*>(out) = *reinterpret_cast<const uint2*>(h);
             } else {
 #pragma unroll
                 for (int e = 0; e < V; e++) out[e] = from_f<T>(v[u][e]);
