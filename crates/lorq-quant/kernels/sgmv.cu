@@ -44,11 +44,11 @@ constexpr int EXPAND_VEC = 0x200;  // rank % 8 == 0, B 16-byte aligned
 // warp. Vectorized: the lane reads 8 consecutive k per 256-wide chunk, the warp takes every
 // KSPLIT-th chunk, UNROLL chunks of A in flight (A is streamed from memory once per tile; x rows
 // are shared by the block's warps through L1). The slicing depends on K alone, so a row's sum is
-// the same whatever else is in the batch.
-template <typename T, typename W>
+// the same whatever else is in the batch, and whatever TR (the most rows a tile has) is.
+template <typename T, typename W, int TR>
 __device__ __forceinline__ void shrink_warp(const W* __restrict__ a, const T* __restrict__ x,
                                             int row0, int nrows, int j, int slice, int K, bool vec,
-                                            float (&acc)[MT]) {
+                                            float (&acc)[TR]) {
     const int lane = threadIdx.x & 31;
     const W* arow = a + (size_t)j * K;
     if (vec) {
@@ -66,7 +66,7 @@ __device__ __forceinline__ void shrink_warp(const W* __restrict__ a, const T* __
                 const int k = k0 + u * STEP;
                 if (k >= K) break;
 #pragma unroll
-                for (int m = 0; m < MT; m++) {
+                for (int m = 0; m < TR; m++) {
                     if (m < nrows) {
                         float xv[8];
                         load8<T>(x + (size_t)(row0 + m) * K + k, xv);
@@ -82,23 +82,26 @@ __device__ __forceinline__ void shrink_warp(const W* __restrict__ a, const T* __
         for (int k = slice * 32 + lane; k < K; k += 32 * KSPLIT) {
             const float av = to_f<W>(arow[k]);
 #pragma unroll
-            for (int m = 0; m < MT; m++)
+            for (int m = 0; m < TR; m++)
                 if (m < nrows) acc[m] = fmaf(av, to_f<T>(x[(size_t)(row0 + m) * K + k]), acc[m]);
         }
     }
 #pragma unroll
-    for (int m = 0; m < MT; m++)
+    for (int m = 0; m < TR; m++)
         acc[m] = warp_sum(acc[m]);
 }
 
 // grid (tiles, ceil(max rank / J_PER_BLOCK)), block WARPS * 32: warp w takes rank index
 // blockIdx.y * J_PER_BLOCK + w / KSPLIT and K-slice w % KSPLIT; the slices' sums are added in a
-// fixed order through shared memory.
-template <typename T>
+// fixed order through shared memory. TR: the most rows a tile of the launch has (MT, or 1 for
+// decode batches whose rows each have their own segment: 64 registers instead of 98, four blocks
+// per SM instead of two; lab, H100, 64 one-row adapters of rank 16: K 4096 9.9 -> 7.3 us, K 14336
+// 21.4 -> 17.2; the same bits).
+template <typename T, int TR>
 __device__ __forceinline__ void shrink(const Seg* __restrict__ segs, const Tile* __restrict__ tiles,
                                        const T* __restrict__ x, float* __restrict__ h, int K, int R,
                                        int x_vec) {
-    __shared__ float s_part[WARPS][MT];
+    __shared__ float s_part[WARPS][TR];
     const Tile t = tiles[blockIdx.x];
     if (t.seg < 0) return;  // the whole block leaves
     const Seg s = segs[t.seg];
@@ -106,31 +109,31 @@ __device__ __forceinline__ void shrink(const Seg* __restrict__ segs, const Tile*
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int j = blockIdx.y * J_PER_BLOCK + warp / KSPLIT;
     const int slice = warp % KSPLIT;
-    float acc[MT];
+    float acc[TR];
 #pragma unroll
-    for (int m = 0; m < MT; m++) acc[m] = 0.f;
+    for (int m = 0; m < TR; m++) acc[m] = 0.f;
     if (j < s.rank) {
         const bool vec = x_vec && (s.flags & SHRINK_VEC);
         switch (s.flags & DTYPE_MASK) {
         case W_BF16:
-            shrink_warp<T, __nv_bfloat16>((const __nv_bfloat16*)s.a, x, t.row0, t.nrows, j, slice,
+            shrink_warp<T, __nv_bfloat16, TR>((const __nv_bfloat16*)s.a, x, t.row0, t.nrows, j, slice,
                                           K, vec, acc);
             break;
         case W_F16:
-            shrink_warp<T, __half>((const __half*)s.a, x, t.row0, t.nrows, j, slice, K, vec, acc);
+            shrink_warp<T, __half, TR>((const __half*)s.a, x, t.row0, t.nrows, j, slice, K, vec, acc);
             break;
         default:
-            shrink_warp<T, float>((const float*)s.a, x, t.row0, t.nrows, j, slice, K, vec, acc);
+            shrink_warp<T, float, TR>((const float*)s.a, x, t.row0, t.nrows, j, slice, K, vec, acc);
         }
     }
     if (lane == 0) {
 #pragma unroll
-        for (int m = 0; m < MT; m++) s_part[warp][m] = acc[m];
+        for (int m = 0; m < TR; m++) s_part[warp][m] = acc[m];
     }
     __syncthreads();
     const int tid = threadIdx.x;
-    if (tid < J_PER_BLOCK * MT) {
-        const int jj = tid / MT, m = tid % MT;
+    if (tid < J_PER_BLOCK * TR) {
+        const int jj = tid / TR, m = tid % TR;
         const int jo = blockIdx.y * J_PER_BLOCK + jj;
         if (jo < s.rank && m < t.nrows) {
             float v = 0.f;
@@ -265,7 +268,12 @@ __device__ __forceinline__ void expand_group(const ExpandGroup& g) {
     extern "C" __global__ void __launch_bounds__(WARPS * 32, 2)                                       \
         sgmv_shrink_##TNAME(const Seg* segs, const Tile* tiles, const T* x, float* h, int K,       \
                             int R, int x_vec) {                                                    \
-        shrink<T>(segs, tiles, x, h, K, R, x_vec);                                                 \
+        shrink<T, MT>(segs, tiles, x, h, K, R, x_vec);                                             \
+    }                                                                                              \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32, 4)                                    \
+        sgmv_shrink1_##TNAME(const Seg* segs, const Tile* tiles, const T* x, float* h, int K,      \
+                             int R, int x_vec) {                                                   \
+        shrink<T, 1>(segs, tiles, x, h, K, R, x_vec);                                              \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(EXPAND_THREADS)                                   \
         sgmv_expand_##TNAME(const ExpandGroup g) {                                                 \

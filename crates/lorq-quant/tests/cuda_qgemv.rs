@@ -21,7 +21,9 @@ mod formats;
 #[cfg(feature = "cuda")]
 mod gpu {
     use candle_core::{DType, Device, Tensor};
-    use lorq_quant::cuda::qgemv::{dequantize, matmul, matmul_group, DeviceLayout, QPath, Variant};
+    use lorq_quant::cuda::qgemv::{
+        dequantize, group_path, matmul, matmul_group, DeviceLayout, QPath, Variant,
+    };
     use lorq_quant::cuda::{qmma_tiled, qwgmma};
     use lorq_quant::gpu_layout::{CodeKind, ElementRounding, GpuLayout};
     use lorq_quant::hqq::{HqqConfig, HqqTensor};
@@ -646,25 +648,15 @@ mod gpu {
                 ));
                 if n >= 8192 {
                     // Two wide weights in one launch (the staged kernels, grouped): each output
-                    // equals the weight alone, whose blocks sum in the same order. Past 64 rows
-                    // only a group of 32 Mi codes or more takes the tiled kernel (x2), and not
-                    // with 2-bit codes (each weight alone takes it: their grouped 128-row kernel spills).
-                    // On Hopper, 4-bit groups of 16 Mi codes and more take the wgmma kernel
-                    // from 33 rows (to 64; of 32 Mi, to 128 and more: qgemv.rs `auto_route`), whose K
-                    // schedule differs from the tiled kernel's: there "alone" is that kernel's.
-                    let group_codes = 2 * n * k;
-                    let wgmma = bits == 4 && qwgmma::supports(&dl, cdev);
+                    // equals the weight alone through the kernel the group takes (`group_path`:
+                    // on Hopper large 4-bit groups take the wgmma kernel from 33 rows, whose K
+                    // schedule differs from the tiled kernel's; past 64 rows only groups of 32 Mi
+                    // codes or more are one launch, and not with 2-bit codes, whose grouped
+                    // 128-row kernel spills).
                     for m in [40usize, 64, 100, 128] {
-                        let alone_path = if wgmma
-                            && (group_codes >= 1 << 25 || (group_codes >= 1 << 24 && m <= 64))
-                        {
-                            QPath::Wgmma
-                        } else {
-                            QPath::MmaTiled
-                        };
-                        if m > 64 && (2 * n * k < 1 << 25 || bits == 2) {
+                        let Some(alone_path) = group_path(&[&dl, &dl], m, DType::BF16, cdev) else {
                             continue;
-                        }
+                        };
                         let x = Tensor::from_vec(randn(seed + m as u64, m * k, 1.0), (m, k), &dev)
                             .unwrap()
                             .to_dtype(DType::BF16)

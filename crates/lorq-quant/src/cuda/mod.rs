@@ -171,27 +171,27 @@ pub(crate) fn with_half_input<R>(
     }
 }
 
-/// The outputs `[m, nᵢ]` of a bf16/f16 launch over weights of `ns` rows sharing `x`
+/// The outputs `[m, wᵢ.n]` of a bf16/f16 launch over the packed weights `ws` sharing `x`
 /// ([`with_half_input`]; zeros without launching when there is nothing to compute).
 pub(crate) fn half_group_outputs(
     x: &Tensor,
-    ns: &[usize],
+    ws: &[&qgemv::DeviceLayout],
     m: usize,
     align_bytes: usize,
     what: &str,
     bf16: impl FnOnce(&CudaStorage, usize) -> Result<Vec<CudaStorage>, QuantError>,
     f16: impl FnOnce(&CudaStorage, usize) -> Result<Vec<CudaStorage>, QuantError>,
 ) -> Result<Vec<Tensor>, QuantError> {
-    if m == 0 || ns.contains(&0) {
-        return ns
+    if m == 0 || ws.iter().any(|w| w.n == 0) {
+        return ws
             .iter()
-            .map(|&n| Ok(Tensor::zeros((m, n), x.dtype(), x.device())?))
+            .map(|w| Ok(Tensor::zeros((m, w.n), x.dtype(), x.device())?))
             .collect();
     }
     let s = with_half_input(x, align_bytes, what, bf16, f16)?;
     Ok(s.into_iter()
-        .zip(ns)
-        .map(|(s, &n)| tensor_from_storage(s, (m, n)))
+        .zip(ws)
+        .map(|(s, w)| tensor_from_storage(s, (m, w.n)))
         .collect())
 }
 

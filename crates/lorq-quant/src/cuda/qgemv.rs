@@ -233,24 +233,23 @@ const AUTO_TILED_WIDE_CODES: usize = 1 << 25;
 /// (2.5-5x slower than the tiled kernel at 128 rows on every Llama-3-8B shape).
 const AUTO_TILED_ACT_ORDER_MAX_M: usize = 128;
 /// The wgmma kernel ([`qwgmma::supports`]: 4-bit codes on a Hopper GPU) from 33 rows: on weights
-/// of 16 Mi codes and more (a grouped launch counts its weights together) up to 64 rows, of 32 Mi
-/// up to 128, and up to 256 where they also have 8192 rows or more (gate/up; down at 256 rows,
-/// session 20, once its K schedule shared down's 64 tiles over every SM: 122-128 us against
-/// dequantize + cuBLAS's 125-127 for affine codes, 135-138 against 122 for NF4); act-order weights
-/// at every row count past 64 (and from 33 on 16 Mi codes), since dequantize + cuBLAS also
-/// unpermutes the whole weight per call.
+/// of 16 Mi codes and more (a grouped launch counts its weights together) up to 128 rows, of 32 Mi
+/// up to 256; act-order weights at every row count past 64 (and from 33 on 16 Mi codes), since
+/// dequantize + cuBLAS also unpermutes the whole weight per call.
 /// H100, session 19, GPTQ 4-bit, us: 14336x4096 at 33 / 64 / 128 / 256 rows 45.0 / 45.4 / 51.8 /
-/// 95.6 against 57.1 / 56.6 / 83.7 (tiled) / 121.3 (dequantize + cuBLAS); 4096x14336 at 64 /
-/// 128 / 256 56.1 / 79.4 / 158.3 against 63.8 / 100.0 / 127.7 (dequantize); 4096x4096 at 33 / 64
-/// 25.3 / 29.7 against 27.1 / 32.8, at 96 41.4 against dequantize's 31.7; at 32 rows the tiled
-/// kernel stays ahead (39.8 against 45.2 on gate/up); act-order at 512 rows 203.7 / 233.4 / 71.7
-/// against 626 / 690 / 198 (dequantize and unpermute).
+/// 95.6 against 57.1 / 56.6 / 83.7 (tiled) / 121.3 (dequantize + cuBLAS); 4096x4096 at 33 / 64
+/// 25.3 / 29.7 against 27.1 / 32.8; at 32 rows the tiled kernel stays ahead (39.8 against 45.2 on
+/// gate/up); act-order at 512 rows 203.7 / 233.4 / 71.7 against 626 / 690 / 198 (dequantize and
+/// unpermute). Session 21, once the split-K tile sum kept 16 loads in flight (the K schedule
+/// splits 4096-row weights): 4096x4096 at 128 rows 25.7 (NF4 27.6) against dequantize's 34.6
+/// (33.8), at 256 34.7 (38.6) against 38.6 (38.2); 4096x14336 at 128 58.1 (63.6) against 119.6,
+/// at 256 108.3 (122.2) against 129.5 (125.2).
 const AUTO_WGMMA_MIN_M: usize = 33;
-const AUTO_WGMMA_MAX_M: usize = 64;
-const AUTO_WGMMA_WIDE_MAX_M: usize = 128;
-const AUTO_WGMMA_WIDEST_MAX_M: usize = 256;
+const AUTO_WGMMA_MAX_M: usize = 128;
+const AUTO_WGMMA_WIDE_MAX_M: usize = 256;
 const AUTO_WGMMA_CODES: usize = 1 << 24;
-const AUTO_WGMMA_WIDEST_ROWS: usize = 8192;
+/// Act-order weights below [`AUTO_WGMMA_CODES`] take the wgmma kernel past 64 rows.
+const AUTO_WGMMA_ACT_ORDER_SMALL_MIN_M: usize = 65;
 
 /// Which GPU path a matmul takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -258,7 +257,7 @@ pub enum QPath {
     /// The row count, dtype and format decide (see `AUTO_*`): for bf16/f16 activations and
     /// weights the tiled kernel covers, the tiled kernel for 2..=64 rows (2..=128 on large
     /// weights and with act-order), except 4-bit weights on a Hopper GPU, which take the wgmma
-    /// kernel from 33 rows on large weights (to 64-256 rows by size, every row count with
+    /// kernel from 33 rows on large weights (to 128-256 rows by size, every row count with
     /// act-order: `AUTO_WGMMA_*`); otherwise the GEMV up to 8 rows (f32 activations up to
     /// [`QGEMV_MAX_M`]), the first tensor-core kernel up to 32, else dequantize + cuBLAS.
     Auto,
@@ -437,8 +436,6 @@ fn auto_route(
     let codes = n * w.k;
     let wgmma_max_m = if w.perm.is_some() {
         usize::MAX
-    } else if codes >= 2 * AUTO_WGMMA_CODES && n >= AUTO_WGMMA_WIDEST_ROWS {
-        AUTO_WGMMA_WIDEST_MAX_M
     } else if codes >= 2 * AUTO_WGMMA_CODES {
         AUTO_WGMMA_WIDE_MAX_M
     } else if codes >= AUTO_WGMMA_CODES {
@@ -447,7 +444,7 @@ fn auto_route(
         0
     };
     let wgmma_min_m = if w.perm.is_some() && codes < AUTO_WGMMA_CODES {
-        AUTO_WGMMA_MAX_M + 1
+        AUTO_WGMMA_ACT_ORDER_SMALL_MIN_M
     } else {
         AUTO_WGMMA_MIN_M
     };
@@ -1100,11 +1097,8 @@ pub fn matmul_group(ws: &[&DeviceLayout], x: &Tensor) -> Result<Option<Vec<Tenso
     if m == 0 {
         return Ok(None);
     }
-    // Grouped where the group's route is the GEMV or the tiled kernel (one launch), or the wgmma
-    // kernel (one activation pass, one launch per weight).
-    let n: usize = ws.iter().map(|w| w.n).sum();
     let x2 = x.reshape((m, k))?;
-    let ys = match auto_route(w, n, m, x.dtype(), true, || qwgmma::supports(w, dev)) {
+    let ys = match group_route(ws, m, x.dtype(), dev) {
         Route::Gemv(v) => gemv(dev, ws, &x2, m, v)?,
         Route::MmaTiled => qmma_tiled::matmul_group(dev, ws, &x2, m)?,
         Route::Wgmma => qwgmma::matmul_group(dev, ws, &x2, m)?,
@@ -1117,6 +1111,30 @@ pub fn matmul_group(ws: &[&DeviceLayout], x: &Tensor) -> Result<Option<Vec<Tenso
         out.push(y.reshape(d)?);
     }
     Ok(Some(out))
+}
+
+/// The automatic route of a group sharing `x` (`ws` non-empty): by the group's total rows.
+/// Grouped where it is the GEMV or the tiled kernel (one launch), or the wgmma kernel (one
+/// activation pass, one launch per weight).
+fn group_route(ws: &[&DeviceLayout], m: usize, dtype: DType, dev: &CudaDevice) -> Route {
+    let w = ws[0];
+    let n: usize = ws.iter().map(|w| w.n).sum();
+    auto_route(w, n, m, dtype, true, || qwgmma::supports(w, dev))
+}
+
+/// The kernel [`matmul_group`] runs `ws` (weights that can share a launch) through at `m` rows
+/// of `dtype`, as the path that runs one of them alone through it; `None` where the group is not
+/// one launch (the caller runs one matmul per weight).
+pub fn group_path(ws: &[&DeviceLayout], m: usize, dtype: DType, dev: &CudaDevice) -> Option<QPath> {
+    if ws.is_empty() {
+        return None;
+    }
+    match group_route(ws, m, dtype, dev) {
+        Route::Gemv(v) => Some(QPath::Fused(v)),
+        Route::MmaTiled => Some(QPath::MmaTiled),
+        Route::Wgmma => Some(QPath::Wgmma),
+        Route::Mma | Route::Dequantize => None,
+    }
 }
 
 /// Activation rows per tensor-core block: 16, 32 or 64 (m tiles of 16).

@@ -140,12 +140,16 @@ const X1: Shape = Shape {
 /// blocks leave the GPU half idle. Session 17 (the K-slice sums without bank conflicts, lab on
 /// an H100): single affine weights of up to 4096 rows at 9-32 rows take two row tiles per warp
 /// over eight K-slice warps (`c5`); past 64 rows `x1` with 16 n8 tiles (128 activation rows a
-/// block; "x2" in the session 17 measurements).
-pub(crate) fn shape(n: usize, mt: usize, table: bool, grouped: bool) -> Shape {
+/// block; "x2" in the session 17 measurements). Session 21 (lab, H100, GPTQ-style codes): a
+/// single affine weight of up to 4096 rows and [`LONG_K`] inputs or more (down_proj) at up to 16
+/// rows takes `c4` with K split to two blocks per SM ([`split_k`]): 4096x14336 at 16 rows 24.6
+/// us against 28.3 for `c5`, at 8 rows 21.5 against 22.7 for `c1`.
+pub(crate) fn shape(n: usize, k: usize, mt: usize, table: bool, grouped: bool) -> Shape {
     match mt {
         16 => X1,
         8 if n >= if grouped { 8192 } else { 4096 } => X1,
         1 | 2 if n >= 8192 && !table && !grouped => C4,
+        1 | 2 if k >= LONG_K && !table && !grouped => C4,
         1 => C1,
         2 | 4 if n <= 4096 && !table && !grouped => C5,
         2 if table => C1,
@@ -161,14 +165,25 @@ pub(crate) fn multiprocessors(dev: &CudaDevice) -> usize {
     *SMS.get_or_init(|| super::paged_attention::multiprocessors(dev).unwrap_or(132))
 }
 
+/// Inputs from which a narrow weight at few rows takes `c4` with K split ([`shape`]).
+const LONG_K: usize = 8192;
+
 /// `(splits, steps per split)`. Splitting K over blocks measured slower wherever the row blocks
 /// already cover a quarter of the SMs (the partial sums cost more than the idle SMs), so only
-/// small weights split, to about two blocks per SM.
+/// small weights split, to about two blocks per SM; and `c4` on long K (two blocks per SM at up
+/// to 16 rows), whose fewer than one block per SM split to two (session 21 lab, 4096x14336 at 16
+/// rows, 64 row blocks: 47.4 us whole, 30.0 / 28.8 / 24.6 in 2 / 3 / 4 splits).
 pub(crate) fn split_k(sh: Shape, n: usize, m: usize, k: usize, sms: usize) -> (usize, usize) {
     let tiles = n.div_ceil(sh.rows) * m.div_ceil(8 * m_tiles(m));
     let steps = k.div_ceil(KSTEP);
-    let splits = if 4 * tiles > sms || m.div_ceil(64) > MAX_SPLIT_M_BLOCKS {
+    let splits = if m.div_ceil(64) > MAX_SPLIT_M_BLOCKS {
         1
+    } else if 4 * tiles > sms {
+        if sh == C4 && k >= LONG_K && tiles < sms {
+            (2 * sms / tiles).clamp(1, sh.max_splits)
+        } else {
+            1
+        }
     } else {
         (2 * sms)
             .div_ceil(tiles)
@@ -217,7 +232,7 @@ pub(crate) fn matmul_group(
         let mt = m_tiles(m);
         let total_n: usize = ws.iter().map(|w| w.n).sum();
         let grouped = ws.len() > 1;
-        let sh = shape(total_n, mt, w.tag.starts_with('t'), grouped);
+        let sh = shape(total_n, k, mt, w.tag.starts_with('t'), grouped);
         let kernel = if grouped { "qmmatg" } else { "qmmat" };
         let smem = sh.shared_bytes(mt);
         let f = function_with_shared(
@@ -270,10 +285,9 @@ pub(crate) fn matmul_group(
         drop(partial);
         Ok(super::storages(ys, dev))
     }
-    let ns: Vec<usize> = ws.iter().map(|w| w.n).collect();
     super::half_group_outputs(
         x,
-        &ns,
+        ws,
         m,
         16,
         "qmma_tiled",
@@ -284,7 +298,7 @@ pub(crate) fn matmul_group(
 
 #[cfg(test)]
 mod tests {
-    use super::{m_tiles, shape, split_k};
+    use super::{m_tiles, shape, split_k, C4, C5};
 
     /// Every (shape, n8 tiles) `shape` picks is compiled (kernels/qmma_tiled.cu `QMMAT_ALL`: c4
     /// and c5 for one weight only).
@@ -300,16 +314,18 @@ mod tests {
             _ => false,
         };
         for n in [16usize, 576, 1024, 4096, 4097, 6144, 8192, 14336, 28672] {
-            for m in [1usize, 2, 8, 9, 16, 17, 32, 33, 64, 65, 128] {
-                for table in [false, true] {
-                    for grouped in [false, true] {
-                        let mt = m_tiles(m);
-                        let sh = shape(n, mt, table, grouped);
-                        assert!(
-                            compiled(sh.name, mt, grouped),
-                            "n={n} m={m} table={table} grouped={grouped}: {} t{mt}",
-                            sh.name
-                        );
+            for k in [4096usize, 14336] {
+                for m in [1usize, 2, 8, 9, 16, 17, 32, 33, 64, 65, 128] {
+                    for table in [false, true] {
+                        for grouped in [false, true] {
+                            let mt = m_tiles(m);
+                            let sh = shape(n, k, mt, table, grouped);
+                            assert!(
+                                compiled(sh.name, mt, grouped),
+                                "n={n} k={k} m={m} table={table} grouped={grouped}: {} t{mt}",
+                                sh.name
+                            );
+                        }
                     }
                 }
             }
@@ -317,7 +333,11 @@ mod tests {
     }
 
     fn splits(n: usize, m: usize, k: usize) -> (usize, usize) {
-        split_k(shape(n, m_tiles(m), true, false), n, m, k, 132)
+        split_k(shape(n, k, m_tiles(m), true, false), n, m, k, 132)
+    }
+
+    fn splits_affine(n: usize, m: usize, k: usize) -> (usize, usize) {
+        split_k(shape(n, k, m_tiles(m), false, false), n, m, k, 132)
     }
 
     #[test]
@@ -345,5 +365,13 @@ mod tests {
         assert_eq!(splits(130, 1, 4096).0, 4);
         assert_eq!(splits(136, 17, 512).0, 1);
         assert_eq!(splits(4096, 5000, 4096).0, 1);
+        // down_proj (affine codes) at up to 16 rows: c4, 64 row blocks, 4 splits; not at 17 rows
+        // (c5, 128 blocks of 170 registers: one per SM) nor on K of 4096.
+        assert_eq!(shape(4096, 14336, 2, false, false), C4);
+        assert_eq!(splits_affine(4096, 16, 14336), (4, 28));
+        assert_eq!(splits_affine(4096, 8, 14336), (4, 28));
+        assert_eq!(splits_affine(4096, 17, 14336).0, 1);
+        assert_eq!(shape(4096, 4096, 2, false, false), C5);
+        assert_eq!(splits_affine(4096, 16, 4096).0, 1);
     }
 }

@@ -107,10 +107,15 @@ fn schedule(n: usize, m: usize, k: usize, rows: usize, sms: usize) -> Schedule {
     } else {
         total.div_ceil(sms.max(1)).max(steps.div_ceil(MAX_SPLITS))
     };
-    let slots = (0..tiles)
-        .map(|t| (t * steps + steps - 1) / per_block - t * steps / per_block + 1)
-        .max()
-        .unwrap_or(1);
+    // Segments per tile: one for whole tiles; a splitting schedule has at most 66 tiles.
+    let slots = if per_block == steps {
+        1
+    } else {
+        (0..tiles)
+            .map(|t| (t * steps + steps - 1) / per_block - t * steps / per_block + 1)
+            .max()
+            .unwrap_or(1)
+    };
     Schedule {
         per_block,
         blocks: total.div_ceil(per_block),
@@ -217,10 +222,9 @@ pub(crate) fn matmul_group(
         drop(xp);
         Ok(super::storages(ys, dev))
     }
-    let ns: Vec<usize> = ws.iter().map(|w| w.n).collect();
     super::half_group_outputs(
         x,
-        &ns,
+        ws,
         m,
         16,
         "qwgmma",

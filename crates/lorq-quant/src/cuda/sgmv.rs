@@ -95,6 +95,8 @@ struct Plan {
     segments: usize,
     tiles: usize,
     max_rank: usize,
+    /// The most rows a tile with a pair has: 1 picks the shrink kernel for one-row tiles.
+    tile_rows: usize,
 }
 
 fn plan(
@@ -182,10 +184,14 @@ fn plan(
     }
     let mut tiles = 0usize;
     let mut row = 0usize;
+    let mut tile_rows = 0usize;
     for (s, &si) in segments.iter().zip(&seg_index) {
         let mut done = 0;
         while done < s.rows {
             let nr = (s.rows - done).min(ROWS_PER_TILE);
+            if si >= 0 {
+                tile_rows = tile_rows.max(nr);
+            }
             for v in [si, (row + done) as i32, nr as i32, 0] {
                 bytes.extend_from_slice(&v.to_le_bytes());
             }
@@ -199,6 +205,7 @@ fn plan(
         segments: n_segs,
         tiles,
         max_rank,
+        tile_rows,
     })
 }
 
@@ -514,7 +521,14 @@ fn launch_shrink<T: CudaDType + DeviceRepr>(
     let segs = table.slice(0..p.segments * SEG_BYTES);
     let tiles = table.slice(p.segments * SEG_BYTES..);
     let (ki, ri) = (k as i32, p.max_rank as i32);
-    let shrink = function(dev, "sgmv", FATBIN, &format!("sgmv_shrink_{dname}"))?;
+    // Decode batches whose adapter rows each form their own tile take the one-row kernel (the
+    // same sums, more blocks per SM).
+    let kernel = if p.tile_rows == 1 {
+        "sgmv_shrink1"
+    } else {
+        "sgmv_shrink"
+    };
+    let shrink = function(dev, "sgmv", FATBIN, &format!("{kernel}_{dname}"))?;
     let mut b = stream.launch_builder(&shrink);
     b.arg(&segs)
         .arg(&tiles)
@@ -532,7 +546,7 @@ fn launch_shrink<T: CudaDType + DeviceRepr>(
         block_dim: ((SHRINK_WARPS * 32) as u32, 1, 1),
         shared_mem_bytes: 0,
     };
-    // SAFETY: the arguments match `sgmv_shrink_*` in kernels/sgmv.cu; the table's tiles cover
+    // SAFETY: the arguments match `sgmv_shrink_*` / `sgmv_shrink1_*` in kernels/sgmv.cu; the table's tiles cover
     // rows < `rows` of x ([rows, k]) and h ([rows, max_rank]), its pointers are live A tensors.
     unsafe { b.launch(cfg) }.w()?;
     Ok(())
