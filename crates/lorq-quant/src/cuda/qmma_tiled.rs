@@ -129,7 +129,8 @@ const X1: Shape = Shape {
 /// Measured on an H100 over the Llama-3-8B shapes (docs/benchmarks.md): up to 8 activation rows
 /// one 16-row tile per block with all 8 warps on K is fastest everywhere; past that, wide weights
 /// (gate/up) reuse each activation load over 32 rows per warp (`c2`) — except table codes at 9-16
-/// rows, whose longer decode keeps `c1` ahead — and narrower ones keep more blocks (`c1` up to 32
+/// rows, whose longer decode keeps `c1` ahead of `c2` (grouped launches; single weights take `c4`,
+/// below) — and narrower ones keep more blocks (`c1` up to 32
 /// rows where N <= 4096, else `c3`). Session 16's sweep (a lab build of the kernel body with
 /// other block shapes, H200): wide affine weights up to 16 rows run 6-14 % faster with two row
 /// tiles per warp over four K slices (`c4`) than with `c1` / `c2`; not in a grouped launch, whose
@@ -140,16 +141,16 @@ const X1: Shape = Shape {
 /// blocks leave the GPU half idle. Session 17 (the K-slice sums without bank conflicts, lab on
 /// an H100): single affine weights of up to 4096 rows at 9-32 rows take two row tiles per warp
 /// over eight K-slice warps (`c5`); past 64 rows `x1` with 16 n8 tiles (128 activation rows a
-/// block; "x2" in the session 17 measurements). Session 21 (lab, H100, GPTQ-style codes): a
-/// single affine weight of up to 4096 rows and [`LONG_K`] inputs or more (down_proj) at up to 16
-/// rows takes `c4` with K split to two blocks per SM ([`split_k`]): 4096x14336 at 16 rows 24.6
-/// us against 28.3 for `c5`, at 8 rows 21.5 against 22.7 for `c1`.
+/// block; "x2" in the session 17 measurements). Session 21 (labs, H100): a single weight of up
+/// to 4096 rows and [`LONG_K`] inputs or more (down_proj) at up to 16 rows takes `c4` with K split
+/// to two blocks per SM ([`split_k`]): 4096x14336 at 16 rows 24.6 us against 28.3 for `c5`
+/// (GPTQ-style codes), NF4 30.4 against 33.1 for `c1`; and table codes take `c4` on wide single
+/// weights too (NF4 14336x4096 at 8 / 16 rows 28.9 / 30.8 against `c1`'s 30.4 / 35.4).
 pub(crate) fn shape(n: usize, k: usize, mt: usize, table: bool, grouped: bool) -> Shape {
     match mt {
         16 => X1,
         8 if n >= if grouped { 8192 } else { 4096 } => X1,
-        1 | 2 if n >= 8192 && !table && !grouped => C4,
-        1 | 2 if k >= LONG_K && !table && !grouped => C4,
+        1 | 2 if (n >= 8192 || k >= LONG_K) && !grouped => C4,
         1 => C1,
         2 | 4 if n <= 4096 && !table && !grouped => C5,
         2 if table => C1,
@@ -373,5 +374,10 @@ mod tests {
         assert_eq!(splits_affine(4096, 17, 14336).0, 1);
         assert_eq!(shape(4096, 4096, 2, false, false), C5);
         assert_eq!(splits_affine(4096, 16, 4096).0, 1);
+        // Table codes too (NF4), on single weights only: a grouped launch keeps c1.
+        assert_eq!(shape(4096, 14336, 2, true, false), C4);
+        assert_eq!(splits(4096, 16, 14336), (4, 28));
+        assert_eq!(shape(14336, 4096, 2, true, false), C4);
+        assert_eq!(shape(14336, 4096, 2, true, true).name, "c1");
     }
 }
