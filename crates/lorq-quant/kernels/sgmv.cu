@@ -116,8 +116,8 @@ __device__ __forceinline__ void shrink(const Seg* __restrict__ segs, const Tile*
         const bool vec = x_vec && (s.flags & SHRINK_VEC);
         switch (s.flags & DTYPE_MASK) {
         case W_BF16:
-            shrink_warp<T, __nv_bfloat16, TR>((const __nv_bfloat16*)s.a, x, t.row0, t.nrows, j, slice,
-                                          K, vec, acc);
+            shrink_warp<T, __nv_bfloat16, TR>((const __nv_bfloat16*)s.a, x, t.row0, t.nrows, j,
+                                              slice, K, vec, acc);
             break;
         case W_F16:
             shrink_warp<T, __half, TR>((const __half*)s.a, x, t.row0, t.nrows, j, slice, K, vec, acc);

@@ -129,9 +129,9 @@ const X1: Shape = Shape {
 /// Measured on an H100 over the Llama-3-8B shapes (docs/benchmarks.md): up to 8 activation rows
 /// one 16-row tile per block with all 8 warps on K is fastest everywhere; past that, wide weights
 /// (gate/up) reuse each activation load over 32 rows per warp (`c2`) — except table codes at 9-16
-/// rows, whose longer decode keeps `c1` ahead of `c2` (grouped launches; single weights take `c4`,
-/// below) — and narrower ones keep more blocks (`c1` up to 32
-/// rows where N <= 4096, else `c3`). Session 16's sweep (a lab build of the kernel body with
+/// rows, whose longer decode keeps `c1` ahead of `c2` (grouped launches; single weights take
+/// `c4`, below) — and narrower ones keep more blocks (`c1` up to 32 rows where N <= 4096, else
+/// `c3`). Session 16's sweep (a lab build of the kernel body with
 /// other block shapes, H200): wide affine weights up to 16 rows run 6-14 % faster with two row
 /// tiles per warp over four K slices (`c4`) than with `c1` / `c2`; not in a grouped launch, whose
 /// kernel needs 130 registers there (one block per SM: batch-16 decode 12 % slower, H100).
@@ -179,12 +179,10 @@ pub(crate) fn split_k(sh: Shape, n: usize, m: usize, k: usize, sms: usize) -> (u
     let steps = k.div_ceil(KSTEP);
     let splits = if m.div_ceil(64) > MAX_SPLIT_M_BLOCKS {
         1
+    } else if sh == C4 && k >= LONG_K && 4 * tiles > sms && tiles < sms {
+        (2 * sms / tiles).clamp(1, sh.max_splits)
     } else if 4 * tiles > sms {
-        if sh == C4 && k >= LONG_K && tiles < sms {
-            (2 * sms / tiles).clamp(1, sh.max_splits)
-        } else {
-            1
-        }
+        1
     } else {
         (2 * sms)
             .div_ceil(tiles)

@@ -546,8 +546,9 @@ fn launch_shrink<T: CudaDType + DeviceRepr>(
         block_dim: ((SHRINK_WARPS * 32) as u32, 1, 1),
         shared_mem_bytes: 0,
     };
-    // SAFETY: the arguments match `sgmv_shrink_*` / `sgmv_shrink1_*` in kernels/sgmv.cu; the table's tiles cover
-    // rows < `rows` of x ([rows, k]) and h ([rows, max_rank]), its pointers are live A tensors.
+    // SAFETY: the arguments match `sgmv_shrink_*` / `sgmv_shrink1_*` in kernels/sgmv.cu; the
+    // table's tiles cover rows < `rows` of x ([rows, k]) and h ([rows, max_rank]), its pointers
+    // are live A tensors; the one-row kernel runs only where every tile with a pair has one row.
     unsafe { b.launch(cfg) }.w()?;
     Ok(())
 }
