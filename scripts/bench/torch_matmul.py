@@ -1,6 +1,6 @@
 """The peer of `lorq bench kernels --device cuda`: torch bf16 `x @ W.T` (cuBLAS) on the same card,
 shapes and activation rows, timed with CUDA events (median of 7 samples of N calls, weights rotated
-over copies larger than the L2 cache). Writes {"card","rows":[{"format":"torch-bf16",...}]}.
+over copies larger than the L2 cache), eagerly (us) and replayed from a CUDA graph (us_graph). Writes {"card","rows":[{"format":"torch-bf16",...}]}.
 
 usage: python3 scripts/bench/torch_matmul.py --shapes llama3-8b --m 1,4,16,64,128,512 --out torch.json
 """
@@ -11,6 +11,32 @@ import torch
 
 LLAMA3_8B = [("q_proj/o_proj", 4096, 4096), ("k_proj/v_proj", 1024, 4096),
              ("gate_proj/up_proj", 14336, 4096), ("down_proj", 4096, 14336)]
+
+
+def graph_us(call, iters):
+    """Median GPU us per call of `iters` calls replayed from one CUDA graph (no host launch cost;
+    what `lorq bench kernels --gpu-time` reports as us_graph)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for i in range(3):
+            call(i)
+    torch.cuda.current_stream().wait_stream(stream)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(iters):
+            call(i)
+    g.replay()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(7):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        g.replay()
+        e.record()
+        e.synchronize()
+        samples.append(s.elapsed_time(e) * 1e3 / iters)
+    return sorted(samples)[len(samples) // 2]
 
 
 def main():
@@ -48,11 +74,12 @@ def main():
                 e.synchronize()
                 samples.append(s.elapsed_time(e) * 1e3 / iters)
             us = sorted(samples)[len(samples) // 2]
+            us_graph = graph_us(lambda i: x @ ws[i % copies].T, iters)
             b = n * k * 2 + (m * k + m * n) * 2
             rows.append({"format": "torch-bf16", "path": "torch.matmul (cuBLAS)", "n": n, "k": k, "m": m,
-                         "us": us, "gbps": b / us / 1e3, "checked": False,
+                         "us": us, "gbps": b / us / 1e3, "us_graph": us_graph, "checked": False,
                          "torch": torch.__version__})
-            print(f"torch bf16 {n}x{k} m={m}: {us:.2f} us", flush=True)
+            print(f"torch bf16 {n}x{k} m={m}: {us:.2f} us, {us_graph:.2f} us from a CUDA graph", flush=True)
     json.dump({"card": torch.cuda.get_device_name(), "rows": rows}, open(a.out, "w"), indent=1)
 
 

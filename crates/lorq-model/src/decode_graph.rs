@@ -165,9 +165,6 @@ impl LlamaModel {
                 let meta_buf = Tensor::zeros(meta.data.len(), DType::U32, &self.device)?;
                 // Filled before each replay below (a capture runs nothing).
                 let rope = self.rope.tables(0, capacity)?;
-                // candle's own host uploads fail during the capture instead of being recorded
-                // as copies from host memory that is gone at replay time.
-                let _htod_guard = cuda.enable_cuda_graph_htod_cache();
                 let captured = capture(cuda, || -> Result<Tensor> {
                     let x = lorq_quant::cuda::fused_ops::embed_rows(&self.embed_tokens, &ids_buf)?;
                     let x = self.layers_on_meta(x, &meta_buf, meta.dims, adapters)?;

@@ -39,6 +39,13 @@ impl LayerLinear {
         LayerLinear::Down,
     ];
 
+    /// The linear named `name`: its module path (`self_attn.q_proj`) or last part (`q_proj`).
+    pub fn from_name(name: &str) -> Option<LayerLinear> {
+        Self::ALL
+            .into_iter()
+            .find(|w| w.module() == name || w.module().rsplit('.').next() == Some(name))
+    }
+
     /// The module path below `model.layers.N.` (`self_attn.q_proj`, ...).
     pub fn module(self) -> &'static str {
         match self {

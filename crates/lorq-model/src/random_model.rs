@@ -295,15 +295,26 @@ fn rtn_calibrated_format(
     })
 }
 
-/// `n` random rank-`rank` adapters (N(0, 0.02²) A and B, scale 2) on every decoder-layer linear
-/// of `model`, on its device and in its dtype: for benchmarks and tests of many adapters.
-pub fn random_adapters(model: &LlamaModel, n: usize, rank: usize) -> Result<Vec<Arc<LoraAdapter>>> {
+/// `n` random rank-`rank` adapters (N(0, 0.02²) A and B, scale 2) on the decoder-layer linears
+/// `targets` of every layer of `model` (`LayerLinear::ALL`: all of them), on its device and in
+/// its dtype: for benchmarks and tests of many adapters.
+pub fn random_adapters(
+    model: &LlamaModel,
+    n: usize,
+    rank: usize,
+    targets: &[LayerLinear],
+) -> Result<Vec<Arc<LoraAdapter>>> {
+    if targets.is_empty() {
+        return Err(ModelError::Request(
+            "random adapters: no target module given".into(),
+        ));
+    }
     let (dev, dtype) = (model.device(), model.dtype());
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
         let mut modules = std::collections::HashMap::new();
         for l in 0..model.num_layers() {
-            for w in LayerLinear::ALL {
+            for &w in targets {
                 let lin = model.layer_linear(l, w);
                 let a =
                     Tensor::randn(0f32, 0.02, (rank, lin.in_features()), dev)?.to_dtype(dtype)?;
@@ -317,7 +328,7 @@ pub fn random_adapters(model: &LlamaModel, n: usize, rank: usize) -> Result<Vec<
             lora_alpha: 2.0 * rank as f64,
             use_rslora: false,
             target_modules: TargetModules::Names(
-                LayerLinear::ALL
+                targets
                     .iter()
                     .map(|w| w.module().rsplit('.').next().unwrap_or("").to_string())
                     .collect(),

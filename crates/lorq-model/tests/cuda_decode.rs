@@ -23,7 +23,7 @@ mod gpu {
 
     use lorq_lora::LoraAdapter;
     use lorq_model::random_model::{random_adapters, seeded_randn, shape_config};
-    use lorq_model::{BatchItem, LlamaModel, LogitsWanted, ModelConfig};
+    use lorq_model::{BatchItem, LayerLinear, LlamaModel, LogitsWanted, ModelConfig};
     use lorq_quant::cuda::fused_ops::{add_rms_norm, argmax_rows, embed_rows, silu_mul};
     use lorq_quant::cuda::paged_attention::{
         attention, decode_attention, rope_append, tickets_needed, NewTokens, PageShape, PagedBatch,
@@ -605,7 +605,7 @@ mod gpu {
         for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 1e-2)] {
             let mut model =
                 LlamaModel::random(shape_config("tiny").unwrap(), dtype, &dev, None, 11).unwrap();
-            let adapters = random_adapters(&model, 2, 8).unwrap();
+            let adapters = random_adapters(&model, 2, 8, &LayerLinear::ALL).unwrap();
             let assign = [
                 None,
                 Some(adapters[0].clone()),

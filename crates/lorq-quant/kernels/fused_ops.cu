@@ -13,6 +13,10 @@
 //   thread (greedy decoding over a 128k vocabulary: candle's argmax took ~95 us per row on an H100).
 // - embed_rows_*: out[r] = table[ids[r]] (the embedding lookup reading its ids on the GPU; an id
 //   past the vocabulary gives a zero row, never a read outside the table). One block per row.
+// - gather_columns_*: out[r][i] = x[r][cols[i]] (act-order weights: x into the packed column order,
+//   a dequantized weight back to the original one); a column past k reads as zero. candle's
+//   index_select uploads its index layout from the host at every call, which a CUDA graph
+//   cannot replay.
 #include "rms_norm.cuh"
 
 constexpr int THREADS = 256;
@@ -120,6 +124,16 @@ __device__ __forceinline__ void embed_rows(const T* __restrict__ table,
         out[dst + i] = id < vocab ? table[src + i] : from_f<T>(0.f);
 }
 
+template <typename T>
+__device__ __forceinline__ void gather_columns(const T* __restrict__ x, const unsigned* __restrict__ cols,
+                                               T* __restrict__ out, int rows, int k, int kc) {
+    const int i = blockIdx.x * THREADS + threadIdx.x;
+    if (i >= kc) return;
+    const unsigned c = cols[i];
+    for (int r = blockIdx.y; r < rows; r += gridDim.y)
+        out[(size_t)r * kc + i] = c < (unsigned)k ? x[(size_t)r * k + c] : from_f<T>(0.f);
+}
+
 #define FUSED(T, TN)                                                                              \
     extern "C" __global__ void __launch_bounds__(THREADS)                                         \
         add_rms_norm_##TN(const T* x, const T* d, const T* w, T* s, T* y, int hidden, float eps) { \
@@ -146,6 +160,10 @@ __device__ __forceinline__ void embed_rows(const T* __restrict__ table,
     extern "C" __global__ void __launch_bounds__(THREADS)                                         \
         embed_rows_##TN(const T* table, const unsigned* ids, T* out, int hidden, unsigned vocab) { \
         embed_rows<T>(table, ids, out, hidden, vocab);                                            \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(THREADS)                                         \
+        gather_columns_##TN(const T* x, const unsigned* cols, T* out, int rows, int k, int kc) {  \
+        gather_columns<T>(x, cols, out, rows, k, kc);                                             \
     }
 FUSED(float, f32)
 FUSED(__nv_bfloat16, bf16)

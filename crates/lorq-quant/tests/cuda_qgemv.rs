@@ -818,6 +818,66 @@ mod gpu {
     /// that weight's own matmul (f32 within 1e-5, bf16/f16 within 1e-2: only the launch shape,
     /// hence the order of the f32 sums, may differ), for every format with a packed layout;
     /// weights that cannot share a kernel are refused.
+    /// Act-order weights gather x's columns (and dequantize + cuBLAS the weight's) on the GPU:
+    /// every path of such a weight, captured in a CUDA graph and replayed, equals the same call
+    /// run eagerly, bit for bit (candle's `index_select`, used before, uploaded its layout from
+    /// the host during the capture: the replay read freed host memory).
+    #[test]
+    fn act_order_paths_replay_from_a_cuda_graph() {
+        let Some(dev) = gpu() else { return };
+        let cdev = dev.as_cuda_device().unwrap();
+        let (n, k) = (256usize, 512usize);
+        let (_, t) = every_format(n, k, 900)
+            .into_iter()
+            .find(|(name, _)| name == "gptq-4bit-act-order")
+            .expect("the act-order format");
+        let layout = t.gpu_layout().unwrap();
+        assert!(
+            layout.perm.is_some(),
+            "an act-order layout has a column order"
+        );
+        let dl = DeviceLayout::upload(&layout, cdev).unwrap();
+        let mut failures = Vec::new();
+        for m in [1usize, 16, 64, 128] {
+            let x = Tensor::from_vec(randn(910 + m as u64, m * k, 1.0), (m, k), &Device::Cpu)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap()
+                .to_device(&dev)
+                .unwrap();
+            let mut paths = vec![QPath::Auto, QPath::Dequantize];
+            if qmma_tiled::supports(&dl) {
+                paths.push(QPath::MmaTiled);
+            }
+            if m >= 2 && qwgmma::supports(&dl, cdev) {
+                paths.push(QPath::Wgmma);
+            }
+            for path in paths {
+                let eager = matmul(&dl, &x, path)
+                    .unwrap()
+                    .to_device(&Device::Cpu)
+                    .unwrap();
+                let (graph, y) =
+                    match lorq_quant::cuda::graph::capture(cdev, || matmul(&dl, &x, path)) {
+                        Ok(captured) => captured,
+                        Err(e) => {
+                            failures.push(format!("{path:?} m={m}: capture failed: {e}"));
+                            continue;
+                        }
+                    };
+                graph.replay().unwrap();
+                let replayed = y.to_device(&Device::Cpu).unwrap();
+                let d = max_abs_diff(&replayed, &eager);
+                if d.is_nan() || d != 0.0 {
+                    failures.push(format!(
+                        "{path:?} m={m}: replay differs from the eager call (max |diff| {d})"
+                    ));
+                }
+            }
+        }
+        assert!(failures.is_empty(), "{failures:#?}");
+    }
+
     #[test]
     fn grouped_launch_equals_each_weight_alone() {
         let Some(dev) = gpu() else { return };

@@ -13,7 +13,7 @@ use candle_core::{Device, Tensor, D};
 use clap::Args;
 use lorq_lora::LoraAdapter;
 use lorq_model::random_model::{random_adapters, shape_config};
-use lorq_model::{BatchItem, LlamaModel, LogitsWanted};
+use lorq_model::{BatchItem, LayerLinear, LlamaModel, LogitsWanted};
 use lorq_quant::method::QuantMethod;
 use serde_json::{json, Value};
 
@@ -45,13 +45,21 @@ pub struct BenchDecodeArgs {
     /// Timed decode steps.
     #[arg(long, default_value_t = 64)]
     pub new_tokens: usize,
-    /// Distinct random LoRA adapters (all 7 modules), round-robin over the batch rows;
-    /// comma-separated counts, 0 = no adapter.
+    /// Distinct random LoRA adapters, round-robin over the batch rows; comma-separated counts,
+    /// 0 = no adapter.
     #[arg(long, value_delimiter = ',', default_value = "0")]
     pub adapters: Vec<usize>,
     /// Rank of the random adapters.
     #[arg(long, default_value_t = 16)]
     pub rank: usize,
+    /// The linears the random adapters target, PEFT's `target_modules` (`q_proj,v_proj` is
+    /// PEFT's default for Llama); default: all seven.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    )]
+    pub adapter_modules: Vec<String>,
     /// Also time each case with candle's ops instead of the fused RMSNorm / SiLU·mul kernels.
     #[arg(long)]
     pub compare_fused: bool,
@@ -286,6 +294,15 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
     if a.context == 0 || a.new_tokens == 0 {
         bail!("--context and --new-tokens must be at least 1");
     }
+    let adapter_modules = a
+        .adapter_modules
+        .iter()
+        .map(|name| {
+            LayerLinear::from_name(name.trim()).with_context(|| {
+                format!("--adapter-modules: {name:?} is not a decoder-layer linear (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)")
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
     let bandwidth = measure_bandwidth(&dev)?;
     if let Some(bw) = bandwidth {
         eprintln!("HBM bandwidth (2 GiB copy): {:.0} GB/s", bw / 1e9);
@@ -326,7 +343,7 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
             }
             let weights_read = weight_bytes_read(&model);
             for &n_adapters in &a.adapters {
-                let adapters = random_adapters(&model, n_adapters, a.rank)?;
+                let adapters = random_adapters(&model, n_adapters, a.rank, &adapter_modules)?;
                 let adapter_bytes = adapters.first().map_or(0, |x| x.bytes());
                 for &batch in &a.batch_sizes {
                     let fused_modes: &[bool] = if a.compare_fused && dev.is_cuda() {
@@ -418,6 +435,7 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
                             "kv_bytes_per_step": kv_bytes,
                             "adapters": n_adapters,
                             "rank": if n_adapters > 0 { Some(a.rank) } else { None },
+                            "adapter_modules": (n_adapters > 0).then_some(&a.adapter_modules),
                             "fused_ops": fused,
                             "grouped_matmuls": grouped,
                             "norm_tails": tails && fused,

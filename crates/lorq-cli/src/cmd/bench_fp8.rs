@@ -70,12 +70,8 @@ mod gpu {
     use serde_json::{json, Value};
 
     use super::super::bench_kernels::{command_line, parse_shapes, randn, utc_date};
-    use super::super::bench_kernels_cuda::{card_name, rel_l2, time_gpu, time_gpu_graph};
+    use super::super::bench_kernels_cuda::{card_name, rel_l2, time_calls, CallTiming as Timing};
     use super::BenchFp8Args;
-
-    /// `(us, us_graph)`: wall time per call, and the GPU time of the same calls replayed from a
-    /// CUDA graph (`None`: the path cannot be captured).
-    type Timing = (f64, Option<f64>);
 
     /// The CPU reference of a W8A8 product: x quantized as `act` (as kernels/fp8_act.cu does),
     /// decoded e4m3 values multiplied in f32, then scaled per row and per column.
@@ -165,8 +161,7 @@ mod gpu {
                 // Wall time per call (host overhead included), then the GPU time of the same
                 // calls replayed from a CUDA graph.
                 let time = |f: &mut dyn FnMut(usize) -> Result<Tensor>| -> Result<Timing> {
-                    let us = time_gpu(dev, 7, iters, &mut *f)?;
-                    Ok((us, time_gpu_graph(dev, 7, iters, f)))
+                    time_calls(dev, iters, true, f)
                 };
                 let bf16 = time(&mut |i| Ok(x.matmul(&dense[i % dense.len()].t()?)?))?;
                 let bf16_us = bf16.0;

@@ -52,6 +52,15 @@ pub struct BenchKernelsArgs {
     /// GPU only: a JSON file of peer rows (scripts/bench/torch_matmul.py) merged into the report.
     #[arg(long)]
     pub peer: Option<PathBuf>,
+    /// GPU only: also time each path's calls replayed from one CUDA graph (`us_graph`: the GPU's
+    /// time without host launch overhead, what a decode step replaying a graph pays).
+    #[arg(long)]
+    pub gpu_time: bool,
+    /// GPU only: time only these paths (`auto`, `dequant+cublas`, `qmma-tiled`, `qwgmma`,
+    /// `gemv`, `bnb4-gemv`, `qgemv-*` ...; a trailing `*` matches a prefix). bf16 cuBLAS, the
+    /// baseline, is always timed.
+    #[arg(long, value_delimiter = ',')]
+    pub paths: Option<Vec<String>>,
 }
 
 /// Relative error bound of a fused kernel against dequantize-then-matmul.
@@ -253,6 +262,9 @@ pub fn run(a: BenchKernelsArgs) -> Result<()> {
     if !device.is_cpu() {
         #[cfg(feature = "cuda")]
         return super::bench_kernels_cuda::run(&a, &device);
+    }
+    if a.gpu_time || a.paths.is_some() {
+        bail!("--gpu-time and --paths select GPU kernels: they need --device cuda");
     }
     let shapes = parse_shapes(&a.shapes)?;
     if let Some(v) = &a.methods {

@@ -115,11 +115,39 @@ pub(crate) fn time_gpu_graph(
     median_of(samples, run).ok()
 }
 
+/// `(us, us_graph)`: wall time per call, and the GPU time of the same calls replayed from a CUDA
+/// graph (`None`: not asked for, or the path cannot be captured).
+pub(crate) type CallTiming = (f64, Option<f64>);
+
+/// [`time_gpu`] of `f`, then, when `graph`, [`time_gpu_graph`] of the same calls.
+pub(crate) fn time_calls(
+    dev: &Device,
+    iters: usize,
+    graph: bool,
+    f: &mut dyn FnMut(usize) -> Result<Tensor>,
+) -> Result<CallTiming> {
+    let us = time_gpu(dev, 7, iters, &mut *f)?;
+    Ok((
+        us,
+        graph.then(|| time_gpu_graph(dev, 7, iters, f)).flatten(),
+    ))
+}
+
 pub(crate) fn card_name(dev: &Device) -> Result<String> {
     let Device::Cuda(c) = dev else {
         bail!("not a GPU")
     };
     Ok(c.cuda_stream().context().name()?)
+}
+
+/// Whether `--paths` asks for `path` (no filter: every path; `name*` matches a prefix).
+fn path_wanted(paths: &Option<Vec<String>>, path: &str) -> bool {
+    paths.as_ref().is_none_or(|ps| {
+        ps.iter().any(|p| match p.strip_suffix('*') {
+            Some(prefix) => path.starts_with(prefix),
+            None => p == path,
+        })
+    })
 }
 
 /// The formats timed on the GPU: `(name, layout)` from one random weight. `--methods` (LoRAX
@@ -248,29 +276,44 @@ pub fn run(a: &BenchKernelsArgs, dev: &Device) -> Result<()> {
             } else {
                 None
             };
-            let bf16_us = time_gpu(dev, 7, iters, |i| {
+            let time = |what: &str, f: &mut dyn FnMut(usize) -> Result<Tensor>| {
+                if a.gpu_time {
+                    // Named before the capture, so that a path whose graph fails is known.
+                    eprintln!("    {label} m={m}: {what}");
+                }
+                time_calls(dev, iters, a.gpu_time, f)
+            };
+            let bf16 = time("bf16 cublas", &mut |i| {
                 Ok(x.matmul(&dense[i % dense.len()].t()?)?)
             })?;
+            let bf16_us = bf16.0;
             let wbytes = n * k * 2;
             let io = (m * k + m * n) * 2;
-            let mut push =
-                |format: &str, path: &str, us: f64, wb: usize, err: Option<f64>, tol: f64| {
-                    let ok = err.is_none_or(|e| e <= tol);
-                    if !ok {
-                        failures.push(format!(
-                            "{format} {path} {label} m={m}: rel err {err:?} > {tol}"
-                        ));
-                    }
-                    rows.push(json!({
-                        "format": format, "path": path, "shape": label, "n": n, "k": k, "m": m,
-                        "us": us, "speedup_vs_bf16": bf16_us / us,
-                        "gbps": (wb + io) as f64 / us / 1e3,
-                        "rel_err": err, "tolerance": tol, "checked": err.is_some(), "ok": ok,
-                    }));
-                };
-            push("bf16", "cublas", bf16_us, wbytes, bf16_err, 1e-2);
+            let mut push = |format: &str,
+                            path: &str,
+                            (us, us_graph): CallTiming,
+                            wb: usize,
+                            err: Option<f64>,
+                            tol: f64| {
+                let ok = err.is_none_or(|e| e <= tol);
+                if !ok {
+                    failures.push(format!(
+                        "{format} {path} {label} m={m}: rel err {err:?} > {tol}"
+                    ));
+                }
+                rows.push(json!({
+                    "format": format, "path": path, "shape": label, "n": n, "k": k, "m": m,
+                    "us": us, "speedup_vs_bf16": bf16_us / us,
+                    "gbps": (wb + io) as f64 / us / 1e3,
+                    "us_graph": us_graph,
+                    "speedup_vs_bf16_graph": bf16.1.zip(us_graph).map(|(b, u)| b / u),
+                    "gbps_graph": us_graph.map(|u| (wb + io) as f64 / u / 1e3),
+                    "rel_err": err, "tolerance": tol, "checked": err.is_some(), "ok": ok,
+                }));
+            };
+            push("bf16", "cublas", bf16, wbytes, bf16_err, 1e-2);
             // lorq's dense GEMV (what an unquantized linear runs at these rows).
-            if m <= DENSE_GEMV_MAX_ROWS {
+            if m <= DENSE_GEMV_MAX_ROWS && path_wanted(&a.paths, "gemv") {
                 let gemv = |w: &Tensor| -> Result<Tensor> {
                     dense_gemv(&x, w)?.context("the dense GEMV declined a bf16 weight")
                 };
@@ -280,11 +323,11 @@ pub fn run(a: &BenchKernelsArgs, dev: &Device) -> Result<()> {
                 } else {
                     None
                 };
-                let us = time_gpu(dev, 7, iters, |i| gemv(&dense[i % dense.len()]))?;
-                push("bf16", "gemv", us, wbytes, err, 1e-2);
+                let t = time("bf16 gemv", &mut |i| gemv(&dense[i % dense.len()]))?;
+                push("bf16", "gemv", t, wbytes, err, 1e-2);
             }
             for (name, qs) in &bnb {
-                if m > GEMV_MAX_M {
+                if m > GEMV_MAX_M || !path_wanted(&a.paths, "bnb4-gemv") {
                     continue;
                 }
                 let q0 = &qs[0];
@@ -295,10 +338,10 @@ pub fn run(a: &BenchKernelsArgs, dev: &Device) -> Result<()> {
                 } else {
                     None
                 };
-                let us = time_gpu(dev, 7, iters, |i| {
+                let t = time(&format!("{name} bnb4-gemv"), &mut |i| {
                     Ok(bnb4_matmul(&qs[i % qs.len()], &x, Bnb4Path::Fused)?)
                 })?;
-                push(name, "bnb4-gemv", us, q0.bytes(), err, 1e-2);
+                push(name, "bnb4-gemv", t, q0.bytes(), err, 1e-2);
             }
             for (name, dls, wref, wb) in &packed {
                 let want = if check {
@@ -331,6 +374,7 @@ pub fn run(a: &BenchKernelsArgs, dev: &Device) -> Result<()> {
                         paths.push((QPath::Fused(v), format!("qgemv-{}", v.name())));
                     }
                 }
+                paths.retain(|(_, pname)| path_wanted(&a.paths, pname));
                 for (path, pname) in paths {
                     let err = match &want {
                         Some(w) => {
@@ -339,10 +383,10 @@ pub fn run(a: &BenchKernelsArgs, dev: &Device) -> Result<()> {
                         }
                         None => None,
                     };
-                    let us = time_gpu(dev, 7, iters, |i| {
+                    let t = time(&format!("{name} {pname}"), &mut |i| {
                         Ok(qmatmul(&dls[i % dls.len()], &x, path)?)
                     })?;
-                    push(name, &pname, us, *wb, err, 1e-2);
+                    push(name, &pname, t, *wb, err, 1e-2);
                 }
             }
             eprintln!("  {label} m={m}: bf16 {bf16_us:.1} us");
@@ -360,17 +404,24 @@ pub fn run(a: &BenchKernelsArgs, dev: &Device) -> Result<()> {
             if let (Some(b), Some(us)) = (base, r["us"].as_f64()) {
                 r["speedup_vs_bf16"] = json!(b["us"].as_f64().unwrap_or(f64::NAN) / us);
                 r["shape"] = b["shape"].clone();
+                if let (Some(bg), Some(ug)) = (b["us_graph"].as_f64(), r["us_graph"].as_f64()) {
+                    r["speedup_vs_bf16_graph"] = json!(bg / ug);
+                }
             }
             rows.push(r);
         }
     }
     println!(
-        "{:<22} {:<15} {:<28} {:>4} {:>10} {:>8} {:>8} {:>9}",
-        "format", "path", "shape", "m", "us", "x bf16", "GB/s", "rel err"
+        "{:<22} {:<15} {:<28} {:>4} {:>10} {:>8} {:>8} {:>10} {:>8} {:>9}",
+        "format", "path", "shape", "m", "us", "x bf16", "GB/s", "graph us", "x (graph)", "rel err"
     );
+    let num = |v: &Value, prec: usize| {
+        v.as_f64()
+            .map_or_else(|| "-".to_string(), |x| format!("{x:.prec$}"))
+    };
     for r in &rows {
         println!(
-            "{:<22} {:<15} {:<28} {:>4} {:>10.2} {:>8.2} {:>8.0} {:>9}",
+            "{:<22} {:<15} {:<28} {:>4} {:>10.2} {:>8.2} {:>8.0} {:>10} {:>8} {:>9}",
             r["format"].as_str().unwrap_or(""),
             r["path"].as_str().unwrap_or(""),
             r["shape"].as_str().unwrap_or(""),
@@ -378,6 +429,8 @@ pub fn run(a: &BenchKernelsArgs, dev: &Device) -> Result<()> {
             r["us"].as_f64().unwrap_or(f64::NAN),
             r["speedup_vs_bf16"].as_f64().unwrap_or(f64::NAN),
             r["gbps"].as_f64().unwrap_or(f64::NAN),
+            num(&r["us_graph"], 2),
+            num(&r["speedup_vs_bf16_graph"], 2),
             r["rel_err"]
                 .as_f64()
                 .map(|e| format!("{e:.1e}"))
@@ -386,7 +439,7 @@ pub fn run(a: &BenchKernelsArgs, dev: &Device) -> Result<()> {
     }
     let report = json!({
         "card": card, "date": utc_date(), "command": command_line(),
-        "note": "us: median wall time per call (device synchronized per batch of calls, weights rotated over copies larger than L2); gbps: (weight + x + y bytes) / us; rel_err: L2 relative error vs the CPU reference (m <= 64)",
+        "note": "us: median wall time per call (device synchronized per batch of calls, weights rotated over copies larger than L2); us_graph (--gpu-time): median GPU time per call of the same calls replayed from one CUDA graph, speedup_vs_bf16_graph against bf16 cuBLAS timed the same way; gbps: (weight + x + y bytes) / us; rel_err: L2 relative error vs the CPU reference (m <= 128)",
         "rows": rows,
     });
     if let Some(p) = &a.json {

@@ -1,8 +1,8 @@
 //! Fused decoder elementwise ops on the GPU (`kernels/fused_ops.cu`): residual add + RMSNorm in
 //! one pass, and SiLU(gate)·up. Each replaces two or three of candle's launches and one round
 //! trip of the activation through memory; candle's ops are the reference. And the embedding
-//! lookup, which candle's `index_select` cannot do inside a CUDA graph (it uploads the index
-//! layout from the host at every call).
+//! lookup and a column gather, which candle's `index_select` cannot do inside a CUDA graph (it
+//! uploads the index layout from the host at every call).
 
 use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
@@ -498,6 +498,75 @@ pub fn embed_rows(table: &Tensor, ids: &Tensor) -> Result<Tensor, QuantError> {
         _ => go::<f32>(dev, &name, &table, &ids, rows, hidden, vocab)?,
     };
     Ok(tensor_from_storage(s, (rows, hidden)))
+}
+
+/// Columns `cols` (`u32 [kc]` on the GPU) of every row of `x` (`[rows, k]`): `[rows, kc]`, column
+/// `i` = `x[:, cols[i]]`; a column index past `k` gives zeros. Reads its indices on the GPU and
+/// uploads nothing, so it can be captured in a CUDA graph (candle's `index_select` cannot).
+pub fn gather_columns(x: &Tensor, cols: &Tensor) -> Result<Tensor, QuantError> {
+    let dev = cuda_device(x, "gather_columns input")?;
+    let dtype = x.dtype();
+    let name = format!("gather_columns_{}", dtype_name(dtype)?);
+    let (rows, k) = x.dims2()?;
+    if cols.dtype() != DType::U32 || cols.rank() != 1 {
+        return Err(QuantError::Invalid(format!(
+            "gather_columns: column indices must be u32 [columns], got {:?} {:?}",
+            cols.dtype(),
+            cols.dims()
+        )));
+    }
+    cuda_device(cols, "gather_columns indices")?;
+    let kc = cols.dim(0)?;
+    if k > i32::MAX as usize || kc > i32::MAX as usize {
+        return Err(QuantError::Invalid(format!(
+            "gather_columns: rows of {k} -> {kc} values (at most {})",
+            i32::MAX
+        )));
+    }
+    if rows == 0 || kc == 0 {
+        return Ok(Tensor::zeros((rows, kc), dtype, x.device())?);
+    }
+    let x = x.contiguous()?;
+    let cols = cols.contiguous()?;
+    fn go<T: CudaDType + DeviceRepr>(
+        dev: &CudaDevice,
+        name: &str,
+        x: &Tensor,
+        cols: &Tensor,
+        (rows, k, kc): (usize, usize, usize),
+    ) -> Result<CudaStorage, QuantError> {
+        let (xs, xl) = x.storage_and_layout();
+        let (cs, cl) = cols.storage_and_layout();
+        let xv = device_view::<T>(&xs, xl, rows * k, "gather_columns: x")?;
+        let cv = device_view::<u32>(&cs, cl, kc, "gather_columns: indices")?;
+        // SAFETY: the kernel writes every element.
+        let out = unsafe { dev.alloc::<T>(rows * kc)? };
+        let f = function(dev, "fused_ops", FATBIN, name)?;
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        let (r, k, n) = (rows as i32, k as i32, kc as i32);
+        b.arg(&xv).arg(&cv).arg(&out).arg(&r).arg(&k).arg(&n);
+        let cfg = LaunchConfig {
+            grid_dim: (
+                kc.div_ceil(THREADS as usize) as u32,
+                rows.min(65_535) as u32,
+                1,
+            ),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the arguments match `gather_columns_*`; indices past `k` are not read through.
+        unsafe { b.launch(cfg) }.w()?;
+        drop(b);
+        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    }
+    let shape = (rows, k, kc);
+    let s = match dtype {
+        DType::BF16 => go::<half::bf16>(dev, &name, &x, &cols, shape)?,
+        DType::F16 => go::<half::f16>(dev, &name, &x, &cols, shape)?,
+        _ => go::<f32>(dev, &name, &x, &cols, shape)?,
+    };
+    Ok(tensor_from_storage(s, (rows, kc)))
 }
 
 /// Index of the largest value of each row of `x` (`[rows, n]`, f32/bf16/f16) as `u32 [rows]` on

@@ -89,6 +89,9 @@ pub fn capture<R, E: From<QuantError>>(
     }
     let stream = dev.cuda_stream();
     stream.synchronize().w().map_err(QuantError::from)?;
+    // candle's own host copies (an op's layout parameters, a read-back) then fail the capture
+    // instead of being recorded as copies from host memory that is gone at replay time.
+    let _candle_copies = dev.enable_cuda_graph_htod_cache();
     CAPTURE.with(|c| *c.borrow_mut() = Some(Vec::new()));
     let begun = stream
         .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)

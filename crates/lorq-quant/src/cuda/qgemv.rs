@@ -15,7 +15,7 @@ use candle_core::cuda_backend::cudarc::driver::{
 use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::{CudaStorage, DType, Storage, Tensor};
 
-use super::fused_ops::{NormHead, NormHeadArg};
+use super::fused_ops::{gather_columns, NormHead, NormHeadArg};
 use super::{cuda_device, dtype_name, function, qmma_tiled, qwgmma, tensor_from_storage};
 use crate::gpu_layout::{CodeKind, GpuLayout};
 use crate::gpu_slot::GpuSlot;
@@ -62,7 +62,10 @@ pub struct DeviceLayout {
     pub(super) gsize: i32,
     groups: i32,
     round_mode: i32,
+    /// Act-order: the original column of each packed column (gathers x into the packed order),
+    /// and its inverse (gathers a dequantized weight back to the original order).
     perm: Option<Tensor>,
+    inv_perm: Option<Tensor>,
     /// Split-K tickets of the tiled tensor-core kernel (zero between launches), one per block of
     /// its output rows and activation rows.
     pub(super) counters: CudaSlice<u32>,
@@ -70,13 +73,33 @@ pub struct DeviceLayout {
 
 impl DeviceLayout {
     pub fn upload(l: &GpuLayout, dev: &CudaDevice) -> Result<Self, QuantError> {
-        let perm = match &l.perm {
-            Some(p) => Some(Tensor::from_slice(
-                p,
-                p.len(),
-                &candle_core::Device::Cuda(dev.clone()),
-            )?),
-            None => None,
+        let on_gpu = candle_core::Device::Cuda(dev.clone());
+        let (perm, inv_perm) = match &l.perm {
+            Some(p) => {
+                // W[:, p[i]] = packed[:, i]; a column index outside K (a malformed layout) is
+                // refused here, so the gathers never read past a row.
+                let not_a_permutation = |what: String| {
+                    QuantError::Invalid(format!(
+                        "act-order column order of a {}x{} weight: {what}, not a permutation of 0..{}",
+                        l.n, l.k, l.k
+                    ))
+                };
+                if p.len() != l.k {
+                    return Err(not_a_permutation(format!("{} entries", p.len())));
+                }
+                let mut inv = vec![u32::MAX; l.k];
+                for (i, &c) in p.iter().enumerate() {
+                    match inv.get_mut(c as usize) {
+                        Some(slot) if *slot == u32::MAX => *slot = i as u32,
+                        _ => return Err(not_a_permutation(format!("entry {i} is {c}"))),
+                    }
+                }
+                (
+                    Some(Tensor::from_slice(p, p.len(), &on_gpu)?),
+                    Some(Tensor::from_vec(inv, l.k, &on_gpu)?),
+                )
+            }
+            None => (None, None),
         };
         Ok(Self {
             n: l.n,
@@ -102,6 +125,7 @@ impl DeviceLayout {
             groups: l.groups() as i32,
             round_mode: l.rounding.mode(),
             perm,
+            inv_perm,
             counters: dev.alloc_zeros::<u32>(
                 l.n.div_ceil(qmma_tiled::MIN_ROWS) * qmma_tiled::MAX_SPLIT_M_BLOCKS,
             )?,
@@ -195,8 +219,8 @@ pub(crate) fn dequantize_on_gpu(
     match &*device_weight(slot, dev, what, layout)? {
         GpuQuantWeight::Ready(w) => {
             let wd = dequantize(w, dev, dtype)?;
-            Ok(Some(match &w.perm {
-                Some(p) => unpermute_columns(&wd, p)?,
+            Ok(Some(match &w.inv_perm {
+                Some(inv) => gather_columns(&wd, inv)?,
                 None => wd,
             }))
         }
@@ -544,10 +568,9 @@ pub fn matmul(w: &DeviceLayout, x: &Tensor, path: QPath) -> Result<Tensor, Quant
     // The packed weight's columns are in act-order: gather x's to match.
     let gathered = |x2: Tensor| -> Result<Tensor, QuantError> {
         Ok(match &w.perm {
-            Some(p) => x2.index_select(p, 1)?,
-            None => x2,
-        }
-        .contiguous()?)
+            Some(p) => gather_columns(&x2.contiguous()?, p)?,
+            None => x2.contiguous()?,
+        })
     };
     let y = match route {
         Route::Gemv(v) => gemv(dev, &[w], &gathered(x2)?, m, v)?.remove(0),
@@ -556,9 +579,9 @@ pub fn matmul(w: &DeviceLayout, x: &Tensor, path: QPath) -> Result<Tensor, Quant
         Route::Wgmma => qwgmma::matmul(dev, w, &gathered(x2)?, m)?,
         Route::Dequantize => {
             let wd = dequantize(w, dev, x.dtype())?;
-            let wd = match &w.perm {
+            let wd = match &w.inv_perm {
                 // Columns back to the original order: W[:, perm[i]] = packed[:, i].
-                Some(p) => unpermute_columns(&wd, p)?,
+                Some(inv) => gather_columns(&wd, inv)?,
                 None => wd,
             };
             x2.matmul(&wd.t()?)?
@@ -570,20 +593,6 @@ pub fn matmul(w: &DeviceLayout, x: &Tensor, path: QPath) -> Result<Tensor, Quant
     } else {
         y
     })
-}
-
-/// `out[:, perm[i]] = w[:, i]`.
-fn unpermute_columns(w: &Tensor, perm: &Tensor) -> Result<Tensor, QuantError> {
-    let inv: Vec<u32> = {
-        let p: Vec<u32> = perm.to_vec1()?;
-        let mut inv = vec![0u32; p.len()];
-        for (i, &c) in p.iter().enumerate() {
-            inv[c as usize] = i as u32;
-        }
-        inv
-    };
-    let inv = Tensor::from_vec(inv, perm.dim(0)?, w.device())?;
-    Ok(w.index_select(&inv, 1)?)
 }
 
 /// The dequantized weight `[out, in]` (packed column order) in `dtype` (f32/bf16/f16) on `dev`.
