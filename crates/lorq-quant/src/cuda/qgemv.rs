@@ -234,9 +234,11 @@ pub const QMMA_MAX_M: usize = 128;
 
 /// [`QPath::Auto`]'s row limits (bf16/f16 activations). Weights the tiled tensor-core kernel
 /// covers ([`qmma_tiled::supports`]: 2-, 3-, 4- and 8-bit codes) take it for 2..=64 rows
-/// (from 3 with 8-bit codes; to 128 on weights of 32 Mi codes or more and with act-order; the
-/// GEMV below); every other weight takes the GEMV up to 8 rows, the first tensor-core kernel up
-/// to 32, dequantize + cuBLAS past that.
+/// (from 3 with 8-bit codes; to 128 on weights of 32 Mi codes or more; the GEMV below); every
+/// other weight takes the GEMV up to 8 rows, the first tensor-core kernel up to 32, dequantize +
+/// cuBLAS past that. Act-order weights follow the same limits: every path gathers x's columns
+/// into the packed order, dequantize + cuBLAS included (session 22; it used to gather the whole
+/// dequantized weight, 2.5-5x slower, and act-order kept the kernels to every row count).
 const AUTO_GEMV_MAX_M: usize = 8;
 const AUTO_MMA_MAX_M: usize = 32;
 /// Measured on an H100 (docs/benchmarks.md "Tiled kernel, second version",
@@ -253,36 +255,31 @@ const AUTO_TILED_MIN_M_8BIT: usize = 3;
 const AUTO_TILED_MAX_M: usize = 64;
 const AUTO_TILED_WIDE_MAX_M: usize = 128;
 const AUTO_TILED_WIDE_CODES: usize = 1 << 25;
-/// Act-order weights: dequantize + cuBLAS also pays a column unpermute of the whole weight per call
-/// (2.5-5x slower than the tiled kernel at 128 rows on every Llama-3-8B shape).
-const AUTO_TILED_ACT_ORDER_MAX_M: usize = 128;
 /// The wgmma kernel ([`qwgmma::supports`]: 4-bit codes on a Hopper GPU) from 33 rows: on weights
 /// of 16 Mi codes and more (a grouped launch counts its weights together) up to 128 rows, of 32 Mi
-/// up to 256; act-order weights at every row count past 64 (and from 33 on 16 Mi codes), since
-/// dequantize + cuBLAS also unpermutes the whole weight per call.
+/// up to 256.
 /// H100, session 19, GPTQ 4-bit, us: 14336x4096 at 33 / 64 / 128 / 256 rows 45.0 / 45.4 / 51.8 /
 /// 95.6 against 57.1 / 56.6 / 83.7 (tiled) / 121.3 (dequantize + cuBLAS); 4096x4096 at 33 / 64
 /// 25.3 / 29.7 against 27.1 / 32.8; at 32 rows the tiled kernel stays ahead (39.8 against 45.2 on
-/// gate/up); act-order at 512 rows 203.7 / 233.4 / 71.7 against 626 / 690 / 198 (dequantize and
-/// unpermute). Session 21, once the split-K tile sum kept 16 loads in flight (the K schedule
+/// gate/up). Session 21, once the split-K tile sum kept 16 loads in flight (the K schedule
 /// splits 4096-row weights): 4096x4096 at 128 rows 25.7 (NF4 27.6) against dequantize's 34.6
 /// (33.8), at 256 34.7 (38.6) against 38.6 (38.2); 4096x14336 at 128 58.1 (63.6) against 119.6,
-/// at 256 108.3 (122.2) against 129.5 (125.2).
+/// at 256 108.3 (122.2) against 129.5 (125.2). Act-order, H200, session 22 (GPU time, x gathered
+/// on every path): 1024x4096 at 128 rows 16.6 us dequantize + cuBLAS against 21.9 wgmma; at 512
+/// rows dequantize + cuBLAS ahead on every shape (25.2 / 51.3 / 160.8 / 183.6 against 32.2 / 57.5
+/// / 190.3 / 206.6 for k/v, q/o, gate/up, down).
 const AUTO_WGMMA_MIN_M: usize = 33;
 const AUTO_WGMMA_MAX_M: usize = 128;
 const AUTO_WGMMA_WIDE_MAX_M: usize = 256;
 const AUTO_WGMMA_CODES: usize = 1 << 24;
-/// Act-order weights below [`AUTO_WGMMA_CODES`] take the wgmma kernel past 64 rows.
-const AUTO_WGMMA_ACT_ORDER_SMALL_MIN_M: usize = 65;
 
 /// Which GPU path a matmul takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QPath {
     /// The row count, dtype and format decide (see `AUTO_*`): for bf16/f16 activations and
     /// weights the tiled kernel covers, the tiled kernel for 2..=64 rows (2..=128 on large
-    /// weights and with act-order), except 4-bit weights on a Hopper GPU, which take the wgmma
-    /// kernel from 33 rows on large weights (to 128-256 rows by size, every row count with
-    /// act-order: `AUTO_WGMMA_*`); otherwise the GEMV up to 8 rows (f32 activations up to
+    /// weights), except 4-bit weights on a Hopper GPU, which take the wgmma kernel from 33 rows
+    /// on large weights (to 128-256 rows by size: `AUTO_WGMMA_*`); otherwise the GEMV up to 8 rows (f32 activations up to
     /// [`QGEMV_MAX_M`]), the first tensor-core kernel up to 32, else dequantize + cuBLAS.
     Auto,
     /// The fused GEMV with this launch shape.
@@ -439,8 +436,8 @@ fn mr_for(m: usize) -> usize {
 /// [`QPath::Auto`]'s path for `m` rows of `dtype` (f32/bf16/f16) through `w`, with `n` output rows
 /// for the GEMV's launch shape (a grouped launch passes the rows of all its weights). Measured on
 /// an H100 (docs/benchmarks.md): for the weights the tiled kernel covers it wins from 2 rows to
-/// 64 (to 128 on weights of 32 Mi codes — a grouped launch counts its weights together — and
-/// with act-order); for the others the GEMV wins up to 8 rows, the first tensor-core kernel from
+/// 64 (to 128 on weights of 32 Mi codes — a grouped launch counts its weights together); for the
+/// others the GEMV wins up to 8 rows, the first tensor-core kernel from
 /// 9 to 32, dequantize + cuBLAS past that.
 ///
 /// `grouped`: the route of a grouped launch ([`matmul_group`]). 2-bit codes past 64 rows run one
@@ -458,21 +455,14 @@ fn auto_route(
 ) -> Route {
     let half = is_half(dtype);
     let codes = n * w.k;
-    let wgmma_max_m = if w.perm.is_some() {
-        usize::MAX
-    } else if codes >= 2 * AUTO_WGMMA_CODES {
+    let wgmma_max_m = if codes >= 2 * AUTO_WGMMA_CODES {
         AUTO_WGMMA_WIDE_MAX_M
     } else if codes >= AUTO_WGMMA_CODES {
         AUTO_WGMMA_MAX_M
     } else {
         0
     };
-    let wgmma_min_m = if w.perm.is_some() && codes < AUTO_WGMMA_CODES {
-        AUTO_WGMMA_ACT_ORDER_SMALL_MIN_M
-    } else {
-        AUTO_WGMMA_MIN_M
-    };
-    if half && (wgmma_min_m..=wgmma_max_m).contains(&m) && wgmma() {
+    if half && (AUTO_WGMMA_MIN_M..=wgmma_max_m).contains(&m) && wgmma() {
         return Route::Wgmma;
     }
     let tiled_min_m = if w.tag == "a8" {
@@ -480,9 +470,7 @@ fn auto_route(
     } else {
         AUTO_TILED_MIN_M
     };
-    let tiled_max_m = if w.perm.is_some() {
-        AUTO_TILED_ACT_ORDER_MAX_M
-    } else if n * w.k >= AUTO_TILED_WIDE_CODES && !(grouped && w.tag == "a2") {
+    let tiled_max_m = if n * w.k >= AUTO_TILED_WIDE_CODES && !(grouped && w.tag == "a2") {
         AUTO_TILED_WIDE_MAX_M
     } else {
         AUTO_TILED_MAX_M
@@ -579,12 +567,14 @@ pub fn matmul(w: &DeviceLayout, x: &Tensor, path: QPath) -> Result<Tensor, Quant
         Route::Wgmma => qwgmma::matmul(dev, w, &gathered(x2)?, m)?,
         Route::Dequantize => {
             let wd = dequantize(w, dev, x.dtype())?;
-            let wd = match &w.inv_perm {
-                // Columns back to the original order: W[:, perm[i]] = packed[:, i].
-                Some(inv) => gather_columns(&wd, inv)?,
-                None => wd,
-            };
-            x2.matmul(&wd.t()?)?
+            match &w.inv_perm {
+                // Act-order: the product in the packed column order (x's columns gathered) where
+                // x is the smaller of the two, else the weight's columns back to the original
+                // order (W[:, perm[i]] = packed[:, i]).
+                Some(_) if m < w.n => gathered(x2)?.matmul(&wd.t()?)?,
+                Some(inv) => x2.matmul(&gather_columns(&wd, inv)?.t()?)?,
+                None => x2.matmul(&wd.t()?)?,
+            }
         }
     };
     let y = y.reshape(out_dims)?;
