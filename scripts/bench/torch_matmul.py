@@ -9,34 +9,10 @@ import json
 
 import torch
 
+from cuda_timing import time_us
+
 LLAMA3_8B = [("q_proj/o_proj", 4096, 4096), ("k_proj/v_proj", 1024, 4096),
              ("gate_proj/up_proj", 14336, 4096), ("down_proj", 4096, 14336)]
-
-
-def graph_us(call, iters):
-    """Median GPU us per call of `iters` calls replayed from one CUDA graph (no host launch cost;
-    what `lorq bench kernels --gpu-time` reports as us_graph)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for i in range(3):
-            call(i)
-    torch.cuda.current_stream().wait_stream(stream)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(iters):
-            call(i)
-    g.replay()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(7):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        g.replay()
-        e.record()
-        e.synchronize()
-        samples.append(s.elapsed_time(e) * 1e3 / iters)
-    return sorted(samples)[len(samples) // 2]
 
 
 def main():
@@ -61,25 +37,13 @@ def main():
         for m in [int(v) for v in a.m.split(",")]:
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16, generator=g)
             iters = 50 if m <= 16 else 10
-            for i in range(3):
-                x @ ws[i % copies].T
-            torch.cuda.synchronize()
-            samples = []
-            for _ in range(7):
-                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                s.record()
-                for i in range(iters):
-                    x @ ws[i % copies].T
-                e.record()
-                e.synchronize()
-                samples.append(s.elapsed_time(e) * 1e3 / iters)
-            us = sorted(samples)[len(samples) // 2]
-            us_graph = graph_us(lambda i: x @ ws[i % copies].T, iters)
+            us, us_graph = time_us(lambda i: x @ ws[i % copies].T, iters)
             b = n * k * 2 + (m * k + m * n) * 2
             rows.append({"format": "torch-bf16", "path": "torch.matmul (cuBLAS)", "n": n, "k": k, "m": m,
                          "us": us, "gbps": b / us / 1e3, "us_graph": us_graph, "checked": False,
                          "torch": torch.__version__})
-            print(f"torch bf16 {n}x{k} m={m}: {us:.2f} us, {us_graph:.2f} us from a CUDA graph", flush=True)
+            graph = f"{us_graph:.2f} us" if us_graph is not None else "no"
+            print(f"torch bf16 {n}x{k} m={m}: {us:.2f} us, {graph} from a CUDA graph", flush=True)
     json.dump({"card": torch.cuda.get_device_name(), "rows": rows}, open(a.out, "w"), indent=1)
 
 

@@ -18,6 +18,8 @@ import json
 
 import torch
 
+from cuda_timing import time_us
+
 LLAMA3_8B = [("q_proj/o_proj", 4096, 4096), ("k_proj/v_proj", 1024, 4096),
              ("gate_proj/up_proj", 14336, 4096), ("down_proj", 4096, 14336)]
 E4M3 = torch.float8_e4m3fn
@@ -34,47 +36,6 @@ def rowwise_quantized(x, w_t, w_s):
     """Per-token quantization of x in the call, then the rowwise scaled matmul."""
     xq, xs = quant_rows(x)
     return torch._scaled_mm(xq, w_t, scale_a=xs, scale_b=w_s, out_dtype=torch.bfloat16)
-
-
-def median_us(run, iters):
-    samples = []
-    for _ in range(7):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        run()
-        e.record()
-        e.synchronize()
-        samples.append(s.elapsed_time(e) * 1e3 / iters)
-    return sorted(samples)[len(samples) // 2]
-
-
-def time_us(fn, iters):
-    """(eager µs per call, µs per call replayed from a CUDA graph of `iters` calls or None): eager
-    includes Python's launch overhead, the graph shows the GPU time."""
-    for i in range(3):
-        fn(i)
-    torch.cuda.synchronize()
-
-    def eager():
-        for i in range(iters):
-            fn(i)
-    us = median_us(eager, iters)
-    try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for i in range(3):
-                fn(i)
-        torch.cuda.current_stream().wait_stream(side)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            eager()
-        g.replay()
-        torch.cuda.synchronize()
-        return us, median_us(g.replay, iters)
-    except RuntimeError as e:
-        print(f"  no CUDA graph: {str(e).splitlines()[0]}", flush=True)
-        return us, None
 
 
 def main():
