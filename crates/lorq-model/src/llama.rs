@@ -39,11 +39,17 @@ impl LayerLinear {
         LayerLinear::Down,
     ];
 
-    /// The linear named `name`: its module path (`self_attn.q_proj`) or last part (`q_proj`).
+    /// The linear named `name`: its module path (`self_attn.q_proj`) or [`Self::name`].
     pub fn from_name(name: &str) -> Option<LayerLinear> {
         Self::ALL
             .into_iter()
-            .find(|w| w.module() == name || w.module().rsplit('.').next() == Some(name))
+            .find(|w| w.module() == name || w.name() == name)
+    }
+
+    /// The last part of the module path (`q_proj`, ...): PEFT's `target_modules` names.
+    pub fn name(self) -> &'static str {
+        let m = self.module();
+        m.rsplit_once('.').map_or(m, |(_, last)| last)
     }
 
     /// The module path below `model.layers.N.` (`self_attn.q_proj`, ...).
@@ -698,4 +704,33 @@ fn graphs_usable(device: &Device) -> Option<()> {
         return None;
     }
     Some(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LayerLinear;
+
+    #[test]
+    fn layer_linears_by_peft_name_or_module_path() {
+        let names: Vec<&str> = LayerLinear::ALL.iter().map(|w| w.name()).collect();
+        assert_eq!(
+            names,
+            [
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj"
+            ]
+        );
+        for w in LayerLinear::ALL {
+            assert_eq!(LayerLinear::from_name(w.name()), Some(w));
+            assert_eq!(LayerLinear::from_name(w.module()), Some(w));
+        }
+        assert_eq!(LayerLinear::from_name("lm_head"), None);
+        assert_eq!(LayerLinear::from_name("proj"), None);
+        assert_eq!(LayerLinear::from_name(""), None);
+    }
 }

@@ -328,10 +328,7 @@ pub fn random_adapters(
             lora_alpha: 2.0 * rank as f64,
             use_rslora: false,
             target_modules: TargetModules::Names(
-                targets
-                    .iter()
-                    .map(|w| w.module().rsplit('.').next().unwrap_or("").to_string())
-                    .collect(),
+                targets.iter().map(|w| w.name().to_string()).collect(),
             ),
             exclude_modules: None,
             rank_pattern: vec![],

@@ -444,6 +444,19 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor, QuantError> {
     ))
 }
 
+/// The length of `t`, a GPU vector of u32 indices (`what` names it in errors, `dim` its axis).
+fn index_vector(t: &Tensor, what: &str, dim: &str) -> Result<usize, QuantError> {
+    if t.dtype() != DType::U32 || t.rank() != 1 {
+        return Err(QuantError::Invalid(format!(
+            "{what} must be u32 [{dim}], got {:?} {:?}",
+            t.dtype(),
+            t.dims()
+        )));
+    }
+    cuda_device(t, what)?;
+    Ok(t.dim(0)?)
+}
+
 /// Rows `ids` (`u32 [rows]` on the GPU) of `table` (`[vocab, hidden]`): `[rows, hidden]`. An id
 /// past the vocabulary gives a zero row (callers check ids before they reach the GPU).
 pub fn embed_rows(table: &Tensor, ids: &Tensor) -> Result<Tensor, QuantError> {
@@ -451,15 +464,7 @@ pub fn embed_rows(table: &Tensor, ids: &Tensor) -> Result<Tensor, QuantError> {
     let dtype = table.dtype();
     let name = format!("embed_rows_{}", dtype_name(dtype)?);
     let (vocab, hidden) = table.dims2()?;
-    if ids.dtype() != DType::U32 || ids.rank() != 1 {
-        return Err(QuantError::Invalid(format!(
-            "embed_rows: ids must be u32 [rows], got {:?} {:?}",
-            ids.dtype(),
-            ids.dims()
-        )));
-    }
-    cuda_device(ids, "token ids")?;
-    let rows = ids.dim(0)?;
+    let rows = index_vector(ids, "embed_rows: ids", "rows")?;
     let table = table.contiguous()?;
     let ids = ids.contiguous()?;
     fn go<T: CudaDType + DeviceRepr>(
@@ -508,18 +513,10 @@ pub fn gather_columns(x: &Tensor, cols: &Tensor) -> Result<Tensor, QuantError> {
     let dtype = x.dtype();
     let name = format!("gather_columns_{}", dtype_name(dtype)?);
     let (rows, k) = x.dims2()?;
-    if cols.dtype() != DType::U32 || cols.rank() != 1 {
+    let kc = index_vector(cols, "gather_columns: column indices", "columns")?;
+    if [rows, k, kc].iter().any(|&d| d > i32::MAX as usize) {
         return Err(QuantError::Invalid(format!(
-            "gather_columns: column indices must be u32 [columns], got {:?} {:?}",
-            cols.dtype(),
-            cols.dims()
-        )));
-    }
-    cuda_device(cols, "gather_columns indices")?;
-    let kc = cols.dim(0)?;
-    if k > i32::MAX as usize || kc > i32::MAX as usize {
-        return Err(QuantError::Invalid(format!(
-            "gather_columns: rows of {k} -> {kc} values (at most {})",
+            "gather_columns: {rows} rows of {k} -> {kc} values (each at most {})",
             i32::MAX
         )));
     }
