@@ -81,27 +81,55 @@ impl BatchAdapters {
         module_path: &'a str,
         x: &Tensor,
     ) -> Result<Option<PendingDelta<'a>>, candle_core::Error> {
-        let modules: Vec<_> = self
-            .segments
+        let mut pending = self.begin_group(&[module_path], x)?;
+        Ok(pending.pop().flatten())
+    }
+
+    /// [`Self::begin`] of modules that read the same `x` (q/k/v, gate/up): on the GPU their
+    /// shrinks run as one launch. One result per path, in order.
+    pub fn begin_group<'a>(
+        &'a self,
+        module_paths: &[&'a str],
+        x: &Tensor,
+    ) -> Result<Vec<Option<PendingDelta<'a>>>, candle_core::Error> {
+        let modules: Vec<Vec<_>> = module_paths
             .iter()
-            .map(|s| s.adapter.as_ref().and_then(|a| a.module(module_path)))
+            .map(|path| {
+                self.segments
+                    .iter()
+                    .map(|s| s.adapter.as_ref().and_then(|a| a.module(path)))
+                    .collect()
+            })
             .collect();
-        if modules.iter().all(Option::is_none) {
-            return Ok(None);
-        }
+        let touched: Vec<bool> = modules
+            .iter()
+            .map(|m: &Vec<_>| m.iter().any(Option::is_some))
+            .collect();
         #[cfg(feature = "cuda")]
-        let gpu = if x.device().is_cuda() {
-            crate::apply_cuda::begin(&self.segments, &modules, x)?
+        let mut gpu = if x.device().is_cuda() {
+            let live: Vec<Vec<_>> = modules
+                .iter()
+                .zip(&touched)
+                .filter(|(_, &t)| t)
+                .map(|(m, _)| m.clone())
+                .collect();
+            crate::apply_cuda::begin_group(&self.segments, &live, x)?.into_iter()
         } else {
-            None
+            Vec::new().into_iter()
         };
-        Ok(Some(PendingDelta {
-            adapters: self,
-            modules,
-            x: x.clone(),
-            #[cfg(feature = "cuda")]
-            gpu,
-        }))
+        Ok(modules
+            .into_iter()
+            .zip(touched)
+            .map(|(modules, touched)| {
+                touched.then(|| PendingDelta {
+                    adapters: self,
+                    modules,
+                    x: x.clone(),
+                    #[cfg(feature = "cuda")]
+                    gpu: gpu.next().flatten(),
+                })
+            })
+            .collect())
     }
 
     /// The generic path (dense deltas, other devices): small candle matmuls per segment. Sum in

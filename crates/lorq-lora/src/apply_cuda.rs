@@ -13,7 +13,7 @@
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use lorq_quant::cuda::sgmv::{shrink, LoraPair, LoraSegment, Shrunk, MAX_RANK};
+use lorq_quant::cuda::sgmv::{shrink_group, LoraPair, LoraSegment, Shrunk, MAX_GROUP, MAX_RANK};
 
 use crate::{AdapterSegment, LoraModule, LoraWeights};
 
@@ -69,18 +69,16 @@ fn resident<'a>(
         .map_err(to_candle)
 }
 
-/// Queues the shrink of `x`'s rows through the kernels, or `None` when the batch needs the
-/// generic path: a dense delta among the modules, a rank past the kernels' [`MAX_RANK`], or
-/// activations in none of the kernels' dtypes (f32/bf16/f16).
-pub(crate) fn begin(
-    segments: &[AdapterSegment],
-    modules: &[Option<&LoraModule>],
+/// A module's pairs on `x`'s GPU (one per segment, `None` where that segment's adapter leaves the
+/// module alone) and its output features; `None` when the module needs the generic path: a dense
+/// delta among them, or a rank past the kernels' [`MAX_RANK`].
+type ModulePairs<'a> = (usize, Vec<Option<(Resident<'a>, f32)>>);
+
+fn module_pairs<'a>(
+    modules: &[Option<&'a LoraModule>],
     x: &Tensor,
-) -> Result<Option<Started>, candle_core::Error> {
-    if !matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16) || x.rank() != 2 {
-        return Ok(None);
-    }
-    let mut pairs: Vec<Option<(Resident<'_>, f32)>> = Vec::with_capacity(modules.len());
+) -> Result<Option<ModulePairs<'a>>, candle_core::Error> {
+    let mut pairs = Vec::with_capacity(modules.len());
     let mut out_features = 0;
     for m in modules {
         let Some(m) = m else {
@@ -102,29 +100,70 @@ pub(crate) fn begin(
         }
         pairs.push(Some((pair, m.scale as f32)));
     }
-    let segs: Vec<LoraSegment<'_>> = segments
-        .iter()
-        .zip(&pairs)
-        .map(|(s, p)| LoraSegment {
-            rows: s.rows,
-            lora: p.as_ref().map(|(w, scale)| {
-                let (a, b) = w.pair();
-                LoraPair {
-                    a,
-                    b,
-                    scale: *scale,
-                }
-            }),
-        })
-        .collect();
-    let shrunk = shrink(x, out_features, &segs).map_err(to_candle)?;
-    Ok(Some(Started {
-        shrunk,
-        dtype: x.dtype(),
-    }))
+    Ok(Some((out_features, pairs)))
 }
 
-/// A shrink queued by [`begin`] (`None` inside: no segment had a pair, the delta is zero).
+/// Queues the shrinks of `x`'s rows for modules that share `x` (q/k/v, gate/up: one launch per
+/// [`MAX_GROUP`] of them), one result per module: `None` where that module needs the generic
+/// path (a dense delta among its adapters, a rank past the kernels' [`MAX_RANK`]), or for every
+/// module when the activations are in none of the kernels' dtypes (f32/bf16/f16).
+pub(crate) fn begin_group(
+    segments: &[AdapterSegment],
+    modules: &[Vec<Option<&LoraModule>>],
+    x: &Tensor,
+) -> Result<Vec<Option<Started>>, candle_core::Error> {
+    if !matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16) || x.rank() != 2 {
+        return Ok(modules.iter().map(|_| None).collect());
+    }
+    let resolved = modules
+        .iter()
+        .map(|m| module_pairs(m, x))
+        .collect::<Result<Vec<_>, _>>()?;
+    let segs: Vec<Option<(usize, Vec<LoraSegment<'_>>)>> = resolved
+        .iter()
+        .map(|r| {
+            r.as_ref().map(|(n, pairs)| {
+                let segs = segments
+                    .iter()
+                    .zip(pairs)
+                    .map(|(s, p)| LoraSegment {
+                        rows: s.rows,
+                        lora: p.as_ref().map(|(w, scale)| {
+                            let (a, b) = w.pair();
+                            LoraPair {
+                                a,
+                                b,
+                                scale: *scale,
+                            }
+                        }),
+                    })
+                    .collect();
+                (*n, segs)
+            })
+        })
+        .collect();
+    let kernel_modules: Vec<(usize, &[LoraSegment<'_>])> = segs
+        .iter()
+        .flatten()
+        .map(|(n, s)| (*n, s.as_slice()))
+        .collect();
+    let mut shrunk = Vec::with_capacity(kernel_modules.len());
+    for chunk in kernel_modules.chunks(MAX_GROUP) {
+        shrunk.extend(shrink_group(x, chunk).map_err(to_candle)?);
+    }
+    let mut shrunk = shrunk.into_iter();
+    Ok(segs
+        .iter()
+        .map(|s| {
+            s.as_ref().map(|_| Started {
+                shrunk: shrunk.next().expect("one shrink per kernel module"),
+                dtype: x.dtype(),
+            })
+        })
+        .collect())
+}
+
+/// A shrink queued by [`begin_group`] (`None` inside: no segment had a pair, the delta is zero).
 pub(crate) struct Started {
     pub(crate) shrunk: Option<Shrunk>,
     dtype: DType,

@@ -295,6 +295,115 @@ mod gpu {
         }
     }
 
+    /// Modules sharing one input (q/k/v) shrink and expand as one launch each
+    /// (`BatchAdapters::begin_group`, `PendingDelta::finish_all`): every module's output equals
+    /// the module run alone, bit for bit, and the CPU path; adapters may leave a module alone and
+    /// have a different rank per module; one-row (decode) and multi-row (prefill) tiles.
+    #[test]
+    fn grouped_modules_equal_each_module_alone() {
+        use lorq_lora::PendingDelta;
+        let Some(dev) = gpu() else { return };
+        let k = 512;
+        let paths = [
+            "model.layers.0.self_attn.q_proj",
+            "model.layers.0.self_attn.k_proj",
+            "model.layers.0.self_attn.v_proj",
+        ];
+        let outs = [512usize, 128, 128];
+        let config = LoraConfig::parse(
+            r#"{"r": 16, "lora_alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj"]}"#,
+            Path::new("test"),
+        )
+        .unwrap();
+        // Adapter i adapts module m with rank ranks[i][m] (0: leaves it alone).
+        let ranks = [[16usize, 8, 32], [16, 0, 16], [8, 24, 0], [64, 16, 8]];
+        let mut cpu_adapters = Vec::new();
+        let mut gpu_adapters = Vec::new();
+        for (i, rs) in ranks.iter().enumerate() {
+            let (mut cm, mut gm) = (HashMap::new(), HashMap::new());
+            for ((path, &n), &r) in paths.iter().zip(&outs).zip(rs) {
+                if r == 0 {
+                    continue;
+                }
+                let a = Tensor::randn(0f32, (1.0 / k as f64).sqrt() as f32, (r, k), &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(DType::BF16)
+                    .unwrap();
+                let b = Tensor::randn(0f32, (1.0 / r as f64).sqrt() as f32, (n, r), &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(DType::BF16)
+                    .unwrap();
+                let scale = 2.0 / (1 + i) as f64;
+                let (ga, gb) = (a.to_device(&dev).unwrap(), b.to_device(&dev).unwrap());
+                cm.insert(path.to_string(), LoraModule::low_rank(a, b, scale));
+                gm.insert(path.to_string(), LoraModule::low_rank(ga, gb, scale));
+            }
+            let name = PathBuf::from(format!("a{i}"));
+            cpu_adapters.push(Arc::new(
+                LoraAdapter::from_modules(name.clone(), config.clone(), cm).unwrap(),
+            ));
+            gpu_adapters.push(Arc::new(
+                LoraAdapter::from_modules(name, config.clone(), gm).unwrap(),
+            ));
+        }
+        let decode: Vec<(usize, Option<usize>)> = vec![
+            (1, Some(0)),
+            (1, Some(1)),
+            (1, None),
+            (1, Some(2)),
+            (1, Some(3)),
+        ];
+        let prefill: Vec<(usize, Option<usize>)> = vec![
+            (9, Some(1)),
+            (3, None),
+            (20, Some(3)),
+            (1, Some(0)),
+            (5, Some(2)),
+        ];
+        for segs in [decode, prefill] {
+            for dtype in [DType::F32, DType::BF16] {
+                let rows: usize = segs.iter().map(|s| s.0).sum();
+                let x = Tensor::randn(0f32, 1.0, (rows, k), &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let bases: Vec<Tensor> = outs
+                    .iter()
+                    .map(|&n| {
+                        Tensor::randn(0f32, 1.0, (rows, n), &Device::Cpu)
+                            .unwrap()
+                            .to_dtype(dtype)
+                            .unwrap()
+                    })
+                    .collect();
+                let (mut on_cpu, mut on_gpu) = (BatchAdapters::new(), BatchAdapters::new());
+                for &(r, i) in &segs {
+                    on_cpu.push(r, i.map(|i| cpu_adapters[i].clone()));
+                    on_gpu.push(r, i.map(|i| gpu_adapters[i].clone()));
+                }
+                let xg = x.to_device(&dev).unwrap();
+                let bases_g: Vec<Tensor> =
+                    bases.iter().map(|b| b.to_device(&dev).unwrap()).collect();
+                let pending = on_gpu.begin_group(&paths, &xg).unwrap();
+                assert!(pending.iter().all(Option::is_some));
+                let grouped = PendingDelta::finish_all(pending, bases_g.clone()).unwrap();
+                for (m, path) in paths.iter().enumerate() {
+                    let alone = f32s(&on_gpu.apply(path, &xg, bases_g[m].clone()).unwrap());
+                    let got = f32s(&grouped[m]);
+                    assert_eq!(
+                        got, alone,
+                        "{dtype:?} {path}: grouped launch differs from the module alone"
+                    );
+                    let want = f32s(&on_cpu.apply(path, &x, bases[m].clone()).unwrap());
+                    let base = f32s(&bases[m]);
+                    let e = rel_l2(&deltas(&got, &base), &deltas(&want, &base));
+                    eprintln!("{dtype:?} {rows} rows {path}: grouped vs CPU rel err delta {e:.2e}");
+                    assert!(e <= tolerance(dtype), "{dtype:?} {path}: {e:e}");
+                }
+            }
+        }
+    }
+
     /// Bad input is an error naming the problem, not a panic.
     #[test]
     fn mismatched_shapes_are_clear_errors() {

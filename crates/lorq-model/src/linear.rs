@@ -36,10 +36,13 @@ impl Linear {
         x: &Tensor,
         adapters: &BatchAdapters,
     ) -> Result<Vec<Tensor>> {
-        let pending = ls
-            .iter()
-            .map(|l| l.begin_delta(x, adapters))
-            .collect::<Result<Vec<_>>>()?;
+        // The adapters' shrinks of the group in one launch (beside the base matmuls in a graph).
+        let pending = if adapters.has_adapters() {
+            let paths: Vec<&str> = ls.iter().map(|l| l.path.as_str()).collect();
+            adapters.begin_group(&paths, x)?
+        } else {
+            ls.iter().map(|_| None).collect()
+        };
         let bases: Vec<&dyn QuantTensor> = ls.iter().map(|l| &*l.base).collect();
         let ys = lorq_quant::matmul_group(&bases, x)?;
         let ys = ls

@@ -5,9 +5,11 @@
 //!
 //! The A/B weights are read in place, in their stored dtype (f32/bf16/f16, widened to f32 in
 //! registers, as PEFT upcasts them to float32): no per-call copy. The kernels read a small table —
-//! per segment the A/B addresses, rank, dtype and scale, per tile of at most [`ROWS_PER_TILE`]
-//! rows its segment — uploaded once per distinct content and kept. The CPU reference is
-//! `lorq_lora::BatchAdapters::apply` on CPU tensors (`crates/lorq-lora/tests/cuda_sgmv.rs`).
+//! per tile of at most [`ROWS_PER_TILE`] rows its segment's A/B addresses, rank, dtype and scale —
+//! uploaded once per distinct content and kept. Modules sharing the batch's input (q/k/v,
+//! gate/up) shrink in one launch ([`shrink_group`]) and expand in one ([`expand_group`]). The CPU
+//! reference is `lorq_lora::BatchAdapters::apply` on CPU tensors
+//! (`crates/lorq-lora/tests/cuda_sgmv.rs`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -33,10 +35,13 @@ const SHRINK_WARPS: usize = 8;
 const SHRINK_J_PER_BLOCK: usize = 2;
 /// Expand: output features per block (kernels/sgmv.cu `EXPAND_THREADS`).
 const EXPAND_THREADS: usize = 256;
-/// Flags of a segment (kernels/sgmv.cu): weight dtype in the low byte, then the vector paths.
+/// Flags of a tile (kernels/sgmv.cu): weight dtype in the low byte, then the vector paths.
 const SHRINK_VEC: u32 = 0x100;
 const EXPAND_VEC: u32 = 0x200;
-const SEG_BYTES: usize = 32;
+/// Bytes of one tile of the table (kernels/sgmv.cu `Tile`).
+const TILE_BYTES: usize = 40;
+/// Modules one shrink or expand launch takes (kernels/sgmv.cu `ShrinkGroup`, `ExpandGroup`).
+pub const MAX_GROUP: usize = 3;
 
 /// One LoRA pair on the GPU: `A [rank, in]`, `B [out, rank]`, contiguous, f32/bf16/f16 (both the
 /// same dtype), on the activations' GPU.
@@ -89,14 +94,114 @@ fn device_address(t: &Tensor, stream: &Arc<CudaStream>, what: &str) -> Result<u6
     }
 }
 
-/// The launch table: segments (32 bytes each) then tiles (16 bytes each), and the tile count.
+/// The launch table: one 40-byte tile per run of at most [`ROWS_PER_TILE`] rows of a segment.
 struct Plan {
     bytes: Vec<u8>,
-    segments: usize,
+    /// Segments with a pair (none: no delta at all).
+    pairs: usize,
     tiles: usize,
     max_rank: usize,
-    /// The most rows a tile with a pair has: 1 picks the shrink kernel for one-row tiles.
+    /// The most rows a tile with a pair has: 1 picks the kernels for one-row tiles.
     tile_rows: usize,
+}
+
+/// A segment's pair as the kernels see it: A/B addresses, rank, flags, scale.
+#[derive(Clone, Copy)]
+struct PairRecord {
+    a: u64,
+    b: u64,
+    rank: usize,
+    flags: u32,
+    scale: f32,
+}
+
+fn pair_record(
+    i: usize,
+    p: &LoraPair<'_>,
+    x: &Tensor,
+    n: usize,
+    k: usize,
+    stream: &Arc<CudaStream>,
+) -> Result<PairRecord, QuantError> {
+    let bad = |m: String| QuantError::Invalid(format!("sgmv: segment {i}: {m}"));
+    let (r, ka) = p.a.dims2().map_err(|_| {
+        bad(format!(
+            "A has shape {:?}, expected [rank, {k}]",
+            p.a.dims()
+        ))
+    })?;
+    let (nb, rb) = p.b.dims2().map_err(|_| {
+        bad(format!(
+            "B has shape {:?}, expected [{n}, rank]",
+            p.b.dims()
+        ))
+    })?;
+    if ka != k || nb != n || rb != r {
+        return Err(bad(format!(
+            "A {:?} and B {:?} do not fit x [rows, {k}] -> out [rows, {n}] (A must be [rank, {k}], B [{n}, rank])",
+            p.a.dims(),
+            p.b.dims()
+        )));
+    }
+    if r == 0 || r > MAX_RANK {
+        return Err(bad(format!("rank {r} is outside 1..={MAX_RANK}")));
+    }
+    if p.a.dtype() != p.b.dtype() {
+        return Err(bad(format!(
+            "A is {:?} but B is {:?}",
+            p.a.dtype(),
+            p.b.dtype()
+        )));
+    }
+    let code = dtype_code(p.a.dtype()).ok_or_else(|| {
+        bad(format!(
+            "weights are {:?}; LoRA weights must be f32, bf16 or f16",
+            p.a.dtype()
+        ))
+    })?;
+    for (t, name) in [(p.a, "A"), (p.b, "B")] {
+        if !t.device().same_device(x.device()) {
+            return Err(bad(format!(
+                "{name} is on {:?}, the activations on {:?}",
+                t.device(),
+                x.device()
+            )));
+        }
+        if !t.is_contiguous() {
+            return Err(bad(format!("{name} is not contiguous")));
+        }
+    }
+    let a = device_address(p.a, stream, "A")?;
+    let b = device_address(p.b, stream, "B")?;
+    let mut flags = code;
+    if k.is_multiple_of(8) && a.is_multiple_of(16) {
+        flags |= SHRINK_VEC;
+    }
+    if r.is_multiple_of(8) && b.is_multiple_of(16) {
+        flags |= EXPAND_VEC;
+    }
+    Ok(PairRecord {
+        a,
+        b,
+        rank: r,
+        flags,
+        scale: p.scale,
+    })
+}
+
+/// Appends one tile (kernels/sgmv.cu `Tile`); `None`: rows without adapter (null pointers).
+fn push_tile(bytes: &mut Vec<u8>, pair: Option<&PairRecord>, row0: usize, nrows: usize) {
+    let (a, b, rank, flags, scale) = pair.map_or((0, 0, 0, 0, 0.0), |p| {
+        (p.a, p.b, p.rank as i32, p.flags, p.scale)
+    });
+    bytes.extend_from_slice(&a.to_le_bytes());
+    bytes.extend_from_slice(&b.to_le_bytes());
+    bytes.extend_from_slice(&(row0 as i32).to_le_bytes());
+    bytes.extend_from_slice(&(nrows as i32).to_le_bytes());
+    bytes.extend_from_slice(&rank.to_le_bytes());
+    bytes.extend_from_slice(&flags.to_le_bytes());
+    bytes.extend_from_slice(&scale.to_le_bytes());
+    bytes.extend_from_slice(&0i32.to_le_bytes());
 }
 
 fn plan(
@@ -106,105 +211,37 @@ fn plan(
     k: usize,
     stream: &Arc<CudaStream>,
 ) -> Result<Plan, QuantError> {
-    let mut bytes = Vec::with_capacity(segments.len() * (SEG_BYTES + 16));
-    let mut seg_index = Vec::with_capacity(segments.len());
-    let mut max_rank = 0usize;
-    let mut n_segs = 0usize;
+    let mut records = Vec::with_capacity(segments.len());
     for (i, s) in segments.iter().enumerate() {
-        let Some(p) = s.lora else {
-            seg_index.push(-1i32);
-            continue;
-        };
-        let bad = |m: String| QuantError::Invalid(format!("sgmv: segment {i}: {m}"));
-        let (r, ka) = p.a.dims2().map_err(|_| {
-            bad(format!(
-                "A has shape {:?}, expected [rank, {k}]",
-                p.a.dims()
-            ))
-        })?;
-        let (nb, rb) = p.b.dims2().map_err(|_| {
-            bad(format!(
-                "B has shape {:?}, expected [{n}, rank]",
-                p.b.dims()
-            ))
-        })?;
-        if ka != k || nb != n || rb != r {
-            return Err(bad(format!(
-                "A {:?} and B {:?} do not fit x [rows, {k}] -> out [rows, {n}] (A must be [rank, {k}], B [{n}, rank])",
-                p.a.dims(),
-                p.b.dims()
-            )));
-        }
-        if r == 0 || r > MAX_RANK {
-            return Err(bad(format!("rank {r} is outside 1..={MAX_RANK}")));
-        }
-        if p.a.dtype() != p.b.dtype() {
-            return Err(bad(format!(
-                "A is {:?} but B is {:?}",
-                p.a.dtype(),
-                p.b.dtype()
-            )));
-        }
-        let code = dtype_code(p.a.dtype()).ok_or_else(|| {
-            bad(format!(
-                "weights are {:?}; LoRA weights must be f32, bf16 or f16",
-                p.a.dtype()
-            ))
-        })?;
-        for (t, name) in [(p.a, "A"), (p.b, "B")] {
-            if !t.device().same_device(x.device()) {
-                return Err(bad(format!(
-                    "{name} is on {:?}, the activations on {:?}",
-                    t.device(),
-                    x.device()
-                )));
-            }
-            if !t.is_contiguous() {
-                return Err(bad(format!("{name} is not contiguous")));
-            }
-        }
-        let a = device_address(p.a, stream, "A")?;
-        let b = device_address(p.b, stream, "B")?;
-        let mut flags = code;
-        if k.is_multiple_of(8) && a.is_multiple_of(16) {
-            flags |= SHRINK_VEC;
-        }
-        if r.is_multiple_of(8) && b.is_multiple_of(16) {
-            flags |= EXPAND_VEC;
-        }
-        bytes.extend_from_slice(&a.to_le_bytes());
-        bytes.extend_from_slice(&b.to_le_bytes());
-        bytes.extend_from_slice(&(r as i32).to_le_bytes());
-        bytes.extend_from_slice(&flags.to_le_bytes());
-        bytes.extend_from_slice(&p.scale.to_le_bytes());
-        bytes.extend_from_slice(&0i32.to_le_bytes());
-        seg_index.push(n_segs as i32);
-        n_segs += 1;
-        max_rank = max_rank.max(r);
+        records.push(match &s.lora {
+            Some(p) => Some(pair_record(i, p, x, n, k, stream)?),
+            None => None,
+        });
     }
-    let mut tiles = 0usize;
+    let tiles: usize = segments
+        .iter()
+        .map(|s| s.rows.div_ceil(ROWS_PER_TILE))
+        .sum();
+    let mut bytes = Vec::with_capacity(tiles * TILE_BYTES);
     let mut row = 0usize;
     let mut tile_rows = 0usize;
-    for (s, &si) in segments.iter().zip(&seg_index) {
+    for (s, rec) in segments.iter().zip(&records) {
         let mut done = 0;
         while done < s.rows {
             let nr = (s.rows - done).min(ROWS_PER_TILE);
-            if si >= 0 {
+            if rec.is_some() {
                 tile_rows = tile_rows.max(nr);
             }
-            for v in [si, (row + done) as i32, nr as i32, 0] {
-                bytes.extend_from_slice(&v.to_le_bytes());
-            }
-            tiles += 1;
+            push_tile(&mut bytes, rec.as_ref(), row + done, nr);
             done += nr;
         }
         row += s.rows;
     }
     Ok(Plan {
         bytes,
-        segments: n_segs,
+        pairs: records.iter().flatten().count(),
         tiles,
-        max_rank,
+        max_rank: records.iter().flatten().map(|r| r.rank).max().unwrap_or(0),
         tile_rows,
     })
 }
@@ -255,6 +292,23 @@ pub fn shrink(
     n: usize,
     segments: &[LoraSegment<'_>],
 ) -> Result<Option<Shrunk>, QuantError> {
+    let mut out = shrink_group(x, &[(n, segments)])?;
+    Ok(out.pop().flatten())
+}
+
+/// [`shrink`] of up to [`MAX_GROUP`] modules that read the same `x` (q/k/v, gate/up), in one
+/// launch: `modules[i]` is a module's output features and its segments (the same rows for
+/// every module). One result per module, `None` where no segment of that module has a pair.
+pub fn shrink_group(
+    x: &Tensor,
+    modules: &[(usize, &[LoraSegment<'_>])],
+) -> Result<Vec<Option<Shrunk>>, QuantError> {
+    if modules.is_empty() || modules.len() > MAX_GROUP {
+        return Err(QuantError::Invalid(format!(
+            "sgmv: {} modules in one shrink (1 to {MAX_GROUP})",
+            modules.len()
+        )));
+    }
     let dev = cuda_device(x, "sgmv")?;
     let dtype = x.dtype();
     if dtype_code(dtype).is_none() {
@@ -262,53 +316,98 @@ pub fn shrink(
             "sgmv: activations are {dtype:?}; they must be f32, bf16 or f16"
         )));
     }
-    let dname = super::dtype_name(dtype);
     let (rows, k) = x.dims2().map_err(|_| {
         QuantError::Invalid(format!(
             "sgmv: x has shape {:?}, expected [rows, in]",
             x.dims()
         ))
     })?;
-    let seg_rows: usize = segments.iter().map(|s| s.rows).sum();
-    if seg_rows != rows {
-        return Err(QuantError::Invalid(format!(
-            "sgmv: x has {rows} rows, the segments {seg_rows}"
-        )));
-    }
     let stream = dev.cuda_stream();
-    let p = plan(segments, x, n, k, &stream)?;
-    if p.segments == 0 || rows == 0 {
-        return Ok(None);
+    let mut plans = Vec::with_capacity(modules.len());
+    for (n, segments) in modules {
+        let seg_rows: usize = segments.iter().map(|s| s.rows).sum();
+        if seg_rows != rows {
+            return Err(QuantError::Invalid(format!(
+                "sgmv: x has {rows} rows, the segments {seg_rows}"
+            )));
+        }
+        let p = plan(segments, x, *n, k, &stream)?;
+        plans.push((p.pairs > 0 && rows > 0).then_some(p));
+    }
+    let live: Vec<&Plan> = plans.iter().flatten().collect();
+    if live.is_empty() {
+        return Ok(plans.iter().map(|_| None).collect());
+    }
+    if live.iter().any(|p| p.tiles != live[0].tiles) {
+        return Err(QuantError::Invalid(
+            "sgmv: the modules of one shrink must cut the batch into the same tiles".into(),
+        ));
     }
     let x = x.contiguous()?;
-    let table = uploaded_table(dev, &p.bytes)?;
-    // SAFETY: the shrink kernel writes h[row, j] for every adapter row and j below its rank,
-    // the only elements the expand kernel reads.
-    let h = unsafe { dev.alloc::<f32>(rows * p.max_rank)? };
-    // After the allocation of h (ordered on the main stream) and with x kept until the expand.
+    let mut staged = Vec::with_capacity(live.len());
+    for p in &live {
+        let table = uploaded_table(dev, &p.bytes)?;
+        // SAFETY: the shrink kernel writes h[row, j] for every adapter row and j below its
+        // rank, the only elements the expand kernel reads.
+        let h = unsafe { dev.alloc::<f32>(rows * p.max_rank)? };
+        staged.push((table, h));
+    }
+    // After the allocations of h (ordered on the main stream) and with x kept until the expands;
+    // the first expand of the group joins it (later ones find it joined).
     let fork = if super::side_stream::wanted() {
-        Some(super::side_stream::Fork::new(dev)?)
+        Some(Arc::new(Mutex::new(Some(super::side_stream::Fork::new(
+            dev,
+        )?))))
     } else {
         None
     };
-    let on = fork.as_ref().map_or(&stream, |f| f.stream());
-    match dtype {
-        DType::BF16 => launch_shrink::<half::bf16>(dev, on, &x, &table, &p, &h, rows, k, dname)?,
-        DType::F16 => launch_shrink::<half::f16>(dev, on, &x, &table, &p, &h, rows, k, dname)?,
-        _ => launch_shrink::<f32>(dev, on, &x, &table, &p, &h, rows, k, dname)?,
-    }
-    Ok(Some(Shrunk {
-        x,
-        h,
-        table,
-        segments: p.segments,
-        tiles: p.tiles,
-        max_rank: p.max_rank,
+    let on = match &fork {
+        Some(f) => f
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|f| f.stream().clone())
+            .expect("a fresh fork"),
+        None => stream.clone(),
+    };
+    let launch = ShrinkLaunch {
+        x: &x,
         rows,
-        n,
-        fork,
-    }))
+        k,
+        plans: &live,
+        staged: &staged,
+    };
+    match dtype {
+        DType::BF16 => launch.run::<half::bf16>(dev, &on)?,
+        DType::F16 => launch.run::<half::f16>(dev, &on)?,
+        _ => launch.run::<f32>(dev, &on)?,
+    }
+    let mut staged = staged.into_iter();
+    Ok(plans
+        .iter()
+        .zip(modules)
+        .map(|(p, (n, _))| {
+            p.as_ref().map(|p| {
+                let (table, h) = staged.next().expect("one staging per live plan");
+                Shrunk {
+                    x: x.clone(),
+                    h,
+                    table,
+                    tiles: p.tiles,
+                    tile_rows: p.tile_rows,
+                    max_rank: p.max_rank,
+                    rows,
+                    n: *n,
+                    fork: fork.clone(),
+                }
+            })
+        })
+        .collect())
 }
+
+/// A fork shared by the modules of one group shrink: joined by the first expand among them (or
+/// when the last of them is dropped).
+type SharedFork = Arc<Mutex<Option<super::side_stream::Fork>>>;
 
 /// A queued shrink ([`shrink`]): its `h`, launch table and the activations it reads (kept alive
 /// until the side stream is joined).
@@ -316,12 +415,12 @@ pub struct Shrunk {
     x: Tensor,
     h: CudaSlice<f32>,
     table: Arc<CudaSlice<u8>>,
-    segments: usize,
     tiles: usize,
+    tile_rows: usize,
     max_rank: usize,
     rows: usize,
     n: usize,
-    fork: Option<super::side_stream::Fork>,
+    fork: Option<SharedFork>,
 }
 
 impl Shrunk {
@@ -331,43 +430,137 @@ impl Shrunk {
         let mut out = expand_group(vec![self], &[base_out])?;
         Ok(out.pop().expect("one output per module"))
     }
+
+    /// Makes the main stream wait for the side stream's shrink (once per group).
+    fn join(&mut self) -> Result<(), QuantError> {
+        if let Some(f) = self.fork.take() {
+            let fork = f.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(fork) = fork {
+                fork.join()?;
+            }
+        }
+        Ok(())
+    }
 }
 
-/// Kernel argument `ExpandGroup` (kernels/sgmv.cu): per module its table's segments and tiles,
-/// h, base and output, N, h's row stride and first block row.
+/// Kernel argument `ShrinkGroup` (kernels/sgmv.cu): per module its table of tiles, h, h's row
+/// stride and first block row.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct ShrinkGroup {
+    tiles: [u64; MAX_GROUP],
+    h: [u64; MAX_GROUP],
+    r: [i32; MAX_GROUP],
+    yb: [i32; MAX_GROUP],
+    count: i32,
+}
+
+// SAFETY: plain old data laid out as the kernel's `ShrinkGroup` (repr(C), 8-byte pointers, ints).
+unsafe impl DeviceRepr for ShrinkGroup {}
+
+/// One group shrink's launch: the modules' plans with their tables and h.
+struct ShrinkLaunch<'a> {
+    x: &'a Tensor,
+    rows: usize,
+    k: usize,
+    plans: &'a [&'a Plan],
+    staged: &'a [(Arc<CudaSlice<u8>>, CudaSlice<f32>)],
+}
+
+impl ShrinkLaunch<'_> {
+    fn run<T: CudaDType + DeviceRepr>(
+        &self,
+        dev: &CudaDevice,
+        stream: &Arc<CudaStream>,
+    ) -> Result<(), QuantError> {
+        let (xs, xl) = self.x.storage_and_layout();
+        let Storage::Cuda(xs) = &*xs else {
+            return Err(QuantError::Invalid("sgmv: tensors are not on a GPU".into()));
+        };
+        let xv = xs
+            .as_cuda_slice::<T>()?
+            .slice(xl.start_offset()..xl.start_offset() + self.rows * self.k);
+        let x_vec = i32::from(
+            self.k.is_multiple_of(8)
+                && (xl.start_offset() * std::mem::size_of::<T>()).is_multiple_of(16),
+        );
+        let mut g = ShrinkGroup {
+            count: self.plans.len() as i32,
+            ..Default::default()
+        };
+        let mut blocks = 0usize;
+        for (i, (p, (table, h))) in self.plans.iter().zip(self.staged).enumerate() {
+            // As in the expand: the addresses go into one struct argument; every buffer lives on
+            // the main stream and is kept until the join.
+            g.tiles[i] = table.device_ptr(stream).0;
+            g.h[i] = h.device_ptr(stream).0;
+            g.r[i] = p.max_rank as i32;
+            g.yb[i] = blocks as i32;
+            blocks += p.max_rank.div_ceil(SHRINK_J_PER_BLOCK);
+        }
+        // Decode batches whose adapter rows each form their own tile take the one-row kernel
+        // (the same sums, more blocks per SM).
+        let kernel = if self.plans.iter().all(|p| p.tile_rows == 1) {
+            "sgmv_shrink1"
+        } else {
+            "sgmv_shrink"
+        };
+        let ki = self.k as i32;
+        let shrink = function(
+            dev,
+            "sgmv",
+            FATBIN,
+            &format!("{kernel}_{}", super::dtype_name(self.x.dtype())),
+        )?;
+        let mut b = stream.launch_builder(&shrink);
+        b.arg(&g).arg(&xv).arg(&ki).arg(&x_vec);
+        let cfg = LaunchConfig {
+            grid_dim: (self.plans[0].tiles as u32, blocks as u32, 1),
+            block_dim: ((SHRINK_WARPS * 32) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: `g` matches `ShrinkGroup` of kernels/sgmv.cu and the arguments
+        // `sgmv_shrink_*` / `sgmv_shrink1_*`; every module's tiles cover rows < `rows` of x
+        // ([rows, k]) and of its h ([rows, max_rank]), their pointers are live A tensors; the
+        // block rows cover each module's ceil(max_rank / J_PER_BLOCK); the one-row kernel runs
+        // only where every tile with a pair has one row.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(())
+    }
+}
+
+/// Kernel argument `ExpandGroup` (kernels/sgmv.cu): per module its table of tiles, h, base and
+/// output, N, h's row stride and first block row.
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
 struct ExpandGroup {
-    segs: [u64; 3],
-    tiles: [u64; 3],
-    h: [u64; 3],
-    base: [u64; 3],
-    out: [u64; 3],
-    n: [i32; 3],
-    r: [i32; 3],
-    yb: [i32; 3],
+    tiles: [u64; MAX_GROUP],
+    h: [u64; MAX_GROUP],
+    base: [u64; MAX_GROUP],
+    out: [u64; MAX_GROUP],
+    n: [i32; MAX_GROUP],
+    r: [i32; MAX_GROUP],
+    yb: [i32; MAX_GROUP],
     count: i32,
 }
 
 // SAFETY: plain old data laid out as the kernel's `ExpandGroup` (repr(C), 8-byte pointers, ints).
 unsafe impl DeviceRepr for ExpandGroup {}
 
-/// [`Shrunk::expand`] of up to three modules of one batch (q/k/v, gate/up) in one launch:
-/// `bases[i] + delta_i` for each. The modules share the batch's rows (and so its tiles), the
-/// activations' dtype and GPU.
+/// [`Shrunk::expand`] of up to [`MAX_GROUP`] modules of one batch (q/k/v, gate/up) in one
+/// launch: `bases[i] + delta_i` for each. The modules share the batch's rows (and so its tiles),
+/// the activations' dtype and GPU.
 pub fn expand_group(shrunk: Vec<Shrunk>, bases: &[&Tensor]) -> Result<Vec<Tensor>, QuantError> {
-    if shrunk.is_empty() || shrunk.len() > 3 || shrunk.len() != bases.len() {
+    if shrunk.is_empty() || shrunk.len() > MAX_GROUP || shrunk.len() != bases.len() {
         return Err(QuantError::Invalid(format!(
-            "sgmv: {} modules and {} base outputs in one expand (1 to 3 of each)",
+            "sgmv: {} modules and {} base outputs in one expand (1 to {MAX_GROUP} of each)",
             shrunk.len(),
             bases.len()
         )));
     }
     let mut shrunk = shrunk;
     for s in &mut shrunk {
-        if let Some(f) = s.fork.take() {
-            f.join()?;
-        }
+        s.join()?;
     }
     let first = &shrunk[0];
     let dev = cuda_device(&first.x, "sgmv")?;
@@ -422,13 +615,10 @@ fn launch_expand<T: CudaDType + DeviceRepr>(
     for (i, (s, base)) in shrunk.iter().zip(bases).enumerate() {
         // SAFETY: every element is written by the expand kernel (rows without adapter get the base).
         let out = unsafe { dev.alloc::<T>(s.rows * s.n)? };
-        let segs = s.table.slice(0..s.segments * SEG_BYTES);
-        let tiles = s.table.slice(s.segments * SEG_BYTES..);
         // The addresses go into one struct argument: the pointer guards (cudarc's event
         // bookkeeping, off on lorq's one stream per GPU) are let go at once, and every buffer
         // here lives on the stream the kernel runs on.
-        g.segs[i] = segs.device_ptr(&stream).0;
-        g.tiles[i] = tiles.device_ptr(&stream).0;
+        g.tiles[i] = s.table.device_ptr(&stream).0;
         g.h[i] = s.h.device_ptr(&stream).0;
         g.base[i] = device_address(base, &stream, "the base output")?;
         g.out[i] = out.device_ptr(&stream).0;
@@ -438,11 +628,17 @@ fn launch_expand<T: CudaDType + DeviceRepr>(
         blocks += s.n.div_ceil(EXPAND_THREADS);
         outs.push(out);
     }
+    // One-row tiles (decode) take the kernel with one row's registers (more blocks per SM).
+    let kernel = if shrunk.iter().all(|s| s.tile_rows == 1) {
+        "sgmv_expand1"
+    } else {
+        "sgmv_expand"
+    };
     let expand = function(
         dev,
         "sgmv",
         FATBIN,
-        &format!("sgmv_expand_{}", super::dtype_name(shrunk[0].x.dtype())),
+        &format!("{kernel}_{}", super::dtype_name(shrunk[0].x.dtype())),
     )?;
     let mut b = stream.launch_builder(&expand);
     b.arg(&g);
@@ -454,7 +650,8 @@ fn launch_expand<T: CudaDType + DeviceRepr>(
     // SAFETY: `g` matches `ExpandGroup` of kernels/sgmv.cu; module i's base and output hold
     // rows × n_i elements, its h rows × max_rank_i, written by the shrink this waited for; its
     // blocks rows cover ceil(n_i / EXPAND_THREADS); the shared memory holds 8 × the largest rank
-    // floats (<= MAX_RANK: within 48 KiB).
+    // floats (<= MAX_RANK: within 48 KiB); the one-row kernel runs only where every tile with a
+    // pair has one row.
     unsafe { b.launch(cfg) }.w()?;
     drop(b);
     Ok(outs
@@ -494,61 +691,4 @@ fn uploaded_table(dev: &CudaDevice, bytes: &[u8]) -> Result<Arc<CudaSlice<u8>>, 
     let t = Arc::new(dev.clone_htod(bytes)?);
     tables.insert(key, t.clone());
     Ok(t)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn launch_shrink<T: CudaDType + DeviceRepr>(
-    dev: &CudaDevice,
-    stream: &Arc<CudaStream>,
-    x: &Tensor,
-    table: &CudaSlice<u8>,
-    p: &Plan,
-    h: &CudaSlice<f32>,
-    rows: usize,
-    k: usize,
-    dname: &str,
-) -> Result<(), QuantError> {
-    let (xs, xl) = x.storage_and_layout();
-    let Storage::Cuda(xs) = &*xs else {
-        return Err(QuantError::Invalid("sgmv: tensors are not on a GPU".into()));
-    };
-    let xv = xs
-        .as_cuda_slice::<T>()?
-        .slice(xl.start_offset()..xl.start_offset() + rows * k);
-    let x_vec = i32::from(
-        k.is_multiple_of(8) && (xl.start_offset() * std::mem::size_of::<T>()).is_multiple_of(16),
-    );
-    let segs = table.slice(0..p.segments * SEG_BYTES);
-    let tiles = table.slice(p.segments * SEG_BYTES..);
-    let (ki, ri) = (k as i32, p.max_rank as i32);
-    // Decode batches whose adapter rows each form their own tile take the one-row kernel (the
-    // same sums, more blocks per SM).
-    let kernel = if p.tile_rows == 1 {
-        "sgmv_shrink1"
-    } else {
-        "sgmv_shrink"
-    };
-    let shrink = function(dev, "sgmv", FATBIN, &format!("{kernel}_{dname}"))?;
-    let mut b = stream.launch_builder(&shrink);
-    b.arg(&segs)
-        .arg(&tiles)
-        .arg(&xv)
-        .arg(h)
-        .arg(&ki)
-        .arg(&ri)
-        .arg(&x_vec);
-    let cfg = LaunchConfig {
-        grid_dim: (
-            p.tiles as u32,
-            p.max_rank.div_ceil(SHRINK_J_PER_BLOCK) as u32,
-            1,
-        ),
-        block_dim: ((SHRINK_WARPS * 32) as u32, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    // SAFETY: the arguments match `sgmv_shrink_*` / `sgmv_shrink1_*` in kernels/sgmv.cu; the
-    // table's tiles cover rows < `rows` of x ([rows, k]) and h ([rows, max_rank]), its pointers
-    // are live A tensors; the one-row kernel runs only where every tile with a pair has one row.
-    unsafe { b.launch(cfg) }.w()?;
-    Ok(())
 }
