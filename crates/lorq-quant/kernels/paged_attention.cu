@@ -26,6 +26,9 @@
 constexpr int NW = 4;          // warps per attention block
 constexpr int GMAX = 8;        // query heads per block
 constexpr int PMAX = 256;      // keys per partition (shared-memory scores)
+// Blocks per SM the 4-head kernels are compiled for (_g4 below): 80 registers for 16-bit caches
+// (no spills; 6 x 128 threads), f32 caches hold twice the bytes per load (3 blocks, no spills).
+#define G4_BLOCKS(T) (sizeof(T) == 2 ? 6 : 3)
 
 // The rotate-half RoPE of the pair (a, b) = (x[i], x[i + hd/2]) at angle (cos, sin), with explicit
 // FMAs so that rope_append and the attention's own RoPE (decode) round identically.
@@ -223,7 +226,7 @@ struct RopeNew {
 // grid.x block)), the last partition block of a (row, KV head chunk) to finish merges all the
 // partitions itself (a ticket taken after a fence) and resets its ticket for the next launch;
 // without tickets paged_attn_combine_* does it in a second launch.
-template <typename T, int HD, bool ROPE>
+template <typename T, int HD, bool ROPE, int GM>
 __device__ __forceinline__ void paged_attn(const T* __restrict__ q, T* kc, T* vc,
                                            T* __restrict__ out, float* __restrict__ part_ml,
                                            float* __restrict__ part_acc,
@@ -233,16 +236,16 @@ __device__ __forceinline__ void paged_attn(const T* __restrict__ q, T* kc, T* vc
     constexpr int TPW = 32 / LPT;  // keys per warp step
     constexpr int KS = 4;          // warp steps per round
     constexpr int ROUND = NW * TPW * KS;
-    __shared__ float s_p[GMAX][PMAX];
-    __shared__ float s_acc[NW][GMAX][HD];
-    __shared__ float s_max[GMAX], s_sum[GMAX];
+    __shared__ float s_p[GM][PMAX];
+    __shared__ float s_acc[NW][GM][HD];
+    __shared__ float s_max[GM], s_sum[GM];
     __shared__ int s_last;
 
     const int group = a.heads / a.kv_heads;
-    const int chunks = (group + GMAX - 1) / GMAX;
+    const int chunks = (group + GM - 1) / GM;
     const int kvh = blockIdx.x / chunks;
-    const int g0 = (blockIdx.x % chunks) * GMAX;
-    const int G = min(GMAX, group - g0);
+    const int g0 = (blockIdx.x % chunks) * GM;
+    const int G = min(GM, group - g0);
     const int r = blockIdx.y, part = blockIdx.z;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int sub = lane / LPT, dl = lane % LPT;
@@ -297,9 +300,9 @@ __device__ __forceinline__ void paged_attn(const T* __restrict__ q, T* kc, T* vc
             s_q[g][e] = v * a.scale_log2;
         }
         __syncthreads();
-        float qf[GMAX][8];
+        float qf[GM][8];
 #pragma unroll
-        for (int g = 0; g < GMAX; g++) {
+        for (int g = 0; g < GM; g++) {
 #pragma unroll
             for (int i = 0; i < 8; i++) qf[g][i] = g < G ? s_q[g][dl * 8 + i] : 0.f;
         }
@@ -339,7 +342,7 @@ __device__ __forceinline__ void paged_attn(const T* __restrict__ q, T* kc, T* vc
                 float kf[8];
                 unpack8<T>(kr[s], kf);
 #pragma unroll
-                for (int g = 0; g < GMAX; g++) {
+                for (int g = 0; g < GM; g++) {
                     if (g < G) {
                         float d = 0.f;
 #pragma unroll
@@ -371,9 +374,9 @@ __device__ __forceinline__ void paged_attn(const T* __restrict__ q, T* kc, T* vc
         }
         __syncthreads();
         // Pass 2: probabilities · V, f32.
-        float acc[GMAX][8];
+        float acc[GM][8];
 #pragma unroll
-        for (int g = 0; g < GMAX; g++)
+        for (int g = 0; g < GM; g++)
 #pragma unroll
             for (int i = 0; i < 8; i++) acc[g][i] = 0.f;
         for (int r0 = 0; r0 < n; r0 += ROUND) {
@@ -391,7 +394,7 @@ __device__ __forceinline__ void paged_attn(const T* __restrict__ q, T* kc, T* vc
                     float vf[8];
                     unpack8<T>(vr[s], vf);
 #pragma unroll
-                    for (int g = 0; g < GMAX; g++) {
+                    for (int g = 0; g < GM; g++) {
                         if (g < G) {
                             const float p = s_p[g][t];
 #pragma unroll
@@ -403,7 +406,7 @@ __device__ __forceinline__ void paged_attn(const T* __restrict__ q, T* kc, T* vc
         }
         // Sum the warp's key slots (lanes with the same dl), then the warps.
 #pragma unroll
-        for (int g = 0; g < GMAX; g++) {
+        for (int g = 0; g < GM; g++) {
             if (g < G) {
 #pragma unroll
                 for (int i = 0; i < 8; i++) {
@@ -463,19 +466,24 @@ __device__ __forceinline__ void paged_attn_combine(const float* __restrict__ par
     merge_block<T>(part_ml, part_acc, out, blockIdx.y, heads, blockIdx.x, 1, num_parts, num_parts, hd, s_w, s_l);
 }
 
-#define PAGED_ATTN_KERNEL(NAME, T, HD, ROPE)                                                      \
-    extern "C" __global__ void __launch_bounds__(NW * 32)                                        \
+#define PAGED_ATTN_KERNEL(NAME, T, HD, ROPE, GM)                                                  \
+    extern "C" __global__ void __launch_bounds__(NW * 32, GM == 4 ? G4_BLOCKS(T) : 1)            \
         NAME(const T* q, T* kc, T* vc, T* out, float* part_ml, float* part_acc,                   \
              unsigned* tickets, const int* row_pos, const int* row_seq, const int* block_tables,  \
              int max_blocks, int heads, int kv_heads, int bs, int window, int part_len,           \
              int num_parts, float scale_log2, const RopeNew<T> rn) {                               \
         const AttnArgs a{row_pos, row_seq,  block_tables, max_blocks, heads,     kv_heads,        \
                          bs,      window,   part_len,     num_parts,  scale_log2};                \
-        paged_attn<T, HD, ROPE>(q, kc, vc, out, part_ml, part_acc, tickets, a, rn);               \
+        paged_attn<T, HD, ROPE, GM>(q, kc, vc, out, part_ml, part_acc, tickets, a, rn);           \
     }
+// _g4: GQA groups of up to 4 query heads per KV head (Llama 3, Mistral): compiled for G4_BLOCKS
+// blocks per SM (80 registers against the 8-head block's 134 and its 3 blocks per SM for bf16), so
+// twice the blocks hide the chain of key loads of a decode step's attention.
 #define PAGED_ATTN(T, TN, HD)                                                                     \
-    PAGED_ATTN_KERNEL(paged_attn_##TN##_hd##HD, T, HD, false)                                     \
-    PAGED_ATTN_KERNEL(paged_attn_rope_##TN##_hd##HD, T, HD, true)
+    PAGED_ATTN_KERNEL(paged_attn_##TN##_hd##HD, T, HD, false, GMAX)                               \
+    PAGED_ATTN_KERNEL(paged_attn_rope_##TN##_hd##HD, T, HD, true, GMAX)                           \
+    PAGED_ATTN_KERNEL(paged_attn_##TN##_hd##HD##_g4, T, HD, false, 4)                             \
+    PAGED_ATTN_KERNEL(paged_attn_rope_##TN##_hd##HD##_g4, T, HD, true, 4)
 #define PAGED_ATTN_ALL(T, TN)                                                                     \
     PAGED_ATTN(T, TN, 64)                                                                         \
     PAGED_ATTN(T, TN, 128)                                                                        \

@@ -75,6 +75,11 @@ pub struct BenchDecodeArgs {
     /// those rows then take the tiled kernel or dequantize + cuBLAS. `wgmma` in the rows.
     #[arg(long)]
     pub compare_wgmma: bool,
+    /// Also time each case with the 8-head attention blocks for GQA groups of up to 4 query
+    /// heads instead of the 4-head ones (fewer registers, more blocks per SM).
+    /// `attention_4_head_blocks` in the rows.
+    #[arg(long)]
+    pub compare_attention_blocks: bool,
     /// Also time each quantized format with its LM head quantized by the same method (after the
     /// cases with it in --dtype, as bitsandbytes, PEFT and LoRAX keep it; torchao's int4 and
     /// gpt-fast quantize it). `lm_head_quantized` in the rows.
@@ -108,6 +113,15 @@ pub struct BenchDecodeArgs {
 fn set_wgmma(on: bool) {
     #[cfg(feature = "cuda")]
     lorq_quant::cuda::qwgmma::set_enabled(on);
+    #[cfg(not(feature = "cuda"))]
+    let _ = on;
+}
+
+/// Whether GQA groups of up to 4 heads take the 4-head attention blocks (lorq_quant's
+/// `paged_attention`).
+fn set_attention_4_head_blocks(on: bool) {
+    #[cfg(feature = "cuda")]
+    lorq_quant::cuda::paged_attention::set_4_head_blocks(on);
     #[cfg(not(feature = "cuda"))]
     let _ = on;
 }
@@ -372,6 +386,11 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
                     } else {
                         &[true]
                     };
+                    let attn_modes: &[bool] = if a.compare_attention_blocks && dev.is_cuda() {
+                        &[true, false]
+                    } else {
+                        &[true]
+                    };
                     let tail_modes: &[bool] = if a.compare_norm_tails && dev.is_cuda() {
                         &[true, false]
                     } else {
@@ -382,14 +401,19 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
                             tail_modes.iter().flat_map(move |&nt| {
                                 overlap_modes.iter().flat_map(move |&ov| {
                                     wgmma_modes.iter().flat_map(move |&wg| {
-                                        graph_modes.iter().map(move |&g| (f, gr, nt, ov, wg, g))
+                                        attn_modes.iter().flat_map(move |&at| {
+                                            graph_modes
+                                                .iter()
+                                                .map(move |&g| (f, gr, nt, ov, (wg, at), g))
+                                        })
                                     })
                                 })
                             })
                         })
                     });
-                    for (fused, grouped, tails, overlap, wgmma, graphs) in modes {
+                    for (fused, grouped, tails, overlap, (wgmma, attn4), graphs) in modes {
                         set_wgmma(wgmma);
+                        set_attention_4_head_blocks(attn4);
                         model.set_fused_ops(fused);
                         model.set_grouped_matmuls(grouped);
                         model.set_norm_tails(tails);
@@ -441,6 +465,7 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
                             "norm_tails": tails && fused,
                             "lora_overlap": n_adapters > 0 && overlap && model.cuda_graphs(),
                             "wgmma": wgmma,
+                            "attention_4_head_blocks": attn4,
                             "cuda_graphs": model.cuda_graphs(),
                             "captured_graphs": model.captured_cuda_graphs(),
                             "paged_kv": model.kv_pool().is_some(),

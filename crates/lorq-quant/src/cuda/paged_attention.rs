@@ -12,6 +12,7 @@ use candle_core::{CudaStorage, DType, Storage, Tensor};
 
 use super::{cuda_device, function, tensor_from_storage};
 use crate::QuantError;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/paged_attention.fatbin"));
 
@@ -25,6 +26,28 @@ const GMAX: usize = 8;
 const NW: usize = 4;
 /// (head, partition) weights one merge holds in shared memory (`MERGE_MAX`).
 const MERGE_MAX: usize = GMAX * PMAX;
+/// Query heads per block of the `_g4` kernels, taken by GQA groups of up to 4 heads (Llama 3,
+/// Mistral): fewer registers, twice the blocks per SM (kernels/paged_attention.cu `G4_BLOCKS`).
+const G4: usize = 4;
+
+static FOUR_HEAD_BLOCKS: AtomicBool = AtomicBool::new(true);
+
+/// Turns the 4-head blocks on or off for the whole process (on by default), e.g. to measure what
+/// they bring (`lorq bench decode --compare-attention-blocks`); off, every group takes the
+/// [`GMAX`]-head blocks.
+pub fn set_4_head_blocks(on: bool) {
+    FOUR_HEAD_BLOCKS.store(on, Ordering::Relaxed);
+}
+
+/// Query heads one attention block holds for GQA groups of `group` heads: the `_g4` kernels
+/// for groups of up to [`G4`], else [`GMAX`] (groups past it take several blocks).
+fn block_heads(group: usize) -> usize {
+    if group <= G4 && FOUR_HEAD_BLOCKS.load(Ordering::Relaxed) {
+        G4
+    } else {
+        GMAX
+    }
+}
 
 /// Where every new token (row) of a batch sits: `row_pos[r]` its position in its sequence,
 /// `row_seq[r]` its sequence (row of `block_tables`), `row_slot[r]` the page slot (block · block
@@ -406,8 +429,10 @@ fn attention_launch(
              {MERGE_MAX} partitions one merge takes"
         )));
     }
-    // The merge in the same launch holds the weights of a block's heads (up to GMAX of them).
-    let one_launch_merge = num_parts > 1 && (heads / kv_heads).min(GMAX) * num_parts <= MERGE_MAX;
+    // The merge in the same launch holds the weights of a block's heads in its score buffer
+    // (block_heads × PMAX floats).
+    let gm = block_heads(heads / kv_heads);
+    let one_launch_merge = num_parts > 1 && (heads / kv_heads).min(gm) * num_parts <= gm * PMAX;
     let tickets = match batch.tickets {
         Some(t) if one_launch_merge => {
             check(t, DType::U32, "tickets")?;
@@ -519,11 +544,16 @@ fn attention_launch(
         } else {
             "paged_attn"
         };
+        let variant = if block_heads(heads / kv_heads) == G4 {
+            "_g4"
+        } else {
+            ""
+        };
         let f = function(
             dev,
             "paged_attention",
             FATBIN,
-            &format!("{kernel}_{tn}_hd{hd}"),
+            &format!("{kernel}_{tn}_hd{hd}{variant}"),
         )?;
         let mut b = stream.launch_builder(&f);
         let ints = [
