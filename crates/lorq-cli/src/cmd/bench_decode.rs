@@ -80,6 +80,11 @@ pub struct BenchDecodeArgs {
     /// `attention_4_head_blocks` in the rows.
     #[arg(long)]
     pub compare_attention_blocks: bool,
+    /// Also time each case with the decode attention's keys per partition forced to each of
+    /// these (32, 64, 128 or 256) instead of the automatic choice.
+    /// `attention_partition_keys` in the rows (null: automatic).
+    #[arg(long, value_delimiter = ',', value_parser = ["32", "64", "128", "256"])]
+    pub compare_attention_partitions: Vec<String>,
     /// Also time each quantized format with its LM head quantized by the same method (after the
     /// cases with it in --dtype, as bitsandbytes, PEFT and LoRAX keep it; torchao's int4 and
     /// gpt-fast quantize it). `lm_head_quantized` in the rows.
@@ -124,6 +129,14 @@ fn set_attention_4_head_blocks(on: bool) {
     lorq_quant::cuda::paged_attention::set_4_head_blocks(on);
     #[cfg(not(feature = "cuda"))]
     let _ = on;
+}
+
+/// The decode attention's keys per partition (`None`: lorq_quant's automatic choice).
+fn set_attention_partition_keys(keys: Option<usize>) {
+    #[cfg(feature = "cuda")]
+    lorq_quant::cuda::paged_attention::set_partition_keys(keys);
+    #[cfg(not(feature = "cuda"))]
+    let _ = keys;
 }
 
 /// Whether a graph step queues the LoRA shrink on a side stream (lorq_quant's `side_stream`).
@@ -386,11 +399,24 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
                     } else {
                         &[true]
                     };
-                    let attn_modes: &[bool] = if a.compare_attention_blocks && dev.is_cuda() {
+                    let block_modes: &[bool] = if a.compare_attention_blocks && dev.is_cuda() {
                         &[true, false]
                     } else {
                         &[true]
                     };
+                    let mut partition_modes: Vec<Option<usize>> = vec![None];
+                    if dev.is_cuda() {
+                        partition_modes.extend(
+                            a.compare_attention_partitions
+                                .iter()
+                                .map(|p| p.parse::<usize>().ok()),
+                        );
+                    }
+                    let attn_modes: Vec<(bool, Option<usize>)> = block_modes
+                        .iter()
+                        .flat_map(|&b| partition_modes.iter().map(move |&p| (b, p)))
+                        .collect();
+                    let attn_modes = &attn_modes;
                     let tail_modes: &[bool] = if a.compare_norm_tails && dev.is_cuda() {
                         &[true, false]
                     } else {
@@ -411,9 +437,12 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
                             })
                         })
                     });
-                    for (fused, grouped, tails, overlap, (wgmma, attn4), graphs) in modes {
+                    for (fused, grouped, tails, overlap, (wgmma, (attn4, part_keys)), graphs) in
+                        modes
+                    {
                         set_wgmma(wgmma);
                         set_attention_4_head_blocks(attn4);
+                        set_attention_partition_keys(part_keys);
                         model.set_fused_ops(fused);
                         model.set_grouped_matmuls(grouped);
                         model.set_norm_tails(tails);
@@ -466,6 +495,7 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
                             "lora_overlap": n_adapters > 0 && overlap && model.cuda_graphs(),
                             "wgmma": wgmma,
                             "attention_4_head_blocks": attn4,
+                            "attention_partition_keys": part_keys,
                             "cuda_graphs": model.cuda_graphs(),
                             "captured_graphs": model.captured_cuda_graphs(),
                             "paged_kv": model.kv_pool().is_some(),

@@ -12,7 +12,7 @@ use candle_core::{CudaStorage, DType, Storage, Tensor};
 
 use super::{cuda_device, function, tensor_from_storage};
 use crate::QuantError;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/paged_attention.fatbin"));
 
@@ -324,8 +324,21 @@ pub fn rope_append(
     Ok(tensor_from_storage(s, (rows, shape.heads * shape.head_dim)))
 }
 
+static PARTITION_KEYS: AtomicUsize = AtomicUsize::new(0);
+
+/// Forces the keys per attention partition for the whole process (`None`: the automatic choice
+/// of [`part_len`]), e.g. to measure the choice (`lorq bench decode
+/// --compare-attention-partitions`). Values past [`PMAX`] are clamped to it.
+pub fn set_partition_keys(keys: Option<usize>) {
+    PARTITION_KEYS.store(keys.map_or(0, |k| k.clamp(1, PMAX)), Ordering::Relaxed);
+}
+
 /// Keys per partition: the largest of 256/128/64 that still gives the GPU two blocks per SM, else 32.
 fn part_len(blocks_per_part: usize, max_keys: usize, sms: usize) -> usize {
+    let forced = PARTITION_KEYS.load(Ordering::Relaxed);
+    if forced > 0 {
+        return forced;
+    }
     for p in [PMAX, 128, 64] {
         if blocks_per_part * max_keys.div_ceil(p) >= 2 * sms {
             return p;
