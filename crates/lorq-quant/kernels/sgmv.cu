@@ -105,8 +105,8 @@ __device__ __forceinline__ void shrink_warp(const W* __restrict__ a, const T* __
 // warp w takes rank index jb * J_PER_BLOCK + w / KSPLIT and K-slice w % KSPLIT; the slices' sums
 // are added in a fixed order through shared memory. TR: the most rows a tile of the launch has
 // (MT, or 1 for decode batches whose rows each have their own segment: 64 registers instead of
-// 98, four blocks per SM instead of two; lab, H100, 64 one-row adapters of rank 16: K 4096 9.9 ->
-// 7.3 us, K 14336 21.4 -> 17.2; the same bits).
+// the 8-row kernel's 114, four blocks per SM instead of two; lab, H100, 64 one-row adapters of rank
+// 16: K 4096 9.9 -> 7.3 us, K 14336 21.4 -> 17.2; the same bits).
 template <typename T, int TR>
 __device__ __forceinline__ void shrink(const Tile* __restrict__ tiles, const T* __restrict__ x,
                                        float* __restrict__ h, int K, int R, int x_vec, int jb) {
