@@ -245,8 +245,8 @@ impl PendingDelta<'_> {
         }
         #[cfg(feature = "cuda")]
         while !grouped.is_empty() {
-            // The kernel takes up to three modules per launch.
-            let rest = grouped.split_off(grouped.len().min(3));
+            // The kernel takes up to MAX_GROUP modules per launch.
+            let rest = grouped.split_off(grouped.len().min(lorq_quant::cuda::sgmv::MAX_GROUP));
             let (at, shrunk): (Vec<usize>, Vec<_>) =
                 std::mem::replace(&mut grouped, rest).into_iter().unzip();
             let bases: Vec<&Tensor> = at.iter().map(|&i| &outs[i]).collect();

@@ -4,6 +4,8 @@
 //! pages and block tables are owned by the model crate (`lorq-model`'s paged KV cache); the CPU
 //! `attend` there is the reference.
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
 use candle_core::cuda_backend::cudarc::driver::{
     CudaView, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
 };
@@ -12,7 +14,6 @@ use candle_core::{CudaStorage, DType, Storage, Tensor};
 
 use super::{cuda_device, function, tensor_from_storage};
 use crate::QuantError;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/paged_attention.fatbin"));
 
@@ -446,6 +447,8 @@ fn attention_launch(
     // (block_heads × PMAX floats).
     let gm = block_heads(heads / kv_heads);
     let one_launch_merge = num_parts > 1 && (heads / kv_heads).min(gm) * num_parts <= gm * PMAX;
+    // The kernel's name suffix for its block size (the `_g4` kernels hold G4 heads).
+    let variant = if gm == G4 { "_g4" } else { "" };
     let tickets = match batch.tickets {
         Some(t) if one_launch_merge => {
             check(t, DType::U32, "tickets")?;
@@ -465,6 +468,7 @@ fn attention_launch(
     fn go<T: CudaDType + DeviceRepr>(
         dev: &CudaDevice,
         tn: &str,
+        variant: &str,
         t: [&Tensor; 6],
         tickets: Option<&Tensor>,
         rope: Option<[&Tensor; 5]>,
@@ -557,11 +561,6 @@ fn attention_launch(
         } else {
             "paged_attn"
         };
-        let variant = if block_heads(heads / kv_heads) == G4 {
-            "_g4"
-        } else {
-            ""
-        };
         let f = function(
             dev,
             "paged_attention",
@@ -642,16 +641,16 @@ fn attention_launch(
     );
     let s = match dtype {
         DType::BF16 => go::<half::bf16>(
-            dev, tn, t, tickets, rope, args.0, args.1, args.2, args.3, args.4, args.5, args.6,
-            args.7,
+            dev, tn, variant, t, tickets, rope, args.0, args.1, args.2, args.3, args.4, args.5,
+            args.6, args.7,
         )?,
         DType::F16 => go::<half::f16>(
-            dev, tn, t, tickets, rope, args.0, args.1, args.2, args.3, args.4, args.5, args.6,
-            args.7,
+            dev, tn, variant, t, tickets, rope, args.0, args.1, args.2, args.3, args.4, args.5,
+            args.6, args.7,
         )?,
         _ => go::<f32>(
-            dev, tn, t, tickets, rope, args.0, args.1, args.2, args.3, args.4, args.5, args.6,
-            args.7,
+            dev, tn, variant, t, tickets, rope, args.0, args.1, args.2, args.3, args.4, args.5,
+            args.6, args.7,
         )?,
     };
     Ok(tensor_from_storage(s, (rows, heads * hd)))

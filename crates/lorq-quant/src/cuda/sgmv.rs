@@ -355,21 +355,12 @@ pub fn shrink_group(
     // After the allocations of h (ordered on the main stream) and with x kept until the expands;
     // the first expand of the group joins it (later ones find it joined).
     let fork = if super::side_stream::wanted() {
-        Some(Arc::new(Mutex::new(Some(super::side_stream::Fork::new(
-            dev,
-        )?))))
+        Some(super::side_stream::Fork::new(dev)?)
     } else {
         None
     };
-    let on = match &fork {
-        Some(f) => f
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .map(|f| f.stream().clone())
-            .expect("a fresh fork"),
-        None => stream.clone(),
-    };
+    let on = fork.as_ref().map_or(&stream, |f| f.stream()).clone();
+    let fork: Option<SharedFork> = fork.map(|f| Arc::new(Mutex::new(Some(f))));
     let launch = ShrinkLaunch {
         x: &x,
         rows,
