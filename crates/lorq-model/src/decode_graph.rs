@@ -37,10 +37,14 @@ struct GraphKey {
 }
 
 enum Entry {
-    /// Ran eagerly once; captured on its next step.
-    Seen,
+    /// Ran eagerly; captured on its next step. `retried`: a capture of it already failed once
+    /// (something it needed was missing, e.g. a launch table evicted between the eager step and
+    /// the capture: that step ran eagerly and restored it, so the capture is tried once more).
+    Seen {
+        retried: bool,
+    },
     Captured(Box<DecodeGraph>),
-    /// The capture failed (a kernel path that cannot be captured): always eager.
+    /// The capture failed twice (a kernel path that cannot be captured): always eager.
     Failed,
 }
 
@@ -155,12 +159,12 @@ impl LlamaModel {
                 if set.entries.len() >= MAX_GRAPHS {
                     set.entries.clear();
                 }
-                set.entries.insert(key, Entry::Seen);
+                set.entries.insert(key, Entry::Seen { retried: false });
                 return Ok(None);
             }
             Some(Entry::Failed) => return Ok(None),
             Some(Entry::Captured(_)) => {}
-            Some(Entry::Seen) => {
+            Some(&Entry::Seen { retried }) => {
                 let ids_buf = Tensor::zeros(rows, DType::U32, &self.device)?;
                 let meta_buf = Tensor::zeros(meta.data.len(), DType::U32, &self.device)?;
                 // Filled before each replay below (a capture runs nothing).
@@ -187,15 +191,22 @@ impl LlamaModel {
                                 .collect(),
                         }))
                     }
+                    Err(e) if !retried => {
+                        tracing::debug!(
+                            "decode batch of {rows}: CUDA graph capture failed ({e}); this step \
+                             runs eagerly, the next one captures again"
+                        );
+                        Entry::Seen { retried: true }
+                    }
                     Err(e) => {
                         tracing::warn!(
-                            "decode batch of {rows}: CUDA graph capture failed ({e}); this batch \
-                             layout runs without a graph"
+                            "decode batch of {rows}: CUDA graph capture failed twice ({e}); this \
+                             batch layout runs without a graph"
                         );
                         Entry::Failed
                     }
                 };
-                let failed = matches!(entry, Entry::Failed);
+                let failed = !matches!(entry, Entry::Captured(_));
                 set.entries.insert(key.clone(), entry);
                 if failed {
                     return Ok(None);

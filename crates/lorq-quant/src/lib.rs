@@ -21,6 +21,9 @@ pub mod int8;
 pub mod method;
 mod quant_tensor;
 pub mod raw_tensor;
+// Used by the CUDA backend's launch tables; built and tested on every build.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+mod recent_cache;
 pub mod rtn;
 pub mod select;
 

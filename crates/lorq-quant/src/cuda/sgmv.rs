@@ -11,7 +11,6 @@
 //! reference is `lorq_lora::BatchAdapters::apply` on CPU tensors
 //! (`crates/lorq-lora/tests/cuda_sgmv.rs`).
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::cuda_backend::cudarc::driver::{
@@ -21,6 +20,7 @@ use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::{CudaStorage, DType, Storage, Tensor};
 
 use super::{cuda_device, function, tensor_from_storage};
+use crate::recent_cache::RecentCache;
 use crate::QuantError;
 
 static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/sgmv.fatbin"));
@@ -654,30 +654,27 @@ fn launch_expand<T: CudaDType + DeviceRepr>(
 /// Launch tables kept on the GPU by content: a decode step with the same adapters makes the same
 /// tables, so steady decoding uploads none, and a CUDA graph capture (which cannot upload) finds
 /// them here. The content holds the A/B addresses, so equal bytes are an equal table.
-type TableCache = HashMap<(usize, Vec<u8>), Arc<CudaSlice<u8>>>;
+type TableCache = RecentCache<(usize, Vec<u8>), Arc<CudaSlice<u8>>>;
 
-/// Tables kept before the cache starts over (graphs keep their own tables alive).
+/// Tables kept; past it the least recently used half goes (graphs keep their own tables alive).
 const MAX_TABLES: usize = 4096;
 
 fn uploaded_table(dev: &CudaDevice, bytes: &[u8]) -> Result<Arc<CudaSlice<u8>>, QuantError> {
     static TABLES: OnceLock<Mutex<TableCache>> = OnceLock::new();
     let key = (dev.cuda_stream().context().ordinal(), bytes.to_vec());
     let mut tables = TABLES
-        .get_or_init(Default::default)
+        .get_or_init(|| Mutex::new(RecentCache::new(MAX_TABLES)))
         .lock()
         .unwrap_or_else(|e| e.into_inner());
     if let Some(t) = tables.get(&key) {
         super::graph::keep_alive(t.clone());
-        return Ok(t.clone());
+        return Ok(t);
     }
     if super::graph::capturing() {
         return Err(QuantError::Invalid(
             "sgmv: a new adapter table during a CUDA graph capture (run the batch once first)"
                 .into(),
         ));
-    }
-    if tables.len() >= MAX_TABLES {
-        tables.clear();
     }
     let t = Arc::new(dev.clone_htod(bytes)?);
     tables.insert(key, t.clone());
