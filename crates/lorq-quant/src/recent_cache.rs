@@ -48,7 +48,8 @@ impl<K: Hash + Eq, V: Clone> RecentCache<K, V> {
         self.entries.insert(key, (value, self.clock));
     }
 
-    pub(crate) fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.entries.len()
     }
 
