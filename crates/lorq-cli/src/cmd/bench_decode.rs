@@ -3,7 +3,8 @@
 //! tokens/s and in % of the memory roofline: the HBM bandwidth (measured in the same run with a
 //! large device-to-device copy) over the bytes one decode step must read (every weight read
 //! once, the KV cache of every sequence, the adapters in use). Greedy tokens (argmax on the
-//! device) feed the next step, as a server's would.
+//! device) feed the next step, as a server's would. Rows with adapters also give the byte ceiling:
+//! the share of the no-adapter speed a memory-bound step keeps once it reads the adapters too.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -470,8 +471,10 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
                         // Average keys per sequence over the timed steps (2 untimed steps first).
                         let mean_ctx = a.context as f64 + 2.0 + (a.new_tokens as f64 + 1.0) / 2.0;
                         let kv_bytes = batch as f64 * mean_ctx * kv_per_token as f64;
+                        // Each distinct adapter of the batch is read once per step.
                         let used_adapters = n_adapters.min(batch) as f64 * adapter_bytes as f64;
-                        let bytes_per_step = weights_read as f64 + kv_bytes + used_adapters;
+                        let base_bytes = weights_read as f64 + kv_bytes;
+                        let bytes_per_step = base_bytes + used_adapters;
                         let roofline = bandwidth.map(|bw| batch as f64 * bw / bytes_per_step);
                         let tps = batch as f64 / step_s;
                         let row = json!({
@@ -486,6 +489,10 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
                             "pct_of_roofline": roofline.map(|r| 100.0 * tps / r),
                             "bytes_per_step": bytes_per_step,
                             "kv_bytes_per_step": kv_bytes,
+                            "adapter_bytes_per_step": used_adapters,
+                            // What a memory-bound step with these adapters can keep of the
+                            // no-adapter speed: the bytes without them over the bytes with them.
+                            "byte_ceiling_pct_of_no_adapter": 100.0 * base_bytes / bytes_per_step,
                             "adapters": n_adapters,
                             "rank": if n_adapters > 0 { Some(a.rank) } else { None },
                             "adapter_modules": (n_adapters > 0).then_some(&a.adapter_modules),
