@@ -1,16 +1,17 @@
 //! `lorq bench decode` end to end on the tiny random shape on the CPU: the report's rows and the
 //! bytes a step reads (weights, KV, the adapters in use), never speed.
 
-use std::process::Command;
+mod common;
 
+use common::*;
 use serde_json::Value;
 
 #[test]
 fn bench_decode_reports_the_bytes_and_the_byte_ceiling_of_adapters() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("decode.json");
-    let out = Command::new(env!("CARGO_BIN_EXE_lorq"))
-        .args([
+    let (_, v) = lorq_report(
+        &[
             "bench",
             "decode",
             "--device",
@@ -31,17 +32,9 @@ fn bench_decode_reports_the_bytes_and_the_byte_ceiling_of_adapters() {
             "2",
             "--repeats",
             "1",
-        ])
-        .arg("--json")
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "lorq bench decode failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
+        &path,
     );
-    let v: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     let rows = v["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 4, "2 adapter counts x 2 batch sizes: {rows:?}");
     let row = |adapters: u64, batch: u64| {

@@ -1,16 +1,16 @@
 //! `lorq bench kernels` end to end on a tiny shape: a correctness test of the report (every
 //! format present, finite timings, fused kernels within their error bounds), never of speed.
 
-use std::process::Command;
+mod common;
 
-use serde_json::Value;
+use common::*;
 
 #[test]
 fn bench_kernels_reports_every_jit_method_within_bounds() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("kernels.json");
-    let out = Command::new(env!("CARGO_BIN_EXE_lorq"))
-        .args([
+    let (stdout, v) = lorq_report(
+        &[
             "bench",
             "kernels",
             "--shapes",
@@ -19,19 +19,10 @@ fn bench_kernels_reports_every_jit_method_within_bounds() {
             "1,5",
             "--repeats",
             "1",
-        ])
-        .arg("--json")
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "lorq bench kernels failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
+        &path,
     );
-    let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("| format |"), "no table: {stdout}");
-    let v: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     assert!(
         v["card"].as_str().unwrap().starts_with("cpu: "),
         "{}",
@@ -94,17 +85,13 @@ fn bench_kernels_reports_every_jit_method_within_bounds() {
     assert!(!rows
         .iter()
         .any(|r| r["format"] == "awq" || r["format"] == "gptq"));
-    let bad = Command::new(env!("CARGO_BIN_EXE_lorq"))
-        .args([
-            "bench",
-            "kernels",
-            "--shapes",
-            "64x128",
-            "--methods",
-            "gptq",
-        ])
-        .output()
-        .unwrap();
-    assert!(!bad.status.success());
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("calibration-based"));
+    let err = lorq_fails(&[
+        "bench",
+        "kernels",
+        "--shapes",
+        "64x128",
+        "--methods",
+        "gptq",
+    ]);
+    assert!(err.contains("calibration-based"), "{err}");
 }

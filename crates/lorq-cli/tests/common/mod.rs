@@ -1,7 +1,7 @@
 //! Running the `lorq` binary from the CLI tests, and the fixture paths they use.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use serde_json::Value;
@@ -36,6 +36,25 @@ pub fn lorq(args: &[&str]) -> Value {
             String::from_utf8_lossy(&out.stdout)
         )
     })
+}
+
+/// Runs `lorq args --json path` (a bench) and returns its standard output and the JSON report
+/// written to `path`; panics with stderr on failure.
+pub fn lorq_report(args: &[&str], path: &Path) -> (String, Value) {
+    let out = Command::new(env!("CARGO_BIN_EXE_lorq"))
+        .args(args)
+        .arg("--json")
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "lorq {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = std::fs::read_to_string(path).unwrap();
+    let v = serde_json::from_str(&report).unwrap_or_else(|e| panic!("{path:?}: not JSON ({e})"));
+    (String::from_utf8_lossy(&out.stdout).into_owned(), v)
 }
 
 /// Runs `lorq args`, which must fail, and returns its standard error.
