@@ -22,14 +22,20 @@ pub fn run(args: &[&str]) -> Output {
         .unwrap()
 }
 
-/// Runs `lorq args` and parses its standard output as JSON; panics with stderr on failure.
-pub fn lorq(args: &[&str]) -> Value {
+/// Runs `lorq args`, which must succeed; panics with its stderr otherwise.
+pub fn run_ok(args: &[&str]) -> Output {
     let out = run(args);
     assert!(
         out.status.success(),
         "lorq {args:?} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    out
+}
+
+/// Runs `lorq args` and parses its standard output as JSON; panics with stderr on failure.
+pub fn lorq(args: &[&str]) -> Value {
+    let out = run_ok(args);
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
             "lorq {args:?} printed no JSON ({e}): {}",
@@ -41,17 +47,8 @@ pub fn lorq(args: &[&str]) -> Value {
 /// Runs `lorq args --json path` (a bench) and returns its standard output and the JSON report
 /// written to `path`; panics with stderr on failure.
 pub fn lorq_report(args: &[&str], path: &Path) -> (String, Value) {
-    let out = Command::new(env!("CARGO_BIN_EXE_lorq"))
-        .args(args)
-        .arg("--json")
-        .arg(path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "lorq {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let path_arg = path.to_str().expect("a UTF-8 temporary path");
+    let out = run_ok(&[args, &["--json", path_arg]].concat());
     let report = std::fs::read_to_string(path).unwrap();
     let v = serde_json::from_str(&report).unwrap_or_else(|e| panic!("{path:?}: not JSON ({e})"));
     (String::from_utf8_lossy(&out.stdout).into_owned(), v)
