@@ -26,13 +26,21 @@ mod gpu {
     use lorq_model::{BatchItem, LayerLinear, LlamaModel, LogitsWanted, ModelConfig};
     use lorq_quant::cuda::fused_ops::{add_rms_norm, argmax_rows, embed_rows, silu_mul};
     use lorq_quant::cuda::paged_attention::{
-        attention, decode_attention, rope_append, tickets_needed, NewTokens, PageShape, PagedBatch,
+        attention, decode_attention, rope_append, set_tensor_core_attention, tickets_needed,
+        NewTokens, PageShape, PagedBatch,
     };
 
-    fn gpu() -> Option<Device> {
-        lorq_quant::cuda::usable_gpu(0)
+    /// The GPU, with the lock that runs this binary's GPU tests one at a time: the attention
+    /// test switches the process-wide kernel choice (`set_tensor_core_attention`), and other
+    /// tests compare runs of one model bit for bit.
+    fn gpu() -> Option<(Device, std::sync::MutexGuard<'static, ()>)> {
+        static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let dev = lorq_quant::cuda::usable_gpu(0)
             .map_err(|why| eprintln!("SKIPPED: {why}"))
-            .ok()
+            .ok()?;
+        // A failed test poisons the lock; the next ones still run.
+        let guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+        Some((dev, guard))
     }
 
     /// Every value of `t` as f32 on the host.
@@ -209,6 +217,15 @@ mod gpu {
         // The split merged by a second launch, then in the same launch (tickets), twice with the
         // same tickets (each launch must leave them zeroed): the same merge, bit for bit.
         let out = attention(&q_rot, &kc, &vc, &batch, shape, window).unwrap();
+        // 16-bit caches take the tensor-core kernels (the default); the FMA kernels must agree
+        // with the CPU as well (the switch is process-wide: both must be right for any test).
+        let tensor_cores = dtype != DType::F32;
+        let fma_out = tensor_cores.then(|| {
+            set_tensor_core_attention(false);
+            let o = attention(&q_rot, &kc, &vc, &batch, shape, window);
+            set_tensor_core_attention(true);
+            o.unwrap()
+        });
         let tickets =
             Tensor::zeros(tickets_needed(rows, heads, kv_heads), DType::U32, dev).unwrap();
         let fused = PagedBatch {
@@ -239,6 +256,22 @@ mod gpu {
                 same(&kc1, &kc) && same(&vc1, &vc),
                 "decode_attention appended other pages"
             );
+            if tensor_cores {
+                // The FMA kernels append the same pages; their outputs are checked below.
+                let (kc2, vc2) = (pages(&kp), pages(&vp));
+                set_tensor_core_attention(false);
+                let fma = decode_attention(new, &fused, &kc2, &vc2, shape, window);
+                set_tensor_core_attention(true);
+                let e = rel_l2(&fma.unwrap(), &one);
+                assert!(
+                    e <= tol,
+                    "FMA decode_attention vs tensor cores: rel err {e} > {tol}"
+                );
+                assert!(
+                    same(&kc2, &kc1) && same(&vc2, &vc1),
+                    "FMA decode_attention appended other pages"
+                );
+            }
         }
         // CPU reference, sequence by sequence, in f32.
         let mut want = Vec::new();
@@ -269,6 +302,11 @@ mod gpu {
             seqs.len()
         );
         assert!(e <= tol, "rel err {e} > {tol}");
+        if let Some(fma) = fma_out {
+            let e = rel_l2(&fma, &want);
+            eprintln!("  FMA kernels: rel err {e:.2e}");
+            assert!(e <= tol, "FMA kernels: rel err {e} > {tol}");
+        }
     }
 
     /// The largest absolute difference of two tensors of one shape (any dtype, any device).
@@ -297,7 +335,9 @@ mod gpu {
 
     #[test]
     fn paged_attention_matches_cpu_attend() {
-        let Some(dev) = gpu() else { return };
+        let Some((dev, _one_at_a_time)) = gpu() else {
+            return;
+        };
         let mut seed = 1;
         for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 1e-2)] {
             for &(heads, kv_heads, hd) in &[
@@ -344,7 +384,9 @@ mod gpu {
 
     #[test]
     fn fused_ops_match_candle_cpu() {
-        let Some(dev) = gpu() else { return };
+        let Some((dev, _one_at_a_time)) = gpu() else {
+            return;
+        };
         for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 1e-2)] {
             for &(rows, hidden) in &[(1usize, 4096usize), (33, 576), (5, 100), (2, 10000)] {
                 let round = |t: Tensor| t.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap();
@@ -493,7 +535,9 @@ mod gpu {
 
     #[test]
     fn tiny_random_models_generate_the_cpu_tokens() {
-        let Some(dev) = gpu() else { return };
+        let Some((dev, _one_at_a_time)) = gpu() else {
+            return;
+        };
         for (name, cfg) in tiny_configs() {
             let prompts: Vec<Vec<u32>> = [5usize, 23, 1, 40]
                 .iter()
@@ -600,7 +644,9 @@ mod gpu {
     /// bf16 (1e-2; the attention split differs).
     #[test]
     fn decode_graphs_replay_the_eager_steps() {
-        let Some(dev) = gpu() else { return };
+        let Some((dev, _one_at_a_time)) = gpu() else {
+            return;
+        };
         let _events = NoEventTracking::on(&dev);
         for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 1e-2)] {
             let mut model =
@@ -676,7 +722,9 @@ mod gpu {
     #[test]
     fn fp8_decode_graphs_replay_the_eager_steps() {
         use lorq_quant::method::QuantMethod;
-        let Some(dev) = gpu() else { return };
+        let Some((dev, _one_at_a_time)) = gpu() else {
+            return;
+        };
         let _events = NoEventTracking::on(&dev);
         let cfg = smollm2_two_layers();
         let mut model =
@@ -722,7 +770,9 @@ mod gpu {
     #[test]
     fn norm_heads_decode_as_the_norms_own_launch() {
         use lorq_quant::method::QuantMethod;
-        let Some(dev) = gpu() else { return };
+        let Some((dev, _one_at_a_time)) = gpu() else {
+            return;
+        };
         let _events = NoEventTracking::on(&dev);
         let cfg = smollm2_two_layers();
         let mut model =
@@ -748,7 +798,9 @@ mod gpu {
 
     #[test]
     fn paged_caches_return_their_blocks() {
-        let Some(dev) = gpu() else { return };
+        let Some((dev, _one_at_a_time)) = gpu() else {
+            return;
+        };
         let model =
             LlamaModel::random(shape_config("tiny").unwrap(), DType::F32, &dev, None, 3).unwrap();
         let pool = model.kv_pool().unwrap().clone();

@@ -21,6 +21,14 @@
 //   few rows) each writes its (max, sum, unnormalized output) and paged_attn_combine_* merges
 //   them (the online-softmax merge). Lanes: HD/8 lanes per key (16-byte loads), 32/(HD/8) keys
 //   per warp at a time.
+// - paged_attn_*_mma (16-bit caches, the default for them): the same blocks, partitions and
+//   merge on tensor cores. The partition's keys and then its values stream through a
+//   shared-memory ring of STAGES rounds filled with cp.async (up to STAGES - 1 rounds, 24 KB, in
+//   flight a block; the values' first rounds load during the softmax); scores S^T = K Q^T and
+//   outputs O^T = V^T P^T are m16n8k16 mmas (16 keys or 16 dimensions x the block's 8 heads) from
+//   ldmatrix fragments, f32 sums; the probabilities enter the second mma rounded to bf16/f16, as
+//   in FlashAttention. The FMA kernels issued ~25x the instructions (the lanes' dot products and
+//   their shuffle sums) and stayed at ~1.4 TB/s at batch 32 whatever the loads in flight.
 #include "common.cuh"
 
 constexpr int NW = 4;          // warps per attention block
@@ -29,6 +37,8 @@ constexpr int PMAX = 256;      // keys per partition (shared-memory scores)
 // Blocks per SM the 4-head kernels are compiled for (_g4 below): 80 registers for 16-bit caches
 // (no spills; 6 x 128 threads), f32 caches hold twice the bytes per load (3 blocks, no spills).
 #define G4_BLOCKS(T) (sizeof(T) == 2 ? 6 : 3)
+constexpr int KS = 4;      // warp steps per round of keys (every lane loads 16 bytes a step)
+constexpr int STAGES = 4;  // rounds of the staged kernels' ring (8 KB each for 16-bit caches)
 
 // The rotate-half RoPE of the pair (a, b) = (x[i], x[i + hd/2]) at angle (cos, sin), with explicit
 // FMAs so that rope_append and the attention's own RoPE (decode) round identically.
@@ -226,7 +236,7 @@ struct RopeNew {
 // grid.x block)), the last partition block of a (row, KV head chunk) to finish merges all the
 // partitions itself (a ticket taken after a fence) and resets its ticket for the next launch;
 // without tickets paged_attn_combine_* does it in a second launch.
-template <typename T, int HD, bool ROPE, int GM>
+template <typename T, int HD, bool ROPE, int GM, bool MMA>
 __device__ __forceinline__ void paged_attn(const T* __restrict__ q, T* kc, T* vc,
                                            T* __restrict__ out, float* __restrict__ part_ml,
                                            float* __restrict__ part_acc,
@@ -234,10 +244,17 @@ __device__ __forceinline__ void paged_attn(const T* __restrict__ q, T* kc, T* vc
                                            const RopeNew<T> rn) {
     constexpr int LPT = HD / 8;    // lanes per key
     constexpr int TPW = 32 / LPT;  // keys per warp step
-    constexpr int KS = 4;          // warp steps per round
     constexpr int ROUND = NW * TPW * KS;
+    // MMA: the ring of rounds and the queries as bf16/f16 (8 heads, rows padded against bank
+    // conflicts); else the warps' output sums s_acc (which hold the scaled queries first).
+    static_assert(!MMA || sizeof(T) == 2, "tensor-core attention: 16-bit caches");
+    constexpr int STAGE_ELEMS = ROUND * HD;  // T elements of one round of keys (or values)
+    constexpr size_t BUF_BYTES = MMA ? sizeof(T) * STAGES * STAGE_ELEMS : sizeof(float) * NW * GM * HD;
     __shared__ float s_p[GM][PMAX];
-    __shared__ float s_acc[NW][GM][HD];
+    __shared__ __align__(16) unsigned char s_buf[BUF_BYTES];
+    __shared__ __align__(16) T s_qh[MMA ? 8 : 1][MMA ? HD + 8 : 1];
+    float(*s_acc)[GM][HD] = reinterpret_cast<float(*)[GM][HD]>(s_buf);
+    T* s_ring = reinterpret_cast<T*>(s_buf);
     __shared__ float s_max[GM], s_sum[GM];
     __shared__ int s_last;
 
@@ -270,11 +287,11 @@ __device__ __forceinline__ void paged_attn(const T* __restrict__ q, T* kc, T* vc
         }
     } else {
         const int* table = a.block_tables + (size_t)seq * a.max_blocks;
-        // Element offset of this lane's 8 values of partition key t (clamped into the
-        // partition: loads past its end read a valid key whose result is dropped).
+        // Element offset of partition key t's HD values (clamped into the partition: loads past
+        // its end read a valid key whose result is dropped).
         auto key_at = [&](int t) -> size_t {
             const int tok = start + min(t, n - 1);
-            return (((size_t)table[tok / a.bs] * a.kv_heads + kvh) * a.bs + tok % a.bs) * HD + dl * 8;
+            return (((size_t)table[tok / a.bs] * a.kv_heads + kvh) * a.bs + tok % a.bs) * HD;
         };
 
         constexpr int HALF = HD / 2;
@@ -287,142 +304,48 @@ __device__ __forceinline__ void paged_attn(const T* __restrict__ q, T* kc, T* vc
             const float2 v = rope_pair(to_f(xp[j]), to_f(xp[j + HALF]), cc, ss);
             return to_f(from_f<T>(e < HALF ? v.x : v.y));
         };
-        // The group's query heads, rotated (ROPE) and scaled once per block into shared memory
-        // (s_acc is free until pass 2 ends): one element per thread instead of every warp
-        // rotating all of them for its lanes.
-        float(*s_q)[HD] = s_acc[0];
-        for (int idx = threadIdx.x; idx < G * HD; idx += NW * 32) {
-            const int g = idx / HD, e = idx % HD;
-            const T* qh = q + ((size_t)r * a.heads + head0 + g) * HD;
-            float v;
-            if constexpr (ROPE) v = rotated_at(qh, e);
-            else v = to_f(qh[e]);
-            s_q[g][e] = v * a.scale_log2;
-        }
-        __syncthreads();
-        float qf[GM][8];
+        // The new token's key and value, appended first by the block(s) whose partition holds it.
+        auto append_new = [&]() {
+            if constexpr (ROPE) {
+                if (pos < end) {
+                    const size_t at =
+                        ((size_t)(new_slot / a.bs) * a.kv_heads + kvh) * a.bs + new_slot % a.bs;
+                    if (threadIdx.x < LPT) {  // one key's lanes (dl = threadIdx.x)
+                        float kf[8], vf[8];
 #pragma unroll
-        for (int g = 0; g < GM; g++) {
-#pragma unroll
-            for (int i = 0; i < 8; i++) qf[g][i] = g < G ? s_q[g][dl * 8 + i] : 0.f;
-        }
-        if constexpr (ROPE) {
-            if (pos < end) {  // this partition holds the new token: append it first
-                const size_t at =
-                    ((size_t)(new_slot / a.bs) * a.kv_heads + kvh) * a.bs + new_slot % a.bs;
-                if (threadIdx.x < LPT) {  // one key's lanes (dl = threadIdx.x)
-                    float kf[8], vf[8];
-#pragma unroll
-                    for (int i = 0; i < 8; i++) kf[i] = rotated_at(rn.k + ((size_t)r * a.kv_heads + kvh) * HD, dl * 8 + i);
-                    load8<T>(rn.v + ((size_t)r * a.kv_heads + kvh) * HD + dl * 8, vf);
-                    store8<T>(kc + at * HD + dl * 8, kf);
-                    store8<T>(vc + at * HD + dl * 8, vf);
+                        for (int i = 0; i < 8; i++)
+                            kf[i] = rotated_at(rn.k + ((size_t)r * a.kv_heads + kvh) * HD, dl * 8 + i);
+                        load8<T>(rn.v + ((size_t)r * a.kv_heads + kvh) * HD + dl * 8, vf);
+                        store8<T>(kc + at * HD + dl * 8, kf);
+                        store8<T>(vc + at * HD + dl * 8, vf);
+                    }
+                    __syncthreads();
                 }
-                __syncthreads();
             }
-        }
+        };
 
-        // Pass 1: scores (log2 domain) of the partition's keys.
-        const bool resident = n <= ROUND;  // values loaded beside the keys, kept in registers
-        Pack8<T> vr[KS];
-        for (int r0 = 0; r0 < n; r0 += ROUND) {
-            size_t at[KS];
-#pragma unroll
-            for (int s = 0; s < KS; s++) at[s] = key_at(r0 + (s * NW + warp) * TPW + sub);
-            Pack8<T> kr[KS];
-#pragma unroll
-            for (int s = 0; s < KS; s++) kr[s] = ld_pack8<T, !ROPE>(kc + at[s]);
-            if (resident) {
-#pragma unroll
-                for (int s = 0; s < KS; s++) vr[s] = ld_pack8<T, !ROPE>(vc + at[s]);
-            }
-#pragma unroll
-            for (int s = 0; s < KS; s++) {
-                const int t = r0 + (s * NW + warp) * TPW + sub;
-                float kf[8];
-                unpack8<T>(kr[s], kf);
-#pragma unroll
-                for (int g = 0; g < GM; g++) {
-                    if (g < G) {
-                        float d = 0.f;
-#pragma unroll
-                        for (int i = 0; i < 8; i++) d = fmaf(qf[g][i], kf[i], d);
-#pragma unroll
-                        for (int o = LPT / 2; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
-                        if (t < n && dl == 0) s_p[g][t] = d;
-                    }
+        // Partition max and exp2 of the scores in s_p (log2 domain); one warp per head.
+        auto softmax = [&]() {
+            for (int g = warp; g < G; g += NW) {
+                float m = -INFINITY;
+                for (int t = lane; t < n; t += 32) m = fmaxf(m, s_p[g][t]);
+                m = warp_max(m);
+                float l = 0.f;
+                for (int t = lane; t < n; t += 32) {
+                    const float p = exp2f(s_p[g][t] - m);
+                    s_p[g][t] = p;
+                    l += p;
+                }
+                l = warp_sum(l);
+                if (lane == 0) {
+                    s_max[g] = m;
+                    s_sum[g] = l;
                 }
             }
-        }
-        __syncthreads();
-        // Partition max and exp2; one warp per head.
-        for (int g = warp; g < G; g += NW) {
-            float m = -INFINITY;
-            for (int t = lane; t < n; t += 32) m = fmaxf(m, s_p[g][t]);
-            m = warp_max(m);
-            float l = 0.f;
-            for (int t = lane; t < n; t += 32) {
-                const float p = exp2f(s_p[g][t] - m);
-                s_p[g][t] = p;
-                l += p;
-            }
-            l = warp_sum(l);
-            if (lane == 0) {
-                s_max[g] = m;
-                s_sum[g] = l;
-            }
-        }
-        __syncthreads();
-        // Pass 2: probabilities · V, f32.
-        float acc[GM][8];
-#pragma unroll
-        for (int g = 0; g < GM; g++)
-#pragma unroll
-            for (int i = 0; i < 8; i++) acc[g][i] = 0.f;
-        for (int r0 = 0; r0 < n; r0 += ROUND) {
-            if (!resident) {
-                size_t at[KS];
-#pragma unroll
-                for (int s = 0; s < KS; s++) at[s] = key_at(r0 + (s * NW + warp) * TPW + sub);
-#pragma unroll
-                for (int s = 0; s < KS; s++) vr[s] = ld_pack8<T, !ROPE>(vc + at[s]);
-            }
-#pragma unroll
-            for (int s = 0; s < KS; s++) {
-                const int t = r0 + (s * NW + warp) * TPW + sub;
-                if (t < n) {
-                    float vf[8];
-                    unpack8<T>(vr[s], vf);
-#pragma unroll
-                    for (int g = 0; g < GM; g++) {
-                        if (g < G) {
-                            const float p = s_p[g][t];
-#pragma unroll
-                            for (int i = 0; i < 8; i++) acc[g][i] = fmaf(p, vf[i], acc[g][i]);
-                        }
-                    }
-                }
-            }
-        }
-        // Sum the warp's key slots (lanes with the same dl), then the warps.
-#pragma unroll
-        for (int g = 0; g < GM; g++) {
-            if (g < G) {
-#pragma unroll
-                for (int i = 0; i < 8; i++) {
-#pragma unroll
-                    for (int o = LPT; o < 32; o <<= 1)
-                        acc[g][i] += __shfl_xor_sync(0xffffffffu, acc[g][i], o);
-                    if (sub == 0) s_acc[warp][g][dl * 8 + i] = acc[g][i];
-                }
-            }
-        }
-        __syncthreads();
-        for (int idx = threadIdx.x; idx < G * HD; idx += NW * 32) {
-            const int g = idx / HD, d = idx % HD;
-            float v = 0.f;
-#pragma unroll
-            for (int w = 0; w < NW; w++) v += s_acc[w][g][d];
+        };
+        // Element d of head g's unnormalized output: the output itself (one partition) or the
+        // partition's partial with its (max, sum).
+        auto emit = [&](int g, int d, float v) {
             const int h = head0 + g;
             if (a.num_parts == 1) {
                 out[((size_t)r * a.heads + h) * HD + d] = from_f<T>(v / s_sum[g]);
@@ -433,6 +356,224 @@ __device__ __forceinline__ void paged_attn(const T* __restrict__ q, T* kc, T* vc
                     part_ml[2 * pi] = s_max[g];
                     part_ml[2 * pi + 1] = s_sum[g];
                 }
+            }
+        };
+
+        if constexpr (MMA) {
+            // The ring's stages: rounds 0 .. R - 1 of keys, then of values; stage st goes to
+            // slot st % STAGES, each thread copying KS 16-byte chunks (chunk c: key c / CH of the
+            // round, part c % CH), chunk j of key k at j ^ (k % 8) (the eight rows of an
+            // ldmatrix hit eight different bank groups). Every call commits a group (empty past
+            // the last stage), so "stage st has landed" is "at most STAGES - 2 newer groups in
+            // flight".
+            constexpr int CH = HD / 8;
+            constexpr int KT = ROUND / 16;  // key tiles of a round
+            constexpr int DT = HD / 16;     // dimension tiles
+            static_assert(ROUND * CH == KS * NW * 32 && DT % NW == 0, "round and tiles");
+            auto at = [](int k, int c) { return k * HD + ((c ^ (k & 7)) << 3); };
+            const int R = (n + ROUND - 1) / ROUND;
+            auto issue = [&](int st) {
+                if (st < 2 * R) {
+                    const bool val = st >= R;
+                    const int r0 = (val ? st - R : st) * ROUND;
+                    const T* src = val ? vc : kc;
+                    T* dst = s_ring + (st % STAGES) * STAGE_ELEMS;
+#pragma unroll
+                    for (int j = 0; j < KS; j++) {
+                        const int c = threadIdx.x + j * NW * 32;
+                        const int kk = c / CH, ch = c % CH;
+                        cp_async16(dst + at(kk, ch), src + key_at(r0 + kk) + ch * 8);
+                    }
+                }
+                cp_commit();
+            };
+            // Waits for stage st, then refills the slot of stage st - 1 (every warp is past it).
+            auto land = [&](int st) -> const T* {
+                cp_wait<STAGES - 2>();
+                __syncthreads();
+                issue(st + STAGES - 1);
+                return s_ring + (st % STAGES) * STAGE_ELEMS;
+            };
+            append_new();  // before the ring reads the pages
+#pragma unroll
+            for (int st = 0; st < STAGES - 1; st++) issue(st);
+            // The group's query heads (rotated: exact in T) as the mma's B operand, heads past
+            // the group zero; the softmax scale goes on the f32 scores.
+            for (int idx = threadIdx.x; idx < 8 * HD; idx += NW * 32) {
+                const int g = idx / HD, e = idx % HD;
+                float v = 0.f;
+                if (g < G) {
+                    const T* qh = q + ((size_t)r * a.heads + head0 + g) * HD;
+                    if constexpr (ROPE) v = rotated_at(qh, e);
+                    else v = to_f(qh[e]);
+                }
+                s_qh[g][e] = from_f<T>(v);
+            }
+            // mma m16n8k16 fragments: lane (gq, tq) = (lane / 4, lane % 4); ldmatrix row
+            // addresses: matrix lane / 8, row lane % 8.
+            const int gq = lane >> 2, tq = lane & 3, mrow = lane & 7, mat = lane >> 3;
+            // Pass 1: S^T (16 keys x 8 heads) = K (16 x HD) . Q^T, key tiles over the warps.
+            for (int st = 0; st < R; st++) {
+                const T* slot = land(st);
+                for (int kt = warp; kt < KT; kt += NW) {
+                    float c[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+                    for (int ks = 0; ks < DT; ks++) {
+                        uint32_t fa[4];
+                        ldsm_x4(fa, slot + at(kt * 16 + mrow + 8 * (mat & 1), 2 * ks + (mat >> 1)));
+                        const T* qr = &s_qh[gq][16 * ks + 2 * tq];
+                        mma16816<T>(c, fa, *reinterpret_cast<const uint32_t*>(qr),
+                                    *reinterpret_cast<const uint32_t*>(qr + 8));
+                    }
+#pragma unroll
+                    for (int i = 0; i < 4; i++) {
+                        const int t = st * ROUND + kt * 16 + gq + 8 * (i >> 1), g = 2 * tq + (i & 1);
+                        if (g < G && t < n) s_p[g][t] = c[i] * a.scale_log2;
+                    }
+                }
+            }
+            __syncthreads();
+            softmax();
+            __syncthreads();
+            // Pass 2: O^T (HD x 8 heads) += V^T (HD x 16 keys) . P^T, dimension tiles over the
+            // warps (each output element has one owner: no sum across warps).
+            constexpr int DPW = DT / NW;
+            float o[DPW][4];
+#pragma unroll
+            for (int i = 0; i < DPW; i++)
+#pragma unroll
+                for (int j = 0; j < 4; j++) o[i][j] = 0.f;
+            auto prob = [&](int g, int t) { return g < G && t < n ? s_p[g][t] : 0.f; };
+            for (int st = R; st < 2 * R; st++) {
+                const T* slot = land(st);
+#pragma unroll
+                for (int kt = 0; kt < KT; kt++) {
+                    const int t0 = (st - R) * ROUND + kt * 16 + 2 * tq;
+                    const uint32_t b0 = pack2<T>(prob(gq, t0), prob(gq, t0 + 1));
+                    const uint32_t b1 = pack2<T>(prob(gq, t0 + 8), prob(gq, t0 + 9));
+#pragma unroll
+                    for (int i = 0; i < DPW; i++) {
+                        uint32_t fa[4];
+                        ldsm_x4_trans(fa, slot + at(kt * 16 + mrow + 8 * (mat >> 1), 2 * (warp + i * NW) + (mat & 1)));
+                        mma16816<T>(o[i], fa, b0, b1);
+                    }
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < DPW; i++)
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    const int d = (warp + i * NW) * 16 + gq + 8 * (j >> 1), g = 2 * tq + (j & 1);
+                    if (g < G) emit(g, d, o[i][j]);
+                }
+        } else {
+            // The group's query heads, rotated (ROPE) and scaled once per block into shared
+            // memory (s_acc is free until pass 2 ends): one element per thread instead of every
+            // warp rotating all of them for its lanes.
+            float(*s_q)[HD] = s_acc[0];
+            for (int idx = threadIdx.x; idx < G * HD; idx += NW * 32) {
+                const int g = idx / HD, e = idx % HD;
+                const T* qh = q + ((size_t)r * a.heads + head0 + g) * HD;
+                float v;
+                if constexpr (ROPE) v = rotated_at(qh, e);
+                else v = to_f(qh[e]);
+                s_q[g][e] = v * a.scale_log2;
+            }
+            __syncthreads();
+            float qf[GM][8];
+#pragma unroll
+            for (int g = 0; g < GM; g++) {
+#pragma unroll
+                for (int i = 0; i < 8; i++) qf[g][i] = g < G ? s_q[g][dl * 8 + i] : 0.f;
+            }
+            append_new();
+
+            // Pass 1: scores (log2 domain) of the partition's keys.
+            const bool resident = n <= ROUND;  // values loaded beside the keys, kept in registers
+            Pack8<T> vr[KS];
+            for (int r0 = 0; r0 < n; r0 += ROUND) {
+                size_t at[KS];
+#pragma unroll
+                for (int s = 0; s < KS; s++) at[s] = key_at(r0 + (s * NW + warp) * TPW + sub) + dl * 8;
+                Pack8<T> kr[KS];
+#pragma unroll
+                for (int s = 0; s < KS; s++) kr[s] = ld_pack8<T, !ROPE>(kc + at[s]);
+                if (resident) {
+#pragma unroll
+                    for (int s = 0; s < KS; s++) vr[s] = ld_pack8<T, !ROPE>(vc + at[s]);
+                }
+#pragma unroll
+                for (int s = 0; s < KS; s++) {
+                    const int t = r0 + (s * NW + warp) * TPW + sub;
+                    float kf[8];
+                    unpack8<T>(kr[s], kf);
+#pragma unroll
+                    for (int g = 0; g < GM; g++) {
+                        if (g < G) {
+                            float d = 0.f;
+#pragma unroll
+                            for (int i = 0; i < 8; i++) d = fmaf(qf[g][i], kf[i], d);
+#pragma unroll
+                            for (int o = LPT / 2; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
+                            if (t < n && dl == 0) s_p[g][t] = d;
+                        }
+                    }
+                }
+            }
+            __syncthreads();
+            softmax();
+            __syncthreads();
+            // Pass 2: probabilities · V, f32.
+            float acc[GM][8];
+#pragma unroll
+            for (int g = 0; g < GM; g++)
+#pragma unroll
+                for (int i = 0; i < 8; i++) acc[g][i] = 0.f;
+            for (int r0 = 0; r0 < n; r0 += ROUND) {
+                if (!resident) {
+                    size_t at[KS];
+#pragma unroll
+                    for (int s = 0; s < KS; s++) at[s] = key_at(r0 + (s * NW + warp) * TPW + sub) + dl * 8;
+#pragma unroll
+                    for (int s = 0; s < KS; s++) vr[s] = ld_pack8<T, !ROPE>(vc + at[s]);
+                }
+#pragma unroll
+                for (int s = 0; s < KS; s++) {
+                    const int t = r0 + (s * NW + warp) * TPW + sub;
+                    if (t < n) {
+                        float vf[8];
+                        unpack8<T>(vr[s], vf);
+#pragma unroll
+                        for (int g = 0; g < GM; g++) {
+                            if (g < G) {
+                                const float p = s_p[g][t];
+#pragma unroll
+                                for (int i = 0; i < 8; i++) acc[g][i] = fmaf(p, vf[i], acc[g][i]);
+                            }
+                        }
+                    }
+                }
+            }
+            // Sum the warp's key slots (lanes with the same dl), then the warps.
+#pragma unroll
+            for (int g = 0; g < GM; g++) {
+                if (g < G) {
+#pragma unroll
+                    for (int i = 0; i < 8; i++) {
+#pragma unroll
+                        for (int o = LPT; o < 32; o <<= 1)
+                            acc[g][i] += __shfl_xor_sync(0xffffffffu, acc[g][i], o);
+                        if (sub == 0) s_acc[warp][g][dl * 8 + i] = acc[g][i];
+                    }
+                }
+            }
+            __syncthreads();
+            for (int idx = threadIdx.x; idx < G * HD; idx += NW * 32) {
+                const int g = idx / HD, d = idx % HD;
+                float v = 0.f;
+#pragma unroll
+                for (int w = 0; w < NW; w++) v += s_acc[w][g][d];
+                emit(g, d, v);
             }
         }
     }
@@ -466,24 +607,30 @@ __device__ __forceinline__ void paged_attn_combine(const float* __restrict__ par
     merge_block<T>(part_ml, part_acc, out, blockIdx.y, heads, blockIdx.x, 1, num_parts, num_parts, hd, s_w, s_l);
 }
 
-#define PAGED_ATTN_KERNEL(NAME, T, HD, ROPE, GM)                                                  \
-    extern "C" __global__ void __launch_bounds__(NW * 32, GM == 4 ? G4_BLOCKS(T) : 1)            \
+// Blocks per SM a kernel is compiled for: _g4 G4_BLOCKS, the tensor-core kernels 4 (their
+// shared memory holds 5), the 8-head kernels no bound.
+#define PAGED_ATTN_KERNEL(NAME, T, HD, ROPE, GM, MMA)                                             \
+    extern "C" __global__ void __launch_bounds__(NW * 32, MMA ? 4 : GM == 4 ? G4_BLOCKS(T) : 1)  \
         NAME(const T* q, T* kc, T* vc, T* out, float* part_ml, float* part_acc,                   \
              unsigned* tickets, const int* row_pos, const int* row_seq, const int* block_tables,  \
              int max_blocks, int heads, int kv_heads, int bs, int window, int part_len,           \
              int num_parts, float scale_log2, const RopeNew<T> rn) {                               \
         const AttnArgs a{row_pos, row_seq,  block_tables, max_blocks, heads,     kv_heads,        \
                          bs,      window,   part_len,     num_parts,  scale_log2};                \
-        paged_attn<T, HD, ROPE, GM>(q, kc, vc, out, part_ml, part_acc, tickets, a, rn);           \
+        paged_attn<T, HD, ROPE, GM, MMA>(q, kc, vc, out, part_ml, part_acc, tickets, a, rn);      \
     }
 // _g4: GQA groups of up to 4 query heads per KV head (Llama 3, Mistral): compiled for G4_BLOCKS
 // blocks per SM (80 registers against the 8-head block's 134 and its 3 blocks per SM for bf16), so
 // twice the blocks hide the chain of key loads of a decode step's attention.
 #define PAGED_ATTN(T, TN, HD)                                                                     \
-    PAGED_ATTN_KERNEL(paged_attn_##TN##_hd##HD, T, HD, false, GMAX)                               \
-    PAGED_ATTN_KERNEL(paged_attn_rope_##TN##_hd##HD, T, HD, true, GMAX)                           \
-    PAGED_ATTN_KERNEL(paged_attn_##TN##_hd##HD##_g4, T, HD, false, 4)                             \
-    PAGED_ATTN_KERNEL(paged_attn_rope_##TN##_hd##HD##_g4, T, HD, true, 4)
+    PAGED_ATTN_KERNEL(paged_attn_##TN##_hd##HD, T, HD, false, GMAX, false)                        \
+    PAGED_ATTN_KERNEL(paged_attn_rope_##TN##_hd##HD, T, HD, true, GMAX, false)                    \
+    PAGED_ATTN_KERNEL(paged_attn_##TN##_hd##HD##_g4, T, HD, false, 4, false)                      \
+    PAGED_ATTN_KERNEL(paged_attn_rope_##TN##_hd##HD##_g4, T, HD, true, 4, false)
+// _mma: tensor-core kernels (16-bit caches), up to 8 heads a block (the mma's 8 columns).
+#define PAGED_ATTN_MMA(T, TN, HD)                                                                 \
+    PAGED_ATTN_KERNEL(paged_attn_##TN##_hd##HD##_mma, T, HD, false, GMAX, true)                   \
+    PAGED_ATTN_KERNEL(paged_attn_rope_##TN##_hd##HD##_mma, T, HD, true, GMAX, true)
 #define PAGED_ATTN_ALL(T, TN)                                                                     \
     PAGED_ATTN(T, TN, 64)                                                                         \
     PAGED_ATTN(T, TN, 128)                                                                        \
@@ -495,3 +642,9 @@ __device__ __forceinline__ void paged_attn_combine(const float* __restrict__ par
 PAGED_ATTN_ALL(float, f32)
 PAGED_ATTN_ALL(__nv_bfloat16, bf16)
 PAGED_ATTN_ALL(__half, f16)
+PAGED_ATTN_MMA(__nv_bfloat16, bf16, 64)
+PAGED_ATTN_MMA(__nv_bfloat16, bf16, 128)
+PAGED_ATTN_MMA(__nv_bfloat16, bf16, 256)
+PAGED_ATTN_MMA(__half, f16, 64)
+PAGED_ATTN_MMA(__half, f16, 128)
+PAGED_ATTN_MMA(__half, f16, 256)

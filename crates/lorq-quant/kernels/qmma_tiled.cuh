@@ -51,10 +51,7 @@ template <> struct Half<__nv_bfloat16> {
     static constexpr uint32_t MAGIC = 0x43004300u;  // bf16x2 (128, 128): 128 + q for q < 128 exact
     static constexpr float MAGIC_F = 128.f;
     static constexpr float ZI_MAX = 127.f;  // 128 + zi stays an exact bf16 integer
-    static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-        __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-        return *reinterpret_cast<uint32_t*>(&v);
-    }
+    static __device__ __forceinline__ uint32_t pack(float lo, float hi) { return pack2<__nv_bfloat16>(lo, hi); }
     static __device__ __forceinline__ uint16_t bits(float v) {
         __nv_bfloat16 h = __float2bfloat16_rn(v);
         return *reinterpret_cast<uint16_t*>(&h);
@@ -74,19 +71,14 @@ template <> struct Half<__nv_bfloat16> {
     }
     static __device__ __forceinline__ void mma(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                                uint32_t b0, uint32_t b1) {
-        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                     : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+        mma16816<__nv_bfloat16>(d, a0, a1, a2, a3, b0, b1);
     }
 };
 template <> struct Half<__half> {
     static constexpr uint32_t MAGIC = 0x64006400u;  // f16x2 (1024, 1024): 1024 + q exact
     static constexpr float MAGIC_F = 1024.f;
     static constexpr float ZI_MAX = 1023.f;
-    static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-        __half2 v = __floats2half2_rn(lo, hi);
-        return *reinterpret_cast<uint32_t*>(&v);
-    }
+    static __device__ __forceinline__ uint32_t pack(float lo, float hi) { return pack2<__half>(lo, hi); }
     static __device__ __forceinline__ uint16_t bits(float v) {
         __half h = __float2half_rn(v);
         return *reinterpret_cast<uint16_t*>(&h);
@@ -106,9 +98,7 @@ template <> struct Half<__half> {
     }
     static __device__ __forceinline__ void mma(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                                uint32_t b0, uint32_t b1) {
-        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                     : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+        mma16816<__half>(d, a0, a1, a2, a3, b0, b1);
     }
 };
 
@@ -583,12 +573,6 @@ __device__ __forceinline__ void run(const uint32_t* __restrict__ codes, const fl
 // 4096x14336 65.4 against 92.8 (c3), 4096x4096 32.6 against 35.4.
 namespace qmmat {
 
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool ok) {
-    const uint32_t s = (uint32_t)__cvta_generic_to_shared(smem);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(ok ? 16 : 0));
-}
-__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N> __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 __device__ __forceinline__ int swizzle(int u, int m) { return u ^ ((u >> 3) & 1) ^ ((m & 1) << 1); }
 
 template <typename T, int BITS, bool LUTK, int MT, int RT, int WR, int WK, int PF, int S>

@@ -77,10 +77,16 @@ pub struct BenchDecodeArgs {
     #[arg(long)]
     pub compare_wgmma: bool,
     /// Also time each case with the 8-head attention blocks for GQA groups of up to 4 query
-    /// heads instead of the 4-head ones (fewer registers, more blocks per SM).
+    /// heads instead of the 4-head ones (fewer registers, more blocks per SM); FMA kernels only
+    /// (f32 caches, or the FMA rows of --compare-attention-mma).
     /// `attention_4_head_blocks` in the rows.
     #[arg(long)]
     pub compare_attention_blocks: bool,
+    /// Also time each case with the FMA attention kernels (one round of keys or values at a
+    /// time in registers, dot products across lanes) instead of the tensor-core ones (16-bit
+    /// caches). `attention_mma` in the rows.
+    #[arg(long)]
+    pub compare_attention_mma: bool,
     /// Also time each case with the decode attention's keys per partition forced to each of
     /// these (32, 64, 128 or 256) instead of the automatic choice.
     /// `attention_partition_keys` in the rows (null: automatic).
@@ -128,6 +134,14 @@ fn set_wgmma(on: bool) {
 fn set_attention_4_head_blocks(on: bool) {
     #[cfg(feature = "cuda")]
     lorq_quant::cuda::paged_attention::set_4_head_blocks(on);
+    #[cfg(not(feature = "cuda"))]
+    let _ = on;
+}
+
+/// Whether 16-bit caches take the tensor-core attention kernels (lorq_quant's `paged_attention`).
+fn set_attention_mma(on: bool) {
+    #[cfg(feature = "cuda")]
+    lorq_quant::cuda::paged_attention::set_tensor_core_attention(on);
     #[cfg(not(feature = "cuda"))]
     let _ = on;
 }
@@ -405,18 +419,27 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
                     } else {
                         &[true]
                     };
+                    let mma_modes: &[bool] = if a.compare_attention_mma && dev.is_cuda() {
+                        &[true, false]
+                    } else {
+                        &[true]
+                    };
                     let mut partition_modes: Vec<Option<usize>> = vec![None];
                     if dev.is_cuda() {
-                        partition_modes.extend(
-                            a.compare_attention_partitions
-                                .iter()
-                                .map(|p| p.parse::<usize>().ok()),
-                        );
+                        for p in &a.compare_attention_partitions {
+                            let keys = p.parse::<usize>().with_context(|| {
+                                format!("--compare-attention-partitions: {p:?} is not a number")
+                            })?;
+                            partition_modes.push(Some(keys));
+                        }
                     }
-                    let attn_modes: Vec<(bool, Option<usize>)> = block_modes
-                        .iter()
-                        .flat_map(|&b| partition_modes.iter().map(move |&p| (b, p)))
-                        .collect();
+                    // (4-head FMA blocks, tensor-core kernels, keys per partition).
+                    let mut attn_modes: Vec<(bool, bool, Option<usize>)> = Vec::new();
+                    for &b in block_modes {
+                        for &st in mma_modes {
+                            attn_modes.extend(partition_modes.iter().map(|&p| (b, st, p)));
+                        }
+                    }
                     let attn_modes = &attn_modes;
                     let tail_modes: &[bool] = if a.compare_norm_tails && dev.is_cuda() {
                         &[true, false]
@@ -438,11 +461,18 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
                             })
                         })
                     });
-                    for (fused, grouped, tails, overlap, (wgmma, (attn4, part_keys)), graphs) in
-                        modes
+                    for (
+                        fused,
+                        grouped,
+                        tails,
+                        overlap,
+                        (wgmma, (attn4, mma, part_keys)),
+                        graphs,
+                    ) in modes
                     {
                         set_wgmma(wgmma);
                         set_attention_4_head_blocks(attn4);
+                        set_attention_mma(mma);
                         set_attention_partition_keys(part_keys);
                         model.set_fused_ops(fused);
                         model.set_grouped_matmuls(grouped);
@@ -502,6 +532,7 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
                             "lora_overlap": n_adapters > 0 && overlap && model.cuda_graphs(),
                             "wgmma": wgmma,
                             "attention_4_head_blocks": attn4,
+                            "attention_mma": mma && dev.is_cuda(),
                             "attention_partition_keys": part_keys,
                             "cuda_graphs": model.cuda_graphs(),
                             "captured_graphs": model.captured_cuda_graphs(),

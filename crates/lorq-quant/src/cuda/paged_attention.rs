@@ -40,6 +40,16 @@ pub fn set_4_head_blocks(on: bool) {
     FOUR_HEAD_BLOCKS.store(on, Ordering::Relaxed);
 }
 
+static TENSOR_CORES: AtomicBool = AtomicBool::new(true);
+
+/// Turns the tensor-core attention kernels (`_mma`: keys and values through a shared-memory ring
+/// of asynchronous copies, scores and outputs as mma tiles) on or off for the whole process (on by
+/// default; bf16/f16 caches only), e.g. to measure them (`lorq bench decode
+/// --compare-attention-mma`); off, 16-bit caches take the FMA kernels, as f32 caches always do.
+pub fn set_tensor_core_attention(on: bool) {
+    TENSOR_CORES.store(on, Ordering::Relaxed);
+}
+
 /// Query heads one attention block holds for GQA groups of `group` heads: the `_g4` kernels
 /// for groups of up to [`G4`], else [`GMAX`] (groups past it take several blocks).
 fn block_heads(group: usize) -> usize {
@@ -445,10 +455,22 @@ fn attention_launch(
     }
     // The merge in the same launch holds the weights of a block's heads in its score buffer
     // (block_heads × PMAX floats).
-    let gm = block_heads(heads / kv_heads);
+    // The tensor-core kernels hold up to GMAX heads a block, like the 8-head FMA kernels.
+    let mma = dtype != DType::F32 && TENSOR_CORES.load(Ordering::Relaxed);
+    let gm = if mma {
+        GMAX
+    } else {
+        block_heads(heads / kv_heads)
+    };
     let one_launch_merge = num_parts > 1 && (heads / kv_heads).min(gm) * num_parts <= gm * PMAX;
-    // The kernel's name suffix for its block size (the `_g4` kernels hold G4 heads).
-    let variant = if gm == G4 { "_g4" } else { "" };
+    // The kernel's name suffix: `_mma`, or the FMA kernel's block size (`_g4`: G4 heads).
+    let variant = if mma {
+        "_mma"
+    } else if gm == G4 {
+        "_g4"
+    } else {
+        ""
+    };
     let tickets = match batch.tickets {
         Some(t) if one_launch_merge => {
             check(t, DType::U32, "tickets")?;
