@@ -253,6 +253,9 @@ __device__ __forceinline__ void paged_attn(const T* __restrict__ q, T* kc, T* vc
     __shared__ float s_p[GM][PMAX];
     __shared__ __align__(16) unsigned char s_buf[BUF_BYTES];
     __shared__ __align__(16) T s_qh[MMA ? 8 : 1][MMA ? HD + 8 : 1];
+    // MMA: the page row (block * kv_heads + kvh) * bs + offset of each partition key, looked up
+    // once: the ring's copies of keys and then values read it instead of the block table.
+    __shared__ unsigned s_rows[MMA ? PMAX : 1];
     float(*s_acc)[GM][HD] = reinterpret_cast<float(*)[GM][HD]>(s_buf);
     T* s_ring = reinterpret_cast<T*>(s_buf);
     __shared__ float s_max[GM], s_sum[GM];
@@ -287,12 +290,14 @@ __device__ __forceinline__ void paged_attn(const T* __restrict__ q, T* kc, T* vc
         }
     } else {
         const int* table = a.block_tables + (size_t)seq * a.max_blocks;
-        // Element offset of partition key t's HD values (clamped into the partition: loads past
-        // its end read a valid key whose result is dropped).
-        auto key_at = [&](int t) -> size_t {
+        // Page row of partition key t (clamped into the partition: loads past its end read a
+        // valid key whose result is dropped); a layer's cache holds fewer than 2^32 rows of HD.
+        auto key_row = [&](int t) -> unsigned {
             const int tok = start + min(t, n - 1);
-            return (((size_t)table[tok / a.bs] * a.kv_heads + kvh) * a.bs + tok % a.bs) * HD;
+            return ((unsigned)table[tok / a.bs] * a.kv_heads + kvh) * a.bs + tok % a.bs;
         };
+        // Element offset of partition key t's HD values.
+        auto key_at = [&](int t) -> size_t { return (size_t)key_row(t) * HD; };
 
         constexpr int HALF = HD / 2;
         const int pos = ctx - 1;
@@ -372,6 +377,9 @@ __device__ __forceinline__ void paged_attn(const T* __restrict__ q, T* kc, T* vc
             static_assert(ROUND * CH == KS * NW * 32 && DT % NW == 0, "round and tiles");
             auto at = [](int k, int c) { return k * HD + ((c ^ (k & 7)) << 3); };
             const int R = (n + ROUND - 1) / ROUND;
+            append_new();  // before the ring reads the pages
+            for (int t = threadIdx.x; t < R * ROUND; t += NW * 32) s_rows[t] = key_row(t);
+            __syncthreads();
             auto issue = [&](int st) {
                 if (st < 2 * R) {
                     const bool val = st >= R;
@@ -382,7 +390,7 @@ __device__ __forceinline__ void paged_attn(const T* __restrict__ q, T* kc, T* vc
                     for (int j = 0; j < KS; j++) {
                         const int c = threadIdx.x + j * NW * 32;
                         const int kk = c / CH, ch = c % CH;
-                        cp_async16(dst + at(kk, ch), src + key_at(r0 + kk) + ch * 8);
+                        cp_async16(dst + at(kk, ch), src + (size_t)s_rows[r0 + kk] * HD + ch * 8);
                     }
                 }
                 cp_commit();
@@ -394,7 +402,6 @@ __device__ __forceinline__ void paged_attn(const T* __restrict__ q, T* kc, T* vc
                 issue(st + STAGES - 1);
                 return s_ring + (st % STAGES) * STAGE_ELEMS;
             };
-            append_new();  // before the ring reads the pages
 #pragma unroll
             for (int st = 0; st < STAGES - 1; st++) issue(st);
             // The group's query heads (rotated: exact in T) as the mma's B operand, heads past
