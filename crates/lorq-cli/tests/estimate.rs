@@ -181,8 +181,7 @@ fn published_configs_lora_counts() {
     let big = lorq(&["estimate", "--params", "70B", "--json"]);
     let base = component(&big, "base linears") + component(&big, "quant constants");
     assert!(base > 30 << 30 && base < 40 << 30, "{base}");
-    let table = run(&["estimate", "--params", "13B"]);
-    assert!(table.status.success());
+    let table = run_ok(&["estimate", "--params", "13B"]);
     let text = String::from_utf8_lossy(&table.stdout);
     assert!(
         text.contains("device peak") && text.contains("optimizer state") && text.contains("host"),

@@ -99,21 +99,16 @@ fn plan_with_budget_picks_fp8_on_hopper_and_eetq_on_cpu() {
         .contains("emulated"));
 
     // The human table names the choice.
-    let out = run(&["plan", "--model", &base, "--memory-budget", &budget]);
-    assert!(out.status.success());
+    let out = run_ok(&["plan", "--model", &base, "--memory-budget", &budget]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("--quantize auto would pick eetq"), "{text}");
 
     // Nothing fits: a clear error naming the smallest footprint.
-    let out = run(&["plan", "--model", &base, "--memory-budget", "1MiB"]);
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = lorq_fails(&["plan", "--model", &base, "--memory-budget", "1MiB"]);
     assert!(err.contains("smallest footprint is"), "{err}");
 
     // Bad sizes.
-    let out = run(&["plan", "--model", &base, "--memory-budget", "24 parsecs"]);
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = lorq_fails(&["plan", "--model", &base, "--memory-budget", "24 parsecs"]);
     assert!(
         err.contains("--memory-budget") && err.contains("24GiB"),
         "{err}"
@@ -139,7 +134,7 @@ fn quantize_auto_with_budget_uses_the_plan() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("t.txt");
     std::fs::write(&data, "Once upon a time there was a little girl.\n").unwrap();
-    let out = run(&[
+    let out = run_ok(&[
         "eval",
         "ppl",
         "--model",
@@ -155,6 +150,5 @@ fn quantize_auto_with_budget_uses_the_plan() {
         "--json",
     ]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{err}");
     assert!(err.contains("--quantize auto would pick eetq"), "{err}");
 }
