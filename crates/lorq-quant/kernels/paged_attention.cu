@@ -27,7 +27,7 @@
 //   flight a block; the values' first rounds load during the softmax); scores S^T = K Q^T and
 //   outputs O^T = V^T P^T are m16n8k16 mmas (16 keys or 16 dimensions x the block's 8 heads) from
 //   ldmatrix fragments, f32 sums; the probabilities enter the second mma rounded to bf16/f16, as
-//   in FlashAttention. The FMA kernels issued ~25x the instructions (the lanes' dot products and
+//   in FlashAttention. The FMA kernels issue many times the instructions (the lanes' dot products and
 //   their shuffle sums) and stayed at ~1.4 TB/s at batch 32 whatever the loads in flight.
 #include "common.cuh"
 
