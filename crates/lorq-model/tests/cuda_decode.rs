@@ -43,6 +43,15 @@ mod gpu {
         Some((dev, guard))
     }
 
+    /// `f` run with the FMA attention kernels (the process-wide switch), the tensor-core ones
+    /// switched back on after it.
+    fn with_fma_attention<R>(f: impl FnOnce() -> R) -> R {
+        set_tensor_core_attention(false);
+        let r = f();
+        set_tensor_core_attention(true);
+        r
+    }
+
     /// Every value of `t` as f32 on the host.
     fn host_f32(t: &Tensor) -> Vec<f32> {
         t.to_dtype(DType::F32)
@@ -221,10 +230,7 @@ mod gpu {
         // with the CPU as well (the switch is process-wide: both must be right for any test).
         let tensor_cores = dtype != DType::F32;
         let fma_out = tensor_cores.then(|| {
-            set_tensor_core_attention(false);
-            let o = attention(&q_rot, &kc, &vc, &batch, shape, window);
-            set_tensor_core_attention(true);
-            o.unwrap()
+            with_fma_attention(|| attention(&q_rot, &kc, &vc, &batch, shape, window)).unwrap()
         });
         let tickets =
             Tensor::zeros(tickets_needed(rows, heads, kv_heads), DType::U32, dev).unwrap();
@@ -259,9 +265,8 @@ mod gpu {
             if tensor_cores {
                 // The FMA kernels append the same pages; their outputs are checked below.
                 let (kc2, vc2) = (pages(&kp), pages(&vp));
-                set_tensor_core_attention(false);
-                let fma = decode_attention(new, &fused, &kc2, &vc2, shape, window);
-                set_tensor_core_attention(true);
+                let fma =
+                    with_fma_attention(|| decode_attention(new, &fused, &kc2, &vc2, shape, window));
                 let e = rel_l2(&fma.unwrap(), &one);
                 assert!(
                     e <= tol,

@@ -38,7 +38,7 @@ constexpr int PMAX = 256;      // keys per partition (shared-memory scores)
 // (no spills; 6 x 128 threads), f32 caches hold twice the bytes per load (3 blocks, no spills).
 #define G4_BLOCKS(T) (sizeof(T) == 2 ? 6 : 3)
 constexpr int KS = 4;      // warp steps per round of keys (every lane loads 16 bytes a step)
-constexpr int STAGES = 4;  // rounds of the staged kernels' ring (8 KB each for 16-bit caches)
+constexpr int STAGES = 4;  // rounds of the tensor-core kernels' ring (8 KB each)
 
 // The rotate-half RoPE of the pair (a, b) = (x[i], x[i + hd/2]) at angle (cos, sin), with explicit
 // FMAs so that rope_append and the attention's own RoPE (decode) round identically.
@@ -638,6 +638,10 @@ __device__ __forceinline__ void paged_attn_combine(const float* __restrict__ par
 #define PAGED_ATTN_MMA(T, TN, HD)                                                                 \
     PAGED_ATTN_KERNEL(paged_attn_##TN##_hd##HD##_mma, T, HD, false, GMAX, true)                   \
     PAGED_ATTN_KERNEL(paged_attn_rope_##TN##_hd##HD##_mma, T, HD, true, GMAX, true)
+#define PAGED_ATTN_MMA_ALL(T, TN)                                                                 \
+    PAGED_ATTN_MMA(T, TN, 64)                                                                     \
+    PAGED_ATTN_MMA(T, TN, 128)                                                                    \
+    PAGED_ATTN_MMA(T, TN, 256)
 #define PAGED_ATTN_ALL(T, TN)                                                                     \
     PAGED_ATTN(T, TN, 64)                                                                         \
     PAGED_ATTN(T, TN, 128)                                                                        \
@@ -649,9 +653,5 @@ __device__ __forceinline__ void paged_attn_combine(const float* __restrict__ par
 PAGED_ATTN_ALL(float, f32)
 PAGED_ATTN_ALL(__nv_bfloat16, bf16)
 PAGED_ATTN_ALL(__half, f16)
-PAGED_ATTN_MMA(__nv_bfloat16, bf16, 64)
-PAGED_ATTN_MMA(__nv_bfloat16, bf16, 128)
-PAGED_ATTN_MMA(__nv_bfloat16, bf16, 256)
-PAGED_ATTN_MMA(__half, f16, 64)
-PAGED_ATTN_MMA(__half, f16, 128)
-PAGED_ATTN_MMA(__half, f16, 256)
+PAGED_ATTN_MMA_ALL(__nv_bfloat16, bf16)
+PAGED_ATTN_MMA_ALL(__half, f16)

@@ -334,31 +334,7 @@ QDEQUANT_KIND(t8, 8, true)
 // by 32-weight chunks. Each lane decodes the 8 weights of its mma B fragments from the chunk
 // (scale and zero applied in f32, rounded once to the activation dtype) — every weight decoded
 // once per block — then runs m16n8k16 mma with f32 accumulation for every m tile; the 8 warps'
-// partial sums are added in shared memory.
-template <typename T> struct Mma;
-template <> struct Mma<__nv_bfloat16> {
-    static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-        __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-        return *reinterpret_cast<uint32_t*>(&v);
-    }
-    static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
-};
-template <> struct Mma<__half> {
-    static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-        __half2 v = __floats2half2_rn(lo, hi);
-        return *reinterpret_cast<uint32_t*>(&v);
-    }
-    static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
-};
-
+// partial sums are added in shared memory (the mma and the pair packing: common.cuh).
 constexpr int MMA_WARPS = 8;
 
 template <typename T, int BITS, bool LUTK, int MT>
@@ -416,7 +392,7 @@ __device__ __forceinline__ void qmma(const QParams p, const T* __restrict__ x, T
                         const uint32_t q = (uint32_t)(grp >> (u * BITS)) & ((1u << BITS) - 1u);
                         v[u] = LUTK ? s_lut[q] * s : s * (u2f(q) - z);
                     }
-                    b[j][ks][half] = Mma<T>::pack(v[0], v[1]);
+                    b[j][ks][half] = pack2<T>(v[0], v[1]);
                 }
             }
         }
@@ -434,7 +410,7 @@ __device__ __forceinline__ void qmma(const QParams p, const T* __restrict__ x, T
                 a[2] = r0 < M ? __ldg(x0 + 4) : 0u;
                 a[3] = r1 < M ? __ldg(x1 + 4) : 0u;
 #pragma unroll
-                for (int j = 0; j < 2; j++) Mma<T>::mma(acc[mt][j], a, b[j][ks][0], b[j][ks][1]);
+                for (int j = 0; j < 2; j++) mma16816<T>(acc[mt][j], a, b[j][ks][0], b[j][ks][1]);
             }
         }
     }

@@ -436,8 +436,8 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
                     // (4-head FMA blocks, tensor-core kernels, keys per partition).
                     let mut attn_modes: Vec<(bool, bool, Option<usize>)> = Vec::new();
                     for &b in block_modes {
-                        for &st in mma_modes {
-                            attn_modes.extend(partition_modes.iter().map(|&p| (b, st, p)));
+                        for &m in mma_modes {
+                            attn_modes.extend(partition_modes.iter().map(|&p| (b, m, p)));
                         }
                     }
                     let attn_modes = &attn_modes;
