@@ -28,11 +28,15 @@ pub(crate) struct MetaDims {
     /// Every sequence has at most one new token (a decode step): the attention launch also
     /// does the RoPE and the KV append.
     pub decode: bool,
+    /// Query tiles of the prefill attention (`paged_attention::prefill_tiles`); 0: one
+    /// attention block per row (decode steps, f32 caches, kernels switched off).
+    pub tiles: usize,
 }
 
 /// A paged step's layout on the host: positions, sequences and slots of every new token, the
 /// block tables padded to `dims.max_blocks`, then the attention's zeroed merge tickets
-/// (`paged_attention::tickets_needed` of them; each attention launch leaves them zeroed).
+/// (`paged_attention::tickets_needed` of them; each attention launch leaves them zeroed), the
+/// GEMV norm tails' ticket, then `dims.tiles` prefill query tiles (first row, rows).
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub(crate) struct PagedMeta {
     pub data: Vec<u32>,
@@ -92,6 +96,18 @@ impl LlamaModel {
         self.layers_on_meta(x, &data, meta.dims, adapters)
     }
 
+    /// The shape of one layer's KV pages.
+    #[cfg(feature = "cuda")]
+    fn page_shape(&self) -> lorq_quant::cuda::paged_attention::PageShape {
+        let c = &self.config;
+        lorq_quant::cuda::paged_attention::PageShape {
+            heads: c.num_attention_heads,
+            kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim,
+            block_size: crate::paged_kv::BLOCK_SIZE,
+        }
+    }
+
     /// The host side of a paged step: takes the blocks the new tokens need from the pool and
     /// lays out positions, sequences, slots of every new token, then the block tables padded to
     /// at least `min_blocks` per sequence; the longest context is at least `min_ctx`. (A CUDA
@@ -104,7 +120,9 @@ impl LlamaModel {
         min_blocks: usize,
         min_ctx: usize,
     ) -> Result<PagedMeta> {
-        use lorq_quant::cuda::paged_attention::tickets_needed;
+        use lorq_quant::cuda::paged_attention::{
+            prefill_tile_tokens, prefill_tiles, tickets_needed,
+        };
         let pool = self.kv_pool.as_ref().ok_or_else(|| {
             ModelError::Request("this model has no paged KV pool (not on a GPU)".into())
         })?;
@@ -161,6 +179,13 @@ impl LlamaModel {
             0,
             tickets_needed(rows, c.num_attention_heads, c.num_key_value_heads) + 1,
         ));
+        let decode = spans.iter().all(|s| s.1 <= 1);
+        // Prefill steps: the rows of each sequence in query tiles (they share its keys).
+        let tiles = match prefill_tile_tokens(self.dtype, self.page_shape()) {
+            Some(tokens) if !decode => prefill_tiles(spans.iter().map(|s| (s.0, s.1)), tokens),
+            _ => Vec::new(),
+        };
+        data.extend_from_slice(&tiles);
         Ok(PagedMeta {
             data,
             dims: MetaDims {
@@ -168,7 +193,8 @@ impl LlamaModel {
                 seqs: items.len(),
                 max_blocks,
                 max_ctx,
-                decode: spans.iter().all(|s| s.1 <= 1),
+                decode,
+                tiles: tiles.len() / 2,
             },
         })
     }
@@ -190,8 +216,8 @@ impl LlamaModel {
             add_rms_norm, add_rms_norm_fp8, silu_mul, AddNorm, NormHead,
         };
         use lorq_quant::cuda::paged_attention::{
-            attention, decode_attention, multiprocessors, rope_append, tickets_needed, NewTokens,
-            PageShape, PagedBatch,
+            attention, decode_attention, multiprocessors, prefill_attention, rope_append,
+            tickets_needed, NewTokens, PagedBatch,
         };
         let c = &self.config;
         let pool = self.kv_pool.as_ref().ok_or_else(|| {
@@ -208,6 +234,7 @@ impl LlamaModel {
             max_blocks,
             max_ctx,
             decode,
+            tiles,
         } = dims;
         let row_pos = meta.narrow(0, 0, rows)?;
         let row_seq = meta.narrow(0, rows, rows)?;
@@ -218,6 +245,15 @@ impl LlamaModel {
         let attention_tickets = tickets_needed(rows, c.num_attention_heads, c.num_key_value_heads);
         let tickets = meta.narrow(0, 3 * rows + seqs * max_blocks, attention_tickets)?;
         let norm_ticket = meta.narrow(0, 3 * rows + seqs * max_blocks + attention_tickets, 1)?;
+        let prefill_tiles = (tiles > 0)
+            .then(|| {
+                meta.narrow(
+                    0,
+                    3 * rows + seqs * max_blocks + attention_tickets + 1,
+                    2 * tiles,
+                )
+            })
+            .transpose()?;
         let (cos, sin) = self.rope.tables(0, max_ctx)?;
         let batch = PagedBatch {
             row_pos: &row_pos,
@@ -228,12 +264,7 @@ impl LlamaModel {
             sms: multiprocessors(cuda)?,
             tickets: Some(&tickets),
         };
-        let shape = PageShape {
-            heads: c.num_attention_heads,
-            kv_heads: c.num_key_value_heads,
-            head_dim: c.head_dim,
-            block_size: crate::paged_kv::BLOCK_SIZE,
-        };
+        let shape = self.page_shape();
         let eps = c.rms_norm_eps as f32;
         let fused = self.fused_ops;
         // Linears sharing an input: one launch where allowed, or one forward each.
@@ -357,7 +388,10 @@ impl LlamaModel {
                 decode_attention(new, b, &kc, &vc, shape, w)?
             } else {
                 let q = rope_append(new, &batch, &kc, &vc, shape)?;
-                attention(&q, &kc, &vc, b, shape, w)?
+                match &prefill_tiles {
+                    Some(t) => prefill_attention(&q, &kc, &vc, b, t, shape, w)?,
+                    None => attention(&q, &kc, &vc, b, shape, w)?,
+                }
             };
             let post_norm = &layer.post_attention_norm;
             let mlp_in = match linear_add_norm(&layer.o, &attn, &x, post_norm, &layer.gate)? {

@@ -26,8 +26,8 @@ mod gpu {
     use lorq_model::{BatchItem, LayerLinear, LlamaModel, LogitsWanted, ModelConfig};
     use lorq_quant::cuda::fused_ops::{add_rms_norm, argmax_rows, embed_rows, silu_mul};
     use lorq_quant::cuda::paged_attention::{
-        attention, decode_attention, rope_append, set_tensor_core_attention, tickets_needed,
-        NewTokens, PageShape, PagedBatch,
+        attention, decode_attention, prefill_attention, prefill_tile_tokens, prefill_tiles,
+        rope_append, set_tensor_core_attention, tickets_needed, NewTokens, PageShape, PagedBatch,
     };
 
     /// The GPU, with the lock that runs this binary's GPU tests one at a time: the attention
@@ -312,6 +312,32 @@ mod gpu {
             eprintln!("  FMA kernels: rel err {e:.2e}");
             assert!(e <= tol, "FMA kernels: rel err {e} > {tol}");
         }
+        // The query-tile kernel (16-bit caches, head dims 64 and 128) over the same pages: every
+        // sequence's new rows in tiles, decode rows as one-row tiles.
+        match prefill_tile_tokens(dtype, shape) {
+            Some(tokens) => {
+                let mut first = 0;
+                let runs: Vec<(usize, usize)> = seqs
+                    .iter()
+                    .map(|s| {
+                        first += s.new;
+                        (first - s.new, s.new)
+                    })
+                    .collect();
+                let tiles = u32s(prefill_tiles(runs, tokens));
+                let tiled =
+                    prefill_attention(&q_rot, &kc, &vc, &batch, &tiles, shape, window).unwrap();
+                let e = rel_l2(&tiled, &want);
+                eprintln!("  query tiles of {tokens} tokens: rel err {e:.2e}");
+                assert!(e <= tol, "query tiles: rel err {e} > {tol}");
+                let e = rel_l2(&tiled, &out);
+                assert!(
+                    e <= tol,
+                    "query tiles vs one block a row: rel err {e} > {tol}"
+                );
+            }
+            None => eprintln!("  query tiles: no kernel for {dtype:?} hd {hd} (one block a row)"),
+        }
     }
 
     /// The largest absolute difference of two tensors of one shape (any dtype, any device).
@@ -334,6 +360,10 @@ mod gpu {
             Seq { total: 700, new: 1 },
             Seq { total: 45, new: 45 },
             Seq { total: 90, new: 20 },
+            Seq {
+                total: 333,
+                new: 130,
+            },
             Seq { total: 17, new: 1 },
         ]
     }

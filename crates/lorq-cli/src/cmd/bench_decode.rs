@@ -87,6 +87,11 @@ pub struct BenchDecodeArgs {
     /// caches). `attention_mma` in the rows.
     #[arg(long)]
     pub compare_attention_mma: bool,
+    /// Also time each case's prefill with one attention block per prompt token instead of the
+    /// query tiles that share a block's keys (16-bit caches, tensor-core kernels).
+    /// `prefill_tiles` in the rows.
+    #[arg(long)]
+    pub compare_prefill_tiles: bool,
     /// Also time each case with the decode attention's keys per partition forced to each of
     /// these (32, 64, 128 or 256) instead of the automatic choice.
     /// `attention_partition_keys` in the rows (null: automatic).
@@ -142,6 +147,14 @@ fn set_attention_4_head_blocks(on: bool) {
 fn set_attention_mma(on: bool) {
     #[cfg(feature = "cuda")]
     lorq_quant::cuda::paged_attention::set_tensor_core_attention(on);
+    #[cfg(not(feature = "cuda"))]
+    let _ = on;
+}
+
+/// Whether prefill rows take the tiled attention (lorq_quant's `paged_attention`).
+fn set_prefill_tiles(on: bool) {
+    #[cfg(feature = "cuda")]
+    lorq_quant::cuda::paged_attention::set_prefill_tiles(on);
     #[cfg(not(feature = "cuda"))]
     let _ = on;
 }
@@ -433,11 +446,18 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
                             partition_modes.push(Some(keys));
                         }
                     }
-                    // (4-head FMA blocks, tensor-core kernels, keys per partition).
-                    let mut attn_modes: Vec<(bool, bool, Option<usize>)> = Vec::new();
+                    let tile_modes: &[bool] = if a.compare_prefill_tiles && dev.is_cuda() {
+                        &[true, false]
+                    } else {
+                        &[true]
+                    };
+                    // (4-head FMA blocks, tensor-core kernels, keys per partition, prefill tiles).
+                    let mut attn_modes: Vec<(bool, bool, Option<usize>, bool)> = Vec::new();
                     for &b in block_modes {
                         for &m in mma_modes {
-                            attn_modes.extend(partition_modes.iter().map(|&p| (b, m, p)));
+                            for &t in tile_modes {
+                                attn_modes.extend(partition_modes.iter().map(|&p| (b, m, p, t)));
+                            }
                         }
                     }
                     let attn_modes = &attn_modes;
@@ -466,7 +486,7 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
                         grouped,
                         tails,
                         overlap,
-                        (wgmma, (attn4, mma, part_keys)),
+                        (wgmma, (attn4, mma, part_keys, tiles)),
                         graphs,
                     ) in modes
                     {
@@ -474,6 +494,7 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
                         set_attention_4_head_blocks(attn4);
                         set_attention_mma(mma);
                         set_attention_partition_keys(part_keys);
+                        set_prefill_tiles(tiles);
                         model.set_fused_ops(fused);
                         model.set_grouped_matmuls(grouped);
                         model.set_norm_tails(tails);
@@ -484,18 +505,22 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
                             batch,
                             adapters: &adapters,
                         };
+                        // The best decode of the repeats, and the best prefill on its own (the
+                        // first repeat's also loads kernels).
                         let mut best: Option<Timing> = None;
+                        let mut prefill_s = f64::INFINITY;
                         for _ in 0..a.repeats.max(1) {
                             let t = run_case(&case, &a, &dev)
                                 .with_context(|| format!("{format}, batch {batch}"))?;
+                            prefill_s = prefill_s.min(t.prefill_s);
                             if best.as_ref().is_none_or(|b| t.decode_s < b.decode_s) {
                                 best = Some(t);
                             }
                         }
                         let Timing {
-                            prefill_s,
                             decode_s,
                             forward_host_s,
+                            ..
                         } = best.expect("at least one repeat");
                         let step_s = decode_s / a.new_tokens as f64;
                         // Average keys per sequence over the timed steps (2 untimed steps first).
@@ -538,6 +563,8 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
                             "captured_graphs": model.captured_cuda_graphs(),
                             "paged_kv": model.kv_pool().is_some(),
                             "prefill_s": prefill_s,
+                            "prefill_tokens_per_s": (batch * a.context.max(1)) as f64 / prefill_s,
+                            "prefill_tiles": tiles && dev.is_cuda(),
                             "forward_host_ms_per_step": forward_host_s * 1e3 / a.new_tokens as f64,
                             "event_tracking": a.event_tracking || !dev.is_cuda(),
                             "build_s": build_s,

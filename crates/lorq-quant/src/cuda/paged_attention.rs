@@ -678,6 +678,191 @@ fn attention_launch(
     Ok(tensor_from_storage(s, (rows, heads * hd)))
 }
 
+/// Query rows (token, head) of one prefill attention block (kernels/paged_attention.cu `PF_ROWS`).
+const PREFILL_ROWS: usize = 64;
+/// Head dimensions the tiled prefill kernels are built for (256 would not fit its queries and
+/// outputs in registers).
+const PREFILL_HEAD_DIMS: [usize; 2] = [64, 128];
+/// Elements of one K (or V) tile of the prefill kernels: keys per tile x head dim (`8192 / HD`
+/// keys in kernels/paged_attention.cu).
+const PREFILL_TILE_ELEMS: usize = 8192;
+
+static PREFILL_TILES: AtomicBool = AtomicBool::new(true);
+
+/// Turns the tiled prefill attention ([`prefill_attention`]) on or off for the whole process (on
+/// by default), e.g. to measure it (`lorq bench decode --compare-prefill-tiles`); off, prefill
+/// rows take [`attention`], one block per row.
+pub fn set_prefill_tiles(on: bool) {
+    PREFILL_TILES.store(on, Ordering::Relaxed);
+}
+
+/// Tokens per query tile of [`prefill_attention`] for a cache of `dtype` and `shape` (all the
+/// query heads of a KV head share a block: 64 / group tokens), or `None` where the tiled kernels
+/// do not apply: f32 caches, head dims other than 64 and 128, GQA groups past 64 heads, or the
+/// tensor-core kernels or the tiles switched off.
+pub fn prefill_tile_tokens(dtype: DType, shape: PageShape) -> Option<usize> {
+    let group = shape.heads / shape.kv_heads.max(1);
+    (matches!(dtype, DType::BF16 | DType::F16)
+        && PREFILL_HEAD_DIMS.contains(&shape.head_dim)
+        && shape.kv_heads > 0
+        && shape.heads.is_multiple_of(shape.kv_heads)
+        && (1..=PREFILL_ROWS).contains(&group)
+        && TENSOR_CORES.load(Ordering::Relaxed)
+        && PREFILL_TILES.load(Ordering::Relaxed))
+    .then_some(PREFILL_ROWS / group)
+}
+
+/// The query tiles of a step for [`prefill_attention`]: for each sequence's run of new rows
+/// `(first row, rows)` (consecutive rows, ascending positions), tiles of at most `tokens` rows, as
+/// `(first row, rows)` pairs flattened. Every row lands in exactly one tile.
+pub fn prefill_tiles(runs: impl IntoIterator<Item = (usize, usize)>, tokens: usize) -> Vec<u32> {
+    let tokens = tokens.max(1);
+    let mut tiles = Vec::new();
+    for (first, rows) in runs {
+        for start in (0..rows).step_by(tokens) {
+            tiles.push((first + start) as u32);
+            tiles.push(tokens.min(rows - start) as u32);
+        }
+    }
+    tiles
+}
+
+/// Causal (optionally sliding-window) attention of a step's rows (`q`: `[rows, heads·hd]`, already
+/// rotated, the keys appended) on query tiles: `tiles` (`u32` on the GPU, from [`prefill_tiles`]
+/// with [`prefill_tile_tokens`] tokens) must cover every row once, each tile rows of one sequence
+/// at ascending positions. One block per (tile, KV head) reads the keys once for all its rows,
+/// where [`attention`] reads them once per row. Returns `[rows, heads·hd]`.
+pub fn prefill_attention(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    batch: &PagedBatch<'_>,
+    tiles: &Tensor,
+    shape: PageShape,
+    window: Option<usize>,
+) -> Result<Tensor, QuantError> {
+    let dev = cuda_device(q, "q")?;
+    let dtype = q.dtype();
+    let tn = dtype_name(dtype)?;
+    let PageShape {
+        heads,
+        kv_heads,
+        head_dim: hd,
+        block_size: bs,
+    } = shape;
+    let Some(tokens) = prefill_tile_tokens(dtype, shape) else {
+        return Err(QuantError::Invalid(format!(
+            "paged prefill attention: no tiled kernel for {dtype:?} caches, head_dim {hd}, \
+             {heads} query heads over {kv_heads} KV heads (bf16/f16, head_dim {PREFILL_HEAD_DIMS:?}, \
+             groups up to {PREFILL_ROWS} heads, tensor cores on)"
+        )));
+    };
+    let rows = q.dim(0)?;
+    check(q, dtype, "q")?;
+    check(k_cache, dtype, "k_cache")?;
+    check(v_cache, dtype, "v_cache")?;
+    check(tiles, DType::U32, "tiles")?;
+    if q.dims() != [rows, heads * hd] {
+        return Err(QuantError::Invalid(format!(
+            "paged prefill attention: q has shape {:?}, expected [{rows}, {}]",
+            q.dims(),
+            heads * hd
+        )));
+    }
+    let num_tiles = tiles.elem_count() / 2;
+    if tiles.elem_count() % 2 != 0 || num_tiles == 0 || num_tiles > rows {
+        return Err(QuantError::Invalid(format!(
+            "paged prefill attention: {} tile entries for {rows} rows (pairs of first row and \
+             rows, at most one tile a row, tiles of up to {tokens} rows)",
+            tiles.elem_count()
+        )));
+    }
+    let max_blocks = batch.block_tables.dim(1)?;
+    let scale_log2 = (1.0 / (hd as f64).sqrt() * std::f64::consts::LOG2_E) as f32;
+    let window = window.unwrap_or(0) as i32;
+    fn go<T: CudaDType + DeviceRepr>(
+        dev: &CudaDevice,
+        name: &str,
+        t: [&Tensor; 7],
+        rows: usize,
+        num_tiles: usize,
+        ints: [i32; 6],
+        scale_log2: f32,
+    ) -> Result<CudaStorage, QuantError> {
+        let n = [
+            "q",
+            "k_cache",
+            "v_cache",
+            "tiles",
+            "row_pos",
+            "row_seq",
+            "block_tables",
+        ];
+        let s0 = cuda_storage!(t[0], n[0]);
+        let s1 = cuda_storage!(t[1], n[1]);
+        let s2 = cuda_storage!(t[2], n[2]);
+        let s3 = cuda_storage!(t[3], n[3]);
+        let s4 = cuda_storage!(t[4], n[4]);
+        let s5 = cuda_storage!(t[5], n[5]);
+        let s6 = cuda_storage!(t[6], n[6]);
+        let q = view::<T>(cs(&s0), t[0], n[0])?;
+        let kc = view::<T>(cs(&s1), t[1], n[1])?;
+        let vc = view::<T>(cs(&s2), t[2], n[2])?;
+        let tiles = view::<u32>(cs(&s3), t[3], n[3])?;
+        let pos = view::<u32>(cs(&s4), t[4], n[4])?;
+        let seq = view::<u32>(cs(&s5), t[5], n[5])?;
+        let tables = view::<u32>(cs(&s6), t[6], n[6])?;
+        let [max_blocks, heads, kv_heads, hd, bs, window] = ints;
+        // SAFETY: the tiles cover every row (the caller's contract); each writes its rows.
+        let out = unsafe { dev.alloc::<T>(rows * (heads * hd) as usize)? };
+        // Two stages of a K and a V tile.
+        let smem = 2 * 2 * PREFILL_TILE_ELEMS * std::mem::size_of::<T>();
+        let f = super::function_with_shared(dev, "paged_attention", FATBIN, name, smem)?;
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        let nt = num_tiles as i32;
+        b.arg(&q).arg(&kc).arg(&vc).arg(&out).arg(&tiles).arg(&nt);
+        b.arg(&pos).arg(&seq).arg(&tables);
+        for i in [&max_blocks, &heads, &kv_heads, &bs, &window] {
+            b.arg(i);
+        }
+        b.arg(&scale_log2);
+        let cfg = LaunchConfig {
+            grid_dim: (num_tiles as u32, kv_heads as u32, 1),
+            block_dim: ((NW * 32) as u32, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        // SAFETY: the arguments match `paged_prefill_*`; tiles name rows of this step, block
+        // tables hold valid block ids for every position up to each row's.
+        unsafe { b.launch(cfg) }.w()?;
+        drop(b);
+        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    }
+    let name = format!("paged_prefill_{tn}_hd{hd}");
+    let t = [
+        q,
+        k_cache,
+        v_cache,
+        tiles,
+        batch.row_pos,
+        batch.row_seq,
+        batch.block_tables,
+    ];
+    let ints = [
+        max_blocks as i32,
+        heads as i32,
+        kv_heads as i32,
+        hd as i32,
+        bs as i32,
+        window,
+    ];
+    let s = match dtype {
+        DType::BF16 => go::<half::bf16>(dev, &name, t, rows, num_tiles, ints, scale_log2)?,
+        _ => go::<half::f16>(dev, &name, t, rows, num_tiles, ints, scale_log2)?,
+    };
+    Ok(tensor_from_storage(s, (rows, heads * hd)))
+}
+
 /// Streaming multiprocessors of `dev` (sizes the attention split).
 pub fn multiprocessors(dev: &CudaDevice) -> Result<usize, QuantError> {
     use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
