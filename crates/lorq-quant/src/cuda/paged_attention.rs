@@ -4,6 +4,7 @@
 //! pages and block tables are owned by the model crate (`lorq-model`'s paged KV cache); the CPU
 //! `attend` there is the reference.
 
+use std::ops::Deref;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use candle_core::cuda_backend::cudarc::driver::{
@@ -153,26 +154,29 @@ fn check(t: &Tensor, dtype: DType, what: &str) -> Result<(), QuantError> {
     Ok(())
 }
 
-/// Storage guard of a CUDA tensor (its `CudaStorage` borrowed for the launch).
-macro_rules! cuda_storage {
-    ($t:expr, $what:expr) => {{
-        let (s, _) = $t.storage_and_layout();
-        match &*s {
-            Storage::Cuda(_) => s,
-            _ => {
-                return Err(QuantError::Invalid(format!(
-                    "paged attention: {} is not on a GPU",
-                    $what
-                )))
-            }
-        }
-    }};
+/// Storage guard of a CUDA tensor (its `CudaStorage` borrowed for the launch; candle's lock guard).
+fn guard<'a>(t: &'a Tensor, what: &str) -> Result<impl Deref<Target = Storage> + 'a, QuantError> {
+    let (s, _) = t.storage_and_layout();
+    match &*s {
+        Storage::Cuda(_) => Ok(s),
+        _ => Err(QuantError::Invalid(format!(
+            "paged attention: {what} is not on a GPU"
+        ))),
+    }
+}
+
+/// [`guard`] of each tensor of a launch, `what` naming them.
+fn guards<'a, const N: usize>(
+    t: [&'a Tensor; N],
+    what: [&str; N],
+) -> Result<Vec<impl Deref<Target = Storage> + 'a>, QuantError> {
+    t.iter().zip(what).map(|(t, w)| guard(t, w)).collect()
 }
 
 fn cs(s: &Storage) -> &CudaStorage {
     match s {
         Storage::Cuda(c) => c,
-        _ => unreachable!("checked by cuda_storage!"),
+        _ => unreachable!("checked by guard"),
     }
 }
 
@@ -265,24 +269,16 @@ pub fn rope_append(
         let n = [
             "q", "k", "v", "cos", "sin", "row_pos", "row_slot", "k_cache", "v_cache",
         ];
-        let s0 = cuda_storage!(t[0], n[0]);
-        let s1 = cuda_storage!(t[1], n[1]);
-        let s2 = cuda_storage!(t[2], n[2]);
-        let s3 = cuda_storage!(t[3], n[3]);
-        let s4 = cuda_storage!(t[4], n[4]);
-        let s5 = cuda_storage!(t[5], n[5]);
-        let s6 = cuda_storage!(t[6], n[6]);
-        let s7 = cuda_storage!(t[7], n[7]);
-        let s8 = cuda_storage!(t[8], n[8]);
-        let q = view::<T>(cs(&s0), t[0], n[0])?;
-        let k = view::<T>(cs(&s1), t[1], n[1])?;
-        let v = view::<T>(cs(&s2), t[2], n[2])?;
-        let cos = view::<T>(cs(&s3), t[3], n[3])?;
-        let sin = view::<T>(cs(&s4), t[4], n[4])?;
-        let pos = view::<u32>(cs(&s5), t[5], n[5])?;
-        let slot = view::<u32>(cs(&s6), t[6], n[6])?;
-        let kc = view::<T>(cs(&s7), t[7], n[7])?;
-        let vc = view::<T>(cs(&s8), t[8], n[8])?;
+        let g = guards(t, n)?;
+        let q = view::<T>(cs(&g[0]), t[0], n[0])?;
+        let k = view::<T>(cs(&g[1]), t[1], n[1])?;
+        let v = view::<T>(cs(&g[2]), t[2], n[2])?;
+        let cos = view::<T>(cs(&g[3]), t[3], n[3])?;
+        let sin = view::<T>(cs(&g[4]), t[4], n[4])?;
+        let pos = view::<u32>(cs(&g[5]), t[5], n[5])?;
+        let slot = view::<u32>(cs(&g[6]), t[6], n[6])?;
+        let kc = view::<T>(cs(&g[7]), t[7], n[7])?;
+        let vc = view::<T>(cs(&g[8]), t[8], n[8])?;
         // SAFETY: every element is written by the kernel.
         let out = unsafe { dev.alloc::<T>(rows * shape.heads * shape.head_dim)? };
         let f = function(dev, "paged_attention", FATBIN, name)?;
@@ -361,6 +357,29 @@ fn part_len(blocks_per_part: usize, max_keys: usize, sms: usize) -> usize {
     32
 }
 
+/// Checks rotated queries `[rows, heads·hd]` and the pages against each other (one dtype, on the
+/// GPU); returns the row count.
+fn check_queries(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    shape: PageShape,
+) -> Result<usize, QuantError> {
+    let dtype = q.dtype();
+    let rows = q.dim(0)?;
+    check(q, dtype, "q")?;
+    check(k_cache, dtype, "k_cache")?;
+    check(v_cache, dtype, "v_cache")?;
+    let width = shape.heads * shape.head_dim;
+    if q.dims() != [rows, width] {
+        return Err(QuantError::Invalid(format!(
+            "paged attention: q has shape {:?}, expected [{rows}, {width}]",
+            q.dims()
+        )));
+    }
+    Ok(rows)
+}
+
 /// Causal attention of every row's query heads (`q`: `[rows, heads·hd]`, already rotated) over
 /// its sequence's keys `0..=pos` in the pages (only the last `window` with a sliding window).
 /// Returns `[rows, heads·hd]`.
@@ -429,17 +448,7 @@ fn attention_launch(
             "paged attention: {heads} query heads are not a multiple of {kv_heads} KV heads"
         )));
     }
-    let rows = q.dim(0)?;
-    check(q, dtype, "q")?;
-    check(k_cache, dtype, "k_cache")?;
-    check(v_cache, dtype, "v_cache")?;
-    if q.dims() != [rows, heads * hd] {
-        return Err(QuantError::Invalid(format!(
-            "paged attention: q has shape {:?}, expected [{rows}, {}]",
-            q.dims(),
-            heads * hd
-        )));
-    }
+    let rows = check_queries(q, k_cache, v_cache, shape)?;
     let max_blocks = batch.block_tables.dim(1)?;
     let chunks = (heads / kv_heads).div_ceil(GMAX);
     let max_keys = batch.max_keys.max(1);
@@ -511,18 +520,13 @@ fn attention_launch(
             "row_seq",
             "block_tables",
         ];
-        let s0 = cuda_storage!(t[0], n[0]);
-        let s1 = cuda_storage!(t[1], n[1]);
-        let s2 = cuda_storage!(t[2], n[2]);
-        let s3 = cuda_storage!(t[3], n[3]);
-        let s4 = cuda_storage!(t[4], n[4]);
-        let s5 = cuda_storage!(t[5], n[5]);
-        let q = view::<T>(cs(&s0), t[0], n[0])?;
-        let kc = view::<T>(cs(&s1), t[1], n[1])?;
-        let vc = view::<T>(cs(&s2), t[2], n[2])?;
-        let pos = view::<u32>(cs(&s3), t[3], n[3])?;
-        let seq = view::<u32>(cs(&s4), t[4], n[4])?;
-        let tables = view::<u32>(cs(&s5), t[5], n[5])?;
+        let g = guards(t, n)?;
+        let q = view::<T>(cs(&g[0]), t[0], n[0])?;
+        let kc = view::<T>(cs(&g[1]), t[1], n[1])?;
+        let vc = view::<T>(cs(&g[2]), t[2], n[2])?;
+        let pos = view::<u32>(cs(&g[3]), t[3], n[3])?;
+        let seq = view::<u32>(cs(&g[4]), t[4], n[4])?;
+        let tables = view::<u32>(cs(&g[5]), t[5], n[5])?;
         let PageShape {
             heads,
             kv_heads,
@@ -536,7 +540,7 @@ fn attention_launch(
         let part_ml = unsafe { dev.alloc::<f32>((rows * heads * parts * 2).max(1))? };
         let part_acc = unsafe { dev.alloc::<f32>((rows * heads * parts * hd).max(1))? };
         let ticket_guard = match tickets {
-            Some(t) => Some((t, cuda_storage!(t, "tickets"))),
+            Some(t) => Some((t, guard(t, "tickets")?)),
             None => None,
         };
         let tickets = match &ticket_guard {
@@ -548,11 +552,11 @@ fn attention_launch(
             Some(r) => {
                 let n = ["k", "v", "cos", "sin", "row_slot"];
                 Some([
-                    (r[0], cuda_storage!(r[0], n[0])),
-                    (r[1], cuda_storage!(r[1], n[1])),
-                    (r[2], cuda_storage!(r[2], n[2])),
-                    (r[3], cuda_storage!(r[3], n[3])),
-                    (r[4], cuda_storage!(r[4], n[4])),
+                    (r[0], guard(r[0], n[0])?),
+                    (r[1], guard(r[1], n[1])?),
+                    (r[2], guard(r[2], n[2])?),
+                    (r[3], guard(r[3], n[3])?),
+                    (r[4], guard(r[4], n[4])?),
                 ])
             }
             None => None,
@@ -757,20 +761,10 @@ pub fn prefill_attention(
              groups up to {PREFILL_ROWS} heads, tensor cores on)"
         )));
     };
-    let rows = q.dim(0)?;
-    check(q, dtype, "q")?;
-    check(k_cache, dtype, "k_cache")?;
-    check(v_cache, dtype, "v_cache")?;
+    let rows = check_queries(q, k_cache, v_cache, shape)?;
     check(tiles, DType::U32, "tiles")?;
-    if q.dims() != [rows, heads * hd] {
-        return Err(QuantError::Invalid(format!(
-            "paged prefill attention: q has shape {:?}, expected [{rows}, {}]",
-            q.dims(),
-            heads * hd
-        )));
-    }
     let num_tiles = tiles.elem_count() / 2;
-    if tiles.elem_count() % 2 != 0 || num_tiles == 0 || num_tiles > rows {
+    if !tiles.elem_count().is_multiple_of(2) || num_tiles == 0 || num_tiles > rows {
         return Err(QuantError::Invalid(format!(
             "paged prefill attention: {} tile entries for {rows} rows (pairs of first row and \
              rows, at most one tile a row, tiles of up to {tokens} rows)",
@@ -798,20 +792,14 @@ pub fn prefill_attention(
             "row_seq",
             "block_tables",
         ];
-        let s0 = cuda_storage!(t[0], n[0]);
-        let s1 = cuda_storage!(t[1], n[1]);
-        let s2 = cuda_storage!(t[2], n[2]);
-        let s3 = cuda_storage!(t[3], n[3]);
-        let s4 = cuda_storage!(t[4], n[4]);
-        let s5 = cuda_storage!(t[5], n[5]);
-        let s6 = cuda_storage!(t[6], n[6]);
-        let q = view::<T>(cs(&s0), t[0], n[0])?;
-        let kc = view::<T>(cs(&s1), t[1], n[1])?;
-        let vc = view::<T>(cs(&s2), t[2], n[2])?;
-        let tiles = view::<u32>(cs(&s3), t[3], n[3])?;
-        let pos = view::<u32>(cs(&s4), t[4], n[4])?;
-        let seq = view::<u32>(cs(&s5), t[5], n[5])?;
-        let tables = view::<u32>(cs(&s6), t[6], n[6])?;
+        let g = guards(t, n)?;
+        let q = view::<T>(cs(&g[0]), t[0], n[0])?;
+        let kc = view::<T>(cs(&g[1]), t[1], n[1])?;
+        let vc = view::<T>(cs(&g[2]), t[2], n[2])?;
+        let tiles = view::<u32>(cs(&g[3]), t[3], n[3])?;
+        let pos = view::<u32>(cs(&g[4]), t[4], n[4])?;
+        let seq = view::<u32>(cs(&g[5]), t[5], n[5])?;
+        let tables = view::<u32>(cs(&g[6]), t[6], n[6])?;
         let [max_blocks, heads, kv_heads, hd, bs, window] = ints;
         // SAFETY: the tiles cover every row (the caller's contract); each writes its rows.
         let out = unsafe { dev.alloc::<T>(rows * (heads * hd) as usize)? };
