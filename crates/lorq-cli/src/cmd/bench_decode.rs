@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 use clap::Args;
 use lorq_lora::LoraAdapter;
 use lorq_model::random_model::{random_adapters, shape_config};
@@ -78,8 +78,8 @@ pub struct BenchDecodeArgs {
     pub compare_wgmma: bool,
     /// Also time each case with the 8-head attention blocks for GQA groups of up to 4 query
     /// heads instead of the 4-head ones (fewer registers, more blocks per SM); FMA kernels only
-    /// (f32 caches, or the FMA rows of --compare-attention-mma).
-    /// `attention_4_head_blocks` in the rows.
+    /// (f32 caches, or the FMA rows of --compare-attention-mma; a combination of switches that
+    /// would time the same kernels as another is timed once). `attention_4_head_blocks` in the rows.
     #[arg(long)]
     pub compare_attention_blocks: bool,
     /// Also time each case with the FMA attention kernels (one round of keys or values at a
@@ -228,6 +228,34 @@ fn weight_bytes_read(model: &LlamaModel) -> usize {
     } else {
         model.weight_bytes() - embed
     }
+}
+
+/// The attention switches to time: (4-head FMA blocks, tensor-core kernels, keys per partition,
+/// prefill tiles), as the kernels see them — f32 caches have no tensor-core kernels, the 4-head
+/// switch is the FMA kernels' and the prefill tiles need tensor cores — so a combination that would
+/// time the same kernels as an earlier one is dropped.
+fn attention_modes(
+    blocks: &[bool],
+    mma: &[bool],
+    tiles: &[bool],
+    partitions: &[Option<usize>],
+    sixteen_bit: bool,
+) -> Vec<(bool, bool, Option<usize>, bool)> {
+    let mut modes = Vec::new();
+    for &b in blocks {
+        for &m in mma {
+            for &t in tiles {
+                for &p in partitions {
+                    let m = m && sixteen_bit;
+                    let mode = (b || m, m, p, t && m);
+                    if !modes.contains(&mode) {
+                        modes.push(mode);
+                    }
+                }
+            }
+        }
+    }
+    modes
 }
 
 struct Case<'a> {
@@ -451,15 +479,13 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
                     } else {
                         &[true]
                     };
-                    // (4-head FMA blocks, tensor-core kernels, keys per partition, prefill tiles).
-                    let mut attn_modes: Vec<(bool, bool, Option<usize>, bool)> = Vec::new();
-                    for &b in block_modes {
-                        for &m in mma_modes {
-                            for &t in tile_modes {
-                                attn_modes.extend(partition_modes.iter().map(|&p| (b, m, p, t)));
-                            }
-                        }
-                    }
+                    let attn_modes = attention_modes(
+                        block_modes,
+                        mma_modes,
+                        tile_modes,
+                        &partition_modes,
+                        dtype != DType::F32,
+                    );
                     let attn_modes = &attn_modes;
                     let tail_modes: &[bool] = if a.compare_norm_tails && dev.is_cuda() {
                         &[true, false]
@@ -595,4 +621,35 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
         None => println!("{}", serde_json::to_string_pretty(&report)?),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::attention_modes;
+
+    #[test]
+    fn attention_modes_time_each_kernel_choice_once() {
+        let both = [true, false];
+        let bf16 = attention_modes(&both, &both, &both, &[None, Some(64)], true);
+        assert_eq!(
+            bf16,
+            vec![
+                (true, true, None, true),
+                (true, true, Some(64), true),
+                (true, true, None, false),
+                (true, true, Some(64), false),
+                (true, false, None, false),
+                (true, false, Some(64), false),
+                (false, false, None, false),
+                (false, false, Some(64), false),
+            ]
+        );
+        let f32 = attention_modes(&both, &both, &both, &[None], false);
+        assert_eq!(
+            f32,
+            vec![(true, false, None, false), (false, false, None, false)]
+        );
+        let plain = attention_modes(&[true], &[true], &[true], &[None], true);
+        assert_eq!(plain, vec![(true, true, None, true)]);
+    }
 }
