@@ -180,9 +180,22 @@ impl LlamaModel {
             tickets_needed(rows, c.num_attention_heads, c.num_key_value_heads) + 1,
         ));
         let decode = spans.iter().all(|s| s.1 <= 1);
-        // Prefill steps: the rows of each sequence in query tiles (they share its keys).
+        // Prefill steps: the rows of each sequence in query tiles (they share its keys). A decode
+        // row of a mixed step is a one-row tile whose block walks its whole context unsplit, so
+        // a step whose decode rows reach further back than its longest prompt keeps one block
+        // per row (the decode kernel splits long contexts).
+        let end = |one_row: bool| {
+            spans
+                .iter()
+                .filter(|s| (s.1 <= 1) == one_row)
+                .map(|s| s.1 + s.2)
+                .max()
+                .unwrap_or(0)
+        };
         let tiles = match prefill_tile_tokens(self.dtype, self.page_shape()) {
-            Some(tokens) if !decode => prefill_tiles(spans.iter().map(|s| (s.0, s.1)), tokens),
+            Some(tokens) if !decode && end(true) <= end(false) => {
+                prefill_tiles(spans.iter().map(|s| (s.0, s.1)), tokens)
+            }
             _ => Vec::new(),
         };
         data.extend_from_slice(&tiles);
