@@ -134,37 +134,20 @@ fn set_wgmma(on: bool) {
     let _ = on;
 }
 
-/// Whether GQA groups of up to 4 heads take the 4-head attention blocks (lorq_quant's
-/// `paged_attention`).
-fn set_attention_4_head_blocks(on: bool) {
+/// The attention kernels' process-wide switches (lorq_quant's `paged_attention`): 4-head FMA
+/// blocks for GQA groups of up to 4 heads, tensor-core kernels for 16-bit caches, the decode
+/// attention's keys per partition (`None`: automatic), and query tiles for prefill rows.
+fn set_attention_switches(four_head_blocks: bool, mma: bool, keys: Option<usize>, tiles: bool) {
     #[cfg(feature = "cuda")]
-    lorq_quant::cuda::paged_attention::set_4_head_blocks(on);
+    {
+        use lorq_quant::cuda::paged_attention as pa;
+        pa::set_4_head_blocks(four_head_blocks);
+        pa::set_tensor_core_attention(mma);
+        pa::set_partition_keys(keys);
+        pa::set_prefill_tiles(tiles);
+    }
     #[cfg(not(feature = "cuda"))]
-    let _ = on;
-}
-
-/// Whether 16-bit caches take the tensor-core attention kernels (lorq_quant's `paged_attention`).
-fn set_attention_mma(on: bool) {
-    #[cfg(feature = "cuda")]
-    lorq_quant::cuda::paged_attention::set_tensor_core_attention(on);
-    #[cfg(not(feature = "cuda"))]
-    let _ = on;
-}
-
-/// Whether prefill rows take the tiled attention (lorq_quant's `paged_attention`).
-fn set_prefill_tiles(on: bool) {
-    #[cfg(feature = "cuda")]
-    lorq_quant::cuda::paged_attention::set_prefill_tiles(on);
-    #[cfg(not(feature = "cuda"))]
-    let _ = on;
-}
-
-/// The decode attention's keys per partition (`None`: lorq_quant's automatic choice).
-fn set_attention_partition_keys(keys: Option<usize>) {
-    #[cfg(feature = "cuda")]
-    lorq_quant::cuda::paged_attention::set_partition_keys(keys);
-    #[cfg(not(feature = "cuda"))]
-    let _ = keys;
+    let _ = (four_head_blocks, mma, keys, tiles);
 }
 
 /// Whether a graph step queues the LoRA shrink on a side stream (lorq_quant's `side_stream`).
@@ -517,10 +500,7 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
                     ) in modes
                     {
                         set_wgmma(wgmma);
-                        set_attention_4_head_blocks(attn4);
-                        set_attention_mma(mma);
-                        set_attention_partition_keys(part_keys);
-                        set_prefill_tiles(tiles);
+                        set_attention_switches(attn4, mma, part_keys, tiles);
                         model.set_fused_ops(fused);
                         model.set_grouped_matmuls(grouped);
                         model.set_norm_tails(tails);
