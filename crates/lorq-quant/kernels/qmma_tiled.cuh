@@ -140,6 +140,33 @@ template <int RT, int BITS> struct Frag {
     float s[RT][2][NG], z[RT][2][NG];
 };
 
+// Makes the lane wait here for every register of f, i.e. for its loads: an XOR of them decides a
+// store to a word nobody reads, which the compiler cannot drop. A register ring refilled right
+// after its step is computed hands the next step's first use a wait on the loads just issued (the
+// loads share the warp's few scoreboards: a wait for an old load also waits for younger ones on
+// the same scoreboard); awaiting a step's registers before refilling the ring moves that wait
+// ahead of the new loads (qwgmma.cu).
+__device__ __forceinline__ void sink_word(uint32_t h) {
+    __shared__ uint32_t s_sink;
+    asm volatile("{ .reg .pred q; setp.eq.u32 q, %0, 0x9E3779B9; @q st.shared.u32 [%1], %0; }" ::"r"(h),
+                 "r"((uint32_t)__cvta_generic_to_shared(&s_sink))
+                 : "memory");
+}
+template <int RT, int BITS> __device__ __forceinline__ void await_frag(const Frag<RT, BITS>& f) {
+    uint32_t h = 0;
+#pragma unroll
+    for (int rt = 0; rt < RT; rt++)
+#pragma unroll
+        for (int e = 0; e < 2; e++) {
+#pragma unroll
+            for (int q = 0; q < BITS; q++) h ^= f.w[rt][e][q];
+#pragma unroll
+            for (int q = 0; q < Frag<RT, BITS>::NG; q++)
+                h ^= __float_as_uint(f.s[rt][e][q]) ^ __float_as_uint(f.z[rt][e][q]);
+        }
+    sink_word(h);
+}
+
 // How a step's 32 codes of a lane are walked: SUBS sub-steps of PAIRS half-precision pairs each,
 // whose activations are UNITS 16-byte units (8 activations each). A pair's two codes are what one
 // mask of a word yields: (j, j + 4) of 8 codes for 4-bit words and for 8-bit word pairs (byte j
