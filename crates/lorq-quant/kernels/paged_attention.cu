@@ -733,17 +733,29 @@ __device__ __forceinline__ void paged_prefill(const T* __restrict__ q, const T* 
                     mma16816<T>(s[nt], qf[ks], b[0], b[1]);
                     mma16816<T>(s[nt], qf[ks + 1], b[2], b[3]);
                 }
-            // Causal (and window) mask, log2-domain scores, the rows' new max.
+            // Causal (and window) mask, log2-domain scores, the rows' new max. A tile whose keys
+            // all precede the warp's first row needs no mask (no window): only the tiles on the
+            // diagonal pay for it (lab, H200: 8 x 2048 tokens 1320 -> 1255 us).
             float mx[2] = {m_run[0], m_run[1]};
+            if (a.window <= 0 && t0 + KB - 1 <= wlo) {
 #pragma unroll
-            for (int nt = 0; nt < NT; nt++)
+                for (int nt = 0; nt < NT; nt++)
 #pragma unroll
-                for (int j = 0; j < 4; j++) {
-                    const int h = j >> 1, t = t0 + nt * 8 + 2 * tq + (j & 1);
-                    const bool ok = t <= rpos[h] && (a.window <= 0 || t > rpos[h] - a.window);
-                    s[nt][j] = ok ? s[nt][j] * a.scale_log2 : -INFINITY;
-                    mx[h] = fmaxf(mx[h], s[nt][j]);
-                }
+                    for (int j = 0; j < 4; j++) {
+                        s[nt][j] *= a.scale_log2;
+                        mx[j >> 1] = fmaxf(mx[j >> 1], s[nt][j]);
+                    }
+            } else {
+#pragma unroll
+                for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+                    for (int j = 0; j < 4; j++) {
+                        const int h = j >> 1, t = t0 + nt * 8 + 2 * tq + (j & 1);
+                        const bool ok = t <= rpos[h] && (a.window <= 0 || t > rpos[h] - a.window);
+                        s[nt][j] = ok ? s[nt][j] * a.scale_log2 : -INFINITY;
+                        mx[h] = fmaxf(mx[h], s[nt][j]);
+                    }
+            }
             float base[2];
 #pragma unroll
             for (int h = 0; h < 2; h++) {
