@@ -231,12 +231,19 @@ __device__ __forceinline__ void load_words(uint32_t (&w)[BITS], const uint32_t* 
     }
 }
 
-// Chunk c (32 codes, BITS words) of each of the lane's rows into f, with its group's scale and zero.
+// n / gsize as __umulhi(n, group_magic(gsize)), exact while n * gsize < 2^32 (the hosts check
+// K * gsize: qmma_tiled.rs, qwgmma.rs): the group of each chunk a lane loads, without the ~20
+// instructions of an integer division per load (lab, H200: part of the wgmma kernel's 14336x4096
+// at 128 rows 36.3 -> 33.4 us, with a third wgmma group in flight).
+__device__ __forceinline__ uint32_t group_magic(int gsize) { return 0xFFFFFFFFu / (uint32_t)gsize + 1u; }
+
+// Chunk c (32 codes, BITS words) of each of the lane's rows into f, with its group's scale and zero
+// (gmagic: group_magic of the group size).
 template <bool LUTK, int RT, int BITS>
 __device__ __forceinline__ void load_chunk(Frag<RT, BITS>& f, const uint32_t* __restrict__ codes,
                                            const float* __restrict__ scales, const float* __restrict__ zeros,
                                            const size_t (&crow)[RT][2], const size_t (&srow)[RT][2], int c,
-                                           int gsize) {
+                                           uint32_t gmagic) {
     constexpr int NG = Frag<RT, BITS>::NG;
 #pragma unroll
     for (int rt = 0; rt < RT; rt++)
@@ -245,7 +252,7 @@ __device__ __forceinline__ void load_chunk(Frag<RT, BITS>& f, const uint32_t* __
             load_words<BITS>(f.w[rt][h], codes + crow[rt][h] + (size_t)c * BITS);
 #pragma unroll
             for (int q = 0; q < NG; q++) {
-                const int gi = (c * 32 + q * (32 / NG)) / gsize;
+                const int gi = (int)__umulhi((uint32_t)(c * 32 + q * (32 / NG)), gmagic);
                 f.s[rt][h][q] = __ldg(scales + srow[rt][h] + gi);
                 f.z[rt][h][q] = LUTK ? 0.f : __ldg(zeros + srow[rt][h] + gi);
             }
@@ -558,9 +565,10 @@ __device__ __forceinline__ void run(const uint32_t* __restrict__ codes, const fl
     if constexpr (LUTK) table_bytes<T>(lut, tlo, thi);
     size_t crow[RT][2], srow[RT][2];
     lane_rows<RT>(nw, g, N, wpr, groups, crow, srow);
+    const uint32_t gmagic = group_magic(gsize);
     auto load = [&](Frag<RT, BITS>& f, int st) {
         const int c = min(st * 4 + t, chunks - 1);  // past K: any chunk, its activations are 0
-        load_chunk<LUTK, RT, BITS>(f, codes, scales, zeros, crow, srow, c, gsize);
+        load_chunk<LUTK, RT, BITS>(f, codes, scales, zeros, crow, srow, c, gmagic);
     };
     float acc[RT][MT][4];
     mma_pipeline::zero(acc);
@@ -626,12 +634,13 @@ __device__ __forceinline__ void run_staged(const uint32_t* __restrict__ codes, c
     if constexpr (LUTK) table_bytes<T>(lut, tlo, thi);
     size_t crow[RT][2], srow[RT][2];
     lane_rows<RT>(nw, g, N, wpr, groups, crow, srow);
+    const uint32_t gmagic = group_magic(gsize);
     // Block step bs of this warp: its K step st0 + bs WK + ws (clamped: past the split's end the
     // loads repeat a valid chunk and the step is not computed).
     auto load = [&](Frag<RT, BITS>& f, int bs) {
         const int st = min(st0 + bs * WK + ws, st1 - 1);
         const int c = min(st * 4 + t, chunks - 1);
-        load_chunk<LUTK, RT, BITS>(f, codes, scales, zeros, crow, srow, c, gsize);
+        load_chunk<LUTK, RT, BITS>(f, codes, scales, zeros, crow, srow, c, gmagic);
     };
     // The activations of block step bs into its slot, zero past M, K and the split's end.
     auto stage = [&](int bs) {

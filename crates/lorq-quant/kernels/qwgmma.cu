@@ -15,7 +15,7 @@
 //   into registers, a ring of PF + 1 slots each refilled once its step's registers arrived (more
 //   bytes in flight per SM: lab, H100, 14336x4096 at 128 rows 48.9 us with 2 steps, 45.9 with 6).
 //   wgmma runs asynchronously: a word's two wgmmas are committed as one group, and the next word
-//   is decoded (into the other register buffer) while they run.
+//   is decoded (into another register buffer) while up to GROUPS of them run.
 // - Each block sums a run of K steps of the tiles laid end to end (segment_at): whole tiles, or,
 //   where the tiles would leave half the SMs idle, equal shares (stream-K); a tile cut between
 //   blocks is summed as the tiled kernel's K splits are (f32 partial sums added by the tile's last
@@ -111,6 +111,10 @@ __device__ __forceinline__ void decode(const Frag<1, 4>& f, int w, const uint32_
 }
 
 constexpr int WARPGROUPS = 2;
+// wgmma groups (a word's two wgmmas each) a warpgroup keeps in flight while it decodes the next word
+// (lab, H200, 14336x4096 at 128 rows: 2 groups 34.7 us, 3 groups 33.4).
+constexpr int GROUPS = 3;
+static_assert(GROUPS <= 4, "a step's slot is refilled two steps later (run)");
 constexpr int THREADS = 128 * WARPGROUPS;  // qwgmma.rs THREADS
 
 // Which K steps a block sums: the tiles (128 output rows x BN activation rows, row blocks fastest)
@@ -168,9 +172,10 @@ __device__ __forceinline__ void run(const uint32_t* __restrict__ codes, const fl
 
         size_t crow[1][2], srow[1][2];
         lane_rows<1>(nw, g, N, wpr, groups, crow, srow);
+        const uint32_t gmagic = group_magic(gsize);
         auto load = [&](Frag<1, 4>& f, int i) {
             const int c = min(min(st0 + i, st1 - 1) * 4 + t, chunks - 1);  // past K: activations are 0
-            load_chunk<LUTK, 1, 4>(f, codes, scales, zeros, crow, srow, c, gsize);
+            load_chunk<LUTK, 1, 4>(f, codes, scales, zeros, crow, srow, c, gmagic);
         };
         // Step i's activations into slot (used + i) % S (thread 0).
         auto stage = [&](int i) {
@@ -184,14 +189,15 @@ __device__ __forceinline__ void run(const uint32_t* __restrict__ codes, const fl
         float acc[1][MT][4];
         mma_pipeline::zero(acc);
 
-        uint32_t pw[2][1][2][4];  // a word's pairs, double-buffered against the running wgmmas
+        // A word's pairs, one buffer per wgmma group in flight (GROUPS) and the one being decoded.
+        uint32_t pw[GROUPS][1][2][4];
         auto compute = [&](const Frag<1, 4>& f, int i) {
             const uint32_t sb = s0 + ((used + i) % S) * SLOT;
             uint32_t s2[1][2], zs2[1][2], base[1][2];
             scale_pairs<T, LUTK, 1, 4>(f, 0, s2, zs2, base);
 #pragma unroll
             for (int w = 0; w < 4; w++) {
-                uint32_t(&p)[1][2][4] = pw[w & 1];
+                uint32_t(&p)[1][2][4] = pw[w % GROUPS];
                 decode<T, LUTK>(f, w, base, s2, zs2, tlo, thi, p);
                 pin(acc);
                 wg_fence();
@@ -207,7 +213,7 @@ __device__ __forceinline__ void run(const uint32_t* __restrict__ codes, const fl
                                             p[0][1][2 * jj + 1], d);
                 }
                 wg_commit();
-                wg_wait<1>();  // the previous word's wgmmas are done: its buffer is free
+                wg_wait<GROUPS - 1>();  // the oldest word's wgmmas are done: its buffer is free
                 pin(acc);
             }
         };
@@ -226,8 +232,8 @@ __device__ __forceinline__ void run(const uint32_t* __restrict__ codes, const fl
             for (int u = 0; u <= PF; u++) {
                 const int i = b0 + u;
                 if (i < nsteps) {
-                    // Every warp is past step i - 1's first word, so step i - 2's wgmmas are done and
-                    // its slot can be refilled.
+                    // Every warp has issued step i - 1's four groups, so (GROUPS - 1 <= 3 in flight)
+                    // step i - 2's wgmmas are done and its slot can be refilled.
                     __syncthreads();
                     stage(i + S - 2);
                     await_frag<1, 4>(buf[u]);

@@ -75,6 +75,20 @@ impl ElementRounding {
     }
 }
 
+/// The GPU kernels' group of input `pos` (kernels/qmma_tiled.cuh `group_magic`): the high word of
+/// `pos · ⌈2³² / group⌉`, a multiply instead of a division. Equal to `pos / group` whenever
+/// `pos · group < 2³²` ([`group_index_exact`]).
+pub fn group_index(pos: u32, group: u32) -> u32 {
+    let magic = (u32::MAX / group).wrapping_add(1);
+    ((pos as u64 * magic as u64) >> 32) as u32
+}
+
+/// Whether [`group_index`] is exact for every input of a `k`-input weight in groups of `group`:
+/// `k · group < 2³²` (the tensor-core kernels take only such weights).
+pub fn group_index_exact(k: usize, group: usize) -> bool {
+    (k as u64).saturating_mul(group as u64) < (1u64 << 32)
+}
+
 /// A weight `[n, k]` in the GPU kernels' layout (host copy).
 #[derive(Debug, Clone)]
 pub struct GpuLayout {

@@ -74,3 +74,37 @@ fn weights_the_kernels_cannot_read_say_why() {
     let e = t.gpu_layout().unwrap_err().to_string();
     assert!(e.contains("in_features 48"), "{e}");
 }
+
+/// The tensor-core kernels find a code's group with a multiply instead of a division
+/// (`group_index`): it equals the division wherever the kernels take the weight
+/// (`group_index_exact`: k · group < 2³²), at every group size the layout has (multiples of 16 and
+/// 8), up to and at the bound's edge, and it is wrong past the bound (so the guard is needed).
+#[test]
+fn group_index_is_the_division_below_the_bound() {
+    use lorq_quant::gpu_layout::{group_index, group_index_exact};
+    let mut checked = 0u64;
+    for group in (8..=8192u32).step_by(8) {
+        // The largest input count the kernels accept for this group.
+        let k_max = ((1u64 << 32) - 1) / group as u64;
+        assert!(group_index_exact(k_max as usize, group as usize));
+        assert!(!group_index_exact(k_max as usize + 1, group as usize));
+        let mut pos = 0u64;
+        let mut step = 1u64;
+        while pos < k_max {
+            let p = pos as u32;
+            assert_eq!(group_index(p, group), p / group, "pos {p}, group {group}");
+            checked += 1;
+            pos += step;
+            step = step * 5 / 4 + 1;
+        }
+        for p in [k_max - 1, k_max.saturating_sub(group as u64)] {
+            let p = p as u32;
+            assert_eq!(group_index(p, group), p / group, "pos {p}, group {group}");
+        }
+    }
+    assert!(checked > 50_000, "{checked}");
+    // Past the bound the multiply can be one too high: a group of 3·2¹⁰ at the last positions.
+    let group = 3 << 10;
+    let wrong = (u32::MAX - 4 * group..=u32::MAX).any(|p| group_index(p, group) != p / group);
+    assert!(wrong, "the bound would be unnecessary");
+}

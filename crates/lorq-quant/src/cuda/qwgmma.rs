@@ -72,11 +72,13 @@ pub fn set_enabled(on: bool) {
 }
 
 /// Whether the kernel covers this weight on `dev`: 4-bit codes (affine or table) in groups of a
-/// multiple of 32, on a GPU of compute capability 9.0 (`wgmma` is sm_90a only).
+/// multiple of 32 (K · group size below 2³²), on a GPU of compute capability 9.0 (`wgmma` is
+/// sm_90a only).
 pub fn supports(w: &DeviceLayout, dev: &CudaDevice) -> bool {
     ENABLED.load(Ordering::Relaxed)
         && matches!(w.tag.as_str(), "a4" | "t4")
         && w.gsize % 32 == 0
+        && super::qmma_tiled::group_division_exact(w)
         && matches!(super::fp8_gemm::compute_capability(dev), Ok((9, 0)))
 }
 
