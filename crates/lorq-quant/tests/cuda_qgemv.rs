@@ -718,7 +718,7 @@ mod gpu {
         let mut failures = check_formats_served(
             &dev,
             700,
-            &[33, 40, 64, 65, 100, 128, 130, 256, 300],
+            &[17, 32, 33, 40, 64, 65, 100, 128, 130, 256, 300],
             QPath::Wgmma,
             |dl| qwgmma::supports(dl, cdev),
             &[
@@ -778,8 +778,8 @@ mod gpu {
                     &[33, 64, 65, 130],
                     &[QPath::Wgmma],
                 ));
-                // Groups of 32 Mi codes take the wgmma kernel at 33-256 rows.
-                for m in [40usize, 100] {
+                // Groups of 32 Mi codes take the wgmma kernel at 17-256 rows.
+                for m in [20usize, 40, 100] {
                     if 2 * n * k < 1 << 25 {
                         continue;
                     }

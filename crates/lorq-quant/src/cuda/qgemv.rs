@@ -255,9 +255,14 @@ const AUTO_TILED_MIN_M_8BIT: usize = 3;
 const AUTO_TILED_MAX_M: usize = 64;
 const AUTO_TILED_WIDE_MAX_M: usize = 128;
 const AUTO_TILED_WIDE_CODES: usize = 1 << 25;
-/// The wgmma kernel ([`qwgmma::supports`]: 4-bit codes on a Hopper GPU) from 33 rows: on weights
-/// of 16 Mi codes and more (a grouped launch counts its weights together) up to 128 rows, of 32 Mi
-/// up to 256.
+/// The wgmma kernel ([`qwgmma::supports`]: 4-bit codes on a Hopper GPU) from 33 rows on weights
+/// of 16 Mi codes and more (a grouped launch counts its weights together) up to 128 rows, from 17
+/// rows on weights of 32 Mi up to 256.
+/// H200, session 27 (GPU time, after the kernel's awaited ring): at 17-32 rows the tiled kernel
+/// runs its 32-row block and the wgmma kernel its 64-row one, so 32 rows stands for the range:
+/// gate/up and down (56 Mi codes) 32.0-36.5 us wgmma against 33.9-55.7 tiled (GPTQ, AWQ, HQQ,
+/// NF4, act-order), at 16 rows 31.1-35.0 against 22.7-29.5; q/o (16 Mi) at 32 rows 15.2-17.5
+/// against 13.7-16.0 (the tiled kernel stays).
 /// H100, session 19, GPTQ 4-bit, us: 14336x4096 at 33 / 64 / 128 / 256 rows 45.0 / 45.4 / 51.8 /
 /// 95.6 against 57.1 / 56.6 / 83.7 (tiled) / 121.3 (dequantize + cuBLAS); 4096x4096 at 33 / 64
 /// 25.3 / 29.7 against 27.1 / 32.8; at 32 rows the tiled kernel stays ahead (39.8 against 45.2 on
@@ -269,6 +274,7 @@ const AUTO_TILED_WIDE_CODES: usize = 1 << 25;
 /// rows dequantize + cuBLAS ahead on every shape (25.2 / 51.3 / 160.8 / 183.6 against 32.2 / 57.5
 /// / 190.3 / 206.6 for k/v, q/o, gate/up, down).
 const AUTO_WGMMA_MIN_M: usize = 33;
+const AUTO_WGMMA_WIDE_MIN_M: usize = 17;
 const AUTO_WGMMA_MAX_M: usize = 128;
 const AUTO_WGMMA_WIDE_MAX_M: usize = 256;
 const AUTO_WGMMA_CODES: usize = 1 << 24;
@@ -278,8 +284,9 @@ const AUTO_WGMMA_CODES: usize = 1 << 24;
 pub enum QPath {
     /// The row count, dtype and format decide (see `AUTO_*`): for bf16/f16 activations and
     /// weights the tiled kernel covers, the tiled kernel for 2..=64 rows (2..=128 on large
-    /// weights), except 4-bit weights on a Hopper GPU, which take the wgmma kernel from 33 rows
-    /// on large weights (to 128-256 rows by size: `AUTO_WGMMA_*`); otherwise the GEMV up to 8 rows (f32 activations up to
+    /// weights), except 4-bit weights on a Hopper GPU, which take the wgmma kernel on large
+    /// weights (from 33 rows to 128, from 17 to 256 on the largest: `AUTO_WGMMA_*`); otherwise
+    /// the GEMV up to 8 rows (f32 activations up to
     /// [`QGEMV_MAX_M`]), the first tensor-core kernel up to 32, else dequantize + cuBLAS.
     Auto,
     /// The fused GEMV with this launch shape.
@@ -455,14 +462,14 @@ fn auto_route(
 ) -> Route {
     let half = is_half(dtype);
     let codes = n * w.k;
-    let wgmma_max_m = if codes >= 2 * AUTO_WGMMA_CODES {
-        AUTO_WGMMA_WIDE_MAX_M
+    let (wgmma_min_m, wgmma_max_m) = if codes >= 2 * AUTO_WGMMA_CODES {
+        (AUTO_WGMMA_WIDE_MIN_M, AUTO_WGMMA_WIDE_MAX_M)
     } else if codes >= AUTO_WGMMA_CODES {
-        AUTO_WGMMA_MAX_M
+        (AUTO_WGMMA_MIN_M, AUTO_WGMMA_MAX_M)
     } else {
-        0
+        (1, 0)
     };
-    if half && (AUTO_WGMMA_MIN_M..=wgmma_max_m).contains(&m) && wgmma() {
+    if half && (wgmma_min_m..=wgmma_max_m).contains(&m) && wgmma() {
         return Route::Wgmma;
     }
     let tiled_min_m = if w.tag == "a8" {
@@ -1073,8 +1080,9 @@ fn same_kernel(a: &DeviceLayout, b: &DeviceLayout) -> bool {
 /// `x · Wᵢᵀ` for 2 or 3 weights sharing `x` (q/k/v, gate/up) in one launch, when the automatic
 /// path of each would be the GEMV (one row, two for 8-bit codes, up to 8 for the other formats)
 /// or the tiled tensor-core kernel (2-, 3-, 4- and 8-bit codes, 2-64 rows, to 128 on large
-/// weights) or the wgmma kernel (4-bit codes on Hopper, from 33 rows: the activations rewritten
-/// once for all the weights) and they can share a kernel ([`same_kernel`]); `None` otherwise
+/// weights) or the wgmma kernel (4-bit codes on Hopper, from 17 or 33 rows by size: the
+/// activations rewritten once for all the weights) and they can share a kernel
+/// ([`same_kernel`]); `None` otherwise
 /// (the caller runs one matmul per weight). Decode at batch 1 is launch-bound on the small
 /// projections: on an H100 one launch for Llama-3-8B's q, k and v measured 11.4 us against 8.6 +
 /// 4.7 + 4.7 apart; at batch 32 the tiled kernel fills the GPU with the group's
