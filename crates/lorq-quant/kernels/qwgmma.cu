@@ -1,5 +1,5 @@
 // qwg_*: y[M, N] = x[M, K] . W^T for 4-bit weights (affine a4, table t4) in the packed GPU layout
-// on Hopper's warpgroup tensor-core instruction (wgmma, sm_90a), for 33-256 activation rows; the
+// on Hopper's warpgroup tensor-core instruction (wgmma, sm_90a), for 17-256 activation rows; the
 // weight stream, the code decode and the epilogue are the tiled kernel's (qmma_tiled.cuh).
 // - The weight is wgmma's A operand, from registers: warp w of a warpgroup decodes the m16n8k16 A
 //   fragments of its 16 output rows exactly as the tiled kernel's warps do (lane (g, t): chunk t
@@ -255,7 +255,7 @@ __device__ __forceinline__ void run(const uint32_t* __restrict__ codes, const fl
 }  // namespace qwg
 
 // Block shapes: activation rows per block BN, activation slots S, weight steps in flight PF
-// (qwgmma.rs Shape). n64: 33-64 rows; n128: past 64 (blocks of 128 rows).
+// (qwgmma.rs Shape). n64: up to 64 rows; n128: past 64 (blocks of 128 rows).
 #define QWG_CFG_n64 64, 8, 6
 #define QWG_CFG_n128 128, 4, 6
 

@@ -1,7 +1,7 @@
 //! The warpgroup tensor-core kernel of `kernels/qwgmma.cu` (Hopper's `wgmma`, compute capability
 //! 9.0): `x · Wᵀ` for 4-bit weights (affine `a4`: GPTQ, AWQ, HQQ 4-bit; table `t4`: NF4, FP4) in
-//! the packed layout the GEMV and the tiled kernel read, bf16/f16 activations, for 33 rows and
-//! more. The activations are first rewritten once per call (and once for all the weights of a
+//! the packed layout the GEMV and the tiled kernel read, bf16/f16 activations, from 17 or 33 rows
+//! by size (`qgemv.rs` `AUTO_WGMMA_*`). The activations are first rewritten once per call (and once for all the weights of a
 //! group) into the order of the decoded weight pairs, swizzled for `wgmma`; each block then copies
 //! its K steps of them into shared memory with bulk copies while its warps decode the weight codes
 //! from registers into `wgmma`'s A operand.
@@ -45,7 +45,7 @@ impl Shape {
     }
 }
 
-/// 33-64 rows: one block of 64 activation rows (lab, H100: 14336x4096 at 64 rows 40.5 us against
+/// Up to 64 rows: one block of 64 activation rows (lab, H100: 14336x4096 at 64 rows 40.5 us against
 /// 42.4 for 128-row blocks); past that blocks of 128.
 fn shape(m: usize) -> Shape {
     if m <= 64 {
