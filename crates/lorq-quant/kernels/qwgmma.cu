@@ -157,6 +157,7 @@ __device__ __forceinline__ void run(const uint32_t* __restrict__ codes, const fl
         for (int s = 0; s < S; s++) mbar_init(bar0 + 8 * s);
     uint32_t tlo[4] = {0, 0, 0, 0}, thi[4] = {0, 0, 0, 0};
     if constexpr (LUTK) table_bytes<T>(lut, tlo, thi);
+    const uint32_t gmagic = group_magic(gsize);
 
     const int steps = (K + 127) / 128, row_blocks = (N + 127) / 128;
     const int total = row_blocks * (Mp / BN) * steps, end = min(total, ((int)blockIdx.x + 1) * per_block);
@@ -172,7 +173,6 @@ __device__ __forceinline__ void run(const uint32_t* __restrict__ codes, const fl
 
         size_t crow[1][2], srow[1][2];
         lane_rows<1>(nw, g, N, wpr, groups, crow, srow);
-        const uint32_t gmagic = group_magic(gsize);
         auto load = [&](Frag<1, 4>& f, int i) {
             const int c = min(min(st0 + i, st1 - 1) * 4 + t, chunks - 1);  // past K: activations are 0
             load_chunk<LUTK, 1, 4>(f, codes, scales, zeros, crow, srow, c, gmagic);

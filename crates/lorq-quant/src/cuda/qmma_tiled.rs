@@ -36,19 +36,14 @@ const MAX_SPLITS: usize = 16;
 /// affine codes in groups of a multiple of 32, 2-bit affine codes in groups of a multiple of 16
 /// (a 32-code chunk then spans at most two groups, one per word: hqq 2-bit's groups of 16), with
 /// K · group size below 2³² ([`crate::gpu_layout::group_index_exact`]).
+/// The wgmma kernel reads through the same chunk loads and asks this too (`qwgmma::supports`).
 pub fn supports(w: &DeviceLayout) -> bool {
-    group_division_exact(w)
+    crate::gpu_layout::group_index_exact(w.k, w.gsize as usize)
         && match w.tag.as_str() {
             "a4" | "t4" | "a8" | "a3" => w.gsize % 32 == 0,
             "a2" => w.gsize % 16 == 0,
             _ => false,
         }
-}
-
-/// Whether the tensor-core kernels' group index of a code (a multiply instead of a division:
-/// [`crate::gpu_layout::group_index`]) is exact for every input of this weight.
-pub(crate) fn group_division_exact(w: &DeviceLayout) -> bool {
-    crate::gpu_layout::group_index_exact(w.k, w.gsize as usize)
 }
 
 /// n8 activation tiles per block for `m` rows: 8, 16, 32, 64 or 128 rows.

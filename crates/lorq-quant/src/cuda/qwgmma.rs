@@ -1,8 +1,9 @@
 //! The warpgroup tensor-core kernel of `kernels/qwgmma.cu` (Hopper's `wgmma`, compute capability
 //! 9.0): `x · Wᵀ` for 4-bit weights (affine `a4`: GPTQ, AWQ, HQQ 4-bit; table `t4`: NF4, FP4) in
 //! the packed layout the GEMV and the tiled kernel read, bf16/f16 activations, from 17 or 33 rows
-//! by size (`qgemv.rs` `AUTO_WGMMA_*`). The activations are first rewritten once per call (and once for all the weights of a
-//! group) into the order of the decoded weight pairs, swizzled for `wgmma`; each block then copies
+//! by size (`qgemv.rs` `AUTO_WGMMA_*`). The activations are first rewritten once per call (and
+//! once for all the weights of a group) into the order of the decoded weight pairs, swizzled for
+//! `wgmma`; each block then copies
 //! its K steps of them into shared memory with bulk copies while its warps decode the weight codes
 //! from registers into `wgmma`'s A operand.
 
@@ -71,14 +72,13 @@ pub fn set_enabled(on: bool) {
     ENABLED.store(on, Ordering::Relaxed);
 }
 
-/// Whether the kernel covers this weight on `dev`: 4-bit codes (affine or table) in groups of a
-/// multiple of 32 (K · group size below 2³²), on a GPU of compute capability 9.0 (`wgmma` is
-/// sm_90a only).
+/// Whether the kernel covers this weight on `dev`: 4-bit codes (affine or table) that the tiled
+/// kernel's chunk loads serve (groups of a multiple of 32, K · group size below 2³²:
+/// [`super::qmma_tiled::supports`]), on a GPU of compute capability 9.0 (`wgmma` is sm_90a only).
 pub fn supports(w: &DeviceLayout, dev: &CudaDevice) -> bool {
     ENABLED.load(Ordering::Relaxed)
         && matches!(w.tag.as_str(), "a4" | "t4")
-        && w.gsize % 32 == 0
-        && super::qmma_tiled::group_division_exact(w)
+        && super::qmma_tiled::supports(w)
         && matches!(super::fp8_gemm::compute_capability(dev), Ok((9, 0)))
 }
 
