@@ -164,3 +164,9 @@ struct QGroup {
     int b1, b2;
 };
 
+// n / gsize as __umulhi(n, group_magic(gsize)), exact while n * gsize < 2^32 (the hosts check
+// K * gsize: gpu_layout::group_index_exact in qgemv.rs, qmma_tiled.rs, qwgmma.rs): the group of
+// each chunk a lane loads, without the ~20 instructions of an integer division per load (lab,
+// H200: part of the wgmma kernel's 14336x4096 at 128 rows 36.3 -> 33.4 us, session 27; part of
+// the one-row half2 GEMV's gain, session 28).
+__device__ __forceinline__ uint32_t group_magic(int gsize) { return 0xFFFFFFFFu / (uint32_t)gsize + 1u; }

@@ -80,29 +80,49 @@ __device__ __forceinline__ void stage_x_half2(const T* __restrict__ x, int K, ui
 // follows them in the kernel's dynamic shared memory (crates/lorq-quant/src/cuda/qgemv.rs).
 __device__ __forceinline__ int half2_stage_words(int chunks) { return (72 * chunks + 15) / 16; }
 
-// One launch shape: RPW = 4 rows per warp, SPLIT = 4 warps per row group (K-slices), as qgemv.cu's
-// r4s4; a lane streams whole chunks. It was the fastest or within 2 % of it on every Llama-3-8B
-// shape (H100; 2 rows per warp, or 1 slice, lost up to 25 % on the 14336-input down_proj and 6 % on
-// the 28672-row gate+up launch). GATED (the MLP's gate and up sharing x): the warp's rows are 2
+// Launch shapes: RPW = 4 rows per warp, SPLIT = 2 or 4 warps per row group (K-slices), as
+// qgemv.cu's r4s2 / r4s4; a lane streams whole chunks. With SPLIT = 4 a 4096-input weight gives
+// each lane one chunk, so nothing overlaps a lane's loads but the x staging; 2 slices (two chunks
+// a lane, half the blocks and so half the blocks' stagings) are faster wherever they still give
+// about 2,048 warps (lab, H200, session 28, with the bookkeeping below: 14336x4096 12.8 -> 11.3 us,
+// the 28672-row gate+up 22.0 -> 18.4, q+k+v 7.6 -> 6.7, 4096x4096 6.0 -> 5.6, 4096x14336 12.3 ->
+// 12.3; 1024x4096 keeps 4 slices). GATED (the MLP's gate and up sharing x): the warp's rows are 2
 // rows of gate (p) and the same rows of up (p2), its output SiLU(gate) * up rounded as the two
 // GEMVs followed by fused_ops.cu's silu_mul round it.
-constexpr int RPW = 4, SPLIT = 4;
+constexpr int RPW = 4;
+
+// A warp's rows, once: each row's offset into the codes (16-byte units) and into the scales and
+// zeros, and the group magic (common.cuh). Per chunk a load is then one 32-bit add and one wide
+// multiply-add, not 64-bit row arithmetic and an integer division (the hosts check that the
+// offsets fit: qgemv.rs half2_fits).
+struct Half2Rows {
+    uint32_t code[RPW], group[RPW];
+    uint32_t gmagic;
+    __device__ __forceinline__ Half2Rows(const QParams& p, int out, int n0, int N) {
+#pragma unroll
+        for (int r = 0; r < RPW; r++) {
+            const uint32_t n = (uint32_t)min(n0 + r % out, N - 1);  // rows past N: garbage, never stored
+            code[r] = n * (uint32_t)(p.wpr >> 2);
+            group[r] = n * (uint32_t)p.groups;
+        }
+        gmagic = group_magic(p.gsize);
+    }
+};
 
 // One lane's chunk c of its RPW rows: the 16-byte codes, scale and zero of each.
 template <bool GATED>
 struct Half2Chunk {
     uint4 wv[RPW];
     float s[RPW], z[RPW];
-    __device__ __forceinline__ void load(const QParams& p, const QParams& p2, int n0, int N, int c) {
+    __device__ __forceinline__ void load(const QParams& p, const QParams& p2, const Half2Rows& rows, int c) {
         constexpr int OUT = GATED ? RPW / 2 : RPW;
-        const int g = c / (p.gsize >> 5);
+        const uint32_t g = __umulhi((uint32_t)c << 5, rows.gmagic);
 #pragma unroll
         for (int r = 0; r < RPW; r++) {
             const QParams& q = GATED && r >= OUT ? p2 : p;
-            const int n = min(n0 + r % OUT, N - 1);  // rows past N compute garbage, never stored
-            wv[r] = __ldcs(reinterpret_cast<const uint4*>(q.codes + (size_t)n * q.wpr + ((size_t)c << 2)));
-            s[r] = __ldg(q.scales + (size_t)n * q.groups + g);
-            z[r] = __ldg(q.zeros + (size_t)n * q.groups + g);
+            wv[r] = __ldcs(reinterpret_cast<const uint4*>(q.codes) + (rows.code[r] + (uint32_t)c));
+            s[r] = __ldg(q.scales + (rows.group[r] + g));
+            z[r] = __ldg(q.zeros + (rows.group[r] + g));
         }
     }
     // acc[r] += row r's chunk . x's chunk c (staged).
@@ -158,25 +178,36 @@ __device__ __forceinline__ void norm_head_stage(const NormHead& nh, int K, uint4
     __syncthreads();
 }
 
-// The rows of grid block bx, x staged in s_xh; the lanes loop over their chunks. PERSIST: the
-// launch's blocks take the grid's blocks in turn (the norm-head kernels: the norm once per block),
-// so the block waits before its next turn rewrites s_part.
-template <typename T, bool GATED, bool PERSIST>
+// The rows of grid block bx; the lanes loop over their chunks. stage() (all threads, the block's
+// x into s_xh and a barrier; a no-op where x is already there) runs after each lane's first loads
+// are issued (plain kernels), so the weights' latency overlaps the staging (lab, H200, session 28: 14336x4096 at
+// 2 slices 12.8 us with the loads after the staging, 11.3 before). PERSIST: the launch's blocks
+// take the grid's blocks in turn (the norm-head kernels: the norm once per block), so the block
+// waits before its next turn rewrites s_part.
+template <typename T, int SPLIT, bool GATED, bool PERSIST, typename Stage>
 __device__ __forceinline__ void qgemv_half2(const QParams p, const uint4* s_xh, T* __restrict__ y, int N,
-                                            int K, int bx, const QParams p2 = QParams{}) {
+                                            int K, int bx, Stage&& stage, const QParams p2 = QParams{}) {
+    static_assert(WARPS % SPLIT == 0, "a block holds whole row groups");
     constexpr int OUT = GATED ? RPW / 2 : RPW;  // output rows per warp
     __shared__ float s_part[WARPS][RPW];
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int chunks = K >> 5;
     const int gw = bx * WARPS + warp;
     const int n0 = (gw / SPLIT) * OUT, slice = gw % SPLIT;
+    const int c0 = slice * 32 + lane;
+    const bool live = n0 < N && c0 < chunks;
+    const Half2Rows rows(p, OUT, n0, N);
+    // The persistent kernels stage before their turns and load in the loop only: their first
+    // loads held across the turns' dispatch took 122 registers against 64.
+    Half2Chunk<GATED> ch;
+    if (!PERSIST && live) ch.load(p, p2, rows, c0);
+    stage();
     float acc[RPW];
 #pragma unroll
     for (int r = 0; r < RPW; r++) acc[r] = 0.f;
-    if (n0 < N) {
-        for (int c = slice * 32 + lane; c < chunks; c += 32 * SPLIT) {
-            Half2Chunk<GATED> ch;
-            ch.load(p, p2, n0, N, c);
+    if (live) {
+        for (int c = c0; c < chunks; c += 32 * SPLIT) {
+            if (PERSIST || c != c0) ch.load(p, p2, rows, c);
             ch.dot(s_xh, chunks, c, acc);
         }
     }
@@ -203,66 +234,70 @@ __device__ __forceinline__ void qgemv_half2(const QParams p, const uint4* s_xh, 
     if constexpr (PERSIST) __syncthreads();  // s_part is read before the block's next turn writes it
 }
 
-// qgemv_a4h_<dtype>_m1_r4_s4: qgemv.cu's signature (M is 1), 72 bytes of dynamic shared memory
-// per chunk of 32 inputs. x is staged before the grouped dispatch (62 registers; 75 staged per
-// branch).
-#define QGEMV_HALF2(TN, T)                                                                         \
+// The block's x staged, for qgemv_half2's stage() in the plain kernels. The norm-head kernels run
+// the norm and stage x' once per block before their turns (no stage() then: holding a lane's first
+// loads across the norm took 128-196 registers).
+#define HALF2_STAGE_X(T) [&] { stage_x_half2<T>(x, K, s_xh); __syncthreads(); }
+
+// qgemv_a4h_<dtype>_m1_r4_s<S>: qgemv.cu's signature (M is 1), 72 bytes of dynamic shared memory
+// per chunk of 32 inputs.
+#define QGEMV_HALF2(TN, T, S)                                                                      \
     extern "C" __global__ void __launch_bounds__(WARPS * 32)                                       \
-        qgemv_a4h_##TN##_m1_r4_s4(QARGS, const T* __restrict__ x, T* __restrict__ y, int M, int N, \
-                                  int K, const QGroup g) {                                         \
+        qgemv_a4h_##TN##_m1_r4_s##S(QARGS, const T* __restrict__ x, T* __restrict__ y, int M, int N, \
+                                    int K, const QGroup g) {                                       \
         extern __shared__ uint4 s_xh[];                                                            \
-        stage_x_half2<T>(x, K, s_xh);                                                              \
-        __syncthreads();                                                                           \
         qgroup_dispatch(QParams QPARAMS, y, N, g, [&](const QParams& p, T* yw, int n, int b) {    \
-            qgemv_half2<T, false, false>(p, s_xh, yw, n, K, b);                        \
+            qgemv_half2<T, S, false, false>(p, s_xh, yw, n, K, b, HALF2_STAGE_X(T));                  \
         });                                                                                        \
     }
-// qgemv_a4h_norm_<dtype>_m1_r4_s4: the same with the norm head (x = RMSNorm(nh.x + nh.d) * nh.w,
-// K up to what one block's norm holds, rms_norm.cuh), persistent blocks taking the `blocks` of the plain kernel's grid in turn (the norm
-// once per block); dynamic shared memory: the staging words, then K values of T.
-#define QGEMV_HALF2_NORM(TN, T)                                                                    \
+// qgemv_a4h_norm_<dtype>_m1_r4_s<S>: the same with the norm head (x = RMSNorm(nh.x + nh.d) *
+// nh.w, K up to what one block's norm holds, rms_norm.cuh), persistent blocks taking the `blocks`
+// of the plain kernel's grid in turn (the norm once per block); dynamic shared memory: the staging
+// words, then K values of T.
+#define QGEMV_HALF2_NORM(TN, T, S)                                                                 \
     extern "C" __global__ void __launch_bounds__(WARPS * 32)                                       \
-        qgemv_a4h_norm_##TN##_m1_r4_s4(QARGS, T* __restrict__ y, int N, int K, const QGroup g,     \
-                                       const NormHead nh, int blocks) {                            \
+        qgemv_a4h_norm_##TN##_m1_r4_s##S(QARGS, T* __restrict__ y, int N, int K, const QGroup g,   \
+                                         const NormHead nh, int blocks) {                          \
         extern __shared__ uint4 s_xh[];                                                            \
         norm_head_stage<T>(nh, K, s_xh);                                                           \
         _Pragma("unroll 1") for (int bx = blockIdx.x; bx < blocks; bx += gridDim.x) {              \
             qgroup_dispatch_at(bx, QParams QPARAMS, y, N, g, [&](const QParams& p, T* yw, int n, int b) { \
-                qgemv_half2<T, false, true>(p, s_xh, yw, n, K, b);                                 \
+                qgemv_half2<T, S, false, true>(p, s_xh, yw, n, K, b, [] {});                       \
             });                                                                                    \
         }                                                                                          \
     }
 
-// qgemv_a4h_silu_<dtype>_m1_r4_s4: y = SiLU(x . gateᵀ) * (x . upᵀ), gate (QARGS) and up [N, K] of
-// the same format; each warp 2 rows of each (registers as 4 rows of one weight): one launch for
+// qgemv_a4h_silu_<dtype>_m1_r4_s<S>: y = SiLU(x . gateᵀ) * (x . upᵀ), gate (QARGS) and up [N, K]
+// of the same format; each warp 2 rows of each (registers as 4 rows of one weight): one launch for
 // the MLP's two projections and its activation at batch 1.
-#define QGEMV_HALF2_SILU(TN, T)                                                                    \
+#define QGEMV_HALF2_SILU(TN, T, S)                                                                 \
     extern "C" __global__ void __launch_bounds__(WARPS * 32)                                       \
-        qgemv_a4h_silu_##TN##_m1_r4_s4(QARGS, const uint32_t* up_codes, const float* up_scales,    \
-                                       const float* up_zeros, const T* __restrict__ x,             \
-                                       T* __restrict__ y, int N, int K) {                          \
+        qgemv_a4h_silu_##TN##_m1_r4_s##S(QARGS, const uint32_t* up_codes, const float* up_scales,  \
+                                         const float* up_zeros, const T* __restrict__ x,           \
+                                         T* __restrict__ y, int N, int K) {                        \
         extern __shared__ uint4 s_xh[];                                                            \
-        stage_x_half2<T>(x, K, s_xh);                                                              \
-        __syncthreads();                                                                           \
         const QParams p = QPARAMS;                                                                 \
         const QParams up = {up_codes, up_scales, up_zeros, lut, wpr, gsize, groups, round_mode};   \
-        qgemv_half2<T, true, false>(p, s_xh, y, N, K, blockIdx.x, up);                 \
+        qgemv_half2<T, S, true, false>(p, s_xh, y, N, K, blockIdx.x, HALF2_STAGE_X(T), up);          \
     }
-// qgemv_a4h_silu_norm_<dtype>_m1_r4_s4: the same with the norm head (as qgemv_a4h_norm_*).
-#define QGEMV_HALF2_SILU_NORM(TN, T)                                                               \
+// qgemv_a4h_silu_norm_<dtype>_m1_r4_s<S>: the same with the norm head (as qgemv_a4h_norm_*).
+#define QGEMV_HALF2_SILU_NORM(TN, T, S)                                                            \
     extern "C" __global__ void __launch_bounds__(WARPS * 32)                                       \
-        qgemv_a4h_silu_norm_##TN##_m1_r4_s4(QARGS, const uint32_t* up_codes,                       \
-                                            const float* up_scales, const float* up_zeros,         \
-                                            T* __restrict__ y, int N, int K, const NormHead nh,    \
-                                            int blocks) {                                          \
+        qgemv_a4h_silu_norm_##TN##_m1_r4_s##S(QARGS, const uint32_t* up_codes,                     \
+                                              const float* up_scales, const float* up_zeros,       \
+                                              T* __restrict__ y, int N, int K, const NormHead nh,  \
+                                              int blocks) {                                        \
         extern __shared__ uint4 s_xh[];                                                            \
         const QParams p = QPARAMS;                                                                 \
         const QParams up = {up_codes, up_scales, up_zeros, lut, wpr, gsize, groups, round_mode};   \
         norm_head_stage<T>(nh, K, s_xh);                                                           \
         _Pragma("unroll 1") for (int bx = blockIdx.x; bx < blocks; bx += gridDim.x)                \
-            qgemv_half2<T, true, true>(p, s_xh, y, N, K, bx, up);                                  \
+            qgemv_half2<T, S, true, true>(p, s_xh, y, N, K, bx, [] {}, up);                        \
     }
-#define QGEMV_HALF2_ALL(TN, T)                                                                     \
-    QGEMV_HALF2(TN, T) QGEMV_HALF2_NORM(TN, T) QGEMV_HALF2_SILU(TN, T) QGEMV_HALF2_SILU_NORM(TN, T)
-QGEMV_HALF2_ALL(bf16, __nv_bfloat16)
-QGEMV_HALF2_ALL(f16, __half)
+#define QGEMV_HALF2_ALL(TN, T, S)                                                                  \
+    QGEMV_HALF2(TN, T, S) QGEMV_HALF2_NORM(TN, T, S) QGEMV_HALF2_SILU(TN, T, S)                    \
+        QGEMV_HALF2_SILU_NORM(TN, T, S)
+QGEMV_HALF2_ALL(bf16, __nv_bfloat16, 2)
+QGEMV_HALF2_ALL(bf16, __nv_bfloat16, 4)
+QGEMV_HALF2_ALL(f16, __half, 2)
+QGEMV_HALF2_ALL(f16, __half, 4)

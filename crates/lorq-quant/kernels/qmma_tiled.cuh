@@ -35,16 +35,11 @@
 
 #include "common.cuh"
 #include "mma_pipeline.cuh"
+#include "table_codes.cuh"
 
 namespace qmmat {
 
 constexpr int THREADS = 256;  // every block shape: WR * WK = 8 warps (qmma_tiled.rs THREADS)
-
-__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
-    uint32_t r;
-    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(sel));
-    return r;
-}
 
 template <typename T> struct Half;
 template <> struct Half<__nv_bfloat16> {
@@ -52,10 +47,6 @@ template <> struct Half<__nv_bfloat16> {
     static constexpr float MAGIC_F = 128.f;
     static constexpr float ZI_MAX = 127.f;  // 128 + zi stays an exact bf16 integer
     static __device__ __forceinline__ uint32_t pack(float lo, float hi) { return pack2<__nv_bfloat16>(lo, hi); }
-    static __device__ __forceinline__ uint16_t bits(float v) {
-        __nv_bfloat16 h = __float2bfloat16_rn(v);
-        return *reinterpret_cast<uint16_t*>(&h);
-    }
     static __device__ __forceinline__ uint32_t sub(uint32_t a, uint32_t b) {
         __nv_bfloat162 r = __hsub2(*reinterpret_cast<__nv_bfloat162*>(&a), *reinterpret_cast<__nv_bfloat162*>(&b));
         return *reinterpret_cast<uint32_t*>(&r);
@@ -79,10 +70,6 @@ template <> struct Half<__half> {
     static constexpr float MAGIC_F = 1024.f;
     static constexpr float ZI_MAX = 1023.f;
     static __device__ __forceinline__ uint32_t pack(float lo, float hi) { return pack2<__half>(lo, hi); }
-    static __device__ __forceinline__ uint16_t bits(float v) {
-        __half h = __float2half_rn(v);
-        return *reinterpret_cast<uint16_t*>(&h);
-    }
     static __device__ __forceinline__ uint32_t sub(uint32_t a, uint32_t b) {
         __half2 r = __hsub2(*reinterpret_cast<__half2*>(&a), *reinterpret_cast<__half2*>(&b));
         return *reinterpret_cast<uint32_t*>(&r);
@@ -102,29 +89,13 @@ template <> struct Half<__half> {
     }
 };
 
-// Four table entries (half-precision bit patterns) for the four 4-bit codes in sel's low 16 bits,
-// one per byte: low bytes from tlo, high bytes from thi (entry e in byte e%4 of register e/4).
-__device__ __forceinline__ void lookup4(uint32_t sel, const uint32_t (&tlo)[4], const uint32_t (&thi)[4],
-                                        uint32_t& lo, uint32_t& hi) {
-    const uint32_t idx = sel & 0x7777u;                        // entry within its half-table
-    const uint32_t pick = ((sel >> 1) & 0x4444u) | 0x3210u;    // byte i from the upper half-table?
-    lo = prmt(prmt(tlo[0], tlo[1], idx), prmt(tlo[2], tlo[3], idx), pick);
-    hi = prmt(prmt(thi[0], thi[1], idx), prmt(thi[2], thi[3], idx), pick);
-}
-
 // The 4 pairs (codes j, j+4), j = 0..3, of word w: table codes lut[q] (unscaled); affine codes
 // q - zi exactly, base holding the pair (MAGIC + zi, MAGIC + zi).
 template <typename T, bool LUTK>
 __device__ __forceinline__ void decode_word(uint32_t w, uint32_t base, const uint32_t (&tlo)[4], const uint32_t (&thi)[4],
                                             uint32_t (&p)[4]) {
     if constexpr (LUTK) {
-        uint32_t lo, hi;
-        lookup4(prmt(w, 0u, 0x4420u), tlo, thi, lo, hi);  // codes 0, 1, 4, 5
-        p[0] = prmt(lo, hi, 0x6240u);                      // (0, 4)
-        p[1] = prmt(lo, hi, 0x7351u);                      // (1, 5)
-        lookup4(prmt(w, 0u, 0x4431u), tlo, thi, lo, hi);  // codes 2, 3, 6, 7
-        p[2] = prmt(lo, hi, 0x6240u);
-        p[3] = prmt(lo, hi, 0x7351u);
+        table_pairs(w, tlo, thi, p);
     } else {
 #pragma unroll
         for (int j = 0; j < 4; j++)
@@ -181,18 +152,6 @@ template <int BITS> struct Walk {
     static constexpr int UNITS = 4 / SUBS;
 };
 
-// The 16-entry table as bytes in registers (lookup4): entry e's low byte in byte e % 4 of tlo[e / 4],
-// its high byte likewise in thi.
-template <typename T>
-__device__ __forceinline__ void table_bytes(const float* __restrict__ lut, uint32_t (&tlo)[4], uint32_t (&thi)[4]) {
-#pragma unroll
-    for (int e = 0; e < 16; e++) {
-        const uint32_t b = Half<T>::bits(__ldg(lut + e));
-        tlo[e >> 2] |= (b & 0xFFu) << (8 * (e & 3));
-        thi[e >> 2] |= (b >> 8) << (8 * (e & 3));
-    }
-}
-
 // Row offsets of lane row g (and g + 8) of each m16 tile of a warp whose first row is nw, into the
 // codes and the (scale, zero) arrays; clamped: rows past N compute garbage that is never stored.
 template <int RT>
@@ -230,12 +189,6 @@ __device__ __forceinline__ void load_words(uint32_t (&w)[BITS], const uint32_t* 
         }
     }
 }
-
-// n / gsize as __umulhi(n, group_magic(gsize)), exact while n * gsize < 2^32 (the hosts check
-// K * gsize: qmma_tiled.rs, qwgmma.rs): the group of each chunk a lane loads, without the ~20
-// instructions of an integer division per load (lab, H200: part of the wgmma kernel's 14336x4096
-// at 128 rows 36.3 -> 33.4 us, with a third wgmma group in flight).
-__device__ __forceinline__ uint32_t group_magic(int gsize) { return 0xFFFFFFFFu / (uint32_t)gsize + 1u; }
 
 // Chunk c (32 codes, BITS words) of each of the lane's rows into f, with its group's scale and zero
 // (gmagic: group_magic of the group size).

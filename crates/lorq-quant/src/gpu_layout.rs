@@ -75,7 +75,7 @@ impl ElementRounding {
     }
 }
 
-/// The GPU kernels' group of input `pos` (kernels/qmma_tiled.cuh `group_magic`): the high word of
+/// The GPU kernels' group of input `pos` (kernels/common.cuh `group_magic`): the high word of
 /// `pos · ⌈2³² / group⌉`, a multiply instead of a division. Equal to `pos / group` whenever
 /// `pos · group < 2³²` ([`group_index_exact`]).
 pub fn group_index(pos: u32, group: u32) -> u32 {

@@ -261,21 +261,27 @@ mod gpu {
 
     /// The half2 one-row GEMV on every format it takes (affine 4-bit), with activations
     /// spanning its per-chunk scaling: chunks of outliers (3,000: a Llama down_proj input's
-    /// range), of tiny values (1e-4), of zeros, beside ordinary ones; the kernel and
-    /// `Auto`. Past the default shared memory it opts in; past its own limit it is refused with
-    /// an error.
+    /// range), of tiny values (1e-4), of zeros, beside ordinary ones; both launch shapes (2 and 4
+    /// K-slices) and `Auto`, row counts that leave a block or a warp part empty. Past the default
+    /// shared memory it opts in; past its own limit it is refused with an error.
     #[test]
     fn half2_gemv_matches_the_cpu_decoder() {
         let Some(dev) = gpu() else { return };
         let cdev = dev.as_cuda_device().unwrap();
-        let half2 = QPath::Fused(Variant::HALF2);
+        let half2 = QPath::Fused(Variant::half2(4));
+        let shapes = [
+            QPath::Fused(Variant::half2(2)),
+            QPath::Fused(Variant::half2(4)),
+            QPath::Auto,
+        ];
         let mut failures = Vec::new();
         let mut served = Vec::new();
         // GPTQ's act-order quantizer is cubic in K: the long K (K-split shape) through hqq only.
         let long_k = |seed| -> Vec<(String, Arc<dyn QuantTensor>)> {
-            vec![("hqq-4bit".into(), hqq_4bit(40, 16384, seed))]
+            vec![("hqq-4bit".into(), hqq_4bit(37, 16384, seed))]
         };
-        for (si, &(n, k)) in [(136usize, 512usize), (264, 4096), (40, 16384)]
+        // 40 rows: a block of the 2-slice shape (16 rows) part empty; 37: a warp's rows too.
+        for (si, &(n, k)) in [(136usize, 512usize), (264, 4096), (40, 1024), (37, 16384)]
             .iter()
             .enumerate()
         {
@@ -305,7 +311,7 @@ mod gpu {
                 }
                 for dtype in [DType::BF16, DType::F16] {
                     let (xg, want) = input_and_want(&dev, xv.clone(), (1, k), dtype, &w_ref);
-                    for path in [half2, QPath::Auto] {
+                    for path in shapes {
                         let got = matmul(&dl, &xg, path).unwrap();
                         let e = rel_l2(&got, &want);
                         if e.is_nan() || e > 1e-2 {
@@ -364,13 +370,13 @@ mod gpu {
         use lorq_quant::cuda::qgemv::matmul_silu_mul;
         let Some(dev) = gpu() else { return };
         let cdev = dev.as_cuda_device().unwrap();
-        let half2 = QPath::Fused(Variant::HALF2);
         let mut pairs: Vec<_> = every_format(136, 512, 700)
             .into_iter()
             .zip(every_format(136, 512, 701))
             .map(|((name, g), (_, u))| (name, g, u))
             .collect();
-        for n in [30usize, 31] {
+        // 4100 rows: the gate/up kernel's 2-slice shape.
+        for n in [30usize, 31, 4100] {
             pairs.push((
                 format!("hqq-4bit n={n}"),
                 hqq_4bit(n, 512, 702),
@@ -396,6 +402,7 @@ mod gpu {
                     continue;
                 };
                 fused.push(name.clone());
+                let half2 = QPath::Fused(Variant::half2_for(gl.n.div_ceil(4)));
                 let want = silu_mul(
                     &matmul(&gd, &x, half2).unwrap(),
                     &matmul(&ud, &x, half2).unwrap(),

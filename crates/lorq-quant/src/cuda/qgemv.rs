@@ -17,7 +17,7 @@ use candle_core::{CudaStorage, DType, Storage, Tensor};
 
 use super::fused_ops::{gather_columns, NormHead, NormHeadArg};
 use super::{cuda_device, dtype_name, function, qmma_tiled, qwgmma, tensor_from_storage};
-use crate::gpu_layout::{CodeKind, GpuLayout};
+use crate::gpu_layout::{group_index_exact, CodeKind, GpuLayout};
 use crate::gpu_slot::GpuSlot;
 use crate::QuantError;
 
@@ -343,22 +343,38 @@ impl Variant {
     }
 
     /// Every compiled shape: f32 math (kernels/qgemv.cu) with rows per warp 4 up to 2 activation
-    /// rows of bf16/f16, and the half2 kernel (kernels/qgemv_half2.cu, one shape).
-    pub const ALL: [Variant; 5] = [
+    /// rows of bf16/f16, and the half2 kernel's two (kernels/qgemv_half2.cu).
+    pub const ALL: [Variant; 6] = [
         Variant::f32_math(1, 1),
         Variant::f32_math(1, 4),
         Variant::f32_math(4, 1),
         Variant::f32_math(4, 4),
-        Variant::HALF2,
+        Variant::half2(2),
+        Variant::half2(4),
     ];
 
-    /// The half2 kernel's one shape: 4 rows per warp, 4 K-slices (the fastest or within 2 % of it
-    /// on every Llama-3-8B shape on an H100, docs/benchmarks.md).
-    pub const HALF2: Variant = Variant {
-        rows_per_warp: 4,
-        split: 4,
-        half2: true,
-    };
+    /// The half2 kernel's shapes: 4 rows per warp, 2 or 4 K-slices ([`Variant::half2_for`]).
+    pub const fn half2(split: usize) -> Variant {
+        Variant {
+            rows_per_warp: 4,
+            split,
+            half2: true,
+        }
+    }
+
+    /// The half2 kernel's shape for `row_groups` groups of 4 output rows (the gate/up kernel asks
+    /// as for one of its weights, so its sums are the GEMVs' bit for bit): 2 K-slices where that
+    /// still gives 2,048 warps or more, else 4.
+    /// Lab, H200, session 28 (docs/benchmarks.md): 2 slices 12.8 -> 11.3 us on 14336x4096, 22.0
+    /// -> 18.4 on the 28672-row gate+up launch, 7.6 -> 6.7 on q+k+v, 6.0 -> 5.6 on 4096x4096, even
+    /// on 4096x14336; 1024x4096 (512 warps at 2 slices) faster at 4.
+    pub fn half2_for(row_groups: usize) -> Variant {
+        if row_groups * 2 >= 2048 {
+            Variant::half2(2)
+        } else {
+            Variant::half2(4)
+        }
+    }
 
     /// Blocks of one weight of `n` rows (kernels/qgemv.cu, qgemv_half2.cu: WARPS warps per block,
     /// `split` warps per group of `rows_per_warp` output rows; `gated`: the gate/up-SiLU kernel,
@@ -374,9 +390,14 @@ impl Variant {
 
     /// Whether the half2 kernel takes `w`: affine 4-bit codes (hqq / GPTQ / AWQ 4-bit) in groups
     /// of a multiple of 32, with K small enough for the staged activations in shared memory
-    /// ([`HALF2_MAX_SMEM`]).
+    /// ([`HALF2_MAX_SMEM`]), a code's group exact by multiply-high ([`group_index_exact`]) and
+    /// every row's offset in 32 bits (the kernel's `Half2Rows`).
     pub fn half2_fits(w: &DeviceLayout) -> bool {
-        w.tag == "a4" && w.gsize % 32 == 0 && half2_smem(w) <= HALF2_MAX_SMEM
+        w.tag == "a4"
+            && w.gsize % 32 == 0
+            && half2_smem(w) <= HALF2_MAX_SMEM
+            && group_index_exact(w.k, w.gsize as usize)
+            && w.n * w.k / 32 <= u32::MAX as usize
     }
 
     /// Whether this shape is compiled for `mr` activation rows of `dtype` and takes `w`'s format.
@@ -395,12 +416,20 @@ impl Variant {
     }
 
     /// The shape for `n` output rows (all the weights of a grouped launch): the half2 kernel where
-    /// `half2` (it takes the weight) for one bf16/f16 row; otherwise enough warps to fill the GPU
-    /// (about 2,048), with the fewest K-slices and the most rows per warp (activations loaded once
-    /// for all of them).
+    /// `half2` (it takes the weight) for one bf16/f16 row; for other weights at one bf16/f16 row
+    /// f32 math with 4 rows per warp, 4 K-slices below 16,384 rows and 1 from there (H200, session
+    /// 28, NF4 codes: 14336x4096 17.7-18.2 us against 18.8-19.4 at one slice, 4096x14336 17.2
+    /// against 24.8, 1024x4096 3.6 against 3.8 at one row per warp, but the 28672-row gate+up
+    /// launch 32.3 against 30.7 at one slice); otherwise enough warps to fill the GPU (about
+    /// 2,048), with the fewest K-slices and the most rows per warp (activations loaded once for
+    /// all of them).
     pub fn pick(n: usize, mr: usize, dtype: DType, half2: bool) -> Variant {
         if half2 && half2_rows(mr, dtype) {
-            return Variant::HALF2;
+            return Variant::half2_for(n.div_ceil(4));
+        }
+        if half2_rows(mr, dtype) {
+            let split = if n.div_ceil(4) >= 4096 { 1 } else { 4 };
+            return Variant::f32_math(4, split);
         }
         const WANT: usize = 2048;
         for v in [
@@ -813,7 +842,8 @@ pub fn matmul_silu_mul(
         // SAFETY: every output element is written by the kernel.
         let y = unsafe { dev.alloc::<T>(n)? };
         let stream = dev.cuda_stream();
-        let v = Variant::HALF2;
+        // The shape of either weight's own GEMV (`Auto`): the same sums, bit for bit.
+        let v = Variant::half2_for(n.div_ceil(4));
         let smem = half2_smem(gate);
         let name = format!(
             "qgemv_a4h_silu_{dname}_m1_r{}_s{}",
@@ -945,7 +975,9 @@ pub fn matmul_group_norm_head(
         nh: &NormHeadArg,
         dname: &str,
     ) -> Result<Vec<CudaStorage>, QuantError> {
-        let (w, v) = (ws[0], Variant::HALF2);
+        let w = ws[0];
+        // The grouped GEMV's shape (`Variant::pick` on all the rows): the same sums, bit for bit.
+        let v = Variant::half2_for(ws.iter().map(|w| w.n).sum::<usize>().div_ceil(4));
         // SAFETY: every output element is written by the kernel.
         let ys = ws
             .iter()
@@ -1012,7 +1044,8 @@ pub fn matmul_silu_mul_norm_head(
         nh: &NormHeadArg,
         dname: &str,
     ) -> Result<CudaStorage, QuantError> {
-        let (n, k, v) = (gate.n, gate.k, Variant::HALF2);
+        let (n, k) = (gate.n, gate.k);
+        let v = Variant::half2_for(n.div_ceil(4));
         // SAFETY: every output element is written by the kernel.
         let y = unsafe { dev.alloc::<T>(n)? };
         let stream = dev.cuda_stream();
@@ -1210,9 +1243,11 @@ mod tests {
     fn picks_enough_warps() {
         let bf = DType::BF16;
         let pick = |n, mr, dtype| Variant::pick(n, mr, dtype, false).name();
-        assert_eq!(pick(14336, 1, bf), "r4s1");
+        assert_eq!(pick(14336, 1, bf), "r4s4");
+        assert_eq!(pick(28672, 1, bf), "r4s1");
+        assert_eq!(pick(14336, 2, bf), "r4s1");
         assert_eq!(pick(4096, 1, bf), "r4s4");
-        assert_eq!(pick(1024, 1, bf), "r1s4");
+        assert_eq!(pick(1024, 1, bf), "r4s4");
         assert_eq!(pick(4096, 8, bf), "r1s1");
         assert_eq!(pick(1024, 8, bf), "r1s4");
         assert_eq!(pick(4096, 1, DType::F32), "r1s1");
@@ -1221,7 +1256,9 @@ mod tests {
     #[test]
     fn picks_the_half2_kernel_for_one_half_precision_row() {
         let pick = |n, mr, dtype| Variant::pick(n, mr, dtype, true).name();
-        assert_eq!(pick(28672, 1, DType::BF16), "half2-r4s4");
+        assert_eq!(pick(28672, 1, DType::BF16), "half2-r4s2");
+        assert_eq!(pick(4096, 1, DType::BF16), "half2-r4s2");
+        assert_eq!(pick(4088, 1, DType::BF16), "half2-r4s4");
         assert_eq!(pick(1024, 1, DType::F16), "half2-r4s4");
         // Two rows, or f32 rows: the f32-math kernel.
         assert_eq!(pick(28672, 2, DType::BF16), "r4s1");
