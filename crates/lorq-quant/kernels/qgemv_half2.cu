@@ -180,10 +180,10 @@ __device__ __forceinline__ void norm_head_stage(const NormHead& nh, int K, uint4
 
 // The rows of grid block bx; the lanes loop over their chunks. stage() (all threads, the block's
 // x into s_xh and a barrier; a no-op where x is already there) runs after each lane's first loads
-// are issued (plain kernels), so the weights' latency overlaps the staging (lab, H200, session 28: 14336x4096 at
-// 2 slices 12.8 us with the loads after the staging, 11.3 before). PERSIST: the launch's blocks
-// take the grid's blocks in turn (the norm-head kernels: the norm once per block), so the block
-// waits before its next turn rewrites s_part.
+// are issued (plain kernels), so the weights' latency overlaps the staging (lab, H200, session
+// 28: 14336x4096 at 2 slices 12.8 us with the loads after the staging, 11.3 before). PERSIST:
+// the launch's blocks take the grid's blocks in turn (the norm-head kernels: the norm once per
+// block), so the block waits before its next turn rewrites s_part.
 template <typename T, int SPLIT, bool GATED, bool PERSIST, typename Stage>
 __device__ __forceinline__ void qgemv_half2(const QParams p, const uint4* s_xh, T* __restrict__ y, int N,
                                             int K, int bx, Stage&& stage, const QParams p2 = QParams{}) {
