@@ -15,15 +15,10 @@ __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
     return r;
 }
 
-// The bits of v rounded to H (__half or __nv_bfloat16).
-template <typename H> __device__ __forceinline__ uint16_t half_bits(float v);
-template <> __device__ __forceinline__ uint16_t half_bits<__half>(float v) {
-    __half h = __float2half_rn(v);
-    return *reinterpret_cast<uint16_t*>(&h);
-}
-template <> __device__ __forceinline__ uint16_t half_bits<__nv_bfloat16>(float v) {
-    __nv_bfloat16 h = __float2bfloat16_rn(v);
-    return *reinterpret_cast<uint16_t*>(&h);
+// The bits of v rounded to H (__half or __nv_bfloat16, as common.cuh's from_f rounds).
+template <typename H> __device__ __forceinline__ uint16_t half_bits(float v) {
+    const H h = from_f<H>(v);
+    return *reinterpret_cast<const uint16_t*>(&h);
 }
 
 // The 16-entry table in H as bytes in registers (lookup4): entry e's low byte in byte e % 4 of
