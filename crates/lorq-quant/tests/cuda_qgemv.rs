@@ -402,7 +402,7 @@ mod gpu {
                     continue;
                 };
                 fused.push(name.clone());
-                let half2 = QPath::Fused(Variant::half2_for(gl.n.div_ceil(4)));
+                let half2 = QPath::Fused(Variant::half2_for(gl.n));
                 let want = silu_mul(
                     &matmul(&gd, &x, half2).unwrap(),
                     &matmul(&ud, &x, half2).unwrap(),

@@ -362,14 +362,14 @@ impl Variant {
         }
     }
 
-    /// The half2 kernel's shape for `row_groups` groups of 4 output rows (the gate/up kernel asks
-    /// as for one of its weights, so its sums are the GEMVs' bit for bit): 2 K-slices where that
-    /// still gives 2,048 warps or more, else 4.
+    /// The half2 kernel's shape for `n` output rows (all the weights of a grouped launch; the
+    /// gate/up kernel asks as for one of its weights, so its sums are the GEMVs' bit for bit): 2
+    /// K-slices where that still gives 2,048 warps or more, else 4.
     /// Lab, H200, session 28 (docs/benchmarks.md): 2 slices 12.8 -> 11.3 us on 14336x4096, 22.0
     /// -> 18.4 on the 28672-row gate+up launch, 7.6 -> 6.7 on q+k+v, 6.0 -> 5.6 on 4096x4096, even
     /// on 4096x14336; 1024x4096 (512 warps at 2 slices) faster at 4.
-    pub fn half2_for(row_groups: usize) -> Variant {
-        if row_groups * 2 >= 2048 {
+    pub fn half2_for(n: usize) -> Variant {
+        if n.div_ceil(4) * 2 >= 2048 {
             Variant::half2(2)
         } else {
             Variant::half2(4)
@@ -425,7 +425,7 @@ impl Variant {
     /// all of them).
     pub fn pick(n: usize, mr: usize, dtype: DType, half2: bool) -> Variant {
         if half2 && half2_rows(mr, dtype) {
-            return Variant::half2_for(n.div_ceil(4));
+            return Variant::half2_for(n);
         }
         if half2_rows(mr, dtype) {
             let split = if n.div_ceil(4) >= 4096 { 1 } else { 4 };
@@ -843,7 +843,7 @@ pub fn matmul_silu_mul(
         let y = unsafe { dev.alloc::<T>(n)? };
         let stream = dev.cuda_stream();
         // The shape of either weight's own GEMV (`Auto`): the same sums, bit for bit.
-        let v = Variant::half2_for(n.div_ceil(4));
+        let v = Variant::half2_for(n);
         let smem = half2_smem(gate);
         let name = format!(
             "qgemv_a4h_silu_{dname}_m1_r{}_s{}",
@@ -977,7 +977,7 @@ pub fn matmul_group_norm_head(
     ) -> Result<Vec<CudaStorage>, QuantError> {
         let w = ws[0];
         // The grouped GEMV's shape (`Variant::pick` on all the rows): the same sums, bit for bit.
-        let v = Variant::half2_for(ws.iter().map(|w| w.n).sum::<usize>().div_ceil(4));
+        let v = Variant::half2_for(ws.iter().map(|w| w.n).sum());
         // SAFETY: every output element is written by the kernel.
         let ys = ws
             .iter()
@@ -1045,7 +1045,7 @@ pub fn matmul_silu_mul_norm_head(
         dname: &str,
     ) -> Result<CudaStorage, QuantError> {
         let (n, k) = (gate.n, gate.k);
-        let v = Variant::half2_for(n.div_ceil(4));
+        let v = Variant::half2_for(n);
         // SAFETY: every output element is written by the kernel.
         let y = unsafe { dev.alloc::<T>(n)? };
         let stream = dev.cuda_stream();
