@@ -6,11 +6,21 @@ prompt of --context tokens per sequence, per batch size. Decode time per step =
 prefill cancels. A static KV cache where transformers offers it (dynamic otherwise, said in the
 row); torch.compile only with --compile (it may need minutes). Writes JSON rows like lorq's.
 
+--quantize puts the linear layers of the decoder (not the LM head, as lorq's default) in a peer's
+4-bit format first, one row per format: `bitsandbytes-nf4` (bitsandbytes' Linear4bit, blocksize 64,
+double quantization, bf16 compute: what transformers' BitsAndBytesConfig loads), `torchao-int4`
+(torchao's Int4WeightOnlyConfig, group 128, tinygemm's tile-packed layout), `hqq-4bit` (hqq's
+HQQLinear, group 64, on GemLite, hqq's recommended backend; its torchao_int4 backend fails on
+torch 2.11's int4 packing, see peer_quant_kernels.py). A format whose package is missing or fails
+is skipped with the reason in the report.
+
   python3 scripts/bench/decode_torch.py --shape llama-3-8b --batch-sizes 1,32 --context 512 \
       --new-tokens 64 --json decode-torch.json
+  python3 scripts/bench/decode_torch.py --quantize none,bitsandbytes-nf4,torchao-int4 --batch-sizes 1 --json peers.json
 """
 import argparse
 import json
+import os
 import time
 
 import torch
@@ -29,6 +39,18 @@ SHAPES = {
 }
 
 
+def tensor_bytes(t):
+    """Bytes of a tensor, through tensor subclasses (torchao, bitsandbytes) to the data they hold."""
+    if hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, n)) for n in names)
+    n = t.numel() * t.element_size()
+    qs = getattr(t, "quant_state", None)  # bitsandbytes Params4bit: absmax and its own state
+    if qs is not None:
+        n += sum(v.numel() * v.element_size() for v in qs.as_dict(packed=True).values() if torch.is_tensor(v))
+    return n
+
+
 def timed_generate(model, ids, new, cache, compile_):
     kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
     if cache:
@@ -42,15 +64,52 @@ def timed_generate(model, ids, new, cache, compile_):
     return time.perf_counter() - t
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--shape", default="llama-3-8b", choices=sorted(SHAPES))
-    ap.add_argument("--batch-sizes", default="1,32")
-    ap.add_argument("--context", type=int, default=512)
-    ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--compile", action="store_true")
-    ap.add_argument("--json")
-    a = ap.parse_args()
+def decoder_linears(model):
+    """(parent, attribute name, nn.Linear) of every linear layer of the decoder blocks."""
+    out = []
+    for parent in model.model.layers.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, torch.nn.Linear):
+                out.append((parent, name, child))
+    return out
+
+
+def quantize(model, fmt):
+    """Replaces the decoder's linear layers with fmt's (see the module doc); the LM head stays bf16."""
+    if fmt == "bitsandbytes-nf4":
+        import bitsandbytes as bnb
+
+        for parent, name, lin in decoder_linears(model):
+            q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=False, compute_dtype=torch.bfloat16,
+                                  compress_statistics=True, quant_type="nf4", device="meta")
+            q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, blocksize=64,
+                                         compress_statistics=True, quant_type="nf4").to("cuda")
+            setattr(parent, name, q)
+        return {"bitsandbytes": bnb.__version__}
+    if fmt == "torchao-int4":
+        import torchao
+        from torchao.quantization import Int4WeightOnlyConfig, quantize_
+
+        quantize_(model.model.layers, Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d"))
+        return {"torchao": torchao.__version__}
+    if fmt == "hqq-4bit":
+        import gemlite
+        import hqq
+        from gemlite.helper import A16Wn
+        from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+        if "h200" in torch.cuda.get_device_name().lower():  # GemLite ships no H200 configs: the H100's
+            gemlite.core.GemLiteLinear.load_config(
+                os.path.join(os.path.dirname(gemlite.__file__), "configs", "h100.json"))
+        cfg = BaseQuantizeConfig(nbits=4, group_size=64, axis=1)
+        for parent, name, lin in decoder_linears(model):
+            h = HQQLinear(lin, quant_config=cfg, compute_dtype=torch.bfloat16, device="cuda")
+            setattr(parent, name, A16Wn(device="cuda").from_hqqlinear(h))
+        return {"hqq": getattr(hqq, "__version__", "?"), "gemlite": gemlite.__version__, "hqq_backend": "gemlite"}
+    raise ValueError(f"unknown --quantize format {fmt!r}")
+
+
+def run_format(a, fmt, versions):
     torch.manual_seed(1234)
     cfg = LlamaConfig(**SHAPES[a.shape], initializer_range=0.02)
     t = time.perf_counter()
@@ -58,8 +117,10 @@ def main():
     with torch.device("cuda"):
         model = LlamaForCausalLM(cfg)
     model.eval()
+    if fmt != "none":
+        versions.update(quantize(model, fmt))
     build_s = time.perf_counter() - t
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    weight_bytes = sum(tensor_bytes(p) for p in list(model.parameters()) + list(model.buffers()))
     rows = []
     for batch in [int(b) for b in a.batch_sizes.split(",")]:
         ids = torch.randint(0, cfg.vocab_size, (batch, a.context), device="cuda")
@@ -76,7 +137,7 @@ def main():
         step = (full - one) / a.new_tokens
         row = {
             "engine": "transformers",
-            "format": "torch-bf16",
+            "format": "torch-bf16" if fmt == "none" else fmt,
             "batch": batch,
             "context": a.context,
             "tokens_per_s": batch / step,
@@ -88,17 +149,47 @@ def main():
         }
         print(json.dumps(row), flush=True)
         rows.append(row)
-    report = {
-        "engine": "transformers",
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "card": torch.cuda.get_device_name(),
-        "shape": a.shape,
-        "rows": rows,
-    }
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(report, f, indent=1)
+    del model
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="llama-3-8b", choices=sorted(SHAPES))
+    ap.add_argument("--batch-sizes", default="1,32")
+    ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--quantize", default="none",
+                    help="comma list: none, bitsandbytes-nf4, torchao-int4, hqq-4bit (one model each)")
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    rows, skipped, versions = [], [], {}
+
+    def save():
+        report = {
+            "engine": "transformers",
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "card": torch.cuda.get_device_name(),
+            "versions": versions,
+            "skipped": skipped,
+            "shape": a.shape,
+            "rows": rows,
+        }
+        if a.json:  # after each format: a timeout keeps what ran
+            with open(a.json, "w") as f:
+                json.dump(report, f, indent=1)
+
+    for fmt in a.quantize.split(","):
+        try:
+            rows += run_format(a, fmt, versions)
+        except Exception as e:  # noqa: BLE001 - a missing or failing peer is reported, not fatal
+            reason = f"{type(e).__name__}: {e}".splitlines()[0]
+            print(f"skip {fmt}: {reason}", flush=True)
+            skipped.append({"format": fmt, "reason": reason})
+        torch.cuda.empty_cache()
+        save()
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 # One GPU-machine run: checks and times everything the CUDA build has, writing under $OUT (or ./gpu-out).
 #   scripts/bench/gpu-check.sh BINARY [TEST_BINARY...]     (LORQ_CHECK_ONLY=1: steps 1 and 3 only)
 # 1. the GPU tests (every kernel against its CPU reference), for each TEST_BINARY given;
-# 2. torch bf16 matmul (the peer) and `lorq bench kernels --device cuda` on Llama-3-8B shapes,
+# 2. torch bf16 matmul and the quantized peers' kernels (bitsandbytes, torchao, hqq + GemLite, where
+#    importable: scripts/bench/peer_quant_kernels.py) and `lorq bench kernels --device cuda` on Llama-3-8B shapes,
 #    then whole-model JIT quantization of the Llama-3-8B shape per format (`lorq bench quantize`);
 # 3. greedy tokens on the GPU vs the CPU in f32 (identical) and score logprobs in bf16 (bounded),
 #    dense and every JIT format the GPU kernels run, on the committed tiny Llama (fixtures/llama/base);
@@ -66,8 +67,11 @@ python3 scripts/bench/gpu-serve-check.py "$B" --model $M --logs "$O" || fail=1
 if [ "${LORQ_CHECK_ONLY:-0}" = 1 ]; then exit $fail; fi
 echo "== kernels"
 python3 scripts/bench/torch_matmul.py --shapes llama3-8b --m 1,4,16,64,128,512 --out "$O/torch.json" >"$O/torch.log" 2>&1 || fail=1
-R bench kernels --device cuda --shapes llama3-8b --m 1,4,16,64,128,512 --peer "$O/torch.json" \
-    --json "$O/kernels-h100.json" 2>"$O/bench.err" || { fail=1; tail -5 "$O/bench.err"; }
+python3 scripts/bench/peer_quant_kernels.py --shapes llama3-8b --m 1,4,16,64,128,512 --out "$O/peers.json" \
+    >"$O/peers.log" 2>&1 || fail=1
+python3 scripts/bench/peer_quant_kernels.py --merge "$O/torch.json" "$O/peers.json" --out "$O/all-peers.json" || fail=1
+R bench kernels --device cuda --shapes llama3-8b --m 1,4,16,64,128,512 --gpu-time --peer "$O/all-peers.json" \
+    --json "$O/kernels.json" 2>"$O/bench.err" || { fail=1; tail -5 "$O/bench.err"; }
 echo "== JIT quantization of the Llama-3-8B shape on the GPU"
 R bench quantize --device cuda --shape llama-3-8b --no-cpu \
     --formats bitsandbytes-nf4,bitsandbytes-fp4,bitsandbytes,eetq,fp8,hqq-4bit,hqq-3bit,hqq-2bit \

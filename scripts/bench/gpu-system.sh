@@ -2,7 +2,8 @@
 # One GPU-machine run of the system benchmarks, each beside its peer in the same call, writing JSON
 # under $OUT (or ./gpu-out):
 #   scripts/bench/gpu-system.sh BINARY
-# decode tokens/s of a Llama-3-8B-shaped model (bf16, NF4, HQQ 4-bit, FP8; batch 1 and 32) + transformers;
+# decode tokens/s of a Llama-3-8B-shaped model (bf16, NF4, HQQ 4-bit, FP8; batch 1 and 32) + transformers
+# (bf16, bitsandbytes NF4, torchao int4, hqq + GemLite, where importable);
 # prefill of 2048-token prompts with and without the query-tile attention + torch SDPA's causal attention;
 # decode with 0/1/8/32/64 rank-16 adapters at batch 32 and 64; the multi-adapter kernels alone;
 # FP8 W8A8 through cuBLASLt + torch._scaled_mm. (Kernels and JIT quantization: gpu-check.sh.)
@@ -19,7 +20,7 @@ R="sh scripts/gpu-run.sh $B"
 step "decode" $R bench decode --device cuda --shape llama-3-8b --quantize none,bitsandbytes-nf4,hqq-4bit,fp8 \
     --batch-sizes 1,32 --context 512 --new-tokens 64 --cuda-graphs both --json "$O/decode.json"
 step "decode, transformers" python3 scripts/bench/decode_torch.py --shape llama-3-8b --batch-sizes 1,32 \
-    --context 512 --new-tokens 64 --json "$O/decode-torch.json"
+    --context 512 --new-tokens 64 --quantize none,bitsandbytes-nf4,torchao-int4,hqq-4bit --json "$O/decode-torch.json"
 step "prefill" $R bench decode --device cuda --shape llama-3-8b --quantize none --batch-sizes 1,32 \
     --context 2048 --new-tokens 8 --compare-prefill-tiles --json "$O/prefill.json"
 step "prefill attention, torch" python3 scripts/bench/torch_attention.py --prefill --batch 32,8 \

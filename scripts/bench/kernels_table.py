@@ -2,8 +2,11 @@
 for each activation row count m, one table of the automatic path's speedup over bf16 cuBLAS per
 format (rows) and Llama-3-8B shape (columns), the torch bf16 peer and the GB/s of the largest shape.
 
-usage: python3 scripts/bench/kernels_table.py docs/bench/kernels-h100.json [--all]
+usage: python3 scripts/bench/kernels_table.py docs/bench/kernels-h100.json [--all] [--graph]
   --all: every row of the report (each GEMV launch shape, tensor cores, dequantize + cuBLAS).
+  --graph: speedups from the GPU time of graph-replayed calls (`--gpu-time` reports), not wall time.
+The quantized peers' rows (scripts/bench/peer_quant_kernels.py, merged with --peer) follow the
+format they run, one line per peer path.
 """
 import json
 import signal
@@ -27,10 +30,26 @@ shapes = []
 for x in rows:
     if x["format"] == "bf16" and x["shape"] not in shapes:
         shapes.append(x["shape"])
+GRAPH = "--graph" in sys.argv
 formats = []
 for x in rows:
     if x["format"] not in ("bf16", "torch-bf16") and x["format"] not in formats:
         formats.append(x["format"])
+peer_paths = {}
+for x in rows:
+    if x.get("peer"):
+        paths = peer_paths.setdefault(x["format"], [])
+        if x["path"] not in paths:
+            paths.append(x["path"])
+
+
+def speedup(x):
+    """(speedup, mark): with --graph, a row without a graph time (a call that cannot be captured)
+    falls back to its wall time, marked "(wall)"."""
+    if GRAPH and x.get("speedup_vs_bf16_graph") is not None:
+        return x["speedup_vs_bf16_graph"], ""
+    v = x.get("speedup_vs_bf16")
+    return (float("nan") if v is None else v), (" (wall)" if GRAPH else "")
 ms = sorted({x["m"] for x in rows})
 
 
@@ -46,18 +65,27 @@ for m in ms:
     print("| format | " + " | ".join(s for s in shapes) + " |")
     print("| --- |" + " ---: |" * len(shapes))
     base = [find("bf16", "cublas", s, m) for s in shapes]
-    print("| bf16 cuBLAS us | " + " | ".join(f"{b['us']:.1f}" if b else "-" for b in base) + " |")
+    us = "us_graph" if GRAPH else "us"
+    print("| bf16 cuBLAS us | " + " | ".join(f"{b[us]:.1f}" if b and b.get(us) else "-" for b in base) + " |")
     peer = [find("torch-bf16", "torch.matmul (cuBLAS)", s, m) for s in shapes]
     if any(peer):
-        print("| torch bf16 us | " + " | ".join(f"{p['us']:.1f}" if p else "-" for p in peer) + " |")
-    for f in formats:
+        print("| torch bf16 us | " + " | ".join(f"{p[us]:.1f}" if p and p.get(us) else "-" for p in peer) + " |")
+
+    def line(label, pick):
         cells = []
         for i, s in enumerate(shapes):
-            x = find(f, "auto", s, m) or find(f, "bnb4-gemv", s, m)
+            x = pick(s)
             if x is None:
                 cells.append("-")
                 continue
             bad = "" if x.get("ok", True) else " FAILED"
             gb = f" ({x['gbps']:.0f} GB/s)" if i == len(shapes) - 1 else ""
-            cells.append(f"{x['speedup_vs_bf16']:.2f}x{gb}{bad}")
-        print(f"| {f} | " + " | ".join(cells) + " |")
+            v, mark = speedup(x)
+            cells.append(f"{v:.2f}x{mark}{gb}{bad}")
+        if any(c != "-" for c in cells):
+            print(f"| {label} | " + " | ".join(cells) + " |")
+
+    for f in formats:
+        line(f, lambda s: find(f, "auto", s, m) or find(f, "bnb4-gemv", s, m))
+        for path in peer_paths.get(f, []):
+            line(path, lambda s: find(f, path, s, m))
