@@ -20,12 +20,13 @@ is skipped with the reason in the report.
 """
 import argparse
 import json
-import os
 import time
 
 import torch
 import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
+
+from peer_formats import BNB4_BLOCKSIZE, gemlite_linear, hqq_linear, tensor_bytes, torchao_int4_config
 
 SHAPES = {
     "llama-3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
@@ -37,18 +38,6 @@ SHAPES = {
                          rms_norm_eps=1e-5, rope_theta=100000.0, max_position_embeddings=8192,
                          tie_word_embeddings=True),
 }
-
-
-def tensor_bytes(t):
-    """Bytes of a tensor, through tensor subclasses (torchao, bitsandbytes) to the data they hold."""
-    if hasattr(t, "__tensor_flatten__"):
-        names, _ = t.__tensor_flatten__()
-        return sum(tensor_bytes(getattr(t, n)) for n in names)
-    n = t.numel() * t.element_size()
-    qs = getattr(t, "quant_state", None)  # bitsandbytes Params4bit: absmax and its own state
-    if qs is not None:
-        n += sum(v.numel() * v.element_size() for v in qs.as_dict(packed=True).values() if torch.is_tensor(v))
-    return n
 
 
 def timed_generate(model, ids, new, cache, compile_):
@@ -82,29 +71,22 @@ def quantize(model, fmt):
         for parent, name, lin in decoder_linears(model):
             q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=False, compute_dtype=torch.bfloat16,
                                   compress_statistics=True, quant_type="nf4", device="meta")
-            q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, blocksize=64,
+            q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, blocksize=BNB4_BLOCKSIZE,
                                          compress_statistics=True, quant_type="nf4").to("cuda")
             setattr(parent, name, q)
         return {"bitsandbytes": bnb.__version__}
     if fmt == "torchao-int4":
         import torchao
-        from torchao.quantization import Int4WeightOnlyConfig, quantize_
+        from torchao.quantization import quantize_
 
-        quantize_(model.model.layers, Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d"))
+        quantize_(model.model.layers, torchao_int4_config())
         return {"torchao": torchao.__version__}
     if fmt == "hqq-4bit":
         import gemlite
         import hqq
-        from gemlite.helper import A16Wn
-        from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
 
-        if "h200" in torch.cuda.get_device_name().lower():  # GemLite ships no H200 configs: the H100's
-            gemlite.core.GemLiteLinear.load_config(
-                os.path.join(os.path.dirname(gemlite.__file__), "configs", "h100.json"))
-        cfg = BaseQuantizeConfig(nbits=4, group_size=64, axis=1)
         for parent, name, lin in decoder_linears(model):
-            h = HQQLinear(lin, quant_config=cfg, compute_dtype=torch.bfloat16, device="cuda")
-            setattr(parent, name, A16Wn(device="cuda").from_hqqlinear(h))
+            setattr(parent, name, gemlite_linear(hqq_linear(lin)))
         return {"hqq": getattr(hqq, "__version__", "?"), "gemlite": gemlite.__version__, "hqq_backend": "gemlite"}
     raise ValueError(f"unknown --quantize format {fmt!r}")
 

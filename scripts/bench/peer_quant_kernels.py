@@ -25,32 +25,16 @@ usage: python3 scripts/bench/peer_quant_kernels.py --shapes llama3-8b --m 1,4,16
 """
 import argparse
 import json
-import os
 import traceback
 
 import torch
 
+from bench_shapes import parse_shapes
 from cuda_timing import time_us
-from torch_matmul import LLAMA3_8B
+from peer_formats import (BNB4_BLOCKSIZE, gemlite_linear, hqq_linear, module_bytes, quant_state_bytes,
+                          tensor_bytes, torchao_int4_config)
 
 ROTATE_BYTES = 192 << 20  # > 3x the H100 / H200 L2 (50 / 60 MB)
-
-
-def tensor_bytes(t):
-    """Bytes of a tensor, through tensor subclasses (torchao) to the tensors they hold."""
-    if hasattr(t, "__tensor_flatten__"):
-        names, _ = t.__tensor_flatten__()
-        return sum(tensor_bytes(getattr(t, n)) for n in names)
-    return t.numel() * t.element_size()
-
-
-def module_bytes(mod):
-    seen, total = set(), 0
-    for t in list(mod.parameters()) + list(mod.buffers()):
-        if id(t) not in seen:
-            seen.add(id(t))
-            total += tensor_bytes(t)
-    return total
 
 
 def linear(w):
@@ -68,9 +52,8 @@ def bnb4(quant_type):
         import bitsandbytes as bnb
         import bitsandbytes.functional as F
 
-        packed, qs = F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type=quant_type)
-        state = [v for v in qs.as_dict(packed=True).values() if torch.is_tensor(v)]
-        nbytes = tensor_bytes(packed) + sum(tensor_bytes(t) for t in state)
+        packed, qs = F.quantize_4bit(w, blocksize=BNB4_BLOCKSIZE, compress_statistics=True, quant_type=quant_type)
+        nbytes = tensor_bytes(packed) + quant_state_bytes(qs)
         return (lambda x: bnb.matmul_4bit(x, packed.t(), quant_state=qs)), nbytes
     return build
 
@@ -85,44 +68,27 @@ def bnb_int8(w):
 
 
 def torchao_int4(w):
-    from torchao.quantization import Int4WeightOnlyConfig, quantize_
+    from torchao.quantization import quantize_
 
     lin = linear(w)
-    quantize_(lin, Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d"))
+    quantize_(lin, torchao_int4_config())
     return lin, module_bytes(lin)
 
 
-def hqq_linear(w):
-    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
-
-    cfg = BaseQuantizeConfig(nbits=4, group_size=64, axis=1)
-    return HQQLinear(linear(w), quant_config=cfg, compute_dtype=torch.bfloat16, device="cuda")
-
-
 def hqq_default(w):
-    h = hqq_linear(w)
+    h = hqq_linear(linear(w))
     return h, module_bytes(h)
 
 
 def hqq_torchao(w):
     from hqq.backends.torchao import patch_hqq_to_aoint4
 
-    h = patch_hqq_to_aoint4(hqq_linear(w), None)
+    h = patch_hqq_to_aoint4(hqq_linear(linear(w)), None)
     return h, module_bytes(h)
 
 
 def hqq_gemlite(w):
-    import gemlite
-    from gemlite.helper import A16Wn
-
-    if not getattr(hqq_gemlite, "configs", False):
-        # GemLite ships tuned configs per card name; an H200 has none: take the H100's (same SM).
-        name = torch.cuda.get_device_name().lower()
-        if "h200" in name:
-            path = os.path.join(os.path.dirname(gemlite.__file__), "configs", "h100.json")
-            gemlite.core.GemLiteLinear.load_config(path)
-        hqq_gemlite.configs = True
-    g = A16Wn(device="cuda").from_hqqlinear(hqq_linear(w))
+    g = gemlite_linear(hqq_linear(linear(w)))
     return g, module_bytes(g)
 
 
@@ -150,13 +116,7 @@ def versions():
 
 def run(a, save):
     """Times every peer; save(report) after each peer and shape, so a timeout keeps what ran."""
-    shapes = []
-    for s in a.shapes.split(","):
-        if s == "llama3-8b":
-            shapes += LLAMA3_8B
-        else:
-            n, k = s.lower().split("x")
-            shapes.append((None, int(n), int(k)))
+    shapes = parse_shapes(a.shapes)
     ms = [int(v) for v in a.m.split(",")]
     only = set(a.peers.split(",")) if a.peers else None
     dev = torch.device("cuda")
@@ -200,7 +160,7 @@ def run(a, save):
                              "rel_err_vs_bf16": err, "ok": bool(err == err and err < 0.5), "checked": False})
                 graph = f"{us_graph:.2f} us" if us_graph is not None else "no"
                 print(f"{label} m={m}: {us:.2f} us, graph {graph}, rel err vs bf16 {err:.3f}", flush=True)
-            del mods, first
+            mods = first = None  # this peer's copies freed before the next one's
             torch.cuda.empty_cache()
             save(report(rows, skipped))
     return report(rows, skipped)

@@ -9,10 +9,9 @@ import json
 
 import torch
 
+from bench_shapes import parse_shapes
 from cuda_timing import time_us
 
-LLAMA3_8B = [("q_proj/o_proj", 4096, 4096), ("k_proj/v_proj", 1024, 4096),
-             ("gate_proj/up_proj", 14336, 4096), ("down_proj", 4096, 14336)]
 
 
 def main():
@@ -21,13 +20,7 @@ def main():
     ap.add_argument("--m", default="1,4,16,64,128,512")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
-    shapes = []
-    for s in a.shapes.split(","):
-        if s == "llama3-8b":
-            shapes += LLAMA3_8B
-        else:
-            n, k = s.lower().split("x")
-            shapes.append((None, int(n), int(k)))
+    shapes = parse_shapes(a.shapes)
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(0)
     rows = []
