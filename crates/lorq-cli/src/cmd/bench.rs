@@ -18,6 +18,8 @@ pub mod bench_kernels;
 #[cfg(feature = "cuda")]
 #[path = "bench_kernels_cuda.rs"]
 pub mod bench_kernels_cuda;
+#[path = "bench_peer.rs"]
+pub mod bench_peer;
 #[path = "bench_quantize.rs"]
 pub mod bench_quantize;
 

@@ -58,7 +58,7 @@ pub fn run(a: BenchFp8Args) -> Result<()> {
 
 #[cfg(feature = "cuda")]
 mod gpu {
-    use anyhow::{bail, Context, Result};
+    use anyhow::{bail, Result};
     use candle_core::{DType, Device, Tensor};
     use lorq_quant::cuda::fp8_gemm::{
         cublaslt_version, gemm_quantized, has_fp8_tensor_cores, matmul_with, outer_vec_in_use,
@@ -71,6 +71,7 @@ mod gpu {
 
     use super::super::bench_kernels::{command_line, parse_shapes, randn, utc_date};
     use super::super::bench_kernels_cuda::{card_name, rel_l2, time_calls, CallTiming as Timing};
+    use super::super::bench_peer::merge_peer_rows;
     use super::BenchFp8Args;
 
     /// The CPU reference of a W8A8 product: x quantized as `act` (as kernels/fp8_act.cu does),
@@ -241,23 +242,7 @@ mod gpu {
             }
         }
         if let Some(p) = &a.peer {
-            let peer: Value = serde_json::from_str(
-                &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
-            )?;
-            for r in peer["rows"].as_array().into_iter().flatten() {
-                let mut r = r.clone();
-                let base = rows.iter().find(|b| {
-                    b["path"] == "cublas"
-                        && b["n"] == r["n"]
-                        && b["k"] == r["k"]
-                        && b["m"] == r["m"]
-                });
-                if let (Some(b), Some(us)) = (base, r["us"].as_f64()) {
-                    r["speedup_vs_bf16"] = json!(b["us"].as_f64().unwrap_or(f64::NAN) / us);
-                    r["shape"] = b["shape"].clone();
-                }
-                rows.push(r);
-            }
+            merge_peer_rows(p, &mut rows, |b| b["path"] == "cublas")?;
         }
         println!(
             "{:<12} {:<30} {:<28} {:>4} {:>9} {:>7} {:>9} {:>7} {:>7} {:>8} {:>8}",

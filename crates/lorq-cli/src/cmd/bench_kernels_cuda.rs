@@ -23,6 +23,7 @@ use lorq_quant::QuantTensor;
 use serde_json::{json, Value};
 
 use super::bench_kernels::{command_line, parse_shapes, randn, utc_date, BenchKernelsArgs};
+use super::bench_peer::merge_peer_rows;
 
 /// ‖got − want‖₂ / ‖want‖₂ in f64 (NaN counts as infinitely wrong).
 pub(crate) fn rel_l2(got: &Tensor, want: &Tensor) -> Result<f64> {
@@ -393,23 +394,7 @@ pub fn run(a: &BenchKernelsArgs, dev: &Device) -> Result<()> {
         }
     }
     if let Some(p) = &a.peer {
-        let peer: Value = serde_json::from_str(
-            &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
-        )?;
-        for r in peer["rows"].as_array().into_iter().flatten() {
-            let mut r = r.clone();
-            let base = rows.iter().find(|b| {
-                b["format"] == "bf16" && b["n"] == r["n"] && b["k"] == r["k"] && b["m"] == r["m"]
-            });
-            if let (Some(b), Some(us)) = (base, r["us"].as_f64()) {
-                r["speedup_vs_bf16"] = json!(b["us"].as_f64().unwrap_or(f64::NAN) / us);
-                r["shape"] = b["shape"].clone();
-                if let (Some(bg), Some(ug)) = (b["us_graph"].as_f64(), r["us_graph"].as_f64()) {
-                    r["speedup_vs_bf16_graph"] = json!(bg / ug);
-                }
-            }
-            rows.push(r);
-        }
+        merge_peer_rows(p, &mut rows, |b| b["format"] == "bf16")?;
     }
     println!(
         "{:<22} {:<15} {:<28} {:>4} {:>10} {:>8} {:>8} {:>10} {:>8} {:>9}",
