@@ -3,7 +3,8 @@
 #   scripts/bench/gpu-check.sh BINARY [TEST_BINARY...]     (LORQ_CHECK_ONLY=1: steps 1 and 3 only)
 # 1. the GPU tests (every kernel against its CPU reference), for each TEST_BINARY given;
 # 2. torch bf16 matmul and the quantized peers' kernels (bitsandbytes, torchao, hqq + GemLite, where
-#    importable: scripts/bench/peer_quant_kernels.py) and `lorq bench kernels --device cuda` on Llama-3-8B shapes,
+#    importable: scripts/bench/peer_quant_kernels.py; scripts/bench/peer_wheels.sh makes their wheels)
+#    and `lorq bench kernels --device cuda` on Llama-3-8B shapes,
 #    then whole-model JIT quantization of the Llama-3-8B shape per format (`lorq bench quantize`);
 # 3. greedy tokens on the GPU vs the CPU in f32 (identical) and score logprobs in bf16 (bounded),
 #    dense and every JIT format the GPU kernels run, on the committed tiny Llama (fixtures/llama/base);
