@@ -49,7 +49,10 @@ pub struct BenchKernelsArgs {
     /// each checked against the CPU reference before it is timed.
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// GPU only: a JSON file of peer rows (scripts/bench/torch_matmul.py) merged into the report.
+    /// GPU only: a JSON file of peer rows merged into the report, each with its speedup over
+    /// lorq's bf16 cuBLAS row of the same shape: scripts/bench/torch_matmul.py (torch bf16), or
+    /// its rows and scripts/bench/peer_quant_kernels.py's (bitsandbytes, torchao, hqq) joined by
+    /// `peer_quant_kernels.py --merge`.
     #[arg(long)]
     pub peer: Option<PathBuf>,
     /// GPU only: also time each path's calls replayed from one CUDA graph (`us_graph`: the GPU's
