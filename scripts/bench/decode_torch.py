@@ -17,6 +17,12 @@ is skipped with the reason in the report.
   python3 scripts/bench/decode_torch.py --shape llama-3-8b --batch-sizes 1,32 --context 512 \
       --new-tokens 64 --json decode-torch.json
   python3 scripts/bench/decode_torch.py --quantize none,bitsandbytes-nf4,torchao-int4 --batch-sizes 1 --json peers.json
+
+--adapters 0,8,64 adds PEFT LoRA adapters (rank --rank on --adapter-modules, all seven by default) and
+spreads each batch's rows over them round-robin (`generate(adapter_names=...)`, PEFT's mixed-batch
+inference): the peer of `lorq bench decode --adapters`.
+
+  python3 scripts/bench/decode_torch.py --batch-sizes 32 --adapters 0,8,64 --new-tokens 16 --json peft.json
 """
 import argparse
 import json
@@ -40,8 +46,8 @@ SHAPES = {
 }
 
 
-def timed_generate(model, ids, new, cache, compile_):
-    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+def timed_generate(model, ids, new, cache, compile_, extra=None):
+    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0, **(extra or {}))
     if cache:
         kw["cache_implementation"] = cache
     if not compile_:
@@ -91,7 +97,25 @@ def quantize(model, fmt):
     raise ValueError(f"unknown --quantize format {fmt!r}")
 
 
-def run_format(a, fmt, versions):
+def with_adapters(model, have, want, a):
+    """The model holding `want` PEFT LoRA adapters (a0, a1, ...) where it holds `have`: rank
+    --rank on --adapter-modules, B initialized at random (init_lora_weights=False) so that every
+    adapter changes the output, as trained ones do."""
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=a.rank, lora_alpha=2 * a.rank, lora_dropout=0.0,
+                     target_modules=a.adapter_modules.split(","), init_lora_weights=False)
+    for i in range(have, want):
+        if i == 0:
+            model = get_peft_model(model, cfg, adapter_name="a0")
+        else:
+            model.add_adapter(f"a{i}", cfg)
+    model.eval()
+    return model
+
+
+def run_format(a, fmt, versions, rows, save):
+    """Appends fmt's rows to rows, save()d after each (a timeout keeps what ran)."""
     torch.manual_seed(1234)
     cfg = LlamaConfig(**SHAPES[a.shape], initializer_range=0.02)
     t = time.perf_counter()
@@ -103,36 +127,49 @@ def run_format(a, fmt, versions):
         versions.update(quantize(model, fmt))
     build_s = time.perf_counter() - t
     weight_bytes = sum(tensor_bytes(p) for p in list(model.parameters()) + list(model.buffers()))
-    rows = []
-    for batch in [int(b) for b in a.batch_sizes.split(",")]:
-        ids = torch.randint(0, cfg.vocab_size, (batch, a.context), device="cuda")
-        with torch.no_grad():
-            cache = "static"
-            try:
-                timed_generate(model, ids, 2, cache, a.compile)  # warm-up
-            except Exception as e:  # older/newer transformers without it
-                print(f"static cache unavailable ({e}); dynamic cache", flush=True)
-                cache = None
-                timed_generate(model, ids, 2, cache, a.compile)
-            one = min(timed_generate(model, ids, 1, cache, a.compile) for _ in range(2))
-            full = min(timed_generate(model, ids, a.new_tokens + 1, cache, a.compile) for _ in range(2))
-        step = (full - one) / a.new_tokens
-        row = {
-            "engine": "transformers",
-            "format": "torch-bf16" if fmt == "none" else fmt,
-            "batch": batch,
-            "context": a.context,
-            "tokens_per_s": batch / step,
-            "ms_per_step": step * 1e3,
-            "weight_bytes": weight_bytes,
-            "kv_cache": cache or "dynamic",
-            "compiled": a.compile,
-            "build_s": build_s,
-        }
-        print(json.dumps(row), flush=True)
-        rows.append(row)
+    have = 0
+    for n_adapters in sorted(int(v) for v in a.adapters.split(",")):
+        if n_adapters:
+            import peft
+
+            versions["peft"] = peft.__version__
+            with torch.device("cuda"):
+                model = with_adapters(model, have, n_adapters, a)
+            have = n_adapters
+        for batch in [int(b) for b in a.batch_sizes.split(",")]:
+            ids = torch.randint(0, cfg.vocab_size, (batch, a.context), device="cuda")
+            # The batch's rows spread over the adapters round-robin (PEFT's mixed-batch inference).
+            extra = {"adapter_names": [f"a{i % n_adapters}" for i in range(batch)]} if n_adapters else {}
+            with torch.no_grad():
+                cache = "static"
+                try:
+                    timed_generate(model, ids, 2, cache, a.compile, extra)  # warm-up
+                except Exception as e:  # older/newer transformers without it
+                    print(f"static cache unavailable ({e}); dynamic cache", flush=True)
+                    cache = None
+                    timed_generate(model, ids, 2, cache, a.compile, extra)
+                one = min(timed_generate(model, ids, 1, cache, a.compile, extra) for _ in range(2))
+                full = min(timed_generate(model, ids, a.new_tokens + 1, cache, a.compile, extra) for _ in range(2))
+            step = (full - one) / a.new_tokens
+            row = {
+                "engine": "transformers" + (" + peft" if n_adapters else ""),
+                "format": "torch-bf16" if fmt == "none" else fmt,
+                "batch": batch,
+                "context": a.context,
+                "adapters": n_adapters,
+                "rank": a.rank if n_adapters else None,
+                "adapter_modules": a.adapter_modules if n_adapters else None,
+                "tokens_per_s": batch / step,
+                "ms_per_step": step * 1e3,
+                "weight_bytes": weight_bytes,
+                "kv_cache": cache or "dynamic",
+                "compiled": a.compile,
+                "build_s": build_s,
+            }
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            save()
     del model
-    return rows
 
 
 def main():
@@ -144,6 +181,11 @@ def main():
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--quantize", default="none",
                     help="comma list: none, bitsandbytes-nf4, torchao-int4, hqq-4bit (one model each)")
+    ap.add_argument("--adapters", default="0",
+                    help="comma list of distinct PEFT LoRA adapter counts, the batch's rows spread over them "
+                         "(0: the base model alone); one model per format, adapters added in increasing count")
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--adapter-modules", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
     ap.add_argument("--json")
     a = ap.parse_args()
     rows, skipped, versions = [], [], {}
@@ -159,13 +201,13 @@ def main():
             "shape": a.shape,
             "rows": rows,
         }
-        if a.json:  # after each format: a timeout keeps what ran
+        if a.json:
             with open(a.json, "w") as f:
                 json.dump(report, f, indent=1)
 
     for fmt in a.quantize.split(","):
         try:
-            rows += run_format(a, fmt, versions)
+            run_format(a, fmt, versions, rows, save)
         except Exception as e:  # noqa: BLE001 - a missing or failing peer is reported, not fatal
             reason = f"{type(e).__name__}: {e}".splitlines()[0]
             print(f"skip {fmt}: {reason}", flush=True)
