@@ -5,7 +5,8 @@
 # decode tokens/s of a Llama-3-8B-shaped model (bf16, NF4, HQQ 4-bit, FP8; batch 1 and 32) + transformers
 # (bf16, bitsandbytes NF4, torchao int4, hqq + GemLite, where importable);
 # prefill of 2048-token prompts with and without the query-tile attention + torch SDPA's causal attention;
-# decode with 0/1/8/32/64 rank-16 adapters at batch 32 and 64; the multi-adapter kernels alone;
+# decode with 0/1/8/32/64 rank-16 adapters at batch 32 and 64 (+ transformers with PEFT's mixed-batch
+# adapters, 0 and 8); the multi-adapter kernels alone;
 # FP8 W8A8 through cuBLASLt + torch._scaled_mm. (Kernels and JIT quantization: gpu-check.sh.)
 set -u
 B=$1
@@ -28,6 +29,8 @@ step "prefill attention, torch" python3 scripts/bench/torch_attention.py --prefi
 step "decode with adapters" $R bench decode --device cuda --shape llama-3-8b --quantize none \
     --batch-sizes 32,64 --adapters 0,1,8,32,64 --rank 16 --context 512 --new-tokens 32 --repeats 1 --cuda-graphs both \
     --json "$O/decode-adapters.json"
+step "decode with adapters, transformers + PEFT" python3 scripts/bench/decode_torch.py --shape llama-3-8b \
+    --batch-sizes 32 --adapters 0,8 --rank 16 --context 512 --new-tokens 16 --json "$O/decode-peft-adapters.json"
 step "adapter kernels" $R bench adapters --device cuda --batch-sizes 32,64 --adapters 1,8,32,64 \
     --rank 16 --json "$O/adapters.json"
 step "fp8 peer" python3 scripts/bench/torch_scaled_mm.py --shapes llama3-8b --m 1,2,8,16,32,64,128,512 \
