@@ -13,7 +13,9 @@ Peers, each the path its library takes for that call (the fast backend its docs 
   beside lorq's GPTQ / AWQ 4-bit g128;
 - hqq 4-bit, group 64 (`HQQLinear`), beside lorq's hqq-4bit: its default backend (dequantize +
   matmul), its `torchao_int4` backend (tinygemm) and GemLite (Triton; hqq's recommended backend,
-  with GemLite's shipped H100 configs where the card has none of its own).
+  with GemLite's shipped H100 configs where the card has none of its own);
+- GPTQ-Marlin (`gptq_marlin_gemm`, vLLM's kernel for GPTQ / AWQ checkpoints, built by
+  scripts/bench/marlin_wheel.sh as `lorq_marlin_peer`), 4-bit symmetric g128, beside lorq's GPTQ.
 
 A peer whose package is missing or fails is skipped with the reason printed and kept in the
 report's "skipped" list. Each row carries the peer's output error against the bf16 product of the
@@ -31,8 +33,8 @@ import torch
 
 from bench_shapes import parse_shapes
 from cuda_timing import time_us
-from peer_formats import (BNB4_BLOCKSIZE, gemlite_linear, hqq_linear, module_bytes, quant_state_bytes,
-                          tensor_bytes, torchao_int4_config)
+from peer_formats import (BNB4_BLOCKSIZE, MarlinLinear, gemlite_linear, hqq_linear, module_bytes,
+                          quant_state_bytes, tensor_bytes, torchao_int4_config)
 
 ROTATE_BYTES = 192 << 20  # > 3x the H100 / H200 L2 (50 / 60 MB)
 
@@ -75,6 +77,11 @@ def torchao_int4(w):
     return lin, module_bytes(lin)
 
 
+def marlin(w):
+    lin = MarlinLinear(w)
+    return lin, lin.nbytes
+
+
 def hqq_default(w):
     h = hqq_linear(linear(w))
     return h, module_bytes(h)
@@ -96,6 +103,7 @@ PEERS = [
     ("nf4", "bitsandbytes", "matmul_4bit (gemv_4bit at one row)", bnb4("nf4")),
     ("fp4", "bitsandbytes", "matmul_4bit (gemv_4bit at one row)", bnb4("fp4")),
     ("gptq-4bit", "torchao", "Int4WeightOnlyConfig g128 (tinygemm)", torchao_int4),
+    ("gptq-4bit", "marlin", "GPTQ-Marlin g128 (gptq_marlin_gemm, fp32 reduce)", marlin),
     ("hqq-4bit", "hqq", "HQQLinear g64 (default backend)", hqq_default),
     ("hqq-4bit", "hqq", "torchao_int4 backend (tinygemm)", hqq_torchao),
     ("hqq-4bit", "hqq", "GemLite A16W4 (Triton)", hqq_gemlite),
@@ -106,7 +114,7 @@ PEERS = [
 
 def versions():
     out = {"torch": torch.__version__}
-    for pkg in ("bitsandbytes", "torchao", "hqq", "gemlite"):
+    for pkg in ("bitsandbytes", "torchao", "hqq", "gemlite", "lorq_marlin_peer"):
         try:
             out[pkg] = __import__(pkg).__version__
         except Exception as e:  # noqa: BLE001 - reported, not fatal
@@ -175,7 +183,7 @@ def main():
     ap.add_argument("--shapes", default="llama3-8b")
     ap.add_argument("--m", default="1,4,16,64,128,512")
     ap.add_argument("--peers", help="comma list of lorq row labels (nf4, fp4, int8, gptq-4bit, hqq-4bit) "
-                    "or peer libraries (bitsandbytes, torchao, hqq) (default: all)")
+                    "or peer libraries (bitsandbytes, torchao, hqq, marlin) (default: all)")
     ap.add_argument("--merge", nargs="+", help="peer JSON files to concatenate into --out instead of timing")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
