@@ -1,6 +1,6 @@
-// One bf16/f16 activation row through affine 4-bit codes in groups of a multiple of 32 (hqq /
-// GPTQ / AWQ 4-bit; the packed layout of qgemv.cu), two weights per f16 instruction. Batch-1
-// decode spends most of its time here; at f32 math the kernel is issue-bound (Nsight Compute:
+// One or two bf16/f16 activation rows (MR) through affine 4-bit codes in groups of a multiple of
+// 32 (hqq / GPTQ / AWQ 4-bit; the packed layout of qgemv.cu), two weights per f16 instruction.
+// Batch-1 decode spends most of its time here; at f32 math the kernel is issue-bound (Nsight Compute:
 // 5-6 instructions per weight, DRAM 40 % busy), so halving the instructions moves it towards the
 // bandwidth.
 //
@@ -16,9 +16,13 @@
 // sum of x. A chunk's f16 sum is scaled back and folded in f32 per group; rounding ~2e-3
 // relative, about a bf16 output's own.
 //
-// Dynamic shared memory: for chunk c, word j: uint4 at [j * chunks + c] (lanes read consecutive
-// chunks: 16-byte loads without bank conflicts), then a float2 per chunk: 72 bytes per chunk
-// (crates/lorq-quant/src/cuda/qgemv.rs sizes it).
+// Dynamic shared memory, per activation row (half2_stage_words apart): for chunk c, word j: uint4
+// at [j * chunks + c] (lanes read consecutive chunks: 16-byte loads without bank conflicts), then
+// a float2 per chunk: 72 bytes per chunk and row (crates/lorq-quant/src/cuda/qgemv.rs sizes it).
+//
+// Two rows (MR = 2: batch-2 decode) share each decoded pair: per 8 weights one shift, four ANDs
+// and eight HFMA2, where the tiled tensor-core kernel pays its whole decode for an 8-row tile
+// (docs/benchmarks.md, session 30).
 //
 // NF4 / FP4 (table codes) stay on qgemv.cu: a per-lane 256-entry table of f16 pairs in shared
 // memory (32 KiB, one lookup per byte) measured slower there (docs/benchmarks.md, session 13).
@@ -125,29 +129,43 @@ struct Half2Chunk {
             z[r] = __ldg(q.zeros + (rows.group[r] + g));
         }
     }
-    // acc[r] += row r's chunk . x's chunk c (staged).
-    __device__ __forceinline__ void dot(const uint4* s_xh, int chunks, int c, float (&acc)[RPW]) const {
-        const float2 cs = reinterpret_cast<const float2*>(s_xh + 4 * chunks)[c];
-        __half2 d[RPW];
+    // acc[a][r] += row r's chunk . chunk c of activation row a (staged, `words` apart).
+    template <int MR>
+    __device__ __forceinline__ void dot(const uint4* s_xh, int words, int chunks, int c,
+                                        float (&acc)[MR][RPW]) const {
+        __half2 d[MR][RPW];
 #pragma unroll
-        for (int r = 0; r < RPW; r++) d[r] = __float2half2_rn(0.f);
+        for (int a = 0; a < MR; a++)
+#pragma unroll
+            for (int r = 0; r < RPW; r++) d[a][r] = __float2half2_rn(0.f);
 #pragma unroll
         for (int j = 0; j < 4; j++) {
-            const uint4 xp = s_xh[j * chunks + c];
+            uint4 xp[MR];
+#pragma unroll
+            for (int a = 0; a < MR; a++) xp[a] = s_xh[a * words + j * chunks + c];
 #pragma unroll
             for (int r = 0; r < RPW; r++) {
                 const uint32_t w = j == 0 ? wv[r].x : j == 1 ? wv[r].y : j == 2 ? wv[r].z : wv[r].w;
                 const uint32_t h = w >> 8;
-                d[r] = __hfma2(as_half2(w & 0x000F000Fu), as_half2(xp.x), d[r]);
-                d[r] = __hfma2(as_half2(w & 0x00F000F0u), as_half2(xp.y), d[r]);
-                d[r] = __hfma2(as_half2(h & 0x000F000Fu), as_half2(xp.z), d[r]);
-                d[r] = __hfma2(as_half2(h & 0x00F000F0u), as_half2(xp.w), d[r]);
+                const __half2 q0 = as_half2(w & 0x000F000Fu), q1 = as_half2(w & 0x00F000F0u),
+                              q2 = as_half2(h & 0x000F000Fu), q3 = as_half2(h & 0x00F000F0u);
+#pragma unroll
+                for (int a = 0; a < MR; a++) {
+                    d[a][r] = __hfma2(q0, as_half2(xp[a].x), d[a][r]);
+                    d[a][r] = __hfma2(q1, as_half2(xp[a].y), d[a][r]);
+                    d[a][r] = __hfma2(q2, as_half2(xp[a].z), d[a][r]);
+                    d[a][r] = __hfma2(q3, as_half2(xp[a].w), d[a][r]);
+                }
             }
         }
 #pragma unroll
-        for (int r = 0; r < RPW; r++) {
-            const float2 f = __half22float2(d[r]);
-            acc[r] = fmaf(s[r], fmaf(-z[r], cs.y, (f.x + f.y) * cs.x), acc[r]);
+        for (int a = 0; a < MR; a++) {
+            const float2 cs = reinterpret_cast<const float2*>(s_xh + a * words + 4 * chunks)[c];
+#pragma unroll
+            for (int r = 0; r < RPW; r++) {
+                const float2 f = __half22float2(d[a][r]);
+                acc[a][r] = fmaf(s[r], fmaf(-z[r], cs.y, (f.x + f.y) * cs.x), acc[a][r]);
+            }
         }
     }
 };
@@ -183,13 +201,16 @@ __device__ __forceinline__ void norm_head_stage(const NormHead& nh, int K, uint4
 // are issued (plain kernels), so the weights' latency overlaps the staging (lab, H200, session
 // 28: 14336x4096 at 2 slices 12.8 us with the loads after the staging, 11.3 before). PERSIST:
 // the launch's blocks take the grid's blocks in turn (the norm-head kernels: the norm once per
-// block), so the block waits before its next turn rewrites s_part.
-template <typename T, int SPLIT, bool GATED, bool PERSIST, typename Stage>
+// block), so the block waits before its next turn rewrites s_part. MR activation rows, staged
+// half2_stage_words apart; y holds their outputs N apart, and the first `live_rows` are stored.
+template <typename T, int SPLIT, bool GATED, bool PERSIST, int MR = 1, typename Stage>
 __device__ __forceinline__ void qgemv_half2(const QParams p, const uint4* s_xh, T* __restrict__ y, int N,
-                                            int K, int bx, Stage&& stage, const QParams p2 = QParams{}) {
+                                            int K, int bx, Stage&& stage, const QParams p2 = QParams{},
+                                            int live_rows = 1) {
     static_assert(WARPS % SPLIT == 0, "a block holds whole row groups");
+    static_assert(MR == 1 || !GATED, "the gate/up kernel takes one activation row");
     constexpr int OUT = GATED ? RPW / 2 : RPW;  // output rows per warp
-    __shared__ float s_part[WARPS][RPW];
+    __shared__ float s_part[WARPS][MR][RPW];
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int chunks = K >> 5;
     const int gw = bx * WARPS + warp;
@@ -202,34 +223,41 @@ __device__ __forceinline__ void qgemv_half2(const QParams p, const uint4* s_xh, 
     Half2Chunk<GATED> ch;
     if (!PERSIST && live) ch.load(p, p2, rows, c0);
     stage();
-    float acc[RPW];
+    const int words = half2_stage_words(chunks);
+    float acc[MR][RPW];
 #pragma unroll
-    for (int r = 0; r < RPW; r++) acc[r] = 0.f;
+    for (int a = 0; a < MR; a++)
+#pragma unroll
+        for (int r = 0; r < RPW; r++) acc[a][r] = 0.f;
     if (live) {
         for (int c = c0; c < chunks; c += 32 * SPLIT) {
             if (PERSIST || c != c0) ch.load(p, p2, rows, c);
-            ch.dot(s_xh, chunks, c, acc);
+            ch.template dot<MR>(s_xh, words, chunks, c, acc);
         }
     }
 #pragma unroll
-    for (int r = 0; r < RPW; r++)
-        acc[r] = warp_sum(acc[r]);
+    for (int a = 0; a < MR; a++)
+#pragma unroll
+        for (int r = 0; r < RPW; r++) acc[a][r] = warp_sum(acc[a][r]);
     if (lane == 0) {
 #pragma unroll
-        for (int r = 0; r < RPW; r++) s_part[warp][r] = acc[r];
+        for (int a = 0; a < MR; a++)
+#pragma unroll
+            for (int r = 0; r < RPW; r++) s_part[warp][a][r] = acc[a][r];
     }
     __syncthreads();
     constexpr int GROUPS = WARPS / SPLIT;
-    if (tid < GROUPS * OUT) {
-        const int grp = tid / OUT, r = tid % OUT;
+    if (tid < GROUPS * OUT * MR) {
+        const int a = tid / (GROUPS * OUT), grp = tid % (GROUPS * OUT) / OUT, r = tid % OUT;
         const int n = ((bx * WARPS + grp * SPLIT) / SPLIT) * OUT + r;
         float v = 0.f, u = 0.f;
 #pragma unroll
         for (int sidx = 0; sidx < SPLIT; sidx++) {
-            v += s_part[grp * SPLIT + sidx][r];
-            if (GATED) u += s_part[grp * SPLIT + sidx][r + OUT];
+            v += s_part[grp * SPLIT + sidx][a][r];
+            if (GATED) u += s_part[grp * SPLIT + sidx][a][r + OUT];
         }
-        if (n < N) y[n] = GATED ? silu_mul_rounded<T>(to_f(from_f<T>(v)), to_f(from_f<T>(u))) : from_f<T>(v);
+        if (n < N && a < live_rows)
+            y[(size_t)a * N + n] = GATED ? silu_mul_rounded<T>(to_f(from_f<T>(v)), to_f(from_f<T>(u))) : from_f<T>(v);
     }
     if constexpr (PERSIST) __syncthreads();  // s_part is read before the block's next turn writes it
 }
@@ -238,16 +266,27 @@ __device__ __forceinline__ void qgemv_half2(const QParams p, const uint4* s_xh, 
 // the norm and stage x' once per block before their turns (no stage() then: holding a lane's first
 // loads across the norm took 128-196 registers).
 #define HALF2_STAGE_X(T) [&] { stage_x_half2<T>(x, K, s_xh); __syncthreads(); }
+// MR rows from x (the block's first), each its own staging; rows past the live ones restage the
+// last live row (their sums are not stored).
+#define HALF2_STAGE_ROWS(T, MR, live)                                                              \
+    [&] {                                                                                          \
+        for (int a = 0; a < MR; a++)                                                               \
+            stage_x_half2<T>(x + (size_t)min(a, (live) - 1) * K, K, s_xh + a * half2_stage_words(K >> 5)); \
+        __syncthreads();                                                                           \
+    }
 
-// qgemv_a4h_<dtype>_m1_r4_s<S>: qgemv.cu's signature (M is 1), 72 bytes of dynamic shared memory
-// per chunk of 32 inputs.
-#define QGEMV_HALF2(TN, T, S)                                                                      \
+// qgemv_a4h_<dtype>_m<MR>_r4_s<S>: qgemv.cu's signature, MR activation rows per grid row
+// (blockIdx.y), 72 bytes of dynamic shared memory per chunk of 32 inputs and activation row.
+#define QGEMV_HALF2(TN, T, S, MR)                                                                  \
     extern "C" __global__ void __launch_bounds__(WARPS * 32)                                       \
-        qgemv_a4h_##TN##_m1_r4_s##S(QARGS, const T* __restrict__ x, T* __restrict__ y, int M, int N, \
-                                    int K, const QGroup g) {                                       \
+        qgemv_a4h_##TN##_m##MR##_r4_s##S(QARGS, const T* __restrict__ x, T* __restrict__ y, int M,  \
+                                         int N, int K, const QGroup g) {                           \
         extern __shared__ uint4 s_xh[];                                                            \
+        const int m0 = blockIdx.y * MR, live = min(MR, M - m0);                                    \
+        x += (size_t)m0 * K;                                                                       \
         qgroup_dispatch(QParams QPARAMS, y, N, g, [&](const QParams& p, T* yw, int n, int b) {    \
-            qgemv_half2<T, S, false, false>(p, s_xh, yw, n, K, b, HALF2_STAGE_X(T));                  \
+            qgemv_half2<T, S, false, false, MR>(p, s_xh, yw + (size_t)m0 * n, n, K, b,            \
+                                                HALF2_STAGE_ROWS(T, MR, live), QParams{}, live);   \
         });                                                                                        \
     }
 // qgemv_a4h_norm_<dtype>_m1_r4_s<S>: the same with the norm head (x = RMSNorm(nh.x + nh.d) *
@@ -295,8 +334,8 @@ __device__ __forceinline__ void qgemv_half2(const QParams p, const uint4* s_xh, 
             qgemv_half2<T, S, true, true>(p, s_xh, y, N, K, bx, [] {}, up);                        \
     }
 #define QGEMV_HALF2_ALL(TN, T, S)                                                                  \
-    QGEMV_HALF2(TN, T, S) QGEMV_HALF2_NORM(TN, T, S) QGEMV_HALF2_SILU(TN, T, S)                    \
-        QGEMV_HALF2_SILU_NORM(TN, T, S)
+    QGEMV_HALF2(TN, T, S, 1) QGEMV_HALF2(TN, T, S, 2) QGEMV_HALF2_NORM(TN, T, S)                   \
+        QGEMV_HALF2_SILU(TN, T, S) QGEMV_HALF2_SILU_NORM(TN, T, S)
 QGEMV_HALF2_ALL(bf16, __nv_bfloat16, 2)
 QGEMV_HALF2_ALL(bf16, __nv_bfloat16, 4)
 QGEMV_HALF2_ALL(f16, __half, 2)

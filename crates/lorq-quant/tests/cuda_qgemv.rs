@@ -259,11 +259,13 @@ mod gpu {
         Arc::new(HqqTensor::quantize(&w, &HqqConfig::lorax("hqq-4bit").unwrap()).unwrap())
     }
 
-    /// The half2 one-row GEMV on every format it takes (affine 4-bit), with activations
-    /// spanning its per-chunk scaling: chunks of outliers (3,000: a Llama down_proj input's
-    /// range), of tiny values (1e-4), of zeros, beside ordinary ones; both launch shapes (2 and 4
-    /// K-slices) and `Auto`, row counts that leave a block or a warp part empty. Past the default
-    /// shared memory it opts in; past its own limit it is refused with an error.
+    /// The half2 GEMV on every format it takes (affine 4-bit), one and two activation rows, with
+    /// activations spanning its per-chunk scaling: chunks of outliers (3,000: a Llama down_proj
+    /// input's range), of tiny values (1e-4), of zeros, beside ordinary ones, each row its own
+    /// pattern; both launch shapes (2 and 4 K-slices) and `Auto`, row counts that leave a block
+    /// or a warp part empty. Two rows give each row's one-row result bit for bit. Past the default
+    /// shared memory it opts in; past its own limit (for one row, or for two) it is refused with
+    /// an error and `Auto` takes another kernel.
     #[test]
     fn half2_gemv_matches_the_cpu_decoder() {
         let Some(dev) = gpu() else { return };
@@ -299,25 +301,59 @@ mod gpu {
                 served.push(name.clone());
                 let w_ref =
                     Tensor::from_vec(layout.dequantize_f32(), (n, k), &Device::Cpu).unwrap();
-                let mut xv = randn(si as u64 + 11, k, 1.0);
-                for (c, chunk) in xv.chunks_mut(32).enumerate() {
-                    let f = match c % 7 {
-                        1 => 3000.0,
-                        3 => 1e-4,
-                        5 => 0.0,
-                        _ => 1.0,
-                    };
-                    chunk.iter_mut().for_each(|v| *v *= f);
+                // Row r: chunks of outliers, tiny values and zeros at its own offsets.
+                let mut xv = Vec::with_capacity(2 * k);
+                for r in 0..2usize {
+                    let mut row = randn(si as u64 + 11 + 100 * r as u64, k, 1.0);
+                    for (c, chunk) in row.chunks_mut(32).enumerate() {
+                        let f = match (c + 2 * r) % 7 {
+                            1 => 3000.0,
+                            3 => 1e-4,
+                            5 => 0.0,
+                            _ => 1.0,
+                        };
+                        chunk.iter_mut().for_each(|v| *v *= f);
+                    }
+                    xv.extend(row);
                 }
                 for dtype in [DType::BF16, DType::F16] {
-                    let (xg, want) = input_and_want(&dev, xv.clone(), (1, k), dtype, &w_ref);
-                    for path in shapes {
-                        let got = matmul(&dl, &xg, path).unwrap();
-                        let e = rel_l2(&got, &want);
-                        if e.is_nan() || e > 1e-2 {
-                            failures.push(format!(
-                                "{name} {n}x{k} {dtype:?} {path:?}: rel err {e:e} > 1e-2"
-                            ));
+                    for m in [1usize, 2] {
+                        let (xg, want) =
+                            input_and_want(&dev, xv[..m * k].to_vec(), (m, k), dtype, &w_ref);
+                        for path in shapes {
+                            let got = matmul(&dl, &xg, path).unwrap();
+                            let e = rel_l2(&got, &want);
+                            if e.is_nan() || e > 1e-2 {
+                                failures.push(format!(
+                                    "{name} {n}x{k} {dtype:?} {m} rows {path:?}: rel err {e:e} > 1e-2"
+                                ));
+                            }
+                            if m == 2 && path != QPath::Auto {
+                                for r in 0..2 {
+                                    let one = matmul(&dl, &xg.narrow(0, r, 1).unwrap(), path)
+                                        .unwrap()
+                                        .to_dtype(DType::F32)
+                                        .unwrap()
+                                        .flatten_all()
+                                        .unwrap()
+                                        .to_vec1::<f32>()
+                                        .unwrap();
+                                    let two = got
+                                        .narrow(0, r, 1)
+                                        .unwrap()
+                                        .to_dtype(DType::F32)
+                                        .unwrap()
+                                        .flatten_all()
+                                        .unwrap()
+                                        .to_vec1::<f32>()
+                                        .unwrap();
+                                    if one != two {
+                                        failures.push(format!(
+                                            "{name} {n}x{k} {dtype:?} {path:?}: row {r} of two rows differs from it alone"
+                                        ));
+                                    }
+                                }
+                            }
                         }
                     }
                 }
@@ -335,29 +371,38 @@ mod gpu {
             failures.len(),
             failures.join("\n")
         );
-        // K 22,016 needs more than the default 48 KiB of shared memory (the kernel opts in);
-        // K 45,184 more than the kernel's limit: refused with an error, `Auto` takes the f32 GEMV.
-        for (k, fits) in [(22016usize, true), (45184, false)] {
+        // K 22,016 needs more than the default 48 KiB of shared memory (the kernel opts in), for
+        // one row and for two; K 32,768 fits one row, not two; K 45,184 not even one: refused
+        // with an error, `Auto` takes another kernel.
+        for (k, fits) in [
+            (22016usize, [true, true]),
+            (32768, [true, false]),
+            (45184, [false, false]),
+        ] {
             let n = 8usize;
             let t = hqq_4bit(n, k, 7);
             let layout = t.gpu_layout().unwrap();
             let dl = DeviceLayout::upload(&layout, cdev).unwrap();
-            assert_eq!(Variant::half2_fits(&dl), fits, "K {k}");
+            assert_eq!(Variant::half2_fits(&dl), fits[0], "K {k}");
+            assert_eq!(Variant::half2_fits_rows(&dl, 2), fits[1], "K {k}, 2 rows");
             let w_ref = Tensor::from_vec(layout.dequantize_f32(), (n, k), &Device::Cpu).unwrap();
-            let (xg, want) = input_and_want(&dev, randn(8, k, 1.0), (1, k), DType::BF16, &w_ref);
-            let half2_k = matmul(&dl, &xg, half2);
-            if fits {
-                let e = rel_l2(&half2_k.unwrap(), &want);
-                assert!(e <= 1e-2, "K {k}: rel err {e:e}");
-            } else {
-                let err = half2_k.unwrap_err().to_string();
-                assert!(
-                    err.contains("not compiled") && err.contains("K 45184"),
-                    "{err}"
-                );
+            for m in [1usize, 2] {
+                let (xg, want) =
+                    input_and_want(&dev, randn(8, m * k, 1.0), (m, k), DType::BF16, &w_ref);
+                let half2_k = matmul(&dl, &xg, half2);
+                if fits[m - 1] {
+                    let e = rel_l2(&half2_k.unwrap(), &want);
+                    assert!(e <= 1e-2, "K {k}, {m} rows: rel err {e:e}");
+                } else {
+                    let err = half2_k.unwrap_err().to_string();
+                    assert!(
+                        err.contains("not compiled") && err.contains(&format!("K {k}")),
+                        "{err}"
+                    );
+                }
+                let e = rel_l2(&matmul(&dl, &xg, QPath::Auto).unwrap(), &want);
+                assert!(e <= 1e-2, "K {k}, {m} rows, Auto: rel err {e:e}");
             }
-            let e = rel_l2(&matmul(&dl, &xg, QPath::Auto).unwrap(), &want);
-            assert!(e <= 1e-2, "K {k} Auto: rel err {e:e}");
         }
     }
 

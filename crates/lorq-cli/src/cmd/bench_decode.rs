@@ -76,6 +76,11 @@ pub struct BenchDecodeArgs {
     /// those rows then take the tiled kernel or dequantize + cuBLAS. `wgmma` in the rows.
     #[arg(long)]
     pub compare_wgmma: bool,
+    /// Also time each case with the half2 GEMV kept to one activation row (two rows of affine
+    /// 4-bit weights then take the tiled tensor-core kernel, the routing before session 30).
+    /// `half2_two_rows` in the rows.
+    #[arg(long)]
+    pub compare_half2_rows: bool,
     /// Also time each case with the 8-head attention blocks for GQA groups of up to 4 query
     /// heads instead of the 4-head ones (fewer registers, more blocks per SM); FMA kernels only
     /// (f32 caches, or the FMA rows of --compare-attention-mma; a combination of switches that
@@ -130,6 +135,15 @@ pub struct BenchDecodeArgs {
 fn set_wgmma(on: bool) {
     #[cfg(feature = "cuda")]
     lorq_quant::cuda::qwgmma::set_enabled(on);
+    #[cfg(not(feature = "cuda"))]
+    let _ = on;
+}
+
+/// Whether two activation rows of affine 4-bit weights may take the half2 GEMV (lorq_quant's
+/// `qgemv`).
+fn set_half2_two_rows(on: bool) {
+    #[cfg(feature = "cuda")]
+    lorq_quant::cuda::qgemv::set_half2_two_rows(on);
     #[cfg(not(feature = "cuda"))]
     let _ = on;
 }
@@ -438,6 +452,11 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
                     } else {
                         &[true]
                     };
+                    let half2_modes: &[bool] = if a.compare_half2_rows && dev.is_cuda() {
+                        &[true, false]
+                    } else {
+                        &[true]
+                    };
                     let block_modes: &[bool] = if a.compare_attention_blocks && dev.is_cuda() {
                         &[true, false]
                     } else {
@@ -480,10 +499,12 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
                             tail_modes.iter().flat_map(move |&nt| {
                                 overlap_modes.iter().flat_map(move |&ov| {
                                     wgmma_modes.iter().flat_map(move |&wg| {
-                                        attn_modes.iter().flat_map(move |&at| {
-                                            graph_modes
-                                                .iter()
-                                                .map(move |&g| (f, gr, nt, ov, (wg, at), g))
+                                        half2_modes.iter().flat_map(move |&h2| {
+                                            attn_modes.iter().flat_map(move |&at| {
+                                                graph_modes
+                                                    .iter()
+                                                    .map(move |&g| (f, gr, nt, ov, (wg, h2, at), g))
+                                            })
                                         })
                                     })
                                 })
@@ -495,11 +516,12 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
                         grouped,
                         tails,
                         overlap,
-                        (wgmma, (attn4, mma, part_keys, tiles)),
+                        (wgmma, half2_two_rows, (attn4, mma, part_keys, tiles)),
                         graphs,
                     ) in modes
                     {
                         set_wgmma(wgmma);
+                        set_half2_two_rows(half2_two_rows);
                         set_attention_switches(attn4, mma, part_keys, tiles);
                         model.set_fused_ops(fused);
                         model.set_grouped_matmuls(grouped);
@@ -562,6 +584,7 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
                             "norm_tails": tails && fused,
                             "lora_overlap": n_adapters > 0 && overlap && model.cuda_graphs(),
                             "wgmma": wgmma,
+                            "half2_two_rows": half2_two_rows,
                             "attention_4_head_blocks": attn4,
                             "attention_mma": mma && dev.is_cuda(),
                             "attention_partition_keys": part_keys,

@@ -6,6 +6,7 @@
 //! [`GpuLayout::dequantize_f32`] (the CPU decoder of the same layout) is the reference
 //! (`tests/cuda_qgemv.rs`).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
@@ -232,7 +233,8 @@ pub(crate) fn dequantize_on_gpu(
 /// the weight is dequantized once per call and multiplied by cuBLAS.
 pub const QMMA_MAX_M: usize = 128;
 
-/// [`QPath::Auto`]'s row limits (bf16/f16 activations). Weights the tiled tensor-core kernel
+/// [`QPath::Auto`]'s row limits (bf16/f16 activations). Affine 4-bit weights the half2 GEMV takes
+/// run it for 1..=2 rows ([`AUTO_HALF2_MAX_M`]). Weights the tiled tensor-core kernel
 /// covers ([`qmma_tiled::supports`]: 2-, 3-, 4- and 8-bit codes) take it for 2..=64 rows
 /// (from 3 with 8-bit codes; to 128 on weights of 32 Mi codes or more; the GEMV below); every
 /// other weight takes the GEMV up to 8 rows, the first tensor-core kernel up to 32, dequantize +
@@ -249,6 +251,22 @@ const AUTO_MMA_MAX_M: usize = 32;
 /// coalesced dequantize + cuBLAS, 4096x14336 98 against 57 + 56); smaller ones dequantize from 65
 /// rows (4096x4096: 41-50 us against 19 + 18).
 const AUTO_TILED_MIN_M: usize = 2;
+/// Up to this many bf16/f16 rows, affine 4-bit weights the half2 GEMV takes run it instead (two
+/// rows share each decoded pair; the tiled kernel pays its decode for an 8-row tile). H200,
+/// session 30 (GPU time, GPTQ g128, 2 rows): 4096x4096 6.6 us against the tiled kernel's 7.6,
+/// 1024x4096 4.0 against 5.8, 14336x4096 15.8 against 19.7, 4096x14336 15.0 against 20.0;
+/// batch-2 decode +29-31 %. From 3 rows the tiled kernel stays (the half2 kernel holds at most
+/// 2 rows a block: 4 rows would stream the weight twice).
+const AUTO_HALF2_MAX_M: usize = 2;
+
+static HALF2_TWO_ROWS: AtomicBool = AtomicBool::new(true);
+
+/// Lets `Auto` take the half2 GEMV for two rows ([`AUTO_HALF2_MAX_M`]; on by default), or keeps
+/// it to one (the tiled kernel from two rows, the routing before): `lorq bench decode
+/// --compare-half2-rows` measures what it brings.
+pub fn set_half2_two_rows(on: bool) {
+    HALF2_TWO_ROWS.store(on, Ordering::Relaxed);
+}
 /// 8-bit codes keep the GEMV at 2 rows (H100, session 18: gate/up 32.6 against 35.5 us, k/v 7.9
 /// against 9.1; from 4 rows the tiled kernel is ahead everywhere, 2-4x at 8-16 rows).
 const AUTO_TILED_MIN_M_8BIT: usize = 3;
@@ -282,8 +300,9 @@ const AUTO_WGMMA_CODES: usize = 1 << 24;
 /// Which GPU path a matmul takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QPath {
-    /// The row count, dtype and format decide (see `AUTO_*`): for bf16/f16 activations and
-    /// weights the tiled kernel covers, the tiled kernel for 2..=64 rows (2..=128 on large
+    /// The row count, dtype and format decide (see `AUTO_*`): for bf16/f16 activations, the half2
+    /// GEMV for 1..=2 rows of affine 4-bit weights it takes; for the weights the tiled kernel
+    /// covers, the tiled kernel for 2..=64 rows (2..=128 on large
     /// weights), except 4-bit weights on a Hopper GPU, which take the wgmma kernel on large
     /// weights (from 33 rows to 128, from 17 to 256 on the largest: `AUTO_WGMMA_*`); otherwise
     /// the GEMV up to 8 rows (f32 activations up to
@@ -312,9 +331,9 @@ enum Route {
 }
 
 /// A GEMV launch shape: output rows per warp, warps per output row group (K-slices), and the
-/// kernel: `qgemv_<kind>_*` in f32 math (kernels/qgemv.cu), or with `half2` one bf16/f16 activation
-/// row through affine 4-bit codes, two weights per f16 instruction (kernels/qgemv_half2.cu,
-/// [`Variant::half2_fits`]).
+/// kernel: `qgemv_<kind>_*` in f32 math (kernels/qgemv.cu), or with `half2` one or two bf16/f16
+/// activation rows through affine 4-bit codes, two weights per f16 instruction
+/// (kernels/qgemv_half2.cu, [`Variant::half2_fits`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Variant {
     pub rows_per_warp: usize,
@@ -326,6 +345,10 @@ pub struct Variant {
 /// bytes per 32 inputs.
 fn half2_smem(w: &DeviceLayout) -> usize {
     w.k / 32 * 72
+}
+/// The same for `mr` activation rows, each staged from a 16-byte boundary (`half2_stage_words`).
+fn half2_smem_rows(w: &DeviceLayout, mr: usize) -> usize {
+    mr * half2_smem(w).div_ceil(16) * 16
 }
 /// Shared memory a launch gets without opting in.
 const DEFAULT_SMEM: usize = 48 * 1024;
@@ -388,14 +411,19 @@ impl Variant {
         (n.div_ceil(rows) * self.split).div_ceil(WARPS)
     }
 
-    /// Whether the half2 kernel takes `w`: affine 4-bit codes (hqq / GPTQ / AWQ 4-bit) in groups
-    /// of a multiple of 32, with K small enough for the staged activations in shared memory
-    /// ([`HALF2_MAX_SMEM`]), a code's group exact by multiply-high ([`group_index_exact`]) and
-    /// every row's offset in 32 bits (the kernel's `Half2Rows`).
+    /// Whether the half2 kernel takes `w` for one activation row: affine 4-bit codes (hqq / GPTQ
+    /// / AWQ 4-bit) in groups of a multiple of 32, with K small enough for the staged activations
+    /// in shared memory ([`HALF2_MAX_SMEM`]), a code's group exact by multiply-high
+    /// ([`group_index_exact`]) and every row's offset in 32 bits (the kernel's `Half2Rows`).
     pub fn half2_fits(w: &DeviceLayout) -> bool {
+        Variant::half2_fits_rows(w, 1)
+    }
+
+    /// [`Variant::half2_fits`] for `mr` (1 or 2) activation rows per block, each staged.
+    pub fn half2_fits_rows(w: &DeviceLayout, mr: usize) -> bool {
         w.tag == "a4"
             && w.gsize % 32 == 0
-            && half2_smem(w) <= HALF2_MAX_SMEM
+            && half2_smem_rows(w, mr) <= HALF2_MAX_SMEM
             && group_index_exact(w.k, w.gsize as usize)
             && w.n * w.k / 32 <= u32::MAX as usize
     }
@@ -403,7 +431,7 @@ impl Variant {
     /// Whether this shape is compiled for `mr` activation rows of `dtype` and takes `w`'s format.
     pub fn compiled(self, w: &DeviceLayout, mr: usize, dtype: DType) -> bool {
         if self.half2 {
-            half2_rows(mr, dtype) && Variant::half2_fits(w)
+            half2_rows(mr, dtype) && Variant::half2_fits_rows(w, mr)
         } else {
             self.f32_math_compiled(mr, dtype)
         }
@@ -416,7 +444,7 @@ impl Variant {
     }
 
     /// The shape for `n` output rows (all the weights of a grouped launch): the half2 kernel where
-    /// `half2` (it takes the weight) for one bf16/f16 row; for other weights at one bf16/f16 row
+    /// `half2` (it takes the weight) for one or two bf16/f16 rows; for other weights at one bf16/f16 row
     /// f32 math with 4 rows per warp, 4 K-slices below 16,384 rows and 1 from there (H200, session
     /// 28, NF4 codes: 14336x4096 17.7-18.2 us against 18.8-19.4 at one slice, 4096x14336 17.2
     /// against 24.8, 1024x4096 3.6 against 3.8 at one row per warp, but the 28672-row gate+up
@@ -427,7 +455,7 @@ impl Variant {
         if half2 && half2_rows(mr, dtype) {
             return Variant::half2_for(n);
         }
-        if half2_rows(mr, dtype) {
+        if mr == 1 && is_half(dtype) {
             let split = if n.div_ceil(4) >= 4096 { 1 } else { 4 };
             return Variant::f32_math(4, split);
         }
@@ -455,9 +483,10 @@ fn is_half(dtype: DType) -> bool {
     matches!(dtype, DType::BF16 | DType::F16)
 }
 
-/// The activations the half2 GEMV takes: one row of bf16/f16 (f32 rows keep the exact path).
+/// The activations the half2 GEMV takes: one or two rows of bf16/f16 per block (f32 rows keep the
+/// exact path; `qgemv_a4h_*_m1`, `_m2`).
 fn half2_rows(mr: usize, dtype: DType) -> bool {
-    mr == 1 && is_half(dtype)
+    mr <= 2 && is_half(dtype)
 }
 
 fn mr_for(m: usize) -> usize {
@@ -501,6 +530,14 @@ fn auto_route(
     if half && (wgmma_min_m..=wgmma_max_m).contains(&m) && wgmma() {
         return Route::Wgmma;
     }
+    let half2_max_m = if HALF2_TWO_ROWS.load(Ordering::Relaxed) {
+        AUTO_HALF2_MAX_M
+    } else {
+        1
+    };
+    if half && m <= half2_max_m && Variant::half2_fits_rows(w, mr_for(m)) {
+        return Route::Gemv(Variant::half2_for(n));
+    }
     let tiled_min_m = if w.tag == "a8" {
         AUTO_TILED_MIN_M_8BIT
     } else {
@@ -514,7 +551,12 @@ fn auto_route(
     if half && qmma_tiled::supports(w) && (tiled_min_m..=tiled_max_m).contains(&m) {
         Route::MmaTiled
     } else if m <= AUTO_GEMV_MAX_M || (!half && m <= QGEMV_MAX_M) {
-        Route::Gemv(Variant::pick(n, mr_for(m), dtype, Variant::half2_fits(w)))
+        Route::Gemv(Variant::pick(
+            n,
+            mr_for(m),
+            dtype,
+            Variant::half2_fits_rows(w, mr_for(m)),
+        ))
     } else if half && m <= AUTO_MMA_MAX_M {
         Route::Mma
     } else {
@@ -756,7 +798,7 @@ fn gemv(
             "qgemv_{}{math}_{dname}_m{mr}_r{}_s{}",
             w.tag, v.rows_per_warp, v.split
         );
-        let smem = if v.half2 { half2_smem(w) } else { 0 };
+        let smem = if v.half2 { half2_smem_rows(w, mr) } else { 0 };
         let f = if v.half2 {
             half2_function(dev, &name, smem)?
         } else {
@@ -1254,14 +1296,16 @@ mod tests {
     }
 
     #[test]
-    fn picks_the_half2_kernel_for_one_half_precision_row() {
+    fn picks_the_half2_kernel_for_one_or_two_half_precision_rows() {
         let pick = |n, mr, dtype| Variant::pick(n, mr, dtype, true).name();
         assert_eq!(pick(28672, 1, DType::BF16), "half2-r4s2");
         assert_eq!(pick(4096, 1, DType::BF16), "half2-r4s2");
         assert_eq!(pick(4088, 1, DType::BF16), "half2-r4s4");
         assert_eq!(pick(1024, 1, DType::F16), "half2-r4s4");
-        // Two rows, or f32 rows: the f32-math kernel.
-        assert_eq!(pick(28672, 2, DType::BF16), "r4s1");
+        assert_eq!(pick(28672, 2, DType::BF16), "half2-r4s2");
+        assert_eq!(pick(1024, 2, DType::F16), "half2-r4s4");
+        // Four rows per block, or f32 rows: the f32-math kernel.
+        assert_eq!(pick(28672, 4, DType::BF16), "r1s1");
         assert_eq!(pick(28672, 1, DType::F32), "r1s1");
     }
 }
