@@ -2,8 +2,9 @@
 # One GPU-machine run: checks and times everything the CUDA build has, writing under $OUT (or ./gpu-out).
 #   scripts/bench/gpu-check.sh BINARY [TEST_BINARY...]     (LORQ_CHECK_ONLY=1: steps 1 and 3 only)
 # 1. the GPU tests (every kernel against its CPU reference), for each TEST_BINARY given;
-# 2. torch bf16 matmul and the quantized peers' kernels (bitsandbytes, torchao, hqq + GemLite, where
-#    importable: scripts/bench/peer_quant_kernels.py; scripts/bench/peer_wheels.sh makes their wheels)
+# 2. torch bf16 matmul and the quantized peers' kernels (bitsandbytes, torchao, hqq + GemLite,
+#    GPTQ-Marlin, where importable: scripts/bench/peer_quant_kernels.py; scripts/bench/peer_wheels.sh
+#    and scripts/bench/marlin_wheel.sh make their wheels)
 #    and `lorq bench kernels --device cuda` on Llama-3-8B shapes,
 #    then whole-model JIT quantization of the Llama-3-8B shape per format (`lorq bench quantize`);
 # 3. greedy tokens on the GPU vs the CPU in f32 (identical) and score logprobs in bf16 (bounded),

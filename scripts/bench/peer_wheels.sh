@@ -7,6 +7,7 @@
 # image's PyTorch). bitsandbytes' wheel carries a library per CUDA / ROCm / XPU version (~130 MB
 # unpacked): only the CUDA 13.0 one is kept (~4 MB). hqq and gemlite publish source archives: both
 # are pure Python, built into wheels here. termcolor is hqq's one dependency the image lacks.
+# GPTQ-Marlin is compiled, not downloaded: scripts/bench/marlin_wheel.sh DIR adds its wheel.
 set -eu
 D=${1:-.whl}
 mkdir -p "$D"
