@@ -330,26 +330,12 @@ mod gpu {
                             }
                             if m == 2 && path != QPath::Auto {
                                 for r in 0..2 {
-                                    let one = matmul(&dl, &xg.narrow(0, r, 1).unwrap(), path)
-                                        .unwrap()
-                                        .to_dtype(DType::F32)
-                                        .unwrap()
-                                        .flatten_all()
-                                        .unwrap()
-                                        .to_vec1::<f32>()
-                                        .unwrap();
-                                    let two = got
-                                        .narrow(0, r, 1)
-                                        .unwrap()
-                                        .to_dtype(DType::F32)
-                                        .unwrap()
-                                        .flatten_all()
-                                        .unwrap()
-                                        .to_vec1::<f32>()
-                                        .unwrap();
-                                    if one != two {
+                                    let one =
+                                        matmul(&dl, &xg.narrow(0, r, 1).unwrap(), path).unwrap();
+                                    let d = max_abs_diff(&got.narrow(0, r, 1).unwrap(), &one);
+                                    if d != 0.0 {
                                         failures.push(format!(
-                                            "{name} {n}x{k} {dtype:?} {path:?}: row {r} of two rows differs from it alone"
+                                            "{name} {n}x{k} {dtype:?} {path:?}: row {r} of two rows differs from it alone by {d}"
                                         ));
                                     }
                                 }
