@@ -262,12 +262,11 @@ __device__ __forceinline__ void qgemv_half2(const QParams p, const uint4* s_xh, 
     if constexpr (PERSIST) __syncthreads();  // s_part is read before the block's next turn writes it
 }
 
-// The block's x staged, for qgemv_half2's stage() in the plain kernels. The norm-head kernels run
-// the norm and stage x' once per block before their turns (no stage() then: holding a lane's first
-// loads across the norm took 128-196 registers).
-#define HALF2_STAGE_X(T) [&] { stage_x_half2<T>(x, K, s_xh); __syncthreads(); }
-// MR rows from x (the block's first), each its own staging; rows past the live ones restage the
-// last live row (their sums are not stored).
+// The block's x staged, for qgemv_half2's stage() in the plain kernels: MR rows from x (the
+// block's first), each its own staging; rows past the live ones restage the last live row (their
+// sums are not stored). The norm-head kernels run the norm and stage x' once per block before
+// their turns (no stage() then: holding a lane's first loads across the norm took 128-196
+// registers).
 #define HALF2_STAGE_ROWS(T, MR, live)                                                              \
     [&] {                                                                                          \
         for (int a = 0; a < MR; a++)                                                               \
@@ -317,7 +316,7 @@ __device__ __forceinline__ void qgemv_half2(const QParams p, const uint4* s_xh, 
         extern __shared__ uint4 s_xh[];                                                            \
         const QParams p = QPARAMS;                                                                 \
         const QParams up = {up_codes, up_scales, up_zeros, lut, wpr, gsize, groups, round_mode};   \
-        qgemv_half2<T, S, true, false>(p, s_xh, y, N, K, blockIdx.x, HALF2_STAGE_X(T), up);          \
+        qgemv_half2<T, S, true, false>(p, s_xh, y, N, K, blockIdx.x, HALF2_STAGE_ROWS(T, 1, 1), up); \
     }
 // qgemv_a4h_silu_norm_<dtype>_m1_r4_s<S>: the same with the norm head (as qgemv_a4h_norm_*).
 #define QGEMV_HALF2_SILU_NORM(TN, T, S)                                                            \
