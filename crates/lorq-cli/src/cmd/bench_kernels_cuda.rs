@@ -14,7 +14,7 @@ use lorq_quant::bnb4::{Bnb4Tensor, Bnb4Type};
 use lorq_quant::cuda::bnb4::{matmul as bnb4_matmul, Bnb4Path, GEMV_MAX_M};
 use lorq_quant::cuda::dense_gemv::{gemv as dense_gemv, MAX_ROWS as DENSE_GEMV_MAX_ROWS};
 use lorq_quant::cuda::qgemv::{
-    matmul as qmatmul, DeviceLayout, QPath, Variant, QGEMV_MAX_M, QMMA_MAX_M,
+    matmul as qmatmul, mr_for, DeviceLayout, QPath, Variant, QGEMV_MAX_M, QMMA_MAX_M,
 };
 use lorq_quant::cuda::{qmma_tiled, qwgmma};
 use lorq_quant::gpu_layout::GpuLayout;
@@ -362,15 +362,9 @@ pub fn run(a: &BenchKernelsArgs, dev: &Device) -> Result<()> {
                     paths.push((QPath::Wgmma, "qwgmma".into()));
                 }
                 if m <= QGEMV_MAX_M {
-                    let mr = match m {
-                        1 => 1,
-                        2 => 2,
-                        3 | 4 => 4,
-                        _ => 8,
-                    };
                     for v in Variant::ALL
                         .into_iter()
-                        .filter(|v| v.compiled(&dls[0], mr, DType::BF16))
+                        .filter(|v| v.compiled(&dls[0], mr_for(m), DType::BF16))
                     {
                         paths.push((QPath::Fused(v), format!("qgemv-{}", v.name())));
                     }

@@ -489,7 +489,9 @@ fn half2_rows(mr: usize, dtype: DType) -> bool {
     mr <= 2 && is_half(dtype)
 }
 
-fn mr_for(m: usize) -> usize {
+/// The activation rows one GEMV block holds for `m` rows (the `m<mr>` of the kernel names; a
+/// launch covers `m` in `ceil(m / mr)` grid rows): what [`Variant::compiled`] is asked with.
+pub fn mr_for(m: usize) -> usize {
     match m {
         1 => 1,
         2 => 2,
