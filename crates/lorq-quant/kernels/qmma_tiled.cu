@@ -75,6 +75,15 @@
     QMMAT(KN, BITS, LUTK, TN, T, 2, c4, run) QMMAT(KN, BITS, LUTK, TN, T, 2, c5, run)              \
     QMMAT(KN, BITS, LUTK, TN, T, 4, c5, run) QMMATX(KN, BITS, LUTK, TN, T, 8, x1)                  \
     QMMATX(KN, BITS, LUTK, TN, T, 16, x1)
+// f4: affine 4-bit codes with folded scales (qmma_tiled.cuh step_mma_folded; qmma_tiled.rs `folds`):
+// every shape `shape` picks for one n8 tile, and for two the 16-row blocks of c1 and the grouped
+// 128-row blocks of c2 (c4 and c5 measured slower there: they need more than 128 registers).
+#define QMMAT_FOLDED(TN, T)                                                                        \
+    QMMAT(f4, 4, false, TN, T, 1, c1, run_folded) QMMATG(f4, 4, false, TN, T, 1, c1, run_folded)   \
+    QMMAT(f4, 4, false, TN, T, 2, c1, run_folded) QMMATG(f4, 4, false, TN, T, 2, c1, run_folded)   \
+    QMMATG(f4, 4, false, TN, T, 2, c2, run_folded) QMMAT(f4, 4, false, TN, T, 1, c4, run_folded)
+QMMAT_FOLDED(bf16, __nv_bfloat16)
+QMMAT_FOLDED(f16, __half)
 QMMAT_ALL(a4, 4, false, bf16, __nv_bfloat16)
 QMMAT_ALL(a4, 4, false, f16, __half)
 QMMAT_ALL(t4, 4, true, bf16, __nv_bfloat16)

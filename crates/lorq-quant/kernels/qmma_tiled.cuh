@@ -313,13 +313,10 @@ __device__ __forceinline__ void pair_unit(const uint4& v, uint32_t (&xb)[4]) {
     xb[3] = prmt(v.y, v.w, 0x7632u);
 }
 
-// The activations of one sub-step of n8 tile nt (v: UNITS 16-byte units as loaded), paired as
-// the codes are (Walk), times the decoded pairs of every row tile.
-template <typename T, int RT, int MT, int BITS>
-__device__ __forceinline__ void mma_sub(float (&acc)[RT][MT][4], int nt, const uint32_t (&p)[RT][2][Walk<BITS>::PAIRS],
-                                        const uint4 (&v)[Walk<BITS>::UNITS]) {
-    constexpr int PAIRS = Walk<BITS>::PAIRS;
-    uint32_t xb[PAIRS];
+// The activations of one sub-step (v: UNITS 16-byte units as loaded), paired as the codes are
+// (Walk).
+template <int BITS>
+__device__ __forceinline__ void pair_activations(const uint4 (&v)[Walk<BITS>::UNITS], uint32_t (&xb)[Walk<BITS>::PAIRS]) {
     if constexpr (Walk<BITS>::UNITS == 1) {  // (j, j + 4) of 8
         pair_unit(v[0], xb);
     } else {  // (c, c + 8) of 16
@@ -330,6 +327,16 @@ __device__ __forceinline__ void mma_sub(float (&acc)[RT][MT][4], int nt, const u
             xb[2 * q + 1] = prmt(a[q], b[q], 0x7632u);
         }
     }
+}
+
+// The activations of one sub-step of n8 tile nt (v: UNITS 16-byte units as loaded), paired as
+// the codes are (Walk), times the decoded pairs of every row tile.
+template <typename T, int RT, int MT, int BITS>
+__device__ __forceinline__ void mma_sub(float (&acc)[RT][MT][4], int nt, const uint32_t (&p)[RT][2][Walk<BITS>::PAIRS],
+                                        const uint4 (&v)[Walk<BITS>::UNITS]) {
+    constexpr int PAIRS = Walk<BITS>::PAIRS;
+    uint32_t xb[PAIRS];
+    pair_activations<BITS>(v, xb);
 #pragma unroll
     for (int j2 = 0; j2 < PAIRS / 2; j2++)
 #pragma unroll
@@ -359,6 +366,74 @@ __device__ __forceinline__ void step_mma(float (&acc)[RT][MT][4], const Frag<RT,
 #pragma unroll
             for (int u = 0; u < W::UNITS; u++) v[u] = fetch(nt, i * W::UNITS + u);
             mma_sub<T, RT, MT, BITS>(acc, nt, p, v);
+        }
+    }
+}
+
+// Folded scales (affine 4-bit codes in groups of a multiple of 128, so that one K step is one
+// group for every lane): the mma multiplies the raw codes as the magic number leaves them,
+// MAGIC + q (exact in bf16 and f16), and the step's sums are scaled once per output instead of
+// each weight before the mma:
+//   sum_k x_k (q_k - z) s = s (sum_k x_k (MAGIC + q_k) - (MAGIC + z) sum_k x_k),
+// with sum_k x_k of each activation row from one more mma per k16 whose weight operand is all
+// ones (its sums land in the lanes that hold those rows' outputs). The decode is one shift and
+// one LOP3 per pair instead of four instructions; the step adds RT x MT x 8 FFMAs and MT x 8 mmas,
+// which pays at up to 2 n8 tiles (16 rows). All in f32 after the mma: the offset MAGIC sum_k x_k
+// cancels at the cost of ~log2(MAGIC / 8) bits of the f32 sums' 24 (bf16: 4, f16: 7), far below
+// the bf16 operands' rounding; the zero is used whole (no integer part rounded, as scale_pairs
+// needs), so no half-precision constant biases a group.
+template <typename T> __device__ __forceinline__ constexpr uint32_t ones2() {
+    return std::is_same<T, __nv_bfloat16>::value ? 0x3F803F80u : 0x3C003C00u;
+}
+template <typename T, int RT, int MT, typename Fetch>
+__device__ __forceinline__ void step_mma_folded(float (&acc)[RT][MT][4], const Frag<RT, 4>& f, Fetch fetch) {
+    // The step's activations paired once; then one row tile at a time, so that only one tile's
+    // raw sums are live (two at once cost 32 registers: one block per SM instead of two).
+    uint32_t xb[MT][4][4];
+#pragma unroll
+    for (int nt = 0; nt < MT; nt++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const uint4 v[1] = {fetch(nt, i)};
+            pair_activations<4>(v, xb[nt][i]);
+        }
+    float xs[MT][4];
+    constexpr uint32_t ONE = ones2<T>();
+#pragma unroll
+    for (int rt = 0; rt < RT; rt++) {
+        float raw[MT][4];
+#pragma unroll
+        for (int nt = 0; nt < MT; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                raw[nt][e] = 0.f;
+                if (rt == 0) xs[nt][e] = 0.f;
+            }
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            uint32_t p[2][4];
+#pragma unroll
+            for (int h = 0; h < 2; h++)
+#pragma unroll
+                for (int j = 0; j < 4; j++) p[h][j] = ((f.w[rt][h][i] >> (4 * j)) & 0x000F000Fu) | Half<T>::MAGIC;
+#pragma unroll
+            for (int nt = 0; nt < MT; nt++)
+#pragma unroll
+                for (int j2 = 0; j2 < 2; j2++) {
+                    const uint32_t b0 = xb[nt][i][2 * j2], b1 = xb[nt][i][2 * j2 + 1];
+                    Half<T>::mma(raw[nt], p[0][2 * j2], p[1][2 * j2], p[0][2 * j2 + 1], p[1][2 * j2 + 1], b0, b1);
+                    if (rt == 0) Half<T>::mma(xs[nt], ONE, ONE, ONE, ONE, b0, b1);
+                }
+        }
+        // Element e of a tile: output row g (e < 2) or g + 8 (h), activation row 2t + (e & 1).
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const float s = f.s[rt][h][0], mz = -(Half<T>::MAGIC_F + f.z[rt][h][0]);
+#pragma unroll
+            for (int nt = 0; nt < MT; nt++)
+#pragma unroll
+                for (int c = 0; c < 2; c++)
+                    acc[rt][nt][2 * h + c] = fmaf(s, fmaf(mz, xs[nt][c], raw[nt][2 * h + c]), acc[rt][nt][2 * h + c]);
         }
     }
 }
@@ -500,7 +575,9 @@ __device__ __forceinline__ void finish(float (&acc)[RT][MT][4], Red& s_red, bool
     if (tid == 0) *counter = 0u;  // ready for the next launch on this stream
 }
 
-template <typename T, int BITS, bool LUTK, int MT, int RT, int WR, int WK, int PF>
+// FOLD: step_mma_folded's scaling (4-bit affine codes, groups of a multiple of 128, K a multiple
+// of 128: the caller checks).
+template <typename T, int BITS, bool LUTK, int MT, int RT, int WR, int WK, int PF, bool FOLD = false>
 __device__ __forceinline__ void run(const uint32_t* __restrict__ codes, const float* __restrict__ scales,
                                     const float* __restrict__ zeros, const float* __restrict__ lut, int wpr,
                                     int gsize, int groups, const T* __restrict__ x, T* __restrict__ y,
@@ -530,22 +607,47 @@ __device__ __forceinline__ void run(const uint32_t* __restrict__ codes, const fl
         const int k0 = st * 128 + t * 32;
         uint32_t s2[RT][2], zs2[RT][2], base[RT][2];
         // (Before the activation loads: after them, some shapes took up to 10 more registers.)
-        if constexpr (Frag<RT, BITS>::NG == 1) scale_pairs<T, LUTK, RT, BITS>(f, 0, s2, zs2, base);
+        if constexpr (Frag<RT, BITS>::NG == 1 && !FOLD) scale_pairs<T, LUTK, RT, BITS>(f, 0, s2, zs2, base);
         uint4 xv[MT][4];
 #pragma unroll
         for (int nt = 0; nt < MT; nt++) {
             const int m = mb + nt * 8 + g;
-            const bool ok = k0 < K && m < M;
-            const uint4* xp = reinterpret_cast<const uint4*>(x + (ok ? (size_t)m * K + k0 : 0));
+            if constexpr (FOLD) {
+                // K is a multiple of the step, and a row past M computes outputs nobody stores
+                // (an activation row feeds only its own output column, its sum only its own):
+                // the last row's activations stand in, no masked loads.
+                const uint4* xp = reinterpret_cast<const uint4*>(x + (size_t)min(m, M - 1) * K + k0);
 #pragma unroll
-            for (int i = 0; i < 4; i++) xv[nt][i] = ok ? __ldg(xp + i) : make_uint4(0, 0, 0, 0);
+                for (int i = 0; i < 4; i++) xv[nt][i] = __ldg(xp + i);
+            } else {
+                const bool ok = k0 < K && m < M;
+                const uint4* xp = reinterpret_cast<const uint4*>(x + (ok ? (size_t)m * K + k0 : 0));
+#pragma unroll
+                for (int i = 0; i < 4; i++) xv[nt][i] = ok ? __ldg(xp + i) : make_uint4(0, 0, 0, 0);
+            }
         }
-        step_mma<T, LUTK, RT, MT, BITS>(acc, f, s2, zs2, base, tlo, thi, [&](int nt, int u) { return xv[nt][u]; });
+        if constexpr (FOLD) {
+            static_assert(BITS == 4 && !LUTK, "folded scales: affine 4-bit codes");
+            step_mma_folded<T, RT, MT>(acc, f, [&](int nt, int u) { return xv[nt][u]; });
+        } else {
+            step_mma<T, LUTK, RT, MT, BITS>(acc, f, s2, zs2, base, tlo, thi, [&](int nt, int u) { return xv[nt][u]; });
+        }
     };
 
     Frag<RT, BITS> buf[PF + 1];
     mma_pipeline::stream_steps<PF>(buf, st0 + ws, WK, st1, load, compute);
     finish<T, MT, RT, WR, WK>(acc, s_red, last, y, partial, counters, M, N, pos);
+}
+
+// run with folded scales (the f4 kernels: qmma_tiled.rs `folds`).
+template <typename T, int BITS, bool LUTK, int MT, int RT, int WR, int WK, int PF>
+__device__ __forceinline__ void run_folded(const uint32_t* __restrict__ codes, const float* __restrict__ scales,
+                                           const float* __restrict__ zeros, const float* __restrict__ lut, int wpr,
+                                           int gsize, int groups, const T* __restrict__ x, T* __restrict__ y,
+                                           float* __restrict__ partial, unsigned* __restrict__ counters, int M,
+                                           int N, int K, int steps_per_split, int bx) {
+    run<T, BITS, LUTK, MT, RT, WR, WK, PF, true>(codes, scales, zeros, lut, wpr, gsize, groups, x, y, partial,
+                                                 counters, M, N, K, steps_per_split, bx);
 }
 
 }  // namespace qmmat

@@ -724,6 +724,103 @@ mod gpu {
         );
     }
 
+    /// The folded scales (affine 4-bit codes in groups of a multiple of 128: the mma on raw codes,
+    /// each step's sums scaled after it) against the CPU decoder, to about the output's own
+    /// rounding, and at least as close as the per-weight scaled decode: every block shape they
+    /// run in (up to 8 rows c1 alone and split over K, c4 wide and on long K; 9-16 rows c1
+    /// alone, c1 / c2 in a grouped launch), fractional and integer zeros, groups of 128 and 256,
+    /// bf16 and f16.
+    #[test]
+    fn folded_scales_match_the_cpu_decoder() {
+        let Some(dev) = gpu() else { return };
+        let cdev = dev.as_cuda_device().unwrap();
+        let mut failures = Vec::new();
+        let mut report = Vec::new();
+        for (i, &(n, k, group, integer_zeros)) in [
+            (130usize, 4096usize, 128usize, false),
+            (1032, 512, 128, true),
+            (8200, 1024, 256, false),
+            (1024, 8192, 128, true),
+            (4096, 1024, 128, false),
+            (6000, 512, 128, false),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let seed = 900 + i as u64;
+            let (scales, zeros, codes) = edge_inputs(n, k, group, seed);
+            let zeros = if integer_zeros {
+                zeros.iter().map(|z| z.round()).collect()
+            } else {
+                zeros
+            };
+            let code = |r: usize, c: usize| ((codes[r * k + c].abs() * 1e4) as u32) % 16;
+            let layout = GpuLayout::pack(
+                n,
+                k,
+                CodeKind::Affine { bits: 4 },
+                group,
+                scales,
+                zeros,
+                ElementRounding::None,
+                None,
+                code,
+            )
+            .unwrap();
+            let dl = DeviceLayout::upload(&layout, cdev).unwrap();
+            let w_ref = Tensor::from_vec(layout.dequantize_f32(), (n, k), &Device::Cpu).unwrap();
+            for m in [1usize, 2, 5, 8, 9, 12, 16] {
+                // Alone up to 8 rows always; 9-16 rows where the block is c1 (6000 rows).
+                let alone = qmma_tiled::folds(&dl, m);
+                assert_eq!(alone, m <= 8 || n == 6000, "{n}x{k} group {group} m={m}");
+                // About the outputs' own rounding (H200: 1.5-1.8e-3 in bf16, 2.0-2.2e-4 in f16);
+                // the per-weight scaled decode, rounding each weight to 16 bits first, is at
+                // 2.7-3.0e-3 / 3.2-3.9e-4 and would fail these.
+                for (dtype, tol) in [(DType::BF16, 2.2e-3), (DType::F16, 2.8e-4)] {
+                    let values = randn(seed + m as u64, m * k, 1.0);
+                    let (xg, want) = input_and_want(&dev, values, (m, k), dtype, &w_ref);
+                    let err = |path: QPath| {
+                        let got = matmul(&dl, &xg, path).unwrap();
+                        assert_eq!(got.dims(), &[m, n]);
+                        rel_l2(&got, &want)
+                    };
+                    let (folded, per_weight) =
+                        (err(QPath::MmaTiled), err(QPath::MmaTiledPerWeight));
+                    report.push(format!(
+                        "{n}x{k} g{group} m={m} {dtype:?}: folded {folded:.2e}, per weight {per_weight:.2e}"
+                    ));
+                    if alone && (folded.is_nan() || folded > tol || folded > 1.25 * per_weight) {
+                        failures.push(format!(
+                            "{n}x{k} group {group} m={m} {dtype:?}: folded rel err {folded:.2e} (tolerance {tol:.0e}; per weight {per_weight:.2e})"
+                        ));
+                    }
+                    // A grouped launch (q/k/v-style: three weights of this format sharing x;
+                    // from 3 rows, below that `Auto` takes the half2 GEMV).
+                    if dtype == DType::BF16 && n <= 4096 && m >= 3 {
+                        let ys = matmul_group(&[&dl, &dl, &dl], &xg)
+                            .unwrap()
+                            .expect("grouped");
+                        for y in &ys {
+                            let e = rel_l2(y, &want);
+                            if e.is_nan() || e > tol {
+                                failures.push(format!(
+                                    "{n}x{k} group {group} m={m} grouped: rel err {e:.2e} > {tol:.0e}"
+                                ));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        eprintln!("{}", report.join("\n"));
+        assert!(
+            failures.is_empty(),
+            "{} failures:\n{}",
+            failures.len(),
+            failures.join("\n")
+        );
+    }
+
     /// The wgmma kernel (Hopper) on every 4-bit format (affine and table codes, act-order) at the
     /// row counts around its blocks of 64 and 128 activation rows, and `Auto` there; edge shapes
     /// (K not a multiple of the 128-wide step, groups of 32 and 96, N not a multiple of the 128-row

@@ -81,6 +81,11 @@ pub struct BenchDecodeArgs {
     /// `half2_two_rows` in the rows.
     #[arg(long)]
     pub compare_half2_rows: bool,
+    /// Also time each case with the tiled kernel scaling every weight before the mma where it
+    /// would fold the scales after it (affine 4-bit codes in groups of a multiple of 128, up to
+    /// 16 rows: the kernels before session 31). `folded_scales` in the rows.
+    #[arg(long)]
+    pub compare_folded_scales: bool,
     /// Also time each case with the 8-head attention blocks for GQA groups of up to 4 query
     /// heads instead of the 4-head ones (fewer registers, more blocks per SM); FMA kernels only
     /// (f32 caches, or the FMA rows of --compare-attention-mma; a combination of switches that
@@ -144,6 +149,14 @@ fn set_wgmma(on: bool) {
 fn set_half2_two_rows(on: bool) {
     #[cfg(feature = "cuda")]
     lorq_quant::cuda::qgemv::set_half2_two_rows(on);
+    #[cfg(not(feature = "cuda"))]
+    let _ = on;
+}
+
+/// Whether the tiled kernel may fold 4-bit scales after the mma (lorq_quant's `qmma_tiled`).
+fn set_folded_scales(on: bool) {
+    #[cfg(feature = "cuda")]
+    lorq_quant::cuda::qmma_tiled::set_folded_scales(on);
     #[cfg(not(feature = "cuda"))]
     let _ = on;
 }
@@ -457,6 +470,11 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
                     } else {
                         &[true]
                     };
+                    let fold_modes: &[bool] = if a.compare_folded_scales && dev.is_cuda() {
+                        &[true, false]
+                    } else {
+                        &[true]
+                    };
                     let block_modes: &[bool] = if a.compare_attention_blocks && dev.is_cuda() {
                         &[true, false]
                     } else {
@@ -500,10 +518,12 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
                                 overlap_modes.iter().flat_map(move |&ov| {
                                     wgmma_modes.iter().flat_map(move |&wg| {
                                         half2_modes.iter().flat_map(move |&h2| {
-                                            attn_modes.iter().flat_map(move |&at| {
-                                                graph_modes
-                                                    .iter()
-                                                    .map(move |&g| (f, gr, nt, ov, (wg, h2, at), g))
+                                            fold_modes.iter().flat_map(move |&fo| {
+                                                attn_modes.iter().flat_map(move |&at| {
+                                                    graph_modes.iter().map(move |&g| {
+                                                        (f, gr, nt, ov, (wg, h2, fo, at), g)
+                                                    })
+                                                })
                                             })
                                         })
                                     })
@@ -516,12 +536,13 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
                         grouped,
                         tails,
                         overlap,
-                        (wgmma, half2_two_rows, (attn4, mma, part_keys, tiles)),
+                        (wgmma, half2_two_rows, folded_scales, (attn4, mma, part_keys, tiles)),
                         graphs,
                     ) in modes
                     {
                         set_wgmma(wgmma);
                         set_half2_two_rows(half2_two_rows);
+                        set_folded_scales(folded_scales);
                         set_attention_switches(attn4, mma, part_keys, tiles);
                         model.set_fused_ops(fused);
                         model.set_grouped_matmuls(grouped);
@@ -585,6 +606,7 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
                             "lora_overlap": n_adapters > 0 && overlap && model.cuda_graphs(),
                             "wgmma": wgmma,
                             "half2_two_rows": half2_two_rows,
+                            "folded_scales": folded_scales,
                             "attention_4_head_blocks": attn4,
                             "attention_mma": mma && dev.is_cuda(),
                             "attention_partition_keys": part_keys,

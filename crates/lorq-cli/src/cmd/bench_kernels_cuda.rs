@@ -357,6 +357,9 @@ pub fn run(a: &BenchKernelsArgs, dev: &Device) -> Result<()> {
                 }
                 if qmma_tiled::supports(&dls[0]) {
                     paths.push((QPath::MmaTiled, "qmma-tiled".into()));
+                    if qmma_tiled::folds(&dls[0], m) {
+                        paths.push((QPath::MmaTiledPerWeight, "qmma-tiled-per-weight".into()));
+                    }
                 }
                 if m >= 2 && qwgmma::supports(&dls[0], cdev) {
                     paths.push((QPath::Wgmma, "qwgmma".into()));

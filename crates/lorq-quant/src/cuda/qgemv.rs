@@ -313,8 +313,11 @@ pub enum QPath {
     /// The first tensor-core kernel (bf16/f16 activations, every format).
     Mma,
     /// The tiled tensor-core kernel (bf16/f16 activations, the 2-, 3-, 4- and 8-bit codes of
-    /// [`qmma_tiled::supports`]).
+    /// [`qmma_tiled::supports`]); with folded scales where [`qmma_tiled::folds`].
     MmaTiled,
+    /// The tiled tensor-core kernel with every weight scaled before the mma, also where
+    /// [`qmma_tiled::folds`] (what the folded scales are measured and tested against).
+    MmaTiledPerWeight,
     /// The wgmma kernel (bf16/f16 activations, 4-bit codes on a Hopper GPU:
     /// [`qwgmma::supports`]).
     Wgmma,
@@ -325,7 +328,10 @@ pub enum QPath {
 enum Route {
     Gemv(Variant),
     Mma,
-    MmaTiled,
+    /// Folded scales allowed ([`qmma_tiled::folds`] says where they apply).
+    MmaTiled {
+        fold: bool,
+    },
     Wgmma,
     Dequantize,
 }
@@ -551,7 +557,9 @@ fn auto_route(
         AUTO_TILED_MAX_M
     };
     if half && qmma_tiled::supports(w) && (tiled_min_m..=tiled_max_m).contains(&m) {
-        Route::MmaTiled
+        Route::MmaTiled {
+            fold: qmma_tiled::folded_scales(),
+        }
     } else if m <= AUTO_GEMV_MAX_M || (!half && m <= QGEMV_MAX_M) {
         Route::Gemv(Variant::pick(
             n,
@@ -602,7 +610,7 @@ pub fn matmul(w: &DeviceLayout, x: &Tensor, path: QPath) -> Result<Tensor, Quant
             }
             Route::Wgmma
         }
-        QPath::Mma | QPath::MmaTiled => {
+        QPath::Mma | QPath::MmaTiled | QPath::MmaTiledPerWeight => {
             if !half {
                 return Err(QuantError::Invalid(format!(
                     "the tensor-core kernels take bf16/f16 activations, got {:?}",
@@ -612,7 +620,9 @@ pub fn matmul(w: &DeviceLayout, x: &Tensor, path: QPath) -> Result<Tensor, Quant
             if path == QPath::Mma {
                 Route::Mma
             } else if tiled {
-                Route::MmaTiled
+                Route::MmaTiled {
+                    fold: path == QPath::MmaTiled,
+                }
             } else {
                 return Err(QuantError::Invalid(format!(
                     "the tiled tensor-core kernel takes 3-, 4- and 8-bit codes in groups of a multiple of 32 and 2-bit codes in groups of a multiple of 16, got {} in groups of {}",
@@ -643,7 +653,7 @@ pub fn matmul(w: &DeviceLayout, x: &Tensor, path: QPath) -> Result<Tensor, Quant
     let y = match route {
         Route::Gemv(v) => gemv(dev, &[w], &gathered(x2)?, m, v)?.remove(0),
         Route::Mma => mma(dev, w, &gathered(x2)?, m)?,
-        Route::MmaTiled => qmma_tiled::matmul(dev, w, &gathered(x2)?, m)?,
+        Route::MmaTiled { fold } => qmma_tiled::matmul(dev, w, &gathered(x2)?, m, fold)?,
         Route::Wgmma => qwgmma::matmul(dev, w, &gathered(x2)?, m)?,
         Route::Dequantize => {
             let wd = dequantize(w, dev, x.dtype())?;
@@ -1184,7 +1194,7 @@ pub fn matmul_group(ws: &[&DeviceLayout], x: &Tensor) -> Result<Option<Vec<Tenso
     let x2 = x.reshape((m, k))?;
     let ys = match group_route(ws, m, x.dtype(), dev) {
         Route::Gemv(v) => gemv(dev, ws, &x2, m, v)?,
-        Route::MmaTiled => qmma_tiled::matmul_group(dev, ws, &x2, m)?,
+        Route::MmaTiled { fold } => qmma_tiled::matmul_group(dev, ws, &x2, m, fold)?,
         Route::Wgmma => qwgmma::matmul_group(dev, ws, &x2, m)?,
         _ => return Ok(None),
     };
@@ -1215,7 +1225,8 @@ pub fn group_path(ws: &[&DeviceLayout], m: usize, dtype: DType, dev: &CudaDevice
     }
     match group_route(ws, m, dtype, dev) {
         Route::Gemv(v) => Some(QPath::Fused(v)),
-        Route::MmaTiled => Some(QPath::MmaTiled),
+        Route::MmaTiled { fold: true } => Some(QPath::MmaTiled),
+        Route::MmaTiled { fold: false } => Some(QPath::MmaTiledPerWeight),
         Route::Wgmma => Some(QPath::Wgmma),
         Route::Mma | Route::Dequantize => None,
     }

@@ -7,6 +7,7 @@
 //! blocks when the row blocks alone would leave most of the GPU idle, the last block of a tile
 //! adding the f32 partial sums.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
 use candle_core::cuda_backend::cudarc::driver::{
@@ -44,6 +45,46 @@ pub fn supports(w: &DeviceLayout) -> bool {
             "a2" => w.gsize % 16 == 0,
             _ => false,
         }
+}
+
+/// Most activation rows the folded-scale kernels take (kernels/qmma_tiled.cuh `step_mma_folded`):
+/// 2 n8 tiles, and those only in the blocks of `c1` and `c2` ([`folds_in`]).
+const FOLD_MAX_M: usize = 16;
+
+static FOLDED_SCALES: AtomicBool = AtomicBool::new(true);
+
+/// Lets launches the folded-scale kernels cover take them ([`folds`]; on by default), or keeps
+/// every launch on the per-weight scaled decode: `lorq bench decode --compare-folded-scales`
+/// measures what they bring.
+pub fn set_folded_scales(on: bool) {
+    FOLDED_SCALES.store(on, Ordering::Relaxed);
+}
+
+/// Whether the process allows folded scales ([`set_folded_scales`]).
+pub fn folded_scales() -> bool {
+    FOLDED_SCALES.load(Ordering::Relaxed)
+}
+
+/// Whether a launch of `w` alone at `m` rows takes the folded-scale kernel (`f4`) when allowed.
+pub fn folds(w: &DeviceLayout, m: usize) -> bool {
+    folds_in(w, m, shape(w.n, w.k, m_tiles(m), false, false))
+}
+
+/// Whether a launch of `w` at `m` rows in block shape `sh` takes the folded-scale kernel: affine
+/// 4-bit codes in groups of a multiple of [`KSTEP`] over a K of a multiple of it (one group per
+/// step for every lane); one n8 tile in any shape, two in `c1` and `c2` only. H200, session 31
+/// (GPU time, GPTQ g128, against the per-weight scaled decode): 14336x4096 at 4 / 8 rows 18.2 /
+/// 18.5 us against 19.8 / 20.2, 4096x14336 18.6 / 18.9 against 19.9 / 20.5; at 12-16 rows the
+/// single weights' `c4` / `c5` blocks, which then need more than 128 registers, ran 4-10 %
+/// slower (14336x4096 at 16 rows 24.6 against 23.0), the grouped launches' `c1` / `c2` faster
+/// (batch-16 decode).
+fn folds_in(w: &DeviceLayout, m: usize, sh: Shape) -> bool {
+    w.tag == "a4" && w.gsize as usize % KSTEP == 0 && w.k % KSTEP == 0 && fold_shape(m, sh)
+}
+
+/// The row counts and block shapes the folded-scale kernels are compiled for ([`folds_in`]).
+fn fold_shape(m: usize, sh: Shape) -> bool {
+    m <= FOLD_MAX_M && (m_tiles(m) == 1 || sh == C1 || sh == C2)
 }
 
 /// n8 activation tiles per block for `m` rows: 8, 16, 32, 64 or 128 rows.
@@ -197,23 +238,27 @@ pub(crate) fn split_k(sh: Shape, n: usize, m: usize, k: usize, sms: usize) -> (u
 }
 
 /// `x · Wᵀ` for contiguous `x` `[m, k]` (bf16/f16, columns already in the weight's packed order).
+/// `fold`: take the folded-scale kernel where it applies ([`folds`]).
 pub(crate) fn matmul(
     dev: &CudaDevice,
     w: &DeviceLayout,
     x: &Tensor,
     m: usize,
+    fold: bool,
 ) -> Result<Tensor, QuantError> {
-    Ok(matmul_group(dev, &[w], x, m)?.remove(0))
+    Ok(matmul_group(dev, &[w], x, m, fold)?.remove(0))
 }
 
 /// `x · Wᵢᵀ` of 1 to 3 weights sharing `x` (same format, K, groups and table: the caller checks)
 /// in one launch, each weight's row blocks after the previous one's. The block shape follows the
-/// group's total rows; a group never splits K (its weights together fill the GPU).
+/// group's total rows; a group never splits K (its weights together fill the GPU). `fold`: as
+/// [`matmul`].
 pub(crate) fn matmul_group(
     dev: &CudaDevice,
     ws: &[&DeviceLayout],
     x: &Tensor,
     m: usize,
+    fold: bool,
 ) -> Result<Vec<Tensor>, QuantError> {
     fn go<T: CudaDType + DeviceRepr>(
         dev: &CudaDevice,
@@ -222,6 +267,7 @@ pub(crate) fn matmul_group(
         start: usize,
         m: usize,
         dname: &str,
+        fold: bool,
     ) -> Result<Vec<CudaStorage>, QuantError> {
         let w = ws[0];
         let (n, k) = (w.n, w.k);
@@ -236,12 +282,17 @@ pub(crate) fn matmul_group(
         let grouped = ws.len() > 1;
         let sh = shape(total_n, k, mt, w.tag.starts_with('t'), grouped);
         let kernel = if grouped { "qmmatg" } else { "qmmat" };
+        let tag = if fold && folds_in(w, m, sh) {
+            "f4"
+        } else {
+            &w.tag
+        };
         let smem = sh.shared_bytes(mt);
         let f = function_with_shared(
             dev,
             "qmma_tiled",
             FATBIN,
-            &format!("{kernel}_{}_{dname}_t{mt}_{}", w.tag, sh.name),
+            &format!("{kernel}_{tag}_{dname}_t{mt}_{}", sh.name),
             smem,
         )?;
         let (splits, per) = if !grouped {
@@ -293,8 +344,8 @@ pub(crate) fn matmul_group(
         m,
         16,
         "qmma_tiled",
-        |cs, start| go::<half::bf16>(dev, ws, cs, start, m, "bf16"),
-        |cs, start| go::<half::f16>(dev, ws, cs, start, m, "f16"),
+        |cs, start| go::<half::bf16>(dev, ws, cs, start, m, "bf16", fold),
+        |cs, start| go::<half::f16>(dev, ws, cs, start, m, "f16", fold),
     )
 }
 
@@ -315,6 +366,13 @@ mod tests {
             "x1" => [8, 16].contains(&mt),
             _ => false,
         };
+        // The folded-scale kernels (`f4`): kernels/qmma_tiled.cu QMMAT_FOLDED.
+        let compiled_folded = |name: &str, mt: usize, grouped: bool| match name {
+            "c1" => [1, 2].contains(&mt),
+            "c2" => mt == 2 && grouped,
+            "c4" => mt == 1 && !grouped,
+            _ => false,
+        };
         for n in [16usize, 576, 1024, 4096, 4097, 6144, 8192, 14336, 28672] {
             for k in [4096usize, 14336] {
                 for m in [1usize, 2, 8, 9, 16, 17, 32, 33, 64, 65, 128] {
@@ -327,6 +385,13 @@ mod tests {
                                 "n={n} k={k} m={m} table={table} grouped={grouped}: {} t{mt}",
                                 sh.name
                             );
+                            if !table && super::fold_shape(m, sh) {
+                                assert!(
+                                    compiled_folded(sh.name, mt, grouped),
+                                    "folded n={n} k={k} m={m} grouped={grouped}: {} t{mt}",
+                                    sh.name
+                                );
+                            }
                         }
                     }
                 }
