@@ -77,9 +77,13 @@ pub fn folds(w: &DeviceLayout, m: usize) -> bool {
 /// 18.5 us against 19.8 / 20.2, 4096x14336 18.6 / 18.9 against 19.9 / 20.5; at 12-16 rows the
 /// single weights' `c4` / `c5` blocks, which then need more than 128 registers, ran 4-10 %
 /// slower (14336x4096 at 16 rows 24.6 against 23.0), the grouped launches' `c1` / `c2` faster
-/// (batch-16 decode).
+/// (batch-16 decode). Groups of 64 (hqq 4-bit's; folded two a step, each lane loading 16 codes of
+/// each) ran 10-17 % slower than their per-weight decode: not folded.
 fn folds_in(w: &DeviceLayout, m: usize, sh: Shape) -> bool {
-    w.tag == "a4" && w.gsize as usize % KSTEP == 0 && w.k % KSTEP == 0 && fold_shape(m, sh)
+    w.tag == "a4"
+        && (w.gsize as usize).is_multiple_of(KSTEP)
+        && w.k.is_multiple_of(KSTEP)
+        && fold_shape(m, sh)
 }
 
 /// The row counts and block shapes the folded-scale kernels are compiled for ([`folds_in`]).
