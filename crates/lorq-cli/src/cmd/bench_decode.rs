@@ -136,6 +136,16 @@ pub struct BenchDecodeArgs {
     pub json: Option<std::path::PathBuf>,
 }
 
+/// The settings of one `--compare-*` switch to time each case with: on, then off where the switch
+/// is asked for (`compare`) and the device is a GPU; else only on (the default).
+fn switch_modes(compare: bool, dev: &Device) -> &'static [bool] {
+    if compare && dev.is_cuda() {
+        &[true, false]
+    } else {
+        &[true]
+    }
+}
+
 /// Whether 4-bit weights may take the wgmma kernel (lorq_quant's `qwgmma`).
 fn set_wgmma(on: bool) {
     #[cfg(feature = "cuda")]
@@ -439,52 +449,20 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
                 let adapters = random_adapters(&model, n_adapters, a.rank, &adapter_modules)?;
                 let adapter_bytes = adapters.first().map_or(0, |x| x.bytes());
                 for &batch in &a.batch_sizes {
-                    let fused_modes: &[bool] = if a.compare_fused && dev.is_cuda() {
-                        &[true, false]
-                    } else {
-                        &[true]
-                    };
+                    let fused_modes = switch_modes(a.compare_fused, &dev);
                     let graph_modes: &[bool] = match (a.cuda_graphs.as_str(), dev.is_cuda()) {
                         ("both", true) => &[true, false],
                         ("on", true) => &[true],
                         _ => &[false],
                     };
-                    let grouped_modes: &[bool] = if a.compare_grouped && dev.is_cuda() {
-                        &[true, false]
-                    } else {
-                        &[true]
-                    };
-                    let overlap_modes: &[bool] =
-                        if a.compare_lora_overlap && dev.is_cuda() && n_adapters > 0 {
-                            &[true, false]
-                        } else {
-                            &[true]
-                        };
-                    let wgmma_modes: &[bool] = if a.compare_wgmma && dev.is_cuda() {
-                        &[true, false]
-                    } else {
-                        &[true]
-                    };
-                    let half2_modes: &[bool] = if a.compare_half2_rows && dev.is_cuda() {
-                        &[true, false]
-                    } else {
-                        &[true]
-                    };
-                    let fold_modes: &[bool] = if a.compare_folded_scales && dev.is_cuda() {
-                        &[true, false]
-                    } else {
-                        &[true]
-                    };
-                    let block_modes: &[bool] = if a.compare_attention_blocks && dev.is_cuda() {
-                        &[true, false]
-                    } else {
-                        &[true]
-                    };
-                    let mma_modes: &[bool] = if a.compare_attention_mma && dev.is_cuda() {
-                        &[true, false]
-                    } else {
-                        &[true]
-                    };
+                    let grouped_modes = switch_modes(a.compare_grouped, &dev);
+                    let overlap_modes =
+                        switch_modes(a.compare_lora_overlap && n_adapters > 0, &dev);
+                    let wgmma_modes = switch_modes(a.compare_wgmma, &dev);
+                    let half2_modes = switch_modes(a.compare_half2_rows, &dev);
+                    let fold_modes = switch_modes(a.compare_folded_scales, &dev);
+                    let block_modes = switch_modes(a.compare_attention_blocks, &dev);
+                    let mma_modes = switch_modes(a.compare_attention_mma, &dev);
                     let mut partition_modes: Vec<Option<usize>> = vec![None];
                     if dev.is_cuda() {
                         for p in &a.compare_attention_partitions {
@@ -494,11 +472,7 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
                             partition_modes.push(Some(keys));
                         }
                     }
-                    let tile_modes: &[bool] = if a.compare_prefill_tiles && dev.is_cuda() {
-                        &[true, false]
-                    } else {
-                        &[true]
-                    };
+                    let tile_modes = switch_modes(a.compare_prefill_tiles, &dev);
                     let attn_modes = attention_modes(
                         block_modes,
                         mma_modes,
@@ -507,11 +481,7 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
                         dtype != DType::F32,
                     );
                     let attn_modes = &attn_modes;
-                    let tail_modes: &[bool] = if a.compare_norm_tails && dev.is_cuda() {
-                        &[true, false]
-                    } else {
-                        &[true]
-                    };
+                    let tail_modes = switch_modes(a.compare_norm_tails, &dev);
                     let modes = fused_modes.iter().flat_map(|&f| {
                         grouped_modes.iter().flat_map(move |&gr| {
                             tail_modes.iter().flat_map(move |&nt| {
