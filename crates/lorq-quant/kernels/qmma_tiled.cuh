@@ -89,6 +89,12 @@ template <> struct Half<__half> {
     }
 };
 
+// Pair j (codes j, j + 4) of 4-bit word w as the magic number leaves it: (MAGIC + q, MAGIC + q'),
+// exact in bf16 and f16.
+template <typename T> __device__ __forceinline__ uint32_t raw_pair(uint32_t w, int j) {
+    return ((w >> (4 * j)) & 0x000F000Fu) | Half<T>::MAGIC;
+}
+
 // The 4 pairs (codes j, j+4), j = 0..3, of word w: table codes lut[q] (unscaled); affine codes
 // q - zi exactly, base holding the pair (MAGIC + zi, MAGIC + zi).
 template <typename T, bool LUTK>
@@ -98,8 +104,7 @@ __device__ __forceinline__ void decode_word(uint32_t w, uint32_t base, const uin
         table_pairs(w, tlo, thi, p);
     } else {
 #pragma unroll
-        for (int j = 0; j < 4; j++)
-            p[j] = Half<T>::sub(((w >> (4 * j)) & 0x000F000Fu) | Half<T>::MAGIC, base);
+        for (int j = 0; j < 4; j++) p[j] = Half<T>::sub(raw_pair<T>(w, j), base);
     }
 }
 
@@ -378,7 +383,8 @@ __device__ __forceinline__ void step_mma(float (&acc)[RT][MT][4], const Frag<RT,
 // with sum_k x_k of each activation row from one more mma per k16 whose weight operand is all
 // ones (its sums land in the lanes that hold those rows' outputs). The decode is one shift and
 // one LOP3 per pair instead of four instructions; the step adds RT x MT x 8 FFMAs and MT x 8 mmas,
-// which pays at up to 2 n8 tiles (16 rows). All in f32 after the mma: the offset MAGIC sum_k x_k
+// which paid at one n8 tile (8 rows) in every block shape and at two only in c1 / c2 (qmma_tiled.rs
+// `folds_in`). All in f32 after the mma: the offset MAGIC sum_k x_k
 // cancels at the cost of ~log2(MAGIC / 8) bits of the f32 sums' 24 (bf16: 4, f16: 7), far below
 // the bf16 operands' rounding; the zero is used whole (no integer part rounded, as scale_pairs
 // needs), so no half-precision constant biases a group.
@@ -415,7 +421,7 @@ __device__ __forceinline__ void step_mma_folded(float (&acc)[RT][MT][4], const F
 #pragma unroll
             for (int h = 0; h < 2; h++)
 #pragma unroll
-                for (int j = 0; j < 4; j++) p[h][j] = ((f.w[rt][h][i] >> (4 * j)) & 0x000F000Fu) | Half<T>::MAGIC;
+                for (int j = 0; j < 4; j++) p[h][j] = raw_pair<T>(f.w[rt][h][i], j);
 #pragma unroll
             for (int nt = 0; nt < MT; nt++)
 #pragma unroll
