@@ -27,6 +27,13 @@
 
 namespace qwg {
 using namespace qmmat;
+using wgmma::bulk_copy;
+using wgmma::mbar_expect;
+using wgmma::mbar_init;
+using wgmma::mbar_wait;
+using wgmma::pin;
+using wgmma::Segment;
+using wgmma::sw128_desc;
 
 // Each 32 consecutive activations (chunk t of step st, t = 0..3) land where lane t's decoded
 // pairs are: xp[st][(4w + j) / 8][m][8 ((4w + j) % 8) + 2t + e] = x[m][128 st + 32t + 8w + j + 4e],
@@ -52,40 +59,6 @@ __device__ __forceinline__ void permute(const T* __restrict__ x, T* __restrict__
         uint4* out = reinterpret_cast<uint4*>(xp + ((size_t)(st * 2 + half) * Mp + m) * 64) + (cc ^ (m & 7));
         *out = make_uint4(pairs[0][j], pairs[1][j], pairs[2][j], pairs[3][j]);
     }
-}
-
-__device__ __forceinline__ void mbar_init(uint32_t bar) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(bar));
-}
-__device__ __forceinline__ void mbar_expect(uint32_t bar, uint32_t bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t phase) {
-    asm volatile(
-        "{\n .reg .pred p;\n WAIT: mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n @!p bra WAIT;\n}\n" ::"r"(bar),
-        "r"(phase)
-        : "memory");
-}
-__device__ __forceinline__ void bulk_copy(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
-                 "l"(src), "r"(bytes), "r"(bar)
-                 : "memory");
-}
-// K-major, 128-byte swizzle: rows of 128 bytes, 8-row groups 1024 bytes apart.
-__device__ __forceinline__ uint64_t sw128_desc(uint32_t saddr) {
-    return (uint64_t)((saddr & 0x3FFFF) >> 4) | ((uint64_t)1 << 16) | ((uint64_t)(1024 >> 4) << 32) | ((uint64_t)1 << 62);
-}
-__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-template <int N> __device__ __forceinline__ void wg_wait() {
-    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-}
-// Keeps the compiler from touching the accumulators while a wgmma may be writing them.
-template <int MT> __device__ __forceinline__ void pin(float (&acc)[1][MT][4]) {
-#pragma unroll
-    for (int a = 0; a < MT; a++)
-#pragma unroll
-        for (int b = 0; b < 4; b++) asm volatile("" : "+f"(acc[0][a][b])::"memory");
 }
 
 // Word w's scaled pairs of both lane rows. Affine codes: one LOP3 per pair ((v & mask) | magic,
@@ -117,26 +90,6 @@ constexpr int GROUPS = 3;
 static_assert(GROUPS <= 4, "a step's slot is refilled two steps later (run)");
 constexpr int THREADS = 128 * WARPGROUPS;  // qwgmma.rs THREADS
 
-// Which K steps a block sums: the tiles (128 output rows x BN activation rows, row blocks fastest)
-// laid end to end, each `steps` K steps long, block b taking the `per_block` steps from
-// b * per_block on (qwgmma.rs `schedule`: a whole number of tiles, or, where the tiles would leave
-// half the SMs idle, an equal share for every SM). A tile cut by block boundaries is summed in
-// segments, one per block, each the tile's split number (its blocks in order), added in that
-// order by the last to finish (finish).
-struct Segment {
-    int tile, st0, st1, split, splits;
-};
-__device__ __forceinline__ Segment segment_at(int cur, int end, int steps, int per_block) {
-    Segment s;
-    s.tile = cur / steps;
-    s.st0 = cur - s.tile * steps;
-    s.st1 = min(steps, s.st0 + (end - cur));
-    const int first = s.tile * steps, b0 = first / per_block;
-    s.split = (int)blockIdx.x - b0;
-    s.splits = (first + steps - 1) / per_block - b0 + 1;
-    return s;
-}
-
 template <typename T, bool LUTK, int BN, int S, int PF>
 __device__ __forceinline__ void run(const uint32_t* __restrict__ codes, const float* __restrict__ scales,
                                     const float* __restrict__ zeros, const float* __restrict__ lut, int wpr,
@@ -163,7 +116,7 @@ __device__ __forceinline__ void run(const uint32_t* __restrict__ codes, const fl
     const int total = row_blocks * (Mp / BN) * steps, end = min(total, ((int)blockIdx.x + 1) * per_block);
     int used = 0;  // slots filled so far by this block: slot used % S, its barrier's phase (used / S) & 1
     for (int cur = (int)blockIdx.x * per_block; cur < end;) {
-        const Segment sg = segment_at(cur, end, steps, per_block);
+        const Segment sg = wgmma::segment_at(cur, end, steps, per_block);
         // Every warp is done with the previous segment's slots (and its `last`).
         __syncthreads();
         const Coords pos = coords_at<1, WR, MT>(sg.tile % row_blocks, sg.tile / row_blocks, K, sg.st0, sg.st1,
@@ -200,7 +153,7 @@ __device__ __forceinline__ void run(const uint32_t* __restrict__ codes, const fl
                 uint32_t(&p)[1][2][4] = pw[w % GROUPS];
                 decode<T, LUTK>(f, w, base, s2, zs2, tlo, thi, p);
                 pin(acc);
-                wg_fence();
+                wgmma::fence();
 #pragma unroll
                 for (int jj = 0; jj < 2; jj++) {  // k16 sub-steps 2w + jj: pairs 2jj, 2jj + 1
                     const int s = 2 * w + jj;
@@ -212,8 +165,8 @@ __device__ __forceinline__ void run(const uint32_t* __restrict__ codes, const fl
                         wgmma::Mma<BN>::f16(acc[0], p[0][0][2 * jj], p[0][1][2 * jj], p[0][0][2 * jj + 1],
                                             p[0][1][2 * jj + 1], d);
                 }
-                wg_commit();
-                wg_wait<GROUPS - 1>();  // the oldest word's wgmmas are done: its buffer is free
+                wgmma::commit();
+                wgmma::wait<GROUPS - 1>();  // the oldest word's wgmmas are done: its buffer is free
                 pin(acc);
             }
         };
@@ -244,7 +197,7 @@ __device__ __forceinline__ void run(const uint32_t* __restrict__ codes, const fl
                 }
             }
         }
-        wg_wait<0>();
+        wgmma::wait<0>();
         pin(acc);
         finish<T, MT, 1, WR, 1>(acc, s_red, last, y, partial, counters, M, N, pos);
         used += nsteps;

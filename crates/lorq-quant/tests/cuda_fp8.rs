@@ -29,6 +29,7 @@ mod gpu {
         gemm_quantized, has_fp8_tensor_cores, matmul_with, min_rows, quantize_activations,
         shares_packed_copy, ActQuant, Fp8Kernel, MIN_M, ONE_ROW_MIN_WEIGHTS,
     };
+    use lorq_quant::cuda::fp8_wgmma;
     use lorq_quant::fp8::{e4m3fn_to_f32, f32_to_e4m3fn, Fp8Strategy, Fp8Tensor, E4M3_MAX};
     use lorq_quant::QuantTensor;
 
@@ -237,6 +238,8 @@ mod gpu {
             (48, 64, &[16, 17][..]),
             (48, 96, &[1, 5, 16, 17, 40][..]),
             (2080, 160, &[16, 33][..]),
+            // The wgmma kernel's shapes: rows past N and M, split tiles, 2 x 128-row blocks.
+            (1000, 1024, &[2, 16, 31, 100, 130][..]),
         ] {
             let w = Tensor::randn(0f32, 0.05, (n, k), &Device::Cpu).unwrap();
             for strategy in [Fp8Strategy::Tensor, Fp8Strategy::Channel] {
@@ -277,7 +280,12 @@ mod gpu {
                                 (None, Fp8Kernel::Mma),
                                 (Some(ActQuant::DynamicPerTensor), Fp8Kernel::Auto),
                                 (Some(ActQuant::DynamicPerTensor), Fp8Kernel::Mma),
+                                (None, Fp8Kernel::Wgmma),
+                                (Some(ActQuant::DynamicPerTensor), Fp8Kernel::Wgmma),
                             ] {
+                                if kernel == Fp8Kernel::Wgmma && !fp8_wgmma::supports(k, cdev) {
+                                    continue;
+                                }
                                 // cuBLASLt is only chosen (and checked) from 16 rows.
                                 let lt = matches!(
                                     kernel,
@@ -311,6 +319,15 @@ mod gpu {
             }
         }
         eprintln!("worst rel L2 error {worst:.2e}");
+        // The wgmma kernel ran where it should (Hopper): not a silent skip.
+        if matches!(
+            lorq_quant::cuda::fp8_gemm::compute_capability(cdev),
+            Ok((9, 0))
+        ) {
+            assert!(fp8_wgmma::supports(4096, cdev) && !fp8_wgmma::supports(160, cdev));
+        } else {
+            eprintln!("the wgmma kernel was not checked: it needs compute capability 9.0");
+        }
         // The pre-quantized entry point gives the same bits as matmul_with.
         let w = Tensor::randn(0f32, 0.05, (128, 256), &Device::Cpu).unwrap();
         let t = Fp8Tensor::quantize(&w, Fp8Strategy::Channel, DType::BF16).unwrap();
@@ -327,6 +344,20 @@ mod gpu {
             0.0,
             "Auto did not take the mma kernel at 32 rows"
         );
+        // On Hopper, a wide weight at 17-64 rows takes the wgmma kernel.
+        if fp8_wgmma::supports(512, cdev) {
+            let w = Tensor::randn(0f32, 0.05, (4096, 512), &Device::Cpu).unwrap();
+            let t = Fp8Tensor::quantize(&w, Fp8Strategy::Channel, DType::BF16).unwrap();
+            let x = bf16_randn((32, 512), &dev);
+            let q = quantize_activations(&x, ActQuant::DynamicPerToken).unwrap();
+            let auto = gemm_quantized(&t, &q, cdev, DType::BF16, Fp8Kernel::Auto).unwrap();
+            let wg = gemm_quantized(&t, &q, cdev, DType::BF16, Fp8Kernel::Wgmma).unwrap();
+            assert_eq!(
+                max_abs_diff(&auto, &wg),
+                0.0,
+                "Auto did not take the wgmma kernel at 32 rows of a 4096-row weight"
+            );
+        }
         let x = bf16_randn((300, 256), &dev);
         let q = quantize_activations(&x, ActQuant::DynamicPerToken).unwrap();
         let auto = gemm_quantized(&t, &q, cdev, DType::BF16, Fp8Kernel::Auto).unwrap();

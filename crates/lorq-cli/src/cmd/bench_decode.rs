@@ -72,8 +72,9 @@ pub struct BenchDecodeArgs {
     /// instead of on a side stream beside the base matmul (graph steps only).
     #[arg(long)]
     pub compare_lora_overlap: bool,
-    /// Also time each case without the wgmma kernel for 4-bit weights at 33-256 rows (Hopper):
-    /// those rows then take the tiled kernel or dequantize + cuBLAS. `wgmma` in the rows.
+    /// Also time each case without the wgmma kernels (Hopper): 4-bit weights at 33-256 rows then
+    /// take the tiled kernel or dequantize + cuBLAS, FP8 W8A8 at 17-64 rows lorq's mma kernel or
+    /// cuBLASLt. `wgmma` in the rows.
     #[arg(long)]
     pub compare_wgmma: bool,
     /// Also time each case with the half2 GEMV kept to one activation row (two rows of affine
@@ -146,10 +147,14 @@ fn switch_modes(compare: bool, dev: &Device) -> &'static [bool] {
     }
 }
 
-/// Whether 4-bit weights may take the wgmma kernel (lorq_quant's `qwgmma`).
+/// Whether 4-bit and FP8 weights may take the wgmma kernels (lorq_quant's `qwgmma`,
+/// `fp8_wgmma`).
 fn set_wgmma(on: bool) {
     #[cfg(feature = "cuda")]
-    lorq_quant::cuda::qwgmma::set_enabled(on);
+    {
+        lorq_quant::cuda::qwgmma::set_enabled(on);
+        lorq_quant::cuda::fp8_wgmma::set_enabled(on);
+    }
     #[cfg(not(feature = "cuda"))]
     let _ = on;
 }

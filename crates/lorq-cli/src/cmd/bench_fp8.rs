@@ -19,9 +19,11 @@ use clap::Args;
                          (compressed-tensors FP8)
   cublaslt-w8a8          as w8a8, always cuBLASLt
   mma-w8a8               as w8a8, always lorq's kernel (kernels/fp8_mma.cu)
+  wgmma-w8a8             as w8a8, always lorq's warpgroup kernel (kernels/fp8_wgmma.cu, Hopper)
   cublaslt-w8a8-epilogue as cublaslt-w8a8, scales applied by lorq's kernel after an f32 product
   cublaslt-gemm-only     as cublaslt-w8a8 without the activation quantization (x pre-quantized)
   mma-gemm-only          as mma-w8a8 without the activation quantization
+  wgmma-gemm-only        as wgmma-w8a8 without the activation quantization
   weight-only            the weight-only path (e4m3 decoded, activations stay bf16)
 
 Example:
@@ -64,6 +66,7 @@ mod gpu {
         cublaslt_version, gemm_quantized, has_fp8_tensor_cores, matmul_with, outer_vec_in_use,
         prepare, quantize_activations, ActQuant, Fp8Kernel,
     };
+    use lorq_quant::cuda::fp8_wgmma;
     use lorq_quant::cuda::qgemv::{matmul as qmatmul, DeviceLayout, QPath};
     use lorq_quant::fp8::{e4m3fn_to_f32, f32_to_e4m3fn, Fp8Strategy, Fp8Tensor, E4M3_MAX};
     use lorq_quant::QuantTensor;
@@ -195,6 +198,7 @@ mod gpu {
                     ("w8a8-static", &tens, stat, Fp8Kernel::Auto),
                     ("cublaslt-w8a8", &chans, per_token, Fp8Kernel::CublasLt),
                     ("mma-w8a8", &chans, per_token, Fp8Kernel::Mma),
+                    ("wgmma-w8a8", &chans, per_token, Fp8Kernel::Wgmma),
                     (
                         "cublaslt-w8a8-epilogue",
                         &chans,
@@ -222,7 +226,11 @@ mod gpu {
                 for (path, kernel) in [
                     ("cublaslt-gemm-only", Fp8Kernel::CublasLt),
                     ("mma-gemm-only", Fp8Kernel::Mma),
+                    ("wgmma-gemm-only", Fp8Kernel::Wgmma),
                 ] {
+                    if kernel == Fp8Kernel::Wgmma && !fp8_wgmma::supports(k, cdev) {
+                        continue;
+                    }
                     let t = time(&mut |i| {
                         Ok(gemm_quantized(
                             &chans[i % c],

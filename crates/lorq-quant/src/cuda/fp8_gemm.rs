@@ -28,7 +28,7 @@ use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::{CudaStorage, DType, Storage, Tensor, WithDType};
 
 use super::qgemv::GpuQuantWeight;
-use super::{cuda_device, dtype_name, fp8_mma, function, tensor_from_storage};
+use super::{cuda_device, dtype_name, fp8_mma, fp8_wgmma, function, tensor_from_storage};
 use crate::fp8::{Fp8Strategy, Fp8Tensor};
 use crate::{QuantError, QuantTensor};
 
@@ -72,8 +72,9 @@ pub enum ActQuant {
 /// Which kernel runs the quantized product.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fp8Kernel {
-    /// lorq's tensor-core kernel where it was measured faster ([`super::fp8_mma::shape`]: few
-    /// rows), else cuBLASLt.
+    /// lorq's kernels where they were measured faster (Hopper's wgmma kernel at 17-64 rows of
+    /// wide weights, [`super::fp8_wgmma::takes`]; the mma kernel at few rows,
+    /// [`super::fp8_mma::shape`]), else cuBLASLt.
     Auto,
     /// cuBLASLt (scalar or outer-vector scales), our epilogue where the library refuses.
     CublasLt,
@@ -81,6 +82,9 @@ pub enum Fp8Kernel {
     CublasLtOwnEpilogue,
     /// lorq's tensor-core kernel at any row count (`kernels/fp8_mma.cu`; in_features % 32 == 0).
     Mma,
+    /// lorq's warpgroup kernel at any row count (`kernels/fp8_wgmma.cu`; compute capability 9.0,
+    /// in_features % 128 == 0, the weight in the packed layout's device copy).
+    Wgmma,
 }
 
 /// A weight on the GPU for this path: the e4m3 codes `[n, k]` as stored and one f32 scale per
@@ -163,6 +167,17 @@ impl Fp8LtWeight {
             WeightBuffers::Packed(w) => row_major_bytes(w)
                 .ok_or_else(|| err("the packed layout no longer holds row-major codes".into())),
             WeightBuffers::Own { codes, scales } => Ok((codes.slice(..), scales.slice(..))),
+        }
+    }
+
+    /// The split-K tickets of the packed layout's device copy (none for a copy of its own).
+    fn counters(&self) -> Option<&CudaSlice<u32>> {
+        match &self.buffers {
+            WeightBuffers::Packed(w) => match w.as_ref() {
+                GpuQuantWeight::Ready(l) => Some(l.split_k_counters()),
+                GpuQuantWeight::Unsupported(_) => None,
+            },
+            WeightBuffers::Own { .. } => None,
         }
     }
 
@@ -589,14 +604,33 @@ pub fn gemm_quantized(
         DType::BF16 | DType::F16 => out,
         _ => DType::F32,
     };
+    let dims = (qx.m, w.n, w.k);
+    let (wq, sw) = w.buffers()?;
+    let (wq, sw, xq, sx) = (&wq, &sw, &qx.codes.slice(..), &qx.scales.slice(..));
+    let wgmma = match kernel {
+        Fp8Kernel::Wgmma => true,
+        Fp8Kernel::Auto => w.counters().is_some() && fp8_wgmma::takes(w.n, qx.m, w.k, dev),
+        _ => false,
+    };
+    if wgmma {
+        let counters = w.counters().ok_or_else(|| {
+            err(format!(
+                "the wgmma kernel reads the packed layout's copy, which a {}x{} weight has not",
+                w.n, w.k
+            ))
+        })?;
+        let s = match out {
+            DType::BF16 => fp8_wgmma::gemm::<half::bf16>(dev, wq, sw, xq, sx, counters, dims)?,
+            DType::F16 => fp8_wgmma::gemm::<half::f16>(dev, wq, sw, xq, sx, counters, dims)?,
+            _ => fp8_wgmma::gemm::<f32>(dev, wq, sw, xq, sx, counters, dims)?,
+        };
+        return Ok(tensor_from_storage(s, (qx.m, w.n)));
+    }
     let mma = match kernel {
         Fp8Kernel::Mma => Some(fp8_mma::shape(w.n, qx.m).unwrap_or(fp8_mma::Shape::K2)),
         Fp8Kernel::Auto if fp8_mma::supports(w.k) => fp8_mma::shape(w.n, qx.m),
         _ => None,
     };
-    let dims = (qx.m, w.n, w.k);
-    let (wq, sw) = w.buffers()?;
-    let (wq, sw, xq, sx) = (&wq, &sw, &qx.codes.slice(..), &qx.scales.slice(..));
     let s = match (out, mma) {
         (DType::BF16, Some(sh)) => fp8_mma::gemm::<half::bf16>(dev, sh, wq, sw, xq, sx, dims)?,
         (DType::F16, Some(sh)) => fp8_mma::gemm::<half::f16>(dev, sh, wq, sw, xq, sx, dims)?,

@@ -7,6 +7,7 @@ pub mod bnb4;
 pub mod dense_gemv;
 pub mod fp8_gemm;
 pub mod fp8_mma;
+pub mod fp8_wgmma;
 pub mod fused_ops;
 pub mod graph;
 pub mod int8_llm;

@@ -150,6 +150,11 @@ impl DeviceLayout {
         Some((codes, self.scales.slice(0..self.n)))
     }
 
+    /// The split-K tickets (zero between launches), `n.div_ceil(16) * 16` of them.
+    pub(crate) fn split_k_counters(&self) -> &CudaSlice<u32> {
+        &self.counters
+    }
+
     /// Pushes the `QARGS` every kernel of qgemv.cu (and qmma_tiled.cu, qwgmma.cu) starts with.
     pub(super) fn push_args<'a>(
         &'a self,

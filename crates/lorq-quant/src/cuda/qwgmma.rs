@@ -82,34 +82,51 @@ pub fn supports(w: &DeviceLayout, dev: &CudaDevice) -> bool {
         && matches!(super::fp8_gemm::compute_capability(dev), Ok((9, 0)))
 }
 
-/// How the blocks share the tiles' K steps (kernels/qwgmma.cu `segment_at`): `per_block` K steps
+/// How the blocks share the tiles' K steps (kernels/wgmma.cuh `segment_at`): `per_block` K steps
 /// per block of the tiles (128 output rows x `rows` activation rows) laid end to end. A tile cut by
 /// block boundaries is summed in up to `slots` segments through f32 partial sums, which cost
 /// traffic (a 128x128 tile's 64 KiB written and read back per segment, against its 256 KiB of
 /// codes at K 4096) and a pipeline fill per segment: so tiles are whole (`per_block` = K steps)
-/// unless they would leave at least half of the SMs idle; then each SM gets the same share
-/// (stream-K), at most [`MAX_SPLITS`] segments per tile. H100, session 20, GPTQ 4-bit, us, whole
+/// unless there are at most `split_until` of them (this kernel: half the SMs, [`split_until`]);
+/// then each SM gets the same share (stream-K), at most [`MAX_SPLITS`] segments per tile. No block
+/// sums more than `max_per_block` steps (fp8_wgmma.rs: the activations it keeps in shared memory). H100, session 20, GPTQ 4-bit, us, whole
 /// tiles -> shared: 14336x4096 at 128 rows (112 tiles) 51.8 -> 64.7, at 256 95.6 -> 112.8,
 /// 4096x14336 at 512 165.7 -> 214.8; 4096x14336 at 256 rows (64 tiles) 158.3 -> 120.8 (the
 /// earlier rule split only below 33 tiles).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Schedule {
-    per_block: usize,
-    blocks: usize,
-    slots: usize,
+pub(super) struct Schedule {
+    pub per_block: usize,
+    pub blocks: usize,
+    pub slots: usize,
 }
 
-fn schedule(n: usize, m: usize, k: usize, rows: usize, sms: usize) -> Schedule {
+/// The most tiles this kernel shares out over the SMs: half of them (fewer tiles leave at least
+/// half of the SMs idle).
+fn split_until(sms: usize) -> usize {
+    sms / 2
+}
+
+pub(super) fn schedule(
+    n: usize,
+    m: usize,
+    k: usize,
+    rows: usize,
+    sms: usize,
+    split_until: usize,
+    max_per_block: usize,
+) -> Schedule {
     let tiles = n.div_ceil(ROWS) * m.div_ceil(rows);
     let steps = k.div_ceil(KSTEP);
     let total = tiles * steps;
     // (The split-K counters hold 16 activation blocks per 16 output rows.)
-    let per_block = if 2 * tiles > sms || m.div_ceil(rows) > super::qmma_tiled::MAX_SPLIT_M_BLOCKS {
-        steps
-    } else {
-        total.div_ceil(sms.max(1)).max(steps.div_ceil(MAX_SPLITS))
-    };
-    // Segments per tile: one for whole tiles; a splitting schedule has at most 66 tiles.
+    let per_block =
+        if tiles > split_until || m.div_ceil(rows) > super::qmma_tiled::MAX_SPLIT_M_BLOCKS {
+            steps
+        } else {
+            total.div_ceil(sms.max(1)).max(steps.div_ceil(MAX_SPLITS))
+        }
+        .min(max_per_block.max(1));
+    // Segments per tile: one for whole tiles.
     let slots = if per_block == steps {
         1
     } else {
@@ -188,7 +205,7 @@ pub(crate) fn matmul_group(
             )?;
             // SAFETY: every output element is written by the kernel.
             let y = unsafe { dev.alloc::<T>(m * n)? };
-            let plan = schedule(n, m, k, sh.rows, sms);
+            let plan = schedule(n, m, k, sh.rows, sms, split_until(sms), usize::MAX);
             let partial: Option<CudaSlice<f32>> = if plan.slots > 1 {
                 // SAFETY: a split tile's segments each write their part of slot (split) before the
                 // tile's last block reads them.
@@ -237,7 +254,11 @@ pub(crate) fn matmul_group(
 
 #[cfg(test)]
 mod tests {
-    use super::{schedule, MAX_SPLITS};
+    use super::{split_until, MAX_SPLITS};
+
+    fn schedule(n: usize, m: usize, k: usize, rows: usize, sms: usize) -> super::Schedule {
+        super::schedule(n, m, k, rows, sms, split_until(sms), usize::MAX)
+    }
 
     /// The kernel's `segment_at`: (tile, first step, end step, split, splits) of each block.
     fn segments(n: usize, m: usize, k: usize, rows: usize, sms: usize) -> Vec<Vec<[usize; 5]>> {

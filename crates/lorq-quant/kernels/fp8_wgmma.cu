@@ -1,0 +1,232 @@
+// fp8wg_*: y[M, N] = (xq[M, K] . Wq[N, K]^T) * sx[m] * sw[n], the W8A8 FP8 product on Hopper's
+// warpgroup tensor-core instruction (wgmma m64nBNk32 e4m3, sm_90a), for 17-64 activation rows,
+// where fp8_mma.cu's mma.sync kernel re-reads its activations per 16 output rows and cuBLASLt's
+// FP8 kernels stream the weight slowly (docs/benchmarks.md).
+// - The weight is wgmma's A operand, from registers, as stored (row-major e4m3, the buffer
+//   cuBLASLt reads): per 128-wide K step, lane (g, t) of warp w loads the 32-byte chunk t of its
+//   rows g and g + 8, and the step's k32 wgmma j takes words 2j and 2j + 1 of each chunk as the
+//   fragment's k and k + 16 halves (fp8_mma.cu's order). No decode: the codes are the operand.
+// - The activations are B, from shared memory in the 128-byte swizzled K-major layout, in that
+//   same K order: fp8wg_permute (one pass over the codes per call) writes them step-major
+//   ([K/128][Mp][128 bytes]); a block copies all the steps it sums into shared memory at once
+//   (bulk copies on one mbarrier), so its loop has no block barrier.
+// - Block: 2 warpgroups x 64 output rows; the weight codes are loaded PF ring slots ahead, G
+//   consecutive K steps a slot (a row's 256 bytes requested together). FP8 mma keeps fewer
+//   accumulator bits than f32, so each step's four wgmmas sum into a step accumulator that is then
+//   added to the f32 total (the promotion every 128 products that cuBLASLt and DeepSeek's kernels
+//   do). Two step accumulators, so that step i's wgmmas run while step i - 1's are added, made
+//   ptxas serialize the wgmmas (it sees accumulators read inside the pipeline).
+// - Tiles (128 output rows x BN activation rows) and their K steps are shared out as qwgmma.cu's
+//   are (wgmma::segment_at, fp8_wgmma.rs `schedule`); the per-token x per-row scales are applied
+//   to the f32 sums before qmma_tiled.cuh's `finish` stores them or adds a split tile's parts.
+// - Requires K % 128 == 0 (whole steps: no masks on the weight loads).
+#include "qmma_tiled.cuh"
+#include "wgmma.cuh"
+
+namespace fp8wg {
+
+constexpr int WARPGROUPS = 2;
+constexpr int THREADS = 128 * WARPGROUPS;  // fp8_wgmma.rs THREADS
+constexpr int WR = 4 * WARPGROUPS;         // warps of 16 output rows
+
+// xp[st][m][128 bytes] from xq[m][K]: the logical word 8j + q of step st (wgmma j's k32 slice,
+// q = 0..7) is x's word 8 (q % 4) + 2j + q / 4 of that step (lane t = q % 4's word 2j or 2j + 1),
+// in 16-byte units swizzled by m % 8 (the 128-byte swizzle wgmma reads). Rows m >= M are zero.
+// One thread per (row, step): eight 16-byte loads, eight stores.
+// xp[st][m][128 bytes] from xq[m][K]: the logical word 8j + 4h + e of step st (wgmma j's k32 slice)
+// is x's word 8e + 2j + h of that step (lane t = e's word 2j or 2j + 1), in 16-byte units
+// (u = 2j + h) swizzled by m % 8 (the 128-byte swizzle wgmma reads). Rows m >= M are zero.
+// One thread per (row, step): eight 16-byte loads, eight stores.
+__device__ __forceinline__ void permute(const uint8_t* __restrict__ xq, uint8_t* __restrict__ xp, int M, int K,
+                                        int Mp) {
+    const int steps = K / 128;
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= Mp * steps) return;
+    const int m = i / steps, st = i % steps;
+    uint32_t w[32];
+#pragma unroll
+    for (int u = 0; u < 8; u++) {
+        const uint4 v = m < M ? __ldg(reinterpret_cast<const uint4*>(xq + (size_t)m * K + st * 128) + u)
+                              : make_uint4(0, 0, 0, 0);
+        w[4 * u] = v.x;
+        w[4 * u + 1] = v.y;
+        w[4 * u + 2] = v.z;
+        w[4 * u + 3] = v.w;
+    }
+    uint4* out = reinterpret_cast<uint4*>(xp + ((size_t)st * Mp + m) * 128);
+#pragma unroll
+    for (int u = 0; u < 8; u++) {
+        const int j = u >> 1, h = u & 1;
+        out[u ^ (m & 7)] = make_uint4(w[2 * j + h], w[8 + 2 * j + h], w[16 + 2 * j + h], w[24 + 2 * j + h]);
+    }
+}
+
+// A lane's codes of G consecutive K steps: 32 bytes of each of its two rows per step.
+template <int G> struct Frag {
+    uint4 w[G][2][2];
+};
+__device__ __forceinline__ uint32_t word(const uint4 (&v)[2], int i) {
+    const uint4 u = v[i >> 2];
+    const int j = i & 3;
+    return j == 0 ? u.x : j == 1 ? u.y : j == 2 ? u.z : u.w;
+}
+
+template <int MT> __device__ __forceinline__ void add(float (&acc)[1][MT][4], const float (&p)[MT][4]) {
+#pragma unroll
+    for (int a = 0; a < MT; a++)
+#pragma unroll
+        for (int b = 0; b < 4; b++) acc[0][a][b] += p[a][b];
+}
+
+// BN activation rows per block, PF ring slots loaded ahead, G consecutive K steps per slot.
+template <typename T, int BN, int PF, int G>
+__device__ __forceinline__ void run(const uint8_t* __restrict__ wq, const float* __restrict__ sw,
+                                    const uint8_t* __restrict__ xp, const float* __restrict__ sx, int Mp,
+                                    T* __restrict__ y, float* __restrict__ partial, unsigned* __restrict__ counters,
+                                    int M, int N, int K, int per_block) {
+    constexpr int MT = BN / 8;
+    constexpr int SLOT = BN * 128;  // bytes: BN rows of one 128-byte K step
+    extern __shared__ uint8_t smem_raw[];
+    __shared__ float s_red[1][1][1];  // (no K-slice warps)
+    __shared__ bool last;
+    __shared__ __align__(8) uint64_t bar;
+    const uint32_t s0 = ((uint32_t)__cvta_generic_to_shared(smem_raw) + 1023u) & ~1023u;  // swizzle atoms
+    const uint32_t bar0 = (uint32_t)__cvta_generic_to_shared(&bar);
+    const int tid = threadIdx.x;
+    if (tid == 0) wgmma::mbar_init(bar0);
+    // Zero, unknown to the compiler (K > 0): see `operands`.
+    const uint32_t zero = (uint32_t)K >> 31;
+    const int steps = K / 128, row_blocks = (N + 127) / 128;
+    const int total = row_blocks * (Mp / BN) * steps, end = min(total, ((int)blockIdx.x + 1) * per_block);
+    int segs = 0;  // segments so far: the phase of the barrier
+    for (int cur = (int)blockIdx.x * per_block; cur < end;) {
+        const wgmma::Segment sg = wgmma::segment_at(cur, end, steps, per_block);
+        // Every warp is done with the previous segment's activations (and its `last`).
+        __syncthreads();
+        const qmmat::Coords pos = qmmat::coords_at<1, WR, MT>(sg.tile % row_blocks, sg.tile / row_blocks, K, sg.st0,
+                                                              sg.st1, sg.split, sg.splits, sg.tile);
+        const int g = pos.g, t = pos.t, nw = pos.nw, mb = pos.mb, st0 = pos.st0;
+        const int nsteps = pos.st1 - st0, nslots = (nsteps + G - 1) / G;
+        // The segment's activations, every step, resident in shared memory (the host sized it):
+        // no block barrier in the loop, each warpgroup streams its weights at its own pace.
+        if (tid == 0) {
+            wgmma::mbar_expect(bar0, nsteps * SLOT);
+            for (int i = 0; i < nsteps; i++)
+                wgmma::bulk_copy(s0 + i * SLOT, xp + ((size_t)(st0 + i) * Mp + mb) * 128, SLOT, bar0);
+        }
+        // This lane's rows, clamped: rows past N read row N - 1 and are never stored.
+        const uint8_t* rows[2] = {wq + (size_t)min(nw + g, N - 1) * K + 32 * t,
+                                  wq + (size_t)min(nw + g + 8, N - 1) * K + 32 * t};
+        // Slot si: steps G si .. G si + G - 1 (past the segment: its last step again, not used).
+        auto load = [&](Frag<G>& f, int si, uint32_t dep) {
+#pragma unroll
+            for (int q = 0; q < G; q++) {
+                const int st = st0 + min(si * G + q, nsteps - 1);
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    const uint4* p = reinterpret_cast<const uint4*>(rows[h] + (size_t)st * 128 + dep);
+                    f.w[q][h][0] = __ldcs(p);
+                    f.w[q][h][1] = __ldcs(p + 1);
+                }
+            }
+        };
+        float acc[1][MT][4];
+        mma_pipeline::zero(acc);
+        float step_acc[MT][4];
+        Frag<G> buf[PF + 1];
+#pragma unroll
+        for (int u = 0; u < PF; u++)
+            if (u < nslots) load(buf[u], u, 0u);
+        wgmma::mbar_wait(bar0, segs & 1);
+        for (int b0 = 0; b0 < nslots; b0 += PF + 1) {
+#pragma unroll
+            for (int u = 0; u <= PF; u++) {
+                const int si = b0 + u;
+                if (si >= nslots) continue;
+                // The slot's operands: its codes XORed with `zero`, so that wgmma's fence waits for
+                // this slot's loads only; their OR, and-ed with `zero`, is added to the refill's
+                // addresses, so those loads are issued once this slot's codes are here (else ptxas
+                // hoists them first and the slot's first use waits for them as well: the ring then
+                // runs one slot at a time, as the tiled kernel's did before session 27).
+                uint32_t a[G][4][4];
+                uint32_t dep = 0;
+#pragma unroll
+                for (int q = 0; q < G; q++)
+#pragma unroll
+                    for (int j = 0; j < 4; j++) {
+                        a[q][j][0] = word(buf[u].w[q][0], 2 * j) ^ zero;
+                        a[q][j][1] = word(buf[u].w[q][1], 2 * j) ^ zero;
+                        a[q][j][2] = word(buf[u].w[q][0], 2 * j + 1) ^ zero;
+                        a[q][j][3] = word(buf[u].w[q][1], 2 * j + 1) ^ zero;
+                        dep |= a[q][j][0] | a[q][j][1] | a[q][j][2] | a[q][j][3];
+                    }
+                // The previous slot's wgmmas are done: refill its registers PF slots ahead.
+                if (si + PF < nslots) load(buf[(u + PF) % (PF + 1)], si + PF, dep & zero);
+#pragma unroll
+                for (int q = 0; q < G; q++) {
+                    const int i = si * G + q;
+                    if (i >= nsteps) continue;
+                    const uint32_t sb = s0 + i * SLOT;
+                    wgmma::fence();
+#pragma unroll
+                    for (int j = 0; j < 4; j++)
+                        wgmma::Mma<BN>::e4m3(step_acc, a[q][j][0], a[q][j][1], a[q][j][2], a[q][j][3],
+                                             wgmma::sw128_desc(sb + 32 * j), j > 0);
+                    wgmma::commit();
+                    // The step's 128 products, summed in the tensor cores, into the f32 total.
+                    wgmma::wait<0>();
+                    wgmma::pin(step_acc);
+                    add(acc, step_acc);
+                }
+            }
+        }
+        // Scales: rows past N or M read the last one (never stored).
+        const float sw0 = __ldg(sw + min(nw + g, N - 1)), sw1 = __ldg(sw + min(nw + g + 8, N - 1));
+#pragma unroll
+        for (int nt = 0; nt < MT; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++)
+                acc[0][nt][e] *= (e >= 2 ? sw1 : sw0) * __ldg(sx + min(mb + nt * 8 + 2 * t + (e & 1), M - 1));
+        qmmat::finish<T, MT, 1, WR, 1>(acc, s_red, last, y, partial, counters, M, N, pos);
+        segs++;
+        cur += nsteps;
+    }
+}
+
+}  // namespace fp8wg
+
+// Block shapes: activation rows per block BN, ring slots loaded ahead PF, K steps per slot G
+// (fp8_wgmma.rs Shape). Lab, H200, 14336x4096 at 16 rows: one step a slot 24.7 us whatever PF
+// (3-7), two steps 20.7 (PF 1-3), four 21.9 (PF 1): a warp's loads of a row's consecutive 256
+// bytes issued together.
+#define FP8WG_CFG_n16 16, 2, 2
+#define FP8WG_CFG_n32 32, 2, 2
+#define FP8WG_CFG_n64 64, 2, 2
+
+// wgmma exists on sm_90a only (fp8_wgmma.rs `supports` routes nothing here elsewhere).
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL) || !defined(__CUDA_ARCH__)
+#define FP8WG_BODY(...) __VA_ARGS__
+#else
+#define FP8WG_BODY(...) __trap()
+#endif
+
+// fp8wg_permute: xq [M, K] -> xp [K / 128][Mp][128] (fp8wg::permute). Arguments: xq, xp, M, K, Mp;
+// one thread per (row < Mp, step).
+extern "C" __global__ void fp8wg_permute(const uint8_t* __restrict__ xq, uint8_t* __restrict__ xp, int M, int K,
+                                         int Mp) {
+    fp8wg::permute(xq, xp, M, K, Mp);
+}
+// fp8wg_*: arguments wq [N, K], sw (N), xp, sx (M), Mp, y [M, N], partial, counters, M, N, K, K steps
+// per block; grid (blocks); dynamic shared memory per_block * BN * 128 + 1024 (fp8_wgmma.rs
+// `shared_bytes`).
+#define FP8WG(TN, T, C)                                                                              \
+    extern "C" __global__ void __launch_bounds__(fp8wg::THREADS, 1)                                \
+        fp8wg_##TN##_##C(const uint8_t* wq, const float* sw, const uint8_t* __restrict__ xp,       \
+                         const float* sx, int Mp, T* __restrict__ y, float* partial, unsigned* counters, \
+                         int M, int N, int K, int per_block) {                                     \
+        FP8WG_BODY(fp8wg::run<T, FP8WG_CFG_##C>(wq, sw, xp, sx, Mp, y, partial, counters, M, N, K, per_block)); \
+    }
+#define FP8WG_ALL(TN, T) FP8WG(TN, T, n16) FP8WG(TN, T, n32) FP8WG(TN, T, n64)
+FP8WG_ALL(bf16, __nv_bfloat16)
+FP8WG_ALL(f16, __half)
+FP8WG_ALL(f32, float)
