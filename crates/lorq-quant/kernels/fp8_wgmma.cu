@@ -1,5 +1,6 @@
 // fp8wg_*: y[M, N] = (xq[M, K] . Wq[N, K]^T) * sx[m] * sw[n], the W8A8 FP8 product on Hopper's
-// warpgroup tensor-core instruction (wgmma m64nBNk32 e4m3, sm_90a), for 17-64 activation rows,
+// warpgroup tensor-core instruction (wgmma m64nBNk32 e4m3, sm_90a), for 17-64 activation rows of
+// long-K weights (fp8_wgmma.rs `takes`),
 // where fp8_mma.cu's mma.sync kernel re-reads its activations per 16 output rows and cuBLASLt's
 // FP8 kernels stream the weight slowly (docs/benchmarks.md).
 // - The weight is wgmma's A operand, from registers, as stored (row-major e4m3, the buffer
@@ -7,9 +8,9 @@
 //   rows g and g + 8, and the step's k32 wgmma j takes words 2j and 2j + 1 of each chunk as the
 //   fragment's k and k + 16 halves (fp8_mma.cu's order). No decode: the codes are the operand.
 // - The activations are B, from shared memory in the 128-byte swizzled K-major layout, in that
-//   same K order: fp8wg_permute (one pass over the codes per call) writes them step-major
-//   ([K/128][Mp][128 bytes]); a block copies all the steps it sums into shared memory at once
-//   (bulk copies on one mbarrier), so its loop has no block barrier.
+//   same K order: a block writes all the K steps it sums there at once (from the row-major codes
+//   as fp8_act.cu or the norm wrote them; a pass that rewrote them for bulk copies cost a launch
+//   and ~4 us a call more than it saved), so its loop has no block barrier.
 // - Block: 2 warpgroups x 64 output rows; the weight codes are loaded PF ring slots ahead, G
 //   consecutive K steps a slot (a row's 256 bytes requested together). FP8 mma keeps fewer
 //   accumulator bits than f32, so each step's four wgmmas sum into a step accumulator that is then
@@ -29,36 +30,13 @@ constexpr int WARPGROUPS = 2;
 constexpr int THREADS = 128 * WARPGROUPS;  // fp8_wgmma.rs THREADS
 constexpr int WR = 4 * WARPGROUPS;         // warps of 16 output rows
 
-// xp[st][m][128 bytes] from xq[m][K]: the logical word 8j + q of step st (wgmma j's k32 slice,
-// q = 0..7) is x's word 8 (q % 4) + 2j + q / 4 of that step (lane t = q % 4's word 2j or 2j + 1),
-// in 16-byte units swizzled by m % 8 (the 128-byte swizzle wgmma reads). Rows m >= M are zero.
-// One thread per (row, step): eight 16-byte loads, eight stores.
-// xp[st][m][128 bytes] from xq[m][K]: the logical word 8j + 4h + e of step st (wgmma j's k32 slice)
-// is x's word 8e + 2j + h of that step (lane t = e's word 2j or 2j + 1), in 16-byte units
-// (u = 2j + h) swizzled by m % 8 (the 128-byte swizzle wgmma reads). Rows m >= M are zero.
-// One thread per (row, step): eight 16-byte loads, eight stores.
-__device__ __forceinline__ void permute(const uint8_t* __restrict__ xq, uint8_t* __restrict__ xp, int M, int K,
-                                        int Mp) {
-    const int steps = K / 128;
-    const int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= Mp * steps) return;
-    const int m = i / steps, st = i % steps;
-    uint32_t w[32];
-#pragma unroll
-    for (int u = 0; u < 8; u++) {
-        const uint4 v = m < M ? __ldg(reinterpret_cast<const uint4*>(xq + (size_t)m * K + st * 128) + u)
-                              : make_uint4(0, 0, 0, 0);
-        w[4 * u] = v.x;
-        w[4 * u + 1] = v.y;
-        w[4 * u + 2] = v.z;
-        w[4 * u + 3] = v.w;
-    }
-    uint4* out = reinterpret_cast<uint4*>(xp + ((size_t)st * Mp + m) * 128);
-#pragma unroll
-    for (int u = 0; u < 8; u++) {
-        const int j = u >> 1, h = u & 1;
-        out[u ^ (m & 7)] = make_uint4(w[2 * j + h], w[8 + 2 * j + h], w[16 + 2 * j + h], w[24 + 2 * j + h]);
-    }
+// Where x's word pw of a 128-wide K step sits in the step's 128 bytes for wgmma: lane t = e's
+// words 2j and 2j + 1 are the k and k + 16 halves of wgmma j, so x's word 8e + 2j + h is the
+// logical word 8j + 4h + e, in 16-byte unit u = 2j + h (swizzled by the row: u ^ (row % 8), the
+// 128-byte swizzle wgmma reads) at word e.
+__device__ __forceinline__ uint32_t smem_word_offset(int pw, int row) {
+    const int e = pw >> 3, j = (pw & 7) >> 1, h = pw & 1;
+    return (uint32_t)(row * 128 + (((2 * j + h) ^ (row & 7)) << 4) + 4 * e);
 }
 
 // A lane's codes of G consecutive K steps: 32 bytes of each of its two rows per step.
@@ -81,7 +59,7 @@ template <int MT> __device__ __forceinline__ void add(float (&acc)[1][MT][4], co
 // BN activation rows per block, PF ring slots loaded ahead, G consecutive K steps per slot.
 template <typename T, int BN, int PF, int G>
 __device__ __forceinline__ void run(const uint8_t* __restrict__ wq, const float* __restrict__ sw,
-                                    const uint8_t* __restrict__ xp, const float* __restrict__ sx, int Mp,
+                                    const uint8_t* __restrict__ xq, const float* __restrict__ sx,
                                     T* __restrict__ y, float* __restrict__ partial, unsigned* __restrict__ counters,
                                     int M, int N, int K, int per_block) {
     constexpr int MT = BN / 8;
@@ -89,16 +67,12 @@ __device__ __forceinline__ void run(const uint8_t* __restrict__ wq, const float*
     extern __shared__ uint8_t smem_raw[];
     __shared__ float s_red[1][1][1];  // (no K-slice warps)
     __shared__ bool last;
-    __shared__ __align__(8) uint64_t bar;
     const uint32_t s0 = ((uint32_t)__cvta_generic_to_shared(smem_raw) + 1023u) & ~1023u;  // swizzle atoms
-    const uint32_t bar0 = (uint32_t)__cvta_generic_to_shared(&bar);
     const int tid = threadIdx.x;
-    if (tid == 0) wgmma::mbar_init(bar0);
     // Zero, unknown to the compiler (K > 0): see `operands`.
     const uint32_t zero = (uint32_t)K >> 31;
     const int steps = K / 128, row_blocks = (N + 127) / 128;
-    const int total = row_blocks * (Mp / BN) * steps, end = min(total, ((int)blockIdx.x + 1) * per_block);
-    int segs = 0;  // segments so far: the phase of the barrier
+    const int total = row_blocks * ((M + BN - 1) / BN) * steps, end = min(total, ((int)blockIdx.x + 1) * per_block);
     for (int cur = (int)blockIdx.x * per_block; cur < end;) {
         const wgmma::Segment sg = wgmma::segment_at(cur, end, steps, per_block);
         // Every warp is done with the previous segment's activations (and its `last`).
@@ -107,13 +81,6 @@ __device__ __forceinline__ void run(const uint8_t* __restrict__ wq, const float*
                                                               sg.st1, sg.split, sg.splits, sg.tile);
         const int g = pos.g, t = pos.t, nw = pos.nw, mb = pos.mb, st0 = pos.st0;
         const int nsteps = pos.st1 - st0, nslots = (nsteps + G - 1) / G;
-        // The segment's activations, every step, resident in shared memory (the host sized it):
-        // no block barrier in the loop, each warpgroup streams its weights at its own pace.
-        if (tid == 0) {
-            wgmma::mbar_expect(bar0, nsteps * SLOT);
-            for (int i = 0; i < nsteps; i++)
-                wgmma::bulk_copy(s0 + i * SLOT, xp + ((size_t)(st0 + i) * Mp + mb) * 128, SLOT, bar0);
-        }
         // This lane's rows, clamped: rows past N read row N - 1 and are never stored.
         const uint8_t* rows[2] = {wq + (size_t)min(nw + g, N - 1) * K + 32 * t,
                                   wq + (size_t)min(nw + g + 8, N - 1) * K + 32 * t};
@@ -137,7 +104,22 @@ __device__ __forceinline__ void run(const uint8_t* __restrict__ wq, const float*
 #pragma unroll
         for (int u = 0; u < PF; u++)
             if (u < nslots) load(buf[u], u, 0u);
-        wgmma::mbar_wait(bar0, segs & 1);
+        // While those loads fly: the segment's activations, every step, into shared memory in the
+        // fragments' K order (the host sized it), rows past M zero. Then no block barrier in the
+        // loop: each warpgroup streams its weights at its own pace.
+        for (int v = tid; v < nsteps * BN * 8; v += THREADS) {
+            const int i = v / (BN * 8), r = (v >> 3) % BN, pu = v & 7;
+            const uint4 c = mb + r < M ? __ldg(reinterpret_cast<const uint4*>(xq + (size_t)(mb + r) * K +
+                                                                              (size_t)(st0 + i) * 128) + pu)
+                                       : make_uint4(0, 0, 0, 0);
+            const uint32_t base = s0 + i * SLOT;
+            const uint32_t w[4] = {c.x, c.y, c.z, c.w};
+#pragma unroll
+            for (int e = 0; e < 4; e++)
+                asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(base + smem_word_offset(4 * pu + e, r)), "r"(w[e])
+                             : "memory");
+        }
+        __syncthreads();
         for (int b0 = 0; b0 < nslots; b0 += PF + 1) {
 #pragma unroll
             for (int u = 0; u <= PF; u++) {
@@ -188,7 +170,6 @@ __device__ __forceinline__ void run(const uint8_t* __restrict__ wq, const float*
             for (int e = 0; e < 4; e++)
                 acc[0][nt][e] *= (e >= 2 ? sw1 : sw0) * __ldg(sx + min(mb + nt * 8 + 2 * t + (e & 1), M - 1));
         qmmat::finish<T, MT, 1, WR, 1>(acc, s_red, last, y, partial, counters, M, N, pos);
-        segs++;
         cur += nsteps;
     }
 }
@@ -210,21 +191,15 @@ __device__ __forceinline__ void run(const uint8_t* __restrict__ wq, const float*
 #define FP8WG_BODY(...) __trap()
 #endif
 
-// fp8wg_permute: xq [M, K] -> xp [K / 128][Mp][128] (fp8wg::permute). Arguments: xq, xp, M, K, Mp;
-// one thread per (row < Mp, step).
-extern "C" __global__ void fp8wg_permute(const uint8_t* __restrict__ xq, uint8_t* __restrict__ xp, int M, int K,
-                                         int Mp) {
-    fp8wg::permute(xq, xp, M, K, Mp);
-}
-// fp8wg_*: arguments wq [N, K], sw (N), xp, sx (M), Mp, y [M, N], partial, counters, M, N, K, K steps
-// per block; grid (blocks); dynamic shared memory per_block * BN * 128 + 1024 (fp8_wgmma.rs
+// fp8wg_*: arguments wq [N, K], sw (N), xq [M, K], sx (M), y [M, N], partial, counters, M, N, K, K
+// steps per block; grid (blocks); dynamic shared memory per_block * BN * 128 + 1024 (fp8_wgmma.rs
 // `shared_bytes`).
 #define FP8WG(TN, T, C)                                                                              \
     extern "C" __global__ void __launch_bounds__(fp8wg::THREADS, 1)                                \
-        fp8wg_##TN##_##C(const uint8_t* wq, const float* sw, const uint8_t* __restrict__ xp,       \
-                         const float* sx, int Mp, T* __restrict__ y, float* partial, unsigned* counters, \
-                         int M, int N, int K, int per_block) {                                     \
-        FP8WG_BODY(fp8wg::run<T, FP8WG_CFG_##C>(wq, sw, xp, sx, Mp, y, partial, counters, M, N, K, per_block)); \
+        fp8wg_##TN##_##C(const uint8_t* wq, const float* sw, const uint8_t* __restrict__ xq,       \
+                         const float* sx, T* __restrict__ y, float* partial, unsigned* counters, int M, \
+                         int N, int K, int per_block) {                                            \
+        FP8WG_BODY(fp8wg::run<T, FP8WG_CFG_##C>(wq, sw, xq, sx, y, partial, counters, M, N, K, per_block)); \
     }
 #define FP8WG_ALL(TN, T) FP8WG(TN, T, n16) FP8WG(TN, T, n32) FP8WG(TN, T, n64)
 FP8WG_ALL(bf16, __nv_bfloat16)

@@ -344,18 +344,18 @@ mod gpu {
             0.0,
             "Auto did not take the mma kernel at 32 rows"
         );
-        // On Hopper, a wide weight at 17-64 rows takes the wgmma kernel.
-        if fp8_wgmma::supports(512, cdev) {
-            let w = Tensor::randn(0f32, 0.05, (4096, 512), &Device::Cpu).unwrap();
+        // On Hopper, a long-K weight at 17-64 rows takes the wgmma kernel.
+        if fp8_wgmma::supports(8192, cdev) {
+            let w = Tensor::randn(0f32, 0.05, (4096, 8192), &Device::Cpu).unwrap();
             let t = Fp8Tensor::quantize(&w, Fp8Strategy::Channel, DType::BF16).unwrap();
-            let x = bf16_randn((32, 512), &dev);
+            let x = bf16_randn((32, 8192), &dev);
             let q = quantize_activations(&x, ActQuant::DynamicPerToken).unwrap();
             let auto = gemm_quantized(&t, &q, cdev, DType::BF16, Fp8Kernel::Auto).unwrap();
             let wg = gemm_quantized(&t, &q, cdev, DType::BF16, Fp8Kernel::Wgmma).unwrap();
             assert_eq!(
                 max_abs_diff(&auto, &wg),
                 0.0,
-                "Auto did not take the wgmma kernel at 32 rows of a 4096-row weight"
+                "Auto did not take the wgmma kernel at 32 rows of a 4096x8192 weight"
             );
         }
         let x = bf16_randn((300, 256), &dev);
@@ -419,13 +419,13 @@ mod gpu {
                 0.0,
                 "[{rows}, {hidden}]: product"
             );
-            let zeros = lorq_quant::cuda::fp8_gemm::QuantizedActivations {
-                m: rows,
-                k: hidden,
-                codes: cdev.alloc_zeros::<u8>(rows * hidden).unwrap(),
-                scales: cdev.alloc_zeros::<f32>(rows).unwrap(),
-                per_tensor: false,
-            };
+            let zeros = lorq_quant::cuda::fp8_gemm::QuantizedActivations::new(
+                rows,
+                hidden,
+                cdev.alloc_zeros::<u8>(rows * hidden).unwrap(),
+                cdev.alloc_zeros::<f32>(rows).unwrap(),
+                false,
+            );
             let z = with_offered_activations(&y2, zeros, || {
                 matmul_with(&t, &y2, None, Fp8Kernel::Auto).unwrap()
             })

@@ -73,7 +73,7 @@ pub enum ActQuant {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fp8Kernel {
     /// lorq's kernels where they were measured faster (Hopper's wgmma kernel at 17-64 rows of
-    /// wide weights, [`super::fp8_wgmma::takes`]; the mma kernel at few rows,
+    /// long-K weights, [`super::fp8_wgmma::takes`]; the mma kernel at few rows,
     /// [`super::fp8_mma::shape`]), else cuBLASLt.
     Auto,
     /// cuBLASLt (scalar or outer-vector scales), our epilogue where the library refuses.
@@ -255,6 +255,23 @@ pub struct QuantizedActivations {
 }
 
 impl QuantizedActivations {
+    /// Codes `[m, k]` and `m` scales (`per_tensor`: one value repeated).
+    pub fn new(
+        m: usize,
+        k: usize,
+        codes: CudaSlice<u8>,
+        scales: CudaSlice<f32>,
+        per_tensor: bool,
+    ) -> Self {
+        Self {
+            m,
+            k,
+            codes,
+            scales,
+            per_tensor,
+        }
+    }
+
     /// The codes `[m, k]` and the `m` scales on the host.
     pub fn to_host(&self, dev: &CudaDevice) -> Result<(Vec<u8>, Vec<f32>), QuantError> {
         Ok((dev.clone_dtoh(&self.codes)?, dev.clone_dtoh(&self.scales)?))
@@ -296,13 +313,7 @@ pub fn quantize_activations(x: &Tensor, act: ActQuant) -> Result<QuantizedActiva
     // SAFETY: the kernels write every code and every scale.
     let codes = unsafe { dev.alloc::<u8>(m * k)? };
     let scales = unsafe { dev.alloc::<f32>(m)? };
-    let qa = QuantizedActivations {
-        m,
-        k,
-        codes,
-        scales,
-        per_tensor: act != ActQuant::DynamicPerToken,
-    };
+    let qa = QuantizedActivations::new(m, k, codes, scales, act != ActQuant::DynamicPerToken);
     match x.dtype() {
         DType::BF16 => launch_quant::<half::bf16>(dev, cs, start, &qa, act)?,
         DType::F16 => launch_quant::<half::f16>(dev, cs, start, &qa, act)?,

@@ -2,9 +2,9 @@
 //! `wgmma` m64nNk32 e4m3, compute capability 9.0) for 17-64 activation rows. It reads the same
 //! buffers as the cuBLASLt path and `fp8_mma.rs` (row-major e4m3 weight codes and f32 row scales,
 //! activation codes and per-token scales as `quantize_activations` writes them): the weight codes
-//! go straight from global memory into `wgmma`'s register operand, the activation codes are first
-//! rewritten once per call into the weight fragments' K order, swizzled, and each block copies the
-//! K steps of them it sums into shared memory with bulk copies.
+//! go straight from global memory into `wgmma`'s register operand, and each block writes the
+//! activation codes of the K steps it sums into shared memory in the weight fragments' K order,
+//! swizzled, where `wgmma` reads them.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -16,7 +16,7 @@ use candle_core::{CudaStorage, WithDType};
 
 use super::qmma_tiled::KSTEP;
 use super::qwgmma::schedule;
-use super::{dtype_name, function, function_with_shared};
+use super::{dtype_name, function_with_shared};
 use crate::QuantError;
 
 static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/fp8_wgmma.fatbin"));
@@ -76,11 +76,14 @@ pub fn supports(k: usize, dev: &CudaDevice) -> bool {
 }
 
 /// Whether `Fp8Kernel::Auto` takes this kernel for an `[n, k]` weight at `m` activation rows:
-/// 17-64 rows of weights with more than 2048 output rows (q/o, gate/up, down of an 8B model),
-/// where it beat both lorq's mma kernel and cuBLASLt on an H200 (docs/benchmarks.md); narrow
-/// weights (k/v) keep the mma kernel, 16 rows and fewer too (a tie, one launch fewer).
+/// 17-64 rows of weights with more than 2048 output rows and at least 8192 inputs (down_proj of
+/// an 8B model), where it beat both lorq's mma kernel and cuBLASLt on an H200, activation
+/// quantization included (docs/benchmarks.md: 4096x14336 at 32 rows 31.1 us against 33.4 and
+/// 42.1, at 64 rows 37.7 against 55.1 and 42.4). On 4096-input weights it lost to cuBLASLt
+/// (gate/up) or the mma kernel (q/o): a block writes its activations into shared memory before
+/// its loop, which a long K amortizes.
 pub fn takes(n: usize, m: usize, k: usize, dev: &CudaDevice) -> bool {
-    (17..=64).contains(&m) && n > 2048 && supports(k, dev)
+    (17..=64).contains(&m) && n > 2048 && k >= 8192 && supports(k, dev)
 }
 
 /// The most tiles (128 output rows x a block's activation rows) whose K steps are shared out over
@@ -109,8 +112,8 @@ pub(crate) fn gemm<T: CudaDType + DeviceRepr + WithDType>(
 ) -> Result<CudaStorage, QuantError> {
     if !supports(k, dev)
         || m == 0
-        || wq.len() < n * k
         || xq.len() < m * k
+        || wq.len() < n * k
         || sw.len() < n
         || sx.len() < m
         || counters.len() < n.div_ceil(16) * 16
@@ -122,28 +125,10 @@ pub(crate) fn gemm<T: CudaDType + DeviceRepr + WithDType>(
         )));
     }
     let sh = shape(m);
-    let mp = m.div_ceil(sh.rows) * sh.rows;
     let stream = dev.cuda_stream();
-    // SAFETY: the permute kernel writes all mp * k bytes (zeros past m).
-    let xp = unsafe { dev.alloc::<u8>(mp * k)? };
-    {
-        let f = function(dev, "fp8_wgmma", FATBIN, "fp8wg_permute")?;
-        let threads = mp * (k / KSTEP);
-        let (mi, ki, mpi) = (m as i32, k as i32, mp as i32);
-        let mut b = stream.launch_builder(&f);
-        b.arg(xq).arg(&xp).arg(&mi).arg(&ki).arg(&mpi);
-        let cfg = LaunchConfig {
-            grid_dim: (threads.div_ceil(128) as u32, 1, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: matches `fp8wg_permute`: xq m*k bytes in rows of k % 128 == 0 bytes from a
-        // 256-byte-aligned allocation, xp mp*k.
-        unsafe { b.launch(cfg) }.w()?;
-    }
     let sms = super::qmma_tiled::multiprocessors(dev);
     let plan = plan(sh, n, m, k, sms);
-    let tiles = n.div_ceil(128) * mp / sh.rows;
+    let tiles = n.div_ceil(128) * m.div_ceil(sh.rows);
     if plan.slots > 1 && tiles > counters.len() {
         return Err(QuantError::Invalid(format!(
             "fp8 wgmma kernel: {tiles} split tiles ([{n}, {k}] at {m} rows) but {} split-K counters",
@@ -170,15 +155,9 @@ pub(crate) fn gemm<T: CudaDType + DeviceRepr + WithDType>(
         None
     };
     let null = 0u64;
-    let (mi, ni, ki, mpi, pi) = (
-        m as i32,
-        n as i32,
-        k as i32,
-        mp as i32,
-        plan.per_block as i32,
-    );
+    let (mi, ni, ki, pi) = (m as i32, n as i32, k as i32, plan.per_block as i32);
     let mut b = stream.launch_builder(&f);
-    b.arg(wq).arg(sw).arg(&xp).arg(sx).arg(&mpi).arg(&y);
+    b.arg(wq).arg(sw).arg(xq).arg(sx).arg(&y);
     match &partial {
         Some(p) => b.arg(p),
         None => b.arg(&null),
@@ -189,14 +168,13 @@ pub(crate) fn gemm<T: CudaDType + DeviceRepr + WithDType>(
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: smem as u32,
     };
-    // SAFETY: matches `fp8wg_*` (kernels/fp8_wgmma.cu): wq n*k codes, sw n, xp mp*k permuted codes
-    // (mp a multiple of the block's rows), sx m, y m*n, partial slots*m*n, counters one per tile
+    // SAFETY: matches `fp8wg_*` (kernels/fp8_wgmma.cu): wq n*k codes, xq m*k codes (rows of
+    // k % 128 == 0 bytes from a 256-byte-aligned allocation), sw n, sx m, y m*n, partial slots*m*n, counters one per tile
     // of a splitting schedule (at most 16 activation blocks per 128 output rows, within the
     // n/16*16 the caller passes); shared memory opted in.
     unsafe { b.launch(cfg) }.w()?;
     drop(b);
     drop(partial);
-    drop(xp);
     Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
 }
 
