@@ -92,19 +92,15 @@ template <int N> __device__ __forceinline__ void wait() {
     asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
 // Keeps the compiler from touching the accumulators while a wgmma may be writing them.
-template <int A, int MT> __device__ __forceinline__ void pin(float (&acc)[A][MT][4]) {
-#pragma unroll
-    for (int a = 0; a < A; a++)
-#pragma unroll
-        for (int m = 0; m < MT; m++)
-#pragma unroll
-            for (int b = 0; b < 4; b++) asm volatile("" : "+f"(acc[a][m][b])::"memory");
-}
 template <int MT> __device__ __forceinline__ void pin(float (&acc)[MT][4]) {
 #pragma unroll
     for (int m = 0; m < MT; m++)
 #pragma unroll
         for (int b = 0; b < 4; b++) asm volatile("" : "+f"(acc[m][b])::"memory");
+}
+template <int A, int MT> __device__ __forceinline__ void pin(float (&acc)[A][MT][4]) {
+#pragma unroll
+    for (int a = 0; a < A; a++) pin(acc[a]);
 }
 
 // Which K steps a block sums: the tiles (128 output rows x BN activation rows, row blocks fastest)
