@@ -9,8 +9,8 @@
 //   fragment's k and k + 16 halves (fp8_mma.cu's order). No decode: the codes are the operand.
 // - The activations are B, from shared memory in the 128-byte swizzled K-major layout, in that
 //   same K order: a block writes all the K steps it sums there at once (from the row-major codes
-//   as fp8_act.cu or the norm wrote them; a pass that rewrote them for bulk copies cost a launch
-//   and ~4 us a call more than it saved), so its loop has no block barrier.
+//   as fp8_act.cu or the norm wrote them), so its loop has no block barrier. (A separate launch
+//   that reordered them for bulk copies was faster at 48-64 rows, slower at 16: docs/benchmarks.md.)
 // - Block: 2 warpgroups x 64 output rows; the weight codes are loaded PF ring slots ahead, G
 //   consecutive K steps a slot (a row's 256 bytes requested together). FP8 mma keeps fewer
 //   accumulator bits than f32, so each step's four wgmmas sum into a step accumulator that is then
@@ -29,15 +29,6 @@ namespace fp8wg {
 constexpr int WARPGROUPS = 2;
 constexpr int THREADS = 128 * WARPGROUPS;  // fp8_wgmma.rs THREADS
 constexpr int WR = 4 * WARPGROUPS;         // warps of 16 output rows
-
-// Where x's word pw of a 128-wide K step sits in the step's 128 bytes for wgmma: lane t = e's
-// words 2j and 2j + 1 are the k and k + 16 halves of wgmma j, so x's word 8e + 2j + h is the
-// logical word 8j + 4h + e, in 16-byte unit u = 2j + h (swizzled by the row: u ^ (row % 8), the
-// 128-byte swizzle wgmma reads) at word e.
-__device__ __forceinline__ uint32_t smem_word_offset(int pw, int row) {
-    const int e = pw >> 3, j = (pw & 7) >> 1, h = pw & 1;
-    return (uint32_t)(row * 128 + (((2 * j + h) ^ (row & 7)) << 4) + 4 * e);
-}
 
 // A lane's codes of G consecutive K steps: 32 bytes of each of its two rows per step.
 template <int G> struct Frag {
@@ -107,17 +98,25 @@ __device__ __forceinline__ void run(const uint8_t* __restrict__ wq, const float*
         // While those loads fly: the segment's activations, every step, into shared memory in the
         // fragments' K order (the host sized it), rows past M zero. Then no block barrier in the
         // loop: each warpgroup streams its weights at its own pace.
-        for (int v = tid; v < nsteps * BN * 8; v += THREADS) {
-            const int i = v / (BN * 8), r = (v >> 3) % BN, pu = v & 7;
-            const uint4 c = mb + r < M ? __ldg(reinterpret_cast<const uint4*>(xq + (size_t)(mb + r) * K +
-                                                                              (size_t)(st0 + i) * 128) + pu)
-                                       : make_uint4(0, 0, 0, 0);
-            const uint32_t base = s0 + i * SLOT;
-            const uint32_t w[4] = {c.x, c.y, c.z, c.w};
+        // x's word 8e + 2j + h of a step (lane t = e's words 2j, 2j + 1: wgmma j's k and k + 16
+        // halves) is the logical word 8j + 4h + e, in 16-byte unit u = 2j + h, swizzled by the row
+        // (u ^ row % 8, the 128-byte swizzle wgmma reads): a thread per (step, row, j) loads
+        // words 2j, 2j + 1 of the four 32-byte chunks and stores units 2j and 2j + 1.
+        for (int v = tid; v < nsteps * BN * 4; v += THREADS) {
+            const int i = v / (BN * 4), r = (v >> 2) % BN, j = v & 3;
+            const bool in = mb + r < M;
+            const uint8_t* src = xq + (size_t)(in ? mb + r : 0) * K + (size_t)(st0 + i) * 128 + 8 * j;
+            uint2 c[4];
 #pragma unroll
             for (int e = 0; e < 4; e++)
-                asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(base + smem_word_offset(4 * pu + e, r)), "r"(w[e])
-                             : "memory");
+                c[e] = in ? __ldg(reinterpret_cast<const uint2*>(src + 32 * e)) : make_uint2(0, 0);
+            const uint32_t row = s0 + i * SLOT + r * 128;
+            asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(row + (((2 * j) ^ (r & 7)) << 4)),
+                         "r"(c[0].x), "r"(c[1].x), "r"(c[2].x), "r"(c[3].x)
+                         : "memory");
+            asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(row + (((2 * j + 1) ^ (r & 7)) << 4)),
+                         "r"(c[0].y), "r"(c[1].y), "r"(c[2].y), "r"(c[3].y)
+                         : "memory");
         }
         __syncthreads();
         for (int b0 = 0; b0 < nslots; b0 += PF + 1) {

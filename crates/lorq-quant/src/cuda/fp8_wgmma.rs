@@ -78,8 +78,8 @@ pub fn supports(k: usize, dev: &CudaDevice) -> bool {
 /// Whether `Fp8Kernel::Auto` takes this kernel for an `[n, k]` weight at `m` activation rows:
 /// 17-64 rows of weights with more than 2048 output rows and at least 8192 inputs (down_proj of
 /// an 8B model), where it beat both lorq's mma kernel and cuBLASLt on an H200, activation
-/// quantization included (docs/benchmarks.md: 4096x14336 at 32 rows 31.1 us against 33.4 and
-/// 42.1, at 64 rows 37.7 against 55.1 and 42.4). On 4096-input weights it lost to cuBLASLt
+/// quantization included (docs/benchmarks.md: 4096x14336 at 32 rows 30.3 us against 33.7 and
+/// 43.1, at 64 rows 34.8 against 55.0 and 42.5). On 4096-input weights it lost to cuBLASLt
 /// (gate/up) or the mma kernel (q/o): a block writes its activations into shared memory before
 /// its loop, which a long K amortizes.
 pub fn takes(n: usize, m: usize, k: usize, dev: &CudaDevice) -> bool {
