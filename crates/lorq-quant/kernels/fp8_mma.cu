@@ -27,11 +27,7 @@ __device__ __forceinline__ void mma(float (&d)[4], uint32_t a0, uint32_t a1, uin
                  : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-__device__ __forceinline__ uint32_t word(const uint4 (&v)[2], int i) {
-    const uint4 u = v[i >> 2];
-    const int j = i & 3;
-    return j == 0 ? u.x : j == 1 ? u.y : j == 2 ? u.z : u.w;
-}
+using mma_pipeline::chunk_word;
 
 // One K step's weight codes of a lane: chunk t (32 bytes) of rows g and g + 8 of each m16 tile.
 template <int RT> struct Frag {
@@ -90,8 +86,9 @@ __device__ __forceinline__ void run(const uint8_t* __restrict__ wq, const float*
                 float p[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
                 for (int j = 0; j < 4; j++)
-                    mma(p, word(f.w[rt][0], 2 * j), word(f.w[rt][1], 2 * j), word(f.w[rt][0], 2 * j + 1),
-                        word(f.w[rt][1], 2 * j + 1), word(xv, 2 * j), word(xv, 2 * j + 1));
+                    mma(p, chunk_word(f.w[rt][0], 2 * j), chunk_word(f.w[rt][1], 2 * j),
+                        chunk_word(f.w[rt][0], 2 * j + 1), chunk_word(f.w[rt][1], 2 * j + 1), chunk_word(xv, 2 * j),
+                        chunk_word(xv, 2 * j + 1));
 #pragma unroll
                 for (int e = 0; e < 4; e++) acc[rt][nt][e] += p[e];
             }

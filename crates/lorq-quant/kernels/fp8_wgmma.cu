@@ -34,11 +34,7 @@ constexpr int WR = 4 * WARPGROUPS;         // warps of 16 output rows
 template <int G> struct Frag {
     uint4 w[G][2][2];
 };
-__device__ __forceinline__ uint32_t word(const uint4 (&v)[2], int i) {
-    const uint4 u = v[i >> 2];
-    const int j = i & 3;
-    return j == 0 ? u.x : j == 1 ? u.y : j == 2 ? u.z : u.w;
-}
+using mma_pipeline::chunk_word;
 
 template <int MT> __device__ __forceinline__ void add(float (&acc)[1][MT][4], const float (&p)[MT][4]) {
 #pragma unroll
@@ -135,10 +131,10 @@ __device__ __forceinline__ void run(const uint8_t* __restrict__ wq, const float*
                 for (int q = 0; q < G; q++)
 #pragma unroll
                     for (int j = 0; j < 4; j++) {
-                        a[q][j][0] = word(buf[u].w[q][0], 2 * j) ^ zero;
-                        a[q][j][1] = word(buf[u].w[q][1], 2 * j) ^ zero;
-                        a[q][j][2] = word(buf[u].w[q][0], 2 * j + 1) ^ zero;
-                        a[q][j][3] = word(buf[u].w[q][1], 2 * j + 1) ^ zero;
+                        a[q][j][0] = chunk_word(buf[u].w[q][0], 2 * j) ^ zero;
+                        a[q][j][1] = chunk_word(buf[u].w[q][1], 2 * j) ^ zero;
+                        a[q][j][2] = chunk_word(buf[u].w[q][0], 2 * j + 1) ^ zero;
+                        a[q][j][3] = chunk_word(buf[u].w[q][1], 2 * j + 1) ^ zero;
                         dep |= a[q][j][0] | a[q][j][1] | a[q][j][2] | a[q][j][3];
                     }
                 // The previous slot's wgmmas are done: refill its registers PF slots ahead.

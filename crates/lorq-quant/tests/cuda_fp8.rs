@@ -419,13 +419,13 @@ mod gpu {
                 0.0,
                 "[{rows}, {hidden}]: product"
             );
-            let zeros = lorq_quant::cuda::fp8_gemm::QuantizedActivations::new(
-                rows,
-                hidden,
-                cdev.alloc_zeros::<u8>(rows * hidden).unwrap(),
-                cdev.alloc_zeros::<f32>(rows).unwrap(),
-                false,
-            );
+            let zeros = lorq_quant::cuda::fp8_gemm::QuantizedActivations {
+                m: rows,
+                k: hidden,
+                codes: cdev.alloc_zeros::<u8>(rows * hidden).unwrap(),
+                scales: cdev.alloc_zeros::<f32>(rows).unwrap(),
+                per_tensor: false,
+            };
             let z = with_offered_activations(&y2, zeros, || {
                 matmul_with(&t, &y2, None, Fp8Kernel::Auto).unwrap()
             })

@@ -255,23 +255,6 @@ pub struct QuantizedActivations {
 }
 
 impl QuantizedActivations {
-    /// Codes `[m, k]` and `m` scales (`per_tensor`: one value repeated).
-    pub fn new(
-        m: usize,
-        k: usize,
-        codes: CudaSlice<u8>,
-        scales: CudaSlice<f32>,
-        per_tensor: bool,
-    ) -> Self {
-        Self {
-            m,
-            k,
-            codes,
-            scales,
-            per_tensor,
-        }
-    }
-
     /// The codes `[m, k]` and the `m` scales on the host.
     pub fn to_host(&self, dev: &CudaDevice) -> Result<(Vec<u8>, Vec<f32>), QuantError> {
         Ok((dev.clone_dtoh(&self.codes)?, dev.clone_dtoh(&self.scales)?))
@@ -313,7 +296,13 @@ pub fn quantize_activations(x: &Tensor, act: ActQuant) -> Result<QuantizedActiva
     // SAFETY: the kernels write every code and every scale.
     let codes = unsafe { dev.alloc::<u8>(m * k)? };
     let scales = unsafe { dev.alloc::<f32>(m)? };
-    let qa = QuantizedActivations::new(m, k, codes, scales, act != ActQuant::DynamicPerToken);
+    let qa = QuantizedActivations {
+        m,
+        k,
+        codes,
+        scales,
+        per_tensor: act != ActQuant::DynamicPerToken,
+    };
     match x.dtype() {
         DType::BF16 => launch_quant::<half::bf16>(dev, cs, start, &qa, act)?,
         DType::F16 => launch_quant::<half::f16>(dev, cs, start, &qa, act)?,
@@ -618,18 +607,18 @@ pub fn gemm_quantized(
     let dims = (qx.m, w.n, w.k);
     let (wq, sw) = w.buffers()?;
     let (wq, sw, xq, sx) = (&wq, &sw, &qx.codes.slice(..), &qx.scales.slice(..));
+    // The wgmma kernel's split-K tickets, where it runs.
     let wgmma = match kernel {
-        Fp8Kernel::Wgmma => true,
-        Fp8Kernel::Auto => w.counters().is_some() && fp8_wgmma::takes(w.n, qx.m, w.k, dev),
-        _ => false,
-    };
-    if wgmma {
-        let counters = w.counters().ok_or_else(|| {
+        Fp8Kernel::Wgmma => Some(w.counters().ok_or_else(|| {
             err(format!(
                 "the wgmma kernel reads the packed layout's copy, which a {}x{} weight has not",
                 w.n, w.k
             ))
-        })?;
+        })?),
+        Fp8Kernel::Auto if fp8_wgmma::takes(w.n, qx.m, w.k, dev) => w.counters(),
+        _ => None,
+    };
+    if let Some(counters) = wgmma {
         let s = match out {
             DType::BF16 => fp8_wgmma::gemm::<half::bf16>(dev, wq, sw, xq, sx, counters, dims)?,
             DType::F16 => fp8_wgmma::gemm::<half::f16>(dev, wq, sw, xq, sx, counters, dims)?,

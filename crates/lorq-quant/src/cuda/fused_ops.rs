@@ -378,13 +378,13 @@ fn add_rms_norm_impl(
     };
     let q = if fp8 {
         // SAFETY: the kernel writes every code and every row's scale.
-        Some(QuantizedActivations::new(
-            rows,
-            hidden,
-            unsafe { dev.alloc::<u8>(rows * hidden)? },
-            unsafe { dev.alloc::<f32>(rows)? },
-            false,
-        ))
+        Some(QuantizedActivations {
+            m: rows,
+            k: hidden,
+            codes: unsafe { dev.alloc::<u8>(rows * hidden)? },
+            scales: unsafe { dev.alloc::<f32>(rows)? },
+            per_tensor: false,
+        })
     } else {
         None
     };

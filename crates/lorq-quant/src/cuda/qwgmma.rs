@@ -89,10 +89,10 @@ pub fn supports(w: &DeviceLayout, dev: &CudaDevice) -> bool {
 /// codes at K 4096) and a pipeline fill per segment: so tiles are whole (`per_block` = K steps)
 /// unless there are at most `split_until` of them (this kernel: half the SMs, [`split_until`]);
 /// then each SM gets the same share (stream-K), at most [`MAX_SPLITS`] segments per tile. No block
-/// sums more than `max_per_block` steps (fp8_wgmma.rs: the activations it keeps in shared memory). H100, session 20, GPTQ 4-bit, us, whole
-/// tiles -> shared: 14336x4096 at 128 rows (112 tiles) 51.8 -> 64.7, at 256 95.6 -> 112.8,
-/// 4096x14336 at 512 165.7 -> 214.8; 4096x14336 at 256 rows (64 tiles) 158.3 -> 120.8 (the
-/// earlier rule split only below 33 tiles).
+/// sums more than `max_per_block` steps (fp8_wgmma.rs: the activations it keeps in shared memory).
+/// H100, session 20, GPTQ 4-bit, us, whole tiles -> shared: 14336x4096 at 128 rows (112 tiles)
+/// 51.8 -> 64.7, at 256 95.6 -> 112.8, 4096x14336 at 512 165.7 -> 214.8; 4096x14336 at 256 rows
+/// (64 tiles) 158.3 -> 120.8 (the earlier rule split only below 33 tiles).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Schedule {
     pub per_block: usize,
