@@ -546,12 +546,19 @@ __device__ __forceinline__ void add_partials(const float* __restrict__ partial, 
     }
 }
 
+// The barrier of the threads that compute (all of a block's, unless it has others: fp8_wgmma.cu).
+struct BlockSync {
+    __device__ __forceinline__ void operator()() const { __syncthreads(); }
+};
+
 // The block's epilogue: the K-slice warps' sums, the outputs (or the split's f32 partial sums),
-// and with several splits the last block of the tile adding them in split order. All threads.
-template <typename T, int MT, int RT, int WR, int WK, typename Red>
+// and with several splits the last block of the tile adding them in split order. All the threads
+// that compute (threads 0 .. WR * WK * 32 - 1, meeting at Sync).
+template <typename T, int MT, int RT, int WR, int WK, typename Sync = BlockSync, typename Red>
 __device__ __forceinline__ void finish(float (&acc)[RT][MT][4], Red& s_red, bool& last, T* __restrict__ y,
                                        float* __restrict__ partial, unsigned* __restrict__ counters, int M, int N,
                                        const Coords& pos) {
+    const Sync sync;
     constexpr int BROWS = WR * RT * 16;
     const int nb = pos.nb, nw = pos.nw, mb = pos.mb, wr = pos.wr, ws = pos.ws, g = pos.g, t = pos.t,
               tid = pos.tid, lane = pos.lane, splits = pos.splits;
@@ -567,10 +574,10 @@ __device__ __forceinline__ void finish(float (&acc)[RT][MT][4], Red& s_red, bool
     if (splits == 1) return;
     // Split K: the last block of this tile adds the splits' partial sums, in split order.
     __threadfence();
-    __syncthreads();
+    sync();
     unsigned* counter = counters + pos.tile;
     if (tid == 0) last = atomicAdd(counter, 1u) == (unsigned)(splits - 1);
-    __syncthreads();
+    sync();
     if (!last) return;
     __threadfence();
     const int mrows = min(M - mb, 8 * MT), ncols = min(BROWS, N - nb);

@@ -1,9 +1,9 @@
-// wgmma with A from registers (4 x b32: the m16n8k16 A fragment of each warp's 16 rows, or for
-// e4m3 the m16n8k32 one) and B from shared memory (a matrix descriptor), f32 accumulators
-// d[N/8][4] (the m16n8 C fragment of each n8 tile), for the N (activation rows) qwgmma.cu and
-// fp8_wgmma.cu launch; and what both kernels share around it: the fences, the bulk copies of
-// activation slots completing on mbarriers, the 128-byte-swizzle descriptor, and the stream-K
-// segments of a launch's tiles. sm_90a. The operand lists are written out (inline asm has no
+// wgmma with A from registers (4 x b32: the m16n8k16 A fragment of each warp's 16 rows: qwgmma.cu's
+// decoded weights) or, for e4m3, from shared memory as B is (a matrix descriptor),
+// f32 accumulators d[N/8][4] (the m16n8 C fragment of each n8 tile), for the N (activation rows)
+// qwgmma.cu and fp8_wgmma.cu launch; and what both kernels share around it: the fences, the bulk
+// and tensor-map copies completing on mbarriers, the 128-byte-swizzle descriptor, and the
+// stream-K segments of a launch's tiles. sm_90a. The operand lists are written out (inline asm has no
 // loops); each wider one extends the narrower.
 #pragma once
 #include <cstdint>
@@ -29,7 +29,7 @@ template <int N> struct Mma;
 
 // One shape's function NAME: N8 n8 tiles, its accumulator registers R and operands D, then the A
 // registers, the descriptor and the scale-d predicate (operands A, A+1, A+2, A+3, DESC, PRED);
-// TAIL: the immediates after it (16-bit types: scales and B's transpose; 8-bit types: scales).
+// TAIL: the immediates after it (scales and B's transpose).
 // `accumulate` false: d = A . B (the accumulators' old values ignored).
 #define WGMMA_FN(NAME, TY, SHAPE, N8, R, D, A, DESC, PRED, TAIL)                                         \
     static __device__ __forceinline__ void NAME(float (&d)[N8][4], uint32_t a0, uint32_t a1, uint32_t a2, \
@@ -44,29 +44,40 @@ template <int N> struct Mma;
     WGMMA_FN(NAME, TY, "m64n64k16", 8, WGMMA_R_N64, WGMMA_D_N64, "32, %33, %34, %35", "36", "37", ", 1, 1, 0")
 #define WGMMA_M64N128(NAME, TY) \
     WGMMA_FN(NAME, TY, "m64n128k16", 16, WGMMA_R_N128, WGMMA_D_N128, "64, %65, %66, %67", "68", "69", ", 1, 1, 0")
-// e4m3 x e4m3, K 32 (8-bit types take no transpose).
-#define WGMMA_E4M3(N, N8, A, DESC, PRED) \
-    WGMMA_FN(e4m3, "e4m3", "m64n" #N "k32", N8, WGMMA_R_N##N, WGMMA_D_N##N, A, DESC, PRED, ", 1, 1")
+// e4m3 x e4m3, K 32, A from shared memory too (descriptor DA; DB, PRED follow it; 8-bit types
+// take no transpose).
+#define WGMMA_E4M3_SS(N, N8, DA, DB, PRED)                                                                 \
+    static __device__ __forceinline__ void e4m3_ss(float (&d)[N8][4], uint64_t da, uint64_t db,          \
+                                                   bool accumulate = true) {                              \
+        asm volatile("{ .reg .pred p; setp.ne.b32 p, %" PRED ", 0;\n"                                    \
+                     "wgmma.mma_async.sync.aligned.m64n" #N "k32.f32.e4m3.e4m3 "                          \
+                     "{" WGMMA_R_N##N "}, %" DA ", %" DB ", p, 1, 1; }\n"                                  \
+                     : WGMMA_D_N##N                                                                        \
+                     : "l"(da), "l"(db), "r"((int)accumulate));                                           \
+    }
 
 template <> struct Mma<16> {
-    WGMMA_E4M3(16, 2, "8, %9, %10, %11", "12", "13")
+    WGMMA_E4M3_SS(16, 2, "8", "9", "10")
 };
 template <> struct Mma<32> {
-    WGMMA_E4M3(32, 4, "16, %17, %18, %19", "20", "21")
+    WGMMA_E4M3_SS(32, 4, "16", "17", "18")
 };
 template <> struct Mma<64> {
     WGMMA_M64N64(bf16, "bf16")
     WGMMA_M64N64(f16, "f16")
-    WGMMA_E4M3(64, 8, "32, %33, %34, %35", "36", "37")
+    WGMMA_E4M3_SS(64, 8, "32", "33", "34")
 };
 template <> struct Mma<128> {
     WGMMA_M64N128(bf16, "bf16")
     WGMMA_M64N128(f16, "f16")
-    WGMMA_E4M3(128, 16, "64, %65, %66, %67", "68", "69")
 };
 
-__device__ __forceinline__ void mbar_init(uint32_t bar) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(bar));
+// `count` arrivals (besides the transaction bytes) complete a phase.
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count = 1) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 }
 __device__ __forceinline__ void mbar_expect(uint32_t bar, uint32_t bytes) {
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
@@ -81,6 +92,16 @@ __device__ __forceinline__ void bulk_copy(uint32_t dst, const void* src, uint32_
     asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
                  "l"(src), "r"(bytes), "r"(bar)
                  : "memory");
+}
+// A 2-d box of a tensor map (`map`: a __grid_constant__ kernel parameter) at element (x, y) into
+// shared memory, completing on `bar`, with the L2 policy `policy` (createpolicy).
+__device__ __forceinline__ void tensor_copy(uint32_t dst, const void* map, int x, int y, uint32_t bar,
+                                            uint64_t policy) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint"
+        " [%0], [%1, {%2, %3}], [%4], %5;\n" ::"r"(dst),
+        "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(bar), "l"(policy)
+        : "memory");
 }
 // K-major, 128-byte swizzle: rows of 128 bytes, 8-row groups 1024 bytes apart.
 __device__ __forceinline__ uint64_t sw128_desc(uint32_t saddr) {

@@ -336,16 +336,23 @@ mod gpu {
         let q = quantize_activations(&x, ActQuant::DynamicPerToken).unwrap();
         let b = gemm_quantized(&t, &q, cdev, DType::BF16, Fp8Kernel::Auto).unwrap();
         assert_eq!(max_abs_diff(&a, &b), 0.0);
-        // Auto takes lorq's kernel at few rows (bit-identical to forcing it, unlike cuBLASLt's
-        // different summation order) and cuBLASLt where that was measured faster.
-        let mma = gemm_quantized(&t, &q, cdev, DType::BF16, Fp8Kernel::Mma).unwrap();
+        // Auto takes one of lorq's kernels at few rows (bit-identical to forcing it, unlike
+        // cuBLASLt's different summation order; on Hopper the wgmma kernel where `takes` says)
+        // and cuBLASLt where that was measured faster.
+        let routed = if fp8_wgmma::takes(128, 32, 256, cdev) {
+            Fp8Kernel::Wgmma
+        } else {
+            Fp8Kernel::Mma
+        };
+        let own = gemm_quantized(&t, &q, cdev, DType::BF16, routed).unwrap();
         assert_eq!(
-            max_abs_diff(&b, &mma),
+            max_abs_diff(&b, &own),
             0.0,
-            "Auto did not take the mma kernel at 32 rows"
+            "Auto did not take the {routed:?} kernel at 32 rows"
         );
-        // On Hopper, a long-K weight at 17-64 rows takes the wgmma kernel.
+        // On Hopper, a long-K weight at 32 rows takes the wgmma kernel.
         if fp8_wgmma::supports(8192, cdev) {
+            assert!(fp8_wgmma::takes(4096, 32, 8192, cdev));
             let w = Tensor::randn(0f32, 0.05, (4096, 8192), &Device::Cpu).unwrap();
             let t = Fp8Tensor::quantize(&w, Fp8Strategy::Channel, DType::BF16).unwrap();
             let x = bf16_randn((32, 8192), &dev);

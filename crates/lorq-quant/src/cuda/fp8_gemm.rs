@@ -72,8 +72,8 @@ pub enum ActQuant {
 /// Which kernel runs the quantized product.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fp8Kernel {
-    /// lorq's kernels where they were measured faster (Hopper's wgmma kernel at 17-64 rows of
-    /// long-K weights, [`super::fp8_wgmma::takes`]; the mma kernel at few rows,
+    /// lorq's kernels where they were measured faster (Hopper's wgmma kernel at 17-64 rows and
+    /// on long-K weights from one row, [`super::fp8_wgmma::takes`]; the mma kernel at few rows,
     /// [`super::fp8_mma::shape`]), else cuBLASLt.
     Auto,
     /// cuBLASLt (scalar or outer-vector scales), our epilogue where the library refuses.

@@ -1,15 +1,14 @@
 //! The W8A8 FP8 product on Hopper's warpgroup tensor-core instruction (`kernels/fp8_wgmma.cu`:
-//! `wgmma` m64nNk32 e4m3, compute capability 9.0) for 17-64 activation rows. It reads the same
-//! buffers as the cuBLASLt path and `fp8_mma.rs` (row-major e4m3 weight codes and f32 row scales,
-//! activation codes and per-token scales as `quantize_activations` writes them): the weight codes
-//! go straight from global memory into `wgmma`'s register operand, and each block writes the
-//! activation codes of the K steps it sums into shared memory in the weight fragments' K order,
-//! swizzled, where `wgmma` reads them.
+//! `wgmma` m64nNk32 e4m3, compute capability 9.0). It reads the same buffers as the cuBLASLt path
+//! and `fp8_mma.rs` (row-major e4m3 weight codes and f32 row scales, activation codes and
+//! per-token scales as `quantize_activations` writes them), copied into shared memory by the
+//! tensor-memory accelerator through tensor maps made here per call (host work only).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use candle_core::cuda_backend::cudarc::driver::sys;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaSlice, CudaView, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::{CudaStorage, WithDType};
@@ -21,41 +20,44 @@ use crate::QuantError;
 
 static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/fp8_wgmma.fatbin"));
 
-/// Threads per block: two warpgroups (kernels/fp8_wgmma.cu `fp8wg::THREADS`).
-const THREADS: u32 = 256;
+/// Threads per block: two consumer warpgroups and a producer (kernels/fp8_wgmma.cu
+/// `fp8wg::THREADS`).
+const THREADS: u32 = 384;
 
-/// Dynamic shared memory a block asks for at most: Hopper's 227 KiB opt-in less 1 KiB for the
-/// kernel's static shared memory (227 KiB of dynamic memory alone is refused at launch).
-const MAX_SHARED: usize = 226 * 1024;
+/// Output rows of a tile (`fp8wg::ROWS`): the weight's box height.
+const TILE_ROWS: usize = 128;
 
-/// A block shape (kernels/fp8_wgmma.cu `FP8WG_CFG_*`): its activation rows.
+/// A block shape (kernels/fp8_wgmma.cu `FP8WG_CFG_*`): its activation rows, the K steps a stage
+/// of its ring holds and the stages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Shape {
     name: &'static str,
     rows: usize,
+    group: usize,
+    stages: usize,
 }
 
 impl Shape {
-    /// Dynamic shared memory for blocks summing `per_block` K steps: the activations of every step
-    /// (`rows` 128-byte rows each) and 1 KiB to align them to the 128-byte swizzle's 1024-byte atoms.
-    fn shared_bytes(self, per_block: usize) -> usize {
-        per_block * self.rows * 128 + 1024
-    }
-
-    /// The most K steps a block may sum (their activations all in shared memory).
-    fn max_steps(self) -> usize {
-        (MAX_SHARED - 1024) / (self.rows * 128)
+    /// Dynamic shared memory: the ring (each stage `group` K steps of 128 weight rows and `rows`
+    /// activation rows, 128 bytes each) and 1 KiB to align it to the swizzle's 1024-byte atoms.
+    fn shared_bytes(self) -> usize {
+        self.stages * self.group * (TILE_ROWS + self.rows) * KSTEP + 1024
     }
 }
 
 /// The narrowest block that holds `m` activation rows (16, 32, 64); past 64 rows, blocks of 64.
 pub fn shape(m: usize) -> Shape {
-    let (name, rows) = match m {
-        0..=16 => ("n16", 16),
-        17..=32 => ("n32", 32),
-        _ => ("n64", 64),
+    let (name, rows, stages) = match m {
+        0..=16 => ("n16", 16, 6),
+        17..=32 => ("n32", 32, 5),
+        _ => ("n64", 64, 4),
     };
-    Shape { name, rows }
+    Shape {
+        name,
+        rows,
+        group: 2,
+        stages,
+    }
 }
 
 static ENABLED: AtomicBool = AtomicBool::new(true);
@@ -76,14 +78,16 @@ pub fn supports(k: usize, dev: &CudaDevice) -> bool {
 }
 
 /// Whether `Fp8Kernel::Auto` takes this kernel for an `[n, k]` weight at `m` activation rows:
-/// 17-64 rows of weights with more than 2048 output rows and at least 8192 inputs (down_proj of
-/// an 8B model), where it beat both lorq's mma kernel and cuBLASLt on an H200, activation
-/// quantization included (docs/benchmarks.md: 4096x14336 at 32 rows 30.3 us against 33.7 and
-/// 43.1, at 64 rows 34.8 against 55.0 and 42.5). On 4096-input weights it lost to cuBLASLt
-/// (gate/up) or the mma kernel (q/o): a block writes its activations into shared memory before
-/// its loop, which a long K amortizes.
+/// up to 64 rows of weights with at least 8192 inputs (down_proj of an 8B model), and 17-64 rows
+/// of weights with more than 1024 output rows. There it beat lorq's mma kernel and cuBLASLt on an
+/// H200 (docs/benchmarks.md, session 33: 4096x14336 at 32 rows 20.4 us against 29.4 and 37.8,
+/// 14336x4096 at 32 rows 22.5 against 38.5 and 24.0). At 1-16 rows of 4096-input weights the mma
+/// kernel was as fast or faster, on 1024-row weights (k/v) at every row count, and past 64 rows
+/// cuBLASLt (the tiles then share no weight reads).
 pub fn takes(n: usize, m: usize, k: usize, dev: &CudaDevice) -> bool {
-    (17..=64).contains(&m) && n > 2048 && k >= 8192 && supports(k, dev)
+    let long_k = k >= 8192 && (1..=64).contains(&m);
+    let wide = n > 1024 && (17..=64).contains(&m);
+    (long_k || wide) && supports(k, dev)
 }
 
 /// The most tiles (128 output rows x a block's activation rows) whose K steps are shared out over
@@ -92,9 +96,66 @@ fn split_until(sms: usize) -> usize {
     sms.saturating_sub(1)
 }
 
-/// The launch's schedule: [`schedule`] with at most [`Shape::max_steps`] K steps per block.
+/// The launch's schedule: [`schedule`] (a block's K steps stream through its ring: no bound).
 fn plan(sh: Shape, n: usize, m: usize, k: usize, sms: usize) -> super::qwgmma::Schedule {
-    schedule(n, m, k, sh.rows, sms, split_until(sms), sh.max_steps())
+    schedule(n, m, k, sh.rows, sms, split_until(sms), usize::MAX)
+}
+
+/// A `CUtensorMap`, passed by value as the kernel's `__grid_constant__` `fp8wg::TensorMap`.
+#[repr(transparent)]
+#[derive(Clone, Copy)]
+struct TensorMap(sys::CUtensorMap);
+
+// SAFETY: 128 plain bytes, 64-byte aligned: the layout of the kernel's `fp8wg::TensorMap`.
+unsafe impl DeviceRepr for TensorMap {}
+
+/// The tensor map of `rows` x `cols` row-major bytes at `ptr`, copied in boxes of 128 bytes x
+/// `box_rows` rows, 128-byte swizzled (as `wgmma` reads K-major operands); rows past `rows` arrive
+/// as zeros.
+fn tensor_map(
+    ptr: sys::CUdeviceptr,
+    rows: usize,
+    cols: usize,
+    box_rows: usize,
+    what: &str,
+) -> Result<TensorMap, QuantError> {
+    // The copy engine's rules: a 16-byte aligned start and row pitch, at most 256 rows a box.
+    if !ptr.is_multiple_of(16) || !cols.is_multiple_of(16) || box_rows > 256 || rows == 0 {
+        return Err(QuantError::Invalid(format!(
+            "fp8 wgmma kernel: the {what} ([{rows}, {cols}] bytes at {ptr:#x}) cannot be copied by \
+             tensor maps (16-byte aligned rows needed)"
+        )));
+    }
+    let dims = [cols as u64, rows as u64];
+    let strides = [cols as u64];
+    let boxes = [KSTEP as u32, box_rows as u32];
+    let elements = [1u32, 1];
+    let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
+    // SAFETY: the arrays hold rank 2 (strides rank - 1) entries; the map is written by the call.
+    let r = unsafe {
+        sys::cuTensorMapEncodeTiled(
+            map.as_mut_ptr(),
+            sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8,
+            2,
+            ptr as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            elements.as_ptr(),
+            sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    };
+    if r != sys::CUresult::CUDA_SUCCESS {
+        return Err(QuantError::Invalid(format!(
+            "fp8 wgmma kernel: cuTensorMapEncodeTiled refused the {what} ([{rows}, {cols}] bytes, \
+             boxes of {box_rows} rows): {r:?}"
+        )));
+    }
+    // SAFETY: written by the successful call above.
+    Ok(TensorMap(unsafe { map.assume_init() }))
 }
 
 /// `y[m, n] = (xq · wqᵀ) · sx[m] · sw[n]` in `T` (bf16/f16/f32): `wq` `[n, k]` and `xq` `[m, k]`
@@ -135,9 +196,7 @@ pub(crate) fn gemm<T: CudaDType + DeviceRepr + WithDType>(
             counters.len()
         )));
     }
-    // Every block asks for the most shared memory of any launch (a function's opt-in is set
-    // once, `function_with_shared`); the blocks of one SM are one anyway (registers).
-    let smem = sh.shared_bytes(sh.max_steps());
+    let smem = sh.shared_bytes();
     let f = function_with_shared(
         dev,
         "fp8_wgmma",
@@ -154,10 +213,16 @@ pub(crate) fn gemm<T: CudaDType + DeviceRepr + WithDType>(
     } else {
         None
     };
+    // The codes are read through tensor maps: their guards order the buffers' other users
+    // around this launch, as the views passed as arguments would.
+    let (wp, wguard) = wq.device_ptr(&stream);
+    let (xp, xguard) = xq.device_ptr(&stream);
+    let mw = tensor_map(wp, n, k, TILE_ROWS, "weight codes")?;
+    let mx = tensor_map(xp, m, k, sh.rows, "activation codes")?;
     let null = 0u64;
     let (mi, ni, ki, pi) = (m as i32, n as i32, k as i32, plan.per_block as i32);
     let mut b = stream.launch_builder(&f);
-    b.arg(wq).arg(sw).arg(xq).arg(sx).arg(&y);
+    b.arg(&mw).arg(sw).arg(&mx).arg(sx).arg(&y);
     match &partial {
         Some(p) => b.arg(p),
         None => b.arg(&null),
@@ -168,12 +233,13 @@ pub(crate) fn gemm<T: CudaDType + DeviceRepr + WithDType>(
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: smem as u32,
     };
-    // SAFETY: matches `fp8wg_*` (kernels/fp8_wgmma.cu): wq n*k codes, xq m*k codes (rows of
-    // k % 128 == 0 bytes from a 256-byte-aligned allocation), sw n, sx m, y m*n, partial slots*m*n, counters one per tile
-    // of a splitting schedule (at most 16 activation blocks per 128 output rows, within the
-    // n/16*16 the caller passes); shared memory opted in.
+    // SAFETY: matches `fp8wg_*` (kernels/fp8_wgmma.cu): the maps describe wq's n*k and xq's m*k
+    // codes (checked above), sw n, sx m, y m*n, partial slots*m*n, counters one per tile of a
+    // splitting schedule (at most 16 activation blocks per 128 output rows, within the n/16*16
+    // the caller passes); shared memory opted in.
     unsafe { b.launch(cfg) }.w()?;
     drop(b);
+    drop((wguard, xguard));
     drop(partial);
     Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
 }
@@ -181,6 +247,10 @@ pub(crate) fn gemm<T: CudaDType + DeviceRepr + WithDType>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Dynamic shared memory a block may ask for: Hopper's 227 KiB opt-in less 1 KiB for the
+    /// kernel's static shared memory (227 KiB of dynamic memory alone is refused at launch).
+    const MAX_SHARED: usize = 226 * 1024;
 
     #[test]
     fn shapes_cover_every_row_count() {
@@ -197,12 +267,14 @@ mod tests {
         }
         for m in [16, 32, 64] {
             let sh = shape(m);
-            assert!(sh.shared_bytes(sh.max_steps()) <= MAX_SHARED);
+            assert!(sh.shared_bytes() <= MAX_SHARED, "m = {m}");
+            // The ring's stages keep at least 3 K steps of loads ahead of the one summed.
+            assert!(sh.stages * sh.group >= 8, "m = {m}");
         }
     }
 
     #[test]
-    fn blocks_share_k_steps_within_shared_memory() {
+    fn blocks_share_k_steps() {
         // gate/up and down at 16-64 rows: 112 and 32 tiles on 132 SMs, shared out 28 steps a block.
         for m in [16, 32, 64] {
             let sh = shape(m);
@@ -211,12 +283,9 @@ mod tests {
                 assert_eq!((p.per_block, p.blocks), (28, 128), "{n}x{k} m={m}");
             }
         }
-        // 448 whole tiles of 32 steps at 64 rows: more than the 28 steps whose activations fit.
-        let sh = shape(64);
-        let p = plan(sh, 57344, 64, 4096, 132);
-        assert_eq!((p.per_block, p.slots), (28, 2));
-        assert!(p.per_block <= sh.max_steps());
-        // Whole tiles at 16 rows: 112 steps fit (14 KiB... 224 KiB of activations).
+        // 448 whole tiles at 64 rows: one block each, every K step.
+        let p = plan(shape(64), 57344, 64, 4096, 132);
+        assert_eq!((p.per_block, p.slots, p.blocks), (32, 1, 448));
         let p = plan(shape(16), 57344, 16, 14336, 132);
         assert_eq!((p.per_block, p.slots), (112, 1));
     }
