@@ -70,6 +70,7 @@ template <> struct Mma<64> {
 template <> struct Mma<128> {
     WGMMA_M64N128(bf16, "bf16")
     WGMMA_M64N128(f16, "f16")
+    WGMMA_E4M3_SS(128, 16, "64", "65", "66")
 };
 
 // `count` arrivals (besides the transaction bytes) complete a phase.

@@ -45,12 +45,14 @@ impl Shape {
     }
 }
 
-/// The narrowest block that holds `m` activation rows (16, 32, 64); past 64 rows, blocks of 64.
+/// The narrowest block that holds `m` activation rows (16, 32, 64, 128); past 128 rows, blocks of
+/// 128.
 pub fn shape(m: usize) -> Shape {
     let (name, rows, stages) = match m {
         0..=16 => ("n16", 16, 6),
         17..=32 => ("n32", 32, 5),
-        _ => ("n64", 64, 4),
+        33..=64 => ("n64", 64, 4),
+        _ => ("n128", 128, 3),
     };
     Shape {
         name,
@@ -78,14 +80,14 @@ pub fn supports(k: usize, dev: &CudaDevice) -> bool {
 }
 
 /// Whether `Fp8Kernel::Auto` takes this kernel for an `[n, k]` weight at `m` activation rows:
-/// up to 64 rows of weights with at least 8192 inputs (down_proj of an 8B model), and 17-64 rows
+/// up to 128 rows of weights with at least 8192 inputs (down_proj of an 8B model), and 17-64 rows
 /// of weights with more than 1024 output rows. There it beat lorq's mma kernel and cuBLASLt on an
-/// H200 (docs/benchmarks.md, session 33: 4096x14336 at 32 rows 20.4 us against 29.4 and 37.8,
-/// 14336x4096 at 32 rows 22.5 against 38.5 and 24.0). At 1-16 rows of 4096-input weights the mma
-/// kernel was as fast or faster, on 1024-row weights (k/v) at every row count, and past 64 rows
-/// cuBLASLt (the tiles then share no weight reads).
+/// H200 (docs/benchmarks.md, session 33: 4096x14336 at 32 rows 20.4 us against 29.4 and 37.8, at
+/// 128 rows 22.8 against cuBLASLt's 37.5 in the lab; 14336x4096 at 32 rows 22.5 against 38.5 and
+/// 24.0). At 1-16 rows of 4096-input weights the mma kernel was as fast or faster, on 1024-row
+/// weights (k/v) at every row count, and past 64 rows of 4096-input weights cuBLASLt.
 pub fn takes(n: usize, m: usize, k: usize, dev: &CudaDevice) -> bool {
-    let long_k = k >= 8192 && (1..=64).contains(&m);
+    let long_k = k >= 8192 && (1..=128).contains(&m);
     let wide = n > 1024 && (17..=64).contains(&m);
     (long_k || wide) && supports(k, dev)
 }
@@ -261,15 +263,17 @@ mod tests {
             (32, 32),
             (33, 64),
             (64, 64),
-            (65, 64),
+            (65, 128),
+            (128, 128),
+            (300, 128),
         ] {
             assert_eq!(shape(m).rows, rows, "m = {m}");
         }
-        for m in [16, 32, 64] {
+        for m in [16, 32, 64, 128] {
             let sh = shape(m);
             assert!(sh.shared_bytes() <= MAX_SHARED, "m = {m}");
-            // The ring's stages keep at least 3 K steps of loads ahead of the one summed.
-            assert!(sh.stages * sh.group >= 8, "m = {m}");
+            // The ring holds at least 3 stages (two in flight while one is summed) and 6 K steps.
+            assert!(sh.stages >= 3 && sh.stages * sh.group >= 6, "m = {m}");
         }
     }
 
@@ -286,6 +290,9 @@ mod tests {
         // 448 whole tiles at 64 rows: one block each, every K step.
         let p = plan(shape(64), 57344, 64, 4096, 132);
         assert_eq!((p.per_block, p.slots, p.blocks), (32, 1, 448));
+        // down_proj at 128 rows: one 128-row activation block, 32 tiles shared out.
+        let p = plan(shape(128), 4096, 128, 14336, 132);
+        assert_eq!((p.per_block, p.blocks), (28, 128));
         let p = plan(shape(16), 57344, 16, 14336, 132);
         assert_eq!((p.per_block, p.slots), (112, 1));
     }
