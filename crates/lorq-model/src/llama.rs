@@ -181,6 +181,10 @@ pub struct LlamaModel {
     /// its own (paged GPU forward): as the last block's tail of the o and down projections' dense
     /// GEMVs, or as the head of the q/k/v and gate/up half2 GEMVs (affine 4-bit weights).
     pub(crate) norm_tails: bool,
+    /// The kernels producing an FP8 (W8A8) projection's input also write its e4m3 codes (the
+    /// fused RMSNorm for q/k/v and gate/up, SiLU·mul for down_proj), so that the projection skips
+    /// its own quantization launch (paged GPU forward, under `fused_ops`).
+    pub(crate) fp8_codes: bool,
     /// Decode steps as CUDA graphs (`decode_graph.rs`); `None`: off, or not a paged GPU model.
     #[cfg(feature = "cuda")]
     pub(crate) decode_graphs: Option<crate::decode_graph::DecodeGraphs>,
@@ -331,6 +335,7 @@ impl LlamaModel {
             fused_ops: true,
             grouped_matmuls: true,
             norm_tails: true,
+            fp8_codes: true,
         })
     }
 
@@ -357,6 +362,13 @@ impl LlamaModel {
     /// launch otherwise), e.g. to measure what they bring.
     pub fn set_norm_tails(&mut self, on: bool) {
         self.norm_tails = on;
+        self.clear_cuda_graphs();
+    }
+
+    /// Turns the FP8 codes written by the norm and SiLU·mul kernels on or off (each FP8
+    /// projection quantizes its input itself otherwise), e.g. to measure what they bring.
+    pub fn set_fp8_codes(&mut self, on: bool) {
+        self.fp8_codes = on;
         self.clear_cuda_graphs();
     }
 

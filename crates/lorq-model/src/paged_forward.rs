@@ -226,7 +226,7 @@ impl LlamaModel {
         use crate::linear::Linear;
         use lorq_quant::cuda::fp8_gemm::{with_offered_activations, QuantizedActivations};
         use lorq_quant::cuda::fused_ops::{
-            add_rms_norm, add_rms_norm_fp8, silu_mul, AddNorm, NormHead,
+            add_rms_norm, add_rms_norm_fp8, silu_mul, silu_mul_fp8, AddNorm, NormHead,
         };
         use lorq_quant::cuda::paged_attention::{
             attention, decode_attention, multiprocessors, prefill_attention, rope_append,
@@ -301,7 +301,7 @@ impl LlamaModel {
                 let y = candle_nn::ops::rms_norm(&s, w, eps)?;
                 return Ok((s, y, None));
             }
-            if next.base.gpu_quantizes_rows_to_fp8(x)? {
+            if self.fp8_codes && next.base.gpu_quantizes_rows_to_fp8(x)? {
                 if let Some((s, y, q)) = add_rms_norm_fp8(x, d, w, eps)? {
                     return Ok((s, y, Some(q)));
                 }
@@ -438,8 +438,18 @@ impl LlamaModel {
                     }
                 }
             };
-            let act = match mlp_in {
-                MlpInput::Activated(act) => act,
+            // SiLU(gate)·up, with its e4m3 codes where down_proj quantizes its rows (FP8 W8A8).
+            let act_codes =
+                |gate: &Tensor, up: &Tensor| -> Result<(Tensor, Option<QuantizedActivations>)> {
+                    if self.fp8_codes && layer.down.base.gpu_quantizes_rows_to_fp8(gate)? {
+                        if let Some((y, q)) = silu_mul_fp8(gate, up)? {
+                            return Ok((y, Some(q)));
+                        }
+                    }
+                    Ok((silu_mul(gate, up)?, None))
+                };
+            let (act, codes) = match mlp_in {
+                MlpInput::Activated(act) => (act, None),
                 MlpInput::Normed(h, codes) => {
                     // Decode at batch 1 on dense or affine 4-bit weights: the two projections
                     // and SiLU·mul in one launch.
@@ -449,15 +459,15 @@ impl LlamaModel {
                         None
                     };
                     match paired {
-                        Some(act) => act,
+                        Some(act) => (act, None),
                         None => {
                             let gate_up =
                                 with_codes(&h, codes, &|| group(&[&layer.gate, &layer.up], &h))?;
                             let (gate, up) = (&gate_up[0], &gate_up[1]);
                             if fused {
-                                silu_mul(gate, up)?
+                                act_codes(gate, up)?
                             } else {
-                                (gate.silu()? * up)?
+                                ((gate.silu()? * up)?, None)
                             }
                         }
                     }
@@ -472,7 +482,12 @@ impl LlamaModel {
                     x = s;
                     Carry::Normed(h)
                 }
-                None => Carry::Delta(layer.down.forward(&act, adapters)?),
+                None => Carry::Delta(match codes {
+                    Some(q) => {
+                        with_offered_activations(&act, q, || layer.down.forward(&act, adapters))??
+                    }
+                    None => layer.down.forward(&act, adapters)?,
+                }),
             };
         }
         if let Carry::Delta(d) = carry {

@@ -750,9 +750,10 @@ mod gpu {
         }
     }
 
-    /// FP8 decode, where the norms hand their e4m3 codes to the projections (and gate/up/down
-    /// take W8A8 from one row): replayed graphs compute the eager steps (bf16 tolerance, as
-    /// above), for one row and for five. The codes made inside a captured step are the graph's
+    /// FP8 decode, where the norms and SiLU·mul hand their e4m3 codes to the projections (and
+    /// gate/up/down take W8A8 from one row): replayed graphs compute the eager steps (bf16
+    /// tolerance, as above), for one row and for five, and the eager steps equal those of the
+    /// projections quantizing their inputs themselves. The codes made inside a captured step are the graph's
     /// own buffers: a stale or freed one would show here as garbage logits.
     #[test]
     fn fp8_decode_graphs_replay_the_eager_steps() {
@@ -796,6 +797,16 @@ mod gpu {
                 }
             }
             eprintln!("fp8, {rows} rows: graph steps == eager steps");
+            // The codes the norms and SiLU·mul write are the projections' own quantization of
+            // their outputs, bit for bit: without them the eager steps are the same to the bit.
+            model.set_cuda_graphs(false);
+            model.set_fp8_codes(false);
+            let own = generate(&model, &prompts, &[], 8);
+            model.set_fp8_codes(true);
+            assert!(
+                own == want,
+                "fp8, {rows} rows: the projections' own quantization changed the logits"
+            );
         }
     }
 

@@ -7,7 +7,10 @@
 //   registers between the sum and the scaling (one read of x, d and w, 16-byte loads): at batch 1
 //   the row is one block, and the scalar kernel's serial loop took ~12 us on an H100 for 4096
 //   values (ncu), this one a few. The GEMVs at batch 1 run the same code as their tail.
-// - silu_mul_*: y = SiLU(gate) * up, elementwise, f32 math.
+// - silu_mul_*: y = SiLU(gate) * up, elementwise, f32 math. silu_mul_fp8_* (one block per row,
+//   n % 8 == 0, n <= 8 * blockDim * ARN_CHUNKS) also writes y's e4m3 codes and per-token scale,
+//   the down projection's own quantization (fp8_act.cu quant_rows, mode 0) of y as stored, bit for
+//   bit, so that an FP8 down_proj skips that launch.
 // - argmax_rows_*: out[r] = index of the largest value of row r (the first on ties, as
 //   torch.argmax; NaN never wins), one block of 1024 threads per row, 8 loads in flight per
 //   thread (greedy decoding over a 128k vocabulary: candle's argmax took ~95 us per row on an H100).
@@ -52,6 +55,39 @@ __device__ __forceinline__ void silu_mul(const T* __restrict__ gate, const T* __
     for (size_t i = (size_t)blockIdx.x * THREADS + threadIdx.x; i < n;
          i += (size_t)gridDim.x * THREADS) {
         y[i] = silu_mul_rounded<T>(to_f(gate[i]), to_f(up[i]));
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ void silu_mul_fp8(const T* __restrict__ gate, const T* __restrict__ up,
+                                             T* __restrict__ y, uint8_t* __restrict__ q,
+                                             float* __restrict__ scales, int n) {
+    __shared__ float s_part[32];
+    const size_t row = (size_t)blockIdx.x * n;
+    const int chunks = n >> 3;
+    float v[ARN_CHUNKS][8];
+    float amax = 0.f;
+#pragma unroll
+    for (int i = 0; i < ARN_CHUNKS; i++) {
+        const int c = threadIdx.x + i * blockDim.x;
+        if (c < chunks) {
+            float g[8], u[8];
+            unpack8<T>(ld_pack8<T>(gate + row + 8 * c), g);
+            unpack8<T>(ld_pack8<T>(up + row + 8 * c), u);
+#pragma unroll
+            for (int e = 0; e < 8; e++) {
+                v[i][e] = to_f(silu_mul_rounded<T>(g[e], u[e]));  // y as stored
+                amax = fmaxf(amax, fabsf(v[i][e]));
+            }
+            store8<T>(y + row + 8 * c, v[i]);
+        }
+    }
+    const float sc = e4m3_row_scale(block_max(amax, s_part));
+    if (threadIdx.x == 0) scales[blockIdx.x] = sc;
+#pragma unroll
+    for (int i = 0; i < ARN_CHUNKS; i++) {
+        const int c = threadIdx.x + i * blockDim.x;
+        if (c < chunks) *reinterpret_cast<uint2*>(q + row + 8 * c) = e4m3_codes8(v[i], sc);
     }
 }
 
@@ -152,6 +188,10 @@ __device__ __forceinline__ void gather_columns(const T* __restrict__ x, const un
     extern "C" __global__ void __launch_bounds__(THREADS)                                         \
         silu_mul_##TN(const T* gate, const T* up, T* y, unsigned long long n) {                   \
         silu_mul<T>(gate, up, y, (size_t)n);                                                      \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(1024)                                            \
+        silu_mul_fp8_##TN(const T* gate, const T* up, T* y, uint8_t* q, float* scales, int n) {   \
+        silu_mul_fp8<T>(gate, up, y, q, scales, n);                                               \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(AM_THREADS)                                      \
         argmax_rows_##TN(const T* x, unsigned* out, int n) {                                      \

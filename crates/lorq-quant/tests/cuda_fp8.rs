@@ -452,6 +452,50 @@ mod gpu {
         assert!(add_rms_norm_fp8(&x, &x, &w, 1e-5).unwrap().is_none());
     }
 
+    /// SiLU·mul that also writes down_proj's codes: its output equals the plain kernel's bit for
+    /// bit and its codes and scales equal the projection's own quantization of that output.
+    #[test]
+    fn silu_mul_writes_the_down_projection_codes() {
+        use lorq_quant::cuda::fused_ops::{silu_mul, silu_mul_fp8};
+        let Some(dev) = fp8_gpu() else { return };
+        let cdev = dev.as_cuda_device().unwrap();
+        for (rows, n) in [
+            (1usize, 1536usize),
+            (3, 14336),
+            (16, 14336),
+            (64, 8192),
+            (2, 28672),
+        ] {
+            for dtype in [DType::BF16, DType::F16] {
+                let g = bf16_randn((rows, n), &dev).to_dtype(dtype).unwrap();
+                let u = bf16_randn((rows, n), &dev).to_dtype(dtype).unwrap();
+                let y1 = silu_mul(&g, &u).unwrap();
+                let (y2, q) = silu_mul_fp8(&g, &u).unwrap().unwrap();
+                assert_eq!(y2.dtype(), dtype);
+                assert_eq!(
+                    max_abs_diff(&y1, &y2),
+                    0.0,
+                    "[{rows}, {n}] {dtype:?}: outputs differ"
+                );
+                let own = quantize_activations(&y1, ActQuant::DynamicPerToken).unwrap();
+                let (c1, sc1) = own.to_host(cdev).unwrap();
+                let (c2, sc2) = q.to_host(cdev).unwrap();
+                let bad = c1.iter().zip(&c2).filter(|(a, b)| a != b).count();
+                assert_eq!(bad, 0, "[{rows}, {n}] {dtype:?}: {bad} codes differ");
+                assert!(
+                    sc1.iter()
+                        .zip(&sc2)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "[{rows}, {n}] {dtype:?}: scales differ"
+                );
+            }
+        }
+        // n % 8 != 0 has no fused quantization; mismatched shapes are an error.
+        let x = bf16_randn((2, 100), &dev);
+        assert!(silu_mul_fp8(&x, &x).unwrap().is_none());
+        assert!(silu_mul_fp8(&x, &bf16_randn((2, 104), &dev)).is_err());
+    }
+
     fn bf16_randn(shape: impl Into<candle_core::Shape>, dev: &Device) -> Tensor {
         Tensor::randn(0f32, 1.0, shape, dev)
             .unwrap()

@@ -118,6 +118,10 @@ pub struct BenchDecodeArgs {
     /// q/k/v and gate/up on affine 4-bit ones; `norm_tails` in the rows says whether allowed).
     #[arg(long)]
     pub compare_norm_tails: bool,
+    /// Also time each case with every FP8 projection quantizing its input itself instead of
+    /// taking the e4m3 codes the RMSNorm and SiLU·mul kernels write (`fp8_codes` in the rows).
+    #[arg(long)]
+    pub compare_fp8_codes: bool,
     #[arg(long, default_value_t = 1234)]
     pub seed: u64,
     /// Timed repetitions of each case (prefill + decode again; the best decode is reported).
@@ -487,16 +491,26 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
                     );
                     let attn_modes = &attn_modes;
                     let tail_modes = switch_modes(a.compare_norm_tails, &dev);
+                    let code_modes = switch_modes(a.compare_fp8_codes, &dev);
                     let modes = fused_modes.iter().flat_map(|&f| {
                         grouped_modes.iter().flat_map(move |&gr| {
                             tail_modes.iter().flat_map(move |&nt| {
-                                overlap_modes.iter().flat_map(move |&ov| {
-                                    wgmma_modes.iter().flat_map(move |&wg| {
-                                        half2_modes.iter().flat_map(move |&h2| {
-                                            fold_modes.iter().flat_map(move |&fo| {
-                                                attn_modes.iter().flat_map(move |&at| {
-                                                    graph_modes.iter().map(move |&g| {
-                                                        (f, gr, nt, ov, (wg, h2, fo, at), g)
+                                code_modes.iter().flat_map(move |&fc| {
+                                    overlap_modes.iter().flat_map(move |&ov| {
+                                        wgmma_modes.iter().flat_map(move |&wg| {
+                                            half2_modes.iter().flat_map(move |&h2| {
+                                                fold_modes.iter().flat_map(move |&fo| {
+                                                    attn_modes.iter().flat_map(move |&at| {
+                                                        graph_modes.iter().map(move |&g| {
+                                                            (
+                                                                f,
+                                                                gr,
+                                                                (nt, fc),
+                                                                ov,
+                                                                (wg, h2, fo, at),
+                                                                g,
+                                                            )
+                                                        })
                                                     })
                                                 })
                                             })
@@ -509,7 +523,7 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
                     for (
                         fused,
                         grouped,
-                        tails,
+                        (tails, fp8_codes),
                         overlap,
                         (wgmma, half2_two_rows, folded_scales, (attn4, mma, part_keys, tiles)),
                         graphs,
@@ -522,6 +536,7 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
                         model.set_fused_ops(fused);
                         model.set_grouped_matmuls(grouped);
                         model.set_norm_tails(tails);
+                        model.set_fp8_codes(fp8_codes);
                         set_lora_overlap(overlap);
                         model.set_cuda_graphs(graphs);
                         let case = Case {
@@ -578,6 +593,7 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
                             "fused_ops": fused,
                             "grouped_matmuls": grouped,
                             "norm_tails": tails && fused,
+                            "fp8_codes": fp8_codes && fused,
                             "lora_overlap": n_adapters > 0 && overlap && model.cuda_graphs(),
                             "wgmma": wgmma,
                             "half2_two_rows": half2_two_rows,

@@ -444,6 +444,64 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor, QuantError> {
     ))
 }
 
+/// [`silu_mul`] of `[rows, n]` rows that also quantizes the result for the FP8 projection it
+/// feeds (down_proj): e4m3 codes and one scale per row, bit-identical to
+/// `fp8_gemm::quantize_activations(y, DynamicPerToken)`, in the same launch (hand them over with
+/// `fp8_gemm::with_offered_activations`). `None` where the one-block-per-row kernel does not apply
+/// (`n` not a multiple of 8, or above `8 * 1024 * ARN_CHUNKS`).
+pub fn silu_mul_fp8(
+    gate: &Tensor,
+    up: &Tensor,
+) -> Result<Option<(Tensor, QuantizedActivations)>, QuantError> {
+    let dev = cuda_device(gate, "gate")?;
+    let dtype = gate.dtype();
+    if gate.dims() != up.dims() {
+        return Err(QuantError::Invalid(format!(
+            "silu_mul_fp8: gate {:?} and up {:?} differ in shape",
+            gate.dims(),
+            up.dims()
+        )));
+    }
+    let (rows, n) = gate.dims2()?;
+    let chunks = n / 8;
+    if !n.is_multiple_of(8) || chunks > 1024 * ARN_CHUNKS || rows == 0 {
+        return Ok(None);
+    }
+    let ins = prepared(&[(gate, "gate"), (up, "up")], dtype)?;
+    let threads = if chunks <= ARN_THREADS * ARN_CHUNKS {
+        ARN_THREADS as u32
+    } else {
+        1024
+    };
+    let cfg = LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: the kernel writes every code and every row's scale.
+    let q = QuantizedActivations {
+        m: rows,
+        k: n,
+        codes: unsafe { dev.alloc::<u8>(rows * n)? },
+        scales: unsafe { dev.alloc::<f32>(rows)? },
+        per_tensor: false,
+    };
+    let name = format!("silu_mul_fp8_{}", dtype_name(dtype)?);
+    let push = [Scalar::I32(n as i32)];
+    let outs = Outputs {
+        count: 1,
+        len: rows * n,
+        fp8: Some(&q),
+    };
+    let mut o = match dtype {
+        DType::BF16 => launch::<half::bf16>(dev, &name, &ins, outs, cfg, &push)?,
+        DType::F16 => launch::<half::f16>(dev, &name, &ins, outs, cfg, &push)?,
+        _ => launch::<f32>(dev, &name, &ins, outs, cfg, &push)?,
+    };
+    let y = tensor_from_storage(o.pop().expect("one output"), (rows, n));
+    Ok(Some((y, q)))
+}
+
 /// The length of `t`, a GPU vector of u32 indices (`what` names it in errors, `dim` its axis).
 fn index_vector(t: &Tensor, what: &str, dim: &str) -> Result<usize, QuantError> {
     if t.dtype() != DType::U32 || t.rank() != 1 {
