@@ -8,7 +8,8 @@
 //   swizzled as wgmma reads them (rows past N or M arrive as zeros). A producer warp issues the
 //   copies of G consecutive K steps a stage (a row's 128 G bytes requested together) into a ring
 //   of S stages; two consumer warpgroups of 64 output rows each wait for a stage, sum it, and give
-//   it back. The weight streams through L2 with an evict-first policy.
+//   it back. The weight streams through L2 with an evict-first policy, the activations (read by
+//   every tile of their rows) with evict-last.
 // - Register-fed versions (the codes loaded by every lane, session 32) streamed at 2.3-2.9 TB/s:
 //   each lane's 32-byte pieces of a row kept DRAM pages open for few bytes; the copies here ask
 //   for whole boxes (lab, H200: 14336x4096 at 16 rows 22.1 -> 19.8 us, at 64 rows 32.1 -> 22.4).
