@@ -403,17 +403,7 @@ mod gpu {
                 0.0,
                 "[{rows}, {hidden}]: outputs differ"
             );
-            let own = quantize_activations(&y1, ActQuant::DynamicPerToken).unwrap();
-            let (c1, sc1) = own.to_host(cdev).unwrap();
-            let (c2, sc2) = q.to_host(cdev).unwrap();
-            let bad = c1.iter().zip(&c2).filter(|(a, b)| a != b).count();
-            assert_eq!(bad, 0, "[{rows}, {hidden}]: {bad} codes differ");
-            assert!(
-                sc1.iter()
-                    .zip(&sc2)
-                    .all(|(a, b)| a.to_bits() == b.to_bits()),
-                "[{rows}, {hidden}]: scales differ: {sc1:?} vs {sc2:?}"
-            );
+            assert_own_quantization(&y1, &q, cdev, &format!("[{rows}, {hidden}]"));
             let wt = Tensor::randn(0f32, 0.05, (256, hidden), &Device::Cpu).unwrap();
             let t = Fp8Tensor::quantize(&wt, Fp8Strategy::Channel, DType::BF16).unwrap();
             let want = matmul_with(&t, &y2, None, Fp8Kernel::Auto).unwrap();
@@ -452,6 +442,27 @@ mod gpu {
         assert!(add_rms_norm_fp8(&x, &x, &w, 1e-5).unwrap().is_none());
     }
 
+    /// `q` (codes a fused kernel wrote for `y`) equals the projection's own per-token
+    /// quantization of `y`, every code and scale to the bit.
+    fn assert_own_quantization(
+        y: &Tensor,
+        q: &lorq_quant::cuda::fp8_gemm::QuantizedActivations,
+        cdev: &candle_core::cuda_backend::CudaDevice,
+        what: &str,
+    ) {
+        let own = quantize_activations(y, ActQuant::DynamicPerToken).unwrap();
+        let (c1, sc1) = own.to_host(cdev).unwrap();
+        let (c2, sc2) = q.to_host(cdev).unwrap();
+        let bad = c1.iter().zip(&c2).filter(|(a, b)| a != b).count();
+        assert_eq!(bad, 0, "{what}: {bad} codes differ");
+        assert!(
+            sc1.iter()
+                .zip(&sc2)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{what}: scales differ: {sc1:?} vs {sc2:?}"
+        );
+    }
+
     /// SiLU·mul that also writes down_proj's codes: its output equals the plain kernel's bit for
     /// bit and its codes and scales equal the projection's own quantization of that output.
     #[test]
@@ -477,17 +488,7 @@ mod gpu {
                     0.0,
                     "[{rows}, {n}] {dtype:?}: outputs differ"
                 );
-                let own = quantize_activations(&y1, ActQuant::DynamicPerToken).unwrap();
-                let (c1, sc1) = own.to_host(cdev).unwrap();
-                let (c2, sc2) = q.to_host(cdev).unwrap();
-                let bad = c1.iter().zip(&c2).filter(|(a, b)| a != b).count();
-                assert_eq!(bad, 0, "[{rows}, {n}] {dtype:?}: {bad} codes differ");
-                assert!(
-                    sc1.iter()
-                        .zip(&sc2)
-                        .all(|(a, b)| a.to_bits() == b.to_bits()),
-                    "[{rows}, {n}] {dtype:?}: scales differ"
-                );
+                assert_own_quantization(&y1, &q, cdev, &format!("[{rows}, {n}] {dtype:?}"));
             }
         }
         // n % 8 != 0 has no fused quantization; mismatched shapes are an error.
