@@ -333,15 +333,17 @@ impl LlamaModel {
         // batch 1 on affine 4-bit weights: every block of the half2 GEMV norms the row itself),
         // under the same switch as the tails; `None`: run `add_norm` and the projections.
         let heads = fused && self.norm_tails && self.grouped_matmuls;
-        let with_codes = |h: &Tensor,
-                          codes: Option<QuantizedActivations>,
-                          f: &dyn Fn() -> Result<Vec<Tensor>>|
-         -> Result<Vec<Tensor>> {
+        // `f` (the projections reading `h`) with `h`'s e4m3 codes offered, where a kernel made them.
+        fn with_codes<R>(
+            h: &Tensor,
+            codes: Option<QuantizedActivations>,
+            f: impl FnOnce() -> Result<R>,
+        ) -> Result<R> {
             match codes {
                 Some(q) => with_offered_activations(h, q, f)?,
                 None => f(),
             }
-        };
+        }
         let mut carry = Carry::Nothing;
         for (li, layer) in self.layers.iter().enumerate() {
             let carried = std::mem::replace(&mut carry, Carry::Nothing);
@@ -376,7 +378,7 @@ impl LlamaModel {
                             (y, codes)
                         }
                     };
-                    with_codes(&h, codes, &|| group(&qkv_ls, &h))?
+                    with_codes(&h, codes, || group(&qkv_ls, &h))?
                 }
             };
             let (q, k, v) = (
@@ -462,7 +464,7 @@ impl LlamaModel {
                         Some(act) => (act, None),
                         None => {
                             let gate_up =
-                                with_codes(&h, codes, &|| group(&[&layer.gate, &layer.up], &h))?;
+                                with_codes(&h, codes, || group(&[&layer.gate, &layer.up], &h))?;
                             let (gate, up) = (&gate_up[0], &gate_up[1]);
                             if fused {
                                 act_codes(gate, up)?
@@ -482,12 +484,9 @@ impl LlamaModel {
                     x = s;
                     Carry::Normed(h)
                 }
-                None => Carry::Delta(match codes {
-                    Some(q) => {
-                        with_offered_activations(&act, q, || layer.down.forward(&act, adapters))??
-                    }
-                    None => layer.down.forward(&act, adapters)?,
-                }),
+                None => Carry::Delta(with_codes(&act, codes, || {
+                    layer.down.forward(&act, adapters)
+                })?),
             };
         }
         if let Carry::Delta(d) = carry {

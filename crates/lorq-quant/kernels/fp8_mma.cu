@@ -27,7 +27,12 @@ __device__ __forceinline__ void mma(float (&d)[4], uint32_t a0, uint32_t a1, uin
                  : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-using mma_pipeline::chunk_word;
+// Word i (0..7) of a lane's 32-byte chunk held as two 16-byte loads.
+__device__ __forceinline__ uint32_t chunk_word(const uint4 (&v)[2], int i) {
+    const uint4 u = v[i >> 2];
+    const int j = i & 3;
+    return j == 0 ? u.x : j == 1 ? u.y : j == 2 ? u.z : u.w;
+}
 
 // One K step's weight codes of a lane: chunk t (32 bytes) of rows g and g + 8 of each m16 tile.
 template <int RT> struct Frag {

@@ -82,13 +82,7 @@ __device__ __forceinline__ void silu_mul_fp8(const T* __restrict__ gate, const T
             store8<T>(y + row + 8 * c, v[i]);
         }
     }
-    const float sc = e4m3_row_scale(block_max(amax, s_part));
-    if (threadIdx.x == 0) scales[blockIdx.x] = sc;
-#pragma unroll
-    for (int i = 0; i < ARN_CHUNKS; i++) {
-        const int c = threadIdx.x + i * blockDim.x;
-        if (c < chunks) *reinterpret_cast<uint2*>(q + row + 8 * c) = e4m3_codes8(v[i], sc);
-    }
+    write_row_codes(v, amax, chunks, q + row, scales + blockIdx.x, s_part);
 }
 
 constexpr int AM_THREADS = 1024;

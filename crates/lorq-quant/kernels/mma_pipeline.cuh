@@ -5,13 +5,6 @@
 
 namespace mma_pipeline {
 
-// Word i (0..7) of a lane's 32-byte chunk held as two 16-byte loads (the FP8 kernels' codes).
-__device__ __forceinline__ uint32_t chunk_word(const uint4 (&v)[2], int i) {
-    const uint4 u = v[i >> 2];
-    const int j = i & 3;
-    return j == 0 ? u.x : j == 1 ? u.y : j == 2 ? u.z : u.w;
-}
-
 // Zeroes a lane's accumulators (RT m16 tiles x MT n8 tiles).
 template <int RT, int MT> __device__ __forceinline__ void zero(float (&acc)[RT][MT][4]) {
 #pragma unroll

@@ -27,21 +27,24 @@ const THREADS: u32 = 384;
 /// Output rows of a tile (`fp8wg::ROWS`): the weight's box height.
 const TILE_ROWS: usize = 128;
 
-/// A block shape (kernels/fp8_wgmma.cu `FP8WG_CFG_*`): its activation rows, the K steps a stage
-/// of its ring holds and the stages.
+/// K steps a stage of the ring holds (the `G` of every kernels/fp8_wgmma.cu `FP8WG_CFG_*`).
+const STAGE_STEPS: usize = 2;
+
+/// A block shape (kernels/fp8_wgmma.cu `FP8WG_CFG_*`): its activation rows and the stages of its
+/// ring.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Shape {
     name: &'static str,
     rows: usize,
-    group: usize,
     stages: usize,
 }
 
 impl Shape {
-    /// Dynamic shared memory: the ring (each stage `group` K steps of 128 weight rows and `rows`
-    /// activation rows, 128 bytes each) and 1 KiB to align it to the swizzle's 1024-byte atoms.
+    /// Dynamic shared memory: the ring (each stage [`STAGE_STEPS`] K steps of 128 weight rows and
+    /// `rows` activation rows, 128 bytes each) and 1 KiB to align it to the swizzle's 1024-byte
+    /// atoms.
     fn shared_bytes(self) -> usize {
-        self.stages * self.group * (TILE_ROWS + self.rows) * KSTEP + 1024
+        self.stages * STAGE_STEPS * (TILE_ROWS + self.rows) * KSTEP + 1024
     }
 }
 
@@ -54,12 +57,7 @@ pub fn shape(m: usize) -> Shape {
         33..=64 => ("n64", 64, 4),
         _ => ("n128", 128, 3),
     };
-    Shape {
-        name,
-        rows,
-        group: 2,
-        stages,
-    }
+    Shape { name, rows, stages }
 }
 
 static ENABLED: AtomicBool = AtomicBool::new(true);
@@ -98,9 +96,9 @@ fn split_until(sms: usize) -> usize {
     sms.saturating_sub(1)
 }
 
-/// The launch's schedule: [`schedule`] (a block's K steps stream through its ring: no bound).
+/// The launch's schedule: [`schedule`] with this kernel's split threshold.
 fn plan(sh: Shape, n: usize, m: usize, k: usize, sms: usize) -> super::qwgmma::Schedule {
-    schedule(n, m, k, sh.rows, sms, split_until(sms), usize::MAX)
+    schedule(n, m, k, sh.rows, sms, split_until(sms))
 }
 
 /// A `CUtensorMap`, passed by value as the kernel's `__grid_constant__` `fp8wg::TensorMap`.
@@ -273,7 +271,7 @@ mod tests {
             let sh = shape(m);
             assert!(sh.shared_bytes() <= MAX_SHARED, "m = {m}");
             // The ring holds at least 3 stages (two in flight while one is summed) and 6 K steps.
-            assert!(sh.stages >= 3 && sh.stages * sh.group >= 6, "m = {m}");
+            assert!(sh.stages >= 3 && sh.stages * STAGE_STEPS >= 6, "m = {m}");
         }
     }
 

@@ -325,6 +325,28 @@ pub fn add_rms_norm_fp8(
     Ok(add_rms_norm_impl(x, d, w, eps, true)?.map(|(s, y, q)| (s, y, q.expect("fp8 asked"))))
 }
 
+/// Threads of a one-block-per-row kernel holding its row's `chunks` 8-element chunks in registers
+/// (`add_rms_norm_vec_*`, `silu_mul_fp8_*`): `ARN_THREADS` up to `ARN_CHUNKS` chunks each, then 1024.
+fn row_threads(chunks: usize) -> u32 {
+    if chunks <= ARN_THREADS * ARN_CHUNKS {
+        ARN_THREADS as u32
+    } else {
+        1024
+    }
+}
+
+/// The per-token e4m3 codes and scales a fused kernel writes for `rows` x `k` activations.
+fn row_codes(dev: &CudaDevice, rows: usize, k: usize) -> Result<QuantizedActivations, QuantError> {
+    // SAFETY: the kernels that take them write every code and every row's scale.
+    Ok(QuantizedActivations {
+        m: rows,
+        k,
+        codes: unsafe { dev.alloc::<u8>(rows * k)? },
+        scales: unsafe { dev.alloc::<f32>(rows)? },
+        per_tensor: false,
+    })
+}
+
 type NormOut = (Tensor, Tensor, Option<QuantizedActivations>);
 
 fn add_rms_norm_impl(
@@ -362,11 +384,7 @@ fn add_rms_norm_impl(
         };
         (
             format!("{kernel}_{}", dtype_name(dtype)?),
-            if chunks <= ARN_THREADS * ARN_CHUNKS {
-                ARN_THREADS as u32
-            } else {
-                1024
-            },
+            row_threads(chunks),
         )
     } else {
         (format!("add_rms_norm_{}", dtype_name(dtype)?), THREADS)
@@ -377,14 +395,7 @@ fn add_rms_norm_impl(
         shared_mem_bytes: 0,
     };
     let q = if fp8 {
-        // SAFETY: the kernel writes every code and every row's scale.
-        Some(QuantizedActivations {
-            m: rows,
-            k: hidden,
-            codes: unsafe { dev.alloc::<u8>(rows * hidden)? },
-            scales: unsafe { dev.alloc::<f32>(rows)? },
-            per_tensor: false,
-        })
+        Some(row_codes(dev, rows, hidden)?)
     } else {
         None
     };
@@ -468,24 +479,12 @@ pub fn silu_mul_fp8(
         return Ok(None);
     }
     let ins = prepared(&[(gate, "gate"), (up, "up")], dtype)?;
-    let threads = if chunks <= ARN_THREADS * ARN_CHUNKS {
-        ARN_THREADS as u32
-    } else {
-        1024
-    };
     let cfg = LaunchConfig {
         grid_dim: (rows as u32, 1, 1),
-        block_dim: (threads, 1, 1),
+        block_dim: (row_threads(chunks), 1, 1),
         shared_mem_bytes: 0,
     };
-    // SAFETY: the kernel writes every code and every row's scale.
-    let q = QuantizedActivations {
-        m: rows,
-        k: n,
-        codes: unsafe { dev.alloc::<u8>(rows * n)? },
-        scales: unsafe { dev.alloc::<f32>(rows)? },
-        per_tensor: false,
-    };
+    let q = row_codes(dev, rows, n)?;
     let name = format!("silu_mul_fp8_{}", dtype_name(dtype)?);
     let push = [Scalar::I32(n as i32)];
     let outs = Outputs {

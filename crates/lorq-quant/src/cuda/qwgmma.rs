@@ -88,8 +88,7 @@ pub fn supports(w: &DeviceLayout, dev: &CudaDevice) -> bool {
 /// traffic (a 128x128 tile's 64 KiB written and read back per segment, against its 256 KiB of
 /// codes at K 4096) and a pipeline fill per segment: so tiles are whole (`per_block` = K steps)
 /// unless there are at most `split_until` of them (this kernel: half the SMs, [`split_until`]);
-/// then each SM gets the same share (stream-K), at most [`MAX_SPLITS`] segments per tile. No block
-/// sums more than `max_per_block` steps (fp8_wgmma.rs: the activations it keeps in shared memory).
+/// then each SM gets the same share (stream-K), at most [`MAX_SPLITS`] segments per tile.
 /// H100, session 20, GPTQ 4-bit, us, whole tiles -> shared: 14336x4096 at 128 rows (112 tiles)
 /// 51.8 -> 64.7, at 256 95.6 -> 112.8, 4096x14336 at 512 165.7 -> 214.8; 4096x14336 at 256 rows
 /// (64 tiles) 158.3 -> 120.8 (the earlier rule split only below 33 tiles).
@@ -113,7 +112,6 @@ pub(super) fn schedule(
     rows: usize,
     sms: usize,
     split_until: usize,
-    max_per_block: usize,
 ) -> Schedule {
     let tiles = n.div_ceil(ROWS) * m.div_ceil(rows);
     let steps = k.div_ceil(KSTEP);
@@ -124,8 +122,7 @@ pub(super) fn schedule(
             steps
         } else {
             total.div_ceil(sms.max(1)).max(steps.div_ceil(MAX_SPLITS))
-        }
-        .min(max_per_block.max(1));
+        };
     // Segments per tile: one for whole tiles.
     let slots = if per_block == steps {
         1
@@ -205,7 +202,7 @@ pub(crate) fn matmul_group(
             )?;
             // SAFETY: every output element is written by the kernel.
             let y = unsafe { dev.alloc::<T>(m * n)? };
-            let plan = schedule(n, m, k, sh.rows, sms, split_until(sms), usize::MAX);
+            let plan = schedule(n, m, k, sh.rows, sms, split_until(sms));
             let partial: Option<CudaSlice<f32>> = if plan.slots > 1 {
                 // SAFETY: a split tile's segments each write their part of slot (split) before the
                 // tile's last block reads them.
@@ -257,7 +254,7 @@ mod tests {
     use super::{split_until, MAX_SPLITS};
 
     fn schedule(n: usize, m: usize, k: usize, rows: usize, sms: usize) -> super::Schedule {
-        super::schedule(n, m, k, rows, sms, split_until(sms), usize::MAX)
+        super::schedule(n, m, k, rows, sms, split_until(sms))
     }
 
     /// The kernel's `segment_at`: (tile, first step, end step, split, splits) of each block.
