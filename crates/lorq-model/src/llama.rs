@@ -366,7 +366,9 @@ impl LlamaModel {
     }
 
     /// Turns the FP8 codes written by the norm and SiLU·mul kernels on or off (each FP8
-    /// projection quantizes its input itself otherwise), e.g. to measure what they bring.
+    /// projection quantizes its input itself otherwise), e.g. to measure what they bring. On,
+    /// they are written for the projections that want them
+    /// (`lorq_quant::cuda::fp8_gemm::wants_offered_activations`).
     pub fn set_fp8_codes(&mut self, on: bool) {
         self.fp8_codes = on;
         self.clear_cuda_graphs();

@@ -289,8 +289,8 @@ impl LlamaModel {
             }
         };
         // x + d, then RMSNorm with w: one fused kernel, or candle's add and rms_norm. Where the
-        // projection reading the result (`next`) quantizes its rows to e4m3 (FP8 W8A8), the
-        // fused kernel does it too, and the codes go to the projection through `with_codes`.
+        // projection reading the result (`next`) wants its rows' e4m3 codes (FP8 W8A8), the
+        // fused kernel writes them too, and they go to the projection through `with_codes`.
         let add_norm = |x: &Tensor,
                         d: &Tensor,
                         w: &Tensor,
@@ -301,7 +301,7 @@ impl LlamaModel {
                 let y = candle_nn::ops::rms_norm(&s, w, eps)?;
                 return Ok((s, y, None));
             }
-            if self.fp8_codes && next.base.gpu_quantizes_rows_to_fp8(x)? {
+            if self.fp8_codes && next.base.gpu_wants_fp8_codes(x)? {
                 if let Some((s, y, q)) = add_rms_norm_fp8(x, d, w, eps)? {
                     return Ok((s, y, Some(q)));
                 }
@@ -318,7 +318,7 @@ impl LlamaModel {
                                w: &Tensor,
                                next: &Linear|
          -> Result<Option<(Tensor, Tensor)>> {
-            if !fused || !self.norm_tails || next.base.gpu_quantizes_rows_to_fp8(residual)? {
+            if !fused || !self.norm_tails || next.base.gpu_wants_fp8_codes(residual)? {
                 return Ok(None);
             }
             let tail = AddNorm {
@@ -440,10 +440,10 @@ impl LlamaModel {
                     }
                 }
             };
-            // SiLU(gate)·up, with its e4m3 codes where down_proj quantizes its rows (FP8 W8A8).
+            // SiLU(gate)·up, with its e4m3 codes where down_proj wants them (FP8 W8A8).
             let act_codes =
                 |gate: &Tensor, up: &Tensor| -> Result<(Tensor, Option<QuantizedActivations>)> {
-                    if self.fp8_codes && layer.down.base.gpu_quantizes_rows_to_fp8(gate)? {
+                    if self.fp8_codes && layer.down.base.gpu_wants_fp8_codes(gate)? {
                         if let Some((y, q)) = silu_mul_fp8(gate, up)? {
                             return Ok((y, Some(q)));
                         }

@@ -150,6 +150,23 @@ template <> __device__ __forceinline__ void store8<__half>(__half* p, const floa
     *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(h);
 }
 
+// Programmatic dependent launch (compute capability 9.0+, src/cuda/dependent_launch.rs): a kernel
+// launched with it may start its blocks while the kernel ahead of it in the stream still runs, once
+// every block of that kernel has called launch_dependents() (or exited). Such a kernel calls
+// wait_for_producers() before it reads what an earlier kernel wrote or writes what an earlier
+// kernel may read; until then it may only touch what no kernel writes (weights). Both are no-ops
+// for a kernel launched without it.
+__device__ __forceinline__ void wait_for_producers() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 // Up to two more weights of the same format and K sharing the activations (q/k/v, gate/up), in
 // the same launch (qgemv.cu, qmma_tiled.cu): blocks [0, b1) compute weight 0 (the QARGS one, N rows), [b1, b2) weight 1,
 // [b2, grid) weight 2; a single weight has b1 = b2 = grid. Each block runs the kernel body of

@@ -53,3 +53,20 @@ __device__ __forceinline__ uint2 e4m3_codes8(const float (&v)[8], float s) {
     }
     return make_uint2(lo, hi);
 }
+
+// The per-token e4m3 codes (qrow) and scale (*scale) of a row whose chunks c = threadIdx.x +
+// i * blockDim.x (c < chunks) each thread holds in v[i], amax its largest |value| of them (the
+// block's maximum through `sh`): fp8_act.cu quant_rows (mode 0), rms_norm.cuh's norm and
+// fused_ops.cu's SiLU-mul write a row's codes with it, so all of them agree bit for bit. All threads.
+template <int C>
+__device__ __forceinline__ void write_row_codes(const float (&v)[C][8], float amax, int chunks,
+                                                uint8_t* __restrict__ qrow, float* __restrict__ scale,
+                                                float* sh) {
+    const float sc = e4m3_row_scale(block_max(amax, sh));
+    if (threadIdx.x == 0) *scale = sc;
+#pragma unroll
+    for (int i = 0; i < C; i++) {
+        const int c = threadIdx.x + i * blockDim.x;
+        if (c < chunks) *reinterpret_cast<uint2*>(qrow + 8 * c) = e4m3_codes8(v[i], sc);
+    }
+}

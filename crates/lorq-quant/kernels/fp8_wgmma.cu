@@ -73,25 +73,48 @@ __device__ __forceinline__ void run(const TensorMap& mw, const float* __restrict
         asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
         uint64_t keep;
         asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;\n" : "=l"(keep));
-        int it = 0;
-        for (int cur = (int)blockIdx.x * per_block; cur < end;) {
-            const wgmma::Segment sg = wgmma::segment_at(cur, end, steps, per_block);
-            const int nb = (sg.tile % row_blocks) * ROWS, mb = (sg.tile / row_blocks) * BN;
-            for (int i = sg.st0; i < sg.st1; i += G, it++) {
-                const int s = it % S, n = min(G, sg.st1 - i);
-                // A stage's first fill passes at once (parity 1 of a fresh barrier).
+        // The block's stages in order: visit(it, s, nb, mb, i, n) for stage it (ring slot s) holding
+        // K steps i .. i + n - 1 of the tile at output rows nb, activation rows mb; false stops.
+        auto walk = [&](auto&& visit) {
+            int it = 0;
+            for (int cur = (int)blockIdx.x * per_block; cur < end;) {
+                const wgmma::Segment sg = wgmma::segment_at(cur, end, steps, per_block);
+                const int nb = (sg.tile % row_blocks) * ROWS, mb = (sg.tile / row_blocks) * BN;
+                for (int i = sg.st0; i < sg.st1; i += G, it++)
+                    if (!visit(it, it % S, nb, mb, i, min(G, sg.st1 - i))) return;
+                cur += sg.st1 - sg.st0;
+            }
+        };
+        auto copy_weight = [&](int s, int nb, int i, int n) {
+            for (int q = 0; q < n; q++)
+                wgmma::tensor_copy(s0 + s * STAGE + q * WBOX, &mw, (i + q) * 128, nb, full0 + 8 * s, policy);
+        };
+        // The weight of the ring's first lap before the activations exist: launched as a dependent
+        // of the kernel writing them (fp8_act.cu quant_rows), the block streams its weight while
+        // that kernel runs. A stage's barrier expects the weight's and the activations' bytes.
+        walk([&](int it, int s, int nb, int, int i, int n) {
+            if (it >= S) return false;
+            wgmma::mbar_expect(full0 + 8 * s, n * (WBOX + XBOX));
+            copy_weight(s, nb, i, n);
+            return true;
+        });
+        wait_for_producers();
+        walk([&](int it, int s, int nb, int mb, int i, int n) {
+            if (it >= S) {
                 wgmma::mbar_wait(empty0 + 8 * s, ((it / S) & 1) ^ 1);
                 wgmma::mbar_expect(full0 + 8 * s, n * (WBOX + XBOX));
-                const uint32_t base = s0 + s * STAGE;
-                for (int q = 0; q < n; q++) wgmma::tensor_copy(base + q * WBOX, &mw, (i + q) * 128, nb, full0 + 8 * s, policy);
-                for (int q = 0; q < n; q++)
-                    wgmma::tensor_copy(base + G * WBOX + q * XBOX, &mx, (i + q) * 128, mb, full0 + 8 * s, keep);
+                copy_weight(s, nb, i, n);
             }
-            cur += sg.st1 - sg.st0;
-        }
+            for (int q = 0; q < n; q++)
+                wgmma::tensor_copy(s0 + s * STAGE + G * WBOX + q * XBOX, &mx, (i + q) * 128, mb, full0 + 8 * s,
+                                   keep);
+            return true;
+        });
         return;
     }
-    // Consumers: warp w sums output rows nb + 16 w .. + 15 (warpgroup w / 4's m64 rows).
+    // Consumers: warp w sums output rows nb + 16 w .. + 15 (warpgroup w / 4's m64 rows). They read
+    // the activation scales and write y, partial and counters, so they wait for the kernels ahead.
+    wait_for_producers();
     const int lane = tid & 31;
     int it = 0;
     for (int cur = (int)blockIdx.x * per_block; cur < end;) {

@@ -16,21 +16,6 @@ constexpr int ARN_THREADS = 256;  // the block of every GEMV with a norm tail (8
 // projection (fp8_act.cu quant_rows, mode 0) bit for bit: the codes come from y as stored
 // (rounded to T), so the projection skips its own quantization launch. The norm weight is loaded
 // before the block-wide sum, so its latency hides behind it.
-// The per-token e4m3 codes (qrow) and scale (*scale) of a row whose chunks c = threadIdx.x +
-// i * blockDim.x (c < chunks) each thread holds in v[i], amax its largest |value| of them (the
-// block's maximum through `sh`): fp8_act.cu quant_rows, mode 0, bit for bit. All threads.
-__device__ __forceinline__ void write_row_codes(const float (&v)[ARN_CHUNKS][8], float amax, int chunks,
-                                                uint8_t* __restrict__ qrow, float* __restrict__ scale,
-                                                float* sh) {
-    const float sc = e4m3_row_scale(block_max(amax, sh));
-    if (threadIdx.x == 0) *scale = sc;
-#pragma unroll
-    for (int i = 0; i < ARN_CHUNKS; i++) {
-        const int c = threadIdx.x + i * blockDim.x;
-        if (c < chunks) *reinterpret_cast<uint2*>(qrow + 8 * c) = e4m3_codes8(v[i], sc);
-    }
-}
-
 template <typename T, bool FP8, bool D_NC = true>
 __device__ __forceinline__ void add_rms_norm_vec(const T* __restrict__ x, const T* __restrict__ d,
                                                  const T* __restrict__ w, T* __restrict__ s,

@@ -566,8 +566,8 @@ impl QuantTensor for Fp8Tensor {
     }
 
     #[cfg(feature = "cuda")]
-    fn gpu_quantizes_rows_to_fp8(&self, x: &Tensor) -> Result<bool, QuantError> {
-        crate::cuda::fp8_gemm::takes_per_token_activations(self, x)
+    fn gpu_wants_fp8_codes(&self, x: &Tensor) -> Result<bool, QuantError> {
+        crate::cuda::fp8_gemm::wants_offered_activations(self, x)
     }
 
     #[cfg(feature = "cuda")]

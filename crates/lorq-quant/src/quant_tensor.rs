@@ -49,11 +49,12 @@ pub trait QuantTensor: Send + Sync + std::fmt::Debug {
     fn gpu_runs_alone(&self, _x: &Tensor) -> Result<bool, QuantError> {
         Ok(false)
     }
-    /// Whether this weight's GPU matmul of `x` quantizes `x` to e4m3 with one dynamic scale per
-    /// row (FP8 W8A8), so that the kernel producing `x` may do it in its own launch
-    /// (`cuda::fused_ops::add_rms_norm_fp8`, `cuda::fp8_gemm::with_offered_activations`).
+    /// Whether this weight's GPU matmul of `x` would quantize `x` to e4m3 with one dynamic scale
+    /// per row (FP8 W8A8) in a launch that the kernel producing `x` should take over, writing the
+    /// codes in its own launch (`cuda::fused_ops::add_rms_norm_fp8`,
+    /// `cuda::fp8_gemm::with_offered_activations`; see `cuda::fp8_gemm::wants_offered_activations`).
     #[cfg(feature = "cuda")]
-    fn gpu_quantizes_rows_to_fp8(&self, _x: &Tensor) -> Result<bool, QuantError> {
+    fn gpu_wants_fp8_codes(&self, _x: &Tensor) -> Result<bool, QuantError> {
         Ok(false)
     }
     /// The unquantized weight `[out, in]` of a dense tensor (for [`matmul_group`]); `None` for

@@ -29,7 +29,7 @@ mod gpu {
         gemm_quantized, has_fp8_tensor_cores, matmul_with, min_rows, quantize_activations,
         shares_packed_copy, ActQuant, Fp8Kernel, MIN_M, ONE_ROW_MIN_WEIGHTS,
     };
-    use lorq_quant::cuda::fp8_wgmma;
+    use lorq_quant::cuda::{dependent_launch, fp8_wgmma, graph};
     use lorq_quant::fp8::{e4m3fn_to_f32, f32_to_e4m3fn, Fp8Strategy, Fp8Tensor, E4M3_MAX};
     use lorq_quant::QuantTensor;
 
@@ -134,9 +134,19 @@ mod gpu {
         let Some(dev) = fp8_gpu() else { return };
         let cdev = dev.as_cuda_device().unwrap();
         let mut checked = 0;
-        for (i, &(m, k)) in [(16usize, 4096usize), (17, 128), (1, 64), (5, 8), (33, 4104)]
-            .iter()
-            .enumerate()
+        // (One block per row, and on compute capability 9.0 a cluster of blocks per row for
+        // up to 256 rows of 2048+ values: [16, 4096], [33, 4104], [3, 14336].)
+        for (i, &(m, k)) in [
+            (16usize, 4096usize),
+            (17, 128),
+            (1, 64),
+            (5, 8),
+            (33, 4104),
+            (3, 14336),
+            (300, 2048),
+        ]
+        .iter()
+        .enumerate()
         {
             for dtype in [DType::BF16, DType::F16, DType::F32] {
                 let x = as_dtype(&activations(i as u64 + 3, m, k), dtype);
@@ -363,6 +373,35 @@ mod gpu {
                 max_abs_diff(&auto, &wg),
                 0.0,
                 "Auto did not take the wgmma kernel at 32 rows of a 4096x8192 weight"
+            );
+            // The W8A8 call launches the kernel as a programmatic dependent of the activation
+            // quantization (it streams its weight while that runs): the same bits as the
+            // pre-quantized call and as the call with dependent launches off, eager and replayed
+            // from a CUDA graph (where the two launches are joined by a programmatic edge).
+            let made = dependent_launch::launches_made();
+            let on = matmul_with(&t, &x, None, Fp8Kernel::Wgmma).unwrap();
+            assert!(
+                dependent_launch::launches_made() > made,
+                "the wgmma kernel was not launched as a dependent"
+            );
+            assert_eq!(
+                max_abs_diff(&on, &wg),
+                0.0,
+                "dependent launch vs pre-quantized"
+            );
+            dependent_launch::set_enabled(false);
+            let off = matmul_with(&t, &x, None, Fp8Kernel::Wgmma).unwrap();
+            dependent_launch::set_enabled(true);
+            assert_eq!(max_abs_diff(&on, &off), 0.0, "dependent launch on vs off");
+            let (g, replayed) =
+                graph::capture(cdev, || matmul_with(&t, &x, None, Fp8Kernel::Wgmma)).unwrap();
+            for _ in 0..3 {
+                g.replay().unwrap();
+            }
+            assert_eq!(
+                max_abs_diff(&on, &replayed),
+                0.0,
+                "dependent launch in a graph"
             );
         }
         let x = bf16_randn((300, 256), &dev);

@@ -122,6 +122,11 @@ pub struct BenchDecodeArgs {
     /// taking the e4m3 codes the RMSNorm and SiLU·mul kernels write (`fp8_codes` in the rows).
     #[arg(long)]
     pub compare_fp8_codes: bool,
+    /// Also time each case with programmatic dependent launches off (the FP8 wgmma kernel then
+    /// waits for the kernel before it to end before it starts streaming its weight;
+    /// `dependent_launches` in the rows).
+    #[arg(long)]
+    pub compare_dependent_launches: bool,
     #[arg(long, default_value_t = 1234)]
     pub seed: u64,
     /// Timed repetitions of each case (prefill + decode again; the best decode is reported).
@@ -159,6 +164,14 @@ fn set_wgmma(on: bool) {
         lorq_quant::cuda::qwgmma::set_enabled(on);
         lorq_quant::cuda::fp8_wgmma::set_enabled(on);
     }
+    #[cfg(not(feature = "cuda"))]
+    let _ = on;
+}
+
+/// Whether kernels may be launched as programmatic dependents (lorq_quant's `dependent_launch`).
+fn set_dependent_launches(on: bool) {
+    #[cfg(feature = "cuda")]
+    lorq_quant::cuda::dependent_launch::set_enabled(on);
     #[cfg(not(feature = "cuda"))]
     let _ = on;
 }
@@ -492,24 +505,27 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
                     let attn_modes = &attn_modes;
                     let tail_modes = switch_modes(a.compare_norm_tails, &dev);
                     let code_modes = switch_modes(a.compare_fp8_codes, &dev);
+                    let dependent_modes = switch_modes(a.compare_dependent_launches, &dev);
                     let modes = fused_modes.iter().flat_map(|&f| {
                         grouped_modes.iter().flat_map(move |&gr| {
                             tail_modes.iter().flat_map(move |&nt| {
                                 code_modes.iter().flat_map(move |&fc| {
-                                    overlap_modes.iter().flat_map(move |&ov| {
-                                        wgmma_modes.iter().flat_map(move |&wg| {
-                                            half2_modes.iter().flat_map(move |&h2| {
-                                                fold_modes.iter().flat_map(move |&fo| {
-                                                    attn_modes.iter().flat_map(move |&at| {
-                                                        graph_modes.iter().map(move |&g| {
-                                                            (
-                                                                f,
-                                                                gr,
-                                                                (nt, fc),
-                                                                ov,
-                                                                (wg, h2, fo, at),
-                                                                g,
-                                                            )
+                                    dependent_modes.iter().flat_map(move |&dl| {
+                                        overlap_modes.iter().flat_map(move |&ov| {
+                                            wgmma_modes.iter().flat_map(move |&wg| {
+                                                half2_modes.iter().flat_map(move |&h2| {
+                                                    fold_modes.iter().flat_map(move |&fo| {
+                                                        attn_modes.iter().flat_map(move |&at| {
+                                                            graph_modes.iter().map(move |&g| {
+                                                                (
+                                                                    f,
+                                                                    gr,
+                                                                    (nt, fc, dl),
+                                                                    ov,
+                                                                    (wg, h2, fo, at),
+                                                                    g,
+                                                                )
+                                                            })
                                                         })
                                                     })
                                                 })
@@ -523,7 +539,7 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
                     for (
                         fused,
                         grouped,
-                        (tails, fp8_codes),
+                        (tails, fp8_codes, dependent_launches),
                         overlap,
                         (wgmma, half2_two_rows, folded_scales, (attn4, mma, part_keys, tiles)),
                         graphs,
@@ -537,6 +553,7 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
                         model.set_grouped_matmuls(grouped);
                         model.set_norm_tails(tails);
                         model.set_fp8_codes(fp8_codes);
+                        set_dependent_launches(dependent_launches);
                         set_lora_overlap(overlap);
                         model.set_cuda_graphs(graphs);
                         let case = Case {
@@ -594,6 +611,7 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
                             "grouped_matmuls": grouped,
                             "norm_tails": tails && fused,
                             "fp8_codes": fp8_codes && fused,
+                            "dependent_launches": dependent_launches,
                             "lora_overlap": n_adapters > 0 && overlap && model.cuda_graphs(),
                             "wgmma": wgmma,
                             "half2_two_rows": half2_two_rows,

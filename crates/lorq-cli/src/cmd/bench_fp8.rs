@@ -19,11 +19,15 @@ use clap::Args;
                          (compressed-tensors FP8)
   cublaslt-w8a8          as w8a8, always cuBLASLt
   mma-w8a8               as w8a8, always lorq's kernel (kernels/fp8_mma.cu)
-  wgmma-w8a8             as w8a8, always lorq's warpgroup kernel (kernels/fp8_wgmma.cu, Hopper)
+  wgmma-w8a8             as w8a8, always lorq's warpgroup kernel (kernels/fp8_wgmma.cu, Hopper),
+                         launched as a programmatic dependent of the activation quantization
+  wgmma-w8a8-serial      as wgmma-w8a8 with dependent launches off (each kernel waits for the one
+                         before it to end)
   cublaslt-w8a8-epilogue as cublaslt-w8a8, scales applied by lorq's kernel after an f32 product
   cublaslt-gemm-only     as cublaslt-w8a8 without the activation quantization (x pre-quantized)
   mma-gemm-only          as mma-w8a8 without the activation quantization
   wgmma-gemm-only        as wgmma-w8a8 without the activation quantization
+  quantize-only          the activation quantization alone (per-token e4m3 codes and scales)
   weight-only            the weight-only path (e4m3 decoded, activations stay bf16)
 
 Example:
@@ -66,8 +70,8 @@ mod gpu {
         cublaslt_version, gemm_quantized, has_fp8_tensor_cores, matmul_with, outer_vec_in_use,
         prepare, quantize_activations, ActQuant, Fp8Kernel,
     };
-    use lorq_quant::cuda::fp8_wgmma;
     use lorq_quant::cuda::qgemv::{matmul as qmatmul, DeviceLayout, QPath};
+    use lorq_quant::cuda::{dependent_launch, fp8_wgmma};
     use lorq_quant::fp8::{e4m3fn_to_f32, f32_to_e4m3fn, Fp8Strategy, Fp8Tensor, E4M3_MAX};
     use lorq_quant::QuantTensor;
     use serde_json::{json, Value};
@@ -247,6 +251,25 @@ mod gpu {
                     })?;
                     push(path, t, fp8_bytes, None, None);
                 }
+                if wgmma_runs {
+                    dependent_launch::set_enabled(false);
+                    let t = time(&mut |i| {
+                        Ok(matmul_with(
+                            &chans[i % c],
+                            &x,
+                            Some(per_token),
+                            Fp8Kernel::Wgmma,
+                        )?)
+                    });
+                    dependent_launch::set_enabled(true);
+                    push("wgmma-w8a8-serial", t?, fp8_bytes, None, None);
+                }
+                // (The closure's tensor is only held until the timing's synchronization.)
+                let t = time(&mut |_| {
+                    quantize_activations(&x, per_token)?;
+                    Ok(x.clone())
+                })?;
+                push("quantize-only", t, 0, None, None);
                 let got = qmatmul(&wo[0], &x, QPath::Auto)?.to_device(&Device::Cpu)?;
                 let qerr = rel_l2(&got, &bf16_y)?;
                 let t = time(&mut |i| Ok(qmatmul(&wo[i % c], &x, QPath::Auto)?))?;

@@ -28,7 +28,9 @@ use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::{CudaStorage, DType, Storage, Tensor, WithDType};
 
 use super::qgemv::GpuQuantWeight;
-use super::{cuda_device, dtype_name, fp8_mma, fp8_wgmma, function, tensor_from_storage};
+use super::{
+    cuda_device, dependent_launch, dtype_name, fp8_mma, fp8_wgmma, function, tensor_from_storage,
+};
 use crate::fp8::{Fp8Strategy, Fp8Tensor};
 use crate::{QuantError, QuantTensor};
 
@@ -266,6 +268,28 @@ fn row_threads(k: usize) -> u32 {
     (k.div_ceil(8).next_multiple_of(32)).clamp(32, 1024) as u32
 }
 
+/// Blocks sharing a row in the cluster kernel (kernels/fp8_act.cu `ROW_CLUSTER`).
+const ROW_CLUSTER: usize = 8;
+
+/// The threads per block of the cluster kernel (`fp8_quant_rows_cluster_*`: a row's chunks
+/// shared by [`ROW_CLUSTER`] blocks) where it runs: per-token dynamic scales, compute capability
+/// 9.0+, up to 256 rows of 2048+ values (few rows, where one block per row leaves most SMs idle:
+/// docs/benchmarks.md, session 34). One 8-value chunk a thread, at most 4 (the kernel's
+/// `HOLD_CHUNKS`).
+fn cluster_threads(
+    dev: &CudaDevice,
+    act: ActQuant,
+    m: usize,
+    k: usize,
+) -> Result<Option<u32>, QuantError> {
+    if act != ActQuant::DynamicPerToken || m > 256 || k < 2048 || compute_capability(dev)?.0 < 9 {
+        return Ok(None);
+    }
+    let per_block = (k / 8).div_ceil(ROW_CLUSTER);
+    let threads = per_block.next_multiple_of(32).min(1024);
+    Ok((per_block <= 4 * threads).then_some(threads as u32))
+}
+
 /// `x` `[m, k]` (f32/bf16/f16, on a GPU; other dtypes go through f32) to e4m3 codes and scales.
 pub fn quantize_activations(x: &Tensor, act: ActQuant) -> Result<QuantizedActivations, QuantError> {
     let dev = cuda_device(x, "fp8 activation quantization")?;
@@ -341,6 +365,26 @@ fn launch_quant<T: CudaDType + DeviceRepr + WithDType>(
     } else {
         None
     };
+    if let Some(threads) = cluster_threads(dev, act, m, k)? {
+        let f = function(
+            dev,
+            "fp8_act",
+            FATBIN,
+            &format!("fp8_quant_rows_cluster_{name}"),
+        )?;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&xs).arg(&qa.codes).arg(&qa.scales).arg(&ki);
+        let cfg = LaunchConfig {
+            grid_dim: ((m * ROW_CLUSTER) as u32, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: matches `fp8_quant_rows_cluster_*` (kernels/fp8_act.cu): codes hold m*k bytes,
+        // scales m floats; the grid is whole clusters of ROW_CLUSTER blocks (the kernel's
+        // compiled cluster size), each slice within blockDim * 4 chunks.
+        unsafe { b.launch(cfg) }.w()?;
+        return Ok(());
+    }
     let (mode, s) = match act {
         ActQuant::DynamicPerToken => (0i32, 0f32),
         ActQuant::Static(s) => (1, s),
@@ -590,56 +634,98 @@ pub fn gemm_quantized(
     out: DType,
     kernel: Fp8Kernel,
 ) -> Result<Tensor, QuantError> {
-    let w = weight(t, dev)?;
-    if qx.k != w.k {
-        return Err(err(format!(
-            "activations have {} columns, the weight {}",
-            qx.k, w.k
-        )));
-    }
-    if let Some(why) = shape_unsupported(w.n, w.k) {
-        return Err(err(why));
-    }
-    let out = match out {
-        DType::BF16 | DType::F16 => out,
-        _ => DType::F32,
-    };
-    let dims = (qx.m, w.n, w.k);
-    let (wq, sw) = w.buffers()?;
-    let (wq, sw, xq, sx) = (&wq, &sw, &qx.codes.slice(..), &qx.scales.slice(..));
-    // The wgmma kernel's split-K tickets, where it runs.
-    let wgmma = match kernel {
-        Fp8Kernel::Wgmma => Some(w.counters().ok_or_else(|| {
-            err(format!(
-                "the wgmma kernel reads the packed layout's copy, which a {}x{} weight has not",
-                w.n, w.k
-            ))
-        })?),
-        Fp8Kernel::Auto if fp8_wgmma::takes(w.n, qx.m, w.k, dev) => w.counters(),
-        _ => None,
-    };
-    if let Some(counters) = wgmma {
-        let s = match out {
-            DType::BF16 => fp8_wgmma::gemm::<half::bf16>(dev, wq, sw, xq, sx, counters, dims)?,
-            DType::F16 => fp8_wgmma::gemm::<half::f16>(dev, wq, sw, xq, sx, counters, dims)?,
-            _ => fp8_wgmma::gemm::<f32>(dev, wq, sw, xq, sx, counters, dims)?,
+    Product::new(t, qx.m, dev, out, kernel)?.run(qx, dev)
+}
+
+/// One product of a weight at `m` rows: the kernel it runs on, chosen (and for the wgmma kernel,
+/// its output allocated) before the activations are quantized, so that the quantization and the
+/// product are adjacent launches (`dependent_launch`).
+struct Product {
+    w: Arc<Fp8LtWeight>,
+    m: usize,
+    out: DType,
+    kernel: Fp8Kernel,
+    /// The wgmma kernel's output, where it runs.
+    wgmma: Option<fp8_wgmma::Output>,
+}
+
+impl Product {
+    fn new(
+        t: &Fp8Tensor,
+        m: usize,
+        dev: &CudaDevice,
+        out: DType,
+        kernel: Fp8Kernel,
+    ) -> Result<Self, QuantError> {
+        let w = weight(t, dev)?;
+        if let Some(why) = shape_unsupported(w.n, w.k) {
+            return Err(err(why));
+        }
+        let out = match out {
+            DType::BF16 | DType::F16 => out,
+            _ => DType::F32,
         };
-        return Ok(tensor_from_storage(s, (qx.m, w.n)));
+        let wgmma = match kernel {
+            Fp8Kernel::Wgmma => {
+                w.counters().ok_or_else(|| {
+                    err(format!(
+                        "the wgmma kernel reads the packed layout's copy, which a {}x{} weight has not",
+                        w.n, w.k
+                    ))
+                })?;
+                true
+            }
+            Fp8Kernel::Auto => runs_wgmma(&w, m, dev),
+            _ => false,
+        };
+        let wgmma = if wgmma {
+            Some(fp8_wgmma::output(dev, out, (m, w.n, w.k))?)
+        } else {
+            None
+        };
+        Ok(Self {
+            w,
+            m,
+            out,
+            kernel,
+            wgmma,
+        })
     }
-    let mma = match kernel {
-        Fp8Kernel::Mma => Some(fp8_mma::shape(w.n, qx.m).unwrap_or(fp8_mma::Shape::K2)),
-        Fp8Kernel::Auto if fp8_mma::supports(w.k) => fp8_mma::shape(w.n, qx.m),
-        _ => None,
-    };
-    let s = match (out, mma) {
-        (DType::BF16, Some(sh)) => fp8_mma::gemm::<half::bf16>(dev, sh, wq, sw, xq, sx, dims)?,
-        (DType::F16, Some(sh)) => fp8_mma::gemm::<half::f16>(dev, sh, wq, sw, xq, sx, dims)?,
-        (_, Some(sh)) => fp8_mma::gemm::<f32>(dev, sh, wq, sw, xq, sx, dims)?,
-        (DType::BF16, None) => gemm_typed::<half::bf16>(dev, &w, qx, kernel)?,
-        (DType::F16, None) => gemm_typed::<half::f16>(dev, &w, qx, kernel)?,
-        (_, None) => gemm_typed::<f32>(dev, &w, qx, kernel)?,
-    };
-    Ok(tensor_from_storage(s, (qx.m, w.n)))
+
+    fn run(self, qx: &QuantizedActivations, dev: &CudaDevice) -> Result<Tensor, QuantError> {
+        let w = &self.w;
+        if qx.k != w.k || qx.m != self.m {
+            return Err(err(format!(
+                "activations are [{}, {}], the product was planned for [{}, {}]",
+                qx.m, qx.k, self.m, w.k
+            )));
+        }
+        let dims = (qx.m, w.n, w.k);
+        let (wq, sw) = w.buffers()?;
+        let (wq, sw, xq, sx) = (&wq, &sw, &qx.codes.slice(..), &qx.scales.slice(..));
+        if let Some(out) = self.wgmma {
+            // (`new` checked that the weight has its split-K tickets.)
+            let counters = w
+                .counters()
+                .ok_or_else(|| err("no split-K counters".into()))?;
+            let s = fp8_wgmma::gemm(dev, out, wq, sw, xq, sx, counters)?;
+            return Ok(tensor_from_storage(s, (qx.m, w.n)));
+        }
+        let mma = match self.kernel {
+            Fp8Kernel::Mma => Some(fp8_mma::shape(w.n, qx.m).unwrap_or(fp8_mma::Shape::K2)),
+            Fp8Kernel::Auto if fp8_mma::supports(w.k) => fp8_mma::shape(w.n, qx.m),
+            _ => None,
+        };
+        let s = match (self.out, mma) {
+            (DType::BF16, Some(sh)) => fp8_mma::gemm::<half::bf16>(dev, sh, wq, sw, xq, sx, dims)?,
+            (DType::F16, Some(sh)) => fp8_mma::gemm::<half::f16>(dev, sh, wq, sw, xq, sx, dims)?,
+            (_, Some(sh)) => fp8_mma::gemm::<f32>(dev, sh, wq, sw, xq, sx, dims)?,
+            (DType::BF16, None) => gemm_typed::<half::bf16>(dev, w, qx, self.kernel)?,
+            (DType::F16, None) => gemm_typed::<half::f16>(dev, w, qx, self.kernel)?,
+            (_, None) => gemm_typed::<f32>(dev, w, qx, self.kernel)?,
+        };
+        Ok(tensor_from_storage(s, (qx.m, w.n)))
+    }
 }
 
 fn gemm_typed<T: CudaDType + DeviceRepr + WithDType>(
@@ -811,8 +897,10 @@ pub fn matmul_with(
         Some(s) => ActQuant::Static(s),
         None => ActQuant::DynamicPerToken,
     });
+    // The product first (its output allocated), then the activations: adjacent launches.
+    let product = Product::new(t, m, dev, x.dtype(), kernel)?;
     let qx = shared_activations(x, act, || quantize_activations(&x.reshape((m, k))?, act))?;
-    let y = gemm_quantized(t, &qx, dev, x.dtype(), kernel)?;
+    let y = product.run(&qx, dev)?;
     let mut out_dims = dims;
     *out_dims.last_mut().expect("rank >= 1") = n;
     let y = y.reshape(out_dims)?;
@@ -858,10 +946,27 @@ pub fn with_offered_activations<R>(
     Ok(r)
 }
 
-/// Whether `t`'s GPU product with `x` quantizes `x` per token (dynamic scales, the JIT default),
-/// so that the kernel producing `x` may quantize it instead ([`with_offered_activations`]).
-pub fn takes_per_token_activations(t: &Fp8Tensor, x: &Tensor) -> Result<bool, QuantError> {
-    Ok(t.input_scale().is_none() && takes_tensor_cores(t, x)?)
+/// Whether the kernel producing `x` should write its per-token e4m3 codes for `t`'s GPU product
+/// ([`with_offered_activations`]): the product quantizes `x` per token (dynamic scales, the JIT
+/// default), and not into the wgmma kernel launched as a programmatic dependent of that
+/// quantization, which streams its weight's first stages while the quantization runs. There the
+/// product's own quantization was the faster of the two (H200, fp8 decode of the Llama-3-8B
+/// shape, session 34: down_proj and the 17-64-row gate/up and q/o launches quantizing their own
+/// rows, batch 8 / 32 / 64 +3.3 / +4.4 / +2.5 % over the codes of the norm and SiLU·mul).
+pub fn wants_offered_activations(t: &Fp8Tensor, x: &Tensor) -> Result<bool, QuantError> {
+    if t.input_scale().is_some() || !takes_tensor_cores(t, x)? {
+        return Ok(false);
+    }
+    let dev = cuda_device(x, "fp8 activation quantization")?;
+    let m = x.elem_count() / t.shape().1.max(1);
+    let w = weight(t, dev)?;
+    Ok(!(dependent_launch::enabled() && runs_wgmma(&w, m, dev)))
+}
+
+/// Whether `Fp8Kernel::Auto` runs `w`'s product at `m` rows on the wgmma kernel (it reads the
+/// packed layout's split-K counters).
+fn runs_wgmma(w: &Fp8LtWeight, m: usize, dev: &CudaDevice) -> bool {
+    fp8_wgmma::takes(w.n, m, w.k, dev) && w.counters().is_some()
 }
 
 /// Runs `f` (the matmuls of weights sharing one input: q/k/v, gate/up) with each input tensor

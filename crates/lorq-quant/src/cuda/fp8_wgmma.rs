@@ -6,13 +6,15 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::sys;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaView, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaSlice, CudaView, DevicePtr, DeviceRepr, LaunchConfig,
 };
-use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
-use candle_core::{CudaStorage, WithDType};
+use candle_core::cuda_backend::{CudaDType, CudaDevice};
+use candle_core::{CudaStorage, DType, WithDType};
 
+use super::dependent_launch::KernelArgs;
 use super::qmma_tiled::KSTEP;
 use super::qwgmma::schedule;
 use super::{dtype_name, function_with_shared};
@@ -158,37 +160,96 @@ fn tensor_map(
     Ok(TensorMap(unsafe { map.assume_init() }))
 }
 
-/// `y[m, n] = (xq · wqᵀ) · sx[m] · sw[n]` in `T` (bf16/f16/f32): `wq` `[n, k]` and `xq` `[m, k]`
-/// row-major e4m3 codes, `sw` n and `sx` m f32 scales; `counters` the weight's split-K tickets
-/// (zero between launches, at least `n.div_ceil(16) * 16`: the packed layout's).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn gemm<T: CudaDType + DeviceRepr + WithDType>(
+/// A product's output (and split-K partial sums), allocated before its activations are quantized:
+/// the quantization kernel and this one are then adjacent in the stream, so that a graph capture
+/// joins them by a programmatic edge (`dependent_launch`; an allocation between them would be a
+/// graph node of its own).
+pub(crate) struct Output {
+    y: CudaStorage,
+    partial: Option<CudaSlice<f32>>,
+    shape: Shape,
+    plan: super::qwgmma::Schedule,
+    dims: (usize, usize, usize),
+}
+
+/// The output `[m, n]` in `dtype` (bf16/f16/f32) of an `[n, k]` weight's product at `m` rows.
+pub(crate) fn output(
     dev: &CudaDevice,
+    dtype: DType,
+    (m, n, k): (usize, usize, usize),
+) -> Result<Output, QuantError> {
+    if !supports(k, dev) || m == 0 {
+        return Err(QuantError::Invalid(format!(
+            "fp8 wgmma kernel: needs compute capability 9.0, in_features % 128 == 0 and m > 0, got \
+             [{n}, {k}] at {m} rows"
+        )));
+    }
+    let shape = shape(m);
+    let plan = plan(shape, n, m, k, super::qmma_tiled::multiprocessors(dev));
+    // SAFETY: every output element is written by the kernel.
+    let y = match dtype {
+        DType::BF16 => {
+            CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<half::bf16>(m * n)? }, dev.clone())
+        }
+        DType::F16 => {
+            CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<half::f16>(m * n)? }, dev.clone())
+        }
+        DType::F32 => {
+            CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<f32>(m * n)? }, dev.clone())
+        }
+        other => {
+            return Err(QuantError::Invalid(format!(
+                "fp8 wgmma kernel: writes bf16, f16 or f32, not {other:?}"
+            )))
+        }
+    };
+    let partial = if plan.slots > 1 {
+        // SAFETY: a split tile's segments each write their part of slot (split) before the tile's
+        // last block reads them.
+        Some(unsafe { dev.alloc::<f32>(plan.slots * m * n)? })
+    } else {
+        None
+    };
+    Ok(Output {
+        y,
+        partial,
+        shape,
+        plan,
+        dims: (m, n, k),
+    })
+}
+
+/// `y[m, n] = (xq · wqᵀ) · sx[m] · sw[n]` into `out` (from [`output`]): `wq` `[n, k]` and `xq`
+/// `[m, k]` row-major e4m3 codes, `sw` n and `sx` m f32 scales; `counters` the weight's split-K
+/// tickets (zero between launches, at least `n.div_ceil(16) * 16`: the packed layout's). Launched
+/// as a programmatic dependent of the kernel before it (`dependent_launch`).
+pub(crate) fn gemm(
+    dev: &CudaDevice,
+    out: Output,
     wq: &CudaView<'_, u8>,
     sw: &CudaView<'_, f32>,
     xq: &CudaView<'_, u8>,
     sx: &CudaView<'_, f32>,
     counters: &CudaSlice<u32>,
-    (m, n, k): (usize, usize, usize),
 ) -> Result<CudaStorage, QuantError> {
-    if !supports(k, dev)
-        || m == 0
-        || xq.len() < m * k
+    let Output {
+        y,
+        partial,
+        shape: sh,
+        plan,
+        dims: (m, n, k),
+    } = out;
+    if xq.len() < m * k
         || wq.len() < n * k
         || sw.len() < n
         || sx.len() < m
         || counters.len() < n.div_ceil(16) * 16
     {
         return Err(QuantError::Invalid(format!(
-            "fp8 wgmma kernel: needs compute capability 9.0, in_features % 128 == 0, m > 0 and \
-             buffers of [{n}, {k}] codes, {n} weight scales, [{m}, {k}] activation codes, {m} \
-             activation scales and the weight's split-K counters"
+            "fp8 wgmma kernel: needs buffers of [{n}, {k}] codes, {n} weight scales, [{m}, {k}] \
+             activation codes, {m} activation scales and the weight's split-K counters"
         )));
     }
-    let sh = shape(m);
-    let stream = dev.cuda_stream();
-    let sms = super::qmma_tiled::multiprocessors(dev);
-    let plan = plan(sh, n, m, k, sms);
     let tiles = n.div_ceil(128) * m.div_ceil(sh.rows);
     if plan.slots > 1 && tiles > counters.len() {
         return Err(QuantError::Invalid(format!(
@@ -196,6 +257,65 @@ pub(crate) fn gemm<T: CudaDType + DeviceRepr + WithDType>(
             counters.len()
         )));
     }
+    match y.dtype() {
+        DType::BF16 => launch::<half::bf16>(
+            dev,
+            &y,
+            &partial,
+            sh,
+            plan,
+            wq,
+            sw,
+            xq,
+            sx,
+            counters,
+            (m, n, k),
+        )?,
+        DType::F16 => launch::<half::f16>(
+            dev,
+            &y,
+            &partial,
+            sh,
+            plan,
+            wq,
+            sw,
+            xq,
+            sx,
+            counters,
+            (m, n, k),
+        )?,
+        _ => launch::<f32>(
+            dev,
+            &y,
+            &partial,
+            sh,
+            plan,
+            wq,
+            sw,
+            xq,
+            sx,
+            counters,
+            (m, n, k),
+        )?,
+    }
+    Ok(y)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn launch<T: CudaDType + DeviceRepr + WithDType>(
+    dev: &CudaDevice,
+    y: &CudaStorage,
+    partial: &Option<CudaSlice<f32>>,
+    sh: Shape,
+    plan: super::qwgmma::Schedule,
+    wq: &CudaView<'_, u8>,
+    sw: &CudaView<'_, f32>,
+    xq: &CudaView<'_, u8>,
+    sx: &CudaView<'_, f32>,
+    counters: &CudaSlice<u32>,
+    (m, n, k): (usize, usize, usize),
+) -> Result<(), QuantError> {
+    let stream = dev.cuda_stream();
     let smem = sh.shared_bytes();
     let f = function_with_shared(
         dev,
@@ -204,44 +324,34 @@ pub(crate) fn gemm<T: CudaDType + DeviceRepr + WithDType>(
         &format!("fp8wg_{}_{}", dtype_name(T::DTYPE), sh.name),
         smem,
     )?;
-    // SAFETY: every output element is written by the kernel.
-    let y = unsafe { dev.alloc::<T>(m * n)? };
-    let partial: Option<CudaSlice<f32>> = if plan.slots > 1 {
-        // SAFETY: a split tile's segments each write their part of slot (split) before the tile's
-        // last block reads them.
-        Some(unsafe { dev.alloc::<f32>(plan.slots * m * n)? })
-    } else {
-        None
-    };
+    let y = y.as_cuda_slice::<T>()?;
     // The codes are read through tensor maps: their guards order the buffers' other users
     // around this launch, as the views passed as arguments would.
     let (wp, wguard) = wq.device_ptr(&stream);
     let (xp, xguard) = xq.device_ptr(&stream);
     let mw = tensor_map(wp, n, k, TILE_ROWS, "weight codes")?;
     let mx = tensor_map(xp, m, k, sh.rows, "activation codes")?;
-    let null = 0u64;
     let (mi, ni, ki, pi) = (m as i32, n as i32, k as i32, plan.per_block as i32);
-    let mut b = stream.launch_builder(&f);
-    b.arg(&mw).arg(sw).arg(&mx).arg(sx).arg(&y);
-    match &partial {
-        Some(p) => b.arg(p),
-        None => b.arg(&null),
+    let mut b = KernelArgs::new(&stream);
+    b.val(&mw).buf(sw).val(&mx).buf(sx).buf(y);
+    match partial {
+        Some(p) => b.buf(p),
+        None => b.address(0),
     };
-    b.arg(counters).arg(&mi).arg(&ni).arg(&ki).arg(&pi);
+    b.buf(counters).val(&mi).val(&ni).val(&ki).val(&pi);
     let cfg = LaunchConfig {
         grid_dim: (plan.blocks as u32, 1, 1),
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: smem as u32,
     };
     // SAFETY: matches `fp8wg_*` (kernels/fp8_wgmma.cu): the maps describe wq's n*k and xq's m*k
-    // codes (checked above), sw n, sx m, y m*n, partial slots*m*n, counters one per tile of a
-    // splitting schedule (at most 16 activation blocks per 128 output rows, within the n/16*16
-    // the caller passes); shared memory opted in.
-    unsafe { b.launch(cfg) }.w()?;
-    drop(b);
+    // codes (checked by the caller), sw n, sx m, y m*n, partial slots*m*n, counters one per tile
+    // of a splitting schedule (at most 16 activation blocks per 128 output rows, within the
+    // n/16*16 the caller passes); shared memory opted in. The kernel copies only weight codes
+    // before `wait_for_producers()`.
+    unsafe { b.launch_dependent(&f, cfg) }?;
     drop((wguard, xguard));
-    drop(partial);
-    Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+    Ok(())
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 
 pub mod bnb4;
 pub mod dense_gemv;
+pub mod dependent_launch;
 pub mod fp8_gemm;
 pub mod fp8_mma;
 pub mod fp8_wgmma;
