@@ -94,9 +94,9 @@ constexpr int ROW_CLUSTER = 8;
 
 // Per-token dynamic quantization (mode 0) of row blockIdx.x / ROW_CLUSTER by a cluster of
 // ROW_CLUSTER blocks (compute capability 9.0): each block holds a slice of the row's chunks in
-// registers, the blocks' maxima are exchanged through distributed shared memory. For few rows,
-// where one block per row leaves most SMs idle and the conversion (an IEEE division per value)
-// is the time: H200, 16 rows of 14336 took 4.4 us one block per row (session 34). Codes and
+// registers, the blocks' maxima are exchanged through distributed shared memory. For few long
+// rows, where one block per row leaves most SMs idle and the conversion (an IEEE division per
+// value) is the time (fp8_gemm.rs `cluster_threads`: where it was measured faster). Codes and
 // scales are quant_rows' (the maximum does not depend on who reduces what).
 // Launch: grid m * ROW_CLUSTER, blockDim a multiple of 32 with blockDim * HOLD_CHUNKS >= the
 // slice, ceil(k / 8 / ROW_CLUSTER) chunks.

@@ -135,7 +135,7 @@ mod gpu {
         let cdev = dev.as_cuda_device().unwrap();
         let mut checked = 0;
         // (One block per row, and on compute capability 9.0 a cluster of blocks per row for
-        // up to 256 rows of 2048+ values: [16, 4096], [33, 4104], [3, 14336].)
+        // 1-16 rows of 8192+ values: [3, 14336], [16, 8200].)
         for (i, &(m, k)) in [
             (16usize, 4096usize),
             (17, 128),
@@ -143,6 +143,7 @@ mod gpu {
             (5, 8),
             (33, 4104),
             (3, 14336),
+            (16, 8200),
             (300, 2048),
         ]
         .iter()

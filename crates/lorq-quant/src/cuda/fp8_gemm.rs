@@ -273,16 +273,18 @@ const ROW_CLUSTER: usize = 8;
 
 /// The threads per block of the cluster kernel (`fp8_quant_rows_cluster_*`: a row's chunks
 /// shared by [`ROW_CLUSTER`] blocks) where it runs: per-token dynamic scales, compute capability
-/// 9.0+, up to 256 rows of 2048+ values (few rows, where one block per row leaves most SMs idle:
-/// docs/benchmarks.md, session 34). One 8-value chunk a thread, at most 4 (the kernel's
-/// `HOLD_CHUNKS`).
+/// 9.0+, 1-16 rows of 8192+ values (down_proj's input), where one block per row leaves most SMs
+/// idle and each converts a long row alone. H200 (session 34, graph GPU time): 14336 values at
+/// 1 / 16 rows 3.1 / 3.3 us against 4.3 / 4.4 one block per row; slower on 4096 values (3.0
+/// against 2.4) and past 32 rows (14336 at 64 / 128 rows 5.8 / 8.9 against 5.1 / 5.3). One
+/// 8-value chunk a thread, at most 4 (the kernel's `HOLD_CHUNKS`).
 fn cluster_threads(
     dev: &CudaDevice,
     act: ActQuant,
     m: usize,
     k: usize,
 ) -> Result<Option<u32>, QuantError> {
-    if act != ActQuant::DynamicPerToken || m > 256 || k < 2048 || compute_capability(dev)?.0 < 9 {
+    if act != ActQuant::DynamicPerToken || m > 16 || k < 8192 || compute_capability(dev)?.0 < 9 {
         return Ok(None);
     }
     let per_block = (k / 8).div_ceil(ROW_CLUSTER);
@@ -948,11 +950,13 @@ pub fn with_offered_activations<R>(
 
 /// Whether the kernel producing `x` should write its per-token e4m3 codes for `t`'s GPU product
 /// ([`with_offered_activations`]): the product quantizes `x` per token (dynamic scales, the JIT
-/// default), and not into the wgmma kernel launched as a programmatic dependent of that
-/// quantization, which streams its weight's first stages while the quantization runs. There the
-/// product's own quantization was the faster of the two (H200, fp8 decode of the Llama-3-8B
-/// shape, session 34: down_proj and the 17-64-row gate/up and q/o launches quantizing their own
-/// rows, batch 8 / 32 / 64 +3.3 / +4.4 / +2.5 % over the codes of the norm and SiLU·mul).
+/// default), and not, at up to 64 rows, into the wgmma kernel launched as a programmatic
+/// dependent of that quantization, which streams its weight's first stages while the
+/// quantization runs. There the product's own quantization was the faster of the two (H200, fp8
+/// decode of the Llama-3-8B shape, session 34: batch 1 / 8 / 32 +3.5 / +3.5 / +1.4 % against the
+/// codes of the norm and SiLU·mul, whose one block per row converts a whole row alone); at 128
+/// rows the codes were faster (the 128-row tiles' ring holds 3 stages, and the quantization is
+/// longer).
 pub fn wants_offered_activations(t: &Fp8Tensor, x: &Tensor) -> Result<bool, QuantError> {
     if t.input_scale().is_some() || !takes_tensor_cores(t, x)? {
         return Ok(false);
@@ -960,7 +964,7 @@ pub fn wants_offered_activations(t: &Fp8Tensor, x: &Tensor) -> Result<bool, Quan
     let dev = cuda_device(x, "fp8 activation quantization")?;
     let m = x.elem_count() / t.shape().1.max(1);
     let w = weight(t, dev)?;
-    Ok(!(dependent_launch::enabled() && runs_wgmma(&w, m, dev)))
+    Ok(m > 64 || !(dependent_launch::enabled() && runs_wgmma(&w, m, dev)))
 }
 
 /// Whether `Fp8Kernel::Auto` runs `w`'s product at `m` rows on the wgmma kernel (it reads the
