@@ -54,6 +54,35 @@ __device__ __forceinline__ uint2 e4m3_codes8(const float (&v)[8], float s) {
     return make_uint2(lo, hi);
 }
 
+// A row's per-token codes, first half: v[i] = chunk c = c0 + threadIdx.x + i * blockDim.x of the
+// row (c < c1), as chunk(c, v[i]) makes it (the values the codes are of); returns the largest
+// |value| this thread holds.
+template <int C, typename Chunk>
+__device__ __forceinline__ float hold_chunks(float (&v)[C][8], int c0, int c1, Chunk chunk) {
+    float amax = 0.0f;
+#pragma unroll
+    for (int i = 0; i < C; i++) {
+        const int c = c0 + threadIdx.x + i * blockDim.x;
+        if (c < c1) {
+            chunk(c, v[i]);
+#pragma unroll
+            for (int j = 0; j < 8; j++) amax = fmaxf(amax, fabsf(v[i][j]));
+        }
+    }
+    return amax;
+}
+
+// The codes of the chunks hold_chunks(v, c0, c1, ..) holds, with the row's scale sc.
+template <int C>
+__device__ __forceinline__ void write_codes(const float (&v)[C][8], int c0, int c1, uint8_t* __restrict__ qrow,
+                                            float sc) {
+#pragma unroll
+    for (int i = 0; i < C; i++) {
+        const int c = c0 + threadIdx.x + i * blockDim.x;
+        if (c < c1) *reinterpret_cast<uint2*>(qrow + 8 * c) = e4m3_codes8(v[i], sc);
+    }
+}
+
 // The per-token e4m3 codes (qrow) and scale (*scale) of a row whose chunks c = threadIdx.x +
 // i * blockDim.x (c < chunks) each thread holds in v[i], amax its largest |value| of them (the
 // block's maximum through `sh`): fp8_act.cu quant_rows (mode 0), rms_norm.cuh's norm and
@@ -64,9 +93,5 @@ __device__ __forceinline__ void write_row_codes(const float (&v)[C][8], float am
                                                 float* sh) {
     const float sc = e4m3_row_scale(block_max(amax, sh));
     if (threadIdx.x == 0) *scale = sc;
-#pragma unroll
-    for (int i = 0; i < C; i++) {
-        const int c = threadIdx.x + i * blockDim.x;
-        if (c < chunks) *reinterpret_cast<uint2*>(qrow + 8 * c) = e4m3_codes8(v[i], sc);
-    }
+    write_codes(v, 0, chunks, qrow, sc);
 }

@@ -58,16 +58,7 @@ __device__ void quant_rows(const T* __restrict__ x, uint8_t* __restrict__ q,
         // One read of the row: every chunk's loads in flight at once, then the block's maximum.
         const int chunks = k >> 3;
         float v[HOLD_CHUNKS][8];
-        float amax = 0.0f;
-#pragma unroll
-        for (int i = 0; i < HOLD_CHUNKS; i++) {
-            const int c = threadIdx.x + i * blockDim.x;
-            if (c < chunks) {
-                load8<T>(row + 8 * c, v[i]);
-#pragma unroll
-                for (int j = 0; j < 8; j++) amax = fmaxf(amax, fabsf(v[i][j]));
-            }
-        }
+        const float amax = hold_chunks(v, 0, chunks, [&](int c, float(&o)[8]) { load8<T>(row + 8 * c, o); });
         write_row_codes(v, amax, chunks, qrow, scales + r, sh);
         return;
     }
@@ -115,16 +106,7 @@ __device__ void quant_rows_cluster(const T* __restrict__ x, uint8_t* __restrict_
     const int c0 = rank * per, c1 = min(chunks, c0 + per);
     const T* row = x + r * k;
     float v[HOLD_CHUNKS][8];
-    float amax = 0.0f;
-#pragma unroll
-    for (int i = 0; i < HOLD_CHUNKS; i++) {
-        const int c = c0 + threadIdx.x + i * blockDim.x;
-        if (c < c1) {
-            load8<T>(row + 8 * c, v[i]);
-#pragma unroll
-            for (int j = 0; j < 8; j++) amax = fmaxf(amax, fabsf(v[i][j]));
-        }
-    }
+    float amax = hold_chunks(v, c0, c1, [&](int c, float(&o)[8]) { load8<T>(row + 8 * c, o); });
     amax = block_max(amax, sh);
     if (threadIdx.x == 0) s_max = amax;
     cluster.sync();
@@ -133,12 +115,7 @@ __device__ void quant_rows_cluster(const T* __restrict__ x, uint8_t* __restrict_
     cluster.sync();  // no block leaves while another still reads its maximum
     const float sc = e4m3_row_scale(amax);
     if (rank == 0 && threadIdx.x == 0) scales[r] = sc;
-    uint8_t* qrow = q + r * k;
-#pragma unroll
-    for (int i = 0; i < HOLD_CHUNKS; i++) {
-        const int c = c0 + threadIdx.x + i * blockDim.x;
-        if (c < c1) *reinterpret_cast<uint2*>(qrow + 8 * c) = e4m3_codes8(v[i], sc);
-    }
+    write_codes(v, c0, c1, q + r * k, sc);
 #else
     __trap();  // fp8_gemm.rs launches it on compute capability 9.0+ only
 #endif

@@ -66,22 +66,14 @@ __device__ __forceinline__ void silu_mul_fp8(const T* __restrict__ gate, const T
     const size_t row = (size_t)blockIdx.x * n;
     const int chunks = n >> 3;
     float v[ARN_CHUNKS][8];
-    float amax = 0.f;
+    const float amax = hold_chunks(v, 0, chunks, [&](int c, float(&o)[8]) {
+        float g[8], u[8];
+        unpack8<T>(ld_pack8<T>(gate + row + 8 * c), g);
+        unpack8<T>(ld_pack8<T>(up + row + 8 * c), u);
 #pragma unroll
-    for (int i = 0; i < ARN_CHUNKS; i++) {
-        const int c = threadIdx.x + i * blockDim.x;
-        if (c < chunks) {
-            float g[8], u[8];
-            unpack8<T>(ld_pack8<T>(gate + row + 8 * c), g);
-            unpack8<T>(ld_pack8<T>(up + row + 8 * c), u);
-#pragma unroll
-            for (int e = 0; e < 8; e++) {
-                v[i][e] = to_f(silu_mul_rounded<T>(g[e], u[e]));  // y as stored
-                amax = fmaxf(amax, fabsf(v[i][e]));
-            }
-            store8<T>(y + row + 8 * c, v[i]);
-        }
-    }
+        for (int e = 0; e < 8; e++) o[e] = to_f(silu_mul_rounded<T>(g[e], u[e]));  // y as stored
+        store8<T>(y + row + 8 * c, o);
+    });
     write_row_codes(v, amax, chunks, q + row, scales + blockIdx.x, s_part);
 }
 

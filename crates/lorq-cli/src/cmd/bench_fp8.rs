@@ -189,7 +189,8 @@ mod gpu {
                         "us": us, "speedup_vs_bf16": bf16_us / us,
                         "us_graph": us_graph,
                         "speedup_vs_bf16_graph": bf16.1.zip(us_graph).map(|(b, u)| b / u),
-                        "gbps": (wb + io) as f64 / us / 1e3,
+                        // (The quantization moves x in and its codes and scales out.)
+                        "gbps": if path == "quantize-only" { m * k * 3 + 4 * m } else { wb + io } as f64 / us / 1e3,
                         "rel_err": err, "quant_err_vs_bf16": qerr, "ok": ok,
                     }));
                 };
@@ -328,7 +329,7 @@ mod gpu {
         let report = json!({
             "card": card, "date": utc_date(), "command": command_line(),
             "cublaslt_version": cublaslt_version(), "outer_vec_scales": outer_vec,
-            "note": "us: median wall time per call (device synchronized per batch of calls, weights rotated over copies larger than L2), activation quantization included except in the *-gemm-only rows; speedup_vs_bf16: bf16 cuBLAS us / us, same run; us_graph: the same calls replayed from one CUDA graph (GPU time without host launch overhead, as decode steps run; null where not capturable), speedup_vs_bf16_graph likewise; gbps: (weight + bf16 x + bf16 y bytes) / us; rel_err: L2 relative error vs the CPU reference of the same quantization; quant_err_vs_bf16: L2 relative difference from the bf16 product of the unquantized weight",
+            "note": "us: median wall time per call (device synchronized per batch of calls, weights rotated over copies larger than L2), activation quantization included except in the *-gemm-only rows; speedup_vs_bf16: bf16 cuBLAS us / us, same run; us_graph: the same calls replayed from one CUDA graph (GPU time without host launch overhead, as decode steps run; null where not capturable), speedup_vs_bf16_graph likewise; gbps: (weight + bf16 x + bf16 y bytes) / us (quantize-only: bf16 x + codes + scales); rel_err: L2 relative error vs the CPU reference of the same quantization; quant_err_vs_bf16: L2 relative difference from the bf16 product of the unquantized weight",
             "rows": rows,
         });
         if let Some(p) = &a.json {

@@ -6,7 +6,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use candle_core::backend::BackendStorage;
+use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::cuda_backend::cudarc::driver::sys;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, CudaView, DevicePtr, DeviceRepr, LaunchConfig,
@@ -186,23 +186,13 @@ pub(crate) fn output(
     }
     let shape = shape(m);
     let plan = plan(shape, n, m, k, super::qmma_tiled::multiprocessors(dev));
+    if !matches!(dtype, DType::BF16 | DType::F16 | DType::F32) {
+        return Err(QuantError::Invalid(format!(
+            "fp8 wgmma kernel: writes bf16, f16 or f32, not {dtype:?}"
+        )));
+    }
     // SAFETY: every output element is written by the kernel.
-    let y = match dtype {
-        DType::BF16 => {
-            CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<half::bf16>(m * n)? }, dev.clone())
-        }
-        DType::F16 => {
-            CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<half::f16>(m * n)? }, dev.clone())
-        }
-        DType::F32 => {
-            CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<f32>(m * n)? }, dev.clone())
-        }
-        other => {
-            return Err(QuantError::Invalid(format!(
-                "fp8 wgmma kernel: writes bf16, f16 or f32, not {other:?}"
-            )))
-        }
-    };
+    let y = unsafe { dev.alloc_uninit(&(m, n).into(), dtype)? };
     let partial = if plan.slots > 1 {
         // SAFETY: a split tile's segments each write their part of slot (split) before the tile's
         // last block reads them.
@@ -232,13 +222,7 @@ pub(crate) fn gemm(
     sx: &CudaView<'_, f32>,
     counters: &CudaSlice<u32>,
 ) -> Result<CudaStorage, QuantError> {
-    let Output {
-        y,
-        partial,
-        shape: sh,
-        plan,
-        dims: (m, n, k),
-    } = out;
+    let (sh, plan, (m, n, k)) = (out.shape, out.plan, out.dims);
     if xq.len() < m * k
         || wq.len() < n * k
         || sw.len() < n
@@ -257,64 +241,24 @@ pub(crate) fn gemm(
             counters.len()
         )));
     }
-    match y.dtype() {
-        DType::BF16 => launch::<half::bf16>(
-            dev,
-            &y,
-            &partial,
-            sh,
-            plan,
-            wq,
-            sw,
-            xq,
-            sx,
-            counters,
-            (m, n, k),
-        )?,
-        DType::F16 => launch::<half::f16>(
-            dev,
-            &y,
-            &partial,
-            sh,
-            plan,
-            wq,
-            sw,
-            xq,
-            sx,
-            counters,
-            (m, n, k),
-        )?,
-        _ => launch::<f32>(
-            dev,
-            &y,
-            &partial,
-            sh,
-            plan,
-            wq,
-            sw,
-            xq,
-            sx,
-            counters,
-            (m, n, k),
-        )?,
+    match out.y.dtype() {
+        DType::BF16 => launch::<half::bf16>(dev, &out, wq, sw, xq, sx, counters)?,
+        DType::F16 => launch::<half::f16>(dev, &out, wq, sw, xq, sx, counters)?,
+        _ => launch::<f32>(dev, &out, wq, sw, xq, sx, counters)?,
     }
-    Ok(y)
+    Ok(out.y)
 }
 
-#[allow(clippy::too_many_arguments)]
 fn launch<T: CudaDType + DeviceRepr + WithDType>(
     dev: &CudaDevice,
-    y: &CudaStorage,
-    partial: &Option<CudaSlice<f32>>,
-    sh: Shape,
-    plan: super::qwgmma::Schedule,
+    out: &Output,
     wq: &CudaView<'_, u8>,
     sw: &CudaView<'_, f32>,
     xq: &CudaView<'_, u8>,
     sx: &CudaView<'_, f32>,
     counters: &CudaSlice<u32>,
-    (m, n, k): (usize, usize, usize),
 ) -> Result<(), QuantError> {
+    let (sh, plan, (m, n, k)) = (out.shape, out.plan, out.dims);
     let stream = dev.cuda_stream();
     let smem = sh.shared_bytes();
     let f = function_with_shared(
@@ -324,7 +268,7 @@ fn launch<T: CudaDType + DeviceRepr + WithDType>(
         &format!("fp8wg_{}_{}", dtype_name(T::DTYPE), sh.name),
         smem,
     )?;
-    let y = y.as_cuda_slice::<T>()?;
+    let y = out.y.as_cuda_slice::<T>()?;
     // The codes are read through tensor maps: their guards order the buffers' other users
     // around this launch, as the views passed as arguments would.
     let (wp, wguard) = wq.device_ptr(&stream);
@@ -334,7 +278,7 @@ fn launch<T: CudaDType + DeviceRepr + WithDType>(
     let (mi, ni, ki, pi) = (m as i32, n as i32, k as i32, plan.per_block as i32);
     let mut b = KernelArgs::new(&stream);
     b.val(&mw).buf(sw).val(&mx).buf(sx).buf(y);
-    match partial {
+    match &out.partial {
         Some(p) => b.buf(p),
         None => b.address(0),
     };
