@@ -173,10 +173,11 @@ mod gpu {
                 };
                 let bf16 = time(&mut |i| Ok(x.matmul(&dense[i % dense.len()].t()?)?))?;
                 let bf16_us = bf16.0;
+                // Bytes a product moves besides its weight: bf16 x in, bf16 y out.
                 let io = (m * k + m * n) * 2;
                 let mut push = |path: &str,
                                 (us, us_graph): Timing,
-                                wb: usize,
+                                bytes: usize,
                                 err: Option<f64>,
                                 qerr: Option<f64>| {
                     let ok = err.is_none_or(|e| e <= 1e-2);
@@ -189,13 +190,12 @@ mod gpu {
                         "us": us, "speedup_vs_bf16": bf16_us / us,
                         "us_graph": us_graph,
                         "speedup_vs_bf16_graph": bf16.1.zip(us_graph).map(|(b, u)| b / u),
-                        // (The quantization moves x in and its codes and scales out.)
-                        "gbps": if path == "quantize-only" { m * k * 3 + 4 * m } else { wb + io } as f64 / us / 1e3,
+                        "gbps": bytes as f64 / us / 1e3,
                         "rel_err": err, "quant_err_vs_bf16": qerr, "ok": ok,
                     }));
                 };
-                push("cublas", bf16, n * k * 2, None, None);
-                let fp8_bytes = n * k + 4 * n;
+                push("cublas", bf16, n * k * 2 + io, None, None);
+                let fp8_bytes = n * k + 4 * n + io;
                 let per_token = ActQuant::DynamicPerToken;
                 let stat = ActQuant::Static(static_s);
                 // The wgmma kernel's paths are timed where it can run (Hopper, K % 128 == 0).
@@ -270,7 +270,8 @@ mod gpu {
                     quantize_activations(&x, per_token)?;
                     Ok(x.clone())
                 })?;
-                push("quantize-only", t, 0, None, None);
+                // (The quantization moves x in and its codes and scales out.)
+                push("quantize-only", t, m * k * 3 + 4 * m, None, None);
                 let got = qmatmul(&wo[0], &x, QPath::Auto)?.to_device(&Device::Cpu)?;
                 let qerr = rel_l2(&got, &bf16_y)?;
                 let t = time(&mut |i| Ok(qmatmul(&wo[i % c], &x, QPath::Auto)?))?;

@@ -271,13 +271,16 @@ fn row_threads(k: usize) -> u32 {
 /// Blocks sharing a row in the cluster kernel (kernels/fp8_act.cu `ROW_CLUSTER`).
 const ROW_CLUSTER: usize = 8;
 
+/// 8-value chunks a thread of the cluster kernel holds at most (kernels/fp8_act.cu `HOLD_CHUNKS`).
+const HOLD_CHUNKS: usize = 4;
+
 /// The threads per block of the cluster kernel (`fp8_quant_rows_cluster_*`: a row's chunks
 /// shared by [`ROW_CLUSTER`] blocks) where it runs: per-token dynamic scales, compute capability
 /// 9.0+, 1-16 rows of 8192+ values (down_proj's input), where one block per row leaves most SMs
 /// idle and each converts a long row alone. H200 (session 34, graph GPU time): 14336 values at
 /// 1 / 16 rows 3.1 / 3.3 us against 4.3 / 4.4 one block per row; slower on 4096 values (3.0
 /// against 2.4) and past 32 rows (14336 at 64 / 128 rows 5.8 / 8.9 against 5.1 / 5.3). One
-/// 8-value chunk a thread, at most 4 (the kernel's `HOLD_CHUNKS`).
+/// 8-value chunk a thread, at most [`HOLD_CHUNKS`].
 fn cluster_threads(
     dev: &CudaDevice,
     act: ActQuant,
@@ -289,7 +292,7 @@ fn cluster_threads(
     }
     let per_block = (k / 8).div_ceil(ROW_CLUSTER);
     let threads = per_block.next_multiple_of(32).min(1024);
-    Ok((per_block <= 4 * threads).then_some(threads as u32))
+    Ok((per_block <= HOLD_CHUNKS * threads).then_some(threads as u32))
 }
 
 /// `x` `[m, k]` (f32/bf16/f16, on a GPU; other dtypes go through f32) to e4m3 codes and scales.
@@ -354,19 +357,6 @@ fn launch_quant<T: CudaDType + DeviceRepr + WithDType>(
         shared_mem_bytes: 0,
     };
     let (mi, ki) = (m as i32, k as i32);
-    let rowmax = if act == ActQuant::DynamicPerTensor {
-        // SAFETY: fp8_absmax_rows writes all m row maxima.
-        let rowmax = unsafe { dev.alloc::<f32>(m)? };
-        let f = function(dev, "fp8_act", FATBIN, &format!("fp8_absmax_rows_{name}"))?;
-        let mut b = stream.launch_builder(&f);
-        b.arg(&xs).arg(&rowmax).arg(&ki);
-        // SAFETY: matches `fp8_absmax_rows_*` (kernels/fp8_act.cu): x holds m*k elements from a
-        // 16-byte-aligned start, rowmax m.
-        unsafe { b.launch(cfg) }.w()?;
-        Some(rowmax)
-    } else {
-        None
-    };
     if let Some(threads) = cluster_threads(dev, act, m, k)? {
         let f = function(
             dev,
@@ -383,10 +373,23 @@ fn launch_quant<T: CudaDType + DeviceRepr + WithDType>(
         };
         // SAFETY: matches `fp8_quant_rows_cluster_*` (kernels/fp8_act.cu): codes hold m*k bytes,
         // scales m floats; the grid is whole clusters of ROW_CLUSTER blocks (the kernel's
-        // compiled cluster size), each slice within blockDim * 4 chunks.
+        // compiled cluster size), each slice within blockDim * HOLD_CHUNKS chunks.
         unsafe { b.launch(cfg) }.w()?;
         return Ok(());
     }
+    let rowmax = if act == ActQuant::DynamicPerTensor {
+        // SAFETY: fp8_absmax_rows writes all m row maxima.
+        let rowmax = unsafe { dev.alloc::<f32>(m)? };
+        let f = function(dev, "fp8_act", FATBIN, &format!("fp8_absmax_rows_{name}"))?;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&xs).arg(&rowmax).arg(&ki);
+        // SAFETY: matches `fp8_absmax_rows_*` (kernels/fp8_act.cu): x holds m*k elements from a
+        // 16-byte-aligned start, rowmax m.
+        unsafe { b.launch(cfg) }.w()?;
+        Some(rowmax)
+    } else {
+        None
+    };
     let (mode, s) = match act {
         ActQuant::DynamicPerToken => (0i32, 0f32),
         ActQuant::Static(s) => (1, s),
@@ -668,15 +671,7 @@ impl Product {
             _ => DType::F32,
         };
         let wgmma = match kernel {
-            Fp8Kernel::Wgmma => {
-                w.counters().ok_or_else(|| {
-                    err(format!(
-                        "the wgmma kernel reads the packed layout's copy, which a {}x{} weight has not",
-                        w.n, w.k
-                    ))
-                })?;
-                true
-            }
+            Fp8Kernel::Wgmma => true,
             Fp8Kernel::Auto => runs_wgmma(&w, m, dev),
             _ => false,
         };
@@ -706,10 +701,12 @@ impl Product {
         let (wq, sw) = w.buffers()?;
         let (wq, sw, xq, sx) = (&wq, &sw, &qx.codes.slice(..), &qx.scales.slice(..));
         if let Some(out) = self.wgmma {
-            // (`new` checked that the weight has its split-K tickets.)
-            let counters = w
-                .counters()
-                .ok_or_else(|| err("no split-K counters".into()))?;
+            let counters = w.counters().ok_or_else(|| {
+                err(format!(
+                    "the wgmma kernel reads the packed layout's copy, which a {}x{} weight has not",
+                    w.n, w.k
+                ))
+            })?;
             let s = fp8_wgmma::gemm(dev, out, wq, sw, xq, sx, counters)?;
             return Ok(tensor_from_storage(s, (qx.m, w.n)));
         }
