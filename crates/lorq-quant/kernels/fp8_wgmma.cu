@@ -18,7 +18,10 @@
 //   cuBLASLt and DeepSeek's kernels do).
 // - Tiles (128 output rows x BN activation rows) and their K steps are shared out as qwgmma.cu's
 //   are (wgmma::segment_at, fp8_wgmma.rs `schedule`); the per-token x per-row scales are applied
-//   to the f32 sums before qmma_tiled.cuh's `finish` stores them or adds a split tile's parts.
+//   to the f32 sums before qmma_tiled.cuh's `finish` stores them or adds a split tile's parts
+//   through L2 partial sums and a ticket. Launched in clusters (each tile's equal splits one
+//   cluster: fp8_wgmma.rs `plan`), the parts are added from the blocks' shared memory instead
+//   (`finish_in_cluster`).
 // - Requires K % 128 == 0 (whole steps) and 16-byte aligned rows (the copies' rule).
 #include "qmma_tiled.cuh"
 #include "wgmma.cuh"
@@ -46,14 +49,15 @@ struct ConsumerSync {
 template <typename T, int BN, int G, int S>
 __device__ __forceinline__ void run(const TensorMap& mw, const float* __restrict__ sw, const TensorMap& mx,
                                     const float* __restrict__ sx, T* __restrict__ y, float* __restrict__ partial,
-                                    unsigned* __restrict__ counters, int M, int N, int K, int per_block) {
+                                    unsigned* __restrict__ counters, int M, int N, int K, int per_block,
+                                    bool in_cluster) {
     constexpr int MT = BN / 8;
     constexpr int WBOX = ROWS * 128, XBOX = BN * 128, STAGE = G * (WBOX + XBOX);
     extern __shared__ uint8_t smem_raw[];
     __shared__ __align__(8) uint64_t full[S], empty[S];
     __shared__ float s_red[1][1][1];  // (no K-slice warps)
     __shared__ bool last;
-    const uint32_t s0 = ((uint32_t)__cvta_generic_to_shared(smem_raw) + 1023u) & ~1023u;  // swizzle atoms
+    const uint32_t raw0 = (uint32_t)__cvta_generic_to_shared(smem_raw), s0 = (raw0 + 1023u) & ~1023u;  // swizzle atoms
     const uint32_t full0 = (uint32_t)__cvta_generic_to_shared(full), empty0 = (uint32_t)__cvta_generic_to_shared(empty);
     const int tid = threadIdx.x;
     if (tid == 0) {
@@ -64,52 +68,58 @@ __device__ __forceinline__ void run(const TensorMap& mw, const float* __restrict
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
     __syncthreads();
+    // A product launched after this one as a dependent (k after q, up after gate) may start on
+    // the SMs this grid leaves free and stream the first lap of its weight; it waits for this
+    // grid's end before it reads or writes anything a kernel writes.
+    launch_dependents();
     const int steps = K / 128, row_blocks = (N + ROWS - 1) / ROWS;
     const int total = row_blocks * ((M + BN - 1) / BN) * steps, end = min(total, ((int)blockIdx.x + 1) * per_block);
     if (tid >= WR * 32) {
         // Producer: one lane walks the block's segments as the consumers do and fills the ring.
-        if (tid != WR * 32) return;
-        uint64_t policy;
-        asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
-        uint64_t keep;
-        asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;\n" : "=l"(keep));
-        // The block's stages in order: visit(it, s, nb, mb, i, n) for stage it (ring slot s) holding
-        // K steps i .. i + n - 1 of the tile at output rows nb, activation rows mb; false stops.
-        auto walk = [&](auto&& visit) {
-            int it = 0;
-            for (int cur = (int)blockIdx.x * per_block; cur < end;) {
-                const wgmma::Segment sg = wgmma::segment_at(cur, end, steps, per_block);
-                const int nb = (sg.tile % row_blocks) * ROWS, mb = (sg.tile / row_blocks) * BN;
-                for (int i = sg.st0; i < sg.st1; i += G, it++)
-                    if (!visit(it, it % S, nb, mb, i, min(G, sg.st1 - i))) return;
-                cur += sg.st1 - sg.st0;
-            }
-        };
-        auto copy_weight = [&](int s, int nb, int i, int n) {
-            for (int q = 0; q < n; q++)
-                wgmma::tensor_copy(s0 + s * STAGE + q * WBOX, &mw, (i + q) * 128, nb, full0 + 8 * s, policy);
-        };
-        // The weight of the ring's first lap before the activations exist: launched as a dependent
-        // of the kernel writing them (fp8_act.cu quant_rows), the block streams its weight while
-        // that kernel runs. A stage's barrier expects the weight's and the activations' bytes.
-        walk([&](int it, int s, int nb, int, int i, int n) {
-            if (it >= S) return false;
-            wgmma::mbar_expect(full0 + 8 * s, n * (WBOX + XBOX));
-            copy_weight(s, nb, i, n);
-            return true;
-        });
-        wait_for_producers();
-        walk([&](int it, int s, int nb, int mb, int i, int n) {
-            if (it >= S) {
-                wgmma::mbar_wait(empty0 + 8 * s, ((it / S) & 1) ^ 1);
+        if (tid == WR * 32) {
+            uint64_t policy;
+            asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+            uint64_t keep;
+            asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;\n" : "=l"(keep));
+            // The block's stages in order: visit(it, s, nb, mb, i, n) for stage it (ring slot s) holding
+            // K steps i .. i + n - 1 of the tile at output rows nb, activation rows mb; false stops.
+            auto walk = [&](auto&& visit) {
+                int it = 0;
+                for (int cur = (int)blockIdx.x * per_block; cur < end;) {
+                    const wgmma::Segment sg = wgmma::segment_at(cur, end, steps, per_block);
+                    const int nb = (sg.tile % row_blocks) * ROWS, mb = (sg.tile / row_blocks) * BN;
+                    for (int i = sg.st0; i < sg.st1; i += G, it++)
+                        if (!visit(it, it % S, nb, mb, i, min(G, sg.st1 - i))) return;
+                    cur += sg.st1 - sg.st0;
+                }
+            };
+            auto copy_weight = [&](int s, int nb, int i, int n) {
+                for (int q = 0; q < n; q++)
+                    wgmma::tensor_copy(s0 + s * STAGE + q * WBOX, &mw, (i + q) * 128, nb, full0 + 8 * s, policy);
+            };
+            // The weight of the ring's first lap before the activations exist: launched as a dependent
+            // of the kernel writing them (fp8_act.cu quant_rows), the block streams its weight while
+            // that kernel runs. A stage's barrier expects the weight's and the activations' bytes.
+            walk([&](int it, int s, int nb, int, int i, int n) {
+                if (it >= S) return false;
                 wgmma::mbar_expect(full0 + 8 * s, n * (WBOX + XBOX));
                 copy_weight(s, nb, i, n);
-            }
-            for (int q = 0; q < n; q++)
-                wgmma::tensor_copy(s0 + s * STAGE + G * WBOX + q * XBOX, &mx, (i + q) * 128, mb, full0 + 8 * s,
-                                   keep);
-            return true;
-        });
+                return true;
+            });
+            wait_for_producers();
+            walk([&](int it, int s, int nb, int mb, int i, int n) {
+                if (it >= S) {
+                    wgmma::mbar_wait(empty0 + 8 * s, ((it / S) & 1) ^ 1);
+                    wgmma::mbar_expect(full0 + 8 * s, n * (WBOX + XBOX));
+                    copy_weight(s, nb, i, n);
+                }
+                for (int q = 0; q < n; q++)
+                    wgmma::tensor_copy(s0 + s * STAGE + G * WBOX + q * XBOX, &mx, (i + q) * 128, mb, full0 + 8 * s,
+                                       keep);
+                return true;
+            });
+        }
+        if (in_cluster) qmmat::cluster_epilogue_barriers();
         return;
     }
     // Consumers: warp w sums output rows nb + 16 w .. + 15 (warpgroup w / 4's m64 rows). They read
@@ -158,7 +168,11 @@ __device__ __forceinline__ void run(const TensorMap& mw, const float* __restrict
 #pragma unroll
             for (int e = 0; e < 4; e++)
                 acc[0][nt][e] *= (e >= 2 ? sw1 : sw0) * __ldg(sx + min(mb + nt * 8 + 2 * t + (e & 1), M - 1));
-        qmmat::finish<T, MT, 1, WR, 1, ConsumerSync>(acc, s_red, last, y, partial, counters, M, N, pos);
+        if (in_cluster)  // (one segment a block: the ring's memory is free for the sums)
+            qmmat::finish_in_cluster<T, MT, WR, ConsumerSync>(acc, reinterpret_cast<float*>(smem_raw + (s0 - raw0)), y,
+                                                               M, N, pos);
+        else
+            qmmat::finish<T, MT, 1, WR, 1, ConsumerSync>(acc, s_red, last, y, partial, counters, M, N, pos);
         cur += sg.st1 - sg.st0;
     }
 }
@@ -182,13 +196,17 @@ __device__ __forceinline__ void run(const TensorMap& mw, const float* __restrict
 
 // fp8wg_*: arguments: the weight's tensor map ([N, K] bytes, boxes of 128 x 128), sw (N), the
 // activations' ([M, K], boxes of 128 x BN), sx (M), y [M, N], partial, counters, M, N, K, K steps
-// per block; grid (blocks), THREADS threads; dynamic shared memory fp8_wgmma.rs `shared_bytes`.
+// per block, in_cluster (1: the blocks of a tile form a cluster, in split order, each one segment;
+// partial and counters unused); grid (blocks), THREADS threads; dynamic shared memory fp8_wgmma.rs
+// `shared_bytes`.
 #define FP8WG(TN, T, C)                                                                                  \
     extern "C" __global__ void __launch_bounds__(fp8wg::THREADS, 1)                                    \
         fp8wg_##TN##_##C(const __grid_constant__ fp8wg::TensorMap mw, const float* sw,                 \
                          const __grid_constant__ fp8wg::TensorMap mx, const float* sx, T* __restrict__ y, \
-                         float* partial, unsigned* counters, int M, int N, int K, int per_block) {     \
-        FP8WG_BODY(fp8wg::run<T, FP8WG_CFG_##C>(mw, sw, mx, sx, y, partial, counters, M, N, K, per_block)); \
+                         float* partial, unsigned* counters, int M, int N, int K, int per_block,       \
+                         int in_cluster) {                                                             \
+        FP8WG_BODY(fp8wg::run<T, FP8WG_CFG_##C>(mw, sw, mx, sx, y, partial, counters, M, N, K, per_block,  \
+                                                in_cluster != 0));                                     \
     }
 #define FP8WG_ALL(TN, T) FP8WG(TN, T, n16) FP8WG(TN, T, n32) FP8WG(TN, T, n64) FP8WG(TN, T, n128)
 FP8WG_ALL(bf16, __nv_bfloat16)

@@ -31,6 +31,7 @@
 // (The kernel bodies and their helpers; qmma_tiled.cu instantiates them, qwgmma.cu reuses the
 // weight stream, the decode and the epilogue.)
 #pragma once
+#include <cooperative_groups.h>
 #include <type_traits>
 
 #include "common.cuh"
@@ -481,6 +482,18 @@ __device__ __forceinline__ Coords coords(int bx, int K, int steps_per_split) {
                                  gridDim.y, blockIdx.z * gridDim.x + blockIdx.x);
 }
 
+// V consecutive outputs from f32 (V = 4: 4-aligned, one 8-byte store for 16-bit T).
+template <typename T, int V>
+__device__ __forceinline__ void store_outputs(T* __restrict__ out, const float (&v)[V]) {
+    if constexpr (V == 4 && sizeof(T) == 2) {
+        T h[4] = {from_f<T>(v[0]), from_f<T>(v[1]), from_f<T>(v[2]), from_f<T>(v[3])};
+        *reinterpret_cast<uint2*>(out) = *reinterpret_cast<const uint2*>(h);
+    } else {
+#pragma unroll
+        for (int e = 0; e < V; e++) out[e] = from_f<T>(v[e]);
+    }
+}
+
 // The split-K tile's sum, by the tile's last block: y[m][n] = sum over splits, in split order, of
 // the f32 partial sums. Each thread keeps U units of V consecutive outputs (one 16-byte load each
 // when V = 4) for SU splits in flight at once: one 4-byte load per output and split, the splits
@@ -531,18 +544,8 @@ __device__ __forceinline__ void add_partials(const float* __restrict__ partial, 
                         for (int e = 0; e < V; e++) v[u][e] += p[s][u][e];
         }
 #pragma unroll
-        for (int u = 0; u < U; u++) {
-            const int i = i0 + u * NT;
-            if (i >= total) continue;
-            T* out = y + o[u];
-            if constexpr (V == 4 && sizeof(T) == 2) {
-                T h[4] = {from_f<T>(v[u][0]), from_f<T>(v[u][1]), from_f<T>(v[u][2]), from_f<T>(v[u][3])};
-                *reinterpret_cast<uint2*>(out) = *reinterpret_cast<const uint2*>(h);
-            } else {
-#pragma unroll
-                for (int e = 0; e < V; e++) out[e] = from_f<T>(v[u][e]);
-            }
-        }
+        for (int u = 0; u < U; u++)
+            if (i0 + u * NT < total) store_outputs<T, V>(y + o[u], v[u]);
     }
 }
 
@@ -586,6 +589,51 @@ __device__ __forceinline__ void finish(float (&acc)[RT][MT][4], Red& s_red, bool
     else
         add_partials<T, 1, WR * WK * 32>(partial, y, splits, M, N, mb, nb, mrows, ncols, tid);
     if (tid == 0) *counter = 0u;  // ready for the next launch on this stream
+}
+
+// The epilogue of a tile split over the blocks of one thread-block cluster (fp8_wgmma.cu), the
+// blocks' cluster ranks its split numbers: each block puts its f32 sums (scaled) in its shared
+// memory `tile` (8 MT activation rows of WR 16 outputs, rows padded by 4 floats: the fragments'
+// stores hit 32 banks), and after the cluster's barrier, block r adds share r of the tile's
+// outputs from every block's memory, in split order as add_partials does (the same sums, bit for
+// bit, without the round trip through L2, the fence and the ticket). Requires N % 4 == 0 (FP8
+// weights have multiples of 16 rows: fp8_gemm.rs `shape_unsupported`). Every thread of the
+// cluster's blocks meets at its two barriers: the consumers here, the others (fp8_wgmma.cu's
+// producer warpgroup) through `cluster_epilogue_barriers`.
+template <typename T, int MT, int WR, typename Sync>
+__device__ __forceinline__ void finish_in_cluster(float (&acc)[1][MT][4], float* tile, T* __restrict__ y, int M,
+                                                  int N, const Coords& pos) {
+    namespace cg = cooperative_groups;
+    constexpr int COLS = WR * 16, PITCH = COLS + 4, NT = WR * 32;
+    Sync()();  // every consumer is done with the shared memory the sums now take
+    mma_pipeline::for_each_output(acc, pos.nw, pos.mb, pos.g, pos.t, [&](int n, int m, float v) {
+        tile[(m - pos.mb) * PITCH + (n - pos.nb)] = v;
+    });
+    const cg::cluster_group cluster = cg::this_cluster();
+    cluster.sync();
+    const int mrows = min(M - pos.mb, 8 * MT), ncols = min(COLS, N - pos.nb), total = mrows * (COLS / 4);
+    for (int i = pos.split * NT + pos.tid; i < total; i += pos.splits * NT) {
+        const int r = i / (COLS / 4), c = 4 * (i % (COLS / 4));
+        if (c >= ncols) continue;  // (N % 4 == 0: a quad is all in or all out)
+        float v[4] = {0.f, 0.f, 0.f, 0.f};
+        for (int s = 0; s < pos.splits; s++) {
+            const float4 p = *reinterpret_cast<const float4*>(cluster.map_shared_rank(tile + r * PITCH + c, s));
+            v[0] += p.x;
+            v[1] += p.y;
+            v[2] += p.z;
+            v[3] += p.w;
+        }
+        store_outputs<T, 4>(y + (size_t)(pos.mb + r) * N + pos.nb + c, v);
+    }
+    cluster.sync();  // no block leaves while another still reads its sums
+}
+
+// The two barriers of finish_in_cluster, for the threads of a block that do not compute.
+__device__ __forceinline__ void cluster_epilogue_barriers() {
+    namespace cg = cooperative_groups;
+    const cg::cluster_group cluster = cg::this_cluster();
+    cluster.sync();
+    cluster.sync();
 }
 
 // FOLD: step_mma_folded's scaling (4-bit affine codes, groups of a multiple of 128, K a multiple

@@ -135,7 +135,7 @@ mod gpu {
         let cdev = dev.as_cuda_device().unwrap();
         let mut checked = 0;
         // (One block per row, and on compute capability 9.0 a cluster of blocks per row for
-        // 1-16 rows of 8192+ values: [3, 14336], [16, 8200].)
+        // 1-8 rows of 8192+ values: [3, 14336], [8, 8200].)
         for (i, &(m, k)) in [
             (16usize, 4096usize),
             (17, 128),
@@ -143,6 +143,7 @@ mod gpu {
             (5, 8),
             (33, 4104),
             (3, 14336),
+            (8, 8200),
             (16, 8200),
             (300, 2048),
         ]
@@ -374,6 +375,20 @@ mod gpu {
                 max_abs_diff(&auto, &wg),
                 0.0,
                 "Auto did not take the wgmma kernel at 32 rows of a 4096x8192 weight"
+            );
+            // A 1024x8192 weight at 32 rows: 8 tiles of 64 K steps in 8 splits, summed in each
+            // tile's cluster of 8 blocks, equal bit for bit to the L2 partial sums of the
+            // stream-K schedule (the same splits: this thread's products only).
+            let w8 = Tensor::randn(0f32, 0.05, (1024, 8192), &Device::Cpu).unwrap();
+            let t8 = Fp8Tensor::quantize(&w8, Fp8Strategy::Channel, DType::BF16).unwrap();
+            let clustered = gemm_quantized(&t8, &q, cdev, DType::BF16, Fp8Kernel::Wgmma).unwrap();
+            fp8_wgmma::set_cluster_sums(false);
+            let l2 = gemm_quantized(&t8, &q, cdev, DType::BF16, Fp8Kernel::Wgmma).unwrap();
+            fp8_wgmma::set_cluster_sums(true);
+            assert_eq!(
+                max_abs_diff(&clustered, &l2),
+                0.0,
+                "cluster sums vs L2 partial sums"
             );
             // The W8A8 call launches the kernel as a programmatic dependent of the activation
             // quantization (it streams its weight while that runs): the same bits as the

@@ -127,6 +127,12 @@ pub struct BenchDecodeArgs {
     /// `dependent_launches` in the rows).
     #[arg(long)]
     pub compare_dependent_launches: bool,
+    /// Also time each case with session 34's FP8 wgmma schedule and routing (split tiles summed
+    /// through L2 partial sums; the kernel taken for long-K weights and 17-64 rows of wide ones)
+    /// instead of the cluster schedule (whole tiles, or a tile's splits summed in a thread-block
+    /// cluster; the kernel taken for every weight up to 64 rows): `fp8_cluster_sums` in the rows.
+    #[arg(long)]
+    pub compare_fp8_cluster_sums: bool,
     #[arg(long, default_value_t = 1234)]
     pub seed: u64,
     /// Timed repetitions of each case (prefill + decode again; the best decode is reported).
@@ -154,6 +160,92 @@ fn switch_modes(compare: bool, dev: &Device) -> &'static [bool] {
     } else {
         &[true]
     }
+}
+
+/// One setting of the boolean `--compare-*` switches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Switches {
+    fused: bool,
+    grouped: bool,
+    norm_tails: bool,
+    fp8_codes: bool,
+    dependent_launches: bool,
+    cluster_sums: bool,
+    lora_overlap: bool,
+    wgmma: bool,
+    half2_two_rows: bool,
+    folded_scales: bool,
+}
+
+impl Switches {
+    /// Every setting to time: each switch on, then also off where it is compared (the first
+    /// switch varying slowest).
+    fn compared(a: &BenchDecodeArgs, adapters: bool, dev: &Device) -> Vec<Switches> {
+        let asked = [
+            a.compare_fused,
+            a.compare_grouped,
+            a.compare_norm_tails,
+            a.compare_fp8_codes,
+            a.compare_dependent_launches,
+            a.compare_fp8_cluster_sums,
+            a.compare_lora_overlap && adapters,
+            a.compare_wgmma,
+            a.compare_half2_rows,
+            a.compare_folded_scales,
+        ];
+        let mut settings = vec![Vec::with_capacity(asked.len())];
+        for &compare in &asked {
+            settings = settings
+                .into_iter()
+                .flat_map(|s| {
+                    switch_modes(compare, dev).iter().map(move |&on| {
+                        let mut s = s.clone();
+                        s.push(on);
+                        s
+                    })
+                })
+                .collect();
+        }
+        settings
+            .into_iter()
+            .map(|s| Switches {
+                fused: s[0],
+                grouped: s[1],
+                norm_tails: s[2],
+                fp8_codes: s[3],
+                dependent_launches: s[4],
+                cluster_sums: s[5],
+                lora_overlap: s[6],
+                wgmma: s[7],
+                half2_two_rows: s[8],
+                folded_scales: s[9],
+            })
+            .collect()
+    }
+
+    /// Applies the setting to the model and the process (or, for the cluster sums, this thread:
+    /// the one that runs the model).
+    fn set(self, model: &mut LlamaModel) {
+        set_wgmma(self.wgmma);
+        set_half2_two_rows(self.half2_two_rows);
+        set_folded_scales(self.folded_scales);
+        model.set_fused_ops(self.fused);
+        model.set_grouped_matmuls(self.grouped);
+        model.set_norm_tails(self.norm_tails);
+        model.set_fp8_codes(self.fp8_codes);
+        set_dependent_launches(self.dependent_launches);
+        set_fp8_cluster_sums(self.cluster_sums);
+        set_lora_overlap(self.lora_overlap);
+    }
+}
+
+/// Whether the FP8 wgmma kernel sums split tiles in thread-block clusters (lorq_quant's
+/// `fp8_wgmma`; for the calling thread).
+fn set_fp8_cluster_sums(on: bool) {
+    #[cfg(feature = "cuda")]
+    lorq_quant::cuda::fp8_wgmma::set_cluster_sums(on);
+    #[cfg(not(feature = "cuda"))]
+    let _ = on;
 }
 
 /// Whether 4-bit and FP8 weights may take the wgmma kernels (lorq_quant's `qwgmma`,
@@ -471,18 +563,11 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
                 let adapters = random_adapters(&model, n_adapters, a.rank, &adapter_modules)?;
                 let adapter_bytes = adapters.first().map_or(0, |x| x.bytes());
                 for &batch in &a.batch_sizes {
-                    let fused_modes = switch_modes(a.compare_fused, &dev);
                     let graph_modes: &[bool] = match (a.cuda_graphs.as_str(), dev.is_cuda()) {
                         ("both", true) => &[true, false],
                         ("on", true) => &[true],
                         _ => &[false],
                     };
-                    let grouped_modes = switch_modes(a.compare_grouped, &dev);
-                    let overlap_modes =
-                        switch_modes(a.compare_lora_overlap && n_adapters > 0, &dev);
-                    let wgmma_modes = switch_modes(a.compare_wgmma, &dev);
-                    let half2_modes = switch_modes(a.compare_half2_rows, &dev);
-                    let fold_modes = switch_modes(a.compare_folded_scales, &dev);
                     let block_modes = switch_modes(a.compare_attention_blocks, &dev);
                     let mma_modes = switch_modes(a.compare_attention_mma, &dev);
                     let mut partition_modes: Vec<Option<usize>> = vec![None];
@@ -502,59 +587,15 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
                         &partition_modes,
                         dtype != DType::F32,
                     );
-                    let attn_modes = &attn_modes;
-                    let tail_modes = switch_modes(a.compare_norm_tails, &dev);
-                    let code_modes = switch_modes(a.compare_fp8_codes, &dev);
-                    let dependent_modes = switch_modes(a.compare_dependent_launches, &dev);
-                    let modes = fused_modes.iter().flat_map(|&f| {
-                        grouped_modes.iter().flat_map(move |&gr| {
-                            tail_modes.iter().flat_map(move |&nt| {
-                                code_modes.iter().flat_map(move |&fc| {
-                                    dependent_modes.iter().flat_map(move |&dl| {
-                                        overlap_modes.iter().flat_map(move |&ov| {
-                                            wgmma_modes.iter().flat_map(move |&wg| {
-                                                half2_modes.iter().flat_map(move |&h2| {
-                                                    fold_modes.iter().flat_map(move |&fo| {
-                                                        attn_modes.iter().flat_map(move |&at| {
-                                                            graph_modes.iter().map(move |&g| {
-                                                                (
-                                                                    f,
-                                                                    gr,
-                                                                    (nt, fc, dl),
-                                                                    ov,
-                                                                    (wg, h2, fo, at),
-                                                                    g,
-                                                                )
-                                                            })
-                                                        })
-                                                    })
-                                                })
-                                            })
-                                        })
-                                    })
-                                })
-                            })
-                        })
+                    let compared = Switches::compared(&a, n_adapters > 0, &dev);
+                    let modes = compared.iter().flat_map(|&sw| {
+                        attn_modes
+                            .iter()
+                            .flat_map(move |&at| graph_modes.iter().map(move |&g| (sw, at, g)))
                     });
-                    for (
-                        fused,
-                        grouped,
-                        (tails, fp8_codes, dependent_launches),
-                        overlap,
-                        (wgmma, half2_two_rows, folded_scales, (attn4, mma, part_keys, tiles)),
-                        graphs,
-                    ) in modes
-                    {
-                        set_wgmma(wgmma);
-                        set_half2_two_rows(half2_two_rows);
-                        set_folded_scales(folded_scales);
+                    for (sw, (attn4, mma, part_keys, tiles), graphs) in modes {
+                        sw.set(&mut model);
                         set_attention_switches(attn4, mma, part_keys, tiles);
-                        model.set_fused_ops(fused);
-                        model.set_grouped_matmuls(grouped);
-                        model.set_norm_tails(tails);
-                        model.set_fp8_codes(fp8_codes);
-                        set_dependent_launches(dependent_launches);
-                        set_lora_overlap(overlap);
                         model.set_cuda_graphs(graphs);
                         let case = Case {
                             model: &model,
@@ -607,15 +648,16 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
                             "adapters": n_adapters,
                             "rank": if n_adapters > 0 { Some(a.rank) } else { None },
                             "adapter_modules": (n_adapters > 0).then_some(&a.adapter_modules),
-                            "fused_ops": fused,
-                            "grouped_matmuls": grouped,
-                            "norm_tails": tails && fused,
-                            "fp8_codes": fp8_codes && fused,
-                            "dependent_launches": dependent_launches,
-                            "lora_overlap": n_adapters > 0 && overlap && model.cuda_graphs(),
-                            "wgmma": wgmma,
-                            "half2_two_rows": half2_two_rows,
-                            "folded_scales": folded_scales,
+                            "fused_ops": sw.fused,
+                            "grouped_matmuls": sw.grouped,
+                            "norm_tails": sw.norm_tails && sw.fused,
+                            "fp8_codes": sw.fp8_codes && sw.fused,
+                            "dependent_launches": sw.dependent_launches,
+                            "fp8_cluster_sums": sw.cluster_sums,
+                            "lora_overlap": n_adapters > 0 && sw.lora_overlap && model.cuda_graphs(),
+                            "wgmma": sw.wgmma,
+                            "half2_two_rows": sw.half2_two_rows,
+                            "folded_scales": sw.folded_scales,
                             "attention_4_head_blocks": attn4,
                             "attention_mma": mma && dev.is_cuda(),
                             "attention_partition_keys": part_keys,

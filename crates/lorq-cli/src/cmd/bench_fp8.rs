@@ -27,6 +27,8 @@ use clap::Args;
   cublaslt-gemm-only     as cublaslt-w8a8 without the activation quantization (x pre-quantized)
   mma-gemm-only          as mma-w8a8 without the activation quantization
   wgmma-gemm-only        as wgmma-w8a8 without the activation quantization
+  wgmma-*-stream-k       as wgmma-gemm-only / wgmma-w8a8 with session 34's schedule: tiles split
+                         over the SMs summed through L2 partial sums, not in thread-block clusters
   quantize-only          the activation quantization alone (per-token e4m3 codes and scales)
   weight-only            the weight-only path (e4m3 decoded, activations stay bf16)
 
@@ -264,6 +266,28 @@ mod gpu {
                     });
                     dependent_launch::set_enabled(true);
                     push("wgmma-w8a8-serial", t?, fp8_bytes, None, None);
+                    // Session 34's schedule: split tiles summed through L2.
+                    fp8_wgmma::set_cluster_sums(false);
+                    let gemm = time(&mut |i| {
+                        Ok(gemm_quantized(
+                            &chans[i % c],
+                            &qx,
+                            cdev,
+                            DType::BF16,
+                            Fp8Kernel::Wgmma,
+                        )?)
+                    });
+                    let w8a8 = time(&mut |i| {
+                        Ok(matmul_with(
+                            &chans[i % c],
+                            &x,
+                            Some(per_token),
+                            Fp8Kernel::Wgmma,
+                        )?)
+                    });
+                    fp8_wgmma::set_cluster_sums(true);
+                    push("wgmma-gemm-only-stream-k", gemm?, fp8_bytes, None, None);
+                    push("wgmma-w8a8-stream-k", w8a8?, fp8_bytes, None, None);
                 }
                 // (The closure's tensor is only held until the timing's synchronization.)
                 let t = time(&mut |_| {

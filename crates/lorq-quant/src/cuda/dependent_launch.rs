@@ -54,6 +54,8 @@ pub(crate) struct KernelArgs<'a> {
     #[allow(clippy::vec_box)]
     _addresses: Vec<Box<u64>>,
     guards: Vec<SyncOnDrop<'a>>,
+    /// Blocks a thread-block cluster (1: no clusters).
+    cluster: u32,
 }
 
 impl<'a> KernelArgs<'a> {
@@ -63,7 +65,15 @@ impl<'a> KernelArgs<'a> {
             params: Vec::new(),
             _addresses: Vec::new(),
             guards: Vec::new(),
+            cluster: 1,
         }
+    }
+
+    /// Launches the grid in clusters of `blocks` consecutive blocks (compute capability 9.0+;
+    /// the grid a multiple of it).
+    pub(crate) fn in_clusters(&mut self, blocks: u32) -> &mut Self {
+        self.cluster = blocks;
+        self
     }
 
     /// A buffer's device address (its guard orders the buffer's other users around the launch).
@@ -101,13 +111,20 @@ impl<'a> KernelArgs<'a> {
     ) -> Result<(), QuantError> {
         let dependent = enabled();
         self.stream.context().bind_to_thread().w()?;
-        // SAFETY: a zeroed attribute value is a valid union (plain integers).
-        let mut attr = sys::CUlaunchAttribute {
-            id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
-            pad: [0; 4],
-            value: std::mem::zeroed(),
-        };
-        attr.value.programmaticStreamSerializationAllowed = 1;
+        let mut attrs = Vec::with_capacity(2);
+        if dependent {
+            // SAFETY: a zeroed attribute value is a valid union (plain integers).
+            let mut a = sys::CUlaunchAttribute {
+                id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+                pad: [0; 4],
+                value: std::mem::zeroed(),
+            };
+            a.value.programmaticStreamSerializationAllowed = 1;
+            attrs.push(a);
+        }
+        if self.cluster > 1 {
+            attrs.push(cluster_attribute(self.cluster));
+        }
         let config = sys::CUlaunchConfig {
             gridDimX: cfg.grid_dim.0,
             gridDimY: cfg.grid_dim.1,
@@ -117,8 +134,8 @@ impl<'a> KernelArgs<'a> {
             blockDimZ: cfg.block_dim.2,
             sharedMemBytes: cfg.shared_mem_bytes,
             hStream: self.stream.cu_stream(),
-            attrs: &mut attr,
-            numAttrs: u32::from(dependent),
+            attrs: attrs.as_mut_ptr(),
+            numAttrs: attrs.len() as u32,
         };
         // SAFETY: the parameters point at live values for the call (the caller's contract).
         sys::cuLaunchKernelEx(
@@ -135,4 +152,20 @@ impl<'a> KernelArgs<'a> {
         drop(self.guards);
         Ok(())
     }
+}
+
+/// The launch attribute that groups a grid's consecutive blocks in clusters of `blocks`.
+pub(crate) fn cluster_attribute(blocks: u32) -> sys::CUlaunchAttribute {
+    // SAFETY: a zeroed attribute value is a valid union (plain integers).
+    let mut a = sys::CUlaunchAttribute {
+        id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION,
+        pad: [0; 4],
+        value: unsafe { std::mem::zeroed() },
+    };
+    a.value.clusterDim = sys::CUlaunchAttributeValue_union__bindgen_ty_1 {
+        x: blocks,
+        y: 1,
+        z: 1,
+    };
+    a
 }

@@ -276,18 +276,21 @@ const HOLD_CHUNKS: usize = 4;
 
 /// The threads per block of the cluster kernel (`fp8_quant_rows_cluster_*`: a row's chunks
 /// shared by [`ROW_CLUSTER`] blocks) where it runs: per-token dynamic scales, compute capability
-/// 9.0+, 1-16 rows of 8192+ values (down_proj's input), where one block per row leaves most SMs
+/// 9.0+, 1-8 rows of 8192+ values (down_proj's input), where one block per row leaves most SMs
 /// idle and each converts a long row alone. H200 (session 34, graph GPU time): 14336 values at
 /// 1 / 16 rows 3.1 / 3.3 us against 4.3 / 4.4 one block per row; slower on 4096 values (3.0
-/// against 2.4) and past 32 rows (14336 at 64 / 128 rows 5.8 / 8.9 against 5.1 / 5.3). One
-/// 8-value chunk a thread, at most [`HOLD_CHUNKS`].
+/// against 2.4) and past 32 rows (14336 at 64 / 128 rows 5.8 / 8.9 against 5.1 / 5.3). At 16
+/// rows its 128 blocks held the SMs that the FP8 wgmma kernel, launched as its dependent in
+/// clusters, needed to start streaming its weight (session 35: down_proj's W8A8 call 23.7 us,
+/// 4.1 above the product on ready codes, against 1.1-1.4 at 1, 4 and 32 rows). One 8-value
+/// chunk a thread, at most [`HOLD_CHUNKS`].
 fn cluster_threads(
     dev: &CudaDevice,
     act: ActQuant,
     m: usize,
     k: usize,
 ) -> Result<Option<u32>, QuantError> {
-    if act != ActQuant::DynamicPerToken || m > 16 || k < 8192 || compute_capability(dev)?.0 < 9 {
+    if act != ActQuant::DynamicPerToken || m > 8 || k < 8192 || compute_capability(dev)?.0 < 9 {
         return Ok(None);
     }
     let per_block = (k / 8).div_ceil(ROW_CLUSTER);

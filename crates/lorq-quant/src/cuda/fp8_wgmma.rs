@@ -4,17 +4,19 @@
 //! per-token scales as `quantize_activations` writes them), copied into shared memory by the
 //! tensor-memory accelerator through tensor maps made here per call (host work only).
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, OnceLock};
 
 use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::cuda_backend::cudarc::driver::sys;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaView, DevicePtr, DeviceRepr, LaunchConfig,
+    CudaFunction, CudaSlice, CudaView, DevicePtr, DeviceRepr, LaunchConfig,
 };
-use candle_core::cuda_backend::{CudaDType, CudaDevice};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::{CudaStorage, DType, WithDType};
 
-use super::dependent_launch::KernelArgs;
+use super::dependent_launch::{cluster_attribute, KernelArgs};
 use super::qmma_tiled::KSTEP;
 use super::qwgmma::schedule;
 use super::{dtype_name, function_with_shared};
@@ -79,28 +81,161 @@ pub fn supports(k: usize, dev: &CudaDevice) -> bool {
         && matches!(super::fp8_gemm::compute_capability(dev), Ok((9, 0)))
 }
 
-/// Whether `Fp8Kernel::Auto` takes this kernel for an `[n, k]` weight at `m` activation rows:
-/// up to 128 rows of weights with at least 8192 inputs (down_proj of an 8B model), and 17-64 rows
-/// of weights with more than 1024 output rows. There it beat lorq's mma kernel and cuBLASLt on an
-/// H200 (docs/benchmarks.md, session 33: 4096x14336 at 32 rows 20.4 us against 29.4 and 37.8, at
-/// 128 rows 22.8 against cuBLASLt's 37.5 in the lab; 14336x4096 at 32 rows 22.5 against 38.5 and
-/// 24.0). At 1-16 rows of 4096-input weights the mma kernel was as fast or faster, on 1024-row
-/// weights (k/v) at every row count, and past 64 rows of 4096-input weights cuBLASLt.
+/// Whether `Fp8Kernel::Auto` takes this kernel for an `[n, k]` weight at `m` activation rows.
+/// With the cluster schedule ([`plan`], H200, session 35, bf16 cuBLAS / this kernel with the
+/// activation quantization / lorq's mma kernel / cuBLASLt, us): every weight up to 64 rows
+/// (q/o at 1 row 12.9 / 9.5 / 11.1 / 16.8, k/v at 16 rows 7.2 / 6.7 / 7.9 / 15.2, gate/up at 16
+/// 29.7 / 19.1 / 23.1 / 27.1, down at 64 35.7 / 24.6 / 55.2 / 42.3), and at 65-128 rows weights
+/// of at most 4096 outputs or at least 8192 inputs (q/o at 128 rows 16.3 against cuBLASLt's
+/// 16.9, down 32.9 against 42.6); wide 4096-input weights (gate/up) at 128 rows go to cuBLASLt
+/// (23.1 against 24.2). Without it (session 34's stream-K schedule): up to 128 rows of weights
+/// with at least 8192 inputs and 17-64 rows of weights with more than 1024 outputs, where that
+/// schedule beat the mma kernel and cuBLASLt.
 pub fn takes(n: usize, m: usize, k: usize, dev: &CudaDevice) -> bool {
     let long_k = k >= 8192 && (1..=128).contains(&m);
-    let wide = n > 1024 && (17..=64).contains(&m);
-    (long_k || wide) && supports(k, dev)
+    let routed = if CLUSTER_SUMS.get() {
+        (1..=64).contains(&m) || (long_k || (n <= 4096 && (65..=128).contains(&m)))
+    } else {
+        long_k || (n > 1024 && (17..=64).contains(&m))
+    };
+    routed && supports(k, dev)
 }
 
 /// The most tiles (128 output rows x a block's activation rows) whose K steps are shared out over
-/// the SMs: fewer than one per SM. More tiles run whole, one block each.
+/// the SMs through L2 partial sums: fewer than one per SM. More tiles run whole, one block each.
 fn split_until(sms: usize) -> usize {
     sms.saturating_sub(1)
 }
 
-/// The launch's schedule: [`schedule`] with this kernel's split threshold.
-fn plan(sh: Shape, n: usize, m: usize, k: usize, sms: usize) -> super::qwgmma::Schedule {
-    schedule(n, m, k, sh.rows, sms, split_until(sms))
+thread_local! {
+    static CLUSTER_SUMS: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
+}
+
+/// Turns the cluster schedule ([`plan`]) on or off for the calling thread's products (on by
+/// default), e.g. to measure what it brings; off, split tiles are summed through L2 partial sums
+/// and tickets (session 34's schedule). Per thread: a test comparing the two leaves the other
+/// threads' products alone.
+pub fn set_cluster_sums(on: bool) {
+    CLUSTER_SUMS.set(on);
+}
+
+/// Blocks a cluster may have without the non-portable opt-in.
+const MAX_CLUSTER: usize = 8;
+
+/// The most activation rows x K steps a block of the cluster schedule sums: down_proj at 128 rows
+/// in 2 splits (128 x 56) spent longer in its tensor cores on 64 SMs than the stream-K schedule's
+/// 128 blocks did with their partial sums (29.1 against 27.1 us); at 64 rows (64 x 56) the two
+/// were even, and shorter tiles (q/o at 128 rows: 128 x 16) won with clusters.
+const MAX_BLOCK_WORK: usize = 64 * 64;
+
+/// How a launch shares out the tiles: the blocks' K steps and, above 1, the blocks of a cluster
+/// (a tile's equal splits, summed in shared memory: kernels/fp8_wgmma.cu `in_cluster`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Plan {
+    schedule: super::qwgmma::Schedule,
+    cluster: usize,
+}
+
+/// With `clusters` (while [`set_cluster_sums`] is on): at least three tiles for every four
+/// SMs run whole, one block each (no partial sums at all); fewer are cut into the most equal
+/// splits (at most [`MAX_CLUSTER`], dividing the K steps) that leave a block per SM, each tile's
+/// splits one cluster, as long as a block's tensor-core work stays within [`MAX_BLOCK_WORK`];
+/// `fits(splits)` says whether every such cluster is resident at once (a second wave of clusters
+/// would cost more than the sums save: an H200 holds 30 clusters of 4 of this kernel's blocks,
+/// not the 32 of q/o's and down_proj's tiles, but 66 of 2). Otherwise, and without `clusters`:
+/// the stream-K [`schedule`] (split tiles summed through L2).
+///
+/// H200, session 35, the kernel alone, us, stream-K -> clusters: gate/up (112 tiles, whole) at
+/// 16 rows 21.7 -> 17.6, at 128 30.5 -> 22.8; q/o (2 splits) at 16 10.0 -> 9.7, at 128 16.8 ->
+/// 14.3; k/v (8 splits) at 16 7.1 -> 5.6; down (2 splits) at 16 19.8 -> 19.2, at 128 27.1 -> 29.1
+/// (past [`MAX_BLOCK_WORK`]: stream-K).
+fn plan(
+    sh: Shape,
+    (m, n, k): (usize, usize, usize),
+    sms: usize,
+    clusters: bool,
+    fits: impl Fn(usize) -> bool,
+) -> Plan {
+    let tiles = n.div_ceil(TILE_ROWS) * m.div_ceil(sh.rows);
+    let steps = k.div_ceil(KSTEP);
+    let whole = super::qwgmma::Schedule {
+        per_block: steps,
+        blocks: tiles,
+        slots: 1,
+    };
+    if clusters && tiles > 0 {
+        if 4 * tiles >= 3 * sms {
+            return Plan {
+                schedule: whole,
+                cluster: 1,
+            };
+        }
+        let most = (sms / tiles).min(MAX_CLUSTER);
+        let small = |s: usize| sh.rows * (steps / s) <= MAX_BLOCK_WORK;
+        if let Some(splits) = (2..=most)
+            .rev()
+            .find(|&s| steps.is_multiple_of(s) && small(s) && fits(s))
+        {
+            return Plan {
+                schedule: super::qwgmma::Schedule {
+                    per_block: steps / splits,
+                    blocks: tiles * splits,
+                    slots: 1,
+                },
+                cluster: splits,
+            };
+        }
+    }
+    Plan {
+        schedule: schedule(n, m, k, sh.rows, sms, split_until(sms)),
+        cluster: 1,
+    }
+}
+
+/// Clusters of `blocks` blocks of `f` (`smem` bytes of shared memory each) resident at once on
+/// the device (cached: a property of the kernel and the GPU).
+fn resident_clusters(
+    dev: &CudaDevice,
+    f: &CudaFunction,
+    name: &str,
+    smem: usize,
+    blocks: usize,
+) -> Result<usize, QuantError> {
+    type Key = (usize, String, usize);
+    static SEEN: OnceLock<Mutex<HashMap<Key, usize>>> = OnceLock::new();
+    let stream = dev.cuda_stream();
+    let key = (stream.context().ordinal(), name.to_string(), blocks);
+    let mut seen = SEEN.get_or_init(Default::default).lock().expect("poisoned");
+    if let Some(&n) = seen.get(&key) {
+        return Ok(n);
+    }
+    let mut attr = cluster_attribute(blocks as u32);
+    let config = sys::CUlaunchConfig {
+        gridDimX: (blocks * 64) as u32,
+        gridDimY: 1,
+        gridDimZ: 1,
+        blockDimX: THREADS,
+        blockDimY: 1,
+        blockDimZ: 1,
+        sharedMemBytes: smem as u32,
+        hStream: stream.cu_stream(),
+        attrs: &mut attr,
+        numAttrs: 1,
+    };
+    let mut n = 0i32;
+    stream.context().bind_to_thread().w()?;
+    // SAFETY: the config points at a live attribute; the function is loaded in this context.
+    let r = unsafe { sys::cuOccupancyMaxActiveClusters(&mut n, f.cu_function(), &config) };
+    if r != sys::CUresult::CUDA_SUCCESS {
+        return Err(QuantError::Invalid(format!(
+            "fp8 wgmma kernel: cuOccupancyMaxActiveClusters refused {name} in clusters of \
+             {blocks}: {r:?}"
+        )));
+    }
+    let n = n.max(0) as usize;
+    tracing::debug!("{name}: {n} clusters of {blocks} blocks resident at once");
+    seen.insert(key, n);
+    Ok(n)
 }
 
 /// A `CUtensorMap`, passed by value as the kernel's `__grid_constant__` `fp8wg::TensorMap`.
@@ -168,7 +303,8 @@ pub(crate) struct Output {
     y: CudaStorage,
     partial: Option<CudaSlice<f32>>,
     shape: Shape,
-    plan: super::qwgmma::Schedule,
+    plan: Plan,
+    f: CudaFunction,
     dims: (usize, usize, usize),
 }
 
@@ -178,25 +314,37 @@ pub(crate) fn output(
     dtype: DType,
     (m, n, k): (usize, usize, usize),
 ) -> Result<Output, QuantError> {
-    if !supports(k, dev) || m == 0 {
+    if !supports(k, dev) || m == 0 || !n.is_multiple_of(4) {
         return Err(QuantError::Invalid(format!(
-            "fp8 wgmma kernel: needs compute capability 9.0, in_features % 128 == 0 and m > 0, got \
-             [{n}, {k}] at {m} rows"
+            "fp8 wgmma kernel: needs compute capability 9.0, in_features % 128 == 0, \
+             out_features % 4 == 0 and m > 0, got [{n}, {k}] at {m} rows"
         )));
     }
     let shape = shape(m);
-    let plan = plan(shape, n, m, k, super::qmma_tiled::multiprocessors(dev));
     if !matches!(dtype, DType::BF16 | DType::F16 | DType::F32) {
         return Err(QuantError::Invalid(format!(
             "fp8 wgmma kernel: writes bf16, f16 or f32, not {dtype:?}"
         )));
     }
+    let name = format!("fp8wg_{}_{}", dtype_name(dtype), shape.name);
+    let smem = shape.shared_bytes();
+    let f = function_with_shared(dev, "fp8_wgmma", FATBIN, &name, smem)?;
+    let tiles = n.div_ceil(TILE_ROWS) * m.div_ceil(shape.rows);
+    let fits = |splits: usize| match resident_clusters(dev, &f, &name, smem, splits) {
+        Ok(c) => c >= tiles,
+        Err(e) => {
+            tracing::warn!("{e}; split tiles summed through L2 instead");
+            false
+        }
+    };
+    let sms = super::qmma_tiled::multiprocessors(dev);
+    let plan = plan(shape, (m, n, k), sms, CLUSTER_SUMS.get(), fits);
     // SAFETY: every output element is written by the kernel.
     let y = unsafe { dev.alloc_uninit(&(m, n).into(), dtype)? };
-    let partial = if plan.slots > 1 {
+    let partial = if plan.schedule.slots > 1 {
         // SAFETY: a split tile's segments each write their part of slot (split) before the tile's
         // last block reads them.
-        Some(unsafe { dev.alloc::<f32>(plan.slots * m * n)? })
+        Some(unsafe { dev.alloc::<f32>(plan.schedule.slots * m * n)? })
     } else {
         None
     };
@@ -205,6 +353,7 @@ pub(crate) fn output(
         partial,
         shape,
         plan,
+        f,
         dims: (m, n, k),
     })
 }
@@ -235,7 +384,7 @@ pub(crate) fn gemm(
         )));
     }
     let tiles = n.div_ceil(128) * m.div_ceil(sh.rows);
-    if plan.slots > 1 && tiles > counters.len() {
+    if plan.schedule.slots > 1 && tiles > counters.len() {
         return Err(QuantError::Invalid(format!(
             "fp8 wgmma kernel: {tiles} split tiles ([{n}, {k}] at {m} rows) but {} split-K counters",
             counters.len()
@@ -260,14 +409,6 @@ fn launch<T: CudaDType + DeviceRepr + WithDType>(
 ) -> Result<(), QuantError> {
     let (sh, plan, (m, n, k)) = (out.shape, out.plan, out.dims);
     let stream = dev.cuda_stream();
-    let smem = sh.shared_bytes();
-    let f = function_with_shared(
-        dev,
-        "fp8_wgmma",
-        FATBIN,
-        &format!("fp8wg_{}_{}", dtype_name(T::DTYPE), sh.name),
-        smem,
-    )?;
     let y = out.y.as_cuda_slice::<T>()?;
     // The codes are read through tensor maps: their guards order the buffers' other users
     // around this launch, as the views passed as arguments would.
@@ -275,25 +416,28 @@ fn launch<T: CudaDType + DeviceRepr + WithDType>(
     let (xp, xguard) = xq.device_ptr(&stream);
     let mw = tensor_map(wp, n, k, TILE_ROWS, "weight codes")?;
     let mx = tensor_map(xp, m, k, sh.rows, "activation codes")?;
-    let (mi, ni, ki, pi) = (m as i32, n as i32, k as i32, plan.per_block as i32);
+    let (mi, ni, ki) = (m as i32, n as i32, k as i32);
+    let (pi, ci) = (plan.schedule.per_block as i32, i32::from(plan.cluster > 1));
     let mut b = KernelArgs::new(&stream);
     b.val(&mw).buf(sw).val(&mx).buf(sx).buf(y);
     match &out.partial {
         Some(p) => b.buf(p),
         None => b.address(0),
     };
-    b.buf(counters).val(&mi).val(&ni).val(&ki).val(&pi);
+    b.buf(counters).val(&mi).val(&ni).val(&ki).val(&pi).val(&ci);
+    b.in_clusters(plan.cluster as u32);
     let cfg = LaunchConfig {
-        grid_dim: (plan.blocks as u32, 1, 1),
+        grid_dim: (plan.schedule.blocks as u32, 1, 1),
         block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: smem as u32,
+        shared_mem_bytes: sh.shared_bytes() as u32,
     };
     // SAFETY: matches `fp8wg_*` (kernels/fp8_wgmma.cu): the maps describe wq's n*k and xq's m*k
     // codes (checked by the caller), sw n, sx m, y m*n, partial slots*m*n, counters one per tile
     // of a splitting schedule (at most 16 activation blocks per 128 output rows, within the
-    // n/16*16 the caller passes); shared memory opted in. The kernel copies only weight codes
-    // before `wait_for_producers()`.
-    unsafe { b.launch_dependent(&f, cfg) }?;
+    // n/16*16 the caller passes); shared memory opted in; in clusters, the grid is the tiles'
+    // whole clusters, one segment a block (`plan`). The kernel copies only weight codes before
+    // `wait_for_producers()`.
+    unsafe { b.launch_dependent(&out.f, cfg) }?;
     drop((wguard, xguard));
     Ok(())
 }
@@ -331,21 +475,59 @@ mod tests {
 
     #[test]
     fn blocks_share_k_steps() {
+        let stream_k = |sh, dims| plan(sh, dims, 132, false, |_| true).schedule;
         // gate/up and down at 16-64 rows: 112 and 32 tiles on 132 SMs, shared out 28 steps a block.
         for m in [16, 32, 64] {
             let sh = shape(m);
             for (n, k) in [(14336, 4096), (4096, 14336)] {
-                let p = plan(sh, n, m, k, 132);
+                let p = stream_k(sh, (m, n, k));
                 assert_eq!((p.per_block, p.blocks), (28, 128), "{n}x{k} m={m}");
             }
         }
         // 448 whole tiles at 64 rows: one block each, every K step.
-        let p = plan(shape(64), 57344, 64, 4096, 132);
+        let p = stream_k(shape(64), (64, 57344, 4096));
         assert_eq!((p.per_block, p.slots, p.blocks), (32, 1, 448));
         // down_proj at 128 rows: one 128-row activation block, 32 tiles shared out.
-        let p = plan(shape(128), 4096, 128, 14336, 132);
+        let p = stream_k(shape(128), (128, 4096, 14336));
         assert_eq!((p.per_block, p.blocks), (28, 128));
-        let p = plan(shape(16), 57344, 16, 14336, 132);
+        let p = stream_k(shape(16), (16, 57344, 14336));
         assert_eq!((p.per_block, p.slots), (112, 1));
+    }
+
+    #[test]
+    fn clusters_hold_a_tiles_equal_splits() {
+        let clustered = |m, n, k, fits: &dyn Fn(usize) -> bool| {
+            let p = plan(shape(m), (m, n, k), 132, true, fits);
+            (
+                p.schedule.per_block,
+                p.schedule.blocks,
+                p.schedule.slots,
+                p.cluster,
+            )
+        };
+        let all = |_: usize| true;
+        // down_proj and q/o (32 tiles): 4 splits a tile, one cluster each, at every row count.
+        for m in [1, 16, 32, 64, 128] {
+            assert_eq!(clustered(m, 4096, 14336, &all), (28, 128, 1, 4), "m = {m}");
+            assert_eq!(clustered(m, 4096, 4096, &all), (8, 128, 1, 4), "m = {m}");
+        }
+        // Clusters of 4 not all resident (an H200): 2 splits, but not for down_proj's 128-row
+        // blocks (128 x 56 steps, past MAX_BLOCK_WORK: stream-K).
+        let two = |s: usize| s <= 2;
+        assert_eq!(clustered(128, 4096, 4096, &two), (16, 64, 1, 2));
+        assert_eq!(clustered(64, 4096, 14336, &two), (56, 64, 1, 2));
+        assert_eq!(clustered(128, 4096, 14336, &two), (28, 128, 4, 1));
+        // gate/up (112 tiles, past 3/4 of the SMs): whole tiles, no sums.
+        assert_eq!(clustered(16, 14336, 4096, &all), (32, 112, 1, 1));
+        // k/v (8 tiles): at most 8 blocks a cluster.
+        assert_eq!(clustered(16, 1024, 4096, &all), (4, 64, 1, 8));
+        // 3 steps: no split divides them evenly past 3.
+        assert_eq!(clustered(16, 1024, 384, &all), (1, 24, 1, 3));
+        // No cluster resident: the stream-K schedule.
+        let p = plan(shape(16), (16, 4096, 14336), 132, true, |_| false);
+        assert_eq!(
+            (p.schedule.per_block, p.schedule.blocks, p.cluster),
+            (28, 128, 1)
+        );
     }
 }
