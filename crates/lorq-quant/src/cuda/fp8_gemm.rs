@@ -4,7 +4,7 @@
 //! cuBLASLt with f32 accumulation and a bf16/f16/f32 output.
 //!
 //! At few rows, where cuBLASLt's FP8 kernels stream the weight slowly, lorq's own tensor-core
-//! kernel (`fp8_mma.rs`) runs the product from the same buffers instead.
+//! kernels (`fp8_mma.rs`; on Hopper `fp8_wgmma.rs`) run the product from the same buffers instead.
 //!
 //! Scales: both per tensor → cuBLASLt's scalar A/B scale pointers; otherwise its outer-vector
 //! mode (`OUTER_VEC_32F`: one f32 per weight row and one per token, cuBLAS 12.9+) and, where the
@@ -74,9 +74,9 @@ pub enum ActQuant {
 /// Which kernel runs the quantized product.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fp8Kernel {
-    /// lorq's kernels where they were measured faster (Hopper's wgmma kernel at 17-64 rows and
-    /// on long-K weights from one row, [`super::fp8_wgmma::takes`]; the mma kernel at few rows,
-    /// [`super::fp8_mma::shape`]), else cuBLASLt.
+    /// lorq's kernels where they were measured faster (on Hopper the wgmma kernel for every
+    /// weight up to 64 rows and some to 128, [`super::fp8_wgmma::takes`]; elsewhere the mma
+    /// kernel at few rows, [`super::fp8_mma::shape`]), else cuBLASLt.
     Auto,
     /// cuBLASLt (scalar or outer-vector scales), our epilogue where the library refuses.
     CublasLt,
