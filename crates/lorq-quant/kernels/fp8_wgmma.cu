@@ -22,6 +22,8 @@
 //   through L2 partial sums and a ticket. Launched in clusters (each tile's equal splits one
 //   cluster: fp8_wgmma.rs `plan`), the parts are added from the blocks' shared memory instead
 //   (`finish_in_cluster`).
+// - One launch may compute up to three weights sharing the activations (q/k/v, gate/up:
+//   `Weights`), their tiles laid end to end; such groups run whole tiles or clusters only.
 // - Requires K % 128 == 0 (whole steps) and 16-byte aligned rows (the copies' rule).
 #include "qmma_tiled.cuh"
 #include "wgmma.cuh"
@@ -38,6 +40,35 @@ struct alignas(64) TensorMap {
     uint64_t opaque[16];
 };
 
+// Up to three weights sharing the activations (q/k/v, gate/up: fp8_wgmma.rs `Weights`, the same
+// layout): weight g's codes' tensor map ([n[g], K] bytes), row scales and output y[g] [M, n[g]].
+// Their tiles are laid end to end, weight after weight.
+constexpr int MAX_WEIGHTS = 3;
+struct alignas(64) Weights {
+    TensorMap map[MAX_WEIGHTS];
+    const float* sw[MAX_WEIGHTS];
+    void* y[MAX_WEIGHTS];
+    int n[MAX_WEIGHTS];
+    int count;
+};
+
+// Where a tile is: its weight, its 128-row block in that weight and its activation block.
+struct Place {
+    int g, bx, mbi;
+};
+__device__ __forceinline__ Place place(const Weights& ws, int tile, int m_blocks) {
+    Place p{0, 0, 0};
+    for (; p.g + 1 < ws.count; p.g++) {
+        const int tiles = (ws.n[p.g] + ROWS - 1) / ROWS * m_blocks;
+        if (tile < tiles) break;
+        tile -= tiles;
+    }
+    const int row_blocks = (ws.n[p.g] + ROWS - 1) / ROWS;
+    p.bx = tile % row_blocks;
+    p.mbi = tile / row_blocks;
+    return p;
+}
+
 // The consumer warps' barrier (named barrier 1: the producer warpgroup never joins).
 struct ConsumerSync {
     __device__ __forceinline__ void operator()() const {
@@ -47,10 +78,9 @@ struct ConsumerSync {
 
 // BN activation rows a tile, G K steps (128 bytes of each row) a stage, S stages.
 template <typename T, int BN, int G, int S>
-__device__ __forceinline__ void run(const TensorMap& mw, const float* __restrict__ sw, const TensorMap& mx,
-                                    const float* __restrict__ sx, T* __restrict__ y, float* __restrict__ partial,
-                                    unsigned* __restrict__ counters, int M, int N, int K, int per_block,
-                                    bool in_cluster) {
+__device__ __forceinline__ void run(const Weights& ws, const TensorMap& mx, const float* __restrict__ sx,
+                                    float* __restrict__ partial, unsigned* __restrict__ counters, int M, int K,
+                                    int per_block, bool in_cluster) {
     constexpr int MT = BN / 8;
     constexpr int WBOX = ROWS * 128, XBOX = BN * 128, STAGE = G * (WBOX + XBOX);
     extern __shared__ uint8_t smem_raw[];
@@ -72,8 +102,10 @@ __device__ __forceinline__ void run(const TensorMap& mw, const float* __restrict
     // the SMs this grid leaves free and stream the first lap of its weight; it waits for this
     // grid's end before it reads or writes anything a kernel writes.
     launch_dependents();
-    const int steps = K / 128, row_blocks = (N + ROWS - 1) / ROWS;
-    const int total = row_blocks * ((M + BN - 1) / BN) * steps, end = min(total, ((int)blockIdx.x + 1) * per_block);
+    const int steps = K / 128, m_blocks = (M + BN - 1) / BN;
+    int tiles = 0;
+    for (int g = 0; g < ws.count; g++) tiles += (ws.n[g] + ROWS - 1) / ROWS * m_blocks;
+    const int total = tiles * steps, end = min(total, ((int)blockIdx.x + 1) * per_block);
     if (tid >= WR * 32) {
         // Producer: one lane walks the block's segments as the consumers do and fills the ring.
         if (tid == WR * 32) {
@@ -81,37 +113,40 @@ __device__ __forceinline__ void run(const TensorMap& mw, const float* __restrict
             asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
             uint64_t keep;
             asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;\n" : "=l"(keep));
-            // The block's stages in order: visit(it, s, nb, mb, i, n) for stage it (ring slot s) holding
-            // K steps i .. i + n - 1 of the tile at output rows nb, activation rows mb; false stops.
+            // The block's stages in order: visit(it, s, w, nb, mb, i, n) for stage it (ring slot s)
+            // holding K steps i .. i + n - 1 of weight w's tile at output rows nb, activation rows
+            // mb; false stops.
             auto walk = [&](auto&& visit) {
                 int it = 0;
                 for (int cur = (int)blockIdx.x * per_block; cur < end;) {
                     const wgmma::Segment sg = wgmma::segment_at(cur, end, steps, per_block);
-                    const int nb = (sg.tile % row_blocks) * ROWS, mb = (sg.tile / row_blocks) * BN;
+                    const Place p = place(ws, sg.tile, m_blocks);
+                    const int nb = p.bx * ROWS, mb = p.mbi * BN;
                     for (int i = sg.st0; i < sg.st1; i += G, it++)
-                        if (!visit(it, it % S, nb, mb, i, min(G, sg.st1 - i))) return;
+                        if (!visit(it, it % S, p.g, nb, mb, i, min(G, sg.st1 - i))) return;
                     cur += sg.st1 - sg.st0;
                 }
             };
-            auto copy_weight = [&](int s, int nb, int i, int n) {
+            auto copy_weight = [&](int s, int w, int nb, int i, int n) {
                 for (int q = 0; q < n; q++)
-                    wgmma::tensor_copy(s0 + s * STAGE + q * WBOX, &mw, (i + q) * 128, nb, full0 + 8 * s, policy);
+                    wgmma::tensor_copy(s0 + s * STAGE + q * WBOX, &ws.map[w], (i + q) * 128, nb, full0 + 8 * s,
+                                       policy);
             };
             // The weight of the ring's first lap before the activations exist: launched as a dependent
             // of the kernel writing them (fp8_act.cu quant_rows), the block streams its weight while
             // that kernel runs. A stage's barrier expects the weight's and the activations' bytes.
-            walk([&](int it, int s, int nb, int, int i, int n) {
+            walk([&](int it, int s, int w, int nb, int, int i, int n) {
                 if (it >= S) return false;
                 wgmma::mbar_expect(full0 + 8 * s, n * (WBOX + XBOX));
-                copy_weight(s, nb, i, n);
+                copy_weight(s, w, nb, i, n);
                 return true;
             });
             wait_for_producers();
-            walk([&](int it, int s, int nb, int mb, int i, int n) {
+            walk([&](int it, int s, int w, int nb, int mb, int i, int n) {
                 if (it >= S) {
                     wgmma::mbar_wait(empty0 + 8 * s, ((it / S) & 1) ^ 1);
                     wgmma::mbar_expect(full0 + 8 * s, n * (WBOX + XBOX));
-                    copy_weight(s, nb, i, n);
+                    copy_weight(s, w, nb, i, n);
                 }
                 for (int q = 0; q < n; q++)
                     wgmma::tensor_copy(s0 + s * STAGE + G * WBOX + q * XBOX, &mx, (i + q) * 128, mb, full0 + 8 * s,
@@ -129,9 +164,12 @@ __device__ __forceinline__ void run(const TensorMap& mw, const float* __restrict
     int it = 0;
     for (int cur = (int)blockIdx.x * per_block; cur < end;) {
         const wgmma::Segment sg = wgmma::segment_at(cur, end, steps, per_block);
-        const qmmat::Coords pos = qmmat::coords_at<1, WR, MT>(sg.tile % row_blocks, sg.tile / row_blocks, K, sg.st0,
-                                                              sg.st1, sg.split, sg.splits, sg.tile);
-        const int g = pos.g, t = pos.t, nw = pos.nw, mb = pos.mb;
+        const Place p = place(ws, sg.tile, m_blocks);
+        const qmmat::Coords pos =
+            qmmat::coords_at<1, WR, MT>(p.bx, p.mbi, K, sg.st0, sg.st1, sg.split, sg.splits, sg.tile);
+        const int g = pos.g, t = pos.t, nw = pos.nw, mb = pos.mb, N = ws.n[p.g];
+        const float* __restrict__ sw = ws.sw[p.g];
+        T* __restrict__ y = static_cast<T*>(ws.y[p.g]);
         const uint32_t arow = (uint32_t)(tid >> 7) * 64 * 128;  // the warpgroup's rows in a weight box
         float acc[1][MT][4];
         mma_pipeline::zero(acc);
@@ -194,19 +232,18 @@ __device__ __forceinline__ void run(const TensorMap& mw, const float* __restrict
 #define FP8WG_BODY(...) __trap()
 #endif
 
-// fp8wg_*: arguments: the weight's tensor map ([N, K] bytes, boxes of 128 x 128), sw (N), the
-// activations' ([M, K], boxes of 128 x BN), sx (M), y [M, N], partial, counters, M, N, K, K steps
-// per block, in_cluster (1: the blocks of a tile form a cluster, in split order, each one segment;
-// partial and counters unused); grid (blocks), THREADS threads; dynamic shared memory fp8_wgmma.rs
-// `shared_bytes`.
+// fp8wg_*: arguments: the weights (Weights: tensor maps of [n, K] bytes in boxes of 128 x 128, row
+// scales, outputs [M, n]), the activations' tensor map ([M, K], boxes of 128 x BN), sx (M),
+// partial, counters, M, K, K steps per block, in_cluster (1: the blocks of a tile form a cluster,
+// in split order, each one segment; partial and counters unused). Split tiles summed through
+// partial and counters (stream-K) only for a single weight. Grid (blocks), THREADS threads;
+// dynamic shared memory fp8_wgmma.rs `shared_bytes`.
 #define FP8WG(TN, T, C)                                                                                  \
     extern "C" __global__ void __launch_bounds__(fp8wg::THREADS, 1)                                    \
-        fp8wg_##TN##_##C(const __grid_constant__ fp8wg::TensorMap mw, const float* sw,                 \
-                         const __grid_constant__ fp8wg::TensorMap mx, const float* sx, T* __restrict__ y, \
-                         float* partial, unsigned* counters, int M, int N, int K, int per_block,       \
-                         int in_cluster) {                                                             \
-        FP8WG_BODY(fp8wg::run<T, FP8WG_CFG_##C>(mw, sw, mx, sx, y, partial, counters, M, N, K, per_block,  \
-                                                in_cluster != 0));                                     \
+        fp8wg_##TN##_##C(const __grid_constant__ fp8wg::Weights ws,                                    \
+                         const __grid_constant__ fp8wg::TensorMap mx, const float* sx, float* partial,  \
+                         unsigned* counters, int M, int K, int per_block, int in_cluster) {             \
+        FP8WG_BODY(fp8wg::run<T, FP8WG_CFG_##C>(ws, mx, sx, partial, counters, M, K, per_block, in_cluster != 0)); \
     }
 #define FP8WG_ALL(TN, T) FP8WG(TN, T, n16) FP8WG(TN, T, n32) FP8WG(TN, T, n64) FP8WG(TN, T, n128)
 FP8WG_ALL(bf16, __nv_bfloat16)

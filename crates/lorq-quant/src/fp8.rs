@@ -571,6 +571,11 @@ impl QuantTensor for Fp8Tensor {
     }
 
     #[cfg(feature = "cuda")]
+    fn as_fp8(&self) -> Option<&crate::fp8::Fp8Tensor> {
+        Some(self)
+    }
+
+    #[cfg(feature = "cuda")]
     fn gpu_packed(
         &self,
         dev: &candle_core::cuda_backend::CudaDevice,

@@ -49,6 +49,12 @@ pub trait QuantTensor: Send + Sync + std::fmt::Debug {
     fn gpu_runs_alone(&self, _x: &Tensor) -> Result<bool, QuantError> {
         Ok(false)
     }
+    /// The FP8 weight this is (for [`matmul_group`]'s one launch of FP8 weights sharing an
+    /// input); `None` for every other format.
+    #[cfg(feature = "cuda")]
+    fn as_fp8(&self) -> Option<&crate::fp8::Fp8Tensor> {
+        None
+    }
     /// Whether this weight's GPU matmul of `x` would quantize `x` to e4m3 with one dynamic scale
     /// per row (FP8 W8A8) in a launch that the kernel producing `x` should take over, writing the
     /// codes in its own launch (`cuda::fused_ops::add_rms_norm_fp8`,
@@ -94,6 +100,12 @@ fn gpu_matmul_group(
 ) -> Result<Option<Vec<Tensor>>, QuantError> {
     if ws.len() < 2 {
         return Ok(None);
+    }
+    let fp8: Option<Vec<&crate::fp8::Fp8Tensor>> = ws.iter().map(|w| w.as_fp8()).collect();
+    if let Some(fp8) = fp8 {
+        if let Some(ys) = crate::cuda::fp8_gemm::matmul_group(&fp8, x)? {
+            return Ok(Some(ys));
+        }
     }
     for w in ws {
         if w.gpu_runs_alone(x)? {

@@ -18,6 +18,9 @@ fn fp8_gpu_tests_skipped_without_the_cuda_feature() {
 }
 
 #[cfg(feature = "cuda")]
+mod common;
+
+#[cfg(feature = "cuda")]
 #[path = "common/formats.rs"]
 #[allow(dead_code)] // the other tests' helpers
 mod formats;
@@ -29,10 +32,11 @@ mod gpu {
         gemm_quantized, has_fp8_tensor_cores, matmul_with, min_rows, quantize_activations,
         shares_packed_copy, ActQuant, Fp8Kernel, MIN_M, ONE_ROW_MIN_WEIGHTS,
     };
-    use lorq_quant::cuda::{dependent_launch, fp8_wgmma, graph};
+    use lorq_quant::cuda::{dependent_launch, fp8_gemm, fp8_wgmma, graph};
     use lorq_quant::fp8::{e4m3fn_to_f32, f32_to_e4m3fn, Fp8Strategy, Fp8Tensor, E4M3_MAX};
     use lorq_quant::QuantTensor;
 
+    use super::common::f32s;
     use super::formats::max_abs_diff;
 
     /// The GPU, if there is one with FP8 tensor cores (else says why the test is skipped).
@@ -309,13 +313,7 @@ mod gpu {
                                 let got = matmul_with(&t, &xt, act, kernel).unwrap();
                                 assert_eq!(got.dims(), &[m, n]);
                                 assert_eq!(got.dtype(), dtype);
-                                let got: Vec<f32> = got
-                                    .to_dtype(DType::F32)
-                                    .unwrap()
-                                    .flatten_all()
-                                    .unwrap()
-                                    .to_vec1()
-                                    .unwrap();
+                                let got = f32s(&got);
                                 let want = ref_product(&t, &x, m, act.unwrap_or(default_act));
                                 let e = rel_l2(&got, &want);
                                 worst = worst.max(e);
@@ -429,6 +427,73 @@ mod gpu {
             0.0,
             "Auto did not take cuBLASLt at 300 rows"
         );
+    }
+
+    /// Weights sharing their input (q/k/v, gate/up shapes, smaller) in one launch of the wgmma
+    /// kernel, their tiles end to end: each output against the CPU reference and against the
+    /// weight's own product; with the grouped launches off, no group.
+    #[test]
+    fn fp8_group_matches_cpu() {
+        let Some(dev) = fp8_gpu() else { return };
+        let cdev = dev.as_cuda_device().unwrap();
+        if !fp8_wgmma::supports(1024, cdev) {
+            eprintln!("the grouped launch was not checked: it needs compute capability 9.0");
+            return;
+        }
+        let mut worst = 0f64;
+        // 6 tiles in clusters of 8 splits, 32 in clusters of 2, 100 whole (on 132 SMs).
+        for (ns, k) in [
+            (vec![512usize, 128, 128], 1024usize),
+            (vec![2048, 2048], 512),
+            (vec![6400, 6400], 128),
+        ] {
+            let ts: Vec<Fp8Tensor> = ns
+                .iter()
+                .map(|&n| {
+                    let w = Tensor::randn(0f32, 0.05, (n, k), &Device::Cpu).unwrap();
+                    Fp8Tensor::quantize(&w, Fp8Strategy::Channel, DType::BF16).unwrap()
+                })
+                .collect();
+            let group: Vec<&Fp8Tensor> = ts.iter().collect();
+            for m in [2usize, 5, 16, 40, 64] {
+                let x = as_dtype(&activations(m as u64 + 7, m, k), DType::BF16);
+                let xt = Tensor::from_vec(x.clone(), (m, k), &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(DType::BF16)
+                    .unwrap()
+                    .to_device(&dev)
+                    .unwrap();
+                let ys = fp8_gemm::matmul_group(&group, &xt)
+                    .unwrap()
+                    .unwrap_or_else(|| panic!("{ns:?} x {k} at {m} rows: no grouped launch"));
+                assert_eq!(ys.len(), ns.len());
+                for ((t, y), &n) in ts.iter().zip(&ys).zip(&ns) {
+                    assert_eq!(y.dims(), &[m, n]);
+                    let got = f32s(y);
+                    let want = ref_product(t, &x, m, ActQuant::DynamicPerToken);
+                    let e = rel_l2(&got, &want);
+                    worst = worst.max(e);
+                    assert!(
+                        e <= 1e-2,
+                        "{ns:?} x {k} at {m} rows, weight [{n}, {k}]: rel L2 {e:.2e}"
+                    );
+                    let own = f32s(&matmul_with(t, &xt, None, Fp8Kernel::Wgmma).unwrap());
+                    let own: Vec<f64> = own.iter().map(|&v| f64::from(v)).collect();
+                    let d = rel_l2(&got, &own);
+                    assert!(
+                        d <= 1e-2,
+                        "{ns:?} at {m} rows: group vs own product {d:.2e}"
+                    );
+                }
+            }
+        }
+        eprintln!("grouped launches: worst rel L2 error {worst:.2e}");
+        fp8_gemm::set_grouped_launches(false);
+        let x = bf16_randn((4, 512), &dev);
+        let w = Tensor::randn(0f32, 0.05, (256, 512), &Device::Cpu).unwrap();
+        let t = Fp8Tensor::quantize(&w, Fp8Strategy::Channel, DType::BF16).unwrap();
+        assert!(fp8_gemm::matmul_group(&[&t, &t], &x).unwrap().is_none());
+        fp8_gemm::set_grouped_launches(true);
     }
 
     /// N(0, 1) activations of `shape` on `dev`, in bf16.

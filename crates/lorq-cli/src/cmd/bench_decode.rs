@@ -133,6 +133,10 @@ pub struct BenchDecodeArgs {
     /// cluster; the kernel taken for every weight up to 64 rows): `fp8_cluster_sums` in the rows.
     #[arg(long)]
     pub compare_fp8_cluster_sums: bool,
+    /// Also time each case with FP8 weights sharing an input (q/k/v, gate/up) as one product
+    /// each instead of one grouped launch of the wgmma kernel (`fp8_grouped` in the rows).
+    #[arg(long)]
+    pub compare_fp8_grouped: bool,
     #[arg(long, default_value_t = 1234)]
     pub seed: u64,
     /// Timed repetitions of each case (prefill + decode again; the best decode is reported).
@@ -171,6 +175,7 @@ struct Switches {
     fp8_codes: bool,
     dependent_launches: bool,
     cluster_sums: bool,
+    fp8_grouped: bool,
     lora_overlap: bool,
     wgmma: bool,
     half2_two_rows: bool,
@@ -188,6 +193,7 @@ impl Switches {
             a.compare_fp8_codes,
             a.compare_dependent_launches,
             a.compare_fp8_cluster_sums,
+            a.compare_fp8_grouped,
             a.compare_lora_overlap && adapters,
             a.compare_wgmma,
             a.compare_half2_rows,
@@ -215,10 +221,11 @@ impl Switches {
                 fp8_codes: s[3],
                 dependent_launches: s[4],
                 cluster_sums: s[5],
-                lora_overlap: s[6],
-                wgmma: s[7],
-                half2_two_rows: s[8],
-                folded_scales: s[9],
+                fp8_grouped: s[6],
+                lora_overlap: s[7],
+                wgmma: s[8],
+                half2_two_rows: s[9],
+                folded_scales: s[10],
             })
             .collect()
     }
@@ -235,6 +242,7 @@ impl Switches {
         model.set_fp8_codes(self.fp8_codes);
         set_dependent_launches(self.dependent_launches);
         set_fp8_cluster_sums(self.cluster_sums);
+        set_fp8_grouped(self.fp8_grouped);
         set_lora_overlap(self.lora_overlap);
     }
 }
@@ -244,6 +252,15 @@ impl Switches {
 fn set_fp8_cluster_sums(on: bool) {
     #[cfg(feature = "cuda")]
     lorq_quant::cuda::fp8_wgmma::set_cluster_sums(on);
+    #[cfg(not(feature = "cuda"))]
+    let _ = on;
+}
+
+/// Whether FP8 weights sharing an input run as one grouped launch (lorq_quant's `fp8_gemm`; for
+/// the calling thread).
+fn set_fp8_grouped(on: bool) {
+    #[cfg(feature = "cuda")]
+    lorq_quant::cuda::fp8_gemm::set_grouped_launches(on);
     #[cfg(not(feature = "cuda"))]
     let _ = on;
 }
@@ -654,6 +671,7 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
                             "fp8_codes": sw.fp8_codes && sw.fused,
                             "dependent_launches": sw.dependent_launches,
                             "fp8_cluster_sums": sw.cluster_sums,
+                            "fp8_grouped": sw.fp8_grouped,
                             "lora_overlap": n_adapters > 0 && sw.lora_overlap && model.cuda_graphs(),
                             "wgmma": sw.wgmma,
                             "half2_two_rows": sw.half2_two_rows,

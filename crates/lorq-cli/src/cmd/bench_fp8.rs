@@ -31,6 +31,9 @@ use clap::Args;
                          over the SMs summed through L2 partial sums, not in thread-block clusters
   quantize-only          the activation quantization alone (per-token e4m3 codes and scales)
   weight-only            the weight-only path (e4m3 decoded, activations stay bf16)
+Groups (--groups: weights sharing their input; bf16 cuBLAS one matmul each):
+  w8a8-group             the weights in one launch of the wgmma kernel (lorq_quant::matmul_group)
+  w8a8-separate          one W8A8 product each, the activations quantized once
 
 Example:
   lorq bench fp8 --device cuda --shapes llama3-8b --m 1,2,8,16,32,64,128,512 --json fp8.json \\
@@ -51,10 +54,50 @@ pub struct BenchFp8Args {
     /// A JSON file of peer rows (scripts/bench/torch_scaled_mm.py) merged into the report.
     #[arg(long)]
     pub peer: Option<PathBuf>,
+    /// Weights sharing their input, timed as one grouped launch against one product each:
+    /// `llama3-8b` (q/k/v and gate/up), `none`, or `N1+N2[+N3]xK` (e.g. 4096+1024+1024x4096).
+    #[arg(long, value_delimiter = ',', default_value = "llama3-8b")]
+    pub groups: Vec<String>,
+}
+
+/// Weights sharing an input: a label, their output rows, the shared K.
+type Group = (String, Vec<usize>, usize);
+
+/// `--groups`: presets or `N1+N2[+N3]xK` specs.
+fn parse_groups(specs: &[String]) -> Result<Vec<Group>> {
+    let mut out = Vec::new();
+    for s in specs.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
+        match s {
+            "none" => {}
+            "llama3-8b" => {
+                out.push(("q/k/v".to_string(), vec![4096, 1024, 1024], 4096));
+                out.push(("gate/up".to_string(), vec![14336, 14336], 4096));
+            }
+            _ => {
+                let parsed = s.split_once(['x', 'X']).and_then(|(ns, k)| {
+                    let ns = ns
+                        .split('+')
+                        .map(|n| n.parse::<usize>().ok().filter(|&n| n > 0))
+                        .collect::<Option<Vec<_>>>()?;
+                    Some((ns, k.parse::<usize>().ok().filter(|&k| k > 0)?))
+                });
+                match parsed {
+                    Some((ns, k)) if (2..=3).contains(&ns.len()) => {
+                        out.push((s.to_string(), ns, k));
+                    }
+                    _ => anyhow::bail!(
+                        "bad group {s:?}: use llama3-8b, none or N1+N2[+N3]xK (2-3 weights)"
+                    ),
+                }
+            }
+        }
+    }
+    Ok(out)
 }
 
 pub fn run(a: BenchFp8Args) -> Result<()> {
     let device = crate::common::parse_device(&a.device)?;
+    parse_groups(&a.groups)?;
     if device.is_cpu() {
         anyhow::bail!("lorq bench fp8 times the GPU path: pass --device cuda[:N]");
     }
@@ -73,7 +116,7 @@ mod gpu {
         prepare, quantize_activations, ActQuant, Fp8Kernel,
     };
     use lorq_quant::cuda::qgemv::{matmul as qmatmul, DeviceLayout, QPath};
-    use lorq_quant::cuda::{dependent_launch, fp8_wgmma};
+    use lorq_quant::cuda::{dependent_launch, fp8_gemm, fp8_wgmma};
     use lorq_quant::fp8::{e4m3fn_to_f32, f32_to_e4m3fn, Fp8Strategy, Fp8Tensor, E4M3_MAX};
     use lorq_quant::QuantTensor;
     use serde_json::{json, Value};
@@ -255,36 +298,21 @@ mod gpu {
                     push(path, t, fp8_bytes, None, None);
                 }
                 if wgmma_runs {
+                    let mut w8a8 = |i: usize| -> Result<Tensor> {
+                        let t = &chans[i % c];
+                        Ok(matmul_with(t, &x, Some(per_token), Fp8Kernel::Wgmma)?)
+                    };
+                    let mut gemm = |i: usize| -> Result<Tensor> {
+                        let t = &chans[i % c];
+                        Ok(gemm_quantized(t, &qx, cdev, DType::BF16, Fp8Kernel::Wgmma)?)
+                    };
                     dependent_launch::set_enabled(false);
-                    let t = time(&mut |i| {
-                        Ok(matmul_with(
-                            &chans[i % c],
-                            &x,
-                            Some(per_token),
-                            Fp8Kernel::Wgmma,
-                        )?)
-                    });
+                    let t = time(&mut w8a8);
                     dependent_launch::set_enabled(true);
                     push("wgmma-w8a8-serial", t?, fp8_bytes, None, None);
                     // Session 34's schedule: split tiles summed through L2.
                     fp8_wgmma::set_cluster_sums(false);
-                    let gemm = time(&mut |i| {
-                        Ok(gemm_quantized(
-                            &chans[i % c],
-                            &qx,
-                            cdev,
-                            DType::BF16,
-                            Fp8Kernel::Wgmma,
-                        )?)
-                    });
-                    let w8a8 = time(&mut |i| {
-                        Ok(matmul_with(
-                            &chans[i % c],
-                            &x,
-                            Some(per_token),
-                            Fp8Kernel::Wgmma,
-                        )?)
-                    });
+                    let (gemm, w8a8) = (time(&mut gemm), time(&mut w8a8));
                     fp8_wgmma::set_cluster_sums(true);
                     push("wgmma-gemm-only-stream-k", gemm?, fp8_bytes, None, None);
                     push("wgmma-w8a8-stream-k", w8a8?, fp8_bytes, None, None);
@@ -301,6 +329,107 @@ mod gpu {
                 let t = time(&mut |i| Ok(qmatmul(&wo[i % c], &x, QPath::Auto)?))?;
                 push("weight-only", t, fp8_bytes, None, Some(qerr));
                 eprintln!("  {label} m={m}: bf16 {bf16_us:.1} us");
+            }
+        }
+        for (gi, (label, ns, k)) in super::parse_groups(&a.groups)?.into_iter().enumerate() {
+            let label = format!(
+                "{label} {}x{k}",
+                ns.iter()
+                    .map(|n| n.to_string())
+                    .collect::<Vec<_>>()
+                    .join("+")
+            );
+            eprintln!("  {label}");
+            let n_all: usize = ns.iter().sum();
+            let ws: Vec<Tensor> = ns
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| {
+                    Tensor::from_vec(
+                        randn(2000 + 10 * gi as u64 + i as u64, n * k, 0.02),
+                        (n, k),
+                        &Device::Cpu,
+                    )
+                })
+                .collect::<candle_core::Result<_>>()?;
+            let copies = (256usize << 20).div_ceil(n_all * k).clamp(1, 32);
+            let fp8: Vec<Fp8Tensor> = ws
+                .iter()
+                .map(|w| Fp8Tensor::quantize(w, Fp8Strategy::Channel, DType::BF16))
+                .collect::<Result<_, _>>()?;
+            let sets: Vec<Vec<Fp8Tensor>> = (0..copies).map(|_| fp8.clone()).collect();
+            for t in sets.iter().flatten() {
+                prepare(t, cdev)?;
+            }
+            let dense: Vec<Vec<Tensor>> =
+                (0..(256usize << 20).div_ceil(n_all * k * 2).clamp(1, 32))
+                    .map(|_| {
+                        ws.iter()
+                            .map(|w| w.to_dtype(DType::BF16)?.to_device(dev))
+                            .collect()
+                    })
+                    .collect::<candle_core::Result<_>>()?;
+            for &m in &a.m {
+                let x_cpu =
+                    Tensor::from_vec(randn(11 + m as u64, m * k, 1.0), (m, k), &Device::Cpu)?
+                        .to_dtype(DType::BF16)?;
+                let x = x_cpu.to_device(dev)?;
+                let x32: Vec<f32> = x_cpu.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                let iters = if m <= 16 { 50 } else { 10 };
+                let time = |f: &mut dyn FnMut(usize) -> Result<Tensor>| -> Result<Timing> {
+                    time_calls(dev, iters, true, f)
+                };
+                let last = |ys: Vec<Tensor>| ys.into_iter().last().expect("2-3 weights");
+                let group = |set: &[Fp8Tensor]| -> Result<Option<Vec<Tensor>>> {
+                    let refs: Vec<&Fp8Tensor> = set.iter().collect();
+                    Ok(fp8_gemm::matmul_group(&refs, &x)?)
+                };
+                let bf16 = time(&mut |i| {
+                    let d = &dense[i % dense.len()];
+                    Ok(last(
+                        d.iter()
+                            .map(|w| x.matmul(&w.t()?))
+                            .collect::<candle_core::Result<_>>()?,
+                    ))
+                })?;
+                let mut push = |path: &str, (us, us_graph): Timing, err: Option<f64>| {
+                    rows.push(json!({
+                        "format": if path == "cublas" { "bf16" } else { "fp8" },
+                        "path": path, "shape": label, "n": n_all, "k": k, "m": m,
+                        "us": us, "speedup_vs_bf16": bf16.0 / us, "us_graph": us_graph,
+                        "speedup_vs_bf16_graph": bf16.1.zip(us_graph).map(|(b, u)| b / u),
+                        "gbps": (n_all * k * if path == "cublas" { 2 } else { 1 }) as f64 / us / 1e3,
+                        "rel_err": err, "quant_err_vs_bf16": null, "ok": err.is_none_or(|e| e <= 1e-2),
+                    }));
+                };
+                push("cublas", bf16, None);
+                let separate = time(&mut |i| {
+                    let set = &sets[i % copies];
+                    Ok(last(fp8_gemm::with_shared_activations(|| {
+                        set.iter()
+                            .map(|t| matmul_with(t, &x, None, Fp8Kernel::Auto))
+                            .collect::<Result<Vec<_>, _>>()
+                    })?))
+                })?;
+                push("w8a8-separate", separate, None);
+                // The grouped launch where the kernel takes the group (Hopper), checked first.
+                let Some(ys) = group(&sets[0])? else {
+                    continue;
+                };
+                let mut worst = 0f64;
+                for (t, y) in fp8.iter().zip(&ys) {
+                    let want = reference(t, &x32, m, ActQuant::DynamicPerToken)?;
+                    worst = worst.max(rel_l2(&y.to_device(&Device::Cpu)?, &want)?);
+                }
+                if worst > 1e-2 {
+                    failures.push(format!(
+                        "w8a8-group {label} m={m}: rel err {worst:.2e} > 1e-2"
+                    ));
+                }
+                let grouped =
+                    time(&mut |i| Ok(last(group(&sets[i % copies])?.expect("grouped above"))))?;
+                push("w8a8-group", grouped, Some(worst));
+                eprintln!("  {label} m={m}: bf16 {:.1} us", bf16.0);
             }
         }
         if let Some(p) = &a.peer {
@@ -373,5 +502,28 @@ mod gpu {
             );
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_groups;
+
+    #[test]
+    fn groups_parse_presets_and_specs() {
+        let g = parse_groups(&["llama3-8b".into(), "512+256x1024".into()]).unwrap();
+        assert_eq!(
+            g,
+            vec![
+                ("q/k/v".to_string(), vec![4096, 1024, 1024], 4096),
+                ("gate/up".to_string(), vec![14336, 14336], 4096),
+                ("512+256x1024".to_string(), vec![512, 256], 1024),
+            ]
+        );
+        assert!(parse_groups(&["none".into()]).unwrap().is_empty());
+        for bad in ["4096x4096", "1+2+3+4x8", "0+4x8", "4+4x0", "q/k/v"] {
+            let e = parse_groups(&[bad.into()]).unwrap_err().to_string();
+            assert!(e.contains(bad), "{bad}: {e}");
+        }
     }
 }

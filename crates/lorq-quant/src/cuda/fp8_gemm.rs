@@ -701,18 +701,14 @@ impl Product {
             )));
         }
         let dims = (qx.m, w.n, w.k);
-        let (wq, sw) = w.buffers()?;
-        let (wq, sw, xq, sx) = (&wq, &sw, &qx.codes.slice(..), &qx.scales.slice(..));
+        let (xq, sx) = (&qx.codes.slice(..), &qx.scales.slice(..));
         if let Some(out) = self.wgmma {
-            let counters = w.counters().ok_or_else(|| {
-                err(format!(
-                    "the wgmma kernel reads the packed layout's copy, which a {}x{} weight has not",
-                    w.n, w.k
-                ))
-            })?;
-            let s = fp8_wgmma::gemm(dev, out, wq, sw, xq, sx, counters)?;
-            return Ok(tensor_from_storage(s, (qx.m, w.n)));
+            let ys = fp8_wgmma::gemm(dev, out, &[w.buffers()?], xq, sx, w.counters())?;
+            let y = ys.into_iter().next().expect("one weight, one output");
+            return Ok(tensor_from_storage(y, (qx.m, w.n)));
         }
+        let (wq, sw) = w.buffers()?;
+        let (wq, sw) = (&wq, &sw);
         let mma = match self.kernel {
             Fp8Kernel::Mma => Some(fp8_mma::shape(w.n, qx.m).unwrap_or(fp8_mma::Shape::K2)),
             Fp8Kernel::Auto if fp8_mma::supports(w.k) => fp8_mma::shape(w.n, qx.m),
@@ -911,6 +907,85 @@ pub fn matmul_with(
     } else {
         y
     })
+}
+
+thread_local! {
+    static GROUPED: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
+}
+
+/// Turns [`matmul_group`]'s one launch for weights sharing their input on or off for the calling
+/// thread's products (on by default), e.g. to measure what it brings; off, each weight is its
+/// own product (on activations quantized once).
+pub fn set_grouped_launches(on: bool) {
+    GROUPED.set(on);
+}
+
+/// `x · Wᵢᵀ` of FP8 weights sharing `x` (q/k/v, gate/up) in one launch of the wgmma kernel, their
+/// tiles end to end (`fp8_wgmma::group_output`): where every weight's own product would run on
+/// that kernel (`Fp8Kernel::Auto`), with per-token dynamic activation scales (static
+/// `input_scale`s differ per weight), and the group's tiles are whole or summed in clusters.
+/// `None` sends the caller to one product per weight. q/k/v's 48 tiles fill more SMs than q's 32
+/// and k's and v's 8 apiece, and the three fixed costs are paid once.
+pub fn matmul_group(ts: &[&Fp8Tensor], x: &Tensor) -> Result<Option<Vec<Tensor>>, QuantError> {
+    if !GROUPED.get() || !(2..=fp8_wgmma::MAX_WEIGHTS).contains(&ts.len()) {
+        return Ok(None);
+    }
+    let candle_core::Device::Cuda(dev) = x.device() else {
+        return Ok(None);
+    };
+    let k = ts[0].shape().1;
+    let (dims, m) = (x.dims().to_vec(), x.elem_count() / k.max(1));
+    if dims.last() != Some(&k) {
+        return Ok(None);
+    }
+    // (From one row: k/v alone stay on the weight-only GEMV at one row, `min_rows`, but beside q
+    // in one launch they cost little more than q alone.)
+    if !has_fp8_tensor_cores(dev)? {
+        return Ok(None);
+    }
+    let mut ws = Vec::with_capacity(ts.len());
+    for t in ts {
+        let (n, tk) = t.shape();
+        if tk != k || t.input_scale().is_some() || shape_unsupported(n, k).is_some() {
+            return Ok(None);
+        }
+        let w = weight(t, dev)?;
+        if !runs_wgmma(&w, m, dev) {
+            return Ok(None);
+        }
+        ws.push(w);
+    }
+    let out = match x.dtype() {
+        DType::BF16 | DType::F16 => x.dtype(),
+        _ => DType::F32,
+    };
+    let ns: Vec<usize> = ws.iter().map(|w| w.n).collect();
+    // The outputs first, then the activations: adjacent launches (`dependent_launch`).
+    let Some(output) = fp8_wgmma::group_output(dev, out, m, &ns, k)? else {
+        return Ok(None);
+    };
+    let act = ActQuant::DynamicPerToken;
+    let qx = shared_activations(x, act, || quantize_activations(&x.reshape((m, k))?, act))?;
+    let buffers = ws
+        .iter()
+        .map(|w| w.buffers())
+        .collect::<Result<Vec<_>, _>>()?;
+    let (xq, sx) = (&qx.codes.slice(..), &qx.scales.slice(..));
+    let ys = fp8_wgmma::gemm(dev, output, &buffers, xq, sx, None)?;
+    ys.into_iter()
+        .zip(&ns)
+        .map(|(y, &n)| {
+            let mut out_dims = dims.clone();
+            *out_dims.last_mut().expect("rank >= 1") = n;
+            let y = tensor_from_storage(y, (m, n)).reshape(out_dims)?;
+            Ok(if y.dtype() != x.dtype() {
+                y.to_dtype(x.dtype())?
+            } else {
+                y
+            })
+        })
+        .collect::<Result<Vec<_>, QuantError>>()
+        .map(Some)
 }
 
 /// Activations quantized inside [`with_shared_activations`], by input tensor and scaling.

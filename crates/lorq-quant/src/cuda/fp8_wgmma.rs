@@ -84,11 +84,11 @@ pub fn supports(k: usize, dev: &CudaDevice) -> bool {
 /// Whether `Fp8Kernel::Auto` takes this kernel for an `[n, k]` weight at `m` activation rows.
 /// With the cluster schedule ([`plan`], H200, session 35, bf16 cuBLAS / this kernel with the
 /// activation quantization / lorq's mma kernel / cuBLASLt, us): every weight up to 64 rows
-/// (q/o at 1 row 12.9 / 9.5 / 11.1 / 16.8, k/v at 16 rows 7.2 / 6.7 / 7.9 / 15.2, gate/up at 16
-/// 29.7 / 19.1 / 23.1 / 27.1, down at 64 35.7 / 24.6 / 55.2 / 42.3), and at 65-128 rows weights
-/// of at most 4096 outputs or at least 8192 inputs (q/o at 128 rows 16.3 against cuBLASLt's
-/// 16.9, down 32.9 against 42.6); wide 4096-input weights (gate/up) at 128 rows go to cuBLASLt
-/// (23.1 against 24.2). Without it (session 34's stream-K schedule): up to 128 rows of weights
+/// (q/o at 1 row 12.8 / 9.6 / 11.0 / 16.5, k/v at 16 rows 7.3 / 6.7 / 8.0 / 15.2, gate/up at 16
+/// 30.3 / 19.2 / 23.4 / 28.0, down at 64 36.0 / 24.3 / 54.9 / 42.2), and at 65-128 rows weights
+/// of at most 4096 outputs or at least 8192 inputs (q/o at 128 rows 16.1 against cuBLASLt's
+/// 16.9, down 31.0 against 43.1); wide 4096-input weights (gate/up) at 128 rows go to cuBLASLt
+/// (23.3 against 24.3). Without it (session 34's stream-K schedule): up to 128 rows of weights
 /// with at least 8192 inputs and 17-64 rows of weights with more than 1024 outputs, where that
 /// schedule beat the mma kernel and cuBLASLt.
 pub fn takes(n: usize, m: usize, k: usize, dev: &CudaDevice) -> bool {
@@ -151,12 +151,13 @@ struct Plan {
 /// (past [`MAX_BLOCK_WORK`]: stream-K).
 fn plan(
     sh: Shape,
-    (m, n, k): (usize, usize, usize),
+    (m, ns, k): (usize, &[usize], usize),
     sms: usize,
     clusters: bool,
     fits: impl Fn(usize) -> bool,
-) -> Plan {
-    let tiles = n.div_ceil(TILE_ROWS) * m.div_ceil(sh.rows);
+) -> Option<Plan> {
+    let tiles: usize =
+        ns.iter().map(|n| n.div_ceil(TILE_ROWS)).sum::<usize>() * m.div_ceil(sh.rows);
     let steps = k.div_ceil(KSTEP);
     let whole = super::qwgmma::Schedule {
         per_block: steps,
@@ -165,10 +166,10 @@ fn plan(
     };
     if clusters && tiles > 0 {
         if 4 * tiles >= 3 * sms {
-            return Plan {
+            return Some(Plan {
                 schedule: whole,
                 cluster: 1,
-            };
+            });
         }
         let most = (sms / tiles).min(MAX_CLUSTER);
         let small = |s: usize| sh.rows * (steps / s) <= MAX_BLOCK_WORK;
@@ -176,19 +177,23 @@ fn plan(
             .rev()
             .find(|&s| steps.is_multiple_of(s) && small(s) && fits(s))
         {
-            return Plan {
+            return Some(Plan {
                 schedule: super::qwgmma::Schedule {
                     per_block: steps / splits,
                     blocks: tiles * splits,
                     slots: 1,
                 },
                 cluster: splits,
-            };
+            });
         }
     }
-    Plan {
-        schedule: schedule(n, m, k, sh.rows, sms, split_until(sms)),
-        cluster: 1,
+    // (Stream-K's partial sums and tickets are one weight's: a group has none.)
+    match ns {
+        [n] => Some(Plan {
+            schedule: schedule(*n, m, k, sh.rows, sms, split_until(sms)),
+            cluster: 1,
+        }),
+        _ => None,
     }
 }
 
@@ -295,17 +300,37 @@ fn tensor_map(
     Ok(TensorMap(unsafe { map.assume_init() }))
 }
 
-/// A product's output (and split-K partial sums), allocated before its activations are quantized:
-/// the quantization kernel and this one are then adjacent in the stream, so that a graph capture
-/// joins them by a programmatic edge (`dependent_launch`; an allocation between them would be a
-/// graph node of its own).
+/// The kernel's `fp8wg::Weights` (kernels/fp8_wgmma.cu, the same layout): up to three weights'
+/// codes (tensor maps), row scales and outputs, and their output rows.
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+struct Weights {
+    maps: [[u64; 16]; MAX_WEIGHTS],
+    sw: [u64; MAX_WEIGHTS],
+    y: [u64; MAX_WEIGHTS],
+    n: [i32; MAX_WEIGHTS],
+    count: i32,
+}
+
+// SAFETY: plain integers in the kernel's `fp8wg::Weights` layout (448 bytes, 64-byte aligned).
+unsafe impl DeviceRepr for Weights {}
+
+/// Weights one launch computes at most (`fp8wg::MAX_WEIGHTS`).
+pub(crate) const MAX_WEIGHTS: usize = 3;
+
+/// A product's outputs (and split-K partial sums), allocated before its activations are
+/// quantized: the quantization kernel and this one are then adjacent in the stream, so that a
+/// graph capture joins them by a programmatic edge (`dependent_launch`; an allocation between
+/// them would be a graph node of its own).
 pub(crate) struct Output {
-    y: CudaStorage,
+    ys: Vec<CudaStorage>,
+    ns: Vec<usize>,
     partial: Option<CudaSlice<f32>>,
     shape: Shape,
     plan: Plan,
     f: CudaFunction,
-    dims: (usize, usize, usize),
+    m: usize,
+    k: usize,
 }
 
 /// The output `[m, n]` in `dtype` (bf16/f16/f32) of an `[n, k]` weight's product at `m` rows.
@@ -314,10 +339,32 @@ pub(crate) fn output(
     dtype: DType,
     (m, n, k): (usize, usize, usize),
 ) -> Result<Output, QuantError> {
-    if !supports(k, dev) || m == 0 || !n.is_multiple_of(4) {
+    group_output(dev, dtype, m, &[n], k)?.ok_or_else(|| {
+        QuantError::Invalid(format!(
+            "fp8 wgmma kernel: no schedule for [{n}, {k}] at {m} rows"
+        ))
+    })
+}
+
+/// The outputs `[m, nᵢ]` of weights `[nᵢ, k]` sharing their activations (q/k/v, gate/up) in one
+/// launch, their tiles laid end to end: `None` where the tiles would need the stream-K schedule
+/// (a group's tiles are whole or summed in clusters).
+pub(crate) fn group_output(
+    dev: &CudaDevice,
+    dtype: DType,
+    m: usize,
+    ns: &[usize],
+    k: usize,
+) -> Result<Option<Output>, QuantError> {
+    if !supports(k, dev)
+        || m == 0
+        || ns.is_empty()
+        || ns.len() > MAX_WEIGHTS
+        || ns.iter().any(|n| *n == 0 || !n.is_multiple_of(4))
+    {
         return Err(QuantError::Invalid(format!(
-            "fp8 wgmma kernel: needs compute capability 9.0, in_features % 128 == 0, \
-             out_features % 4 == 0 and m > 0, got [{n}, {k}] at {m} rows"
+            "fp8 wgmma kernel: needs compute capability 9.0, in_features % 128 == 0, 1-3 weights \
+             of out_features % 4 == 0 and m > 0, got {ns:?} x {k} at {m} rows"
         )));
     }
     let shape = shape(m);
@@ -329,7 +376,8 @@ pub(crate) fn output(
     let name = format!("fp8wg_{}_{}", dtype_name(dtype), shape.name);
     let smem = shape.shared_bytes();
     let f = function_with_shared(dev, "fp8_wgmma", FATBIN, &name, smem)?;
-    let tiles = n.div_ceil(TILE_ROWS) * m.div_ceil(shape.rows);
+    let tiles: usize =
+        ns.iter().map(|n| n.div_ceil(TILE_ROWS)).sum::<usize>() * m.div_ceil(shape.rows);
     let fits = |splits: usize| match resident_clusters(dev, &f, &name, smem, splits) {
         Ok(c) => c >= tiles,
         Err(e) => {
@@ -338,107 +386,145 @@ pub(crate) fn output(
         }
     };
     let sms = super::qmma_tiled::multiprocessors(dev);
-    let plan = plan(shape, (m, n, k), sms, CLUSTER_SUMS.get(), fits);
-    // SAFETY: every output element is written by the kernel.
-    let y = unsafe { dev.alloc_uninit(&(m, n).into(), dtype)? };
+    let Some(plan) = plan(shape, (m, ns, k), sms, CLUSTER_SUMS.get(), fits) else {
+        return Ok(None);
+    };
+    let ys = ns
+        .iter()
+        // SAFETY: every output element is written by the kernel.
+        .map(|&n| unsafe { dev.alloc_uninit(&(m, n).into(), dtype) })
+        .collect::<Result<Vec<_>, _>>()?;
     let partial = if plan.schedule.slots > 1 {
         // SAFETY: a split tile's segments each write their part of slot (split) before the tile's
         // last block reads them.
-        Some(unsafe { dev.alloc::<f32>(plan.schedule.slots * m * n)? })
+        Some(unsafe { dev.alloc::<f32>(plan.schedule.slots * m * ns[0])? })
     } else {
         None
     };
-    Ok(Output {
-        y,
+    Ok(Some(Output {
+        ys,
+        ns: ns.to_vec(),
         partial,
         shape,
         plan,
         f,
-        dims: (m, n, k),
-    })
+        m,
+        k,
+    }))
 }
 
-/// `y[m, n] = (xq · wqᵀ) · sx[m] · sw[n]` into `out` (from [`output`]): `wq` `[n, k]` and `xq`
-/// `[m, k]` row-major e4m3 codes, `sw` n and `sx` m f32 scales; `counters` the weight's split-K
-/// tickets (zero between launches, at least `n.div_ceil(16) * 16`: the packed layout's). Launched
-/// as a programmatic dependent of the kernel before it (`dependent_launch`).
+/// `yᵢ[m, nᵢ] = (xq · wqᵢᵀ) · sx[m] · swᵢ[nᵢ]` into `out` (from [`output`] / [`group_output`]):
+/// `ws` the weights' `wq` `[nᵢ, k]` row-major e4m3 codes and `sw` nᵢ f32 scales, `xq` `[m, k]`
+/// codes and `sx` m scales; `counters` the single weight's split-K tickets (zero between
+/// launches, at least `n.div_ceil(16) * 16`: the packed layout's), needed where its schedule
+/// splits tiles through L2. Launched as a programmatic dependent of the kernel before it
+/// (`dependent_launch`).
 pub(crate) fn gemm(
     dev: &CudaDevice,
     out: Output,
-    wq: &CudaView<'_, u8>,
-    sw: &CudaView<'_, f32>,
+    ws: &[(CudaView<'_, u8>, CudaView<'_, f32>)],
     xq: &CudaView<'_, u8>,
     sx: &CudaView<'_, f32>,
-    counters: &CudaSlice<u32>,
-) -> Result<CudaStorage, QuantError> {
-    let (sh, plan, (m, n, k)) = (out.shape, out.plan, out.dims);
-    if xq.len() < m * k
-        || wq.len() < n * k
-        || sw.len() < n
-        || sx.len() < m
-        || counters.len() < n.div_ceil(16) * 16
-    {
+    counters: Option<&CudaSlice<u32>>,
+) -> Result<Vec<CudaStorage>, QuantError> {
+    let (m, k) = (out.m, out.k);
+    let sized = ws.len() == out.ns.len()
+        && ws
+            .iter()
+            .zip(&out.ns)
+            .all(|((wq, sw), &n)| wq.len() >= n * k && sw.len() >= n);
+    if !sized || xq.len() < m * k || sx.len() < m {
         return Err(QuantError::Invalid(format!(
-            "fp8 wgmma kernel: needs buffers of [{n}, {k}] codes, {n} weight scales, [{m}, {k}] \
-             activation codes, {m} activation scales and the weight's split-K counters"
+            "fp8 wgmma kernel: needs the codes and scales of {:?} x {k} weights, [{m}, {k}] \
+             activation codes and {m} activation scales",
+            out.ns
         )));
     }
-    let tiles = n.div_ceil(128) * m.div_ceil(sh.rows);
-    if plan.schedule.slots > 1 && tiles > counters.len() {
-        return Err(QuantError::Invalid(format!(
-            "fp8 wgmma kernel: {tiles} split tiles ([{n}, {k}] at {m} rows) but {} split-K counters",
-            counters.len()
-        )));
+    let counters = match (out.plan.schedule.slots > 1, counters) {
+        (false, _) => None,
+        (true, Some(c)) if c.len() >= out.ns[0].div_ceil(16) * 16 => Some(c),
+        (true, _) => {
+            return Err(QuantError::Invalid(format!(
+                "fp8 wgmma kernel: [{}, {k}] at {m} rows splits tiles through L2 and needs the \
+                 weight's split-K counters",
+                out.ns[0]
+            )))
+        }
+    };
+    match out.ys[0].dtype() {
+        DType::BF16 => launch::<half::bf16>(dev, &out, ws, xq, sx, counters)?,
+        DType::F16 => launch::<half::f16>(dev, &out, ws, xq, sx, counters)?,
+        _ => launch::<f32>(dev, &out, ws, xq, sx, counters)?,
     }
-    match out.y.dtype() {
-        DType::BF16 => launch::<half::bf16>(dev, &out, wq, sw, xq, sx, counters)?,
-        DType::F16 => launch::<half::f16>(dev, &out, wq, sw, xq, sx, counters)?,
-        _ => launch::<f32>(dev, &out, wq, sw, xq, sx, counters)?,
-    }
-    Ok(out.y)
+    Ok(out.ys)
 }
 
 fn launch<T: CudaDType + DeviceRepr + WithDType>(
     dev: &CudaDevice,
     out: &Output,
-    wq: &CudaView<'_, u8>,
-    sw: &CudaView<'_, f32>,
+    ws: &[(CudaView<'_, u8>, CudaView<'_, f32>)],
     xq: &CudaView<'_, u8>,
     sx: &CudaView<'_, f32>,
-    counters: &CudaSlice<u32>,
+    counters: Option<&CudaSlice<u32>>,
 ) -> Result<(), QuantError> {
-    let (sh, plan, (m, n, k)) = (out.shape, out.plan, out.dims);
+    let (sh, plan, m, k) = (out.shape, out.plan, out.m, out.k);
     let stream = dev.cuda_stream();
-    let y = out.y.as_cuda_slice::<T>()?;
-    // The codes are read through tensor maps: their guards order the buffers' other users
-    // around this launch, as the views passed as arguments would.
-    let (wp, wguard) = wq.device_ptr(&stream);
+    // The weights' buffers are passed inside `Weights` and the codes read through tensor maps:
+    // the guards order the buffers' other users around this launch, as views passed as
+    // arguments would.
+    let mut guards = Vec::with_capacity(3 * ws.len() + 1);
+    let mut weights = Weights {
+        maps: [[0; 16]; MAX_WEIGHTS],
+        sw: [0; MAX_WEIGHTS],
+        y: [0; MAX_WEIGHTS],
+        n: [0; MAX_WEIGHTS],
+        count: ws.len() as i32,
+    };
+    for (g, ((wq, sw), (y, &n))) in ws.iter().zip(out.ys.iter().zip(&out.ns)).enumerate() {
+        let (wp, wguard) = wq.device_ptr(&stream);
+        let (sp, sguard) = sw.device_ptr(&stream);
+        let (yp, yguard) = y.as_cuda_slice::<T>()?.device_ptr(&stream);
+        guards.extend([wguard, sguard, yguard]);
+        weights.maps[g] = tensor_map(wp, n, k, TILE_ROWS, "weight codes")?.0.opaque;
+        weights.sw[g] = sp;
+        weights.y[g] = yp;
+        weights.n[g] = n as i32;
+    }
+    // Unused slots repeat the first weight's map (never read).
+    for g in ws.len()..MAX_WEIGHTS {
+        weights.maps[g] = weights.maps[0];
+    }
     let (xp, xguard) = xq.device_ptr(&stream);
-    let mw = tensor_map(wp, n, k, TILE_ROWS, "weight codes")?;
+    guards.push(xguard);
     let mx = tensor_map(xp, m, k, sh.rows, "activation codes")?;
-    let (mi, ni, ki) = (m as i32, n as i32, k as i32);
+    let (mi, ki) = (m as i32, k as i32);
     let (pi, ci) = (plan.schedule.per_block as i32, i32::from(plan.cluster > 1));
     let mut b = KernelArgs::new(&stream);
-    b.val(&mw).buf(sw).val(&mx).buf(sx).buf(y);
+    b.val(&weights).val(&mx).buf(sx);
     match &out.partial {
         Some(p) => b.buf(p),
         None => b.address(0),
     };
-    b.buf(counters).val(&mi).val(&ni).val(&ki).val(&pi).val(&ci);
+    match counters {
+        Some(c) => b.buf(c),
+        None => b.address(0),
+    };
+    b.val(&mi).val(&ki).val(&pi).val(&ci);
     b.in_clusters(plan.cluster as u32);
     let cfg = LaunchConfig {
         grid_dim: (plan.schedule.blocks as u32, 1, 1),
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: sh.shared_bytes() as u32,
     };
-    // SAFETY: matches `fp8wg_*` (kernels/fp8_wgmma.cu): the maps describe wq's n*k and xq's m*k
-    // codes (checked by the caller), sw n, sx m, y m*n, partial slots*m*n, counters one per tile
-    // of a splitting schedule (at most 16 activation blocks per 128 output rows, within the
-    // n/16*16 the caller passes); shared memory opted in; in clusters, the grid is the tiles'
-    // whole clusters, one segment a block (`plan`). The kernel copies only weight codes before
-    // `wait_for_producers()`.
+    // SAFETY: matches `fp8wg_*` (kernels/fp8_wgmma.cu): `weights` holds each weight's map of its
+    // nᵢ*k codes, nᵢ scales and [m, nᵢ] output (checked by the caller), the activations' map xq's
+    // m*k codes, sx m; partial slots*m*n and counters one per tile where a single weight's
+    // schedule splits tiles through L2 (at most 16 activation blocks per 128 output rows, within
+    // the n/16*16 checked), null otherwise; shared memory opted in; in clusters, the grid is the
+    // tiles' whole clusters, one segment a block (`plan`). The kernel copies only weight codes
+    // before `wait_for_producers()`.
     unsafe { b.launch_dependent(&out.f, cfg) }?;
-    drop((wguard, xguard));
+    drop(guards);
     Ok(())
 }
 
@@ -475,7 +561,11 @@ mod tests {
 
     #[test]
     fn blocks_share_k_steps() {
-        let stream_k = |sh, dims| plan(sh, dims, 132, false, |_| true).schedule;
+        let stream_k = |sh, (m, n, k): (usize, usize, usize)| {
+            plan(sh, (m, &[n], k), 132, false, |_| true)
+                .unwrap()
+                .schedule
+        };
         // gate/up and down at 16-64 rows: 112 and 32 tiles on 132 SMs, shared out 28 steps a block.
         for m in [16, 32, 64] {
             let sh = shape(m);
@@ -496,14 +586,18 @@ mod tests {
 
     #[test]
     fn clusters_hold_a_tiles_equal_splits() {
-        let clustered = |m, n, k, fits: &dyn Fn(usize) -> bool| {
-            let p = plan(shape(m), (m, n, k), 132, true, fits);
-            (
-                p.schedule.per_block,
-                p.schedule.blocks,
-                p.schedule.slots,
-                p.cluster,
-            )
+        let grouped = |m: usize, ns: &[usize], k: usize, fits: &dyn Fn(usize) -> bool| {
+            plan(shape(m), (m, ns, k), 132, true, fits).map(|p| {
+                (
+                    p.schedule.per_block,
+                    p.schedule.blocks,
+                    p.schedule.slots,
+                    p.cluster,
+                )
+            })
+        };
+        let clustered = |m: usize, n: usize, k: usize, fits: &dyn Fn(usize) -> bool| {
+            grouped(m, &[n], k, fits).expect("one weight always has a schedule")
         };
         let all = |_: usize| true;
         // down_proj and q/o (32 tiles): 4 splits a tile, one cluster each, at every row count.
@@ -523,8 +617,17 @@ mod tests {
         assert_eq!(clustered(16, 1024, 4096, &all), (4, 64, 1, 8));
         // 3 steps: no split divides them evenly past 3.
         assert_eq!(clustered(16, 1024, 384, &all), (1, 24, 1, 3));
+        // Groups: q/k/v's 48 tiles in clusters of 2, gate/up's 224 whole; none in stream-K.
+        let qkv = [4096, 1024, 1024];
+        assert_eq!(grouped(16, &qkv, 4096, &all), Some((16, 96, 1, 2)));
+        assert_eq!(
+            grouped(64, &[14336, 14336], 4096, &all),
+            Some((32, 224, 1, 1))
+        );
+        assert_eq!(grouped(16, &qkv, 4096, &|_| false), None);
+        assert_eq!(plan(shape(16), (16, &qkv, 4096), 132, false, all), None);
         // No cluster resident: the stream-K schedule.
-        let p = plan(shape(16), (16, 4096, 14336), 132, true, |_| false);
+        let p = plan(shape(16), (16, &[4096], 14336), 132, true, |_| false).unwrap();
         assert_eq!(
             (p.schedule.per_block, p.schedule.blocks, p.cluster),
             (28, 128, 1)
