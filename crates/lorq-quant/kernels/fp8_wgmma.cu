@@ -17,14 +17,15 @@
 //   accumulator that is then added to the f32 total (the promotion every 128 products that
 //   cuBLASLt and DeepSeek's kernels do).
 // - Tiles (128 output rows x BN activation rows) and their K steps are shared out as qwgmma.cu's
-//   are (wgmma::segment_at, fp8_wgmma.rs `schedule`); the per-token x per-row scales are applied
+//   are (wgmma::segment_at, fp8_wgmma.rs `plan`); the per-token x per-row scales are applied
 //   to the f32 sums before qmma_tiled.cuh's `finish` stores them or adds a split tile's parts
 //   through L2 partial sums and a ticket. Launched in clusters (each tile's equal splits one
 //   cluster: fp8_wgmma.rs `plan`), the parts are added from the blocks' shared memory instead
 //   (`finish_in_cluster`).
 // - One launch may compute up to three weights sharing the activations (q/k/v, gate/up:
 //   `Weights`), their tiles laid end to end; such groups run whole tiles or clusters only.
-// - Requires K % 128 == 0 (whole steps) and 16-byte aligned rows (the copies' rule).
+// - Requires K % 128 == 0 (whole steps), 16-byte aligned rows (the copies' rule) and N % 4 == 0
+//   (the cluster sums' stores).
 #include "qmma_tiled.cuh"
 #include "wgmma.cuh"
 
