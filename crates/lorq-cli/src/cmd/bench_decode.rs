@@ -230,76 +230,26 @@ impl Switches {
             .collect()
     }
 
-    /// Applies the setting to the model and the process (or, for the cluster sums, this thread:
-    /// the one that runs the model).
+    /// Applies the setting to the model and to lorq_quant's kernel switches: process-wide, or
+    /// for the FP8 cluster sums and grouped launches this thread (the one that runs the model).
     fn set(self, model: &mut LlamaModel) {
-        set_wgmma(self.wgmma);
-        set_half2_two_rows(self.half2_two_rows);
-        set_folded_scales(self.folded_scales);
         model.set_fused_ops(self.fused);
         model.set_grouped_matmuls(self.grouped);
         model.set_norm_tails(self.norm_tails);
         model.set_fp8_codes(self.fp8_codes);
-        set_dependent_launches(self.dependent_launches);
-        set_fp8_cluster_sums(self.cluster_sums);
-        set_fp8_grouped(self.fp8_grouped);
-        set_lora_overlap(self.lora_overlap);
+        #[cfg(feature = "cuda")]
+        {
+            use lorq_quant::cuda as k;
+            k::qwgmma::set_enabled(self.wgmma);
+            k::fp8_wgmma::set_enabled(self.wgmma);
+            k::qgemv::set_half2_two_rows(self.half2_two_rows);
+            k::qmma_tiled::set_folded_scales(self.folded_scales);
+            k::dependent_launch::set_enabled(self.dependent_launches);
+            k::fp8_wgmma::set_cluster_sums(self.cluster_sums);
+            k::fp8_gemm::set_grouped_launches(self.fp8_grouped);
+            k::side_stream::set_enabled(self.lora_overlap);
+        }
     }
-}
-
-/// Whether the FP8 wgmma kernel sums split tiles in thread-block clusters (lorq_quant's
-/// `fp8_wgmma`; for the calling thread).
-fn set_fp8_cluster_sums(on: bool) {
-    #[cfg(feature = "cuda")]
-    lorq_quant::cuda::fp8_wgmma::set_cluster_sums(on);
-    #[cfg(not(feature = "cuda"))]
-    let _ = on;
-}
-
-/// Whether FP8 weights sharing an input run as one grouped launch (lorq_quant's `fp8_gemm`; for
-/// the calling thread).
-fn set_fp8_grouped(on: bool) {
-    #[cfg(feature = "cuda")]
-    lorq_quant::cuda::fp8_gemm::set_grouped_launches(on);
-    #[cfg(not(feature = "cuda"))]
-    let _ = on;
-}
-
-/// Whether 4-bit and FP8 weights may take the wgmma kernels (lorq_quant's `qwgmma`,
-/// `fp8_wgmma`).
-fn set_wgmma(on: bool) {
-    #[cfg(feature = "cuda")]
-    {
-        lorq_quant::cuda::qwgmma::set_enabled(on);
-        lorq_quant::cuda::fp8_wgmma::set_enabled(on);
-    }
-    #[cfg(not(feature = "cuda"))]
-    let _ = on;
-}
-
-/// Whether kernels may be launched as programmatic dependents (lorq_quant's `dependent_launch`).
-fn set_dependent_launches(on: bool) {
-    #[cfg(feature = "cuda")]
-    lorq_quant::cuda::dependent_launch::set_enabled(on);
-    #[cfg(not(feature = "cuda"))]
-    let _ = on;
-}
-
-/// Whether two activation rows of affine 4-bit weights may take the half2 GEMV (lorq_quant's
-/// `qgemv`).
-fn set_half2_two_rows(on: bool) {
-    #[cfg(feature = "cuda")]
-    lorq_quant::cuda::qgemv::set_half2_two_rows(on);
-    #[cfg(not(feature = "cuda"))]
-    let _ = on;
-}
-
-/// Whether the tiled kernel may fold 4-bit scales after the mma (lorq_quant's `qmma_tiled`).
-fn set_folded_scales(on: bool) {
-    #[cfg(feature = "cuda")]
-    lorq_quant::cuda::qmma_tiled::set_folded_scales(on);
-    #[cfg(not(feature = "cuda"))]
-    let _ = on;
 }
 
 /// The attention kernels' process-wide switches (lorq_quant's `paged_attention`): 4-head FMA
@@ -316,14 +266,6 @@ fn set_attention_switches(four_head_blocks: bool, mma: bool, keys: Option<usize>
     }
     #[cfg(not(feature = "cuda"))]
     let _ = (four_head_blocks, mma, keys, tiles);
-}
-
-/// Whether a graph step queues the LoRA shrink on a side stream (lorq_quant's `side_stream`).
-fn set_lora_overlap(on: bool) {
-    #[cfg(feature = "cuda")]
-    lorq_quant::cuda::side_stream::set_enabled(on);
-    #[cfg(not(feature = "cuda"))]
-    let _ = on;
 }
 
 /// Seconds of the device's work queued so far (waits for it).

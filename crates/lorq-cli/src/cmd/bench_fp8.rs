@@ -126,6 +126,12 @@ mod gpu {
     use super::super::bench_peer::merge_peer_rows;
     use super::BenchFp8Args;
 
+    /// Copies of `bytes` of weights enough that one pass over them overflows the L2 cache (timings
+    /// rotate over them).
+    fn copies(bytes: usize) -> usize {
+        (256usize << 20).div_ceil(bytes).clamp(1, 32)
+    }
+
     /// The CPU reference of a W8A8 product: x quantized as `act` (as kernels/fp8_act.cu does),
     /// decoded e4m3 values multiplied in f32, then scaled per row and per column.
     fn reference(t: &Fp8Tensor, x: &[f32], m: usize, act: ActQuant) -> Result<Tensor> {
@@ -178,8 +184,6 @@ mod gpu {
             eprintln!("  {label}");
             let w_cpu =
                 Tensor::from_vec(randn(1000 + si as u64, n * k, 0.02), (n, k), &Device::Cpu)?;
-            // Enough copies of each weight that one pass over them overflows the L2 cache.
-            let copies = |bytes: usize| (256usize << 20).div_ceil(bytes).clamp(1, 32);
             let w_bf16 = w_cpu.to_dtype(DType::BF16)?;
             let dense: Vec<Tensor> = (0..copies(n * k * 2))
                 .map(|_| w_bf16.to_device(dev))
@@ -352,23 +356,21 @@ mod gpu {
                     )
                 })
                 .collect::<candle_core::Result<_>>()?;
-            let copies = (256usize << 20).div_ceil(n_all * k).clamp(1, 32);
             let fp8: Vec<Fp8Tensor> = ws
                 .iter()
                 .map(|w| Fp8Tensor::quantize(w, Fp8Strategy::Channel, DType::BF16))
                 .collect::<Result<_, _>>()?;
-            let sets: Vec<Vec<Fp8Tensor>> = (0..copies).map(|_| fp8.clone()).collect();
+            let sets: Vec<Vec<Fp8Tensor>> = (0..copies(n_all * k)).map(|_| fp8.clone()).collect();
             for t in sets.iter().flatten() {
                 prepare(t, cdev)?;
             }
-            let dense: Vec<Vec<Tensor>> =
-                (0..(256usize << 20).div_ceil(n_all * k * 2).clamp(1, 32))
-                    .map(|_| {
-                        ws.iter()
-                            .map(|w| w.to_dtype(DType::BF16)?.to_device(dev))
-                            .collect()
-                    })
-                    .collect::<candle_core::Result<_>>()?;
+            let dense: Vec<Vec<Tensor>> = (0..copies(n_all * k * 2))
+                .map(|_| {
+                    ws.iter()
+                        .map(|w| w.to_dtype(DType::BF16)?.to_device(dev))
+                        .collect()
+                })
+                .collect::<candle_core::Result<_>>()?;
             for &m in &a.m {
                 let x_cpu =
                     Tensor::from_vec(randn(11 + m as u64, m * k, 1.0), (m, k), &Device::Cpu)?
@@ -404,7 +406,7 @@ mod gpu {
                 };
                 push("cublas", bf16, None);
                 let separate = time(&mut |i| {
-                    let set = &sets[i % copies];
+                    let set = &sets[i % sets.len()];
                     Ok(last(fp8_gemm::with_shared_activations(|| {
                         set.iter()
                             .map(|t| matmul_with(t, &x, None, Fp8Kernel::Auto))
@@ -427,7 +429,7 @@ mod gpu {
                     ));
                 }
                 let grouped =
-                    time(&mut |i| Ok(last(group(&sets[i % copies])?.expect("grouped above"))))?;
+                    time(&mut |i| Ok(last(group(&sets[i % sets.len()])?.expect("grouped above"))))?;
                 push("w8a8-group", grouped, Some(worst));
                 eprintln!("  {label} m={m}: bf16 {:.1} us", bf16.0);
             }

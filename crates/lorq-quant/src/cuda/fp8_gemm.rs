@@ -669,10 +669,7 @@ impl Product {
         if let Some(why) = shape_unsupported(w.n, w.k) {
             return Err(err(why));
         }
-        let out = match out {
-            DType::BF16 | DType::F16 => out,
-            _ => DType::F32,
-        };
+        let out = product_dtype(out);
         let wgmma = match kernel {
             Fp8Kernel::Wgmma => true,
             Fp8Kernel::Auto => runs_wgmma(&w, m, dev),
@@ -898,12 +895,30 @@ pub fn matmul_with(
     // The product first (its output allocated), then the activations: adjacent launches.
     let product = Product::new(t, m, dev, x.dtype(), kernel)?;
     let qx = shared_activations(x, act, || quantize_activations(&x.reshape((m, k))?, act))?;
-    let y = product.run(&qx, dev)?;
-    let mut out_dims = dims;
+    shaped_like_input(product.run(&qx, dev)?, &dims, n, x.dtype())
+}
+
+/// The dtype a product writes for activations of `dtype`: bf16 / f16 as they are, f32 else.
+fn product_dtype(dtype: DType) -> DType {
+    match dtype {
+        DType::BF16 | DType::F16 => dtype,
+        _ => DType::F32,
+    }
+}
+
+/// A product's `[m, n]` output `y` in the input's shape `dims` (its last dimension `n`) and
+/// `dtype`.
+fn shaped_like_input(
+    y: Tensor,
+    dims: &[usize],
+    n: usize,
+    dtype: DType,
+) -> Result<Tensor, QuantError> {
+    let mut out_dims = dims.to_vec();
     *out_dims.last_mut().expect("rank >= 1") = n;
     let y = y.reshape(out_dims)?;
-    Ok(if y.dtype() != x.dtype() {
-        y.to_dtype(x.dtype())?
+    Ok(if y.dtype() != dtype {
+        y.to_dtype(dtype)?
     } else {
         y
     })
@@ -955,13 +970,9 @@ pub fn matmul_group(ts: &[&Fp8Tensor], x: &Tensor) -> Result<Option<Vec<Tensor>>
         }
         ws.push(w);
     }
-    let out = match x.dtype() {
-        DType::BF16 | DType::F16 => x.dtype(),
-        _ => DType::F32,
-    };
     let ns: Vec<usize> = ws.iter().map(|w| w.n).collect();
     // The outputs first, then the activations: adjacent launches (`dependent_launch`).
-    let Some(output) = fp8_wgmma::group_output(dev, out, m, &ns, k)? else {
+    let Some(output) = fp8_wgmma::group_output(dev, product_dtype(x.dtype()), m, &ns, k)? else {
         return Ok(None);
     };
     let act = ActQuant::DynamicPerToken;
@@ -974,16 +985,7 @@ pub fn matmul_group(ts: &[&Fp8Tensor], x: &Tensor) -> Result<Option<Vec<Tensor>>
     let ys = fp8_wgmma::gemm(dev, output, &buffers, xq, sx, None)?;
     ys.into_iter()
         .zip(&ns)
-        .map(|(y, &n)| {
-            let mut out_dims = dims.clone();
-            *out_dims.last_mut().expect("rank >= 1") = n;
-            let y = tensor_from_storage(y, (m, n)).reshape(out_dims)?;
-            Ok(if y.dtype() != x.dtype() {
-                y.to_dtype(x.dtype())?
-            } else {
-                y
-            })
-        })
+        .map(|(y, &n)| shaped_like_input(tensor_from_storage(y, (m, n)), &dims, n, x.dtype()))
         .collect::<Result<Vec<_>, QuantError>>()
         .map(Some)
 }

@@ -149,6 +149,11 @@ struct Plan {
 /// 16 rows 21.7 -> 17.6, at 128 30.5 -> 22.8; q/o (2 splits) at 16 10.0 -> 9.7, at 128 16.8 ->
 /// 14.3; k/v (8 splits) at 16 7.1 -> 5.6; down (2 splits) at 16 19.8 -> 19.2, at 128 27.1 -> 29.1
 /// (past [`MAX_BLOCK_WORK`]: stream-K).
+/// Tiles of weights with `ns` output rows at `m` activation rows, laid end to end.
+fn tile_count(sh: Shape, m: usize, ns: &[usize]) -> usize {
+    ns.iter().map(|n| n.div_ceil(TILE_ROWS)).sum::<usize>() * m.div_ceil(sh.rows)
+}
+
 fn plan(
     sh: Shape,
     (m, ns, k): (usize, &[usize], usize),
@@ -156,8 +161,7 @@ fn plan(
     clusters: bool,
     fits: impl Fn(usize) -> bool,
 ) -> Option<Plan> {
-    let tiles: usize =
-        ns.iter().map(|n| n.div_ceil(TILE_ROWS)).sum::<usize>() * m.div_ceil(sh.rows);
+    let tiles = tile_count(sh, m, ns);
     let steps = k.div_ceil(KSTEP);
     let whole = super::qwgmma::Schedule {
         per_block: steps,
@@ -376,8 +380,7 @@ pub(crate) fn group_output(
     let name = format!("fp8wg_{}_{}", dtype_name(dtype), shape.name);
     let smem = shape.shared_bytes();
     let f = function_with_shared(dev, "fp8_wgmma", FATBIN, &name, smem)?;
-    let tiles: usize =
-        ns.iter().map(|n| n.div_ceil(TILE_ROWS)).sum::<usize>() * m.div_ceil(shape.rows);
+    let tiles = tile_count(shape, m, ns);
     let fits = |splits: usize| match resident_clusters(dev, &f, &name, smem, splits) {
         Ok(c) => c >= tiles,
         Err(e) => {
@@ -440,14 +443,18 @@ pub(crate) fn gemm(
             out.ns
         )));
     }
+    // A splitting schedule is one weight's: one ticket per tile, within the packed layout's
+    // n/16*16.
+    let tiles = tile_count(out.shape, m, &out.ns);
     let counters = match (out.plan.schedule.slots > 1, counters) {
         (false, _) => None,
-        (true, Some(c)) if c.len() >= out.ns[0].div_ceil(16) * 16 => Some(c),
+        (true, Some(c)) if c.len() >= out.ns[0].div_ceil(16) * 16 && c.len() >= tiles => Some(c),
         (true, _) => {
             return Err(QuantError::Invalid(format!(
-                "fp8 wgmma kernel: [{}, {k}] at {m} rows splits tiles through L2 and needs the \
-                 weight's split-K counters",
-                out.ns[0]
+                "fp8 wgmma kernel: [{}, {k}] at {m} rows splits {tiles} tiles through L2 and \
+                 needs the weight's split-K counters (one per tile, at least {})",
+                out.ns[0],
+                out.ns[0].div_ceil(16) * 16
             )))
         }
     };
