@@ -41,6 +41,8 @@ using wgmma::sw128_desc;
 // past K are zero. One thread per (row, step, word w): its four 16-byte loads, four stores.
 template <typename T>
 __device__ __forceinline__ void permute(const T* __restrict__ x, T* __restrict__ xp, int M, int K, int Kp, int Mp) {
+    // The wgmma kernel after it may start loading its weight codes (it waits for xp).
+    launch_dependents();
     const int per_row = Kp / 32;
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= Mp * per_row) return;
@@ -106,6 +108,8 @@ __device__ __forceinline__ void run(const uint32_t* __restrict__ codes, const fl
     const uint32_t s0 = ((uint32_t)__cvta_generic_to_shared(smem_raw) + 1023u) & ~1023u;  // swizzle atoms
     const uint32_t bar0 = (uint32_t)__cvta_generic_to_shared(bars);
     const int tid = threadIdx.x;
+    // The next weight of a group may start its ring while this one runs (qwgmma.rs).
+    launch_dependents();
     if (tid == 0)
         for (int s = 0; s < S; s++) mbar_init(bar0 + 8 * s);
     uint32_t tlo[4] = {0, 0, 0, 0}, thi[4] = {0, 0, 0, 0};
@@ -171,15 +175,17 @@ __device__ __forceinline__ void run(const uint32_t* __restrict__ codes, const fl
             }
         };
 
-#pragma unroll
-        for (int s = 0; s < S - 2; s++) stage(s);
         // The register ring: PF + 1 slots, refilled PF steps ahead once the step's own registers
         // have arrived (await_frag; refilled after the step, H200, 14336x4096 at 128 rows: 45.8
-        // against 36.8 us).
+        // against 36.8 us). Its first loads (weight codes, which no kernel writes) go out before
+        // the block waits for the permute ahead of it (a dependent launch: qwgmma.rs).
         Frag<1, 4> buf[PF + 1];
 #pragma unroll
         for (int u = 0; u < PF; u++)
             if (u < nsteps) load(buf[u], u);
+        if (used == 0) wait_for_producers();
+#pragma unroll
+        for (int s = 0; s < S - 2; s++) stage(s);
         for (int b0 = 0; b0 < nsteps; b0 += PF + 1) {
 #pragma unroll
             for (int u = 0; u <= PF; u++) {

@@ -948,6 +948,106 @@ mod gpu {
         );
     }
 
+    /// The wgmma kernel launched as a dependent of the activation permute (and of the group's
+    /// weight before it) starts its weight loads while that kernel still runs: its outputs equal
+    /// the serial launches' bit for bit, eagerly and replayed from a CUDA graph (where the launches
+    /// become programmatic edges), on whole-tile and split-tile (stream-K) schedules of both block
+    /// shapes, alone and in a group.
+    #[test]
+    fn wgmma_dependent_launch_equals_serial() {
+        use lorq_quant::cuda::dependent_launch;
+        let Some(dev) = gpu() else { return };
+        let cdev = dev.as_cuda_device().unwrap();
+        let mut failures = Vec::new();
+        let mut checked = 0;
+        // (n, k, m): 8 tiles shared over the SMs at 100 rows (n128 blocks), 16 at 40 rows (n64),
+        // 80 whole tiles at 130 rows, 40 whole tiles at 64 rows.
+        for (i, &(n, k, m)) in [
+            (1024usize, 4096usize, 100usize),
+            (2048, 1024, 40),
+            (5120, 512, 130),
+            (5120, 1024, 64),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let seed = 1200 + 10 * i as u64;
+            let layouts: Vec<DeviceLayout> = (0..2)
+                .map(|j| {
+                    let (scales, zeros, codes) = edge_inputs(n, k, 128, seed + 3 * j);
+                    let code = |r: usize, c: usize| ((codes[r * k + c].abs() * 1e4) as u32) % 16;
+                    let layout = GpuLayout::pack(
+                        n,
+                        k,
+                        CodeKind::Affine { bits: 4 },
+                        128,
+                        scales,
+                        zeros,
+                        ElementRounding::None,
+                        None,
+                        code,
+                    )
+                    .unwrap();
+                    DeviceLayout::upload(&layout, cdev).unwrap()
+                })
+                .collect();
+            if !qwgmma::supports(&layouts[0], cdev) {
+                eprintln!("SKIPPED: the wgmma kernel needs a GPU of compute capability 9.0");
+                return;
+            }
+            let x = Tensor::from_vec(randn(seed + 9, m * k, 1.0), (m, k), &dev)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap();
+            let host = |t: &Tensor| t.to_device(&Device::Cpu).unwrap();
+            let refs: Vec<&DeviceLayout> = layouts.iter().collect();
+            let run = |dependent: bool| {
+                dependent_launch::set_enabled(dependent);
+                let made = dependent_launch::launches_made();
+                let alone = matmul(&layouts[0], &x, QPath::Wgmma).unwrap();
+                let group = qwgmma::matmul_group(cdev, &refs, &x, m).unwrap();
+                let used = dependent_launch::launches_made() > made;
+                dependent_launch::set_enabled(true);
+                (host(&alone), group, used)
+            };
+            let (serial, serial_group, _) = run(false);
+            let (dependent, dependent_group, used) = run(true);
+            if !used {
+                failures.push(format!("{n}x{k} m={m}: no dependent launch was made"));
+            }
+            let (graph, replayed) = lorq_quant::cuda::graph::capture(cdev, || {
+                Ok::<_, lorq_quant::QuantError>((
+                    matmul(&layouts[0], &x, QPath::Wgmma)?,
+                    qwgmma::matmul_group(cdev, &refs, &x, m)?,
+                ))
+            })
+            .unwrap();
+            graph.replay().unwrap();
+            let mut compare = |what: &str, got: &Tensor, want: &Tensor| {
+                checked += 1;
+                let d = max_abs_diff(got, want);
+                if d.is_nan() || d != 0.0 {
+                    failures.push(format!(
+                        "{n}x{k} m={m} {what}: max |diff| {d} against the serial launch"
+                    ));
+                }
+            };
+            compare("dependent", &dependent, &serial);
+            compare("graph", &host(&replayed.0), &serial);
+            for (j, y) in serial_group.iter().enumerate() {
+                let y = host(y);
+                compare(&format!("group output {j}"), &host(&dependent_group[j]), &y);
+                compare(
+                    &format!("graph group output {j}"),
+                    &host(&replayed.1[j]),
+                    &y,
+                );
+            }
+        }
+        assert!(failures.is_empty(), "{failures:#?}");
+        assert_eq!(checked, 4 * 6);
+    }
+
     /// q/k/v- and gate/up-style groups (2 and 3 weights of different row counts sharing x) in one
     /// launch (the GEMV, and the tiled kernel for 4-bit weights at 2-64 rows): every output equals
     /// that weight's own matmul (f32 within 1e-5, bf16/f16 within 1e-2: only the launch shape,

@@ -141,6 +141,22 @@ pub(crate) fn card_name(dev: &Device) -> Result<String> {
     Ok(c.cuda_stream().context().name()?)
 }
 
+/// Programmatic dependent launches off while it lives (`lorq bench kernels`'s `*-serial` paths).
+struct SerialLaunches;
+
+impl SerialLaunches {
+    fn new() -> Self {
+        lorq_quant::cuda::dependent_launch::set_enabled(false);
+        Self
+    }
+}
+
+impl Drop for SerialLaunches {
+    fn drop(&mut self) {
+        lorq_quant::cuda::dependent_launch::set_enabled(true);
+    }
+}
+
 /// Whether `--paths` asks for `path` (no filter: every path; `name*` matches a prefix).
 fn path_wanted(paths: &Option<Vec<String>>, path: &str) -> bool {
     paths.as_ref().is_none_or(|ps| {
@@ -363,6 +379,9 @@ pub fn run(a: &BenchKernelsArgs, dev: &Device) -> Result<()> {
                 }
                 if m >= 2 && qwgmma::supports(&dls[0], cdev) {
                     paths.push((QPath::Wgmma, "qwgmma".into()));
+                    // The same kernel launched after its activation permute ends (no dependent
+                    // launch): what the overlap brings.
+                    paths.push((QPath::Wgmma, "qwgmma-serial".into()));
                 }
                 if m <= QGEMV_MAX_M {
                     for v in Variant::ALL
@@ -374,6 +393,7 @@ pub fn run(a: &BenchKernelsArgs, dev: &Device) -> Result<()> {
                 }
                 paths.retain(|(_, pname)| path_wanted(&a.paths, pname));
                 for (path, pname) in paths {
+                    let _serial = (pname == "qwgmma-serial").then(SerialLaunches::new);
                     let err = match &want {
                         Some(w) => {
                             let got = qmatmul(&dls[0], &x, path)?.to_device(&Device::Cpu)?;

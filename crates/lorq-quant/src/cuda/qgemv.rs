@@ -175,6 +175,23 @@ impl DeviceLayout {
             .arg(&self.groups)
             .arg(&self.round_mode);
     }
+
+    /// [`Self::push_args`] for a launch through `dependent_launch::KernelArgs`.
+    pub(super) fn push_kernel_args<'a>(&'a self, b: &mut super::dependent_launch::KernelArgs<'a>) {
+        b.buf(&self.codes).buf(&self.scales);
+        match &self.zeros {
+            Some(z) => b.buf(z),
+            None => b.address(0),
+        };
+        match &self.lut {
+            Some(l) => b.buf(l),
+            None => b.address(0),
+        };
+        b.val(&self.wpr)
+            .val(&self.gsize)
+            .val(&self.groups)
+            .val(&self.round_mode);
+    }
 }
 
 /// The device copy of a weight on `dev`, made on first use from `layout` (whose failure is

@@ -5,7 +5,9 @@
 //! once for all the weights of a group) into the order of the decoded weight pairs, swizzled for
 //! `wgmma`; each block then copies
 //! its K steps of them into shared memory with bulk copies while its warps decode the weight codes
-//! from registers into `wgmma`'s A operand.
+//! from registers into `wgmma`'s A operand. Each weight's kernel is a dependent launch of the one
+//! before it (the permute, or the group's previous weight): its blocks load their first weight
+//! codes while that kernel still runs, and wait for it before they read the activations.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -15,6 +17,7 @@ use candle_core::cuda_backend::cudarc::driver::{
 use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::{CudaStorage, Tensor};
 
+use super::dependent_launch::KernelArgs;
 use super::qgemv::DeviceLayout;
 use super::qmma_tiled::KSTEP;
 use super::{function, function_with_shared};
@@ -149,14 +152,28 @@ pub(crate) fn matmul(
     Ok(matmul_group(dev, &[w], x, m)?.remove(0))
 }
 
-/// `x · Wᵢᵀ` of weights sharing `x` (same K: the caller checks): the activations are rewritten
-/// once, then one launch per weight.
-pub(crate) fn matmul_group(
+/// `x · Wᵢᵀ` of weights sharing `x` `[m, k]` (bf16/f16, columns already in the weights' packed
+/// order; weights the kernel [`supports`]): the activations are rewritten once, then one launch
+/// per weight, each a dependent launch of the kernel before it (`dependent_launch`).
+pub fn matmul_group(
     dev: &CudaDevice,
     ws: &[&DeviceLayout],
     x: &Tensor,
     m: usize,
 ) -> Result<Vec<Tensor>, QuantError> {
+    let k = ws.first().map_or(0, |w| w.k);
+    if let Some(w) = ws.iter().find(|w| w.k != k) {
+        return Err(QuantError::Invalid(format!(
+            "wgmma group: a weight of {} inputs beside one of {k}",
+            w.k
+        )));
+    }
+    if x.dims() != [m, k] {
+        return Err(QuantError::Invalid(format!(
+            "wgmma group: activations {:?}, expected [{m}, {k}]",
+            x.dims()
+        )));
+    }
     fn go<T: CudaDType + DeviceRepr>(
         dev: &CudaDevice,
         ws: &[&DeviceLayout],
@@ -171,6 +188,24 @@ pub(crate) fn matmul_group(
         let mp = m.div_ceil(sh.rows) * sh.rows;
         let xs = x.as_cuda_slice::<T>()?.slice(start..start + m * k);
         let stream = dev.cuda_stream();
+        let sms = super::qmma_tiled::multiprocessors(dev);
+        // Every buffer first, then the launches back to back: inside a CUDA graph capture an
+        // allocation between two launches would cut their programmatic edge
+        // (`dependent_launch`).
+        let mut launches = Vec::with_capacity(ws.len());
+        for w in ws {
+            let plan = schedule(w.n, m, k, sh.rows, sms, split_until(sms));
+            // SAFETY: every output element is written by the kernel.
+            let y = unsafe { dev.alloc::<T>(m * w.n)? };
+            let partial: Option<CudaSlice<f32>> = if plan.slots > 1 {
+                // SAFETY: a split tile's segments each write their part of slot (split) before
+                // the tile's last block reads them.
+                Some(unsafe { dev.alloc::<f32>(plan.slots * m * w.n)? })
+            } else {
+                None
+            };
+            launches.push((plan, y, partial));
+        }
         // SAFETY: the permute kernel writes all mp * kp elements (zeros past m and k).
         let xp = unsafe { dev.alloc::<T>(mp * kp)? };
         {
@@ -188,11 +223,12 @@ pub(crate) fn matmul_group(
             // (the caller's `aligned`), k a multiple of 32 (the packed layout's), xp mp*kp.
             unsafe { b.launch(cfg) }.w()?;
         }
-        let sms = super::qmma_tiled::multiprocessors(dev);
         let smem = sh.shared_bytes();
+        let (mpi, mi, ki) = (mp as i32, m as i32, k as i32);
         let mut ys = Vec::with_capacity(ws.len());
-        for w in ws {
-            let n = w.n;
+        // Freed after the last launch (a free between launches would cut their edge too).
+        let mut partials = Vec::with_capacity(ws.len());
+        for (w, (plan, y, partial)) in ws.iter().zip(launches) {
             let f = function_with_shared(
                 dev,
                 "qwgmma",
@@ -200,27 +236,15 @@ pub(crate) fn matmul_group(
                 &format!("qwg_{}_{dname}_{}", w.tag, sh.name),
                 smem,
             )?;
-            // SAFETY: every output element is written by the kernel.
-            let y = unsafe { dev.alloc::<T>(m * n)? };
-            let plan = schedule(n, m, k, sh.rows, sms, split_until(sms));
-            let partial: Option<CudaSlice<f32>> = if plan.slots > 1 {
-                // SAFETY: a split tile's segments each write their part of slot (split) before the
-                // tile's last block reads them.
-                Some(unsafe { dev.alloc::<f32>(plan.slots * m * n)? })
-            } else {
-                None
-            };
-            let mut b = stream.launch_builder(&f);
-            let null = 0u64;
-            w.push_args(&mut b, &null);
-            let mpi = mp as i32;
-            b.arg(&xp).arg(&mpi).arg(&y);
+            let (ni, pi) = (w.n as i32, plan.per_block as i32);
+            let mut b = KernelArgs::new(&stream);
+            w.push_kernel_args(&mut b);
+            b.buf(&xp).val(&mpi).buf(&y);
             match &partial {
-                Some(p) => b.arg(p),
-                None => b.arg(&null),
+                Some(p) => b.buf(p),
+                None => b.address(0),
             };
-            let (mi, ni, ki, pi) = (m as i32, n as i32, k as i32, plan.per_block as i32);
-            b.arg(&w.counters).arg(&mi).arg(&ni).arg(&ki).arg(&pi);
+            b.buf(&w.counters).val(&mi).val(&ni).val(&ki).val(&pi);
             let cfg = LaunchConfig {
                 grid_dim: (plan.blocks as u32, 1, 1),
                 block_dim: (THREADS as u32, 1, 1),
@@ -229,12 +253,13 @@ pub(crate) fn matmul_group(
             // SAFETY: the arguments match `qwg_*` in kernels/qwgmma.cu: xp holds the permuted
             // activations of mp rows (a multiple of the block's rows), y m*n, partial slots*m*n,
             // and the counters (zero between launches) one per tile (16 per 16 rows: a schedule
-            // that splits tiles has at most 16 activation blocks); shared memory opted in.
-            unsafe { b.launch(cfg) }.w()?;
-            drop(b);
-            drop(partial);
+            // that splits tiles has at most 16 activation blocks); shared memory opted in. The
+            // kernel loads only weight codes (and the code table) before `wait_for_producers()`.
+            unsafe { b.launch_dependent(&f, cfg) }?;
+            partials.push(partial);
             ys.push(y);
         }
+        drop(partials);
         drop(xp);
         Ok(super::storages(ys, dev))
     }
