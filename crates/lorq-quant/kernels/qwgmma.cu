@@ -19,7 +19,8 @@
 // - Each block sums a run of K steps of the tiles laid end to end (segment_at): whole tiles, or,
 //   where the tiles would leave half the SMs idle, equal shares (stream-K); a tile cut between
 //   blocks is summed as the tiled kernel's K splits are (f32 partial sums added by the tile's last
-//   block, in split order: finish).
+//   block, in split order: finish), or, launched in clusters (each tile's equal splits one
+//   cluster: qwgmma.rs `plan`), from the blocks' shared memory (finish_in_cluster).
 // Lab (session 19, H100, kernel alone): 14336x4096 at 128 rows 45.9 us (tiled x1 83.0, bf16
 // cuBLAS 49.7), 4096x14336 72 us (101), 4096x4096 at 64 rows 25.3 (31.2).
 #include "qmma_tiled.cuh"
@@ -97,7 +98,7 @@ __device__ __forceinline__ void run(const uint32_t* __restrict__ codes, const fl
                                     const float* __restrict__ zeros, const float* __restrict__ lut, int wpr,
                                     int gsize, int groups, const T* __restrict__ xp, int Mp, T* __restrict__ y,
                                     float* __restrict__ partial, unsigned* __restrict__ counters, int M, int N,
-                                    int K, int per_block) {
+                                    int K, int per_block, bool in_cluster) {
     constexpr int MT = BN / 8;
     constexpr int WR = 4 * WARPGROUPS;
     constexpr int SLOT = BN * 256;  // bytes: two 64-wide halves of BN rows x 128 bytes
@@ -105,13 +106,15 @@ __device__ __forceinline__ void run(const uint32_t* __restrict__ codes, const fl
     __shared__ float s_red[1][1][1];  // (no K-slice warps)
     __shared__ bool last;
     __shared__ __align__(8) uint64_t bars[S];
-    const uint32_t s0 = ((uint32_t)__cvta_generic_to_shared(smem_raw) + 1023u) & ~1023u;  // swizzle atoms
+    const uint32_t raw0 = (uint32_t)__cvta_generic_to_shared(smem_raw), s0 = (raw0 + 1023u) & ~1023u;  // swizzle atoms
     const uint32_t bar0 = (uint32_t)__cvta_generic_to_shared(bars);
     const int tid = threadIdx.x;
     // The next weight of a group may start its ring while this one runs (qwgmma.rs).
     launch_dependents();
-    if (tid == 0)
+    if (tid == 0) {
         for (int s = 0; s < S; s++) mbar_init(bar0 + 8 * s);
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
     uint32_t tlo[4] = {0, 0, 0, 0}, thi[4] = {0, 0, 0, 0};
     if constexpr (LUTK) table_bytes<T>(lut, tlo, thi);
     const uint32_t gmagic = group_magic(gsize);
@@ -205,7 +208,11 @@ __device__ __forceinline__ void run(const uint32_t* __restrict__ codes, const fl
         }
         wgmma::wait<0>();
         pin(acc);
-        finish<T, MT, 1, WR, 1>(acc, s_red, last, y, partial, counters, M, N, pos);
+        if (in_cluster)  // (one segment a block: the slots' memory is free for the sums)
+            finish_in_cluster<T, MT, WR, BlockSync>(acc, reinterpret_cast<float*>(smem_raw + (s0 - raw0)), y, M, N,
+                                                    pos);
+        else
+            finish<T, MT, 1, WR, 1>(acc, s_red, last, y, partial, counters, M, N, pos);
         used += nsteps;
         cur += nsteps;
     }
@@ -232,16 +239,17 @@ __device__ __forceinline__ void run(const uint32_t* __restrict__ codes, const fl
         qwg::permute<T>(x, xp, M, K, Kp, Mp);                                                      \
     }
 // qwg_*: one weight. Arguments: qgemv.cu's QARGS (DeviceLayout::push_args), then xp, Mp, y,
-// partial, counters, M, N, K, K steps per block; grid (blocks); dynamic shared memory
+// partial, counters, M, N, K, K steps per block, in_cluster (1: each tile's equal splits are the
+// blocks of one cluster, summed in shared memory); grid (blocks); dynamic shared memory
 // S * BN * 256 + 1024 (qwgmma.rs Shape::shared_bytes).
 #define QWG(KN, LUTK, TN, T, C)                                                                      \
     extern "C" __global__ void __launch_bounds__(qwg::THREADS, 1)                                  \
         qwg_##KN##_##TN##_##C(const uint32_t* codes, const float* scales, const float* zeros,      \
                               const float* lut, int wpr, int gsize, int groups, int /* round_mode */, \
                               const T* __restrict__ xp, int Mp, T* __restrict__ y, float* partial, \
-                              unsigned* counters, int M, int N, int K, int per_block) {            \
+                              unsigned* counters, int M, int N, int K, int per_block, int in_cluster) { \
         QWG_BODY(qwg::run<T, LUTK, QWG_CFG_##C>(codes, scales, zeros, lut, wpr, gsize, groups, xp, Mp, y, \
-                                                partial, counters, M, N, K, per_block));           \
+                                                partial, counters, M, N, K, per_block, in_cluster != 0)); \
     }
 #define QWG_ALL(TN, T)                                                                               \
     QWG_PERMUTE(TN, T)                                                                               \

@@ -32,7 +32,7 @@ mod gpu {
         gemm_quantized, has_fp8_tensor_cores, matmul_with, min_rows, quantize_activations,
         shares_packed_copy, ActQuant, Fp8Kernel, MIN_M, ONE_ROW_MIN_WEIGHTS,
     };
-    use lorq_quant::cuda::{dependent_launch, fp8_gemm, fp8_wgmma, graph};
+    use lorq_quant::cuda::{dependent_launch, fp8_gemm, fp8_wgmma, graph, qwgmma};
     use lorq_quant::fp8::{e4m3fn_to_f32, f32_to_e4m3fn, Fp8Strategy, Fp8Tensor, E4M3_MAX};
     use lorq_quant::QuantTensor;
 
@@ -380,9 +380,9 @@ mod gpu {
             let w8 = Tensor::randn(0f32, 0.05, (1024, 8192), &Device::Cpu).unwrap();
             let t8 = Fp8Tensor::quantize(&w8, Fp8Strategy::Channel, DType::BF16).unwrap();
             let clustered = gemm_quantized(&t8, &q, cdev, DType::BF16, Fp8Kernel::Wgmma).unwrap();
-            fp8_wgmma::set_cluster_sums(false);
+            qwgmma::set_cluster_sums(false);
             let l2 = gemm_quantized(&t8, &q, cdev, DType::BF16, Fp8Kernel::Wgmma).unwrap();
-            fp8_wgmma::set_cluster_sums(true);
+            qwgmma::set_cluster_sums(true);
             assert_eq!(
                 max_abs_diff(&clustered, &l2),
                 0.0,

@@ -948,6 +948,81 @@ mod gpu {
         );
     }
 
+    /// Tiles cut into equal splits summed in a thread-block cluster (k/v-sized products: 8 tiles
+    /// at 65-128 rows, 16 at 33-64) equal the stream-K schedule's L2 partial sums bit for bit
+    /// (the same splits, added in the same order), alone and in a group; and the default
+    /// (clusters) matches the CPU decoder, which `wgmma_kernel_matches_the_cpu_decoder` checks on
+    /// every format.
+    #[test]
+    fn wgmma_cluster_sums_equal_the_l2_sums() {
+        let Some(dev) = gpu() else { return };
+        let cdev = dev.as_cuda_device().unwrap();
+        let mut failures = Vec::new();
+        for (i, &(n, k, m)) in [
+            (1024usize, 4096usize, 100usize),
+            (2048, 1024, 40),
+            (1024, 4096, 128),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let seed = 1300 + 10 * i as u64;
+            let layouts: Vec<DeviceLayout> = (0..2)
+                .map(|j| {
+                    let (scales, _, codes) = edge_inputs(n, k, 64, seed + 3 * j);
+                    let code = |r: usize, c: usize| ((codes[r * k + c].abs() * 1e4) as u32) % 16;
+                    let nf4: Vec<f32> = (0..16).map(|i| (i as f32 - 7.5) / 7.5).collect();
+                    let layout = GpuLayout::pack(
+                        n,
+                        k,
+                        CodeKind::Table { bits: 4, lut: nf4 },
+                        64,
+                        scales,
+                        Vec::new(),
+                        ElementRounding::None,
+                        None,
+                        code,
+                    )
+                    .unwrap();
+                    DeviceLayout::upload(&layout, cdev).unwrap()
+                })
+                .collect();
+            if !qwgmma::supports(&layouts[0], cdev) {
+                eprintln!("SKIPPED: the wgmma kernel needs a GPU of compute capability 9.0");
+                return;
+            }
+            let x = Tensor::from_vec(randn(seed + 9, m * k, 1.0), (m, k), &dev)
+                .unwrap()
+                .to_dtype(DType::F16)
+                .unwrap();
+            let host = |t: &Tensor| t.to_device(&Device::Cpu).unwrap();
+            let refs: Vec<&DeviceLayout> = layouts.iter().collect();
+            let run = || {
+                let mut ys = vec![host(&matmul(&layouts[0], &x, QPath::Wgmma).unwrap())];
+                ys.extend(
+                    qwgmma::matmul_group(cdev, &refs, &x, m)
+                        .unwrap()
+                        .iter()
+                        .map(host),
+                );
+                ys
+            };
+            let clustered = run();
+            qwgmma::set_cluster_sums(false);
+            let l2 = run();
+            qwgmma::set_cluster_sums(true);
+            for (j, (c, l)) in clustered.iter().zip(&l2).enumerate() {
+                let d = max_abs_diff(c, l);
+                if d.is_nan() || d != 0.0 {
+                    failures.push(format!(
+                        "{n}x{k} m={m} output {j}: max |diff| {d} between cluster and L2 sums"
+                    ));
+                }
+            }
+        }
+        assert!(failures.is_empty(), "{failures:#?}");
+    }
+
     /// The wgmma kernel launched as a dependent of the activation permute (and of the group's
     /// weight before it) starts its weight loads while that kernel still runs: its outputs equal
     /// the serial launches' bit for bit, eagerly and replayed from a CUDA graph (where the launches

@@ -127,12 +127,14 @@ pub struct BenchDecodeArgs {
     /// `dependent_launches` in the rows).
     #[arg(long)]
     pub compare_dependent_launches: bool,
-    /// Also time each case with session 34's FP8 wgmma schedule and routing (split tiles summed
-    /// through L2 partial sums; the kernel taken for long-K weights and 17-64 rows of wide ones)
-    /// instead of the cluster schedule (whole tiles, or a tile's splits summed in a thread-block
-    /// cluster; the kernel taken for every weight up to 64 rows): `fp8_cluster_sums` in the rows.
-    #[arg(long)]
-    pub compare_fp8_cluster_sums: bool,
+    /// Also time each case with the wgmma kernels' split tiles summed through L2 partial sums
+    /// instead of in thread-block clusters: for FP8, session 34's schedule and routing (the
+    /// kernel taken for long-K weights and 17-64 rows of wide ones, against whole tiles or a
+    /// tile's splits in a cluster and every weight up to 64 rows); for 4-bit weights at 17-256
+    /// rows, stream-K everywhere (against the k/v-sized products' splits in clusters).
+    /// `cluster_sums` in the rows (`--compare-fp8-cluster-sums`, its earlier name, still works).
+    #[arg(long, alias = "compare-fp8-cluster-sums")]
+    pub compare_cluster_sums: bool,
     /// Also time each case with FP8 weights sharing an input (q/k/v, gate/up) as one product
     /// each instead of one grouped launch of the wgmma kernel (`fp8_grouped` in the rows).
     #[arg(long)]
@@ -192,7 +194,7 @@ impl Switches {
             a.compare_norm_tails,
             a.compare_fp8_codes,
             a.compare_dependent_launches,
-            a.compare_fp8_cluster_sums,
+            a.compare_cluster_sums,
             a.compare_fp8_grouped,
             a.compare_lora_overlap && adapters,
             a.compare_wgmma,
@@ -245,7 +247,7 @@ impl Switches {
             k::qgemv::set_half2_two_rows(self.half2_two_rows);
             k::qmma_tiled::set_folded_scales(self.folded_scales);
             k::dependent_launch::set_enabled(self.dependent_launches);
-            k::fp8_wgmma::set_cluster_sums(self.cluster_sums);
+            k::qwgmma::set_cluster_sums(self.cluster_sums);
             k::fp8_gemm::set_grouped_launches(self.fp8_grouped);
             k::side_stream::set_enabled(self.lora_overlap);
         }
@@ -612,7 +614,7 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
                             "norm_tails": sw.norm_tails && sw.fused,
                             "fp8_codes": sw.fp8_codes && sw.fused,
                             "dependent_launches": sw.dependent_launches,
-                            "fp8_cluster_sums": sw.cluster_sums,
+                            "cluster_sums": sw.cluster_sums,
                             "fp8_grouped": sw.fp8_grouped,
                             "lora_overlap": n_adapters > 0 && sw.lora_overlap && model.cuda_graphs(),
                             "wgmma": sw.wgmma,

@@ -116,7 +116,7 @@ mod gpu {
         prepare, quantize_activations, ActQuant, Fp8Kernel,
     };
     use lorq_quant::cuda::qgemv::{matmul as qmatmul, DeviceLayout, QPath};
-    use lorq_quant::cuda::{dependent_launch, fp8_gemm, fp8_wgmma};
+    use lorq_quant::cuda::{dependent_launch, fp8_gemm, fp8_wgmma, qwgmma};
     use lorq_quant::fp8::{e4m3fn_to_f32, f32_to_e4m3fn, Fp8Strategy, Fp8Tensor, E4M3_MAX};
     use lorq_quant::QuantTensor;
     use serde_json::{json, Value};
@@ -315,9 +315,9 @@ mod gpu {
                     dependent_launch::set_enabled(true);
                     push("wgmma-w8a8-serial", t?, fp8_bytes, None, None);
                     // Session 34's schedule: split tiles summed through L2.
-                    fp8_wgmma::set_cluster_sums(false);
+                    qwgmma::set_cluster_sums(false);
                     let (gemm, w8a8) = (time(&mut gemm), time(&mut w8a8));
-                    fp8_wgmma::set_cluster_sums(true);
+                    qwgmma::set_cluster_sums(true);
                     push("wgmma-gemm-only-stream-k", gemm?, fp8_bytes, None, None);
                     push("wgmma-w8a8-stream-k", w8a8?, fp8_bytes, None, None);
                 }

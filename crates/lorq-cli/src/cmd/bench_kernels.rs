@@ -60,7 +60,8 @@ pub struct BenchKernelsArgs {
     #[arg(long)]
     pub gpu_time: bool,
     /// GPU only: time only these paths (`auto`, `dequant+cublas`, `qmma-tiled`, `qwgmma`,
-    /// `qwgmma-serial` (the wgmma kernel without its dependent launch),
+    /// `qwgmma-serial` (the wgmma kernel without its dependent launch), `qwgmma-stream-k` (its
+    /// split tiles summed through L2, not in clusters),
     /// `gemv`, `bnb4-gemv`, `qgemv-*` ...; a trailing `*` matches a prefix). bf16 cuBLAS, the
     /// baseline, is always timed.
     #[arg(long, value_delimiter = ',')]

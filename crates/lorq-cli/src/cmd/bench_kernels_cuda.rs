@@ -141,19 +141,20 @@ pub(crate) fn card_name(dev: &Device) -> Result<String> {
     Ok(c.cuda_stream().context().name()?)
 }
 
-/// Programmatic dependent launches off while it lives (`lorq bench kernels`'s `*-serial` paths).
-struct SerialLaunches;
+/// A process or thread switch turned off while it lives, on again after (`lorq bench kernels`'s
+/// `qwgmma-serial` and `qwgmma-stream-k` paths).
+struct OffWhileAlive(fn(bool));
 
-impl SerialLaunches {
-    fn new() -> Self {
-        lorq_quant::cuda::dependent_launch::set_enabled(false);
-        Self
+impl OffWhileAlive {
+    fn new(set: fn(bool)) -> Self {
+        set(false);
+        Self(set)
     }
 }
 
-impl Drop for SerialLaunches {
+impl Drop for OffWhileAlive {
     fn drop(&mut self) {
-        lorq_quant::cuda::dependent_launch::set_enabled(true);
+        (self.0)(true);
     }
 }
 
@@ -382,6 +383,9 @@ pub fn run(a: &BenchKernelsArgs, dev: &Device) -> Result<()> {
                     // The same kernel launched after its activation permute ends (no dependent
                     // launch): what the overlap brings.
                     paths.push((QPath::Wgmma, "qwgmma-serial".into()));
+                    // Split tiles summed through L2 partial sums (stream-K) instead of in
+                    // thread-block clusters: what the cluster sums bring.
+                    paths.push((QPath::Wgmma, "qwgmma-stream-k".into()));
                 }
                 if m <= QGEMV_MAX_M {
                     for v in Variant::ALL
@@ -393,7 +397,13 @@ pub fn run(a: &BenchKernelsArgs, dev: &Device) -> Result<()> {
                 }
                 paths.retain(|(_, pname)| path_wanted(&a.paths, pname));
                 for (path, pname) in paths {
-                    let _serial = (pname == "qwgmma-serial").then(SerialLaunches::new);
+                    let _off = match pname.as_str() {
+                        "qwgmma-serial" => Some(OffWhileAlive::new(
+                            lorq_quant::cuda::dependent_launch::set_enabled,
+                        )),
+                        "qwgmma-stream-k" => Some(OffWhileAlive::new(qwgmma::set_cluster_sums)),
+                        _ => None,
+                    };
                     let err = match &want {
                         Some(w) => {
                             let got = qmatmul(&dls[0], &x, path)?.to_device(&Device::Cpu)?;

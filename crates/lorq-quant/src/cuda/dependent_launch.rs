@@ -16,13 +16,15 @@
 //! pointers itself and calls `cuLaunchKernelEx`, keeping cudarc's per-buffer guards (its stream
 //! ordering events) alive across the launch as the builder does.
 
+use std::collections::HashMap;
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
 
 use candle_core::cuda_backend::cudarc::driver::{
     sys, CudaFunction, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, SyncOnDrop,
 };
-use candle_core::cuda_backend::WrapErr;
+use candle_core::cuda_backend::{CudaDevice, WrapErr};
 
 use crate::QuantError;
 
@@ -168,4 +170,52 @@ pub(crate) fn cluster_attribute(blocks: u32) -> sys::CUlaunchAttribute {
         z: 1,
     };
     a
+}
+
+/// Blocks a cluster may have without the non-portable opt-in.
+pub(crate) const MAX_CLUSTER: usize = 8;
+
+/// Clusters of `blocks` blocks of `f` (`threads` threads and `smem` bytes of shared memory each)
+/// resident at once on the device (cached: a property of the kernel and the GPU).
+pub(crate) fn resident_clusters(
+    dev: &CudaDevice,
+    f: &CudaFunction,
+    name: &str,
+    (threads, smem): (u32, usize),
+    blocks: usize,
+) -> Result<usize, QuantError> {
+    type Key = (usize, String, usize);
+    static SEEN: OnceLock<Mutex<HashMap<Key, usize>>> = OnceLock::new();
+    let stream = dev.cuda_stream();
+    let key = (stream.context().ordinal(), name.to_string(), blocks);
+    let mut seen = SEEN.get_or_init(Default::default).lock().expect("poisoned");
+    if let Some(&n) = seen.get(&key) {
+        return Ok(n);
+    }
+    let mut attr = cluster_attribute(blocks as u32);
+    let config = sys::CUlaunchConfig {
+        gridDimX: (blocks * 64) as u32,
+        gridDimY: 1,
+        gridDimZ: 1,
+        blockDimX: threads,
+        blockDimY: 1,
+        blockDimZ: 1,
+        sharedMemBytes: smem as u32,
+        hStream: stream.cu_stream(),
+        attrs: &mut attr,
+        numAttrs: 1,
+    };
+    let mut n = 0i32;
+    stream.context().bind_to_thread().w()?;
+    // SAFETY: the config points at a live attribute; the function is loaded in this context.
+    let r = unsafe { sys::cuOccupancyMaxActiveClusters(&mut n, f.cu_function(), &config) };
+    if r != sys::CUresult::CUDA_SUCCESS {
+        return Err(QuantError::Invalid(format!(
+            "cuOccupancyMaxActiveClusters refused {name} in clusters of {blocks}: {r:?}"
+        )));
+    }
+    let n = n.max(0) as usize;
+    tracing::debug!("{name}: {n} clusters of {blocks} blocks resident at once");
+    seen.insert(key, n);
+    Ok(n)
 }

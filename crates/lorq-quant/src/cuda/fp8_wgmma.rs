@@ -4,19 +4,17 @@
 //! per-token scales as `quantize_activations` writes them), copied into shared memory by the
 //! tensor-memory accelerator through tensor maps made here per call (host work only).
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, OnceLock};
 
 use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::cuda_backend::cudarc::driver::sys;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaFunction, CudaSlice, CudaView, DevicePtr, DeviceRepr, LaunchConfig,
 };
-use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
+use candle_core::cuda_backend::{CudaDType, CudaDevice};
 use candle_core::{CudaStorage, DType, WithDType};
 
-use super::dependent_launch::{cluster_attribute, KernelArgs};
+use super::dependent_launch::{resident_clusters, KernelArgs, MAX_CLUSTER};
 use super::qmma_tiled::KSTEP;
 use super::qwgmma::schedule;
 use super::{dtype_name, function_with_shared};
@@ -93,7 +91,7 @@ pub fn supports(k: usize, dev: &CudaDevice) -> bool {
 /// schedule beat the mma kernel and cuBLASLt.
 pub fn takes(n: usize, m: usize, k: usize, dev: &CudaDevice) -> bool {
     let long_k = k >= 8192 && (1..=128).contains(&m);
-    let routed = if CLUSTER_SUMS.get() {
+    let routed = if super::qwgmma::cluster_sums() {
         (1..=64).contains(&m) || (long_k || (n <= 4096 && (65..=128).contains(&m)))
     } else {
         long_k || (n > 1024 && (17..=64).contains(&m))
@@ -106,21 +104,6 @@ pub fn takes(n: usize, m: usize, k: usize, dev: &CudaDevice) -> bool {
 fn split_until(sms: usize) -> usize {
     sms.saturating_sub(1)
 }
-
-thread_local! {
-    static CLUSTER_SUMS: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
-}
-
-/// Turns the cluster schedule ([`plan`]) on or off for the calling thread's products (on by
-/// default), e.g. to measure what it brings; off, split tiles are summed through L2 partial sums
-/// and tickets (session 34's schedule). Per thread: a test comparing the two leaves the other
-/// threads' products alone.
-pub fn set_cluster_sums(on: bool) {
-    CLUSTER_SUMS.set(on);
-}
-
-/// Blocks a cluster may have without the non-portable opt-in.
-const MAX_CLUSTER: usize = 8;
 
 /// The most activation rows x K steps a block of the cluster schedule sums: down_proj at 128 rows
 /// in 2 splits (128 x 56) spent longer in its tensor cores on 64 SMs than the stream-K schedule's
@@ -136,7 +119,7 @@ struct Plan {
     cluster: usize,
 }
 
-/// With `clusters` (while [`set_cluster_sums`] is on): at least three tiles for every four
+/// With `clusters` (while `qwgmma::set_cluster_sums` is on): at least three tiles for every four
 /// SMs run whole, one block each (no partial sums at all); fewer are cut into the most equal
 /// splits (at most [`MAX_CLUSTER`], dividing the K steps) that leave a block per SM, each tile's
 /// splits one cluster, as long as a block's tensor-core work stays within [`MAX_BLOCK_WORK`];
@@ -199,52 +182,6 @@ fn plan(
         }),
         _ => None,
     }
-}
-
-/// Clusters of `blocks` blocks of `f` (`smem` bytes of shared memory each) resident at once on
-/// the device (cached: a property of the kernel and the GPU).
-fn resident_clusters(
-    dev: &CudaDevice,
-    f: &CudaFunction,
-    name: &str,
-    smem: usize,
-    blocks: usize,
-) -> Result<usize, QuantError> {
-    type Key = (usize, String, usize);
-    static SEEN: OnceLock<Mutex<HashMap<Key, usize>>> = OnceLock::new();
-    let stream = dev.cuda_stream();
-    let key = (stream.context().ordinal(), name.to_string(), blocks);
-    let mut seen = SEEN.get_or_init(Default::default).lock().expect("poisoned");
-    if let Some(&n) = seen.get(&key) {
-        return Ok(n);
-    }
-    let mut attr = cluster_attribute(blocks as u32);
-    let config = sys::CUlaunchConfig {
-        gridDimX: (blocks * 64) as u32,
-        gridDimY: 1,
-        gridDimZ: 1,
-        blockDimX: THREADS,
-        blockDimY: 1,
-        blockDimZ: 1,
-        sharedMemBytes: smem as u32,
-        hStream: stream.cu_stream(),
-        attrs: &mut attr,
-        numAttrs: 1,
-    };
-    let mut n = 0i32;
-    stream.context().bind_to_thread().w()?;
-    // SAFETY: the config points at a live attribute; the function is loaded in this context.
-    let r = unsafe { sys::cuOccupancyMaxActiveClusters(&mut n, f.cu_function(), &config) };
-    if r != sys::CUresult::CUDA_SUCCESS {
-        return Err(QuantError::Invalid(format!(
-            "fp8 wgmma kernel: cuOccupancyMaxActiveClusters refused {name} in clusters of \
-             {blocks}: {r:?}"
-        )));
-    }
-    let n = n.max(0) as usize;
-    tracing::debug!("{name}: {n} clusters of {blocks} blocks resident at once");
-    seen.insert(key, n);
-    Ok(n)
 }
 
 /// A `CUtensorMap`, passed by value as the kernel's `__grid_constant__` `fp8wg::TensorMap`.
@@ -381,7 +318,7 @@ pub(crate) fn group_output(
     let smem = shape.shared_bytes();
     let f = function_with_shared(dev, "fp8_wgmma", FATBIN, &name, smem)?;
     let tiles = tile_count(shape, m, ns);
-    let fits = |splits: usize| match resident_clusters(dev, &f, &name, smem, splits) {
+    let fits = |splits: usize| match resident_clusters(dev, &f, &name, (THREADS, smem), splits) {
         Ok(c) => c >= tiles,
         Err(e) => {
             tracing::warn!("{e}; split tiles summed through L2 instead");
@@ -389,7 +326,7 @@ pub(crate) fn group_output(
         }
     };
     let sms = super::qmma_tiled::multiprocessors(dev);
-    let Some(plan) = plan(shape, (m, ns, k), sms, CLUSTER_SUMS.get(), fits) else {
+    let Some(plan) = plan(shape, (m, ns, k), sms, super::qwgmma::cluster_sums(), fits) else {
         return Ok(None);
     };
     let ys = ns

@@ -296,8 +296,14 @@ const AUTO_TILED_MAX_M: usize = 64;
 const AUTO_TILED_WIDE_MAX_M: usize = 128;
 const AUTO_TILED_WIDE_CODES: usize = 1 << 25;
 /// The wgmma kernel ([`qwgmma::supports`]: 4-bit codes on a Hopper GPU) from 33 rows on weights
-/// of 16 Mi codes and more (a grouped launch counts its weights together) up to 128 rows, from 17
-/// rows on weights of 32 Mi up to 256.
+/// of 4 Mi codes and more (a grouped launch counts its weights together) up to 128 rows (256 from
+/// 16 Mi codes), from 17 rows on weights of 32 Mi up to 256.
+/// H200, session 36 (GPU time, with split tiles summed in clusters where they fit:
+/// `qwgmma::plan`): 1024x4096 (4 Mi codes) at 33 / 64 / 128 rows 9.3 / 9.6 / 11.3 us wgmma
+/// against 14.2 / 16.1 / 12.8 tiled (GPTQ; NF4 10.3 / 10.5 / 12.2 against 15.0 / 16.5 / 12.2;
+/// act-order 11.3 / 12.3 / 15.0 against 16.4 / 18.8 / 16.5), at 256 rows 18.1 against 14.5
+/// (dequantize + cuBLAS, kept); 4096x4096 (16 Mi) at 256 rows 22.0 against 31.6 dequantize +
+/// cuBLAS (NF4 24.9 / 30.2, act-order 27.6 / 38.0). Before: 33-128 rows from 16 Mi codes.
 /// H200, session 27 (GPU time, after the kernel's awaited ring): at 17-32 rows the tiled kernel
 /// runs its 32-row block and the wgmma kernel its 64-row one, so 32 rows stands for the range:
 /// gate/up and down (56 Mi codes) 32.0-36.5 us wgmma against 33.9-55.7 tiled (GPTQ, AWQ, HQQ,
@@ -317,7 +323,9 @@ const AUTO_WGMMA_MIN_M: usize = 33;
 const AUTO_WGMMA_WIDE_MIN_M: usize = 17;
 const AUTO_WGMMA_MAX_M: usize = 128;
 const AUTO_WGMMA_WIDE_MAX_M: usize = 256;
-const AUTO_WGMMA_CODES: usize = 1 << 24;
+const AUTO_WGMMA_CODES: usize = 1 << 22;
+const AUTO_WGMMA_LARGE_CODES: usize = 1 << 24;
+const AUTO_WGMMA_WIDE_CODES: usize = 1 << 25;
 
 /// Which GPU path a matmul takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -326,7 +334,7 @@ pub enum QPath {
     /// GEMV for 1..=2 rows of affine 4-bit weights it takes; for the weights the tiled kernel
     /// covers, the tiled kernel for 2..=64 rows (2..=128 on large
     /// weights), except 4-bit weights on a Hopper GPU, which take the wgmma kernel on large
-    /// weights (from 33 rows to 128, from 17 to 256 on the largest: `AUTO_WGMMA_*`); otherwise
+    /// weights (from 33 rows to 128 or 256, from 17 to 256 on the largest: `AUTO_WGMMA_*`); otherwise
     /// the GEMV up to 8 rows (f32 activations up to
     /// [`QGEMV_MAX_M`]), the first tensor-core kernel up to 32, else dequantize + cuBLAS.
     Auto,
@@ -550,8 +558,10 @@ fn auto_route(
 ) -> Route {
     let half = is_half(dtype);
     let codes = n * w.k;
-    let (wgmma_min_m, wgmma_max_m) = if codes >= 2 * AUTO_WGMMA_CODES {
+    let (wgmma_min_m, wgmma_max_m) = if codes >= AUTO_WGMMA_WIDE_CODES {
         (AUTO_WGMMA_WIDE_MIN_M, AUTO_WGMMA_WIDE_MAX_M)
+    } else if codes >= AUTO_WGMMA_LARGE_CODES {
+        (AUTO_WGMMA_MIN_M, AUTO_WGMMA_WIDE_MAX_M)
     } else if codes >= AUTO_WGMMA_CODES {
         (AUTO_WGMMA_MIN_M, AUTO_WGMMA_MAX_M)
     } else {

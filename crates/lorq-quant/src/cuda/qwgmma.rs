@@ -17,7 +17,7 @@ use candle_core::cuda_backend::cudarc::driver::{
 use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::{CudaStorage, Tensor};
 
-use super::dependent_launch::KernelArgs;
+use super::dependent_launch::{resident_clusters, KernelArgs, MAX_CLUSTER};
 use super::qgemv::DeviceLayout;
 use super::qmma_tiled::KSTEP;
 use super::{function, function_with_shared};
@@ -142,6 +142,61 @@ pub(super) fn schedule(
     }
 }
 
+thread_local! {
+    static CLUSTER_SUMS: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
+}
+
+/// Turns the cluster sums of both wgmma kernels (this one's [`plan`] and the FP8
+/// kernel's cluster schedule, `fp8_wgmma`) on or off for the calling thread's products (on by
+/// default), e.g. to measure what they bring; off, split tiles are summed through L2 partial sums
+/// and tickets. Per thread: a test comparing the two leaves the other threads' products alone.
+pub fn set_cluster_sums(on: bool) {
+    CLUSTER_SUMS.set(on);
+}
+
+/// Whether [`set_cluster_sums`] is on for this thread.
+pub(super) fn cluster_sums() -> bool {
+    CLUSTER_SUMS.get()
+}
+
+/// How a weight's launch shares out its tiles: the [`schedule`], and above 1 the blocks of a
+/// cluster. Where the stream-K schedule would cut tiles and sum them through L2, with `clusters`
+/// (while [`set_cluster_sums`] is on): the most equal splits of each tile (dividing its K steps,
+/// at most `MAX_CLUSTER`) launched as one thread-block cluster, summed from the blocks' shared
+/// memory (kernels/qwgmma.cu `in_cluster`: the same sums in the same order, without the partial
+/// sums' round trip through L2, the fence and the ticket), where that keeps at least stream-K's
+/// blocks busy and `fits(splits, clusters)` (every cluster resident at once). Outputs must be a
+/// multiple of 4 (the sums' stores). On an H200 the 8-tile k/v products at 33-128 rows run 8
+/// splits so; the 32-tile q/o and down_proj products keep stream-K (30 clusters of 4 fit, not 32).
+pub(super) fn plan(
+    (n, m, k): (usize, usize, usize),
+    rows: usize,
+    sms: usize,
+    clusters: bool,
+    fits: impl Fn(usize, usize) -> bool,
+) -> (Schedule, usize) {
+    let streamed = schedule(n, m, k, rows, sms, split_until(sms));
+    if !clusters || streamed.slots == 1 || !n.is_multiple_of(4) {
+        return (streamed, 1);
+    }
+    let tiles = n.div_ceil(ROWS) * m.div_ceil(rows);
+    let steps = k.div_ceil(KSTEP);
+    match (2..=MAX_CLUSTER.min(sms / tiles.max(1)))
+        .rev()
+        .find(|&s| steps.is_multiple_of(s) && tiles * s >= streamed.blocks && fits(s, tiles))
+    {
+        Some(s) => (
+            Schedule {
+                per_block: steps / s,
+                blocks: tiles * s,
+                slots: 1,
+            },
+            s,
+        ),
+        None => (streamed, 1),
+    }
+}
+
 /// `x · Wᵀ` for contiguous `x` `[m, k]` (bf16/f16, columns already in the weight's packed order).
 pub(crate) fn matmul(
     dev: &CudaDevice,
@@ -189,12 +244,29 @@ pub fn matmul_group(
         let xs = x.as_cuda_slice::<T>()?.slice(start..start + m * k);
         let stream = dev.cuda_stream();
         let sms = super::qmma_tiled::multiprocessors(dev);
+        // The weights share one kernel (`qgemv::same_kernel`).
+        let name = format!("qwg_{}_{dname}_{}", ws[0].tag, sh.name);
+        let smem = sh.shared_bytes();
+        let f = function_with_shared(dev, "qwgmma", FATBIN, &name, smem)?;
         // Every buffer first, then the launches back to back: inside a CUDA graph capture an
         // allocation between two launches would cut their programmatic edge
         // (`dependent_launch`).
         let mut launches = Vec::with_capacity(ws.len());
         for w in ws {
-            let plan = schedule(w.n, m, k, sh.rows, sms, split_until(sms));
+            let fits = |splits, clusters| match resident_clusters(
+                dev,
+                &f,
+                &name,
+                (THREADS as u32, smem),
+                splits,
+            ) {
+                Ok(c) => c >= clusters,
+                Err(e) => {
+                    tracing::warn!("{e}; split tiles summed through L2 instead");
+                    false
+                }
+            };
+            let (plan, cluster) = plan((w.n, m, k), sh.rows, sms, cluster_sums(), fits);
             // SAFETY: every output element is written by the kernel.
             let y = unsafe { dev.alloc::<T>(m * w.n)? };
             let partial: Option<CudaSlice<f32>> = if plan.slots > 1 {
@@ -204,7 +276,7 @@ pub fn matmul_group(
             } else {
                 None
             };
-            launches.push((plan, y, partial));
+            launches.push((plan, cluster, y, partial));
         }
         // SAFETY: the permute kernel writes all mp * kp elements (zeros past m and k).
         let xp = unsafe { dev.alloc::<T>(mp * kp)? };
@@ -223,19 +295,11 @@ pub fn matmul_group(
             // (the caller's `aligned`), k a multiple of 32 (the packed layout's), xp mp*kp.
             unsafe { b.launch(cfg) }.w()?;
         }
-        let smem = sh.shared_bytes();
         let (mpi, mi, ki) = (mp as i32, m as i32, k as i32);
         let mut ys = Vec::with_capacity(ws.len());
         // Freed after the last launch (a free between launches would cut their edge too).
         let mut partials = Vec::with_capacity(ws.len());
-        for (w, (plan, y, partial)) in ws.iter().zip(launches) {
-            let f = function_with_shared(
-                dev,
-                "qwgmma",
-                FATBIN,
-                &format!("qwg_{}_{dname}_{}", w.tag, sh.name),
-                smem,
-            )?;
+        for (w, (plan, cluster, y, partial)) in ws.iter().zip(launches) {
             let (ni, pi) = (w.n as i32, plan.per_block as i32);
             let mut b = KernelArgs::new(&stream);
             w.push_kernel_args(&mut b);
@@ -244,7 +308,14 @@ pub fn matmul_group(
                 Some(p) => b.buf(p),
                 None => b.address(0),
             };
-            b.buf(&w.counters).val(&mi).val(&ni).val(&ki).val(&pi);
+            let ci = i32::from(cluster > 1);
+            b.buf(&w.counters)
+                .val(&mi)
+                .val(&ni)
+                .val(&ki)
+                .val(&pi)
+                .val(&ci);
+            b.in_clusters(cluster as u32);
             let cfg = LaunchConfig {
                 grid_dim: (plan.blocks as u32, 1, 1),
                 block_dim: (THREADS as u32, 1, 1),
@@ -253,8 +324,10 @@ pub fn matmul_group(
             // SAFETY: the arguments match `qwg_*` in kernels/qwgmma.cu: xp holds the permuted
             // activations of mp rows (a multiple of the block's rows), y m*n, partial slots*m*n,
             // and the counters (zero between launches) one per tile (16 per 16 rows: a schedule
-            // that splits tiles has at most 16 activation blocks); shared memory opted in. The
-            // kernel loads only weight codes (and the code table) before `wait_for_producers()`.
+            // that splits tiles has at most 16 activation blocks); shared memory opted in; in
+            // clusters, the grid is the tiles' whole clusters, one segment a block, n % 4 == 0
+            // (`plan`). The kernel loads only weight codes (and the code table) before
+            // `wait_for_producers()`.
             unsafe { b.launch_dependent(&f, cfg) }?;
             partials.push(partial);
             ys.push(y);
@@ -277,6 +350,34 @@ pub fn matmul_group(
 #[cfg(test)]
 mod tests {
     use super::{split_until, MAX_SPLITS};
+
+    /// Clusters where stream-K would cut tiles, with as many blocks, resident, n % 4 == 0.
+    #[test]
+    fn plan_sums_split_tiles_in_clusters_where_they_fit() {
+        let all = |_: usize, _: usize| true;
+        let plan = |nmk, rows, clusters, fits: &dyn Fn(usize, usize) -> bool| {
+            super::plan(nmk, rows, 132, clusters, fits)
+        };
+        // k/v at 128 rows: 8 tiles of 32 steps, stream-K's 64 blocks of 4 steps; 8 splits.
+        let (s, c) = plan((1024, 128, 4096), 128, true, &all);
+        assert_eq!((s.per_block, s.blocks, s.slots, c), (4, 64, 1, 8));
+        // Switched off, an odd output count, or clusters that do not all fit: stream-K.
+        let streamed = schedule(1024, 128, 4096, 128, 132);
+        assert_eq!(plan((1024, 128, 4096), 128, false, &all), (streamed, 1));
+        assert_eq!(plan((1022, 128, 4096), 128, true, &all).1, 1);
+        assert_eq!(
+            plan((1024, 128, 4096), 128, true, &|_, _| false),
+            (streamed, 1)
+        );
+        // q/o at 128 rows: 32 tiles, stream-K's 128 blocks; 4 splits if 32 clusters of 4 fit,
+        // else stream-K (2 splits would leave half of its blocks' SMs idle).
+        let (s, c) = plan((4096, 128, 4096), 128, true, &all);
+        assert_eq!((s.per_block, s.blocks, c), (8, 128, 4));
+        let thirty_of_four = |s: usize, clusters: usize| s < 4 || clusters <= 30;
+        assert_eq!(plan((4096, 128, 4096), 128, true, &thirty_of_four).1, 1);
+        // Whole tiles (gate/up at 128 rows) stay whole.
+        assert_eq!(plan((14336, 128, 4096), 128, true, &all).1, 1);
+    }
 
     fn schedule(n: usize, m: usize, k: usize, rows: usize, sms: usize) -> super::Schedule {
         super::schedule(n, m, k, rows, sms, split_until(sms))
