@@ -754,19 +754,13 @@ mod gpu {
             } else {
                 zeros
             };
-            let code = |r: usize, c: usize| ((codes[r * k + c].abs() * 1e4) as u32) % 16;
-            let layout = GpuLayout::pack(
-                n,
-                k,
+            let layout = pack_4bit(
+                (n, k, group),
                 CodeKind::Affine { bits: 4 },
-                group,
                 scales,
                 zeros,
-                ElementRounding::None,
-                None,
-                code,
-            )
-            .unwrap();
+                &codes,
+            );
             let dl = DeviceLayout::upload(&layout, cdev).unwrap();
             let w_ref = Tensor::from_vec(layout.dequantize_f32(), (n, k), &Device::Cpu).unwrap();
             for m in [1usize, 2, 5, 8, 9, 12, 16] {
@@ -890,19 +884,7 @@ mod gpu {
                     Vec::new(),
                 ),
             ] {
-                let code = |r: usize, c: usize| ((codes[r * k + c].abs() * 1e4) as u32) % 16;
-                let layout = GpuLayout::pack(
-                    n,
-                    k,
-                    kind,
-                    group,
-                    scales.clone(),
-                    zs,
-                    ElementRounding::None,
-                    None,
-                    code,
-                )
-                .unwrap();
+                let layout = pack_4bit((n, k, group), kind, scales.clone(), zs, &codes);
                 let dl = DeviceLayout::upload(&layout, cdev).unwrap();
                 assert!(qwgmma::supports(&dl, cdev), "{kname} group {group}");
                 failures.extend(check_rows(
@@ -948,186 +930,124 @@ mod gpu {
         );
     }
 
-    /// Tiles cut into equal splits summed in a thread-block cluster (k/v-sized products: 8 tiles
-    /// at 65-128 rows, 16 at 33-64) equal the stream-K schedule's L2 partial sums bit for bit
-    /// (the same splits, added in the same order), alone and in a group; and the default
-    /// (clusters) matches the CPU decoder, which `wgmma_kernel_matches_the_cpu_decoder` checks on
-    /// every format.
-    #[test]
-    fn wgmma_cluster_sums_equal_the_l2_sums() {
-        let Some(dev) = gpu() else { return };
-        let cdev = dev.as_cuda_device().unwrap();
-        let mut failures = Vec::new();
-        for (i, &(n, k, m)) in [
-            (1024usize, 4096usize, 100usize),
-            (2048, 1024, 40),
-            (1024, 4096, 128),
-        ]
-        .iter()
-        .enumerate()
-        {
-            let seed = 1300 + 10 * i as u64;
-            let layouts: Vec<DeviceLayout> = (0..2)
-                .map(|j| {
-                    let (scales, _, codes) = edge_inputs(n, k, 64, seed + 3 * j);
-                    let code = |r: usize, c: usize| ((codes[r * k + c].abs() * 1e4) as u32) % 16;
-                    let nf4: Vec<f32> = (0..16).map(|i| (i as f32 - 7.5) / 7.5).collect();
-                    let layout = GpuLayout::pack(
-                        n,
-                        k,
-                        CodeKind::Table { bits: 4, lut: nf4 },
-                        64,
-                        scales,
-                        Vec::new(),
-                        ElementRounding::None,
-                        None,
-                        code,
-                    )
-                    .unwrap();
-                    DeviceLayout::upload(&layout, cdev).unwrap()
-                })
-                .collect();
-            if !qwgmma::supports(&layouts[0], cdev) {
-                eprintln!("SKIPPED: the wgmma kernel needs a GPU of compute capability 9.0");
-                return;
-            }
-            let x = Tensor::from_vec(randn(seed + 9, m * k, 1.0), (m, k), &dev)
-                .unwrap()
-                .to_dtype(DType::F16)
-                .unwrap();
-            let host = |t: &Tensor| t.to_device(&Device::Cpu).unwrap();
-            let refs: Vec<&DeviceLayout> = layouts.iter().collect();
-            let run = || {
-                let mut ys = vec![host(&matmul(&layouts[0], &x, QPath::Wgmma).unwrap())];
-                ys.extend(
-                    qwgmma::matmul_group(cdev, &refs, &x, m)
-                        .unwrap()
-                        .iter()
-                        .map(host),
-                );
-                ys
-            };
-            let clustered = run();
-            qwgmma::set_cluster_sums(false);
-            let l2 = run();
-            qwgmma::set_cluster_sums(true);
-            for (j, (c, l)) in clustered.iter().zip(&l2).enumerate() {
-                let d = max_abs_diff(c, l);
-                if d.is_nan() || d != 0.0 {
-                    failures.push(format!(
-                        "{n}x{k} m={m} output {j}: max |diff| {d} between cluster and L2 sums"
-                    ));
-                }
-            }
-        }
-        assert!(failures.is_empty(), "{failures:#?}");
+    /// A seeded `[n, k]` 4-bit weight in groups of `group` (affine codes, or NF4 table codes)
+    /// uploaded in the packed layout.
+    fn random_4bit(
+        cdev: &candle_core::CudaDevice,
+        (n, k, group): (usize, usize, usize),
+        table: bool,
+        seed: u64,
+    ) -> DeviceLayout {
+        let (scales, zeros, codes) = edge_inputs(n, k, group, seed);
+        let (kind, zeros) = if table {
+            let nf4 = (0..16).map(|i| (i as f32 - 7.5) / 7.5).collect();
+            (CodeKind::Table { bits: 4, lut: nf4 }, Vec::new())
+        } else {
+            (CodeKind::Affine { bits: 4 }, zeros)
+        };
+        DeviceLayout::upload(&pack_4bit((n, k, group), kind, scales, zeros, &codes), cdev).unwrap()
     }
 
-    /// The wgmma kernel launched as a dependent of the activation permute (and of the group's
-    /// weight before it) starts its weight loads while that kernel still runs: its outputs equal
-    /// the serial launches' bit for bit, eagerly and replayed from a CUDA graph (where the launches
-    /// become programmatic edges), on whole-tile and split-tile (stream-K) schedules of both block
-    /// shapes, alone and in a group.
+    /// Seeded values `codes` (`edge_inputs`) as the 4-bit codes of an `[n, k]` packed layout.
+    fn pack_4bit(
+        (n, k, group): (usize, usize, usize),
+        kind: CodeKind,
+        scales: Vec<f32>,
+        zeros: Vec<f32>,
+        codes: &[f32],
+    ) -> GpuLayout {
+        let code = |r: usize, c: usize| ((codes[r * k + c].abs() * 1e4) as u32) % 16;
+        GpuLayout::pack(
+            n,
+            k,
+            kind,
+            group,
+            scales,
+            zeros,
+            ElementRounding::None,
+            None,
+            code,
+        )
+        .unwrap()
+    }
+
+    /// Notes in `failures` where `got` is not `want` bit for bit.
+    fn identical(failures: &mut Vec<String>, what: String, got: &Tensor, want: &Tensor) {
+        let host = |t: &Tensor| t.to_device(&Device::Cpu).unwrap();
+        let d = max_abs_diff(&host(got), &host(want));
+        if d.is_nan() || d != 0.0 {
+            failures.push(format!("{what}: max |diff| {d}"));
+        }
+    }
+
+    /// The wgmma kernel's launch variants give the same bits, alone and in a group of two weights:
+    /// the serial launches with split tiles summed through L2 (stream-K); the dependent launches
+    /// (each kernel starts its weight loads while the activation permute or the group's weight
+    /// before it still runs), eagerly and replayed from a CUDA graph (programmatic edges); and
+    /// the default, split tiles summed in thread-block clusters where they fit (the same splits,
+    /// added in the same order). `wgmma_kernel_matches_the_cpu_decoder` checks the default
+    /// against the CPU decoder on every format.
     #[test]
-    fn wgmma_dependent_launch_equals_serial() {
+    fn wgmma_launch_variants_equal_bit_for_bit() {
         use lorq_quant::cuda::dependent_launch;
         let Some(dev) = gpu() else { return };
         let cdev = dev.as_cuda_device().unwrap();
         let mut failures = Vec::new();
-        let mut checked = 0;
-        // (n, k, m): 8 tiles shared over the SMs at 100 rows (n128 blocks), 16 at 40 rows (n64),
-        // 80 whole tiles at 130 rows, 40 whole tiles at 64 rows.
-        for (i, &(n, k, m)) in [
-            (1024usize, 4096usize, 100usize),
-            (2048, 1024, 40),
-            (5120, 512, 130),
-            (5120, 1024, 64),
+        // (n, k, m, group, NF4 codes, f16): 8 tiles of 32 steps at 100 and 128 rows (clusters
+        // of 8), 16 of 8 steps at 40 rows (n64 blocks, clusters of 8), 80 whole tiles at 130
+        // rows, 40 tiles at 64 rows shared 3 steps a block (stream-K, no cluster schedule).
+        for (i, &(n, k, m, group, table, half)) in [
+            (1024usize, 4096usize, 100usize, 64usize, true, true),
+            (1024, 4096, 128, 128, false, false),
+            (2048, 1024, 40, 64, true, false),
+            (5120, 512, 130, 128, false, false),
+            (5120, 1024, 64, 128, false, true),
         ]
         .iter()
         .enumerate()
         {
             let seed = 1200 + 10 * i as u64;
-            let layouts: Vec<DeviceLayout> = (0..2)
-                .map(|j| {
-                    let (scales, zeros, codes) = edge_inputs(n, k, 128, seed + 3 * j);
-                    let code = |r: usize, c: usize| ((codes[r * k + c].abs() * 1e4) as u32) % 16;
-                    let layout = GpuLayout::pack(
-                        n,
-                        k,
-                        CodeKind::Affine { bits: 4 },
-                        128,
-                        scales,
-                        zeros,
-                        ElementRounding::None,
-                        None,
-                        code,
-                    )
-                    .unwrap();
-                    DeviceLayout::upload(&layout, cdev).unwrap()
-                })
+            let ws: Vec<DeviceLayout> = (0..2)
+                .map(|j| random_4bit(cdev, (n, k, group), table, seed + 3 * j))
                 .collect();
-            if !qwgmma::supports(&layouts[0], cdev) {
+            if !qwgmma::supports(&ws[0], cdev) {
                 eprintln!("SKIPPED: the wgmma kernel needs a GPU of compute capability 9.0");
                 return;
             }
+            let dtype = if half { DType::F16 } else { DType::BF16 };
             let x = Tensor::from_vec(randn(seed + 9, m * k, 1.0), (m, k), &dev)
                 .unwrap()
-                .to_dtype(DType::BF16)
+                .to_dtype(dtype)
                 .unwrap();
-            let host = |t: &Tensor| t.to_device(&Device::Cpu).unwrap();
-            let refs: Vec<&DeviceLayout> = layouts.iter().collect();
-            let run = |dependent: bool| {
-                dependent_launch::set_enabled(dependent);
-                let made = dependent_launch::launches_made();
-                let alone = matmul(&layouts[0], &x, QPath::Wgmma).unwrap();
-                let group = qwgmma::matmul_group(cdev, &refs, &x, m).unwrap();
-                let used = dependent_launch::launches_made() > made;
-                dependent_launch::set_enabled(true);
-                (host(&alone), group, used)
+            let refs: Vec<&DeviceLayout> = ws.iter().collect();
+            let run = || {
+                let mut ys = vec![matmul(&ws[0], &x, QPath::Wgmma)?];
+                ys.extend(qwgmma::matmul_group(cdev, &refs, &x, m)?);
+                Ok::<_, lorq_quant::QuantError>(ys)
             };
-            let (serial, serial_group, _) = run(false);
-            let (dependent, dependent_group, used) = run(true);
-            if !used {
+            qwgmma::set_cluster_sums(false);
+            dependent_launch::set_enabled(false);
+            let serial = run().unwrap();
+            dependent_launch::set_enabled(true);
+            let made = dependent_launch::launches_made();
+            let dependent = run().unwrap();
+            if dependent_launch::launches_made() <= made {
                 failures.push(format!("{n}x{k} m={m}: no dependent launch was made"));
             }
-            let (graph, replayed) = lorq_quant::cuda::graph::capture(cdev, || {
-                Ok::<_, lorq_quant::QuantError>((
-                    matmul(&layouts[0], &x, QPath::Wgmma)?,
-                    qwgmma::matmul_group(cdev, &refs, &x, m)?,
-                ))
-            })
-            .unwrap();
+            let (graph, replayed) = lorq_quant::cuda::graph::capture(cdev, run).unwrap();
             graph.replay().unwrap();
-            let mut compare = |what: &str, got: &Tensor, want: &Tensor| {
-                checked += 1;
-                let d = max_abs_diff(got, want);
-                if d.is_nan() || d != 0.0 {
-                    failures.push(format!(
-                        "{n}x{k} m={m} {what}: max |diff| {d} against the serial launch"
-                    ));
-                }
-            };
-            compare("dependent", &dependent, &serial);
-            compare("graph", &host(&replayed.0), &serial);
-            for (j, y) in serial_group.iter().enumerate() {
-                let y = host(y);
-                compare(&format!("group output {j}"), &host(&dependent_group[j]), &y);
-                compare(
-                    &format!("graph group output {j}"),
-                    &host(&replayed.1[j]),
-                    &y,
-                );
+            qwgmma::set_cluster_sums(true);
+            let clustered = run().unwrap();
+            for (j, want) in serial.iter().enumerate() {
+                let what = |how| format!("{n}x{k} m={m} output {j} {how} against serial stream-K");
+                identical(&mut failures, what("dependent"), &dependent[j], want);
+                identical(&mut failures, what("replayed"), &replayed[j], want);
+                identical(&mut failures, what("cluster sums"), &clustered[j], want);
             }
         }
         assert!(failures.is_empty(), "{failures:#?}");
-        assert_eq!(checked, 4 * 6);
     }
 
-    /// q/k/v- and gate/up-style groups (2 and 3 weights of different row counts sharing x) in one
-    /// launch (the GEMV, and the tiled kernel for 4-bit weights at 2-64 rows): every output equals
-    /// that weight's own matmul (f32 within 1e-5, bf16/f16 within 1e-2: only the launch shape,
-    /// hence the order of the f32 sums, may differ), for every format with a packed layout;
-    /// weights that cannot share a kernel are refused.
     /// Act-order weights gather x's columns (and dequantize + cuBLAS the weight's) on the GPU:
     /// every path of such a weight, captured in a CUDA graph and replayed, equals the same call
     /// run eagerly, bit for bit (candle's `index_select`, used before, uploaded its layout from
@@ -1188,6 +1108,11 @@ mod gpu {
         assert!(failures.is_empty(), "{failures:#?}");
     }
 
+    /// q/k/v- and gate/up-style groups (2 and 3 weights of different row counts sharing x) in one
+    /// launch (the GEMV, and the tiled kernel for 4-bit weights at 2-64 rows): every output equals
+    /// that weight's own matmul (f32 within 1e-5, bf16/f16 within 1e-2: only the launch shape,
+    /// hence the order of the f32 sums, may differ), for every format with a packed layout;
+    /// weights that cannot share a kernel are refused.
     #[test]
     fn grouped_launch_equals_each_weight_alone() {
         let Some(dev) = gpu() else { return };
