@@ -354,7 +354,7 @@ pub fn shrink_group(
     }
     // After the allocations of h (ordered on the main stream) and with x kept until the expands;
     // the first expand of the group joins it (later ones find it joined).
-    let fork = if super::side_stream::wanted() {
+    let fork = if super::side_stream::wanted(dev) {
         Some(super::side_stream::Fork::new(dev)?)
     } else {
         None

@@ -37,10 +37,15 @@ pub fn set_enabled(on: bool) {
     ENABLED.store(on, Ordering::Relaxed);
 }
 
-/// Whether work should be forked onto a side stream: inside a CUDA graph capture (where a fork
-/// costs nothing at replay; eagerly its events cost host time per call) unless turned off.
-pub fn wanted() -> bool {
-    ENABLED.load(Ordering::Relaxed) && super::graph::capturing()
+/// Whether work should be forked onto a side stream of `dev`: inside a CUDA graph capture (where
+/// a fork costs nothing at replay; eagerly its events cost host time per call) unless turned off,
+/// and with cudarc's per-buffer event tracking off (as lorq runs: with it on, a buffer used on
+/// the side stream would make it wait on an event recorded outside the capture, which the
+/// capture refuses).
+pub fn wanted(dev: &CudaDevice) -> bool {
+    ENABLED.load(Ordering::Relaxed)
+        && super::graph::capturing()
+        && !dev.cuda_stream().context().is_event_tracking()
 }
 
 /// The side stream of `dev` on this thread, created on first use.
