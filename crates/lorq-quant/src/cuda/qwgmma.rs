@@ -216,11 +216,15 @@ pub fn matmul_group(
     x: &Tensor,
     m: usize,
 ) -> Result<Vec<Tensor>, QuantError> {
-    let k = ws.first().map_or(0, |w| w.k);
-    if let Some(w) = ws.iter().find(|w| w.k != k) {
+    let (k, tag) = ws.first().map_or((0, ""), |w| (w.k, w.tag.as_str()));
+    if let Some(w) = ws
+        .iter()
+        .find(|w| w.k != k || w.tag != tag || !supports(w, dev))
+    {
         return Err(QuantError::Invalid(format!(
-            "wgmma group: a weight of {} inputs beside one of {k}",
-            w.k
+            "wgmma group: a [{}, {}] weight of codes `{}` beside [_, {k}] `{tag}` weights (one \
+             code kind and K for all, each taken by the kernel: `supports`)",
+            w.n, w.k, w.tag
         )));
     }
     if x.dims() != [m, k] {
