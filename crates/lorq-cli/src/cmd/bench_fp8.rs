@@ -122,7 +122,9 @@ mod gpu {
     use serde_json::{json, Value};
 
     use super::super::bench_kernels::{command_line, parse_shapes, randn, utc_date};
-    use super::super::bench_kernels_cuda::{card_name, rel_l2, time_calls, CallTiming as Timing};
+    use super::super::bench_kernels_cuda::{
+        card_name, rel_l2, time_calls, CallTiming as Timing, OffWhileAlive,
+    };
     use super::super::bench_peer::merge_peer_rows;
     use super::BenchFp8Args;
 
@@ -310,16 +312,18 @@ mod gpu {
                         let t = &chans[i % c];
                         Ok(gemm_quantized(t, &qx, cdev, DType::BF16, Fp8Kernel::Wgmma)?)
                     };
-                    dependent_launch::set_enabled(false);
-                    let t = time(&mut w8a8);
-                    dependent_launch::set_enabled(true);
-                    push("wgmma-w8a8-serial", t?, fp8_bytes, None, None);
+                    let t = {
+                        let _off = OffWhileAlive::new(dependent_launch::set_enabled);
+                        time(&mut w8a8)?
+                    };
+                    push("wgmma-w8a8-serial", t, fp8_bytes, None, None);
                     // Session 34's schedule: split tiles summed through L2.
-                    qwgmma::set_cluster_sums(false);
-                    let (gemm, w8a8) = (time(&mut gemm), time(&mut w8a8));
-                    qwgmma::set_cluster_sums(true);
-                    push("wgmma-gemm-only-stream-k", gemm?, fp8_bytes, None, None);
-                    push("wgmma-w8a8-stream-k", w8a8?, fp8_bytes, None, None);
+                    let (gemm, w8a8) = {
+                        let _off = OffWhileAlive::new(qwgmma::set_cluster_sums);
+                        (time(&mut gemm)?, time(&mut w8a8)?)
+                    };
+                    push("wgmma-gemm-only-stream-k", gemm, fp8_bytes, None, None);
+                    push("wgmma-w8a8-stream-k", w8a8, fp8_bytes, None, None);
                 }
                 // (The closure's tensor is only held until the timing's synchronization.)
                 let t = time(&mut |_| {

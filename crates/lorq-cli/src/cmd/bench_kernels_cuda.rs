@@ -141,12 +141,12 @@ pub(crate) fn card_name(dev: &Device) -> Result<String> {
     Ok(c.cuda_stream().context().name()?)
 }
 
-/// A process or thread switch turned off while it lives, on again after (`lorq bench kernels`'s
-/// `qwgmma-serial` and `qwgmma-stream-k` paths).
-struct OffWhileAlive(fn(bool));
+/// A process or thread switch turned off while it lives, on again after (the benches' rows
+/// without a kernel feature: `qwgmma-serial`, `qwgmma-stream-k`, `wgmma-*-serial` ...).
+pub(crate) struct OffWhileAlive(fn(bool));
 
 impl OffWhileAlive {
-    fn new(set: fn(bool)) -> Self {
+    pub(crate) fn new(set: fn(bool)) -> Self {
         set(false);
         Self(set)
     }

@@ -175,9 +175,28 @@ pub(crate) fn cluster_attribute(blocks: u32) -> sys::CUlaunchAttribute {
 /// Blocks a cluster may have without the non-portable opt-in.
 pub(crate) const MAX_CLUSTER: usize = 8;
 
+/// Whether `clusters` clusters of `blocks` blocks of `f` are all resident at once
+/// ([`resident_clusters`]); where the driver cannot say, no (a warning: the caller sums its split
+/// tiles through L2 instead).
+pub(crate) fn clusters_fit(
+    dev: &CudaDevice,
+    f: &CudaFunction,
+    name: &str,
+    block: (u32, usize),
+    (blocks, clusters): (usize, usize),
+) -> bool {
+    match resident_clusters(dev, f, name, block, blocks) {
+        Ok(c) => c >= clusters,
+        Err(e) => {
+            tracing::warn!("{e}; split tiles summed through L2 instead");
+            false
+        }
+    }
+}
+
 /// Clusters of `blocks` blocks of `f` (`threads` threads and `smem` bytes of shared memory each)
 /// resident at once on the device (cached: a property of the kernel and the GPU).
-pub(crate) fn resident_clusters(
+fn resident_clusters(
     dev: &CudaDevice,
     f: &CudaFunction,
     name: &str,

@@ -14,7 +14,7 @@ use candle_core::cuda_backend::cudarc::driver::{
 use candle_core::cuda_backend::{CudaDType, CudaDevice};
 use candle_core::{CudaStorage, DType, WithDType};
 
-use super::dependent_launch::{resident_clusters, KernelArgs, MAX_CLUSTER};
+use super::dependent_launch::{clusters_fit, KernelArgs, MAX_CLUSTER};
 use super::qmma_tiled::KSTEP;
 use super::qwgmma::schedule;
 use super::{dtype_name, function_with_shared};
@@ -111,6 +111,11 @@ fn split_until(sms: usize) -> usize {
 /// were even, and shorter tiles (q/o at 128 rows: 128 x 16) won with clusters.
 const MAX_BLOCK_WORK: usize = 64 * 64;
 
+/// Tiles of weights with `ns` output rows at `m` activation rows, laid end to end.
+fn tile_count(sh: Shape, m: usize, ns: &[usize]) -> usize {
+    ns.iter().map(|n| n.div_ceil(TILE_ROWS)).sum::<usize>() * m.div_ceil(sh.rows)
+}
+
 /// How a launch shares out the tiles: the blocks' K steps and, above 1, the blocks of a cluster
 /// (a tile's equal splits, summed in shared memory: kernels/fp8_wgmma.cu `in_cluster`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,11 +137,6 @@ struct Plan {
 /// 16 rows 21.7 -> 17.6, at 128 30.5 -> 22.8; q/o (2 splits) at 16 10.0 -> 9.7, at 128 16.8 ->
 /// 14.3; k/v (8 splits) at 16 7.1 -> 5.6; down (2 splits) at 16 19.8 -> 19.2, at 128 27.1 -> 29.1
 /// (past [`MAX_BLOCK_WORK`]: stream-K).
-/// Tiles of weights with `ns` output rows at `m` activation rows, laid end to end.
-fn tile_count(sh: Shape, m: usize, ns: &[usize]) -> usize {
-    ns.iter().map(|n| n.div_ceil(TILE_ROWS)).sum::<usize>() * m.div_ceil(sh.rows)
-}
-
 fn plan(
     sh: Shape,
     (m, ns, k): (usize, &[usize], usize),
@@ -146,11 +146,7 @@ fn plan(
 ) -> Option<Plan> {
     let tiles = tile_count(sh, m, ns);
     let steps = k.div_ceil(KSTEP);
-    let whole = super::qwgmma::Schedule {
-        per_block: steps,
-        blocks: tiles,
-        slots: 1,
-    };
+    let whole = super::qwgmma::Schedule::split_evenly(tiles, steps, 1);
     if clusters && tiles > 0 {
         if 4 * tiles >= 3 * sms {
             return Some(Plan {
@@ -165,11 +161,7 @@ fn plan(
             .find(|&s| steps.is_multiple_of(s) && small(s) && fits(s))
         {
             return Some(Plan {
-                schedule: super::qwgmma::Schedule {
-                    per_block: steps / splits,
-                    blocks: tiles * splits,
-                    slots: 1,
-                },
+                schedule: super::qwgmma::Schedule::split_evenly(tiles, steps, splits),
                 cluster: splits,
             });
         }
@@ -318,13 +310,7 @@ pub(crate) fn group_output(
     let smem = shape.shared_bytes();
     let f = function_with_shared(dev, "fp8_wgmma", FATBIN, &name, smem)?;
     let tiles = tile_count(shape, m, ns);
-    let fits = |splits: usize| match resident_clusters(dev, &f, &name, (THREADS, smem), splits) {
-        Ok(c) => c >= tiles,
-        Err(e) => {
-            tracing::warn!("{e}; split tiles summed through L2 instead");
-            false
-        }
-    };
+    let fits = |splits| clusters_fit(dev, &f, &name, (THREADS, smem), (splits, tiles));
     let sms = super::qmma_tiled::multiprocessors(dev);
     let Some(plan) = plan(shape, (m, ns, k), sms, super::qwgmma::cluster_sums(), fits) else {
         return Ok(None);

@@ -17,7 +17,7 @@ use candle_core::cuda_backend::cudarc::driver::{
 use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::{CudaStorage, Tensor};
 
-use super::dependent_launch::{resident_clusters, KernelArgs, MAX_CLUSTER};
+use super::dependent_launch::{clusters_fit, KernelArgs, MAX_CLUSTER};
 use super::qgemv::DeviceLayout;
 use super::qmma_tiled::KSTEP;
 use super::{function, function_with_shared};
@@ -100,6 +100,18 @@ pub(super) struct Schedule {
     pub per_block: usize,
     pub blocks: usize,
     pub slots: usize,
+}
+
+impl Schedule {
+    /// Each of `tiles` tiles of `steps` K steps cut into `splits` equal runs (`splits` divides
+    /// `steps`), one block each: whole tiles at 1, a cluster's splits above (no L2 slots).
+    pub(super) fn split_evenly(tiles: usize, steps: usize, splits: usize) -> Self {
+        Self {
+            per_block: steps / splits,
+            blocks: tiles * splits,
+            slots: 1,
+        }
+    }
 }
 
 /// The most tiles this kernel shares out over the SMs: half of them (fewer tiles leave at least
@@ -185,14 +197,7 @@ pub(super) fn plan(
         .rev()
         .find(|&s| steps.is_multiple_of(s) && tiles * s >= streamed.blocks && fits(s, tiles))
     {
-        Some(s) => (
-            Schedule {
-                per_block: steps / s,
-                blocks: tiles * s,
-                slots: 1,
-            },
-            s,
-        ),
+        Some(s) => (Schedule::split_evenly(tiles, steps, s), s),
         None => (streamed, 1),
     }
 }
@@ -255,21 +260,11 @@ pub fn matmul_group(
         // Every buffer first, then the launches back to back: inside a CUDA graph capture an
         // allocation between two launches would cut their programmatic edge
         // (`dependent_launch`).
+        let fits = |splits, clusters| {
+            clusters_fit(dev, &f, &name, (THREADS as u32, smem), (splits, clusters))
+        };
         let mut launches = Vec::with_capacity(ws.len());
         for w in ws {
-            let fits = |splits, clusters| match resident_clusters(
-                dev,
-                &f,
-                &name,
-                (THREADS as u32, smem),
-                splits,
-            ) {
-                Ok(c) => c >= clusters,
-                Err(e) => {
-                    tracing::warn!("{e}; split tiles summed through L2 instead");
-                    false
-                }
-            };
             let (plan, cluster) = plan((w.n, m, k), sh.rows, sms, cluster_sums(), fits);
             // SAFETY: every output element is written by the kernel.
             let y = unsafe { dev.alloc::<T>(m * w.n)? };
