@@ -16,6 +16,8 @@
 //   bytes in flight per SM: lab, H100, 14336x4096 at 128 rows 48.9 us with 2 steps, 45.9 with 6).
 //   wgmma runs asynchronously: a word's two wgmmas are committed as one group, and the next word
 //   is decoded (into another register buffer) while up to GROUPS of them run.
+// - One launch computes one weight or a group sharing x (q/k/v, gate/up: one wave of blocks over
+//   all their tiles, not one per weight, each waiting for the one before it: part_at).
 // - Each block sums a run of K steps of the tiles laid end to end (segment_at): whole tiles, or,
 //   where the tiles would leave half the SMs idle, equal shares (stream-K); a tile cut between
 //   blocks is summed as the tiled kernel's K splits are (f32 partial sums added by the tile's last
@@ -93,12 +95,36 @@ constexpr int GROUPS = 3;
 static_assert(GROUPS <= 4, "a step's slot is refilled two steps later (run)");
 constexpr int THREADS = 128 * WARPGROUPS;  // qwgmma.rs THREADS
 
+// The weight a tile of a launch belongs to: a launch's tiles are its weights' tiles end to end
+// (QGroup: the second and third weight's first tiles b1, b2; b1 = b2 = the launch's tiles for one
+// weight), each weight's row blocks fastest. Its split tiles' f32 partial sums lie end to end too:
+// `slots` per tile, [slots][M][N] per weight.
+template <typename T>
+struct Part {
+    const uint32_t* codes;
+    const float* scales;
+    const float* zeros;
+    T* y;
+    float* partial;
+    int N, tile0;
+};
+template <typename T>
+__device__ __forceinline__ Part<T> part_at(int tile, const Part<T>& first, int M, int slots, const QGroup& g) {
+    // (Constant indices into the parameter: an indexed one would copy it to local memory.)
+    if (tile < g.b1) return first;
+    float* const p = first.partial;
+    if (tile < g.b2)
+        return {g.codes[0], g.scales[0], g.zeros[0], static_cast<T*>(g.y[0]),
+                p == nullptr ? nullptr : p + (size_t)slots * M * first.N, g.n[0], g.b1};
+    return {g.codes[1], g.scales[1], g.zeros[1], static_cast<T*>(g.y[1]),
+            p == nullptr ? nullptr : p + (size_t)slots * M * (first.N + g.n[0]), g.n[1], g.b2};
+}
+
 template <typename T, bool LUTK, int BN, int S, int PF>
-__device__ __forceinline__ void run(const uint32_t* __restrict__ codes, const float* __restrict__ scales,
-                                    const float* __restrict__ zeros, const float* __restrict__ lut, int wpr,
-                                    int gsize, int groups, const T* __restrict__ xp, int Mp, T* __restrict__ y,
-                                    float* __restrict__ partial, unsigned* __restrict__ counters, int M, int N,
-                                    int K, int per_block, bool in_cluster) {
+__device__ __forceinline__ void run(const Part<T>& first, const float* __restrict__ lut, int wpr, int gsize,
+                                    int groups, const T* __restrict__ xp, int Mp, unsigned* __restrict__ counters,
+                                    int M, int K, int per_block, bool in_cluster, int slots, int tiles,
+                                    const QGroup& grp) {
     constexpr int MT = BN / 8;
     constexpr int WR = 4 * WARPGROUPS;
     constexpr int SLOT = BN * 256;  // bytes: two 64-wide halves of BN rows x 128 bytes
@@ -119,15 +145,17 @@ __device__ __forceinline__ void run(const uint32_t* __restrict__ codes, const fl
     if constexpr (LUTK) table_bytes<T>(lut, tlo, thi);
     const uint32_t gmagic = group_magic(gsize);
 
-    const int steps = (K + 127) / 128, row_blocks = (N + 127) / 128;
-    const int total = row_blocks * (Mp / BN) * steps, end = min(total, ((int)blockIdx.x + 1) * per_block);
+    const int steps = (K + 127) / 128;
+    const int total = tiles * steps, end = min(total, ((int)blockIdx.x + 1) * per_block);
     int used = 0;  // slots filled so far by this block: slot used % S, its barrier's phase (used / S) & 1
     for (int cur = (int)blockIdx.x * per_block; cur < end;) {
         const Segment sg = wgmma::segment_at(cur, end, steps, per_block);
         // Every warp is done with the previous segment's slots (and its `last`).
         __syncthreads();
-        const Coords pos = coords_at<1, WR, MT>(sg.tile % row_blocks, sg.tile / row_blocks, K, sg.st0, sg.st1,
-                                               sg.split, sg.splits, sg.tile);
+        const Part<T> w = part_at(sg.tile, first, M, slots, grp);
+        const int N = w.N, row_blocks = (N + 127) / 128, local = sg.tile - w.tile0;
+        const Coords pos = coords_at<1, WR, MT>(local % row_blocks, local / row_blocks, K, sg.st0, sg.st1, sg.split,
+                                               sg.splits, sg.tile);
         const int g = pos.g, t = pos.t, nw = pos.nw, mb = pos.mb, st0 = pos.st0, st1 = pos.st1, chunks = pos.chunks;
         const int nsteps = st1 - st0;
 
@@ -135,7 +163,7 @@ __device__ __forceinline__ void run(const uint32_t* __restrict__ codes, const fl
         lane_rows<1>(nw, g, N, wpr, groups, crow, srow);
         auto load = [&](Frag<1, 4>& f, int i) {
             const int c = min(min(st0 + i, st1 - 1) * 4 + t, chunks - 1);  // past K: activations are 0
-            load_chunk<LUTK, 1, 4>(f, codes, scales, zeros, crow, srow, c, gmagic);
+            load_chunk<LUTK, 1, 4>(f, w.codes, w.scales, w.zeros, crow, srow, c, gmagic);
         };
         // Step i's activations into slot (used + i) % S (thread 0).
         auto stage = [&](int i) {
@@ -209,10 +237,10 @@ __device__ __forceinline__ void run(const uint32_t* __restrict__ codes, const fl
         wgmma::wait<0>();
         pin(acc);
         if (in_cluster)  // (one segment a block: the slots' memory is free for the sums)
-            finish_in_cluster<T, MT, WR, BlockSync>(acc, reinterpret_cast<float*>(smem_raw + (s0 - raw0)), y, M, N,
+            finish_in_cluster<T, MT, WR, BlockSync>(acc, reinterpret_cast<float*>(smem_raw + (s0 - raw0)), w.y, M, N,
                                                     pos);
         else
-            finish<T, MT, 1, WR, 1>(acc, s_red, last, y, partial, counters, M, N, pos);
+            finish<T, MT, 1, WR, 1>(acc, s_red, last, w.y, w.partial, counters, M, N, pos);
         used += nsteps;
         cur += nsteps;
     }
@@ -238,18 +266,23 @@ __device__ __forceinline__ void run(const uint32_t* __restrict__ codes, const fl
                                                 int Kp, int Mp) {                                  \
         qwg::permute<T>(x, xp, M, K, Kp, Mp);                                                      \
     }
-// qwg_*: one weight. Arguments: qgemv.cu's QARGS (DeviceLayout::push_args), then xp, Mp, y,
-// partial, counters, M, N, K, K steps per block, in_cluster (1: each tile's equal splits are the
-// blocks of one cluster, summed in shared memory); grid (blocks); dynamic shared memory
-// S * BN * 256 + 1024 (qwgmma.rs Shape::shared_bytes).
+// qwg_*: one weight, or up to three sharing x and their format (q/k/v, gate/up), their tiles end
+// to end (qwg::part_at). Arguments: the first weight's QARGS (DeviceLayout::push_kernel_args),
+// then xp, Mp, its y, the launch's partial sums, the counters (one per tile of the launch), M,
+// its N, K, K steps per block, in_cluster (1: each tile's equal splits are the blocks of one
+// cluster, summed in shared memory), partial-sum slots per tile, the launch's tiles, and the
+// other weights (QGroup, common.cuh; b1 = b2 = tiles for one weight); grid (blocks); dynamic
+// shared memory S * BN * 256 + 1024 (qwgmma.rs Shape::shared_bytes).
 #define QWG(KN, LUTK, TN, T, C)                                                                      \
     extern "C" __global__ void __launch_bounds__(qwg::THREADS, 1)                                  \
         qwg_##KN##_##TN##_##C(const uint32_t* codes, const float* scales, const float* zeros,      \
                               const float* lut, int wpr, int gsize, int groups, int /* round_mode */, \
                               const T* __restrict__ xp, int Mp, T* __restrict__ y, float* partial, \
-                              unsigned* counters, int M, int N, int K, int per_block, int in_cluster) { \
-        QWG_BODY(qwg::run<T, LUTK, QWG_CFG_##C>(codes, scales, zeros, lut, wpr, gsize, groups, xp, Mp, y, \
-                                                partial, counters, M, N, K, per_block, in_cluster != 0)); \
+                              unsigned* counters, int M, int N, int K, int per_block, int in_cluster, \
+                              int slots, int tiles, const QGroup grp) {                           \
+        QWG_BODY(qwg::run<T, LUTK, QWG_CFG_##C>(qwg::Part<T>{codes, scales, zeros, y, partial, N, 0}, lut, wpr, \
+                                                gsize, groups, xp, Mp, counters, M, K, per_block,    \
+                                                in_cluster != 0, slots, tiles, grp));               \
     }
 #define QWG_ALL(TN, T)                                                                               \
     QWG_PERMUTE(TN, T)                                                                               \

@@ -488,12 +488,12 @@ mod gpu {
             }
         }
         eprintln!("grouped launches: worst rel L2 error {worst:.2e}");
-        fp8_gemm::set_grouped_launches(false);
+        lorq_quant::cuda::qwgmma::set_grouped_launches(false);
         let x = bf16_randn((4, 512), &dev);
         let w = Tensor::randn(0f32, 0.05, (256, 512), &Device::Cpu).unwrap();
         let t = Fp8Tensor::quantize(&w, Fp8Strategy::Channel, DType::BF16).unwrap();
         assert!(fp8_gemm::matmul_group(&[&t, &t], &x).unwrap().is_none());
-        fp8_gemm::set_grouped_launches(true);
+        lorq_quant::cuda::qwgmma::set_grouped_launches(true);
     }
 
     /// N(0, 1) activations of `shape` on `dev`, in bf16.

@@ -135,10 +135,11 @@ pub struct BenchDecodeArgs {
     /// `cluster_sums` in the rows (`--compare-fp8-cluster-sums`, its earlier name, still works).
     #[arg(long, alias = "compare-fp8-cluster-sums")]
     pub compare_cluster_sums: bool,
-    /// Also time each case with FP8 weights sharing an input (q/k/v, gate/up) as one product
-    /// each instead of one grouped launch of the wgmma kernel (`fp8_grouped` in the rows).
-    #[arg(long)]
-    pub compare_fp8_grouped: bool,
+    /// Also time each case with weights sharing an input (q/k/v, gate/up) on a wgmma kernel (FP8,
+    /// 4-bit) as one launch each instead of one launch for the group, their tiles end to end
+    /// (`wgmma_grouped` in the rows; `--compare-fp8-grouped`, its earlier name, still works).
+    #[arg(long, alias = "compare-fp8-grouped")]
+    pub compare_wgmma_grouped: bool,
     #[arg(long, default_value_t = 1234)]
     pub seed: u64,
     /// Timed repetitions of each case (prefill + decode again; the best decode is reported).
@@ -177,7 +178,7 @@ struct Switches {
     fp8_codes: bool,
     dependent_launches: bool,
     cluster_sums: bool,
-    fp8_grouped: bool,
+    wgmma_grouped: bool,
     lora_overlap: bool,
     wgmma: bool,
     half2_two_rows: bool,
@@ -195,7 +196,7 @@ impl Switches {
             a.compare_fp8_codes,
             a.compare_dependent_launches,
             a.compare_cluster_sums,
-            a.compare_fp8_grouped,
+            a.compare_wgmma_grouped,
             a.compare_lora_overlap && adapters,
             a.compare_wgmma,
             a.compare_half2_rows,
@@ -223,7 +224,7 @@ impl Switches {
                 fp8_codes: s[3],
                 dependent_launches: s[4],
                 cluster_sums: s[5],
-                fp8_grouped: s[6],
+                wgmma_grouped: s[6],
                 lora_overlap: s[7],
                 wgmma: s[8],
                 half2_two_rows: s[9],
@@ -248,7 +249,7 @@ impl Switches {
             k::qmma_tiled::set_folded_scales(self.folded_scales);
             k::dependent_launch::set_enabled(self.dependent_launches);
             k::qwgmma::set_cluster_sums(self.cluster_sums);
-            k::fp8_gemm::set_grouped_launches(self.fp8_grouped);
+            k::qwgmma::set_grouped_launches(self.wgmma_grouped);
             k::side_stream::set_enabled(self.lora_overlap);
         }
     }
@@ -615,7 +616,7 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
                             "fp8_codes": sw.fp8_codes && sw.fused,
                             "dependent_launches": sw.dependent_launches,
                             "cluster_sums": sw.cluster_sums,
-                            "fp8_grouped": sw.fp8_grouped,
+                            "wgmma_grouped": sw.wgmma_grouped,
                             "lora_overlap": n_adapters > 0 && sw.lora_overlap && model.cuda_graphs(),
                             "wgmma": sw.wgmma,
                             "half2_two_rows": sw.half2_two_rows,

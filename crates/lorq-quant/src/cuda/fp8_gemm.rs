@@ -924,25 +924,15 @@ fn shaped_like_input(
     })
 }
 
-thread_local! {
-    static GROUPED: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
-}
-
-/// Turns [`matmul_group`]'s one launch for weights sharing their input on or off for the calling
-/// thread's products (on by default), e.g. to measure what it brings; off, each weight is its
-/// own product (on activations quantized once).
-pub fn set_grouped_launches(on: bool) {
-    GROUPED.set(on);
-}
-
 /// `x · Wᵢᵀ` of FP8 weights sharing `x` (q/k/v, gate/up) in one launch of the wgmma kernel, their
 /// tiles end to end (`fp8_wgmma::group_output`): where every weight's own product would run on
 /// that kernel (`Fp8Kernel::Auto`), with per-token dynamic activation scales (static
 /// `input_scale`s differ per weight), and the group's tiles are whole or summed in clusters.
 /// `None` sends the caller to one product per weight. q/k/v's 48 tiles fill more SMs than q's 32
-/// and k's and v's 8 apiece, and the three fixed costs are paid once.
+/// and k's and v's 8 apiece, and the three fixed costs are paid once. Off with
+/// `qwgmma::set_grouped_launches` (the switch of both wgmma kernels' groups).
 pub fn matmul_group(ts: &[&Fp8Tensor], x: &Tensor) -> Result<Option<Vec<Tensor>>, QuantError> {
-    if !GROUPED.get() || !(2..=fp8_wgmma::MAX_WEIGHTS).contains(&ts.len()) {
+    if !super::qwgmma::grouped_launches() || !(2..=fp8_wgmma::MAX_WEIGHTS).contains(&ts.len()) {
         return Ok(None);
     }
     let candle_core::Device::Cuda(dev) = x.device() else {

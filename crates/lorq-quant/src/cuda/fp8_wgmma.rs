@@ -169,7 +169,7 @@ fn plan(
     // (Stream-K's partial sums and tickets are one weight's: a group has none.)
     match ns {
         [n] => Some(Plan {
-            schedule: schedule(*n, m, k, sh.rows, sms, split_until(sms)),
+            schedule: schedule(n.div_ceil(TILE_ROWS), m, k, sh.rows, sms, split_until(sms)),
             cluster: 1,
         }),
         _ => None,

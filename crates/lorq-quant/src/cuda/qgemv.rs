@@ -1185,7 +1185,7 @@ pub fn matmul_silu_mul_norm_head(
 
 /// Whether `a` and `b` can share one GEMV launch: same packed format, K, groups, rounding and
 /// code table, neither in act-order.
-fn same_kernel(a: &DeviceLayout, b: &DeviceLayout) -> bool {
+pub(super) fn same_kernel(a: &DeviceLayout, b: &DeviceLayout) -> bool {
     a.tag == b.tag
         && a.k == b.k
         && a.gsize == b.gsize

@@ -18,7 +18,7 @@ use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::{CudaStorage, Tensor};
 
 use super::dependent_launch::{clusters_fit, KernelArgs, MAX_CLUSTER};
-use super::qgemv::DeviceLayout;
+use super::qgemv::{DeviceLayout, QGroup};
 use super::qmma_tiled::KSTEP;
 use super::{function, function_with_shared};
 use crate::QuantError;
@@ -86,7 +86,8 @@ pub fn supports(w: &DeviceLayout, dev: &CudaDevice) -> bool {
 }
 
 /// How the blocks share the tiles' K steps (kernels/wgmma.cuh `segment_at`): `per_block` K steps
-/// per block of the tiles (128 output rows x `rows` activation rows) laid end to end. A tile cut by
+/// per block of the tiles (128 output rows x `rows` activation rows; `row_blocks` 128-row blocks of
+/// outputs, of one weight or of a group's weights) laid end to end. A tile cut by
 /// block boundaries is summed in up to `slots` segments through f32 partial sums, which cost
 /// traffic (a 128x128 tile's 64 KiB written and read back per segment, against its 256 KiB of
 /// codes at K 4096) and a pipeline fill per segment: so tiles are whole (`per_block` = K steps)
@@ -121,14 +122,14 @@ fn split_until(sms: usize) -> usize {
 }
 
 pub(super) fn schedule(
-    n: usize,
+    row_blocks: usize,
     m: usize,
     k: usize,
     rows: usize,
     sms: usize,
     split_until: usize,
 ) -> Schedule {
-    let tiles = n.div_ceil(ROWS) * m.div_ceil(rows);
+    let tiles = row_blocks * m.div_ceil(rows);
     let steps = k.div_ceil(KSTEP);
     let total = tiles * steps;
     // (The split-K counters hold 16 activation blocks per 16 output rows.)
@@ -171,8 +172,30 @@ pub(super) fn cluster_sums() -> bool {
     CLUSTER_SUMS.get()
 }
 
-/// How a weight's launch shares out its tiles: the [`schedule`], and above 1 the blocks of a
-/// cluster. Where the stream-K schedule would cut tiles and sum them through L2, with `clusters`
+thread_local! {
+    static GROUPED: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
+}
+
+/// Weights one launch computes at most (kernels/qwgmma.cu `part_at`: the first weight and a
+/// `QGroup`'s two).
+const MAX_GROUP: usize = 3;
+
+/// Turns the one launch of the wgmma kernels for weights sharing their input (this kernel's
+/// [`matmul_group`], the FP8 kernel's `fp8_gemm::matmul_group`) on or off for the calling
+/// thread's products (on by default), e.g. to measure what it brings; off, each weight is its
+/// own launch (on activations rewritten or quantized once).
+pub fn set_grouped_launches(on: bool) {
+    GROUPED.set(on);
+}
+
+/// Whether [`set_grouped_launches`] is on for this thread.
+pub(super) fn grouped_launches() -> bool {
+    GROUPED.get()
+}
+
+/// How a launch of weights of `ns` output rows (one, or a group's) shares out their tiles: the
+/// [`schedule`], and above 1 the blocks of a cluster. Where the stream-K schedule would cut tiles
+/// and sum them through L2, with `clusters`
 /// (while [`set_cluster_sums`] is on): the most equal splits of each tile (dividing its K steps,
 /// at most `MAX_CLUSTER`) launched as one thread-block cluster, summed from the blocks' shared
 /// memory (kernels/qwgmma.cu `in_cluster`: the same sums in the same order, without the partial
@@ -181,17 +204,18 @@ pub(super) fn cluster_sums() -> bool {
 /// multiple of 4 (the sums' stores). On an H200 the 8-tile k/v products at 33-128 rows run 8
 /// splits so; the 32-tile q/o and down_proj products keep stream-K (30 clusters of 4 fit, not 32).
 pub(super) fn plan(
-    (n, m, k): (usize, usize, usize),
+    (ns, m, k): (&[usize], usize, usize),
     rows: usize,
     sms: usize,
     clusters: bool,
     fits: impl Fn(usize, usize) -> bool,
 ) -> (Schedule, usize) {
-    let streamed = schedule(n, m, k, rows, sms, split_until(sms));
-    if !clusters || streamed.slots == 1 || !n.is_multiple_of(4) {
+    let row_blocks: usize = ns.iter().map(|n| n.div_ceil(ROWS)).sum();
+    let streamed = schedule(row_blocks, m, k, rows, sms, split_until(sms));
+    if !clusters || streamed.slots == 1 || !ns.iter().all(|n| n.is_multiple_of(4)) {
         return (streamed, 1);
     }
-    let tiles = n.div_ceil(ROWS) * m.div_ceil(rows);
+    let tiles = row_blocks * m.div_ceil(rows);
     let steps = k.div_ceil(KSTEP);
     match (2..=MAX_CLUSTER.min(sms / tiles.max(1)))
         .rev()
@@ -212,9 +236,26 @@ pub(crate) fn matmul(
     Ok(matmul_group(dev, &[w], x, m)?.remove(0))
 }
 
+/// The launches [`matmul_group`] makes for `ws` on this thread: all of them in one (up to three
+/// weights that could share a GEMV launch, `qgemv::same_kernel`, while [`set_grouped_launches`]
+/// is on), else one per weight.
+pub fn launch_groups<'a, 'w>(ws: &'a [&'w DeviceLayout]) -> Vec<&'a [&'w DeviceLayout]> {
+    let one = grouped_launches()
+        && ws.len() <= MAX_GROUP
+        && ws.iter().all(|w| super::qgemv::same_kernel(ws[0], w));
+    if one {
+        vec![ws]
+    } else {
+        ws.chunks(1).collect()
+    }
+}
+
 /// `x · Wᵢᵀ` of weights sharing `x` `[m, k]` (bf16/f16, columns already in the weights' packed
 /// order; weights the kernel [`supports`]): the activations are rewritten once, then one launch
-/// per weight, each a dependent launch of the kernel before it (`dependent_launch`).
+/// for all of them, their tiles end to end (up to three weights that could share a GEMV launch:
+/// `qgemv::same_kernel`, while [`set_grouped_launches`] is on), else one launch per weight; each
+/// launch a dependent launch of the kernel before it (`dependent_launch`). q/k/v's 48 tiles at
+/// 33-128 rows fill the SMs that q's 32 and k's and v's 8 apiece left idle, three times over.
 pub fn matmul_group(
     dev: &CudaDevice,
     ws: &[&DeviceLayout],
@@ -264,18 +305,34 @@ pub fn matmul_group(
             clusters_fit(dev, &f, &name, (THREADS as u32, smem), (splits, clusters))
         };
         let mut launches = Vec::with_capacity(ws.len());
-        for w in ws {
-            let (plan, cluster) = plan((w.n, m, k), sh.rows, sms, cluster_sums(), fits);
+        for lw in launch_groups(ws) {
+            let ns: Vec<usize> = lw.iter().map(|w| w.n).collect();
+            let (plan, cluster) = plan((&ns, m, k), sh.rows, sms, cluster_sums(), fits);
+            let tiles: Vec<usize> = ns
+                .iter()
+                .map(|n| n.div_ceil(ROWS) * (mp / sh.rows))
+                .collect();
+            let (total_tiles, starts) = super::group_blocks(&tiles);
+            if plan.slots > 1 && total_tiles > lw[0].counters.len() {
+                return Err(QuantError::Invalid(format!(
+                    "wgmma launch of {total_tiles} split tiles: the first weight has {} split-K \
+                     counters",
+                    lw[0].counters.len()
+                )));
+            }
             // SAFETY: every output element is written by the kernel.
-            let y = unsafe { dev.alloc::<T>(m * w.n)? };
+            let ys = ns
+                .iter()
+                .map(|&n| unsafe { dev.alloc::<T>(m * n) })
+                .collect::<Result<Vec<_>, _>>()?;
             let partial: Option<CudaSlice<f32>> = if plan.slots > 1 {
                 // SAFETY: a split tile's segments each write their part of slot (split) before
                 // the tile's last block reads them.
-                Some(unsafe { dev.alloc::<f32>(plan.slots * m * w.n)? })
+                Some(unsafe { dev.alloc::<f32>(plan.slots * m * ns.iter().sum::<usize>())? })
             } else {
                 None
             };
-            launches.push((plan, cluster, y, partial));
+            launches.push((lw, plan, cluster, total_tiles, starts, ys, partial));
         }
         // SAFETY: the permute kernel writes all mp * kp elements (zeros past m and k).
         let xp = unsafe { dev.alloc::<T>(mp * kp)? };
@@ -297,23 +354,29 @@ pub fn matmul_group(
         let (mpi, mi, ki) = (mp as i32, m as i32, k as i32);
         let mut ys = Vec::with_capacity(ws.len());
         // Freed after the last launch (a free between launches would cut their edge too).
-        let mut partials = Vec::with_capacity(ws.len());
-        for (w, (plan, cluster, y, partial)) in ws.iter().zip(launches) {
+        let mut partials = Vec::with_capacity(launches.len());
+        for (lw, plan, cluster, total_tiles, starts, lys, partial) in launches {
+            let w = lw[0];
+            let (group, guards) = QGroup::new(&stream, lw, &lys, starts);
             let (ni, pi) = (w.n as i32, plan.per_block as i32);
+            let (si, ti) = (plan.slots as i32, total_tiles as i32);
+            let ci = i32::from(cluster > 1);
             let mut b = KernelArgs::new(&stream);
             w.push_kernel_args(&mut b);
-            b.buf(&xp).val(&mpi).buf(&y);
+            b.buf(&xp).val(&mpi).buf(&lys[0]);
             match &partial {
                 Some(p) => b.buf(p),
                 None => b.address(0),
             };
-            let ci = i32::from(cluster > 1);
             b.buf(&w.counters)
                 .val(&mi)
                 .val(&ni)
                 .val(&ki)
                 .val(&pi)
-                .val(&ci);
+                .val(&ci)
+                .val(&si)
+                .val(&ti)
+                .val(&group);
             b.in_clusters(cluster as u32);
             let cfg = LaunchConfig {
                 grid_dim: (plan.blocks as u32, 1, 1),
@@ -321,15 +384,17 @@ pub fn matmul_group(
                 shared_mem_bytes: smem as u32,
             };
             // SAFETY: the arguments match `qwg_*` in kernels/qwgmma.cu: xp holds the permuted
-            // activations of mp rows (a multiple of the block's rows), y m*n, partial slots*m*n,
-            // and the counters (zero between launches) one per tile (16 per 16 rows: a schedule
-            // that splits tiles has at most 16 activation blocks); shared memory opted in; in
-            // clusters, the grid is the tiles' whole clusters, one segment a block, n % 4 == 0
-            // (`plan`). The kernel loads only weight codes (and the code table) before
-            // `wait_for_producers()`.
+            // activations of mp rows (a multiple of the block's rows); the weights (one code
+            // kind, K, group size and table: `matmul_group` checks) their outputs m*n each,
+            // partial slots*m*n per weight end to end, and the counters (zero between launches)
+            // one per tile of the launch (checked above where tiles are split); shared memory
+            // opted in; in clusters, the grid is the tiles' whole clusters, one segment a block,
+            // every n % 4 == 0 (`plan`). The kernel loads only weight codes (and the code table)
+            // before `wait_for_producers()`.
             unsafe { b.launch_dependent(&f, cfg) }?;
+            drop(guards);
             partials.push(partial);
-            ys.push(y);
+            ys.extend(lys);
         }
         drop(partials);
         drop(xp);
@@ -354,8 +419,8 @@ mod tests {
     #[test]
     fn plan_sums_split_tiles_in_clusters_where_they_fit() {
         let all = |_: usize, _: usize| true;
-        let plan = |nmk, rows, clusters, fits: &dyn Fn(usize, usize) -> bool| {
-            super::plan(nmk, rows, 132, clusters, fits)
+        let plan = |(n, m, k), rows, clusters, fits: &dyn Fn(usize, usize) -> bool| {
+            super::plan((&[n], m, k), rows, 132, clusters, fits)
         };
         // k/v at 128 rows: 8 tiles of 32 steps, stream-K's 64 blocks of 4 steps; 8 splits.
         let (s, c) = plan((1024, 128, 4096), 128, true, &all);
@@ -379,7 +444,7 @@ mod tests {
     }
 
     fn schedule(n: usize, m: usize, k: usize, rows: usize, sms: usize) -> super::Schedule {
-        super::schedule(n, m, k, rows, sms, split_until(sms))
+        super::schedule(n.div_ceil(128), m, k, rows, sms, split_until(sms))
     }
 
     /// The kernel's `segment_at`: (tile, first step, end step, split, splits) of each block.
