@@ -1056,8 +1056,8 @@ mod gpu {
     /// stream-K segments across the weights' boundaries, tiles split in clusters; outputs not a
     /// multiple of 4 or 128): every output equals that weight's own launch (bf16/f16 within
     /// 1e-2: only the split of the tiles, hence the order of the f32 sums, may differ), and the
-    /// group is one launch while grouped launches are on, one per weight when they are off or
-    /// the weights' groups differ.
+    /// group is one launch while grouped launches are on, one per weight when they are off, the
+    /// weights' groups differ or each weight fills more than half the SMs alone.
     #[test]
     fn wgmma_group_in_one_launch_equals_each_weight_alone() {
         let Some(dev) = gpu() else { return };
@@ -1100,16 +1100,20 @@ mod gpu {
                 return;
             }
             let refs: Vec<&DeviceLayout> = ws.iter().collect();
-            assert_eq!(qwgmma::launch_groups(&refs).len(), 1, "{ns:?}: one launch");
             let dtype = if half { DType::F16 } else { DType::BF16 };
             for m in ms {
                 let x = Tensor::from_vec(randn(1400 + m as u64, m * k, 1.0), (m, k), &dev)
                     .unwrap()
                     .to_dtype(dtype)
                     .unwrap();
+                assert_eq!(
+                    qwgmma::launch_groups(cdev, &refs, m).len(),
+                    1,
+                    "{ns:?} m={m}: one launch"
+                );
                 let ys = qwgmma::matmul_group(cdev, &refs, &x, m).unwrap();
                 qwgmma::set_grouped_launches(false);
-                assert_eq!(qwgmma::launch_groups(&refs).len(), ns.len());
+                assert_eq!(qwgmma::launch_groups(cdev, &refs, m).len(), ns.len());
                 let apart = qwgmma::matmul_group(cdev, &refs, &x, m).unwrap();
                 qwgmma::set_grouped_launches(true);
                 for (j, w) in ws.iter().enumerate() {
@@ -1135,7 +1139,10 @@ mod gpu {
             random_4bit(cdev, (256, 1024, 128), false, 1390),
             random_4bit(cdev, (256, 1024, 64), false, 1391),
         );
-        assert_eq!(qwgmma::launch_groups(&[&a, &b]).len(), 2);
+        assert_eq!(qwgmma::launch_groups(cdev, &[&a, &b], 64).len(), 2);
+        // Weights that each fill more than half the SMs alone (gate/up-sized): one launch each.
+        let wide = random_4bit(cdev, (16384, 512, 128), false, 1393);
+        assert_eq!(qwgmma::launch_groups(cdev, &[&wide, &wide], 64).len(), 2);
         let x = Tensor::from_vec(randn(1392, 64 * 1024, 1.0), (64, 1024), &dev)
             .unwrap()
             .to_dtype(DType::BF16)

@@ -13,6 +13,9 @@ pub mod bench_adapters;
 pub mod bench_decode;
 #[path = "bench_fp8.rs"]
 pub mod bench_fp8;
+#[cfg(feature = "cuda")]
+#[path = "bench_groups_cuda.rs"]
+pub mod bench_groups_cuda;
 #[path = "bench_kernels.rs"]
 pub mod bench_kernels;
 #[cfg(feature = "cuda")]

@@ -66,6 +66,13 @@ pub struct BenchKernelsArgs {
     /// baseline, is always timed.
     #[arg(long, value_delimiter = ',')]
     pub paths: Option<Vec<String>>,
+    /// GPU only: also time the weight groups that share an input in each `--shapes` model
+    /// (q+k+v and gate+up of llama3-8b or smollm2), against bf16 cuBLAS on their concatenated
+    /// weight (the fused projections of vLLM and TGI): paths `auto` (what a decode step runs),
+    /// `qwgmma` (the 4-bit wgmma kernel, one launch for the group), `qwgmma-apart` (one launch
+    /// per weight).
+    #[arg(long)]
+    pub groups: bool,
 }
 
 /// Relative error bound of a fused kernel against dequantize-then-matmul.
@@ -268,8 +275,8 @@ pub fn run(a: BenchKernelsArgs) -> Result<()> {
         #[cfg(feature = "cuda")]
         return super::bench_kernels_cuda::run(&a, &device);
     }
-    if a.gpu_time || a.paths.is_some() {
-        bail!("--gpu-time and --paths select GPU kernels: they need --device cuda");
+    if a.gpu_time || a.paths.is_some() || a.groups {
+        bail!("--gpu-time, --paths and --groups select GPU kernels: they need --device cuda");
     }
     let shapes = parse_shapes(&a.shapes)?;
     if let Some(v) = &a.methods {

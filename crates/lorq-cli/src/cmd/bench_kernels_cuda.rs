@@ -158,8 +158,33 @@ impl Drop for OffWhileAlive {
     }
 }
 
+/// One row of the report: `format`'s `path` on the `[n, k]` weight(s) `shape` at `m` rows, timed
+/// `t` against bf16 cuBLAS's `bf16` in the same call, moving `bytes` (weights, x, y) per call,
+/// with its relative error against the CPU reference (`None`: not checked) and the tolerance;
+/// and the failure to report where the error is above it.
+pub(crate) fn timing_row(
+    (format, path, shape): (&str, &str, &str),
+    (n, k, m): (usize, usize, usize),
+    ((us, us_graph), bf16): (CallTiming, CallTiming),
+    bytes: usize,
+    (err, tol): (Option<f64>, f64),
+) -> (Value, Option<String>) {
+    let ok = err.is_none_or(|e| e <= tol);
+    let row = json!({
+        "format": format, "path": path, "shape": shape, "n": n, "k": k, "m": m,
+        "us": us, "speedup_vs_bf16": bf16.0 / us,
+        "gbps": bytes as f64 / us / 1e3,
+        "us_graph": us_graph,
+        "speedup_vs_bf16_graph": bf16.1.zip(us_graph).map(|(b, u)| b / u),
+        "gbps_graph": us_graph.map(|u| bytes as f64 / u / 1e3),
+        "rel_err": err, "tolerance": tol, "checked": err.is_some(), "ok": ok,
+    });
+    let failure = (!ok).then(|| format!("{format} {path} {shape} m={m}: rel err {err:?} > {tol}"));
+    (row, failure)
+}
+
 /// Whether `--paths` asks for `path` (no filter: every path; `name*` matches a prefix).
-fn path_wanted(paths: &Option<Vec<String>>, path: &str) -> bool {
+pub(crate) fn path_wanted(paths: &Option<Vec<String>>, path: &str) -> bool {
     paths.as_ref().is_none_or(|ps| {
         ps.iter().any(|p| match p.strip_suffix('*') {
             Some(prefix) => path.starts_with(prefix),
@@ -171,7 +196,10 @@ fn path_wanted(paths: &Option<Vec<String>>, path: &str) -> bool {
 /// The formats timed on the GPU: `(name, layout)` from one random weight. `--methods` (LoRAX
 /// names) narrows the JIT ones; GPTQ/AWQ come as round-to-nearest weights (speed does not depend on
 /// how codes were chosen), act-order as a seeded random column order.
-fn gpu_formats(w: &Tensor, methods: &Option<Vec<String>>) -> Result<Vec<(String, GpuLayout)>> {
+pub(crate) fn gpu_formats(
+    w: &Tensor,
+    methods: &Option<Vec<String>>,
+) -> Result<Vec<(String, GpuLayout)>> {
     use lorq_quant::gptq::quantize::{rtn_gptq, GptqParams};
     let (n, k) = w.dims2()?;
     let wanted = |name: &str| methods.as_ref().is_none_or(|m| m.iter().any(|x| x == name));
@@ -307,28 +335,18 @@ pub fn run(a: &BenchKernelsArgs, dev: &Device) -> Result<()> {
             let bf16_us = bf16.0;
             let wbytes = n * k * 2;
             let io = (m * k + m * n) * 2;
-            let mut push = |format: &str,
-                            path: &str,
-                            (us, us_graph): CallTiming,
-                            wb: usize,
-                            err: Option<f64>,
-                            tol: f64| {
-                let ok = err.is_none_or(|e| e <= tol);
-                if !ok {
-                    failures.push(format!(
-                        "{format} {path} {label} m={m}: rel err {err:?} > {tol}"
-                    ));
-                }
-                rows.push(json!({
-                    "format": format, "path": path, "shape": label, "n": n, "k": k, "m": m,
-                    "us": us, "speedup_vs_bf16": bf16_us / us,
-                    "gbps": (wb + io) as f64 / us / 1e3,
-                    "us_graph": us_graph,
-                    "speedup_vs_bf16_graph": bf16.1.zip(us_graph).map(|(b, u)| b / u),
-                    "gbps_graph": us_graph.map(|u| (wb + io) as f64 / u / 1e3),
-                    "rel_err": err, "tolerance": tol, "checked": err.is_some(), "ok": ok,
-                }));
-            };
+            let mut push =
+                |format: &str, path: &str, t: CallTiming, wb: usize, err: Option<f64>, tol: f64| {
+                    let (row, failure) = timing_row(
+                        (format, path, &label),
+                        (n, k, m),
+                        (t, bf16),
+                        wb + io,
+                        (err, tol),
+                    );
+                    rows.push(row);
+                    failures.extend(failure);
+                };
             push("bf16", "cublas", bf16, wbytes, bf16_err, 1e-2);
             // lorq's dense GEMV (what an unquantized linear runs at these rows).
             if m <= DENSE_GEMV_MAX_ROWS && path_wanted(&a.paths, "gemv") {
@@ -419,6 +437,9 @@ pub fn run(a: &BenchKernelsArgs, dev: &Device) -> Result<()> {
             }
             eprintln!("  {label} m={m}: bf16 {bf16_us:.1} us");
         }
+    }
+    if a.groups {
+        super::bench_groups_cuda::run(a, dev, &mut rows, &mut failures)?;
     }
     if let Some(p) = &a.peer {
         merge_peer_rows(p, &mut rows, |b| b["format"] == "bf16")?;

@@ -297,7 +297,11 @@ const AUTO_TILED_WIDE_MAX_M: usize = 128;
 const AUTO_TILED_WIDE_CODES: usize = 1 << 25;
 /// The wgmma kernel ([`qwgmma::supports`]: 4-bit codes on a Hopper GPU) from 33 rows on weights
 /// of 4 Mi codes and more (a grouped launch counts its weights together) up to 128 rows (256 from
-/// 16 Mi codes), from 17 rows on weights of 32 Mi up to 256.
+/// 16 Mi codes), from 17 rows on weights of 32 Mi up to 256, and from 17 on groups of 16 Mi
+/// (q+k+v, one launch: H200, session 37, GPU time, 6144x4096 at 17 / 24 / 32 rows 20.7 / 21.0 /
+/// 21.1 us against the tiled kernel's grouped 20.1 / 22.6 / 26.7 for GPTQ, NF4 22.3 / 22.5 / 22.7
+/// against 27.7 / 28.8 / 30.9; at 16 rows the tiled kernel's 16-row blocks stay ahead: 19.1 /
+/// 17.0 against 20.1 / 22.1).
 /// H200, session 36 (GPU time, with split tiles summed in clusters where they fit:
 /// `qwgmma::plan`): 1024x4096 (4 Mi codes) at 33 / 64 / 128 rows 9.3 / 9.6 / 11.3 us wgmma
 /// against 14.2 / 16.1 / 12.8 tiled (GPTQ; NF4 10.3 / 10.5 / 12.2 against 15.0 / 16.5 / 12.2;
@@ -561,7 +565,13 @@ fn auto_route(
     let (wgmma_min_m, wgmma_max_m) = if codes >= AUTO_WGMMA_WIDE_CODES {
         (AUTO_WGMMA_WIDE_MIN_M, AUTO_WGMMA_WIDE_MAX_M)
     } else if codes >= AUTO_WGMMA_LARGE_CODES {
-        (AUTO_WGMMA_MIN_M, AUTO_WGMMA_WIDE_MAX_M)
+        // A group in one wgmma launch (q/k/v: `qwgmma::launch_groups`) from 17 rows.
+        let min_m = if grouped && qwgmma::grouped_launches() {
+            AUTO_WGMMA_WIDE_MIN_M
+        } else {
+            AUTO_WGMMA_MIN_M
+        };
+        (min_m, AUTO_WGMMA_WIDE_MAX_M)
     } else if codes >= AUTO_WGMMA_CODES {
         (AUTO_WGMMA_MIN_M, AUTO_WGMMA_MAX_M)
     } else {

@@ -236,12 +236,25 @@ pub(crate) fn matmul(
     Ok(matmul_group(dev, &[w], x, m)?.remove(0))
 }
 
-/// The launches [`matmul_group`] makes for `ws` on this thread: all of them in one (up to three
-/// weights that could share a GEMV launch, `qgemv::same_kernel`, while [`set_grouped_launches`]
-/// is on), else one per weight.
-pub fn launch_groups<'a, 'w>(ws: &'a [&'w DeviceLayout]) -> Vec<&'a [&'w DeviceLayout]> {
+/// The launches [`matmul_group`] makes for `ws` at `m` rows on this thread: all of them in one
+/// (up to three weights that could share a GEMV launch, `qgemv::same_kernel`, while
+/// [`set_grouped_launches`] is on) where one of them alone would leave half the SMs idle (k/v's
+/// 8-16 tiles: their launch splits its tiles), else one per weight. H200, session 37 (GPU time,
+/// GPTQ g128, Llama-3-8B): q+k+v in one launch 20.1 / 21.6 / 22.3 / 27.4 / 33.6 us at 16 / 33 /
+/// 64 / 128 / 256 rows against 25.8 / 27.2 / 28.6 / 35.5 / 52.4 apart; gate+up (112 tiles each)
+/// apart 0-1.5 % ahead of one launch (with two launches the second one's blocks load their first
+/// codes on the SMs the first leaves idle).
+pub fn launch_groups<'a, 'w>(
+    dev: &CudaDevice,
+    ws: &'a [&'w DeviceLayout],
+    m: usize,
+) -> Vec<&'a [&'w DeviceLayout]> {
+    let until = split_until(super::qmma_tiled::multiprocessors(dev));
+    let rows = shape(m).rows;
+    let small = |w: &DeviceLayout| w.n.div_ceil(ROWS) * m.div_ceil(rows) <= until;
     let one = grouped_launches()
         && ws.len() <= MAX_GROUP
+        && ws.iter().any(|w| small(w))
         && ws.iter().all(|w| super::qgemv::same_kernel(ws[0], w));
     if one {
         vec![ws]
@@ -252,10 +265,9 @@ pub fn launch_groups<'a, 'w>(ws: &'a [&'w DeviceLayout]) -> Vec<&'a [&'w DeviceL
 
 /// `x · Wᵢᵀ` of weights sharing `x` `[m, k]` (bf16/f16, columns already in the weights' packed
 /// order; weights the kernel [`supports`]): the activations are rewritten once, then one launch
-/// for all of them, their tiles end to end (up to three weights that could share a GEMV launch:
-/// `qgemv::same_kernel`, while [`set_grouped_launches`] is on), else one launch per weight; each
-/// launch a dependent launch of the kernel before it (`dependent_launch`). q/k/v's 48 tiles at
-/// 33-128 rows fill the SMs that q's 32 and k's and v's 8 apiece left idle, three times over.
+/// for all of them, their tiles end to end, or one per weight ([`launch_groups`]); each launch a
+/// dependent launch of the kernel before it (`dependent_launch`). q/k/v's 48 tiles at 33-128
+/// rows fill the SMs that q's 32 and k's and v's 8 apiece left idle, three times over.
 pub fn matmul_group(
     dev: &CudaDevice,
     ws: &[&DeviceLayout],
@@ -305,7 +317,7 @@ pub fn matmul_group(
             clusters_fit(dev, &f, &name, (THREADS as u32, smem), (splits, clusters))
         };
         let mut launches = Vec::with_capacity(ws.len());
-        for lw in launch_groups(ws) {
+        for lw in launch_groups(dev, ws, m) {
             let ns: Vec<usize> = lw.iter().map(|w| w.n).collect();
             let (plan, cluster) = plan((&ns, m, k), sh.rows, sms, cluster_sums(), fits);
             let tiles: Vec<usize> = ns
@@ -441,6 +453,17 @@ mod tests {
         assert_eq!(plan((4096, 128, 4096), 128, true, &thirty_of_four).1, 1);
         // Whole tiles (gate/up at 128 rows) stay whole.
         assert_eq!(plan((14336, 128, 4096), 128, true, &all).1, 1);
+        // A group's tiles end to end: k+v at 128 rows, 16 tiles in clusters of 8; q+k+v at 64
+        // rows, 48 tiles: clusters of 2 would keep 96 SMs busy against stream-K's 128 blocks of
+        // 12 steps.
+        let group = |ns: &[usize], m| super::plan((ns, m, 4096), 64.max(m), 132, true, &all);
+        let (s, c) = group(&[1024, 1024], 128);
+        assert_eq!((s.per_block, s.blocks, s.slots, c), (4, 128, 1, 8));
+        let (s, c) = group(&[4096, 1024, 1024], 64);
+        assert_eq!((s.per_block, s.blocks, c), (12, 128, 1));
+        assert!(s.slots > 1);
+        // One output count not a multiple of 4 keeps the group out of clusters.
+        assert_eq!(group(&[1024, 1022], 128).1, 1);
     }
 
     fn schedule(n: usize, m: usize, k: usize, rows: usize, sms: usize) -> super::Schedule {
