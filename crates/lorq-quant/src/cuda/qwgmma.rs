@@ -456,7 +456,7 @@ mod tests {
         // A group's tiles end to end: k+v at 128 rows, 16 tiles in clusters of 8; q+k+v at 64
         // rows, 48 tiles: clusters of 2 would keep 96 SMs busy against stream-K's 128 blocks of
         // 12 steps.
-        let group = |ns: &[usize], m| super::plan((ns, m, 4096), 64.max(m), 132, true, &all);
+        let group = |ns: &[usize], m| super::plan((ns, m, 4096), 64.max(m), 132, true, all);
         let (s, c) = group(&[1024, 1024], 128);
         assert_eq!((s.per_block, s.blocks, s.slots, c), (4, 128, 1, 8));
         let (s, c) = group(&[4096, 1024, 1024], 64);
