@@ -1160,6 +1160,91 @@ mod gpu {
         assert!(failures.is_empty(), "{failures:#?}");
     }
 
+    /// Act-order weights of one column order (a GPTQ checkpoint's q/k/v or gate/up, quantized on
+    /// one input's Hessian, share theirs) share a launch, x's columns gathered once: every output
+    /// equals the weight's own product (bf16 within 1e-2: only the launch, hence the order of the
+    /// f32 sums, may differ) at 1-128 rows — the GEMV, the tiled kernel and, on Hopper, the wgmma
+    /// kernel — while weights of another column order are refused, and the one-row kernel that
+    /// reads x as the norm leaves it (the norm head) refuses act-order weights.
+    #[test]
+    fn act_order_weights_of_one_column_order_share_a_launch() {
+        use lorq_quant::cuda::fused_ops::NormHead;
+        use lorq_quant::cuda::qgemv::matmul_group_norm_head;
+        use lorq_quant::gptq::quantize::{rtn_gptq, GptqParams};
+        let Some(dev) = gpu() else { return };
+        let cdev = dev.as_cuda_device().unwrap();
+        let k = 4096;
+        let order = |seed: u64| {
+            let r = randn(seed, k, 1.0);
+            let mut perm: Vec<u32> = (0..k as u32).collect();
+            perm.sort_by(|&a, &b| r[a as usize].total_cmp(&r[b as usize]));
+            perm
+        };
+        // GPTQ codes (round to nearest: the kernels do not care how they were chosen) whose
+        // columns are visited in `perm`'s order.
+        let act_order = |n: usize, seed: u64, perm: &[u32]| {
+            let p = GptqParams {
+                bits: 4,
+                ..GptqParams::default()
+            };
+            let t = rtn_gptq(&randn(seed, n * k, 0.02), n, k, &p, "test").unwrap();
+            let mut l = t.gpu_layout().unwrap();
+            l.perm = Some(perm.to_vec());
+            DeviceLayout::upload(&l, cdev).unwrap()
+        };
+        let perm = order(1500);
+        // q/k/v-like: 16.8 Mi codes together (the wgmma kernel's groups on Hopper from 17 rows).
+        let ws: Vec<DeviceLayout> = [(3072usize, 1501u64), (512, 1502), (512, 1503)]
+            .iter()
+            .map(|&(n, seed)| act_order(n, seed, &perm))
+            .collect();
+        let refs: Vec<&DeviceLayout> = ws.iter().collect();
+        let mut failures = Vec::new();
+        for m in [1usize, 2, 5, 16, 24, 40, 64, 128] {
+            let x = Tensor::from_vec(randn(1510 + m as u64, m * k, 1.0), (m, k), &dev)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap();
+            let Some(ys) = matmul_group(&refs, &x).unwrap() else {
+                failures.push(format!("m={m}: not one launch"));
+                continue;
+            };
+            for (j, w) in ws.iter().enumerate() {
+                let alone = matmul(w, &x, QPath::Auto).unwrap();
+                let e = rel_l2(
+                    &ys[j].to_device(&Device::Cpu).unwrap(),
+                    &alone.to_device(&Device::Cpu).unwrap(),
+                );
+                if e.is_nan() || e > 1e-2 {
+                    failures.push(format!("m={m} output {j}: rel {e:.2e} against alone"));
+                }
+            }
+        }
+        // Another column order: never one launch.
+        let other = act_order(512, 1504, &order(1505));
+        let x = Tensor::from_vec(randn(1506, 24 * k, 1.0), (24, k), &dev)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        assert!(matmul_group(&[&ws[1], &other], &x).unwrap().is_none());
+        // The norm head reads x as the norm leaves it: not for act-order weights.
+        let row = |seed: u64| {
+            Tensor::from_vec(randn(seed, k, 1.0), (1, k), &dev)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap()
+        };
+        let (residual, delta, weight) = (row(1507), row(1508), row(1509).reshape(k).unwrap());
+        let head = NormHead {
+            residual: &residual,
+            delta: &delta,
+            weight: &weight,
+            eps: 1e-5,
+        };
+        assert!(matmul_group_norm_head(&refs, &head).unwrap().is_none());
+        assert!(failures.is_empty(), "{failures:#?}");
+    }
+
     /// Act-order weights gather x's columns (and dequantize + cuBLAS the weight's) on the GPU:
     /// every path of such a weight, captured in a CUDA graph and replayed, equals the same call
     /// run eagerly, bit for bit (candle's `index_select`, used before, uploaded its layout from

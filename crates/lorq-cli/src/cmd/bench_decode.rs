@@ -104,10 +104,10 @@ pub struct BenchDecodeArgs {
     #[arg(long)]
     pub compare_prefill_tiles: bool,
     /// Also time each case with the decode attention's keys per partition forced to each of
-    /// these (32, 64, 128 or 256) instead of the automatic choice.
-    /// `attention_partition_keys` in the rows (null: automatic).
-    #[arg(long, value_delimiter = ',', value_parser = ["32", "64", "128", "256"])]
-    pub compare_attention_partitions: Vec<String>,
+    /// these (multiples of 16 up to 256, e.g. 32, 64, 128, 192, 256) instead of the automatic
+    /// choice. `attention_partition_keys` in the rows (null: automatic).
+    #[arg(long, value_delimiter = ',', value_parser = partition_keys)]
+    pub compare_attention_partitions: Vec<usize>,
     /// Also time each quantized format with its LM head quantized by the same method (after the
     /// cases with it in --dtype, as bitsandbytes, PEFT and LoRAX keep it; torchao's int4 and
     /// gpt-fast quantize it). `lm_head_quantized` in the rows.
@@ -157,6 +157,17 @@ pub struct BenchDecodeArgs {
     /// Write the report (JSON) here; rows are printed either way.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
+}
+
+/// `--compare-attention-partitions`' keys per partition: a multiple of 16 (the tensor-core
+/// kernels' key tiles) from 16 to 256 (the most one attention block scores).
+fn partition_keys(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(k) if (16..=256).contains(&k) && k % 16 == 0 => Ok(k),
+        _ => Err(format!(
+            "{s:?}: keys per partition are a multiple of 16 from 16 to 256"
+        )),
+    }
 }
 
 /// The settings of one `--compare-*` switch to time each case with: on, then off where the switch
@@ -534,12 +545,8 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
                     let mma_modes = switch_modes(a.compare_attention_mma, &dev);
                     let mut partition_modes: Vec<Option<usize>> = vec![None];
                     if dev.is_cuda() {
-                        for p in &a.compare_attention_partitions {
-                            let keys = p.parse::<usize>().with_context(|| {
-                                format!("--compare-attention-partitions: {p:?} is not a number")
-                            })?;
-                            partition_modes.push(Some(keys));
-                        }
+                        partition_modes
+                            .extend(a.compare_attention_partitions.iter().map(|&p| Some(p)));
                     }
                     let tile_modes = switch_modes(a.compare_prefill_tiles, &dev);
                     let attn_modes = attention_modes(

@@ -69,11 +69,8 @@ pub(crate) fn run(
             .collect::<Result<Vec<_>>>()?;
         let mut formats = Vec::new();
         for (fi, (name, _)) in per_weight[0].iter().enumerate() {
+            // (Act-order: one column order for the K, as a checkpoint's q/k/v share theirs.)
             let layouts: Vec<_> = per_weight.iter().map(|f| &f[fi].1).collect();
-            // (Act-order weights each gather x in their own order: never one launch.)
-            if layouts.iter().any(|l| l.perm.is_some()) {
-                continue;
-            }
             let wref = layouts
                 .iter()
                 .map(|l| Tensor::from_vec(l.dequantize_f32(), (l.n, k), &Device::Cpu))

@@ -67,6 +67,8 @@ pub struct DeviceLayout {
     /// and its inverse (gathers a dequantized weight back to the original order).
     perm: Option<Tensor>,
     inv_perm: Option<Tensor>,
+    /// `perm` on the host: weights share a grouped launch only with the same column order.
+    perm_host: Option<Vec<u32>>,
     /// Split-K tickets of the tiled tensor-core kernel (zero between launches), one per block of
     /// its output rows and activation rows.
     pub(super) counters: CudaSlice<u32>,
@@ -127,6 +129,7 @@ impl DeviceLayout {
             round_mode: l.rounding.mode(),
             perm,
             inv_perm,
+            perm_host: l.perm.clone(),
             counters: dev.alloc_zeros::<u32>(
                 l.n.div_ceil(qmma_tiled::MIN_ROWS) * qmma_tiled::MAX_SPLIT_M_BLOCKS,
             )?,
@@ -974,7 +977,14 @@ pub fn matmul_silu_mul(
     let Some(up_zeros) = &up.zeros else {
         return Ok(None);
     };
-    if !half || !one_row || gate.n != up.n || !same_kernel(gate, up) || !Variant::half2_fits(gate) {
+    // (Act-order weights would need x's columns gathered first: never here.)
+    if !half
+        || !one_row
+        || gate.n != up.n
+        || gate.perm.is_some()
+        || !same_kernel(gate, up)
+        || !Variant::half2_fits(gate)
+    {
         return Ok(None);
     }
     let dev = cuda_device(x, "fused gate/up GEMV")?;
@@ -1044,7 +1054,7 @@ fn norm_head_fits(ws: &[&DeviceLayout], head: &NormHead) -> bool {
         && ws.len() <= 3
         && ws
             .iter()
-            .all(|o| same_kernel(w, o) && Variant::half2_fits(o))
+            .all(|o| o.perm.is_none() && same_kernel(w, o) && Variant::half2_fits(o))
         && head.fits(w.k, dtype)
         && half2_norm_smem(w, dtype.size_in_bytes()) <= HALF2_MAX_SMEM
 }
@@ -1193,8 +1203,9 @@ pub fn matmul_silu_mul_norm_head(
     )))
 }
 
-/// Whether `a` and `b` can share one GEMV launch: same packed format, K, groups, rounding and
-/// code table, neither in act-order.
+/// Whether `a` and `b` can share one launch on the same input: same packed format, K, groups,
+/// rounding and code table, and the same act-order column order or none (a GPTQ checkpoint's
+/// q/k/v or gate/up, quantized on one input's Hessian, share theirs: x is gathered once).
 pub(super) fn same_kernel(a: &DeviceLayout, b: &DeviceLayout) -> bool {
     a.tag == b.tag
         && a.k == b.k
@@ -1202,8 +1213,7 @@ pub(super) fn same_kernel(a: &DeviceLayout, b: &DeviceLayout) -> bool {
         && a.groups == b.groups
         && a.round_mode == b.round_mode
         && a.lut_host == b.lut_host
-        && a.perm.is_none()
-        && b.perm.is_none()
+        && a.perm_host == b.perm_host
 }
 
 /// `x · Wᵢᵀ` for 2 or 3 weights sharing `x` (q/k/v, gate/up) in one launch, when the automatic
@@ -1211,8 +1221,8 @@ pub(super) fn same_kernel(a: &DeviceLayout, b: &DeviceLayout) -> bool {
 /// or the tiled tensor-core kernel (2-, 3-, 4- and 8-bit codes, 2-64 rows, to 128 on large
 /// weights) or the wgmma kernel (4-bit codes on Hopper, from 17 or 33 rows by size: the
 /// activations rewritten once for all the weights) and they can share a kernel
-/// ([`same_kernel`]); `None` otherwise
-/// (the caller runs one matmul per weight). Decode at batch 1 is launch-bound on the small
+/// ([`same_kernel`]: act-order weights of one column order too, x gathered once); `None`
+/// otherwise (the caller runs one matmul per weight). Decode at batch 1 is launch-bound on the small
 /// projections: on an H100 one launch for Llama-3-8B's q, k and v measured 11.4 us against 8.6 +
 /// 4.7 + 4.7 apart; at batch 32 the tiled kernel fills the GPU with the group's
 /// blocks where the k/v projections alone leave most SMs idle.
@@ -1233,8 +1243,20 @@ pub fn matmul_group(ws: &[&DeviceLayout], x: &Tensor) -> Result<Option<Vec<Tenso
     if m == 0 {
         return Ok(None);
     }
+    let route = group_route(ws, m, x.dtype(), dev);
+    if !matches!(
+        route,
+        Route::Gemv(_) | Route::MmaTiled { .. } | Route::Wgmma
+    ) {
+        return Ok(None);
+    }
     let x2 = x.reshape((m, k))?;
-    let ys = match group_route(ws, m, x.dtype(), dev) {
+    // Act-order (one column order for all: `same_kernel`): x's columns gathered once.
+    let x2 = match &w.perm {
+        Some(p) => gather_columns(&x2.contiguous()?, p)?,
+        None => x2,
+    };
+    let ys = match route {
         Route::Gemv(v) => gemv(dev, ws, &x2, m, v)?,
         Route::MmaTiled { fold } => qmma_tiled::matmul_group(dev, ws, &x2, m, fold)?,
         Route::Wgmma => qwgmma::matmul_group(dev, ws, &x2, m)?,
