@@ -87,6 +87,11 @@ pub struct BenchDecodeArgs {
     /// 16 rows: the kernels before session 31). `folded_scales` in the rows.
     #[arg(long)]
     pub compare_folded_scales: bool,
+    /// Also time each case with gate/up-sized 4-bit weights at 3-16 rows in one grouped launch of
+    /// the tiled kernel instead of one launch each (the routing before session 37).
+    /// `tiled_wide_groups_apart` in the rows.
+    #[arg(long)]
+    pub compare_tiled_groups: bool,
     /// Also time each case with the 8-head attention blocks for GQA groups of up to 4 query
     /// heads instead of the 4-head ones (fewer registers, more blocks per SM); FMA kernels only
     /// (f32 caches, or the FMA rows of --compare-attention-mma; a combination of switches that
@@ -194,6 +199,7 @@ struct Switches {
     wgmma: bool,
     half2_two_rows: bool,
     folded_scales: bool,
+    tiled_wide_groups_apart: bool,
 }
 
 impl Switches {
@@ -212,6 +218,7 @@ impl Switches {
             a.compare_wgmma,
             a.compare_half2_rows,
             a.compare_folded_scales,
+            a.compare_tiled_groups,
         ];
         let mut settings = vec![Vec::with_capacity(asked.len())];
         for &compare in &asked {
@@ -240,6 +247,7 @@ impl Switches {
                 wgmma: s[8],
                 half2_two_rows: s[9],
                 folded_scales: s[10],
+                tiled_wide_groups_apart: s[11],
             })
             .collect()
     }
@@ -258,6 +266,7 @@ impl Switches {
             k::fp8_wgmma::set_enabled(self.wgmma);
             k::qgemv::set_half2_two_rows(self.half2_two_rows);
             k::qmma_tiled::set_folded_scales(self.folded_scales);
+            k::qgemv::set_wide_groups_apart(self.tiled_wide_groups_apart);
             k::dependent_launch::set_enabled(self.dependent_launches);
             k::qwgmma::set_cluster_sums(self.cluster_sums);
             k::qwgmma::set_grouped_launches(self.wgmma_grouped);
@@ -628,6 +637,7 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
                             "wgmma": sw.wgmma,
                             "half2_two_rows": sw.half2_two_rows,
                             "folded_scales": sw.folded_scales,
+                            "tiled_wide_groups_apart": sw.tiled_wide_groups_apart,
                             "attention_4_head_blocks": attn4,
                             "attention_mma": mma && dev.is_cuda(),
                             "attention_partition_keys": part_keys,

@@ -1247,7 +1247,8 @@ pub fn matmul_group(ws: &[&DeviceLayout], x: &Tensor) -> Result<Option<Vec<Tenso
     if !matches!(
         route,
         Route::Gemv(_) | Route::MmaTiled { .. } | Route::Wgmma
-    ) {
+    ) || tiled_apart(ws, m, &route)
+    {
         return Ok(None);
     }
     let x2 = x.reshape((m, k))?;
@@ -1271,6 +1272,32 @@ pub fn matmul_group(ws: &[&DeviceLayout], x: &Tensor) -> Result<Option<Vec<Tenso
     Ok(Some(out))
 }
 
+static WIDE_GROUPS_APART: AtomicBool = AtomicBool::new(true);
+
+/// Lets [`matmul_group`] run gate/up-sized 4-bit weights at the tiled kernel's rows one launch
+/// each ([`tiled_apart`]; on by default), or keeps them in one grouped launch (the routing
+/// before): `lorq bench decode --compare-tiled-groups` measures what it brings.
+pub fn set_wide_groups_apart(on: bool) {
+    WIDE_GROUPS_APART.store(on, Ordering::Relaxed);
+}
+
+/// Whether a group the tiled kernel would take (`route`) runs one launch per weight: each of its
+/// 4-bit weights has 32 Mi codes or more (an 8B model's gate/up), where each weight's own block
+/// shape (`c4` / `c5`, the K split) beats the group's 128-row blocks, which never split K; table
+/// codes (NF4, FP4) from 9 rows only. H200, session 37 (GPU time, Llama-3-8B gate+up, one launch
+/// against the two weights' own): GPTQ at 4 / 8 / 12 / 16 rows 40.1 / 42.2 / 48.8 / 50.1 us
+/// against 36.2 / 37.0 / 45.3 / 45.4, act-order 41.6 / 43.8 / 50.5 / 51.8 against 38.9 / 40.1 /
+/// 48.5 / 49.0, HQQ 4-bit 41.6 / 44.9 / 55.1 / 55.5 against 40.1 / 41.1 / 46.5 / 46.6, NF4 49.0 /
+/// 50.3 / 60.3 / 63.9 against 52.6 / 52.6 / 58.4 / 58.8; q+k+v (one weight below 32 Mi) and 8-bit
+/// gate+up (48.1-58.6 against 58.5-64.5) stay one launch.
+fn tiled_apart(ws: &[&DeviceLayout], m: usize, route: &Route) -> bool {
+    let w = ws[0];
+    matches!(route, Route::MmaTiled { .. })
+        && WIDE_GROUPS_APART.load(Ordering::Relaxed)
+        && (w.tag == "a4" || (w.tag == "t4" && m > 8))
+        && ws.iter().all(|w| w.n * w.k >= AUTO_TILED_WIDE_CODES)
+}
+
 /// The automatic route of a group sharing `x` (`ws` non-empty): by the group's total rows.
 /// Grouped where it is the GEMV or the tiled kernel (one launch), or the wgmma kernel (one
 /// activation pass, one launch per weight).
@@ -1287,7 +1314,11 @@ pub fn group_path(ws: &[&DeviceLayout], m: usize, dtype: DType, dev: &CudaDevice
     if ws.is_empty() {
         return None;
     }
-    match group_route(ws, m, dtype, dev) {
+    let route = group_route(ws, m, dtype, dev);
+    if tiled_apart(ws, m, &route) {
+        return None;
+    }
+    match route {
         Route::Gemv(v) => Some(QPath::Fused(v)),
         Route::MmaTiled { fold: true } => Some(QPath::MmaTiled),
         Route::MmaTiled { fold: false } => Some(QPath::MmaTiledPerWeight),
