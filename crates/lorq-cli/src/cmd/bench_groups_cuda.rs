@@ -12,7 +12,8 @@ use serde_json::Value;
 
 use super::bench_kernels::{randn, BenchKernelsArgs};
 use super::bench_kernels_cuda::{
-    gpu_formats, path_wanted, rel_l2, time_calls, timing_row, OffWhileAlive,
+    bf16_baseline, gpu_formats, path_wanted, rel_l2, time_path, timing_row, OffWhileAlive,
+    CHECK_MAX_M,
 };
 
 /// The groups of a `--shapes` preset: (name, output rows of each weight, K).
@@ -91,27 +92,12 @@ pub(crate) fn run(
                 .to_dtype(DType::BF16)?;
             let x = x_cpu.to_device(dev)?;
             let x32 = x_cpu.to_dtype(DType::F32)?;
-            let check = m <= 128;
-            let iters = if m <= 16 { 50 } else { 10 };
+            let check = m <= CHECK_MAX_M;
             let time = |what: &str, f: &mut dyn FnMut(usize) -> Result<Tensor>| {
-                if a.gpu_time {
-                    eprintln!("    {label} m={m}: {what}");
-                }
-                time_calls(dev, iters, a.gpu_time, f)
+                time_path(a, dev, (&label, m), what, f)
             };
-            let bf16 = time("bf16 cublas", &mut |i| {
-                Ok(x.matmul(&dense[i % dense.len()].t()?)?)
-            })?;
+            let (bf16, bf16_err) = bf16_baseline(a, dev, (&label, m), (&x, &x32), (&dense, &cat))?;
             let io = (m * k + m * n) * 2;
-            let bf16_err = if check {
-                let want = x32.matmul(&cat.to_dtype(DType::F32)?.t()?)?;
-                Some(rel_l2(
-                    &x.matmul(&dense[0].t()?)?.to_device(&Device::Cpu)?,
-                    &want,
-                )?)
-            } else {
-                None
-            };
             let mut push = |format: &str, path: &str, t, wb: usize, err: Option<f64>| {
                 let (row, failure) = timing_row(
                     (format, path, &label),

@@ -158,6 +158,49 @@ impl Drop for OffWhileAlive {
     }
 }
 
+/// Rows up to which every path is checked against the CPU reference, where the tensor-core
+/// kernels run (the CPU product is slow).
+pub(crate) const CHECK_MAX_M: usize = 128;
+
+/// Times `f` (one call per weight copy `i`) as `what` on `label`'s weight at `m` rows: 50 calls
+/// a sample up to 16 rows, 10 past. With `--gpu-time` the path is named first, so that one whose
+/// graph capture fails is known.
+pub(crate) fn time_path(
+    a: &BenchKernelsArgs,
+    dev: &Device,
+    (label, m): (&str, usize),
+    what: &str,
+    f: &mut dyn FnMut(usize) -> Result<Tensor>,
+) -> Result<CallTiming> {
+    if a.gpu_time {
+        eprintln!("    {label} m={m}: {what}");
+    }
+    time_calls(dev, if m <= 16 { 50 } else { 10 }, a.gpu_time, f)
+}
+
+/// The baseline of every row: bf16 cuBLAS on the `dense` copies of `w_bf16` (a CPU tensor) at
+/// `x`'s rows, timed, and up to [`CHECK_MAX_M`] rows checked against the f32 CPU product of the
+/// same bf16 values (`x32`).
+pub(crate) fn bf16_baseline(
+    a: &BenchKernelsArgs,
+    dev: &Device,
+    (label, m): (&str, usize),
+    (x, x32): (&Tensor, &Tensor),
+    (dense, w_bf16): (&[Tensor], &Tensor),
+) -> Result<(CallTiming, Option<f64>)> {
+    let err = if m <= CHECK_MAX_M {
+        let want = x32.matmul(&w_bf16.to_dtype(DType::F32)?.t()?)?;
+        let got = x.matmul(&dense[0].t()?)?.to_device(&Device::Cpu)?;
+        Some(rel_l2(&got, &want)?)
+    } else {
+        None
+    };
+    let t = time_path(a, dev, (label, m), "bf16 cublas", &mut |i| {
+        Ok(x.matmul(&dense[i % dense.len()].t()?)?)
+    })?;
+    Ok((t, err))
+}
+
 /// One row of the report: `format`'s `path` on the `[n, k]` weight(s) `shape` at `m` rows, timed
 /// `t` against bf16 cuBLAS's `bf16` in the same call, moving `bytes` (weights, x, y) per call,
 /// with its relative error against the CPU reference (`None`: not checked) and the tolerance;
@@ -311,27 +354,12 @@ pub fn run(a: &BenchKernelsArgs, dev: &Device) -> Result<()> {
             .to_dtype(DType::BF16)?;
             let x = x_cpu.to_device(dev)?;
             let x32_cpu = x_cpu.to_dtype(DType::F32)?;
-            // Checked up to 128 rows, where the tensor-core kernels run (the CPU product is slow).
-            let check = m <= 128;
-            let iters = if m <= 16 { 50 } else { 10 };
-            // bf16 cuBLAS baseline, checked against the f32 CPU product of the same bf16 values.
-            let bf16_err = if check {
-                let want = x32_cpu.matmul(&w_bf16.to_dtype(DType::F32)?.t()?)?;
-                let got = x.matmul(&dense[0].t()?)?.to_device(&Device::Cpu)?;
-                Some(rel_l2(&got, &want)?)
-            } else {
-                None
-            };
+            let check = m <= CHECK_MAX_M;
             let time = |what: &str, f: &mut dyn FnMut(usize) -> Result<Tensor>| {
-                if a.gpu_time {
-                    // Named before the capture, so that a path whose graph fails is known.
-                    eprintln!("    {label} m={m}: {what}");
-                }
-                time_calls(dev, iters, a.gpu_time, f)
+                time_path(a, dev, (&label, m), what, f)
             };
-            let bf16 = time("bf16 cublas", &mut |i| {
-                Ok(x.matmul(&dense[i % dense.len()].t()?)?)
-            })?;
+            let (bf16, bf16_err) =
+                bf16_baseline(a, dev, (&label, m), (&x, &x32_cpu), (&dense, &w_bf16))?;
             let bf16_us = bf16.0;
             let wbytes = n * k * 2;
             let io = (m * k + m * n) * 2;
