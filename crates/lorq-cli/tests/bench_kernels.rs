@@ -95,3 +95,17 @@ fn bench_kernels_reports_every_jit_method_within_bounds() {
     ]);
     assert!(err.contains("calibration-based"), "{err}");
 }
+
+/// The GPU-only switches on the CPU: a clear error naming them and the device they need, no
+/// report and no panic.
+#[test]
+fn bench_kernels_gpu_switches_need_a_gpu() {
+    for flag in ["--groups", "--gpu-time"] {
+        let err = lorq_fails(&["bench", "kernels", "--shapes", "64x128", "--m", "1", flag]);
+        assert!(
+            err.contains("--groups") && err.contains("--device cuda"),
+            "{flag}: {err}"
+        );
+        assert!(!err.contains("panicked"), "{flag}: {err}");
+    }
+}

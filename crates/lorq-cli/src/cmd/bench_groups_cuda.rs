@@ -4,7 +4,7 @@
 //! against bf16 cuBLAS on the weights concatenated (the fused projections vLLM and TGI load).
 //! Every product is first checked against the CPU reference of each weight.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use lorq_quant::cuda::qgemv::{matmul_group, DeviceLayout};
 use lorq_quant::cuda::qwgmma;
@@ -29,6 +29,18 @@ fn preset_groups(preset: &str) -> &'static [(&'static str, &'static [usize], usi
         ],
         _ => &[],
     }
+}
+
+/// Refuses `--groups` without a model preset among `--shapes` (it would time nothing), before
+/// the single weights' rows take their minutes.
+pub(crate) fn check_args(a: &BenchKernelsArgs) -> Result<()> {
+    if a.groups && a.shapes.iter().all(|s| preset_groups(s.trim()).is_empty()) {
+        bail!(
+            "--groups times the groups of a model preset (llama3-8b, smollm2); --shapes {} has none",
+            a.shapes.join(",")
+        );
+    }
+    Ok(())
 }
 
 /// Appends the group rows of every `--shapes` preset to `rows` (failed checks to `failures`).

@@ -304,6 +304,7 @@ pub(crate) fn gpu_formats(
 
 pub fn run(a: &BenchKernelsArgs, dev: &Device) -> Result<()> {
     let shapes = parse_shapes(&a.shapes)?;
+    super::bench_groups_cuda::check_args(a)?;
     let card = card_name(dev)?;
     let cdev = dev.as_cuda_device()?;
     eprintln!("lorq bench kernels on {card}");
