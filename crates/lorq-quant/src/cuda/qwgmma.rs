@@ -226,6 +226,19 @@ pub(super) fn plan(
     }
 }
 
+/// One launch of [`matmul_group`], planned before the activation permute: its weights, their
+/// schedule and cluster size, their tiles end to end (`tiles`, the second and third weight's
+/// first tile `starts`), outputs and split tiles' partial sums.
+struct Launch<'a, 'w, T> {
+    weights: &'a [&'w DeviceLayout],
+    plan: Schedule,
+    cluster: usize,
+    tiles: usize,
+    starts: [i32; 2],
+    ys: Vec<CudaSlice<T>>,
+    partial: Option<CudaSlice<f32>>,
+}
+
 /// `x · Wᵀ` for contiguous `x` `[m, k]` (bf16/f16, columns already in the weight's packed order).
 pub(crate) fn matmul(
     dev: &CudaDevice,
@@ -344,7 +357,15 @@ pub fn matmul_group(
             } else {
                 None
             };
-            launches.push((lw, plan, cluster, total_tiles, starts, ys, partial));
+            launches.push(Launch {
+                weights: lw,
+                plan,
+                cluster,
+                tiles: total_tiles,
+                starts,
+                ys,
+                partial,
+            });
         }
         // SAFETY: the permute kernel writes all mp * kp elements (zeros past m and k).
         let xp = unsafe { dev.alloc::<T>(mp * kp)? };
@@ -367,16 +388,16 @@ pub fn matmul_group(
         let mut ys = Vec::with_capacity(ws.len());
         // Freed after the last launch (a free between launches would cut their edge too).
         let mut partials = Vec::with_capacity(launches.len());
-        for (lw, plan, cluster, total_tiles, starts, lys, partial) in launches {
-            let w = lw[0];
-            let (group, guards) = QGroup::new(&stream, lw, &lys, starts);
+        for l in launches {
+            let (w, plan, cluster) = (l.weights[0], l.plan, l.cluster);
+            let (group, guards) = QGroup::new(&stream, l.weights, &l.ys, l.starts);
             let (ni, pi) = (w.n as i32, plan.per_block as i32);
-            let (si, ti) = (plan.slots as i32, total_tiles as i32);
+            let (si, ti) = (plan.slots as i32, l.tiles as i32);
             let ci = i32::from(cluster > 1);
             let mut b = KernelArgs::new(&stream);
             w.push_kernel_args(&mut b);
-            b.buf(&xp).val(&mpi).buf(&lys[0]);
-            match &partial {
+            b.buf(&xp).val(&mpi).buf(&l.ys[0]);
+            match &l.partial {
                 Some(p) => b.buf(p),
                 None => b.address(0),
             };
@@ -396,8 +417,9 @@ pub fn matmul_group(
                 shared_mem_bytes: smem as u32,
             };
             // SAFETY: the arguments match `qwg_*` in kernels/qwgmma.cu: xp holds the permuted
-            // activations of mp rows (a multiple of the block's rows); the weights (one code
-            // kind, K, group size and table: `matmul_group` checks) their outputs m*n each,
+            // activations of mp rows (a multiple of the block's rows); the launch's weights (one
+            // code kind and K: `matmul_group` checks; one group size and table:
+            // `launch_groups`) their outputs m*n each,
             // partial slots*m*n per weight end to end, and the counters (zero between launches)
             // one per tile of the launch (checked above where tiles are split); shared memory
             // opted in; in clusters, the grid is the tiles' whole clusters, one segment a block,
@@ -405,8 +427,8 @@ pub fn matmul_group(
             // before `wait_for_producers()`.
             unsafe { b.launch_dependent(&f, cfg) }?;
             drop(guards);
-            partials.push(partial);
-            ys.extend(lys);
+            partials.push(l.partial);
+            ys.extend(l.ys);
         }
         drop(partials);
         drop(xp);
