@@ -61,8 +61,6 @@ const MODULES: [(&str, usize, usize); 4] = [
     ("tiny", 64, 64),
 ];
 const MODULE_PATH: &str = "model.layers.0.self_attn.q_proj";
-/// Bytes one pass over the rotated copies must exceed (H100/H200 L2: 50 MB).
-const ROTATE_BYTES: usize = 256 << 20;
 
 fn adapter(a: Tensor, b: Tensor, rank: usize, i: usize) -> Result<Arc<LoraAdapter>> {
     let config = LoraConfig::parse(
@@ -197,7 +195,7 @@ pub fn run(a: &BenchAdaptersArgs, dev: &Device) -> Result<()> {
     for &(name, n, k) in &MODULES {
         let wbytes = n * k * dtype.size_in_bytes();
         let w_copies = if gpu {
-            ROTATE_BYTES.div_ceil(wbytes).clamp(1, 32)
+            super::bench_kernels::copies_past_l2(wbytes)
         } else {
             1
         };
@@ -207,7 +205,7 @@ pub fn run(a: &BenchAdaptersArgs, dev: &Device) -> Result<()> {
         // Sets of `max_adapters` adapters, enough of them that a pass overflows the L2 cache.
         let set_bytes = max_adapters * r * (n + k) * wdtype.size_in_bytes();
         let sets = if gpu {
-            ROTATE_BYTES.div_ceil(set_bytes).clamp(1, 32)
+            super::bench_kernels::copies_past_l2(set_bytes)
         } else {
             1
         };

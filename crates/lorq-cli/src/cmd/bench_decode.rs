@@ -253,7 +253,8 @@ impl Switches {
     }
 
     /// Applies the setting to the model and to lorq_quant's kernel switches: process-wide, or
-    /// for the FP8 cluster sums and grouped launches this thread (the one that runs the model).
+    /// for the wgmma kernels' cluster sums and grouped launches this thread (the one that runs
+    /// the model).
     fn set(self, model: &mut LlamaModel) {
         model.set_fused_ops(self.fused);
         model.set_grouped_matmuls(self.grouped);

@@ -121,18 +121,14 @@ mod gpu {
     use lorq_quant::QuantTensor;
     use serde_json::{json, Value};
 
-    use super::super::bench_kernels::{command_line, parse_shapes, randn, utc_date};
+    use super::super::bench_kernels::{
+        command_line, copies_past_l2 as copies, parse_shapes, randn, utc_date,
+    };
     use super::super::bench_kernels_cuda::{
         card_name, rel_l2, time_calls, CallTiming as Timing, OffWhileAlive,
     };
     use super::super::bench_peer::merge_peer_rows;
     use super::BenchFp8Args;
-
-    /// Copies of `bytes` of weights enough that one pass over them overflows the L2 cache (timings
-    /// rotate over them).
-    fn copies(bytes: usize) -> usize {
-        (256usize << 20).div_ceil(bytes).clamp(1, 32)
-    }
 
     /// The CPU reference of a W8A8 product: x quantized as `act` (as kernels/fp8_act.cu does),
     /// decoded e4m3 values multiplied in f32, then scaled per row and per column.

@@ -10,7 +10,7 @@ use lorq_quant::cuda::qgemv::{matmul_group, DeviceLayout};
 use lorq_quant::cuda::qwgmma;
 use serde_json::Value;
 
-use super::bench_kernels::{randn, BenchKernelsArgs};
+use super::bench_kernels::{copies_past_l2 as copies, randn, BenchKernelsArgs};
 use super::bench_kernels_cuda::{
     bf16_baseline, gpu_formats, path_wanted, rel_l2, time_path, timing_row, OffWhileAlive,
     CHECK_MAX_M,
@@ -68,8 +68,6 @@ pub(crate) fn run(
                 Tensor::from_vec(randn(seed, nj * k, 0.02), (nj, k), &Device::Cpu)
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
-        // Enough copies that one pass over them overflows the L2 cache.
-        let copies = |bytes: usize| (256usize << 20).div_ceil(bytes).clamp(1, 32);
         let cat = Tensor::cat(&ws_cpu, 0)?.to_dtype(DType::BF16)?;
         let dense = (0..copies(n * k * 2))
             .map(|_| cat.to_device(dev))

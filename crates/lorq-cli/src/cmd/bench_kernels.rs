@@ -75,6 +75,12 @@ pub struct BenchKernelsArgs {
     pub groups: bool,
 }
 
+/// Copies of a weight (or set) of `bytes` that GPU timings rotate over, enough that one pass over
+/// them overflows the L2 cache (H100/H200: 50 MB), 1 to 32.
+pub(crate) fn copies_past_l2(bytes: usize) -> usize {
+    (256usize << 20).div_ceil(bytes.max(1)).clamp(1, 32)
+}
+
 /// Relative error bound of a fused kernel against dequantize-then-matmul.
 fn tolerance(format: &str) -> f64 {
     match format {

@@ -22,7 +22,9 @@ use lorq_quant::method::QuantMethod;
 use lorq_quant::QuantTensor;
 use serde_json::{json, Value};
 
-use super::bench_kernels::{command_line, parse_shapes, randn, utc_date, BenchKernelsArgs};
+use super::bench_kernels::{
+    command_line, copies_past_l2 as copies, parse_shapes, randn, utc_date, BenchKernelsArgs,
+};
 use super::bench_peer::merge_peer_rows;
 
 /// ‖got − want‖₂ / ‖want‖₂ in f64 (NaN counts as infinitely wrong).
@@ -323,8 +325,6 @@ pub fn run(a: &BenchKernelsArgs, dev: &Device) -> Result<()> {
         };
         eprintln!("  {label}");
         let w_cpu = Tensor::from_vec(randn(1000 + si as u64, n * k, 0.02), (n, k), &Device::Cpu)?;
-        // Enough copies of each weight that one pass over them overflows the L2 cache.
-        let copies = |bytes: usize| (256usize << 20).div_ceil(bytes).clamp(1, 32);
         let w_bf16 = w_cpu.to_dtype(DType::BF16)?;
         let dense: Vec<Tensor> = (0..copies(n * k * 2))
             .map(|_| w_bf16.to_device(dev))

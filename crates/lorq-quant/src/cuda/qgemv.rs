@@ -688,25 +688,18 @@ pub fn matmul(w: &DeviceLayout, x: &Tensor, path: QPath) -> Result<Tensor, Quant
             Route::Gemv(v)
         }
     };
-    // The packed weight's columns are in act-order: gather x's to match.
-    let gathered = |x2: Tensor| -> Result<Tensor, QuantError> {
-        Ok(match &w.perm {
-            Some(p) => gather_columns(&x2.contiguous()?, p)?,
-            None => x2.contiguous()?,
-        })
-    };
     let y = match route {
-        Route::Gemv(v) => gemv(dev, &[w], &gathered(x2)?, m, v)?.remove(0),
-        Route::Mma => mma(dev, w, &gathered(x2)?, m)?,
-        Route::MmaTiled { fold } => qmma_tiled::matmul(dev, w, &gathered(x2)?, m, fold)?,
-        Route::Wgmma => qwgmma::matmul(dev, w, &gathered(x2)?, m)?,
+        Route::Gemv(v) => gemv(dev, &[w], &in_packed_order(w, x2)?, m, v)?.remove(0),
+        Route::Mma => mma(dev, w, &in_packed_order(w, x2)?, m)?,
+        Route::MmaTiled { fold } => qmma_tiled::matmul(dev, w, &in_packed_order(w, x2)?, m, fold)?,
+        Route::Wgmma => qwgmma::matmul(dev, w, &in_packed_order(w, x2)?, m)?,
         Route::Dequantize => {
             let wd = dequantize(w, dev, x.dtype())?;
             match &w.inv_perm {
                 // Act-order: the product in the packed column order (x's columns gathered) where
                 // x is the smaller of the two, else the weight's columns back to the original
                 // order (W[:, perm[i]] = packed[:, i]).
-                Some(_) if m < w.n => gathered(x2)?.matmul(&wd.t()?)?,
+                Some(_) if m < w.n => in_packed_order(w, x2)?.matmul(&wd.t()?)?,
                 Some(inv) => x2.matmul(&gather_columns(&wd, inv)?.t()?)?,
                 None => x2.matmul(&wd.t()?)?,
             }
@@ -717,6 +710,15 @@ pub fn matmul(w: &DeviceLayout, x: &Tensor, path: QPath) -> Result<Tensor, Quant
         y.to_dtype(in_dtype)?
     } else {
         y
+    })
+}
+
+/// `x2` `[m, k]` contiguous, with its columns in `w`'s packed order: gathered where `w` is in
+/// act-order, as it is otherwise.
+fn in_packed_order(w: &DeviceLayout, x2: Tensor) -> Result<Tensor, QuantError> {
+    Ok(match &w.perm {
+        Some(p) => gather_columns(&x2.contiguous()?, p)?,
+        None => x2.contiguous()?,
     })
 }
 
@@ -1244,24 +1246,16 @@ pub fn matmul_group(ws: &[&DeviceLayout], x: &Tensor) -> Result<Option<Vec<Tenso
         return Ok(None);
     }
     let route = group_route(ws, m, x.dtype(), dev);
-    if !matches!(
-        route,
-        Route::Gemv(_) | Route::MmaTiled { .. } | Route::Wgmma
-    ) || tiled_apart(ws, m, &route)
-    {
+    if tiled_apart(ws, m, &route) {
         return Ok(None);
     }
-    let x2 = x.reshape((m, k))?;
     // Act-order (one column order for all: `same_kernel`): x's columns gathered once.
-    let x2 = match &w.perm {
-        Some(p) => gather_columns(&x2.contiguous()?, p)?,
-        None => x2,
-    };
+    let x2 = || in_packed_order(w, x.reshape((m, k))?);
     let ys = match route {
-        Route::Gemv(v) => gemv(dev, ws, &x2, m, v)?,
-        Route::MmaTiled { fold } => qmma_tiled::matmul_group(dev, ws, &x2, m, fold)?,
-        Route::Wgmma => qwgmma::matmul_group(dev, ws, &x2, m)?,
-        _ => return Ok(None),
+        Route::Gemv(v) => gemv(dev, ws, &x2()?, m, v)?,
+        Route::MmaTiled { fold } => qmma_tiled::matmul_group(dev, ws, &x2()?, m, fold)?,
+        Route::Wgmma => qwgmma::matmul_group(dev, ws, &x2()?, m)?,
+        Route::Mma | Route::Dequantize => return Ok(None),
     };
     let mut out = Vec::with_capacity(ys.len());
     for (y, w) in ys.into_iter().zip(ws) {

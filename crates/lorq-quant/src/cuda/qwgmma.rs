@@ -121,6 +121,11 @@ fn split_until(sms: usize) -> usize {
     sms / 2
 }
 
+/// Tiles of a weight of `n` output rows at `m` activation rows in blocks of `rows`.
+fn weight_tiles(n: usize, m: usize, rows: usize) -> usize {
+    n.div_ceil(ROWS) * m.div_ceil(rows)
+}
+
 pub(super) fn schedule(
     row_blocks: usize,
     m: usize,
@@ -215,7 +220,7 @@ pub(super) fn plan(
     if !clusters || streamed.slots == 1 || !ns.iter().all(|n| n.is_multiple_of(4)) {
         return (streamed, 1);
     }
-    let tiles = row_blocks * m.div_ceil(rows);
+    let tiles: usize = ns.iter().map(|&n| weight_tiles(n, m, rows)).sum();
     let steps = k.div_ceil(KSTEP);
     match (2..=MAX_CLUSTER.min(sms / tiles.max(1)))
         .rev()
@@ -264,7 +269,7 @@ pub fn launch_groups<'a, 'w>(
 ) -> Vec<&'a [&'w DeviceLayout]> {
     let until = split_until(super::qmma_tiled::multiprocessors(dev));
     let rows = shape(m).rows;
-    let small = |w: &DeviceLayout| w.n.div_ceil(ROWS) * m.div_ceil(rows) <= until;
+    let small = |w: &DeviceLayout| weight_tiles(w.n, m, rows) <= until;
     let one = grouped_launches()
         && ws.len() <= MAX_GROUP
         && ws.iter().any(|w| small(w))
@@ -333,10 +338,7 @@ pub fn matmul_group(
         for lw in launch_groups(dev, ws, m) {
             let ns: Vec<usize> = lw.iter().map(|w| w.n).collect();
             let (plan, cluster) = plan((&ns, m, k), sh.rows, sms, cluster_sums(), fits);
-            let tiles: Vec<usize> = ns
-                .iter()
-                .map(|n| n.div_ceil(ROWS) * (mp / sh.rows))
-                .collect();
+            let tiles: Vec<usize> = ns.iter().map(|&n| weight_tiles(n, m, sh.rows)).collect();
             let (total_tiles, starts) = super::group_blocks(&tiles);
             if plan.slots > 1 && total_tiles > lw[0].counters.len() {
                 return Err(QuantError::Invalid(format!(
