@@ -22,6 +22,7 @@ use crate::error::{ModelError, Result};
 use crate::llama::{BatchItem, LlamaModel, LogitsWanted};
 use crate::paged_forward::MetaDims;
 use crate::paged_kv::BLOCK_SIZE;
+use crate::step_logits::StepLogits;
 
 /// The smallest context capacity a graph is captured for (tokens).
 const MIN_CONTEXT: usize = 256;
@@ -53,7 +54,7 @@ struct DecodeGraph {
     /// Inputs, written before each replay: token ids, and the step layout.
     ids: Tensor,
     meta: Tensor,
-    /// f32 `[batch, vocab]`, rewritten by each replay.
+    /// `[batch, vocab]` as the LM head writes it (the model's dtype), rewritten by each replay.
     logits: Tensor,
     /// Read by the graph: the RoPE tables stay alive with it (the adapters' weights are kept by
     /// the capture itself).
@@ -116,7 +117,7 @@ impl LlamaModel {
         &self,
         items: &mut [BatchItem<'_>],
         adapters: &BatchAdapters,
-    ) -> Result<Option<Vec<Tensor>>> {
+    ) -> Result<Option<StepLogits>> {
         let (Some(graphs), Some(pool), Device::Cuda(cuda)) =
             (&self.decode_graphs, &self.kv_pool, &self.device)
         else {
@@ -174,7 +175,7 @@ impl LlamaModel {
                     let x = self.layers_on_meta(x, &meta_buf, meta.dims, adapters)?;
                     let x =
                         candle_nn::ops::rms_norm(&x, &self.norm, self.config.rms_norm_eps as f32)?;
-                    Ok(self.lm_head.forward(&x, adapters)?.to_dtype(DType::F32)?)
+                    Ok(self.lm_head.forward(&x, adapters)?)
                 });
                 let entry = match captured {
                     Ok((graph, logits)) => {
@@ -227,9 +228,6 @@ impl LlamaModel {
         for it in items.iter_mut() {
             it.cache.advance(1);
         }
-        let out = (0..rows)
-            .map(|i| logits.narrow(0, i, 1))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(Some(out))
+        Ok(Some(StepLogits::new(logits, &vec![1; rows])?))
     }
 }

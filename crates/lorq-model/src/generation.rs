@@ -2,12 +2,14 @@ use std::sync::Arc;
 
 use candle_core::Tensor;
 use lorq_lora::LoraAdapter;
+use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
 use crate::llama::{BatchItem, LlamaModel, LogitsWanted};
 use crate::sampling::{Sampled, Sampler, SamplingParams};
+use crate::step_logits::StepLogits;
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
 /// Why a sequence stopped, spelled as TGI/LoRAX clients expect.
@@ -112,21 +114,29 @@ impl Sequence {
         self.sampler.seed()
     }
 
-    /// Samples from `logits` (`[1, vocab]`), records the token and updates the finish state.
-    /// Returns the token and the text it completed.
-    pub fn accept(
-        &mut self,
-        logits: &Tensor,
-        tok: &Tokenizer,
-        eos: &[u32],
-    ) -> Result<(Sampled, String)> {
-        let mut row: Vec<f32> = logits.squeeze(0)?.to_vec1()?;
-        let step = self.accept_scores(&mut row, tok, eos, 0)?;
-        Ok((step.sampled, step.piece))
+    /// Whether the next token is the argmax of the logits alone (greedy, no repetition penalty,
+    /// no constraint, no alternatives to report): what [`StepLogits::greedy_last`] picks for a
+    /// whole batch at once.
+    fn picks_argmax(&self, top_n: usize) -> bool {
+        let p = self.sampler.params();
+        top_n == 0
+            && self.constraint.is_none()
+            && p.is_greedy()
+            && p.repetition_penalty.is_none_or(|r| r == 1.0)
     }
 
-    /// Like [`Sequence::accept`] on one row of logits (changed in place by the constraint's
-    /// mask), also returning the `top_n` alternatives.
+    /// Records a token picked by [`StepLogits::greedy_last`] (see [`Sequence::picks_argmax`]).
+    fn accept_picked(&mut self, s: Sampled, tok: &Tokenizer, eos: &[u32]) -> Result<StepToken> {
+        let piece = self.record(s, tok, eos)?;
+        Ok(StepToken {
+            sampled: s,
+            piece,
+            alternatives: vec![],
+        })
+    }
+
+    /// Samples from one row of logits (changed in place by the constraint's mask), records the
+    /// token and updates the finish state; also returns the `top_n` alternatives.
     pub fn accept_scores(
         &mut self,
         row: &mut [f32],
@@ -184,6 +194,63 @@ impl Sequence {
     }
 }
 
+/// Picks every sequence's next token from a step's logits (item `i` is `seqs[i]`'s, its last row
+/// the next token's) and records it: the sequences that only take the argmax in one pass on the
+/// logits' device, the others from their rows brought to the host in one copy. `top_n[i]`: the
+/// alternatives `seqs[i]` reports. The outer error is the step's (a failed copy); the inner ones
+/// are each sequence's own (e.g. its constraint refused the token).
+pub fn accept_step(
+    seqs: &mut [&mut Sequence],
+    logits: &StepLogits,
+    tok: &Tokenizer,
+    eos: &[u32],
+    top_n: &[usize],
+) -> Result<Vec<Result<StepToken>>> {
+    if logits.len() != seqs.len() || top_n.len() != seqs.len() {
+        return Err(ModelError::Request(format!(
+            "accept_step: {} sequences, {} items of logits, {} top_n",
+            seqs.len(),
+            logits.len(),
+            top_n.len()
+        )));
+    }
+    let argmax: Vec<bool> = (0..seqs.len())
+        .map(|i| seqs[i].picks_argmax(top_n[i]))
+        .collect();
+    let (greedy, sampled): (Vec<usize>, Vec<usize>) = (0..seqs.len()).partition(|&i| argmax[i]);
+    let mut picks = logits.greedy_last(&greedy)?.into_iter();
+    let mut rows = logits.last_rows_host(&sampled)?.into_iter();
+    let next = argmax
+        .iter()
+        .map(|&a| {
+            if a {
+                picks.next().map(Next::Picked)
+            } else {
+                rows.next().map(Next::Row)
+            }
+            .ok_or_else(|| ModelError::Request("accept_step: a sequence got no logits".into()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    // Sampling a 128k vocabulary takes the host ~1 ms per sequence: the batch's in parallel.
+    Ok(seqs
+        .par_iter_mut()
+        .zip(next)
+        .zip(top_n)
+        .map(|((seq, next), &top_n)| match next {
+            Next::Picked(s) => seq.accept_picked(s, tok, eos),
+            Next::Row(mut row) => seq.accept_scores(&mut row, tok, eos, top_n),
+        })
+        .collect())
+}
+
+/// A sequence's share of a step's logits in [`accept_step`].
+enum Next {
+    /// Its greedy token, picked with the batch's.
+    Picked(Sampled),
+    /// Its last row on the host, to sample from.
+    Row(Vec<f32>),
+}
+
 /// Runs `seqs` together until every one finishes: one prefill step for all prompts, then decode
 /// steps over the unfinished ones. `on_token(index, token, text)` sees every token as it comes.
 pub fn run_to_completion(
@@ -205,11 +272,14 @@ pub fn run_to_completion(
             .filter(|s| s.finish.is_none())
             .map(|seq| seq.batch_item(LogitsWanted::Last))
             .collect();
-        let logits = model.forward(&mut items)?;
+        let logits = model.forward_step(&mut items)?;
         drop(items);
-        for (&i, l) in active.iter().zip(&logits) {
-            let (s, piece) = seqs[i].accept(l, tok, eos)?;
-            on_token(i, s, &piece);
+        let mut running: Vec<&mut Sequence> =
+            seqs.iter_mut().filter(|s| s.finish.is_none()).collect();
+        let steps = accept_step(&mut running, &logits, tok, eos, &vec![0; active.len()])?;
+        for (&i, step) in active.iter().zip(steps) {
+            let step = step?;
+            on_token(i, step.sampled, &step.piece);
         }
     }
 }

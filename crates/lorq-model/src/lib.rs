@@ -26,6 +26,7 @@ pub mod pull;
 pub mod random_model;
 mod rope;
 pub mod sampling;
+mod step_logits;
 pub mod tokenizer;
 pub mod weights;
 
@@ -39,4 +40,5 @@ pub use llama::{BatchItem, LayerLinear, LlamaModel, LogitsWanted};
 pub use loaded::LoadedModel;
 pub use perplexity::{sliding_window_nll, PplResult};
 pub use sampling::{Sampled, Sampler, SamplingParams};
+pub use step_logits::StepLogits;
 pub use tokenizer::{StreamDecoder, Tokenizer};

@@ -14,6 +14,7 @@ use crate::linear::Linear;
 use crate::paged_kv::PagedPool;
 use crate::prequantized::CheckpointFormat;
 use crate::rope::Rope;
+use crate::step_logits::StepLogits;
 use crate::weights::WeightFiles;
 
 /// One linear of a decoder layer, in the order the forward applies them.
@@ -612,8 +613,15 @@ impl LlamaModel {
     /// One batched step over sequences of different lengths (prefill and decode mixed).
     /// Returns, per item, f32 logits `[n, vocab]` (n = 1 for `Last`, the new-token count for `All`).
     pub fn forward(&self, items: &mut [BatchItem<'_>]) -> Result<Vec<Tensor>> {
+        self.forward_step(items)?.into_items()
+    }
+
+    /// [`LlamaModel::forward`] with the logits left as the LM head wrote them (one tensor, the
+    /// model's dtype, on its device), for a caller that picks tokens there.
+    pub fn forward_step(&self, items: &mut [BatchItem<'_>]) -> Result<StepLogits> {
         if items.is_empty() {
-            return Ok(vec![]);
+            let none = Tensor::zeros((0, self.config.vocab_size), self.dtype, &self.device)?;
+            return StepLogits::new(none, &[]);
         }
         let paged = items.iter().filter(|it| it.cache.is_paged()).count();
         if paged > 0 && paged < items.len() {
@@ -687,17 +695,7 @@ impl LlamaModel {
             x.index_select(&Tensor::from_vec(pick, n, &self.device)?, 0)?
         };
         let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
-        let logits = self
-            .lm_head
-            .forward(&x, &head_adapters)?
-            .to_dtype(DType::F32)?;
-        let mut out = Vec::with_capacity(items.len());
-        let mut at = 0;
-        for n in counts {
-            out.push(logits.narrow(0, at, n)?);
-            at += n;
-        }
-        Ok(out)
+        StepLogits::new(self.lm_head.forward(&x, &head_adapters)?, &counts)
     }
 }
 

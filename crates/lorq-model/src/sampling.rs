@@ -165,9 +165,24 @@ pub fn log_softmax_at(v: &[f32], i: usize) -> f32 {
     (v[i] as f64 - lse) as f32
 }
 
-fn sorted_desc(v: &[f32]) -> Vec<usize> {
+/// Larger score first, the smaller index on ties: the order top-k and top-p rank tokens in.
+fn desc(v: &[f32], a: usize, b: usize) -> std::cmp::Ordering {
+    v[b].total_cmp(&v[a]).then(a.cmp(&b))
+}
+
+/// The `m` highest-ranked indices of `v`, in rank order: a linear-time selection, then a sort of
+/// those `m` only (a 128k vocabulary sorted whole took milliseconds per token).
+fn top_ranked(v: &[f32], m: usize) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..v.len()).collect();
-    idx.sort_by(|&a, &b| v[b].total_cmp(&v[a]).then(a.cmp(&b)));
+    let m = m.min(idx.len());
+    if m == 0 {
+        return vec![];
+    }
+    if m < idx.len() {
+        idx.select_nth_unstable_by(m - 1, |&a, &b| desc(v, a, b));
+        idx.truncate(m);
+    }
+    idx.sort_by(|&a, &b| desc(v, a, b));
     idx
 }
 
@@ -175,8 +190,7 @@ fn top_k(scores: &mut [f32], k: usize) {
     if k >= scores.len() {
         return;
     }
-    let idx = sorted_desc(scores);
-    let kth = scores[idx[k - 1]];
+    let kth = scores[*top_ranked(scores, k).last().expect("k > 0 (validated)")];
     // transformers keeps every token whose score ties the k-th.
     scores.iter_mut().for_each(|s| {
         if *s < kth {
@@ -186,20 +200,28 @@ fn top_k(scores: &mut [f32], k: usize) {
 }
 
 /// Keeps the smallest set of most likely tokens whose probability reaches `p` (at least one).
+/// Ranks a growing head of the vocabulary (256, 1024, ... tokens) until its mass reaches `p`:
+/// the same tokens, summed in the same order, as ranking them all.
 fn top_p(scores: &mut [f32], p: f32) {
     let probs = softmax(scores);
-    let idx = sorted_desc(scores);
-    let mut acc = 0.0;
-    let mut keep = idx.len();
-    for (n, &i) in idx.iter().enumerate() {
-        acc += probs[i];
-        if acc >= p {
-            keep = n + 1;
-            break;
+    let mut head = 256;
+    let keep: Vec<usize> = loop {
+        let ranked = top_ranked(scores, head);
+        let mut acc = 0.0;
+        let reached = ranked.iter().position(|&i| {
+            acc += probs[i];
+            acc >= p
+        });
+        match reached {
+            Some(n) => break ranked[..=n].to_vec(),
+            None if ranked.len() == scores.len() => break ranked,
+            None => head *= 4,
         }
-    }
-    for &i in &idx[keep..] {
-        scores[i] = f32::NEG_INFINITY;
+    };
+    let kept: Vec<f32> = keep.iter().map(|&i| scores[i]).collect();
+    scores.fill(f32::NEG_INFINITY);
+    for (&i, v) in keep.iter().zip(kept) {
+        scores[i] = v;
     }
 }
 
@@ -284,6 +306,61 @@ mod tests {
                 ..Default::default()
             });
             assert_eq!(s.sample(&logits, &[]).id, 1);
+        }
+    }
+
+    /// top-k and top-p as the whole vocabulary sorted (the sampler before session 38).
+    fn reference_top_k(scores: &mut [f32], k: usize) {
+        let mut idx: Vec<usize> = (0..scores.len()).collect();
+        idx.sort_by(|&a, &b| desc(scores, a, b));
+        let kth = scores[idx[k - 1]];
+        scores.iter_mut().for_each(|s| {
+            if *s < kth {
+                *s = f32::NEG_INFINITY
+            }
+        });
+    }
+
+    fn reference_top_p(scores: &mut [f32], p: f32) {
+        let probs = softmax(scores);
+        let mut idx: Vec<usize> = (0..scores.len()).collect();
+        idx.sort_by(|&a, &b| desc(scores, a, b));
+        let mut acc = 0.0;
+        let mut keep = idx.len();
+        for (n, &i) in idx.iter().enumerate() {
+            acc += probs[i];
+            if acc >= p {
+                keep = n + 1;
+                break;
+            }
+        }
+        for &i in &idx[keep..] {
+            scores[i] = f32::NEG_INFINITY;
+        }
+    }
+
+    #[test]
+    fn linear_time_top_k_and_top_p_keep_the_sorted_ones_tokens() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        for (n, spread) in [(7usize, 1.0f32), (5000, 0.3), (5000, 4.0), (40_000, 1.0)] {
+            // Rounded to 1/8: many ties, which rank by index.
+            let v: Vec<f32> = (0..n)
+                .map(|_| (rng.random::<f32>() * 8.0 * spread).round() / 8.0)
+                .collect();
+            for k in [1, 3, 50, 255, 256, 257, 4999] {
+                let (mut got, mut want) = (v.clone(), v.clone());
+                if k < n {
+                    top_k(&mut got, k);
+                    reference_top_k(&mut want, k);
+                    assert_eq!(got, want, "top_k {k} of {n}");
+                }
+            }
+            for p in [0.01, 0.2, 0.5, 0.9, 0.99, 0.999_999, 1.0] {
+                let (mut got, mut want) = (v.clone(), v.clone());
+                top_p(&mut got, p);
+                reference_top_p(&mut want, p);
+                assert_eq!(got, want, "top_p {p} of {n} (spread {spread})");
+            }
         }
     }
 

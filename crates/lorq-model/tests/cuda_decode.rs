@@ -24,7 +24,7 @@ mod gpu {
     use lorq_lora::LoraAdapter;
     use lorq_model::random_model::{random_adapters, seeded_randn, shape_config};
     use lorq_model::{BatchItem, LayerLinear, LlamaModel, LogitsWanted, ModelConfig};
-    use lorq_quant::cuda::fused_ops::{add_rms_norm, argmax_rows, embed_rows, silu_mul};
+    use lorq_quant::cuda::fused_ops::{add_rms_norm, embed_rows, greedy_rows, silu_mul};
     use lorq_quant::cuda::paged_attention::{
         attention, decode_attention, prefill_attention, prefill_tile_tokens, prefill_tiles,
         rope_append, set_tensor_core_attention, tickets_needed, NewTokens, PageShape, PagedBatch,
@@ -480,10 +480,12 @@ mod gpu {
                 assert!(e <= tol, "silu_mul: {e} > {tol}");
             }
         }
-        // Greedy argmax on the GPU = the CPU's (first index on ties, NaN never wins), at a
-        // vocabulary size past one thread's 8 loads and with values rounded to bf16 (many ties).
+        // Greedy picks on the GPU = the CPU sampler's: the argmax (first index on ties, NaN
+        // never wins) and its log-softmax, at a vocabulary size past one thread's loads, with
+        // values rounded to bf16 (many ties), rows the vector loads take (n % 8 == 0) and rows
+        // they do not, and a selection that skips and repeats rows.
         for dtype in [DType::F32, DType::BF16, DType::F16] {
-            for &(rows, n) in &[(1usize, 128_256usize), (5, 1000), (3, 7)] {
+            for &(rows, n) in &[(1usize, 128_256usize), (5, 1000), (4, 49_152), (3, 7)] {
                 let x = randn(6, &[rows, n]).to_dtype(dtype).unwrap();
                 let mut host = host_f32(&x);
                 // A NaN in row 0 (never the answer) and an exact tie for the maximum in the last row.
@@ -496,24 +498,43 @@ mod gpu {
                     .to_dtype(dtype)
                     .unwrap();
                 let host = host_f32(&x);
-                let got: Vec<u32> = argmax_rows(&x).unwrap().to_vec1().unwrap();
-                let want: Vec<u32> = host
-                    .chunks(n)
-                    .map(|r| {
-                        let r: Vec<f32> = r
-                            .iter()
-                            .map(|&v| if v.is_nan() { f32::NEG_INFINITY } else { v })
-                            .collect();
-                        lorq_model::sampling::argmax(&r) as u32
-                    })
-                    .collect();
-                assert_eq!(got, want, "argmax_rows {dtype:?} [{rows}, {n}]");
+                let sel: Vec<u32> = (0..rows as u32).rev().chain([rows as u32 - 1]).collect();
+                let got = greedy_rows(&x, &sel).unwrap();
+                assert_eq!(got.len(), sel.len());
+                for (p, &r) in got.iter().zip(&sel) {
+                    let row = &host[r as usize * n..(r as usize + 1) * n];
+                    let no_nan: Vec<f32> = row
+                        .iter()
+                        .map(|&v| if v.is_nan() { f32::NEG_INFINITY } else { v })
+                        .collect();
+                    let want = lorq_model::sampling::argmax(&no_nan);
+                    assert_eq!(
+                        p.id as usize, want,
+                        "greedy_rows {dtype:?} [{rows}, {n}] row {r}"
+                    );
+                    if row.iter().any(|v| v.is_nan()) {
+                        assert!(p.logprob.is_nan(), "a row with NaN has no log-softmax");
+                    } else {
+                        let lp = lorq_model::sampling::log_softmax_at(row, want);
+                        assert!(
+                            (p.logprob - lp).abs() <= 1e-4 * lp.abs().max(1.0),
+                            "greedy_rows {dtype:?} [{rows}, {n}] row {r}: log-softmax {} vs {lp}",
+                            p.logprob
+                        );
+                    }
+                }
+                let e = greedy_rows(&x, &[rows as u32]).unwrap_err().to_string();
+                assert!(
+                    e.contains(&format!("row {rows} selected from {rows} rows")),
+                    "{e}"
+                );
             }
         }
     }
 
     /// Greedy tokens of every sequence (different prompt lengths, one batch, sequence `i` with
-    /// adapter `adapters[i]` if any) for `steps` steps, and each step's f32 logits.
+    /// adapter `adapters[i]` if any) for `steps` steps, and each step's f32 logits; checks each
+    /// step's device greedy picks against the host's argmax and log-softmax of those logits.
     fn generate(
         model: &LlamaModel,
         prompts: &[Vec<u32>],
@@ -535,10 +556,25 @@ mod gpu {
                     logits: LogitsWanted::Last,
                 })
                 .collect();
-            let logits = model.forward(&mut items).unwrap();
-            for (i, l) in logits.iter().enumerate() {
-                let v: Vec<f32> = l.squeeze(0).unwrap().to_vec1().unwrap();
+            let logits = model.forward_step(&mut items).unwrap();
+            // The batch's greedy picks on the device = the host sampler's on each row.
+            let picks = logits.greedy_each().unwrap();
+            for (i, p) in picks.iter().enumerate() {
+                let v: Vec<f32> = logits
+                    .item(i)
+                    .unwrap()
+                    .squeeze(0)
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
                 let t = lorq_model::sampling::argmax(&v) as u32;
+                let lp = lorq_model::sampling::log_softmax_at(&v, t as usize);
+                assert_eq!(p.id, t, "sequence {i}: device greedy pick");
+                assert!(
+                    (p.logprob - lp).abs() <= 1e-4 * lp.abs().max(1.0),
+                    "sequence {i}: device log-softmax {} vs host {lp}",
+                    p.logprob
+                );
                 out[i].push((t, v));
                 feed[i] = vec![t];
             }

@@ -11,9 +11,13 @@
 //   n % 8 == 0, n <= 8 * blockDim * ARN_CHUNKS) also writes y's e4m3 codes and per-token scale,
 //   the down projection's own quantization (fp8_act.cu quant_rows, mode 0) of y as stored, bit for
 //   bit, so that an FP8 down_proj skips that launch.
-// - argmax_rows_*: out[r] = index of the largest value of row r (the first on ties, as
-//   torch.argmax; NaN never wins), one block of 1024 threads per row, 8 loads in flight per
-//   thread (greedy decoding over a 128k vocabulary: candle's argmax took ~95 us per row on an H100).
+// - greedy_rows_*: for each selected row r = sel[b], out[2b] = the index of its largest value (the
+//   first on ties, as torch.argmax; NaN never wins) and out[2b + 1] = the bits of that value's
+//   log-softmax (f32), in one pass: each thread keeps its best value and the sum of exp(v - best),
+//   rescaled when the best changes, so the log-softmax at the argmax is -log(sum). Greedy decoding
+//   over a 128k vocabulary without copying the logits to the host (candle's argmax alone took
+//   ~95 us per row on an H100; the host's 513 KB copy per sequence and step was a sync each).
+//   One block of 1024 threads per selected row, 16-byte loads, 4 in flight per thread.
 // - embed_rows_*: out[r] = table[ids[r]] (the embedding lookup reading its ids on the GPU; an id
 //   past the vocabulary gives a zero row, never a read outside the table). One block per row.
 // - gather_columns_*: out[r][i] = x[r][cols[i]] (act-order weights: x into the packed column order,
@@ -84,55 +88,98 @@ __device__ __forceinline__ bool am_better(float v, int i, float bv, int bi) {
     return v > bv || (v == bv && i < bi);
 }
 
-// The warp's best (value, index) into every lane.
-__device__ __forceinline__ void am_warp_reduce(float& bv, int& bi) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-        const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-        if (am_better(ov, oi, bv, bi)) {
-            bv = ov;
-            bi = oi;
-        }
+// A row slice's greedy state: the best (value, index) so far and the sum of exp(v - best value).
+struct GreedyAcc {
+    float v;
+    int i;
+    float s;
+};
+
+// s * exp(from - to): a sum taken against the best value `from`, moved to the best value `to`.
+__device__ __forceinline__ float ga_rescale(float s, float from, float to) {
+    return s == 0.f ? 0.f : (from == to ? s : s * expf(from - to));
+}
+
+__device__ __forceinline__ void ga_push(GreedyAcc& a, float v, int i) {
+    if (am_better(v, i, a.v, a.i)) {
+        a.s = ga_rescale(a.s, a.v, v) + 1.f;
+        a.v = v;
+        a.i = i;
+    } else if (v != -INFINITY) {
+        a.s += expf(v - a.v);  // NaN makes the sum NaN, as a host log-softmax over the row
     }
 }
 
+__device__ __forceinline__ GreedyAcc ga_merge(const GreedyAcc& a, const GreedyAcc& b) {
+    const bool b_wins = am_better(b.v, b.i, a.v, a.i);
+    const GreedyAcc& hi = b_wins ? b : a;
+    const GreedyAcc& lo = b_wins ? a : b;
+    return {hi.v, hi.i, hi.s + ga_rescale(lo.s, lo.v, hi.v)};
+}
+
+__device__ __forceinline__ GreedyAcc ga_warp_merge(GreedyAcc a) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const GreedyAcc b = {__shfl_xor_sync(0xffffffffu, a.v, o), __shfl_xor_sync(0xffffffffu, a.i, o),
+                             __shfl_xor_sync(0xffffffffu, a.s, o)};
+        a = ga_merge(a, b);
+    }
+    return a;
+}
+
 template <typename T>
-__device__ __forceinline__ void argmax_rows(const T* __restrict__ x, unsigned* __restrict__ out,
-                                            int n) {
-    __shared__ float s_v[AM_THREADS / 32];
-    __shared__ int s_i[AM_THREADS / 32];
-    const T* row = x + (size_t)blockIdx.x * n;
-    float bv = -INFINITY;
-    int bi = n;  // no candidate yet
-    for (int i0 = threadIdx.x; i0 < n; i0 += 8 * AM_THREADS) {
-        float v[8];
+__device__ __forceinline__ void greedy_rows(const T* __restrict__ x, const unsigned* __restrict__ sel,
+                                            unsigned* __restrict__ out, int n) {
+    __shared__ GreedyAcc s_acc[AM_THREADS / 32];
+    const T* row = x + (size_t)sel[blockIdx.x] * n;
+    GreedyAcc a = {-INFINITY, n, 0.f};  // index n: no candidate yet
+    if ((n & 7) == 0) {
+        // Rows start 16-byte aligned (n % 8 == 0 on an aligned allocation): 8 values per load.
+        constexpr int INFLIGHT = 4;
+        const int chunks = n >> 3;
+        for (int c0 = threadIdx.x; c0 < chunks; c0 += INFLIGHT * AM_THREADS) {
+            Pack8<T> p[INFLIGHT] = {};
 #pragma unroll
-        for (int u = 0; u < 8; u++) {
-            const int i = i0 + u * AM_THREADS;
-            v[u] = i < n ? to_f(row[i]) : -INFINITY;
+            for (int u = 0; u < INFLIGHT; u++) {
+                const int c = c0 + u * AM_THREADS;
+                if (c < chunks) p[u] = ld_pack8<T>(row + 8 * c);
+            }
+#pragma unroll
+            for (int u = 0; u < INFLIGHT; u++) {
+                const int c = c0 + u * AM_THREADS;
+                if (c < chunks) {
+                    float f[8];
+                    unpack8<T>(p[u], f);
+#pragma unroll
+                    for (int e = 0; e < 8; e++) ga_push(a, f[e], 8 * c + e);
+                }
+            }
         }
+    } else {
+        for (int i0 = threadIdx.x; i0 < n; i0 += 8 * AM_THREADS) {
+            float v[8];
 #pragma unroll
-        for (int u = 0; u < 8; u++) {
-            const int i = i0 + u * AM_THREADS;
-            if (i < n && am_better(v[u], i, bv, bi)) {
-                bv = v[u];
-                bi = i;
+            for (int u = 0; u < 8; u++) {
+                const int i = i0 + u * AM_THREADS;
+                v[u] = i < n ? to_f(row[i]) : -INFINITY;
+            }
+#pragma unroll
+            for (int u = 0; u < 8; u++) {
+                const int i = i0 + u * AM_THREADS;
+                if (i < n) ga_push(a, v[u], i);
             }
         }
     }
-    am_warp_reduce(bv, bi);
-    if ((threadIdx.x & 31) == 0) {
-        s_v[threadIdx.x >> 5] = bv;
-        s_i[threadIdx.x >> 5] = bi;
-    }
+    a = ga_warp_merge(a);
+    if ((threadIdx.x & 31) == 0) s_acc[threadIdx.x >> 5] = a;
     __syncthreads();
     if (threadIdx.x < 32) {
-        bv = s_v[threadIdx.x];
-        bi = s_i[threadIdx.x];
-        am_warp_reduce(bv, bi);
-        // All NaN (or no values): index 0, as a scan that never finds a larger value.
-        if (threadIdx.x == 0) out[blockIdx.x] = bi < n ? (unsigned)bi : 0u;
+        a = ga_warp_merge(s_acc[threadIdx.x]);
+        if (threadIdx.x == 0) {
+            // All NaN (or no values): index 0, as a scan that never finds a larger value.
+            out[2 * blockIdx.x] = a.i < n ? (unsigned)a.i : 0u;
+            out[2 * blockIdx.x + 1] = __float_as_uint(-logf(a.s));
+        }
     }
 }
 
@@ -180,8 +227,8 @@ __device__ __forceinline__ void gather_columns(const T* __restrict__ x, const un
         silu_mul_fp8<T>(gate, up, y, q, scales, n);                                               \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(AM_THREADS)                                      \
-        argmax_rows_##TN(const T* x, unsigned* out, int n) {                                      \
-        argmax_rows<T>(x, out, n);                                                                \
+        greedy_rows_##TN(const T* x, const unsigned* sel, unsigned* out, int n) {                 \
+        greedy_rows<T>(x, sel, out, n);                                                           \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(THREADS)                                         \
         embed_rows_##TN(const T* table, const unsigned* ids, T* out, int hidden, unsigned vocab) { \

@@ -10,11 +10,12 @@ use std::time::{Duration, Instant};
 
 use lorq_lora::LoraAdapter;
 use lorq_model::generation::{
-    prompt_logprobs, FinishReason, GenerationRequest, Sequence, StepToken, TokenConstraint,
+    accept_step, prompt_logprobs, FinishReason, GenerationRequest, Sequence, StepToken,
+    TokenConstraint,
 };
 use lorq_model::llama::LogitsWanted;
 use lorq_model::sampling::SamplingParams;
-use lorq_model::LoadedModel;
+use lorq_model::{LoadedModel, StepLogits};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::error::ApiError;
@@ -299,7 +300,7 @@ impl Engine {
                 .zip(&wants)
                 .map(|(r, &w)| r.seq.batch_item(w))
                 .collect();
-            self.model.model.forward(&mut items)
+            self.model.model.forward_step(&mut items)
         };
         let batch = self.running.len();
         self.metrics.batch_size.observe(batch as f64);
@@ -323,10 +324,21 @@ impl Engine {
         };
         let now = Instant::now();
         let mut produced: HashMap<String, usize> = HashMap::new();
-        let tok = &self.model.tokenizer;
-        let eos = &self.model.eos_token_ids;
-        for (r, l) in self.running.iter_mut().zip(logits) {
-            match accept_one(r, &l, tok, eos) {
+        let steps = match self.accept_all(&logits) {
+            Ok(steps) => steps,
+            Err(err) => {
+                tracing::error!(
+                    "picking the tokens of a step over {batch} sequences failed: {err}"
+                );
+                for r in self.running.drain(..) {
+                    fail_metrics(&self.metrics, &r.label, &err);
+                    let _ = r.events.send(Event::Failed(err.clone()));
+                }
+                return;
+            }
+        };
+        for (r, step) in self.running.iter_mut().zip(steps) {
+            match step {
                 Ok(step) => {
                     *produced.entry(r.label.clone()).or_default() += 1;
                     if r.first_token.is_none() {
@@ -366,34 +378,41 @@ fn fail_metrics(metrics: &Metrics, label: &str, err: &ApiError) {
         .inc();
 }
 
-/// Samples `r`'s next token from its logits (`[n, vocab]`; the last row is the next token's),
-/// sending the prompt's log-probabilities first when asked for.
-fn accept_one(
-    r: &mut Running,
-    logits: &candle_core::Tensor,
-    tok: &lorq_model::tokenizer::Tokenizer,
-    eos: &[u32],
-) -> Result<StepToken, ApiError> {
-    let gen_err = |e: lorq_model::ModelError| ApiError::generation(e.to_string());
-    let rows = logits.dim(0).map_err(|e| gen_err(e.into()))?;
-    if rows > 1 || (r.prefill_details && r.seq.generated.is_empty()) {
-        let prompt = &r.seq.request.prompt_ids;
-        let lp = if rows == prompt.len() {
-            prompt_logprobs(logits, prompt).map_err(gen_err)?
-        } else {
-            vec![None; prompt.len()]
-        };
-        let _ = r
-            .events
-            .send(Event::Prefill(prompt.iter().copied().zip(lp).collect()));
+impl Engine {
+    /// Every running sequence's next token from the step's logits (see
+    /// [`lorq_model::generation::accept_step`]), after sending the prompt's log-probabilities to
+    /// those that asked. The outer error fails the step; an inner one its sequence.
+    fn accept_all(
+        &mut self,
+        logits: &StepLogits,
+    ) -> Result<Vec<Result<StepToken, ApiError>>, ApiError> {
+        let gen_err = |e: lorq_model::ModelError| ApiError::generation(e.to_string());
+        for (i, r) in self.running.iter().enumerate() {
+            let rows = logits.rows(i).map_err(gen_err)?;
+            if rows > 1 || (r.prefill_details && r.seq.generated.is_empty()) {
+                let prompt = &r.seq.request.prompt_ids;
+                let lp = if rows == prompt.len() {
+                    prompt_logprobs(&logits.item(i).map_err(gen_err)?, prompt).map_err(gen_err)?
+                } else {
+                    vec![None; prompt.len()]
+                };
+                let _ = r
+                    .events
+                    .send(Event::Prefill(prompt.iter().copied().zip(lp).collect()));
+            }
+        }
+        let top_n: Vec<usize> = self.running.iter().map(|r| r.top_n).collect();
+        let mut seqs: Vec<&mut Sequence> = self.running.iter_mut().map(|r| &mut r.seq).collect();
+        let steps = accept_step(
+            &mut seqs,
+            logits,
+            &self.model.tokenizer,
+            &self.model.eos_token_ids,
+            &top_n,
+        )
+        .map_err(gen_err)?;
+        Ok(steps.into_iter().map(|s| s.map_err(gen_err)).collect())
     }
-    let mut row: Vec<f32> = logits
-        .get(rows - 1)
-        .and_then(|t| t.to_vec1())
-        .map_err(|e| gen_err(e.into()))?;
-    r.seq
-        .accept_scores(&mut row, tok, eos, r.top_n)
-        .map_err(gen_err)
 }
 
 fn finish(r: &mut Running, reason: FinishReason, now: Instant, metrics: &Metrics) {

@@ -128,8 +128,7 @@ fn generate(a: BenchGenerateArgs) -> Result<()> {
                     logits: LogitsWanted::Last,
                 })
                 .collect();
-            let logits = model.forward(&mut items)?;
-            let mut next: Vec<u32> = logits.iter().map(argmax_row).collect::<Result<_>>()?;
+            let mut next = greedy_ids(&model.forward_step(&mut items)?)?;
             let t = Instant::now();
             for _ in 0..a.new_tokens {
                 let tokens: Vec<[u32; 1]> = next.iter().map(|&n| [n]).collect();
@@ -143,8 +142,7 @@ fn generate(a: BenchGenerateArgs) -> Result<()> {
                         logits: LogitsWanted::Last,
                     })
                     .collect();
-                let logits = model.forward(&mut items)?;
-                next = logits.iter().map(argmax_row).collect::<Result<_>>()?;
+                next = greedy_ids(&model.forward_step(&mut items)?)?;
             }
             if rep > 0 {
                 best = best.min(t.elapsed().as_secs_f64());
@@ -173,7 +171,7 @@ fn generate(a: BenchGenerateArgs) -> Result<()> {
     Ok(())
 }
 
-fn argmax_row(l: &candle_core::Tensor) -> Result<u32> {
-    let v: Vec<f32> = l.squeeze(0)?.to_vec1()?;
-    Ok(lorq_model::sampling::argmax(&v) as u32)
+/// Every sequence's greedy next token (on the logits' device).
+fn greedy_ids(logits: &lorq_model::StepLogits) -> Result<Vec<u32>> {
+    Ok(logits.greedy_each()?.into_iter().map(|s| s.id).collect())
 }

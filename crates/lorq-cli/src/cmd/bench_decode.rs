@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device};
 use clap::Args;
 use lorq_lora::LoraAdapter;
 use lorq_model::random_model::{random_adapters, shape_config};
@@ -19,6 +19,7 @@ use lorq_quant::method::QuantMethod;
 use serde_json::{json, Value};
 
 use super::bench_kernels::{command_line, utc_date};
+use super::greedy_ids;
 use crate::common::{parse_device, ComputeDtype};
 
 #[derive(Debug, Args)]
@@ -145,6 +146,12 @@ pub struct BenchDecodeArgs {
     /// (`wgmma_grouped` in the rows; `--compare-fp8-grouped`, its earlier name, still works).
     #[arg(long, alias = "compare-fp8-grouped")]
     pub compare_wgmma_grouped: bool,
+    /// Also time each case with every sequence's token picked on the host: its logits row
+    /// copied back alone (f32) and its argmax and log-softmax taken there, as `lorq serve` did
+    /// before session 38 and as a server that samples on the host does, instead of the whole
+    /// batch's greedy picks in one pass on the device (`device_picks` in the rows).
+    #[arg(long)]
+    pub compare_host_picks: bool,
     #[arg(long, default_value_t = 1234)]
     pub seed: u64,
     /// Timed repetitions of each case (prefill + decode again; the best decode is reported).
@@ -200,6 +207,9 @@ struct Switches {
     half2_two_rows: bool,
     folded_scales: bool,
     tiled_wide_groups_apart: bool,
+    /// Greedy tokens picked on the device for the whole batch (else per sequence on the host);
+    /// the bench's own, not a kernel switch.
+    device_picks: bool,
 }
 
 impl Switches {
@@ -219,6 +229,7 @@ impl Switches {
             a.compare_half2_rows,
             a.compare_folded_scales,
             a.compare_tiled_groups,
+            a.compare_host_picks,
         ];
         let mut settings = vec![Vec::with_capacity(asked.len())];
         for &compare in &asked {
@@ -248,6 +259,7 @@ impl Switches {
                 half2_two_rows: s[9],
                 folded_scales: s[10],
                 tiled_wide_groups_apart: s[11],
+                device_picks: s[12],
             })
             .collect()
     }
@@ -389,7 +401,12 @@ struct Timing {
     forward_host_s: f64,
 }
 
-fn run_case(case: &Case<'_>, a: &BenchDecodeArgs, dev: &Device) -> Result<Timing> {
+fn run_case(
+    case: &Case<'_>,
+    a: &BenchDecodeArgs,
+    dev: &Device,
+    device_picks: bool,
+) -> Result<Timing> {
     let model = case.model;
     let vocab = model.config.vocab_size as u64;
     if let Some(pool) = model.kv_pool() {
@@ -425,7 +442,7 @@ fn run_case(case: &Case<'_>, a: &BenchDecodeArgs, dev: &Device) -> Result<Timing
                 logits: LogitsWanted::Last,
             })
             .collect();
-        next.extend(greedy(&model.forward(&mut items)?)?);
+        next.extend(greedy_ids(&model.forward_step(&mut items)?)?);
     }
     sync(dev)?;
     let prefill_s = t.elapsed().as_secs_f64();
@@ -444,9 +461,13 @@ fn run_case(case: &Case<'_>, a: &BenchDecodeArgs, dev: &Device) -> Result<Timing
             })
             .collect();
         let t = Instant::now();
-        let logits = model.forward(&mut items)?;
+        let logits = model.forward_step(&mut items)?;
         *host += t.elapsed().as_secs_f64();
-        *next = greedy(&logits)?;
+        *next = if device_picks {
+            greedy_ids(&logits)?
+        } else {
+            host_picks(logits)?
+        };
         Ok(())
     };
     // Two untimed steps (kernel loading, first-use uploads).
@@ -467,18 +488,19 @@ fn run_case(case: &Case<'_>, a: &BenchDecodeArgs, dev: &Device) -> Result<Timing
     })
 }
 
-/// Argmax of every item's last logits row, on the device; only the ids come back.
-fn greedy(logits: &[Tensor]) -> Result<Vec<u32>> {
-    let rows: Vec<Tensor> = logits
+/// Greedy tokens the way a host-side sampler takes them: each sequence's f32 row copied back on
+/// its own, then its argmax and log-softmax (the sampler's greedy branch) on the host.
+fn host_picks(logits: lorq_model::StepLogits) -> Result<Vec<u32>> {
+    logits
+        .into_items()?
         .iter()
-        .map(|l| l.narrow(0, l.dim(0)? - 1, 1))
-        .collect::<candle_core::Result<_>>()?;
-    let all = Tensor::cat(&rows, 0)?;
-    #[cfg(feature = "cuda")]
-    if all.device().is_cuda() {
-        return Ok(lorq_quant::cuda::fused_ops::argmax_rows(&all)?.to_vec1::<u32>()?);
-    }
-    Ok(all.argmax(D::Minus1)?.to_vec1::<u32>()?)
+        .map(|l| {
+            let row: Vec<f32> = l.get(l.dim(0)? - 1)?.to_vec1()?;
+            let id = lorq_model::sampling::argmax(&row);
+            std::hint::black_box(lorq_model::sampling::log_softmax_at(&row, id));
+            Ok(id as u32)
+        })
+        .collect()
 }
 
 pub fn run(a: BenchDecodeArgs) -> Result<()> {
@@ -586,7 +608,7 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
                         let mut best: Option<Timing> = None;
                         let mut prefill_s = f64::INFINITY;
                         for _ in 0..a.repeats.max(1) {
-                            let t = run_case(&case, &a, &dev)
+                            let t = run_case(&case, &a, &dev, sw.device_picks)
                                 .with_context(|| format!("{format}, batch {batch}"))?;
                             prefill_s = prefill_s.min(t.prefill_s);
                             if best.as_ref().is_none_or(|b| t.decode_s < b.decode_s) {
@@ -639,6 +661,7 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
                             "half2_two_rows": sw.half2_two_rows,
                             "folded_scales": sw.folded_scales,
                             "tiled_wide_groups_apart": sw.tiled_wide_groups_apart,
+                            "device_picks": sw.device_picks,
                             "attention_4_head_blocks": attn4,
                             "attention_mma": mma && dev.is_cuda(),
                             "attention_partition_keys": part_keys,

@@ -623,54 +623,81 @@ pub fn gather_columns(x: &Tensor, cols: &Tensor) -> Result<Tensor, QuantError> {
     Ok(tensor_from_storage(s, (rows, kc)))
 }
 
-/// Index of the largest value of each row of `x` (`[rows, n]`, f32/bf16/f16) as `u32 [rows]` on
-/// the GPU: the first on ties, as torch.argmax and `lorq_model::sampling::argmax`; NaN never wins
-/// (a row of NaN gives 0). Greedy decoding without copying the logits to the host.
-pub fn argmax_rows(x: &Tensor) -> Result<Tensor, QuantError> {
-    let dev = cuda_device(x, "argmax input")?;
+/// One greedy pick: the index of a row's largest value and that value's log-softmax.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GreedyPick {
+    pub id: u32,
+    pub logprob: f32,
+}
+
+/// For each row `r` of `sel`, the greedy pick of row `r` of `x` (`[rows, n]`, f32/bf16/f16) on the
+/// GPU, brought back in one copy: the index of the largest value — the first on ties, as
+/// torch.argmax and `lorq_model::sampling::argmax`; NaN never wins (a row of NaN gives 0) — and
+/// the log-softmax there (f32 arithmetic on the stored values; NaN when the row holds one, as on
+/// the host). Greedy decoding without copying the logits to the host.
+pub fn greedy_rows(x: &Tensor, sel: &[u32]) -> Result<Vec<GreedyPick>, QuantError> {
+    let dev = cuda_device(x, "greedy input")?;
     let dtype = x.dtype();
-    let name = format!("argmax_rows_{}", dtype_name(dtype)?);
+    let name = format!("greedy_rows_{}", dtype_name(dtype)?);
     let (rows, n) = x.dims2()?;
-    if n == 0 || n > i32::MAX as usize {
+    if n == 0 || n > i32::MAX as usize / 2 {
         return Err(QuantError::Invalid(format!(
-            "argmax_rows: rows of {n} values (1 to {})",
-            i32::MAX
+            "greedy_rows: rows of {n} values (1 to {})",
+            i32::MAX / 2
         )));
     }
-    if rows == 0 {
-        return Ok(Tensor::zeros(0, DType::U32, x.device())?);
+    if let Some(&bad) = sel.iter().find(|&&r| r as usize >= rows) {
+        return Err(QuantError::Invalid(format!(
+            "greedy_rows: row {bad} selected from {rows} rows"
+        )));
     }
-    let x = x.contiguous()?;
+    if sel.is_empty() {
+        return Ok(vec![]);
+    }
+    // The kernel's 16-byte loads need aligned rows.
+    let x = super::aligned(x, 16)?;
+    let sel_t = Tensor::from_slice(sel, sel.len(), x.device())?;
     fn go<T: CudaDType + DeviceRepr>(
         dev: &CudaDevice,
         name: &str,
         x: &Tensor,
-        rows: usize,
-        n: usize,
-    ) -> Result<CudaStorage, QuantError> {
+        sel: &Tensor,
+        (rows, n): (usize, usize),
+    ) -> Result<Vec<u32>, QuantError> {
+        let k = sel.elem_count();
         let (xs, xl) = x.storage_and_layout();
-        let xv = device_view::<T>(&xs, xl, rows * n, "argmax_rows: x")?;
-        // SAFETY: the kernel writes every row's index.
-        let out = unsafe { dev.alloc::<u32>(rows)? };
+        let xv = device_view::<T>(&xs, xl, rows * n, "greedy_rows: x")?;
+        let (ss, sl) = sel.storage_and_layout();
+        let sv = device_view::<u32>(&ss, sl, k, "greedy_rows: selected rows")?;
+        // SAFETY: the kernel writes both words of every selected row.
+        let out = unsafe { dev.alloc::<u32>(2 * k)? };
         let f = function(dev, "fused_ops", FATBIN, name)?;
         let stream = dev.cuda_stream();
         let mut b = stream.launch_builder(&f);
         let ni = n as i32;
-        b.arg(&xv).arg(&out).arg(&ni);
+        b.arg(&xv).arg(&sv).arg(&out).arg(&ni);
         let cfg = LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
+            grid_dim: (k as u32, 1, 1),
             block_dim: (1024, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: the arguments match `argmax_rows_*`: x holds rows * n values, out rows.
+        // SAFETY: the arguments match `greedy_rows_*`: x holds rows * n values, every selected
+        // row is below rows (checked above), out 2 words per selected row.
         unsafe { b.launch(cfg) }.w()?;
         drop(b);
-        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+        Ok(stream.memcpy_dtov(&out).w()?)
     }
-    let s = match dtype {
-        DType::BF16 => go::<half::bf16>(dev, &name, &x, rows, n)?,
-        DType::F16 => go::<half::f16>(dev, &name, &x, rows, n)?,
-        _ => go::<f32>(dev, &name, &x, rows, n)?,
+    let shape = (rows, n);
+    let words = match dtype {
+        DType::BF16 => go::<half::bf16>(dev, &name, &x, &sel_t, shape)?,
+        DType::F16 => go::<half::f16>(dev, &name, &x, &sel_t, shape)?,
+        _ => go::<f32>(dev, &name, &x, &sel_t, shape)?,
     };
-    Ok(tensor_from_storage(s, rows))
+    Ok(words
+        .chunks_exact(2)
+        .map(|w| GreedyPick {
+            id: w[0],
+            logprob: f32::from_bits(w[1]),
+        })
+        .collect())
 }
