@@ -6,6 +6,7 @@
 //! synchronous 513 KB transfers a step).
 
 use candle_core::{DType, Tensor};
+use rayon::prelude::*;
 
 use crate::error::{ModelError, Result};
 use crate::sampling::{argmax, log_softmax_at, Sampled};
@@ -96,16 +97,17 @@ impl StepLogits {
                 })
                 .collect());
         }
-        self.host_rows(&rows)?
-            .iter()
+        Ok(self
+            .host_rows(&rows)?
+            .par_iter()
             .map(|row| {
                 let id = argmax(row);
-                Ok(Sampled {
+                Sampled {
                     id: id as u32,
                     logprob: log_softmax_at(row, id),
-                })
+                }
             })
-            .collect()
+            .collect())
     }
 
     /// [`StepLogits::greedy_last`] of every item.
