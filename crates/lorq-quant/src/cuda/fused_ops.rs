@@ -685,7 +685,7 @@ pub fn greedy_rows(x: &Tensor, sel: &[u32]) -> Result<Vec<GreedyPick>, QuantErro
         // row is below rows (checked above), out 2 words per selected row.
         unsafe { b.launch(cfg) }.w()?;
         drop(b);
-        Ok(stream.memcpy_dtov(&out).w()?)
+        Ok(stream.clone_dtoh(&out).w()?)
     }
     let shape = (rows, n);
     let words = match dtype {
