@@ -99,7 +99,7 @@ fn ppl(a: EvalPplArgs) -> Result<()> {
             "model": a.model.base.model,
             "quantize": a.model.base.quantize,
             "adapter": a.model.adapter,
-            "dtype": format!("{:?}", a.model.base.dtype).to_lowercase(),
+            "dtype": format!("{:?}", a.model.base.compute_dtype()).to_lowercase(),
             "data": a.data,
             "ctx": a.ctx,
             "stride": a.stride,

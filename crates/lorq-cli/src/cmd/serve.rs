@@ -128,7 +128,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         hostname: a.hostname.clone(),
         port: a.port,
         model_id,
-        model_dtype: format!("{:?}", a.model.dtype).to_lowercase(),
+        model_dtype: format!("{:?}", a.model.compute_dtype()).to_lowercase(),
         quantize: (a.model.quantize != "auto" && a.model.quantize != "none")
             .then(|| a.model.quantize.clone()),
         adapter_dirs: a.adapter_dirs.clone(),
