@@ -8,7 +8,7 @@ use serde::Serialize;
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
 use crate::llama::{BatchItem, LlamaModel, LogitsWanted};
-use crate::sampling::{Sampled, Sampler, SamplingParams};
+use crate::sampling::{DeviceDraw, Sampled, Sampler, SamplingParams};
 use crate::step_logits::StepLogits;
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
@@ -125,7 +125,14 @@ impl Sequence {
             && p.repetition_penalty.is_none_or(|r| r == 1.0)
     }
 
-    /// Records a token picked by [`StepLogits::greedy_last`] (see [`Sequence::picks_argmax`]).
+    /// Whether the GPU can draw the next token (see [`Sampler::samples_on_device`]; no
+    /// constraint, no alternatives to report).
+    fn samples_on_device(&self, top_n: usize) -> bool {
+        top_n == 0 && self.constraint.is_none() && self.sampler.samples_on_device()
+    }
+
+    /// Records a token picked on the device ([`StepLogits::greedy_last`] or
+    /// [`StepLogits::sample_last`]).
     fn accept_picked(&mut self, s: Sampled, tok: &Tokenizer, eos: &[u32]) -> Result<StepToken> {
         let piece = self.record(s, tok, eos)?;
         Ok(StepToken {
@@ -214,19 +221,33 @@ pub fn accept_step(
             top_n.len()
         )));
     }
-    let argmax: Vec<bool> = (0..seqs.len())
-        .map(|i| seqs[i].picks_argmax(top_n[i]))
-        .collect();
-    let (greedy, sampled): (Vec<usize>, Vec<usize>) = (0..seqs.len()).partition(|&i| argmax[i]);
-    let mut picks = logits.greedy_last(&greedy)?.into_iter();
-    let mut rows = logits.last_rows_host(&sampled)?.into_iter();
-    let next = argmax
-        .iter()
-        .map(|&a| {
-            if a {
-                picks.next().map(Next::Picked)
+    let how: Vec<How> = (0..seqs.len())
+        .map(|i| {
+            if seqs[i].picks_argmax(top_n[i]) {
+                How::Argmax
+            } else if logits.on_gpu() && seqs[i].samples_on_device(top_n[i]) {
+                How::Device
             } else {
-                rows.next().map(Next::Row)
+                How::Host
+            }
+        })
+        .collect();
+    let which = |h: How| -> Vec<usize> { (0..seqs.len()).filter(|&i| how[i] == h).collect() };
+    let (greedy, device, host) = (which(How::Argmax), which(How::Device), which(How::Host));
+    let draws: Vec<DeviceDraw> = device
+        .iter()
+        .map(|&i| seqs[i].sampler.device_draw())
+        .collect();
+    let mut picks = logits.greedy_last(&greedy)?.into_iter();
+    let mut drawn = logits.sample_last(&device, &draws)?.into_iter();
+    let mut rows = logits.last_rows_host(&host)?.into_iter();
+    let next = how
+        .iter()
+        .map(|h| {
+            match h {
+                How::Argmax => picks.next().map(Next::Picked),
+                How::Device => drawn.next().map(Next::Picked),
+                How::Host => rows.next().map(Next::Row),
             }
             .ok_or_else(|| ModelError::Request("accept_step: a sequence got no logits".into()))
         })
@@ -243,9 +264,20 @@ pub fn accept_step(
         .collect())
 }
 
+/// Where [`accept_step`] picks a sequence's token.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum How {
+    /// The argmax, with the batch's on the logits' device.
+    Argmax,
+    /// Drawn on the GPU with the batch's (temperature, top-k, top-p).
+    Device,
+    /// From its row on the host (other processors, constraints, alternatives; the CPU).
+    Host,
+}
+
 /// A sequence's share of a step's logits in [`accept_step`].
 enum Next {
-    /// Its greedy token, picked with the batch's.
+    /// Its token, picked with the batch's on the device.
     Picked(Sampled),
     /// Its last row on the host, to sample from.
     Row(Vec<f32>),

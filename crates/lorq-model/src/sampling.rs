@@ -63,6 +63,16 @@ pub struct Sampled {
     pub logprob: f32,
 }
 
+/// One sampled draw as the GPU makes it: temperature (1: none), top-k, top-p (1: none) and the
+/// uniform number in [0, 1) the draw inverts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DeviceDraw {
+    pub temperature: f32,
+    pub top_k: Option<usize>,
+    pub top_p: f32,
+    pub u: f32,
+}
+
 /// Applies the logits processors (repetition penalty, then temperature, top-k, top-p, typical-p,
 /// in transformers' order) and picks a token; seeded and reproducible.
 pub struct Sampler {
@@ -89,8 +99,43 @@ impl Sampler {
         &self.params
     }
 
+    /// Whether the GPU can draw this sampler's tokens ([`Sampler::device_draw`]): sampled (not
+    /// greedy) with only temperature, top-k and top-p.
+    pub fn samples_on_device(&self) -> bool {
+        let p = &self.params;
+        !p.is_greedy()
+            && p.repetition_penalty.is_none_or(|r| r == 1.0)
+            && p.typical_p.is_none_or(|t| t >= 1.0)
+    }
+
+    /// The next draw for the GPU (see [`Sampler::samples_on_device`]): the processors' settings
+    /// and the uniform number [`Sampler::sample`] would have drawn, from the same generator, so
+    /// a seed gives the same stream of draws on either side.
+    pub fn device_draw(&mut self) -> DeviceDraw {
+        DeviceDraw {
+            temperature: self.params.temperature.filter(|&t| t != 1.0).unwrap_or(1.0),
+            top_k: self.params.top_k,
+            top_p: self.params.top_p.filter(|&p| p < 1.0).unwrap_or(1.0),
+            u: self.rng.random(),
+        }
+    }
+
     /// `context`: every token so far (prompt and generated), for the repetition penalty.
     pub fn sample(&mut self, logits: &[f32], context: &[u32]) -> Sampled {
+        if self.params.is_greedy() {
+            let scores = self.penalized(logits, context);
+            let id = argmax(&scores);
+            return Sampled {
+                id: id as u32,
+                logprob: log_softmax_at(&scores, id),
+            };
+        }
+        let probs = self.probabilities(logits, context);
+        invert(&probs, self.rng.random())
+    }
+
+    /// The logits after the repetition penalty.
+    fn penalized(&self, logits: &[f32], context: &[u32]) -> Vec<f32> {
         let mut scores = logits.to_vec();
         if let Some(p) = self.params.repetition_penalty.filter(|&p| p != 1.0) {
             let mut seen = vec![false; scores.len()];
@@ -103,13 +148,13 @@ impl Sampler {
                 }
             }
         }
-        if self.params.is_greedy() {
-            let id = argmax(&scores);
-            return Sampled {
-                id: id as u32,
-                logprob: log_softmax_at(&scores, id),
-            };
-        }
+        scores
+    }
+
+    /// The distribution a sampled token is drawn from: the softmax of the logits after the
+    /// repetition penalty, temperature, top-k, top-p and typical-p.
+    pub fn probabilities(&self, logits: &[f32], context: &[u32]) -> Vec<f32> {
+        let mut scores = self.penalized(logits, context);
         if let Some(t) = self.params.temperature.filter(|&t| t != 1.0) {
             scores.iter_mut().for_each(|s| *s /= t);
         }
@@ -122,21 +167,26 @@ impl Sampler {
         if let Some(p) = self.params.typical_p.filter(|&p| p < 1.0) {
             typical_p(&mut scores, p);
         }
-        let probs = softmax(&scores);
-        let u: f32 = self.rng.random();
-        let mut acc = 0.0;
-        let mut id = argmax(&scores);
-        for (i, &p) in probs.iter().enumerate() {
-            acc += p;
-            if u < acc && p > 0.0 {
-                id = i;
-                break;
-            }
+        softmax(&scores)
+    }
+}
+
+/// The token a uniform draw `u` in [0, 1) picks from `probs`: the first, in index order, whose
+/// cumulative probability exceeds `u` (the most likely if rounding leaves `u` past the end), with
+/// its log-probability.
+pub fn invert(probs: &[f32], u: f32) -> Sampled {
+    let mut acc = 0.0;
+    let mut id = argmax(probs);
+    for (i, &p) in probs.iter().enumerate() {
+        acc += p;
+        if u < acc && p > 0.0 {
+            id = i;
+            break;
         }
-        Sampled {
-            id: id as u32,
-            logprob: probs[id].ln(),
-        }
+    }
+    Sampled {
+        id: id as u32,
+        logprob: probs[id].ln(),
     }
 }
 

@@ -9,7 +9,7 @@ use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
 use crate::error::{ModelError, Result};
-use crate::sampling::{argmax, log_softmax_at, Sampled};
+use crate::sampling::{argmax, log_softmax_at, DeviceDraw, Sampled};
 
 pub struct StepLogits {
     /// `[rows, vocab]`, the LM head's output dtype.
@@ -88,8 +88,8 @@ impl StepLogits {
     pub fn greedy_last(&self, items: &[usize]) -> Result<Vec<Sampled>> {
         let rows = self.last_rows(items)?;
         #[cfg(feature = "cuda")]
-        if self.all.device().is_cuda() {
-            return Ok(lorq_quant::cuda::fused_ops::greedy_rows(&self.all, &rows)?
+        if self.on_gpu() {
+            return Ok(lorq_quant::cuda::sampling::greedy_rows(&self.all, &rows)?
                 .into_iter()
                 .map(|p| Sampled {
                     id: p.id,
@@ -108,6 +108,53 @@ impl StepLogits {
                 }
             })
             .collect())
+    }
+
+    /// Whether the logits are on a GPU, where [`StepLogits::sample_last`] draws tokens.
+    pub fn on_gpu(&self) -> bool {
+        self.all.device().is_cuda()
+    }
+
+    /// A token drawn from the last row of each of `items` on the GPU, with `draws[i]` (the host
+    /// sampler's processors and uniform number, [`crate::Sampler::device_draw`]): one launch and one
+    /// copy of two words per item. Only on a GPU ([`StepLogits::on_gpu`]).
+    pub fn sample_last(&self, items: &[usize], draws: &[DeviceDraw]) -> Result<Vec<Sampled>> {
+        let rows = self.last_rows(items)?;
+        if rows.is_empty() {
+            return Ok(vec![]);
+        }
+        if draws.len() != rows.len() {
+            return Err(ModelError::Request(format!(
+                "sample_last: {} items, {} draws",
+                rows.len(),
+                draws.len()
+            )));
+        }
+        #[cfg(feature = "cuda")]
+        if self.on_gpu() {
+            use lorq_quant::cuda::sampling::{sample_rows, RowSampling};
+            let args: Vec<RowSampling> = rows
+                .iter()
+                .zip(draws)
+                .map(|(&row, d)| RowSampling {
+                    row,
+                    temperature: d.temperature,
+                    top_k: d.top_k.map(|k| k.min(u32::MAX as usize) as u32),
+                    top_p: d.top_p,
+                    u: d.u,
+                })
+                .collect();
+            return Ok(sample_rows(&self.all, &args)?
+                .into_iter()
+                .map(|p| Sampled {
+                    id: p.id,
+                    logprob: p.logprob,
+                })
+                .collect());
+        }
+        Err(ModelError::Request(
+            "sample_last draws on a GPU; the CPU's logits are sampled by the host sampler".into(),
+        ))
     }
 
     /// [`StepLogits::greedy_last`] of every item.

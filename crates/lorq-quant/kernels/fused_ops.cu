@@ -11,13 +11,6 @@
 //   n % 8 == 0, n <= 8 * blockDim * ARN_CHUNKS) also writes y's e4m3 codes and per-token scale,
 //   the down projection's own quantization (fp8_act.cu quant_rows, mode 0) of y as stored, bit for
 //   bit, so that an FP8 down_proj skips that launch.
-// - greedy_rows_*: for each selected row r = sel[b], out[2b] = the index of its largest value (the
-//   first on ties, as torch.argmax; NaN never wins) and out[2b + 1] = the bits of that value's
-//   log-softmax (f32), in one pass: each thread keeps its best value and the sum of exp(v - best),
-//   rescaled when the best changes, so the log-softmax at the argmax is -log(sum). Greedy decoding
-//   over a 128k vocabulary without copying the logits to the host (candle's argmax alone took
-//   ~95 us per row on an H100; the host's 513 KB copy per sequence and step was a sync each).
-//   One block of 1024 threads per selected row, 16-byte loads, 4 in flight per thread.
 // - embed_rows_*: out[r] = table[ids[r]] (the embedding lookup reading its ids on the GPU; an id
 //   past the vocabulary gives a zero row, never a read outside the table). One block per row.
 // - gather_columns_*: out[r][i] = x[r][cols[i]] (act-order weights: x into the packed column order,
@@ -81,108 +74,6 @@ __device__ __forceinline__ void silu_mul_fp8(const T* __restrict__ gate, const T
     write_row_codes(v, amax, chunks, q + row, scales + blockIdx.x, s_part);
 }
 
-constexpr int AM_THREADS = 1024;
-
-// (v, i) beats (bv, bi): larger, or equal with a smaller index; NaN never beats anything.
-__device__ __forceinline__ bool am_better(float v, int i, float bv, int bi) {
-    return v > bv || (v == bv && i < bi);
-}
-
-// A row slice's greedy state: the best (value, index) so far and the sum of exp(v - best value).
-struct GreedyAcc {
-    float v;
-    int i;
-    float s;
-};
-
-// s * exp(from - to): a sum taken against the best value `from`, moved to the best value `to`.
-__device__ __forceinline__ float ga_rescale(float s, float from, float to) {
-    return s == 0.f ? 0.f : (from == to ? s : s * expf(from - to));
-}
-
-__device__ __forceinline__ void ga_push(GreedyAcc& a, float v, int i) {
-    if (am_better(v, i, a.v, a.i)) {
-        a.s = ga_rescale(a.s, a.v, v) + 1.f;
-        a.v = v;
-        a.i = i;
-    } else if (v != -INFINITY) {
-        a.s += expf(v - a.v);  // NaN makes the sum NaN, as a host log-softmax over the row
-    }
-}
-
-__device__ __forceinline__ GreedyAcc ga_merge(const GreedyAcc& a, const GreedyAcc& b) {
-    const bool b_wins = am_better(b.v, b.i, a.v, a.i);
-    const GreedyAcc& hi = b_wins ? b : a;
-    const GreedyAcc& lo = b_wins ? a : b;
-    return {hi.v, hi.i, hi.s + ga_rescale(lo.s, lo.v, hi.v)};
-}
-
-__device__ __forceinline__ GreedyAcc ga_warp_merge(GreedyAcc a) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        const GreedyAcc b = {__shfl_xor_sync(0xffffffffu, a.v, o), __shfl_xor_sync(0xffffffffu, a.i, o),
-                             __shfl_xor_sync(0xffffffffu, a.s, o)};
-        a = ga_merge(a, b);
-    }
-    return a;
-}
-
-template <typename T>
-__device__ __forceinline__ void greedy_rows(const T* __restrict__ x, const unsigned* __restrict__ sel,
-                                            unsigned* __restrict__ out, int n) {
-    __shared__ GreedyAcc s_acc[AM_THREADS / 32];
-    const T* row = x + (size_t)sel[blockIdx.x] * n;
-    GreedyAcc a = {-INFINITY, n, 0.f};  // index n: no candidate yet
-    if ((n & 7) == 0) {
-        // Rows start 16-byte aligned (n % 8 == 0 on an aligned allocation): 8 values per load.
-        constexpr int INFLIGHT = 4;
-        const int chunks = n >> 3;
-        for (int c0 = threadIdx.x; c0 < chunks; c0 += INFLIGHT * AM_THREADS) {
-            Pack8<T> p[INFLIGHT] = {};
-#pragma unroll
-            for (int u = 0; u < INFLIGHT; u++) {
-                const int c = c0 + u * AM_THREADS;
-                if (c < chunks) p[u] = ld_pack8<T>(row + 8 * c);
-            }
-#pragma unroll
-            for (int u = 0; u < INFLIGHT; u++) {
-                const int c = c0 + u * AM_THREADS;
-                if (c < chunks) {
-                    float f[8];
-                    unpack8<T>(p[u], f);
-#pragma unroll
-                    for (int e = 0; e < 8; e++) ga_push(a, f[e], 8 * c + e);
-                }
-            }
-        }
-    } else {
-        for (int i0 = threadIdx.x; i0 < n; i0 += 8 * AM_THREADS) {
-            float v[8];
-#pragma unroll
-            for (int u = 0; u < 8; u++) {
-                const int i = i0 + u * AM_THREADS;
-                v[u] = i < n ? to_f(row[i]) : -INFINITY;
-            }
-#pragma unroll
-            for (int u = 0; u < 8; u++) {
-                const int i = i0 + u * AM_THREADS;
-                if (i < n) ga_push(a, v[u], i);
-            }
-        }
-    }
-    a = ga_warp_merge(a);
-    if ((threadIdx.x & 31) == 0) s_acc[threadIdx.x >> 5] = a;
-    __syncthreads();
-    if (threadIdx.x < 32) {
-        a = ga_warp_merge(s_acc[threadIdx.x]);
-        if (threadIdx.x == 0) {
-            // All NaN (or no values): index 0, as a scan that never finds a larger value.
-            out[2 * blockIdx.x] = a.i < n ? (unsigned)a.i : 0u;
-            out[2 * blockIdx.x + 1] = __float_as_uint(-logf(a.s));
-        }
-    }
-}
-
 template <typename T>
 __device__ __forceinline__ void embed_rows(const T* __restrict__ table,
                                            const unsigned* __restrict__ ids, T* __restrict__ out,
@@ -225,10 +116,6 @@ __device__ __forceinline__ void gather_columns(const T* __restrict__ x, const un
     extern "C" __global__ void __launch_bounds__(1024)                                            \
         silu_mul_fp8_##TN(const T* gate, const T* up, T* y, uint8_t* q, float* scales, int n) {   \
         silu_mul_fp8<T>(gate, up, y, q, scales, n);                                               \
-    }                                                                                             \
-    extern "C" __global__ void __launch_bounds__(AM_THREADS)                                      \
-        greedy_rows_##TN(const T* x, const unsigned* sel, unsigned* out, int n) {                 \
-        greedy_rows<T>(x, sel, out, n);                                                           \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(THREADS)                                         \
         embed_rows_##TN(const T* table, const unsigned* ids, T* out, int hidden, unsigned vocab) { \

@@ -17,6 +17,7 @@ pub mod qgemv;
 pub mod qmma_tiled;
 pub mod quantize;
 pub mod qwgmma;
+pub mod sampling;
 pub mod sgmv;
 pub mod side_stream;
 

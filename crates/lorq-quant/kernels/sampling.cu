@@ -1,0 +1,352 @@
+// Picking the next token from a step's logits on the GPU, so that only token ids and their
+// log-probabilities come back to the host (crates/lorq-model StepLogits; the host sampler,
+// crates/lorq-model/src/sampling.rs, is the reference; tests in crates/lorq-model/tests/cuda_decode.rs).
+// One block of 1024 threads per selected row.
+// - greedy_rows_*: for each selected row r = sel[b], out[2b] = the index of its largest value (the
+//   first on ties, as torch.argmax; NaN never wins) and out[2b + 1] = the bits of that value's
+//   log-softmax (f32), in one pass: each thread keeps its best value and the sum of exp(v - best),
+//   rescaled when the best changes, so the log-softmax at the argmax is -log(sum). 16-byte loads,
+//   4 in flight per thread. (The host's 513 KB copy of a 128k-vocabulary row per sequence and step
+//   was a synchronous transfer each, 1-5 ms per sequence with the host's log-softmax.)
+// - sample_rows_*: the host sampler's temperature, top-k and top-p, then its draw: row args[b].row
+//   scaled by 1/temperature (IEEE division, as the host divides), top-k keeps every score >= the
+//   k-th largest (ties kept), top-p the smallest prefix of the rest ranked by score (ties by index)
+//   whose probability reaches p, and the token is the first, in index order, whose cumulative
+//   probability exceeds the uniform number u the host drew from the sequence's seeded generator.
+//   Probabilities are exp(s - max) as 32.32 fixed-point integers, summed exactly (no order
+//   dependence: a seed gives the same token every run); a token below 2^-33 of the top one weighs 0.
+//   The thresholds are binary searches over the scores' ordered bit patterns (one block-wide count
+//   or sum per step, up to 32 each), the draw a block-wide prefix sum in index order. The host's
+//   f32 sums can put a boundary elsewhere by a rounding: the same token, unless u or p lies within
+//   ~1e-6 of a cumulative probability.
+#include "common.cuh"
+
+constexpr int PICK_THREADS = 1024;
+constexpr int PICK_WARPS = PICK_THREADS / 32;
+
+// (v, i) beats (bv, bi): larger, or equal with a smaller index; NaN never beats anything.
+__device__ __forceinline__ bool am_better(float v, int i, float bv, int bi) {
+    return v > bv || (v == bv && i < bi);
+}
+
+// A row slice's greedy state: the best (value, index) so far and the sum of exp(v - best value).
+struct GreedyAcc {
+    float v;
+    int i;
+    float s;
+};
+
+// s * exp(from - to): a sum taken against the best value `from`, moved to the best value `to`.
+__device__ __forceinline__ float ga_rescale(float s, float from, float to) {
+    return s == 0.f ? 0.f : (from == to ? s : s * expf(from - to));
+}
+
+__device__ __forceinline__ void ga_push(GreedyAcc& a, float v, int i) {
+    if (am_better(v, i, a.v, a.i)) {
+        a.s = ga_rescale(a.s, a.v, v) + 1.f;
+        a.v = v;
+        a.i = i;
+    } else if (v != -INFINITY) {
+        a.s += expf(v - a.v);  // NaN makes the sum NaN, as a host log-softmax over the row
+    }
+}
+
+__device__ __forceinline__ GreedyAcc ga_merge(const GreedyAcc& a, const GreedyAcc& b) {
+    const bool b_wins = am_better(b.v, b.i, a.v, a.i);
+    const GreedyAcc& hi = b_wins ? b : a;
+    const GreedyAcc& lo = b_wins ? a : b;
+    return {hi.v, hi.i, hi.s + ga_rescale(lo.s, lo.v, hi.v)};
+}
+
+__device__ __forceinline__ GreedyAcc ga_warp_merge(GreedyAcc a) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const GreedyAcc b = {__shfl_xor_sync(0xffffffffu, a.v, o), __shfl_xor_sync(0xffffffffu, a.i, o),
+                             __shfl_xor_sync(0xffffffffu, a.s, o)};
+        a = ga_merge(a, b);
+    }
+    return a;
+}
+
+template <typename T>
+__device__ __forceinline__ void greedy_rows(const T* __restrict__ x, const unsigned* __restrict__ sel,
+                                            unsigned* __restrict__ out, int n) {
+    __shared__ GreedyAcc s_acc[PICK_THREADS / 32];
+    const T* row = x + (size_t)sel[blockIdx.x] * n;
+    GreedyAcc a = {-INFINITY, n, 0.f};  // index n: no candidate yet
+    if ((n & 7) == 0) {
+        // Rows start 16-byte aligned (n % 8 == 0 on an aligned allocation): 8 values per load.
+        constexpr int INFLIGHT = 4;
+        const int chunks = n >> 3;
+        for (int c0 = threadIdx.x; c0 < chunks; c0 += INFLIGHT * PICK_THREADS) {
+            Pack8<T> p[INFLIGHT] = {};
+#pragma unroll
+            for (int u = 0; u < INFLIGHT; u++) {
+                const int c = c0 + u * PICK_THREADS;
+                if (c < chunks) p[u] = ld_pack8<T>(row + 8 * c);
+            }
+#pragma unroll
+            for (int u = 0; u < INFLIGHT; u++) {
+                const int c = c0 + u * PICK_THREADS;
+                if (c < chunks) {
+                    float f[8];
+                    unpack8<T>(p[u], f);
+#pragma unroll
+                    for (int e = 0; e < 8; e++) ga_push(a, f[e], 8 * c + e);
+                }
+            }
+        }
+    } else {
+        for (int i0 = threadIdx.x; i0 < n; i0 += 8 * PICK_THREADS) {
+            float v[8];
+#pragma unroll
+            for (int u = 0; u < 8; u++) {
+                const int i = i0 + u * PICK_THREADS;
+                v[u] = i < n ? to_f(row[i]) : -INFINITY;
+            }
+#pragma unroll
+            for (int u = 0; u < 8; u++) {
+                const int i = i0 + u * PICK_THREADS;
+                if (i < n) ga_push(a, v[u], i);
+            }
+        }
+    }
+    a = ga_warp_merge(a);
+    if ((threadIdx.x & 31) == 0) s_acc[threadIdx.x >> 5] = a;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        a = ga_warp_merge(s_acc[threadIdx.x]);
+        if (threadIdx.x == 0) {
+            // All NaN (or no values): index 0, as a scan that never finds a larger value.
+            out[2 * blockIdx.x] = a.i < n ? (unsigned)a.i : 0u;
+            out[2 * blockIdx.x + 1] = __float_as_uint(-logf(a.s));
+        }
+    }
+}
+
+
+// Ordered key of a float: a larger float has a larger key; NaN gets 0 (never kept, weighs 0).
+__device__ __forceinline__ unsigned order_key(float f) {
+    if (f != f) return 0u;
+    const unsigned b = __float_as_uint(f);
+    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+// The block-wide sum (SUM) or max of v, in every thread. scratch: PICK_WARPS values.
+template <bool SUM, typename V>
+__device__ __forceinline__ V block_reduce(V v, V* scratch) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const V w = __shfl_xor_sync(0xffffffffu, v, o);
+        v = SUM ? v + w : (w > v ? w : v);
+    }
+    if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = v;
+    __syncthreads();
+    V r = scratch[0];
+#pragma unroll 8
+    for (int i = 1; i < PICK_WARPS; i++) r = SUM ? r + scratch[i] : (scratch[i] > r ? scratch[i] : r);
+    __syncthreads();  // scratch is reused by the next call
+    return r;
+}
+
+// The sum of v over the threads before this one (in thread order). scratch: PICK_WARPS values.
+template <typename V>
+__device__ __forceinline__ V block_exclusive_scan(V v, V* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    V inc = v;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const V w = __shfl_up_sync(0xffffffffu, inc, o);
+        if (lane >= o) inc += w;
+    }
+    if (lane == 31) scratch[warp] = inc;
+    __syncthreads();
+    V before = 0;
+    for (int i = 0; i < warp; i++) before += scratch[i];
+    __syncthreads();
+    return before + inc - v;
+}
+
+struct SampleArgs {
+    unsigned row;
+    unsigned top_k;     // 0: no top-k
+    float temperature;  // 1: none
+    float top_p;        // >= 1: no top-p
+    float u;            // in [0, 1)
+};
+
+constexpr float TWO_POW_32 = 4294967296.f;
+constexpr float LN_TWO_POW_32 = 22.18070977791825f;
+
+template <typename T>
+struct SampleRow {
+    const T* x;
+    int n;
+    float temperature;  // scores are x / temperature where `scaled`
+    bool scaled;
+    float m;          // the largest score
+
+    __device__ __forceinline__ float score(int i) const {
+        const float v = to_f(x[i]);
+        return scaled ? __fdiv_rn(v, temperature) : v;
+    }
+    // 32.32 fixed-point exp(s - m); 0 for NaN.
+    __device__ __forceinline__ unsigned long long weight(float s) const {
+        if (s != s) return 0ull;
+        return __float2ull_rn(expf(s - m) * TWO_POW_32);
+    }
+};
+
+// count (WEIGHTED = false) or total weight of the row's scores whose key is >= lo (and >= floor).
+template <bool WEIGHTED, typename T>
+__device__ __forceinline__ unsigned long long mass_at_least(const SampleRow<T>& r, unsigned lo,
+                                                             unsigned floor_key,
+                                                             unsigned long long* scratch) {
+    unsigned long long acc = 0;
+    for (int i = threadIdx.x; i < r.n; i += PICK_THREADS) {
+        const float s = r.score(i);
+        const unsigned k = order_key(s);
+        if (k >= lo && k >= floor_key) acc += WEIGHTED ? r.weight(s) : 1ull;
+    }
+    return block_reduce<true>(acc, scratch);
+}
+
+// The largest key tau in [lo, hi] with mass_at_least(tau) >= target (lo must satisfy it).
+template <bool WEIGHTED, typename T>
+__device__ __forceinline__ unsigned search_key(const SampleRow<T>& r, unsigned lo, unsigned hi,
+                                               unsigned floor_key, unsigned long long target,
+                                               unsigned long long* scratch) {
+    while (lo < hi) {
+        const unsigned mid = lo + (unsigned)(((unsigned long long)hi - lo + 1) >> 1);
+        if (mass_at_least<WEIGHTED>(r, mid, floor_key, scratch) >= target)
+            lo = mid;
+        else
+            hi = mid - 1;
+    }
+    return lo;
+}
+
+template <typename T>
+__device__ __forceinline__ void sample_rows(const T* __restrict__ x, const SampleArgs* __restrict__ args,
+                                            unsigned* __restrict__ out, int n) {
+    __shared__ unsigned long long s_u64[PICK_WARPS];
+    __shared__ GreedyAcc s_acc[PICK_WARPS];
+    __shared__ unsigned s_pick;
+    const SampleArgs a = args[blockIdx.x];
+    SampleRow<T> r = {x + (size_t)a.row * n, n, a.temperature, a.temperature != 1.f, 0.f};
+    // The largest score and its index (the fallback if rounding leaves the draw unplaced).
+    GreedyAcc best = {-INFINITY, n, 0.f};
+    for (int i = threadIdx.x; i < n; i += PICK_THREADS) {
+        const float s = r.score(i);
+        if (am_better(s, i, best.v, best.i)) {
+            best.v = s;
+            best.i = i;
+        }
+    }
+    best = ga_warp_merge(best);
+    if ((threadIdx.x & 31) == 0) s_acc[threadIdx.x >> 5] = best;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        best = ga_warp_merge(s_acc[threadIdx.x]);
+        if (threadIdx.x == 0) {
+            s_acc[0] = best;
+            s_pick = (unsigned)n;
+        }
+    }
+    __syncthreads();
+    best = s_acc[0];
+    __syncthreads();
+    if (best.i >= n) {  // every score NaN: token 0, as the host's argmax
+        if (threadIdx.x == 0) {
+            out[2 * blockIdx.x] = 0u;
+            out[2 * blockIdx.x + 1] = __float_as_uint(NAN);
+        }
+        return;
+    }
+    r.m = best.v;
+    const unsigned top = order_key(best.v);
+    // Top-k: every score >= the k-th largest.
+    unsigned floor_key = 1u;  // NaN (key 0) is never kept
+    if (a.top_k > 0 && a.top_k < (unsigned)n)
+        floor_key = search_key<false>(r, 1u, top, 1u, a.top_k, s_u64);
+    const unsigned long long total = mass_at_least<true>(r, floor_key, floor_key, s_u64);
+    // Top-p: the smallest ranked prefix whose mass reaches p of the total; the scores at the
+    // boundary key (equal weights) enter in index order, `ties` of them.
+    bool cut = false;
+    unsigned tau = floor_key;
+    unsigned long long above = 0, tie_w = 0, ties = 0, kept = total;
+    if (a.top_p < 1.f && total > 0) {
+        unsigned long long target = (unsigned long long)ceil((double)a.top_p * (double)total);
+        target = target < 1 ? 1 : (target > total ? total : target);
+        tau = search_key<true>(r, floor_key, top, floor_key, target, s_u64);
+        above = tau < top ? mass_at_least<true>(r, tau + 1, floor_key, s_u64) : 0ull;
+        // One boundary score's weight (they are equal) and how many there are.
+        unsigned long long w = 0, cnt = 0;
+        for (int i = threadIdx.x; i < n; i += PICK_THREADS) {
+            const float s = r.score(i);
+            if (order_key(s) == tau) {
+                w = r.weight(s);
+                cnt++;
+            }
+        }
+        tie_w = block_reduce<false>(w, s_u64);
+        const unsigned long long tie_count = block_reduce<true>(cnt, s_u64);
+        ties = tie_w > 0 ? (target - above + tie_w - 1) / tie_w : tie_count;
+        ties = ties > tie_count ? tie_count : ties;
+        kept = above + ties * tie_w;
+        cut = true;
+    }
+    // The draw: the first token, in index order, whose cumulative kept weight exceeds u * kept.
+    // Each thread takes a contiguous chunk of the row.
+    const int chunk = (n + PICK_THREADS - 1) / PICK_THREADS;
+    const int c0 = min(n, (int)threadIdx.x * chunk), c1 = min(n, c0 + chunk);
+    unsigned long long tie_base = 0;
+    if (cut) {
+        unsigned long long mine = 0;
+        for (int i = c0; i < c1; i++) mine += order_key(r.score(i)) == tau;
+        tie_base = block_exclusive_scan(mine, s_u64);
+    }
+    auto kept_weight = [&](float s, unsigned long long& tie_rank) -> unsigned long long {
+        const unsigned k = order_key(s);
+        if (!cut) return k >= floor_key ? r.weight(s) : 0ull;
+        if (k > tau) return r.weight(s);
+        if (k == tau) return tie_rank++ < ties ? r.weight(s) : 0ull;
+        return 0ull;
+    };
+    unsigned long long mine = 0, rank = tie_base;
+    for (int i = c0; i < c1; i++) mine += kept_weight(r.score(i), rank);
+    const unsigned long long base = block_exclusive_scan(mine, s_u64);
+    unsigned long long target = kept > 0 ? (unsigned long long)((double)a.u * (double)kept) : 0ull;
+    target = kept > 0 && target >= kept ? kept - 1 : target;
+    if (kept > 0 && base <= target && target < base + mine) {
+        unsigned long long acc = base;
+        rank = tie_base;
+        for (int i = c0; i < c1; i++) {
+            acc += kept_weight(r.score(i), rank);
+            if (acc > target) {
+                s_pick = (unsigned)i;
+                break;
+            }
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const unsigned id = s_pick < (unsigned)n ? s_pick : (unsigned)best.i;
+        const float lp = (r.score(id) - r.m) + LN_TWO_POW_32 - logf((float)kept);
+        out[2 * blockIdx.x] = id;
+        out[2 * blockIdx.x + 1] = __float_as_uint(lp);
+    }
+}
+
+#define PICK(T, TN)                                                                               \
+    extern "C" __global__ void __launch_bounds__(PICK_THREADS)                                    \
+        greedy_rows_##TN(const T* x, const unsigned* sel, unsigned* out, int n) {                 \
+        greedy_rows<T>(x, sel, out, n);                                                           \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(PICK_THREADS)                                    \
+        sample_rows_##TN(const T* x, const SampleArgs* args, unsigned* out, int n) {              \
+        sample_rows<T>(x, args, out, n);                                                          \
+    }
+PICK(float, f32)
+PICK(__nv_bfloat16, bf16)
+PICK(__half, f16)

@@ -1,0 +1,176 @@
+//! Picking the next token on the GPU (`kernels/sampling.cu`): greedy (argmax and its
+//! log-softmax) or sampled (temperature, top-k, top-p, then a draw with the host's uniform
+//! number), for chosen rows of a step's logits, with one copy of two words per row back. The
+//! host sampler (`lorq_model::sampling`) is the reference.
+
+use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
+use candle_core::{DType, Tensor};
+
+use super::{cuda_device, device_view, function};
+use crate::QuantError;
+
+static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/sampling.fatbin"));
+
+const THREADS: u32 = 1024;
+
+/// A picked token: its index in the row and its log-probability under the distribution it was
+/// drawn from (the softmax of the row for greedy; of the kept, temperature-scaled scores when
+/// sampled).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Pick {
+    pub id: u32,
+    pub logprob: f32,
+}
+
+/// How to sample one row (`lorq_model::sampling::Sampler`'s processors, in its order).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RowSampling {
+    /// The row of the logits.
+    pub row: u32,
+    /// Scores are logits / temperature (> 0; 1 for none).
+    pub temperature: f32,
+    /// Keep every score >= the k-th largest (`None`: all).
+    pub top_k: Option<u32>,
+    /// Keep the smallest ranked prefix whose probability reaches p (1 for none).
+    pub top_p: f32,
+    /// The uniform number in [0, 1) the draw inverts.
+    pub u: f32,
+}
+
+/// For each row `r` of `sel`, the greedy pick of row `r` of `x` (`[rows, n]`, f32/bf16/f16): the
+/// index of the largest value — the first on ties, as torch.argmax and
+/// `lorq_model::sampling::argmax`; NaN never wins (a row of NaN gives 0) — and the log-softmax
+/// there (f32 arithmetic on the stored values; NaN when the row holds one, as on the host).
+pub fn greedy_rows(x: &Tensor, sel: &[u32]) -> Result<Vec<Pick>, QuantError> {
+    check_rows(x, sel.iter().copied(), "greedy_rows")?;
+    pick_rows(x, "greedy_rows", sel, sel.len())
+}
+
+/// For each entry of `rows`, a token sampled from its row of `x` (`[rows, n]`, f32/bf16/f16) as
+/// the host sampler samples it with the same uniform number: the same token unless `u` or `top_p`
+/// lies within a rounding of a cumulative probability (the kernel sums 32.32 fixed-point
+/// weights exactly, the host f32 ones in order).
+pub fn sample_rows(x: &Tensor, rows: &[RowSampling]) -> Result<Vec<Pick>, QuantError> {
+    check_rows(x, rows.iter().map(|r| r.row), "sample_rows")?;
+    let mut words = Vec::with_capacity(5 * rows.len());
+    for r in rows {
+        let bad = |what: &str| {
+            Err(QuantError::Invalid(format!(
+                "sample_rows: row {}: {what} (temperature {}, top_k {:?}, top_p {}, u {})",
+                r.row, r.temperature, r.top_k, r.top_p, r.u
+            )))
+        };
+        if !(r.temperature > 0.0 && r.temperature.is_finite()) {
+            return bad("the temperature must be > 0 and finite");
+        }
+        if !(r.top_p > 0.0 && r.top_p <= 1.0) {
+            return bad("top_p must be in (0, 1]");
+        }
+        if !(0.0..1.0).contains(&r.u) {
+            return bad("u must be in [0, 1)");
+        }
+        if r.top_k == Some(0) {
+            return bad("top_k must be > 0");
+        }
+        words.extend([
+            r.row,
+            r.top_k.unwrap_or(0),
+            r.temperature.to_bits(),
+            r.top_p.to_bits(),
+            r.u.to_bits(),
+        ]);
+    }
+    pick_rows(x, "sample_rows", &words, rows.len())
+}
+
+fn check_rows(
+    x: &Tensor,
+    mut sel: impl Iterator<Item = u32>,
+    what: &str,
+) -> Result<(), QuantError> {
+    let (rows, n) = x.dims2()?;
+    if n == 0 || n > i32::MAX as usize / 2 {
+        return Err(QuantError::Invalid(format!(
+            "{what}: rows of {n} values (1 to {})",
+            i32::MAX / 2
+        )));
+    }
+    match sel.find(|&r| r as usize >= rows) {
+        Some(bad) => Err(QuantError::Invalid(format!(
+            "{what}: row {bad} selected from {rows} rows"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Launches `{kernel}_{dtype}` with one block per picked row, its per-row arguments `words`, and
+/// brings the picks back.
+fn pick_rows(
+    x: &Tensor,
+    kernel: &str,
+    words: &[u32],
+    picks: usize,
+) -> Result<Vec<Pick>, QuantError> {
+    let dev = cuda_device(x, kernel)?;
+    if picks == 0 {
+        return Ok(vec![]);
+    }
+    let dtype = x.dtype();
+    let name = match dtype {
+        DType::BF16 => format!("{kernel}_bf16"),
+        DType::F16 => format!("{kernel}_f16"),
+        DType::F32 => format!("{kernel}_f32"),
+        d => {
+            return Err(QuantError::Invalid(format!(
+                "{kernel}: logits of dtype {d:?} (f32, bf16 or f16)"
+            )))
+        }
+    };
+    // greedy_rows' 16-byte loads need aligned rows.
+    let x = super::aligned(x, 16)?;
+    let args = Tensor::from_slice(words, words.len(), x.device())?;
+    fn go<T: CudaDType + DeviceRepr>(
+        dev: &CudaDevice,
+        name: &str,
+        x: &Tensor,
+        args: &Tensor,
+        picks: usize,
+    ) -> Result<Vec<u32>, QuantError> {
+        let (rows, n) = x.dims2()?;
+        let (xs, xl) = x.storage_and_layout();
+        let xv = device_view::<T>(&xs, xl, rows * n, "picks: logits")?;
+        let (as_, al) = args.storage_and_layout();
+        let av = device_view::<u32>(&as_, al, args.elem_count(), "picks: row arguments")?;
+        // SAFETY: the kernel writes both words of every picked row.
+        let out = unsafe { dev.alloc::<u32>(2 * picks)? };
+        let f = function(dev, "sampling", FATBIN, name)?;
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        let ni = n as i32;
+        b.arg(&xv).arg(&av).arg(&out).arg(&ni);
+        let cfg = LaunchConfig {
+            grid_dim: (picks as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the arguments match `greedy_rows_*` / `sample_rows_*`: x holds rows * n values,
+        // every row named in args is below rows (check_rows), args holds the picks' arguments
+        // (1 or 5 words each), out 2 words per pick.
+        unsafe { b.launch(cfg) }.w()?;
+        drop(b);
+        Ok(stream.clone_dtoh(&out).w()?)
+    }
+    let words = match dtype {
+        DType::BF16 => go::<half::bf16>(dev, &name, &x, &args, picks)?,
+        DType::F16 => go::<half::f16>(dev, &name, &x, &args, picks)?,
+        _ => go::<f32>(dev, &name, &x, &args, picks)?,
+    };
+    Ok(words
+        .chunks_exact(2)
+        .map(|w| Pick {
+            id: w[0],
+            logprob: f32::from_bits(w[1]),
+        })
+        .collect())
+}
