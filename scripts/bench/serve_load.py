@@ -2,6 +2,7 @@
 adapter from a list (round-robin) or none; reports throughput and latency percentiles as JSON.
 
 Usage: serve_load.py URL --requests 64 --concurrency 16 --max-new-tokens 32 [--adapters a,b,...]
+       [--temperature T --top-p P --top-k K --repetition-penalty R]  (sampled requests; default greedy)
 Uses only the standard library (http.client), so it measures the server, not a client library.
 """
 
@@ -60,11 +61,19 @@ def main():
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--adapters", default="")
+    ap.add_argument("--temperature", type=float, help="sample (do_sample) at this temperature; default greedy")
+    ap.add_argument("--top-p", type=float)
+    ap.add_argument("--top-k", type=int)
+    ap.add_argument("--repetition-penalty", type=float)
     a = ap.parse_args()
+    sampling = {k: v for k, v in [("temperature", a.temperature), ("top_p", a.top_p), ("top_k", a.top_k),
+                                  ("repetition_penalty", a.repetition_penalty)] if v is not None}
+    if sampling:
+        sampling["do_sample"] = True
     adapters = [x for x in a.adapters.split(",") if x]
     bodies = []
     for i in range(a.requests):
-        params = {"max_new_tokens": a.max_new_tokens, "ignore_eos_token": True}
+        params = {"max_new_tokens": a.max_new_tokens, "ignore_eos_token": True, **sampling}
         if adapters:
             params["adapter_id"] = adapters[i % len(adapters)]
         bodies.append({"inputs": PROMPTS[i % len(PROMPTS)] + f" case {i}", "parameters": params})
@@ -90,7 +99,7 @@ def main():
     ttft = [r["ttft"] for r in results]
     tpot = [r["tpot"] for r in results]
     print(json.dumps({
-        "adapters": len(adapters), "requests": len(results), "concurrency": a.concurrency,
+        "adapters": len(adapters), "sampling": sampling or "greedy", "requests": len(results), "concurrency": a.concurrency,
         "max_new_tokens": a.max_new_tokens, "wall_s": round(wall, 2),
         "tokens_per_s": round(tokens / wall, 1), "requests_per_s": round(len(results) / wall, 2),
         "ttft_p50_ms": round(pct(ttft, 50) * 1e3), "ttft_p90_ms": round(pct(ttft, 90) * 1e3),

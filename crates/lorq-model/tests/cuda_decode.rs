@@ -533,12 +533,12 @@ mod gpu {
         }
     }
 
-    /// Tokens drawn on the GPU = the host sampler's with the same uniform number: temperature,
-    /// top-k (ties kept) and top-p (ties by index), alone and together, on flat and peaked rows
-    /// of 1000 to 128,256 values in f32 and bf16 (bf16: many exact ties). Where the kernel's exact
-    /// fixed-point sums and the host's f32 ones could disagree (u within a rounding of a
-    /// cumulative probability) the device's token must still hold u in its host CDF interval, to
-    /// 1e-4; the log-probabilities agree to 1e-3.
+    /// Tokens drawn on the GPU = the host sampler's distribution inverted at the same uniform
+    /// number: temperature, top-k (ties kept) and top-p (ties by index), alone and together, on
+    /// flat and peaked rows of 1000 to 128,256 values in f32 and bf16 (bf16: many exact ties).
+    /// Every device token must hold u in its host CDF interval to 1e-4 (the host sampler's own
+    /// f32 sums are off by ~1e-5 over 128k flat values), 99 % must be the token of the same
+    /// draw computed in f64, and the log-probabilities agree with f64's to 1e-3.
     #[test]
     fn device_draws_match_the_host_sampler() {
         use lorq_model::sampling::{Sampler, SamplingParams};
@@ -555,7 +555,7 @@ mod gpu {
             (2.0, Some(1000), 0.99),
         ];
         let us = [0.0f32, 0.013, 0.25, 0.5, 0.77, 0.999];
-        let (mut cases, mut same) = (0, 0);
+        let (mut cases, mut same, mut same_f32) = (0, 0, 0);
         for dtype in [DType::F32, DType::BF16] {
             for &(n, scale) in &[(1000usize, 1.0f64), (49_152, 4.0), (128_256, 2.5)] {
                 let x = (randn(9, &[3, n]) * scale)
@@ -575,6 +575,20 @@ mod gpu {
                             ..Default::default()
                         };
                         let probs = Sampler::new(params).probabilities(r, &[]);
+                        let scores: Vec<f64> = r.iter().map(|&v| (v / t) as f64).collect();
+                        let top = scores
+                            .iter()
+                            .zip(&probs)
+                            .filter(|(_, &q)| q > 0.0)
+                            .map(|(&s, _)| s)
+                            .fold(f64::NEG_INFINITY, f64::max);
+                        let w: Vec<f64> = scores
+                            .iter()
+                            .zip(&probs)
+                            .map(|(&s, &q)| if q > 0.0 { (s - top).exp() } else { 0.0 })
+                            .collect();
+                        let z: f64 = w.iter().sum();
+                        let exact_probs: Vec<f64> = w.iter().map(|&v| v / z).collect();
                         let args: Vec<RowSampling> = us
                             .iter()
                             .map(|&u| RowSampling {
@@ -588,6 +602,17 @@ mod gpu {
                         let got = sample_rows(&x, &args).unwrap();
                         for (g, &u) in got.iter().zip(&us) {
                             let want = lorq_model::sampling::invert(&probs, u);
+                            // The host's f32 softmax over 128k flat scores is off by ~1e-5 (its
+                            // f32 sums); the exact reference: the host's kept tokens, their
+                            // scores (x / t in f32, as both divide), softmax and draw in f64.
+                            let mut acc = 0f64;
+                            let exact = exact_probs
+                                .iter()
+                                .position(|&q| {
+                                    acc += q;
+                                    (u as f64) < acc && q > 0.0
+                                })
+                                .unwrap_or(want.id as usize);
                             let what = format!(
                                 "{dtype:?} n {n} row {row} t {t} k {k:?} p {p} u {u}: device {} host {}",
                                 g.id, want.id
@@ -601,19 +626,32 @@ mod gpu {
                                 before + probs[id]
                             );
                             assert!(
-                                (g.logprob - probs[id].ln()).abs() <= 1e-3,
+                                (g.logprob as f64 - exact_probs[id].ln()).abs() <= 1e-3,
                                 "{what}: log-probability {} vs {}",
                                 g.logprob,
-                                probs[id].ln()
+                                exact_probs[id].ln()
                             );
+                            if g.id as usize != exact {
+                                eprintln!(
+                                    "{what}: p(device) {:e} p(host) {:e}, host interval of the \
+                                     device's token [{before}, {})",
+                                    probs[id],
+                                    probs[want.id as usize],
+                                    before + probs[id]
+                                );
+                            }
                             cases += 1;
-                            same += (g.id == want.id) as usize;
+                            same += (g.id as usize == exact) as usize;
+                            same_f32 += (g.id == want.id) as usize;
                         }
                     }
                 }
             }
         }
-        eprintln!("device draws: {same} of {cases} the host's token");
+        eprintln!(
+            "device draws: {same} of {cases} the exact inversion's token, {same_f32} the host \
+             sampler's (its f32 running sum)"
+        );
         assert!(same * 100 >= cases * 99, "{same} of {cases} draws agree");
         let e = sample_rows(
             &randn(1, &[2, 10]).to_device(&dev).unwrap(),
