@@ -226,12 +226,130 @@ __device__ __forceinline__ unsigned search_key(const SampleRow<T>& r, unsigned l
     return lo;
 }
 
+// The float an ordered key came from (order_key's inverse for keys of numbers).
+__device__ __forceinline__ float key_value(unsigned k) {
+    return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
+}
+
+// Scores within VRANGE of the largest fall into VBINS value bins (a score further down weighs
+// 0 in 32.32 fixed point: exp(-32) * 2^32 < 1e-4), the rest into the last.
+constexpr int VBINS = 1024;
+constexpr float VRANGE = 32.f;
+constexpr int CANDIDATES = 4096;  // a power of two
+
+struct SelectScratch {
+    unsigned long long mass[VBINS];
+    unsigned count[VBINS];
+    unsigned keys[CANDIDATES];
+    unsigned long long sums[PICK_WARPS];
+    unsigned n_keys;
+    int bin;
+    unsigned long long before;
+    unsigned tau;
+};
+
+// search_key's answer (largest tau >= floor with mass_at_least(tau) >= target, top the largest
+// key) in a few passes: a histogram of the scores over value bins below the largest, the bin where
+// the mass reaches target, and an exact sort of that bin's keys. Falls back to search_key when the
+// bin is the last (scores past VRANGE) or holds more than CANDIDATES scores.
+template <bool WEIGHTED, typename T>
+__device__ __forceinline__ unsigned select_key(const SampleRow<T>& r, unsigned floor_key, unsigned top,
+                                               unsigned long long target, SelectScratch& sh) {
+    for (int b = threadIdx.x; b < VBINS; b += PICK_THREADS) {
+        sh.mass[b] = 0;
+        sh.count[b] = 0;
+    }
+    if (threadIdx.x == 0) sh.n_keys = 0;
+    __syncthreads();
+    const float scale = VBINS / VRANGE;
+    auto bin_of = [&](float s) { return (int)fminf((r.m - s) * scale, (float)(VBINS - 1)); };
+    for (int i = threadIdx.x; i < r.n; i += PICK_THREADS) {
+        const float s = r.score(i);
+        const unsigned k = order_key(s);
+        if (k < floor_key || k == 0u) continue;
+        const int b = bin_of(s);
+        atomicAdd(&sh.count[b], 1u);
+        if (WEIGHTED) {
+            const unsigned long long w = r.weight(s);
+            if (w) atomicAdd(&sh.mass[b], w);
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        unsigned long long acc = 0;
+        int b = 0;
+        for (; b < VBINS - 1; b++) {
+            const unsigned long long w = WEIGHTED ? sh.mass[b] : sh.count[b];
+            if (acc + w >= target) break;
+            acc += w;
+        }
+        sh.bin = (b == VBINS - 1 || sh.count[b] > CANDIDATES) ? -1 : b;
+        sh.before = acc;
+    }
+    __syncthreads();
+    const int bin = sh.bin;
+    if (bin < 0) return search_key<WEIGHTED>(r, floor_key, top, floor_key, target, sh.sums);
+    const unsigned long long before = sh.before;
+    for (int i = threadIdx.x; i < r.n; i += PICK_THREADS) {
+        const float s = r.score(i);
+        const unsigned k = order_key(s);
+        if (k >= floor_key && k != 0u && bin_of(s) == bin) sh.keys[atomicAdd(&sh.n_keys, 1u)] = k;
+    }
+    __syncthreads();
+    const unsigned nk = sh.n_keys;
+    unsigned len = 1;
+    while (len < nk) len <<= 1;
+    for (unsigned i = nk + threadIdx.x; i < len; i += PICK_THREADS) sh.keys[i] = 0u;
+    __syncthreads();
+    // Bitonic sort, largest key first.
+    for (unsigned size = 2; size <= len; size <<= 1) {
+        for (unsigned stride = size >> 1; stride > 0; stride >>= 1) {
+            for (unsigned i = threadIdx.x; i < len; i += PICK_THREADS) {
+                const unsigned j = i ^ stride;
+                if (j > i) {
+                    const unsigned ki = sh.keys[i], kj = sh.keys[j];
+                    const bool desc = (i & size) == 0;
+                    if (desc ? ki < kj : ki > kj) {
+                        sh.keys[i] = kj;
+                        sh.keys[j] = ki;
+                    }
+                }
+            }
+            __syncthreads();
+        }
+    }
+    // The first sorted key where the running mass (after the bins above) reaches target: each
+    // thread a run of consecutive keys, a block prefix sum over the runs.
+    const unsigned per = (len + PICK_THREADS - 1) / PICK_THREADS;
+    const unsigned c0 = min(nk, threadIdx.x * per), c1 = min(nk, c0 + per);
+    auto w_of = [&](unsigned k) -> unsigned long long {
+        return WEIGHTED ? r.weight(key_value(k)) : 1ull;
+    };
+    unsigned long long mine = 0;
+    for (unsigned i = c0; i < c1; i++) mine += w_of(sh.keys[i]);
+    unsigned long long acc = before + block_exclusive_scan(mine, sh.sums);
+    if (threadIdx.x == 0) sh.tau = sh.keys[0];
+    __syncthreads();
+    if (acc < target && acc + mine >= target) {
+        for (unsigned i = c0; i < c1; i++) {
+            acc += w_of(sh.keys[i]);
+            if (acc >= target) {
+                sh.tau = sh.keys[i];
+                break;
+            }
+        }
+    }
+    __syncthreads();
+    return sh.tau;
+}
+
 template <typename T>
 __device__ __forceinline__ void sample_rows(const T* __restrict__ x, const SampleArgs* __restrict__ args,
                                             unsigned* __restrict__ out, int n) {
     __shared__ unsigned long long s_u64[PICK_WARPS];
     __shared__ GreedyAcc s_acc[PICK_WARPS];
     __shared__ unsigned s_pick;
+    __shared__ SelectScratch s_select;
     const SampleArgs a = args[blockIdx.x];
     SampleRow<T> r = {x + (size_t)a.row * n, n, a.temperature, a.temperature != 1.f, 0.f};
     // The largest score and its index (the fallback if rounding leaves the draw unplaced).
@@ -268,7 +386,7 @@ __device__ __forceinline__ void sample_rows(const T* __restrict__ x, const Sampl
     // Top-k: every score >= the k-th largest.
     unsigned floor_key = 1u;  // NaN (key 0) is never kept
     if (a.top_k > 0 && a.top_k < (unsigned)n)
-        floor_key = search_key<false>(r, 1u, top, 1u, a.top_k, s_u64);
+        floor_key = select_key<false>(r, 1u, top, a.top_k, s_select);
     const unsigned long long total = mass_at_least<true>(r, floor_key, floor_key, s_u64);
     // Top-p: the smallest ranked prefix whose mass reaches p of the total; the scores at the
     // boundary key (equal weights) enter in index order, `ties` of them.
@@ -278,7 +396,7 @@ __device__ __forceinline__ void sample_rows(const T* __restrict__ x, const Sampl
     if (a.top_p < 1.f && total > 0) {
         unsigned long long target = (unsigned long long)ceil((double)a.top_p * (double)total);
         target = target < 1 ? 1 : (target > total ? total : target);
-        tau = search_key<true>(r, floor_key, top, floor_key, target, s_u64);
+        tau = select_key<true>(r, floor_key, top, target, s_select);
         above = tau < top ? mass_at_least<true>(r, tau + 1, floor_key, s_u64) : 0ull;
         // One boundary score's weight (they are equal) and how many there are.
         unsigned long long w = 0, cnt = 0;
