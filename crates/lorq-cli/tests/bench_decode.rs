@@ -73,3 +73,61 @@ fn bench_decode_reports_the_bytes_and_the_byte_ceiling_of_adapters() {
     let one = f(row(2, 1), "adapter_bytes_per_step");
     assert_eq!(f(row(2, 3), "adapter_bytes_per_step"), 2.0 * one);
 }
+
+#[test]
+fn bench_decode_samples_when_asked_and_names_a_bad_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("decode.json");
+    let (_, v) = lorq_report(
+        &[
+            "bench",
+            "decode",
+            "--device",
+            "cpu",
+            "--shape",
+            "tiny",
+            "--dtype",
+            "f32",
+            "--batch-sizes",
+            "2",
+            "--context",
+            "4",
+            "--new-tokens",
+            "3",
+            "--repeats",
+            "1",
+            "--temperature",
+            "0.8",
+            "--top-p",
+            "0.9",
+            "--compare-host-picks",
+        ],
+        &path,
+    );
+    let rows = v["rows"].as_array().unwrap();
+    // On the CPU every pick is the host's: the comparison adds no row.
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(
+        rows[0]["sampling"]["temperature"].as_f64(),
+        Some(0.8f32 as f64)
+    );
+    assert_eq!(rows[0]["sampling"]["top_p"].as_f64(), Some(0.9f32 as f64));
+    assert!(rows[0]["tokens_per_s"].as_f64().unwrap() > 0.0);
+    let e = lorq_fails(&[
+        "bench",
+        "decode",
+        "--device",
+        "cpu",
+        "--shape",
+        "tiny",
+        "--batch-sizes",
+        "1",
+        "--context",
+        "2",
+        "--new-tokens",
+        "1",
+        "--top-p",
+        "1.5",
+    ]);
+    assert!(e.contains("top_p must be in (0, 1], got 1.5"), "{e}");
+}

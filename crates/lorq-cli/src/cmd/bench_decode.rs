@@ -14,8 +14,9 @@ use candle_core::{DType, Device};
 use clap::Args;
 use lorq_lora::LoraAdapter;
 use lorq_model::random_model::{random_adapters, shape_config};
-use lorq_model::{BatchItem, LayerLinear, LlamaModel, LogitsWanted};
+use lorq_model::{BatchItem, LayerLinear, LlamaModel, LogitsWanted, Sampler, SamplingParams};
 use lorq_quant::method::QuantMethod;
+use rayon::prelude::*;
 use serde_json::{json, Value};
 
 use super::bench_kernels::{command_line, utc_date};
@@ -146,12 +147,21 @@ pub struct BenchDecodeArgs {
     /// (`wgmma_grouped` in the rows; `--compare-fp8-grouped`, its earlier name, still works).
     #[arg(long, alias = "compare-fp8-grouped")]
     pub compare_wgmma_grouped: bool,
-    /// Also time each case with every sequence's token picked on the host: its logits row
-    /// copied back alone (f32) and its argmax and log-softmax taken there, as `lorq serve` did
-    /// before session 38 and as a server that samples on the host does, instead of the whole
-    /// batch's greedy picks in one pass on the device (`device_picks` in the rows).
+    /// Also time each case with every sequence's token picked on the host instead of on the
+    /// device (`device_picks` in the rows). Greedy: its logits row copied back alone (f32) and
+    /// its argmax and log-softmax taken there, as `lorq serve` did before session 38; sampled
+    /// (--temperature, --top-k, --top-p): the batch's rows in one copy, sampled on CPU threads,
+    /// the path `lorq serve` takes for penalized or constrained requests.
     #[arg(long)]
     pub compare_host_picks: bool,
+    /// Sample each step's tokens (seeded per sequence from --seed) at this temperature instead
+    /// of taking the argmax; with --top-k / --top-p, as `lorq serve`'s sampler.
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    #[arg(long)]
+    pub top_p: Option<f32>,
     #[arg(long, default_value_t = 1234)]
     pub seed: u64,
     /// Timed repetitions of each case (prefill + decode again; the best decode is reported).
@@ -408,6 +418,7 @@ fn run_case(
     device_picks: bool,
 ) -> Result<Timing> {
     let model = case.model;
+    let mut picker = Picker::new(a, case.batch, device_picks)?;
     let vocab = model.config.vocab_size as u64;
     if let Some(pool) = model.kv_pool() {
         let per_seq = (a.context + a.new_tokens + 8).div_ceil(lorq_model::paged_kv::BLOCK_SIZE);
@@ -442,7 +453,8 @@ fn run_case(
                 logits: LogitsWanted::Last,
             })
             .collect();
-        next.extend(greedy_ids(&model.forward_step(&mut items)?)?);
+        let logits = model.forward_step(&mut items)?;
+        next.extend(picker.pick(logits, start)?);
     }
     sync(dev)?;
     let prefill_s = t.elapsed().as_secs_f64();
@@ -463,11 +475,7 @@ fn run_case(
         let t = Instant::now();
         let logits = model.forward_step(&mut items)?;
         *host += t.elapsed().as_secs_f64();
-        *next = if device_picks {
-            greedy_ids(&logits)?
-        } else {
-            host_picks(logits)?
-        };
+        *next = picker.pick(logits, 0)?;
         Ok(())
     };
     // Two untimed steps (kernel loading, first-use uploads).
@@ -488,6 +496,72 @@ fn run_case(
     })
 }
 
+/// How a case picks each step's tokens: greedy or sampled, on the device or on the host.
+struct Picker {
+    /// One per sequence when sampling; empty for greedy.
+    samplers: Vec<Sampler>,
+    device: bool,
+}
+
+impl Picker {
+    fn new(a: &BenchDecodeArgs, batch: usize, device: bool) -> Result<Self> {
+        let params = SamplingParams {
+            do_sample: true,
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            ..Default::default()
+        };
+        let sampled = a.temperature.is_some() || a.top_k.is_some() || a.top_p.is_some();
+        if sampled {
+            params
+                .validate()
+                .context("--temperature / --top-k / --top-p")?;
+        }
+        let samplers = if sampled {
+            (0..batch as u64)
+                .map(|i| {
+                    Sampler::new(SamplingParams {
+                        seed: Some(a.seed.wrapping_add(i)),
+                        ..params.clone()
+                    })
+                })
+                .collect()
+        } else {
+            vec![]
+        };
+        Ok(Self { samplers, device })
+    }
+
+    /// The next tokens of the step's sequences, the first of which is sequence `first` of the
+    /// case (prefill runs in chunks).
+    fn pick(&mut self, logits: lorq_model::StepLogits, first: usize) -> Result<Vec<u32>> {
+        if self.samplers.is_empty() {
+            return if self.device {
+                greedy_ids(&logits)
+            } else {
+                host_picks(logits)
+            };
+        }
+        let items: Vec<usize> = (0..logits.len()).collect();
+        let samplers = &mut self.samplers[first..first + items.len()];
+        if self.device && logits.on_gpu() {
+            let draws: Vec<_> = samplers.iter_mut().map(|s| s.device_draw()).collect();
+            return Ok(logits
+                .sample_last(&items, &draws)?
+                .into_iter()
+                .map(|s| s.id)
+                .collect());
+        }
+        let rows = logits.last_rows_host(&items)?;
+        Ok(samplers
+            .par_iter_mut()
+            .zip(rows)
+            .map(|(s, row)| s.sample(&row, &[]).id)
+            .collect())
+    }
+}
+
 /// Greedy tokens the way a host-side sampler takes them: each sequence's f32 row copied back on
 /// its own, then its argmax and log-softmax (the sampler's greedy branch) on the host.
 fn host_picks(logits: lorq_model::StepLogits) -> Result<Vec<u32>> {
@@ -501,6 +575,14 @@ fn host_picks(logits: lorq_model::StepLogits) -> Result<Vec<u32>> {
             Ok(id as u32)
         })
         .collect()
+}
+
+/// The rows' `sampling`: "greedy", or the sampler's settings.
+fn sampling_row(a: &BenchDecodeArgs) -> Value {
+    if a.temperature.is_none() && a.top_k.is_none() && a.top_p.is_none() {
+        return json!("greedy");
+    }
+    json!({"temperature": a.temperature, "top_k": a.top_k, "top_p": a.top_p})
 }
 
 pub fn run(a: BenchDecodeArgs) -> Result<()> {
@@ -630,7 +712,7 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
                         let bytes_per_step = base_bytes + used_adapters;
                         let roofline = bandwidth.map(|bw| batch as f64 * bw / bytes_per_step);
                         let tps = batch as f64 / step_s;
-                        let row = json!({
+                        let mut row = json!({
                             "format": format,
                             "batch": batch,
                             "context": a.context,
@@ -675,6 +757,8 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
                             "event_tracking": a.event_tracking || !dev.is_cuda(),
                             "build_s": build_s,
                         });
+                        // (past serde_json's macro recursion limit inside json!)
+                        row["sampling"] = sampling_row(&a);
                         eprintln!("{row}");
                         rows.push(row);
                     }
