@@ -61,6 +61,40 @@ pub struct BaseModelArgs {
     pub enforce_eager: bool,
 }
 
+/// How tokens are chosen (TGI/LoRAX's parameters): greedy unless `--do-sample` or a warper is
+/// given; temperature 0 means greedy.
+#[derive(Debug, Clone, Default, Args)]
+pub struct SamplingFlags {
+    /// Sampling temperature (0 = greedy).
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    #[arg(long)]
+    pub typical_p: Option<f32>,
+    #[arg(long)]
+    pub repetition_penalty: Option<f32>,
+    /// Sample even without warpers (temperature 1, full vocabulary).
+    #[arg(long)]
+    pub do_sample: bool,
+}
+
+impl SamplingFlags {
+    pub fn params(&self, seed: Option<u64>) -> lorq_model::SamplingParams {
+        lorq_model::SamplingParams {
+            do_sample: self.do_sample,
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            typical_p: self.typical_p,
+            repetition_penalty: self.repetition_penalty,
+            seed,
+        }
+    }
+}
+
 /// The base model plus one optional adapter.
 #[derive(Debug, Clone, Args)]
 pub struct ModelArgs {

@@ -100,6 +100,8 @@ fn bench_decode_samples_when_asked_and_names_a_bad_setting() {
             "0.8",
             "--top-p",
             "0.9",
+            "--repetition-penalty",
+            "1.2",
             "--compare-host-picks",
         ],
         &path,
@@ -112,6 +114,10 @@ fn bench_decode_samples_when_asked_and_names_a_bad_setting() {
         Some(0.8f32 as f64)
     );
     assert_eq!(rows[0]["sampling"]["top_p"].as_f64(), Some(0.9f32 as f64));
+    assert_eq!(
+        rows[0]["sampling"]["repetition_penalty"].as_f64(),
+        Some(1.2f32 as f64)
+    );
     assert!(rows[0]["tokens_per_s"].as_f64().unwrap() > 0.0);
     let e = lorq_fails(&[
         "bench",

@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 
 use super::bench_kernels::{command_line, utc_date};
 use super::greedy_ids;
-use crate::common::{parse_device, ComputeDtype};
+use crate::common::{parse_device, ComputeDtype, SamplingFlags};
 
 #[derive(Debug, Args)]
 #[command(after_help = "Example:
@@ -154,14 +154,11 @@ pub struct BenchDecodeArgs {
     /// the path `lorq serve` takes for penalized or constrained requests.
     #[arg(long)]
     pub compare_host_picks: bool,
-    /// Sample each step's tokens (seeded per sequence from --seed) at this temperature instead
-    /// of taking the argmax; with --top-k / --top-p, as `lorq serve`'s sampler.
-    #[arg(long)]
-    pub temperature: Option<f32>,
-    #[arg(long)]
-    pub top_k: Option<usize>,
-    #[arg(long)]
-    pub top_p: Option<f32>,
+    /// Sample each step's tokens (seeded per sequence from --seed) as `lorq serve`'s sampler
+    /// would instead of taking the argmax: on a GPU with temperature / top-k / top-p alone, on
+    /// the host with a repetition penalty (over the sequence's new tokens) or typical-p.
+    #[command(flatten)]
+    pub sampling: SamplingFlags,
     #[arg(long, default_value_t = 1234)]
     pub seed: u64,
     /// Timed repetitions of each case (prefill + decode again; the best decode is reported).
@@ -500,25 +497,18 @@ fn run_case(
 struct Picker {
     /// One per sequence when sampling; empty for greedy.
     samplers: Vec<Sampler>,
+    /// Each sequence's tokens picked so far (the repetition penalty's context).
+    picked: Vec<Vec<u32>>,
     device: bool,
 }
 
 impl Picker {
     fn new(a: &BenchDecodeArgs, batch: usize, device: bool) -> Result<Self> {
-        let params = SamplingParams {
-            do_sample: true,
-            temperature: a.temperature,
-            top_k: a.top_k,
-            top_p: a.top_p,
-            ..Default::default()
-        };
-        let sampled = a.temperature.is_some() || a.top_k.is_some() || a.top_p.is_some();
-        if sampled {
-            params
-                .validate()
-                .context("--temperature / --top-k / --top-p")?;
-        }
-        let samplers = if sampled {
+        let params = a.sampling.params(None);
+        params.validate().context("the sampling flags")?;
+        let samplers = if params.is_greedy() {
+            vec![]
+        } else {
             (0..batch as u64)
                 .map(|i| {
                     Sampler::new(SamplingParams {
@@ -527,10 +517,12 @@ impl Picker {
                     })
                 })
                 .collect()
-        } else {
-            vec![]
         };
-        Ok(Self { samplers, device })
+        Ok(Self {
+            samplers,
+            picked: vec![vec![]; batch],
+            device,
+        })
     }
 
     /// The next tokens of the step's sequences, the first of which is sequence `first` of the
@@ -544,21 +536,30 @@ impl Picker {
             };
         }
         let items: Vec<usize> = (0..logits.len()).collect();
-        let samplers = &mut self.samplers[first..first + items.len()];
-        if self.device && logits.on_gpu() {
-            let draws: Vec<_> = samplers.iter_mut().map(|s| s.device_draw()).collect();
-            return Ok(logits
-                .sample_last(&items, &draws)?
-                .into_iter()
-                .map(|s| s.id)
-                .collect());
+        let span = first..first + items.len();
+        let samplers = &mut self.samplers[span.clone()];
+        let picked = &mut self.picked[span];
+        let ids: Vec<u32> =
+            if self.device && logits.on_gpu() && samplers.iter().all(|s| s.samples_on_device()) {
+                let draws: Vec<_> = samplers.iter_mut().map(|s| s.device_draw()).collect();
+                logits
+                    .sample_last(&items, &draws)?
+                    .into_iter()
+                    .map(|s| s.id)
+                    .collect()
+            } else {
+                let rows = logits.last_rows_host(&items)?;
+                samplers
+                    .par_iter_mut()
+                    .zip(rows)
+                    .zip(&*picked)
+                    .map(|((s, row), context)| s.sample(&row, context).id)
+                    .collect()
+            };
+        for (context, &id) in picked.iter_mut().zip(&ids) {
+            context.push(id);
         }
-        let rows = logits.last_rows_host(&items)?;
-        Ok(samplers
-            .par_iter_mut()
-            .zip(rows)
-            .map(|(s, row)| s.sample(&row, &[]).id)
-            .collect())
+        Ok(ids)
     }
 }
 
@@ -579,10 +580,14 @@ fn host_picks(logits: lorq_model::StepLogits) -> Result<Vec<u32>> {
 
 /// The rows' `sampling`: "greedy", or the sampler's settings.
 fn sampling_row(a: &BenchDecodeArgs) -> Value {
-    if a.temperature.is_none() && a.top_k.is_none() && a.top_p.is_none() {
+    let p = a.sampling.params(None);
+    if p.is_greedy() {
         return json!("greedy");
     }
-    json!({"temperature": a.temperature, "top_k": a.top_k, "top_p": a.top_p})
+    json!({
+        "temperature": p.temperature, "top_k": p.top_k, "top_p": p.top_p,
+        "typical_p": p.typical_p, "repetition_penalty": p.repetition_penalty,
+    })
 }
 
 pub fn run(a: BenchDecodeArgs) -> Result<()> {

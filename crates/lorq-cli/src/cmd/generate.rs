@@ -2,13 +2,13 @@ use std::io::Write;
 
 use anyhow::{bail, Result};
 use clap::Args;
-use lorq_model::{run_to_completion, GenerationRequest, SamplingParams, Sequence};
+use lorq_model::{run_to_completion, GenerationRequest, Sequence};
 use serde_json::json;
 use std::sync::Arc;
 
 use lorq_model::json_constraint::{JsonConstraint, JsonSchema, TokenPieces};
 
-use crate::common::{parse_token_ids, ModelArgs};
+use crate::common::{parse_token_ids, ModelArgs, SamplingFlags};
 
 /// Generate text from a prompt (greedy by default).
 #[derive(Debug, Args)]
@@ -34,20 +34,8 @@ pub struct GenerateArgs {
     pub token_ids: Option<String>,
     #[arg(long, default_value_t = 64)]
     pub max_new_tokens: usize,
-    /// Sampling temperature (0 = greedy).
-    #[arg(long)]
-    pub temperature: Option<f32>,
-    #[arg(long)]
-    pub top_k: Option<usize>,
-    #[arg(long)]
-    pub top_p: Option<f32>,
-    #[arg(long)]
-    pub typical_p: Option<f32>,
-    #[arg(long)]
-    pub repetition_penalty: Option<f32>,
-    /// Sample even without warpers (temperature 1, full vocabulary).
-    #[arg(long)]
-    pub do_sample: bool,
+    #[command(flatten)]
+    pub sampling: SamplingFlags,
     #[arg(long)]
     pub seed: Option<u64>,
     /// Stop when the generated text contains this (repeatable).
@@ -86,15 +74,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     };
     let request = GenerationRequest {
         prompt_ids: prompt_ids.clone(),
-        params: SamplingParams {
-            do_sample: a.do_sample,
-            temperature: a.temperature,
-            top_k: a.top_k,
-            top_p: a.top_p,
-            typical_p: a.typical_p,
-            repetition_penalty: a.repetition_penalty,
-            seed: a.seed,
-        },
+        params: a.sampling.params(a.seed),
         max_new_tokens: a.max_new_tokens,
         stop: a.stop.clone(),
         ignore_eos: a.ignore_eos,
