@@ -114,15 +114,11 @@ impl Sequence {
         self.sampler.seed()
     }
 
-    /// Whether the next token is the argmax of the logits alone (greedy, no repetition penalty,
+    /// Whether the next token is the argmax of the logits alone (see [`Sampler::takes_argmax`];
     /// no constraint, no alternatives to report): what [`StepLogits::greedy_last`] picks for a
     /// whole batch at once.
     fn picks_argmax(&self, top_n: usize) -> bool {
-        let p = self.sampler.params();
-        top_n == 0
-            && self.constraint.is_none()
-            && p.is_greedy()
-            && p.repetition_penalty.is_none_or(|r| r == 1.0)
+        top_n == 0 && self.constraint.is_none() && self.sampler.takes_argmax()
     }
 
     /// Whether the GPU can draw the next token (see [`Sampler::samples_on_device`]; no

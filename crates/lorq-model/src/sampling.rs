@@ -48,11 +48,29 @@ impl SamplingParams {
         if self.temperature == Some(0.0) {
             return true;
         }
-        let warpers = self.temperature.is_some_and(|t| t != 1.0)
+        let warpers = self.scaling_temperature().is_some()
             || self.top_k.is_some()
-            || self.top_p.is_some_and(|p| p < 1.0)
-            || self.typical_p.is_some_and(|p| p < 1.0);
+            || self.cutting_top_p().is_some()
+            || self.cutting_typical_p().is_some();
         !(self.do_sample || warpers)
+    }
+
+    // The settings that change the scores (1 is none for each), as the processors apply them.
+
+    fn penalty(&self) -> Option<f32> {
+        self.repetition_penalty.filter(|&p| p != 1.0)
+    }
+
+    fn scaling_temperature(&self) -> Option<f32> {
+        self.temperature.filter(|&t| t != 1.0)
+    }
+
+    fn cutting_top_p(&self) -> Option<f32> {
+        self.top_p.filter(|&p| p < 1.0)
+    }
+
+    fn cutting_typical_p(&self) -> Option<f32> {
+        self.typical_p.filter(|&p| p < 1.0)
     }
 }
 
@@ -99,13 +117,17 @@ impl Sampler {
         &self.params
     }
 
+    /// Whether the next token is the argmax of the logits alone (greedy, no repetition
+    /// penalty): what a device picks for a whole batch at once.
+    pub fn takes_argmax(&self) -> bool {
+        self.params.is_greedy() && self.params.penalty().is_none()
+    }
+
     /// Whether the GPU can draw this sampler's tokens ([`Sampler::device_draw`]): sampled (not
     /// greedy) with only temperature, top-k and top-p.
     pub fn samples_on_device(&self) -> bool {
         let p = &self.params;
-        !p.is_greedy()
-            && p.repetition_penalty.is_none_or(|r| r == 1.0)
-            && p.typical_p.is_none_or(|t| t >= 1.0)
+        !p.is_greedy() && p.penalty().is_none() && p.cutting_typical_p().is_none()
     }
 
     /// The next draw for the GPU (see [`Sampler::samples_on_device`]): the processors' settings
@@ -113,9 +135,9 @@ impl Sampler {
     /// a seed gives the same stream of draws on either side.
     pub fn device_draw(&mut self) -> DeviceDraw {
         DeviceDraw {
-            temperature: self.params.temperature.filter(|&t| t != 1.0).unwrap_or(1.0),
+            temperature: self.params.scaling_temperature().unwrap_or(1.0),
             top_k: self.params.top_k,
-            top_p: self.params.top_p.filter(|&p| p < 1.0).unwrap_or(1.0),
+            top_p: self.params.cutting_top_p().unwrap_or(1.0),
             u: self.rng.random(),
         }
     }
@@ -137,7 +159,7 @@ impl Sampler {
     /// The logits after the repetition penalty.
     fn penalized(&self, logits: &[f32], context: &[u32]) -> Vec<f32> {
         let mut scores = logits.to_vec();
-        if let Some(p) = self.params.repetition_penalty.filter(|&p| p != 1.0) {
+        if let Some(p) = self.params.penalty() {
             let mut seen = vec![false; scores.len()];
             for &t in context {
                 let t = t as usize;
@@ -155,16 +177,16 @@ impl Sampler {
     /// repetition penalty, temperature, top-k, top-p and typical-p.
     pub fn probabilities(&self, logits: &[f32], context: &[u32]) -> Vec<f32> {
         let mut scores = self.penalized(logits, context);
-        if let Some(t) = self.params.temperature.filter(|&t| t != 1.0) {
+        if let Some(t) = self.params.scaling_temperature() {
             scores.iter_mut().for_each(|s| *s /= t);
         }
         if let Some(k) = self.params.top_k {
             top_k(&mut scores, k);
         }
-        if let Some(p) = self.params.top_p.filter(|&p| p < 1.0) {
+        if let Some(p) = self.params.cutting_top_p() {
             top_p(&mut scores, p);
         }
-        if let Some(p) = self.params.typical_p.filter(|&p| p < 1.0) {
+        if let Some(p) = self.params.cutting_typical_p() {
             typical_p(&mut scores, p);
         }
         softmax(&scores)

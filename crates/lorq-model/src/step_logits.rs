@@ -89,13 +89,9 @@ impl StepLogits {
         let rows = self.last_rows(items)?;
         #[cfg(feature = "cuda")]
         if self.on_gpu() {
-            return Ok(lorq_quant::cuda::sampling::greedy_rows(&self.all, &rows)?
-                .into_iter()
-                .map(|p| Sampled {
-                    id: p.id,
-                    logprob: p.logprob,
-                })
-                .collect());
+            return Ok(sampled(lorq_quant::cuda::sampling::greedy_rows(
+                &self.all, &rows,
+            )?));
         }
         Ok(self
             .host_rows(&rows)?
@@ -144,13 +140,7 @@ impl StepLogits {
                     u: d.u,
                 })
                 .collect();
-            return Ok(sample_rows(&self.all, &args)?
-                .into_iter()
-                .map(|p| Sampled {
-                    id: p.id,
-                    logprob: p.logprob,
-                })
-                .collect());
+            return Ok(sampled(sample_rows(&self.all, &args)?));
         }
         Err(ModelError::Request(
             "sample_last draws on a GPU; the CPU's logits are sampled by the host sampler".into(),
@@ -182,6 +172,18 @@ impl StepLogits {
         };
         Ok(picked.to_dtype(DType::F32)?.to_vec2()?)
     }
+}
+
+/// The GPU's picks as the sampler's tokens.
+#[cfg(feature = "cuda")]
+fn sampled(picks: Vec<lorq_quant::cuda::sampling::Pick>) -> Vec<Sampled> {
+    picks
+        .into_iter()
+        .map(|p| Sampled {
+            id: p.id,
+            logprob: p.logprob,
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -314,11 +314,9 @@ impl Engine {
             Err(e) => {
                 // A failed step fails the sequences in it, not the server.
                 tracing::error!("forward step over {batch} sequences failed: {e}");
-                let err = ApiError::generation(format!("the forward step failed: {e}"));
-                for r in self.running.drain(..) {
-                    fail_metrics(&self.metrics, &r.label, &err);
-                    let _ = r.events.send(Event::Failed(err.clone()));
-                }
+                self.fail_running(&ApiError::generation(format!(
+                    "the forward step failed: {e}"
+                )));
                 return;
             }
         };
@@ -330,10 +328,7 @@ impl Engine {
                 tracing::error!(
                     "picking the tokens of a step over {batch} sequences failed: {err}"
                 );
-                for r in self.running.drain(..) {
-                    fail_metrics(&self.metrics, &r.label, &err);
-                    let _ = r.events.send(Event::Failed(err.clone()));
-                }
+                self.fail_running(&err);
                 return;
             }
         };
@@ -379,6 +374,14 @@ fn fail_metrics(metrics: &Metrics, label: &str, err: &ApiError) {
 }
 
 impl Engine {
+    /// Fails every running sequence with `err` (a step that failed as a whole).
+    fn fail_running(&mut self, err: &ApiError) {
+        for r in self.running.drain(..) {
+            fail_metrics(&self.metrics, &r.label, err);
+            let _ = r.events.send(Event::Failed(err.clone()));
+        }
+    }
+
     /// Every running sequence's next token from the step's logits (see
     /// [`lorq_model::generation::accept_step`]), after sending the prompt's log-probabilities to
     /// those that asked. The outer error fails the step; an inner one its sequence.
