@@ -5,9 +5,9 @@
 
 Starts three servers on the committed tiny Llama in f32 — CPU, GPU (CUDA graphs, the default) and
 GPU with --enforce-eager — sends the same concurrent greedy requests to each (different prompt
-lengths, token budgets and adapters, so batches grow, shrink and change adapters between steps, and
-decode graphs are captured, replayed and dropped), and compares every request's generated token
-ids. Exit status 1 if any differ. Runs through scripts/gpu-run.sh (the CUDA libraries).
+lengths, token budgets, adapters and repetition penalties, so batches grow, shrink and change
+adapters between steps, and decode graphs are captured, replayed and dropped), and compares every
+request's generated token ids. Exit status 1 if any differ. Runs through scripts/gpu-run.sh (the CUDA libraries).
 """
 import argparse
 import json
@@ -45,6 +45,9 @@ def start(binary, model, port, device, extra, logs):
 def generate(port, i):
     words = " ".join(["the quick brown fox jumps over the lazy dog"] * (1 + i % 5))
     params = {"max_new_tokens": 8 + 8 * (i % 5), "details": True, "do_sample": False}
+    if i % 3 == 1:
+        # Greedy after a repetition penalty: the GPU penalizes its rows before the argmax.
+        params["repetition_penalty"] = 1.3
     adapter = ADAPTERS[i % len(ADAPTERS)]
     if adapter:
         params["adapter_id"] = adapter

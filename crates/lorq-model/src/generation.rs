@@ -8,8 +8,9 @@ use serde::Serialize;
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
 use crate::llama::{BatchItem, LlamaModel, LogitsWanted};
-use crate::sampling::{DeviceDraw, Sampled, Sampler, SamplingParams};
+use crate::sampling::{Sampled, Sampler, SamplingParams};
 use crate::step_logits::StepLogits;
+use crate::step_picks::{pick_step, PickRequest, StepPick};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
 /// Why a sequence stopped, spelled as TGI/LoRAX clients expect.
@@ -114,21 +115,17 @@ impl Sequence {
         self.sampler.seed()
     }
 
-    /// Whether the next token is the argmax of the logits alone (see [`Sampler::takes_argmax`];
-    /// no constraint, no alternatives to report): what [`StepLogits::greedy_last`] picks for a
-    /// whole batch at once.
-    fn picks_argmax(&self, top_n: usize) -> bool {
-        top_n == 0 && self.constraint.is_none() && self.sampler.takes_argmax()
+    /// This sequence's part of [`pick_step`]: it needs its row on the host for a constraint or
+    /// alternatives (`top_n > 0`).
+    fn pick_request(&mut self, top_n: usize) -> PickRequest<'_> {
+        PickRequest {
+            sampler: &mut self.sampler,
+            context: &self.context,
+            needs_row: top_n > 0 || self.constraint.is_some(),
+        }
     }
 
-    /// Whether the GPU can draw the next token (see [`Sampler::samples_on_device`]; no
-    /// constraint, no alternatives to report).
-    fn samples_on_device(&self, top_n: usize) -> bool {
-        top_n == 0 && self.constraint.is_none() && self.sampler.samples_on_device()
-    }
-
-    /// Records a token picked on the device ([`StepLogits::greedy_last`] or
-    /// [`StepLogits::sample_last`]).
+    /// Records a token picked where the logits are ([`StepPick::Token`]).
     fn accept_picked(&mut self, s: Sampled, tok: &Tokenizer, eos: &[u32]) -> Result<StepToken> {
         let piece = self.record(s, tok, eos)?;
         Ok(StepToken {
@@ -198,10 +195,10 @@ impl Sequence {
 }
 
 /// Picks every sequence's next token from a step's logits (item `i` is `seqs[i]`'s, its last row
-/// the next token's) and records it: the sequences that only take the argmax in one pass on the
-/// logits' device, the others from their rows brought to the host in one copy. `top_n[i]`: the
-/// alternatives `seqs[i]` reports. The outer error is the step's (a failed copy); the inner ones
-/// are each sequence's own (e.g. its constraint refused the token).
+/// the next token's) and records it: [`pick_step`] picks what it can where the logits are, the
+/// rest sample from their rows on the host in parallel. `top_n[i]`: the alternatives `seqs[i]`
+/// reports. The outer error is the step's (a failed launch or copy); the inner ones are each
+/// sequence's own (e.g. its constraint refused the token).
 pub fn accept_step(
     seqs: &mut [&mut Sequence],
     logits: &StepLogits,
@@ -217,66 +214,24 @@ pub fn accept_step(
             top_n.len()
         )));
     }
-    let how: Vec<How> = (0..seqs.len())
-        .map(|i| {
-            if seqs[i].picks_argmax(top_n[i]) {
-                How::Argmax
-            } else if logits.on_gpu() && seqs[i].samples_on_device(top_n[i]) {
-                How::Device
-            } else {
-                How::Host
-            }
-        })
-        .collect();
-    let which = |h: How| -> Vec<usize> { (0..seqs.len()).filter(|&i| how[i] == h).collect() };
-    let (greedy, device, host) = (which(How::Argmax), which(How::Device), which(How::Host));
-    let draws: Vec<DeviceDraw> = device
-        .iter()
-        .map(|&i| seqs[i].sampler.device_draw())
-        .collect();
-    let mut picks = logits.greedy_last(&greedy)?.into_iter();
-    let mut drawn = logits.sample_last(&device, &draws)?.into_iter();
-    let mut rows = logits.last_rows_host(&host)?.into_iter();
-    let next = how
-        .iter()
-        .map(|h| {
-            match h {
-                How::Argmax => picks.next().map(Next::Picked),
-                How::Device => drawn.next().map(Next::Picked),
-                How::Host => rows.next().map(Next::Row),
-            }
-            .ok_or_else(|| ModelError::Request("accept_step: a sequence got no logits".into()))
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let picks = {
+        let mut requests: Vec<PickRequest> = seqs
+            .iter_mut()
+            .zip(top_n)
+            .map(|(seq, &n)| seq.pick_request(n))
+            .collect();
+        pick_step(logits, &mut requests)?
+    };
     // Sampling a 128k vocabulary takes the host ~1 ms per sequence: the batch's in parallel.
     Ok(seqs
         .par_iter_mut()
-        .zip(next)
+        .zip(picks)
         .zip(top_n)
-        .map(|((seq, next), &top_n)| match next {
-            Next::Picked(s) => seq.accept_picked(s, tok, eos),
-            Next::Row(mut row) => seq.accept_scores(&mut row, tok, eos, top_n),
+        .map(|((seq, pick), &top_n)| match pick {
+            StepPick::Token(s) => seq.accept_picked(s, tok, eos),
+            StepPick::Row(mut row) => seq.accept_scores(&mut row, tok, eos, top_n),
         })
         .collect())
-}
-
-/// Where [`accept_step`] picks a sequence's token.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum How {
-    /// The argmax, with the batch's on the logits' device.
-    Argmax,
-    /// Drawn on the GPU with the batch's (temperature, top-k, top-p).
-    Device,
-    /// From its row on the host (other processors, constraints, alternatives; the CPU).
-    Host,
-}
-
-/// A sequence's share of a step's logits in [`accept_step`].
-enum Next {
-    /// Its token, picked with the batch's on the device.
-    Picked(Sampled),
-    /// Its last row on the host, to sample from.
-    Row(Vec<f32>),
 }
 
 /// Runs `seqs` together until every one finishes: one prefill step for all prompts, then decode

@@ -27,6 +27,7 @@ pub mod random_model;
 mod rope;
 pub mod sampling;
 mod step_logits;
+mod step_picks;
 pub mod tokenizer;
 pub mod weights;
 
@@ -41,4 +42,5 @@ pub use loaded::LoadedModel;
 pub use perplexity::{sliding_window_nll, PplResult};
 pub use sampling::{Sampled, Sampler, SamplingParams};
 pub use step_logits::StepLogits;
+pub use step_picks::{pick_step, PickRequest, StepPick};
 pub use tokenizer::{StreamDecoder, Tokenizer};

@@ -117,17 +117,22 @@ impl Sampler {
         &self.params
     }
 
-    /// Whether the next token is the argmax of the logits alone (greedy, no repetition
-    /// penalty): what a device picks for a whole batch at once.
-    pub fn takes_argmax(&self) -> bool {
-        self.params.is_greedy() && self.params.penalty().is_none()
+    /// Whether the next token is the argmax of the (penalized) logits.
+    pub fn is_greedy(&self) -> bool {
+        self.params.is_greedy()
+    }
+
+    /// The repetition penalty in effect (none for 1), which [`apply_repetition_penalty`] applies
+    /// before any pick.
+    pub fn repetition_penalty(&self) -> Option<f32> {
+        self.params.penalty()
     }
 
     /// Whether the GPU can draw this sampler's tokens ([`Sampler::device_draw`]): sampled (not
-    /// greedy) with only temperature, top-k and top-p.
+    /// greedy) with temperature, top-k and top-p, after the repetition penalty, but no typical-p.
     pub fn samples_on_device(&self) -> bool {
         let p = &self.params;
-        !p.is_greedy() && p.penalty().is_none() && p.cutting_typical_p().is_none()
+        !p.is_greedy() && p.cutting_typical_p().is_none()
     }
 
     /// The next draw for the GPU (see [`Sampler::samples_on_device`]): the processors' settings
@@ -160,15 +165,7 @@ impl Sampler {
     fn penalized(&self, logits: &[f32], context: &[u32]) -> Vec<f32> {
         let mut scores = logits.to_vec();
         if let Some(p) = self.params.penalty() {
-            let mut seen = vec![false; scores.len()];
-            for &t in context {
-                let t = t as usize;
-                if t < scores.len() && !seen[t] {
-                    seen[t] = true;
-                    let s = scores[t];
-                    scores[t] = if s < 0.0 { s * p } else { s / p };
-                }
-            }
+            apply_repetition_penalty(&mut scores, p, context);
         }
         scores
     }
@@ -190,6 +187,21 @@ impl Sampler {
             typical_p(&mut scores, p);
         }
         softmax(&scores)
+    }
+}
+
+/// transformers' repetition penalty: the score `s` of every token in `context` becomes `s *
+/// penalty` if `s < 0`, else `s / penalty`; a token seen twice counts once, ids past the scores are
+/// ignored.
+pub fn apply_repetition_penalty(scores: &mut [f32], penalty: f32, context: &[u32]) {
+    let mut seen = vec![false; scores.len()];
+    for &t in context {
+        let t = t as usize;
+        if t < scores.len() && !seen[t] {
+            seen[t] = true;
+            let s = scores[t];
+            scores[t] = if s < 0.0 { s * penalty } else { s / penalty };
+        }
     }
 }
 

@@ -9,7 +9,7 @@ use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
 use crate::error::{ModelError, Result};
-use crate::sampling::{argmax, log_softmax_at, DeviceDraw, Sampled};
+use crate::sampling::{apply_repetition_penalty, argmax, log_softmax_at, DeviceDraw, Sampled};
 
 pub struct StepLogits {
     /// `[rows, vocab]`, the LM head's output dtype.
@@ -145,6 +145,44 @@ impl StepLogits {
         Err(ModelError::Request(
             "sample_last draws on a GPU; the CPU's logits are sampled by the host sampler".into(),
         ))
+    }
+
+    /// The last row of each of `items` after its repetition penalty (`penalties[i]`: the penalty
+    /// and the tokens it applies to, as [`apply_repetition_penalty`] takes them), as a step of one
+    /// f32 row per item to pick from: on a GPU one launch, and the rows stay there.
+    pub fn penalized(&self, items: &[usize], penalties: &[(f32, &[u32])]) -> Result<StepLogits> {
+        let rows = self.last_rows(items)?;
+        if penalties.len() != rows.len() {
+            return Err(ModelError::Request(format!(
+                "penalized: {} items, {} penalties",
+                rows.len(),
+                penalties.len()
+            )));
+        }
+        let ones = vec![1; rows.len()];
+        #[cfg(feature = "cuda")]
+        if self.on_gpu() {
+            use lorq_quant::cuda::sampling::{penalize_rows, RowPenalty};
+            let args: Vec<RowPenalty> = rows
+                .iter()
+                .zip(penalties)
+                .map(|(&row, &(penalty, tokens))| RowPenalty {
+                    row,
+                    penalty,
+                    tokens,
+                })
+                .collect();
+            return StepLogits::new(penalize_rows(&self.all, &args)?, &ones);
+        }
+        let mut host = self.host_rows(&rows)?;
+        host.par_iter_mut()
+            .zip(penalties)
+            .for_each(|(row, &(penalty, context))| apply_repetition_penalty(row, penalty, context));
+        let shape = (rows.len(), self.all.dim(1)?);
+        StepLogits::new(
+            Tensor::from_vec(host.concat(), shape, self.all.device())?,
+            &ones,
+        )
     }
 
     /// [`StepLogits::greedy_last`] of every item.

@@ -29,7 +29,9 @@ mod gpu {
         attention, decode_attention, prefill_attention, prefill_tile_tokens, prefill_tiles,
         rope_append, set_tensor_core_attention, tickets_needed, NewTokens, PageShape, PagedBatch,
     };
-    use lorq_quant::cuda::sampling::{greedy_rows, sample_rows, RowSampling};
+    use lorq_quant::cuda::sampling::{
+        greedy_rows, penalize_rows, sample_rows, RowPenalty, RowSampling,
+    };
 
     /// The GPU, with the lock that runs this binary's GPU tests one at a time: the attention
     /// test switches the process-wide kernel choice (`set_tensor_core_attention`), and other
@@ -666,6 +668,132 @@ mod gpu {
         .unwrap_err()
         .to_string();
         assert!(e.contains("temperature must be > 0"), "{e}");
+    }
+
+    /// The repetition penalty on the GPU = the host sampler's, bit for bit (f32/bf16/f16 logits;
+    /// tokens repeated, past the row, none; penalties above and below 1; rows picked out of order
+    /// and twice), and the greedy and drawn picks from the penalized rows = the host sampler's
+    /// with that context: the same greedy token, a drawn token whose host CDF interval holds u.
+    #[test]
+    fn device_penalties_match_the_host_sampler() {
+        use lorq_model::sampling::{apply_repetition_penalty, argmax, Sampler, SamplingParams};
+        let Some((dev, _one_at_a_time)) = gpu() else {
+            return;
+        };
+        let penalties = [1.3f32, 2.0, 1.1, 0.7];
+        let mut draws = 0;
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            for &n in &[1000usize, 128_256] {
+                let x = (randn(11, &[4, n]) * 3.0)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap()
+                    .to_device(&dev)
+                    .unwrap();
+                let host = host_f32(&x);
+                let row_of = |r: usize| &host[r * n..(r + 1) * n];
+                let contexts: Vec<Vec<u32>> = (0..4)
+                    .map(|r| {
+                        let best = argmax(row_of(r)) as u32;
+                        match r {
+                            0 => vec![],
+                            1 => vec![best, best, 5, n as u32, 7, 5, u32::MAX],
+                            2 => (0..3000u32)
+                                .map(|i| (i * 37) % n as u32)
+                                .chain([best])
+                                .collect(),
+                            _ => vec![best, 0, 1, 2],
+                        }
+                    })
+                    .collect();
+                let sel = [3usize, 1, 2, 0, 1];
+                let args: Vec<RowPenalty> = sel
+                    .iter()
+                    .map(|&r| RowPenalty {
+                        row: r as u32,
+                        penalty: penalties[r],
+                        tokens: &contexts[r],
+                    })
+                    .collect();
+                let got = penalize_rows(&x, &args).unwrap();
+                assert_eq!(got.dims(), &[sel.len(), n]);
+                let got_host = host_f32(&got);
+                for (j, &r) in sel.iter().enumerate() {
+                    let what = format!("{dtype:?} n {n} row {r} (output {j})");
+                    let mut want = row_of(r).to_vec();
+                    apply_repetition_penalty(&mut want, penalties[r], &contexts[r]);
+                    let differ = got_host[j * n..(j + 1) * n]
+                        .iter()
+                        .zip(&want)
+                        .filter(|(a, b)| a.to_bits() != b.to_bits())
+                        .count();
+                    assert_eq!(differ, 0, "{what}: {differ} penalized values differ");
+                    let greedy = SamplingParams {
+                        repetition_penalty: Some(penalties[r]),
+                        ..Default::default()
+                    };
+                    let want = Sampler::new(greedy).sample(row_of(r), &contexts[r]);
+                    let p = greedy_rows(&got, &[j as u32]).unwrap()[0];
+                    assert_eq!(p.id, want.id, "{what}: greedy");
+                    assert!(
+                        (p.logprob - want.logprob).abs() <= 1e-4 * want.logprob.abs().max(1.0),
+                        "{what}: greedy log-probability {} vs {}",
+                        p.logprob,
+                        want.logprob
+                    );
+                    let sampled = SamplingParams {
+                        temperature: Some(0.8),
+                        top_p: Some(0.9),
+                        repetition_penalty: Some(penalties[r]),
+                        ..Default::default()
+                    };
+                    let probs = Sampler::new(sampled).probabilities(row_of(r), &contexts[r]);
+                    for u in [0.0f32, 0.1, 0.5, 0.93] {
+                        let d = sample_rows(
+                            &got,
+                            &[RowSampling {
+                                row: j as u32,
+                                temperature: 0.8,
+                                top_k: None,
+                                top_p: 0.9,
+                                u,
+                            }],
+                        )
+                        .unwrap()[0];
+                        let id = d.id as usize;
+                        assert!(id < n && probs[id] > 0.0, "{what} u {u}: {id} not kept");
+                        let before: f32 = probs[..id].iter().sum();
+                        assert!(
+                            u >= before - 1e-4 && u < before + probs[id] + 1e-4,
+                            "{what} u {u}: token {id}'s host interval [{before}, {})",
+                            before + probs[id]
+                        );
+                        draws += 1;
+                    }
+                }
+            }
+        }
+        eprintln!("penalized rows: bit-exact; {draws} draws inside the host's intervals");
+        let x = randn(1, &[2, 10]).to_device(&dev).unwrap();
+        let bad = |penalty: f32| {
+            penalize_rows(
+                &x,
+                &[RowPenalty {
+                    row: 1,
+                    penalty,
+                    tokens: &[1],
+                }],
+            )
+            .unwrap_err()
+            .to_string()
+        };
+        for p in [0.0, -1.0, f32::INFINITY, f32::NAN] {
+            let e = bad(p);
+            assert!(
+                e.contains("row 1: the penalty must be > 0 and finite"),
+                "{p}: {e}"
+            );
+        }
     }
 
     /// Greedy tokens of every sequence (different prompt lengths, one batch, sequence `i` with

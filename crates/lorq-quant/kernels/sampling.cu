@@ -19,6 +19,11 @@
 //   or sum per step, up to 32 each), the draw a block-wide prefix sum in index order. The host's
 //   f32 sums can put a boundary elsewhere by a rounding: the same token, unless u or p lies within
 //   ~1e-6 of a cumulative probability.
+// - penalize_rows_*: transformers' repetition penalty before either pick, for the rows that have
+//   one: out row b (f32) = row args[b].row of x with every listed token's score s turned into
+//   s * penalty if s < 0, else s / penalty (IEEE, as the host computes them; the kernels build with
+//   fast math). Each write is computed from x, so a token listed twice is penalized once, as on the
+//   host.
 #include "common.cuh"
 
 constexpr int PICK_THREADS = 1024;
@@ -68,6 +73,18 @@ __device__ __forceinline__ GreedyAcc ga_warp_merge(GreedyAcc a) {
     return a;
 }
 
+static_assert(PICK_WARPS == 32, "ga_block_merge: one warp merges one state per warp");
+
+// Every thread's state merged across the block, in every thread. scratch: PICK_WARPS states.
+__device__ __forceinline__ GreedyAcc ga_block_merge(GreedyAcc a, GreedyAcc* scratch) {
+    a = ga_warp_merge(a);
+    if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = a;
+    __syncthreads();
+    a = ga_warp_merge(scratch[threadIdx.x & 31]);
+    __syncthreads();  // scratch is reused by the next call
+    return a;
+}
+
 template <typename T>
 __device__ __forceinline__ void greedy_rows(const T* __restrict__ x, const unsigned* __restrict__ sel,
                                             unsigned* __restrict__ out, int n) {
@@ -111,16 +128,11 @@ __device__ __forceinline__ void greedy_rows(const T* __restrict__ x, const unsig
             }
         }
     }
-    a = ga_warp_merge(a);
-    if ((threadIdx.x & 31) == 0) s_acc[threadIdx.x >> 5] = a;
-    __syncthreads();
-    if (threadIdx.x < 32) {
-        a = ga_warp_merge(s_acc[threadIdx.x]);
-        if (threadIdx.x == 0) {
-            // All NaN (or no values): index 0, as a scan that never finds a larger value.
-            out[2 * blockIdx.x] = a.i < n ? (unsigned)a.i : 0u;
-            out[2 * blockIdx.x + 1] = __float_as_uint(-logf(a.s));
-        }
+    a = ga_block_merge(a, s_acc);
+    if (threadIdx.x == 0) {
+        // All NaN (or no values): index 0, as a scan that never finds a larger value.
+        out[2 * blockIdx.x] = a.i < n ? (unsigned)a.i : 0u;
+        out[2 * blockIdx.x + 1] = __float_as_uint(-logf(a.s));
     }
 }
 
@@ -361,19 +373,8 @@ __device__ __forceinline__ void sample_rows(const T* __restrict__ x, const Sampl
             best.i = i;
         }
     }
-    best = ga_warp_merge(best);
-    if ((threadIdx.x & 31) == 0) s_acc[threadIdx.x >> 5] = best;
-    __syncthreads();
-    if (threadIdx.x < 32) {
-        best = ga_warp_merge(s_acc[threadIdx.x]);
-        if (threadIdx.x == 0) {
-            s_acc[0] = best;
-            s_pick = (unsigned)n;
-        }
-    }
-    __syncthreads();
-    best = s_acc[0];
-    __syncthreads();
+    if (threadIdx.x == 0) s_pick = (unsigned)n;
+    best = ga_block_merge(best, s_acc);
     if (best.i >= n) {  // every score NaN: token 0, as the host's argmax
         if (threadIdx.x == 0) {
             out[2 * blockIdx.x] = 0u;
@@ -456,6 +457,31 @@ __device__ __forceinline__ void sample_rows(const T* __restrict__ x, const Sampl
     }
 }
 
+struct PenaltyArgs {
+    unsigned row;
+    float penalty;   // > 0
+    unsigned start;  // the row's tokens: tokens[start .. start + count]
+    unsigned count;
+};
+
+template <typename T>
+__device__ __forceinline__ void penalize_rows(const T* __restrict__ x, const PenaltyArgs* __restrict__ args,
+                                              const unsigned* __restrict__ tokens, float* __restrict__ out,
+                                              int n) {
+    const PenaltyArgs a = args[blockIdx.x];
+    const T* row = x + (size_t)a.row * n;
+    float* o = out + (size_t)blockIdx.x * n;
+    for (int i = threadIdx.x; i < n; i += PICK_THREADS) o[i] = to_f(row[i]);
+    __syncthreads();  // the penalized scores land after the copy
+    for (unsigned j = threadIdx.x; j < a.count; j += PICK_THREADS) {
+        const unsigned t = tokens[a.start + j];
+        if (t < (unsigned)n) {
+            const float s = to_f(row[t]);
+            o[t] = s < 0.f ? __fmul_rn(s, a.penalty) : __fdiv_rn(s, a.penalty);
+        }
+    }
+}
+
 #define PICK(T, TN)                                                                               \
     extern "C" __global__ void __launch_bounds__(PICK_THREADS)                                    \
         greedy_rows_##TN(const T* x, const unsigned* sel, unsigned* out, int n) {                 \
@@ -464,6 +490,11 @@ __device__ __forceinline__ void sample_rows(const T* __restrict__ x, const Sampl
     extern "C" __global__ void __launch_bounds__(PICK_THREADS)                                    \
         sample_rows_##TN(const T* x, const SampleArgs* args, unsigned* out, int n) {              \
         sample_rows<T>(x, args, out, n);                                                          \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(PICK_THREADS)                                    \
+        penalize_rows_##TN(const T* x, const PenaltyArgs* args, const unsigned* tokens, float* out, \
+                           int n) {                                                               \
+        penalize_rows<T>(x, args, tokens, out, n);                                                \
     }
 PICK(float, f32)
 PICK(__nv_bfloat16, bf16)

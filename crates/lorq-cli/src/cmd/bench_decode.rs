@@ -14,7 +14,10 @@ use candle_core::{DType, Device};
 use clap::Args;
 use lorq_lora::LoraAdapter;
 use lorq_model::random_model::{random_adapters, shape_config};
-use lorq_model::{BatchItem, LayerLinear, LlamaModel, LogitsWanted, Sampler, SamplingParams};
+use lorq_model::{
+    pick_step, BatchItem, LayerLinear, LlamaModel, LogitsWanted, PickRequest, Sampler,
+    SamplingParams, StepPick,
+};
 use lorq_quant::method::QuantMethod;
 use rayon::prelude::*;
 use serde_json::{json, Value};
@@ -149,14 +152,14 @@ pub struct BenchDecodeArgs {
     pub compare_wgmma_grouped: bool,
     /// Also time each case with every sequence's token picked on the host instead of on the
     /// device (`device_picks` in the rows). Greedy: its logits row copied back alone (f32) and
-    /// its argmax and log-softmax taken there, as `lorq serve` did before session 38; sampled
-    /// (--temperature, --top-k, --top-p): the batch's rows in one copy, sampled on CPU threads,
-    /// the path `lorq serve` takes for penalized or constrained requests.
+    /// its argmax and log-softmax taken there, as `lorq serve` did before session 38; with the
+    /// sampling flags: the batch's rows in one copy, sampled on CPU threads, the path `lorq
+    /// serve` takes for typical-p, constrained requests and alternatives.
     #[arg(long)]
     pub compare_host_picks: bool,
     /// Sample each step's tokens (seeded per sequence from --seed) as `lorq serve`'s sampler
-    /// would instead of taking the argmax: on a GPU with temperature / top-k / top-p alone, on
-    /// the host with a repetition penalty (over the sequence's new tokens) or typical-p.
+    /// would instead of taking the argmax: on a GPU with temperature / top-k / top-p and the
+    /// repetition penalty (over the sequence's new tokens), on the host with typical-p.
     #[command(flatten)]
     pub sampling: SamplingFlags,
     #[arg(long, default_value_t = 1234)]
@@ -535,27 +538,32 @@ impl Picker {
                 host_picks(logits)
             };
         }
-        let items: Vec<usize> = (0..logits.len()).collect();
-        let span = first..first + items.len();
+        let span = first..first + logits.len();
         let samplers = &mut self.samplers[span.clone()];
         let picked = &mut self.picked[span];
-        let ids: Vec<u32> =
-            if self.device && logits.on_gpu() && samplers.iter().all(|s| s.samples_on_device()) {
-                let draws: Vec<_> = samplers.iter_mut().map(|s| s.device_draw()).collect();
-                logits
-                    .sample_last(&items, &draws)?
-                    .into_iter()
-                    .map(|s| s.id)
-                    .collect()
-            } else {
-                let rows = logits.last_rows_host(&items)?;
-                samplers
-                    .par_iter_mut()
-                    .zip(rows)
-                    .zip(&*picked)
-                    .map(|((s, row), context)| s.sample(&row, context).id)
-                    .collect()
-            };
+        // The device picks what it can (pick_step); the host samples the rest in parallel. The
+        // host way: every row back in one copy.
+        let picks = {
+            let mut requests: Vec<PickRequest> = samplers
+                .iter_mut()
+                .zip(&*picked)
+                .map(|(sampler, context)| PickRequest {
+                    sampler,
+                    context,
+                    needs_row: !self.device,
+                })
+                .collect();
+            pick_step(&logits, &mut requests)?
+        };
+        let ids: Vec<u32> = samplers
+            .par_iter_mut()
+            .zip(picks)
+            .zip(&*picked)
+            .map(|((s, pick), context)| match pick {
+                StepPick::Token(t) => t.id,
+                StepPick::Row(row) => s.sample(&row, context).id,
+            })
+            .collect();
         for (context, &id) in picked.iter_mut().zip(&ids) {
             context.push(id);
         }

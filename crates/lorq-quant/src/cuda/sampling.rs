@@ -1,13 +1,14 @@
 //! Picking the next token on the GPU (`kernels/sampling.cu`): greedy (argmax and its
 //! log-softmax) or sampled (temperature, top-k, top-p, then a draw with the host's uniform
-//! number), for chosen rows of a step's logits, with one copy of two words per row back. The
-//! host sampler (`lorq_model::sampling`) is the reference.
+//! number), for chosen rows of a step's logits, with one copy of two words per row back; the
+//! repetition penalty before either, as f32 copies of the penalized rows. The host sampler
+//! (`lorq_model::sampling`) is the reference.
 
 use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
-use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, WrapErr};
 use candle_core::{DType, Tensor};
 
-use super::{cuda_device, device_view, function};
+use super::{cuda_device, device_view, function, tensor_from_storage};
 use crate::QuantError;
 
 static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/sampling.fatbin"));
@@ -84,6 +85,109 @@ pub fn sample_rows(x: &Tensor, rows: &[RowSampling]) -> Result<Vec<Pick>, QuantE
     pick_rows(x, "sample_rows", &words, rows.len())
 }
 
+/// One row's repetition penalty (transformers'): the score `s` of every token in `tokens` becomes
+/// `s * penalty` if `s < 0`, else `s / penalty`; a token listed twice counts once, ids past the
+/// row are ignored.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RowPenalty<'a> {
+    /// The row of the logits.
+    pub row: u32,
+    /// > 0 and finite.
+    pub penalty: f32,
+    pub tokens: &'a [u32],
+}
+
+/// The rows `rows` of `x` (`[rows, n]`, f32/bf16/f16) as f32 `[rows.len(), n]` on the GPU, each
+/// with its repetition penalty, in one launch: the values the host sampler's penalty gives, bit
+/// for bit (IEEE products and quotients), for [`greedy_rows`] / [`sample_rows`] to pick from.
+pub fn penalize_rows(x: &Tensor, rows: &[RowPenalty]) -> Result<Tensor, QuantError> {
+    check_rows(x, rows.iter().map(|r| r.row), "penalize_rows")?;
+    let dev = cuda_device(x, "penalize_rows")?;
+    let (_, n) = x.dims2()?;
+    let mut words = Vec::with_capacity(4 * rows.len());
+    let mut tokens = Vec::with_capacity(rows.iter().map(|r| r.tokens.len()).sum());
+    for r in rows {
+        if !(r.penalty > 0.0 && r.penalty.is_finite()) {
+            return Err(QuantError::Invalid(format!(
+                "penalize_rows: row {}: the penalty must be > 0 and finite, got {}",
+                r.row, r.penalty
+            )));
+        }
+        let (start, count) = (u32::try_from(tokens.len()), u32::try_from(r.tokens.len()));
+        let (Ok(start), Ok(count)) = (start, count) else {
+            return Err(QuantError::Invalid(format!(
+                "penalize_rows: more than {} penalized tokens in one launch",
+                u32::MAX
+            )));
+        };
+        words.extend([r.row, r.penalty.to_bits(), start, count]);
+        tokens.extend_from_slice(r.tokens);
+    }
+    if rows.is_empty() {
+        return Ok(Tensor::zeros((0, n), DType::F32, x.device())?);
+    }
+    // The kernel reads one token past none: an empty list still needs a buffer.
+    if tokens.is_empty() {
+        tokens.push(0);
+    }
+    let name = kernel_name("penalize_rows", x.dtype())?;
+    let args = Tensor::from_slice(&words, words.len(), x.device())?;
+    let tokens = Tensor::from_slice(&tokens, tokens.len(), x.device())?;
+    fn go<T: CudaDType + DeviceRepr>(
+        dev: &CudaDevice,
+        name: &str,
+        x: &Tensor,
+        args: &Tensor,
+        tokens: &Tensor,
+        out_rows: usize,
+    ) -> Result<CudaStorage, QuantError> {
+        let (rows, n) = x.dims2()?;
+        let (xs, xl) = x.storage_and_layout();
+        let xv = device_view::<T>(&xs, xl, rows * n, "penalize_rows: logits")?;
+        let (as_, al) = args.storage_and_layout();
+        let av = device_view::<u32>(&as_, al, args.elem_count(), "penalize_rows: row arguments")?;
+        let (ts, tl) = tokens.storage_and_layout();
+        let tv = device_view::<u32>(&ts, tl, tokens.elem_count(), "penalize_rows: tokens")?;
+        // SAFETY: the kernel writes every value of every output row.
+        let out = unsafe { dev.alloc::<f32>(out_rows * n)? };
+        let f = function(dev, "sampling", FATBIN, name)?;
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        let ni = n as i32;
+        b.arg(&xv).arg(&av).arg(&tv).arg(&out).arg(&ni);
+        let cfg = LaunchConfig {
+            grid_dim: (out_rows as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the arguments match `penalize_rows_*`: x holds rows * n values, every row in
+        // args is below rows (check_rows), each row's token span lies inside tokens, out holds
+        // out_rows * n values.
+        unsafe { b.launch(cfg) }.w()?;
+        drop(b);
+        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    }
+    let x = x.contiguous()?;
+    let s = match x.dtype() {
+        DType::BF16 => go::<half::bf16>(dev, &name, &x, &args, &tokens, rows.len())?,
+        DType::F16 => go::<half::f16>(dev, &name, &x, &args, &tokens, rows.len())?,
+        _ => go::<f32>(dev, &name, &x, &args, &tokens, rows.len())?,
+    };
+    Ok(tensor_from_storage(s, (rows.len(), n)))
+}
+
+/// `{kernel}_{dtype}` for logits of `dtype`.
+fn kernel_name(kernel: &str, dtype: DType) -> Result<String, QuantError> {
+    match dtype {
+        DType::BF16 => Ok(format!("{kernel}_bf16")),
+        DType::F16 => Ok(format!("{kernel}_f16")),
+        DType::F32 => Ok(format!("{kernel}_f32")),
+        d => Err(QuantError::Invalid(format!(
+            "{kernel}: logits of dtype {d:?} (f32, bf16 or f16)"
+        ))),
+    }
+}
+
 fn check_rows(
     x: &Tensor,
     mut sel: impl Iterator<Item = u32>,
@@ -117,16 +221,7 @@ fn pick_rows(
         return Ok(vec![]);
     }
     let dtype = x.dtype();
-    let name = match dtype {
-        DType::BF16 => format!("{kernel}_bf16"),
-        DType::F16 => format!("{kernel}_f16"),
-        DType::F32 => format!("{kernel}_f32"),
-        d => {
-            return Err(QuantError::Invalid(format!(
-                "{kernel}: logits of dtype {d:?} (f32, bf16 or f16)"
-            )))
-        }
-    };
+    let name = kernel_name(kernel, dtype)?;
     // greedy_rows' 16-byte loads need aligned rows.
     let x = super::aligned(x, 16)?;
     let args = Tensor::from_slice(words, words.len(), x.device())?;
