@@ -509,7 +509,7 @@ impl Picker {
     fn new(a: &BenchDecodeArgs, batch: usize, device: bool) -> Result<Self> {
         let params = a.sampling.params(None);
         params.validate().context("the sampling flags")?;
-        let samplers = if params.is_greedy() {
+        let samplers = if plain_greedy(&params) {
             vec![]
         } else {
             (0..batch as u64)
@@ -587,9 +587,15 @@ fn host_picks(logits: lorq_model::StepLogits) -> Result<Vec<u32>> {
 }
 
 /// The rows' `sampling`: "greedy", or the sampler's settings.
+/// Greedy with no repetition penalty: the argmax of the logits alone (`greedy_ids` /
+/// `host_picks`); anything else picks through samplers.
+fn plain_greedy(p: &SamplingParams) -> bool {
+    p.is_greedy() && p.repetition_penalty.is_none_or(|r| r == 1.0)
+}
+
 fn sampling_row(a: &BenchDecodeArgs) -> Value {
     let p = a.sampling.params(None);
-    if p.is_greedy() {
+    if plain_greedy(&p) {
         return json!("greedy");
     }
     json!({
