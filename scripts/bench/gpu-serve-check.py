@@ -5,9 +5,9 @@
 
 Starts three servers on the committed tiny Llama in f32 — CPU, GPU (CUDA graphs, the default) and
 GPU with --enforce-eager — sends the same concurrent greedy requests to each (different prompt
-lengths, token budgets, adapters and repetition penalties, so batches grow, shrink and change
-adapters between steps, and decode graphs are captured, replayed and dropped), and compares every
-request's generated token ids. Exit status 1 if any differ. Runs through scripts/gpu-run.sh (the CUDA libraries).
+lengths, token budgets, adapters, repetition penalties and top_n_tokens, so batches grow, shrink
+and change adapters between steps, and decode graphs are captured, replayed and dropped), and
+compares every request's generated token ids and its alternatives' ids. Exit status 1 if any differ. Runs through scripts/gpu-run.sh (the CUDA libraries).
 """
 import argparse
 import json
@@ -48,6 +48,9 @@ def generate(port, i):
     if i % 3 == 1:
         # Greedy after a repetition penalty: the GPU penalizes its rows before the argmax.
         params["repetition_penalty"] = 1.3
+    if i % 4 == 2:
+        # Alternatives: the GPU ranks the five most likely tokens of each step itself.
+        params["top_n_tokens"] = 5
     adapter = ADAPTERS[i % len(ADAPTERS)]
     if adapter:
         params["adapter_id"] = adapter
@@ -56,7 +59,8 @@ def generate(port, i):
                                  {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=120) as r:
         d = json.loads(r.read())
-    return [t["id"] for t in d["details"]["tokens"]]
+    tokens = d["details"]["tokens"]
+    return [t["id"] for t in tokens], [[a["id"] for a in t.get("alternative_tokens") or []] for t in tokens]
 
 
 def main():
@@ -80,7 +84,7 @@ def main():
     ok = True
     for name in ("gpu graphs", "gpu eager"):
         same = sum(x == y for x, y in zip(runs["cpu"], runs[name]))
-        print(f"{name} == cpu: {same}/{a.requests} requests' token ids identical")
+        print(f"{name} == cpu: {same}/{a.requests} requests' token ids and alternatives identical")
         ok &= same == a.requests
     same = sum(x == y for x, y in zip(runs["gpu graphs"], runs["gpu eager"]))
     print(f"gpu graphs == gpu eager: {same}/{a.requests}")

@@ -115,23 +115,30 @@ impl Sequence {
         self.sampler.seed()
     }
 
-    /// This sequence's part of [`pick_step`]: it needs its row on the host for a constraint or
-    /// alternatives (`top_n > 0`).
+    /// This sequence's part of [`pick_step`], reporting `top_n` alternatives: it needs its row on
+    /// the host for a constraint.
     fn pick_request(&mut self, top_n: usize) -> PickRequest<'_> {
         PickRequest {
             sampler: &mut self.sampler,
             context: &self.context,
-            needs_row: top_n > 0 || self.constraint.is_some(),
+            alternatives: top_n,
+            needs_row: self.constraint.is_some(),
         }
     }
 
-    /// Records a token picked where the logits are ([`StepPick::Token`]).
-    fn accept_picked(&mut self, s: Sampled, tok: &Tokenizer, eos: &[u32]) -> Result<StepToken> {
+    /// Records a token picked where the logits are, with its alternatives ([`StepPick::Token`]).
+    fn accept_picked(
+        &mut self,
+        s: Sampled,
+        alternatives: Vec<Sampled>,
+        tok: &Tokenizer,
+        eos: &[u32],
+    ) -> Result<StepToken> {
         let piece = self.record(s, tok, eos)?;
         Ok(StepToken {
             sampled: s,
             piece,
-            alternatives: vec![],
+            alternatives,
         })
     }
 
@@ -228,7 +235,7 @@ pub fn accept_step(
         .zip(picks)
         .zip(top_n)
         .map(|((seq, pick), &top_n)| match pick {
-            StepPick::Token(s) => seq.accept_picked(s, tok, eos),
+            StepPick::Token(s, alternatives) => seq.accept_picked(s, alternatives, tok, eos),
             StepPick::Row(mut row) => seq.accept_scores(&mut row, tok, eos, top_n),
         })
         .collect())
@@ -267,7 +274,8 @@ pub fn run_to_completion(
     }
 }
 
-/// The `n` most likely tokens of `logits` with their log-probabilities, best first.
+/// The `n` most likely tokens of `logits` with their log-probabilities, best first (the smaller
+/// index on ties).
 pub fn top_logprobs(logits: &[f32], n: usize) -> Vec<Sampled> {
     if n == 0 {
         return vec![];
@@ -276,9 +284,11 @@ pub fn top_logprobs(logits: &[f32], n: usize) -> Vec<Sampled> {
     let log_z = max + logits.iter().map(|&v| (v - max).exp()).sum::<f32>().ln();
     let mut idx: Vec<usize> = (0..logits.len()).collect();
     let n = n.min(idx.len());
-    idx.select_nth_unstable_by(n - 1, |&a, &b| logits[b].total_cmp(&logits[a]));
+    // Larger first, the smaller index on ties (at the cut too: the GPU's top_rows takes the same).
+    let order = |&a: &usize, &b: &usize| logits[b].total_cmp(&logits[a]).then(a.cmp(&b));
+    idx.select_nth_unstable_by(n - 1, order);
     idx.truncate(n);
-    idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+    idx.sort_by(order);
     idx.into_iter()
         .map(|i| Sampled {
             id: i as u32,

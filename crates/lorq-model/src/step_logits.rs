@@ -9,6 +9,7 @@ use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
 use crate::error::{ModelError, Result};
+use crate::generation::top_logprobs;
 use crate::sampling::{apply_repetition_penalty, argmax, log_softmax_at, DeviceDraw, Sampled};
 
 pub struct StepLogits {
@@ -183,6 +184,51 @@ impl StepLogits {
             Tensor::from_vec(host.concat(), shape, self.all.device())?,
             &ones,
         )
+    }
+
+    /// The `counts[i]` most likely tokens of the last row of each of `items` (none for 0) with
+    /// their log-probabilities under the raw distribution, best first: [`top_logprobs`]. On a GPU
+    /// one launch and one copy for the rows that want up to 64; rows that want more (and every
+    /// row on the CPU) come to the host.
+    pub fn top_last(&self, items: &[usize], counts: &[usize]) -> Result<Vec<Vec<Sampled>>> {
+        let rows = self.last_rows(items)?;
+        if counts.len() != rows.len() {
+            return Err(ModelError::Request(format!(
+                "top_last: {} items, {} counts",
+                rows.len(),
+                counts.len()
+            )));
+        }
+        let mut out: Vec<Vec<Sampled>> = vec![vec![]; rows.len()];
+        let wanted: Vec<usize> = (0..rows.len()).filter(|&j| counts[j] > 0).collect();
+        #[cfg(feature = "cuda")]
+        let host = if self.on_gpu() {
+            use lorq_quant::cuda::sampling::{top_rows, TOP_MAX};
+            let vocab = self.all.dim(1)?;
+            let (device, rest): (Vec<usize>, Vec<usize>) = wanted
+                .into_iter()
+                .partition(|&j| counts[j] <= TOP_MAX.min(vocab));
+            let args: Vec<(u32, usize)> = device.iter().map(|&j| (rows[j], counts[j])).collect();
+            for (&j, picks) in device.iter().zip(top_rows(&self.all, &args)?) {
+                out[j] = sampled(picks);
+            }
+            rest
+        } else {
+            wanted
+        };
+        #[cfg(not(feature = "cuda"))]
+        let host = wanted;
+        let host_rows: Vec<u32> = host.iter().map(|&j| rows[j]).collect();
+        let tops: Vec<Vec<Sampled>> = self
+            .host_rows(&host_rows)?
+            .par_iter()
+            .zip(&host)
+            .map(|(row, &j)| top_logprobs(row, counts[j]))
+            .collect();
+        for (&j, top) in host.iter().zip(tops) {
+            out[j] = top;
+        }
+        Ok(out)
     }
 
     /// [`StepLogits::greedy_last`] of every item.

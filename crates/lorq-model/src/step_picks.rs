@@ -1,9 +1,10 @@
 //! Where each sequence's next token is picked from a step's logits. On a GPU, greedy sequences
 //! take the argmax in one launch and sampled ones (temperature, top-k, top-p) draw in another,
 //! so only token ids and log-probabilities come back; a repetition penalty adds one launch that
-//! penalizes those sequences' rows in a copy they pick from. The rest (typical-p, everything on
-//! the CPU but the argmax, and whatever the caller must see a row for: a constraint's mask,
-//! alternatives to report) get their rows back in one copy, to sample on the host.
+//! penalizes those sequences' rows in a copy they pick from, and the alternatives a sequence
+//! reports (its most likely tokens) one more. The rest (typical-p, everything on the CPU but the
+//! argmax, and what the caller must see a row for: a constraint's mask) get their rows back in one
+//! copy, to sample on the host.
 
 use crate::error::{ModelError, Result};
 use crate::sampling::{DeviceDraw, Sampled, Sampler};
@@ -14,15 +15,18 @@ pub struct PickRequest<'a> {
     pub sampler: &'a mut Sampler,
     /// Every token so far (prompt and generated): the repetition penalty's context.
     pub context: &'a [u32],
-    /// The caller needs the row itself (a constraint's mask, alternatives to report).
+    /// How many of the most likely tokens to report beside the pick (raw distribution).
+    pub alternatives: usize,
+    /// The caller needs the row itself (a constraint's mask); it then takes the alternatives
+    /// from the row too.
     pub needs_row: bool,
 }
 
 /// A sequence's share of a step.
 #[derive(Debug, Clone, PartialEq)]
 pub enum StepPick {
-    /// Its token, picked where the logits are.
-    Token(Sampled),
+    /// Its token, picked where the logits are, and its alternatives.
+    Token(Sampled, Vec<Sampled>),
     /// Its last row, f32 on the host, for its sampler ([`Sampler::sample`]).
     Row(Vec<f32>),
 }
@@ -81,6 +85,18 @@ pub fn pick_step(logits: &StepLogits, requests: &mut [PickRequest]) -> Result<Ve
         let items: Vec<usize> = (0..penalized.len()).collect();
         pick_from(&rows, &penalized, &items, &routes, requests, &mut picks)?;
     }
+    let reporting: Vec<usize> = (0..requests.len())
+        .filter(|&i| routes[i] != Route::Host && requests[i].alternatives > 0)
+        .collect();
+    let counts: Vec<usize> = reporting
+        .iter()
+        .map(|&i| requests[i].alternatives)
+        .collect();
+    for (&i, top) in reporting.iter().zip(logits.top_last(&reporting, &counts)?) {
+        if let Some(StepPick::Token(_, alternatives)) = &mut picks[i] {
+            *alternatives = top;
+        }
+    }
     let host: Vec<usize> = (0..requests.len())
         .filter(|&i| routes[i] == Route::Host)
         .collect();
@@ -109,7 +125,7 @@ fn pick_from(
     let items_at = |at: &[usize]| at.iter().map(|&j| items[j]).collect::<Vec<_>>();
     let tokens = src.greedy_last(&items_at(&greedy))?;
     for (&j, t) in greedy.iter().zip(tokens) {
-        picks[seqs[j]] = Some(StepPick::Token(t));
+        picks[seqs[j]] = Some(StepPick::Token(t, vec![]));
     }
     let draws: Vec<DeviceDraw> = drawn
         .iter()
@@ -117,7 +133,7 @@ fn pick_from(
         .collect();
     let tokens = src.sample_last(&items_at(&drawn), &draws)?;
     for (&j, t) in drawn.iter().zip(tokens) {
-        picks[seqs[j]] = Some(StepPick::Token(t));
+        picks[seqs[j]] = Some(StepPick::Token(t, vec![]));
     }
     Ok(())
 }
@@ -125,11 +141,13 @@ fn pick_from(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::generation::top_logprobs;
     use crate::sampling::SamplingParams;
     use candle_core::{DType, Device, Tensor};
 
     /// On the CPU every greedy sequence, penalized or not, gets the host sampler's token from
-    /// the step; the sampled ones and those that need their row get the row.
+    /// the step, with the alternatives it asked for (many ties: the smaller index first); the
+    /// sampled ones and those that need their row get the row.
     #[test]
     fn picks_match_the_host_sampler() {
         let vocab = 50;
@@ -178,15 +196,19 @@ mod tests {
             .map(|(i, (sampler, context))| PickRequest {
                 sampler,
                 context,
+                alternatives: [3, 0, 2, 4, 2][i],
                 needs_row: i == 4,
             })
             .collect();
         let picks = pick_step(&logits, &mut requests).unwrap();
         for (i, pick) in picks.iter().enumerate() {
             match (i, pick) {
-                (0 | 1 | 3, StepPick::Token(t)) => {
+                (0 | 1 | 3, StepPick::Token(t, alternatives)) => {
                     let want = reference[i].sample(&host[i], &contexts[i]);
                     assert_eq!(*t, want, "sequence {i}");
+                    let n = [3, 0, 2, 4, 2][i];
+                    assert_eq!(alternatives, &top_logprobs(&host[i], n), "sequence {i}");
+                    assert_eq!(alternatives.len(), n);
                 }
                 (2 | 4, StepPick::Row(row)) => assert_eq!(row, &host[i], "sequence {i}"),
                 _ => panic!("sequence {i}: {pick:?}"),
@@ -195,11 +217,21 @@ mod tests {
         // The penalty moved sequence 1's pick off its argmax.
         assert_ne!(
             picks[1],
-            StepPick::Token(Sampled {
-                id: contexts[1][0],
-                logprob: crate::sampling::log_softmax_at(&host[1], contexts[1][0] as usize),
-            })
+            StepPick::Token(
+                Sampled {
+                    id: contexts[1][0],
+                    logprob: crate::sampling::log_softmax_at(&host[1], contexts[1][0] as usize),
+                },
+                vec![]
+            )
         );
+        // Row 3's best value is at 3 tokens; its alternatives take them by index.
+        let StepPick::Token(_, ref top) = picks[3] else {
+            unreachable!()
+        };
+        let ids: Vec<u32> = top.iter().map(|s| s.id).collect();
+        let best = crate::sampling::argmax(&host[3]) as u32;
+        assert_eq!(&ids[..3], &[best, best + 17, best + 34]);
         let mut short = requests;
         short.pop();
         let e = pick_step(&logits, &mut short).unwrap_err().to_string();

@@ -30,7 +30,7 @@ mod gpu {
         rope_append, set_tensor_core_attention, tickets_needed, NewTokens, PageShape, PagedBatch,
     };
     use lorq_quant::cuda::sampling::{
-        greedy_rows, penalize_rows, sample_rows, RowPenalty, RowSampling,
+        greedy_rows, penalize_rows, sample_rows, top_rows, RowPenalty, RowSampling, TOP_MAX,
     };
 
     /// The GPU, with the lock that runs this binary's GPU tests one at a time: the attention
@@ -668,6 +668,75 @@ mod gpu {
         .unwrap_err()
         .to_string();
         assert!(e.contains("temperature must be > 0"), "{e}");
+    }
+
+    /// Alternatives on the GPU = the host's `top_logprobs`: the same tokens in the same order
+    /// (bf16 and f16 rows hold many exact ties: the smaller index first, at the cut too), and
+    /// log-probabilities within 1e-4 relative (f32 sums in another order); rows with -inf, a whole row
+    /// asked for, rows picked twice.
+    #[test]
+    fn device_alternatives_match_the_host() {
+        use lorq_model::generation::top_logprobs;
+        let Some((dev, _one_at_a_time)) = gpu() else {
+            return;
+        };
+        let mut checked = 0;
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            for &n in &[7usize, 1000, 128_256] {
+                let mut host = seeded_randn(12, 3 * n, 2.0, 1);
+                host[1] = f32::NEG_INFINITY;
+                host[n + 2] = f32::NEG_INFINITY;
+                let x = Tensor::from_vec(host, (3, n), &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap()
+                    .to_device(&dev)
+                    .unwrap();
+                let host = host_f32(&x);
+                let counts = [1usize, 5, 20, TOP_MAX, n];
+                let rows: Vec<(u32, usize)> = counts
+                    .iter()
+                    .enumerate()
+                    .filter(|&(_, &c)| c <= TOP_MAX.min(n))
+                    .map(|(j, &c)| ((j % 3) as u32, c))
+                    .chain([(0, 3)])
+                    .collect();
+                let got = top_rows(&x, &rows).unwrap();
+                assert_eq!(got.len(), rows.len());
+                for (&(row, count), picks) in rows.iter().zip(&got) {
+                    let r = row as usize;
+                    let want = top_logprobs(&host[r * n..(r + 1) * n], count);
+                    let what = format!("{dtype:?} n {n} row {row} count {count}");
+                    let ids: Vec<u32> = picks.iter().map(|p| p.id).collect();
+                    let want_ids: Vec<u32> = want.iter().map(|s| s.id).collect();
+                    assert_eq!(ids, want_ids, "{what}");
+                    for (p, w) in picks.iter().zip(&want) {
+                        assert!(
+                            p.logprob == w.logprob
+                                || (p.logprob - w.logprob).abs() <= 1e-4 * w.logprob.abs().max(1.0),
+                            "{what}: token {}: {} vs {}",
+                            p.id,
+                            p.logprob,
+                            w.logprob
+                        );
+                    }
+                    checked += 1;
+                }
+            }
+        }
+        eprintln!("alternatives: {checked} rows = the host's top_logprobs");
+        let x = randn(1, &[2, 10]).to_device(&dev).unwrap();
+        for (rows, says) in [
+            (
+                vec![(0, 0)],
+                "row 0: 0 alternatives (1 to 10 for rows of 10)",
+            ),
+            (vec![(1, 11)], "row 1: 11 alternatives"),
+            (vec![(2, 1)], "row 2 selected from 2 rows"),
+        ] {
+            let e = top_rows(&x, &rows).unwrap_err().to_string();
+            assert!(e.contains(says), "{e}");
+        }
     }
 
     /// The repetition penalty on the GPU = the host sampler's, bit for bit (f32/bf16/f16 logits;

@@ -24,6 +24,11 @@
 //   s * penalty if s < 0, else s / penalty (IEEE, as the host computes them; the kernels build with
 //   fast math). Each write is computed from x, so a token listed twice is penalized once, as on the
 //   host.
+// - top_rows_*: a row's `count` (<= TOP_MAX) most likely tokens under its raw distribution, best
+//   first (the smaller index on ties), with their log-softmax: the alternatives a request reports
+//   (`top_n_tokens`, `top_logprobs`), as the host's `top_logprobs` ranks them. The count-th
+//   largest key comes from select_key (the top-k threshold), the tokens above it are gathered, the
+//   ones at it taken in index order, and the few sorted.
 #include "common.cuh"
 
 constexpr int PICK_THREADS = 1024;
@@ -482,6 +487,84 @@ __device__ __forceinline__ void penalize_rows(const T* __restrict__ x, const Pen
     }
 }
 
+constexpr int TOP_MAX = 64;  // a power of two
+
+struct TopArgs {
+    unsigned row;
+    unsigned count;  // 1 ..= min(TOP_MAX, n)
+    unsigned out;    // the row's first output pair
+};
+
+template <typename T>
+__device__ __forceinline__ void top_rows(const T* __restrict__ x, const TopArgs* __restrict__ args,
+                                         unsigned* __restrict__ out, int n) {
+    __shared__ GreedyAcc s_acc[PICK_WARPS];
+    __shared__ unsigned long long s_top[TOP_MAX];  // (key << 32) | ~index: larger is better
+    __shared__ unsigned long long s_u64[PICK_WARPS];
+    __shared__ unsigned s_above;
+    __shared__ SelectScratch s_select;
+    const TopArgs a = args[blockIdx.x];
+    SampleRow<T> r = {x + (size_t)a.row * n, n, 1.f, false, 0.f};
+    // The largest value and the sum of exp(v - largest): the log-softmax's normalizer.
+    GreedyAcc acc = {-INFINITY, n, 0.f};
+    for (int i = threadIdx.x; i < n; i += PICK_THREADS) ga_push(acc, r.score(i), i);
+    for (int i = threadIdx.x; i < TOP_MAX; i += PICK_THREADS) s_top[i] = 0ull;
+    if (threadIdx.x == 0) s_above = 0;
+    acc = ga_block_merge(acc, s_acc);
+    const unsigned count = a.count;
+    unsigned* o = out + 2 * (size_t)a.out;
+    if (acc.i >= n) {  // every value NaN: the first tokens, NaN log-probabilities
+        for (unsigned j = threadIdx.x; j < count; j += PICK_THREADS) {
+            o[2 * j] = j;
+            o[2 * j + 1] = __float_as_uint(NAN);
+        }
+        return;
+    }
+    r.m = acc.v;
+    const float lse = acc.v + logf(acc.s);
+    const unsigned top = order_key(acc.v);
+    const unsigned tau = select_key<false>(r, 1u, top, count, s_select);
+    // Every value above the threshold (fewer than count of them), then the ones at it in index order.
+    for (int i = threadIdx.x; i < n; i += PICK_THREADS) {
+        const unsigned k = order_key(r.score(i));
+        if (k > tau) s_top[atomicAdd(&s_above, 1u)] = ((unsigned long long)k << 32) | (unsigned)~i;
+    }
+    __syncthreads();
+    const unsigned need = count - s_above;
+    const int chunk = (n + PICK_THREADS - 1) / PICK_THREADS;
+    const int c0 = min(n, (int)threadIdx.x * chunk), c1 = min(n, c0 + chunk);
+    unsigned long long mine = 0;
+    for (int i = c0; i < c1; i++) mine += order_key(r.score(i)) == tau;
+    unsigned long long rank = block_exclusive_scan(mine, s_u64);
+    for (int i = c0; i < c1 && rank < need; i++) {
+        if (order_key(r.score(i)) == tau) {
+            s_top[s_above + rank] = ((unsigned long long)tau << 32) | (unsigned)~i;
+            rank++;
+        }
+    }
+    __syncthreads();
+    // Bitonic sort of the TOP_MAX entries, largest first (the empty ones, 0, sink).
+    for (unsigned size = 2; size <= TOP_MAX; size <<= 1) {
+        for (unsigned stride = size >> 1; stride > 0; stride >>= 1) {
+            const unsigned i = threadIdx.x, j = i ^ stride;
+            if (i < TOP_MAX && j > i) {
+                const unsigned long long ki = s_top[i], kj = s_top[j];
+                const bool desc = (i & size) == 0;
+                if (desc ? ki < kj : ki > kj) {
+                    s_top[i] = kj;
+                    s_top[j] = ki;
+                }
+            }
+            __syncthreads();
+        }
+    }
+    if (threadIdx.x < count) {
+        const unsigned id = ~(unsigned)s_top[threadIdx.x];
+        o[2 * threadIdx.x] = id;
+        o[2 * threadIdx.x + 1] = __float_as_uint(r.score(id) - lse);
+    }
+}
+
 #define PICK(T, TN)                                                                               \
     extern "C" __global__ void __launch_bounds__(PICK_THREADS)                                    \
         greedy_rows_##TN(const T* x, const unsigned* sel, unsigned* out, int n) {                 \
@@ -495,6 +578,10 @@ __device__ __forceinline__ void penalize_rows(const T* __restrict__ x, const Pen
         penalize_rows_##TN(const T* x, const PenaltyArgs* args, const unsigned* tokens, float* out, \
                            int n) {                                                               \
         penalize_rows<T>(x, args, tokens, out, n);                                                \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(PICK_THREADS)                                    \
+        top_rows_##TN(const T* x, const TopArgs* args, unsigned* out, int n) {                    \
+        top_rows<T>(x, args, out, n);                                                             \
     }
 PICK(float, f32)
 PICK(__nv_bfloat16, bf16)

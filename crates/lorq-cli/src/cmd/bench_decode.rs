@@ -550,6 +550,7 @@ impl Picker {
                 .map(|(sampler, context)| PickRequest {
                     sampler,
                     context,
+                    alternatives: 0,
                     needs_row: !self.device,
                 })
                 .collect();
@@ -560,7 +561,7 @@ impl Picker {
             .zip(picks)
             .zip(&*picked)
             .map(|((s, pick), context)| match pick {
-                StepPick::Token(t) => t.id,
+                StepPick::Token(t, _) => t.id,
                 StepPick::Row(row) => s.sample(&row, context).id,
             })
             .collect();

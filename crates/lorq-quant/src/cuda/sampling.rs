@@ -85,6 +85,36 @@ pub fn sample_rows(x: &Tensor, rows: &[RowSampling]) -> Result<Vec<Pick>, QuantE
     pick_rows(x, "sample_rows", &words, rows.len())
 }
 
+/// Most alternatives [`top_rows`] reports per row (`kernels/sampling.cu` `TOP_MAX`).
+pub const TOP_MAX: usize = 64;
+
+/// For each `(row, count)` of `rows`, the `count` (1 to [`TOP_MAX`], at most the row's length)
+/// most likely tokens of that row of `x` (`[rows, n]`, f32/bf16/f16) with their log-softmax
+/// (f32), best first, the smaller index on ties: `lorq_model::generation::top_logprobs` on the
+/// GPU, in one launch and one copy.
+pub fn top_rows(x: &Tensor, rows: &[(u32, usize)]) -> Result<Vec<Vec<Pick>>, QuantError> {
+    check_rows(x, rows.iter().map(|r| r.0), "top_rows")?;
+    let (_, n) = x.dims2()?;
+    let mut words = Vec::with_capacity(3 * rows.len());
+    let mut pairs = 0usize;
+    for &(row, count) in rows {
+        if count == 0 || count > TOP_MAX.min(n) {
+            return Err(QuantError::Invalid(format!(
+                "top_rows: row {row}: {count} alternatives (1 to {} for rows of {n})",
+                TOP_MAX.min(n)
+            )));
+        }
+        words.extend([row, count as u32, pairs as u32]);
+        pairs += count;
+    }
+    let flat = launch_rows(x, "top_rows", &words, rows.len(), pairs)?;
+    let mut flat = flat.into_iter();
+    Ok(rows
+        .iter()
+        .map(|&(_, count)| flat.by_ref().take(count).collect())
+        .collect())
+}
+
 /// One row's repetition penalty (transformers'): the score `s` of every token in `tokens` becomes
 /// `s * penalty` if `s < 0`, else `s / penalty`; a token listed twice counts once, ids past the
 /// row are ignored.
@@ -209,15 +239,27 @@ fn check_rows(
 }
 
 /// Launches `{kernel}_{dtype}` with one block per picked row, its per-row arguments `words`, and
-/// brings the picks back.
+/// brings the picks back (one per row).
 fn pick_rows(
     x: &Tensor,
     kernel: &str,
     words: &[u32],
     picks: usize,
 ) -> Result<Vec<Pick>, QuantError> {
+    launch_rows(x, kernel, words, picks, picks)
+}
+
+/// Launches `{kernel}_{dtype}` with `blocks` blocks, per-row arguments `words`, and brings back
+/// the `pairs` (token, log-probability) it writes.
+fn launch_rows(
+    x: &Tensor,
+    kernel: &str,
+    words: &[u32],
+    blocks: usize,
+    pairs: usize,
+) -> Result<Vec<Pick>, QuantError> {
     let dev = cuda_device(x, kernel)?;
-    if picks == 0 {
+    if blocks == 0 {
         return Ok(vec![]);
     }
     let dtype = x.dtype();
@@ -230,36 +272,37 @@ fn pick_rows(
         name: &str,
         x: &Tensor,
         args: &Tensor,
-        picks: usize,
+        (blocks, pairs): (usize, usize),
     ) -> Result<Vec<u32>, QuantError> {
         let (rows, n) = x.dims2()?;
         let (xs, xl) = x.storage_and_layout();
         let xv = device_view::<T>(&xs, xl, rows * n, "picks: logits")?;
         let (as_, al) = args.storage_and_layout();
         let av = device_view::<u32>(&as_, al, args.elem_count(), "picks: row arguments")?;
-        // SAFETY: the kernel writes both words of every picked row.
-        let out = unsafe { dev.alloc::<u32>(2 * picks)? };
+        // SAFETY: the kernel writes both words of every pair.
+        let out = unsafe { dev.alloc::<u32>(2 * pairs)? };
         let f = function(dev, "sampling", FATBIN, name)?;
         let stream = dev.cuda_stream();
         let mut b = stream.launch_builder(&f);
         let ni = n as i32;
         b.arg(&xv).arg(&av).arg(&out).arg(&ni);
         let cfg = LaunchConfig {
-            grid_dim: (picks as u32, 1, 1),
+            grid_dim: (blocks as u32, 1, 1),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: the arguments match `greedy_rows_*` / `sample_rows_*`: x holds rows * n values,
-        // every row named in args is below rows (check_rows), args holds the picks' arguments
-        // (1 or 5 words each), out 2 words per pick.
+        // SAFETY: the arguments match `greedy_rows_*` / `sample_rows_*` / `top_rows_*`: x holds
+        // rows * n values, every row named in args is below rows (check_rows), args holds the
+        // blocks' arguments (1, 5 or 3 words each), out 2 words per pair the blocks write.
         unsafe { b.launch(cfg) }.w()?;
         drop(b);
         Ok(stream.clone_dtoh(&out).w()?)
     }
+    let sizes = (blocks, pairs);
     let words = match dtype {
-        DType::BF16 => go::<half::bf16>(dev, &name, &x, &args, picks)?,
-        DType::F16 => go::<half::f16>(dev, &name, &x, &args, picks)?,
-        _ => go::<f32>(dev, &name, &x, &args, picks)?,
+        DType::BF16 => go::<half::bf16>(dev, &name, &x, &args, sizes)?,
+        DType::F16 => go::<half::f16>(dev, &name, &x, &args, sizes)?,
+        _ => go::<f32>(dev, &name, &x, &args, sizes)?,
     };
     Ok(words
         .chunks_exact(2)
