@@ -2,7 +2,8 @@
 adapter from a list (round-robin) or none; reports throughput and latency percentiles as JSON.
 
 Usage: serve_load.py URL --requests 64 --concurrency 16 --max-new-tokens 32 [--adapters a,b,...]
-       [--temperature T --top-p P --top-k K --repetition-penalty R]  (sampled requests; default greedy)
+       [--temperature T --top-p P --top-k K]  (sampled requests; default greedy)
+       [--repetition-penalty R] [--top-n N]  (a penalty; N alternatives per token)
 Uses only the standard library (http.client), so it measures the server, not a client library.
 """
 
@@ -64,12 +65,17 @@ def main():
     ap.add_argument("--temperature", type=float, help="sample (do_sample) at this temperature; default greedy")
     ap.add_argument("--top-p", type=float)
     ap.add_argument("--top-k", type=int)
-    ap.add_argument("--repetition-penalty", type=float)
+    ap.add_argument("--repetition-penalty", type=float, help="alone: greedy after the penalty")
+    ap.add_argument("--top-n", type=int, help="report each token's N most likely alternatives (top_n_tokens)")
     a = ap.parse_args()
-    sampling = {k: v for k, v in [("temperature", a.temperature), ("top_p", a.top_p), ("top_k", a.top_k),
-                                  ("repetition_penalty", a.repetition_penalty)] if v is not None}
+    sampling = {k: v for k, v in [("temperature", a.temperature), ("top_p", a.top_p), ("top_k", a.top_k)]
+                if v is not None}
     if sampling:
         sampling["do_sample"] = True
+    if a.repetition_penalty is not None:
+        sampling["repetition_penalty"] = a.repetition_penalty
+    if a.top_n:
+        sampling["top_n_tokens"] = a.top_n
     adapters = [x for x in a.adapters.split(",") if x]
     bodies = []
     for i in range(a.requests):

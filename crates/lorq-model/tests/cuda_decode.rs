@@ -739,6 +739,102 @@ mod gpu {
         }
     }
 
+    /// Timing, not a check: microseconds per call (launch, kernel, the picks' copy back) of each
+    /// picking kernel on 128,256-value bf16 rows, 1 / 16 / 64 rows, a flat distribution (a random
+    /// model's: every score near 0) and a peaked one (spread scores, a few far ahead).
+    #[test]
+    #[ignore = "timing benchmark: run on a GPU with --ignored --nocapture"]
+    fn picking_kernel_timing() {
+        let Some((dev, _one_at_a_time)) = gpu() else {
+            return;
+        };
+        let n = 128_256usize;
+        let time = |f: &mut dyn FnMut()| {
+            for _ in 0..3 {
+                f();
+            }
+            let t = std::time::Instant::now();
+            for _ in 0..20 {
+                f();
+            }
+            t.elapsed().as_secs_f64() * 1e6 / 20.0
+        };
+        for (label, std) in [("flat", 0.5f32), ("peaked", 2.5)] {
+            for rows in [1usize, 16, 64] {
+                let mut v = seeded_randn(13, rows * n, std, 4);
+                if label == "peaked" {
+                    for r in 0..rows {
+                        for j in 0..5 {
+                            v[r * n + (r * 7919 + j * 104_729) % n] += 12.0 - j as f32;
+                        }
+                    }
+                }
+                let x = Tensor::from_vec(v, (rows, n), &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(DType::BF16)
+                    .unwrap()
+                    .to_device(&dev)
+                    .unwrap();
+                let sel: Vec<u32> = (0..rows as u32).collect();
+                let draw = |t: f32, k: Option<u32>, p: f32| -> Vec<RowSampling> {
+                    sel.iter()
+                        .map(|&row| RowSampling {
+                            row,
+                            temperature: t,
+                            top_k: k,
+                            top_p: p,
+                            u: 0.37,
+                        })
+                        .collect()
+                };
+                let (top_p, top_k, plain) = (
+                    draw(0.7, None, 0.9),
+                    draw(0.7, Some(50), 1.0),
+                    draw(1.0, None, 1.0),
+                );
+                let context: Vec<u32> = (0..512u32).map(|i| i * 211 % n as u32).collect();
+                let pen: Vec<RowPenalty> = sel
+                    .iter()
+                    .map(|&row| RowPenalty {
+                        row,
+                        penalty: 1.1,
+                        tokens: &context,
+                    })
+                    .collect();
+                let tops: Vec<(u32, usize)> = sel.iter().map(|&r| (r, 5)).collect();
+                let us = [
+                    ("greedy", time(&mut || drop(greedy_rows(&x, &sel).unwrap()))),
+                    (
+                        "t 0.7 top-p 0.9",
+                        time(&mut || drop(sample_rows(&x, &top_p).unwrap())),
+                    ),
+                    (
+                        "t 0.7 top-k 50",
+                        time(&mut || drop(sample_rows(&x, &top_k).unwrap())),
+                    ),
+                    (
+                        "t 1 uncut",
+                        time(&mut || drop(sample_rows(&x, &plain).unwrap())),
+                    ),
+                    (
+                        "penalty (512 tokens) + greedy",
+                        time(&mut || {
+                            let p = penalize_rows(&x, &pen).unwrap();
+                            drop(greedy_rows(&p, &sel).unwrap())
+                        }),
+                    ),
+                    (
+                        "top 5 alternatives",
+                        time(&mut || drop(top_rows(&x, &tops).unwrap())),
+                    ),
+                ];
+                for (what, us) in us {
+                    eprintln!("picking timing: {label} rows {rows}: {what}: {us:.1} us");
+                }
+            }
+        }
+    }
+
     /// The repetition penalty on the GPU = the host sampler's, bit for bit (f32/bf16/f16 logits;
     /// tokens repeated, past the row, none; penalties above and below 1; rows picked out of order
     /// and twice), and the greedy and drawn picks from the penalized rows = the host sampler's

@@ -13,6 +13,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::Args;
 use lorq_lora::LoraAdapter;
+use lorq_model::generation::top_logprobs;
 use lorq_model::random_model::{random_adapters, shape_config};
 use lorq_model::{
     pick_step, BatchItem, LayerLinear, LlamaModel, LogitsWanted, PickRequest, Sampler,
@@ -162,6 +163,11 @@ pub struct BenchDecodeArgs {
     /// repetition penalty (over the sequence's new tokens), on the host with typical-p.
     #[command(flatten)]
     pub sampling: SamplingFlags,
+    /// Also report each token's N most likely alternatives (`top_n_tokens` / `top_logprobs`):
+    /// on a GPU ranked there; with --compare-host-picks, from the rows on the host
+    /// (`alternatives` in the rows).
+    #[arg(long, default_value_t = 0)]
+    pub top_n: usize,
     #[arg(long, default_value_t = 1234)]
     pub seed: u64,
     /// Timed repetitions of each case (prefill + decode again; the best decode is reported).
@@ -498,10 +504,11 @@ fn run_case(
 
 /// How a case picks each step's tokens: greedy or sampled, on the device or on the host.
 struct Picker {
-    /// One per sequence when sampling; empty for greedy.
+    /// One per sequence when sampling or reporting alternatives; empty for plain greedy.
     samplers: Vec<Sampler>,
     /// Each sequence's tokens picked so far (the repetition penalty's context).
     picked: Vec<Vec<u32>>,
+    alternatives: usize,
     device: bool,
 }
 
@@ -509,7 +516,7 @@ impl Picker {
     fn new(a: &BenchDecodeArgs, batch: usize, device: bool) -> Result<Self> {
         let params = a.sampling.params(None);
         params.validate().context("the sampling flags")?;
-        let samplers = if plain_greedy(&params) {
+        let samplers = if plain_greedy(&params) && a.top_n == 0 {
             vec![]
         } else {
             (0..batch as u64)
@@ -524,6 +531,7 @@ impl Picker {
         Ok(Self {
             samplers,
             picked: vec![vec![]; batch],
+            alternatives: a.top_n,
             device,
         })
     }
@@ -550,7 +558,7 @@ impl Picker {
                 .map(|(sampler, context)| PickRequest {
                     sampler,
                     context,
-                    alternatives: 0,
+                    alternatives: self.alternatives,
                     needs_row: !self.device,
                 })
                 .collect();
@@ -561,8 +569,14 @@ impl Picker {
             .zip(picks)
             .zip(&*picked)
             .map(|((s, pick), context)| match pick {
-                StepPick::Token(t, _) => t.id,
-                StepPick::Row(row) => s.sample(&row, context).id,
+                StepPick::Token(t, alternatives) => {
+                    std::hint::black_box(alternatives);
+                    t.id
+                }
+                StepPick::Row(row) => {
+                    std::hint::black_box(top_logprobs(&row, self.alternatives));
+                    s.sample(&row, context).id
+                }
             })
             .collect();
         for (context, &id) in picked.iter_mut().zip(&ids) {
@@ -779,6 +793,7 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
                         });
                         // (past serde_json's macro recursion limit inside json!)
                         row["sampling"] = sampling_row(&a);
+                        row["alternatives"] = json!(a.top_n);
                         eprintln!("{row}");
                         rows.push(row);
                     }
