@@ -113,18 +113,25 @@ impl StepLogits {
     }
 
     /// A token drawn from the last row of each of `items` on the GPU, with `draws[i]` (the host
-    /// sampler's processors and uniform number, [`crate::Sampler::device_draw`]): one launch and one
-    /// copy of two words per item. Only on a GPU ([`StepLogits::on_gpu`]).
-    pub fn sample_last(&self, items: &[usize], draws: &[DeviceDraw]) -> Result<Vec<Sampled>> {
+    /// sampler's processors and uniform number, [`crate::Sampler::device_draw`]) after the
+    /// repetition penalty `penalties[i]` (the penalty, 1 for none, and the tokens it applies to):
+    /// two launches and one copy of two words per item. Only on a GPU ([`StepLogits::on_gpu`]).
+    pub fn sample_last(
+        &self,
+        items: &[usize],
+        draws: &[DeviceDraw],
+        penalties: &[(f32, &[u32])],
+    ) -> Result<Vec<Sampled>> {
         let rows = self.last_rows(items)?;
         if rows.is_empty() {
             return Ok(vec![]);
         }
-        if draws.len() != rows.len() {
+        if draws.len() != rows.len() || penalties.len() != rows.len() {
             return Err(ModelError::Request(format!(
-                "sample_last: {} items, {} draws",
+                "sample_last: {} items, {} draws, {} penalties",
                 rows.len(),
-                draws.len()
+                draws.len(),
+                penalties.len()
             )));
         }
         #[cfg(feature = "cuda")]
@@ -133,8 +140,11 @@ impl StepLogits {
             let args: Vec<RowSampling> = rows
                 .iter()
                 .zip(draws)
-                .map(|(&row, d)| RowSampling {
+                .zip(penalties)
+                .map(|((&row, d), &(penalty, penalized))| RowSampling {
                     row,
+                    penalty,
+                    penalized,
                     temperature: d.temperature,
                     top_k: d.top_k.map(|k| k.min(u32::MAX as usize) as u32),
                     top_p: d.top_p,
@@ -163,17 +173,18 @@ impl StepLogits {
         let ones = vec![1; rows.len()];
         #[cfg(feature = "cuda")]
         if self.on_gpu() {
-            use lorq_quant::cuda::sampling::{penalize_rows, RowPenalty};
-            let args: Vec<RowPenalty> = rows
+            use lorq_quant::cuda::sampling::{prepare_rows, RowScores};
+            let args: Vec<RowScores> = rows
                 .iter()
                 .zip(penalties)
-                .map(|(&row, &(penalty, tokens))| RowPenalty {
+                .map(|(&row, &(penalty, penalized))| RowScores {
                     row,
                     penalty,
-                    tokens,
+                    temperature: 1.0,
+                    penalized,
                 })
                 .collect();
-            return StepLogits::new(penalize_rows(&self.all, &args)?, &ones);
+            return StepLogits::new(prepare_rows(&self.all, &args)?, &ones);
         }
         let mut host = self.host_rows(&rows)?;
         host.par_iter_mut()

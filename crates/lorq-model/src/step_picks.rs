@@ -1,8 +1,8 @@
 //! Where each sequence's next token is picked from a step's logits. On a GPU, greedy sequences
-//! take the argmax in one launch and sampled ones (temperature, top-k, top-p) draw in another,
-//! so only token ids and log-probabilities come back; a repetition penalty adds one launch that
-//! penalizes those sequences' rows in a copy they pick from, and the alternatives a sequence
-//! reports (its most likely tokens) one more. The rest (typical-p, everything on the CPU but the
+//! take the argmax in one launch and sampled ones (repetition penalty, temperature, top-k, top-p)
+//! draw after one more that prepares their scores, so only token ids and log-probabilities come
+//! back; greedy sequences with a repetition penalty take the argmax of their penalized rows, and
+//! the alternatives a sequence reports (its most likely tokens) take one more launch. The rest (typical-p, everything on the CPU but the
 //! argmax, and what the caller must see a row for: a constraint's mask) get their rows back in one
 //! copy, to sample on the host.
 
@@ -69,21 +69,49 @@ pub fn pick_step(logits: &StepLogits, requests: &mut [PickRequest]) -> Result<Ve
         })
         .collect();
     let mut picks: Vec<Option<StepPick>> = vec![None; requests.len()];
-    let (plain, penalized): (Vec<usize>, Vec<usize>) = (0..requests.len())
-        .filter(|&i| routes[i] != Route::Host)
-        .partition(|&i| requests[i].sampler.repetition_penalty().is_none());
-    pick_from(logits, &plain, &plain, &routes, requests, &mut picks)?;
-    if !penalized.is_empty() {
-        let penalties: Vec<(f32, &[u32])> = penalized
-            .iter()
-            .map(|&i| {
-                let r = &requests[i];
-                (r.sampler.repetition_penalty().unwrap_or(1.0), r.context)
+    let which = |route: Route, penalized: bool| -> Vec<usize> {
+        (0..requests.len())
+            .filter(|&i| {
+                routes[i] == route
+                    && requests[i].sampler.repetition_penalty().is_some() == penalized
             })
-            .collect();
+            .collect()
+    };
+    let penalty_of = |i: usize| -> (f32, &[u32]) {
+        let r = &requests[i];
+        match r.sampler.repetition_penalty() {
+            Some(p) => (p, r.context),
+            None => (1.0, &[]),
+        }
+    };
+    // Greedy: the argmax of the logits, or of the penalized rows.
+    let plain = which(Route::Greedy, false);
+    for (&i, t) in plain.iter().zip(logits.greedy_last(&plain)?) {
+        picks[i] = Some(StepPick::Token(t, vec![]));
+    }
+    let penalized = which(Route::Greedy, true);
+    if !penalized.is_empty() {
+        let penalties: Vec<(f32, &[u32])> = penalized.iter().map(|&i| penalty_of(i)).collect();
         let rows = logits.penalized(&penalized, &penalties)?;
         let items: Vec<usize> = (0..penalized.len()).collect();
-        pick_from(&rows, &penalized, &items, &routes, requests, &mut picks)?;
+        for (&i, t) in penalized.iter().zip(rows.greedy_last(&items)?) {
+            picks[i] = Some(StepPick::Token(t, vec![]));
+        }
+    }
+    // Drawn, penalized or not: one preparation launch and one draw.
+    let drawn: Vec<usize> = (0..requests.len())
+        .filter(|&i| routes[i] == Route::Draw)
+        .collect();
+    let penalties: Vec<(f32, &[u32])> = drawn.iter().map(|&i| penalty_of(i)).collect();
+    let draws: Vec<DeviceDraw> = drawn
+        .iter()
+        .map(|&i| requests[i].sampler.device_draw())
+        .collect();
+    for (&i, t) in drawn
+        .iter()
+        .zip(logits.sample_last(&drawn, &draws, &penalties)?)
+    {
+        picks[i] = Some(StepPick::Token(t, vec![]));
     }
     let reporting: Vec<usize> = (0..requests.len())
         .filter(|&i| routes[i] != Route::Host && requests[i].alternatives > 0)
@@ -107,35 +135,6 @@ pub fn pick_step(logits: &StepLogits, requests: &mut [PickRequest]) -> Result<Ve
         .into_iter()
         .map(|p| p.ok_or_else(|| ModelError::Request("pick_step: a sequence got no pick".into())))
         .collect()
-}
-
-/// The greedy and drawn tokens of the sequences `seqs` from `src`, whose item `items[j]` is
-/// sequence `seqs[j]`'s: one launch for each kind.
-fn pick_from(
-    src: &StepLogits,
-    seqs: &[usize],
-    items: &[usize],
-    routes: &[Route],
-    requests: &mut [PickRequest],
-    picks: &mut [Option<StepPick>],
-) -> Result<()> {
-    // Positions in `seqs` / `items` of each kind.
-    let (greedy, drawn): (Vec<usize>, Vec<usize>) =
-        (0..seqs.len()).partition(|&j| routes[seqs[j]] == Route::Greedy);
-    let items_at = |at: &[usize]| at.iter().map(|&j| items[j]).collect::<Vec<_>>();
-    let tokens = src.greedy_last(&items_at(&greedy))?;
-    for (&j, t) in greedy.iter().zip(tokens) {
-        picks[seqs[j]] = Some(StepPick::Token(t, vec![]));
-    }
-    let draws: Vec<DeviceDraw> = drawn
-        .iter()
-        .map(|&j| requests[seqs[j]].sampler.device_draw())
-        .collect();
-    let tokens = src.sample_last(&items_at(&drawn), &draws)?;
-    for (&j, t) in drawn.iter().zip(tokens) {
-        picks[seqs[j]] = Some(StepPick::Token(t, vec![]));
-    }
-    Ok(())
 }
 
 #[cfg(test)]

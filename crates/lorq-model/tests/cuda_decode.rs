@@ -30,7 +30,7 @@ mod gpu {
         rope_append, set_tensor_core_attention, tickets_needed, NewTokens, PageShape, PagedBatch,
     };
     use lorq_quant::cuda::sampling::{
-        greedy_rows, penalize_rows, sample_rows, top_rows, RowPenalty, RowSampling, TOP_MAX,
+        greedy_rows, prepare_rows, sample_rows, top_rows, RowSampling, RowScores, TOP_MAX,
     };
 
     /// The GPU, with the lock that runs this binary's GPU tests one at a time: the attention
@@ -595,6 +595,8 @@ mod gpu {
                             .iter()
                             .map(|&u| RowSampling {
                                 row: row as u32,
+                                penalty: 1.0,
+                                penalized: &[],
                                 temperature: t,
                                 top_k: k.map(|k| k as u32),
                                 top_p: p,
@@ -659,6 +661,8 @@ mod gpu {
             &randn(1, &[2, 10]).to_device(&dev).unwrap(),
             &[RowSampling {
                 row: 0,
+                penalty: 1.0,
+                penalized: &[],
                 temperature: 0.0,
                 top_k: None,
                 top_p: 1.0,
@@ -780,6 +784,8 @@ mod gpu {
                     sel.iter()
                         .map(|&row| RowSampling {
                             row,
+                            penalty: 1.0,
+                            penalized: &[],
                             temperature: t,
                             top_k: k,
                             top_p: p,
@@ -793,12 +799,13 @@ mod gpu {
                     draw(1.0, None, 1.0),
                 );
                 let context: Vec<u32> = (0..512u32).map(|i| i * 211 % n as u32).collect();
-                let pen: Vec<RowPenalty> = sel
+                let pen: Vec<RowScores> = sel
                     .iter()
-                    .map(|&row| RowPenalty {
+                    .map(|&row| RowScores {
                         row,
                         penalty: 1.1,
-                        tokens: &context,
+                        temperature: 1.0,
+                        penalized: &context,
                     })
                     .collect();
                 let tops: Vec<(u32, usize)> = sel.iter().map(|&r| (r, 5)).collect();
@@ -819,7 +826,7 @@ mod gpu {
                     (
                         "penalty (512 tokens) + greedy",
                         time(&mut || {
-                            let p = penalize_rows(&x, &pen).unwrap();
+                            let p = prepare_rows(&x, &pen).unwrap();
                             drop(greedy_rows(&p, &sel).unwrap())
                         }),
                     ),
@@ -835,10 +842,11 @@ mod gpu {
         }
     }
 
-    /// The repetition penalty on the GPU = the host sampler's, bit for bit (f32/bf16/f16 logits;
-    /// tokens repeated, past the row, none; penalties above and below 1; rows picked out of order
-    /// and twice), and the greedy and drawn picks from the penalized rows = the host sampler's
-    /// with that context: the same greedy token, a drawn token whose host CDF interval holds u.
+    /// The repetition penalty and temperature on the GPU (`prepare_rows`, many blocks per row) =
+    /// the host sampler's, bit for bit (f32/bf16/f16 logits; tokens repeated, past the row, none;
+    /// penalties above and below 1; rows picked out of order and twice), and the greedy picks from
+    /// the penalized rows and the draws with a penalty = the host sampler's with that context: the
+    /// same greedy token, a drawn token whose host CDF interval holds u.
     #[test]
     fn device_penalties_match_the_host_sampler() {
         use lorq_model::sampling::{apply_repetition_penalty, argmax, Sampler, SamplingParams};
@@ -872,27 +880,36 @@ mod gpu {
                     })
                     .collect();
                 let sel = [3usize, 1, 2, 0, 1];
-                let args: Vec<RowPenalty> = sel
-                    .iter()
-                    .map(|&r| RowPenalty {
-                        row: r as u32,
-                        penalty: penalties[r],
-                        tokens: &contexts[r],
-                    })
-                    .collect();
-                let got = penalize_rows(&x, &args).unwrap();
+                let prepare = |temperature: f32| {
+                    let args: Vec<RowScores> = sel
+                        .iter()
+                        .map(|&r| RowScores {
+                            row: r as u32,
+                            penalty: penalties[r],
+                            temperature,
+                            penalized: &contexts[r],
+                        })
+                        .collect();
+                    prepare_rows(&x, &args).unwrap()
+                };
+                let (got, scaled) = (prepare(1.0), prepare(0.8));
                 assert_eq!(got.dims(), &[sel.len(), n]);
-                let got_host = host_f32(&got);
+                let (got_host, scaled_host) = (host_f32(&got), host_f32(&scaled));
                 for (j, &r) in sel.iter().enumerate() {
                     let what = format!("{dtype:?} n {n} row {r} (output {j})");
                     let mut want = row_of(r).to_vec();
                     apply_repetition_penalty(&mut want, penalties[r], &contexts[r]);
-                    let differ = got_host[j * n..(j + 1) * n]
-                        .iter()
-                        .zip(&want)
-                        .filter(|(a, b)| a.to_bits() != b.to_bits())
-                        .count();
-                    assert_eq!(differ, 0, "{what}: {differ} penalized values differ");
+                    let want_scaled: Vec<f32> = want.iter().map(|&s| s / 0.8).collect();
+                    for (got, want, t) in
+                        [(&got_host, &want, 1.0), (&scaled_host, &want_scaled, 0.8)]
+                    {
+                        let differ = got[j * n..(j + 1) * n]
+                            .iter()
+                            .zip(want)
+                            .filter(|(a, b)| a.to_bits() != b.to_bits())
+                            .count();
+                        assert_eq!(differ, 0, "{what} temperature {t}: {differ} values differ");
+                    }
                     let greedy = SamplingParams {
                         repetition_penalty: Some(penalties[r]),
                         ..Default::default()
@@ -915,9 +932,11 @@ mod gpu {
                     let probs = Sampler::new(sampled).probabilities(row_of(r), &contexts[r]);
                     for u in [0.0f32, 0.1, 0.5, 0.93] {
                         let d = sample_rows(
-                            &got,
+                            &x,
                             &[RowSampling {
-                                row: j as u32,
+                                row: r as u32,
+                                penalty: penalties[r],
+                                penalized: &contexts[r],
                                 temperature: 0.8,
                                 top_k: None,
                                 top_p: 0.9,
@@ -940,22 +959,28 @@ mod gpu {
         }
         eprintln!("penalized rows: bit-exact; {draws} draws inside the host's intervals");
         let x = randn(1, &[2, 10]).to_device(&dev).unwrap();
-        let bad = |penalty: f32| {
-            penalize_rows(
+        let bad = |penalty: f32, temperature: f32| {
+            prepare_rows(
                 &x,
-                &[RowPenalty {
+                &[RowScores {
                     row: 1,
                     penalty,
-                    tokens: &[1],
+                    temperature,
+                    penalized: &[1],
                 }],
             )
             .unwrap_err()
             .to_string()
         };
         for p in [0.0, -1.0, f32::INFINITY, f32::NAN] {
-            let e = bad(p);
+            let e = bad(p, 1.0);
             assert!(
                 e.contains("row 1: the penalty must be > 0 and finite"),
+                "{p}: {e}"
+            );
+            let e = bad(1.0, p);
+            assert!(
+                e.contains("row 1: the temperature must be > 0 and finite"),
                 "{p}: {e}"
             );
         }

@@ -1,29 +1,31 @@
 // Picking the next token from a step's logits on the GPU, so that only token ids and their
 // log-probabilities come back to the host (crates/lorq-model StepLogits; the host sampler,
 // crates/lorq-model/src/sampling.rs, is the reference; tests in crates/lorq-model/tests/cuda_decode.rs).
-// One block of 1024 threads per selected row.
+// One block of 1024 threads per selected row; every pass over a row loads 8 values at a time,
+// several loads in flight (for_each_value), since a block's passes are latency-bound otherwise.
 // - greedy_rows_*: for each selected row r = sel[b], out[2b] = the index of its largest value (the
 //   first on ties, as torch.argmax; NaN never wins) and out[2b + 1] = the bits of that value's
 //   log-softmax (f32), in one pass: each thread keeps its best value and the sum of exp(v - best),
 //   rescaled when the best changes, so the log-softmax at the argmax is -log(sum). 16-byte loads,
 //   4 in flight per thread. (The host's 513 KB copy of a 128k-vocabulary row per sequence and step
 //   was a synchronous transfer each, 1-5 ms per sequence with the host's log-softmax.)
-// - sample_rows_*: the host sampler's temperature, top-k and top-p, then its draw: row args[b].row
-//   scaled by 1/temperature (IEEE division, as the host divides), top-k keeps every score >= the
+// - prepare_rows_*: a sampled or penalized row's scores as f32, computed once by many blocks per row
+//   before the single-block pick reads them several times: transformers' repetition penalty at
+//   every listed token (a score s < 0 becomes s * penalty, else s / penalty), then the temperature
+//   (s / temperature), IEEE products and quotients as the host computes them (the kernels build
+//   with fast math). Each penalized value is computed from x, so a token listed twice counts once.
+// - sample_rows_f32: on prepared rows, the host sampler's top-k and top-p, then its draw: top-k
+//   keeps every score >= the
 //   k-th largest (ties kept), top-p the smallest prefix of the rest ranked by score (ties by index)
 //   whose probability reaches p, and the token is the first, in index order, whose cumulative
 //   probability exceeds the uniform number u the host drew from the sequence's seeded generator.
 //   Probabilities are exp(s - max) as 32.32 fixed-point integers, summed exactly (no order
 //   dependence: a seed gives the same token every run); a token below 2^-33 of the top one weighs 0.
-//   The thresholds are binary searches over the scores' ordered bit patterns (one block-wide count
-//   or sum per step, up to 32 each), the draw a block-wide prefix sum in index order. The host's
+//   Each threshold comes from a histogram of the scores over value bins below the top one and an
+//   exact sort of the crossing bin's keys (a binary search over the scores' ordered bit patterns
+//   where that bin is too full), the draw is a block-wide prefix sum in index order. The host's
 //   f32 sums can put a boundary elsewhere by a rounding: the same token, unless u or p lies within
 //   ~1e-6 of a cumulative probability.
-// - penalize_rows_*: transformers' repetition penalty before either pick, for the rows that have
-//   one: out row b (f32) = row args[b].row of x with every listed token's score s turned into
-//   s * penalty if s < 0, else s / penalty (IEEE, as the host computes them; the kernels build with
-//   fast math). Each write is computed from x, so a token listed twice is penalized once, as on the
-//   host.
 // - top_rows_*: a row's `count` (<= TOP_MAX) most likely tokens under its raw distribution, best
 //   first (the smaller index on ties), with their log-softmax: the alternatives a request reports
 //   (`top_n_tokens`, `top_logprobs`), as the host's `top_logprobs` ranks them. The count-th
@@ -90,15 +92,14 @@ __device__ __forceinline__ GreedyAcc ga_block_merge(GreedyAcc a, GreedyAcc* scra
     return a;
 }
 
-template <typename T>
-__device__ __forceinline__ void greedy_rows(const T* __restrict__ x, const unsigned* __restrict__ sel,
-                                            unsigned* __restrict__ out, int n) {
-    __shared__ GreedyAcc s_acc[PICK_THREADS / 32];
-    const T* row = x + (size_t)sel[blockIdx.x] * n;
-    GreedyAcc a = {-INFINITY, n, 0.f};  // index n: no candidate yet
+constexpr int INFLIGHT = 4;
+
+// f(v, i) for every value v = row[i] of a row of n values, thread t taking 8-value chunks t,
+// t + PICK_THREADS, ...: 16-byte loads, INFLIGHT in flight, where rows start 16-byte aligned
+// (n % 8 == 0 on an aligned allocation); single values, 8 in flight, otherwise.
+template <typename T, typename F>
+__device__ __forceinline__ void for_each_value(const T* __restrict__ row, int n, F&& f) {
     if ((n & 7) == 0) {
-        // Rows start 16-byte aligned (n % 8 == 0 on an aligned allocation): 8 values per load.
-        constexpr int INFLIGHT = 4;
         const int chunks = n >> 3;
         for (int c0 = threadIdx.x; c0 < chunks; c0 += INFLIGHT * PICK_THREADS) {
             Pack8<T> p[INFLIGHT] = {};
@@ -111,10 +112,10 @@ __device__ __forceinline__ void greedy_rows(const T* __restrict__ x, const unsig
             for (int u = 0; u < INFLIGHT; u++) {
                 const int c = c0 + u * PICK_THREADS;
                 if (c < chunks) {
-                    float f[8];
-                    unpack8<T>(p[u], f);
+                    float v[8];
+                    unpack8<T>(p[u], v);
 #pragma unroll
-                    for (int e = 0; e < 8; e++) ga_push(a, f[e], 8 * c + e);
+                    for (int e = 0; e < 8; e++) f(v[e], 8 * c + e);
                 }
             }
         }
@@ -124,15 +125,46 @@ __device__ __forceinline__ void greedy_rows(const T* __restrict__ x, const unsig
 #pragma unroll
             for (int u = 0; u < 8; u++) {
                 const int i = i0 + u * PICK_THREADS;
-                v[u] = i < n ? to_f(row[i]) : -INFINITY;
+                v[u] = i < n ? to_f(row[i]) : 0.f;
             }
 #pragma unroll
             for (int u = 0; u < 8; u++) {
                 const int i = i0 + u * PICK_THREADS;
-                if (i < n) ga_push(a, v[u], i);
+                if (i < n) f(v[u], i);
             }
         }
     }
+}
+
+// The contiguous span [x, y) of a row of n values this thread takes in the passes that go in
+// index order: a multiple of 8 values, so that it loads 8 at a time.
+__device__ __forceinline__ int2 thread_span(int n) {
+    const int per = ((n + PICK_THREADS - 1) / PICK_THREADS + 7) & ~7;
+    const int lo = min(n, (int)threadIdx.x * per);
+    return make_int2(lo, min(n, lo + per));
+}
+
+// f(v, i) for the values of `span` in index order.
+template <typename T, typename F>
+__device__ __forceinline__ void for_each_in_span(const T* __restrict__ row, int n, int2 span, F&& f) {
+    int i = span.x;
+    if ((n & 7) == 0) {  // span.x is a multiple of 8: aligned loads
+        for (; i + 8 <= span.y; i += 8) {
+            float v[8];
+            load8<T>(row + i, v);
+#pragma unroll
+            for (int e = 0; e < 8; e++) f(v[e], i + e);
+        }
+    }
+    for (; i < span.y; i++) f(to_f(row[i]), i);
+}
+
+template <typename T>
+__device__ __forceinline__ void greedy_rows(const T* __restrict__ x, const unsigned* __restrict__ sel,
+                                            unsigned* __restrict__ out, int n) {
+    __shared__ GreedyAcc s_acc[PICK_THREADS / 32];
+    GreedyAcc a = {-INFINITY, n, 0.f};  // index n: no candidate yet
+    for_each_value(x + (size_t)sel[blockIdx.x] * n, n, [&](float v, int i) { ga_push(a, v, i); });
     a = ga_block_merge(a, s_acc);
     if (threadIdx.x == 0) {
         // All NaN (or no values): index 0, as a scan that never finds a larger value.
@@ -185,11 +217,10 @@ __device__ __forceinline__ V block_exclusive_scan(V v, V* scratch) {
 }
 
 struct SampleArgs {
-    unsigned row;
-    unsigned top_k;     // 0: no top-k
-    float temperature;  // 1: none
-    float top_p;        // >= 1: no top-p
-    float u;            // in [0, 1)
+    unsigned row;    // of the prepared scores
+    unsigned top_k;  // 0: no top-k
+    float top_p;     // >= 1: no top-p
+    float u;         // in [0, 1)
 };
 
 constexpr float TWO_POW_32 = 4294967296.f;
@@ -199,14 +230,8 @@ template <typename T>
 struct SampleRow {
     const T* x;
     int n;
-    float temperature;  // scores are x / temperature where `scaled`
-    bool scaled;
-    float m;          // the largest score
+    float m;  // the largest score
 
-    __device__ __forceinline__ float score(int i) const {
-        const float v = to_f(x[i]);
-        return scaled ? __fdiv_rn(v, temperature) : v;
-    }
     // 32.32 fixed-point exp(s - m); 0 for NaN.
     __device__ __forceinline__ unsigned long long weight(float s) const {
         if (s != s) return 0ull;
@@ -220,11 +245,10 @@ __device__ __forceinline__ unsigned long long mass_at_least(const SampleRow<T>& 
                                                              unsigned floor_key,
                                                              unsigned long long* scratch) {
     unsigned long long acc = 0;
-    for (int i = threadIdx.x; i < r.n; i += PICK_THREADS) {
-        const float s = r.score(i);
+    for_each_value(r.x, r.n, [&](float s, int) {
         const unsigned k = order_key(s);
         if (k >= lo && k >= floor_key) acc += WEIGHTED ? r.weight(s) : 1ull;
-    }
+    });
     return block_reduce<true>(acc, scratch);
 }
 
@@ -280,17 +304,16 @@ __device__ __forceinline__ unsigned select_key(const SampleRow<T>& r, unsigned f
     __syncthreads();
     const float scale = VBINS / VRANGE;
     auto bin_of = [&](float s) { return (int)fminf((r.m - s) * scale, (float)(VBINS - 1)); };
-    for (int i = threadIdx.x; i < r.n; i += PICK_THREADS) {
-        const float s = r.score(i);
+    for_each_value(r.x, r.n, [&](float s, int) {
         const unsigned k = order_key(s);
-        if (k < floor_key || k == 0u) continue;
+        if (k < floor_key || k == 0u) return;
         const int b = bin_of(s);
         atomicAdd(&sh.count[b], 1u);
         if (WEIGHTED) {
             const unsigned long long w = r.weight(s);
             if (w) atomicAdd(&sh.mass[b], w);
         }
-    }
+    });
     __syncthreads();
     if (threadIdx.x == 0) {
         unsigned long long acc = 0;
@@ -307,11 +330,10 @@ __device__ __forceinline__ unsigned select_key(const SampleRow<T>& r, unsigned f
     const int bin = sh.bin;
     if (bin < 0) return search_key<WEIGHTED>(r, floor_key, top, floor_key, target, sh.sums);
     const unsigned long long before = sh.before;
-    for (int i = threadIdx.x; i < r.n; i += PICK_THREADS) {
-        const float s = r.score(i);
+    for_each_value(r.x, r.n, [&](float s, int) {
         const unsigned k = order_key(s);
         if (k >= floor_key && k != 0u && bin_of(s) == bin) sh.keys[atomicAdd(&sh.n_keys, 1u)] = k;
-    }
+    });
     __syncthreads();
     const unsigned nk = sh.n_keys;
     unsigned len = 1;
@@ -360,24 +382,22 @@ __device__ __forceinline__ unsigned select_key(const SampleRow<T>& r, unsigned f
     return sh.tau;
 }
 
-template <typename T>
-__device__ __forceinline__ void sample_rows(const T* __restrict__ x, const SampleArgs* __restrict__ args,
+__device__ __forceinline__ void sample_rows(const float* __restrict__ x, const SampleArgs* __restrict__ args,
                                             unsigned* __restrict__ out, int n) {
     __shared__ unsigned long long s_u64[PICK_WARPS];
     __shared__ GreedyAcc s_acc[PICK_WARPS];
     __shared__ unsigned s_pick;
     __shared__ SelectScratch s_select;
     const SampleArgs a = args[blockIdx.x];
-    SampleRow<T> r = {x + (size_t)a.row * n, n, a.temperature, a.temperature != 1.f, 0.f};
+    SampleRow<float> r = {x + (size_t)a.row * n, n, 0.f};
     // The largest score and its index (the fallback if rounding leaves the draw unplaced).
     GreedyAcc best = {-INFINITY, n, 0.f};
-    for (int i = threadIdx.x; i < n; i += PICK_THREADS) {
-        const float s = r.score(i);
+    for_each_value(r.x, n, [&](float s, int i) {
         if (am_better(s, i, best.v, best.i)) {
             best.v = s;
             best.i = i;
         }
-    }
+    });
     if (threadIdx.x == 0) s_pick = (unsigned)n;
     best = ga_block_merge(best, s_acc);
     if (best.i >= n) {  // every score NaN: token 0, as the host's argmax
@@ -406,13 +426,12 @@ __device__ __forceinline__ void sample_rows(const T* __restrict__ x, const Sampl
         above = tau < top ? mass_at_least<true>(r, tau + 1, floor_key, s_u64) : 0ull;
         // One boundary score's weight (they are equal) and how many there are.
         unsigned long long w = 0, cnt = 0;
-        for (int i = threadIdx.x; i < n; i += PICK_THREADS) {
-            const float s = r.score(i);
+        for_each_value(r.x, n, [&](float s, int) {
             if (order_key(s) == tau) {
                 w = r.weight(s);
                 cnt++;
             }
-        }
+        });
         tie_w = block_reduce<false>(w, s_u64);
         const unsigned long long tie_count = block_reduce<true>(cnt, s_u64);
         ties = tie_w > 0 ? (target - above + tie_w - 1) / tie_w : tie_count;
@@ -421,13 +440,12 @@ __device__ __forceinline__ void sample_rows(const T* __restrict__ x, const Sampl
         cut = true;
     }
     // The draw: the first token, in index order, whose cumulative kept weight exceeds u * kept.
-    // Each thread takes a contiguous chunk of the row.
-    const int chunk = (n + PICK_THREADS - 1) / PICK_THREADS;
-    const int c0 = min(n, (int)threadIdx.x * chunk), c1 = min(n, c0 + chunk);
+    // Each thread takes a contiguous span of the row.
+    const int2 span = thread_span(n);
     unsigned long long tie_base = 0;
     if (cut) {
         unsigned long long mine = 0;
-        for (int i = c0; i < c1; i++) mine += order_key(r.score(i)) == tau;
+        for_each_in_span(r.x, n, span, [&](float s, int) { mine += order_key(s) == tau; });
         tie_base = block_exclusive_scan(mine, s_u64);
     }
     auto kept_weight = [&](float s, unsigned long long& tie_rank) -> unsigned long long {
@@ -438,15 +456,15 @@ __device__ __forceinline__ void sample_rows(const T* __restrict__ x, const Sampl
         return 0ull;
     };
     unsigned long long mine = 0, rank = tie_base;
-    for (int i = c0; i < c1; i++) mine += kept_weight(r.score(i), rank);
+    for_each_in_span(r.x, n, span, [&](float s, int) { mine += kept_weight(s, rank); });
     const unsigned long long base = block_exclusive_scan(mine, s_u64);
     unsigned long long target = kept > 0 ? (unsigned long long)((double)a.u * (double)kept) : 0ull;
     target = kept > 0 && target >= kept ? kept - 1 : target;
     if (kept > 0 && base <= target && target < base + mine) {
         unsigned long long acc = base;
         rank = tie_base;
-        for (int i = c0; i < c1; i++) {
-            acc += kept_weight(r.score(i), rank);
+        for (int i = span.x; i < span.y; i++) {
+            acc += kept_weight(r.x[i], rank);
             if (acc > target) {
                 s_pick = (unsigned)i;
                 break;
@@ -456,33 +474,43 @@ __device__ __forceinline__ void sample_rows(const T* __restrict__ x, const Sampl
     __syncthreads();
     if (threadIdx.x == 0) {
         const unsigned id = s_pick < (unsigned)n ? s_pick : (unsigned)best.i;
-        const float lp = (r.score(id) - r.m) + LN_TWO_POW_32 - logf((float)kept);
+        const float lp = (r.x[id] - r.m) + LN_TWO_POW_32 - logf((float)kept);
         out[2 * blockIdx.x] = id;
         out[2 * blockIdx.x + 1] = __float_as_uint(lp);
     }
 }
 
-struct PenaltyArgs {
+struct PrepareArgs {
     unsigned row;
-    float penalty;   // > 0
-    unsigned start;  // the row's tokens: tokens[start .. start + count]
+    float penalty;      // > 0; 1: none
+    float temperature;  // > 0; 1: none
+    unsigned start;     // the row's penalized tokens: tokens[start .. start + count]
     unsigned count;
 };
 
+constexpr int PREPARE_THREADS = 256;
+
+// Output row j is prepared by `parts` blocks (blockIdx.x = j * parts + part), each a slice.
 template <typename T>
-__device__ __forceinline__ void penalize_rows(const T* __restrict__ x, const PenaltyArgs* __restrict__ args,
-                                              const unsigned* __restrict__ tokens, float* __restrict__ out,
-                                              int n) {
-    const PenaltyArgs a = args[blockIdx.x];
+__device__ __forceinline__ void prepare_rows(const T* __restrict__ x, const PrepareArgs* __restrict__ args,
+                                             const unsigned* __restrict__ tokens, float* __restrict__ out,
+                                             int n, int parts) {
+    const int j = blockIdx.x / parts, part = blockIdx.x % parts;
+    const PrepareArgs a = args[j];
+    const int per = (n + parts - 1) / parts;
+    const int lo = min(n, part * per), hi = min(n, lo + per);
     const T* row = x + (size_t)a.row * n;
-    float* o = out + (size_t)blockIdx.x * n;
-    for (int i = threadIdx.x; i < n; i += PICK_THREADS) o[i] = to_f(row[i]);
-    __syncthreads();  // the penalized scores land after the copy
-    for (unsigned j = threadIdx.x; j < a.count; j += PICK_THREADS) {
-        const unsigned t = tokens[a.start + j];
-        if (t < (unsigned)n) {
+    float* o = out + (size_t)j * n;
+    const bool scaled = a.temperature != 1.f;
+    auto scale = [&](float s) { return scaled ? __fdiv_rn(s, a.temperature) : s; };
+    for (int i = lo + threadIdx.x; i < hi; i += PREPARE_THREADS) o[i] = scale(to_f(row[i]));
+    if (a.penalty == 1.f) return;
+    __syncthreads();  // the penalized scores land after the slice's copy
+    for (unsigned k = threadIdx.x; k < a.count; k += PREPARE_THREADS) {
+        const unsigned t = tokens[a.start + k];
+        if (t >= (unsigned)lo && t < (unsigned)hi) {
             const float s = to_f(row[t]);
-            o[t] = s < 0.f ? __fmul_rn(s, a.penalty) : __fdiv_rn(s, a.penalty);
+            o[t] = scale(s < 0.f ? __fmul_rn(s, a.penalty) : __fdiv_rn(s, a.penalty));
         }
     }
 }
@@ -504,10 +532,10 @@ __device__ __forceinline__ void top_rows(const T* __restrict__ x, const TopArgs*
     __shared__ unsigned s_above;
     __shared__ SelectScratch s_select;
     const TopArgs a = args[blockIdx.x];
-    SampleRow<T> r = {x + (size_t)a.row * n, n, 1.f, false, 0.f};
+    SampleRow<T> r = {x + (size_t)a.row * n, n, 0.f};
     // The largest value and the sum of exp(v - largest): the log-softmax's normalizer.
     GreedyAcc acc = {-INFINITY, n, 0.f};
-    for (int i = threadIdx.x; i < n; i += PICK_THREADS) ga_push(acc, r.score(i), i);
+    for_each_value(r.x, n, [&](float v, int i) { ga_push(acc, v, i); });
     for (int i = threadIdx.x; i < TOP_MAX; i += PICK_THREADS) s_top[i] = 0ull;
     if (threadIdx.x == 0) s_above = 0;
     acc = ga_block_merge(acc, s_acc);
@@ -525,19 +553,18 @@ __device__ __forceinline__ void top_rows(const T* __restrict__ x, const TopArgs*
     const unsigned top = order_key(acc.v);
     const unsigned tau = select_key<false>(r, 1u, top, count, s_select);
     // Every value above the threshold (fewer than count of them), then the ones at it in index order.
-    for (int i = threadIdx.x; i < n; i += PICK_THREADS) {
-        const unsigned k = order_key(r.score(i));
+    for_each_value(r.x, n, [&](float v, int i) {
+        const unsigned k = order_key(v);
         if (k > tau) s_top[atomicAdd(&s_above, 1u)] = ((unsigned long long)k << 32) | (unsigned)~i;
-    }
+    });
     __syncthreads();
     const unsigned need = count - s_above;
-    const int chunk = (n + PICK_THREADS - 1) / PICK_THREADS;
-    const int c0 = min(n, (int)threadIdx.x * chunk), c1 = min(n, c0 + chunk);
+    const int2 span = thread_span(n);
     unsigned long long mine = 0;
-    for (int i = c0; i < c1; i++) mine += order_key(r.score(i)) == tau;
+    for_each_in_span(r.x, n, span, [&](float v, int) { mine += order_key(v) == tau; });
     unsigned long long rank = block_exclusive_scan(mine, s_u64);
-    for (int i = c0; i < c1 && rank < need; i++) {
-        if (order_key(r.score(i)) == tau) {
+    for (int i = span.x; i < span.y && rank < need; i++) {
+        if (order_key(to_f(r.x[i])) == tau) {
             s_top[s_above + rank] = ((unsigned long long)tau << 32) | (unsigned)~i;
             rank++;
         }
@@ -561,7 +588,7 @@ __device__ __forceinline__ void top_rows(const T* __restrict__ x, const TopArgs*
     if (threadIdx.x < count) {
         const unsigned id = ~(unsigned)s_top[threadIdx.x];
         o[2 * threadIdx.x] = id;
-        o[2 * threadIdx.x + 1] = __float_as_uint(r.score(id) - lse);
+        o[2 * threadIdx.x + 1] = __float_as_uint(to_f(r.x[id]) - lse);
     }
 }
 
@@ -570,14 +597,10 @@ __device__ __forceinline__ void top_rows(const T* __restrict__ x, const TopArgs*
         greedy_rows_##TN(const T* x, const unsigned* sel, unsigned* out, int n) {                 \
         greedy_rows<T>(x, sel, out, n);                                                           \
     }                                                                                             \
-    extern "C" __global__ void __launch_bounds__(PICK_THREADS)                                    \
-        sample_rows_##TN(const T* x, const SampleArgs* args, unsigned* out, int n) {              \
-        sample_rows<T>(x, args, out, n);                                                          \
-    }                                                                                             \
-    extern "C" __global__ void __launch_bounds__(PICK_THREADS)                                    \
-        penalize_rows_##TN(const T* x, const PenaltyArgs* args, const unsigned* tokens, float* out, \
-                           int n) {                                                               \
-        penalize_rows<T>(x, args, tokens, out, n);                                                \
+    extern "C" __global__ void __launch_bounds__(PREPARE_THREADS)                                 \
+        prepare_rows_##TN(const T* x, const PrepareArgs* args, const unsigned* tokens, float* out, \
+                          int n, int parts) {                                                     \
+        prepare_rows<T>(x, args, tokens, out, n, parts);                                          \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(PICK_THREADS)                                    \
         top_rows_##TN(const T* x, const TopArgs* args, unsigned* out, int n) {                    \
@@ -586,3 +609,8 @@ __device__ __forceinline__ void top_rows(const T* __restrict__ x, const TopArgs*
 PICK(float, f32)
 PICK(__nv_bfloat16, bf16)
 PICK(__half, f16)
+
+extern "C" __global__ void __launch_bounds__(PICK_THREADS)
+    sample_rows_f32(const float* x, const SampleArgs* args, unsigned* out, int n) {
+    sample_rows(x, args, out, n);
+}

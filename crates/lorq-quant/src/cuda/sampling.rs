@@ -1,8 +1,9 @@
 //! Picking the next token on the GPU (`kernels/sampling.cu`): greedy (argmax and its
 //! log-softmax) or sampled (temperature, top-k, top-p, then a draw with the host's uniform
 //! number), for chosen rows of a step's logits, with one copy of two words per row back; the
-//! repetition penalty before either, as f32 copies of the penalized rows. The host sampler
-//! (`lorq_model::sampling`) is the reference.
+//! repetition penalty and the temperature before a pick, as f32 copies of those rows made by many
+//! blocks at once; the alternatives a request reports. The host sampler (`lorq_model::sampling`)
+//! is the reference.
 
 use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, WrapErr};
@@ -26,10 +27,13 @@ pub struct Pick {
 
 /// How to sample one row (`lorq_model::sampling::Sampler`'s processors, in its order).
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct RowSampling {
+pub struct RowSampling<'a> {
     /// The row of the logits.
     pub row: u32,
-    /// Scores are logits / temperature (> 0; 1 for none).
+    /// The repetition penalty (> 0; 1 for none) at the tokens of `penalized` ([`RowScores`]).
+    pub penalty: f32,
+    pub penalized: &'a [u32],
+    /// Scores are (penalized) logits / temperature (> 0; 1 for none).
     pub temperature: f32,
     /// Keep every score >= the k-th largest (`None`: all).
     pub top_k: Option<u32>,
@@ -51,20 +55,18 @@ pub fn greedy_rows(x: &Tensor, sel: &[u32]) -> Result<Vec<Pick>, QuantError> {
 /// For each entry of `rows`, a token sampled from its row of `x` (`[rows, n]`, f32/bf16/f16) as
 /// the host sampler samples it with the same uniform number: the same token unless `u` or `top_p`
 /// lies within a rounding of a cumulative probability (the kernel sums 32.32 fixed-point
-/// weights exactly, the host f32 ones in order).
+/// weights exactly, the host f32 ones in order). Two launches: [`prepare_rows`] (penalty and
+/// temperature, many blocks per row), then one block per row picks from the prepared scores.
 pub fn sample_rows(x: &Tensor, rows: &[RowSampling]) -> Result<Vec<Pick>, QuantError> {
     check_rows(x, rows.iter().map(|r| r.row), "sample_rows")?;
-    let mut words = Vec::with_capacity(5 * rows.len());
-    for r in rows {
+    let mut words = Vec::with_capacity(4 * rows.len());
+    for (j, r) in rows.iter().enumerate() {
         let bad = |what: &str| {
             Err(QuantError::Invalid(format!(
                 "sample_rows: row {}: {what} (temperature {}, top_k {:?}, top_p {}, u {})",
                 r.row, r.temperature, r.top_k, r.top_p, r.u
             )))
         };
-        if !(r.temperature > 0.0 && r.temperature.is_finite()) {
-            return bad("the temperature must be > 0 and finite");
-        }
         if !(r.top_p > 0.0 && r.top_p <= 1.0) {
             return bad("top_p must be in (0, 1]");
         }
@@ -75,14 +77,29 @@ pub fn sample_rows(x: &Tensor, rows: &[RowSampling]) -> Result<Vec<Pick>, QuantE
             return bad("top_k must be > 0");
         }
         words.extend([
-            r.row,
+            j as u32,
             r.top_k.unwrap_or(0),
-            r.temperature.to_bits(),
             r.top_p.to_bits(),
             r.u.to_bits(),
         ]);
     }
-    pick_rows(x, "sample_rows", &words, rows.len())
+    if rows.is_empty() {
+        return Ok(vec![]);
+    }
+    let scores: Vec<RowScores> = rows
+        .iter()
+        .map(|r| RowScores {
+            row: r.row,
+            penalty: r.penalty,
+            temperature: r.temperature,
+            penalized: r.penalized,
+        })
+        .collect();
+    let prepared = prepare_rows(x, &scores).map_err(|e| match e {
+        QuantError::Invalid(m) => QuantError::Invalid(m.replacen("prepare_rows", "sample_rows", 1)),
+        e => e,
+    })?;
+    pick_rows(&prepared, "sample_rows", &words, rows.len())
 }
 
 /// Most alternatives [`top_rows`] reports per row (`kernels/sampling.cu` `TOP_MAX`).
@@ -115,52 +132,70 @@ pub fn top_rows(x: &Tensor, rows: &[(u32, usize)]) -> Result<Vec<Vec<Pick>>, Qua
         .collect())
 }
 
-/// One row's repetition penalty (transformers'): the score `s` of every token in `tokens` becomes
-/// `s * penalty` if `s < 0`, else `s / penalty`; a token listed twice counts once, ids past the
-/// row are ignored.
+/// One row's scores before a pick: transformers' repetition penalty (the score `s` of every
+/// token in `penalized` becomes `s * penalty` if `s < 0`, else `s / penalty`; a token listed
+/// twice counts once, ids past the row are ignored), then divided by the temperature.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct RowPenalty<'a> {
+pub struct RowScores<'a> {
     /// The row of the logits.
     pub row: u32,
-    /// > 0 and finite.
+    /// > 0 and finite; 1 for none.
     pub penalty: f32,
-    pub tokens: &'a [u32],
+    /// > 0 and finite; 1 for none.
+    pub temperature: f32,
+    pub penalized: &'a [u32],
 }
 
+/// Values of a row one block of [`prepare_rows`] takes (kernels/sampling.cu `prepare_rows`).
+const PREPARE_SLICE: usize = 8192;
+const PREPARE_THREADS: u32 = 256;
+
 /// The rows `rows` of `x` (`[rows, n]`, f32/bf16/f16) as f32 `[rows.len(), n]` on the GPU, each
-/// with its repetition penalty, in one launch: the values the host sampler's penalty gives, bit
-/// for bit (IEEE products and quotients), for [`greedy_rows`] / [`sample_rows`] to pick from.
-pub fn penalize_rows(x: &Tensor, rows: &[RowPenalty]) -> Result<Tensor, QuantError> {
-    check_rows(x, rows.iter().map(|r| r.row), "penalize_rows")?;
-    let dev = cuda_device(x, "penalize_rows")?;
+/// with its penalty and temperature, in one launch of many blocks per row: the host sampler's
+/// values bit for bit (IEEE products and quotients), for [`greedy_rows`] to pick from (and
+/// [`sample_rows`], which prepares its rows itself).
+pub fn prepare_rows(x: &Tensor, rows: &[RowScores]) -> Result<Tensor, QuantError> {
+    check_rows(x, rows.iter().map(|r| r.row), "prepare_rows")?;
+    let dev = cuda_device(x, "prepare_rows")?;
     let (_, n) = x.dims2()?;
-    let mut words = Vec::with_capacity(4 * rows.len());
-    let mut tokens = Vec::with_capacity(rows.iter().map(|r| r.tokens.len()).sum());
+    let mut words = Vec::with_capacity(5 * rows.len());
+    let mut tokens = Vec::with_capacity(rows.iter().map(|r| r.penalized.len()).sum());
     for r in rows {
-        if !(r.penalty > 0.0 && r.penalty.is_finite()) {
-            return Err(QuantError::Invalid(format!(
-                "penalize_rows: row {}: the penalty must be > 0 and finite, got {}",
-                r.row, r.penalty
-            )));
+        for (what, v) in [("penalty", r.penalty), ("temperature", r.temperature)] {
+            if !(v > 0.0 && v.is_finite()) {
+                return Err(QuantError::Invalid(format!(
+                    "prepare_rows: row {}: the {what} must be > 0 and finite, got {v}",
+                    r.row
+                )));
+            }
         }
-        let (start, count) = (u32::try_from(tokens.len()), u32::try_from(r.tokens.len()));
+        let (start, count) = (
+            u32::try_from(tokens.len()),
+            u32::try_from(r.penalized.len()),
+        );
         let (Ok(start), Ok(count)) = (start, count) else {
             return Err(QuantError::Invalid(format!(
-                "penalize_rows: more than {} penalized tokens in one launch",
+                "prepare_rows: more than {} penalized tokens in one launch",
                 u32::MAX
             )));
         };
-        words.extend([r.row, r.penalty.to_bits(), start, count]);
-        tokens.extend_from_slice(r.tokens);
+        words.extend([
+            r.row,
+            r.penalty.to_bits(),
+            r.temperature.to_bits(),
+            start,
+            count,
+        ]);
+        tokens.extend_from_slice(r.penalized);
     }
     if rows.is_empty() {
         return Ok(Tensor::zeros((0, n), DType::F32, x.device())?);
     }
-    // The kernel reads one token past none: an empty list still needs a buffer.
+    // The kernel reads no token past the lists: an empty list still needs a buffer.
     if tokens.is_empty() {
         tokens.push(0);
     }
-    let name = kernel_name("penalize_rows", x.dtype())?;
+    let name = kernel_name("prepare_rows", x.dtype())?;
     let args = Tensor::from_slice(&words, words.len(), x.device())?;
     let tokens = Tensor::from_slice(&tokens, tokens.len(), x.device())?;
     fn go<T: CudaDType + DeviceRepr>(
@@ -173,26 +208,27 @@ pub fn penalize_rows(x: &Tensor, rows: &[RowPenalty]) -> Result<Tensor, QuantErr
     ) -> Result<CudaStorage, QuantError> {
         let (rows, n) = x.dims2()?;
         let (xs, xl) = x.storage_and_layout();
-        let xv = device_view::<T>(&xs, xl, rows * n, "penalize_rows: logits")?;
+        let xv = device_view::<T>(&xs, xl, rows * n, "prepare_rows: logits")?;
         let (as_, al) = args.storage_and_layout();
-        let av = device_view::<u32>(&as_, al, args.elem_count(), "penalize_rows: row arguments")?;
+        let av = device_view::<u32>(&as_, al, args.elem_count(), "prepare_rows: row arguments")?;
         let (ts, tl) = tokens.storage_and_layout();
-        let tv = device_view::<u32>(&ts, tl, tokens.elem_count(), "penalize_rows: tokens")?;
-        // SAFETY: the kernel writes every value of every output row.
+        let tv = device_view::<u32>(&ts, tl, tokens.elem_count(), "prepare_rows: tokens")?;
+        // SAFETY: the kernel's blocks write every value of every output row.
         let out = unsafe { dev.alloc::<f32>(out_rows * n)? };
         let f = function(dev, "sampling", FATBIN, name)?;
         let stream = dev.cuda_stream();
         let mut b = stream.launch_builder(&f);
-        let ni = n as i32;
-        b.arg(&xv).arg(&av).arg(&tv).arg(&out).arg(&ni);
+        let parts = n.div_ceil(PREPARE_SLICE).max(1);
+        let (ni, pi) = (n as i32, parts as i32);
+        b.arg(&xv).arg(&av).arg(&tv).arg(&out).arg(&ni).arg(&pi);
         let cfg = LaunchConfig {
-            grid_dim: (out_rows as u32, 1, 1),
-            block_dim: (THREADS, 1, 1),
+            grid_dim: ((out_rows * parts) as u32, 1, 1),
+            block_dim: (PREPARE_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: the arguments match `penalize_rows_*`: x holds rows * n values, every row in
+        // SAFETY: the arguments match `prepare_rows_*`: x holds rows * n values, every row in
         // args is below rows (check_rows), each row's token span lies inside tokens, out holds
-        // out_rows * n values.
+        // out_rows * n values, the grid is `parts` blocks per output row.
         unsafe { b.launch(cfg) }.w()?;
         drop(b);
         Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
