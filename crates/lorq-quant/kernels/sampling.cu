@@ -278,8 +278,10 @@ constexpr int VBINS = 1024;
 constexpr float VRANGE = 32.f;
 constexpr int CANDIDATES = 4096;  // a power of two
 
+static_assert(VBINS == PICK_THREADS, "select_key scans one bin per thread");
+
 struct SelectScratch {
-    unsigned long long mass[VBINS];
+    float mass[VBINS];  // approximate: it only proposes the bin (see select_key)
     unsigned count[VBINS];
     unsigned keys[CANDIDATES];
     unsigned long long sums[PICK_WARPS];
@@ -292,7 +294,11 @@ struct SelectScratch {
 // search_key's answer (largest tau >= floor with mass_at_least(tau) >= target, top the largest
 // key) in a few passes: a histogram of the scores over value bins below the largest, the bin where
 // the mass reaches target, and an exact sort of that bin's keys. Falls back to search_key when the
-// bin is the last (scores past VRANGE) or holds more than CANDIDATES scores.
+// bin is the last (scores past VRANGE) or holds more than CANDIDATES scores. Weights go into the
+// histogram as f32 (64-bit shared atomics are compare-and-swap loops): the f32 scan proposes the
+// bin, and one pass of exact 32.32 sums over the bins before it, it and its neighbours places the
+// crossing exactly (else the search decides). (Summing each warp's equal bins first with
+// __match_any_sync measured slower, session 39.)
 template <bool WEIGHTED, typename T>
 __device__ __forceinline__ unsigned select_key(const SampleRow<T>& r, unsigned floor_key, unsigned top,
                                                unsigned long long target, SelectScratch& sh) {
@@ -304,31 +310,66 @@ __device__ __forceinline__ unsigned select_key(const SampleRow<T>& r, unsigned f
     __syncthreads();
     const float scale = VBINS / VRANGE;
     auto bin_of = [&](float s) { return (int)fminf((r.m - s) * scale, (float)(VBINS - 1)); };
-    for_each_value(r.x, r.n, [&](float s, int) {
+    auto kept = [&](float s) {
         const unsigned k = order_key(s);
-        if (k < floor_key || k == 0u) return;
+        return k >= floor_key && k != 0u;
+    };
+    for_each_value(r.x, r.n, [&](float s, int) {
+        if (!kept(s)) return;
         const int b = bin_of(s);
         atomicAdd(&sh.count[b], 1u);
         if (WEIGHTED) {
             const unsigned long long w = r.weight(s);
-            if (w) atomicAdd(&sh.mass[b], w);
+            if (w) atomicAdd(&sh.mass[b], (float)w);
         }
     });
+    if (threadIdx.x == 0) sh.bin = -1;
     __syncthreads();
-    if (threadIdx.x == 0) {
-        unsigned long long acc = 0;
-        int b = 0;
-        for (; b < VBINS - 1; b++) {
-            const unsigned long long w = WEIGHTED ? sh.mass[b] : sh.count[b];
-            if (acc + w >= target) break;
-            acc += w;
+    // The crossing bin: thread t holds bin t; the one whose prefix reaches target.
+    const int t = threadIdx.x;
+    if (WEIGHTED) {
+        const float w = sh.mass[t];
+        const float before_t = block_exclusive_scan(w, reinterpret_cast<float*>(sh.sums));
+        const float goal = (float)target;
+        if (before_t < goal && before_t + w >= goal) sh.bin = t;
+    } else {
+        const unsigned long long w = sh.count[t];
+        const unsigned long long before_t = block_exclusive_scan(w, sh.sums);
+        if (before_t < target && before_t + w >= target) {
+            sh.bin = t;
+            sh.before = before_t;
         }
-        sh.bin = (b == VBINS - 1 || sh.count[b] > CANDIDATES) ? -1 : b;
-        sh.before = acc;
     }
     __syncthreads();
-    const int bin = sh.bin;
-    if (bin < 0) return search_key<WEIGHTED>(r, floor_key, top, floor_key, target, sh.sums);
+    int bin = sh.bin;
+    if (WEIGHTED && bin >= 0) {
+        // Exact masses: below bin - 1, bin - 1, bin, bin + 1.
+        unsigned long long m[4] = {0, 0, 0, 0};
+        for_each_value(r.x, r.n, [&](float s, int) {
+            if (!kept(s)) return;
+            const int d = bin_of(s) - bin + 1;
+            if (d <= 2) m[max(d, -1) + 1] += r.weight(s);
+        });
+        unsigned long long c[4];
+        for (int j = 0; j < 4; j++) c[j] = block_reduce<true>(m[j], sh.sums);
+        const unsigned long long below = c[0], cross_prev = below + c[1], cross = cross_prev + c[2],
+                                 cross_next = cross + c[3];
+        if (below >= target) {
+            bin = -1;  // the f32 sums were off by more than a bin: search
+        } else if (cross_prev >= target) {
+            bin -= 1;
+            sh.before = below;
+        } else if (cross >= target) {
+            sh.before = cross_prev;
+        } else if (cross_next >= target) {
+            bin += 1;
+            sh.before = cross;
+        } else {
+            bin = -1;
+        }
+    }
+    if (bin < 0 || bin >= VBINS - 1 || sh.count[bin] > CANDIDATES)
+        return search_key<WEIGHTED>(r, floor_key, top, floor_key, target, sh.sums);
     const unsigned long long before = sh.before;
     for_each_value(r.x, r.n, [&](float s, int) {
         const unsigned k = order_key(s);
