@@ -65,6 +65,26 @@ mod gpu {
             .unwrap()
     }
 
+    /// A drawn token `id` is kept by the host's distribution `probs` and its interval of the host's
+    /// cumulative distribution holds `u` (to 1e-4: the host's f32 sums over 128k values).
+    fn assert_in_host_interval(probs: &[f32], id: usize, u: f32, what: &str) {
+        assert!(
+            id < probs.len() && probs[id] > 0.0,
+            "{what}: {id} not kept by the host"
+        );
+        let before: f32 = probs[..id].iter().sum();
+        assert!(
+            u >= before - 1e-4 && u < before + probs[id] + 1e-4,
+            "{what}: u outside token {id}'s host interval [{before}, {})",
+            before + probs[id]
+        );
+    }
+
+    /// `t` in `dtype` on `dev`.
+    fn gpu_tensor(t: Tensor, dtype: DType, dev: &Device) -> Tensor {
+        t.to_dtype(dtype).unwrap().to_device(dev).unwrap()
+    }
+
     fn rel_l2(got: &Tensor, want: &Tensor) -> f64 {
         let (g, w) = (host_f32(got), host_f32(want));
         assert_eq!(g.len(), w.len());
@@ -431,7 +451,7 @@ mod gpu {
                 let x = round(randn(1, &[rows, hidden]));
                 let d = round(randn(2, &[rows, hidden]));
                 let w = round(randn(3, &[hidden]).affine(0.1, 1.0).unwrap());
-                let up = |t: &Tensor| t.to_dtype(dtype).unwrap().to_device(&dev).unwrap();
+                let up = |t: &Tensor| gpu_tensor(t.clone(), dtype, &dev);
                 let (s, y) = add_rms_norm(&up(&x), &up(&d), &up(&w), 1e-5).unwrap();
                 let s_want = (&x + &d).unwrap();
                 let y_want = candle_nn::ops::rms_norm(&s_want, &w, 1e-5).unwrap();
@@ -560,12 +580,7 @@ mod gpu {
         let (mut cases, mut same, mut same_f32) = (0, 0, 0);
         for dtype in [DType::F32, DType::BF16] {
             for &(n, scale) in &[(1000usize, 1.0f64), (49_152, 4.0), (128_256, 2.5)] {
-                let x = (randn(9, &[3, n]) * scale)
-                    .unwrap()
-                    .to_dtype(dtype)
-                    .unwrap()
-                    .to_device(&dev)
-                    .unwrap();
+                let x = gpu_tensor((randn(9, &[3, n]) * scale).unwrap(), dtype, &dev);
                 let host = host_f32(&x);
                 for (row, r) in host.chunks(n).enumerate() {
                     for &(t, k, p) in &settings {
@@ -622,13 +637,7 @@ mod gpu {
                                 g.id, want.id
                             );
                             let id = g.id as usize;
-                            assert!(id < n && probs[id] > 0.0, "{what}: not kept by the host");
-                            let before: f32 = probs[..id].iter().sum();
-                            assert!(
-                                u >= before - 1e-4 && u < before + probs[id] + 1e-4,
-                                "{what}: u outside the token's host interval [{before}, {})",
-                                before + probs[id]
-                            );
+                            assert_in_host_interval(&probs, id, u, &what);
                             assert!(
                                 (g.logprob as f64 - exact_probs[id].ln()).abs() <= 1e-3,
                                 "{what}: log-probability {} vs {}",
@@ -636,6 +645,7 @@ mod gpu {
                                 exact_probs[id].ln()
                             );
                             if g.id as usize != exact {
+                                let before: f32 = probs[..id].iter().sum();
                                 eprintln!(
                                     "{what}: p(device) {:e} p(host) {:e}, host interval of the \
                                      device's token [{before}, {})",
@@ -690,12 +700,11 @@ mod gpu {
                 let mut host = seeded_randn(12, 3 * n, 2.0, 1);
                 host[1] = f32::NEG_INFINITY;
                 host[n + 2] = f32::NEG_INFINITY;
-                let x = Tensor::from_vec(host, (3, n), &Device::Cpu)
-                    .unwrap()
-                    .to_dtype(dtype)
-                    .unwrap()
-                    .to_device(&dev)
-                    .unwrap();
+                let x = gpu_tensor(
+                    Tensor::from_vec(host, (3, n), &Device::Cpu).unwrap(),
+                    dtype,
+                    &dev,
+                );
                 let host = host_f32(&x);
                 let counts = [1usize, 5, 20, TOP_MAX, n];
                 let rows: Vec<(u32, usize)> = counts
@@ -857,12 +866,7 @@ mod gpu {
         let mut draws = 0;
         for dtype in [DType::F32, DType::BF16, DType::F16] {
             for &n in &[1000usize, 128_256] {
-                let x = (randn(11, &[4, n]) * 3.0)
-                    .unwrap()
-                    .to_dtype(dtype)
-                    .unwrap()
-                    .to_device(&dev)
-                    .unwrap();
+                let x = gpu_tensor((randn(11, &[4, n]) * 3.0).unwrap(), dtype, &dev);
                 let host = host_f32(&x);
                 let row_of = |r: usize| &host[r * n..(r + 1) * n];
                 let contexts: Vec<Vec<u32>> = (0..4)
@@ -944,14 +948,7 @@ mod gpu {
                             }],
                         )
                         .unwrap()[0];
-                        let id = d.id as usize;
-                        assert!(id < n && probs[id] > 0.0, "{what} u {u}: {id} not kept");
-                        let before: f32 = probs[..id].iter().sum();
-                        assert!(
-                            u >= before - 1e-4 && u < before + probs[id] + 1e-4,
-                            "{what} u {u}: token {id}'s host interval [{before}, {})",
-                            before + probs[id]
-                        );
+                        assert_in_host_interval(&probs, d.id as usize, u, &format!("{what} u {u}"));
                         draws += 1;
                     }
                 }
