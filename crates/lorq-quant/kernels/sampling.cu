@@ -289,6 +289,11 @@ struct SelectScratch {
     int bin;
     unsigned long long before;
     unsigned tau;
+    // Set by a weighted select_key that sorted the crossing bin: the mass above tau and how many
+    // scores sit at tau (sample_rows then skips the passes that find them).
+    bool split;
+    unsigned long long above;
+    unsigned long long tie_count;
 };
 
 // search_key's answer (largest tau >= floor with mass_at_least(tau) >= target, top the largest
@@ -306,7 +311,10 @@ __device__ __forceinline__ unsigned select_key(const SampleRow<T>& r, unsigned f
         sh.mass[b] = 0;
         sh.count[b] = 0;
     }
-    if (threadIdx.x == 0) sh.n_keys = 0;
+    if (threadIdx.x == 0) {
+        sh.n_keys = 0;
+        sh.split = false;
+    }
     __syncthreads();
     const float scale = VBINS / VRANGE;
     auto bin_of = [&](float s) { return (int)fminf((r.m - s) * scale, (float)(VBINS - 1)); };
@@ -420,7 +428,26 @@ __device__ __forceinline__ unsigned select_key(const SampleRow<T>& r, unsigned f
         }
     }
     __syncthreads();
-    return sh.tau;
+    const unsigned tau = sh.tau;
+    if (WEIGHTED) {
+        // Every score at tau is in this bin (equal values share a bin), every one above it here or
+        // in the bins before.
+        unsigned long long over = 0, at = 0;
+        for (unsigned i = c0; i < c1; i++) {
+            const unsigned k = sh.keys[i];
+            if (k > tau) over += w_of(k);
+            at += k == tau;
+        }
+        over = block_reduce<true>(over, sh.sums);
+        at = block_reduce<true>(at, sh.sums);
+        if (threadIdx.x == 0) {
+            sh.above = before + over;
+            sh.tie_count = at;
+            sh.split = true;
+        }
+        __syncthreads();
+    }
+    return tau;
 }
 
 __device__ __forceinline__ void sample_rows(const float* __restrict__ x, const SampleArgs* __restrict__ args,
@@ -464,17 +491,24 @@ __device__ __forceinline__ void sample_rows(const float* __restrict__ x, const S
         unsigned long long target = (unsigned long long)ceil((double)a.top_p * (double)total);
         target = target < 1 ? 1 : (target > total ? total : target);
         tau = select_key<true>(r, floor_key, top, target, s_select);
-        above = tau < top ? mass_at_least<true>(r, tau + 1, floor_key, s_u64) : 0ull;
         // One boundary score's weight (they are equal) and how many there are.
-        unsigned long long w = 0, cnt = 0;
-        for_each_value(r.x, n, [&](float s, int) {
-            if (order_key(s) == tau) {
-                w = r.weight(s);
-                cnt++;
-            }
-        });
-        tie_w = block_reduce<false>(w, s_u64);
-        const unsigned long long tie_count = block_reduce<true>(cnt, s_u64);
+        unsigned long long tie_count;
+        if (s_select.split) {
+            above = s_select.above;
+            tie_count = s_select.tie_count;
+            tie_w = r.weight(key_value(tau));
+        } else {
+            above = tau < top ? mass_at_least<true>(r, tau + 1, floor_key, s_u64) : 0ull;
+            unsigned long long w = 0, cnt = 0;
+            for_each_value(r.x, n, [&](float s, int) {
+                if (order_key(s) == tau) {
+                    w = r.weight(s);
+                    cnt++;
+                }
+            });
+            tie_w = block_reduce<false>(w, s_u64);
+            tie_count = block_reduce<true>(cnt, s_u64);
+        }
         ties = tie_w > 0 ? (target - above + tie_w - 1) / tie_w : tie_count;
         ties = ties > tie_count ? tie_count : ties;
         kept = above + ties * tie_w;
