@@ -57,7 +57,8 @@ impl SamplingParams {
 
     // The settings that change the scores (1 is none for each), as the processors apply them.
 
-    fn penalty(&self) -> Option<f32> {
+    /// The repetition penalty in effect (none for 1).
+    pub fn penalty(&self) -> Option<f32> {
         self.repetition_penalty.filter(|&p| p != 1.0)
     }
 

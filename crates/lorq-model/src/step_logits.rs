@@ -126,14 +126,8 @@ impl StepLogits {
         if rows.is_empty() {
             return Ok(vec![]);
         }
-        if draws.len() != rows.len() || penalties.len() != rows.len() {
-            return Err(ModelError::Request(format!(
-                "sample_last: {} items, {} draws, {} penalties",
-                rows.len(),
-                draws.len(),
-                penalties.len()
-            )));
-        }
+        one_per_item("sample_last", rows.len(), "draws", draws.len())?;
+        one_per_item("sample_last", rows.len(), "penalties", penalties.len())?;
         #[cfg(feature = "cuda")]
         if self.on_gpu() {
             use lorq_quant::cuda::sampling::{sample_rows, RowSampling};
@@ -163,13 +157,7 @@ impl StepLogits {
     /// f32 row per item to pick from: on a GPU one launch, and the rows stay there.
     pub fn penalized(&self, items: &[usize], penalties: &[(f32, &[u32])]) -> Result<StepLogits> {
         let rows = self.last_rows(items)?;
-        if penalties.len() != rows.len() {
-            return Err(ModelError::Request(format!(
-                "penalized: {} items, {} penalties",
-                rows.len(),
-                penalties.len()
-            )));
-        }
+        one_per_item("penalized", rows.len(), "penalties", penalties.len())?;
         let ones = vec![1; rows.len()];
         #[cfg(feature = "cuda")]
         if self.on_gpu() {
@@ -203,13 +191,7 @@ impl StepLogits {
     /// row on the CPU) come to the host.
     pub fn top_last(&self, items: &[usize], counts: &[usize]) -> Result<Vec<Vec<Sampled>>> {
         let rows = self.last_rows(items)?;
-        if counts.len() != rows.len() {
-            return Err(ModelError::Request(format!(
-                "top_last: {} items, {} counts",
-                rows.len(),
-                counts.len()
-            )));
-        }
+        one_per_item("top_last", rows.len(), "counts", counts.len())?;
         let mut out: Vec<Vec<Sampled>> = vec![vec![]; rows.len()];
         let wanted: Vec<usize> = (0..rows.len()).filter(|&j| counts[j] > 0).collect();
         #[cfg(feature = "cuda")]
@@ -267,6 +249,16 @@ impl StepLogits {
         };
         Ok(picked.to_dtype(DType::F32)?.to_vec2()?)
     }
+}
+
+/// `what`'s per-item arguments (`name`, `given` of them) must be one per item.
+fn one_per_item(what: &str, items: usize, name: &str, given: usize) -> Result<()> {
+    if given == items {
+        return Ok(());
+    }
+    Err(ModelError::Request(format!(
+        "{what}: {items} items, {given} {name}"
+    )))
 }
 
 /// The GPU's picks as the sampler's tokens.

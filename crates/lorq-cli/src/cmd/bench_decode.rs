@@ -601,13 +601,13 @@ fn host_picks(logits: lorq_model::StepLogits) -> Result<Vec<u32>> {
         .collect()
 }
 
-/// The rows' `sampling`: "greedy", or the sampler's settings.
 /// Greedy with no repetition penalty: the argmax of the logits alone (`greedy_ids` /
 /// `host_picks`); anything else picks through samplers.
 fn plain_greedy(p: &SamplingParams) -> bool {
-    p.is_greedy() && p.repetition_penalty.is_none_or(|r| r == 1.0)
+    p.is_greedy() && p.penalty().is_none()
 }
 
+/// The rows' `sampling`: "greedy", or the sampler's settings.
 fn sampling_row(a: &BenchDecodeArgs) -> Value {
     let p = a.sampling.params(None);
     if plain_greedy(&p) {

@@ -95,10 +95,7 @@ pub fn sample_rows(x: &Tensor, rows: &[RowSampling]) -> Result<Vec<Pick>, QuantE
             penalized: r.penalized,
         })
         .collect();
-    let prepared = prepare_rows(x, &scores).map_err(|e| match e {
-        QuantError::Invalid(m) => QuantError::Invalid(m.replacen("prepare_rows", "sample_rows", 1)),
-        e => e,
-    })?;
+    let prepared = prepare(x, &scores, "sample_rows")?;
     pick_rows(&prepared, "sample_rows", &words, rows.len())
 }
 
@@ -155,8 +152,13 @@ const PREPARE_THREADS: u32 = 256;
 /// values bit for bit (IEEE products and quotients), for [`greedy_rows`] to pick from (and
 /// [`sample_rows`], which prepares its rows itself).
 pub fn prepare_rows(x: &Tensor, rows: &[RowScores]) -> Result<Tensor, QuantError> {
-    check_rows(x, rows.iter().map(|r| r.row), "prepare_rows")?;
-    let dev = cuda_device(x, "prepare_rows")?;
+    prepare(x, rows, "prepare_rows")
+}
+
+/// [`prepare_rows`], its errors named after `caller`.
+fn prepare(x: &Tensor, rows: &[RowScores], caller: &str) -> Result<Tensor, QuantError> {
+    check_rows(x, rows.iter().map(|r| r.row), caller)?;
+    let dev = cuda_device(x, caller)?;
     let (_, n) = x.dims2()?;
     let mut words = Vec::with_capacity(5 * rows.len());
     let mut tokens = Vec::with_capacity(rows.iter().map(|r| r.penalized.len()).sum());
@@ -164,7 +166,7 @@ pub fn prepare_rows(x: &Tensor, rows: &[RowScores]) -> Result<Tensor, QuantError
         for (what, v) in [("penalty", r.penalty), ("temperature", r.temperature)] {
             if !(v > 0.0 && v.is_finite()) {
                 return Err(QuantError::Invalid(format!(
-                    "prepare_rows: row {}: the {what} must be > 0 and finite, got {v}",
+                    "{caller}: row {}: the {what} must be > 0 and finite, got {v}",
                     r.row
                 )));
             }
@@ -175,7 +177,7 @@ pub fn prepare_rows(x: &Tensor, rows: &[RowScores]) -> Result<Tensor, QuantError
         );
         let (Ok(start), Ok(count)) = (start, count) else {
             return Err(QuantError::Invalid(format!(
-                "prepare_rows: more than {} penalized tokens in one launch",
+                "{caller}: more than {} penalized tokens in one launch",
                 u32::MAX
             )));
         };
